@@ -1,0 +1,33 @@
+"""jtricks: a JAX toolkit of deep-learning training tricks.
+
+Flax Linen models, optax gradient transformations, and JIT-compiled training
+loops whose epochs run as one `lax.scan` on device.
+"""
+
+__version__ = "0.1.0"
+
+from jtricks.data import Dataset, Scaler, load_dataset, train_val_split
+from jtricks.errors import ConfigError
+from jtricks.nn import build_model
+from jtricks.optim import build_optimizer
+from jtricks.run import RunResult, TrainConfig, train
+from jtricks.train import History, TrainState, create_train_state, evaluate, fit
+
+__all__ = [
+    "ConfigError",
+    "Dataset",
+    "History",
+    "RunResult",
+    "Scaler",
+    "TrainConfig",
+    "TrainState",
+    "__version__",
+    "build_model",
+    "build_optimizer",
+    "create_train_state",
+    "evaluate",
+    "fit",
+    "load_dataset",
+    "train",
+    "train_val_split",
+]

@@ -1,0 +1,115 @@
+"""The ``jtricks`` command.
+
+User errors (bad names, numbers, files, data) print one ``jtricks: error: ...``
+line on stderr and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from jtricks.errors import ConfigError
+
+# config field -> CLI flag, to point errors at what the user typed
+FLAGS = {
+    "dataset": "--dataset",
+    "model": "--model",
+    "optimizer": "--optimizer",
+    "learning_rate": "--lr",
+    "batch_size": "--batch-size",
+    "epochs": "--epochs",
+    "steps": "--steps",
+    "val_fraction": "--val-fraction",
+    "preprocess": "--preprocess",
+    "seed": "--seed",
+    "eval_batch_size": "--eval-batch-size",
+    "out": "--out",
+}
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from jtricks import __version__
+
+    parser = argparse.ArgumentParser(prog="jtricks", description="JAX deep-learning training tricks.")
+    parser.add_argument("--version", action="version", version=f"jtricks {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser(
+        "train",
+        help="train a model and write a run folder",
+        description="Train a model; writes config.json, metrics.jsonl, curves.png and summary.json to --out.",
+    )
+    t.add_argument("--dataset", default="mnist1d", help="dataset spec: mnist1d, synthetic(shape=(8, 8, 3), ...)")
+    t.add_argument("--model", default="cnn", help="model spec: cnn, mlp, mlp(features=(256, 256), dropout=0.2)")
+    t.add_argument("--optimizer", default="adam", help="optimizer spec: sgd, momentum, adam, adamw, rmsprop, ...")
+    t.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float, default=1e-2, help="learning rate")
+    t.add_argument("--batch-size", type=int, default=100)
+    length = t.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, default=None, help="number of epochs")
+    length.add_argument("--steps", type=int, default=None, help="number of optimizer steps (default 3000)")
+    t.add_argument("--val-fraction", type=float, default=0.1, help="fraction of training data held out, in (0, 1)")
+    t.add_argument("--no-stratify", dest="stratify", action="store_false", help="plain random validation split")
+    t.add_argument("--preprocess", default="standardize", help="standardize, minmax, minmax(-1, 1) or none")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--eval-batch-size", type=int, default=1000)
+    t.add_argument("--out", default=None, help="run folder (default runs/train-<time>); must be new or empty")
+    t.add_argument("--log-every", type=int, default=1, help="print a line every N epochs")
+    t.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or epoch lines")
+    return parser
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from jtricks.run import TrainConfig, train
+    from jtricks.train.progress import RichReporter
+
+    config = TrainConfig(
+        dataset=args.dataset,
+        model=args.model,
+        optimizer=args.optimizer,
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        steps=args.steps,
+        val_fraction=args.val_fraction,
+        stratify=args.stratify,
+        preprocess=args.preprocess,
+        seed=args.seed,
+        eval_batch_size=args.eval_batch_size,
+    )
+    if args.log_every < 1:
+        raise ConfigError(f"--log-every must be >= 1; got {args.log_every}")
+    out = args.out or str(Path("runs") / time.strftime("train-%Y%m%d-%H%M%S"))
+    reporter = RichReporter(every=args.log_every) if args.progress else None
+    result = train(config, out=out, reporter=reporter)
+    print(
+        f"test_loss {result.test['loss']:.4f}  test_accuracy {result.test['accuracy']:.4f}  "
+        f"wall {result.wall_s:.1f}s  run folder {result.out}"
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``jtricks`` console script; returns the exit status."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            return _cmd_train(args)
+    except ConfigError as e:
+        flag = FLAGS.get(e.param or "")
+        prefix = f"argument {flag}: " if flag else ""
+        print(f"jtricks {args.command}: error: {prefix}{e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("jtricks: interrupted", file=sys.stderr)
+        return 130
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Dataset registry: MNIST-1D generated locally, and seeded synthetic data.
+
+Every loader returns a `Dataset` of NumPy arrays (features float32, labels int32)
+with a fixed train / test split. The validation split is carved out of the
+training split by `jtricks.data.train_val_split` (T02).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jtricks.errors import ConfigError, check_int, check_range, unknown_name
+from jtricks.spec import call_with_checked_args, parse_spec
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A classification dataset with a fixed train / test split.
+
+    Attributes:
+      name: registry name it was loaded under.
+      x_train, y_train: training features ``(N, ...)`` float32 and labels ``(N,)`` int32.
+      x_test, y_test: test split, touched once for the final figure.
+      num_classes: labels lie in ``[0, num_classes)``.
+    """
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+
+    def __post_init__(self) -> None:
+        validate_arrays(self.x_train, self.y_train, self.num_classes, where=f"{self.name} train split")
+        validate_arrays(self.x_test, self.y_test, self.num_classes, where=f"{self.name} test split")
+        if self.x_train.shape[1:] != self.x_test.shape[1:]:
+            raise ConfigError(
+                f"{self.name}: train and test examples differ in shape: "
+                f"{self.x_train.shape[1:]} vs {self.x_test.shape[1:]}"
+            )
+
+
+def validate_arrays(x: Any, y: Any, num_classes: int | None, *, where: str) -> None:
+    """Check features and labels before any training: shapes, finiteness, label range.
+
+    Raises:
+      ConfigError: naming ``where`` and what is wrong (NaN count, bad label, shape mismatch).
+    """
+    x, y = np.asarray(x), np.asarray(y)
+    if x.ndim < 2:
+        raise ConfigError(f"{where}: features must have shape (N, ...) with N examples; got shape {x.shape}")
+    if y.ndim != 1:
+        raise ConfigError(f"{where}: labels must have shape (N,); got shape {y.shape}")
+    if x.shape[0] != y.shape[0]:
+        raise ConfigError(f"{where}: {x.shape[0]} examples but {y.shape[0]} labels")
+    if x.shape[0] == 0:
+        raise ConfigError(f"{where}: no examples")
+    if not np.issubdtype(x.dtype, np.number):
+        raise ConfigError(f"{where}: features must be numeric; got dtype {x.dtype}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ConfigError(f"{where}: labels must be integers; got dtype {y.dtype}")
+    bad = ~np.isfinite(x)
+    if bad.any():
+        first = np.argwhere(bad)[0]
+        raise ConfigError(
+            f"{where}: features contain {int(bad.sum())} non-finite values (NaN or inf), "
+            f"first at index {tuple(int(i) for i in first)}"
+        )
+    if num_classes is not None:
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= num_classes:
+            raise ConfigError(
+                f"{where}: labels must lie in [0, {num_classes - 1}]; got values in [{lo}, {hi}]"
+            )
+
+
+def cache_dir() -> Path:
+    """Where generated datasets are cached: ``$JTRICKS_CACHE_DIR``, else ``$XDG_CACHE_HOME/jtricks``,
+    else ``~/.cache/jtricks``."""
+    if os.environ.get("JTRICKS_CACHE_DIR"):
+        return Path(os.environ["JTRICKS_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "jtricks"
+
+
+def _atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def mnist1d(num_samples: int = 5000, train_split: float = 0.8, seed: int = 42) -> Dataset:
+    """MNIST-1D (Greydanus 2020): 10 classes of length-40 signals, generated locally.
+
+    The defaults are the paper's: 5000 examples, 4000 train / 1000 test. The data
+    are generated with the ``mnist1d`` package's own ``make_dataset`` (no download),
+    then cached as ``.npz`` under `cache_dir`. The package seeds NumPy's and
+    Python's global generators; their states are restored afterwards.
+
+    Note: ``mnist1d`` centres and scales the whole set (train and test together)
+    by one global mean and std. jtricks' own preprocessing (T01) is then refitted
+    on the training split only.
+
+    References:
+      Greydanus, "Scaling down deep learning with MNIST-1D", https://arxiv.org/abs/2011.14439
+    """
+    num_samples = check_int("num_samples", num_samples, low=10)
+    check_range("train_split", train_split, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+    seed = check_int("seed", seed, low=0)
+    key = json.dumps({"n": num_samples, "split": train_split, "seed": seed}, sort_keys=True)
+    path = cache_dir() / f"mnist1d-{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz"
+    arrays = None
+    if path.exists():
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                arrays = {k: f[k] for k in ("x", "y", "x_test", "y_test")}
+        except Exception:  # a damaged cache file is regenerated, never trusted
+            arrays = None
+    if arrays is None:
+        from mnist1d.data import get_dataset_args, make_dataset
+
+        args = get_dataset_args()
+        args.num_samples, args.train_split, args.seed = num_samples, train_split, seed
+        np_state, py_state = np.random.get_state(), random.getstate()
+        try:
+            raw = make_dataset(args)
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+        arrays = {k: np.asarray(raw[k]) for k in ("x", "y", "x_test", "y_test")}
+        _atomic_save_npz(path, **arrays)
+    return Dataset(
+        name="mnist1d",
+        x_train=arrays["x"].astype(np.float32),
+        y_train=arrays["y"].astype(np.int32),
+        x_test=arrays["x_test"].astype(np.float32),
+        y_test=arrays["y_test"].astype(np.int32),
+        num_classes=10,
+    )
+
+
+def synthetic(
+    num_train: int = 2000,
+    num_test: int = 500,
+    shape: tuple[int, ...] | int = (40,),
+    num_classes: int = 10,
+    noise: float = 1.0,
+    seed: int = 0,
+) -> Dataset:
+    """Seeded Gaussian-blob classification data of any shape, for tests and throughput runs.
+
+    Each class ``c`` has a mean ``mu_c ~ N(0, I)`` over the flattened features;
+    an example is ``x = mu_y + noise * N(0, I)`` with ``y`` uniform over classes.
+    Same seed, same data.
+    """
+    num_train = check_int("num_train", num_train, low=1)
+    num_test = check_int("num_test", num_test, low=1)
+    num_classes = check_int("num_classes", num_classes, low=2)
+    check_range("noise", noise, low=0.0)
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    if not shape or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
+        raise ConfigError(f"shape must be a tuple of positive integers; got {shape!r}")
+    rng = np.random.default_rng(seed)
+    dim = int(np.prod(shape))
+    means = rng.standard_normal((num_classes, dim))
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.integers(0, num_classes, n)
+        x = means[y] + noise * rng.standard_normal((n, dim))
+        return x.reshape((n, *shape)).astype(np.float32), y.astype(np.int32)
+
+    x_train, y_train = draw(num_train)
+    x_test, y_test = draw(num_test)
+    return Dataset("synthetic", x_train, y_train, x_test, y_test, num_classes)
+
+
+DATASETS: dict[str, Callable[..., Dataset]] = {"mnist1d": mnist1d, "synthetic": synthetic}
+
+
+def load_dataset(spec: str) -> Dataset:
+    """Load a registered dataset from a spec such as ``"mnist1d"`` or ``"synthetic(shape=(8, 8, 3))"``.
+
+    Raises:
+      ConfigError: for an unknown name (the message lists the valid ones) or a bad argument.
+    """
+    name, args, kwargs = parse_spec(spec, what="dataset")
+    if name not in DATASETS:
+        raise unknown_name("dataset", name, DATASETS)
+    return call_with_checked_args(DATASETS[name], args, kwargs, what=f"dataset {name!r}")
+

@@ -1,0 +1,120 @@
+"""Input scaling fitted on the training split only (T01) and seeded splits (T02)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from jtricks.errors import ConfigError, check_range, unknown_name
+from jtricks.spec import parse_spec
+
+
+@dataclass(frozen=True)
+class Scaler:
+    """An affine map ``x -> (x - shift) * scale + offset`` whose statistics come from training data.
+
+    Build it with `Scaler.fit` on the training split, then apply it to every split:
+    the validation and test statistics are never looked at (T01).
+
+    * ``standardize``: ``(x - mean) / std`` -> mean 0, std 1 on the training split.
+      A zero std (constant feature) is treated as 1.
+    * ``minmax(low=0, high=1)``: ``low + (x - min) * (high - low) / (max - min)`` ->
+      training values in ``[low, high]``; use ``minmax(-1, 1)`` for ``[-1, 1]``.
+    * ``none``: identity.
+
+    With ``per_feature=False`` (default) one scalar statistic covers all features;
+    with ``per_feature=True`` each feature (all axes but the first) gets its own.
+
+    Example:
+      >>> s = Scaler.fit("standardize", x_train)
+      >>> x_train, x_test = s(x_train), s(x_test)
+    """
+
+    kind: str
+    shift: np.ndarray
+    scale: np.ndarray
+    offset: float = 0.0
+
+    KINDS = ("none", "standardize", "minmax")
+
+    @classmethod
+    def fit(cls, spec: str, x_train: np.ndarray, *, per_feature: bool = False) -> Scaler:
+        """Fit the statistics of ``spec`` (``"standardize"``, ``"minmax(-1, 1)"``, ``"none"``)
+        on ``x_train`` only."""
+        name, args, kwargs = parse_spec(spec, what="preprocessing")
+        if name not in cls.KINDS:
+            raise unknown_name("preprocessing", name, cls.KINDS)
+        x = np.asarray(x_train, dtype=np.float64)
+        axis = 0 if per_feature else None
+        if name == "none":
+            if args or kwargs:
+                raise ConfigError(f"preprocessing 'none' takes no arguments; got {spec!r}")
+            return cls("none", np.zeros(()), np.ones(()))
+        if name == "standardize":
+            if args or kwargs:
+                raise ConfigError(f"preprocessing 'standardize' takes no arguments; got {spec!r}")
+            mean, std = x.mean(axis=axis), x.std(axis=axis)
+            return cls("standardize", mean, 1.0 / np.where(std > 0, std, 1.0))
+        try:
+            low, high = _minmax_args(*args, **kwargs)
+        except TypeError as e:
+            raise ConfigError(f"bad arguments for preprocessing 'minmax': {e}; valid: low, high") from None
+        lo, hi = x.min(axis=axis), x.max(axis=axis)
+        span = np.where(hi > lo, hi - lo, 1.0)
+        return cls("minmax", lo, (high - low) / span, float(low))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Apply the fitted map; keeps float32."""
+        out = (np.asarray(x, np.float64) - self.shift) * self.scale + self.offset
+        return out.astype(np.float32)
+
+
+def _minmax_args(low: float = 0.0, high: float = 1.0) -> tuple[float, float]:
+    if not (float(low) < float(high)):
+        raise ConfigError(f"minmax needs low < high; got low={low!r}, high={high!r}")
+    return float(low), float(high)
+
+
+def train_val_split(
+    x: np.ndarray,
+    y: np.ndarray,
+    val_fraction: float,
+    *,
+    seed: int,
+    stratify: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Split off a validation set, reproducibly from ``seed`` (T02).
+
+    Without stratification, ``round(val_fraction * N)`` examples chosen uniformly
+    at random form the validation split. With ``stratify=True``, each class ``c``
+    contributes ``round(val_fraction * N_c)`` examples, so class proportions match.
+    Both splits keep at least one example.
+
+    Returns:
+      ``(x_train, y_train, x_val, y_val)``; within each split the original order is kept.
+
+    Raises:
+      ConfigError: if ``val_fraction`` is not in (0, 1) or a split would be empty.
+    """
+    check_range("val_fraction", val_fraction, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+    x, y = np.asarray(x), np.asarray(y)
+    n = len(y)
+    rng = np.random.default_rng(seed)
+    if stratify:
+        val_idx = []
+        for c in np.unique(y):
+            members = np.flatnonzero(y == c)
+            k = round(val_fraction * len(members))
+            val_idx.append(rng.permutation(members)[:k])
+        val_idx = np.concatenate(val_idx)
+    else:
+        val_idx = rng.permutation(n)[: round(val_fraction * n)]
+    is_val = np.zeros(n, dtype=bool)
+    is_val[val_idx] = True
+    if is_val.all() or not is_val.any():
+        raise ConfigError(
+            f"val_fraction={val_fraction} leaves an empty split of {n} examples; "
+            "use a fraction that keeps at least one example on each side"
+        )
+    return x[~is_val], y[~is_val], x[is_val], y[is_val]

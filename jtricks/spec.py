@@ -1,0 +1,88 @@
+"""A tiny, safe call-spec language shared by the CLI and configs.
+
+A spec is a name with optional keyword (or positional) literal arguments::
+
+    "adam"                      -> ("adam", (), {})
+    "adam(lr=1e-3, b1=0.9)"     -> ("adam", (), {"lr": 0.001, "b1": 0.9})
+    "synthetic(shape=(8, 8, 3))" -> ("synthetic", (), {"shape": (8, 8, 3)})
+
+Arguments are Python literals read with `ast.literal_eval`: nothing is ever
+executed. Pipelines are specs joined by ``|``.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from jtricks.errors import ConfigError
+
+
+def parse_spec(spec: str, *, what: str = "spec") -> tuple[str, tuple[Any, ...], dict[str, Any]]:
+    """Parse ``"name(arg, key=value, ...)"`` into ``(name, args, kwargs)``.
+
+    Args:
+      spec: the text to parse.
+      what: what the spec names (used in error messages), e.g. ``"optimizer"``.
+
+    Returns:
+      The name, the positional literal arguments and the keyword literal arguments.
+
+    Raises:
+      ConfigError: if the text is not a name optionally followed by literal arguments.
+    """
+    text = spec.strip()
+    try:
+        node = ast.parse(text, mode="eval").body
+    except SyntaxError:
+        raise ConfigError(f"cannot parse {what} {spec!r}: expected name or name(key=value, ...)") from None
+    if isinstance(node, ast.Name):
+        return node.id, (), {}
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+        try:
+            args = tuple(ast.literal_eval(a) for a in node.args)
+            kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords if kw.arg}
+        except ValueError:
+            raise ConfigError(
+                f"cannot parse {what} {spec!r}: arguments must be literals (numbers, strings, tuples)"
+            ) from None
+        if any(kw.arg is None for kw in node.keywords):
+            raise ConfigError(f"cannot parse {what} {spec!r}: '**' is not allowed")
+        return node.func.id, args, kwargs
+    raise ConfigError(f"cannot parse {what} {spec!r}: expected name or name(key=value, ...)")
+
+
+def split_pipeline(text: str) -> list[str]:
+    """Split ``"a(1) | b | c(x=2)"`` into its parts, ignoring ``|`` inside parentheses or quotes."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "|" and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    parts = [p.strip() for p in parts]
+    if any(not p for p in parts):
+        raise ConfigError(f"empty stage in pipeline {text!r}")
+    return parts
+
+
+def call_with_checked_args(fn: Callable[..., Any], args: tuple, kwargs: dict, *, what: str) -> Any:
+    """Call ``fn(*args, **kwargs)``; an unknown or surplus argument becomes a `ConfigError`
+    that lists the arguments ``fn`` accepts."""
+    sig = inspect.signature(fn)
+    try:
+        sig.bind(*args, **kwargs)
+    except TypeError as e:
+        valid = ", ".join(sig.parameters)
+        raise ConfigError(f"bad arguments for {what}: {e}; valid arguments are: {valid}") from None
+    return fn(*args, **kwargs)

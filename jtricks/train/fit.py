@@ -1,0 +1,196 @@
+"""The fit loop: whole epochs on device, the Python side only logs and decides."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jtricks.data.datasets import validate_arrays
+from jtricks.errors import ConfigError, check_int
+from jtricks.losses import cross_entropy
+from jtricks.train.state import TrainState
+from jtricks.train.steps import LossFn, make_epoch_fn, make_eval_step, make_evaluate_fn, make_train_step, pad_batches
+
+
+class Callback(Protocol):
+    """Called on the Python side after every epoch's metrics are known.
+
+    ``on_epoch_end`` receives the epoch's record (see `History`) and the current
+    state; returning ``True`` stops training after this epoch.
+    """
+
+    def on_epoch_end(self, record: dict[str, Any], state: TrainState) -> bool | None: ...
+
+
+@dataclass
+class History:
+    """Per-epoch records of a `fit` call.
+
+    Each record has ``epoch`` (1-based), ``step`` (optimizer steps so far), the
+    epoch means of the step metrics prefixed ``train_`` (``train_loss``,
+    ``train_accuracy``, ``train_grad_norm``, ...), ``val_loss`` and
+    ``val_accuracy`` when a validation split is given, ``steps_per_s`` (the
+    first epoch includes compilation) and ``elapsed_s`` since `fit` began.
+
+    ``history["val_loss"]`` returns that column as a NumPy array.
+    """
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return np.asarray([r[key] for r in self.records])
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.records)
+
+
+@functools.cache
+def compiled_functions(loss_fn: LossFn = cross_entropy):
+    """The jitted ``(run_epoch, evaluate)`` pair for a loss; cached so repeated `fit` calls
+    with the same loss, model and optimizer objects compile once."""
+    return make_epoch_fn(make_train_step(loss_fn)), make_evaluate_fn(make_eval_step(loss_fn))
+
+
+def _num_outputs(state: TrainState, x: np.ndarray) -> int:
+    variables = {"params": state.params}
+    if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+    out = jax.eval_shape(lambda v, x: state.apply_fn(v, x, train=False), variables, x[:1])
+    return int(out.shape[-1])
+
+
+def fit(
+    state: TrainState,
+    train_data: tuple[Any, Any],
+    *,
+    batch_size: int,
+    epochs: int | None = None,
+    steps: int | None = None,
+    val_data: tuple[Any, Any] | None = None,
+    data_key: jax.Array | None = None,
+    loss_fn: LossFn = cross_entropy,
+    eval_batch_size: int = 1000,
+    callbacks: Sequence[Callback] = (),
+    reporter: Any = None,
+) -> tuple[TrainState, History]:
+    """Train ``state`` on ``train_data`` for ``epochs`` epochs or ``steps`` optimizer steps.
+
+    Each epoch is one compiled `lax.scan` over ``N // batch_size`` shuffled
+    mini-batches (the tail batch is dropped) that are gathered on device; the
+    shuffle of epoch ``e`` uses ``fold_in(data_key, e)``. With ``steps`` the
+    last epoch may be partial. Training continues from ``state.step``: a state
+    stopped mid-epoch resumes with the remaining batches of that epoch, so
+    data order depends only on ``data_key`` and the step count. After each epoch the validation split (if given)
+    is evaluated, a record is appended to the history, and callbacks run.
+
+    Args:
+      state: from `create_train_state` (or an earlier `fit`).
+      train_data: ``(x, y)`` arrays, features ``(N, ...)`` and integer labels ``(N,)``.
+      batch_size: examples per step, ``1 <= batch_size <= N``.
+      epochs: number of full passes; give exactly one of ``epochs`` and ``steps``.
+      steps: number of optimizer steps to run in this call.
+      val_data: optional ``(x, y)`` for per-epoch validation.
+      data_key: PRNG key for the data order; default ``fold_in(state.key, 1)``.
+      loss_fn: per-example loss ``(logits, labels) -> (N,)``.
+      eval_batch_size: batch size for evaluation (results do not depend on it).
+      callbacks: objects with ``on_epoch_end(record, state)``; ``True`` stops training.
+      reporter: optional progress reporter (see `jtricks.train.progress.RichReporter`).
+
+    Returns:
+      ``(final_state, history)``.
+
+    Raises:
+      ConfigError: on bad sizes, non-finite features, or labels outside the model's outputs,
+        before any training.
+    """
+    x, y = (np.asarray(a) for a in train_data)
+    num_classes = _num_outputs(state, x) if x.ndim >= 2 else None
+    validate_arrays(x, y, num_classes, where="training data")
+    if val_data is not None:
+        validate_arrays(*val_data, num_classes, where="validation data")
+        if np.asarray(val_data[0]).shape[1:] != x.shape[1:]:
+            raise ConfigError(
+                f"validation examples have shape {np.asarray(val_data[0]).shape[1:]}, "
+                f"training examples {x.shape[1:]}"
+            )
+    n = x.shape[0]
+    batch_size = check_int("batch_size", batch_size, low=1, high=n)
+    eval_batch_size = check_int("eval_batch_size", eval_batch_size, low=1)
+    if (epochs is None) == (steps is None):
+        raise ConfigError(f"give exactly one of epochs and steps; got epochs={epochs!r}, steps={steps!r}")
+    steps_per_epoch = n // batch_size
+    if steps is None:
+        total_steps = check_int("epochs", epochs, low=1) * steps_per_epoch
+    else:
+        total_steps = check_int("steps", steps, low=1)
+    if data_key is None:
+        data_key = jax.random.fold_in(state.key, 1)
+
+    run_epoch, evaluate = compiled_functions(loss_fn)
+    x_dev, y_dev = jnp.asarray(x), jnp.asarray(y)
+    val_batches = pad_batches(*val_data, eval_batch_size) if val_data is not None else None
+    history = History()
+    start_step = int(state.step)
+    t0 = time.perf_counter()
+    if reporter is not None:
+        reporter.start(total_steps=total_steps, done=0)
+    try:
+        done = 0
+        while done < total_steps:
+            step = start_step + done
+            epoch = step // steps_per_epoch
+            num_steps = min(steps_per_epoch - step % steps_per_epoch, total_steps - done)
+            t_epoch = time.perf_counter()
+            state, metrics = run_epoch(
+                state,
+                x_dev,
+                y_dev,
+                jax.random.fold_in(data_key, epoch),
+                jnp.int32(step % steps_per_epoch),
+                num_steps=num_steps,
+                batch_size=batch_size,
+            )
+            metrics = jax.device_get(metrics)
+            dt = time.perf_counter() - t_epoch
+            done += num_steps
+            record: dict[str, Any] = {"epoch": epoch + 1, "step": step + num_steps}
+            record.update({f"train_{k}": float(v) for k, v in metrics.items()})
+            if val_batches is not None:
+                record.update({f"val_{k}": float(v) for k, v in jax.device_get(evaluate(state, *val_batches)).items()})
+            record["steps_per_s"] = num_steps / dt
+            record["elapsed_s"] = time.perf_counter() - t0
+            history.records.append(record)
+            if reporter is not None:
+                reporter.epoch_end(record, done=done)
+            if any(cb.on_epoch_end(record, state) for cb in callbacks):
+                break
+    finally:
+        if reporter is not None:
+            reporter.close()
+    return state, history
+
+
+def evaluate(
+    state: TrainState,
+    data: tuple[Any, Any],
+    *,
+    loss_fn: LossFn = cross_entropy,
+    batch_size: int = 1000,
+) -> dict[str, float]:
+    """Mean loss and accuracy of ``state`` on ``data`` in evaluation mode (exact for any batch size)."""
+    x, y = (np.asarray(a) for a in data)
+    validate_arrays(x, y, _num_outputs(state, x) if x.ndim >= 2 else None, where="evaluation data")
+    batch_size = check_int("batch_size", batch_size, low=1)
+    _, evaluate_fn = compiled_functions(loss_fn)
+    return {k: float(v) for k, v in jax.device_get(evaluate_fn(state, *pad_batches(x, y, batch_size))).items()}
+

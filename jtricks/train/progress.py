@@ -1,0 +1,58 @@
+"""Progress display for `fit`: a rich progress bar plus one printed line per epoch."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+def format_record(record: dict[str, Any]) -> str:
+    """One line per epoch: train loss, validation loss and accuracy, steps/s."""
+    parts = [f"epoch {record['epoch']:>3}", f"step {record['step']:>6}", f"train_loss {record['train_loss']:.4f}"]
+    if "val_loss" in record:
+        parts += [f"val_loss {record['val_loss']:.4f}", f"val_acc {record['val_accuracy']:.4f}"]
+    parts.append(f"steps/s {record['steps_per_s']:,.0f}")
+    return "  ".join(parts)
+
+
+class RichReporter:
+    """Shows a progress bar over all steps and prints `format_record` after each epoch.
+
+    With ``every=k`` only every k-th epoch (and the last) is printed. On a
+    terminal the bar redraws in place; elsewhere (CI, files) only the lines appear.
+    """
+
+    def __init__(self, *, file: TextIO | None = None, every: int = 1) -> None:
+        self.console = Console(file=file or sys.stdout, highlight=False)
+        self.every = max(1, every)
+        self._progress: Progress | None = None
+        self._task = None
+        self._total = 0
+
+    def start(self, *, total_steps: int, done: int = 0) -> None:
+        self._total = total_steps
+        self._progress = Progress(
+            TextColumn("training"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task("train", total=total_steps, completed=done)
+
+    def epoch_end(self, record: dict[str, Any], *, done: int) -> None:
+        if record["epoch"] % self.every == 0 or done >= self._total:
+            self.console.print(format_record(record), soft_wrap=True)
+        if self._progress is not None:
+            self._progress.update(self._task, completed=done)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None

@@ -1,0 +1,145 @@
+"""Pure train and eval steps, and a whole epoch as one `lax.scan`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jtricks.data.batching import epoch_indices
+from jtricks.losses import accuracy, cross_entropy
+from jtricks.train.state import TrainState
+
+Batch = tuple[jax.Array, jax.Array]
+Metrics = dict[str, jax.Array]
+LossFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def _apply(state: TrainState, params: Any, x: jax.Array, *, train: bool, key: jax.Array | None):
+    """Run the model; returns ``(logits, new_batch_stats)``."""
+    variables = {"params": params}
+    rngs = {"dropout": key} if key is not None else None
+    if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+        if train:
+            logits, updates = state.apply_fn(
+                variables, x, train=True, rngs=rngs, mutable=["batch_stats"]
+            )
+            return logits, updates["batch_stats"]
+    return state.apply_fn(variables, x, train=train, rngs=rngs), state.batch_stats
+
+
+def make_train_step(loss_fn: LossFn = cross_entropy) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """Build ``train_step(state, (x, y)) -> (state, metrics)``.
+
+    One step: forward in training mode with dropout key ``fold_in(state.key, state.step)``,
+    mean loss, gradient, optax update, new BatchNorm statistics. Metrics are
+    the batch's ``loss`` and ``accuracy`` and the global L2 norms
+    ``grad_norm``, ``update_norm`` and ``param_norm`` (cheap under jit, and
+    they explain most failures).
+
+    Args:
+      loss_fn: per-example loss ``(logits, labels) -> (N,)``.
+    """
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        x, y = batch
+        dropout_key = jax.random.fold_in(state.key, state.step)
+
+        def loss_of(params):
+            logits, batch_stats = _apply(state, params, x, train=True, key=dropout_key)
+            return jnp.mean(loss_fn(logits, y)), (logits, batch_stats)
+
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss,
+            "accuracy": jnp.mean(accuracy(logits, y)),
+            "grad_norm": optax.tree.norm(grads),
+            "update_norm": optax.tree.norm(updates),
+            "param_norm": optax.tree.norm(params),
+        }
+        new_state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats
+        )
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(loss_fn: LossFn = cross_entropy) -> Callable[[TrainState, Batch, jax.Array], Metrics]:
+    """Build ``eval_step(state, (x, y), weight) -> sums``: evaluation mode (running
+    BatchNorm statistics, no dropout), returning weighted sums ``loss_sum``,
+    ``correct`` and ``count`` so that padded batches average exactly."""
+
+    def eval_step(state: TrainState, batch: Batch, weight: jax.Array) -> Metrics:
+        x, y = batch
+        logits, _ = _apply(state, state.params, x, train=False, key=None)
+        return {
+            "loss_sum": jnp.sum(weight * loss_fn(logits, y)),
+            "correct": jnp.sum(weight * accuracy(logits, y)),
+            "count": jnp.sum(weight),
+        }
+
+    return eval_step
+
+
+def make_epoch_fn(train_step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]):
+    """Compile ``run_epoch(state, x, y, key, offset, *, num_steps, batch_size) -> (state, mean_metrics)``.
+
+    The epoch's batches are ``epoch_indices(key, N, batch_size, N // batch_size)``;
+    the call runs ``num_steps`` of them starting at batch ``offset`` (a traced
+    value, so resuming mid-epoch does not recompile). Each scan iteration
+    gathers its batch from the device-resident ``x, y``. The state is donated,
+    so its buffers are reused in place.
+    """
+
+    @partial(jax.jit, static_argnames=("num_steps", "batch_size"), donate_argnums=0)
+    def run_epoch(state, x, y, key, offset, *, num_steps: int, batch_size: int):
+        idx = epoch_indices(key, x.shape[0], batch_size, x.shape[0] // batch_size)
+        idx = jax.lax.dynamic_slice_in_dim(idx, offset, num_steps)
+
+        def body(state, i):
+            return train_step(state, (x[i], y[i]))
+
+        state, metrics = jax.lax.scan(body, state, idx)
+        return state, jax.tree.map(jnp.mean, metrics)
+
+    return run_epoch
+
+
+def make_evaluate_fn(eval_step: Callable[[TrainState, Batch, jax.Array], Metrics]):
+    """Compile ``evaluate(state, xb, yb, wb) -> {"loss", "accuracy"}`` over pre-batched,
+    padded arrays ``(B, batch, ...)`` with weights ``wb`` (1 real, 0 padding)."""
+
+    @jax.jit
+    def evaluate(state, xb, yb, wb):
+        def body(carry, batch):
+            x, y, w = batch
+            out = eval_step(state, (x, y), w)
+            return jax.tree.map(jnp.add, carry, out), None
+
+        zero = {"loss_sum": jnp.zeros(()), "correct": jnp.zeros(()), "count": jnp.zeros(())}
+        sums, _ = jax.lax.scan(body, zero, (xb, yb, wb))
+        return {"loss": sums["loss_sum"] / sums["count"], "accuracy": sums["correct"] / sums["count"]}
+
+    return evaluate
+
+
+def pad_batches(x: Any, y: Any, batch_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Cut ``(x, y)`` into ``ceil(N / batch_size)`` batches, zero-padding the last; also
+    return the 0/1 weights that mark real examples. Shapes ``(B, batch_size, ...)``."""
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    n = x.shape[0]
+    bs = min(batch_size, n)
+    nb = -(-n // bs)
+    pad = nb * bs - n
+    w = jnp.concatenate([jnp.ones(n), jnp.zeros(pad)])
+    x = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)])
+    y = jnp.concatenate([y, jnp.zeros((pad,), y.dtype)])
+    return x.reshape(nb, bs, *x.shape[1:]), y.reshape(nb, bs), w.reshape(nb, bs)

@@ -1,0 +1,141 @@
+"""Datasets, preprocessing fitted on training data only, splits and device batching."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from jtricks.data import DATASETS, Scaler, epoch_indices, load_dataset, mnist1d, synthetic, train_val_split
+from jtricks.errors import ConfigError
+
+
+def test_registry_names():
+    assert set(DATASETS) == {"mnist1d", "synthetic"}
+
+
+def test_synthetic_is_seeded_and_shaped():
+    a = synthetic(num_train=50, num_test=20, shape=(4, 4, 3), num_classes=3, seed=7)
+    b = synthetic(num_train=50, num_test=20, shape=(4, 4, 3), num_classes=3, seed=7)
+    c = synthetic(num_train=50, num_test=20, shape=(4, 4, 3), num_classes=3, seed=8)
+    assert a.x_train.shape == (50, 4, 4, 3) and a.x_test.shape == (20, 4, 4, 3)
+    assert a.x_train.dtype == np.float32 and a.y_train.dtype == np.int32
+    np.testing.assert_array_equal(a.x_train, b.x_train)
+    assert not np.array_equal(a.x_train, c.x_train)
+    assert a.y_train.min() >= 0 and a.y_train.max() < 3
+
+
+def test_spec_loading_matches_direct_call():
+    a = load_dataset("synthetic(num_train=30, num_test=10, shape=(5,), seed=3)")
+    b = synthetic(num_train=30, num_test=10, shape=(5,), seed=3)
+    np.testing.assert_array_equal(a.x_train, b.x_train)
+
+
+def test_mnist1d_small_generation_is_cached_and_deterministic(tmp_path, monkeypatch):
+    monkeypatch.setenv("JTRICKS_CACHE_DIR", str(tmp_path))
+    state = np.random.get_state()
+    a = mnist1d(num_samples=100, seed=1)
+    # the mnist1d package seeds NumPy's global generator; we restore it
+    np.testing.assert_array_equal(np.random.get_state()[1], state[1])
+    files = list(tmp_path.glob("mnist1d-*.npz"))
+    assert len(files) == 1
+    b = mnist1d(num_samples=100, seed=1)
+    np.testing.assert_array_equal(a.x_train, b.x_train)
+    assert a.x_train.shape == (80, 40) and a.x_test.shape == (20, 40)
+    assert a.num_classes == 10 and set(np.unique(a.y_train)) <= set(range(10))
+    files[0].write_bytes(b"not an npz")  # a damaged cache is regenerated, not trusted
+    c = mnist1d(num_samples=100, seed=1)
+    np.testing.assert_array_equal(a.x_train, c.x_train)
+
+
+def test_standardize_uses_training_statistics_only(tiny_data):
+    x_tr, x_te = tiny_data.x_train.astype(np.float64), tiny_data.x_test
+    s = Scaler.fit("standardize", x_tr)
+    # the formula, written out: global mean and std of the training split
+    np.testing.assert_allclose(s(x_te), (x_te - x_tr.mean()) / x_tr.std(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(s(x_tr).mean(), 0.0, atol=1e-5)
+    np.testing.assert_allclose(s(x_tr).std(), 1.0, atol=1e-5)
+    # changing the test split changes nothing in the fitted statistics
+    s2 = Scaler.fit("standardize", x_tr)
+    np.testing.assert_array_equal(s2(x_te + 100.0), s(x_te + 100.0))
+    assert abs(s(x_te + 100.0).mean()) > 10  # test data are not re-centred
+
+
+def test_standardize_per_feature_and_constant_feature():
+    x = np.stack([np.arange(10.0), np.full(10, 3.0)], axis=1)
+    s = Scaler.fit("standardize", x, per_feature=True)
+    out = s(x)
+    np.testing.assert_allclose(out[:, 0], (x[:, 0] - 4.5) / x[:, 0].std(), rtol=1e-6)
+    np.testing.assert_array_equal(out[:, 1], 0.0)  # std 0 is treated as 1
+
+
+@pytest.mark.parametrize(("spec", "low", "high"), [("minmax", 0.0, 1.0), ("minmax(-1, 1)", -1.0, 1.0)])
+def test_minmax_maps_training_range(tiny_data, spec, low, high):
+    x_tr = tiny_data.x_train
+    s = Scaler.fit(spec, x_tr)
+    out = s(x_tr)
+    np.testing.assert_allclose([out.min(), out.max()], [low, high], atol=1e-6)
+    x_te = tiny_data.x_test.astype(np.float64)
+    expect = low + (x_te - x_tr.min()) * (high - low) / (x_tr.max() - x_tr.min())
+    np.testing.assert_allclose(s(x_te), expect, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["zscore", "minmax(2, 1)", "standardize(3)", "minmax(foo=1)"])
+def test_bad_preprocessing_specs(spec):
+    with pytest.raises(ConfigError):
+        Scaler.fit(spec, np.ones((4, 2)))
+
+
+def test_split_is_seeded_disjoint_and_complete(tiny_data):
+    x, y = tiny_data.x_train, tiny_data.y_train
+    a = train_val_split(x, y, 0.25, seed=1)
+    b = train_val_split(x, y, 0.25, seed=1)
+    c = train_val_split(x, y, 0.25, seed=2)
+    for u, v in zip(a, b, strict=True):
+        np.testing.assert_array_equal(u, v)
+    assert not np.array_equal(a[2], c[2])
+    assert len(a[3]) == 50 and len(a[1]) == 150
+    rows = {tuple(r) for r in np.concatenate([a[0], a[2]])}
+    assert rows == {tuple(r) for r in x}
+
+
+def test_stratified_split_keeps_class_proportions():
+    y = np.repeat(np.arange(4), [40, 20, 100, 40]).astype(np.int32)
+    x = np.arange(len(y), dtype=np.float32)[:, None]
+    _, y_tr, _, y_val = train_val_split(x, y, 0.1, seed=0, stratify=True)
+    np.testing.assert_array_equal(np.bincount(y_val), [4, 2, 10, 4])
+    np.testing.assert_array_equal(np.bincount(y_tr), [36, 18, 90, 36])
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5, float("nan")])
+def test_split_rejects_bad_fraction(tiny_data, fraction):
+    with pytest.raises(ConfigError, match="val_fraction"):
+        train_val_split(tiny_data.x_train, tiny_data.y_train, fraction, seed=0)
+
+
+def test_epoch_indices_are_a_shuffled_partial_permutation():
+    idx = jax.jit(epoch_indices, static_argnums=(1, 2, 3))(jax.random.key(0), 103, 10, 10)
+    idx = np.asarray(idx)
+    assert idx.shape == (10, 10)
+    assert len(np.unique(idx)) == 100 and idx.min() >= 0 and idx.max() < 103
+    other = np.asarray(epoch_indices(jax.random.key(1), 103, 10, 10))
+    assert not np.array_equal(idx, other)
+
+
+@pytest.mark.parametrize(
+    ("x", "y", "match"),
+    [
+        (np.array([[0.0, np.nan]]), np.array([0]), "non-finite"),
+        (np.array([[0.0, np.inf]]), np.array([0]), "non-finite"),
+        (np.zeros((3, 2)), np.array([0, 1]), "3 examples but 2 labels"),
+        (np.zeros((2, 2)), np.array([0, 5]), r"labels must lie in \[0, 3\]"),
+        (np.zeros((2, 2)), np.array([0, -1]), r"labels must lie in \[0, 3\]"),
+        (np.zeros((2,)), np.array([0, 1]), "shape"),
+        (np.zeros((2, 2)), np.array([0.5, 1.0]), "integers"),
+    ],
+)
+def test_bad_arrays_are_rejected(x, y, match):
+    from jtricks.data import validate_arrays
+
+    with pytest.raises(ConfigError, match=match):
+        validate_arrays(x, y, 4, where="test data")

@@ -1,0 +1,168 @@
+"""Training core: TrainState, pure steps, fit, determinism, resume, and a hand-written reference loop."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jtricks.data import epoch_indices
+from jtricks.errors import ConfigError
+from jtricks.nn import MLP
+from jtricks.train import create_train_state, evaluate, fit, make_train_step
+from jtricks.train.fit import compiled_functions
+
+MODEL = MLP(num_classes=4, features=(16,))
+
+
+@pytest.fixture
+def state(tiny_data, adam, key):
+    return create_train_state(MODEL, adam, tiny_data.x_train, key)
+
+
+def _leaves_equal(a, b) -> bool:
+    return all(np.array_equal(u, v) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def test_tiny_run_learns(state, tiny_data):
+    d = tiny_data
+    state, hist = fit(state, (d.x_train, d.y_train), val_data=(d.x_test, d.y_test), batch_size=20, epochs=5)
+    assert len(hist) == 5 and hist["step"][-1] == 50
+    assert hist["val_accuracy"][-1] > 0.9  # chance is 0.25
+    assert hist["train_loss"][-1] < hist["train_loss"][0]
+    assert int(state.step) == 50
+    test = evaluate(state, (d.x_test, d.y_test))
+    np.testing.assert_allclose(test["accuracy"], hist["val_accuracy"][-1])
+
+
+def test_same_seed_gives_identical_metrics(tiny_data, adam):
+    d = tiny_data
+    runs = []
+    for _ in range(2):
+        s = create_train_state(MODEL, adam, d.x_train, jax.random.key(3))
+        s, h = fit(s, (d.x_train, d.y_train), val_data=(d.x_test, d.y_test), batch_size=20, epochs=2)
+        runs.append((s, h))
+    (s1, h1), (s2, h2) = runs
+    assert _leaves_equal(s1.params, s2.params)
+    for r1, r2 in zip(h1, h2, strict=True):
+        for k in r1:
+            if k not in ("steps_per_s", "elapsed_s"):
+                assert r1[k] == r2[k], k
+    s3 = create_train_state(MODEL, adam, d.x_train, jax.random.key(4))
+    s3, _ = fit(s3, (d.x_train, d.y_train), batch_size=20, epochs=2)
+    assert not _leaves_equal(s1.params, s3.params)
+
+
+def test_fit_matches_hand_written_loop(tiny_data, adam, key):
+    """Second code path: a Python loop over the pure train step with the same batches."""
+    d = tiny_data
+    s0 = create_train_state(MODEL, adam, d.x_train, key)
+    data_key = jax.random.key(9)
+    fitted, _ = fit(s0, (d.x_train, d.y_train), batch_size=32, epochs=2, data_key=data_key)
+
+    s = create_train_state(MODEL, adam, d.x_train, key)
+    step = jax.jit(make_train_step())
+    x, y = jnp.asarray(d.x_train), jnp.asarray(d.y_train)
+    for epoch in range(2):
+        idx = epoch_indices(jax.random.fold_in(data_key, epoch), 200, 32, 200 // 32)
+        for i in idx:
+            s, _ = step(s, (x[i], y[i]))
+    assert int(s.step) == int(fitted.step) == 12
+    for a, b in zip(jax.tree.leaves(s.params), jax.tree.leaves(fitted.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_split_fit_calls_equal_one_call(tiny_data, adam, key):
+    """Stopping mid-epoch and calling fit again continues the same data order."""
+    d = tiny_data
+    whole, _ = fit(create_train_state(MODEL, adam, d.x_train, key), (d.x_train, d.y_train), batch_size=20, steps=25)
+    part = create_train_state(MODEL, adam, d.x_train, key)
+    part, h1 = fit(part, (d.x_train, d.y_train), batch_size=20, steps=13)
+    part, h2 = fit(part, (d.x_train, d.y_train), batch_size=20, steps=12)
+    assert [r["step"] for r in h1] == [10, 13] and [r["step"] for r in h2] == [20, 25]
+    assert _leaves_equal(whole.params, part.params)
+    assert _leaves_equal(whole.opt_state, part.opt_state)
+
+
+def test_dropout_keys_follow_the_step(tiny_data, adam, key):
+    model = MLP(num_classes=4, features=(16,), dropout=0.5)
+    s = create_train_state(model, adam, tiny_data.x_train, key)
+    step = jax.jit(make_train_step())
+    batch = (jnp.asarray(tiny_data.x_train[:8]), jnp.asarray(tiny_data.y_train[:8]))
+    a, _ = step(s, batch)
+    b, _ = step(s, batch)
+    assert _leaves_equal(a.params, b.params)  # same state, same step -> same mask
+    c, _ = step(s.replace(step=s.step + 1), batch)
+    assert not _leaves_equal(a.params, c.params)
+
+
+def test_step_metrics_match_formulas(state, tiny_data):
+    x, y = jnp.asarray(tiny_data.x_train[:10]), jnp.asarray(tiny_data.y_train[:10])
+    new, m = jax.jit(make_train_step())(state, (x, y))
+    logits = MODEL.apply({"params": state.params}, x)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float64) if jax.config.x64_enabled else logits)
+    np.testing.assert_allclose(m["loss"], -np.mean(np.take_along_axis(np.asarray(logp), np.asarray(y)[:, None], 1)), rtol=1e-5)
+    grads = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(MODEL.apply({"params": p}, x), y).mean())(state.params)
+    np.testing.assert_allclose(m["grad_norm"], np.sqrt(sum(float(jnp.sum(g**2)) for g in jax.tree.leaves(grads))), rtol=1e-5)
+    delta = jax.tree.map(lambda a, b: a - b, new.params, state.params)
+    np.testing.assert_allclose(m["update_norm"], optax.tree.norm(delta), rtol=1e-4)
+
+
+def test_evaluate_does_not_depend_on_batch_size(state, tiny_data):
+    d = tiny_data
+    a = evaluate(state, (d.x_test, d.y_test), batch_size=100)
+    b = evaluate(state, (d.x_test, d.y_test), batch_size=7)  # padded last batch
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+    assert a["accuracy"] == b["accuracy"]
+    logits = MODEL.apply({"params": state.params}, d.x_test)
+    np.testing.assert_allclose(a["accuracy"], np.mean(np.argmax(logits, -1) == d.y_test))
+
+
+def test_second_fit_does_not_recompile(tiny_data, adam, key):
+    d = tiny_data
+    run_epoch, _ = compiled_functions()
+    fit(create_train_state(MODEL, adam, d.x_train, key), (d.x_train, d.y_train), batch_size=40, epochs=1)
+    size = run_epoch._cache_size()
+    fit(create_train_state(MODEL, adam, d.x_train, jax.random.key(5)), (d.x_train, d.y_train), batch_size=40, epochs=2)
+    assert run_epoch._cache_size() == size
+
+
+def test_callback_can_stop(state, tiny_data):
+    class StopAfterTwo:
+        def on_epoch_end(self, record, state):
+            return record["epoch"] >= 2
+
+    _, hist = fit(state, (tiny_data.x_train, tiny_data.y_train), batch_size=50, epochs=10, callbacks=[StopAfterTwo()])
+    assert len(hist) == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"batch_size": 0, "epochs": 1}, "batch_size"),
+        ({"batch_size": 201, "epochs": 1}, "batch_size"),
+        ({"batch_size": 10, "epochs": 0}, "epochs"),
+        ({"batch_size": 10, "steps": 0}, "steps"),
+        ({"batch_size": 10}, "exactly one of epochs and steps"),
+        ({"batch_size": 10, "epochs": 1, "steps": 3}, "exactly one of epochs and steps"),
+    ],
+)
+def test_fit_rejects_bad_numbers(state, tiny_data, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        fit(state, (tiny_data.x_train, tiny_data.y_train), **kwargs)
+
+
+def test_fit_rejects_nan_and_bad_labels_before_training(state, tiny_data):
+    x = tiny_data.x_train.copy()
+    x[3, 2] = np.nan
+    with pytest.raises(ConfigError, match="non-finite"):
+        fit(state, (x, tiny_data.y_train), batch_size=10, epochs=1)
+    y = tiny_data.y_train.copy()
+    y[0] = 4  # the model has 4 outputs: labels must be < 4
+    with pytest.raises(ConfigError, match=r"labels must lie in \[0, 3\]"):
+        fit(state, (tiny_data.x_train, y), batch_size=10, epochs=1)
+    with pytest.raises(ConfigError, match="validation examples have shape"):
+        fit(state, (tiny_data.x_train, tiny_data.y_train), val_data=(np.zeros((3, 5)), np.zeros(3, np.int32)), batch_size=10, epochs=1)
+    assert int(state.step) == 0
