@@ -34,7 +34,9 @@ FLAGS = {
 def _build_parser() -> argparse.ArgumentParser:
     from jtricks import __version__
 
-    parser = argparse.ArgumentParser(prog="jtricks", description="JAX deep-learning training tricks.")
+    parser = argparse.ArgumentParser(
+        prog="jtricks", description="JAX deep-learning training tricks."
+    )
     parser.add_argument("--version", action="version", version=f"jtricks {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -43,22 +45,57 @@ def _build_parser() -> argparse.ArgumentParser:
         help="train a model and write a run folder",
         description="Train a model; writes config.json, metrics.jsonl, curves.png and summary.json to --out.",
     )
-    t.add_argument("--dataset", default="mnist1d", help="dataset spec: mnist1d, synthetic(shape=(8, 8, 3), ...)")
-    t.add_argument("--model", default="cnn", help="model spec: cnn, mlp, mlp(features=(256, 256), dropout=0.2)")
-    t.add_argument("--optimizer", default="adam", help="optimizer spec: sgd, momentum, adam, adamw, rmsprop, ...")
-    t.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float, default=1e-2, help="learning rate")
+    t.add_argument(
+        "--dataset",
+        default="mnist1d",
+        help="dataset spec: mnist1d, synthetic(shape=(8, 8, 3), ...)",
+    )
+    t.add_argument(
+        "--model", default="cnn", help="model spec: cnn, mlp, mlp(features=(256, 256), dropout=0.2)"
+    )
+    t.add_argument(
+        "--optimizer",
+        default="adam",
+        help="optimizer spec: sgd, momentum, adam, adamw, rmsprop, ...",
+    )
+    t.add_argument(
+        "--lr",
+        "--learning-rate",
+        dest="learning_rate",
+        type=float,
+        default=1e-2,
+        help="learning rate",
+    )
     t.add_argument("--batch-size", type=int, default=100)
     length = t.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, default=None, help="number of epochs")
-    length.add_argument("--steps", type=int, default=None, help="number of optimizer steps (default 3000)")
-    t.add_argument("--val-fraction", type=float, default=0.1, help="fraction of training data held out, in (0, 1)")
-    t.add_argument("--no-stratify", dest="stratify", action="store_false", help="plain random validation split")
-    t.add_argument("--preprocess", default="standardize", help="standardize, minmax, minmax(-1, 1) or none")
+    length.add_argument(
+        "--steps", type=int, default=None, help="number of optimizer steps (default 3000)"
+    )
+    t.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="fraction of training data held out, in (0, 1)",
+    )
+    t.add_argument(
+        "--no-stratify", dest="stratify", action="store_false", help="plain random validation split"
+    )
+    t.add_argument(
+        "--preprocess", default="standardize", help="standardize, minmax, minmax(-1, 1) or none"
+    )
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--eval-batch-size", type=int, default=1000)
-    t.add_argument("--out", default=None, help="run folder (default runs/train-<time>); must be new or empty")
+    t.add_argument(
+        "--out", default=None, help="run folder (default runs/train-<time>); must be new or empty"
+    )
     t.add_argument("--log-every", type=int, default=1, help="print a line every N epochs")
-    t.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or epoch lines")
+    t.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bar or epoch lines",
+    )
     return parser
 
 

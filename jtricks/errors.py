@@ -23,10 +23,12 @@ class ConfigError(ValueError):
         self.param = param
 
 
-def unknown_name(what: str, name: object, valid: Iterable[str]) -> ConfigError:
-    """Error for an unknown registry name that lists the valid ones."""
+def unknown_name(
+    what: str, name: object, valid: Iterable[str], *, param: str | None = None
+) -> ConfigError:
+    """Error for an unknown registry name that lists the valid ones; ``param`` defaults to ``what``."""
     names = ", ".join(sorted(valid))
-    return ConfigError(f"unknown {what} {name!r}; valid {what}s are: {names}", param=what)
+    return ConfigError(f"unknown {what} {name!r}; valid {what}s are: {names}", param=param or what)
 
 
 def check_range(

@@ -57,24 +57,38 @@ class TrainConfig:
         """
         for name in ("dataset", "model", "optimizer", "preprocess"):
             if not isinstance(getattr(self, name), str):
-                raise ConfigError(f"{name} must be a string; got {getattr(self, name)!r}", param=name)
+                raise ConfigError(
+                    f"{name} must be a string; got {getattr(self, name)!r}", param=name
+                )
         if isinstance(self.learning_rate, bool) or not isinstance(self.learning_rate, int | float):
-            raise ConfigError(f"learning_rate must be a number; got {self.learning_rate!r}", param="learning_rate")
+            raise ConfigError(
+                f"learning_rate must be a number; got {self.learning_rate!r}", param="learning_rate"
+            )
         check_range("learning_rate", self.learning_rate, low=0.0, low_inclusive=False)
         check_int("batch_size", self.batch_size, low=1)
         check_int("eval_batch_size", self.eval_batch_size, low=1)
         check_int("seed", self.seed, low=0)
         if self.epochs is not None and self.steps is not None:
             raise ConfigError(
-                f"give epochs or steps, not both; got epochs={self.epochs}, steps={self.steps}", param="epochs"
+                f"give epochs or steps, not both; got epochs={self.epochs}, steps={self.steps}",
+                param="epochs",
             )
         if self.epochs is not None:
             check_int("epochs", self.epochs, low=1)
         if self.steps is not None:
             check_int("steps", self.steps, low=1)
         if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, int | float):
-            raise ConfigError(f"val_fraction must be a number; got {self.val_fraction!r}", param="val_fraction")
-        check_range("val_fraction", self.val_fraction, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+            raise ConfigError(
+                f"val_fraction must be a number; got {self.val_fraction!r}", param="val_fraction"
+            )
+        check_range(
+            "val_fraction",
+            self.val_fraction,
+            low=0.0,
+            high=1.0,
+            low_inclusive=False,
+            high_inclusive=False,
+        )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -174,7 +188,9 @@ def _prepare_out(out: str | os.PathLike) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"cannot create output directory {str(path)!r}: {e.strerror}", param="out") from None
+        raise ConfigError(
+            f"cannot create output directory {str(path)!r}: {e.strerror}", param="out"
+        ) from None
     return path
 
 
@@ -235,7 +251,9 @@ def train(
     valid = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(overrides) - valid
     if unknown:
-        raise ConfigError(f"unknown config key(s) {sorted(unknown)}; valid keys are: {', '.join(sorted(valid))}")
+        raise ConfigError(
+            f"unknown config key(s) {sorted(unknown)}; valid keys are: {', '.join(sorted(valid))}"
+        )
     config = dataclasses.replace(config, **overrides)
     config.validate()
 
@@ -262,7 +280,9 @@ def train(
     callbacks = []
     if out is not None:
         run_dir = _prepare_out(out)
-        write_json(run_dir / "config.json", {"config": config.to_dict(), "environment": environment()})
+        write_json(
+            run_dir / "config.json", {"config": config.to_dict(), "environment": environment()}
+        )
         callbacks.append(MetricsLog(run_dir / "metrics.jsonl"))
     if reporter is None and progress:
         from jtricks.train.progress import RichReporter

@@ -17,7 +17,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from jtricks.errors import ConfigError
+from jtricks.errors import ConfigError, unknown_name
 
 
 def parse_spec(spec: str, *, what: str = "spec") -> tuple[str, tuple[Any, ...], dict[str, Any]]:
@@ -37,7 +37,9 @@ def parse_spec(spec: str, *, what: str = "spec") -> tuple[str, tuple[Any, ...], 
     try:
         node = ast.parse(text, mode="eval").body
     except SyntaxError:
-        raise ConfigError(f"cannot parse {what} {spec!r}: expected name or name(key=value, ...)") from None
+        raise ConfigError(
+            f"cannot parse {what} {spec!r}: expected name or name(key=value, ...)", param=what
+        ) from None
     if isinstance(node, ast.Name):
         return node.id, (), {}
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
@@ -46,12 +48,15 @@ def parse_spec(spec: str, *, what: str = "spec") -> tuple[str, tuple[Any, ...], 
             kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords if kw.arg}
         except ValueError:
             raise ConfigError(
-                f"cannot parse {what} {spec!r}: arguments must be literals (numbers, strings, tuples)"
+                f"cannot parse {what} {spec!r}: arguments must be literals (numbers, strings, tuples)",
+                param=what,
             ) from None
         if any(kw.arg is None for kw in node.keywords):
-            raise ConfigError(f"cannot parse {what} {spec!r}: '**' is not allowed")
+            raise ConfigError(f"cannot parse {what} {spec!r}: '**' is not allowed", param=what)
         return node.func.id, args, kwargs
-    raise ConfigError(f"cannot parse {what} {spec!r}: expected name or name(key=value, ...)")
+    raise ConfigError(
+        f"cannot parse {what} {spec!r}: expected name or name(key=value, ...)", param=what
+    )
 
 
 def split_pipeline(text: str) -> list[str]:
@@ -86,3 +91,40 @@ def call_with_checked_args(fn: Callable[..., Any], args: tuple, kwargs: dict, *,
         valid = ", ".join(sig.parameters)
         raise ConfigError(f"bad arguments for {what}: {e}; valid arguments are: {valid}") from None
     return fn(*args, **kwargs)
+
+
+def build_from_registry(
+    spec: str,
+    registry: dict[str, Callable[..., Any]],
+    *,
+    what: str,
+    leading: tuple[Any, ...] = (),
+    defaults: dict[str, Any] | None = None,
+) -> Any:
+    """Parse ``spec`` and call the registered factory it names.
+
+    ``leading`` positional arguments come first (e.g. the learning rate);
+    ``defaults`` fill keyword arguments the spec leaves out. Every error,
+    including one raised by the factory's own validation, is a `ConfigError`
+    whose ``param`` is ``what``, so the CLI can point at the right flag.
+
+    Raises:
+      ConfigError: unknown name (listing the valid ones), bad syntax or bad arguments.
+    """
+    if not isinstance(spec, str):
+        raise ConfigError(
+            f"{what} must be a spec string such as 'name(key=value)'; got {spec!r}", param=what
+        )
+    name, args, kwargs = parse_spec(spec, what=what)
+    if name not in registry:
+        raise unknown_name(what, name, registry)
+    for k, v in (defaults or {}).items():
+        kwargs.setdefault(k, v)
+    try:
+        return call_with_checked_args(
+            registry[name], (*leading, *args), kwargs, what=f"{what} {name!r}"
+        )
+    except ConfigError as e:
+        if e.param == what:
+            raise
+        raise ConfigError(f"in {what} {spec!r}: {e}", param=what) from None

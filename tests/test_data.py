@@ -6,7 +6,15 @@ import jax
 import numpy as np
 import pytest
 
-from jtricks.data import DATASETS, Scaler, epoch_indices, load_dataset, mnist1d, synthetic, train_val_split
+from jtricks.data import (
+    DATASETS,
+    Scaler,
+    epoch_indices,
+    load_dataset,
+    mnist1d,
+    synthetic,
+    train_val_split,
+)
 from jtricks.errors import ConfigError
 
 
@@ -33,10 +41,10 @@ def test_spec_loading_matches_direct_call():
 
 def test_mnist1d_small_generation_is_cached_and_deterministic(tmp_path, monkeypatch):
     monkeypatch.setenv("JTRICKS_CACHE_DIR", str(tmp_path))
-    state = np.random.get_state()
+    state = np.random.get_state()  # noqa: NPY002 - the legacy global state is what we check
     a = mnist1d(num_samples=100, seed=1)
     # the mnist1d package seeds NumPy's global generator; we restore it
-    np.testing.assert_array_equal(np.random.get_state()[1], state[1])
+    np.testing.assert_array_equal(np.random.get_state()[1], state[1])  # noqa: NPY002
     files = list(tmp_path.glob("mnist1d-*.npz"))
     assert len(files) == 1
     b = mnist1d(num_samples=100, seed=1)
@@ -69,7 +77,9 @@ def test_standardize_per_feature_and_constant_feature():
     np.testing.assert_array_equal(out[:, 1], 0.0)  # std 0 is treated as 1
 
 
-@pytest.mark.parametrize(("spec", "low", "high"), [("minmax", 0.0, 1.0), ("minmax(-1, 1)", -1.0, 1.0)])
+@pytest.mark.parametrize(
+    ("spec", "low", "high"), [("minmax", 0.0, 1.0), ("minmax(-1, 1)", -1.0, 1.0)]
+)
 def test_minmax_maps_training_range(tiny_data, spec, low, high):
     x_tr = tiny_data.x_train
     s = Scaler.fit(spec, x_tr)

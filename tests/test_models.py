@@ -37,7 +37,9 @@ def test_cnn_matches_lax_conv_reference(key):
     h = x[..., None]
     for name in ("Conv_0", "Conv_1", "Conv_2"):
         p = params[name]
-        h = jax.lax.conv_general_dilated(h, p["kernel"], (2,), [(1, 1)], dimension_numbers=("NWC", "WIO", "NWC"))
+        h = jax.lax.conv_general_dilated(
+            h, p["kernel"], (2,), [(1, 1)], dimension_numbers=("NWC", "WIO", "NWC")
+        )
         h = jax.nn.relu(h + p["bias"])
     expect = h.reshape(3, -1) @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"]
     np.testing.assert_allclose(model.apply({"params": params}, x), expect, rtol=1e-5, atol=1e-5)
@@ -49,7 +51,10 @@ def test_mlp_paper_shape_and_images(key):
     variables = model.init(key, x)
     assert model.apply(variables, x).shape == (2, 5)
     paper = MLP().init(key, jnp.ones((1, 40)))["params"]
-    assert sum(p.size for p in jax.tree.leaves(paper)) == 40 * 100 + 100 + 100 * 100 + 100 + 100 * 10 + 10
+    assert (
+        sum(p.size for p in jax.tree.leaves(paper))
+        == 40 * 100 + 100 + 100 * 100 + 100 + 100 * 10 + 10
+    )
 
 
 def test_dropout_needs_key_in_training_and_is_off_in_eval(key):

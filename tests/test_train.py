@@ -23,12 +23,16 @@ def state(tiny_data, adam, key):
 
 
 def _leaves_equal(a, b) -> bool:
-    return all(np.array_equal(u, v) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+    return all(
+        np.array_equal(u, v) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
 
 
 def test_tiny_run_learns(state, tiny_data):
     d = tiny_data
-    state, hist = fit(state, (d.x_train, d.y_train), val_data=(d.x_test, d.y_test), batch_size=20, epochs=5)
+    state, hist = fit(
+        state, (d.x_train, d.y_train), val_data=(d.x_test, d.y_test), batch_size=20, epochs=5
+    )
     assert len(hist) == 5 and hist["step"][-1] == 50
     assert hist["val_accuracy"][-1] > 0.9  # chance is 0.25
     assert hist["train_loss"][-1] < hist["train_loss"][0]
@@ -42,7 +46,9 @@ def test_same_seed_gives_identical_metrics(tiny_data, adam):
     runs = []
     for _ in range(2):
         s = create_train_state(MODEL, adam, d.x_train, jax.random.key(3))
-        s, h = fit(s, (d.x_train, d.y_train), val_data=(d.x_test, d.y_test), batch_size=20, epochs=2)
+        s, h = fit(
+            s, (d.x_train, d.y_train), val_data=(d.x_test, d.y_test), batch_size=20, epochs=2
+        )
         runs.append((s, h))
     (s1, h1), (s2, h2) = runs
     assert _leaves_equal(s1.params, s2.params)
@@ -77,7 +83,12 @@ def test_fit_matches_hand_written_loop(tiny_data, adam, key):
 def test_split_fit_calls_equal_one_call(tiny_data, adam, key):
     """Stopping mid-epoch and calling fit again continues the same data order."""
     d = tiny_data
-    whole, _ = fit(create_train_state(MODEL, adam, d.x_train, key), (d.x_train, d.y_train), batch_size=20, steps=25)
+    whole, _ = fit(
+        create_train_state(MODEL, adam, d.x_train, key),
+        (d.x_train, d.y_train),
+        batch_size=20,
+        steps=25,
+    )
     part = create_train_state(MODEL, adam, d.x_train, key)
     part, h1 = fit(part, (d.x_train, d.y_train), batch_size=20, steps=13)
     part, h2 = fit(part, (d.x_train, d.y_train), batch_size=20, steps=12)
@@ -103,9 +114,21 @@ def test_step_metrics_match_formulas(state, tiny_data):
     new, m = jax.jit(make_train_step())(state, (x, y))
     logits = MODEL.apply({"params": state.params}, x)
     logp = jax.nn.log_softmax(logits.astype(jnp.float64) if jax.config.x64_enabled else logits)
-    np.testing.assert_allclose(m["loss"], -np.mean(np.take_along_axis(np.asarray(logp), np.asarray(y)[:, None], 1)), rtol=1e-5)
-    grads = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(MODEL.apply({"params": p}, x), y).mean())(state.params)
-    np.testing.assert_allclose(m["grad_norm"], np.sqrt(sum(float(jnp.sum(g**2)) for g in jax.tree.leaves(grads))), rtol=1e-5)
+    np.testing.assert_allclose(
+        m["loss"],
+        -np.mean(np.take_along_axis(np.asarray(logp), np.asarray(y)[:, None], 1)),
+        rtol=1e-5,
+    )
+    grads = jax.grad(
+        lambda p: optax.softmax_cross_entropy_with_integer_labels(
+            MODEL.apply({"params": p}, x), y
+        ).mean()
+    )(state.params)
+    np.testing.assert_allclose(
+        m["grad_norm"],
+        np.sqrt(sum(float(jnp.sum(g**2)) for g in jax.tree.leaves(grads))),
+        rtol=1e-5,
+    )
     delta = jax.tree.map(lambda a, b: a - b, new.params, state.params)
     np.testing.assert_allclose(m["update_norm"], optax.tree.norm(delta), rtol=1e-4)
 
@@ -123,9 +146,19 @@ def test_evaluate_does_not_depend_on_batch_size(state, tiny_data):
 def test_second_fit_does_not_recompile(tiny_data, adam, key):
     d = tiny_data
     run_epoch, _ = compiled_functions()
-    fit(create_train_state(MODEL, adam, d.x_train, key), (d.x_train, d.y_train), batch_size=40, epochs=1)
+    fit(
+        create_train_state(MODEL, adam, d.x_train, key),
+        (d.x_train, d.y_train),
+        batch_size=40,
+        epochs=1,
+    )
     size = run_epoch._cache_size()
-    fit(create_train_state(MODEL, adam, d.x_train, jax.random.key(5)), (d.x_train, d.y_train), batch_size=40, epochs=2)
+    fit(
+        create_train_state(MODEL, adam, d.x_train, jax.random.key(5)),
+        (d.x_train, d.y_train),
+        batch_size=40,
+        epochs=2,
+    )
     assert run_epoch._cache_size() == size
 
 
@@ -134,7 +167,13 @@ def test_callback_can_stop(state, tiny_data):
         def on_epoch_end(self, record, state):
             return record["epoch"] >= 2
 
-    _, hist = fit(state, (tiny_data.x_train, tiny_data.y_train), batch_size=50, epochs=10, callbacks=[StopAfterTwo()])
+    _, hist = fit(
+        state,
+        (tiny_data.x_train, tiny_data.y_train),
+        batch_size=50,
+        epochs=10,
+        callbacks=[StopAfterTwo()],
+    )
     assert len(hist) == 2
 
 
@@ -164,5 +203,11 @@ def test_fit_rejects_nan_and_bad_labels_before_training(state, tiny_data):
     with pytest.raises(ConfigError, match=r"labels must lie in \[0, 3\]"):
         fit(state, (tiny_data.x_train, y), batch_size=10, epochs=1)
     with pytest.raises(ConfigError, match="validation examples have shape"):
-        fit(state, (tiny_data.x_train, tiny_data.y_train), val_data=(np.zeros((3, 5)), np.zeros(3, np.int32)), batch_size=10, epochs=1)
+        fit(
+            state,
+            (tiny_data.x_train, tiny_data.y_train),
+            val_data=(np.zeros((3, 5)), np.zeros(3, np.int32)),
+            batch_size=10,
+            epochs=1,
+        )
     assert int(state.step) == 0

@@ -1,7 +1,14 @@
 """Datasets (T01, T02): registry, preprocessing fitted on training data, splits, batching."""
 
 from jtricks.data.batching import epoch_indices
-from jtricks.data.datasets import DATASETS, Dataset, load_dataset, mnist1d, synthetic, validate_arrays
+from jtricks.data.datasets import (
+    DATASETS,
+    Dataset,
+    load_dataset,
+    mnist1d,
+    synthetic,
+    validate_arrays,
+)
 from jtricks.data.preprocess import Scaler, train_val_split
 
 __all__ = [

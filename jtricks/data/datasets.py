@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from jtricks.errors import ConfigError, check_int, check_range, unknown_name
-from jtricks.spec import call_with_checked_args, parse_spec
+from jtricks.errors import ConfigError, check_int, check_range
+from jtricks.spec import build_from_registry
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,9 @@ class Dataset:
     num_classes: int
 
     def __post_init__(self) -> None:
-        validate_arrays(self.x_train, self.y_train, self.num_classes, where=f"{self.name} train split")
+        validate_arrays(
+            self.x_train, self.y_train, self.num_classes, where=f"{self.name} train split"
+        )
         validate_arrays(self.x_test, self.y_test, self.num_classes, where=f"{self.name} test split")
         if self.x_train.shape[1:] != self.x_test.shape[1:]:
             raise ConfigError(
@@ -59,7 +61,9 @@ def validate_arrays(x: Any, y: Any, num_classes: int | None, *, where: str) -> N
     """
     x, y = np.asarray(x), np.asarray(y)
     if x.ndim < 2:
-        raise ConfigError(f"{where}: features must have shape (N, ...) with N examples; got shape {x.shape}")
+        raise ConfigError(
+            f"{where}: features must have shape (N, ...) with N examples; got shape {x.shape}"
+        )
     if y.ndim != 1:
         raise ConfigError(f"{where}: labels must have shape (N,); got shape {y.shape}")
     if x.shape[0] != y.shape[0]:
@@ -122,7 +126,9 @@ def mnist1d(num_samples: int = 5000, train_split: float = 0.8, seed: int = 42) -
       Greydanus, "Scaling down deep learning with MNIST-1D", https://arxiv.org/abs/2011.14439
     """
     num_samples = check_int("num_samples", num_samples, low=10)
-    check_range("train_split", train_split, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+    check_range(
+        "train_split", train_split, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False
+    )
     seed = check_int("seed", seed, low=0)
     key = json.dumps({"n": num_samples, "split": train_split, "seed": seed}, sort_keys=True)
     path = cache_dir() / f"mnist1d-{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz"
@@ -138,11 +144,11 @@ def mnist1d(num_samples: int = 5000, train_split: float = 0.8, seed: int = 42) -
 
         args = get_dataset_args()
         args.num_samples, args.train_split, args.seed = num_samples, train_split, seed
-        np_state, py_state = np.random.get_state(), random.getstate()
+        np_state, py_state = np.random.get_state(), random.getstate()  # noqa: NPY002
         try:
             raw = make_dataset(args)
         finally:
-            np.random.set_state(np_state)
+            np.random.set_state(np_state)  # noqa: NPY002
             random.setstate(py_state)
         arrays = {k: np.asarray(raw[k]) for k in ("x", "y", "x_test", "y_test")}
         _atomic_save_npz(path, **arrays)
@@ -200,8 +206,4 @@ def load_dataset(spec: str) -> Dataset:
     Raises:
       ConfigError: for an unknown name (the message lists the valid ones) or a bad argument.
     """
-    name, args, kwargs = parse_spec(spec, what="dataset")
-    if name not in DATASETS:
-        raise unknown_name("dataset", name, DATASETS)
-    return call_with_checked_args(DATASETS[name], args, kwargs, what=f"dataset {name!r}")
-
+    return build_from_registry(spec, DATASETS, what="dataset")

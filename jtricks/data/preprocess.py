@@ -42,24 +42,30 @@ class Scaler:
     def fit(cls, spec: str, x_train: np.ndarray, *, per_feature: bool = False) -> Scaler:
         """Fit the statistics of ``spec`` (``"standardize"``, ``"minmax(-1, 1)"``, ``"none"``)
         on ``x_train`` only."""
-        name, args, kwargs = parse_spec(spec, what="preprocessing")
+        name, args, kwargs = parse_spec(spec, what="preprocess")
         if name not in cls.KINDS:
-            raise unknown_name("preprocessing", name, cls.KINDS)
+            raise unknown_name("preprocessing", name, cls.KINDS, param="preprocess")
         x = np.asarray(x_train, dtype=np.float64)
         axis = 0 if per_feature else None
         if name == "none":
             if args or kwargs:
-                raise ConfigError(f"preprocessing 'none' takes no arguments; got {spec!r}")
+                raise ConfigError(
+                    f"preprocess 'none' takes no arguments; got {spec!r}", param="preprocess"
+                )
             return cls("none", np.zeros(()), np.ones(()))
         if name == "standardize":
             if args or kwargs:
-                raise ConfigError(f"preprocessing 'standardize' takes no arguments; got {spec!r}")
+                raise ConfigError(
+                    f"preprocess 'standardize' takes no arguments; got {spec!r}", param="preprocess"
+                )
             mean, std = x.mean(axis=axis), x.std(axis=axis)
             return cls("standardize", mean, 1.0 / np.where(std > 0, std, 1.0))
         try:
             low, high = _minmax_args(*args, **kwargs)
         except TypeError as e:
-            raise ConfigError(f"bad arguments for preprocessing 'minmax': {e}; valid: low, high") from None
+            raise ConfigError(
+                f"bad arguments for preprocess 'minmax': {e}; valid: low, high", param="preprocess"
+            ) from None
         lo, hi = x.min(axis=axis), x.max(axis=axis)
         span = np.where(hi > lo, hi - lo, 1.0)
         return cls("minmax", lo, (high - low) / span, float(low))
@@ -72,7 +78,9 @@ class Scaler:
 
 def _minmax_args(low: float = 0.0, high: float = 1.0) -> tuple[float, float]:
     if not (float(low) < float(high)):
-        raise ConfigError(f"minmax needs low < high; got low={low!r}, high={high!r}")
+        raise ConfigError(
+            f"minmax needs low < high; got low={low!r}, high={high!r}", param="preprocess"
+        )
     return float(low), float(high)
 
 
@@ -97,7 +105,9 @@ def train_val_split(
     Raises:
       ConfigError: if ``val_fraction`` is not in (0, 1) or a split would be empty.
     """
-    check_range("val_fraction", val_fraction, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+    check_range(
+        "val_fraction", val_fraction, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False
+    )
     x, y = np.asarray(x), np.asarray(y)
     n = len(y)
     rng = np.random.default_rng(seed)

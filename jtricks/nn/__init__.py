@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from jtricks.errors import unknown_name
 from jtricks.nn.models import ACTIVATIONS, CNN1D, MLP, MODELS, get_activation
-from jtricks.spec import call_with_checked_args, parse_spec
+from jtricks.spec import build_from_registry
 
 
 def build_model(spec: str, num_classes: int) -> nn.Module:
@@ -15,11 +14,7 @@ def build_model(spec: str, num_classes: int) -> nn.Module:
     Raises:
       ConfigError: for an unknown name (listing the valid ones) or a bad argument.
     """
-    name, args, kwargs = parse_spec(spec, what="model")
-    if name not in MODELS:
-        raise unknown_name("model", name, MODELS)
-    kwargs.setdefault("num_classes", num_classes)
-    return call_with_checked_args(MODELS[name], args, kwargs, what=f"model {name!r}")
+    return build_from_registry(spec, MODELS, what="model", defaults={"num_classes": num_classes})
 
 
 __all__ = ["ACTIVATIONS", "CNN1D", "MLP", "MODELS", "build_model", "get_activation"]

@@ -119,7 +119,13 @@ class CNN1D(nn.Module):
         if x.ndim == 2:
             x = x[..., None]
         for ch, k, s in zip(self.channels, self.kernel_sizes, self.strides, strict=True):
-            x = nn.Conv(ch, (k,), strides=(s,), padding=[(self.padding, self.padding)], kernel_init=kernel_init)(x)
+            x = nn.Conv(
+                ch,
+                (k,),
+                strides=(s,),
+                padding=[(self.padding, self.padding)],
+                kernel_init=kernel_init,
+            )(x)
             x = act(x)
             if self.dropout > 0:
                 x = nn.Dropout(self.dropout, deterministic=not train)(x)

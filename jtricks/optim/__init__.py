@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import optax
 
-from jtricks.errors import check_range, unknown_name
-from jtricks.spec import call_with_checked_args, parse_spec
+from jtricks.errors import check_range
+from jtricks.spec import build_from_registry
 
 
 def momentum(
@@ -33,21 +33,18 @@ OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
 }
 
 
-def build_optimizer(spec: str, learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformation:
+def build_optimizer(
+    spec: str, learning_rate: optax.ScalarOrSchedule
+) -> optax.GradientTransformation:
     """Build a registered optimizer from a spec such as ``"adam"`` or ``"adam(b1=0.8)"``.
 
     Raises:
       ConfigError: for an unknown name (listing the valid ones), a bad argument,
         or a non-positive float learning rate.
     """
-    name, args, kwargs = parse_spec(spec, what="optimizer")
-    if name not in OPTIMIZERS:
-        raise unknown_name("optimizer", name, OPTIMIZERS)
     if not callable(learning_rate):
         check_range("learning_rate", learning_rate, low=0.0, low_inclusive=False)
-    return call_with_checked_args(
-        OPTIMIZERS[name], (learning_rate, *args), kwargs, what=f"optimizer {name!r}"
-    )
+    return build_from_registry(spec, OPTIMIZERS, what="optimizer", leading=(learning_rate,))
 
 
 __all__ = ["OPTIMIZERS", "build_optimizer", "momentum"]

@@ -16,7 +16,14 @@ from jtricks.data.datasets import validate_arrays
 from jtricks.errors import ConfigError, check_int
 from jtricks.losses import cross_entropy
 from jtricks.train.state import TrainState
-from jtricks.train.steps import LossFn, make_epoch_fn, make_eval_step, make_evaluate_fn, make_train_step, pad_batches
+from jtricks.train.steps import (
+    LossFn,
+    make_epoch_fn,
+    make_eval_step,
+    make_evaluate_fn,
+    make_train_step,
+    pad_batches,
+)
 
 
 class Callback(Protocol):
@@ -127,7 +134,9 @@ def fit(
     batch_size = check_int("batch_size", batch_size, low=1, high=n)
     eval_batch_size = check_int("eval_batch_size", eval_batch_size, low=1)
     if (epochs is None) == (steps is None):
-        raise ConfigError(f"give exactly one of epochs and steps; got epochs={epochs!r}, steps={steps!r}")
+        raise ConfigError(
+            f"give exactly one of epochs and steps; got epochs={epochs!r}, steps={steps!r}"
+        )
     steps_per_epoch = n // batch_size
     if steps is None:
         total_steps = check_int("epochs", epochs, low=1) * steps_per_epoch
@@ -166,7 +175,12 @@ def fit(
             record: dict[str, Any] = {"epoch": epoch + 1, "step": step + num_steps}
             record.update({f"train_{k}": float(v) for k, v in metrics.items()})
             if val_batches is not None:
-                record.update({f"val_{k}": float(v) for k, v in jax.device_get(evaluate(state, *val_batches)).items()})
+                record.update(
+                    {
+                        f"val_{k}": float(v)
+                        for k, v in jax.device_get(evaluate(state, *val_batches)).items()
+                    }
+                )
             record["steps_per_s"] = num_steps / dt
             record["elapsed_s"] = time.perf_counter() - t0
             history.records.append(record)
@@ -192,5 +206,7 @@ def evaluate(
     validate_arrays(x, y, _num_outputs(state, x) if x.ndim >= 2 else None, where="evaluation data")
     batch_size = check_int("batch_size", batch_size, low=1)
     _, evaluate_fn = compiled_functions(loss_fn)
-    return {k: float(v) for k, v in jax.device_get(evaluate_fn(state, *pad_batches(x, y, batch_size))).items()}
-
+    return {
+        k: float(v)
+        for k, v in jax.device_get(evaluate_fn(state, *pad_batches(x, y, batch_size))).items()
+    }

@@ -6,12 +6,23 @@ import sys
 from typing import Any, TextIO
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 
 def format_record(record: dict[str, Any]) -> str:
     """One line per epoch: train loss, validation loss and accuracy, steps/s."""
-    parts = [f"epoch {record['epoch']:>3}", f"step {record['step']:>6}", f"train_loss {record['train_loss']:.4f}"]
+    parts = [
+        f"epoch {record['epoch']:>3}",
+        f"step {record['step']:>6}",
+        f"train_loss {record['train_loss']:.4f}",
+    ]
     if "val_loss" in record:
         parts += [f"val_loss {record['val_loss']:.4f}", f"val_acc {record['val_accuracy']:.4f}"]
     parts.append(f"steps/s {record['steps_per_s']:,.0f}")

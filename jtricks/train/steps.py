@@ -33,7 +33,9 @@ def _apply(state: TrainState, params: Any, x: jax.Array, *, train: bool, key: ja
     return state.apply_fn(variables, x, train=train, rngs=rngs), state.batch_stats
 
 
-def make_train_step(loss_fn: LossFn = cross_entropy) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+def make_train_step(
+    loss_fn: LossFn = cross_entropy,
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Build ``train_step(state, (x, y)) -> (state, metrics)``.
 
     One step: forward in training mode with dropout key ``fold_in(state.key, state.step)``,
@@ -54,7 +56,9 @@ def make_train_step(loss_fn: LossFn = cross_entropy) -> Callable[[TrainState, Ba
             logits, batch_stats = _apply(state, params, x, train=True, key=dropout_key)
             return jnp.mean(loss_fn(logits, y)), (logits, batch_stats)
 
-        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(
+            state.params
+        )
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
@@ -72,7 +76,9 @@ def make_train_step(loss_fn: LossFn = cross_entropy) -> Callable[[TrainState, Ba
     return train_step
 
 
-def make_eval_step(loss_fn: LossFn = cross_entropy) -> Callable[[TrainState, Batch, jax.Array], Metrics]:
+def make_eval_step(
+    loss_fn: LossFn = cross_entropy,
+) -> Callable[[TrainState, Batch, jax.Array], Metrics]:
     """Build ``eval_step(state, (x, y), weight) -> sums``: evaluation mode (running
     BatchNorm statistics, no dropout), returning weighted sums ``loss_sum``,
     ``correct`` and ``count`` so that padded batches average exactly."""
@@ -126,7 +132,10 @@ def make_evaluate_fn(eval_step: Callable[[TrainState, Batch, jax.Array], Metrics
 
         zero = {"loss_sum": jnp.zeros(()), "correct": jnp.zeros(()), "count": jnp.zeros(())}
         sums, _ = jax.lax.scan(body, zero, (xb, yb, wb))
-        return {"loss": sums["loss_sum"] / sums["count"], "accuracy": sums["correct"] / sums["count"]}
+        return {
+            "loss": sums["loss_sum"] / sums["count"],
+            "accuracy": sums["correct"] / sums["count"],
+        }
 
     return evaluate
 

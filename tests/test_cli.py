@@ -1,0 +1,149 @@
+"""The `jtricks train` command and the public `jtricks.train` function: run folder, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jtricks
+from jtricks.cli import main
+from jtricks.errors import ConfigError
+
+TINY = [
+    "--dataset",
+    "synthetic(num_train=120, num_test=60, shape=(8,), num_classes=3, noise=0.3)",
+    "--model",
+    "mlp(features=(8,))",
+]
+
+
+def test_train_writes_run_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "3", "--batch-size", "20", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "epoch   3" in printed and "test_accuracy" in printed
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "curves.png",
+        "metrics.jsonl",
+        "summary.json",
+    ]
+    config = json.loads((out / "config.json").read_text())
+    assert config["config"]["epochs"] == 3 and config["environment"]["platform"] == "cpu"
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3]
+    assert {"train_loss", "val_loss", "val_accuracy", "steps_per_s"} <= set(lines[0])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_accuracy"] > 0.6  # 3 classes: chance is 1/3
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the CLI and the Python function give the same run
+    result = jtricks.train(dataset=TINY[1], model=TINY[3], epochs=3, batch_size=20)
+    np.testing.assert_allclose(result.test["accuracy"], summary["test_accuracy"])
+    np.testing.assert_allclose(result.history["val_loss"], [r["val_loss"] for r in lines])
+
+
+def test_existing_run_folder_is_never_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("precious\n")
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == "precious\n"
+
+
+BAD = [
+    (["--dataset", "imagenet"], "--dataset", "mnist1d, synthetic"),
+    (["--model", "vgg"], "--model", "cnn, mlp"),
+    (
+        ["--optimizer", "lion"],
+        "--optimizer",
+        "adadelta, adagrad, adam, adamw, momentum, rmsprop, sgd",
+    ),
+    (["--optimizer", "adam(beta=0.9)"], "--optimizer", "valid arguments are"),
+    (["--lr", "0"], "--lr", "learning_rate"),
+    (["--lr", "-0.1"], "--lr", "learning_rate"),
+    (["--lr", "nan"], "--lr", "learning_rate"),
+    (["--batch-size", "0"], "--batch-size", "batch_size"),
+    (["--batch-size", "1000"], "--batch-size", "<= 108 (the training split)"),
+    (["--epochs", "0"], "--epochs", "epochs"),
+    (["--steps", "-5"], "--steps", "steps"),
+    (["--val-fraction", "0"], "--val-fraction", "val_fraction"),
+    (["--val-fraction", "1"], "--val-fraction", "val_fraction"),
+    (["--val-fraction", "1.5"], "--val-fraction", "val_fraction"),
+    (["--preprocess", "whiten"], "--preprocess", "minmax, none, standardize"),
+    (["--seed", "-1"], "--seed", "seed"),
+    (["--eval-batch-size", "0"], "--eval-batch-size", "eval_batch_size"),
+    (["--dataset", "synthetic(noise=-1)"], "--dataset", "noise"),
+    (["--dataset", "synthetic(shape=(0, 3))"], "--dataset", "shape"),
+    (["--model", "mlp(dropout=1.5)"], "--model", "dropout"),
+    (["--model", "mlp(features=(8,)"], "--model", "cannot parse"),
+]
+
+
+@pytest.mark.parametrize(("args", "flag", "listed"), BAD, ids=[" ".join(a) for a, _, _ in BAD])
+def test_bad_cli_input_exits_2_with_message(tmp_path, capsys, args, flag, listed):
+    out = tmp_path / "run"
+    base = (
+        TINY
+        if not any(a in ("--dataset", "--model") for a in args)
+        else [
+            a
+            for pair in zip(TINY[::2], TINY[1::2], strict=True)
+            if pair[0] not in args
+            for a in pair
+        ]
+    )
+    length = [] if any(a in ("--epochs", "--steps") for a in args) else ["--epochs", "1"]
+    status = main(["train", *base, *length, *args, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.startswith("jtricks train: error: ")
+    assert flag in err and listed in err
+    assert "Traceback" not in err
+    assert not out.exists()  # nothing half-written
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--epochs", "1", "--steps", "2"], ["--lr", "abc"], ["--batch-size", "2.5"], ["--frobnicate"]],
+)
+def test_argparse_errors_exit_2(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", *args])
+    assert e.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_console_script_exit_status_and_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jtricks.cli",
+            "train",
+            "--model",
+            "resnet999",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "unknown model 'resnet999'; valid models are: cnn, mlp" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_python_api_errors():
+    with pytest.raises(ConfigError, match="unknown config key"):
+        jtricks.train(learning_rat=0.1)
+    with pytest.raises(ConfigError, match="epochs or steps, not both"):
+        jtricks.train(epochs=1, steps=1)
+    with pytest.raises(ConfigError, match="unknown config key"):
+        jtricks.TrainConfig.from_dict({"model": "mlp", "layers": 3})
+    assert jtricks.TrainConfig.from_dict({"model": "mlp"}).model == "mlp"
