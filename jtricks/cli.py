@@ -70,7 +70,10 @@ def _build_parser() -> argparse.ArgumentParser:
     length = t.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, default=None, help="number of epochs")
     length.add_argument(
-        "--steps", type=int, default=None, help="number of optimizer steps (default 3000)"
+        "--steps",
+        type=int,
+        default=None,
+        help="number of optimizer steps (default 6000, the paper's)",
     )
     t.add_argument(
         "--val-fraction",
@@ -89,7 +92,12 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--out", default=None, help="run folder (default runs/train-<time>); must be new or empty"
     )
-    t.add_argument("--log-every", type=int, default=1, help="print a line every N epochs")
+    t.add_argument(
+        "--log-every",
+        type=int,
+        default=10,
+        help="print a line every N epochs (and the first and last)",
+    )
     t.add_argument(
         "--no-progress",
         dest="progress",

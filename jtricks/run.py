@@ -28,7 +28,7 @@ class TrainConfig:
     """Everything that defines a run; saved as ``config.json`` in the run folder.
 
     The defaults are the MNIST-1D paper's CNN setting: Adam, learning rate 1e-2,
-    batch 100. Give ``epochs`` or ``steps`` (not both); with neither, ``steps=3000``.
+    batch 100. Give ``epochs`` or ``steps`` (not both); with neither, ``steps=6000`` (the paper's).
     ``val_fraction`` of the training split (stratified by class unless
     ``stratify=False``) is held out for validation; ``preprocess`` is fitted on
     the remaining training examples only.
@@ -47,7 +47,7 @@ class TrainConfig:
     seed: int = 0
     eval_batch_size: int = 1000
 
-    DEFAULT_STEPS = 3000
+    DEFAULT_STEPS = 6000
 
     def validate(self) -> None:
         """Check every number and type; names are checked when they are built.

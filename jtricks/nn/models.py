@@ -36,6 +36,18 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
     return ACTIVATIONS[name]
 
 
+def _bias_init(initializer: str, fan_in: int):
+    """Biases start at 0, except for ``"uniform"`` (PyTorch's default): U(±1/sqrt(fan_in))."""
+    if initializer != "uniform":
+        return nn.initializers.zeros
+    bound = 1.0 / fan_in**0.5
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
 def _check_common(num_classes: int, dropout: float, activation: str, init: str) -> None:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"num_classes must be a positive integer; got {num_classes!r}")
@@ -54,8 +66,9 @@ class MLP(nn.Module):
       features: hidden widths, one per layer.
       activation: name in `ACTIVATIONS`.
       dropout: drop probability after each hidden activation (0 disables).
-      initializer: weight initialiser name (`jtricks.nn.initializers`); biases start at 0.
-        The default ``"uniform"`` is PyTorch's, as in the paper.
+      initializer: weight initialiser name (`jtricks.nn.initializers`). The default
+        ``"uniform"`` is PyTorch's, as in the paper, and then biases are
+        U(±1/sqrt(fan_in)) too; with any other initialiser biases start at 0.
     """
 
     num_classes: int = 10
@@ -76,10 +89,20 @@ class MLP(nn.Module):
         kernel_init = get_initializer(self.initializer)
         x = x.reshape((x.shape[0], -1))
         for width in self.features:
-            x = act(nn.Dense(width, kernel_init=kernel_init)(x))
+            x = act(
+                nn.Dense(
+                    width,
+                    kernel_init=kernel_init,
+                    bias_init=_bias_init(self.initializer, x.shape[-1]),
+                )(x)
+            )
             if self.dropout > 0:
                 x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return nn.Dense(self.num_classes, kernel_init=kernel_init)(x)
+        return nn.Dense(
+            self.num_classes,
+            kernel_init=kernel_init,
+            bias_init=_bias_init(self.initializer, x.shape[-1]),
+        )(x)
 
 
 class CNN1D(nn.Module):
@@ -88,7 +111,8 @@ class CNN1D(nn.Module):
     Defaults: 25 channels each, kernels 5/3/3, stride 2, padding 1, ReLU, as in the
     paper's reference notebook; on length-40 inputs the feature maps have length
     19, 10 and 5. Weights start from ``initializer`` (default ``"uniform"``, PyTorch's
-    default and so the paper's); biases start at 0. Input ``(N, L)`` is read as one channel; ``(N, L, C)`` as C channels.
+    default and so the paper's, with biases U(±1/sqrt(fan_in)); other
+    initialisers start biases at 0). Input ``(N, L)`` is read as one channel; ``(N, L, C)`` as C channels.
 
     References:
       Greydanus, "Scaling down deep learning with MNIST-1D", https://arxiv.org/abs/2011.14439
@@ -125,12 +149,17 @@ class CNN1D(nn.Module):
                 strides=(s,),
                 padding=[(self.padding, self.padding)],
                 kernel_init=kernel_init,
+                bias_init=_bias_init(self.initializer, k * x.shape[-1]),
             )(x)
             x = act(x)
             if self.dropout > 0:
                 x = nn.Dropout(self.dropout, deterministic=not train)(x)
         x = x.reshape((x.shape[0], -1))
-        return nn.Dense(self.num_classes, kernel_init=kernel_init)(x)
+        return nn.Dense(
+            self.num_classes,
+            kernel_init=kernel_init,
+            bias_init=_bias_init(self.initializer, x.shape[-1]),
+        )(x)
 
 
 MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN1D}

@@ -62,10 +62,12 @@ class History:
 
 
 @functools.cache
-def compiled_functions(loss_fn: LossFn = cross_entropy):
+def compiled_functions(loss_fn: LossFn = cross_entropy, norms: bool = True):
     """The jitted ``(run_epoch, evaluate)`` pair for a loss; cached so repeated `fit` calls
     with the same loss, model and optimizer objects compile once."""
-    return make_epoch_fn(make_train_step(loss_fn)), make_evaluate_fn(make_eval_step(loss_fn))
+    return make_epoch_fn(make_train_step(loss_fn, norms=norms)), make_evaluate_fn(
+        make_eval_step(loss_fn)
+    )
 
 
 def _num_outputs(state: TrainState, x: np.ndarray) -> int:
@@ -89,6 +91,7 @@ def fit(
     eval_batch_size: int = 1000,
     callbacks: Sequence[Callback] = (),
     reporter: Any = None,
+    norms: bool = True,
 ) -> tuple[TrainState, History]:
     """Train ``state`` on ``train_data`` for ``epochs`` epochs or ``steps`` optimizer steps.
 
@@ -112,6 +115,7 @@ def fit(
       eval_batch_size: batch size for evaluation (results do not depend on it).
       callbacks: objects with ``on_epoch_end(record, state)``; ``True`` stops training.
       reporter: optional progress reporter (see `jtricks.train.progress.RichReporter`).
+      norms: log the epoch means of the gradient, update and parameter norms.
 
     Returns:
       ``(final_state, history)``.
@@ -145,7 +149,7 @@ def fit(
     if data_key is None:
         data_key = jax.random.fold_in(state.key, 1)
 
-    run_epoch, evaluate = compiled_functions(loss_fn)
+    run_epoch, evaluate = compiled_functions(loss_fn, norms)
     x_dev, y_dev = jnp.asarray(x), jnp.asarray(y)
     val_batches = pad_batches(*val_data, eval_batch_size) if val_data is not None else None
     history = History()

@@ -32,7 +32,7 @@ def format_record(record: dict[str, Any]) -> str:
 class RichReporter:
     """Shows a progress bar over all steps and prints `format_record` after each epoch.
 
-    With ``every=k`` only every k-th epoch (and the last) is printed. On a
+    With ``every=k`` only the first, every k-th and the last epoch are printed. On a
     terminal the bar redraws in place; elsewhere (CI, files) only the lines appear.
     """
 
@@ -58,7 +58,7 @@ class RichReporter:
         self._task = self._progress.add_task("train", total=total_steps, completed=done)
 
     def epoch_end(self, record: dict[str, Any], *, done: int) -> None:
-        if record["epoch"] % self.every == 0 or done >= self._total:
+        if record["epoch"] == 1 or record["epoch"] % self.every == 0 or done >= self._total:
             self.console.print(format_record(record), soft_wrap=True)
         if self._progress is not None:
             self._progress.update(self._task, completed=done)

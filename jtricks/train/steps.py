@@ -34,18 +34,20 @@ def _apply(state: TrainState, params: Any, x: jax.Array, *, train: bool, key: ja
 
 
 def make_train_step(
-    loss_fn: LossFn = cross_entropy,
+    loss_fn: LossFn = cross_entropy, *, norms: bool = True
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Build ``train_step(state, (x, y)) -> (state, metrics)``.
 
     One step: forward in training mode with dropout key ``fold_in(state.key, state.step)``,
     mean loss, gradient, optax update, new BatchNorm statistics. Metrics are
-    the batch's ``loss`` and ``accuracy`` and the global L2 norms
-    ``grad_norm``, ``update_norm`` and ``param_norm`` (cheap under jit, and
-    they explain most failures).
+    the batch's ``loss`` and ``accuracy`` and, with ``norms=True``, the global
+    L2 norms ``grad_norm``, ``update_norm`` and ``param_norm`` (they explain
+    most failures; on a tiny model on CPU they can cost ~25% of a step, so
+    they can be switched off).
 
     Args:
       loss_fn: per-example loss ``(logits, labels) -> (N,)``.
+      norms: also return the gradient, update and parameter norms.
     """
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
@@ -61,13 +63,11 @@ def make_train_step(
         )
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {
-            "loss": loss,
-            "accuracy": jnp.mean(accuracy(logits, y)),
-            "grad_norm": optax.tree.norm(grads),
-            "update_norm": optax.tree.norm(updates),
-            "param_norm": optax.tree.norm(params),
-        }
+        metrics = {"loss": loss, "accuracy": jnp.mean(accuracy(logits, y))}
+        if norms:
+            metrics["grad_norm"] = optax.tree.norm(grads)
+            metrics["update_norm"] = optax.tree.norm(updates)
+            metrics["param_norm"] = optax.tree.norm(params)
         new_state = state.replace(
             step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats
         )

@@ -1,0 +1,148 @@
+"""Steps/s of `jtricks.fit` against a hand-written `lax.scan` loop, in one run.
+
+Both train the same model (default: the MNIST-1D paper's CNN) with the same
+optax Adam and the same shuffled batches (gathered on device from the same
+index arrays), one compiled scan per epoch. `fit` additionally evaluates the
+validation split after every epoch, logs the per-step norms, and returns
+its history: that is the overhead measured here. Compilation is excluded
+(one warm-up call each); each repeat times ``--epochs`` epochs; medians over
+``--repeats``. Runs alternate between the two so drift hits both alike.
+
+    python benchmarks/bench_fit.py                 # CPU, CNN
+    python benchmarks/bench_fit.py --model mlp --json-out results.json
+
+Prints JSON (one object) then a short table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jtricks.data import Scaler, epoch_indices, load_dataset, train_val_split
+from jtricks.nn import build_model
+from jtricks.run import environment
+from jtricks.train import create_train_state, fit
+
+
+def hand_written(model, tx, x, y, batch_size: int, data_key):
+    """The loop a user would write by hand: loss, grad, optax update, scanned over one epoch."""
+    steps = x.shape[0] // batch_size
+
+    def loss_fn(params, xb, yb):
+        logits = model.apply({"params": params}, xb, train=True)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+    def step(carry, i):
+        params, opt_state = carry
+        loss, grads = jax.value_and_grad(loss_fn)(params, x[i], y[i])
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss
+
+    @partial(jax.jit, donate_argnums=0)
+    def epoch(carry, key):
+        idx = epoch_indices(key, x.shape[0], batch_size, steps)
+        return jax.lax.scan(step, carry, idx)
+
+    def run(params, opt_state, first_epoch: int, epochs: int):
+        carry = (params, opt_state)
+        for e in range(first_epoch, first_epoch + epochs):
+            carry, _ = epoch(carry, jax.random.fold_in(data_key, e))
+        jax.block_until_ready(carry)
+        return carry
+
+    return run, steps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="cnn")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--epochs", type=int, default=10, help="epochs per timed repeat")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument(
+        "--no-norms", dest="norms", action="store_false", help="fit without per-step norm metrics"
+    )
+    p.add_argument("--json-out", default=None)
+    args = p.parse_args()
+
+    data = load_dataset("mnist1d")
+    x_tr, y_tr, x_val, y_val = train_val_split(
+        data.x_train, data.y_train, 0.1, seed=0, stratify=True
+    )
+    scaler = Scaler.fit("standardize", x_tr)
+    x_tr, x_val = scaler(x_tr), scaler(x_val)
+    model = build_model(args.model, 10)
+    tx = optax.adam(1e-2)
+    key = jax.random.key(0)
+    data_key = jax.random.key(1)
+
+    state = create_train_state(model, tx, x_tr, key)
+    run_hand, steps_per_epoch = hand_written(
+        model, tx, jnp.asarray(x_tr), jnp.asarray(y_tr), args.batch_size, data_key
+    )
+    steps = args.epochs * steps_per_epoch
+
+    def time_fit() -> float:
+        s = create_train_state(model, tx, x_tr, key)
+        t = time.perf_counter()
+        s, _ = fit(
+            s,
+            (x_tr, y_tr),
+            val_data=(x_val, y_val),
+            batch_size=args.batch_size,
+            epochs=args.epochs,
+            data_key=data_key,
+            norms=args.norms,
+        )
+        jax.block_until_ready(s)
+        return time.perf_counter() - t
+
+    def time_hand() -> float:
+        params = jax.tree.map(jnp.copy, state.params)
+        t = time.perf_counter()
+        run_hand(params, tx.init(params), 0, args.epochs)
+        return time.perf_counter() - t
+
+    time_fit(), time_hand()  # compile both
+    fit_times, hand_times = [], []
+    for _ in range(args.repeats):
+        fit_times.append(time_fit())
+        hand_times.append(time_hand())
+    fit_sps = steps / statistics.median(fit_times)
+    hand_sps = steps / statistics.median(hand_times)
+    result = {
+        "benchmark": "bench_fit",
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "fit_norms": args.norms,
+        "steps_per_repeat": steps,
+        "repeats": args.repeats,
+        "fit_steps_per_s_median": fit_sps,
+        "hand_scan_steps_per_s_median": hand_sps,
+        "ratio_fit_over_hand": fit_sps / hand_sps,
+        "fit_times_s": fit_times,
+        "hand_times_s": hand_times,
+        "environment": environment(),
+    }
+    print(json.dumps(result))
+    print(f"\n{'loop':<22}{'steps/s (median)':>18}")
+    print(f"{'hand-written scan':<22}{hand_sps:>18,.0f}")
+    print(f"{'jtricks.fit':<22}{fit_sps:>18,.0f}")
+    print(
+        f"ratio fit / hand = {fit_sps / hand_sps:.3f}   device: {result['environment']['device_kind']}"
+    )
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
