@@ -20,6 +20,7 @@ FLAGS = {
     "model": "--model",
     "optimizer": "--optimizer",
     "learning_rate": "--lr",
+    "schedule": "--schedule",
     "batch_size": "--batch-size",
     "epochs": "--epochs",
     "steps": "--steps",
@@ -65,6 +66,13 @@ def _build_parser() -> argparse.ArgumentParser:
         type=float,
         default=1e-2,
         help="learning rate",
+    )
+    t.add_argument(
+        "--schedule",
+        default="constant",
+        help="learning-rate schedule (durations in epochs): constant, per_epoch(factor=0.98), exponential(rate=0.05), "
+        "step(epochs=(30, 60), factor=0.1), warmup(epochs=1), warmup_cosine(warmup_epochs=1), cosine, one_cycle, "
+        "plateau(factor=0.5, patience=5)",
     )
     t.add_argument("--batch-size", type=int, default=100)
     length = t.add_mutually_exclusive_group()
@@ -116,6 +124,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         model=args.model,
         optimizer=args.optimizer,
         learning_rate=args.learning_rate,
+        schedule=args.schedule,
         batch_size=args.batch_size,
         epochs=args.epochs,
         steps=args.steps,

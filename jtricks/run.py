@@ -19,8 +19,9 @@ import numpy as np
 from jtricks.data import Scaler, load_dataset, train_val_split
 from jtricks.errors import ConfigError, check_int, check_range
 from jtricks.nn import build_model
-from jtricks.optim import build_optimizer
-from jtricks.train import History, TrainState, create_train_state, evaluate, fit
+from jtricks.optim import build_optimizer, build_schedule
+from jtricks.optim.schedules import Plateau
+from jtricks.train import History, ReduceLROnPlateau, TrainState, create_train_state, evaluate, fit
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,9 @@ class TrainConfig:
     """Everything that defines a run; saved as ``config.json`` in the run folder.
 
     The defaults are the MNIST-1D paper's CNN setting: Adam, learning rate 1e-2,
-    batch 100. Give ``epochs`` or ``steps`` (not both); with neither, ``steps=6000`` (the paper's).
+    batch 100. ``optimizer`` is a pipeline spec (string, dict or list, see
+    `jtricks.optim.build_optimizer`); ``schedule`` a schedule spec with durations
+    in epochs (see `jtricks.optim.build_schedule`). Give ``epochs`` or ``steps`` (not both); with neither, ``steps=6000`` (the paper's).
     ``val_fraction`` of the training split (stratified by class unless
     ``stratify=False``) is held out for validation; ``preprocess`` is fitted on
     the remaining training examples only.
@@ -36,8 +39,9 @@ class TrainConfig:
 
     dataset: str = "mnist1d"
     model: str = "cnn"
-    optimizer: str = "adam"
+    optimizer: Any = "adam"
     learning_rate: float = 1e-2
+    schedule: str = "constant"
     batch_size: int = 100
     epochs: int | None = None
     steps: int | None = None
@@ -55,7 +59,7 @@ class TrainConfig:
         Raises:
           ConfigError: naming the field, its value and the allowed range.
         """
-        for name in ("dataset", "model", "optimizer", "preprocess"):
+        for name in ("dataset", "model", "preprocess", "schedule"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(
                     f"{name} must be a string; got {getattr(self, name)!r}", param=name
@@ -259,7 +263,6 @@ def train(
 
     data = load_dataset(config.dataset)
     model = build_model(config.model, data.num_classes)
-    tx = build_optimizer(config.optimizer, config.learning_rate)
     x_tr, y_tr, x_val, y_val = train_val_split(
         data.x_train, data.y_train, config.val_fraction, seed=config.seed, stratify=config.stratify
     )
@@ -275,9 +278,38 @@ def train(
     epochs, steps = config.epochs, config.steps
     if epochs is None and steps is None:
         steps = TrainConfig.DEFAULT_STEPS
+    steps_per_epoch = len(y_tr) // config.batch_size
+    total_steps = steps if steps is not None else epochs * steps_per_epoch
+    # validates the spec; reduce-on-plateau is a callback on a constant base rate
+    plateau = build_schedule(
+        config.schedule, 1.0, steps_per_epoch=steps_per_epoch, total_steps=total_steps
+    )
+    is_plateau = isinstance(plateau, Plateau)
+
+    def schedule(base_lr: float):
+        if is_plateau:
+            return base_lr
+        return build_schedule(
+            config.schedule, base_lr, steps_per_epoch=steps_per_epoch, total_steps=total_steps
+        )
+
+    tx = build_optimizer(
+        config.optimizer, config.learning_rate, schedule=schedule, plateau=is_plateau
+    )
 
     run_dir = None
-    callbacks = []
+    callbacks: list[Any] = []
+    if is_plateau:
+        callbacks.append(
+            ReduceLROnPlateau(
+                plateau.factor,
+                plateau.patience,
+                plateau.min_delta,
+                monitor=plateau.monitor,
+                mode=plateau.mode,
+                min_scale=plateau.min_scale,
+            )
+        )
     if out is not None:
         run_dir = _prepare_out(out)
         write_json(

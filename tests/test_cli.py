@@ -46,6 +46,98 @@ def test_train_writes_run_folder(tmp_path, capsys):
     np.testing.assert_allclose(result.history["val_loss"], [r["val_loss"] for r in lines])
 
 
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        "sgd(lr=0.5) | clip_global_norm(1.0) | l2(1e-4)",
+        "momentum(form='damped', nesterov=True) | clip_per_leaf_norm(1.0) | weight_decay(1e-3)",
+        "adagrad | clip_by_value(0.5) | elastic_net(1e-4, 0.5)",
+        "normalized_sgd | l1(1e-4, form='proximal')",
+        "rmsprop(centered=True, momentum=0.5) | clip_global_norm_unit(2.0) | l1(1e-5)",
+        "adamw(weight_decay=1e-3)",
+        "adadelta(lr=1.0)",
+    ],
+)
+def test_every_optimizer_and_transform_from_the_cli(tmp_path, optimizer):
+    out = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                *TINY,
+                "--epochs",
+                "2",
+                "--batch-size",
+                "20",
+                "--lr",
+                "0.05",
+                "--optimizer",
+                optimizer,
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["train_loss"]) for r in lines)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "check"),
+    [
+        ("per_epoch(factor=0.5)", lambda lr: np.allclose(lr, [0.05, 0.025, 0.0125], rtol=1e-5)),
+        (
+            "step(epochs=(2,), factor=0.1)",
+            lambda lr: np.allclose(lr, [0.05, 0.05, 0.005], rtol=1e-5),
+        ),
+        ("cosine", lambda lr: lr[0] > lr[1] > lr[2] > 0),
+        ("warmup(epochs=2)", lambda lr: lr[0] < lr[1] < lr[2] == pytest.approx(0.05)),
+    ],
+)
+def test_schedules_from_the_cli(tmp_path, schedule, check):
+    out = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                *TINY,
+                "--epochs",
+                "3",
+                "--batch-size",
+                "20",
+                "--lr",
+                "0.05",
+                "--schedule",
+                schedule,
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    lr = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert check(np.array(lr)), lr
+
+
+def test_reduce_on_plateau_lowers_the_learning_rate():
+    # a learning rate far too large for SGD: the validation loss stalls, the plateau callback halves the rate
+    result = jtricks.train(
+        dataset=TINY[1],
+        model=TINY[3],
+        optimizer="sgd",
+        learning_rate=5.0,
+        epochs=8,
+        batch_size=20,
+        schedule="plateau(factor=0.5, patience=1, min_scale=0.01)",
+    )
+    lr = result.history["lr"]
+    assert lr[0] == pytest.approx(5.0) and lr[-1] < lr[0]
+    assert set(np.round(lr / 5.0, 6)) <= {1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625, 0.01}
+
+
 def test_existing_run_folder_is_never_overwritten(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
@@ -61,9 +153,15 @@ BAD = [
     (
         ["--optimizer", "lion"],
         "--optimizer",
-        "adadelta, adagrad, adam, adamw, momentum, rmsprop, sgd",
+        "adadelta, adagrad, adam, adamw, momentum, normalized_sgd, rmsprop, sgd",
     ),
     (["--optimizer", "adam(beta=0.9)"], "--optimizer", "valid arguments are"),
+    (["--optimizer", "adam | clip(1)"], "--optimizer", "valid transforms are: clip_by_value"),
+    (["--optimizer", "adam | sgd"], "--optimizer", "exactly one optimizer"),
+    (["--optimizer", "momentum(gamma=1.5)"], "--optimizer", "gamma"),
+    (["--schedule", "linear"], "--schedule", "valid schedules are: constant, cosine, exponential"),
+    (["--schedule", "step(epochs=(1, 2), factor=-1)"], "--schedule", "factor"),
+    (["--schedule", "plateau(monitor='val_f1')"], "--schedule", "monitor"),
     (["--lr", "0"], "--lr", "learning_rate"),
     (["--lr", "-0.1"], "--lr", "learning_rate"),
     (["--lr", "nan"], "--lr", "learning_rate"),

@@ -1,50 +1,70 @@
-"""Optimizers by name, as optax `GradientTransformation`s.
+"""Optimizers, gradient transforms and schedules in optax's protocol (T07, T12-T19).
 
-For now the registry maps names onto optax's own optimizers; every entry takes
-the learning rate first. A spec may override keyword arguments, e.g.
-``"adam(b1=0.8)"`` or ``"momentum(momentum=0.95, nesterov=True)"``.
+* `alias`: named optimizers (`sgd`, `momentum`, `adagrad`, `normalized_sgd`, `rmsprop`,
+  `adam`, `adamw`, `adadelta`), each a chain ending in a learning-rate scale.
+* `transforms`: the building blocks (momentum forms, clipping variants, penalties).
+* `schedules`: learning-rate schedules.
+* `pipeline`: `build_optimizer` from a spec such as ``"adam(lr=1e-3) | clip_global_norm(1.0) | l2(1e-4)"``.
 """
 
-from __future__ import annotations
+from jtricks.optim.alias import (
+    adadelta,
+    adagrad,
+    adam,
+    adamw,
+    momentum,
+    normalized_sgd,
+    rmsprop,
+    sgd,
+)
+from jtricks.optim.pipeline import OPTIMIZERS, TRANSFORMS, build_optimizer, current_learning_rate
+from jtricks.optim.schedules import SCHEDULE_NAMES, build_schedule
+from jtricks.optim.transforms import (
+    clip_by_value,
+    clip_global_norm,
+    clip_global_norm_unit,
+    clip_per_leaf_norm,
+    decoupled_weight_decay,
+    elastic_net,
+    l1,
+    l1_prox,
+    l2,
+    momentum_chain,
+    normalize_by_global_norm,
+    scale_by_adagrad,
+    scale_by_damped_momentum,
+    scale_by_plateau,
+    weights_mask,
+)
 
-from collections.abc import Callable
-
-import optax
-
-from jtricks.errors import check_range
-from jtricks.spec import build_from_registry
-
-
-def momentum(
-    learning_rate: optax.ScalarOrSchedule, momentum: float = 0.9, *, nesterov: bool = False
-) -> optax.GradientTransformation:
-    """Heavy-ball SGD, ``v <- gamma v + g ; w <- w - eta v`` (optax.sgd with momentum)."""
-    return optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov)
-
-
-OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
-    "sgd": optax.sgd,
-    "momentum": momentum,
-    "adam": optax.adam,
-    "adamw": optax.adamw,
-    "rmsprop": optax.rmsprop,
-    "adagrad": optax.adagrad,
-    "adadelta": optax.adadelta,
-}
-
-
-def build_optimizer(
-    spec: str, learning_rate: optax.ScalarOrSchedule
-) -> optax.GradientTransformation:
-    """Build a registered optimizer from a spec such as ``"adam"`` or ``"adam(b1=0.8)"``.
-
-    Raises:
-      ConfigError: for an unknown name (listing the valid ones), a bad argument,
-        or a non-positive float learning rate.
-    """
-    if not callable(learning_rate):
-        check_range("learning_rate", learning_rate, low=0.0, low_inclusive=False)
-    return build_from_registry(spec, OPTIMIZERS, what="optimizer", leading=(learning_rate,))
-
-
-__all__ = ["OPTIMIZERS", "build_optimizer", "momentum"]
+__all__ = [
+    "OPTIMIZERS",
+    "SCHEDULE_NAMES",
+    "TRANSFORMS",
+    "adadelta",
+    "adagrad",
+    "adam",
+    "adamw",
+    "build_optimizer",
+    "build_schedule",
+    "clip_by_value",
+    "clip_global_norm",
+    "clip_global_norm_unit",
+    "clip_per_leaf_norm",
+    "current_learning_rate",
+    "decoupled_weight_decay",
+    "elastic_net",
+    "l1",
+    "l1_prox",
+    "l2",
+    "momentum",
+    "momentum_chain",
+    "normalize_by_global_norm",
+    "normalized_sgd",
+    "rmsprop",
+    "scale_by_adagrad",
+    "scale_by_damped_momentum",
+    "scale_by_plateau",
+    "sgd",
+    "weights_mask",
+]

@@ -1,5 +1,6 @@
 """Training core: `TrainState`, pure steps, and the `fit` loop."""
 
+from jtricks.train.callbacks import ReduceLROnPlateau
 from jtricks.train.fit import Callback, History, evaluate, fit
 from jtricks.train.state import TrainState, create_train_state
 from jtricks.train.steps import make_epoch_fn, make_eval_step, make_evaluate_fn, make_train_step
@@ -7,6 +8,7 @@ from jtricks.train.steps import make_epoch_fn, make_eval_step, make_evaluate_fn,
 __all__ = [
     "Callback",
     "History",
+    "ReduceLROnPlateau",
     "TrainState",
     "create_train_state",
     "evaluate",

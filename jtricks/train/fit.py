@@ -30,10 +30,15 @@ class Callback(Protocol):
     """Called on the Python side after every epoch's metrics are known.
 
     ``on_epoch_end`` receives the epoch's record (see `History`) and the current
-    state; returning ``True`` stops training after this epoch.
+    state. It returns ``None``/``False`` to go on, ``True`` to stop after this
+    epoch, or a new `TrainState` to continue from (e.g. with a lowered
+    learning rate). Callbacks run in order; each sees the state the previous
+    one returned.
     """
 
-    def on_epoch_end(self, record: dict[str, Any], state: TrainState) -> bool | None: ...
+    def on_epoch_end(
+        self, record: dict[str, Any], state: TrainState
+    ) -> bool | TrainState | None: ...
 
 
 @dataclass
@@ -44,7 +49,9 @@ class History:
     epoch means of the step metrics prefixed ``train_`` (``train_loss``,
     ``train_accuracy``, ``train_grad_norm``, ...), ``val_loss`` and
     ``val_accuracy`` when a validation split is given, ``steps_per_s`` (the
-    first epoch includes compilation) and ``elapsed_s`` since `fit` began.
+    first epoch includes compilation) and ``elapsed_s`` since `fit` began, and
+    ``lr``, the epoch's mean learning rate, when the optimizer state holds one
+    (optimizers from `jtricks.optim.build_optimizer` do).
 
     ``history["val_loss"]`` returns that column as a NumPy array.
     """
@@ -113,7 +120,7 @@ def fit(
       data_key: PRNG key for the data order; default ``fold_in(state.key, 1)``.
       loss_fn: per-example loss ``(logits, labels) -> (N,)``.
       eval_batch_size: batch size for evaluation (results do not depend on it).
-      callbacks: objects with ``on_epoch_end(record, state)``; ``True`` stops training.
+      callbacks: objects with ``on_epoch_end(record, state)`` (see `Callback`).
       reporter: optional progress reporter (see `jtricks.train.progress.RichReporter`).
       norms: log the epoch means of the gradient, update and parameter norms.
 
@@ -177,7 +184,12 @@ def fit(
             dt = time.perf_counter() - t_epoch
             done += num_steps
             record: dict[str, Any] = {"epoch": epoch + 1, "step": step + num_steps}
-            record.update({f"train_{k}": float(v) for k, v in metrics.items()})
+            record.update(
+                {
+                    ("lr" if k == "learning_rate" else f"train_{k}"): float(v)
+                    for k, v in metrics.items()
+                }
+            )
             if val_batches is not None:
                 record.update(
                     {
@@ -190,7 +202,14 @@ def fit(
             history.records.append(record)
             if reporter is not None:
                 reporter.epoch_end(record, done=done)
-            if any(cb.on_epoch_end(record, state) for cb in callbacks):
+            stop = False
+            for cb in callbacks:
+                out = cb.on_epoch_end(record, state)
+                if isinstance(out, TrainState):
+                    state = out
+                elif out:
+                    stop = True
+            if stop:
                 break
     finally:
         if reporter is not None:

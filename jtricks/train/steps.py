@@ -12,6 +12,7 @@ import optax
 
 from jtricks.data.batching import epoch_indices
 from jtricks.losses import accuracy, cross_entropy
+from jtricks.optim.pipeline import current_learning_rate
 from jtricks.train.state import TrainState
 
 Batch = tuple[jax.Array, jax.Array]
@@ -64,6 +65,9 @@ def make_train_step(
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "accuracy": jnp.mean(accuracy(logits, y))}
+        lr = current_learning_rate(opt_state)  # the new state holds the rate this step used
+        if lr is not None:
+            metrics["learning_rate"] = jnp.asarray(lr, jnp.float32)
         if norms:
             metrics["grad_norm"] = optax.tree.norm(grads)
             metrics["update_norm"] = optax.tree.norm(updates)

@@ -1,0 +1,81 @@
+"""Callbacks run by `fit` on the Python side after each epoch."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax.numpy as jnp
+import optax
+
+from jtricks.errors import ConfigError, check_int, check_range
+from jtricks.train.state import TrainState
+
+
+class ReduceLROnPlateau:
+    """Multiply the learning rate by ``factor`` when ``monitor`` has not improved for ``patience`` epochs (T19).
+
+    "Improved" means ``value < best - min_delta`` (``mode="min"``) or
+    ``value > best + min_delta`` (``mode="max"``). The learning rate is never
+    scaled below ``min_scale`` times its schedule. It acts on the
+    ``plateau_scale`` of `jtricks.optim.scale_by_plateau`, so build the optimizer
+    with ``build_optimizer(..., plateau=True)``; it composes with any schedule.
+
+    Example:
+      >>> tx = build_optimizer("adam", 1e-3, plateau=True)
+      >>> fit(state, data, val_data=val, epochs=50, batch_size=100, callbacks=[ReduceLROnPlateau(0.5, 3)])
+
+    Like Keras' and PyTorch's ``ReduceLROnPlateau`` (mode "rel"/threshold omitted).
+    """
+
+    def __init__(
+        self,
+        factor: float = 0.5,
+        patience: int = 5,
+        min_delta: float = 0.0,
+        *,
+        monitor: str = "val_loss",
+        mode: str = "min",
+        min_scale: float = 1e-3,
+    ) -> None:
+        check_range("factor", factor, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+        check_int("patience", patience, low=0)
+        check_range("min_delta", min_delta, low=0.0)
+        check_range("min_scale", min_scale, low=0.0, high=1.0)
+        if mode not in ("min", "max"):
+            raise ConfigError(f"mode must be 'min' or 'max'; got {mode!r}", param="mode")
+        self.factor, self.patience, self.min_delta = factor, patience, min_delta
+        self.monitor, self.mode, self.min_scale = monitor, mode, min_scale
+        self.best = math.inf if mode == "min" else -math.inf
+        self.wait = 0
+        self.scale = 1.0
+
+    def on_epoch_end(self, record: dict[str, Any], state: TrainState) -> TrainState | None:
+        if self.monitor not in record:
+            raise ConfigError(
+                f"ReduceLROnPlateau monitors {self.monitor!r}, which the fit records do not have; "
+                f"available: {', '.join(sorted(record))}",
+                param="monitor",
+            )
+        value = record[self.monitor]
+        better = (
+            value < self.best - self.min_delta
+            if self.mode == "min"
+            else value > self.best + self.min_delta
+        )
+        if better:
+            self.best, self.wait = value, 0
+            return None
+        self.wait += 1
+        if self.wait < max(self.patience, 1) or self.scale <= self.min_scale:
+            return None
+        self.wait = 0
+        self.scale = max(self.scale * self.factor, self.min_scale)
+        if optax.tree_utils.tree_get(state.opt_state, "plateau_scale") is None:
+            raise ConfigError(
+                "ReduceLROnPlateau needs an optimizer built with plateau=True (jtricks.optim.scale_by_plateau)"
+            )
+        opt_state = optax.tree_utils.tree_set(
+            state.opt_state, plateau_scale=jnp.float32(self.scale)
+        )
+        return state.replace(opt_state=opt_state)
