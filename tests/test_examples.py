@@ -59,3 +59,23 @@ def test_bench_fit_tiny(tmp_path):
     )
     assert json.loads(out.read_text())["environment"]["platform"] == "cpu"
     assert "ratio fit / hand" in proc.stdout
+
+
+def test_clipping_and_decay_example_tiny(capsys):
+    example = _load(ROOT / "examples" / "clipping_and_decay.py")
+    rows = example.main(["--epochs", "1"])
+    by_run = {r["run"]: r for r in rows}
+    assert by_run["no clipping, no decay"]["non_finite"]
+    assert not by_run["clip_global_norm(0.2)"]["non_finite"]
+    assert not by_run["lr decay exp(-t)"]["non_finite"]
+    assert "NaN/inf" in capsys.readouterr().out
+
+
+def test_optimizers_example_tiny(capsys):
+    example = _load(ROOT / "examples" / "optimizers.py")
+    rows = example.main(
+        ["--steps", "20", "--model", "mlp(features=(16,))", "--dataset", "mnist1d(num_samples=500)"]
+    )
+    assert [r["optimizer"] for r in rows] == [s for s, _ in example.OPTIMIZERS]
+    assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in rows)
+    assert "test acc" in capsys.readouterr().out

@@ -533,7 +533,11 @@ def test_converges_on_quadratic_and_rosenbrock(name):
 def test_jit_compiles_once_and_keeps_bf16(case):
     params = {"w": jnp.ones((3, 2), jnp.bfloat16), "b": jnp.ones((2,), jnp.bfloat16)}
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
-    tx = case.make()
+    for tx in (case.make(), build_optimizer(case.spec)):
+        _check_jit_and_bf16(tx, params, grads, case.id)
+
+
+def _check_jit_and_bf16(tx, params, grads, name):
     state = tx.init(params)
 
     @jax.jit
@@ -550,7 +554,7 @@ def test_jit_compiles_once_and_keeps_bf16(case):
     param_shapes = {(3, 2), (2,)}
     for x in jax.tree.leaves(s2):
         if x.shape in param_shapes:
-            assert x.dtype == jnp.bfloat16, case.id
+            assert x.dtype == jnp.bfloat16, name
     assert jax.tree.structure(s1) == jax.tree.structure(s2)
 
 
