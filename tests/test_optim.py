@@ -529,7 +529,7 @@ def test_converges_on_quadratic_and_rosenbrock(name):
 # --------------------------------------------------------------------------- jit, dtypes
 
 
-@pytest.mark.parametrize("case", CASES[::3], ids=[c.id for c in CASES[::3]])
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_jit_compiles_once_and_keeps_bf16(case):
     params = {"w": jnp.ones((3, 2), jnp.bfloat16), "b": jnp.ones((2,), jnp.bfloat16)}
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
