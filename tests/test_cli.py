@@ -149,7 +149,11 @@ def test_existing_run_folder_is_never_overwritten(tmp_path, capsys):
 
 BAD = [
     (["--dataset", "imagenet"], "--dataset", "mnist1d, synthetic"),
-    (["--model", "vgg"], "--model", "cnn, mlp"),
+    (
+        ["--model", "vgg"],
+        "--model",
+        "cnn, cnn_wide, gru, lstm, mlp, resnet18, resnet20, transformer",
+    ),
     (
         ["--optimizer", "lion"],
         "--optimizer",
@@ -233,7 +237,10 @@ def test_console_script_exit_status_and_no_traceback(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 2
-    assert "unknown model 'resnet999'; valid models are: cnn, mlp" in proc.stderr
+    assert (
+        "unknown model 'resnet999'; valid models are: cnn, cnn_wide, gru, lstm, mlp, resnet18, resnet20, transformer"
+        in proc.stderr
+    )
     assert "Traceback" not in proc.stderr
 
 

@@ -1,4 +1,4 @@
-"""Models: shapes, the paper's CNN geometry, dropout keys, initialisers, registry errors."""
+"""Models, layers, initialisers and losses (T03, T05, T06, T20, T22-T25)."""
 
 from __future__ import annotations
 
@@ -8,84 +8,177 @@ import numpy as np
 import pytest
 
 from jtricks.errors import ConfigError
-from jtricks.nn import CNN1D, MLP, MODELS, build_model
-from jtricks.nn.initializers import get_initializer
+from jtricks.losses import binary_cross_entropy, cross_entropy, dice_loss, mse
+from jtricks.nn import CNN1D, INITIALIZERS, MLP, MODELS, Conv1D, build_model
+from jtricks.nn.initializers import VARIANCE, get_initializer
+
+SEQ = jnp.asarray(np.random.default_rng(0).normal(size=(4, 40)), jnp.float32)
+IMG = jnp.asarray(np.random.default_rng(1).normal(size=(2, 16, 16, 3)), jnp.float32)
+
+# parameter counts on MNIST-1D inputs (N, 40), 10 classes
+PARAMS = {
+    "mlp": 15210,  # 40*100+100 + 100*100+100 + 100*10+10, the paper's MLP
+    "cnn": 5210,  # the paper's CNN
+    "cnn_wide": 232970,
+    "resnet20": 93914,
+    "resnet18": 3848778,
+    "lstm": 17546,  # 4 gates * (1*64 + 64*64 + 64) + 64*10+10
+    "gru": 13386,
+    "transformer": 70410,
+}
 
 
-def test_cnn_matches_paper_geometry(key):
-    x = jnp.ones((2, 40))
-    model = CNN1D()
-    variables = model.init(key, x)
-    params = variables["params"]
-    shapes = {k: v["kernel"].shape for k, v in params.items()}
-    assert shapes == {
-        "Conv_0": (5, 1, 25),
-        "Conv_1": (3, 25, 25),
-        "Conv_2": (3, 25, 25),
-        "Dense_0": (125, 10),  # 25 channels x length 5
-    }
-    assert model.apply(variables, x).shape == (2, 10)
-    # paper's PyTorch model: 5210 parameters
-    assert sum(p.size for p in jax.tree.leaves(params)) == 5210
+@pytest.fixture(scope="module")
+def variables():
+    return {name: build_model(name, 10).init(jax.random.key(0), SEQ) for name in MODELS}
 
 
-def test_cnn_matches_lax_conv_reference(key):
+def _count(v):
+    return sum(p.size for p in jax.tree.leaves(v["params"]))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_shapes_counts_and_eval_determinism(name, variables):
+    model, v = build_model(name, 10), variables[name]
+    assert _count(v) == PARAMS[name]
+    a, b = model.apply(v, SEQ), model.apply(v, SEQ)
+    assert a.shape == (4, 10) and bool(jnp.all(jnp.isfinite(a)))
+    np.testing.assert_array_equal(a, b)  # evaluation has no randomness
+
+
+def test_lstm_count_by_formula(variables):
+    h = 64
+    assert PARAMS["lstm"] == 4 * (1 * h + h * h + h) + h * 10 + 10
+
+
+@pytest.mark.parametrize(("name", "count"), [("resnet20", 272_474), ("resnet18", 11_173_962)])
+def test_resnets_on_cifar_images_match_published_sizes(name, count):
+    model = build_model(name, 10)
+    v = model.init(jax.random.key(0), IMG)
+    # ResNet-20 "0.27M" (He et al. 2016, Table 6); ResNet-18 for CIFAR: 11,173,962
+    assert _count(v) == count
+    assert model.apply(v, IMG).shape == (2, 10)
+
+
+def test_cnn_matches_lax_conv_reference(variables):
     """Second code path: the conv stack written out with lax.conv_general_dilated."""
-    x = jax.random.normal(key, (3, 40))
-    model = CNN1D()
-    params = model.init(key, x)["params"]
-    h = x[..., None]
+    params = variables["cnn"]["params"]
+    h = SEQ[..., None]
     for name in ("Conv_0", "Conv_1", "Conv_2"):
         p = params[name]
         h = jax.lax.conv_general_dilated(
             h, p["kernel"], (2,), [(1, 1)], dimension_numbers=("NWC", "WIO", "NWC")
         )
         h = jax.nn.relu(h + p["bias"])
-    expect = h.reshape(3, -1) @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"]
-    np.testing.assert_allclose(model.apply({"params": params}, x), expect, rtol=1e-5, atol=1e-5)
+    assert h.shape == (4, 5, 25)  # lengths 19, 10, 5
+    expect = h.reshape(4, -1) @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"]
+    np.testing.assert_allclose(CNN1D().apply({"params": params}, SEQ), expect, rtol=1e-5, atol=1e-5)
 
 
-def test_mlp_paper_shape_and_images(key):
-    x = jnp.ones((2, 4, 4, 3))
-    model = MLP(num_classes=5, features=(8, 6))
-    variables = model.init(key, x)
-    assert model.apply(variables, x).shape == (2, 5)
-    paper = MLP().init(key, jnp.ones((1, 40)))["params"]
-    assert (
-        sum(p.size for p in jax.tree.leaves(paper))
-        == 40 * 100 + 100 + 100 * 100 + 100 + 100 * 10 + 10
+@pytest.mark.parametrize(("k", "s", "p"), [(5, 2, 1), (3, 1, 1), (4, 3, 0), (1, 1, 0)])
+def test_fast_conv1d_equals_flax_conv(k, s, p):
+    x = jax.random.normal(jax.random.key(2), (3, 17, 4))
+    fast, ref = Conv1D(6, k, s, p), Conv1D(6, k, s, p, impl="lax")
+    v = fast.init(jax.random.key(3), x)
+    vref = {"params": {"conv": v["params"]}}
+    np.testing.assert_allclose(fast.apply(v, x), ref.apply(vref, x), rtol=1e-5, atol=1e-5)
+    g = jax.grad(lambda v: jnp.sum(fast.apply(v, x) ** 2))(v)
+    gref = jax.grad(lambda v: jnp.sum(ref.apply(v, x) ** 2))(vref)
+    np.testing.assert_allclose(
+        g["params"]["kernel"], gref["params"]["conv"]["kernel"], rtol=1e-4, atol=1e-4
     )
 
 
-def test_dropout_needs_key_in_training_and_is_off_in_eval(key):
-    x = jnp.ones((4, 40))
+def test_mlp_residual_adds_input(key):
+    m = MLP(features=(8, 8, 8), residual=True, activation="identity")
+    v = m.init(key, jnp.ones((1, 8)))
+    plain = MLP(features=(8, 8, 8), residual=False, activation="identity")
+    assert not np.allclose(m.apply(v, SEQ[:, :8]), plain.apply(v, SEQ[:, :8]))
+    # by hand: layer 0 maps 8->8, then x + F(x) for layers 0..2 (widths match everywhere)
+    x = SEQ[:, :8]
+    for i in range(3):
+        p = v["params"][f"Dense_{i}"]
+        x = x + x @ p["kernel"] + p["bias"]
+    np.testing.assert_allclose(
+        m.apply(v, SEQ[:, :8]),
+        x @ v["params"]["head"]["kernel"] + v["params"]["head"]["bias"],
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_dropout_needs_key_and_is_seeded(key):
     model = MLP(dropout=0.5)
-    variables = model.init(key, x)
+    v = model.init(key, SEQ)
     with pytest.raises(Exception, match="dropout"):
-        model.apply(variables, x, train=True)
-    a = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)})
-    b = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
-    assert not np.allclose(a, b)
-    np.testing.assert_array_equal(model.apply(variables, x), model.apply(variables, x))
+        model.apply(v, SEQ, train=True)
+    a = model.apply(v, SEQ, train=True, rngs={"dropout": jax.random.key(1)})
+    b = model.apply(v, SEQ, train=True, rngs={"dropout": jax.random.key(1)})
+    c = model.apply(v, SEQ, train=True, rngs={"dropout": jax.random.key(2)})
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+    np.testing.assert_array_equal(model.apply(v, SEQ), model.apply(v, SEQ))
 
 
-def test_uniform_initializer_is_pytorch_default(key):
-    w = get_initializer("uniform")(key, (400, 300), jnp.float32)
-    bound = 1 / np.sqrt(400)
-    assert float(jnp.abs(w).max()) <= bound
-    np.testing.assert_allclose(float(w.var()), bound**2 / 3, rtol=0.05)
+def test_batchnorm_statistics_change_only_in_training(key):
+    model = MLP(norm="batch", features=(16,))
+    v = model.init(key, SEQ)
+    stats0 = v["batch_stats"]
+    _, upd = model.apply(v, SEQ, train=True, mutable=["batch_stats"])
+    changed = jax.tree.map(lambda a, b: not np.allclose(a, b), stats0, upd["batch_stats"])
+    assert all(jax.tree.leaves(changed))
+    # by hand: running mean <- 0.9 * 0 + 0.1 * batch mean of the pre-activation
+    p = v["params"]["Dense_0"]
+    pre = SEQ @ p["kernel"] + p["bias"]
+    np.testing.assert_allclose(
+        upd["batch_stats"]["Norm_0"]["mean"], 0.1 * pre.mean(0), rtol=1e-5, atol=1e-6
+    )
+    _, upd_eval = model.apply(v, SEQ, train=False, mutable=["batch_stats"])
+    for a, b in zip(jax.tree.leaves(stats0), jax.tree.leaves(upd_eval["batch_stats"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # in evaluation the output uses running statistics: independent of the rest of the batch
+    np.testing.assert_allclose(model.apply(v, SEQ)[:1], model.apply(v, SEQ[:1]), rtol=1e-6)
+
+
+def test_layer_and_weight_norm(key):
+    for norm in ("layer", "weight"):
+        m = MLP(norm=norm, features=(16,))
+        v = m.init(key, SEQ)
+        assert m.apply(v, SEQ).shape == (4, 10) and "batch_stats" not in v
+    m = MLP(norm="weight", features=(16,), activation="identity")
+    p = m.init(key, SEQ)["params"]
+    v, g = p["Dense_0"]["kernel"], p["WeightNorm_0"]["Dense_0/kernel/scale"]
+    w = g * v / jnp.linalg.norm(v, axis=0)  # w = g v / ||v|| per output unit
+    h = SEQ @ w + p["Dense_0"]["bias"]
+    np.testing.assert_allclose(
+        m.apply({"params": p}, SEQ),
+        h @ p["head"]["kernel"] + p["head"]["bias"],
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("name", sorted(INITIALIZERS))
+def test_initializer_variance(name):
+    n_in, n_out = 400, 300
+    w = get_initializer(name)(jax.random.key(0), (n_in, n_out), jnp.float32)
+    np.testing.assert_allclose(float(jnp.var(w)), VARIANCE[name](n_in, n_out), rtol=0.05)
+    assert abs(float(jnp.mean(w))) < 0.05 * np.sqrt(VARIANCE[name](n_in, n_out)) * 10
 
 
 @pytest.mark.parametrize(
     ("spec", "match"),
     [
-        ("transformer", "valid models are: cnn, mlp"),
+        ("vgg", "valid models are: cnn, cnn_wide, gru, lstm, mlp, resnet18, resnet20, transformer"),
         ("mlp(width=3)", "valid arguments are"),
         ("mlp(dropout=1.0)", "dropout"),
         ("mlp(activation='swishy')", "valid activations"),
         ("cnn(initializer='zeros')", "valid initializers"),
+        ("cnn(norm='group')", "norm must be one of"),
         ("cnn(channels=(4, 4), kernel_sizes=(3,), strides=(1, 1))", "equal lengths"),
         ("mlp(features=(0,))", "positive"),
+        ("transformer(d_model=30, heads=4)", "divisible"),
+        ("lstm(hidden=0)", "hidden"),
         ("mlp(", "cannot parse"),
     ],
 )
@@ -94,6 +187,79 @@ def test_bad_model_specs(spec, match):
         build_model(spec, 10)
 
 
-def test_registry():
-    assert set(MODELS) == {"mlp", "cnn"}
-    assert build_model("mlp(features=(7,))", 3).features == (7,)
+# --------------------------------------------------------------------------- losses (float64 formulas)
+
+
+def _logits():
+    rng = np.random.default_rng(5)
+    return rng.normal(size=(6, 4)) * 3, rng.integers(0, 4, 6)
+
+
+def test_cross_entropy_integer_onehot_and_smoothing():
+    z, y = _logits()
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    with jax.enable_x64(True):
+        np.testing.assert_allclose(
+            cross_entropy(jnp.asarray(z), jnp.asarray(y)), -logp[np.arange(6), y], rtol=1e-12
+        )
+        onehot = np.eye(4)[y]
+        np.testing.assert_allclose(
+            cross_entropy(jnp.asarray(z), jnp.asarray(onehot)), -logp[np.arange(6), y], rtol=1e-12
+        )
+        q = 0.9 * onehot + 0.1 / 4
+        np.testing.assert_allclose(
+            cross_entropy(jnp.asarray(z), jnp.asarray(y), label_smoothing=0.1),
+            -(q * logp).sum(1),
+            rtol=1e-12,
+        )
+
+
+def test_bce_mse_formulas():
+    rng = np.random.default_rng(6)
+    z, t = rng.normal(size=(5, 3)) * 4, rng.integers(0, 2, (5, 3)).astype(float)
+    s = 1 / (1 + np.exp(-z))
+    with jax.enable_x64(True):
+        np.testing.assert_allclose(
+            binary_cross_entropy(jnp.asarray(z), jnp.asarray(t)),
+            -(t * np.log(s) + (1 - t) * np.log(1 - s)).sum(1),
+            rtol=1e-10,
+        )
+        np.testing.assert_allclose(
+            mse(jnp.asarray(z), jnp.asarray(t)), ((z - t) ** 2).mean(1), rtol=1e-12
+        )
+
+
+def test_dice_formula_and_perfect_prediction():
+    rng = np.random.default_rng(7)
+    z, y = rng.normal(size=(2, 5, 5, 3)), rng.integers(0, 3, (2, 5, 5))
+    p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+    oh = np.eye(3)[y]
+    d = (2 * (p * oh).sum((1, 2)) + 1) / (p.sum((1, 2)) + oh.sum((1, 2)) + 1)
+    with jax.enable_x64(True):
+        np.testing.assert_allclose(
+            dice_loss(jnp.asarray(z), jnp.asarray(y)), 1 - d.mean(-1), rtol=1e-12
+        )
+        perfect = jnp.asarray(oh * 1e4)
+        np.testing.assert_allclose(dice_loss(perfect, jnp.asarray(y)), 0.0, atol=1e-12)
+
+
+def test_losses_stable_for_huge_logits():
+    z = jnp.array([[1e4, -1e4, 0.0], [-1e4, 1e4, 5.0]], jnp.float32)
+    y = jnp.array([1, 1])
+    for value in (
+        cross_entropy(z, y),
+        cross_entropy(z, y, label_smoothing=0.1),
+        binary_cross_entropy(z, jnp.ones_like(z)),
+        mse(z, jnp.zeros_like(z)),
+        dice_loss(z, y),
+    ):
+        assert bool(jnp.all(jnp.isfinite(value)))
+    np.testing.assert_allclose(cross_entropy(z, y)[0], 2e4, rtol=1e-6)
+    g = jax.grad(
+        lambda z: (
+            cross_entropy(z, y).sum()
+            + binary_cross_entropy(z, jnp.ones_like(z)).sum()
+            + dice_loss(z, y).sum()
+        )
+    )(z)
+    assert bool(jnp.all(jnp.isfinite(g)))

@@ -1,10 +1,27 @@
-"""Flax Linen models and the model registry."""
+"""Flax Linen models (T03, T05, T06, T11, T22-T25) and the model registry."""
 
 from __future__ import annotations
 
 import flax.linen as nn
 
-from jtricks.nn.models import ACTIVATIONS, CNN1D, MLP, MODELS, get_activation
+from jtricks.nn.initializers import INITIALIZERS, get_initializer
+from jtricks.nn.layers import Conv1D
+from jtricks.nn.models import (
+    ACTIVATIONS,
+    CNN1D,
+    MLP,
+    MODELS,
+    ResidualBlock,
+    ResNet,
+    RNNClassifier,
+    Transformer,
+    WideResCNN1D,
+    get_activation,
+    gru,
+    lstm,
+    resnet18,
+    resnet20,
+)
 from jtricks.spec import build_from_registry
 
 
@@ -17,4 +34,23 @@ def build_model(spec: str, num_classes: int) -> nn.Module:
     return build_from_registry(spec, MODELS, what="model", defaults={"num_classes": num_classes})
 
 
-__all__ = ["ACTIVATIONS", "CNN1D", "MLP", "MODELS", "build_model", "get_activation"]
+__all__ = [
+    "ACTIVATIONS",
+    "CNN1D",
+    "INITIALIZERS",
+    "MLP",
+    "MODELS",
+    "Conv1D",
+    "RNNClassifier",
+    "ResNet",
+    "ResidualBlock",
+    "Transformer",
+    "WideResCNN1D",
+    "build_model",
+    "get_activation",
+    "get_initializer",
+    "gru",
+    "lstm",
+    "resnet18",
+    "resnet20",
+]
