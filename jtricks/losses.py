@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import optax
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, *, label_smoothing: float = 0.0) -> jax.Array:
+def cross_entropy(
+    logits: jax.Array, labels: jax.Array, *, label_smoothing: float = 0.0
+) -> jax.Array:
     """Softmax cross-entropy ``-sum_c q_c log softmax(z)_c`` with integer or one-hot labels.
 
     ``labels`` of shape ``(N,)`` are class indices; of shape ``(N, C)`` they are
@@ -25,7 +27,11 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, *, label_smoothing: floa
     if labels.ndim == logits.ndim - 1 and label_smoothing == 0.0:
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     num_classes = logits.shape[-1]
-    q = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype) if labels.ndim == logits.ndim - 1 else labels
+    q = (
+        jax.nn.one_hot(labels, num_classes, dtype=logits.dtype)
+        if labels.ndim == logits.ndim - 1
+        else labels
+    )
     if label_smoothing:
         q = optax.smooth_labels(q, label_smoothing)
     return optax.softmax_cross_entropy(logits, q)
@@ -57,7 +63,11 @@ def dice_loss(logits: jax.Array, labels: jax.Array, *, eps: float = 1.0) -> jax.
     """
     num_classes = logits.shape[-1]
     p = jax.nn.softmax(logits, axis=-1)
-    y = jax.nn.one_hot(labels, num_classes, dtype=p.dtype) if labels.ndim == logits.ndim - 1 else labels
+    y = (
+        jax.nn.one_hot(labels, num_classes, dtype=p.dtype)
+        if labels.ndim == logits.ndim - 1
+        else labels
+    )
     axes = tuple(range(1, logits.ndim - 1))
     inter = jnp.sum(p * y, axis=axes)
     total = jnp.sum(p, axis=axes) + jnp.sum(y, axis=axes)
@@ -72,4 +82,9 @@ def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
 
 
-LOSSES = {"cross_entropy": cross_entropy, "binary_cross_entropy": binary_cross_entropy, "mse": mse, "dice": dice_loss}
+LOSSES = {
+    "cross_entropy": cross_entropy,
+    "binary_cross_entropy": binary_cross_entropy,
+    "mse": mse,
+    "dice": dice_loss,
+}

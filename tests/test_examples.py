@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -79,3 +82,66 @@ def test_optimizers_example_tiny(capsys):
     assert [r["optimizer"] for r in rows] == [s for s, _ in example.OPTIMIZERS]
     assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in rows)
     assert "test acc" in capsys.readouterr().out
+
+
+def test_initialization_example_signal_propagation():
+    example = _load(ROOT / "examples" / "initialization.py")
+    table = {(a, n, g): s for a, n, g, s in example.rows(depth=50)}
+    within = lambda s: bool(np.all((s["std"] >= 0.5) & (s["std"] <= 2.0)))  # noqa: E731
+    for name in ("he_normal", "he_uniform"):
+        assert within(table[("relu", name, 1.0)]), name
+    for name in ("lecun_normal", "glorot_uniform"):
+        assert within(table[("tanh", name, example.TANH_GAIN)]), name
+        assert not within(table[("relu", name, 1.0)])  # variance 1/n halves a ReLU signal per layer
+    assert example.verdict(table[("relu", "standard_normal", 1.0)], "relu") == "explodes"
+    assert example.verdict(table[("tanh", "standard_normal", 1.0)], "tanh") == "saturates"
+    # LeCun with tanh at gain 1 shrinks like 1/sqrt(2 l) (tanh(x) ~ x - x^3/3 gives q_{l+1} ~ q_l - 2 q_l^2)
+    std = table[("tanh", "lecun_normal", 1.0)]["std"]
+    layers = np.arange(10, 51)
+    np.testing.assert_allclose(std[layers - 1], 1 / np.sqrt(2 * layers), rtol=0.15)
+
+
+def test_batchnorm_dropout_example_tiny(capsys):
+    example = _load(ROOT / "examples" / "batchnorm_dropout.py")
+    rows = example.main(["--steps", "30", "--seeds", "1", "--dataset", "mnist1d(num_samples=500)"])
+    assert [r["config"] for r in rows] == [c for c, _ in example.CONFIGS]
+    assert "gap" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        "cnn_wide(widths=(8, 16), blocks=1)",
+        "resnet20(stage_sizes=(1, 1, 1), widths=(4, 8, 8))",
+        "resnet18(widths=(4, 4, 8, 8))",
+        "lstm(hidden=8, bidirectional=True)",
+        "gru(hidden=8, layers=2, norm='layer', dropout=0.1)",
+        "transformer(d_model=8, heads=2, layers=1, dropout=0.1)",
+        "mlp(norm='weight', residual=True, features=(16, 16))",
+    ],
+)
+def test_every_model_family_trains_from_the_cli(tmp_path, model):
+    from jtricks.cli import main
+
+    out = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "mnist1d(num_samples=300)",
+                "--model",
+                model,
+                "--steps",
+                "6",
+                "--batch-size",
+                "32",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert np.isfinite(summary["test_loss"])

@@ -278,16 +278,24 @@ class ResNet(_Base):
         return self._head(self._drop(x, train))
 
 
-def resnet20(num_classes: int = 10, **kwargs) -> ResNet:
-    """ResNet-20: widths 16/32/64, three stages of three blocks."""
-    return ResNet(num_classes=num_classes, stage_sizes=(3, 3, 3), widths=(16, 32, 64), **kwargs)
+def resnet20(
+    num_classes: int = 10,
+    stage_sizes: Sequence[int] = (3, 3, 3),
+    widths: Sequence[int] = (16, 32, 64),
+    **kwargs,
+) -> ResNet:
+    """ResNet-20: widths 16/32/64, three stages of three blocks (sizes overridable)."""
+    return ResNet(num_classes=num_classes, stage_sizes=stage_sizes, widths=widths, **kwargs)
 
 
-def resnet18(num_classes: int = 10, **kwargs) -> ResNet:
-    """ResNet-18 (CIFAR stem): widths 64/128/256/512, four stages of two blocks."""
-    return ResNet(
-        num_classes=num_classes, stage_sizes=(2, 2, 2, 2), widths=(64, 128, 256, 512), **kwargs
-    )
+def resnet18(
+    num_classes: int = 10,
+    stage_sizes: Sequence[int] = (2, 2, 2, 2),
+    widths: Sequence[int] = (64, 128, 256, 512),
+    **kwargs,
+) -> ResNet:
+    """ResNet-18 (CIFAR stem): widths 64/128/256/512, four stages of two blocks (sizes overridable)."""
+    return ResNet(num_classes=num_classes, stage_sizes=stage_sizes, widths=widths, **kwargs)
 
 
 class WideResCNN1D(_Base):
