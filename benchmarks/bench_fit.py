@@ -68,7 +68,13 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=10, help="epochs per timed repeat")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument(
-        "--no-norms", dest="norms", action="store_false", help="fit without per-step norm metrics"
+        "--no-norms",
+        dest="norms",
+        action="store_false",
+        help="fit without the per-step gradient norm",
+    )
+    p.add_argument(
+        "--update-norm", action="store_true", help="fit with per-step update and parameter norms"
     )
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
@@ -101,6 +107,7 @@ def main() -> None:
             epochs=args.epochs,
             data_key=data_key,
             norms=args.norms,
+            update_norm=args.update_norm,
         )
         jax.block_until_ready(s)
         return time.perf_counter() - t
@@ -123,6 +130,7 @@ def main() -> None:
         "model": args.model,
         "batch_size": args.batch_size,
         "fit_norms": args.norms,
+        "fit_update_norm": args.update_norm,
         "steps_per_repeat": steps,
         "repeats": args.repeats,
         "fit_steps_per_s_median": fit_sps,

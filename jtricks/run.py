@@ -147,6 +147,8 @@ def write_json(path: Path, obj: Any) -> None:
 class MetricsLog:
     """Callback that appends each epoch's record to ``metrics.jsonl`` (one JSON object a line, flushed)."""
 
+    needs_state = False
+
     def __init__(self, path: Path) -> None:
         self.path = path
 

@@ -111,7 +111,7 @@ def test_dropout_keys_follow_the_step(tiny_data, adam, key):
 
 def test_step_metrics_match_formulas(state, tiny_data):
     x, y = jnp.asarray(tiny_data.x_train[:10]), jnp.asarray(tiny_data.y_train[:10])
-    new, m = jax.jit(make_train_step())(state, (x, y))
+    new, m = jax.jit(make_train_step(update_norm=True))(state, (x, y))
     logits = MODEL.apply({"params": state.params}, x)
     logp = jax.nn.log_softmax(logits.astype(jnp.float64) if jax.config.x64_enabled else logits)
     np.testing.assert_allclose(
@@ -211,3 +211,44 @@ def test_fit_rejects_nan_and_bad_labels_before_training(state, tiny_data):
             epochs=1,
         )
     assert int(state.step) == 0
+
+
+def test_pipelined_epochs_match_synchronous_ones(tiny_data, adam, key):
+    """Observing callbacks let fit dispatch ahead; the results must not change."""
+    d = tiny_data
+
+    class Observe:
+        needs_state = False
+
+        def __init__(self):
+            self.seen = []
+
+        def on_epoch_end(self, record, state):
+            assert state is None
+            self.seen.append(record["epoch"])
+
+    class Active:
+        def on_epoch_end(self, record, state):
+            assert state is not None
+            return None
+
+    obs = Observe()
+    a, ha = fit(
+        create_train_state(MODEL, adam, d.x_train, key),
+        (d.x_train, d.y_train),
+        val_data=(d.x_test, d.y_test),
+        batch_size=20,
+        steps=37,
+        callbacks=[obs],
+    )
+    b, hb = fit(
+        create_train_state(MODEL, adam, d.x_train, key),
+        (d.x_train, d.y_train),
+        val_data=(d.x_test, d.y_test),
+        batch_size=20,
+        steps=37,
+        callbacks=[Active()],
+    )
+    assert obs.seen == [1, 2, 3, 4]
+    assert _leaves_equal(a.params, b.params)
+    assert [r["val_loss"] for r in ha] == [r["val_loss"] for r in hb]

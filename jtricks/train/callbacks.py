@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -79,3 +80,83 @@ class ReduceLROnPlateau:
             state.opt_state, plateau_scale=jnp.float32(self.scale)
         )
         return state.replace(opt_state=opt_state)
+
+
+class StopTraining:
+    """Returned by a callback to stop `fit` after this epoch, optionally continuing from ``state``
+    (e.g. the best parameters seen)."""
+
+    def __init__(self, state: TrainState | None = None, reason: str = "") -> None:
+        self.state, self.reason = state, reason
+
+
+class EarlyStopping:
+    """Stop when ``monitor`` has not improved for ``patience`` epochs (T08).
+
+    "Improved" means ``value < best - min_delta`` (``mode="min"``) or
+    ``value > best + min_delta`` (``mode="max"``); a non-finite value never improves.
+    With ``restore_best=True`` the state of the best epoch is kept (a device copy:
+    `fit` donates the state it passes on) and returned when training stops, and
+    also at the end of training if the last epoch was not the best (`on_train_end`).
+
+    Attributes after training: ``best``, ``best_epoch``, ``stopped_epoch`` (None if it never fired).
+    """
+
+    def __init__(
+        self,
+        patience: int = 5,
+        min_delta: float = 0.0,
+        *,
+        monitor: str = "val_loss",
+        mode: str = "min",
+        restore_best: bool = True,
+    ) -> None:
+        check_int("patience", patience, low=0)
+        check_range("min_delta", min_delta, low=0.0)
+        if mode not in ("min", "max"):
+            raise ConfigError(f"mode must be 'min' or 'max'; got {mode!r}", param="mode")
+        self.patience, self.min_delta, self.monitor, self.mode = patience, min_delta, monitor, mode
+        self.restore_best = restore_best
+        self.best = math.inf if mode == "min" else -math.inf
+        self.best_epoch: int | None = None
+        self.stopped_epoch: int | None = None
+        self.wait = 0
+        self.best_state: TrainState | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait}
+
+    def load_state_dict(self, d: dict[str, Any], best_state: TrainState | None = None) -> None:
+        self.best, self.best_epoch, self.wait = d["best"], d["best_epoch"], d["wait"]
+        self.best_state = best_state
+
+    def on_epoch_end(self, record: dict[str, Any], state: TrainState) -> StopTraining | None:
+        if self.monitor not in record:
+            raise ConfigError(
+                f"EarlyStopping monitors {self.monitor!r}, which the fit records do not have; "
+                f"available: {', '.join(sorted(record))}",
+                param="monitor",
+            )
+        value = record[self.monitor]
+        finite = math.isfinite(value)
+        better = finite and (
+            value < self.best - self.min_delta
+            if self.mode == "min"
+            else value > self.best + self.min_delta
+        )
+        if better:
+            self.best, self.best_epoch, self.wait = value, record["epoch"], 0
+            if self.restore_best:
+                self.best_state = jax.tree.map(jnp.copy, state)
+            return None
+        self.wait += 1
+        if self.wait >= max(self.patience, 1):
+            self.stopped_epoch = record["epoch"]
+            keep = self.best_state if self.restore_best else None
+            return StopTraining(keep, f"{self.monitor} did not improve for {self.wait} epochs")
+        return None
+
+    def on_train_end(self, state: TrainState) -> TrainState | None:
+        if self.restore_best and self.best_state is not None and self.stopped_epoch is None:
+            return self.best_state
+        return None

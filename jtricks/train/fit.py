@@ -15,6 +15,7 @@ import numpy as np
 from jtricks.data.datasets import validate_arrays
 from jtricks.errors import ConfigError, check_int
 from jtricks.losses import cross_entropy
+from jtricks.train.callbacks import StopTraining
 from jtricks.train.state import TrainState
 from jtricks.train.steps import (
     LossFn,
@@ -30,9 +31,13 @@ class Callback(Protocol):
     """Called on the Python side after every epoch's metrics are known.
 
     ``on_epoch_end`` receives the epoch's record (see `History`) and the current
-    state. It returns ``None``/``False`` to go on, ``True`` to stop after this
-    epoch, or a new `TrainState` to continue from (e.g. with a lowered
-    learning rate). Callbacks run in order; each sees the state the previous
+    state. A callback that sets ``needs_state = False`` only observes records: it
+    is passed ``None`` for the state, must not stop training, and lets `fit`
+    dispatch the next epoch before reading this one's metrics. It returns ``None``/``False`` to go on, ``True`` to stop after this
+    epoch, a `StopTraining` (stop, optionally continuing from its state), or a
+    new `TrainState` to continue from (e.g. with a lowered learning rate). An
+    optional ``on_train_end(state)`` runs after the last epoch and may return a
+    replacement state (e.g. the best one). Callbacks run in order; each sees the state the previous
     one returned.
     """
 
@@ -69,12 +74,14 @@ class History:
 
 
 @functools.cache
-def compiled_functions(loss_fn: LossFn = cross_entropy, norms: bool = True):
+def compiled_functions(
+    loss_fn: LossFn = cross_entropy, norms: bool = True, update_norm: bool = False
+):
     """The jitted ``(run_epoch, evaluate)`` pair for a loss; cached so repeated `fit` calls
     with the same loss, model and optimizer objects compile once."""
-    return make_epoch_fn(make_train_step(loss_fn, norms=norms)), make_evaluate_fn(
-        make_eval_step(loss_fn)
-    )
+    eval_step = make_eval_step(loss_fn)
+    train_step = make_train_step(loss_fn, norms=norms, update_norm=update_norm)
+    return make_epoch_fn(train_step, eval_step), make_evaluate_fn(eval_step)
 
 
 def _num_outputs(state: TrainState, x: np.ndarray) -> int:
@@ -99,6 +106,7 @@ def fit(
     callbacks: Sequence[Callback] = (),
     reporter: Any = None,
     norms: bool = True,
+    update_norm: bool = False,
 ) -> tuple[TrainState, History]:
     """Train ``state`` on ``train_data`` for ``epochs`` epochs or ``steps`` optimizer steps.
 
@@ -122,7 +130,10 @@ def fit(
       eval_batch_size: batch size for evaluation (results do not depend on it).
       callbacks: objects with ``on_epoch_end(record, state)`` (see `Callback`).
       reporter: optional progress reporter (see `jtricks.train.progress.RichReporter`).
-      norms: log the epoch means of the gradient, update and parameter norms.
+      norms: log the epoch mean of the gradient norm (``train_grad_norm``); the parameter
+        norm at the end of each epoch is always logged (``train_param_norm``).
+      update_norm: also log per-step update and parameter norms (costly on small models,
+        see `make_train_step`).
 
     Returns:
       ``(final_state, history)``.
@@ -156,7 +167,7 @@ def fit(
     if data_key is None:
         data_key = jax.random.fold_in(state.key, 1)
 
-    run_epoch, evaluate = compiled_functions(loss_fn, norms)
+    run_epoch, _ = compiled_functions(loss_fn, norms, update_norm)
     x_dev, y_dev = jnp.asarray(x), jnp.asarray(y)
     val_batches = pad_batches(*val_data, eval_batch_size) if val_data is not None else None
     history = History()
@@ -164,53 +175,73 @@ def fit(
     t0 = time.perf_counter()
     if reporter is not None:
         reporter.start(total_steps=total_steps, done=0)
+    # Callbacks that only observe (``needs_state = False``) let the next epoch be dispatched
+    # before this epoch's metrics are read, so the device never waits for Python.
+    pipelined = all(getattr(cb, "needs_state", True) is False for cb in callbacks)
+
+    def dispatch(state, done):
+        step = start_step + done
+        epoch, offset = divmod(step, steps_per_epoch)
+        num_steps = min(steps_per_epoch - offset, total_steps - done)
+        state, metrics = run_epoch(
+            state,
+            x_dev,
+            y_dev,
+            data_key,
+            np.int32(epoch),
+            np.int32(offset),
+            val_batches,
+            num_steps=num_steps,
+            batch_size=batch_size,
+        )
+        return state, (metrics, epoch, step + num_steps, num_steps, done + num_steps)
+
     try:
-        done = 0
-        while done < total_steps:
-            step = start_step + done
-            epoch = step // steps_per_epoch
-            num_steps = min(steps_per_epoch - step % steps_per_epoch, total_steps - done)
-            t_epoch = time.perf_counter()
-            state, metrics = run_epoch(
-                state,
-                x_dev,
-                y_dev,
-                jax.random.fold_in(data_key, epoch),
-                jnp.int32(step % steps_per_epoch),
-                num_steps=num_steps,
-                batch_size=batch_size,
-            )
+        t_last = time.perf_counter()
+        state, pending = dispatch(state, 0)
+        while pending is not None:
+            upcoming = None
+            if pipelined and pending[4] < total_steps:
+                state, upcoming = dispatch(state, pending[4])
+            metrics, epoch, end_step, num_steps, done = pending
             metrics = jax.device_get(metrics)
-            dt = time.perf_counter() - t_epoch
-            done += num_steps
-            record: dict[str, Any] = {"epoch": epoch + 1, "step": step + num_steps}
-            record.update(
-                {
-                    ("lr" if k == "learning_rate" else f"train_{k}"): float(v)
-                    for k, v in metrics.items()
-                }
-            )
-            if val_batches is not None:
-                record.update(
-                    {
-                        f"val_{k}": float(v)
-                        for k, v in jax.device_get(evaluate(state, *val_batches)).items()
-                    }
-                )
-            record["steps_per_s"] = num_steps / dt
-            record["elapsed_s"] = time.perf_counter() - t0
+            now = time.perf_counter()
+            record: dict[str, Any] = {"epoch": epoch + 1, "step": end_step}
+            for k, v in metrics.items():
+                name = "lr" if k == "learning_rate" else k if k.startswith("val_") else f"train_{k}"
+                record[name] = float(v)
+            record["steps_per_s"] = num_steps / (now - t_last)
+            record["elapsed_s"] = now - t0
+            t_last = now
             history.records.append(record)
             if reporter is not None:
                 reporter.epoch_end(record, done=done)
             stop = False
             for cb in callbacks:
-                out = cb.on_epoch_end(record, state)
+                out = cb.on_epoch_end(record, None if pipelined else state)
                 if isinstance(out, TrainState):
                     state = out
+                elif isinstance(out, StopTraining):
+                    state = out.state if out.state is not None else state
+                    record["stopped"] = out.reason or type(cb).__name__
+                    stop = True
                 elif out:
                     stop = True
             if stop:
+                if pipelined:
+                    raise RuntimeError("a callback with needs_state=False must not stop training")
                 break
+            if pipelined:
+                pending = upcoming
+            elif done < total_steps:
+                state, pending = dispatch(state, done)
+            else:
+                pending = None
+        for cb in callbacks:
+            end = getattr(cb, "on_train_end", None)
+            out = end(state) if end is not None and not pipelined else None
+            if isinstance(out, TrainState):
+                state = out
     finally:
         if reporter is not None:
             reporter.close()

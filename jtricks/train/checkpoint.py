@@ -1,0 +1,304 @@
+"""Checkpoints through orbax, committed atomically, verified on restore (T08).
+
+Layout of a checkpoint directory::
+
+    ckpt/epoch-000012/            one committed checkpoint
+        state/                    the TrainState arrays, written by orbax (no pickle)
+        meta.json                 epoch, step, history records, callback states
+        manifest.json             SHA-256 and size of every file above
+    ckpt/best/                    a copy of the best checkpoint (same layout)
+
+New here (orbax writes the arrays): a checkpoint is first written to a hidden
+``.tmp-*`` directory, its manifest last, and only then renamed into place, so a
+crash at any moment leaves either the previous checkpoints or a complete new
+one; leftovers are removed by the next save. `restore` checks the manifest, so
+a corrupt or truncated file is reported by name, and `restore_latest` falls
+back to the newest checkpoint that is intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jtricks.errors import ConfigError
+from jtricks.train.state import TrainState
+
+PREFIX = "epoch-"
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be used: corrupt, truncated, or not matching the model."""
+
+
+def _arrays(state: TrainState) -> dict[str, Any]:
+    return {
+        "step": state.step,
+        "params": state.params,
+        "batch_stats": state.batch_stats,
+        "opt_state": state.opt_state,
+        "key": jax.random.key_data(state.key),
+    }
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != "manifest.json")
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """Atomically move a complete checkpoint into place (replacing ``final`` if it exists)."""
+    if final.exists():
+        old = final.with_name(f".old-{final.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def save(directory: str | os.PathLike, name: str, state: TrainState, meta: dict[str, Any]) -> Path:
+    """Write ``state`` and ``meta`` as checkpoint ``directory/name``, atomically.
+
+    Returns the committed checkpoint's path.
+    """
+    import orbax.checkpoint as ocp
+
+    root = Path(directory).absolute()
+    root.mkdir(parents=True, exist_ok=True)
+    for leftover in root.glob(".tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp = root / f".tmp-{name}"
+    tmp.mkdir()
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(tmp / "state", _arrays(state))
+    ckptr.wait_until_finished()
+    ckptr.close()
+    _write_json(tmp / "meta.json", meta)
+    manifest = {
+        str(p.relative_to(tmp)): {"sha256": _digest(p), "size": p.stat().st_size}
+        for p in _files(tmp)
+    }
+    _write_json(tmp / "manifest.json", manifest)
+    final = root / name
+    _commit(tmp, final)
+    return final
+
+
+def verify(path: str | os.PathLike) -> None:
+    """Check every file of a checkpoint against its manifest.
+
+    Raises:
+      CheckpointError: naming the first missing, truncated or altered file.
+    """
+    path = Path(path)
+    manifest_path = path / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path}: cannot read {manifest_path}: {e}") from None
+    for rel, info in manifest.items():
+        f = path / rel
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path}: file {f} is missing")
+        if f.stat().st_size != info["size"]:
+            raise CheckpointError(
+                f"checkpoint {path}: file {f} is truncated ({f.stat().st_size} of {info['size']} bytes)"
+            )
+        if _digest(f) != info["sha256"]:
+            raise CheckpointError(f"checkpoint {path}: file {f} is corrupt (checksum mismatch)")
+
+
+def restore(path: str | os.PathLike, target: TrainState) -> tuple[TrainState, dict[str, Any]]:
+    """Restore a checkpoint into the structure of ``target`` (a freshly created state).
+
+    Raises:
+      CheckpointError: if a file is corrupt or truncated (named), or the arrays do not match
+        the model and optimizer of ``target`` (the first differing leaf is named).
+    """
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    verify(path)
+    meta = json.loads((path / "meta.json").read_text())
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), _arrays(target)
+    )
+    ckptr = ocp.StandardCheckpointer()
+    try:
+        saved = ckptr.metadata(path / "state")
+        saved_tree = getattr(saved, "item_metadata", saved)
+        saved_tree = getattr(saved_tree, "tree", saved_tree)
+        _check_match(saved_tree, abstract, path)
+        arrays = ckptr.restore(path / "state", abstract)
+    except CheckpointError:
+        raise
+    except Exception as e:  # orbax / tensorstore errors on damaged data
+        raise CheckpointError(
+            f"checkpoint {path}: cannot restore arrays: {type(e).__name__}: {e}"
+        ) from None
+    finally:
+        ckptr.close()
+    state = target.replace(
+        step=arrays["step"],
+        params=arrays["params"],
+        batch_stats=arrays["batch_stats"],
+        opt_state=arrays["opt_state"],
+        key=jax.random.wrap_key_data(arrays["key"], impl=jax.random.key_impl(target.key)),
+    )
+    return state, meta
+
+
+def _check_match(saved: Any, abstract: Any, path: Path) -> None:
+    saved_leaves = {
+        jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(saved)
+    }
+    want = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(abstract)}
+    missing = sorted(set(want) - set(saved_leaves))
+    extra = sorted(set(saved_leaves) - set(want))
+    if missing or extra:
+        raise CheckpointError(
+            f"checkpoint {path} does not match the model/optimizer: "
+            f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}"
+        )
+    for k, w in want.items():
+        shape = tuple(getattr(saved_leaves[k], "shape", ()) or ())
+        if shape != tuple(w.shape):
+            raise CheckpointError(
+                f"checkpoint {path} does not match the model: {k} has shape {shape}, the model expects {tuple(w.shape)}"
+            )
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """Committed epoch checkpoints in ``directory``, oldest first."""
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def restore_latest(
+    directory: str | os.PathLike, target: TrainState, *, log=None
+) -> tuple[TrainState, dict] | None:
+    """Restore the newest intact checkpoint, falling back past damaged ones (each reported).
+
+    Returns ``None`` if there is no checkpoint at all.
+
+    Raises:
+      CheckpointError: if checkpoints exist but none can be restored, or they do not match the model.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    candidates = list_checkpoints(directory)
+    errors = []
+    for path in reversed(candidates):
+        try:
+            return restore(path, target)
+        except CheckpointError as e:
+            if "does not match" in str(e):
+                raise
+            errors.append(str(e))
+            log(f"jtricks: warning: {e}; falling back to the previous checkpoint")
+    if errors:
+        raise CheckpointError(
+            "no intact checkpoint in " + str(directory) + ": " + "; ".join(errors)
+        )
+    return None
+
+
+class Checkpointer:
+    """Fit callback: save every ``every`` epochs (and at the end), keep the last ``keep``,
+    and keep a copy of the best epoch by ``monitor`` in ``directory/best``.
+
+    ``meta_fn(record, state)`` may add JSON-able data (e.g. callback states) to each
+    checkpoint's ``meta.json``; the fit history so far is always included.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        every: int = 1,
+        keep: int = 3,
+        monitor: str | None = "val_loss",
+        mode: str = "min",
+        meta_fn=None,
+    ) -> None:
+        if every < 1 or keep < 1:
+            raise ConfigError(
+                f"every and keep must be >= 1; got every={every}, keep={keep}", param="checkpoint"
+            )
+        if mode not in ("min", "max"):
+            raise ConfigError(f"mode must be 'min' or 'max'; got {mode!r}", param="mode")
+        self.directory = Path(directory)
+        self.every, self.keep, self.monitor, self.mode, self.meta_fn = (
+            every,
+            keep,
+            monitor,
+            mode,
+            meta_fn,
+        )
+        self.records: list[dict[str, Any]] = []
+        self.best: float | None = None
+        self._last_saved_epoch: int | None = None
+
+    def _meta(self, record: dict[str, Any], state: TrainState) -> dict[str, Any]:
+        meta = {
+            "epoch": record["epoch"],
+            "step": record["step"],
+            "history": list(self.records),
+            "best": self.best,
+        }
+        if self.meta_fn is not None:
+            meta.update(self.meta_fn(record, state))
+        return meta
+
+    def on_epoch_end(self, record: dict[str, Any], state: TrainState) -> None:
+        self.records.append(record)
+        value = record.get(self.monitor) if self.monitor else None
+        improved = (
+            value is not None
+            and np.isfinite(value)
+            and (
+                self.best is None
+                or (value < self.best if self.mode == "min" else value > self.best)
+            )
+        )
+        if improved:
+            self.best = float(value)
+        if record["epoch"] % self.every == 0:
+            self._save(record, state)
+        if improved:
+            save(self.directory, "best", state, self._meta(record, state))
+
+    def on_train_end(self, state: TrainState) -> None:
+        if self.records and self._last_saved_epoch != self.records[-1]["epoch"]:
+            self._save(self.records[-1], state)
+
+    def _save(self, record: dict[str, Any], state: TrainState) -> None:
+        save(self.directory, f"{PREFIX}{record['epoch']:06d}", state, self._meta(record, state))
+        self._last_saved_epoch = record["epoch"]
+        for old in list_checkpoints(self.directory)[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
