@@ -62,6 +62,7 @@ class History:
     """
 
     records: list[dict[str, Any]] = field(default_factory=list)
+    stopped: str | None = None
 
     def __getitem__(self, key: str) -> np.ndarray:
         return np.asarray([r[key] for r in self.records])
@@ -107,6 +108,7 @@ def fit(
     reporter: Any = None,
     norms: bool = True,
     update_norm: bool = False,
+    max_nonfinite: int = 20,
 ) -> tuple[TrainState, History]:
     """Train ``state`` on ``train_data`` for ``epochs`` epochs or ``steps`` optimizer steps.
 
@@ -134,6 +136,9 @@ def fit(
         norm at the end of each epoch is always logged (``train_param_norm``).
       update_norm: also log per-step update and parameter norms (costly on small models,
         see `make_train_step`).
+      max_nonfinite: a step whose loss or gradient is NaN/inf is skipped (the state is
+        kept) and counted in ``train_nonfinite``; after this many consecutive such steps
+        training stops, keeping the last good state, and ``history.stopped`` says why.
 
     Returns:
       ``(final_state, history)``.
@@ -196,6 +201,8 @@ def fit(
         )
         return state, (metrics, epoch, step + num_steps, num_steps, done + num_steps)
 
+    streak = worst = 0
+    max_nonfinite = check_int("max_nonfinite", max_nonfinite, low=1)
     try:
         t_last = time.perf_counter()
         state, pending = dispatch(state, 0)
@@ -207,9 +214,15 @@ def fit(
             metrics = jax.device_get(metrics)
             now = time.perf_counter()
             record: dict[str, Any] = {"epoch": epoch + 1, "step": end_step}
+            flags = metrics.pop("nonfinite", None)
             for k, v in metrics.items():
                 name = "lr" if k == "learning_rate" else k if k.startswith("val_") else f"train_{k}"
                 record[name] = float(v)
+            if flags is not None:
+                record["train_nonfinite"] = int(flags.sum())
+                for flag in flags:
+                    streak = streak + 1 if flag else 0
+                    worst = max(worst, streak)
             record["steps_per_s"] = num_steps / (now - t_last)
             record["elapsed_s"] = now - t0
             t_last = now
@@ -217,13 +230,21 @@ def fit(
             if reporter is not None:
                 reporter.epoch_end(record, done=done)
             stop = False
+            if worst >= max_nonfinite:
+                history.stopped = record["stopped"] = (
+                    f"{worst} consecutive steps had a non-finite loss or gradient (up to step {end_step}); "
+                    "training stopped and kept the last good state"
+                )
+                if pipelined and upcoming is not None:  # finish the epoch already in flight
+                    jax.block_until_ready(upcoming[0])
+                break
             for cb in callbacks:
                 out = cb.on_epoch_end(record, None if pipelined else state)
                 if isinstance(out, TrainState):
                     state = out
                 elif isinstance(out, StopTraining):
                     state = out.state if out.state is not None else state
-                    record["stopped"] = out.reason or type(cb).__name__
+                    history.stopped = record["stopped"] = out.reason or type(cb).__name__
                     stop = True
                 elif out:
                     stop = True

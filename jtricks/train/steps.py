@@ -35,7 +35,11 @@ def _apply(state: TrainState, params: Any, x: jax.Array, *, train: bool, key: ja
 
 
 def make_train_step(
-    loss_fn: LossFn = cross_entropy, *, norms: bool = True, update_norm: bool = False
+    loss_fn: LossFn = cross_entropy,
+    *,
+    norms: bool = True,
+    update_norm: bool = False,
+    skip_nonfinite: bool = True,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Build ``train_step(state, (x, y)) -> (state, metrics)``.
 
@@ -54,6 +58,9 @@ def make_train_step(
       loss_fn: per-example loss ``(logits, labels) -> (N,)``.
       norms: return ``grad_norm``.
       update_norm: also return ``update_norm`` and ``param_norm`` every step.
+      skip_nonfinite: if the loss or any gradient entry is NaN or inf, keep the old
+        parameters, optimizer state and BatchNorm statistics (the step still counts);
+        the metric ``nonfinite`` is 1 for such a step (`fit` stops after a streak).
     """
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
@@ -70,6 +77,14 @@ def make_train_step(
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "accuracy": jnp.mean(accuracy(logits, y))}
+        if skip_nonfinite:
+            grad_norm = optax.tree.norm(grads)
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+            params = keep(params, state.params)
+            opt_state = keep(opt_state, state.opt_state)
+            batch_stats = keep(batch_stats, state.batch_stats)
+            metrics["nonfinite"] = (~finite).astype(jnp.int32)
         lr = current_learning_rate(opt_state)  # the new state holds the rate this step used
         if lr is not None:
             metrics["learning_rate"] = jnp.asarray(lr, jnp.float32)
@@ -144,7 +159,10 @@ def make_epoch_fn(
             return train_step(state, (x[i], y[i]))
 
         state, metrics = jax.lax.scan(body, state, idx)
+        flags = metrics.pop("nonfinite", None)
         metrics = jax.tree.map(jnp.mean, metrics)
+        if flags is not None:
+            metrics["nonfinite"] = flags  # per step, so fit can count streaks across epochs
         if "param_norm" not in metrics:
             metrics["param_norm"] = optax.tree.norm(state.params)  # once, at the end of the epoch
         if val is not None and eval_step is not None:
