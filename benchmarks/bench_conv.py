@@ -22,7 +22,7 @@ import optax
 
 from jtricks.nn import CNN1D
 from jtricks.run import environment
-from jtricks.train import create_train_state, make_train_step
+from jtricks.training import create_train_state, make_train_step
 
 
 def main() -> None:

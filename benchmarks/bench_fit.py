@@ -29,7 +29,7 @@ import optax
 from jtricks.data import Scaler, epoch_indices, load_dataset, train_val_split
 from jtricks.nn import build_model
 from jtricks.run import environment
-from jtricks.train import create_train_state, fit
+from jtricks.training import create_train_state, fit
 
 
 def hand_written(model, tx, x, y, batch_size: int, data_key):

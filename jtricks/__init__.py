@@ -11,7 +11,7 @@ from jtricks.errors import ConfigError
 from jtricks.nn import build_model
 from jtricks.optim import build_optimizer
 from jtricks.run import RunResult, TrainConfig, train
-from jtricks.train import History, TrainState, create_train_state, evaluate, fit
+from jtricks.training import History, TrainState, create_train_state, evaluate, fit
 
 __all__ = [
     "ConfigError",

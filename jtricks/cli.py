@@ -29,6 +29,11 @@ FLAGS = {
     "seed": "--seed",
     "eval_batch_size": "--eval-batch-size",
     "out": "--out",
+    "resume": "--resume",
+    "early_stopping": "--early-stopping",
+    "checkpoint_every": "--checkpoint-every",
+    "keep_checkpoints": "--keep-checkpoints",
+    "max_nonfinite": "--max-nonfinite",
 }
 
 
@@ -101,6 +106,37 @@ def _build_parser() -> argparse.ArgumentParser:
         "--out", default=None, help="run folder (default runs/train-<time>); must be new or empty"
     )
     t.add_argument(
+        "--early-stopping",
+        type=int,
+        default=None,
+        metavar="PATIENCE",
+        help="stop when the validation loss has not improved for PATIENCE epochs; keep the best",
+    )
+    t.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=10,
+        help="checkpoint every N epochs (and at the end)",
+    )
+    t.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=3,
+        help="keep the last K checkpoints (plus the best)",
+    )
+    t.add_argument(
+        "--max-nonfinite",
+        type=int,
+        default=20,
+        help="stop after N consecutive steps with a NaN/inf loss or gradient (each is skipped)",
+    )
+    t.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its newest intact checkpoint, with its own config",
+    )
+    t.add_argument(
         "--log-every",
         type=int,
         default=10,
@@ -117,7 +153,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from jtricks.run import TrainConfig, train
-    from jtricks.train.progress import RichReporter
+    from jtricks.training.progress import RichReporter
 
     config = TrainConfig(
         dataset=args.dataset,
@@ -133,17 +169,35 @@ def _cmd_train(args: argparse.Namespace) -> int:
         preprocess=args.preprocess,
         seed=args.seed,
         eval_batch_size=args.eval_batch_size,
+        early_stopping=args.early_stopping,
+        checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints,
+        max_nonfinite=args.max_nonfinite,
     )
     if args.log_every < 1:
         raise ConfigError(f"--log-every must be >= 1; got {args.log_every}")
-    out = args.out or str(Path("runs") / time.strftime("train-%Y%m%d-%H%M%S"))
     reporter = RichReporter(every=args.log_every) if args.progress else None
-    result = train(config, out=out, reporter=reporter)
+    if args.resume is not None:
+        default = TrainConfig()
+        changed = [
+            FLAGS.get(f, f) for f in default.to_dict() if getattr(config, f) != getattr(default, f)
+        ]
+        if changed or args.out is not None:
+            raise ConfigError(
+                f"--resume continues with the run's own config.json; do not also give {', '.join(changed + (['--out'] if args.out else []))}",
+                param="resume",
+            )
+        result = train(resume=args.resume, reporter=reporter)
+    else:
+        out = args.out or str(Path("runs") / time.strftime("train-%Y%m%d-%H%M%S"))
+        result = train(config, out=out, reporter=reporter)
+    if result.history.stopped:
+        print(f"stopped: {result.history.stopped}", file=sys.stderr)
     print(
         f"test_loss {result.test['loss']:.4f}  test_accuracy {result.test['accuracy']:.4f}  "
         f"wall {result.wall_s:.1f}s  run folder {result.out}"
     )
-    return 0
+    return 1 if result.history.stopped and "non-finite" in result.history.stopped else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,7 +21,16 @@ from jtricks.errors import ConfigError, check_int, check_range
 from jtricks.nn import build_model
 from jtricks.optim import build_optimizer, build_schedule
 from jtricks.optim.schedules import Plateau
-from jtricks.train import History, ReduceLROnPlateau, TrainState, create_train_state, evaluate, fit
+from jtricks.training import (
+    EarlyStopping,
+    History,
+    ReduceLROnPlateau,
+    TrainState,
+    create_train_state,
+    evaluate,
+    fit,
+)
+from jtricks.training.checkpoint import Checkpointer, restore, restore_latest
 
 
 @dataclass(frozen=True)
@@ -34,7 +43,10 @@ class TrainConfig:
     in epochs (see `jtricks.optim.build_schedule`). Give ``epochs`` or ``steps`` (not both); with neither, ``steps=6000`` (the paper's).
     ``val_fraction`` of the training split (stratified by class unless
     ``stratify=False``) is held out for validation; ``preprocess`` is fitted on
-    the remaining training examples only.
+    the remaining training examples only. ``early_stopping`` is a patience in
+    epochs on the validation loss (best parameters restored); with a run folder,
+    checkpoints are written every ``checkpoint_every`` epochs and at the end,
+    keeping ``keep_checkpoints`` of them plus the best by validation loss.
     """
 
     dataset: str = "mnist1d"
@@ -50,6 +62,10 @@ class TrainConfig:
     preprocess: str = "standardize"
     seed: int = 0
     eval_batch_size: int = 1000
+    early_stopping: int | None = None
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 3
+    max_nonfinite: int = 20
 
     DEFAULT_STEPS = 6000
 
@@ -72,6 +88,11 @@ class TrainConfig:
         check_int("batch_size", self.batch_size, low=1)
         check_int("eval_batch_size", self.eval_batch_size, low=1)
         check_int("seed", self.seed, low=0)
+        check_int("checkpoint_every", self.checkpoint_every, low=1)
+        check_int("keep_checkpoints", self.keep_checkpoints, low=1)
+        check_int("max_nonfinite", self.max_nonfinite, low=1)
+        if self.early_stopping is not None:
+            check_int("early_stopping", self.early_stopping, low=1)
         if self.epochs is not None and self.steps is not None:
             raise ConfigError(
                 f"give epochs or steps, not both; got epochs={self.epochs}, steps={self.steps}",
@@ -200,6 +221,36 @@ def _prepare_out(out: str | os.PathLike) -> Path:
     return path
 
 
+def _load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(
+            f"cannot resume {str(run_dir)!r}: {path} does not exist (not a jtricks run folder)",
+            param="resume",
+        )
+    if (Path(run_dir) / "summary.json").exists():
+        raise ConfigError(
+            f"cannot resume {str(run_dir)!r}: the run already finished (summary.json exists)",
+            param="resume",
+        )
+    try:
+        saved = json.loads(path.read_text())["config"]
+        return TrainConfig.from_dict(saved)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(
+            f"cannot resume {str(run_dir)!r}: {path} is not a valid run config: {e}", param="resume"
+        ) from None
+
+
+def _rewrite_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+
+    _atomic_write(path, write)
+
+
 def environment() -> dict[str, Any]:
     """Versions and device of this process, recorded beside every run."""
     import flax
@@ -228,6 +279,7 @@ def train(
     out: str | os.PathLike | None = None,
     progress: bool = False,
     reporter: Any = None,
+    resume: str | os.PathLike | None = None,
     **overrides: Any,
 ) -> RunResult:
     """Run one training job end to end: data, split, preprocessing, model, optimizer, `fit`, test.
@@ -240,6 +292,9 @@ def train(
         ``summary.json`` (final test metrics). ``None`` writes nothing.
       progress: show a rich progress bar and a line per epoch on stdout.
       reporter: a custom progress reporter (overrides ``progress``).
+      resume: a run folder to continue from its newest intact checkpoint, with its own
+        ``config.json`` (``config`` and overrides are then not allowed). The final
+        parameters are bit-identical to an uninterrupted run's.
 
     Returns:
       A `RunResult`.
@@ -253,6 +308,12 @@ def train(
       >>> result.test["accuracy"]
     """
     t0 = time.perf_counter()
+    if resume is not None:
+        if config is not None or overrides or out is not None:
+            raise ConfigError(
+                "resume takes the run's own config.json; give no other settings", param="resume"
+            )
+        config, out = _load_run_config(resume), Path(resume)
     config = config or TrainConfig()
     valid = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(overrides) - valid
@@ -299,45 +360,87 @@ def train(
         config.optimizer, config.learning_rate, schedule=schedule, plateau=is_plateau
     )
 
-    run_dir = None
     callbacks: list[Any] = []
+    plateau_cb = early_cb = None
     if is_plateau:
-        callbacks.append(
-            ReduceLROnPlateau(
-                plateau.factor,
-                plateau.patience,
-                plateau.min_delta,
-                monitor=plateau.monitor,
-                mode=plateau.mode,
-                min_scale=plateau.min_scale,
-            )
+        plateau_cb = ReduceLROnPlateau(
+            plateau.factor,
+            plateau.patience,
+            plateau.min_delta,
+            monitor=plateau.monitor,
+            mode=plateau.mode,
+            min_scale=plateau.min_scale,
         )
-    if out is not None:
-        run_dir = _prepare_out(out)
-        write_json(
-            run_dir / "config.json", {"config": config.to_dict(), "environment": environment()}
-        )
-        callbacks.append(MetricsLog(run_dir / "metrics.jsonl"))
+        callbacks.append(plateau_cb)
+    if config.early_stopping is not None:
+        early_cb = EarlyStopping(config.early_stopping)
+        callbacks.append(early_cb)
     if reporter is None and progress:
-        from jtricks.train.progress import RichReporter
+        from jtricks.training.progress import RichReporter
 
         reporter = RichReporter()
 
     key = jax.random.key(config.seed)
     init_key, data_key = jax.random.split(key)
     state = create_train_state(model, tx, x_tr, init_key)
-    state, history = fit(
-        state,
-        (x_tr, y_tr),
-        val_data=(x_val, y_val),
-        batch_size=config.batch_size,
-        epochs=epochs,
-        steps=steps,
-        data_key=data_key,
-        eval_batch_size=config.eval_batch_size,
-        callbacks=callbacks,
-        reporter=reporter,
-    )
+    records: list[dict[str, Any]] = []
+    run_dir = None
+    if out is not None:
+        run_dir = Path(out) if resume is not None else _prepare_out(out)
+        ckpt_dir = run_dir / "checkpoints"
+        if resume is not None:
+            restored = restore_latest(ckpt_dir, state)
+            if restored is not None:
+                state, meta = restored
+                records = meta["history"]
+                cb_states = meta.get("callbacks", {})
+                if plateau_cb is not None and "plateau" in cb_states:
+                    plateau_cb.load_state_dict(cb_states["plateau"])
+                if early_cb is not None and "early_stopping" in cb_states:
+                    best = (
+                        restore(ckpt_dir / "best", state)[0]
+                        if (ckpt_dir / "best").is_dir()
+                        else None
+                    )
+                    early_cb.load_state_dict(cb_states["early_stopping"], best)
+            _rewrite_jsonl(run_dir / "metrics.jsonl", records)  # drop epochs after the checkpoint
+        else:
+            write_json(
+                run_dir / "config.json", {"config": config.to_dict(), "environment": environment()}
+            )
+
+        def meta_fn(record, state):
+            cbs = {}
+            if plateau_cb is not None:
+                cbs["plateau"] = plateau_cb.state_dict()
+            if early_cb is not None:
+                cbs["early_stopping"] = early_cb.state_dict()
+            return {"callbacks": cbs}
+
+        checkpointer = Checkpointer(
+            ckpt_dir, every=config.checkpoint_every, keep=config.keep_checkpoints, meta_fn=meta_fn
+        )
+        checkpointer.records = list(records)
+        checkpointer.best = min((r["val_loss"] for r in records), default=None)
+        callbacks = [MetricsLog(run_dir / "metrics.jsonl"), *callbacks, checkpointer]
+
+    remaining = total_steps - int(state.step)
+    history = History(list(records))
+    if remaining > 0:
+        state, new = fit(
+            state,
+            (x_tr, y_tr),
+            val_data=(x_val, y_val),
+            batch_size=config.batch_size,
+            steps=remaining,
+            data_key=data_key,
+            eval_batch_size=config.eval_batch_size,
+            callbacks=callbacks,
+            reporter=reporter,
+            max_nonfinite=config.max_nonfinite,
+        )
+        history.records.extend(new.records)
+        history.stopped = new.stopped
     test = evaluate(state, (x_test, data.y_test), batch_size=config.eval_batch_size)
     wall = time.perf_counter() - t0
     if run_dir is not None:
@@ -354,6 +457,7 @@ def train(
                 "epochs": last["epoch"],
                 "wall_s": wall,
                 "num_params": int(sum(np.size(p) for p in jax.tree.leaves(state.params))),
+                "stopped": history.stopped,
             },
         )
     return RunResult(config, state, history, test, run_dir, wall)

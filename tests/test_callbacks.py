@@ -9,7 +9,7 @@ import pytest
 
 from jtricks.errors import ConfigError
 from jtricks.nn import MLP
-from jtricks.train import EarlyStopping, StopTraining, create_train_state, fit
+from jtricks.training import EarlyStopping, StopTraining, create_train_state, fit
 
 MODEL = MLP(num_classes=4, features=(16,))
 

@@ -13,7 +13,7 @@ from jtricks.errors import ConfigError
 from jtricks.optim import build_optimizer, build_schedule, current_learning_rate
 from jtricks.optim import schedules as S
 from jtricks.optim.schedules import Plateau
-from jtricks.train import ReduceLROnPlateau, TrainState
+from jtricks.training import ReduceLROnPlateau, TrainState
 
 T = np.arange(0, 200)
 

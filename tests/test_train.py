@@ -11,8 +11,8 @@ import pytest
 from jtricks.data import epoch_indices
 from jtricks.errors import ConfigError
 from jtricks.nn import MLP
-from jtricks.train import create_train_state, evaluate, fit, make_train_step
-from jtricks.train.fit import compiled_functions
+from jtricks.training import create_train_state, evaluate, fit, make_train_step
+from jtricks.training.fit import compiled_functions
 
 MODEL = MLP(num_classes=4, features=(16,))
 

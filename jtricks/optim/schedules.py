@@ -5,7 +5,7 @@ texts' per-epoch multiplicative decay and the continuous exponential
 ``eta_0 exp(-lambda t)``, plus `build_schedule`, which reads a spec whose
 arguments are in epochs (as the texts state them) and converts to steps.
 Reduce-on-plateau is not a function of the step: it is a fit callback
-(`jtricks.train.callbacks.ReduceLROnPlateau`) acting on `scale_by_plateau`.
+(`jtricks.training.callbacks.ReduceLROnPlateau`) acting on `scale_by_plateau`.
 """
 
 from __future__ import annotations

@@ -387,7 +387,7 @@ class PlateauScaleState(NamedTuple):
 
 def scale_by_plateau() -> optax.GradientTransformation:
     """Multiply updates by ``plateau_scale`` (starts at 1), which a fit callback lowers when the
-    validation metric stops improving (`jtricks.train.callbacks.ReduceLROnPlateau`) via
+    validation metric stops improving (`jtricks.training.callbacks.ReduceLROnPlateau`) via
     ``optax.tree_utils.tree_set(opt_state, plateau_scale=...)``."""
 
     def update_fn(updates, state, params=None):

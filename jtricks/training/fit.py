@@ -15,9 +15,9 @@ import numpy as np
 from jtricks.data.datasets import validate_arrays
 from jtricks.errors import ConfigError, check_int
 from jtricks.losses import cross_entropy
-from jtricks.train.callbacks import StopTraining
-from jtricks.train.state import TrainState
-from jtricks.train.steps import (
+from jtricks.training.callbacks import StopTraining
+from jtricks.training.state import TrainState
+from jtricks.training.steps import (
     LossFn,
     make_epoch_fn,
     make_eval_step,
@@ -131,7 +131,7 @@ def fit(
       loss_fn: per-example loss ``(logits, labels) -> (N,)``.
       eval_batch_size: batch size for evaluation (results do not depend on it).
       callbacks: objects with ``on_epoch_end(record, state)`` (see `Callback`).
-      reporter: optional progress reporter (see `jtricks.train.progress.RichReporter`).
+      reporter: optional progress reporter (see `jtricks.training.progress.RichReporter`).
       norms: log the epoch mean of the gradient norm (``train_grad_norm``); the parameter
         norm at the end of each epoch is always logged (``train_param_norm``).
       update_norm: also log per-step update and parameter norms (costly on small models,

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from jtricks.errors import ConfigError
-from jtricks.train.state import TrainState
+from jtricks.training.state import TrainState
 
 PREFIX = "epoch-"
 
@@ -172,11 +172,23 @@ def restore(path: str | os.PathLike, target: TrainState) -> tuple[TrainState, di
     return state, meta
 
 
+def _path_name(path: tuple) -> str:
+    """A key path as ``a/b/0/c``, whether its parts are dict keys, attributes or indices
+    (orbax's metadata stores NamedTuple fields as dict keys)."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
 def _check_match(saved: Any, abstract: Any, path: Path) -> None:
-    saved_leaves = {
-        jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(saved)
-    }
-    want = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(abstract)}
+    saved_leaves = {_path_name(k): v for k, v in jax.tree_util.tree_leaves_with_path(saved)}
+    want = {_path_name(k): v for k, v in jax.tree_util.tree_leaves_with_path(abstract)}
     missing = sorted(set(want) - set(saved_leaves))
     extra = sorted(set(saved_leaves) - set(want))
     if missing or extra:

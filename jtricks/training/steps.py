@@ -13,7 +13,7 @@ import optax
 from jtricks.data.batching import epoch_indices
 from jtricks.losses import accuracy, cross_entropy
 from jtricks.optim.pipeline import current_learning_rate
-from jtricks.train.state import TrainState
+from jtricks.training.state import TrainState
 
 Batch = tuple[jax.Array, jax.Array]
 Metrics = dict[str, jax.Array]

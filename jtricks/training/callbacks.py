@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from jtricks.errors import ConfigError, check_int, check_range
-from jtricks.train.state import TrainState
+from jtricks.training.state import TrainState
 
 
 class ReduceLROnPlateau:
@@ -50,6 +50,12 @@ class ReduceLROnPlateau:
         self.best = math.inf if mode == "min" else -math.inf
         self.wait = 0
         self.scale = 1.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "wait": self.wait, "scale": self.scale}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.best, self.wait, self.scale = d["best"], d["wait"], d["scale"]
 
     def on_epoch_end(self, record: dict[str, Any], state: TrainState) -> TrainState | None:
         if self.monitor not in record:

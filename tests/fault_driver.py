@@ -1,0 +1,59 @@
+"""Runs `jtricks train` in a subprocess and kills itself with SIGKILL at a chosen point.
+
+Usage: python tests/fault_driver.py MODE EPOCH -- jtricks-train-args...
+  MODE "epoch": SIGKILL while epoch EPOCH is being computed (after its dispatch).
+  MODE "save":  SIGKILL while the checkpoint of epoch EPOCH is being written (its arrays
+                are on disk, its metadata and manifest are not, nothing is committed).
+Test-only fault injection; the library has no hooks for it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+
+def main() -> None:
+    mode, epoch = sys.argv[1], int(sys.argv[2])
+    args = sys.argv[4:]
+    import importlib
+
+    ckpt = importlib.import_module("jtricks.training.checkpoint")
+    fit_mod = importlib.import_module("jtricks.training.fit")  # the module, not the re-exported function
+
+    def die():
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if mode == "epoch":
+        original = fit_mod.compiled_functions
+
+        def patched(*a, **k):
+            run_epoch, evaluate = original(*a, **k)
+
+            def run(state, x, y, data_key, ep, *rest, **kw):
+                out = run_epoch(state, x, y, data_key, ep, *rest, **kw)
+                if int(ep) + 1 == epoch:
+                    die()  # the epoch is in flight on the device
+                return out
+
+            return run, evaluate
+
+        fit_mod.compiled_functions = patched
+    elif mode == "save":
+        original_write = ckpt._write_json
+
+        def write(path, obj):
+            if path.name == "meta.json" and path.parent.name == f".tmp-epoch-{epoch:06d}":
+                die()
+            return original_write(path, obj)
+
+        ckpt._write_json = write
+    from jtricks.cli import main as cli_main
+
+    sys.exit(cli_main(["train", *args]))
+
+
+if __name__ == "__main__":
+    main()
