@@ -8,6 +8,7 @@ one-line message and exit status 2, with no traceback.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 
@@ -42,9 +43,11 @@ def check_range(
 ) -> None:
     """Raise `ConfigError` unless ``low <= value <= high`` (bounds optional, inclusivity set).
 
-    NaN always fails.
+    NaN and infinities always fail.
     """
-    ok = value == value  # rejects NaN
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{name} must be a number; got {value!r}", param=name)
+    ok = math.isfinite(value)  # rejects NaN and +-inf
     if ok and low is not None:
         ok = value >= low if low_inclusive else value > low
     if ok and high is not None:

@@ -20,7 +20,9 @@ def main() -> None:
     import importlib
 
     ckpt = importlib.import_module("jtricks.training.checkpoint")
-    fit_mod = importlib.import_module("jtricks.training.fit")  # the module, not the re-exported function
+    fit_mod = importlib.import_module(
+        "jtricks.training.fit"
+    )  # the module, not the re-exported function
 
     def die():
         sys.stdout.flush()

@@ -27,11 +27,13 @@ def test_train_writes_run_folder(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "epoch   3" in printed and "test_accuracy" in printed
     assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoints",
         "config.json",
         "curves.png",
         "metrics.jsonl",
         "summary.json",
     ]
+    assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("epoch-")] == ["epoch-000003"]
     config = json.loads((out / "config.json").read_text())
     assert config["config"]["epochs"] == 3 and config["environment"]["platform"] == "cpu"
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -149,7 +151,7 @@ def test_existing_run_folder_is_never_overwritten(tmp_path, capsys):
 
 
 BAD = [
-    (["--dataset", "imagenet"], "--dataset", "mnist1d, synthetic"),
+    (["--dataset", "imagenet"], "--dataset", "mnist1d, npz, synthetic"),
     (
         ["--model", "vgg"],
         "--model",

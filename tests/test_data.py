@@ -19,7 +19,7 @@ from jtricks.errors import ConfigError
 
 
 def test_registry_names():
-    assert set(DATASETS) == {"mnist1d", "synthetic"}
+    assert set(DATASETS) == {"mnist1d", "synthetic", "npz"}
 
 
 def test_synthetic_is_seeded_and_shaped():

@@ -197,13 +197,81 @@ def synthetic(
     return Dataset("synthetic", x_train, y_train, x_test, y_test, num_classes)
 
 
-DATASETS: dict[str, Callable[..., Dataset]] = {"mnist1d": mnist1d, "synthetic": synthetic}
+def npz(path: str) -> Dataset:
+    """A dataset from a ``.npz`` file holding ``x``, ``y``, ``x_test`` and ``y_test`` arrays.
+
+    Read with ``allow_pickle=False``: object arrays are refused, never unpickled.
+    Labels must be integers; ``num_classes`` is ``max(y, y_test) + 1``.
+
+    Raises:
+      ConfigError: naming the file for a missing, unreadable or malformed file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"dataset file {str(p)!r} does not exist", param="dataset")
+    try:
+        with np.load(p, allow_pickle=False) as f:
+            missing = [k for k in ("x", "y", "x_test", "y_test") if k not in f.files]
+            if missing:
+                raise ConfigError(
+                    f"dataset file {str(p)!r} lacks array(s) {missing}; it must hold x, y, x_test, y_test",
+                    param="dataset",
+                )
+            arrays = {k: f[k] for k in ("x", "y", "x_test", "y_test")}
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(
+            f"cannot read dataset file {str(p)!r}: {type(e).__name__}: {e}", param="dataset"
+        ) from None
+    for k in ("y", "y_test"):
+        if not np.issubdtype(arrays[k].dtype, np.integer):
+            raise ConfigError(
+                f"dataset file {str(p)!r}: {k} must hold integer labels; got dtype {arrays[k].dtype}",
+                param="dataset",
+            )
+    for k in ("x", "x_test"):
+        if not np.issubdtype(arrays[k].dtype, np.number):
+            raise ConfigError(
+                f"dataset file {str(p)!r}: {k} must be numeric; got dtype {arrays[k].dtype}",
+                param="dataset",
+            )
+    if arrays["y"].size == 0 or arrays["y_test"].size == 0:
+        raise ConfigError(
+            f"dataset file {str(p)!r}: empty dataset (no training or no test examples)",
+            param="dataset",
+        )
+    num_classes = int(max(arrays["y"].max(), arrays["y_test"].max())) + 1
+    return Dataset(
+        name=f"npz:{p}",
+        x_train=arrays["x"].astype(np.float32),
+        y_train=arrays["y"].astype(np.int32),
+        x_test=arrays["x_test"].astype(np.float32),
+        y_test=arrays["y_test"].astype(np.int32),
+        num_classes=num_classes,
+    )
+
+
+DATASETS: dict[str, Callable[..., Dataset]] = {
+    "mnist1d": mnist1d,
+    "synthetic": synthetic,
+    "npz": npz,
+}
 
 
 def load_dataset(spec: str) -> Dataset:
-    """Load a registered dataset from a spec such as ``"mnist1d"`` or ``"synthetic(shape=(8, 8, 3))"``.
+    """Load a registered dataset from a spec such as ``"mnist1d"``, ``"synthetic(shape=(8, 8, 3))"``
+    or ``"npz:PATH"`` (short for ``npz(path='PATH')``).
 
     Raises:
       ConfigError: for an unknown name (the message lists the valid ones) or a bad argument.
     """
+    if isinstance(spec, str) and ":" in spec and "(" not in spec:
+        name, _, path = spec.partition(":")
+        if name not in DATASETS:
+            raise ConfigError(
+                f"unknown dataset {name!r}; valid datasets are: {', '.join(sorted(DATASETS))}",
+                param="dataset",
+            )
+        return build_from_registry(f"{name}(path={path!r})", DATASETS, what="dataset")
     return build_from_registry(spec, DATASETS, what="dataset")

@@ -148,7 +148,8 @@ def fit(
         before any training.
     """
     x, y = (np.asarray(a) for a in train_data)
-    num_classes = _num_outputs(state, x) if x.ndim >= 2 else None
+    validate_arrays(x, y, None, where="training data")  # shapes and values first
+    num_classes = _num_outputs(state, x)
     validate_arrays(x, y, num_classes, where="training data")
     if val_data is not None:
         validate_arrays(*val_data, num_classes, where="validation data")

@@ -1,0 +1,220 @@
+"""One table of bad inputs across the CLI and the Python API: each gives a clear error naming
+what is wrong (exit status 2 on the CLI, no traceback) and leaves nothing behind."""
+
+from __future__ import annotations
+
+import shutil
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import jtricks
+from jtricks.cli import main
+from jtricks.errors import ConfigError
+from jtricks.nn import MLP
+from jtricks.training import create_train_state, fit
+from jtricks.training.checkpoint import CheckpointError, restore_latest
+
+
+def _npz(path, **override):
+    rng = np.random.default_rng(0)
+    arrays = {
+        "x": rng.normal(size=(60, 6)).astype(np.float32),
+        "y": rng.integers(0, 3, 60),
+        "x_test": rng.normal(size=(20, 6)).astype(np.float32),
+        "y_test": rng.integers(0, 3, 20),
+    }
+    arrays.update(override)
+    arrays = {k: v for k, v in arrays.items() if v is not None}
+    np.savez(path, **arrays)
+    return f"npz:{path}"
+
+
+def _nan_x():
+    x = np.zeros((60, 6), np.float32)
+    x[5, 2] = np.nan
+    return x
+
+
+def _inf_x():
+    x = np.zeros((60, 6), np.float32)
+    x[0, 0] = np.inf
+    return x
+
+
+# (id, files to write, CLI args, expected message fragment)
+CLI_CASES = [
+    ("nan-in-data", {"x": _nan_x()}, [], "non-finite values"),
+    ("inf-in-data", {"x": _inf_x()}, [], "non-finite values"),
+    ("labels-out-of-range", {"y": np.arange(60) % 3 - 1}, [], "labels must lie in"),
+    ("float-labels", {"y": np.zeros(60, np.float32)}, [], "integer labels"),
+    ("string-features", {"x": np.array(["a"] * 60)}, [], "must be numeric"),
+    ("shape-mismatch", {"x_test": np.zeros((20, 7), np.float32)}, [], "differ in shape"),
+    ("labels-count-mismatch", {"y": np.zeros(59, np.int64)}, [], "60 examples but 59 labels"),
+    (
+        "empty-dataset",
+        {"x": np.zeros((0, 6), np.float32), "y": np.zeros(0, np.int64)},
+        [],
+        "empty dataset",
+    ),
+    ("missing-array", {"y_test": None}, [], "lacks array(s) ['y_test']"),
+    ("nonfinite-lr", {}, ["--lr", "inf"], "learning_rate"),
+    ("nan-lr", {}, ["--lr", "nan"], "learning_rate"),
+    ("nonfinite-val-fraction", {}, ["--val-fraction", "nan"], "val_fraction"),
+    ("bad-optimizer-number", {}, ["--optimizer", "adam(eps=-1)"], "eps"),
+    ("batch-larger-than-split", {}, ["--batch-size", "500"], "the training split"),
+    ("zero-epochs", {}, ["--epochs", "0"], "epochs"),
+    ("bad-checkpoint-every", {}, ["--checkpoint-every", "0"], "checkpoint_every"),
+    ("bad-early-stopping", {}, ["--early-stopping", "0"], "early_stopping"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "arrays", "args", "match"), CLI_CASES, ids=[c[0] for c in CLI_CASES]
+)
+def test_cli_bad_input(tmp_path, capsys, case, arrays, args, match):
+    spec = _npz(tmp_path / "data.npz", **arrays)
+    out = tmp_path / "run"
+    length = [] if "--epochs" in args else ["--epochs", "1"]
+    status = main(
+        [
+            "train",
+            "--dataset",
+            spec,
+            "--model",
+            "mlp(features=(4,))",
+            *length,
+            "--batch-size",
+            "8",
+            *args,
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert err.startswith("jtricks train: error: ") and match in err and "Traceback" not in err
+    assert not out.exists()  # nothing that could be mistaken for a result
+
+
+def test_cli_missing_file(tmp_path, capsys):
+    assert (
+        main(["train", "--dataset", f"npz:{tmp_path}/absent.npz", "--out", str(tmp_path / "r")])
+        == 2
+    )
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_output_dir_holding_another_run(tmp_path, capsys):
+    spec = _npz(tmp_path / "data.npz")
+    out = tmp_path / "run"
+    base = [
+        "train",
+        "--dataset",
+        spec,
+        "--model",
+        "mlp(features=(4,))",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--no-progress",
+    ]
+    assert main([*base, "--out", str(out)]) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main([*base, "--seed", "3", "--out", str(out)]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # untouched
+
+
+@pytest.fixture(scope="module")
+def state():
+    return create_train_state(
+        MLP(num_classes=3, features=(4,)), optax.sgd(0.1), np.zeros((1, 6)), jax.random.key(0)
+    )
+
+
+API_CASES = [
+    (
+        "fit-wrong-rank",
+        lambda s: fit(s, (np.zeros(10), np.zeros(10, np.int32)), batch_size=2, epochs=1),
+        "shape",
+    ),
+    (
+        "fit-wrong-feature-shape",
+        lambda s: fit(
+            s,
+            (np.zeros((10, 6)), np.zeros(10, np.int32)),
+            batch_size=2,
+            epochs=1,
+            val_data=(np.zeros((4, 5)), np.zeros(4, np.int32)),
+        ),
+        "validation examples",
+    ),
+    (
+        "fit-label-out-of-range",
+        lambda s: fit(s, (np.zeros((10, 6)), np.full(10, 3)), batch_size=2, epochs=1),
+        "labels must lie in",
+    ),
+    (
+        "fit-nan",
+        lambda s: fit(
+            s, (np.full((10, 6), np.nan), np.zeros(10, np.int32)), batch_size=2, epochs=1
+        ),
+        "non-finite",
+    ),
+    (
+        "fit-empty",
+        lambda s: fit(s, (np.zeros((0, 6)), np.zeros(0, np.int32)), batch_size=2, epochs=1),
+        "no examples",
+    ),
+    (
+        "fit-batch-too-big",
+        lambda s: fit(s, (np.zeros((10, 6)), np.zeros(10, np.int32)), batch_size=11, epochs=1),
+        "batch_size",
+    ),
+    ("train-nonfinite-lr", lambda s: jtricks.train(learning_rate=float("nan")), "learning_rate"),
+    ("train-bool-lr", lambda s: jtricks.train(learning_rate=True), "learning_rate"),
+    ("train-unknown-key", lambda s: jtricks.train(lr=0.1), "unknown config key"),
+    ("train-string-seed", lambda s: jtricks.train(seed="0"), "seed"),
+    (
+        "optimizer-nonfinite",
+        lambda s: jtricks.build_optimizer("sgd", float("inf")),
+        "learning_rate",
+    ),
+    (
+        "schedule-nan",
+        lambda s: jtricks.optim.build_schedule(
+            "per_epoch(factor=float('nan'))", 0.1, steps_per_epoch=1, total_steps=1
+        ),
+        "cannot parse",
+    ),
+    ("model-bad-dropout", lambda s: jtricks.build_model("mlp(dropout=-0.1)", 3), "dropout"),
+    ("dataset-bad-shape", lambda s: jtricks.load_dataset("synthetic(shape=(3, -1))"), "shape"),
+    ("dataset-empty", lambda s: jtricks.load_dataset("synthetic(num_train=0)"), "num_train"),
+]
+
+
+@pytest.mark.parametrize(("case", "call", "match"), API_CASES, ids=[c[0] for c in API_CASES])
+def test_api_bad_input(state, case, call, match):
+    with pytest.raises(ConfigError, match=match):
+        call(state)
+
+
+def test_api_checkpoint_for_another_model(tmp_path):
+    spec = _npz(tmp_path / "data.npz")
+    out = tmp_path / "run"
+    jtricks.train(dataset=spec, model="mlp(features=(4,))", epochs=2, batch_size=8, out=out)
+    other = create_train_state(
+        MLP(num_classes=3, features=(5,)), optax.sgd(0.1), np.zeros((1, 6)), jax.random.key(0)
+    )
+    with pytest.raises(CheckpointError, match="does not match the model"):
+        restore_latest(out / "checkpoints", other)
+    shutil.rmtree(out)
+
+
+def test_table_has_at_least_twenty_cases():
+    assert len(CLI_CASES) + len(API_CASES) + 3 >= 20
