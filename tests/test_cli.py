@@ -33,7 +33,9 @@ def test_train_writes_run_folder(tmp_path, capsys):
         "metrics.jsonl",
         "summary.json",
     ]
-    assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("epoch-")] == ["epoch-000003"]
+    assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("epoch-")] == [
+        "epoch-000003"
+    ]
     config = json.loads((out / "config.json").read_text())
     assert config["config"]["epochs"] == 3 and config["environment"]["platform"] == "cpu"
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -226,6 +226,33 @@ class ResidualBlock(nn.Module):
         return act(y + x)
 
 
+def _residual_stages(
+    module: _Base,
+    x: jax.Array,
+    stage_sizes: Sequence[int],
+    widths: Sequence[int],
+    *,
+    train: bool,
+    drop: bool = False,
+) -> jax.Array:
+    """Stages of `ResidualBlock`s inside ``module``'s compact call; the first block of every
+    stage after the first halves the resolution. ``drop`` applies dropout after each block."""
+    for i, (blocks, width) in enumerate(zip(stage_sizes, widths, strict=True)):
+        for j in range(blocks):
+            block = ResidualBlock(
+                width,
+                2 if i > 0 and j == 0 else 1,
+                module.norm,
+                module.activation,
+                module.initializer,
+                name=f"stage{i + 1}_block{j + 1}",
+            )
+            x = block(x, train=train)
+            if drop:
+                x = module._drop(x, train)
+    return x
+
+
 class ResNet(_Base):
     """CIFAR-style ResNet (T22): 3x3 stem, stages of `ResidualBlock`s (the first block of
     every stage after the first halves the resolution), global average pool, linear head.
@@ -264,16 +291,7 @@ class ResNet(_Base):
             name="stem",
         )
         x = act(normalize(self.norm, x, train=train, name="stem_norm"))
-        for i, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
-            for j in range(blocks):
-                x = ResidualBlock(
-                    width,
-                    2 if i > 0 and j == 0 else 1,
-                    self.norm,
-                    self.activation,
-                    self.initializer,
-                    name=f"stage{i + 1}_block{j + 1}",
-                )(x, train=train)
+        x = _residual_stages(self, x, self.stage_sizes, self.widths, train=train)
         x = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
         return self._head(self._drop(x, train))
 
@@ -315,17 +333,9 @@ class WideResCNN1D(_Base):
         act, kinit = get_activation(self.activation), get_initializer(self.initializer)
         x = Conv1D(self.widths[0], 5, 1, 2, kernel_init=kinit, name="stem")(x)
         x = act(normalize(self.norm, x, train=train, name="stem_norm"))
-        for i, width in enumerate(self.widths):
-            for j in range(self.blocks):
-                x = ResidualBlock(
-                    width,
-                    2 if i > 0 and j == 0 else 1,
-                    self.norm,
-                    self.activation,
-                    self.initializer,
-                    name=f"stage{i + 1}_block{j + 1}",
-                )(x, train=train)
-                x = self._drop(x, train)
+        x = _residual_stages(
+            self, x, [self.blocks] * len(self.widths), self.widths, train=train, drop=True
+        )
         return self._head(jnp.mean(x, axis=1))
 
 

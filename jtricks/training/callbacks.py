@@ -13,6 +13,34 @@ from jtricks.errors import ConfigError, check_int, check_range
 from jtricks.training.state import TrainState
 
 
+class _Monitor:
+    """Tracks the best value of one record entry: "improved" means ``value < best - min_delta``
+    (``mode="min"``) or ``value > best + min_delta`` (``mode="max"``); NaN never improves."""
+
+    def __init__(self, name: str, monitor: str, mode: str, min_delta: float) -> None:
+        check_range("min_delta", min_delta, low=0.0)
+        if mode not in ("min", "max"):
+            raise ConfigError(f"mode must be 'min' or 'max'; got {mode!r}", param="mode")
+        self.name, self.monitor, self.mode, self.min_delta = name, monitor, mode, min_delta
+        self.best = math.inf if mode == "min" else -math.inf
+
+    def value(self, record: dict[str, Any]) -> float:
+        if self.monitor not in record:
+            raise ConfigError(
+                f"{self.name} monitors {self.monitor!r}, which the fit records do not have; "
+                f"available: {', '.join(sorted(record))}",
+                param="monitor",
+            )
+        return record[self.monitor]
+
+    def improved(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.mode == "min":
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
+
+
 class ReduceLROnPlateau:
     """Multiply the learning rate by ``factor`` when ``monitor`` has not improved for ``patience`` epochs (T19).
 
@@ -41,37 +69,27 @@ class ReduceLROnPlateau:
     ) -> None:
         check_range("factor", factor, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
         check_int("patience", patience, low=0)
-        check_range("min_delta", min_delta, low=0.0)
         check_range("min_scale", min_scale, low=0.0, high=1.0)
-        if mode not in ("min", "max"):
-            raise ConfigError(f"mode must be 'min' or 'max'; got {mode!r}", param="mode")
+        self._monitor = _Monitor("ReduceLROnPlateau", monitor, mode, min_delta)
         self.factor, self.patience, self.min_delta = factor, patience, min_delta
         self.monitor, self.mode, self.min_scale = monitor, mode, min_scale
-        self.best = math.inf if mode == "min" else -math.inf
         self.wait = 0
         self.scale = 1.0
+
+    @property
+    def best(self) -> float:
+        return self._monitor.best
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "wait": self.wait, "scale": self.scale}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
-        self.best, self.wait, self.scale = d["best"], d["wait"], d["scale"]
+        self._monitor.best, self.wait, self.scale = d["best"], d["wait"], d["scale"]
 
     def on_epoch_end(self, record: dict[str, Any], state: TrainState) -> TrainState | None:
-        if self.monitor not in record:
-            raise ConfigError(
-                f"ReduceLROnPlateau monitors {self.monitor!r}, which the fit records do not have; "
-                f"available: {', '.join(sorted(record))}",
-                param="monitor",
-            )
-        value = record[self.monitor]
-        better = (
-            value < self.best - self.min_delta
-            if self.mode == "min"
-            else value > self.best + self.min_delta
-        )
-        if better:
-            self.best, self.wait = value, 0
+        value = self._monitor.value(record)
+        if self._monitor.improved(value):
+            self._monitor.best, self.wait = value, 0
             return None
         self.wait += 1
         if self.wait < max(self.patience, 1) or self.scale <= self.min_scale:
@@ -118,40 +136,29 @@ class EarlyStopping:
         restore_best: bool = True,
     ) -> None:
         check_int("patience", patience, low=0)
-        check_range("min_delta", min_delta, low=0.0)
-        if mode not in ("min", "max"):
-            raise ConfigError(f"mode must be 'min' or 'max'; got {mode!r}", param="mode")
+        self._monitor = _Monitor("EarlyStopping", monitor, mode, min_delta)
         self.patience, self.min_delta, self.monitor, self.mode = patience, min_delta, monitor, mode
         self.restore_best = restore_best
-        self.best = math.inf if mode == "min" else -math.inf
         self.best_epoch: int | None = None
         self.stopped_epoch: int | None = None
         self.wait = 0
         self.best_state: TrainState | None = None
 
+    @property
+    def best(self) -> float:
+        return self._monitor.best
+
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait}
 
     def load_state_dict(self, d: dict[str, Any], best_state: TrainState | None = None) -> None:
-        self.best, self.best_epoch, self.wait = d["best"], d["best_epoch"], d["wait"]
+        self._monitor.best, self.best_epoch, self.wait = d["best"], d["best_epoch"], d["wait"]
         self.best_state = best_state
 
     def on_epoch_end(self, record: dict[str, Any], state: TrainState) -> StopTraining | None:
-        if self.monitor not in record:
-            raise ConfigError(
-                f"EarlyStopping monitors {self.monitor!r}, which the fit records do not have; "
-                f"available: {', '.join(sorted(record))}",
-                param="monitor",
-            )
-        value = record[self.monitor]
-        finite = math.isfinite(value)
-        better = finite and (
-            value < self.best - self.min_delta
-            if self.mode == "min"
-            else value > self.best + self.min_delta
-        )
-        if better:
-            self.best, self.best_epoch, self.wait = value, record["epoch"], 0
+        value = self._monitor.value(record)
+        if self._monitor.improved(value):
+            self._monitor.best, self.best_epoch, self.wait = value, record["epoch"], 0
             if self.restore_best:
                 self.best_state = jax.tree.map(jnp.copy, state)
             return None
