@@ -344,6 +344,7 @@ class RNNClassifier(_Base):
     (optionally bidirectional), then a linear head on the final hidden state (forward's last
     step, concatenated with backward's first step when bidirectional). Between layers:
     ``norm`` ("layer" or "batch") and dropout. ``(N, L)`` inputs are read as L steps of one feature.
+    ``activation`` is the cells' candidate/output non-linearity (tanh by default; gates stay sigmoid).
 
     Cells: `flax.linen.OptimizedLSTMCell` (forget, input, output gates and a cell state) and
     `flax.linen.GRUCell` (update and reset gates).
@@ -354,6 +355,7 @@ class RNNClassifier(_Base):
 
     cell: str = "lstm"
     hidden: int = 64
+    activation: str = "tanh"
     layers: int = 1
     bidirectional: bool = False
 
@@ -370,12 +372,14 @@ class RNNClassifier(_Base):
             x = x[..., None]
         x = x.reshape((x.shape[0], x.shape[1], -1))
         cell_cls = nn.OptimizedLSTMCell if self.cell == "lstm" else nn.GRUCell
-        kinit = get_initializer(self.initializer)
+        kinit, act = get_initializer(self.initializer), get_activation(self.activation)
         for i in range(self.layers):
-            fwd = nn.RNN(cell_cls(self.hidden, kernel_init=kinit), name=f"rnn{i}_fwd")
+            fwd = nn.RNN(
+                cell_cls(self.hidden, kernel_init=kinit, activation_fn=act), name=f"rnn{i}_fwd"
+            )
             if self.bidirectional:
                 bwd = nn.RNN(
-                    cell_cls(self.hidden, kernel_init=kinit),
+                    cell_cls(self.hidden, kernel_init=kinit, activation_fn=act),
                     reverse=True,
                     keep_order=True,
                     name=f"rnn{i}_bwd",
