@@ -259,6 +259,18 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
 }
 
 
+def _file_loaders() -> dict[str, Callable[..., Dataset]]:
+    """Loaders for files on disk (imported lazily; see `jtricks.data.loaders`)."""
+    from jtricks.data import loaders
+
+    return {
+        "mnist": loaders.mnist,
+        "fashion_mnist": loaders.fashion_mnist,
+        "cifar10": loaders.cifar10,
+        "cifar100": loaders.cifar100,
+    }
+
+
 def load_dataset(spec: str) -> Dataset:
     """Load a registered dataset from a spec such as ``"mnist1d"``, ``"synthetic(shape=(8, 8, 3))"``
     or ``"npz:PATH"`` (short for ``npz(path='PATH')``).
@@ -266,12 +278,13 @@ def load_dataset(spec: str) -> Dataset:
     Raises:
       ConfigError: for an unknown name (the message lists the valid ones) or a bad argument.
     """
+    registry = {**DATASETS, **_file_loaders()}
     if isinstance(spec, str) and ":" in spec and "(" not in spec:
         name, _, path = spec.partition(":")
-        if name not in DATASETS:
+        if name not in registry:
             raise ConfigError(
-                f"unknown dataset {name!r}; valid datasets are: {', '.join(sorted(DATASETS))}",
+                f"unknown dataset {name!r}; valid datasets are: {', '.join(sorted(registry))}",
                 param="dataset",
             )
-        return build_from_registry(f"{name}(path={path!r})", DATASETS, what="dataset")
-    return build_from_registry(spec, DATASETS, what="dataset")
+        return build_from_registry(f"{name}(path={path!r})", registry, what="dataset")
+    return build_from_registry(spec, registry, what="dataset")
