@@ -34,6 +34,9 @@ FLAGS = {
     "checkpoint_every": "--checkpoint-every",
     "keep_checkpoints": "--keep-checkpoints",
     "max_nonfinite": "--max-nonfinite",
+    "augment": "--augment",
+    "mixup": "--mixup",
+    "cutmix": "--cutmix",
 }
 
 
@@ -131,6 +134,20 @@ def _build_parser() -> argparse.ArgumentParser:
         help="stop after N consecutive steps with a NaN/inf loss or gradient (each is skipped)",
     )
     t.add_argument(
+        "--augment",
+        default=None,
+        help='training-only augmentation pipeline, e.g. "shift(3) | noise(0.05)" or '
+        '"random_crop(4) | hflip"; names: hflip, translate, random_crop, rotate, cutout, '
+        "brightness, contrast, noise, scale, shift, time_stretch",
+    )
+    mixing = t.add_mutually_exclusive_group()
+    mixing.add_argument(
+        "--mixup", type=float, default=None, metavar="ALPHA", help="mixup with Beta(ALPHA, ALPHA)"
+    )
+    mixing.add_argument(
+        "--cutmix", type=float, default=None, metavar="ALPHA", help="cutmix with Beta(ALPHA, ALPHA)"
+    )
+    t.add_argument(
         "--resume",
         default=None,
         metavar="RUN_DIR",
@@ -173,6 +190,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints,
         max_nonfinite=args.max_nonfinite,
+        augment=args.augment,
+        mixup=args.mixup,
+        cutmix=args.cutmix,
     )
     if args.log_every < 1:
         raise ConfigError(f"--log-every must be >= 1; got {args.log_every}")

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jtricks.data import Scaler, load_dataset, train_val_split
+from jtricks.data.augment import build_augment
 from jtricks.errors import ConfigError, check_int, check_range
 from jtricks.nn import build_model
 from jtricks.optim import build_optimizer, build_schedule
@@ -66,6 +68,9 @@ class TrainConfig:
     checkpoint_every: int = 10
     keep_checkpoints: int = 3
     max_nonfinite: int = 20
+    augment: str | None = None
+    mixup: float | None = None
+    cutmix: float | None = None
 
     DEFAULT_STEPS = 6000
 
@@ -93,6 +98,11 @@ class TrainConfig:
         check_int("max_nonfinite", self.max_nonfinite, low=1)
         if self.early_stopping is not None:
             check_int("early_stopping", self.early_stopping, low=1)
+        if self.mixup is not None and self.cutmix is not None:
+            raise ConfigError("give mixup or cutmix, not both", param="mixup")
+        for name in ("mixup", "cutmix"):
+            if getattr(self, name) is not None:
+                check_range(name, getattr(self, name), low=0.0, low_inclusive=False)
         if self.epochs is not None and self.steps is not None:
             raise ConfigError(
                 f"give epochs or steps, not both; got epochs={self.epochs}, steps={self.steps}",
@@ -359,6 +369,29 @@ def train(
     tx = build_optimizer(
         config.optimizer, config.learning_rate, schedule=schedule, plateau=is_plateau
     )
+    augment = build_augment(config.augment) if config.augment is not None else None
+    mix = (
+        ("mixup", config.mixup)
+        if config.mixup
+        else ("cutmix", config.cutmix)
+        if config.cutmix
+        else None
+    )
+    if config.cutmix is not None and x_tr.ndim != 4:
+        raise ConfigError(
+            f"cutmix needs images (N, H, W, C); this dataset's examples have shape {x_tr.shape[1:]}",
+            param="cutmix",
+        )
+    if augment is not None:  # try it on one example now, so a shape mismatch is a config error
+        try:
+            jax.eval_shape(
+                augment, jax.random.key(0), jax.ShapeDtypeStruct(x_tr.shape[1:], jnp.float32)
+            )
+        except ValueError as e:
+            raise ConfigError(
+                f"augment {config.augment!r} does not fit examples of shape {x_tr.shape[1:]}: {e}",
+                param="augment",
+            ) from None
 
     callbacks: list[Any] = []
     plateau_cb = early_cb = None
@@ -438,6 +471,8 @@ def train(
             callbacks=callbacks,
             reporter=reporter,
             max_nonfinite=config.max_nonfinite,
+            augment=augment,
+            mix=mix,
         )
         history.records.extend(new.records)
         history.stopped = new.stopped

@@ -76,12 +76,18 @@ class History:
 
 @functools.cache
 def compiled_functions(
-    loss_fn: LossFn = cross_entropy, norms: bool = True, update_norm: bool = False
+    loss_fn: LossFn = cross_entropy,
+    norms: bool = True,
+    update_norm: bool = False,
+    augment: Any = None,
+    mix: tuple | None = None,
 ):
-    """The jitted ``(run_epoch, evaluate)`` pair for a loss; cached so repeated `fit` calls
-    with the same loss, model and optimizer objects compile once."""
+    """The jitted ``(run_epoch, evaluate)`` pair; cached so repeated `fit` calls with the same
+    loss, options, model and optimizer objects compile once."""
     eval_step = make_eval_step(loss_fn)
-    train_step = make_train_step(loss_fn, norms=norms, update_norm=update_norm)
+    train_step = make_train_step(
+        loss_fn, norms=norms, update_norm=update_norm, augment=augment, mix=mix
+    )
     return make_epoch_fn(train_step, eval_step), make_evaluate_fn(eval_step)
 
 
@@ -109,6 +115,8 @@ def fit(
     norms: bool = True,
     update_norm: bool = False,
     max_nonfinite: int = 20,
+    augment: Any = None,
+    mix: tuple[str, float] | None = None,
 ) -> tuple[TrainState, History]:
     """Train ``state`` on ``train_data`` for ``epochs`` epochs or ``steps`` optimizer steps.
 
@@ -139,6 +147,8 @@ def fit(
       max_nonfinite: a step whose loss or gradient is NaN/inf is skipped (the state is
         kept) and counted in ``train_nonfinite``; after this many consecutive such steps
         training stops, keeping the last good state, and ``history.stopped`` says why.
+      augment: per-example augmentation for training batches (`jtricks.data.augment`).
+      mix: ``("mixup" | "cutmix", alpha)`` to mix training batches and their labels.
 
     Returns:
       ``(final_state, history)``.
@@ -173,7 +183,8 @@ def fit(
     if data_key is None:
         data_key = jax.random.fold_in(state.key, 1)
 
-    run_epoch, _ = compiled_functions(loss_fn, norms, update_norm)
+    mix_full = (mix[0], float(mix[1]), num_classes) if mix is not None else None
+    run_epoch, _ = compiled_functions(loss_fn, norms, update_norm, augment, mix_full)
     x_dev, y_dev = jnp.asarray(x), jnp.asarray(y)
     val_batches = pad_batches(*val_data, eval_batch_size) if val_data is not None else None
     history = History()

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jtricks.data.augment import mix_batch
 from jtricks.data.batching import epoch_indices
 from jtricks.losses import accuracy, cross_entropy
 from jtricks.optim.pipeline import current_learning_rate
@@ -40,6 +41,8 @@ def make_train_step(
     norms: bool = True,
     update_norm: bool = False,
     skip_nonfinite: bool = True,
+    augment: Callable | None = None,
+    mix: tuple[str, float, int] | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Build ``train_step(state, (x, y)) -> (state, metrics)``.
 
@@ -61,11 +64,23 @@ def make_train_step(
       skip_nonfinite: if the loss or any gradient entry is NaN or inf, keep the old
         parameters, optimizer state and BatchNorm statistics (the step still counts);
         the metric ``nonfinite`` is 1 for such a step (`fit` stops after a streak).
+      augment: per-example augmentation ``(key, x) -> x`` (`jtricks.data.augment`), applied
+        to every training batch with keys from ``fold_in(fold_in(state.key, step), 1)``;
+        evaluation never sees it.
+      mix: ``(kind, alpha, num_classes)`` for mixup/cutmix (`jtricks.data.augment.mix_batch`):
+        inputs and labels are mixed and the loss gets soft labels.
     """
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         x, y = batch
         dropout_key = jax.random.fold_in(state.key, state.step)
+        if augment is not None or mix is not None:
+            aug_key, mix_key = jax.random.split(jax.random.fold_in(dropout_key, 1))
+            if augment is not None:
+                x = jax.vmap(augment)(jax.random.split(aug_key, x.shape[0]), x)
+            if mix is not None:
+                kind, alpha, num_classes = mix
+                x, y = mix_batch(mix_key, x, y, num_classes, kind=kind, alpha=alpha)
 
         def loss_of(params):
             logits, batch_stats = _apply(state, params, x, train=True, key=dropout_key)

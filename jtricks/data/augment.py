@@ -1,0 +1,312 @@
+"""On-device data augmentation (T10): pure, keyed, per-example functions applied with `vmap`
+inside the jitted train step, in training only.
+
+Every augmentation is a factory returning ``fn(key, x) -> x`` for ONE example
+(images ``(H, W, C)``, 1-D signals ``(L,)`` or ``(L, C)``); shape and dtype are
+kept, and strength 0 is the identity. `compose` chains them (each gets its own
+key); `apply_batch` vmaps a chain over a batch. Mixup and cutmix act on whole
+batches and mix the labels too (`mix_batch`), returning soft labels that
+`jtricks.losses.cross_entropy` accepts.
+
+From the CLI: ``--augment "shift(3) | noise(0.05)"``.
+
+References:
+  Zhang et al., "mixup" (2018), https://arxiv.org/abs/1710.09412; Yun et al., "CutMix" (2019),
+  https://arxiv.org/abs/1905.04899; DeVries & Taylor, "Cutout" (2017), https://arxiv.org/abs/1708.04552
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jtricks.errors import ConfigError, check_int, check_range
+from jtricks.spec import build_from_registry, split_pipeline
+
+Augment = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def _check_image(x: jax.Array, name: str) -> None:
+    if x.ndim != 3:
+        raise ValueError(f"{name} expects one image (H, W, C); got shape {x.shape}")
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def hflip(p: float = 0.5) -> Augment:
+    """Mirror the image left-right with probability ``p``."""
+    check_range("p", p, low=0.0, high=1.0)
+
+    def fn(key, x):
+        _check_image(x, "hflip")
+        return jnp.where(jax.random.bernoulli(key, p), x[:, ::-1, :], x)
+
+    return fn
+
+
+def _shift_image(x: jax.Array, dy: jax.Array, dx: jax.Array, fill: float) -> jax.Array:
+    h, w = x.shape[:2]
+    pad = max(h, w)
+    padded = jnp.pad(x, ((pad, pad), (pad, pad), (0, 0)), constant_values=fill)
+    return jax.lax.dynamic_slice(padded, (pad - dy, pad - dx, 0), x.shape)
+
+
+def translate(max_pixels: int = 2, fill: float = 0.0) -> Augment:
+    """Shift by integers ``dy, dx`` uniform in ``[-max_pixels, max_pixels]``; uncovered pixels get ``fill``."""
+    check_int("max_pixels", max_pixels, low=0)
+
+    def fn(key, x):
+        _check_image(x, "translate")
+        dy, dx = jax.random.randint(key, (2,), -max_pixels, max_pixels + 1)
+        return _shift_image(x, dy, dx, fill)
+
+    return fn
+
+
+def random_crop(padding: int = 4, fill: float = 0.0) -> Augment:
+    """Pad by ``padding`` on every side with ``fill``, then crop back to the original size at a
+    uniformly random offset (the CIFAR recipe). Every output pixel comes from the padded image."""
+    check_int("padding", padding, low=0)
+
+    def fn(key, x):
+        _check_image(x, "random_crop")
+        padded = jnp.pad(x, ((padding, padding), (padding, padding), (0, 0)), constant_values=fill)
+        oy, ox = jax.random.randint(key, (2,), 0, 2 * padding + 1)
+        return jax.lax.dynamic_slice(padded, (oy, ox, 0), x.shape)
+
+    return fn
+
+
+def rotate(max_degrees: float = 10.0, fill: float = 0.0) -> Augment:
+    """Rotate about the centre by an angle uniform in ``[-max_degrees, max_degrees]``, sampling
+    with bilinear interpolation (`jax.scipy.ndimage.map_coordinates`, order 1); pixels from
+    outside the image get ``fill``. An angle ``a`` here equals ``scipy.ndimage.rotate(x, -a,
+    reshape=False, order=1)`` away from the border."""
+    check_range("max_degrees", max_degrees, low=0.0, high=180.0)
+
+    def fn(key, x):
+        _check_image(x, "rotate")
+        h, w, c = x.shape
+        theta = jnp.deg2rad(jax.random.uniform(key, (), minval=-max_degrees, maxval=max_degrees))
+        cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+        yy, xx = jnp.meshgrid(
+            jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing="ij"
+        )
+        cos, sin = jnp.cos(theta), jnp.sin(theta)
+        src_y = (
+            cos * (yy - cy) - sin * (xx - cx) + cy
+        )  # inverse map: output pixel <- source location
+        src_x = sin * (yy - cy) + cos * (xx - cx) + cx
+        channels = [
+            jax.scipy.ndimage.map_coordinates(
+                x[..., i].astype(jnp.float32), [src_y, src_x], order=1, mode="constant", cval=fill
+            )
+            for i in range(c)
+        ]
+        return jnp.stack(channels, axis=-1).astype(x.dtype)
+
+    return fn
+
+
+def cutout(size: int = 8, fill: float = 0.0) -> Augment:
+    """Set a ``size x size`` square at a uniformly random centre (clipped at the border) to ``fill``."""
+    check_int("size", size, low=0)
+
+    def fn(key, x):
+        _check_image(x, "cutout")
+        h, w, _ = x.shape
+        cy, cx = jax.random.randint(key, (2,), 0, jnp.array([h, w]))
+        yy, xx = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+        inside = (
+            (jnp.abs(yy - cy) * 2 < size) & (jnp.abs(xx - cx) * 2 < size)
+            if size > 0
+            else jnp.zeros((h, w), bool)
+        )
+        return jnp.where(inside[..., None], jnp.asarray(fill, x.dtype), x)
+
+    return fn
+
+
+def brightness(delta: float = 0.1) -> Augment:
+    """Add one offset uniform in ``[-delta, delta]`` to every pixel."""
+    check_range("delta", delta, low=0.0)
+
+    def fn(key, x):
+        return x + jax.random.uniform(key, (), minval=-delta, maxval=delta).astype(x.dtype)
+
+    return fn
+
+
+def contrast(strength: float = 0.2) -> Augment:
+    """Scale deviations from the image mean by a factor uniform in ``[1 - strength, 1 + strength]``."""
+    check_range("strength", strength, low=0.0, high=1.0)
+
+    def fn(key, x):
+        f = jax.random.uniform(key, (), minval=1 - strength, maxval=1 + strength).astype(x.dtype)
+        m = jnp.mean(x)
+        return (x - m) * f + m
+
+    return fn
+
+
+# ----------------------------------------------------------------------------- any shape
+
+
+def noise(std: float = 0.05) -> Augment:
+    """Add i.i.d. Gaussian noise ``N(0, std^2)`` to every entry (images or signals)."""
+    check_range("std", std, low=0.0)
+
+    def fn(key, x):
+        return x + std * jax.random.normal(key, x.shape, x.dtype)
+
+    return fn
+
+
+def scale(strength: float = 0.1) -> Augment:
+    """Multiply the whole example by a factor uniform in ``[1 - strength, 1 + strength]`` (amplitude scaling)."""
+    check_range("strength", strength, low=0.0, high=1.0)
+
+    def fn(key, x):
+        return x * jax.random.uniform(key, (), minval=1 - strength, maxval=1 + strength).astype(
+            x.dtype
+        )
+
+    return fn
+
+
+# ----------------------------------------------------------------------------- 1-D signals
+
+
+def shift(max_shift: int = 3, *, mode: str = "circular") -> Augment:
+    """Shift a signal along its first axis by an integer uniform in ``[-max_shift, max_shift]``:
+    ``mode="circular"`` wraps around, ``mode="zero"`` pads with zeros."""
+    check_int("max_shift", max_shift, low=0)
+    if mode not in ("circular", "zero"):
+        raise ConfigError(f"mode must be 'circular' or 'zero'; got {mode!r}", param="mode")
+
+    def fn(key, x):
+        s = jax.random.randint(key, (), -max_shift, max_shift + 1)
+        rolled = jnp.roll(x, s, axis=0)
+        if mode == "circular":
+            return rolled
+        idx = jnp.arange(x.shape[0]).reshape((-1,) + (1,) * (x.ndim - 1))
+        valid = (idx - s >= 0) & (idx - s < x.shape[0])
+        return jnp.where(valid, rolled, jnp.zeros_like(x))
+
+    return fn
+
+
+def time_stretch(max_factor: float = 0.1) -> Augment:
+    """Resample a signal (first axis) stretched about its centre by ``1 + u``, ``u`` uniform in
+    ``[-max_factor, max_factor]``, with linear interpolation; samples from outside the signal are 0."""
+    check_range("max_factor", max_factor, low=0.0, high=0.9)
+
+    def fn(key, x):
+        n = x.shape[0]
+        f = 1.0 + jax.random.uniform(key, (), minval=-max_factor, maxval=max_factor)
+        c = (n - 1) / 2.0
+        src = (jnp.arange(n, dtype=jnp.float32) - c) / f + c
+        flat = x.reshape(n, -1).astype(jnp.float32)
+        out = jax.vmap(
+            lambda col: jnp.interp(src, jnp.arange(n, dtype=jnp.float32), col, left=0.0, right=0.0),
+            in_axes=1,
+            out_axes=1,
+        )(flat)
+        return out.reshape(x.shape).astype(x.dtype)
+
+    return fn
+
+
+# ----------------------------------------------------------------------------- composition
+
+
+def compose(augments: Sequence[Augment]) -> Augment:
+    """Apply ``augments`` in order, each with its own key ``fold_in(key, i)``."""
+    augments = list(augments)
+
+    def fn(key, x):
+        for i, aug in enumerate(augments):
+            x = aug(jax.random.fold_in(key, i), x)
+        return x
+
+    return fn
+
+
+def apply_batch(augment: Augment, key: jax.Array, x: jax.Array) -> jax.Array:
+    """Apply a per-example augmentation to a batch ``(N, ...)`` with one key per example."""
+    return jax.vmap(augment)(jax.random.split(key, x.shape[0]), x)
+
+
+def mix_batch(
+    key: jax.Array,
+    x: jax.Array,
+    y: jax.Array,
+    num_classes: int,
+    *,
+    kind: str = "mixup",
+    alpha: float = 1.0,
+) -> tuple[jax.Array, jax.Array]:
+    """Mixup or cutmix over a batch: each example is mixed with a random partner of the batch,
+    ``lam ~ Beta(alpha, alpha)`` (one per batch).
+
+    * mixup: ``x = lam x_i + (1 - lam) x_j``;
+    * cutmix (images): a box covering ``1 - lam`` of the area is pasted from ``x_j``; ``lam`` is
+      then the exact kept fraction.
+
+    Returns ``(x, soft_labels)`` with ``soft_labels = lam onehot(y_i) + (1 - lam) onehot(y_j)``.
+    """
+    if kind not in ("mixup", "cutmix"):
+        raise ConfigError(f"kind must be 'mixup' or 'cutmix'; got {kind!r}", param="kind")
+    k_lam, k_perm, k_box = jax.random.split(key, 3)
+    lam = jax.random.beta(k_lam, alpha, alpha)
+    perm = jax.random.permutation(k_perm, x.shape[0])
+    onehot = jax.nn.one_hot(y, num_classes, dtype=jnp.float32) if y.ndim == 1 else y
+    if kind == "mixup":
+        xm = lam * x + (1 - lam) * x[perm]
+    else:
+        if x.ndim != 4:
+            raise ValueError(f"cutmix expects images (N, H, W, C); got shape {x.shape}")
+        h, w = x.shape[1:3]
+        rh, rw = jnp.sqrt(1 - lam) * h, jnp.sqrt(1 - lam) * w
+        cy, cx = jax.random.uniform(k_box, (2,)) * jnp.array([h, w])
+        y0, y1 = jnp.clip(cy - rh / 2, 0, h), jnp.clip(cy + rh / 2, 0, h)
+        x0, x1 = jnp.clip(cx - rw / 2, 0, w), jnp.clip(cx + rw / 2, 0, w)
+        yy, xx = jnp.arange(h)[:, None] + 0.5, jnp.arange(w)[None, :] + 0.5
+        box = (yy >= y0) & (yy < y1) & (xx >= x0) & (xx < x1)
+        xm = jnp.where(box[None, :, :, None], x[perm], x)
+        lam = 1 - jnp.mean(box.astype(jnp.float32))
+    return xm.astype(x.dtype), lam * onehot + (1 - lam) * onehot[perm]
+
+
+AUGMENTATIONS: dict[str, Callable[..., Augment]] = {
+    "hflip": hflip,
+    "translate": translate,
+    "random_crop": random_crop,
+    "rotate": rotate,
+    "cutout": cutout,
+    "brightness": brightness,
+    "contrast": contrast,
+    "noise": noise,
+    "scale": scale,
+    "shift": shift,
+    "time_stretch": time_stretch,
+}
+
+
+def build_augment(spec: str) -> Augment:
+    """Build a per-example pipeline from ``"shift(3) | noise(0.05)"``.
+
+    Raises:
+      ConfigError: unknown name (listing the valid ones) or a bad strength.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(
+            f"augment must be a spec such as 'shift(3) | noise(0.05)'; got {spec!r}",
+            param="augment",
+        )
+    return compose(
+        [build_from_registry(part, AUGMENTATIONS, what="augment") for part in split_pipeline(spec)]
+    )

@@ -1,0 +1,200 @@
+"""Augmentations (T10): shapes, identity at zero strength, keyed determinism, geometry checks,
+mixup/cutmix label mixing, training-only application."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jtricks.data import augment as A
+from jtricks.errors import ConfigError
+from jtricks.nn import MLP
+from jtricks.training import create_train_state, evaluate, fit
+
+IMG = jax.random.normal(jax.random.key(0), (9, 9, 3))
+SIG = jax.random.normal(jax.random.key(1), (40,))
+SIG2 = jax.random.normal(jax.random.key(2), (40, 2))
+
+IMAGE_AUGS = {
+    "hflip": ({}, {"p": 0.0}),
+    "translate": ({"max_pixels": 2}, {"max_pixels": 0}),
+    "random_crop": ({"padding": 2}, {"padding": 0}),
+    "rotate": ({"max_degrees": 15.0}, {"max_degrees": 0.0}),
+    "cutout": ({"size": 4}, {"size": 0}),
+    "brightness": ({"delta": 0.2}, {"delta": 0.0}),
+    "contrast": ({"strength": 0.3}, {"strength": 0.0}),
+    "noise": ({"std": 0.1}, {"std": 0.0}),
+    "scale": ({"strength": 0.2}, {"strength": 0.0}),
+}
+SIGNAL_AUGS = {
+    "shift": ({"max_shift": 3}, {"max_shift": 0}),
+    "time_stretch": ({"max_factor": 0.2}, {"max_factor": 0.0}),
+    "noise": ({"std": 0.1}, {"std": 0.0}),
+    "scale": ({"strength": 0.2}, {"strength": 0.0}),
+}
+CASES = [(n, IMG, kw) for n, kw in IMAGE_AUGS.items()] + [
+    (n, s, kw) for n, kw in SIGNAL_AUGS.items() for s in (SIG, SIG2)
+]
+
+
+@pytest.mark.parametrize(("name", "x", "kw"), CASES, ids=[f"{c[0]}-{c[1].shape}" for c in CASES])
+def test_shape_dtype_identity_and_keys(name, x, kw):
+    strong, zero = kw
+    fn = jax.jit(A.AUGMENTATIONS[name](**strong))
+    y1, y2 = fn(jax.random.key(3), x), fn(jax.random.key(3), x)
+    assert y1.shape == x.shape and y1.dtype == x.dtype
+    np.testing.assert_array_equal(y1, y2)  # same key, same output
+    outs = [fn(jax.random.key(k), x) for k in range(6)]
+    assert any(not np.allclose(outs[0], o) for o in outs[1:])  # different keys differ
+    ident = jax.jit(A.AUGMENTATIONS[name](**zero))(jax.random.key(4), x)
+    np.testing.assert_allclose(ident, x, rtol=1e-6, atol=1e-6)  # zero strength is the identity
+
+
+def test_flip_twice_is_identity_and_flip_is_mirror():
+    flip = A.hflip(p=1.0)
+    once = flip(jax.random.key(0), IMG)
+    np.testing.assert_array_equal(once, IMG[:, ::-1, :])
+    np.testing.assert_array_equal(flip(jax.random.key(1), once), IMG)
+
+
+def test_crop_stays_in_bounds():
+    x = jnp.arange(6 * 6, dtype=jnp.float32).reshape(6, 6, 1) + 1.0
+    padded = np.pad(np.asarray(x), ((2, 2), (2, 2), (0, 0)))
+    crop = jax.jit(A.random_crop(padding=2))
+    for k in range(20):
+        y = np.asarray(crop(jax.random.key(k), x))
+        windows = [padded[i : i + 6, j : j + 6] for i in range(5) for j in range(5)]
+        assert any(np.array_equal(y, w) for w in windows)
+
+
+def test_rotation_matches_scipy_and_keeps_the_centre():
+    """Second code path: scipy.ndimage.rotate (bilinear), compared away from the border where
+    the two libraries' edge handling differs."""
+    import scipy.ndimage as nd
+
+    x = jax.random.normal(jax.random.key(5), (15, 15, 1))
+    y = np.asarray(A.rotate(max_degrees=30.0)(jax.random.key(0), x))
+    angle = float(
+        jax.random.uniform(jax.random.key(0), (), minval=-30.0, maxval=30.0)
+    )  # the angle rotate drew
+    ref = nd.rotate(
+        np.asarray(x)[..., 0], -angle, reshape=False, order=1, mode="constant", cval=0.0
+    )
+    np.testing.assert_allclose(y[4:11, 4:11, 0], ref[4:11, 4:11], atol=1e-5)
+    np.testing.assert_allclose(
+        y[7, 7], np.asarray(x)[7, 7], rtol=1e-5
+    )  # the centre pixel does not move
+
+
+def test_shift_modes():
+    x = jnp.arange(1.0, 11.0)
+    circ, zero = A.shift(3, mode="circular"), A.shift(3, mode="zero")
+    for k in range(10):
+        c, z = np.asarray(circ(jax.random.key(k), x)), np.asarray(zero(jax.random.key(k), x))
+        s = int(np.argmax(c == 1.0))
+        s = s - 10 if s > 3 else s  # the roll amount in [-3, 3]
+        np.testing.assert_array_equal(c, np.roll(np.asarray(x), s))
+        expect = np.roll(np.asarray(x), s)
+        if s > 0:
+            expect[:s] = 0
+        elif s < 0:
+            expect[s:] = 0
+        np.testing.assert_array_equal(z, expect)
+
+
+def test_mixup_and_cutmix_mix_inputs_and_labels():
+    x = jax.random.normal(jax.random.key(6), (8, 6, 6, 3))
+    y = jnp.arange(8) % 4
+    xm, ym = A.mix_batch(jax.random.key(7), x, y, 4, kind="mixup", alpha=0.5)
+    np.testing.assert_allclose(ym.sum(1), 1.0, rtol=1e-6)
+    k_lam, k_perm, _ = jax.random.split(jax.random.key(7), 3)
+    lam, perm = jax.random.beta(k_lam, 0.5, 0.5), jax.random.permutation(k_perm, 8)
+    np.testing.assert_allclose(xm, lam * x + (1 - lam) * x[perm], rtol=1e-5, atol=1e-6)
+    xc, yc = A.mix_batch(jax.random.key(8), x, y, 4, kind="cutmix", alpha=1.0)
+    kept = np.mean(
+        np.all(np.asarray(xc) == np.asarray(x), axis=-1), axis=(1, 2)
+    )  # fraction of pixels kept
+    onehot = np.eye(4)[np.asarray(y)]
+    own = np.asarray(yc)[np.arange(8), np.asarray(y)]
+    partner_same = (
+        np.asarray(y)
+        == np.asarray(y)[
+            np.asarray(jax.random.permutation(jax.random.split(jax.random.key(8), 3)[1], 8))
+        ]
+    )
+    np.testing.assert_allclose(own[~partner_same], kept[~partner_same], atol=1e-6)
+    assert onehot.shape == yc.shape
+
+
+def test_pipeline_spec_and_errors():
+    fn = A.build_augment("shift(2) | noise(0.0) | scale(0.0)")
+    assert fn(jax.random.key(0), SIG).shape == SIG.shape
+    for spec, match in [
+        ("blur", "valid augments are: brightness"),
+        ("noise(-1)", "std"),
+        ("shift(2, mode='wrap')", "mode"),
+        ("", "augment must be"),
+        ("shift(2) |", "empty stage"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            A.build_augment(spec)
+
+
+def test_augmentation_is_training_only(tiny_data, adam, key):
+    d = tiny_data
+    state = create_train_state(MLP(num_classes=4, features=(16,)), adam, d.x_train, key)
+    loud = A.noise(100.0)  # training on garbage...
+    state, hist = fit(
+        state,
+        (d.x_train, d.y_train),
+        val_data=(d.x_test, d.y_test),
+        batch_size=20,
+        epochs=1,
+        augment=loud,
+    )
+    assert hist["train_loss"][0] > 5 * hist["val_loss"][0]  # ...while validation sees clean data
+    np.testing.assert_allclose(
+        evaluate(state, (d.x_test, d.y_test))["loss"], hist["val_loss"][0], rtol=1e-6
+    )
+
+
+def test_cli_augment_and_mixup(tmp_path, capsys):
+    from jtricks.cli import main
+
+    base = [
+        "train",
+        "--dataset",
+        "synthetic(num_train=120, num_test=40, shape=(16,), num_classes=3, noise=0.3)",
+        "--model",
+        "mlp(features=(8,))",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "20",
+        "--no-progress",
+    ]
+    assert (
+        main(
+            [
+                *base,
+                "--augment",
+                "shift(2) | noise(0.05) | time_stretch(0.1)",
+                "--mixup",
+                "0.2",
+                "--out",
+                str(tmp_path / "a"),
+            ]
+        )
+        == 0
+    )
+    for extra, match in [
+        (["--augment", "blur"], "valid augments are"),
+        (["--augment", "hflip"], "does not fit examples"),
+        (["--cutmix", "1.0"], "cutmix needs images"),
+        (["--mixup", "-1"], "mixup"),
+    ]:
+        assert main([*base, *extra, "--out", str(tmp_path / "b")]) == 2
+        assert match in capsys.readouterr().err
+        assert not (tmp_path / "b").exists()
