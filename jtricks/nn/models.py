@@ -57,6 +57,13 @@ def _positive_ints(name: str, values: Sequence[int]) -> None:
         )
 
 
+def _as_sequence(x: jax.Array) -> jax.Array:
+    """``(N, L)`` -> ``(N, L, 1)``; ``(N, L, ...)`` -> ``(N, L, F)``: L steps of F features."""
+    if x.ndim == 2:
+        x = x[..., None]
+    return x.reshape((x.shape[0], x.shape[1], -1))
+
+
 class _Base(nn.Module):
     """Options every model shares; validated when the module is built."""
 
@@ -368,9 +375,7 @@ class RNNClassifier(_Base):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        if x.ndim == 2:
-            x = x[..., None]
-        x = x.reshape((x.shape[0], x.shape[1], -1))
+        x = _as_sequence(x)
         cell_cls = nn.OptimizedLSTMCell if self.cell == "lstm" else nn.GRUCell
         kinit, act = get_initializer(self.initializer), get_activation(self.activation)
         for i in range(self.layers):
@@ -427,9 +432,7 @@ class Transformer(_Base):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        if x.ndim == 2:
-            x = x[..., None]
-        x = x.reshape((x.shape[0], x.shape[1], -1))
+        x = _as_sequence(x)
         act, kinit = get_activation(self.activation), get_initializer(self.initializer)
         x = nn.Dense(self.d_model, kernel_init=kinit, name="embed")(x)
         pos = self.param(
