@@ -37,6 +37,12 @@ FLAGS = {
     "augment": "--augment",
     "mixup": "--mixup",
     "cutmix": "--cutmix",
+    "overfit_steps": "--overfit-steps",
+    "signal_steps": "--signal-steps",
+    "lr_min": "--lr-min",
+    "lr_max": "--lr-max",
+    "num": "--lr-num",
+    "lr_num": "--lr-num",
 }
 
 
@@ -165,7 +171,71 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="no progress bar or epoch lines",
     )
+
+    d = sub.add_parser(
+        "diagnose",
+        help="run the diagnostic checks on a model and dataset",
+        description="Initial loss, gradient check, overfit one batch, signal propagation and the "
+        "LR finder; prints a verdict table and writes diagnose.json and plots to --out. "
+        "Exit status 1 when a check fails.",
+    )
+    d.add_argument("--dataset", default="mnist1d", help="dataset spec (training split only)")
+    d.add_argument("--model", default="cnn", help="model spec")
+    d.add_argument("--optimizer", default="adam", help="optimizer spec")
+    d.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float, default=1e-2)
+    d.add_argument("--batch-size", type=int, default=100)
+    d.add_argument("--preprocess", default="standardize")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--overfit-steps", type=int, default=300)
+    d.add_argument(
+        "--signal-steps",
+        default="0,100,500",
+        help="comma-separated steps of an ordinary run at which to report signal propagation",
+    )
+    d.add_argument("--lr-min", type=float, default=1e-5)
+    d.add_argument("--lr-max", type=float, default=1.0)
+    d.add_argument("--lr-num", type=int, default=32, help="learning rates tried by the LR finder")
+    d.add_argument("--lr-steps", type=int, default=100, help="steps per learning rate")
+    d.add_argument(
+        "--out",
+        default=None,
+        help="folder for diagnose.json and plots (default runs/diagnose-<time>)",
+    )
     return parser
+
+
+def _cmd_diagnose(args: argparse.Namespace) -> int:
+    from jtricks.diagnostics import diagnose, verdict_table
+
+    try:
+        signal_steps = [int(s) for s in args.signal_steps.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"--signal-steps must be comma-separated integers such as 0,100,500; got {args.signal_steps!r}",
+            param="signal_steps",
+        ) from None
+    out = args.out or str(Path("runs") / time.strftime("diagnose-%Y%m%d-%H%M%S"))
+    result = diagnose(
+        dataset=args.dataset,
+        model=args.model,
+        optimizer=args.optimizer,
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        preprocess=args.preprocess,
+        seed=args.seed,
+        overfit_steps=args.overfit_steps,
+        signal_steps=signal_steps,
+        lr_min=args.lr_min,
+        lr_max=args.lr_max,
+        lr_num=args.lr_num,
+        lr_steps=args.lr_steps,
+        out=out,
+    )
+    print(verdict_table(result))
+    print(
+        f"\n{'all checks passed' if result['passed'] else 'some checks FAILED'}; plots and diagnose.json in {result['out']}"
+    )
+    return 0 if result["passed"] else 1
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -227,6 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _cmd_train(args)
+        if args.command == "diagnose":
+            return _cmd_diagnose(args)
     except ConfigError as e:
         flag = FLAGS.get(e.param or "")
         prefix = f"argument {flag}: " if flag else ""

@@ -145,3 +145,60 @@ def test_every_model_family_trains_from_the_cli(tmp_path, model):
     )
     summary = json.loads((out / "summary.json").read_text())
     assert np.isfinite(summary["test_loss"])
+
+
+def test_diagnostics_example_tiny(capsys, tmp_path):
+    example = _load(ROOT / "examples" / "diagnostics.py")
+    verdicts = example.main(
+        [
+            "--dataset",
+            "mnist1d(num_samples=500)",
+            "--signal-steps",
+            "0,20",
+            "--lr-steps",
+            "5",
+            "--out",
+            str(tmp_path / "diag"),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert all(verdicts.values()), verdicts
+    assert "wrong custom_vjp caught" in out and "FAIL" in out
+
+
+def test_augmentation_example_tiny(capsys):
+    example = _load(ROOT / "examples" / "augmentation.py")
+    res = example.main(["--steps", "30", "--seeds", "1", "--dataset", "mnist1d(num_samples=500)"])
+    out = capsys.readouterr().out
+    assert set(res) == {"none", "augmented"} and "gain in test accuracy" in out
+    assert all(len(v["test"]) == 1 and v["test"][0] > 15 for v in res.values())
+
+
+@pytest.mark.parametrize(
+    "script, args, keys",
+    [
+        (
+            "bench_augment.py",
+            ["--epochs", "1", "--repeats", "1", "--model", "mlp(features=(8,))"],
+            ("overhead",),
+        ),
+        (
+            "bench_lr_finder.py",
+            ["--num", "4", "--steps", "5", "--repeats", "1", "--model", "mlp(features=(8,))"],
+            ("ratio_run", "ratio_end_to_end"),
+        ),
+    ],
+)
+def test_small_benchmarks_print_json(tmp_path, script, args, keys):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args, "--json-out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    first = json.loads(proc.stdout.splitlines()[0])
+    assert all(np.isfinite(first[k]) for k in keys)
+    assert json.loads(out.read_text()) == first

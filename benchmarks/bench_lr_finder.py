@@ -1,0 +1,106 @@
+"""Cost of the vmapped LR finder: K learning rates in one program against a single-rate run.
+
+Both arms are `jtricks.diagnostics.make_lr_sweep` programs over the same steps and
+batches: the single-rate arm trains one copy, the finder K copies (``jax.vmap`` over
+the injected learning rate). Reported per arm: compile time (first call minus a
+steady call) and the median steady time over ``--repeats`` (arms alternate), and
+the ratios finder / single for the run alone and end to end (compile + one run,
+what a user waits for).
+
+    python benchmarks/bench_lr_finder.py                       # paper CNN, K=32, 200 steps
+    python benchmarks/bench_lr_finder.py --model mlp --json-out results.json
+
+Prints JSON (one object) then a short table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jtricks.data import Scaler, load_dataset
+from jtricks.diagnostics import make_lr_sweep
+from jtricks.nn import build_model
+from jtricks.optim import build_optimizer
+from jtricks.run import environment
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="cnn")
+    p.add_argument("--dataset", default="mnist1d")
+    p.add_argument("--optimizer", default="adam")
+    p.add_argument("--num", type=int, default=32, help="K, the number of learning rates")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json-out", default=None)
+    args = p.parse_args(argv)
+
+    data = load_dataset(args.dataset)
+    x = Scaler.fit("standardize", data.x_train)(data.x_train)
+    model = build_model(args.model, data.num_classes)
+    run = make_lr_sweep(
+        model,
+        lambda lr: build_optimizer(args.optimizer, lr),
+        (x, data.y_train),
+        key=jax.random.key(0),
+        steps=args.steps,
+        batch_size=args.batch_size,
+    )
+    arms = {
+        "single": jnp.asarray([1e-2], jnp.float32),
+        "finder": jnp.asarray(np.geomspace(1e-5, 1.0, args.num), jnp.float32),
+    }
+
+    def timed(lrs) -> float:
+        t = time.perf_counter()
+        jax.block_until_ready(run(lrs))
+        return time.perf_counter() - t
+
+    first = {name: timed(lrs) for name, lrs in arms.items()}  # compiles each shape once
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    for _ in range(args.repeats):
+        for name, lrs in arms.items():
+            times[name].append(timed(lrs))
+    med = {name: statistics.median(t) for name, t in times.items()}
+    compile_s = {name: max(first[name] - med[name], 0.0) for name in arms}
+    result = {
+        "benchmark": "bench_lr_finder",
+        "model": args.model,
+        "optimizer": args.optimizer,
+        "num": args.num,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "single_run_s_median": med["single"],
+        "finder_run_s_median": med["finder"],
+        "single_compile_s": compile_s["single"],
+        "finder_compile_s": compile_s["finder"],
+        "ratio_run": med["finder"] / med["single"],
+        "ratio_end_to_end": (first["finder"]) / (first["single"]),
+        "times_s": times,
+        "environment": environment(),
+    }
+    print(json.dumps(result))
+    print(f"\n{'arm':<16}{'run s (median)':>16}{'compile s':>12}")
+    for name, label in (("single", "1 rate"), ("finder", f"{args.num} rates")):
+        print(f"{label:<16}{med[name]:>16.3f}{compile_s[name]:>12.2f}")
+    print(
+        f"ratio {args.num} rates / 1 rate: run {result['ratio_run']:.2f}x, "
+        f"end to end {result['ratio_end_to_end']:.2f}x   device: {result['environment']['device_kind']}"
+    )
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,339 @@
+"""Diagnostics: each check passes on a correct model and catches a planted bug."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jtricks import diagnostics as D
+from jtricks.nn import build_model
+from jtricks.optim import build_optimizer
+from jtricks.training import create_train_state, make_train_step
+
+# ----------------------------------------------------------------------------- gradient check
+
+
+@jax.custom_vjp
+def _tanh_bad_grad(x):
+    return jnp.tanh(x)
+
+
+def _fwd(x):
+    return jnp.tanh(x), x
+
+
+def _bwd(x, g):  # planted bug: twice the true derivative
+    return (2.0 * g * (1.0 - jnp.tanh(x) ** 2),)
+
+
+_tanh_bad_grad.defvjp(_fwd, _bwd)
+
+
+class _BadGradMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, train=False):
+        h = _tanh_bad_grad(nn.Dense(8, name="hidden")(x))
+        return nn.Dense(4, name="head")(h)
+
+
+def test_gradient_check_passes_on_correct_models_with_bn_and_dropout(tiny_data):
+    x, y = tiny_data.x_train[:8], tiny_data.y_train[:8]
+    model = build_model("mlp(features=(8,), norm='batch', dropout=0.3)", 4)
+    state = create_train_state(model, optax.sgd(0.1), x, jax.random.key(0))
+    # non-trivial running statistics, so "BatchNorm in eval mode" is actually exercised
+    state = state.replace(
+        batch_stats=jax.tree.map(lambda a: a + 0.5, state.batch_stats),
+    )
+    report = D.check_gradients(state, x, y)
+    assert report.passed, report.table()
+    assert [r["layer"] for r in report.rows] == ["Dense_0", "Norm_0", "head"]
+    assert all(r["coords"] == 10 for r in report.rows)
+    assert max(r["max_rel_error"] for r in report.rows) < 1e-6
+    assert "pass" in report.table()
+
+
+def test_gradient_check_catches_a_wrong_custom_vjp(tiny_data):
+    x, y = tiny_data.x_train[:8], tiny_data.y_train[:8]
+    state = create_train_state(_BadGradMLP(), optax.sgd(0.1), x, jax.random.key(0))
+    report = D.check_gradients(state, x, y)
+    rows = {r["layer"]: r for r in report.rows}
+    assert not report.passed
+    assert not rows["hidden"]["passed"] and rows["head"]["passed"]
+    # the hand-computed error of a doubled derivative: |2g - g| / |2g| = 0.5
+    assert rows["hidden"]["max_rel_error"] == pytest.approx(0.5, abs=1e-6)
+    assert "FAIL" in report.table()
+
+
+def test_bn_eval_interceptor_matches_eval_mode(tiny_data):
+    """Training mode with BatchNorm forced to running averages == evaluation mode (no dropout)."""
+    x = jnp.asarray(tiny_data.x_train[:8])
+    model = build_model("mlp(features=(8,), norm='batch')", 4)
+    v = model.init(jax.random.key(0), x)
+    v = {"params": v["params"], "batch_stats": jax.tree.map(lambda a: a + 0.3, v["batch_stats"])}
+    with nn.intercept_methods(D._bn_eval_interceptor):
+        forced = model.apply(v, x, train=True)
+    np.testing.assert_allclose(forced, model.apply(v, x, train=False), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- overfit, initial loss
+
+
+class _CutOff(nn.Module):
+    """Planted bug: the first layer is cut off from the gradient (and too narrow for the head
+    to memorise the batch on its own)."""
+
+    @nn.compact
+    def __call__(self, x, *, train=False):
+        h = jax.lax.stop_gradient(nn.relu(nn.Dense(2)(x)))
+        return nn.Dense(4)(h)
+
+
+@pytest.fixture(scope="module")
+def adam_1e2():
+    return optax.adam(1e-2)
+
+
+def test_overfit_one_batch_passes_and_catches_a_cut_off_layer(tiny_data, adam_1e2):
+    x, y = tiny_data.x_train[:16], tiny_data.y_train[:16]
+    good = D.overfit_one_batch(
+        build_model("mlp(features=(32,))", 4), adam_1e2, x, y, key=jax.random.key(0), steps=200
+    )
+    assert good.passed and good.steps_to_epsilon is not None and good.steps_to_epsilon <= 200
+    assert good.losses.shape == (200,) and good.losses[good.steps_to_epsilon - 1] < 0.01
+    assert good.losses[: good.steps_to_epsilon - 1].min() >= 0.01  # the first crossing
+    bad = D.overfit_one_batch(_CutOff(), adam_1e2, x, y, key=jax.random.key(0), steps=200)
+    assert not bad.passed and bad.steps_to_epsilon is None and bad.final_loss > 0.1
+
+
+def test_overfit_losses_equal_a_hand_loop(tiny_data, adam_1e2):
+    x, y = tiny_data.x_train[:16], tiny_data.y_train[:16]
+    model = build_model("mlp(features=(32,))", 4)
+    rep = D.overfit_one_batch(model, adam_1e2, x, y, key=jax.random.key(0), steps=5)
+    state = create_train_state(model, adam_1e2, x, jax.random.key(0))
+    step = jax.jit(make_train_step(norms=False, skip_nonfinite=False))
+    hand = []
+    for _ in range(5):
+        state, m = step(state, (jnp.asarray(x), jnp.asarray(y)))
+        hand.append(float(m["loss"]))
+    np.testing.assert_allclose(rep.losses, hand, rtol=1e-5)
+
+
+def test_initial_loss_is_log_c_and_flags_overconfident_init(tiny_data):
+    x, y = tiny_data.x_train, tiny_data.y_train
+    ok = create_train_state(
+        build_model("mlp(features=(32,))", 4), optax.sgd(0.1), x, jax.random.key(0)
+    )
+    rep = D.initial_loss(ok, x, y, num_classes=4)
+    assert rep.expected == pytest.approx(math.log(4)) and rep.passed
+    bad = create_train_state(
+        build_model("mlp(features=(256,), initializer='standard_normal')", 4),
+        optax.sgd(0.1),
+        x,
+        jax.random.key(0),
+    )
+    rep = D.initial_loss(bad, x, y, num_classes=4)
+    assert not rep.passed and rep.ratio > 2
+
+
+# ----------------------------------------------------------------------------- signal propagation
+
+DEEP = "mlp(features=(64, 64, 64, 64, 64, 64, 64, 64), initializer={init!r})"
+
+
+def test_signal_propagation_flags_standard_normal_and_passes_he(tiny_data):
+    x, y = tiny_data.x_train[:64], tiny_data.y_train[:64]
+    reports = {}
+    for init in ("standard_normal", "he_normal"):
+        state = create_train_state(
+            build_model(DEEP.format(init=init), 4), optax.sgd(0.1), x, jax.random.key(0)
+        )
+        reports[init] = D.signal_propagation(state, x, y)
+    bad, good = reports["standard_normal"], reports["he_normal"]
+    assert not bad.passed and any("exploding activations" in f for f in bad.flags)
+    assert good.passed, good.flags
+    assert [r["layer"] for r in good.rows] == [f"Dense_{i}" for i in range(8)] + ["head"]
+    # independent computation of one row: the head's gradient norm by hand
+    state = create_train_state(
+        build_model(DEEP.format(init="he_normal"), 4), optax.sgd(0.1), x, jax.random.key(0)
+    )
+    grads = jax.grad(
+        lambda p: optax.softmax_cross_entropy_with_integer_labels(
+            state.apply_fn({"params": p}, x, train=True), y
+        ).mean()
+    )(state.params)
+    head = math.sqrt(sum(float(jnp.sum(g**2)) for g in jax.tree.leaves(grads["head"])))
+    assert good.rows[-1]["grad_norm"] == pytest.approx(head, rel=1e-5)
+    assert good.grad_ratio == pytest.approx(good.rows[0]["grad_norm"] / head, rel=1e-5)
+
+
+def test_signal_flags_vanishing_gradients_by_ratio():
+    rows = [
+        {"layer": "a", "act_mean": 0.0, "act_std": 1.0, "grad_norm": 1e-5},
+        {"layer": "b", "act_mean": 0.0, "act_std": 1.0, "grad_norm": 1.0},
+    ]
+    # the flag logic on a report built by hand, through the same code path as real reports
+    assert D.SignalReport(0, rows, 1e-5, 1.0, []).passed  # no flags, no failure
+    assert "vanishing" in _flags_for(1e-5, 1.0)[0]
+    assert "exploding gradients" in _flags_for(1e5, 1.0)[0]
+    assert _flags_for(1.0, 1.0) == []
+
+
+def _flags_for(grad_ratio, act_ratio):
+    return D._signal_flags(
+        [
+            {"act_std": 1.0, "grad_norm": grad_ratio},
+            {"act_std": act_ratio, "grad_norm": 1.0},
+        ],
+        grad_ratio,
+        act_ratio,
+        1e3,
+    )
+
+
+def test_track_signal_reports_at_the_requested_steps(tiny_data, adam_1e2):
+    x, y = tiny_data.x_train, tiny_data.y_train
+    state = create_train_state(build_model("mlp(features=(8,))", 4), adam_1e2, x, jax.random.key(0))
+    state, reports = D.track_signal(state, (x, y), at_steps=(0, 10, 5), batch_size=20)
+    assert [r.step for r in reports] == [0, 5, 10] and int(state.step) == 10
+
+
+# ----------------------------------------------------------------------------- LR finder
+
+
+def test_lr_finder_equals_separate_runs_and_suggests_a_rate(tiny_data):
+    x, y = tiny_data.x_train, tiny_data.y_train
+    model = build_model("mlp(features=(8,))", 4)
+    make_tx = lambda lr: build_optimizer("adam", lr)  # noqa: E731
+    res = D.lr_finder(
+        model,
+        make_tx,
+        (x, y),
+        key=jax.random.key(0),
+        lr_min=1e-4,
+        lr_max=1.0,
+        num=8,
+        steps=20,
+        batch_size=20,
+    )
+    assert res.losses.shape == (8, 20) and res.lrs.shape == (8,)
+    np.testing.assert_allclose(res.lrs, np.geomspace(1e-4, 1.0, 8))
+    assert res.lrs[0] <= res.suggestion <= res.lrs[-1]
+    # a second code path: an ordinary loop at one of the rates, from the same init and batches
+    k = 5
+    tx = make_tx(float(res.lrs[k]))
+    state = create_train_state(model, tx, x, jax.random.key(0))
+    step = jax.jit(make_train_step(norms=False))
+    from jtricks.data.batching import epoch_indices
+
+    losses = []
+    for e in range(2):
+        ids = np.asarray(
+            epoch_indices(
+                jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 1), e), 200, 20, 10
+            )
+        )
+        for i in ids:
+            state, m = step(state, (jnp.asarray(x[i]), jnp.asarray(y[i])))
+            losses.append(float(m["loss"]))
+    np.testing.assert_allclose(res.losses[k], losses, rtol=2e-4, atol=1e-6)
+
+
+def test_steepest_descent_on_a_hand_made_curve():
+    lrs = np.array([1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0])
+    final = np.array([2.0, 1.9, 1.0, 0.8, 0.7, np.nan])
+    # slopes by central differences on log lr: the steepest fall is around 1e-2
+    assert D.steepest_descent(lrs, final) == pytest.approx(1e-2)
+    with pytest.raises(ValueError, match="diverged"):
+        D.steepest_descent(lrs, np.full(6, np.nan))
+
+
+def test_lr_finder_needs_an_injected_learning_rate(tiny_data):
+    from jtricks.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="inject_hyperparams"):
+        D.lr_finder(
+            build_model("mlp(features=(8,))", 4),
+            lambda lr: optax.adam(lr),
+            (tiny_data.x_train, tiny_data.y_train),
+            key=jax.random.key(0),
+            steps=2,
+            batch_size=20,
+        )
+
+
+def test_layers_are_reported_in_forward_order_not_alphabetical(tiny_data):
+    x, y = tiny_data.x_train[:16], tiny_data.y_train[:16]
+    model = build_model("resnet20(stage_sizes=(1, 1), widths=(4, 8))", 4)
+    state = create_train_state(model, optax.sgd(0.1), x, jax.random.key(0))
+    layers = [r["layer"] for r in D.signal_propagation(state, x, y).rows]
+    # alphabetically "stage..." sorts before "stem"; the forward pass starts at the stem
+    assert layers[:2] == ["stem", "stem_norm"] and layers[-1] == "head"
+    assert layers.index("stage2_block1/shortcut") > layers.index("stage1_block1/Conv1D_1")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+TINY = [
+    "--dataset",
+    "synthetic(num_train=200, num_test=50, shape=(16,), num_classes=4, noise=0.5)",
+    "--model",
+    "mlp(features=(16,))",
+    "--batch-size",
+    "20",
+    "--overfit-steps",
+    "100",
+    "--signal-steps",
+    "0,5",
+    "--lr-num",
+    "4",
+    "--lr-steps",
+    "5",
+]
+
+
+def test_cli_diagnose_prints_verdicts_and_writes_plots(tmp_path, capsys):
+    import json
+
+    from jtricks.cli import main
+
+    out = tmp_path / "diag"
+    assert main(["diagnose", *TINY, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    for check in (
+        "initial loss",
+        "gradient check",
+        "overfit one batch",
+        "signal propagation, step 5",
+        "LR finder",
+    ):
+        assert check in text
+    assert "all checks passed" in text
+    for name in ("diagnose.json", "lr_finder.png", "signal.png", "overfit.png"):
+        assert (out / name).stat().st_size > 0
+    saved = json.loads((out / "diagnose.json").read_text())
+    assert saved["passed"] and len(saved["reports"]["lr_finder"]["lrs"]) == 4
+
+
+@pytest.mark.parametrize(
+    "flag, value, needle",
+    [
+        ("--signal-steps", "0,x", "--signal-steps"),
+        ("--lr-num", "1", "--lr-num"),
+        ("--lr-max", "1e-09", "--lr-max"),
+        ("--overfit-steps", "0", "--overfit-steps"),
+    ],
+)
+def test_cli_diagnose_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, flag, value, needle):
+    from jtricks.cli import main
+
+    out = tmp_path / "diag"
+    assert main(["diagnose", *TINY, flag, value, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and value in err and "Traceback" not in err
+    assert not out.exists()
