@@ -16,6 +16,7 @@ from jtricks.errors import ConfigError
 
 # config field -> CLI flag, to point errors at what the user typed
 FLAGS = {
+    "recipe": "--recipe",
     "dataset": "--dataset",
     "model": "--model",
     "optimizer": "--optimizer",
@@ -59,6 +60,13 @@ def _build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a model and write a run folder",
         description="Train a model; writes config.json, metrics.jsonl, curves.png and summary.json to --out.",
+    )
+    t.add_argument(
+        "--recipe",
+        default=None,
+        help="start from a named setting (tricks: BatchNorm + AdamW + one-cycle + shift "
+        "augmentation on the paper CNN; tricks_wide: the same on a wider residual CNN); "
+        "flags you give override it",
     )
     t.add_argument(
         "--dataset",
@@ -264,6 +272,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
         mixup=args.mixup,
         cutmix=args.cutmix,
     )
+    if args.recipe is not None:
+        from jtricks.run import recipe
+
+        if args.resume is not None:
+            raise ConfigError(
+                "--resume continues with the run's own config; do not also give --recipe",
+                param="recipe",
+            )
+        defaults = TrainConfig()
+        given = {
+            f: getattr(config, f)
+            for f in defaults.to_dict()
+            if getattr(config, f) != getattr(defaults, f)
+        }
+        config = recipe(args.recipe, **given)
     if args.log_every < 1:
         raise ConfigError(f"--log-every must be >= 1; got {args.log_every}")
     reporter = RichReporter(every=args.log_every) if args.progress else None

@@ -775,7 +775,9 @@ def diagnose(
     for s in signal_steps:
         check_int("signal_steps", s, low=0)
     if not signal_steps:
-        raise ConfigError("signal_steps must list at least one step, e.g. (0, 100)", param="signal_steps")
+        raise ConfigError(
+            "signal_steps must list at least one step, e.g. (0, 100)", param="signal_steps"
+        )
     check_range("lr_min", lr_min, low=0.0, low_inclusive=False)
     check_range("lr_max", lr_max, low=lr_min, low_inclusive=False)
     check_int("lr_num", lr_num, low=2)

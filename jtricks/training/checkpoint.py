@@ -46,6 +46,7 @@ def _arrays(state: TrainState) -> dict[str, Any]:
         "batch_stats": state.batch_stats,
         "opt_state": state.opt_state,
         "key": jax.random.key_data(state.key),
+        **({"ema_params": state.ema_params} if state.ema_params is not None else {}),
     }
 
 
@@ -168,6 +169,7 @@ def restore(path: str | os.PathLike, target: TrainState) -> tuple[TrainState, di
         batch_stats=arrays["batch_stats"],
         opt_state=arrays["opt_state"],
         key=jax.random.wrap_key_data(arrays["key"], impl=jax.random.key_impl(target.key)),
+        ema_params=arrays.get("ema_params"),
     )
     return state, meta
 
@@ -244,6 +246,11 @@ class Checkpointer:
     """Fit callback: save every ``every`` epochs (and at the end), keep the last ``keep``,
     and keep a copy of the best epoch by ``monitor`` in ``directory/best``.
 
+    The best state is held on device when it improves and written just before the next
+    periodic checkpoint (and at the end), so a run whose validation loss improves every
+    epoch does not pay a disk write per epoch; ``best`` on disk always matches the newest
+    periodic checkpoint's view of the run, which is what a resume continues from.
+
     ``meta_fn(record, state)`` may add JSON-able data (e.g. callback states) to each
     checkpoint's ``meta.json``; the fit history so far is always included.
     """
@@ -275,6 +282,7 @@ class Checkpointer:
         self.records: list[dict[str, Any]] = []
         self.best: float | None = None
         self._last_saved_epoch: int | None = None
+        self._pending_best: tuple[TrainState, dict[str, Any]] | None = None
 
     def _meta(self, record: dict[str, Any], state: TrainState) -> dict[str, Any]:
         meta = {
@@ -300,16 +308,26 @@ class Checkpointer:
         )
         if improved:
             self.best = float(value)
+            # a device copy (the next epoch donates ``state``); written with the next checkpoint
+            self._pending_best = (
+                jax.tree.map(lambda a: a.copy() if isinstance(a, jax.Array) else a, state),
+                self._meta(record, state),
+            )
         if record["epoch"] % self.every == 0:
             self._save(record, state)
-        if improved:
-            save(self.directory, "best", state, self._meta(record, state))
 
     def on_train_end(self, state: TrainState) -> None:
         if self.records and self._last_saved_epoch != self.records[-1]["epoch"]:
             self._save(self.records[-1], state)
+        self._flush_best()
+
+    def _flush_best(self) -> None:
+        if self._pending_best is not None:
+            save(self.directory, "best", *self._pending_best)
+            self._pending_best = None
 
     def _save(self, record: dict[str, Any], state: TrainState) -> None:
+        self._flush_best()  # the best so far goes to disk with every checkpoint, not at every improvement
         save(self.directory, f"{PREFIX}{record['epoch']:06d}", state, self._meta(record, state))
         self._last_saved_epoch = record["epoch"]
         for old in list_checkpoints(self.directory)[: -self.keep]:

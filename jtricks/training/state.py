@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import struct
 from flax.training import train_state
 
 
@@ -19,12 +20,29 @@ class TrainState(train_state.TrainState):
       key: the run's PRNG key for training noise. The dropout key of step ``t`` is
         ``fold_in(key, t)``, so it depends only on the key and the step count.
 
+      ema_params: with ``ema_decay`` set, the exponential moving average (Polyak
+        averaging) of the parameters, updated after every step by the train step:
+        ``ema <- d ema + (1 - d) params`` (`optax.incremental_update`), starting from the
+        initial parameters. ``None`` when off. BatchNorm statistics are not averaged.
+      ema_decay: ``d`` (static), or ``None``.
+
     ``step`` is an int32 array from the start, so the first and later calls of a
     jitted step see the same types and compile once.
+
+    References:
+      Polyak & Juditsky, "Acceleration of stochastic approximation by averaging" (1992).
     """
 
     batch_stats: Any = None
     key: jax.Array | None = None
+    ema_params: Any = None
+    ema_decay: float | None = struct.field(pytree_node=False, default=None)
+
+    def with_ema_params(self) -> TrainState:
+        """This state with its parameters replaced by their EMA (for evaluation)."""
+        if self.ema_params is None:
+            raise ValueError("this state keeps no EMA; create it with ema_decay=...")
+        return self.replace(params=self.ema_params)
 
 
 def create_train_state(
@@ -32,6 +50,8 @@ def create_train_state(
     tx: optax.GradientTransformation,
     sample_x: Any,
     key: jax.Array,
+    *,
+    ema_decay: float | None = None,
 ) -> TrainState:
     """Initialise a model and optimizer into a `TrainState`.
 
@@ -40,6 +60,7 @@ def create_train_state(
       tx: any optax transformation.
       sample_x: an example batch (only its shape and dtype matter; one example suffices).
       key: PRNG key, split as ``init_key, dropout_key = jax.random.split(key)``.
+      ema_decay: keep an EMA of the parameters with this decay in ``[0, 1)`` (off if ``None``).
 
     Example:
       >>> state = create_train_state(MLP(10), optax.adam(1e-3), x[:1], jax.random.key(0))
@@ -48,7 +69,13 @@ def create_train_state(
     variables = model.init({"params": init_key}, jnp.asarray(sample_x[:1]), train=False)
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
+    if ema_decay is not None:
+        from jtricks.errors import check_range
+
+        check_range("ema_decay", ema_decay, low=0.0, high=1.0, high_inclusive=False)
     return TrainState(
+        ema_params=jax.tree.map(jnp.copy, params) if ema_decay is not None else None,
+        ema_decay=None if ema_decay is None else float(ema_decay),
         step=jnp.zeros((), jnp.int32),
         apply_fn=model.apply,
         params=params,

@@ -111,6 +111,10 @@ def make_train_step(
         new_state = state.replace(
             step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats
         )
+        if state.ema_params is not None:  # Polyak averaging (kept when the step was skipped)
+            new_state = new_state.replace(
+                ema_params=optax.incremental_update(params, state.ema_params, 1.0 - state.ema_decay)
+            )
         return new_state, metrics
 
     return train_step
@@ -158,7 +162,8 @@ def make_epoch_fn(
     from the device-resident ``x, y``. Returned metrics are the epoch means of the
     step metrics, ``param_norm`` at the end of the epoch and, when ``val`` (padded
     batches from `pad_batches`) is given and ``eval_step`` was supplied,
-    ``val_loss`` and ``val_accuracy``. The state is donated, so its buffers are
+    ``val_loss`` and ``val_accuracy`` (and ``val_ema_loss`` / ``val_ema_accuracy`` on the
+    EMA parameters when the state keeps them). The state is donated, so its buffers are
     reused in place. One dispatch and one host transfer per epoch.
     """
 
@@ -184,6 +189,9 @@ def make_epoch_fn(
             metrics.update(
                 {f"val_{k}": v for k, v in _evaluate_batches(eval_step, state, *val).items()}
             )
+            if state.ema_params is not None:
+                ema = _evaluate_batches(eval_step, state.with_ema_params(), *val)
+                metrics.update({f"val_ema_{k}": v for k, v in ema.items()})
         return state, metrics
 
     return run_epoch

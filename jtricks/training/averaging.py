@@ -1,0 +1,124 @@
+"""Weight averaging (T09): stochastic weight averaging and BatchNorm re-estimation.
+
+The exponential moving average (Polyak) lives in the `TrainState` itself
+(``create_train_state(..., ema_decay=0.999)``; the train step updates it). This
+module adds SWA, an equal-weight average of the parameters at the end of every
+epoch from ``start_epoch`` on, and `recompute_batch_stats`, which re-estimates
+BatchNorm statistics for averaged weights with one pass over the training data
+(the running statistics collected during training belong to other weights).
+
+What is new relative to optax / flax: optax averages *updates* (`optax.ema`) and
+flax has no BatchNorm re-estimation; `recompute_batch_stats` works for any Flax
+model without knowing its BatchNorm momentum (it is measured, see below).
+
+References:
+  Izmailov et al., "Averaging Weights Leads to Wider Optima and Better Generalization" (2018),
+  https://arxiv.org/abs/1803.05407
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jtricks.errors import check_int
+from jtricks.training.state import TrainState
+
+
+def recompute_batch_stats(
+    state: TrainState, x: Any, *, batch_size: int = 500, key: jax.Array | None = None
+) -> Any:
+    """BatchNorm statistics of ``state.params`` re-estimated on ``x``: the equal-weight
+    mean, over the ``N // batch_size`` full batches (one batch if ``N < batch_size``), of
+    each batch's mean and (biased) variance. PyTorch's ``update_bn`` computes the same.
+
+    Flax's BatchNorm updates ``r <- m r + (1 - m) b`` for a batch statistic ``b`` with an
+    unknown momentum ``m``. Starting every batch from ``r = 0`` gives ``(1 - m) b``; one
+    extra pass from ``r = 1`` gives ``m + (1 - m) b``, so ``m`` and then ``b`` follow
+    exactly, whatever the momentum. The model runs in training mode (dropout on, with
+    ``key``, as PyTorch does).
+
+    Returns:
+      A new ``batch_stats`` collection (the state's own if it has none).
+    """
+    if not state.batch_stats:
+        return state.batch_stats
+    x = jnp.asarray(x)
+    batch_size = min(check_int("batch_size", batch_size, low=1), x.shape[0])
+    nb = x.shape[0] // batch_size
+    xb = x[: nb * batch_size].reshape(nb, batch_size, *x.shape[1:])
+    key = jax.random.key(0) if key is None else key
+
+    @jax.jit
+    def run(params, xb):
+        def stats(init, xi, k):
+            _, upd = state.apply_fn(
+                {"params": params, "batch_stats": init},
+                xi,
+                train=True,
+                rngs={"dropout": k},
+                mutable=["batch_stats"],
+            )
+            return upd["batch_stats"]
+
+        zeros = jax.tree.map(jnp.zeros_like, state.batch_stats)
+        ones = jax.tree.map(jnp.ones_like, state.batch_stats)
+        from_zero = stats(zeros, xb[0], key)
+        momentum = jax.tree.map(jnp.subtract, stats(ones, xb[0], key), from_zero)
+
+        def body(total, i):
+            s = stats(zeros, xb[i], jax.random.fold_in(key, i))
+            return jax.tree.map(jnp.add, total, s), None
+
+        total, _ = jax.lax.scan(body, zeros, jnp.arange(nb))
+        return jax.tree.map(lambda t, m: t / nb / (1.0 - m), total, momentum)
+
+    return run(state.params, xb)
+
+
+class SWA:
+    """`fit` callback: stochastic weight averaging.
+
+    From epoch ``start_epoch`` (1-based) on, the parameters at the end of every epoch are
+    averaged with equal weights, ``avg <- avg + (params - avg) / (n + 1)``. At the end of
+    training the state's parameters are replaced by the average and, when the model has
+    BatchNorm, its statistics are re-estimated on ``train_x`` (`recompute_batch_stats`).
+    The optimizer state is left as it was. ``self.count`` is the number of averaged epochs.
+    """
+
+    needs_state = True
+
+    def __init__(self, start_epoch: int, train_x: Any = None, *, batch_size: int = 500) -> None:
+        self.start_epoch = check_int("start_epoch", start_epoch, low=1)
+        self.train_x = None if train_x is None else np.asarray(train_x)
+        self.batch_size = batch_size
+        self.count = 0
+        self.average: Any = None
+
+    def on_epoch_end(self, record: dict[str, Any], state: TrainState) -> None:
+        if record["epoch"] < self.start_epoch:
+            return None
+        if self.average is None:
+            self.average = jax.tree.map(jnp.copy, state.params)  # the state is donated next
+        else:
+            self.average = _running_mean(self.average, state.params, jnp.float32(self.count))
+        self.count += 1
+        return None
+
+    def on_train_end(self, state: TrainState) -> TrainState:
+        if self.average is None:
+            return state
+        state = state.replace(params=self.average)
+        if state.batch_stats and self.train_x is not None:
+            state = state.replace(
+                batch_stats=recompute_batch_stats(state, self.train_x, batch_size=self.batch_size)
+            )
+        return state
+
+
+@jax.jit
+def _running_mean(avg: Any, new: Any, n: jax.Array) -> Any:
+    return jax.tree.map(lambda a, p: a + (p - a) / (n + 1), avg, new)
