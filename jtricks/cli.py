@@ -38,6 +38,11 @@ FLAGS = {
     "augment": "--augment",
     "mixup": "--mixup",
     "cutmix": "--cutmix",
+    "ema": "--ema",
+    "swa": "--swa",
+    "ensemble": "--ensemble",
+    "pretrained": "--pretrained",
+    "finetune": "--finetune",
     "overfit_steps": "--overfit-steps",
     "signal_steps": "--signal-steps",
     "lr_min": "--lr-min",
@@ -162,6 +167,40 @@ def _build_parser() -> argparse.ArgumentParser:
         "--cutmix", type=float, default=None, metavar="ALPHA", help="cutmix with Beta(ALPHA, ALPHA)"
     )
     t.add_argument(
+        "--ema",
+        type=float,
+        default=None,
+        metavar="DECAY",
+        help="keep an exponential moving average of the parameters (e.g. 0.999); "
+        "validation and test are also reported on it",
+    )
+    t.add_argument(
+        "--swa",
+        type=int,
+        default=None,
+        metavar="EPOCH",
+        help="stochastic weight averaging from EPOCH on; BatchNorm re-estimated at the end",
+    )
+    t.add_argument(
+        "--ensemble",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train N models at once (one vmapped program); reports each member and the ensemble",
+    )
+    t.add_argument(
+        "--pretrained",
+        default=None,
+        metavar="DIR",
+        help="load matching parameters from a run folder or checkpoint folder",
+    )
+    t.add_argument(
+        "--finetune",
+        default=None,
+        metavar="PRESET",
+        help="with --pretrained: head (train the last layer), last:K (the last K layers) or all",
+    )
+    t.add_argument(
         "--resume",
         default=None,
         metavar="RUN_DIR",
@@ -271,6 +310,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         augment=args.augment,
         mixup=args.mixup,
         cutmix=args.cutmix,
+        ema=args.ema,
+        swa=args.swa,
+        ensemble=args.ensemble,
+        pretrained=args.pretrained,
+        finetune=args.finetune,
     )
     if args.recipe is not None:
         from jtricks.run import recipe
@@ -306,6 +350,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         result = train(config, out=out, reporter=reporter)
     if result.history.stopped:
         print(f"stopped: {result.history.stopped}", file=sys.stderr)
+    if "member_accuracy" in result.test:
+        members = "  ".join(f"{a:.4f}" for a in result.test["member_accuracy"])
+        print(f"member test_accuracy  {members}")
+    if "ema_accuracy" in result.test:
+        print(
+            f"ema test_loss {result.test['ema_loss']:.4f}  ema test_accuracy {result.test['ema_accuracy']:.4f}"
+        )
     print(
         f"test_loss {result.test['loss']:.4f}  test_accuracy {result.test['accuracy']:.4f}  "
         f"wall {result.wall_s:.1f}s  run folder {result.out}"

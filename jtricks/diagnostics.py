@@ -46,6 +46,7 @@ from jtricks.errors import ConfigError, check_int, check_range
 from jtricks.losses import cross_entropy
 from jtricks.training.state import TrainState, create_train_state
 from jtricks.training.steps import LossFn, _apply, make_train_step
+from jtricks.training.transfer import forward_layers
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -57,33 +58,12 @@ def _layer_of(path: tuple[str, ...]) -> str:
 
 def _layers(params: Any, order: Sequence[str] = ()) -> dict[str, list[tuple[str, ...]]]:
     """Leaves of ``params`` grouped by layer, layers sorted by their position in ``order``
-    (the forward call order from `_forward_order`; unknown layers go last)."""
+    (the forward call order from `forward_layers`; unknown layers go last)."""
     out: dict[str, list[tuple[str, ...]]] = {}
     for path in traverse_util.flatten_dict(params):
         out.setdefault(_layer_of(path), []).append(path)
     rank = {name: i for i, name in enumerate(order)}
     return dict(sorted(out.items(), key=lambda kv: rank.get(kv[0], len(rank))))
-
-
-def _forward_order(state: TrainState, x: jax.Array) -> list[str]:
-    """Module paths in the order the forward pass first calls them (traced abstractly:
-    parameter dicts come back from jax transforms with sorted keys, which is not the
-    order of the layers)."""
-    order: list[str] = []
-
-    def record(next_fun, args, kwargs, context):
-        if context.method_name == "__call__":
-            name = "/".join(context.module.path)
-            if name not in order:
-                order.append(name)
-        return next_fun(*args, **kwargs)
-
-    variables = {"params": state.params}
-    if state.batch_stats:
-        variables["batch_stats"] = state.batch_stats
-    with nn.intercept_methods(record):
-        jax.eval_shape(lambda v, xb: state.apply_fn(v, xb, train=False), variables, x)
-    return order
 
 
 def _bn_eval_interceptor(next_fun, args, kwargs, context):
@@ -213,7 +193,7 @@ def check_gradients(
             offsets[path] = (start, int(np.size(leaf)))  # ravel_pytree's order
             start += int(np.size(leaf))
         sampled: dict[str, np.ndarray] = {}
-        for layer, paths in _layers(params, _forward_order(state, jnp.asarray(x)[:1])).items():
+        for layer, paths in _layers(params, forward_layers(state, x)).items():
             idx = np.concatenate([np.arange(s, s + n) for s, n in (offsets[p] for p in paths)])
             k = min(coords_per_layer, idx.size)
             sampled[layer] = np.sort(rng.choice(idx, size=k, replace=False))
@@ -419,7 +399,7 @@ def signal_propagation(
         return jnp.mean(loss_fn(logits, y)), coll["intermediates"]
 
     grads, inter = jax.jit(jax.grad(loss, has_aux=True))(state.params)
-    layers = _layers(state.params, _forward_order(state, x[:1]))
+    layers = _layers(state.params, forward_layers(state, x))
     flat_inter = traverse_util.flatten_dict(jax.device_get(inter))
     flat_grads = traverse_util.flatten_dict(jax.device_get(grads))
     rows = []

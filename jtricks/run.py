@@ -32,7 +32,9 @@ from jtricks.training import (
     evaluate,
     fit,
 )
+from jtricks.training.averaging import SWA
 from jtricks.training.checkpoint import Checkpointer, restore, restore_latest
+from jtricks.training.transfer import finetune_labels, forward_layers, freeze, load_pretrained
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,11 @@ class TrainConfig:
     augment: str | None = None
     mixup: float | None = None
     cutmix: float | None = None
+    ema: float | None = None
+    swa: int | None = None
+    ensemble: int = 1
+    pretrained: str | None = None
+    finetune: str | None = None
 
     DEFAULT_STEPS = 6000
 
@@ -103,6 +110,30 @@ class TrainConfig:
         for name in ("mixup", "cutmix"):
             if getattr(self, name) is not None:
                 check_range(name, getattr(self, name), low=0.0, low_inclusive=False)
+        if self.ema is not None:
+            check_range("ema", self.ema, low=0.0, high=1.0, high_inclusive=False)
+        if self.swa is not None:
+            check_int("swa", self.swa, low=1)
+        check_int("ensemble", self.ensemble, low=1)
+        if self.ensemble > 1:
+            for name in ("early_stopping", "swa", "pretrained"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(
+                        f"ensemble runs do not support {name}; got ensemble={self.ensemble}, "
+                        f"{name}={getattr(self, name)!r}",
+                        param="ensemble",
+                    )
+            if self.schedule.startswith("plateau"):
+                raise ConfigError(
+                    "ensemble runs do not support the plateau schedule", param="ensemble"
+                )
+        if self.ensemble > 1 and (self.mixup is not None or self.cutmix is not None):
+            raise ConfigError("ensemble runs do not support mixup or cutmix", param="ensemble")
+        if self.finetune is not None and self.pretrained is None:
+            raise ConfigError(
+                f"finetune={self.finetune!r} needs pretrained weights (--pretrained RUN_DIR)",
+                param="finetune",
+            )
         if self.epochs is not None and self.steps is not None:
             raise ConfigError(
                 f"give epochs or steps, not both; got epochs={self.epochs}, steps={self.steps}",
@@ -452,6 +483,13 @@ def train(
     if config.early_stopping is not None:
         early_cb = EarlyStopping(config.early_stopping)
         callbacks.append(early_cb)
+    if config.swa is not None:
+        if resume is not None:
+            raise ConfigError(
+                "runs with swa cannot be resumed: the running average is not checkpointed",
+                param="resume",
+            )
+        callbacks.append(SWA(config.swa, x_tr))
     if reporter is None and progress:
         from jtricks.training.progress import RichReporter
 
@@ -459,7 +497,33 @@ def train(
 
     key = jax.random.key(config.seed)
     init_key, data_key = jax.random.split(key)
-    state = create_train_state(model, tx, x_tr, init_key)
+    if config.pretrained is not None:
+        probe = create_train_state(model, tx, x_tr, init_key)
+        presets = finetune_labels(config.finetune or "all", forward_layers(probe, x_tr))
+        if config.finetune not in (None, "all"):
+            tx = freeze(tx, trainable=[f"{layer}/*" for layer, on in presets.items() if on])
+    if config.ensemble > 1:
+        if resume is not None:
+            raise ConfigError("ensemble runs cannot be resumed", param="resume")
+        return _train_ensemble(
+            config,
+            model,
+            tx,
+            data.num_classes,
+            (x_tr, y_tr),
+            (x_val, y_val),
+            (x_test, data.y_test),
+            init_key,
+            data_key,
+            total_steps,
+            augment,
+            out,
+            reporter,
+            t0,
+        )
+    state = create_train_state(model, tx, x_tr, init_key, ema_decay=config.ema)
+    if config.pretrained is not None and resume is None:
+        state, _ = load_pretrained(state, config.pretrained)
     records: list[dict[str, Any]] = []
     run_dir = None
     if out is not None:
@@ -521,6 +585,11 @@ def train(
         history.records.extend(new.records)
         history.stopped = new.stopped
     test = evaluate(state, (x_test, data.y_test), batch_size=config.eval_batch_size)
+    if state.ema_params is not None:
+        ema = evaluate(
+            state.with_ema_params(), (x_test, data.y_test), batch_size=config.eval_batch_size
+        )
+        test.update({f"ema_{k}": v for k, v in ema.items()})
     wall = time.perf_counter() - t0
     if run_dir is not None:
         plot_curves(history, run_dir / "curves.png")
@@ -538,6 +607,84 @@ def train(
                 "train_s": last.get("elapsed_s"),
                 "num_params": int(sum(np.size(p) for p in jax.tree.leaves(state.params))),
                 "stopped": history.stopped,
+                **(
+                    {"test_ema_loss": test["ema_loss"], "test_ema_accuracy": test["ema_accuracy"]}
+                    if "ema_accuracy" in test
+                    else {}
+                ),
             },
         )
     return RunResult(config, state, history, test, run_dir, wall)
+
+
+def _train_ensemble(
+    config,
+    model,
+    tx,
+    num_classes,
+    train,
+    val,
+    test_data,
+    init_key,
+    data_key,
+    total_steps,
+    augment,
+    out,
+    reporter,
+    t0,
+) -> RunResult:
+    """`train` for ``ensemble > 1``: N members in one program (`fit_ensemble`); member ``i``
+    uses init key ``fold_in(init_key, i)``. Writes config, metrics, curves and a summary
+    with every member's test accuracy and the ensemble's; no intermediate checkpoints."""
+    from jtricks.training.ensemble import create_ensemble, evaluate_ensemble, fit_ensemble
+
+    keys = jax.vmap(lambda i: jax.random.fold_in(init_key, i))(jnp.arange(config.ensemble))
+    states = create_ensemble(model, tx, train[0], keys)
+    run_dir = _prepare_out(out) if out is not None else None
+    log = None
+    if run_dir is not None:
+        write_json(
+            run_dir / "config.json", {"config": config.to_dict(), "environment": environment()}
+        )
+        log = MetricsLog(run_dir / "metrics.jsonl")
+    states, history = fit_ensemble(
+        states,
+        train,
+        val_data=val,
+        batch_size=config.batch_size,
+        steps=total_steps,
+        data_key=data_key,
+        eval_batch_size=config.eval_batch_size,
+        augment=augment,
+        reporter=reporter,
+        on_epoch_end=None if log is None else (lambda r: log.on_epoch_end(r, None)),
+    )
+    ev = evaluate_ensemble(states, test_data, batch_size=config.eval_batch_size)
+    test = {
+        "loss": ev["loss"],
+        "accuracy": ev["accuracy"],
+        "member_accuracy": ev["member_accuracy"],
+        "member_loss": ev["member_loss"],
+    }
+    wall = time.perf_counter() - t0
+    if run_dir is not None:
+        plot_curves(history, run_dir / "curves.png")
+        last = history.records[-1]
+        write_json(
+            run_dir / "summary.json",
+            {
+                "test_loss": ev["loss"],
+                "test_accuracy": ev["accuracy"],
+                "test_member_accuracy": ev["member_accuracy"],
+                "val_loss": last["val_loss"],
+                "val_accuracy": last["val_accuracy"],
+                "steps": last["step"],
+                "epochs": last["epoch"],
+                "wall_s": wall,
+                "train_s": last["elapsed_s"],
+                "ensemble": config.ensemble,
+                "num_params": int(sum(np.size(p) for p in jax.tree.leaves(states.params))),
+                "stopped": None,
+            },
+        )
+    return RunResult(config, states, history, test, run_dir, wall)

@@ -1,0 +1,210 @@
+"""Transfer learning by freezing (T26): load pretrained parameters, train only some layers.
+
+* `freeze(tx, frozen)`: parameters whose path matches a pattern get no update, through
+  optax's partitioning (`optax.multi_transform` with `optax.set_to_zero` for the frozen
+  part), so the optimizer keeps no state for them and they stay bit-identical.
+* `finetune_labels(preset, layers)`: the three regimes of T26 as presets over the
+  layers in forward order: ``"head"`` (only the last layer trains), ``"last:K"``
+  (the last K layers), ``"all"`` (everything, starting from the pretrained weights).
+* `load_pretrained(state, source)`: copy every parameter whose path and shape match
+  from a jtricks checkpoint (or run folder) into ``state``; a new head of another
+  shape keeps its fresh initialisation.
+
+Paths are ``"layer/leaf"`` strings such as ``"Conv_0/kernel"`` or
+``"stage1_block1/Conv1D_0/kernel"``; patterns are `fnmatch` globs (``"Conv_*"``).
+BatchNorm statistics are not parameters: in training mode a frozen layer's
+BatchNorm still updates its running averages.
+
+References:
+  Yosinski et al., "How transferable are features in deep neural networks?" (2014),
+  https://arxiv.org/abs/1411.1792
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+
+from jtricks.errors import ConfigError
+from jtricks.training.state import TrainState
+
+
+def param_paths(params: Any) -> list[str]:
+    """Every parameter leaf's ``"layer/leaf"`` path."""
+    return ["/".join(p) for p in traverse_util.flatten_dict(params)]
+
+
+def forward_layers(state: TrainState, x: Any) -> list[str]:
+    """Layers that own parameters, in the order the forward pass first calls them.
+
+    (Parameter dicts come back from jax transforms with sorted keys, which is not the
+    order of the layers: ``"stage1..."`` sorts before ``"stem"``.) Traced abstractly
+    with `flax.linen.intercept_methods`; nothing is computed.
+    """
+    order: list[str] = []
+
+    def record(next_fun, args, kwargs, context):
+        if context.method_name == "__call__":
+            name = "/".join(context.module.path)
+            if name not in order:
+                order.append(name)
+        return next_fun(*args, **kwargs)
+
+    variables = {"params": state.params}
+    if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+    with nn.intercept_methods(record):
+        jax.eval_shape(
+            lambda v, xb: state.apply_fn(v, xb, train=False), variables, jnp.asarray(x)[:1]
+        )
+    owners = {p.rsplit("/", 1)[0] for p in param_paths(state.params)}
+    ranked = [name for name in order if name in owners]
+    return ranked + sorted(owners - set(ranked))
+
+
+def finetune_labels(preset: str, layers: Sequence[str]) -> dict[str, bool]:
+    """Which layers train under a T26 preset: ``{layer: trainable}``.
+
+    ``"head"``: the last layer only; ``"last:K"``: the last K layers; ``"all"``: every layer.
+
+    Raises:
+      ConfigError: an unknown preset, or K outside ``1..len(layers)``.
+    """
+    n = len(layers)
+    if preset == "all":
+        k = n
+    elif preset == "head":
+        k = 1
+    elif isinstance(preset, str) and preset.startswith("last:"):
+        try:
+            k = int(preset.split(":", 1)[1])
+        except ValueError:
+            k = -1
+        if not 1 <= k <= n:
+            raise ConfigError(
+                f"finetune 'last:K' needs 1 <= K <= {n} (the model's layers); got {preset!r}",
+                param="finetune",
+            )
+    else:
+        raise ConfigError(
+            f"unknown finetune preset {preset!r}; valid presets are: head, last:K, all",
+            param="finetune",
+        )
+    return {layer: i >= n - k for i, layer in enumerate(layers)}
+
+
+def freeze(
+    tx: optax.GradientTransformation,
+    frozen: Sequence[str] = (),
+    *,
+    trainable: Sequence[str] | None = None,
+) -> optax.GradientTransformation:
+    """``tx`` on the trainable parameters, zero updates on the frozen ones.
+
+    Give glob patterns over ``"layer/leaf"`` paths: ``frozen`` (those matching are frozen)
+    or ``trainable`` (all others are frozen). Built on `optax.multi_transform`, so it
+    chains with any optax transformation.
+    """
+    frozen, trainable = list(frozen), None if trainable is None else list(trainable)
+
+    def is_frozen(path: str) -> bool:
+        if trainable is not None:
+            return not any(fnmatch.fnmatchcase(path, p) for p in trainable)
+        return any(fnmatch.fnmatchcase(path, p) for p in frozen)
+
+    def labels(params):
+        flat = traverse_util.flatten_dict(params)
+        return traverse_util.unflatten_dict(
+            {k: "frozen" if is_frozen("/".join(k)) else "train" for k in flat}
+        )
+
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def preset_patterns(preset: str, layers: Sequence[str]) -> list[str]:
+    """Trainable-path patterns for `freeze(trainable=...)` from a `finetune_labels` preset."""
+    return [f"{layer}/*" for layer, on in finetune_labels(preset, layers).items() if on]
+
+
+def _checkpoint_dir(source: str | os.PathLike) -> Path:
+    from jtricks.training.checkpoint import list_checkpoints
+
+    path = Path(source)
+    if (path / "state").is_dir():
+        return path
+    for folder in (path / "checkpoints", path):
+        if (folder / "best" / "state").is_dir():
+            return folder / "best"
+        found = list_checkpoints(folder) if folder.is_dir() else []
+        if found:
+            return found[-1]
+    raise ConfigError(
+        f"no jtricks checkpoint at {str(path)!r} (expected a checkpoint folder with state/, "
+        "or a run folder with checkpoints/)",
+        param="pretrained",
+    )
+
+
+def load_pretrained(
+    state: TrainState, source: str | os.PathLike
+) -> tuple[TrainState, dict[str, list[str]]]:
+    """Copy parameters from a checkpoint into ``state`` where path and shape match.
+
+    ``source`` is a checkpoint folder, or a run folder (its ``best`` checkpoint, else the
+    newest). The checkpoint's integrity is verified first. The optimizer state is
+    re-initialised for the new parameters.
+
+    Returns:
+      The new state and ``{"loaded": [...], "kept": [...]}`` (paths kept at their fresh
+      initialisation: absent from the checkpoint or of another shape, e.g. a new head).
+
+    Raises:
+      ConfigError: no checkpoint there, a damaged one, or no parameter in common.
+    """
+    import orbax.checkpoint as ocp
+
+    from jtricks.training.checkpoint import verify
+
+    path = _checkpoint_dir(source).absolute()
+    verify(path)
+    ckptr = ocp.StandardCheckpointer()
+    try:
+        saved = ckptr.restore(path / "state")
+    except Exception as e:
+        raise ConfigError(
+            f"cannot read checkpoint {path}: {type(e).__name__}: {e}", param="pretrained"
+        ) from None
+    finally:
+        ckptr.close()
+    saved_flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(saved["params"]).items()}
+    target = traverse_util.flatten_dict(state.params)
+    loaded, kept, new = [], [], {}
+    for k, v in target.items():
+        name = "/".join(k)
+        src = saved_flat.get(name)
+        if src is not None and np.shape(src) == v.shape:
+            new[k] = jnp.asarray(src, v.dtype)
+            loaded.append(name)
+        else:
+            new[k] = v
+            kept.append(name)
+    if not loaded:
+        raise ConfigError(
+            f"checkpoint {path} shares no parameter (same path and shape) with this model",
+            param="pretrained",
+        )
+    params = traverse_util.unflatten_dict(new)
+    return state.replace(params=params, opt_state=state.tx.init(params)), {
+        "loaded": loaded,
+        "kept": kept,
+    }

@@ -1,0 +1,240 @@
+"""EMA, SWA, vmapped ensembles and transfer learning by freezing (T09, T26)."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jtricks.errors import ConfigError
+from jtricks.nn import build_model
+from jtricks.training import create_train_state, fit, make_train_step
+from jtricks.training.averaging import SWA, recompute_batch_stats
+from jtricks.training.checkpoint import restore, save
+from jtricks.training.ensemble import (
+    create_ensemble,
+    evaluate_ensemble,
+    fit_ensemble,
+    predict_proba,
+)
+from jtricks.training.transfer import (
+    finetune_labels,
+    forward_layers,
+    freeze,
+    load_pretrained,
+    preset_patterns,
+)
+
+MLP = "mlp(features=(16, 16))"
+
+
+@pytest.fixture(scope="module")
+def data(tiny_data):
+    return tiny_data.x_train, tiny_data.y_train
+
+
+def _leaves(tree):
+    return [np.asarray(a) for a in jax.tree.leaves(tree)]
+
+
+def test_ema_equals_a_hand_computed_average(data, adam):
+    x, y = data
+    model = build_model(MLP, 4)
+    state = create_train_state(model, adam, x, jax.random.key(0), ema_decay=0.8)
+    plain = create_train_state(model, adam, x, jax.random.key(0))
+    step_ema, step = jax.jit(make_train_step()), jax.jit(make_train_step())
+    hand = [np.asarray(a, np.float64) for a in jax.tree.leaves(plain.params)]
+    for i in range(6):
+        batch = (jnp.asarray(x[20 * i : 20 * i + 20]), jnp.asarray(y[20 * i : 20 * i + 20]))
+        state, _ = step_ema(state, batch)
+        plain, _ = step(plain, batch)
+        hand = [
+            0.8 * h + 0.2 * np.asarray(p)
+            for h, p in zip(hand, jax.tree.leaves(plain.params), strict=True)
+        ]
+    for a, b in zip(_leaves(state.ema_params), hand, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    for a, b in zip(_leaves(state.params), _leaves(plain.params), strict=True):
+        np.testing.assert_array_equal(a, b)  # the EMA never touches training
+    assert state.with_ema_params().params is state.ema_params
+
+
+def test_ema_is_validated_and_checkpointed(data, adam, tmp_path):
+    x, y = data
+    state = create_train_state(build_model(MLP, 4), adam, x, jax.random.key(0), ema_decay=0.9)
+    state, hist = fit(state, (x, y), val_data=(x[:50], y[:50]), batch_size=20, steps=10)
+    assert {"val_ema_loss", "val_ema_accuracy"} <= set(hist.records[-1])
+    save(tmp_path, "epoch-000001", state, {"epoch": 1})
+    target = create_train_state(build_model(MLP, 4), adam, x, jax.random.key(1), ema_decay=0.9)
+    back, _ = restore(tmp_path / "epoch-000001", target)
+    for a, b in zip(_leaves(back.ema_params), _leaves(state.ema_params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ConfigError, match="ema_decay"):
+        create_train_state(build_model(MLP, 4), adam, x, jax.random.key(0), ema_decay=1.0)
+
+
+def test_swa_averages_epoch_ends_and_recomputes_batchnorm(data, adam):
+    x, y = data
+    model = build_model("mlp(features=(16,), norm='batch')", 4)
+    state = create_train_state(model, adam, x, jax.random.key(0))
+    copy = lambda s: jax.tree.map(jnp.copy, s)  # noqa: E731  (fit donates its input)
+    # reference: the parameters at the end of epochs 2, 3, 4 from a plain run
+    ref, ends = copy(state), []
+    for _ in range(4):
+        ref, _ = fit(ref, (x, y), batch_size=20, epochs=1, data_key=jax.random.key(3))
+        ends.append(_leaves(ref.params))
+    swa = SWA(2, x, batch_size=50)
+    out, _ = fit(
+        copy(state), (x, y), batch_size=20, epochs=4, data_key=jax.random.key(3), callbacks=[swa]
+    )
+    assert swa.count == 3
+    for i, leaf in enumerate(_leaves(out.params)):
+        np.testing.assert_allclose(
+            leaf, np.mean([e[i] for e in ends[1:]], axis=0), rtol=1e-5, atol=1e-6
+        )
+    # BatchNorm statistics re-estimated for the averaged weights: batch means by hand
+    h = np.asarray(x, np.float64) @ np.asarray(out.params["Dense_0"]["kernel"], np.float64)
+    h += np.asarray(out.params["Dense_0"]["bias"])
+    batches = h.reshape(4, 50, -1)
+    np.testing.assert_allclose(
+        out.batch_stats["Norm_0"]["mean"], batches.mean(1).mean(0), rtol=1e-4, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        out.batch_stats["Norm_0"]["var"], batches.var(1).mean(0), rtol=1e-4, atol=1e-5
+    )
+    # the standalone function gives the same
+    again = recompute_batch_stats(out, x, batch_size=50)
+    np.testing.assert_allclose(again["Norm_0"]["var"], out.batch_stats["Norm_0"]["var"], rtol=1e-6)
+
+
+def test_vmapped_ensemble_equals_separate_runs(data):
+    x, y = data
+    model = build_model("mlp(features=(16,), dropout=0.2)", 4)
+    tx = optax.adam(1e-2)
+    keys = jax.random.split(jax.random.key(0), 3)
+    dk = jax.random.key(5)
+    states = create_ensemble(model, tx, x, keys)
+    states, hist = fit_ensemble(
+        states, (x, y), val_data=(x[:60], y[:60]), batch_size=20, steps=25, data_key=dk
+    )
+    rec = hist.records[-1]
+    assert rec["step"] == 25 and len(rec["val_member_accuracy"]) == 3
+    for i in range(3):
+        s = create_train_state(model, tx, x, keys[i])
+        s, _ = fit(s, (x, y), batch_size=20, steps=25, data_key=dk)
+        for a, b in zip(_leaves(s.params), _leaves(states.params), strict=True):
+            np.testing.assert_allclose(b[i], a, rtol=1e-5, atol=1e-6)
+    # the ensemble predicts the mean of the members' softmax probabilities
+    probs = np.mean(
+        [
+            jax.nn.softmax(
+                model.apply({"params": jax.tree.map(lambda a, i=i: a[i], states.params)}, x[:60])
+            )
+            for i in range(3)
+        ],
+        axis=0,
+    )
+    np.testing.assert_allclose(predict_proba(states, x[:60]), probs, rtol=1e-5, atol=1e-6)
+    ev = evaluate_ensemble(states, (x[:60], y[:60]), batch_size=25)
+    assert ev["accuracy"] == pytest.approx(np.mean(probs.argmax(1) == y[:60]))
+    assert ev["loss"] == pytest.approx(-np.mean(np.log(probs[np.arange(60), y[:60]])), rel=1e-4)
+    assert ev["member_accuracy"] == pytest.approx(rec["val_member_accuracy"])
+
+
+def test_frozen_parameters_are_bit_identical(data):
+    x, y = data
+    model = build_model(MLP, 4)
+    probe = create_train_state(model, optax.sgd(0.1), x, jax.random.key(0))
+    layers = forward_layers(probe, x)
+    assert layers == ["Dense_0", "Dense_1", "head"]
+    assert finetune_labels("last:2", layers) == {"Dense_0": False, "Dense_1": True, "head": True}
+    tx = freeze(optax.adamw(1e-2, weight_decay=0.1), trainable=preset_patterns("head", layers))
+    state = create_train_state(model, tx, x, jax.random.key(0))
+    before = jax.tree.map(np.array, state.params)
+    state, _ = fit(state, (x, y), batch_size=20, steps=20)
+    for name in ("Dense_0", "Dense_1"):
+        for leaf in ("kernel", "bias"):
+            np.testing.assert_array_equal(np.asarray(state.params[name][leaf]), before[name][leaf])
+    assert not np.array_equal(np.asarray(state.params["head"]["kernel"]), before["head"]["kernel"])
+    # patterns the other way round
+    tx = freeze(optax.sgd(0.5), frozen=["Dense_*"])
+    s = create_train_state(model, tx, x, jax.random.key(0))
+    s, _ = fit(s, (x, y), batch_size=20, steps=5)
+    np.testing.assert_array_equal(
+        np.asarray(s.params["Dense_1"]["kernel"]), before["Dense_1"]["kernel"]
+    )
+    with pytest.raises(ConfigError, match="last:K"):
+        finetune_labels("last:0", layers)
+    with pytest.raises(ConfigError, match="head, last:K, all"):
+        finetune_labels("middle", layers)
+
+
+def test_load_pretrained_copies_matching_layers(data, tmp_path):
+    x, _ = data
+    src = create_train_state(build_model(MLP, 4), optax.sgd(0.1), x, jax.random.key(0))
+    save(tmp_path / "checkpoints", "epoch-000001", src, {"epoch": 1})
+    dst = create_train_state(build_model(MLP, 7), optax.adam(1e-3), x, jax.random.key(9))
+    new, info = load_pretrained(dst, tmp_path)  # a run folder: its newest checkpoint
+    assert sorted(info["kept"]) == ["head/bias", "head/kernel"]
+    np.testing.assert_array_equal(new.params["Dense_0"]["kernel"], src.params["Dense_0"]["kernel"])
+    np.testing.assert_array_equal(new.params["head"]["kernel"], dst.params["head"]["kernel"])
+    with pytest.raises(ConfigError, match="no jtricks checkpoint"):
+        load_pretrained(dst, tmp_path / "nothing")
+    other = create_train_state(
+        build_model("cnn(channels=(2, 2, 2))", 4), optax.sgd(0.1), x, jax.random.key(0)
+    )
+    with pytest.raises(ConfigError, match="shares no parameter"):
+        load_pretrained(other, tmp_path)
+
+
+TINY = [
+    "--dataset",
+    "synthetic(num_train=200, num_test=60, shape=(16,), num_classes=4, noise=2.0)",
+    "--model",
+    "mlp(features=(16,))",
+    "--steps",
+    "20",
+    "--batch-size",
+    "20",
+    "--no-progress",
+]
+
+
+def test_cli_ensemble_ema_swa_and_finetune(tmp_path, capsys):
+    from jtricks.cli import main
+
+    assert main(["train", *TINY, "--ensemble", "3", "--out", str(tmp_path / "ens")]) == 0
+    out = capsys.readouterr().out
+    assert "member test_accuracy" in out
+    summary = json.loads((tmp_path / "ens" / "summary.json").read_text())
+    assert len(summary["test_member_accuracy"]) == 3 and summary["ensemble"] == 3
+    assert main(["train", *TINY, "--ema", "0.9", "--swa", "2", "--out", str(tmp_path / "ema")]) == 0
+    assert "ema test_accuracy" in capsys.readouterr().out
+    assert "test_ema_accuracy" in json.loads((tmp_path / "ema" / "summary.json").read_text())
+    args = ["--pretrained", str(tmp_path / "ema"), "--finetune", "head"]
+    assert main(["train", *TINY, *args, "--out", str(tmp_path / "ft")]) == 0
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--ensemble", "0"], "--ensemble"),
+        (["--ensemble", "2", "--early-stopping", "3"], "--ensemble"),
+        (["--ema", "1.5"], "--ema"),
+        (["--swa", "0"], "--swa"),
+        (["--finetune", "head"], "--finetune"),
+        (["--pretrained", "/nonexistent/run"], "--pretrained"),
+    ],
+)
+def test_cli_bad_averaging_inputs_exit_2(tmp_path, capsys, extra, needle):
+    from jtricks.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", *TINY, *extra, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+    assert not out.exists()
