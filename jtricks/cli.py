@@ -39,6 +39,11 @@ FLAGS = {
     "mixup": "--mixup",
     "cutmix": "--cutmix",
     "ema": "--ema",
+    "accumulate": "--accumulate",
+    "coordinator": "--coordinator",
+    "num_processes": "--num-processes",
+    "process_id": "--process-id",
+    "precision": "--precision",
     "swa": "--swa",
     "ensemble": "--ensemble",
     "pretrained": "--pretrained",
@@ -167,6 +172,27 @@ def _build_parser() -> argparse.ArgumentParser:
         "--cutmix", type=float, default=None, metavar="ALPHA", help="cutmix with Beta(ALPHA, ALPHA)"
     )
     t.add_argument(
+        "--accumulate",
+        type=int,
+        default=1,
+        metavar="K",
+        help="gradient accumulation: K micro-batches of --batch-size per optimizer update",
+    )
+    t.add_argument(
+        "--precision",
+        default="float32",
+        choices=None,
+        help="float32, or bf16 (compute in bfloat16; float32 master parameters and optimizer state)",
+    )
+    t.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="multi-process training: the address of process 0 (calls jax.distributed.initialize)",
+    )
+    t.add_argument("--num-processes", type=int, default=None, help="with --coordinator")
+    t.add_argument("--process-id", type=int, default=None, help="with --coordinator: 0 .. N-1")
+    t.add_argument(
         "--ema",
         type=float,
         default=None,
@@ -289,6 +315,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from jtricks.run import TrainConfig, train
     from jtricks.training.progress import RichReporter
 
+    multi = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in multi):
+        if any(v is None for v in multi):
+            raise ConfigError(
+                "--coordinator, --num-processes and --process-id go together; got "
+                f"{args.coordinator!r}, {args.num_processes!r}, {args.process_id!r}",
+                param="coordinator",
+            )
+        from jtricks.training.distributed import initialize
+
+        initialize(args.coordinator, args.num_processes, args.process_id)
+
     config = TrainConfig(
         dataset=args.dataset,
         model=args.model,
@@ -310,6 +348,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         augment=args.augment,
         mixup=args.mixup,
         cutmix=args.cutmix,
+        accumulate=args.accumulate,
+        precision=args.precision,
         ema=args.ema,
         swa=args.swa,
         ensemble=args.ensemble,

@@ -76,6 +76,8 @@ class TrainConfig:
     ema: float | None = None
     swa: int | None = None
     ensemble: int = 1
+    accumulate: int = 1
+    precision: str = "float32"
     pretrained: str | None = None
     finetune: str | None = None
 
@@ -115,6 +117,18 @@ class TrainConfig:
         if self.swa is not None:
             check_int("swa", self.swa, low=1)
         check_int("ensemble", self.ensemble, low=1)
+        check_int("accumulate", self.accumulate, low=1)
+        from jtricks.training.steps import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}",
+                param="precision",
+            )
+        if self.ensemble > 1 and (self.accumulate > 1 or self.precision != "float32"):
+            raise ConfigError(
+                "ensemble runs do not support accumulate or precision", param="ensemble"
+            )
         if self.ensemble > 1:
             for name in ("early_stopping", "swa", "pretrained"):
                 if getattr(self, name) is not None:
@@ -414,19 +428,33 @@ def train(
     x_tr, y_tr, x_val, y_val = train_val_split(
         data.x_train, data.y_train, config.val_fraction, seed=config.seed, stratify=config.stratify
     )
-    if config.batch_size > len(y_tr):
+    if config.batch_size * config.accumulate > len(y_tr):  # checked on the whole split
         raise ConfigError(
-            f"batch_size must satisfy 1 <= batch_size <= {len(y_tr)} (the training split); "
-            f"got {config.batch_size}",
+            f"batch_size must satisfy 1 <= batch_size * accumulate <= {len(y_tr)} (the training "
+            f"split); got {config.batch_size} * {config.accumulate}",
             param="batch_size",
         )
     scaler = Scaler.fit(config.preprocess, x_tr)
     x_tr, x_val, x_test = scaler(x_tr), scaler(x_val), scaler(data.x_test)
+    nproc, pid = jax.process_count(), jax.process_index()
+    if nproc > 1:
+        # multi-process (jax.distributed): statistics and splits come from the whole training
+        # split, identical in every process; each process then keeps only its shard
+        if config.ensemble > 1 or resume is not None:
+            raise ConfigError(
+                "multi-process runs support neither ensembles nor resume", param="num_processes"
+            )
+        n_each = len(y_tr) // nproc
+        n_each -= n_each % len(jax.local_devices())  # equal shards, even over local devices
+        x_tr, y_tr = x_tr[pid::nproc][:n_each], y_tr[pid::nproc][:n_each]
+        if pid != 0:
+            out = None  # process 0 writes the run folder
 
     epochs, steps = config.epochs, config.steps
     if epochs is None and steps is None:
         steps = TrainConfig.DEFAULT_STEPS
-    steps_per_epoch = len(y_tr) // config.batch_size
+    n_global = len(y_tr) * nproc  # every process holds an equal shard
+    steps_per_epoch = n_global // (config.batch_size * config.accumulate)
     total_steps = steps if steps is not None else epochs * steps_per_epoch
     # validates the spec; reduce-on-plateau is a callback on a constant base rate
     plateau = build_schedule(
@@ -558,12 +586,19 @@ def train(
                 cbs["early_stopping"] = early_cb.state_dict()
             return {"callbacks": cbs}
 
-        checkpointer = Checkpointer(
-            ckpt_dir, every=config.checkpoint_every, keep=config.keep_checkpoints, meta_fn=meta_fn
-        )
-        checkpointer.records = list(records)
-        checkpointer.best = min((r["val_loss"] for r in records), default=None)
-        callbacks = [MetricsLog(run_dir / "metrics.jsonl"), *callbacks, checkpointer]
+        if jax.process_count() > 1:  # orbax saves would need every process; not wired yet
+            callbacks = [MetricsLog(run_dir / "metrics.jsonl"), *callbacks]
+            checkpointer = None
+        else:
+            checkpointer = Checkpointer(
+                ckpt_dir,
+                every=config.checkpoint_every,
+                keep=config.keep_checkpoints,
+                meta_fn=meta_fn,
+            )
+            checkpointer.records = list(records)
+            checkpointer.best = min((r["val_loss"] for r in records), default=None)
+            callbacks = [MetricsLog(run_dir / "metrics.jsonl"), *callbacks, checkpointer]
 
     remaining = total_steps - int(state.step)
     history = History(list(records))
@@ -581,6 +616,8 @@ def train(
             max_nonfinite=config.max_nonfinite,
             augment=augment,
             mix=mix,
+            accumulate=config.accumulate,
+            precision=config.precision,
         )
         history.records.extend(new.records)
         history.stopped = new.stopped

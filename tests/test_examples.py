@@ -183,6 +183,11 @@ def test_augmentation_example_tiny(capsys):
             ("overhead",),
         ),
         (
+            "bench_ensemble.py",
+            ["--members", "2", "--epochs", "1", "--repeats", "1", "--model", "mlp(features=(8,))"],
+            ("ratio", "ratio_vs_fit"),
+        ),
+        (
             "bench_lr_finder.py",
             ["--num", "4", "--steps", "5", "--repeats", "1", "--model", "mlp(features=(8,))"],
             ("ratio_run", "ratio_end_to_end"),
@@ -202,3 +207,32 @@ def test_small_benchmarks_print_json(tmp_path, script, args, keys):
     first = json.loads(proc.stdout.splitlines()[0])
     assert all(np.isfinite(first[k]) for k in keys)
     assert json.loads(out.read_text()) == first
+
+
+def test_transfer_example_tiny(capsys):
+    example = _load(ROOT / "examples" / "transfer.py")
+    accs = example.main(
+        ["--pretrain-steps", "30", "--steps", "20", "--per-class", "10", "--seeds", "1"]
+    )
+    out = capsys.readouterr().out
+    assert set(accs) == {"scratch", "head", "last:2", "all"} and "Conv_2, Dense_0" in out
+    assert all(len(v) == 1 and 0 <= v[0] <= 100 for v in accs.values())
+
+
+def test_ensembles_example_tiny(capsys):
+    example = _load(ROOT / "examples" / "ensembles.py")
+    rows = example.main(
+        [
+            "--steps",
+            "72",
+            "--members",
+            "2",
+            "--swa-epoch",
+            "1",
+            "--dataset",
+            "mnist1d(num_samples=500)",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "ensemble of 2" in out and len(rows) == 5
+    assert all(0 <= v <= 100 for v in rows.values())

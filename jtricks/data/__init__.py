@@ -9,7 +9,7 @@ from jtricks.data.datasets import (
     synthetic,
     validate_arrays,
 )
-from jtricks.data.preprocess import Scaler, train_val_split
+from jtricks.data.preprocess import Scaler, select_classes, train_val_split
 
 __all__ = [
     "DATASETS",
@@ -18,6 +18,7 @@ __all__ = [
     "epoch_indices",
     "load_dataset",
     "mnist1d",
+    "select_classes",
     "synthetic",
     "train_val_split",
     "validate_arrays",

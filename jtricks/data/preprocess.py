@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from jtricks.errors import ConfigError, check_range, unknown_name
+from jtricks.errors import ConfigError, check_int, check_range, unknown_name
 from jtricks.spec import parse_spec
 
 
@@ -128,3 +129,43 @@ def train_val_split(
             "use a fraction that keeps at least one example on each side"
         )
     return x[~is_val], y[~is_val], x[is_val], y[is_val]
+
+
+def select_classes(
+    x: np.ndarray,
+    y: np.ndarray,
+    classes: Sequence[int],
+    *,
+    per_class: int | None = None,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The examples of ``classes`` only, relabelled ``classes[i] -> i``; with ``per_class``,
+    a seeded random ``per_class`` of each (for few-label transfer experiments, T26).
+
+    Raises:
+      ConfigError: an empty or repeated class list, a class with no examples, or fewer
+        than ``per_class`` examples in a class.
+    """
+    x, y = np.asarray(x), np.asarray(y)
+    classes = [int(c) for c in classes]
+    if not classes or len(set(classes)) != len(classes):
+        raise ConfigError(f"classes must be distinct labels; got {classes}", param="classes")
+    if per_class is not None:
+        check_int("per_class", per_class, low=1)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in classes:
+        idx = np.flatnonzero(y == c)
+        if idx.size == 0:
+            raise ConfigError(f"class {c} has no examples", param="classes")
+        if per_class is not None:
+            if idx.size < per_class:
+                raise ConfigError(
+                    f"per_class={per_class} but class {c} has only {idx.size} examples",
+                    param="per_class",
+                )
+            idx = np.sort(rng.choice(idx, per_class, replace=False))
+        keep.append(idx)
+    idx = np.sort(np.concatenate(keep))
+    relabel = {c: i for i, c in enumerate(classes)}
+    return x[idx], np.asarray([relabel[int(v)] for v in y[idx]], np.int32)

@@ -16,6 +16,13 @@ from jtricks.data.datasets import validate_arrays
 from jtricks.errors import ConfigError, check_int
 from jtricks.losses import cross_entropy
 from jtricks.training.callbacks import StopTraining
+from jtricks.training.distributed import (
+    batch_sharding,
+    check_batch,
+    data_mesh,
+    global_batch_array,
+    replicate,
+)
 from jtricks.training.state import TrainState
 from jtricks.training.steps import (
     LossFn,
@@ -81,14 +88,23 @@ def compiled_functions(
     update_norm: bool = False,
     augment: Any = None,
     mix: tuple | None = None,
+    accumulate: int = 1,
+    precision: str = "float32",
+    batch_sharding: Any = None,
 ):
     """The jitted ``(run_epoch, evaluate)`` pair; cached so repeated `fit` calls with the same
     loss, options, model and optimizer objects compile once."""
     eval_step = make_eval_step(loss_fn)
     train_step = make_train_step(
-        loss_fn, norms=norms, update_norm=update_norm, augment=augment, mix=mix
+        loss_fn,
+        norms=norms,
+        update_norm=update_norm,
+        augment=augment,
+        mix=mix,
+        accumulate=accumulate,
+        precision=precision,
     )
-    return make_epoch_fn(train_step, eval_step), make_evaluate_fn(eval_step)
+    return make_epoch_fn(train_step, eval_step, batch_sharding), make_evaluate_fn(eval_step)
 
 
 def _num_outputs(state: TrainState, x: np.ndarray) -> int:
@@ -117,6 +133,9 @@ def fit(
     max_nonfinite: int = 20,
     augment: Any = None,
     mix: tuple[str, float] | None = None,
+    accumulate: int = 1,
+    precision: str = "float32",
+    mesh: Any = "auto",
 ) -> tuple[TrainState, History]:
     """Train ``state`` on ``train_data`` for ``epochs`` epochs or ``steps`` optimizer steps.
 
@@ -149,6 +168,15 @@ def fit(
         training stops, keeping the last good state, and ``history.stopped`` says why.
       augment: per-example augmentation for training batches (`jtricks.data.augment`).
       mix: ``("mixup" | "cutmix", alpha)`` to mix training batches and their labels.
+      accumulate: micro-batches of ``batch_size`` per optimizer update (gradient
+        accumulation): each update sees ``batch_size * accumulate`` examples and equals one
+        step on that larger batch; ``steps`` and ``epochs`` count updates.
+      precision: ``"float32"`` or ``"bf16"`` (compute in bfloat16, float32 master
+        parameters and optimizer state; see `make_train_step`).
+      mesh: ``"auto"`` (default): data-parallel over every visible device when there is
+        more than one (`jtricks.training.distributed`); a `jax.sharding.Mesh` with a
+        ``"data"`` axis; or ``None`` to stay on one device. With several processes
+        (`jax.distributed`), ``train_data`` is this process's shard and the batch is global.
 
     Returns:
       ``(final_state, history)``.
@@ -168,8 +196,21 @@ def fit(
                 f"validation examples have shape {np.asarray(val_data[0]).shape[1:]}, "
                 f"training examples {x.shape[1:]}"
             )
-    n = x.shape[0]
-    batch_size = check_int("batch_size", batch_size, low=1, high=n)
+    mesh = data_mesh() if isinstance(mesh, str) and mesh == "auto" else mesh
+    if mesh is not None:
+        x_dev, y_dev = global_batch_array(x, mesh), global_batch_array(y, mesh)
+    else:
+        x_dev, y_dev = jnp.asarray(x), jnp.asarray(y)
+    n = x_dev.shape[0]  # across processes: every process's shard
+    accumulate = check_int("accumulate", accumulate, low=1)
+    batch_size = check_int("batch_size", batch_size, low=1)
+    if batch_size * accumulate > n:
+        raise ConfigError(
+            f"batch_size * accumulate must be <= {n} (the training examples); "
+            f"got {batch_size} * {accumulate}",
+            param="batch_size",
+        )
+    batch_size *= accumulate  # examples per optimizer update; the step cuts it into micro-batches
     eval_batch_size = check_int("eval_batch_size", eval_batch_size, low=1)
     if (epochs is None) == (steps is None):
         raise ConfigError(
@@ -184,9 +225,20 @@ def fit(
         data_key = jax.random.fold_in(state.key, 1)
 
     mix_full = (mix[0], float(mix[1]), num_classes) if mix is not None else None
-    run_epoch, _ = compiled_functions(loss_fn, norms, update_norm, augment, mix_full)
-    x_dev, y_dev = jnp.asarray(x), jnp.asarray(y)
+    check_batch(batch_size // accumulate, mesh)
+    run_epoch, _ = compiled_functions(
+        loss_fn,
+        norms,
+        update_norm,
+        augment,
+        mix_full,
+        accumulate,
+        precision,
+        None if mesh is None else batch_sharding(mesh),
+    )
     val_batches = pad_batches(*val_data, eval_batch_size) if val_data is not None else None
+    if mesh is not None:
+        state, val_batches, data_key = replicate((state, val_batches, data_key), mesh)
     history = History()
     start_step = int(state.step)
     t0 = time.perf_counter()
@@ -293,7 +345,8 @@ def evaluate(
     validate_arrays(x, y, _num_outputs(state, x) if x.ndim >= 2 else None, where="evaluation data")
     batch_size = check_int("batch_size", batch_size, low=1)
     _, evaluate_fn = compiled_functions(loss_fn)
-    return {
-        k: float(v)
-        for k, v in jax.device_get(evaluate_fn(state, *pad_batches(x, y, batch_size))).items()
-    }
+    batches = pad_batches(x, y, batch_size)
+    sharding = getattr(jax.tree.leaves(state.params)[0], "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.device_set) > 1:
+        batches = replicate(batches, sharding.mesh)  # a data-parallel state: data on its mesh
+    return {k: float(v) for k, v in jax.device_get(evaluate_fn(state, *batches)).items()}

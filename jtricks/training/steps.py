@@ -12,9 +12,12 @@ import optax
 
 from jtricks.data.augment import mix_batch
 from jtricks.data.batching import epoch_indices
+from jtricks.errors import ConfigError, check_int
 from jtricks.losses import accuracy, cross_entropy
 from jtricks.optim.pipeline import current_learning_rate
 from jtricks.training.state import TrainState
+
+PRECISIONS = {"float32": None, "bf16": jnp.bfloat16}
 
 Batch = tuple[jax.Array, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -43,6 +46,8 @@ def make_train_step(
     skip_nonfinite: bool = True,
     augment: Callable | None = None,
     mix: tuple[str, float, int] | None = None,
+    accumulate: int = 1,
+    precision: str = "float32",
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Build ``train_step(state, (x, y)) -> (state, metrics)``.
 
@@ -69,7 +74,68 @@ def make_train_step(
         evaluation never sees it.
       mix: ``(kind, alpha, num_classes)`` for mixup/cutmix (`jtricks.data.augment.mix_batch`):
         inputs and labels are mixed and the loss gets soft labels.
+      accumulate: gradient accumulation (T29): the batch is cut into ``accumulate`` equal
+        micro-batches, run one after another in a `lax.scan` (only one micro-batch's
+        activations live at a time), and the mean of their mean-loss gradients makes ONE
+        optimizer update, which equals the update of the whole batch (without BatchNorm,
+        whose statistics then see micro-batches). The batch size must be divisible by it.
+      precision: ``"float32"`` or ``"bf16"`` (mixed precision, T29): the forward and backward
+        passes run on bfloat16 copies of the parameters and inputs; the loss is taken in
+        float32 from float32 logits; gradients, the optimizer state, the master parameters
+        and BatchNorm statistics stay float32.
     """
+    if precision not in PRECISIONS:
+        raise ConfigError(
+            f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}",
+            param="precision",
+        )
+    accumulate = check_int("accumulate", accumulate, low=1)
+    compute_dtype = PRECISIONS[precision]
+
+    def forward(state, params, x, y, key):
+        """Mean loss, logits and new BatchNorm statistics of one (micro-)batch."""
+        if compute_dtype is not None:
+            params = jax.tree.map(
+                lambda a: a.astype(compute_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+                params,
+            )
+            x = x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+        logits, batch_stats = _apply(state, params, x, train=True, key=key)
+        logits = logits.astype(jnp.float32)
+        if compute_dtype is not None:  # keep the statistics' own dtype
+            batch_stats = jax.tree.map(
+                lambda n, o: n.astype(o.dtype), batch_stats, state.batch_stats
+            )
+        return jnp.mean(loss_fn(logits, y)), (logits, batch_stats)
+
+    def gradients(state, x, y, key):
+        if accumulate == 1:
+            return jax.value_and_grad(lambda p: forward(state, p, x, y, key), has_aux=True)(
+                state.params
+            )
+        if x.shape[0] % accumulate:
+            raise ValueError(
+                f"batch of {x.shape[0]} is not divisible into accumulate={accumulate} micro-batches"
+            )
+        xs = x.reshape(accumulate, x.shape[0] // accumulate, *x.shape[1:])
+        ys = y.reshape(accumulate, y.shape[0] // accumulate, *y.shape[1:])
+
+        def micro(carry, inp):
+            grads_sum, loss_sum, stats = carry
+            xm, ym, k = inp
+            (loss, (logits, stats)), g = jax.value_and_grad(
+                lambda p: forward(state.replace(batch_stats=stats), p, xm, ym, k), has_aux=True
+            )(state.params)
+            return (jax.tree.map(jnp.add, grads_sum, g), loss_sum + loss, stats), logits
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        keys = jax.random.split(key, accumulate)
+        (grads, loss, stats), logits = jax.lax.scan(
+            micro, (zeros, jnp.zeros((), jnp.float32), state.batch_stats), (xs, ys, keys)
+        )
+        grads = jax.tree.map(lambda g: g / accumulate, grads)
+        logits = logits.reshape(x.shape[0], *logits.shape[2:])
+        return (loss / accumulate, (logits, stats)), grads
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         x, y = batch
@@ -82,13 +148,7 @@ def make_train_step(
                 kind, alpha, num_classes = mix
                 x, y = mix_batch(mix_key, x, y, num_classes, kind=kind, alpha=alpha)
 
-        def loss_of(params):
-            logits, batch_stats = _apply(state, params, x, train=True, key=dropout_key)
-            return jnp.mean(loss_fn(logits, y)), (logits, batch_stats)
-
-        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(
-            state.params
-        )
+        (loss, (logits, batch_stats)), grads = gradients(state, x, y, dropout_key)
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "accuracy": jnp.mean(accuracy(logits, y))}
@@ -152,6 +212,7 @@ def _evaluate_batches(eval_step, state, xb, yb, wb) -> Metrics:
 def make_epoch_fn(
     train_step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]],
     eval_step: Callable[[TrainState, Batch, jax.Array], Metrics] | None = None,
+    batch_sharding: Any = None,
 ):
     """Compile ``run_epoch(state, x, y, data_key, epoch, offset, val, *, num_steps, batch_size)
     -> (state, metrics)``: one program per epoch, training and validation together.
@@ -164,7 +225,9 @@ def make_epoch_fn(
     batches from `pad_batches`) is given and ``eval_step`` was supplied,
     ``val_loss`` and ``val_accuracy`` (and ``val_ema_loss`` / ``val_ema_accuracy`` on the
     EMA parameters when the state keeps them). The state is donated, so its buffers are
-    reused in place. One dispatch and one host transfer per epoch.
+    reused in place. One dispatch and one host transfer per epoch. With ``batch_sharding``
+    (a `jax.sharding.NamedSharding` over a data axis) every batch is constrained to it, so
+    the step runs data-parallel under GSPMD.
     """
 
     @partial(jax.jit, static_argnames=("num_steps", "batch_size"), donate_argnums=0)
@@ -176,7 +239,11 @@ def make_epoch_fn(
         idx = jax.lax.dynamic_slice_in_dim(idx, offset, num_steps)
 
         def body(state, i):
-            return train_step(state, (x[i], y[i]))
+            xb, yb = x[i], y[i]
+            if batch_sharding is not None:  # data parallel: each device takes its slice
+                xb = jax.lax.with_sharding_constraint(xb, batch_sharding)
+                yb = jax.lax.with_sharding_constraint(yb, batch_sharding)
+            return train_step(state, (xb, yb))
 
         state, metrics = jax.lax.scan(body, state, idx)
         flags = metrics.pop("nonfinite", None)

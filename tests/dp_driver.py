@@ -1,0 +1,85 @@
+"""Run by tests/test_distributed.py in a subprocess with 8 simulated CPU devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=8``); prints one JSON line."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jtricks.data import synthetic
+from jtricks.nn import build_model
+from jtricks.training import create_train_state, fit
+from jtricks.training.distributed import batch_sharding, data_mesh
+
+
+def run(model_spec: str, mesh, steps: int = 12):
+    d = synthetic(num_train=160, num_test=40, shape=(16,), num_classes=4, noise=1.0, seed=0)
+    model = build_model(model_spec, 4)
+    state = create_train_state(model, optax.adam(1e-2), d.x_train, jax.random.key(0))
+    state, hist = fit(
+        state,
+        (d.x_train, d.y_train),
+        val_data=(d.x_test, d.y_test),
+        batch_size=40,
+        steps=steps,
+        data_key=jax.random.key(1),
+        mesh=mesh,
+    )
+    return state, hist
+
+
+def main() -> None:
+    out = {"devices": jax.device_count()}
+    mesh = data_mesh()
+    for name, spec in (
+        ("plain", "mlp(features=(32,))"),
+        ("dropout", "mlp(features=(32,), dropout=0.3)"),
+    ):
+        sharded, hist = run(spec, "auto")
+        single, _ = run(spec, None)
+        leaf = jax.tree.leaves(sharded.params)[0]
+        out[name] = {
+            "max_abs_diff": max(
+                float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                for a, b in zip(
+                    jax.tree.leaves(sharded.params), jax.tree.leaves(single.params), strict=True
+                )
+            ),
+            "param_sharding_replicated": bool(leaf.sharding.is_fully_replicated),
+            "param_devices": len(leaf.sharding.device_set),
+            "val_loss": hist.records[-1]["val_loss"],
+        }
+    # dropout masks per device: one input row repeated; every device's slice of the output
+    model = build_model("mlp(features=(64,), dropout=0.5)", 4)
+    x = jnp.ones((64, 16))
+    variables = model.init(jax.random.key(0), x)
+
+    @jax.jit
+    def forward(v, x, key):
+        x = jax.lax.with_sharding_constraint(x, batch_sharding(mesh))
+        return model.apply(v, x, train=True, rngs={"dropout": key})
+
+    y = forward(variables, jax.device_put(x, batch_sharding(mesh)), jax.random.key(7))
+    shards = [
+        np.asarray(s.data) for s in sorted(y.addressable_shards, key=lambda s: s.index[0].start)
+    ]
+    firsts = [s[0] for s in shards]
+    out["mask_rows_distinct_across_devices"] = len({tuple(np.round(f, 5)) for f in firsts}) == len(
+        firsts
+    )
+    out["num_shards"] = len(shards)
+    single = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(7)})
+    out["masks_same_as_one_device"] = bool(
+        np.allclose(np.asarray(y), np.asarray(single), atol=1e-6)
+    )
+    print(json.dumps(out))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

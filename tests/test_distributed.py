@@ -1,0 +1,204 @@
+"""Data parallelism (8 simulated devices, 2 processes), gradient accumulation, bf16 (T29)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jtricks.nn import build_model
+from jtricks.training import create_train_state, fit, make_train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(**extra):
+    env = {**os.environ, **extra}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_eight_simulated_devices_match_one_device():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "dp_driver.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 8
+    for case in ("plain", "dropout"):
+        assert out[case]["param_devices"] == 8 and out[case]["param_sharding_replicated"]
+        assert out[case]["max_abs_diff"] < 1e-5, out[case]
+    # dropout: every device draws its own masks, and the seed gives the masks of one device
+    assert out["num_shards"] == 8 and out["mask_rows_distinct_across_devices"]
+    assert out["masks_same_as_one_device"]
+
+
+def test_two_processes_train_in_lockstep_like_one_process(tmp_path):
+    port = _free_port()
+    driver = str(ROOT / "tests" / "mp_driver.py")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, driver, str(i), "2", str(port), str(tmp_path / f"p{i}.npz")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+        )
+        for i in range(2)
+    ]
+    outs = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stderr[-3000:]
+        outs.append(json.loads(stdout.strip().splitlines()[-1]))
+    assert [o["process"] for o in outs] == [0, 1] and all(o["processes"] == 2 for o in outs)
+    assert outs[0]["val_loss"] == outs[1]["val_loss"]  # lockstep: the same replicated state
+    ref = subprocess.run(
+        [sys.executable, driver, "0", "0", "0", str(tmp_path / "ref.npz")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+    )
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    got, want = np.load(tmp_path / "p0.npz"), np.load(tmp_path / "ref.npz")
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
+
+
+def test_cli_two_processes(tmp_path):
+    port = _free_port()
+    common = [
+        "-m",
+        "jtricks.cli",
+        "train",
+        "--dataset",
+        "synthetic(num_train=200, num_test=40, shape=(16,), num_classes=4)",
+        "--model",
+        "mlp(features=(16,))",
+        "--steps",
+        "8",
+        "--batch-size",
+        "20",
+        "--no-progress",
+        "--coordinator",
+        f"localhost:{port}",
+        "--num-processes",
+        "2",
+        "--out",
+    ]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *common, str(tmp_path / "run"), "--process-id", str(i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+            cwd=tmp_path,
+        )
+        for i in range(2)
+    ]
+    lines = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stderr[-3000:]
+        lines.append(next(ln for ln in stdout.splitlines() if ln.startswith("test_loss")))
+    assert lines[0].split("wall")[0] == lines[1].split("wall")[0]  # same test metrics
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 8
+
+
+def test_accumulate_equals_the_larger_batch(tiny_data, adam):
+    x, y = tiny_data.x_train, tiny_data.y_train
+    model = build_model("mlp(features=(16,))", 4)
+    a = create_train_state(model, adam, x, jax.random.key(0))
+    a, ha = fit(a, (x, y), batch_size=10, accumulate=4, steps=10, data_key=jax.random.key(1))
+    b = create_train_state(model, adam, x, jax.random.key(0))
+    b, hb = fit(b, (x, y), batch_size=40, steps=10, data_key=jax.random.key(1))
+    for p, q in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+        np.testing.assert_allclose(p, q, rtol=1e-5, atol=1e-6)
+    assert int(a.step) == 10 and ha.records[-1]["train_loss"] == pytest.approx(
+        hb.records[-1]["train_loss"], rel=1e-5
+    )
+
+
+def test_bf16_trains_with_float32_master_parameters(tiny_data, adam):
+    x, y = tiny_data.x_train, tiny_data.y_train
+    model = build_model("cnn(channels=(4, 4, 4), norm='batch')", 4)
+    state = create_train_state(model, adam, x, jax.random.key(0))
+    step = make_train_step(precision="bf16")
+    jaxpr = str(jax.make_jaxpr(step)(state, (jnp.asarray(x[:20]), jnp.asarray(y[:20]))))
+    assert "bf16" in jaxpr  # the forward/backward really runs in bfloat16
+    state, hist = fit(state, (x, y), batch_size=20, epochs=5, precision="bf16")
+    losses = hist["train_loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < 0.5 * losses[0]
+    for tree in (state.params, state.batch_stats):
+        assert {a.dtype for a in jax.tree.leaves(tree)} == {jnp.dtype(jnp.float32)}
+    floats = [a for a in jax.tree.leaves(state.opt_state) if jnp.issubdtype(a.dtype, jnp.floating)]
+    assert floats and all(a.dtype == jnp.float32 for a in floats)
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--accumulate", "0"], "--accumulate"),
+        (["--precision", "fp8"], "--precision"),
+        (["--coordinator", "localhost:1234"], "--coordinator"),
+        (["--coordinator", "nohost", "--num-processes", "2", "--process-id", "0"], "--coordinator"),
+        (
+            ["--coordinator", "localhost:1", "--num-processes", "2", "--process-id", "2"],
+            "--process-id",
+        ),
+        (["--batch-size", "150", "--accumulate", "2"], "--batch-size"),
+    ],
+)
+def test_cli_bad_parallel_inputs_exit_2(tmp_path, capsys, extra, needle):
+    from jtricks.cli import main
+
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "--dataset",
+        "synthetic(num_train=200, num_test=40, shape=(16,), num_classes=4)",
+    ]
+    assert main([*args, "--model", "mlp", "--steps", "2", *extra, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_optax_sgd_is_unchanged_by_the_mesh_option(tiny_data):
+    """mesh=None and the default ("auto" on one device) are the same program."""
+    x, y = tiny_data.x_train, tiny_data.y_train
+    model = build_model("mlp(features=(8,))", 4)
+    tx = optax.sgd(0.1)
+    a, _ = fit(create_train_state(model, tx, x, jax.random.key(0)), (x, y), batch_size=20, steps=5)
+    b, _ = fit(
+        create_train_state(model, tx, x, jax.random.key(0)),
+        (x, y),
+        batch_size=20,
+        steps=5,
+        mesh=None,
+    )
+    for p, q in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+        np.testing.assert_array_equal(p, q)
