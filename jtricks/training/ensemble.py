@@ -17,6 +17,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from functools import partial
@@ -126,6 +127,31 @@ def predict_proba(states: TrainState, x: Any) -> jax.Array:
     return jnp.mean(jax.nn.softmax(_member_logits(states, jnp.asarray(x))), axis=0)
 
 
+@functools.cache
+def _epoch_fn(loss_fn: LossFn, augment: Callable | None):
+    """The jitted ensemble epoch, cached per loss and augmentation so repeated calls reuse it."""
+    train_step = jax.vmap(make_train_step(loss_fn, augment=augment), in_axes=(0, None))
+
+    @partial(jax.jit, static_argnames=("num_steps", "batch_size"), donate_argnums=0)
+    def run_epoch(states, x, y, data_key, epoch, offset, val, *, num_steps, batch_size):
+        n = x.shape[0]
+        spe = n // batch_size
+        idx = epoch_indices(jax.random.fold_in(data_key, epoch), n, batch_size, spe)
+        idx = jax.lax.dynamic_slice_in_dim(idx, offset, num_steps)
+        states, m = jax.lax.scan(lambda s, i: train_step(s, (x[i], y[i])), states, idx)
+        metrics = {
+            "train_loss": jnp.mean(m["loss"]),
+            "train_accuracy": jnp.mean(m["accuracy"]),
+            "train_nonfinite": jnp.sum(m["nonfinite"]),
+        }
+        if val is not None:
+            ev = _evaluate(states, *val, loss_fn)
+            metrics.update({f"val_{k}": v for k, v in ev.items()})
+        return states, metrics
+
+    return run_epoch
+
+
 def fit_ensemble(
     states: TrainState,
     train_data: tuple[Any, Any],
@@ -162,23 +188,7 @@ def fit_ensemble(
         else check_int("steps", steps, low=1)
     )
     val = pad_batches(*val_data, eval_batch_size) if val_data is not None else None
-    train_step = jax.vmap(make_train_step(loss_fn, augment=augment), in_axes=(0, None))
-
-    @partial(jax.jit, static_argnames=("num_steps",), donate_argnums=0)
-    def run_epoch(states, epoch, offset, val, *, num_steps):
-        idx = epoch_indices(jax.random.fold_in(data_key, epoch), n, batch_size, spe)
-        idx = jax.lax.dynamic_slice_in_dim(idx, offset, num_steps)
-        states, m = jax.lax.scan(lambda s, i: train_step(s, (x[i], y[i])), states, idx)
-        metrics = {
-            "train_loss": jnp.mean(m["loss"]),
-            "train_accuracy": jnp.mean(m["accuracy"]),
-            "train_nonfinite": jnp.sum(m["nonfinite"]),
-        }
-        if val is not None:
-            ev = _evaluate(states, *val, loss_fn)
-            metrics.update({f"val_{k}": v for k, v in ev.items()})
-        return states, metrics
-
+    run_epoch = _epoch_fn(loss_fn, augment)
     history = History()
     start = int(np.asarray(states.step).reshape(-1)[0])
     done, t0 = 0, time.perf_counter()
@@ -190,7 +200,15 @@ def fit_ensemble(
             epoch, offset = divmod(start + done, spe)
             num = min(spe - offset, total - done)
             states, metrics = run_epoch(
-                states, np.int32(epoch), np.int32(offset), val, num_steps=num
+                states,
+                x,
+                y,
+                data_key,
+                np.int32(epoch),
+                np.int32(offset),
+                val,
+                num_steps=num,
+                batch_size=batch_size,
             )
             metrics = jax.device_get(metrics)
             done += num
