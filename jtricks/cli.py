@@ -54,6 +54,10 @@ FLAGS = {
     "lr_max": "--lr-max",
     "num": "--lr-num",
     "lr_num": "--lr-num",
+    "suite": "--suite",
+    "problems": "--problems",
+    "optimizers": "--optimizers",
+    "seeds": "--seeds",
 }
 
 
@@ -274,7 +278,83 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="folder for diagnose.json and plots (default runs/diagnose-<time>)",
     )
+
+    b = sub.add_parser(
+        "bench",
+        help="benchmark optimizers: problems x optimizers x seeds, or compare result files",
+        description="jtricks bench [--suite quick|full] runs the suite and writes results.json, "
+        "results.md, curves.png and profile.png to --out; "
+        "jtricks bench compare A.json B.json ... prints side-by-side tables with speedups.",
+    )
+    b.add_argument("compare", nargs="*", metavar="compare FILE", help="compare FILE FILE ...")
+    b.add_argument(
+        "--suite", default="quick", help="quick (under 5 min on 2 CPU cores) or full (GPU)"
+    )
+    b.add_argument("--optimizers", default=None, help="comma-separated subset, e.g. sgd,adam")
+    b.add_argument(
+        "--problems", default=None, help="comma-separated subset of the suite's problems"
+    )
+    b.add_argument("--seeds", type=int, default=None, help="seeds per optimizer (suite default)")
+    b.add_argument("--out", default=None, help="results folder (default runs/bench-<suite>-<time>)")
+    b.add_argument("--no-progress", dest="progress", action="store_false")
     return parser
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from jtricks.bench import compare, markdown, plot, run_suite
+
+    if args.compare:
+        if args.compare[0] != "compare":
+            raise ConfigError(
+                f"unknown bench action {args.compare[0]!r}; use `jtricks bench [--suite ...]` or "
+                "`jtricks bench compare A.json B.json`",
+                param="compare",
+            )
+        print(compare(args.compare[1:]))
+        return 0
+    from jtricks.run import _prepare_out, write_json
+
+    split = lambda v: None if v is None else [x.strip() for x in v.split(",") if x.strip()]  # noqa: E731
+    out = args.out or str(Path("runs") / time.strftime(f"bench-{args.suite}-%Y%m%d-%H%M%S"))
+    # validate names before creating anything
+    from jtricks.bench.problems import SUITES, suite_problems
+    from jtricks.errors import unknown_name
+
+    if args.suite not in SUITES:
+        raise unknown_name("suite", args.suite, SUITES)
+    names = {p.name for p in suite_problems(args.suite)}
+    for name in split(args.problems) or []:
+        if name not in names:
+            raise unknown_name("problem", name, names, param="problems")
+    from jtricks.optim import OPTIMIZERS
+
+    for name in split(args.optimizers) or []:
+        if name not in OPTIMIZERS:
+            raise unknown_name("optimizer", name, OPTIMIZERS, param="optimizers")
+    if args.seeds is not None and args.seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1; got {args.seeds}", param="seeds")
+    run_dir = _prepare_out(out)
+    results = run_suite(
+        args.suite,
+        optimizers=split(args.optimizers),
+        problems=split(args.problems),
+        seeds=args.seeds,
+        progress=args.progress,
+    )
+    from jtricks.bench.runner import jsonable
+    from jtricks.run import _atomic_write
+
+    write_json(run_dir / "results.json", jsonable(results))
+    md = markdown(results)
+
+    def write_md(tmp: str) -> None:
+        Path(tmp).write_text(md)
+
+    _atomic_write(run_dir / "results.md", write_md)
+    plot(results, run_dir)
+    print(md)
+    print(f"results.json, results.md, curves.png and profile.png in {run_dir}")
+    return 0
 
 
 def _cmd_diagnose(args: argparse.Namespace) -> int:
@@ -413,6 +493,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_train(args)
         if args.command == "diagnose":
             return _cmd_diagnose(args)
+        if args.command == "bench":
+            return _cmd_bench(args)
     except ConfigError as e:
         flag = FLAGS.get(e.param or "")
         prefix = f"argument {flag}: " if flag else ""

@@ -44,6 +44,7 @@ from jax.flatten_util import ravel_pytree
 
 from jtricks.errors import ConfigError, check_int, check_range
 from jtricks.losses import cross_entropy
+from jtricks.optim.pipeline import set_learning_rate
 from jtricks.training.state import TrainState, create_train_state
 from jtricks.training.steps import LossFn, _apply, make_train_step
 from jtricks.training.transfer import forward_layers
@@ -622,15 +623,7 @@ def make_lr_sweep(
         )
 
     def with_lr(lr):
-        def set_lr(node):
-            if hasattr(node, "hyperparams") and "learning_rate" in node.hyperparams:
-                return node._replace(hyperparams={**node.hyperparams, "learning_rate": lr})
-            return node
-
-        opt_state = jax.tree.map(
-            set_lr, state.opt_state, is_leaf=lambda n: hasattr(n, "hyperparams")
-        )
-        return state.replace(opt_state=opt_state)
+        return state.replace(opt_state=set_learning_rate(state.opt_state, lr))
 
     train_step = make_train_step(loss_fn, norms=False)
     steps_per_epoch = x.shape[0] // batch_size

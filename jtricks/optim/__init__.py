@@ -17,7 +17,13 @@ from jtricks.optim.alias import (
     rmsprop,
     sgd,
 )
-from jtricks.optim.pipeline import OPTIMIZERS, TRANSFORMS, build_optimizer, current_learning_rate
+from jtricks.optim.pipeline import (
+    OPTIMIZERS,
+    TRANSFORMS,
+    build_optimizer,
+    current_learning_rate,
+    set_learning_rate,
+)
 from jtricks.optim.schedules import SCHEDULE_NAMES, build_schedule
 from jtricks.optim.transforms import (
     clip_by_value,
@@ -65,6 +71,7 @@ __all__ = [
     "scale_by_adagrad",
     "scale_by_damped_momentum",
     "scale_by_plateau",
+    "set_learning_rate",
     "sgd",
     "weights_mask",
 ]

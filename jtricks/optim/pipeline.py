@@ -195,3 +195,15 @@ def current_learning_rate(opt_state: Any) -> Any:
         return None
     scale = optax.tree_utils.tree_get(opt_state, "plateau_scale", 1.0)
     return injected[0] * scale
+
+
+def set_learning_rate(opt_state: Any, learning_rate: Any) -> Any:
+    """``opt_state`` with every injected ``learning_rate`` (`optax.inject_hyperparams`)
+    replaced by ``learning_rate``; works inside jit and vmap (how K rates share one program)."""
+
+    def replace(node):
+        if hasattr(node, "hyperparams") and "learning_rate" in node.hyperparams:
+            return node._replace(hyperparams={**node.hyperparams, "learning_rate": learning_rate})
+        return node
+
+    return jax.tree.map(replace, opt_state, is_leaf=lambda n: hasattr(n, "hyperparams"))

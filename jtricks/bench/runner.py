@@ -1,0 +1,605 @@
+"""`jtricks bench`: problems x optimizers x seeds, tuned, timed and scored.
+
+Protocol, per optimization problem and optimizer:
+
+1. **Tune** the learning rate on a log grid: every rate of the grid trains from the
+   same initialisation in ONE compiled program (`jax.vmap` over the optimizer's
+   injected learning rate, `lax.scan` over the step budget); the rate with the best
+   final validation metric wins (a diverged rate scores worst).
+2. **Seeds**: N runs at that rate (seed ``s`` draws the initialisation and the batches).
+   Each run executes in chunks of ``eval_every`` steps, compiled ahead of time once
+   (so compilation is measured on its own), evaluating the validation metric after
+   every chunk; the wall clock after each chunk gives the curve against time.
+3. **Time-to-target**: the wall time of the first evaluation that reaches the target,
+   without and with the compilation time; ``inf`` if never reached. A problem's figure
+   for an optimizer is the median over seeds.
+4. **Scores** (`jtricks.bench.scoring`): ratios to the fastest optimizer per problem,
+   performance profiles over tau in [1, 4] and their normalised areas (AlgoPerf), and
+   the per-step runtime overhead relative to SGD on the same problem (DeepOBS).
+
+Throughput problems time a compiled chunk of training steps (median of 3) and report
+images/s and, when XLA's cost analysis gives the FLOPs and the device's peak is known,
+the model FLOP utilisation.
+
+Outputs in the run folder: ``results.json`` (schema ``jtricks.bench/1``), ``results.md``,
+``curves.png`` (validation metric against steps per problem) and ``profile.png``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jtricks.bench.problems import LR_GRIDS, OPTIMIZERS, SEEDS, SUITES, Problem, suite_problems
+from jtricks.bench.scoring import (
+    default_taus,
+    performance_profile,
+    performance_ratios,
+    profile_score,
+)
+from jtricks.errors import ConfigError, check_int, unknown_name
+from jtricks.optim import build_optimizer, set_learning_rate
+
+SCHEMA = "jtricks.bench/1"
+
+# Dense peak FLOP/s by device kind and compute dtype (vendor data sheets), for MFU.
+PEAK_FLOPS = {
+    ("NVIDIA H100 80GB HBM3", "float32"): 494.7e12,  # TF32 tensor cores (jax's default f32 matmul)
+    ("NVIDIA H100 80GB HBM3", "bf16"): 989.4e12,
+    ("NVIDIA H200", "float32"): 494.7e12,
+    ("NVIDIA H200", "bf16"): 989.4e12,
+}
+
+
+def _finite_tree(tree) -> jax.Array:
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _better(problem: Problem, a: float, b: float) -> bool:
+    """Is metric value ``a`` better than ``b``? NaN is worst."""
+    if not np.isfinite(a):
+        return False
+    if not np.isfinite(b):
+        return True
+    return a < b if problem.metric == "loss" else a > b
+
+
+def tune(problem: Problem, inst, optimizer: str, lrs: np.ndarray) -> np.ndarray:
+    """Final validation metric of every learning rate, trained side by side (one program)."""
+    tx = build_optimizer(optimizer, 1.0)
+    key = jax.random.key(0)
+    params0 = inst.init(key)
+
+    @jax.jit
+    def run(lrs):
+        def one(lr):
+            opt_state = set_learning_rate(tx.init(params0), lr)
+
+            def step(carry, t):
+                params, opt_state = carry
+                loss, grads = jax.value_and_grad(inst.loss)(params, key, t)
+                updates, opt_state = tx.update(grads, opt_state, params)
+                return (optax.apply_updates(params, updates), opt_state), loss
+
+            (params, _), _ = jax.lax.scan(step, (params0, opt_state), jnp.arange(problem.steps))
+            return inst.evaluate(params)
+
+        return jax.vmap(one)(lrs)
+
+    return np.asarray(run(jnp.asarray(lrs, jnp.float32)), np.float64)
+
+
+def _chunk_fn(problem: Problem, inst, optimizer: str):
+    tx = build_optimizer(optimizer, 1.0)
+
+    def chunk(params, opt_state, key, start):
+        def step(carry, t):
+            params, opt_state = carry
+            loss, grads = jax.value_and_grad(inst.loss)(params, key, t)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), loss
+
+        (params, opt_state), losses = jax.lax.scan(
+            step, (params, opt_state), start + jnp.arange(problem.eval_every)
+        )
+        return params, opt_state, jnp.mean(losses), inst.evaluate(params)
+
+    return tx, jax.jit(chunk, donate_argnums=(0, 1))
+
+
+def timed_runs(problem: Problem, inst, optimizer: str, lr: float, seeds: int, progress=None):
+    """Seeded runs at ``lr``: curves against steps and wall time, time-to-target."""
+    tx, chunk = _chunk_fn(problem, inst, optimizer)
+    key0 = jax.random.key(0)
+    params = inst.init(key0)
+    opt_state = set_learning_rate(tx.init(params), jnp.float32(lr))
+    t = time.perf_counter()
+    compiled = chunk.lower(params, opt_state, key0, jnp.int32(0)).compile()
+    compile_s = time.perf_counter() - t
+    runs = []
+    n_chunks = problem.steps // problem.eval_every
+    for seed in range(seeds):
+        key = jax.random.key(seed)
+        params = inst.init(key)
+        opt_state = set_learning_rate(tx.init(params), jnp.float32(lr))
+        jax.block_until_ready((params, opt_state))
+        steps, metric, train_loss, wall = [], [], [], []
+        t0 = time.perf_counter()
+        for c in range(n_chunks):
+            params, opt_state, loss, value = compiled(
+                params, opt_state, key, jnp.int32(c * problem.eval_every)
+            )
+            loss, value = float(loss), float(value)
+            wall.append(time.perf_counter() - t0)
+            steps.append((c + 1) * problem.eval_every)
+            metric.append(value)
+            train_loss.append(loss)
+        hit = next((i for i, v in enumerate(metric) if problem.reached(v)), None)
+        runs.append(
+            {
+                "seed": seed,
+                "steps": steps,
+                "metric": metric,
+                "train_loss": train_loss,
+                "time_s": wall,
+                "steps_to_target": steps[hit] if hit is not None else None,
+                "time_to_target_s": wall[hit] if hit is not None else math.inf,
+                "time_to_target_with_compile_s": wall[hit] + compile_s
+                if hit is not None
+                else math.inf,
+                "final_metric": metric[-1],
+                "steps_per_s": steps[-1] / wall[-1],
+            }
+        )
+        if progress is not None:
+            progress()
+    return compile_s, runs
+
+
+def throughput(problem: Problem, inst, optimizer: str, precision_peak: str = "float32") -> dict:
+    """Images/s of a compiled chunk of training steps (median of 3 after compilation)."""
+    tx, chunk = _chunk_fn(problem, inst, optimizer)
+    key = jax.random.key(0)
+    params = inst.init(key)
+    opt_state = set_learning_rate(tx.init(params), jnp.float32(1e-3))
+    t = time.perf_counter()
+    compiled = chunk.lower(params, opt_state, key, jnp.int32(0)).compile()
+    compile_s = time.perf_counter() - t
+    flops = None
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        flops = float(cost["flops"]) if cost and cost.get("flops", 0) > 0 else None
+    except Exception:  # cost analysis is best effort, backend dependent
+        flops = None
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        params, opt_state, loss, _ = compiled(params, opt_state, key, jnp.int32(0))
+        jax.block_until_ready(loss)
+        times.append(time.perf_counter() - t)
+    med = statistics.median(times)
+    batch = int(problem.description.rsplit("batch", 1)[1].split()[0])
+    dev = jax.devices()[0]
+    peak = PEAK_FLOPS.get((dev.device_kind, precision_peak))
+    return {
+        "problem": problem.name,
+        "optimizer": optimizer,
+        "batch_size": batch,
+        "steps": problem.eval_every,
+        "images_per_s": problem.eval_every * batch / med,
+        "steps_per_s": problem.eval_every / med,
+        "flops_per_step": flops / problem.eval_every if flops else None,
+        "mfu": (flops / med / peak) if flops and peak else None,
+        "compile_s": compile_s,
+        "times_s": times,
+    }
+
+
+def run_suite(
+    suite: str = "quick",
+    *,
+    optimizers: list[str] | None = None,
+    problems: list[str] | None = None,
+    seeds: int | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Run a suite and return the results dict (``results.json``'s content)."""
+    if suite not in SUITES:
+        raise unknown_name("suite", suite, SUITES)
+    all_problems = suite_problems(suite)
+    if problems is not None:
+        names = {p.name for p in all_problems}
+        for name in problems:
+            if name not in names:
+                raise unknown_name("problem", name, names)
+        all_problems = [p for p in all_problems if p.name in problems]
+    optimizers = list(optimizers or OPTIMIZERS[suite])
+    from jtricks.optim import OPTIMIZERS as REGISTRY
+
+    for opt in optimizers:
+        if opt not in REGISTRY:
+            raise unknown_name("optimizer", opt, REGISTRY)
+    seeds = check_int("seeds", seeds if seeds is not None else SEEDS[suite], low=1)
+    lo, hi, num = LR_GRIDS[suite]
+    grid = np.geomspace(lo, hi, num)
+
+    from jtricks.run import environment
+
+    optim_problems = [p for p in all_problems if p.kind == "optimize"]
+    tp_problems = [p for p in all_problems if p.kind == "throughput"]
+    total = len(optim_problems) * len(optimizers) * (1 + seeds) + len(tp_problems) * len(optimizers)
+    bar = _Progress(total) if progress else None
+    results: dict[str, Any] = {
+        "schema": SCHEMA,
+        "suite": suite,
+        "environment": environment(),
+        "protocol": {"lr_grid": grid.tolist(), "seeds": seeds, "tau_max": 4.0},
+        "problems": [
+            {
+                "name": p.name,
+                "description": p.description,
+                "kind": p.kind,
+                "metric": p.metric,
+                "target": p.target,
+                "steps": p.steps,
+                "eval_every": p.eval_every,
+            }
+            for p in all_problems
+        ],
+        "optimizers": optimizers,
+        "runs": [],
+        "throughput": [],
+    }
+    t_suite = time.perf_counter()
+    try:
+        for problem in optim_problems:
+            inst = problem.build()
+            for opt in optimizers:
+                if bar:
+                    bar.describe(f"{problem.name} / {opt}: tuning")
+                t = time.perf_counter()
+                finals = tune(problem, inst, opt, grid)
+                tune_s = time.perf_counter() - t
+                best = 0
+                for i in range(1, len(grid)):
+                    if _better(problem, finals[i], finals[best]):
+                        best = i
+                if bar:
+                    bar.advance()
+                    bar.describe(f"{problem.name} / {opt}: {seeds} seeds at lr {grid[best]:.2g}")
+                compile_s, runs = timed_runs(
+                    problem, inst, opt, float(grid[best]), seeds, bar.advance if bar else None
+                )
+                ttt = [r["time_to_target_s"] for r in runs]
+                results["runs"].append(
+                    {
+                        "problem": problem.name,
+                        "optimizer": opt,
+                        "lr": float(grid[best]),
+                        "tune_final_metric": [float(v) if np.isfinite(v) else None for v in finals],
+                        "tune_s": tune_s,
+                        "compile_s": compile_s,
+                        "seeds": runs,
+                        "median_time_to_target_s": _median_inf(ttt),
+                        "median_time_to_target_with_compile_s": _median_inf(
+                            [r["time_to_target_with_compile_s"] for r in runs]
+                        ),
+                        "reached": sum(math.isfinite(v) for v in ttt),
+                        "steps_per_s": statistics.median(r["steps_per_s"] for r in runs),
+                        "final_metric": statistics.median(r["final_metric"] for r in runs),
+                    }
+                )
+        for problem in tp_problems:
+            inst = problem.build()
+            for opt in optimizers:
+                if bar:
+                    bar.describe(f"{problem.name} / {opt}")
+                results["throughput"].append(throughput(problem, inst, opt))
+                if bar:
+                    bar.advance()
+    finally:
+        if bar:
+            bar.close()
+    results["wall_s"] = time.perf_counter() - t_suite
+    results["scores"] = score(results)
+    return results
+
+
+def _median_inf(values: list[float]) -> float:
+    """Median where ``inf`` (target missed) sorts last."""
+    return float(statistics.median(sorted(values)))
+
+
+def score(results: dict[str, Any]) -> dict[str, Any]:
+    """Ratios, profiles and profile scores from the runs; overhead per step vs SGD."""
+    times: dict[str, dict[str, float]] = {}
+    step_rate: dict[str, dict[str, float]] = {}
+    for run in results["runs"]:
+        times.setdefault(run["problem"], {})[run["optimizer"]] = run["median_time_to_target_s"]
+        step_rate.setdefault(run["problem"], {})[run["optimizer"]] = run["steps_per_s"]
+    for tp in results.get("throughput", []):
+        step_rate.setdefault(tp["problem"], {})[tp["optimizer"]] = tp["steps_per_s"]
+    out: dict[str, Any] = {}
+    if times:
+        ratios = performance_ratios(times)
+        taus = default_taus(results["protocol"]["tau_max"])
+        out["ratios"] = ratios
+        out["profile"] = {"taus": taus, **performance_profile(ratios, taus)}
+        out["score"] = profile_score(ratios, results["protocol"]["tau_max"])
+    out["overhead_vs_sgd"] = {
+        p: {o: rate["sgd"] / r for o, r in rate.items()}
+        for p, rate in step_rate.items()
+        if "sgd" in rate
+    }
+    return out
+
+
+class _Progress:
+    """A rich progress bar over the whole suite."""
+
+    def __init__(self, total: int) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.p = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+        )
+        self.p.start()
+        self.task = self.p.add_task("bench", total=total)
+
+    def describe(self, text: str) -> None:
+        self.p.update(self.task, description=text)
+
+    def advance(self) -> None:
+        self.p.advance(self.task)
+
+    def close(self) -> None:
+        self.p.stop()
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by ``None`` (strict JSON; ``null`` time-to-target
+    means the target was not reached)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    return obj
+
+
+def _fmt_time(v: float | None) -> str:
+    return "—" if v is None or not math.isfinite(v) else f"{v:.3g}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The results as markdown tables: time-to-target, scores, overhead, throughput."""
+    env = results["environment"]
+    opts = results["optimizers"]
+    lines = [
+        f"# jtricks bench — suite `{results['suite']}`",
+        "",
+        f"Device: {env['device_kind']} ({env['platform']}, {env['device_count']} device(s)); "
+        f"jax {env['jax']}, jaxlib {env['jaxlib']}; {results['protocol']['seeds']} seeds; "
+        f"suite wall time {results.get('wall_s', float('nan')):.0f} s.",
+        "",
+    ]
+    if results["runs"]:
+        lines += [
+            "Median time-to-target in seconds without compilation (learning rate tuned on "
+            "the validation split; seeds that reached the target; `—`: not reached).",
+            "",
+            "| problem | target | " + " | ".join(opts) + " |",
+            "| --- | --- | " + " | ".join("---:" for _ in opts) + " |",
+        ]
+        by = {(r["problem"], r["optimizer"]): r for r in results["runs"]}
+        for p in results["problems"]:
+            if p["kind"] != "optimize":
+                continue
+            cells = []
+            for o in opts:
+                r = by.get((p["name"], o))
+                cells.append(
+                    "n/a"
+                    if r is None
+                    else f"{_fmt_time(r['median_time_to_target_s'])} (lr {r['lr']:.2g}, {r['reached']}/{len(r['seeds'])})"
+                )
+            lines.append(
+                f"| {p['name']} | {p['metric']} {'≤' if p['metric'] == 'loss' else '≥'} {p['target']:g} | "
+                + " | ".join(cells)
+                + " |"
+            )
+        sc = results["scores"].get("score", {})
+        lines += [
+            "",
+            "Performance-profile score over tau in [1, 4] (1 = fastest on every problem):",
+            "",
+            "| " + " | ".join(opts) + " |",
+            "| " + " | ".join("---:" for _ in opts) + " |",
+            "| " + " | ".join(f"{sc.get(o, float('nan')):.3f}" for o in opts) + " |",
+        ]
+    ov = results["scores"].get("overhead_vs_sgd", {})
+    if ov:
+        lines += [
+            "",
+            "Runtime per step relative to SGD on the same problem (DeepOBS overhead):",
+            "",
+            "| problem | " + " | ".join(opts) + " |",
+            "| --- | " + " | ".join("---:" for _ in opts) + " |",
+        ]
+        for p, row in ov.items():
+            lines.append(
+                f"| {p} | " + " | ".join(f"{row.get(o, float('nan')):.2f}" for o in opts) + " |"
+            )
+    if results.get("throughput"):
+        lines += [
+            "",
+            "| throughput problem | optimizer | batch | images/s | MFU | compile s |",
+            "| --- | --- | ---: | ---: | ---: | ---: |",
+        ]
+        for t in results["throughput"]:
+            mfu = "—" if t["mfu"] is None else f"{100 * t['mfu']:.1f}%"
+            lines.append(
+                f"| {t['problem']} | {t['optimizer']} | {t['batch_size']} | {t['images_per_s']:,.0f} | {mfu} | {t['compile_s']:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], out: Path) -> None:
+    """``curves.png`` (validation metric against steps, every seed) and ``profile.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    optim = [p for p in results["problems"] if p["kind"] == "optimize"]
+    if optim:
+        cols = min(3, len(optim))
+        rows = -(-len(optim) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.5 * rows), squeeze=False)
+        for ax, p in zip(axes.flat, optim, strict=False):
+            for i, o in enumerate(results["optimizers"]):
+                for r in results["runs"]:
+                    if r["problem"] == p["name"] and r["optimizer"] == o:
+                        for j, s in enumerate(r["seeds"]):
+                            ax.plot(
+                                s["steps"],
+                                s["metric"],
+                                color=f"C{i}",
+                                alpha=0.8,
+                                label=o if j == 0 else None,
+                            )
+            ax.axhline(p["target"], color="k", ls=":", lw=1)
+            ax.set(title=p["name"], xlabel="step", ylabel=f"validation {p['metric']}")
+            if p["metric"] == "loss":
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        for ax in list(axes.flat)[len(optim) :]:
+            ax.axis("off")
+        fig.tight_layout()
+        fig.savefig(out / "curves.png", dpi=100)
+        plt.close(fig)
+    prof = results["scores"].get("profile")
+    if prof:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for o in results["optimizers"]:
+            ax.step(
+                prof["taus"],
+                prof[o],
+                where="post",
+                label=f"{o} ({results['scores']['score'][o]:.2f})",
+            )
+        ax.set(
+            xlabel="tau (time-to-target / best)",
+            ylabel="fraction of problems",
+            title="performance profile",
+            ylim=(0, 1.05),
+        )
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "profile.png", dpi=100)
+        plt.close(fig)
+
+
+def compare(paths: list[str]) -> str:
+    """Side-by-side tables across result files (e.g. CPU vs GPU), with speedups vs the first."""
+    import json
+
+    if len(paths) < 2:
+        raise ConfigError("compare needs at least two results.json files", param="compare")
+    loaded = []
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read bench results {path!r}: {e}", param="compare") from None
+        if data.get("schema") != SCHEMA:
+            raise ConfigError(
+                f"{path!r} is not a jtricks bench results file (schema {data.get('schema')!r}, "
+                f"expected {SCHEMA!r})",
+                param="compare",
+            )
+        loaded.append(data)
+    labels = [f"{d['environment']['device_kind']} [{i}]" for i, d in enumerate(loaded)]
+    lines = ["files: " + "; ".join(f"[{i}] {p}" for i, p in enumerate(paths)), ""]
+
+    def table(title, rows, key):
+        lines.extend(
+            [
+                title,
+                "",
+                "| problem | optimizer | "
+                + " | ".join(labels)
+                + " | "
+                + " | ".join(f"speedup [{i}]/[0]" for i in range(1, len(loaded)))
+                + " |",
+            ]
+        )
+        lines.append(
+            "| --- | --- | " + " | ".join("---:" for _ in range(2 * len(loaded) - 1)) + " |"
+        )
+        for k in rows:
+            vals = [maps[k] if k in maps else None for maps in key]
+            cells = [("—" if v is None or not math.isfinite(v) else f"{v:,.2f}") for v in vals]
+            speed = []
+            for v in vals[1:]:
+                base = vals[0]
+                ok = (
+                    v is not None
+                    and base is not None
+                    and math.isfinite(v)
+                    and math.isfinite(base)
+                    and v > 0
+                )
+                speed.append(
+                    f"{(v / base if title.startswith('steps') or title.startswith('images') else base / v):.2f}x"
+                    if ok
+                    else "—"
+                )
+            lines.append(
+                f"| {k[0]} | {k[1]} | " + " | ".join(cells) + " | " + " | ".join(speed) + " |"
+            )
+        lines.append("")
+
+    rate = [{(r["problem"], r["optimizer"]): r["steps_per_s"] for r in d["runs"]} for d in loaded]
+    ttt = [
+        {(r["problem"], r["optimizer"]): r["median_time_to_target_s"] for r in d["runs"]}
+        for d in loaded
+    ]
+    imgs = [
+        {(t["problem"], t["optimizer"]): t["images_per_s"] for t in d.get("throughput", [])}
+        for d in loaded
+    ]
+    keys = [k for k in rate[0] if all(k in m for m in rate[1:])]
+    if keys:
+        table("steps/s (median over seeds)", keys, rate)
+        table("time-to-target, s without compilation (speedup = first / other)", keys, ttt)
+    tkeys = [k for k in imgs[0] if all(k in m for m in imgs[1:])]
+    if tkeys:
+        table("images/s", tkeys, imgs)
+    if not keys and not tkeys:
+        lines.append("no (problem, optimizer) pair is present in every file")
+    return "\n".join(lines)
