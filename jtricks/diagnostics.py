@@ -42,6 +42,7 @@ import optax
 from flax import traverse_util
 from jax.flatten_util import ravel_pytree
 
+from jtricks.data.batching import epoch_indices
 from jtricks.errors import ConfigError, check_int, check_range
 from jtricks.losses import cross_entropy
 from jtricks.optim.pipeline import set_learning_rate
@@ -635,7 +636,9 @@ def make_lr_sweep(
         states = jax.vmap(with_lr)(lrs)
         idx = jnp.concatenate(
             [
-                _epoch_idx(jax.random.fold_in(data_key, e), x.shape[0], batch_size, steps_per_epoch)
+                epoch_indices(
+                    jax.random.fold_in(data_key, e), x.shape[0], batch_size, steps_per_epoch
+                )
                 for e in range(epochs)
             ]
         )[:steps]
@@ -647,12 +650,6 @@ def make_lr_sweep(
         return jax.lax.scan(body, states, idx)[1].T
 
     return run
-
-
-def _epoch_idx(key, n, batch_size, steps):
-    from jtricks.data.batching import epoch_indices
-
-    return epoch_indices(key, n, batch_size, steps)
 
 
 # ----------------------------------------------------------------------------- all checks

@@ -34,7 +34,7 @@ from jtricks.training import (
 )
 from jtricks.training.averaging import SWA
 from jtricks.training.checkpoint import Checkpointer, restore, restore_latest
-from jtricks.training.transfer import finetune_labels, forward_layers, freeze, load_pretrained
+from jtricks.training.transfer import forward_layers, freeze, load_pretrained, preset_patterns
 
 
 @dataclass(frozen=True)
@@ -528,9 +528,9 @@ def train(
     init_key, data_key = jax.random.split(key)
     if config.pretrained is not None:
         probe = create_train_state(model, tx, x_tr, init_key)
-        presets = finetune_labels(config.finetune or "all", forward_layers(probe, x_tr))
+        trainable = preset_patterns(config.finetune or "all", forward_layers(probe, x_tr))
         if config.finetune not in (None, "all"):
-            tx = freeze(tx, trainable=[f"{layer}/*" for layer, on in presets.items() if on])
+            tx = freeze(tx, trainable=trainable)
     if config.ensemble > 1:
         if resume is not None:
             raise ConfigError("ensemble runs cannot be resumed", param="resume")
@@ -538,7 +538,6 @@ def train(
             config,
             model,
             tx,
-            data.num_classes,
             (x_tr, y_tr),
             (x_val, y_val),
             (x_test, data.y_test),
@@ -630,36 +629,39 @@ def train(
         test.update({f"ema_{k}": v for k, v in ema.items()})
     wall = time.perf_counter() - t0
     if run_dir is not None:
-        plot_curves(history, run_dir / "curves.png")
-        last = history.records[-1]
-        write_json(
-            run_dir / "summary.json",
-            {
-                "test_loss": test["loss"],
-                "test_accuracy": test["accuracy"],
-                "val_loss": last["val_loss"],
-                "val_accuracy": last["val_accuracy"],
-                "steps": last["step"],
-                "epochs": last["epoch"],
-                "wall_s": wall,
-                "train_s": last.get("elapsed_s"),
-                "num_params": int(sum(np.size(p) for p in jax.tree.leaves(state.params))),
-                "stopped": history.stopped,
-                **(
-                    {"test_ema_loss": test["ema_loss"], "test_ema_accuracy": test["ema_accuracy"]}
-                    if "ema_accuracy" in test
-                    else {}
-                ),
-            },
-        )
+        ema = {f"test_{k}": v for k, v in test.items() if k.startswith("ema_")}
+        _write_summary(run_dir, history, test, state.params, wall, **ema)
     return RunResult(config, state, history, test, run_dir, wall)
+
+
+def _write_summary(
+    run_dir: Path, history: History, test: dict[str, Any], params: Any, wall: float, **extra: Any
+) -> None:
+    """Plot the curves and write ``summary.json`` (last, so its presence marks a finished run)."""
+    plot_curves(history, run_dir / "curves.png")
+    last = history.records[-1]
+    write_json(
+        run_dir / "summary.json",
+        {
+            "test_loss": test["loss"],
+            "test_accuracy": test["accuracy"],
+            "val_loss": last["val_loss"],
+            "val_accuracy": last["val_accuracy"],
+            "steps": last["step"],
+            "epochs": last["epoch"],
+            "wall_s": wall,
+            "train_s": last.get("elapsed_s"),
+            "num_params": int(sum(np.size(p) for p in jax.tree.leaves(params))),
+            "stopped": history.stopped,
+            **extra,
+        },
+    )
 
 
 def _train_ensemble(
     config,
     model,
     tx,
-    num_classes,
     train,
     val,
     test_data,
@@ -697,32 +699,16 @@ def _train_ensemble(
         reporter=reporter,
         on_epoch_end=None if log is None else (lambda r: log.on_epoch_end(r, None)),
     )
-    ev = evaluate_ensemble(states, test_data, batch_size=config.eval_batch_size)
-    test = {
-        "loss": ev["loss"],
-        "accuracy": ev["accuracy"],
-        "member_accuracy": ev["member_accuracy"],
-        "member_loss": ev["member_loss"],
-    }
+    test = evaluate_ensemble(states, test_data, batch_size=config.eval_batch_size)
     wall = time.perf_counter() - t0
     if run_dir is not None:
-        plot_curves(history, run_dir / "curves.png")
-        last = history.records[-1]
-        write_json(
-            run_dir / "summary.json",
-            {
-                "test_loss": ev["loss"],
-                "test_accuracy": ev["accuracy"],
-                "test_member_accuracy": ev["member_accuracy"],
-                "val_loss": last["val_loss"],
-                "val_accuracy": last["val_accuracy"],
-                "steps": last["step"],
-                "epochs": last["epoch"],
-                "wall_s": wall,
-                "train_s": last["elapsed_s"],
-                "ensemble": config.ensemble,
-                "num_params": int(sum(np.size(p) for p in jax.tree.leaves(states.params))),
-                "stopped": None,
-            },
+        _write_summary(
+            run_dir,
+            history,
+            test,
+            states.params,
+            wall,
+            test_member_accuracy=test["member_accuracy"],
+            ensemble=config.ensemble,
         )
     return RunResult(config, states, history, test, run_dir, wall)
