@@ -44,6 +44,7 @@ FLAGS = {
     "num_processes": "--num-processes",
     "process_id": "--process-id",
     "precision": "--precision",
+    "fused": "--fused",
     "swa": "--swa",
     "ensemble": "--ensemble",
     "pretrained": "--pretrained",
@@ -196,6 +197,13 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--num-processes", type=int, default=None, help="with --coordinator")
     t.add_argument("--process-id", type=int, default=None, help="with --coordinator: 0 .. N-1")
+    t.add_argument(
+        "--fused",
+        action="store_true",
+        default=False,
+        help="fused optimizer: the update runs over one flat buffer per dtype group "
+        "(jtricks.optim.fused), so its cost does not grow with the number of parameter arrays",
+    )
     t.add_argument(
         "--ema",
         type=float,
@@ -430,6 +438,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cutmix=args.cutmix,
         accumulate=args.accumulate,
         precision=args.precision,
+        fused=args.fused,
         ema=args.ema,
         swa=args.swa,
         ensemble=args.ensemble,

@@ -21,7 +21,7 @@ from jtricks.data import Scaler, load_dataset, train_val_split
 from jtricks.data.augment import build_augment
 from jtricks.errors import ConfigError, check_int, check_range
 from jtricks.nn import build_model
-from jtricks.optim import build_optimizer, build_schedule
+from jtricks.optim import build_optimizer, build_schedule, fused
 from jtricks.optim.schedules import Plateau
 from jtricks.training import (
     EarlyStopping,
@@ -78,6 +78,7 @@ class TrainConfig:
     ensemble: int = 1
     accumulate: int = 1
     precision: str = "float32"
+    fused: bool = False
     pretrained: str | None = None
     finetune: str | None = None
 
@@ -118,6 +119,8 @@ class TrainConfig:
             check_int("swa", self.swa, low=1)
         check_int("ensemble", self.ensemble, low=1)
         check_int("accumulate", self.accumulate, low=1)
+        if not isinstance(self.fused, bool):
+            raise ConfigError(f"fused must be true or false; got {self.fused!r}", param="fused")
         from jtricks.training.steps import PRECISIONS
 
         if self.precision not in PRECISIONS:
@@ -473,6 +476,8 @@ def train(
     tx = build_optimizer(
         config.optimizer, config.learning_rate, schedule=schedule, plateau=is_plateau
     )
+    if config.fused:  # one buffer per dtype group; with freeze, fused runs on the trainable part
+        tx = fused(tx)
     augment = build_augment(config.augment) if config.augment is not None else None
     mix = (
         ("mixup", config.mixup)

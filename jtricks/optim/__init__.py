@@ -4,6 +4,7 @@
   `adam`, `adamw`, `adadelta`), each a chain ending in a learning-rate scale.
 * `transforms`: the building blocks (momentum forms, clipping variants, penalties).
 * `schedules`: learning-rate schedules.
+* `fused`: `fused(tx)` runs an element-wise chain over one flat buffer per dtype group.
 * `pipeline`: `build_optimizer` from a spec such as ``"adam(lr=1e-3) | clip_global_norm(1.0) | l2(1e-4)"``.
 """
 
@@ -16,6 +17,14 @@ from jtricks.optim.alias import (
     normalized_sgd,
     rmsprop,
     sgd,
+)
+from jtricks.optim.fused import (
+    Flat,
+    FusedState,
+    Layout,
+    flatten_params,
+    fused,
+    unflatten_params,
 )
 from jtricks.optim.pipeline import (
     OPTIMIZERS,
@@ -35,6 +44,7 @@ from jtricks.optim.transforms import (
     l1,
     l1_prox,
     l2,
+    masked,
     momentum_chain,
     normalize_by_global_norm,
     scale_by_adagrad,
@@ -47,6 +57,9 @@ __all__ = [
     "OPTIMIZERS",
     "SCHEDULE_NAMES",
     "TRANSFORMS",
+    "Flat",
+    "FusedState",
+    "Layout",
     "adadelta",
     "adagrad",
     "adam",
@@ -60,9 +73,12 @@ __all__ = [
     "current_learning_rate",
     "decoupled_weight_decay",
     "elastic_net",
+    "flatten_params",
+    "fused",
     "l1",
     "l1_prox",
     "l2",
+    "masked",
     "momentum",
     "momentum_chain",
     "normalize_by_global_norm",
@@ -73,5 +89,6 @@ __all__ = [
     "scale_by_plateau",
     "set_learning_rate",
     "sgd",
+    "unflatten_params",
     "weights_mask",
 ]

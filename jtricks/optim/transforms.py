@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from jtricks.errors import ConfigError, check_range
+from jtricks.optim.fused import Flat, buffer_masks, segment_sums, segment_values
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -54,8 +55,38 @@ def resolve_mask(mask: MaskSpec) -> Any:
     return mask
 
 
-def _masked(tx: optax.GradientTransformation, mask: MaskSpec) -> optax.GradientTransformation:
-    return optax.masked(tx, resolve_mask(mask))
+class FlatMaskedState(NamedTuple):
+    inner_state: Any
+
+
+def masked(inner: optax.GradientTransformation, mask: MaskSpec) -> optax.GradientTransformation:
+    """Apply ``inner`` only where ``mask`` is True; elsewhere the update passes unchanged.
+
+    On parameter trees this is exactly `optax.masked` (with `resolve_mask`'s defaults).
+    New here: on the flat buffers of `jtricks.optim.fused` the mask is evaluated on the
+    tree the buffers describe, and selected per buffer (no cost when a buffer is uniformly
+    in or out, one ``where`` otherwise); ``inner`` then keeps state for every entry.
+    """
+    mask_fn = resolve_mask(mask)
+    tree_tx = optax.masked(inner, mask_fn)
+
+    def init_fn(params):
+        if isinstance(params, Flat):
+            return FlatMaskedState(inner.init(params))
+        return tree_tx.init(params)
+
+    def update_fn(updates, state, params=None):
+        if not isinstance(updates, Flat):
+            return tree_tx.update(updates, state, params)
+        new, inner_state = inner.update(updates, state.inner_state, params)
+        out = []
+        for m, n, o in zip(
+            buffer_masks(updates.layout, mask_fn), new.buffers, updates.buffers, strict=True
+        ):
+            out.append(n if m is True else o if m is False else jnp.where(m, n, o))
+        return Flat(out, updates.layout), FlatMaskedState(inner_state)
+
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 # ----------------------------------------------------------------------------- momentum (T13)
@@ -252,8 +283,20 @@ def clip_per_leaf_norm(max_norm: float) -> optax.GradientTransformation:
         scale = jnp.where(norm > max_norm, max_norm / jnp.where(norm > 0, norm, 1.0), 1.0)
         return (g * scale.astype(g.dtype)).astype(g.dtype)
 
+    def clip_flat(group, g):  # the same rule on a fused buffer: per-leaf norms of its segments
+        sq = jnp.square(g.astype(jnp.float32 if g.dtype == jnp.bfloat16 else g.dtype))
+        norm = jnp.sqrt(segment_sums(group, sq))
+        scale = jnp.where(norm > max_norm, max_norm / jnp.where(norm > 0, norm, 1.0), 1.0)
+        return (g * segment_values(group, scale.astype(g.dtype))).astype(g.dtype)
+
     def update_fn(updates, state, params=None):
         del params
+        if isinstance(updates, Flat):
+            groups = updates.layout.groups
+            return Flat(
+                [clip_flat(gr, g) for gr, g in zip(groups, updates.buffers, strict=True)],
+                updates.layout,
+            ), state
         return jax.tree.map(clip, updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
@@ -279,7 +322,7 @@ def l2(lam: float, *, mask: MaskSpec = None) -> optax.GradientTransformation:
     `optax.add_decayed_weights`. Default mask: kernels only (`weights_mask`).
     """
     check_range("lam", lam, low=0.0)
-    return _masked(optax.add_decayed_weights(2.0 * lam), mask)
+    return masked(optax.add_decayed_weights(2.0 * lam), mask)
 
 
 def l1(lam: float, *, mask: MaskSpec = None) -> optax.GradientTransformation:
@@ -289,7 +332,7 @@ def l1(lam: float, *, mask: MaskSpec = None) -> optax.GradientTransformation:
     `l1_prox` (proximal soft-threshold) for exact sparsity.
     """
     check_range("lam", lam, low=0.0)
-    return _masked(_add_param_term(lambda p: lam * jnp.sign(p)), mask)
+    return masked(_add_param_term(lambda p: lam * jnp.sign(p)), mask)
 
 
 def elastic_net(
@@ -303,7 +346,7 @@ def elastic_net(
     """
     check_range("lam", lam, low=0.0)
     check_range("alpha", alpha, low=0.0, high=1.0)
-    return _masked(
+    return masked(
         _add_param_term(lambda p: lam * ((1 - alpha) * jnp.sign(p) + 2 * alpha * p)), mask
     )
 
@@ -339,7 +382,7 @@ def decoupled_weight_decay(
         )
         return out, ScheduledState(count=optax.safe_increment(state.count))
 
-    return _masked(optax.GradientTransformation(init_fn, update_fn), mask)
+    return masked(optax.GradientTransformation(init_fn, update_fn), mask)
 
 
 def l1_prox(
@@ -375,7 +418,7 @@ def l1_prox(
             count=optax.safe_increment(state.count)
         )
 
-    return _masked(optax.GradientTransformation(init_fn, update_fn), mask)
+    return masked(optax.GradientTransformation(init_fn, update_fn), mask)
 
 
 # ----------------------------------------------------------------------------- plateau scale (T19)

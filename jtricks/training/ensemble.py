@@ -32,6 +32,7 @@ import optax
 from jtricks.data.batching import epoch_indices
 from jtricks.errors import ConfigError, check_int
 from jtricks.losses import accuracy, cross_entropy
+from jtricks.optim.fused import flat_train_state, is_fused, tree_train_state
 from jtricks.training.fit import History
 from jtricks.training.state import TrainState, create_train_state
 from jtricks.training.steps import LossFn, _apply, make_train_step, pad_batches
@@ -138,7 +139,12 @@ def _epoch_fn(loss_fn: LossFn, augment: Callable | None):
         spe = n // batch_size
         idx = epoch_indices(jax.random.fold_in(data_key, epoch), n, batch_size, spe)
         idx = jax.lax.dynamic_slice_in_dim(idx, offset, num_steps)
+        fused = is_fused(states.opt_state)
+        if fused:  # per member: flat params inside the epoch (see make_epoch_fn)
+            states = jax.vmap(flat_train_state)(states)
         states, m = jax.lax.scan(lambda s, i: train_step(s, (x[i], y[i])), states, idx)
+        if fused:
+            states = jax.vmap(tree_train_state)(states)
         metrics = {
             "train_loss": jnp.mean(m["loss"]),
             "train_accuracy": jnp.mean(m["accuracy"]),

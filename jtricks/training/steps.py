@@ -14,6 +14,7 @@ from jtricks.data.augment import mix_batch
 from jtricks.data.batching import epoch_indices
 from jtricks.errors import ConfigError, check_int
 from jtricks.losses import accuracy, cross_entropy
+from jtricks.optim.fused import flat_train_state, is_fused, tree_train_state, unflatten_params
 from jtricks.optim.pipeline import current_learning_rate
 from jtricks.training.state import TrainState
 
@@ -25,8 +26,9 @@ LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def _apply(state: TrainState, params: Any, x: jax.Array, *, train: bool, key: jax.Array | None):
-    """Run the model; returns ``(logits, new_batch_stats)``."""
-    variables = {"params": params}
+    """Run the model; returns ``(logits, new_batch_stats)``. `Flat` parameters (the fused
+    optimizer's layout) are cut back into their tree here, inside the compiled step."""
+    variables = {"params": unflatten_params(params)}
     rngs = {"dropout": key} if key is not None else None
     if state.batch_stats:
         variables["batch_stats"] = state.batch_stats
@@ -224,7 +226,9 @@ def make_epoch_fn(
     step metrics, ``param_norm`` at the end of the epoch and, when ``val`` (padded
     batches from `pad_batches`) is given and ``eval_step`` was supplied,
     ``val_loss`` and ``val_accuracy`` (and ``val_ema_loss`` / ``val_ema_accuracy`` on the
-    EMA parameters when the state keeps them). The state is donated, so its buffers are
+    EMA parameters when the state keeps them). With a `jtricks.optim.fused` optimizer the
+    parameters are `Flat` inside the epoch (one buffer per dtype group; the gradient comes
+    out flat, the update runs on the buffers) and trees outside it. The state is donated, so its buffers are
     reused in place. One dispatch and one host transfer per epoch. With ``batch_sharding``
     (a `jax.sharding.NamedSharding` over a data axis) every batch is constrained to it, so
     the step runs data-parallel under GSPMD.
@@ -245,7 +249,12 @@ def make_epoch_fn(
                 yb = jax.lax.with_sharding_constraint(yb, batch_sharding)
             return train_step(state, (xb, yb))
 
+        fused = is_fused(state.opt_state)
+        if fused:  # fused optimizer: flat params (and EMA) for the whole epoch, one copy each way
+            state = flat_train_state(state)
         state, metrics = jax.lax.scan(body, state, idx)
+        if fused:
+            state = tree_train_state(state)
         flags = metrics.pop("nonfinite", None)
         metrics = jax.tree.map(jnp.mean, metrics)
         if flags is not None:
