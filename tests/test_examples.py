@@ -202,6 +202,25 @@ def test_augmentation_example_tiny(capsys):
             ("ratio", "ratio_vs_fit"),
         ),
         (
+            "bench_optimizer_update.py",
+            ["--total", "4096", "--leaves", "1,8", "--repeats", "1", "--optimizers", "adam"],
+            ("rows",),
+        ),
+        (
+            "bench_train_step.py",
+            [
+                "--model",
+                "mlp(features=(8,))",
+                "--steps-per-epoch",
+                "3",
+                "--epochs",
+                "1",
+                "--repeats",
+                "1",
+            ],
+            ("images_per_s", "ratio_vs_hand_scan"),
+        ),
+        (
             "bench_lr_finder.py",
             ["--num", "4", "--steps", "5", "--repeats", "1", "--model", "mlp(features=(8,))"],
             ("ratio_run", "ratio_end_to_end"),
@@ -254,6 +273,8 @@ def test_ensembles_example_tiny(capsys):
 
 def pd_values(v):
     """Numbers inside a benchmark field (a number, or a list of {name: number})."""
+    if isinstance(v, dict):
+        return [x for x in v.values() if isinstance(x, int | float)]
     if isinstance(v, list):
-        return [x for d in v for x in d.values()]
+        return [x for d in v for x in d.values() if isinstance(x, int | float)]
     return v

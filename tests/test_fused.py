@@ -351,3 +351,25 @@ def test_cli_fused_resume_is_bit_identical(tmp_path, capsys):
     assert set(p1) == {"Dense_0", "head"}  # the checkpoint holds the parameter tree
     assert jax.tree.all(jax.tree.map(lambda p, q: bool(np.all(p == q)), p1, p2))
     capsys.readouterr()
+
+
+def test_freeze_around_fused_keeps_frozen_bit_identical(small_cnn_data):
+    from jtricks.training.transfer import freeze
+
+    x, y = small_cnn_data
+    model = MLP(features=(8, 8), num_classes=4)
+    tx = freeze(fused(optax.adamw(1e-2, weight_decay=0.1)), trainable=["head/*"])
+    state = create_train_state(model, tx, x[:1], jax.random.key(5))
+    before = jax.tree.map(np.array, state.params)
+    state, _ = fit(state, (x, y), batch_size=32, steps=8)
+    for name in ("Dense_0", "Dense_1"):
+        for leaf in ("kernel", "bias"):
+            np.testing.assert_array_equal(np.asarray(state.params[name][leaf]), before[name][leaf])
+    assert not np.array_equal(np.asarray(state.params["head"]["kernel"]), before["head"]["kernel"])
+
+
+def test_bad_fused_config():
+    from jtricks.run import TrainConfig
+
+    with pytest.raises(ConfigError, match="fused"):
+        TrainConfig(fused="yes").validate()

@@ -260,7 +260,7 @@ def fit(
             np.int32(epoch),
             np.int32(offset),
             val_batches,
-            num_steps=num_steps,
+            num_steps=np.int32(num_steps),
             batch_size=batch_size,
         )
         return state, (metrics, epoch, step + num_steps, num_steps, done + num_steps)
@@ -279,6 +279,8 @@ def fit(
             now = time.perf_counter()
             record: dict[str, Any] = {"epoch": epoch + 1, "step": end_step}
             flags = metrics.pop("nonfinite", None)
+            if flags is not None:
+                flags = flags[:num_steps]
             for k, v in metrics.items():
                 name = "lr" if k == "learning_rate" else k if k.startswith("val_") else f"train_{k}"
                 record[name] = float(v)

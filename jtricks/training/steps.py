@@ -220,8 +220,8 @@ def make_epoch_fn(
     -> (state, metrics)``: one program per epoch, training and validation together.
 
     The epoch's batches are ``epoch_indices(fold_in(data_key, epoch), N, batch_size, N // batch_size)``;
-    the call runs ``num_steps`` of them starting at batch ``offset`` (traced, so
-    resuming mid-epoch does not recompile). Each scan iteration gathers its batch
+    the call runs ``num_steps`` of them starting at batch ``offset`` (both traced, so a
+    short last epoch or resuming mid-epoch does not recompile). Each loop iteration gathers its batch
     from the device-resident ``x, y``. Returned metrics are the epoch means of the
     step metrics, ``param_norm`` at the end of the epoch and, when ``val`` (padded
     batches from `pad_batches`) is given and ``eval_step`` was supplied,
@@ -234,16 +234,15 @@ def make_epoch_fn(
     the step runs data-parallel under GSPMD.
     """
 
-    @partial(jax.jit, static_argnames=("num_steps", "batch_size"), donate_argnums=0)
-    def run_epoch(
-        state, x, y, data_key, epoch, offset, val=None, *, num_steps: int, batch_size: int
-    ):
+    @partial(jax.jit, static_argnames=("batch_size",), donate_argnums=0)
+    def run_epoch(state, x, y, data_key, epoch, offset, val=None, *, num_steps, batch_size: int):
         key = jax.random.fold_in(data_key, epoch)
-        idx = epoch_indices(key, x.shape[0], batch_size, x.shape[0] // batch_size)
-        idx = jax.lax.dynamic_slice_in_dim(idx, offset, num_steps)
+        steps_per_epoch = x.shape[0] // batch_size
+        idx = epoch_indices(key, x.shape[0], batch_size, steps_per_epoch)
 
-        def body(state, i):
-            xb, yb = x[i], y[i]
+        def step_at(state, i):
+            b = idx[i]
+            xb, yb = x[b], y[b]
             if batch_sharding is not None:  # data parallel: each device takes its slice
                 xb = jax.lax.with_sharding_constraint(xb, batch_sharding)
                 yb = jax.lax.with_sharding_constraint(yb, batch_sharding)
@@ -252,13 +251,26 @@ def make_epoch_fn(
         fused = is_fused(state.opt_state)
         if fused:  # fused optimizer: flat params (and EMA) for the whole epoch, one copy each way
             state = flat_train_state(state)
-        state, metrics = jax.lax.scan(body, state, idx)
+        shapes = jax.eval_shape(step_at, state, offset)[1]
+        sums = {k: jnp.zeros(v.shape, jnp.float32) for k, v in shapes.items() if k != "nonfinite"}
+        flags = jnp.zeros(steps_per_epoch, jnp.int32) if "nonfinite" in shapes else None
+
+        def body(j, carry):
+            state, sums, flags = carry
+            state, m = step_at(state, offset + j)
+            flag = m.pop("nonfinite", None)
+            sums = jax.tree.map(lambda s, v: s + v.astype(jnp.float32), sums, m)
+            if flags is not None:
+                flags = flags.at[j].set(flag)
+            return state, sums, flags
+
+        # the step count is traced, so a short last epoch (or a resumed one) reuses the program
+        state, sums, flags = jax.lax.fori_loop(0, num_steps, body, (state, sums, flags))
         if fused:
             state = tree_train_state(state)
-        flags = metrics.pop("nonfinite", None)
-        metrics = jax.tree.map(jnp.mean, metrics)
+        metrics = {k: v / num_steps for k, v in sums.items()}
         if flags is not None:
-            metrics["nonfinite"] = flags  # per step, so fit can count streaks across epochs
+            metrics["nonfinite"] = flags  # per step (first num_steps), for streaks across epochs
         if "param_norm" not in metrics:
             metrics["param_norm"] = optax.tree.norm(state.params)  # once, at the end of the epoch
         if val is not None and eval_step is not None:

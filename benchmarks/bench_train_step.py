@@ -1,0 +1,195 @@
+"""End-to-end training throughput: a hand-written Flax + optax step against jtricks `fit`,
+with and without the fused optimizer (``--fused``), in one run.
+
+Arms (same model, same optimizer rule, same precision, same device-resident batches):
+
+* ``hand_loop``: a hand-written jitted step called once per batch from Python (the
+  ``anchors_gpu.py`` style: ``value_and_grad``, ``tx.update``, ``apply_updates``);
+* ``hand_scan``: the same step inside one `lax.scan` per epoch;
+* ``fit``: `jtricks.training.fit` (one compiled `lax.scan` per epoch, gradient norm and
+  non-finite guard on, no validation);
+* ``fit_fused``: the same with `jtricks.optim.fused` (flat parameters inside the epoch).
+
+Compilation excluded (a warm-up epoch each); arms alternate; medians over ``--repeats``;
+each repeat times ``--epochs`` epochs. The hand-written arms use `optax.sgd` with Nesterov
+momentum, jtricks the same rule from ``momentum(form='torch', nesterov=True)``. With
+``--precision bf16`` the parameters and inputs are cast to bfloat16 for the forward and
+backward pass in every arm (float32 master weights).
+
+    python benchmarks/bench_train_step.py                     # CPU: paper CNN, MNIST-1D shape
+    python benchmarks/bench_train_step.py --model resnet18 --shape 32,32,3 \\
+        --batch-size 512 --precision bf16                     # GPU: the issue's ResNet-18
+
+Prints JSON (one object) then a short table; ``ratio`` = images/s against ``hand_scan``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jtricks.nn import build_model
+from jtricks.optim import build_optimizer, fused
+from jtricks.run import environment
+from jtricks.training import create_train_state, fit
+
+ARMS = ("hand_loop", "hand_scan", "fit", "fit_fused")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="cnn")
+    p.add_argument("--shape", default="40", help="example shape, e.g. 40 or 32,32,3")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--steps-per-epoch", type=int, default=40)
+    p.add_argument("--epochs", type=int, default=2, help="epochs per timed repeat")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--precision", default="float32", choices=("float32", "bf16"))
+    p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--json-out", default=None)
+    args = p.parse_args(argv)
+    arms = [a.strip() for a in args.arms.split(",")]
+    for a in arms:
+        if a not in ARMS:
+            p.error(f"--arms: unknown {a!r}; valid: {', '.join(ARMS)}")
+    if "hand_scan" not in arms:
+        p.error("--arms must include the baseline hand_scan")
+    shape = tuple(int(s) for s in args.shape.split(","))
+    B, spe = args.batch_size, args.steps_per_epoch
+    n = B * spe
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(n, *shape)).astype(np.float32))
+    y = jnp.asarray(rng.integers(0, args.num_classes, n).astype(np.int32))
+    model = build_model(args.model, args.num_classes)
+    lr = 0.01
+    spec = f"momentum(lr={lr}, gamma=0.9, form='torch', nesterov=True)"
+    compute = jnp.bfloat16 if args.precision == "bf16" else None
+    key = jax.random.key(0)
+
+    # ---- hand-written Flax + optax step
+    variables = model.init(key, x[:1], train=False)
+    h_tx = optax.sgd(lr, momentum=0.9, nesterov=True)
+
+    def h_step(carry, idx):
+        params, bs, opt = carry
+        xb, yb = x[idx], y[idx]
+
+        def loss_fn(p):
+            pc, xc = p, xb
+            if compute is not None:
+                pc = jax.tree.map(lambda a: a.astype(compute), p)
+                xc = xb.astype(compute)
+            logits, upd = model.apply(
+                {"params": pc, "batch_stats": bs}, xc, train=True, mutable=["batch_stats"]
+            )
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), yb)
+            new_bs = jax.tree.map(lambda a, o: a.astype(o.dtype), upd["batch_stats"], bs)
+            return loss.mean(), new_bs
+
+        (loss, bs), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        u, opt = h_tx.update(g, opt, params)
+        return (optax.apply_updates(params, u), bs, opt), loss
+
+    h_one = jax.jit(lambda c, idx: h_step(c, idx), donate_argnums=0)
+    h_epoch = jax.jit(lambda c, idxs: jax.lax.scan(h_step, c, idxs), donate_argnums=0)
+
+    def h_init():
+        params = variables["params"]
+        return (params, variables.get("batch_stats", {}), h_tx.init(params))
+
+    def epoch_idx(e):
+        return jax.random.permutation(jax.random.fold_in(key, e), n)[: spe * B].reshape(spe, B)
+
+    idxs = [epoch_idx(e) for e in range(args.epochs)]
+
+    def run_hand_loop():
+        c = h_init()
+        c = jax.tree.map(jnp.copy, c)
+        t = time.perf_counter()
+        for e in range(args.epochs):
+            for i in range(spe):
+                c, loss = h_one(c, idxs[e][i])
+        jax.block_until_ready((c, loss))
+        return time.perf_counter() - t
+
+    def run_hand_scan():
+        c = jax.tree.map(jnp.copy, h_init())
+        t = time.perf_counter()
+        for e in range(args.epochs):
+            c, losses = h_epoch(c, idxs[e])
+        jax.block_until_ready((c, losses))
+        return time.perf_counter() - t
+
+    tx = build_optimizer(spec)
+
+    def run_fit(use_fused: bool):
+        state = create_train_state(model, fused(tx) if use_fused else tx, x[:1], key)
+        t = time.perf_counter()
+        state, _ = fit(
+            state,
+            (x, y),
+            batch_size=B,
+            epochs=args.epochs,
+            data_key=key,
+            precision=args.precision,
+        )
+        jax.block_until_ready(state)
+        return time.perf_counter() - t
+
+    fns = {
+        "hand_loop": run_hand_loop,
+        "hand_scan": run_hand_scan,
+        "fit": lambda: run_fit(False),
+        "fit_fused": lambda: run_fit(True),
+    }
+    fns = {a: fns[a] for a in arms}
+    for fn in fns.values():
+        fn()  # compile (fit and the hand-written programs are cached after this)
+    times: dict[str, list[float]] = {a: [] for a in fns}
+    for _ in range(args.repeats):
+        for a, fn in fns.items():
+            times[a].append(fn())
+    images = args.epochs * spe * B
+    med = {a: statistics.median(v) for a, v in times.items()}
+    ips = {a: images / med[a] for a in fns}
+    env = environment()
+    leaves = len(jax.tree.leaves(variables["params"]))
+    result = {
+        "benchmark": "bench_train_step",
+        "model": args.model,
+        "shape": shape,
+        "batch_size": B,
+        "precision": args.precision,
+        "param_leaves": leaves,
+        "params": int(sum(v.size for v in jax.tree.leaves(variables["params"]))),
+        "images_per_repeat": images,
+        "repeats": args.repeats,
+        "images_per_s": ips,
+        "ratio_vs_hand_scan": {a: ips[a] / ips["hand_scan"] for a in fns},
+        "seconds": times,
+        "environment": env,
+    }
+    print(json.dumps(result))
+    print(
+        f"\n{args.model} {shape} batch {B} {args.precision}, {leaves} parameter leaves; "
+        f"device {env['device_kind']}"
+    )
+    print(f"{'arm':<12}{'images/s (median)':>19}{'ratio':>8}")
+    for a in fns:
+        print(f"{a:<12}{ips[a]:>19,.0f}{ips[a] / ips['hand_scan']:>8.3f}")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
