@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -253,6 +254,15 @@ class Checkpointer:
 
     ``meta_fn(record, state)`` may add JSON-able data (e.g. callback states) to each
     checkpoint's ``meta.json``; the fit history so far is always included.
+
+    With ``background=True`` (the default) a checkpoint is written by one worker thread
+    while training goes on: the callback takes a device copy of the state (the next epoch
+    donates its buffers) and returns; the next checkpoint first waits for it, so at most one
+    is in flight. Writes stay in order and atomic (a temporary folder
+    renamed into place), so a crash loses at most the checkpoint being written and resume
+    falls back to the previous one; `on_train_end` waits for every write, and a failed
+    write is raised at the next checkpoint or at the end. ``background=False`` writes
+    before returning.
     """
 
     def __init__(
@@ -264,6 +274,7 @@ class Checkpointer:
         monitor: str | None = "val_loss",
         mode: str = "min",
         meta_fn=None,
+        background: bool = True,
     ) -> None:
         if every < 1 or keep < 1:
             raise ConfigError(
@@ -283,6 +294,27 @@ class Checkpointer:
         self.best: float | None = None
         self._last_saved_epoch: int | None = None
         self._pending_best: tuple[TrainState, dict[str, Any]] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1) if background else None
+        self._futures: list[Future] = []
+
+    def _submit(self, fn, *args) -> None:
+        """Run ``fn(*args)`` on the writer thread (in order), or now without one."""
+        self._check_writes(wait=False)
+        if self._executor is None:
+            fn(*args)
+        else:
+            self._futures.append(self._executor.submit(fn, *args))
+
+    def _check_writes(self, *, wait: bool) -> None:
+        """Re-raise the error of a finished write (waiting for all of them with ``wait``)."""
+        for f in list(self._futures):
+            if wait or f.done():
+                self._futures.remove(f)
+                f.result()
+
+    def wait(self) -> None:
+        """Block until every checkpoint handed to the writer thread is on disk."""
+        self._check_writes(wait=True)
 
     def _meta(self, record: dict[str, Any], state: TrainState) -> dict[str, Any]:
         meta = {
@@ -317,18 +349,32 @@ class Checkpointer:
             self._save(record, state)
 
     def on_train_end(self, state: TrainState) -> None:
-        if self.records and self._last_saved_epoch != self.records[-1]["epoch"]:
-            self._save(self.records[-1], state)
-        self._flush_best()
+        try:
+            if self.records and self._last_saved_epoch != self.records[-1]["epoch"]:
+                self._save(self.records[-1], state)
+            self._flush_best()
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = ThreadPoolExecutor(max_workers=1)  # usable for another fit
 
     def _flush_best(self) -> None:
         if self._pending_best is not None:
-            save(self.directory, "best", *self._pending_best)
+            self._submit(save, self.directory, "best", *self._pending_best)
             self._pending_best = None
 
     def _save(self, record: dict[str, Any], state: TrainState) -> None:
+        self.wait()  # at most one checkpoint in flight: bounded memory, and the one before is on disk
         self._flush_best()  # the best so far goes to disk with every checkpoint, not at every improvement
-        save(self.directory, f"{PREFIX}{record['epoch']:06d}", state, self._meta(record, state))
+        if self._executor is not None:  # the next epoch donates ``state``: write a device copy
+            state = jax.tree.map(lambda a: a.copy() if isinstance(a, jax.Array) else a, state)
+        self._submit(
+            self._write, f"{PREFIX}{record['epoch']:06d}", state, self._meta(record, state)
+        )
         self._last_saved_epoch = record["epoch"]
+
+    def _write(self, name: str, state: TrainState, meta: dict[str, Any]) -> None:
+        save(self.directory, name, state, meta)
         for old in list_checkpoints(self.directory)[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)

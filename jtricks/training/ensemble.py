@@ -133,22 +133,37 @@ def _epoch_fn(loss_fn: LossFn, augment: Callable | None):
     """The jitted ensemble epoch, cached per loss and augmentation so repeated calls reuse it."""
     train_step = jax.vmap(make_train_step(loss_fn, augment=augment), in_axes=(0, None))
 
-    @partial(jax.jit, static_argnames=("num_steps", "batch_size"), donate_argnums=0)
+    @partial(jax.jit, static_argnames=("batch_size",), donate_argnums=0)
     def run_epoch(states, x, y, data_key, epoch, offset, val, *, num_steps, batch_size):
         n = x.shape[0]
         spe = n // batch_size
         idx = epoch_indices(jax.random.fold_in(data_key, epoch), n, batch_size, spe)
-        idx = jax.lax.dynamic_slice_in_dim(idx, offset, num_steps)
         fused = is_fused(states.opt_state)
         if fused:  # per member: flat params inside the epoch (see make_epoch_fn)
             states = jax.vmap(flat_train_state)(states)
-        states, m = jax.lax.scan(lambda s, i: train_step(s, (x[i], y[i])), states, idx)
+
+        def body(j, carry):
+            states, loss, acc, nonfinite = carry
+            i = idx[offset + j]
+            states, m = train_step(states, (x[i], y[i]))
+            return (
+                states,
+                loss + jnp.mean(m["loss"]),
+                acc + jnp.mean(m["accuracy"]),
+                nonfinite + jnp.sum(m["nonfinite"]),
+            )
+
+        zero = jnp.zeros((), jnp.float32)
+        # the step count is traced: a short last epoch reuses the program
+        states, loss, acc, nonfinite = jax.lax.fori_loop(
+            0, num_steps, body, (states, zero, zero, jnp.zeros((), jnp.int32))
+        )
         if fused:
             states = jax.vmap(tree_train_state)(states)
         metrics = {
-            "train_loss": jnp.mean(m["loss"]),
-            "train_accuracy": jnp.mean(m["accuracy"]),
-            "train_nonfinite": jnp.sum(m["nonfinite"]),
+            "train_loss": loss / num_steps,
+            "train_accuracy": acc / num_steps,
+            "train_nonfinite": nonfinite,
         }
         if val is not None:
             ev = _evaluate(states, *val, loss_fn)
@@ -213,7 +228,7 @@ def fit_ensemble(
                 np.int32(epoch),
                 np.int32(offset),
                 val,
-                num_steps=num,
+                num_steps=np.int32(num),
                 batch_size=batch_size,
             )
             metrics = jax.device_get(metrics)
