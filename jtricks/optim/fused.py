@@ -151,19 +151,23 @@ class Layout:
         return [[leaves[i] for i in g.leaves] for g in self.groups]
 
 
+def _check_group_by(group_by: GroupBy) -> None:
+    if not (isinstance(group_by, str) and group_by in GROUP_BY) and not callable(group_by):
+        raise ConfigError(
+            f"group_by must be one of {', '.join(GROUP_BY)} or a callable (path, leaf) -> key; "
+            f"got {group_by!r}",
+            param="group_by",
+        )
+
+
 def _group_key(group_by: GroupBy, path: str, leaf: Any) -> Hashable:
+    _check_group_by(group_by)
     dtype = np.dtype(jnp.result_type(leaf))
     if group_by == "dtype":
         return (dtype.name,)
     if group_by == "weights":
         return (dtype.name, "matrix" if np.ndim(leaf) >= 2 else "vector")
-    if callable(group_by):
-        return (dtype.name, group_by(path, leaf))
-    raise ConfigError(
-        f"group_by must be one of {', '.join(GROUP_BY)} or a callable (path, leaf) -> key; "
-        f"got {group_by!r}",
-        param="group_by",
-    )
+    return (dtype.name, group_by(path, leaf))
 
 
 def _group_name(key: tuple) -> str:
@@ -294,12 +298,7 @@ def fused(tx: optax.GradientTransformation, *, group_by: GroupBy = "weights"):
       >>> updates, state = tx.update(flat_grads, state, flat)
       >>> flat = optax.apply_updates(flat, updates)
     """
-    if not (isinstance(group_by, str) and group_by in GROUP_BY) and not callable(group_by):
-        raise ConfigError(
-            f"group_by must be one of {', '.join(GROUP_BY)} or a callable (path, leaf) -> key; "
-            f"got {group_by!r}",
-            param="group_by",
-        )
+    _check_group_by(group_by)
     tx = optax.with_extra_args_support(tx)
 
     def init_fn(params):

@@ -51,6 +51,11 @@ def _arrays(state: TrainState) -> dict[str, Any]:
     }
 
 
+def _device_copy(state: TrainState) -> TrainState:
+    """A copy of the state's arrays on device (the next epoch donates the originals)."""
+    return jax.tree.map(lambda a: a.copy() if isinstance(a, jax.Array) else a, state)
+
+
 def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.name != "manifest.json")
 
@@ -342,22 +347,17 @@ class Checkpointer:
             self.best = float(value)
             # a device copy (the next epoch donates ``state``); written with the next checkpoint
             self._pending_best = (
-                jax.tree.map(lambda a: a.copy() if isinstance(a, jax.Array) else a, state),
+                _device_copy(state),
                 self._meta(record, state),
             )
         if record["epoch"] % self.every == 0:
             self._save(record, state)
 
     def on_train_end(self, state: TrainState) -> None:
-        try:
-            if self.records and self._last_saved_epoch != self.records[-1]["epoch"]:
-                self._save(self.records[-1], state)
-            self._flush_best()
-            self.wait()
-        finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = ThreadPoolExecutor(max_workers=1)  # usable for another fit
+        if self.records and self._last_saved_epoch != self.records[-1]["epoch"]:
+            self._save(self.records[-1], state)
+        self._flush_best()
+        self.wait()
 
     def _flush_best(self) -> None:
         if self._pending_best is not None:
@@ -368,7 +368,7 @@ class Checkpointer:
         self.wait()  # at most one checkpoint in flight: bounded memory, and the one before is on disk
         self._flush_best()  # the best so far goes to disk with every checkpoint, not at every improvement
         if self._executor is not None:  # the next epoch donates ``state``: write a device copy
-            state = jax.tree.map(lambda a: a.copy() if isinstance(a, jax.Array) else a, state)
+            state = _device_copy(state)
         self._submit(
             self._write, f"{PREFIX}{record['epoch']:06d}", state, self._meta(record, state)
         )
