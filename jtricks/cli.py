@@ -38,6 +38,7 @@ FLAGS = {
     "augment": "--augment",
     "mixup": "--mixup",
     "cutmix": "--cutmix",
+    "label_smoothing": "--label-smoothing",
     "ema": "--ema",
     "accumulate": "--accumulate",
     "coordinator": "--coordinator",
@@ -175,6 +176,13 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     mixing.add_argument(
         "--cutmix", type=float, default=None, metavar="ALPHA", help="cutmix with Beta(ALPHA, ALPHA)"
+    )
+    t.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="train on targets (1 - S) * one_hot + S / C (default 0: off)",
     )
     t.add_argument(
         "--accumulate",
@@ -436,6 +444,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         augment=args.augment,
         mixup=args.mixup,
         cutmix=args.cutmix,
+        label_smoothing=args.label_smoothing,
         accumulate=args.accumulate,
         precision=args.precision,
         fused=args.fused,

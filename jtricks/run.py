@@ -20,6 +20,7 @@ import numpy as np
 from jtricks.data import Scaler, load_dataset, train_val_split
 from jtricks.data.augment import build_augment
 from jtricks.errors import ConfigError, check_int, check_range
+from jtricks.losses import smoothed_cross_entropy
 from jtricks.nn import build_model
 from jtricks.optim import build_optimizer, build_schedule, fused
 from jtricks.optim.schedules import Plateau
@@ -48,7 +49,8 @@ class TrainConfig:
     ``val_fraction`` of the training split (stratified by class unless
     ``stratify=False``) is held out for validation; ``preprocess`` is fitted on
     the remaining training examples only. ``early_stopping`` is a patience in
-    epochs on the validation loss (best parameters restored); with a run folder,
+    epochs on the validation loss (best parameters restored). ``label_smoothing`` ``s``
+    trains (and reports every loss) on targets ``(1 - s) one_hot + s / C``. With a run folder,
     checkpoints are written every ``checkpoint_every`` epochs and at the end,
     keeping ``keep_checkpoints`` of them plus the best by validation loss.
     """
@@ -73,6 +75,7 @@ class TrainConfig:
     augment: str | None = None
     mixup: float | None = None
     cutmix: float | None = None
+    label_smoothing: float = 0.0
     ema: float | None = None
     swa: int | None = None
     ensemble: int = 1
@@ -113,6 +116,16 @@ class TrainConfig:
         for name in ("mixup", "cutmix"):
             if getattr(self, name) is not None:
                 check_range(name, getattr(self, name), low=0.0, low_inclusive=False)
+        if isinstance(self.label_smoothing, bool) or not isinstance(
+            self.label_smoothing, int | float
+        ):
+            raise ConfigError(
+                f"label_smoothing must be a number; got {self.label_smoothing!r}",
+                param="label_smoothing",
+            )
+        check_range(
+            "label_smoothing", self.label_smoothing, low=0.0, high=1.0, high_inclusive=False
+        )
         if self.ema is not None:
             check_range("ema", self.ema, low=0.0, high=1.0, high_inclusive=False)
         if self.swa is not None:
@@ -479,6 +492,7 @@ def train(
     if config.fused:  # one buffer per dtype group; with freeze, fused runs on the trainable part
         tx = fused(tx)
     augment = build_augment(config.augment) if config.augment is not None else None
+    loss_fn = smoothed_cross_entropy(config.label_smoothing)
     mix = (
         ("mixup", config.mixup)
         if config.mixup
@@ -550,6 +564,7 @@ def train(
             data_key,
             total_steps,
             augment,
+            loss_fn,
             out,
             reporter,
             t0,
@@ -618,6 +633,7 @@ def train(
             eval_batch_size=config.eval_batch_size,
             callbacks=callbacks,
             reporter=reporter,
+            loss_fn=loss_fn,
             max_nonfinite=config.max_nonfinite,
             augment=augment,
             mix=mix,
@@ -626,10 +642,15 @@ def train(
         )
         history.records.extend(new.records)
         history.stopped = new.stopped
-    test = evaluate(state, (x_test, data.y_test), batch_size=config.eval_batch_size)
+    test = evaluate(
+        state, (x_test, data.y_test), loss_fn=loss_fn, batch_size=config.eval_batch_size
+    )
     if state.ema_params is not None:
         ema = evaluate(
-            state.with_ema_params(), (x_test, data.y_test), batch_size=config.eval_batch_size
+            state.with_ema_params(),
+            (x_test, data.y_test),
+            loss_fn=loss_fn,
+            batch_size=config.eval_batch_size,
         )
         test.update({f"ema_{k}": v for k, v in ema.items()})
     wall = time.perf_counter() - t0
@@ -674,6 +695,7 @@ def _train_ensemble(
     data_key,
     total_steps,
     augment,
+    loss_fn,
     out,
     reporter,
     t0,
@@ -701,10 +723,11 @@ def _train_ensemble(
         data_key=data_key,
         eval_batch_size=config.eval_batch_size,
         augment=augment,
+        loss_fn=loss_fn,
         reporter=reporter,
         on_epoch_end=None if log is None else (lambda r: log.on_epoch_end(r, None)),
     )
-    test = evaluate_ensemble(states, test_data, batch_size=config.eval_batch_size)
+    test = evaluate_ensemble(states, test_data, loss_fn=loss_fn, batch_size=config.eval_batch_size)
     wall = time.perf_counter() - t0
     if run_dir is not None:
         _write_summary(

@@ -183,6 +183,8 @@ BAD = [
     (["--val-fraction", "1.5"], "--val-fraction", "val_fraction"),
     (["--preprocess", "whiten"], "--preprocess", "minmax, none, standardize"),
     (["--seed", "-1"], "--seed", "seed"),
+    (["--label-smoothing", "1"], "--label-smoothing", "label_smoothing"),
+    (["--label-smoothing", "-0.1"], "--label-smoothing", "label_smoothing"),
     (["--eval-batch-size", "0"], "--eval-batch-size", "eval_batch_size"),
     (["--dataset", "synthetic(noise=-1)"], "--dataset", "noise"),
     (["--dataset", "synthetic(shape=(0, 3))"], "--dataset", "shape"),
@@ -257,3 +259,23 @@ def test_python_api_errors():
     with pytest.raises(ConfigError, match="unknown config key"):
         jtricks.TrainConfig.from_dict({"model": "mlp", "layers": 3})
     assert jtricks.TrainConfig.from_dict({"model": "mlp"}).model == "mlp"
+
+
+def test_label_smoothing_trains_and_reports_the_smoothed_loss():
+    """``label_smoothing=s``: the reported test loss is ``-sum_c q_c log p_c`` with
+    ``q = (1 - s) one_hot + s / C``, checked in numpy float64 from the final model's logits."""
+    from jtricks.data import load_dataset
+
+    s, spec = 0.2, "synthetic(num_train=120, num_test=60, shape=(8,), num_classes=3, noise=0.3)"
+    result = jtricks.train(
+        dataset=spec, model=TINY[3], epochs=2, batch_size=20, preprocess="none", label_smoothing=s
+    )
+    data = load_dataset(spec)
+    params = result.state.params  # an MLP: no batch statistics, no dropout
+    logits = np.asarray(result.state.apply_fn({"params": params}, data.x_test), np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True))
+    logp -= logits.max(1, keepdims=True)
+    q = (1 - s) * np.eye(3)[data.y_test] + s / 3
+    np.testing.assert_allclose(result.test["loss"], -(q * logp).sum(1).mean(), rtol=1e-5)
+    plain = -logp[np.arange(len(data.y_test)), data.y_test].mean()
+    assert abs(result.test["loss"] - plain) > 1e-3
