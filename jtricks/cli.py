@@ -168,7 +168,7 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help='training-only augmentation pipeline, e.g. "shift(3) | noise(0.05)" or '
         '"random_crop(4) | hflip"; names: hflip, translate, random_crop, rotate, cutout, '
-        "brightness, contrast, noise, scale, shift, time_stretch",
+        "brightness, contrast, noise, scale, shift, time_stretch, trend",
     )
     mixing = t.add_mutually_exclusive_group()
     mixing.add_argument(

@@ -33,6 +33,7 @@ SIGNAL_AUGS = {
     "time_stretch": ({"max_factor": 0.2}, {"max_factor": 0.0}),
     "noise": ({"std": 0.1}, {"std": 0.0}),
     "scale": ({"strength": 0.2}, {"strength": 0.0}),
+    "trend": ({"strength": 1.0}, {"strength": 0.0}),
 }
 CASES = [(n, IMG, kw) for n, kw in IMAGE_AUGS.items()] + [
     (n, s, kw) for n, kw in SIGNAL_AUGS.items() for s in (SIG, SIG2)
@@ -86,6 +87,20 @@ def test_rotation_matches_scipy_and_keeps_the_centre():
     np.testing.assert_allclose(
         y[7, 7], np.asarray(x)[7, 7], rtol=1e-5
     )  # the centre pixel does not move
+
+
+def test_trend_adds_a_zero_mean_ramp_within_strength():
+    """The difference is ``c * (t / (n - 1) - 1/2)`` in every channel: a straight line through
+    zero at the centre with one slope ``|c| <= strength``, the same for both channels."""
+    fn = jax.jit(A.trend(strength=0.8))
+    t = np.arange(40) / 39 - 0.5
+    slopes = []
+    for k in range(20):
+        d = np.asarray(fn(jax.random.key(k), SIG2), np.float64) - np.asarray(SIG2, np.float64)
+        c = float(d[:, 0] @ t / (t @ t))
+        np.testing.assert_allclose(d, np.outer(c * t, np.ones(2)), atol=1e-5)
+        slopes.append(c)
+    assert max(abs(c) for c in slopes) <= 0.8 and np.std(slopes) > 0.1
 
 
 def test_shift_modes():

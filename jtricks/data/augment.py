@@ -220,6 +220,30 @@ def time_stretch(max_factor: float = 0.1) -> Augment:
     return fn
 
 
+def trend(strength: float = 0.5) -> Augment:
+    """Add a random linear trend (baseline drift) along the first axis:
+    ``x_t + c * (t / (n - 1) - 1/2)`` for ``t = 0 .. n - 1``, one ``c`` uniform in
+    ``[-strength, strength]`` per example, the same ramp in every channel.
+
+    New here (not in optax or the catalogue's list): the "shear" nuisance of MNIST-1D's
+    generator (``x - c * linspace(-0.5, 0.5, n)``), so the model learns to ignore it. The
+    ramp has mean 0, so the signal's mean is kept.
+
+    References:
+      Greydanus, "Scaling down deep learning with MNIST-1D" (the shear transform),
+      https://arxiv.org/abs/2011.14439
+    """
+    check_range("strength", strength, low=0.0)
+
+    def fn(key, x):
+        n = x.shape[0]
+        c = jax.random.uniform(key, (), minval=-strength, maxval=strength)
+        ramp = jnp.linspace(-0.5, 0.5, n) if n > 1 else jnp.zeros((1,))
+        return x + (c * ramp).reshape((n,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+
+    return fn
+
+
 # ----------------------------------------------------------------------------- composition
 
 
@@ -293,6 +317,7 @@ AUGMENTATIONS: dict[str, Callable[..., Augment]] = {
     "scale": scale,
     "shift": shift,
     "time_stretch": time_stretch,
+    "trend": trend,
 }
 
 
