@@ -39,6 +39,8 @@ FLAGS = {
     "mixup": "--mixup",
     "cutmix": "--cutmix",
     "label_smoothing": "--label-smoothing",
+    "tta": "--tta",
+    "tta_augment": "--tta-augment",
     "ema": "--ema",
     "accumulate": "--accumulate",
     "coordinator": "--coordinator",
@@ -183,6 +185,20 @@ def _build_parser() -> argparse.ArgumentParser:
         default=0.0,
         metavar="S",
         help="train on targets (1 - S) * one_hot + S / C (default 0: off)",
+    )
+    t.add_argument(
+        "--tta",
+        type=int,
+        default=1,
+        metavar="V",
+        help="test-time augmentation: report final validation/test metrics of the mean "
+        "softmax over V views (the clean input and V-1 augmented ones; default 1: off)",
+    )
+    t.add_argument(
+        "--tta-augment",
+        default=None,
+        metavar="SPEC",
+        help="augmentation pipeline for the --tta views (default: --augment)",
     )
     t.add_argument(
         "--accumulate",
@@ -445,6 +461,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         mixup=args.mixup,
         cutmix=args.cutmix,
         label_smoothing=args.label_smoothing,
+        tta=args.tta,
+        tta_augment=args.tta_augment,
         accumulate=args.accumulate,
         precision=args.precision,
         fused=args.fused,
@@ -494,6 +512,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if "ema_accuracy" in result.test:
         print(
             f"ema test_loss {result.test['ema_loss']:.4f}  ema test_accuracy {result.test['ema_accuracy']:.4f}"
+        )
+    if "tta_views" in result.test:
+        print(
+            f"single-view test_loss {result.test['single_view_loss']:.4f}  single-view "
+            f"test_accuracy {result.test['single_view_accuracy']:.4f}  "
+            f"(below: test-time augmentation, {result.test['tta_views']} views)"
         )
     print(
         f"test_loss {result.test['loss']:.4f}  test_accuracy {result.test['accuracy']:.4f}  "

@@ -50,7 +50,10 @@ class TrainConfig:
     ``stratify=False``) is held out for validation; ``preprocess`` is fitted on
     the remaining training examples only. ``early_stopping`` is a patience in
     epochs on the validation loss (best parameters restored). ``label_smoothing`` ``s``
-    trains (and reports every loss) on targets ``(1 - s) one_hot + s / C``. With a run folder,
+    trains (and reports every loss) on targets ``(1 - s) one_hot + s / C``. ``tta > 1``
+    reports the final validation and test metrics of test-time augmentation: the mean
+    softmax over ``tta`` views, the clean input and ``tta - 1`` views augmented with
+    ``tta_augment`` (default: ``augment``); see `jtricks.training.tta`. With a run folder,
     checkpoints are written every ``checkpoint_every`` epochs and at the end,
     keeping ``keep_checkpoints`` of them plus the best by validation loss.
     """
@@ -76,6 +79,8 @@ class TrainConfig:
     mixup: float | None = None
     cutmix: float | None = None
     label_smoothing: float = 0.0
+    tta: int = 1
+    tta_augment: str | None = None
     ema: float | None = None
     swa: int | None = None
     ensemble: int = 1
@@ -126,6 +131,18 @@ class TrainConfig:
         check_range(
             "label_smoothing", self.label_smoothing, low=0.0, high=1.0, high_inclusive=False
         )
+        check_int("tta", self.tta, low=1)
+        if self.tta > 1 and self.augment is None and self.tta_augment is None:
+            raise ConfigError(
+                f"tta={self.tta} averages augmented views: give augment (used for the views) "
+                "or tta_augment",
+                param="tta",
+            )
+        if self.tta_augment is not None and self.tta == 1:
+            raise ConfigError(
+                f"tta_augment={self.tta_augment!r} needs tta > 1 (the number of views)",
+                param="tta_augment",
+            )
         if self.ema is not None:
             check_range("ema", self.ema, low=0.0, high=1.0, high_inclusive=False)
         if self.swa is not None:
@@ -157,6 +174,8 @@ class TrainConfig:
                 raise ConfigError(
                     "ensemble runs do not support the plateau schedule", param="ensemble"
                 )
+        if self.ensemble > 1 and self.tta > 1:
+            raise ConfigError("ensemble runs do not support tta", param="ensemble")
         if self.ensemble > 1 and (self.mixup is not None or self.cutmix is not None):
             raise ConfigError("ensemble runs do not support mixup or cutmix", param="ensemble")
         if self.finetune is not None and self.pretrained is None:
@@ -505,6 +524,24 @@ def train(
             f"cutmix needs images (N, H, W, C); this dataset's examples have shape {x_tr.shape[1:]}",
             param="cutmix",
         )
+    tta_augment = None
+    if config.tta > 1:
+        tta_augment = (
+            build_augment(config.tta_augment) if config.tta_augment is not None else augment
+        )
+        if config.tta_augment is not None:
+            try:
+                jax.eval_shape(
+                    tta_augment,
+                    jax.random.key(0),
+                    jax.ShapeDtypeStruct(x_tr.shape[1:], jnp.float32),
+                )
+            except ValueError as e:
+                raise ConfigError(
+                    f"tta_augment {config.tta_augment!r} does not fit examples of shape "
+                    f"{x_tr.shape[1:]}: {e}",
+                    param="tta_augment",
+                ) from None
     if augment is not None:  # try it on one example now, so a shape mismatch is a config error
         try:
             jax.eval_shape(
@@ -653,10 +690,32 @@ def train(
             batch_size=config.eval_batch_size,
         )
         test.update({f"ema_{k}": v for k, v in ema.items()})
+    tta_extra: dict[str, Any] = {}
+    if tta_augment is not None:
+        from jtricks.training.tta import evaluate_tta
+
+        tta_key = jax.random.fold_in(key, 3)  # the views are keyed from the seed
+        kw = dict(views=config.tta, key=tta_key, loss_fn=loss_fn, batch_size=config.eval_batch_size)
+        tta_test = evaluate_tta(state, (x_test, data.y_test), tta_augment, **kw)
+        tta_val = evaluate_tta(state, (x_val, y_val), tta_augment, **kw)
+        test.update(
+            {
+                "single_view_loss": test["loss"],
+                "single_view_accuracy": test["accuracy"],
+                **tta_test,
+                "tta_views": config.tta,
+            }
+        )
+        tta_extra = {
+            "test_single_view_accuracy": test["single_view_accuracy"],
+            "val_tta_accuracy": tta_val["accuracy"],
+            "val_tta_loss": tta_val["loss"],
+            "tta_views": config.tta,
+        }
     wall = time.perf_counter() - t0
     if run_dir is not None:
         ema = {f"test_{k}": v for k, v in test.items() if k.startswith("ema_")}
-        _write_summary(run_dir, history, test, state.params, wall, **ema)
+        _write_summary(run_dir, history, test, state.params, wall, **ema, **tta_extra)
     return RunResult(config, state, history, test, run_dir, wall)
 
 

@@ -4,6 +4,7 @@ from jtricks.training.callbacks import EarlyStopping, ReduceLROnPlateau, StopTra
 from jtricks.training.fit import Callback, History, evaluate, fit
 from jtricks.training.state import TrainState, create_train_state
 from jtricks.training.steps import make_epoch_fn, make_eval_step, make_evaluate_fn, make_train_step
+from jtricks.training.tta import evaluate_tta, tta_log_probs
 
 __all__ = [
     "Callback",
@@ -14,9 +15,11 @@ __all__ = [
     "TrainState",
     "create_train_state",
     "evaluate",
+    "evaluate_tta",
     "fit",
     "make_epoch_fn",
     "make_eval_step",
     "make_evaluate_fn",
     "make_train_step",
+    "tta_log_probs",
 ]
