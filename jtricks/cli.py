@@ -526,10 +526,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 1 if result.history.stopped and "non-finite" in result.history.stopped else 0
 
 
+def enable_compilation_cache() -> str | None:
+    """Turn on JAX's persistent compilation cache in ``<jtricks cache>/xla`` (see
+    `jtricks.data.cache_dir`), so a program that took over a second to compile is loaded
+    from disk by the next run with the same shapes and settings (another seed, a resume).
+
+    Left alone when ``JTRICKS_COMPILATION_CACHE=0`` or when the user already set
+    ``jax_compilation_cache_dir`` (``JAX_COMPILATION_CACHE_DIR``). Returns the folder in use.
+    """
+    import os
+
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir
+    if os.environ.get("JTRICKS_COMPILATION_CACHE", "1") == "0":
+        return None
+    from jtricks.data.datasets import cache_dir
+
+    path = str(cache_dir() / "xla")
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``jtricks`` console script; returns the exit status."""
     parser = _build_parser()
     args = parser.parse_args(argv)
+    enable_compilation_cache()
     try:
         if args.command == "train":
             return _cmd_train(args)

@@ -279,3 +279,23 @@ def test_label_smoothing_trains_and_reports_the_smoothed_loss():
     np.testing.assert_allclose(result.test["loss"], -(q * logp).sum(1).mean(), rtol=1e-5)
     plain = -logp[np.arange(len(data.y_test)), data.y_test].mean()
     assert abs(result.test["loss"] - plain) > 1e-3
+
+
+def test_cli_keeps_compiled_programs_in_the_cache_folder(tmp_path):
+    """A run through the console script leaves its compiled epoch in ``<cache>/xla`` (JAX's
+    persistent compilation cache); ``JTRICKS_COMPILATION_CACHE=0`` turns that off."""
+    import os
+
+    env = {
+        **os.environ,
+        "JTRICKS_CACHE_DIR": str(tmp_path / "cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    cmd = [sys.executable, "-m", "jtricks.cli", "train", *TINY, "--epochs", "1", "--no-progress"]
+    subprocess.run([*cmd, "--out", str(tmp_path / "a")], env=env, check=True, capture_output=True)
+    assert any(p.name.startswith("jit_run_epoch") for p in (tmp_path / "cache" / "xla").iterdir())
+    env["JTRICKS_CACHE_DIR"] = str(tmp_path / "off")
+    env["JTRICKS_COMPILATION_CACHE"] = "0"
+    subprocess.run([*cmd, "--out", str(tmp_path / "b")], env=env, check=True, capture_output=True)
+    assert not (tmp_path / "off" / "xla").exists()

@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jtricks.data.augment import mix_batch
@@ -294,12 +295,16 @@ def make_evaluate_fn(eval_step: Callable[[TrainState, Batch, jax.Array], Metrics
 def pad_batches(x: Any, y: Any, batch_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Cut ``(x, y)`` into ``ceil(N / batch_size)`` batches, zero-padding the last; also
     return the 0/1 weights that mark real examples. Shapes ``(B, batch_size, ...)``."""
-    x, y = jnp.asarray(x), jnp.asarray(y)
+    x, y = np.asarray(x), np.asarray(y)  # padded on the host: no small programs to compile
     n = x.shape[0]
     bs = min(batch_size, n)
     nb = -(-n // bs)
     pad = nb * bs - n
-    w = jnp.concatenate([jnp.ones(n), jnp.zeros(pad)])
-    x = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)])
-    y = jnp.concatenate([y, jnp.zeros((pad,), y.dtype)])
-    return x.reshape(nb, bs, *x.shape[1:]), y.reshape(nb, bs), w.reshape(nb, bs)
+    w = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+    x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+    y = np.concatenate([y, np.zeros((pad,), y.dtype)])
+    return (
+        jnp.asarray(x.reshape(nb, bs, *x.shape[1:])),
+        jnp.asarray(y.reshape(nb, bs)),
+        jnp.asarray(w.reshape(nb, bs)),
+    )
