@@ -299,3 +299,22 @@ def test_cli_keeps_compiled_programs_in_the_cache_folder(tmp_path):
     env["JTRICKS_COMPILATION_CACHE"] = "0"
     subprocess.run([*cmd, "--out", str(tmp_path / "b")], env=env, check=True, capture_output=True)
     assert not (tmp_path / "off" / "xla").exists()
+
+
+def test_recipe_sets_its_fields_and_flags_override_them(tmp_path, capsys):
+    from jtricks.run import RECIPES, recipe
+
+    config = recipe("tricks", seed=3)
+    assert {k: getattr(config, k) for k in RECIPES["tricks"]} == RECIPES["tricks"]
+    assert config.seed == 3 and recipe("tricks", epochs=2).steps is None
+    out = tmp_path / "run"
+    args = ["train", "--recipe", "tricks", "--steps", "40", "--tta", "3", "--no-progress"]
+    assert main([*args, "--out", str(out)]) == 0
+    saved = json.loads((out / "config.json").read_text())["config"]
+    assert saved["steps"] == 40 and saved["tta"] == 3  # the flags win
+    assert saved["augment"] == RECIPES["tricks"]["augment"]  # the rest is the recipe's
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tta_views"] == 3 and summary["num_params"] <= 6000
+    assert "single-view test_accuracy" in capsys.readouterr().out
+    assert main(["train", "--recipe", "nope", "--out", str(tmp_path / "b")]) == 2
+    assert "tricks, tricks_wide" in capsys.readouterr().err
