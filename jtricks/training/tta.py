@@ -33,6 +33,7 @@ import numpy as np
 from jtricks.data.datasets import validate_arrays
 from jtricks.errors import check_int
 from jtricks.losses import accuracy, cross_entropy
+from jtricks.training.distributed import replicate
 from jtricks.training.state import TrainState
 from jtricks.training.steps import _apply, pad_batches
 
@@ -88,6 +89,9 @@ def _run(state, data, augment, views, key, loss_fn, batch_size):
     views = check_int("views", views, low=1)
     batch_size = check_int("batch_size", batch_size, low=1)
     batches = pad_batches(x, y, batch_size)
+    sharding = getattr(jax.tree.leaves(state.params)[0], "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.device_set) > 1:
+        batches, key = replicate((batches, key), sharding.mesh)  # a data-parallel state
     return _compiled(loss_fn, augment, views)(state, *batches, key), len(y)
 
 
