@@ -481,10 +481,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 param="recipe",
             )
         defaults = TrainConfig()
+        # a flag typed on the command line wins even when its value is the default
+        # (e.g. `--recipe tricks --tta 1` turns the recipe's TTA off)
+        typed = {tok.split("=", 1)[0] for tok in getattr(args, "argv", []) if tok.startswith("--")}
         given = {
             f: getattr(config, f)
             for f in defaults.to_dict()
-            if getattr(config, f) != getattr(defaults, f)
+            if getattr(config, f) != getattr(defaults, f) or FLAGS.get(f) in typed
         }
         config = recipe(args.recipe, **given)
     if args.log_every < 1:
@@ -552,7 +555,9 @@ def enable_compilation_cache() -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``jtricks`` console script; returns the exit status."""
     parser = _build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     enable_compilation_cache()
     try:
         if args.command == "train":

@@ -318,3 +318,24 @@ def test_recipe_sets_its_fields_and_flags_override_them(tmp_path, capsys):
     assert "single-view test_accuracy" in capsys.readouterr().out
     assert main(["train", "--recipe", "nope", "--out", str(tmp_path / "b")]) == 2
     assert "tricks, tricks_wide" in capsys.readouterr().err
+
+
+def test_a_typed_flag_overrides_the_recipe_even_at_its_default(monkeypatch):
+    """``--recipe tricks --tta 1`` turns the recipe's TTA off although 1 is the default."""
+    import jtricks.run
+
+    seen = []
+
+    class Captured(Exception):
+        pass
+
+    def fake_train(config, **kwargs):
+        seen.append(config)
+        raise Captured
+
+    monkeypatch.setattr(jtricks.run, "train", fake_train)
+    for extra, expect in [([], 33), (["--tta", "1"], 1), (["--tta=1"], 1)]:
+        with pytest.raises(Captured):
+            main(["train", "--recipe", "tricks", *extra, "--checkpoint-every", "10"])
+        assert seen[-1].tta == expect and seen[-1].checkpoint_every == 10
+        assert seen[-1].augment == "shift(2) | trend(1.0)"
