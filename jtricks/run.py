@@ -517,7 +517,6 @@ def train(
     )
     if config.fused:  # one buffer per dtype group; with freeze, fused runs on the trainable part
         tx = fused(tx)
-    augment = build_augment(config.augment) if config.augment is not None else None
     loss_fn = smoothed_cross_entropy(config.label_smoothing)
     mix = (
         ("mixup", config.mixup)
@@ -531,34 +530,25 @@ def train(
             f"cutmix needs images (N, H, W, C); this dataset's examples have shape {x_tr.shape[1:]}",
             param="cutmix",
         )
-    tta_augment = None
-    if config.tta > 1:
-        tta_augment = (
-            build_augment(config.tta_augment) if config.tta_augment is not None else augment
-        )
-        if config.tta_augment is not None:
-            try:
-                jax.eval_shape(
-                    tta_augment,
-                    jax.random.key(0),
-                    jax.ShapeDtypeStruct(x_tr.shape[1:], jnp.float32),
-                )
-            except ValueError as e:
-                raise ConfigError(
-                    f"tta_augment {config.tta_augment!r} does not fit examples of shape "
-                    f"{x_tr.shape[1:]}: {e}",
-                    param="tta_augment",
-                ) from None
-    if augment is not None:  # try it on one example now, so a shape mismatch is a config error
+
+    def fitted_augment(name: str, spec: str | None):
+        """Build pipeline ``spec`` and try it on one example, so a shape mismatch is a config error."""
+        if spec is None:
+            return None
+        fn = build_augment(spec)
         try:
-            jax.eval_shape(
-                augment, jax.random.key(0), jax.ShapeDtypeStruct(x_tr.shape[1:], jnp.float32)
-            )
+            jax.eval_shape(fn, jax.random.key(0), jax.ShapeDtypeStruct(x_tr.shape[1:], jnp.float32))
         except ValueError as e:
             raise ConfigError(
-                f"augment {config.augment!r} does not fit examples of shape {x_tr.shape[1:]}: {e}",
-                param="augment",
+                f"{name} {spec!r} does not fit examples of shape {x_tr.shape[1:]}: {e}",
+                param=name,
             ) from None
+        return fn
+
+    augment = fitted_augment("augment", config.augment)
+    tta_augment = None
+    if config.tta > 1:
+        tta_augment = fitted_augment("tta_augment", config.tta_augment) or augment
 
     callbacks: list[Any] = []
     plateau_cb = early_cb = None

@@ -57,6 +57,15 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(AXIS))
 
 
+def like_state(tree: Any, params: Any) -> Any:
+    """``tree`` replicated on the mesh of ``params`` when they are data-parallel (a
+    `NamedSharding` over more than one device); otherwise ``tree`` unchanged."""
+    sharding = getattr(jax.tree.leaves(params)[0], "sharding", None)
+    if isinstance(sharding, NamedSharding) and len(sharding.device_set) > 1:
+        return replicate(tree, sharding.mesh)
+    return tree
+
+
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Place every leaf of ``tree`` on every device of ``mesh``. Across processes the
     leaves must hold the same values in every process (the same seed gives that)."""

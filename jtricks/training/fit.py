@@ -21,6 +21,7 @@ from jtricks.training.distributed import (
     check_batch,
     data_mesh,
     global_batch_array,
+    like_state,
     replicate,
 )
 from jtricks.training.state import TrainState
@@ -347,8 +348,5 @@ def evaluate(
     validate_arrays(x, y, _num_outputs(state, x) if x.ndim >= 2 else None, where="evaluation data")
     batch_size = check_int("batch_size", batch_size, low=1)
     _, evaluate_fn = compiled_functions(loss_fn)
-    batches = pad_batches(x, y, batch_size)
-    sharding = getattr(jax.tree.leaves(state.params)[0], "sharding", None)
-    if isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.device_set) > 1:
-        batches = replicate(batches, sharding.mesh)  # a data-parallel state: data on its mesh
+    batches = like_state(pad_batches(x, y, batch_size), state.params)
     return {k: float(v) for k, v in jax.device_get(evaluate_fn(state, *batches)).items()}

@@ -33,7 +33,7 @@ import numpy as np
 from jtricks.data.datasets import validate_arrays
 from jtricks.errors import check_int
 from jtricks.losses import accuracy, cross_entropy
-from jtricks.training.distributed import replicate
+from jtricks.training.distributed import like_state
 from jtricks.training.state import TrainState
 from jtricks.training.steps import _apply, pad_batches
 
@@ -88,10 +88,7 @@ def _run(state, data, augment, views, key, loss_fn, batch_size):
     validate_arrays(x, y, None, where="evaluation data")
     views = check_int("views", views, low=1)
     batch_size = check_int("batch_size", batch_size, low=1)
-    batches = pad_batches(x, y, batch_size)
-    sharding = getattr(jax.tree.leaves(state.params)[0], "sharding", None)
-    if isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.device_set) > 1:
-        batches, key = replicate((batches, key), sharding.mesh)  # a data-parallel state
+    batches, key = like_state((pad_batches(x, y, batch_size), key), state.params)
     return _compiled(loss_fn, augment, views)(state, *batches, key), len(y)
 
 
