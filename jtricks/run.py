@@ -121,13 +121,6 @@ class TrainConfig:
         for name in ("mixup", "cutmix"):
             if getattr(self, name) is not None:
                 check_range(name, getattr(self, name), low=0.0, low_inclusive=False)
-        if isinstance(self.label_smoothing, bool) or not isinstance(
-            self.label_smoothing, int | float
-        ):
-            raise ConfigError(
-                f"label_smoothing must be a number; got {self.label_smoothing!r}",
-                param="label_smoothing",
-            )
         check_range(
             "label_smoothing", self.label_smoothing, low=0.0, high=1.0, high_inclusive=False
         )
