@@ -7,6 +7,13 @@ steady call) and the median steady time over ``--repeats`` (arms alternate), and
 the ratios finder / single for the run alone and end to end (compile + one run,
 what a user waits for).
 
+Also measured, to bound the run-only ratio: the floating-point work of one step of
+each arm (XLA's cost analysis of a one-step sweep, ``flops_per_step_*``) and this
+machine's float32 matmul rate (a 2048 x 2048 ``jnp.matmul``, ``matmul_gflops``).
+``ratio_run_floor`` = (finder FLOPs / matmul rate) / single run time: the ratio the
+finder would reach if it ran every FLOP at the matmul rate, so no implementation of
+K independent copies can do better on this machine.
+
     python benchmarks/bench_lr_finder.py                       # paper CNN, K=32, 200 steps
     python benchmarks/bench_lr_finder.py --model mlp --json-out results.json
 
@@ -29,6 +36,25 @@ from jtricks.diagnostics import make_lr_sweep
 from jtricks.nn import build_model
 from jtricks.optim import build_optimizer
 from jtricks.run import environment
+
+
+def step_flops(one_step, lrs: jax.Array) -> float:
+    """FLOPs of one train step of every copy: XLA's cost analysis of a one-step sweep."""
+    cost = one_step.lower(lrs).compile().cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 7) -> float:
+    """This machine's float32 matmul rate: median over ``repeats`` of an n x n product."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    mm = jax.jit(jnp.matmul)
+    jax.block_until_ready(mm(a, a))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(mm(a, a))
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times) / 1e9
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -59,6 +85,16 @@ def main(argv: list[str] | None = None) -> dict:
         "finder": jnp.asarray(np.geomspace(1e-5, 1.0, args.num), jnp.float32),
     }
 
+    one_step = make_lr_sweep(
+        model,
+        lambda lr: build_optimizer(args.optimizer, lr),
+        (x, data.y_train),
+        key=jax.random.key(0),
+        steps=1,
+        batch_size=args.batch_size,
+    )
+    flops = {name: step_flops(one_step, lrs) for name, lrs in arms.items()}
+
     def timed(lrs) -> float:
         t = time.perf_counter()
         jax.block_until_ready(run(lrs))
@@ -70,6 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
         for name, lrs in arms.items():
             times[name].append(timed(lrs))
     med = {name: statistics.median(t) for name, t in times.items()}
+    gflops = matmul_gflops()
+    floor = flops["finder"] * args.steps / (gflops * 1e9) / med["single"]
     compile_s = {name: max(first[name] - med[name], 0.0) for name in arms}
     result = {
         "benchmark": "bench_lr_finder",
@@ -85,16 +123,29 @@ def main(argv: list[str] | None = None) -> dict:
         "finder_compile_s": compile_s["finder"],
         "ratio_run": med["finder"] / med["single"],
         "ratio_end_to_end": (first["finder"]) / (first["single"]),
+        "flops_per_step_single": flops["single"],
+        "flops_per_step_finder": flops["finder"],
+        "matmul_gflops": gflops,
+        "single_gflops": flops["single"] * args.steps / med["single"] / 1e9,
+        "finder_gflops": flops["finder"] * args.steps / med["finder"] / 1e9,
+        "ratio_run_floor": floor,
         "times_s": times,
         "environment": environment(),
     }
     print(json.dumps(result))
-    print(f"\n{'arm':<16}{'run s (median)':>16}{'compile s':>12}")
+    print(f"\n{'arm':<16}{'run s (median)':>16}{'compile s':>12}{'MFLOP/step':>12}{'GFLOP/s':>10}")
     for name, label in (("single", "1 rate"), ("finder", f"{args.num} rates")):
-        print(f"{label:<16}{med[name]:>16.3f}{compile_s[name]:>12.2f}")
+        print(
+            f"{label:<16}{med[name]:>16.3f}{compile_s[name]:>12.2f}"
+            f"{flops[name] / 1e6:>12.1f}{result[name + '_gflops']:>10.1f}"
+        )
     print(
         f"ratio {args.num} rates / 1 rate: run {result['ratio_run']:.2f}x, "
         f"end to end {result['ratio_end_to_end']:.2f}x   device: {result['environment']['device_kind']}"
+    )
+    print(
+        f"matmul rate {gflops:.0f} GFLOP/s: at that rate the run-only ratio would be "
+        f"{floor:.2f}x (the floor on this machine)"
     )
     if args.json_out:
         with open(args.json_out, "w") as f:
