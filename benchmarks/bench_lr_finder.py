@@ -1,10 +1,11 @@
 """Cost of the vmapped LR finder: K learning rates in one program against a single-rate run.
 
-Both arms are `jtricks.diagnostics.make_lr_sweep` programs over the same steps and
+All arms are `jtricks.diagnostics.make_lr_sweep` programs over the same steps and
 batches: the single-rate arm trains one copy, the finder K copies (``jax.vmap`` over
-the injected learning rate). Reported per arm: compile time (first call minus a
-steady call) and the median steady time over ``--repeats`` (arms alternate), and
-the ratios finder / single for the run alone and end to end (compile + one run,
+the injected learning rate), the range test (`lr_range_test`) one copy whose rate
+rises every step. Reported per arm: compile time (first call minus a steady call)
+and the median steady time over ``--repeats`` (arms alternate), and the ratios
+against the single-rate arm for the run alone and end to end (compile + one run,
 what a user waits for).
 
 Also measured, to bound the run-only ratio: the floating-point work of one step of
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     arms = {
         "single": jnp.asarray([1e-2], jnp.float32),
         "finder": jnp.asarray(np.geomspace(1e-5, 1.0, args.num), jnp.float32),
+        "range": jnp.asarray(np.geomspace(1e-7, 10.0, args.steps)[None], jnp.float32),
     }
 
     one_step = make_lr_sweep(
@@ -93,7 +95,10 @@ def main(argv: list[str] | None = None) -> dict:
         steps=1,
         batch_size=args.batch_size,
     )
-    flops = {name: step_flops(one_step, lrs) for name, lrs in arms.items()}
+    flops = {
+        name: step_flops(one_step, lrs[..., :1] if lrs.ndim == 2 else lrs)
+        for name, lrs in arms.items()
+    }
 
     def timed(lrs) -> float:
         t = time.perf_counter()
@@ -123,18 +128,27 @@ def main(argv: list[str] | None = None) -> dict:
         "finder_compile_s": compile_s["finder"],
         "ratio_run": med["finder"] / med["single"],
         "ratio_end_to_end": (first["finder"]) / (first["single"]),
+        "range_run_s_median": med["range"],
+        "range_compile_s": compile_s["range"],
+        "ratio_range_run": med["range"] / med["single"],
+        "ratio_range_end_to_end": first["range"] / first["single"],
         "flops_per_step_single": flops["single"],
         "flops_per_step_finder": flops["finder"],
         "matmul_gflops": gflops,
         "single_gflops": flops["single"] * args.steps / med["single"] / 1e9,
         "finder_gflops": flops["finder"] * args.steps / med["finder"] / 1e9,
+        "range_gflops": flops["range"] * args.steps / med["range"] / 1e9,
         "ratio_run_floor": floor,
         "times_s": times,
         "environment": environment(),
     }
     print(json.dumps(result))
     print(f"\n{'arm':<16}{'run s (median)':>16}{'compile s':>12}{'MFLOP/step':>12}{'GFLOP/s':>10}")
-    for name, label in (("single", "1 rate"), ("finder", f"{args.num} rates")):
+    for name, label in (
+        ("single", "1 rate"),
+        ("finder", f"{args.num} rates"),
+        ("range", "range test"),
+    ):
         print(
             f"{label:<16}{med[name]:>16.3f}{compile_s[name]:>12.2f}"
             f"{flops[name] / 1e6:>12.1f}{result[name + '_gflops']:>10.1f}"
@@ -142,6 +156,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"ratio {args.num} rates / 1 rate: run {result['ratio_run']:.2f}x, "
         f"end to end {result['ratio_end_to_end']:.2f}x   device: {result['environment']['device_kind']}"
+    )
+    print(
+        f"ratio range test / 1 rate: run {result['ratio_range_run']:.2f}x, "
+        f"end to end {result['ratio_range_end_to_end']:.2f}x"
     )
     print(
         f"matmul rate {gflops:.0f} GFLOP/s: at that rate the run-only ratio would be "

@@ -304,7 +304,19 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("--lr-min", type=float, default=1e-5)
     d.add_argument("--lr-max", type=float, default=1.0)
     d.add_argument("--lr-num", type=int, default=32, help="learning rates tried by the LR finder")
-    d.add_argument("--lr-steps", type=int, default=100, help="steps per learning rate")
+    d.add_argument(
+        "--lr-steps",
+        type=int,
+        default=100,
+        help="steps per learning rate (sweep) or of the one run (range)",
+    )
+    d.add_argument(
+        "--lr-method",
+        choices=("sweep", "range"),
+        default="sweep",
+        help="sweep: --lr-num rates trained side by side in one vmapped program; "
+        "range: Smith's range test, one run with the rate rising from --lr-min to --lr-max",
+    )
     d.add_argument(
         "--out",
         default=None,
@@ -414,6 +426,7 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
         lr_max=args.lr_max,
         lr_num=args.lr_num,
         lr_steps=args.lr_steps,
+        lr_method=args.lr_method,
         out=out,
     )
     print(verdict_table(result))

@@ -11,7 +11,8 @@
 * `lr_finder` (T21): K learning rates over an exponential range, trained side by
   side from the same initialisation in one compiled program (`jax.vmap` over the
   optimizer's injected learning rate, `lax.scan` over steps); suggests the rate
-  of steepest descent of the loss against log learning rate.
+  of steepest descent of the loss against log learning rate. `lr_range_test` is
+  Smith's single run with a rising rate, at the cost of one run.
 
 Everything works on a `jtricks.training.TrainState`, so any Flax Linen model
 with the ``(x, *, train)`` signature can be diagnosed. What is new relative to
@@ -594,6 +595,129 @@ def lr_finder(
     return LRFinderResult(lrs, losses, final, steepest_descent(lrs, final), best)
 
 
+@dataclass
+class LRRangeTestResult:
+    """`lr_range_test`'s result.
+
+    ``lrs`` (steps,) the rate of each step, ``losses`` (steps,) the batch losses,
+    ``smoothed`` (steps,) their bias-corrected moving average (NaN from the divergence
+    on), ``diverged_at`` the first step cut off as diverged (``None`` if none was),
+    ``suggestion`` the rate of steepest descent of ``smoothed``, ``best`` the rate at its
+    minimum (the older fastai rule suggests ``best / 10``).
+    """
+
+    lrs: np.ndarray
+    losses: np.ndarray
+    smoothed: np.ndarray
+    diverged_at: int | None
+    suggestion: float
+    best: float
+
+    def plot(self, path: Any) -> None:
+        """Batch loss (faint) and smoothed loss against the rising rate, suggestion marked."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        end = len(self.lrs) if self.diverged_at is None else self.diverged_at
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(self.lrs[:end], self.losses[:end], color="C0", alpha=0.3, label="batch loss")
+        ax.plot(self.lrs, self.smoothed, color="C0", label="smoothed")
+        ax.axvline(self.suggestion, color="C3", ls="--", label=f"suggestion {self.suggestion:.2e}")
+        low = min(np.nanmin(self.smoothed), np.nanmin(self.losses[:end]))
+        high = np.nanmax(self.smoothed)  # batch-loss spikes would flatten the curve
+        ax.set(
+            xscale="log",
+            xlabel="learning rate",
+            ylabel="training loss",
+            title="LR range test",
+            ylim=(low - 0.05 * (high - low), high + 0.25 * (high - low)),
+        )
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+
+
+def smooth_losses(
+    losses: np.ndarray, *, beta: float = 0.98, diverge: float = 4.0
+) -> tuple[np.ndarray, int | None]:
+    """The range test's smoothing and divergence rule (as in fastai's ``lr_find``).
+
+    ``a_i = beta a_{i-1} + (1 - beta) loss_i`` with ``a_{-1} = 0``, reported bias-corrected
+    as ``s_i = a_i / (1 - beta^(i+1))``. Step i diverges when ``loss_i`` is not finite or
+    ``s_i > diverge * min(s_0..s_i)``; ``s`` is NaN from the first such step on.
+
+    Returns:
+      ``(s, first diverged step or None)``.
+    """
+    losses = np.asarray(losses, np.float64)
+    smoothed = np.full(losses.shape, np.nan)
+    avg, low = 0.0, math.inf
+    for i, loss in enumerate(losses):
+        if not np.isfinite(loss):
+            return smoothed, i
+        avg = beta * avg + (1 - beta) * loss
+        s = avg / (1 - beta ** (i + 1))
+        low = min(low, s)
+        if s > diverge * low:
+            return smoothed, i
+        smoothed[i] = s
+    return smoothed, None
+
+
+def lr_range_test(
+    model: nn.Module,
+    make_tx: Callable[[float], optax.GradientTransformation],
+    train_data: tuple[Any, Any],
+    *,
+    key: jax.Array,
+    lr_min: float = 1e-7,
+    lr_max: float = 10.0,
+    steps: int = 100,
+    batch_size: int = 100,
+    beta: float = 0.98,
+    diverge: float = 4.0,
+    loss_fn: LossFn = cross_entropy,
+) -> LRRangeTestResult:
+    """Smith's LR range test: ONE run whose rate rises exponentially, step i at
+    ``lr_i = lr_min (lr_max / lr_min)^(i / (steps - 1))``; suggest the rate where the
+    smoothed loss falls fastest against ``log lr``.
+
+    The cheap companion of `lr_finder`: it costs one training run of ``steps`` steps (it
+    is `make_lr_sweep` with one copy and a per-step rate), where `lr_finder` trains every
+    rate for the whole budget. Its curve mixes rate and training time (the loss at a rate
+    depends on the rates before it), so ramp slowly enough that the loss can follow.
+    Losses are smoothed and cut at divergence by `smooth_losses` (fastai's defaults:
+    ``beta=0.98``, divergence at 4x the lowest smoothed loss); the suggestion is
+    `steepest_descent` of the smoothed curve, as fastai's "steep" suggestion.
+    ``make_tx`` is as in `lr_finder` (its learning rate injected).
+
+    References:
+      Smith, "Cyclical Learning Rates for Training Neural Networks" (2017), section 3.3,
+      https://arxiv.org/abs/1506.01186; fastai ``Learner.lr_find``.
+    """
+    check_range("lr_min", lr_min, low=0.0, low_inclusive=False)
+    check_range("lr_max", lr_max, low=lr_min, low_inclusive=False)
+    steps = check_int("steps", steps, low=2)
+    check_range("beta", beta, low=0.0, high=1.0, high_inclusive=False)
+    check_range("diverge", diverge, low=1.0, low_inclusive=False)
+    lrs = np.geomspace(lr_min, lr_max, steps)
+    run = make_lr_sweep(
+        model, make_tx, train_data, key=key, steps=steps, batch_size=batch_size, loss_fn=loss_fn
+    )
+    losses = np.asarray(run(jnp.asarray(lrs[None, :], jnp.float32))[0], np.float64)
+    smoothed, diverged_at = smooth_losses(losses, beta=beta, diverge=diverge)
+    if np.isnan(smoothed).all():
+        raise ValueError("the loss was not finite at the first step; lower lr_min")
+    best = float(lrs[np.nanargmin(smoothed)])
+    return LRRangeTestResult(
+        lrs, losses, smoothed, diverged_at, steepest_descent(lrs, smoothed), best
+    )
+
+
 def make_lr_sweep(
     model: nn.Module,
     make_tx: Callable[[float], optax.GradientTransformation],
@@ -604,10 +728,13 @@ def make_lr_sweep(
     batch_size: int,
     loss_fn: LossFn = cross_entropy,
 ) -> Callable[[jax.Array], jax.Array]:
-    """The compiled core of `lr_finder`: ``run(lrs) -> losses (K, steps)``.
+    """The compiled core of `lr_finder` and `lr_range_test`: ``run(lrs) -> losses (K, steps)``.
 
-    Compiles once per number of rates K; every call trains K fresh copies from the same
-    initialisation. Exposed so a benchmark can time compilation and the run separately.
+    ``lrs`` is ``(K,)``, one fixed rate per copy, or ``(K, steps)``, a rate per copy and
+    step (copy k takes step i at ``lrs[k, i]``). Compiles once per shape of ``lrs``; every
+    call trains K fresh copies from the same initialisation on the same batches. Loss i of
+    a copy is the batch loss before its update i. Exposed so a benchmark can time
+    compilation and the run separately.
     """
     steps = check_int("steps", steps, low=1)
     x, y = (jnp.asarray(a) for a in train_data)
@@ -623,8 +750,11 @@ def make_lr_sweep(
             param="make_tx",
         )
 
+    def with_lr_of(s, lr):
+        return s.replace(opt_state=set_learning_rate(s.opt_state, lr))
+
     def with_lr(lr):
-        return state.replace(opt_state=set_learning_rate(state.opt_state, lr))
+        return with_lr_of(state, lr)
 
     train_step = make_train_step(loss_fn, norms=False)
     steps_per_epoch = x.shape[0] // batch_size
@@ -633,7 +763,14 @@ def make_lr_sweep(
 
     @jax.jit
     def run(lrs):
-        states = jax.vmap(with_lr)(lrs)
+        if lrs.ndim not in (1, 2) or (lrs.ndim == 2 and lrs.shape[1] != steps):
+            raise ConfigError(
+                f"lrs must have shape (K,) or (K, {steps}) (one rate per copy and step); "
+                f"got {lrs.shape}",
+                param="lrs",
+            )
+        per_step = lrs.ndim == 2
+        states = jax.vmap(with_lr)(lrs[:, 0] if per_step else lrs)
         idx = jnp.concatenate(
             [
                 epoch_indices(
@@ -643,11 +780,15 @@ def make_lr_sweep(
             ]
         )[:steps]
 
-        def body(states, i):
+        def body(states, inputs):
+            i, lr = inputs
+            if per_step:
+                states = jax.vmap(with_lr_of)(states, lr)
             states, m = jax.vmap(train_step, in_axes=(0, None))(states, (x[i], y[i]))
             return states, jnp.where(m["nonfinite"] > 0, jnp.nan, m["loss"])
 
-        return jax.lax.scan(body, states, idx)[1].T
+        rates = lrs.T if per_step else jnp.zeros((steps, 0))
+        return jax.lax.scan(body, states, (idx, rates))[1].T
 
     return run
 
@@ -720,6 +861,7 @@ def diagnose(
     lr_max: float = 1.0,
     lr_num: int = 32,
     lr_steps: int = 100,
+    lr_method: str = "sweep",
     out: Any = None,
 ) -> dict[str, Any]:
     """Run every check on a model and dataset given by name; what ``jtricks diagnose`` runs.
@@ -727,7 +869,9 @@ def diagnose(
     Checks, in order: initial loss, gradient check (on 8 examples), overfit one batch
     (``overfit_batch`` examples, ``overfit_steps`` steps), signal propagation at
     ``signal_steps`` of an ordinary run with ``optimizer`` at ``learning_rate``, and the LR
-    finder. The data is the training split, standardised on itself; the test split is not
+    finder: ``lr_method="sweep"`` is `lr_finder` (``lr_num`` rates, ``lr_steps`` steps
+    each), ``"range"`` is `lr_range_test` (one run of ``lr_steps`` steps, the rate rising
+    from ``lr_min`` to ``lr_max``). The data is the training split, standardised on itself; the test split is not
     touched. With ``out``, writes ``diagnose.json``, ``lr_finder.png``, ``signal.png`` and
     ``overfit.png`` there (the folder must be new or empty).
 
@@ -751,7 +895,11 @@ def diagnose(
     check_range("lr_min", lr_min, low=0.0, low_inclusive=False)
     check_range("lr_max", lr_max, low=lr_min, low_inclusive=False)
     check_int("lr_num", lr_num, low=2)
-    check_int("lr_steps", lr_steps, low=1)
+    check_int("lr_steps", lr_steps, low=2 if lr_method == "range" else 1)
+    if lr_method not in ("sweep", "range"):
+        raise ConfigError(
+            f"lr_method must be 'sweep' or 'range'; got {lr_method!r}", param="lr_method"
+        )
     check_int("seed", seed, low=0)
     data = load_dataset(dataset)
     net = build_model(model, data.num_classes)
@@ -822,30 +970,37 @@ def diagnose(
         )
     reports["signal"] = [dataclasses.asdict(r) for r in signals]
 
-    finder = lr_finder(
-        net,
-        lambda lr: build_optimizer(optimizer, lr),
-        (x, y),
-        key=key,
-        lr_min=lr_min,
-        lr_max=lr_max,
-        num=lr_num,
-        steps=lr_steps,
-        batch_size=batch_size,
-    )
+    def listed(a: np.ndarray) -> list[float | None]:
+        return [float(v) if np.isfinite(v) else None for v in a]
+
+    finder_args = dict(key=key, lr_min=lr_min, lr_max=lr_max, steps=lr_steps, batch_size=batch_size)
+    make_tx = lambda lr: build_optimizer(optimizer, lr)  # noqa: E731
+    if lr_method == "range":
+        finder = lr_range_test(net, make_tx, (x, y), **finder_args)
+        lowest = "smoothed loss lowest"
+        reports["lr_finder"] = {
+            "method": "range",
+            "lrs": finder.lrs.tolist(),
+            "losses": listed(finder.losses),
+            "smoothed": listed(finder.smoothed),
+            "diverged_at": finder.diverged_at,
+        }
+    else:
+        finder = lr_finder(net, make_tx, (x, y), num=lr_num, **finder_args)
+        lowest = "lowest loss"
+        reports["lr_finder"] = {
+            "method": "sweep",
+            "lrs": finder.lrs.tolist(),
+            "final": listed(finder.final),
+        }
+    reports["lr_finder"].update(suggestion=finder.suggestion, best=finder.best)
     checks.append(
         {
-            "check": "LR finder",
+            "check": "LR finder" if lr_method == "sweep" else "LR range test",
             "passed": True,
-            "detail": f"suggested {finder.suggestion:.2e} (lowest loss at {finder.best:.2e}; given {learning_rate:g})",
+            "detail": f"suggested {finder.suggestion:.2e} ({lowest} at {finder.best:.2e}; given {learning_rate:g})",
         }
     )
-    reports["lr_finder"] = {
-        "lrs": finder.lrs.tolist(),
-        "final": [None if not np.isfinite(v) else float(v) for v in finder.final],
-        "suggestion": finder.suggestion,
-        "best": finder.best,
-    }
     result = {"checks": checks, "passed": all(c["passed"] for c in checks), "reports": reports}
     if run_dir is not None:
         finder.plot(run_dir / "lr_finder.png")
@@ -858,6 +1013,7 @@ def diagnose(
             "learning_rate": learning_rate,
             "batch_size": batch_size,
             "seed": seed,
+            "lr_method": lr_method,
         }
         write_json(
             run_dir / "diagnose.json",

@@ -244,6 +244,99 @@ def test_lr_finder_equals_separate_runs_and_suggests_a_rate(tiny_data):
     np.testing.assert_allclose(res.losses[k], losses, rtol=2e-4, atol=1e-6)
 
 
+def test_lr_range_test_equals_a_hand_written_adam_loop(tiny_data):
+    x, y = tiny_data.x_train, tiny_data.y_train
+    model = build_model("mlp(features=(8,))", 4)
+    res = D.lr_range_test(
+        model,
+        lambda lr: build_optimizer("adam", lr),
+        (x, y),
+        key=jax.random.key(0),
+        lr_min=1e-3,
+        lr_max=0.1,
+        steps=12,
+        batch_size=200,  # the whole set each step, so the data order cannot matter
+    )
+    lrs = 1e-3 * (0.1 / 1e-3) ** (np.arange(12) / 11)
+    np.testing.assert_allclose(res.lrs, lrs, rtol=1e-12)
+    # second code path: plain optax Adam, its rate changed by hand before every step
+    params = create_train_state(model, optax.sgd(1.0), x, jax.random.key(0)).params
+    tx = optax.inject_hyperparams(optax.adam)(learning_rate=1.0)
+    opt_state = tx.init(params)
+
+    def loss(p):
+        logits = model.apply({"params": p}, jnp.asarray(x))
+        return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(y)).mean()
+
+    expected = []
+    for lr in lrs:
+        opt_state.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        expected.append(float(value))
+    np.testing.assert_allclose(res.losses, expected, rtol=1e-4)
+    assert res.diverged_at is None and np.isfinite(res.smoothed).all()
+    assert res.lrs[0] <= res.suggestion <= res.lrs[-1]
+    assert res.best == res.lrs[np.argmin(res.smoothed)]
+
+
+def test_smooth_losses_is_the_bias_corrected_average_cut_at_divergence():
+    losses = np.array([2.0, 1.5, 1.0, 0.5, 3.0, 40.0, 1.0])
+    got, diverged_at = D.smooth_losses(losses, beta=0.5, diverge=4.0)
+    # closed form: s_i = sum_j (1 - b) b^(i - j) loss_j / (1 - b^(i + 1))
+    i = np.arange(len(losses))
+    w = np.where(i[None, :] <= i[:, None], 0.5 * 0.5 ** (i[:, None] - i[None, :]), 0.0)
+    s = w @ losses / (1 - 0.5 ** (i + 1))
+    first = int(np.argmax([s[k] > 4 * s[: k + 1].min() for k in i]))
+    assert diverged_at == first == 5
+    np.testing.assert_allclose(got[:first], s[:first], rtol=1e-12)
+    assert np.isnan(got[first:]).all()
+    # a non-finite loss diverges at once
+    assert D.smooth_losses(np.array([1.0, np.nan, 1.0]))[1] == 1
+    assert D.smooth_losses(np.array([1.0, 0.9]))[1] is None
+
+
+def test_lr_range_test_cuts_a_diverging_run(tiny_data, tmp_path):
+    from jtricks.errors import ConfigError
+
+    model = build_model("mlp(features=(8,))", 4)
+    data = (tiny_data.x_train, tiny_data.y_train)
+    res = D.lr_range_test(
+        model,
+        lambda lr: build_optimizer("sgd", lr),
+        data,
+        key=jax.random.key(0),
+        lr_min=1e-2,
+        lr_max=1e4,
+        steps=30,
+        batch_size=20,
+    )
+    assert res.diverged_at is not None and np.isnan(res.smoothed[res.diverged_at :]).all()
+    assert res.lrs[0] <= res.suggestion < res.lrs[res.diverged_at]
+    res.plot(tmp_path / "range.png")
+    assert (tmp_path / "range.png").stat().st_size > 0
+    for kwargs, name in (
+        ({"steps": 1}, "steps"),
+        ({"lr_max": 1e-9}, "lr_max"),
+        ({"beta": 1.0}, "beta"),
+    ):
+        with pytest.raises(ConfigError, match=name):
+            D.lr_range_test(
+                model, lambda lr: build_optimizer("sgd", lr), data, key=jax.random.key(0), **kwargs
+            )
+    run = D.make_lr_sweep(
+        model,
+        lambda lr: build_optimizer("sgd", lr),
+        data,
+        key=jax.random.key(0),
+        steps=3,
+        batch_size=20,
+    )
+    with pytest.raises(ConfigError, match=r"\(K, 3\)"):
+        run(jnp.ones((2, 4)))
+
+
 def test_steepest_descent_on_a_hand_made_curve():
     lrs = np.array([1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0])
     final = np.array([2.0, 1.9, 1.0, 0.8, 0.7, np.nan])
@@ -318,6 +411,23 @@ def test_cli_diagnose_prints_verdicts_and_writes_plots(tmp_path, capsys):
         assert (out / name).stat().st_size > 0
     saved = json.loads((out / "diagnose.json").read_text())
     assert saved["passed"] and len(saved["reports"]["lr_finder"]["lrs"]) == 4
+    assert saved["reports"]["lr_finder"]["method"] == "sweep"
+
+
+def test_cli_diagnose_with_the_range_test(tmp_path, capsys):
+    import json
+
+    from jtricks.cli import main
+
+    out = tmp_path / "diag"
+    assert (
+        main(["diagnose", *TINY, "--lr-method", "range", "--lr-steps", "20", "--out", str(out)])
+        == 0
+    )
+    assert "LR range test" in capsys.readouterr().out
+    saved = json.loads((out / "diagnose.json").read_text())["reports"]["lr_finder"]
+    assert saved["method"] == "range" and len(saved["lrs"]) == len(saved["losses"]) == 20
+    assert (out / "lr_finder.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize(
@@ -336,4 +446,15 @@ def test_cli_diagnose_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, fla
     assert main(["diagnose", *TINY, flag, value, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert needle in err and value in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_cli_diagnose_unknown_lr_method_exits_2(tmp_path, capsys):
+    from jtricks.cli import main
+
+    out = tmp_path / "diag"
+    with pytest.raises(SystemExit) as e:
+        main(["diagnose", *TINY, "--lr-method", "bogus", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--lr-method" in err and "bogus" in err and "range" in err
     assert not out.exists()

@@ -223,7 +223,7 @@ def test_augmentation_example_tiny(capsys):
         (
             "bench_lr_finder.py",
             ["--num", "4", "--steps", "5", "--repeats", "1", "--model", "mlp(features=(8,))"],
-            ("ratio_run", "ratio_end_to_end", "ratio_run_floor", "matmul_gflops"),
+            ("ratio_run", "ratio_end_to_end", "ratio_run_floor", "ratio_range_run"),
         ),
     ],
 )
