@@ -268,12 +268,16 @@ def test_lr_range_test_equals_a_hand_written_adam_loop(tiny_data):
         logits = model.apply({"params": p}, jnp.asarray(x))
         return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(y)).mean()
 
-    expected = []
-    for lr in lrs:
-        opt_state.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
+    @jax.jit
+    def step(params, opt_state, lr):
+        opt_state.hyperparams["learning_rate"] = lr
         value, grads = jax.value_and_grad(loss)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    expected = []
+    for lr in lrs:
+        params, opt_state, value = step(params, opt_state, jnp.asarray(lr, jnp.float32))
         expected.append(float(value))
     np.testing.assert_allclose(res.losses, expected, rtol=1e-4)
     assert res.diverged_at is None and np.isfinite(res.smoothed).all()
