@@ -727,7 +727,7 @@ def make_lr_sweep(
     steps: int,
     batch_size: int,
     loss_fn: LossFn = cross_entropy,
-) -> Callable[[jax.Array], jax.Array]:
+) -> LRSweep:
     """The compiled core of `lr_finder` and `lr_range_test`: ``run(lrs) -> losses (K, steps)``.
 
     ``lrs`` is ``(K,)``, one fixed rate per copy, or ``(K, steps)``, a rate per copy and
@@ -750,11 +750,8 @@ def make_lr_sweep(
             param="make_tx",
         )
 
-    def with_lr_of(s, lr):
+    def with_lr(s, lr):
         return s.replace(opt_state=set_learning_rate(s.opt_state, lr))
-
-    def with_lr(lr):
-        return with_lr_of(state, lr)
 
     train_step = make_train_step(loss_fn, norms=False)
     steps_per_epoch = x.shape[0] // batch_size
@@ -762,7 +759,7 @@ def make_lr_sweep(
     epochs = -(-steps // steps_per_epoch)
 
     @jax.jit
-    def run(lrs):
+    def sweep(lrs, state, x, y):
         if lrs.ndim not in (1, 2) or (lrs.ndim == 2 and lrs.shape[1] != steps):
             raise ConfigError(
                 f"lrs must have shape (K,) or (K, {steps}) (one rate per copy and step); "
@@ -770,7 +767,7 @@ def make_lr_sweep(
                 param="lrs",
             )
         per_step = lrs.ndim == 2
-        states = jax.vmap(with_lr)(lrs[:, 0] if per_step else lrs)
+        states = jax.vmap(with_lr, in_axes=(None, 0))(state, lrs[:, 0] if per_step else lrs)
         idx = jnp.concatenate(
             [
                 epoch_indices(
@@ -783,14 +780,33 @@ def make_lr_sweep(
         def body(states, inputs):
             i, lr = inputs
             if per_step:
-                states = jax.vmap(with_lr_of)(states, lr)
+                states = jax.vmap(with_lr)(states, lr)
             states, m = jax.vmap(train_step, in_axes=(0, None))(states, (x[i], y[i]))
             return states, jnp.where(m["nonfinite"] > 0, jnp.nan, m["loss"])
 
         rates = lrs.T if per_step else jnp.zeros((steps, 0))
         return jax.lax.scan(body, states, (idx, rates))[1].T
 
-    return run
+    return LRSweep(sweep, (state, x, y))
+
+
+@dataclass(frozen=True)
+class LRSweep:
+    """`make_lr_sweep`'s program: ``run(lrs)`` trains and returns the losses;
+    ``run.lower(lrs)`` is the lowered program (``.compile().cost_analysis()``...).
+
+    The training data and the initial state are arguments of the compiled program, not
+    constants folded into it, so a large dataset does not bloat compilation.
+    """
+
+    fn: Callable[..., jax.Array]
+    args: tuple[Any, ...]
+
+    def __call__(self, lrs: jax.Array) -> jax.Array:
+        return self.fn(lrs, *self.args)
+
+    def lower(self, lrs: jax.Array) -> Any:
+        return self.fn.lower(lrs, *self.args)
 
 
 # ----------------------------------------------------------------------------- all checks

@@ -339,6 +339,10 @@ def test_lr_range_test_cuts_a_diverging_run(tiny_data, tmp_path):
     )
     with pytest.raises(ConfigError, match=r"\(K, 3\)"):
         run(jnp.ones((2, 4)))
+    # the data is an argument of the program, not a constant folded into it
+    text = run.lower(jnp.ones((2,))).as_text()
+    assert "tensor<200x16xf32>" in text
+    assert not [ln for ln in text.splitlines() if "constant" in ln and "tensor<200x16xf32>" in ln]
 
 
 def test_steepest_descent_on_a_hand_made_curve():
