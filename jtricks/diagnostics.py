@@ -47,8 +47,9 @@ from jtricks.data.batching import epoch_indices
 from jtricks.errors import ConfigError, check_int, check_range
 from jtricks.losses import cross_entropy
 from jtricks.optim.pipeline import set_learning_rate
+from jtricks.training.model import apply_model
 from jtricks.training.state import TrainState, create_train_state
-from jtricks.training.steps import LossFn, _apply, make_train_step
+from jtricks.training.steps import LossFn, make_train_step
 from jtricks.training.transfer import forward_layers
 
 # ----------------------------------------------------------------------------- helpers
@@ -319,7 +320,7 @@ def initial_loss(
     (too large a last-layer initialisation, an unscaled input), much smaller a label leak.
     """
     check_int("num_classes", num_classes, low=2)
-    logits, _ = _apply(state, state.params, jnp.asarray(x), train=False, key=None)
+    logits, _ = apply_model(state, state.params, jnp.asarray(x), train=False, key=None)
     loss = float(jnp.mean(loss_fn(logits, jnp.asarray(y))))
     expected = math.log(num_classes)
     ratio = loss / expected

@@ -53,7 +53,19 @@ def smoothed_cross_entropy(label_smoothing: float):
 
 def binary_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """``-[y log sigmoid(z) + (1 - y) log(1 - sigmoid(z))]`` from logits, summed over any trailing
-    axes; the stable form ``max(z, 0) - z y + log(1 + exp(-|z|))`` (optax)."""
+    axes; the stable form ``max(z, 0) - z y + log(1 + exp(-|z|))`` (optax).
+
+    ``logits`` and ``labels`` have the same shape, except that ``(N, 1)`` logits take
+    ``(N,)`` labels (one binary label per example); any other mismatch is an error, never
+    a broadcast.
+    """
+    if labels.shape != logits.shape and (*labels.shape, 1) == logits.shape:
+        labels = labels[..., None]
+    if labels.shape != logits.shape:
+        raise ValueError(
+            f"binary_cross_entropy needs labels of the logits' shape {logits.shape} "
+            f"(or {logits.shape[:-1]} for one logit); got labels of shape {labels.shape}"
+        )
     loss = optax.sigmoid_binary_cross_entropy(logits, labels.astype(logits.dtype))
     return loss.reshape(loss.shape[0], -1).sum(axis=-1) if loss.ndim > 1 else loss
 

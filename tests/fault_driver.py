@@ -34,8 +34,8 @@ def main() -> None:
         def patched(*a, **k):
             run_epoch, evaluate = original(*a, **k)
 
-            def run(state, x, y, data_key, ep, *rest, **kw):
-                out = run_epoch(state, x, y, data_key, ep, *rest, **kw)
+            def run(state, data, data_key, ep, *rest, **kw):
+                out = run_epoch(state, data, data_key, ep, *rest, **kw)
                 if int(ep) + 1 == epoch:
                     die()  # the epoch is in flight on the device
                 return out

@@ -25,13 +25,19 @@ from jtricks.spec import build_from_registry
 
 @dataclass(frozen=True)
 class Dataset:
-    """A classification dataset with a fixed train / test split.
+    """A dataset with a fixed train / test split, for one task.
 
     Attributes:
       name: registry name it was loaded under.
-      x_train, y_train: training features ``(N, ...)`` float32 and labels ``(N,)`` int32.
+      x_train, y_train: training inputs ``(N, ...)`` and targets ``(N, ...)``: for
+        classification float32 features and int32 labels ``(N,)``.
       x_test, y_test: test split, touched once for the final figure.
-      num_classes: labels lie in ``[0, num_classes)``.
+      num_classes: the model's output width: the class count (labels lie in
+        ``[0, num_classes)``), the number of targets of a regression, the classes per
+        position of a segmentation, the vocabulary of a language model.
+      task: the task spec it is meant for (`jtricks.tasks.build_task`).
+      loss_floor: the lowest expected test loss any model can reach, where the generator
+        makes it known (see `jtricks.data.generated`); ``None`` otherwise.
     """
 
     name: str
@@ -40,12 +46,25 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    task: str = "classification"
+    loss_floor: float | None = None
 
     def __post_init__(self) -> None:
-        validate_arrays(
-            self.x_train, self.y_train, self.num_classes, where=f"{self.name} train split"
-        )
-        validate_arrays(self.x_test, self.y_test, self.num_classes, where=f"{self.name} test split")
+        if self.task == "classification":
+            validate_arrays(
+                self.x_train, self.y_train, self.num_classes, where=f"{self.name} train split"
+            )
+            validate_arrays(
+                self.x_test, self.y_test, self.num_classes, where=f"{self.name} test split"
+            )
+        for split, x, y in (
+            ("train", self.x_train, self.y_train),
+            ("test", self.x_test, self.y_test),
+        ):
+            if len(x) != len(y) or len(x) == 0:
+                raise ConfigError(
+                    f"{self.name} {split} split: {len(x)} inputs but {len(y)} targets"
+                )
         if self.x_train.shape[1:] != self.x_test.shape[1:]:
             raise ConfigError(
                 f"{self.name}: train and test examples differ in shape: "
@@ -260,14 +279,19 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
 
 
 def _file_loaders() -> dict[str, Callable[..., Dataset]]:
-    """Loaders for files on disk (imported lazily; see `jtricks.data.loaders`)."""
-    from jtricks.data import loaders
+    """Loaders for files on disk and the other tasks' generators (imported lazily; see
+    `jtricks.data.loaders` and `jtricks.data.generated`)."""
+    from jtricks.data import generated, loaders
 
     return {
         "mnist": loaders.mnist,
         "fashion_mnist": loaders.fashion_mnist,
         "cifar10": loaders.cifar10,
         "cifar100": loaders.cifar100,
+        "regression": generated.regression,
+        "segmentation1d": generated.segmentation1d,
+        "tokens": generated.tokens,
+        "text": generated.text,
     }
 
 

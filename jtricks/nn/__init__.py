@@ -22,7 +22,10 @@ from jtricks.nn.models import (
     resnet18,
     resnet20,
 )
+from jtricks.nn.per_position import FCN1D, TransformerLM
 from jtricks.spec import build_from_registry
+
+MODELS.update({"fcn1d": FCN1D, "transformer_lm": TransformerLM})
 
 
 def build_model(spec: str, num_classes: int) -> nn.Module:
@@ -37,6 +40,7 @@ def build_model(spec: str, num_classes: int) -> nn.Module:
 __all__ = [
     "ACTIVATIONS",
     "CNN1D",
+    "FCN1D",
     "INITIALIZERS",
     "MLP",
     "MODELS",
@@ -45,6 +49,7 @@ __all__ = [
     "ResNet",
     "ResidualBlock",
     "Transformer",
+    "TransformerLM",
     "WideResCNN1D",
     "build_model",
     "get_activation",

@@ -430,15 +430,12 @@ class Transformer(_Base):
             )
         super().__post_init__()
 
-    @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        x = _as_sequence(x)
+    def _positions(self, length: int) -> jax.Array:
+        return self.param("pos_embedding", nn.initializers.normal(0.02), (1, length, self.d_model))
+
+    def _blocks(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
+        """The pre-norm blocks and the final norm; ``mask`` limits attention (causal models)."""
         act, kinit = get_activation(self.activation), get_initializer(self.initializer)
-        x = nn.Dense(self.d_model, kernel_init=kinit, name="embed")(x)
-        pos = self.param(
-            "pos_embedding", nn.initializers.normal(0.02), (1, x.shape[1], self.d_model)
-        )
-        x = self._drop(x + pos, train)
         for i in range(self.layers):
             h = normalize(self.norm, x, train=train, name=f"block{i}_norm1")
             h = nn.MultiHeadDotProductAttention(
@@ -447,7 +444,7 @@ class Transformer(_Base):
                 dropout_rate=self.dropout,
                 deterministic=not train,
                 name=f"block{i}_attention",
-            )(h, h)
+            )(h, h, mask=mask)
             x = x + self._drop(h, train)
             h = normalize(self.norm, x, train=train, name=f"block{i}_norm2")
             h = nn.Dense(self.d_model * self.mlp_ratio, kernel_init=kinit, name=f"block{i}_mlp1")(h)
@@ -455,8 +452,15 @@ class Transformer(_Base):
                 self._drop(act(h), train)
             )
             x = x + self._drop(h, train)
-        x = normalize(self.norm, x, train=train, name="final_norm")
-        return self._head(jnp.mean(x, axis=1))
+        return normalize(self.norm, x, train=train, name="final_norm")
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        x = _as_sequence(x)
+        kinit = get_initializer(self.initializer)
+        x = nn.Dense(self.d_model, kernel_init=kinit, name="embed")(x)
+        x = self._drop(x + self._positions(x.shape[1]), train)
+        return self._head(jnp.mean(self._blocks(x, train), axis=1))
 
 
 def lstm(num_classes: int = 10, **kwargs) -> RNNClassifier:

@@ -34,8 +34,9 @@ from jtricks.errors import ConfigError, check_int
 from jtricks.losses import accuracy, cross_entropy
 from jtricks.optim.fused import flat_train_state, is_fused, tree_train_state
 from jtricks.training.fit import History
+from jtricks.training.model import apply_model
 from jtricks.training.state import TrainState, create_train_state
-from jtricks.training.steps import LossFn, _apply, make_train_step, pad_batches
+from jtricks.training.steps import LossFn, make_train_step, pad_batches
 
 
 def create_ensemble(
@@ -60,7 +61,7 @@ def ensemble_size(states: TrainState) -> int:
 
 def _member_logits(states: TrainState, x: jax.Array) -> jax.Array:
     """Evaluation-mode logits of every member, ``(N, batch, C)``."""
-    return jax.vmap(lambda s: _apply(s, s.params, x, train=False, key=None)[0])(states)
+    return jax.vmap(lambda s: apply_model(s, s.params, x, train=False, key=None)[0])(states)
 
 
 def _evaluate(states, xb, yb, wb, loss_fn):
@@ -117,10 +118,15 @@ def evaluate_ensemble(
     ``member_loss`` / ``member_accuracy`` (lists, one per member) on ``data``."""
     out = jax.device_get(
         _evaluate_jit(
-            states, *pad_batches(*data, check_int("batch_size", batch_size, low=1)), loss_fn
+            states, *_flat(pad_batches(data, check_int("batch_size", batch_size, low=1))), loss_fn
         )
     )
     return {k: (np.asarray(v).tolist() if np.ndim(v) else float(v)) for k, v in out.items()}
+
+
+def _flat(padded):
+    (xb, yb), wb = padded
+    return xb, yb, wb
 
 
 def predict_proba(states: TrainState, x: Any) -> jax.Array:
@@ -208,7 +214,7 @@ def fit_ensemble(
         if epochs is not None
         else check_int("steps", steps, low=1)
     )
-    val = pad_batches(*val_data, eval_batch_size) if val_data is not None else None
+    val = _flat(pad_batches(val_data, eval_batch_size)) if val_data is not None else None
     run_epoch = _epoch_fn(loss_fn, augment)
     history = History()
     start = int(np.asarray(states.step).reshape(-1)[0])

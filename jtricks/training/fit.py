@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtricks.data.datasets import validate_arrays
 from jtricks.errors import ConfigError, check_int
-from jtricks.losses import cross_entropy
+from jtricks.tasks import Classification, LossTask, Task, as_task
 from jtricks.training.callbacks import StopTraining
+from jtricks.training.data_checks import check_data, check_like, model_outputs
 from jtricks.training.distributed import (
     batch_sharding,
     check_batch,
@@ -31,6 +31,7 @@ from jtricks.training.steps import (
     make_eval_step,
     make_evaluate_fn,
     make_train_step,
+    num_examples,
     pad_batches,
 )
 
@@ -82,9 +83,12 @@ class History:
         return iter(self.records)
 
 
+_CLASSIFICATION = Classification()
+
+
 @functools.cache
 def compiled_functions(
-    loss_fn: LossFn = cross_entropy,
+    task: Task = _CLASSIFICATION,
     norms: bool = True,
     update_norm: bool = False,
     augment: Any = None,
@@ -94,10 +98,10 @@ def compiled_functions(
     batch_sharding: Any = None,
 ):
     """The jitted ``(run_epoch, evaluate)`` pair; cached so repeated `fit` calls with the same
-    loss, options, model and optimizer objects compile once."""
-    eval_step = make_eval_step(loss_fn)
+    task, options, model and optimizer compile once."""
+    eval_step = make_eval_step(task=task)
     train_step = make_train_step(
-        loss_fn,
+        task=task,
         norms=norms,
         update_norm=update_norm,
         augment=augment,
@@ -108,12 +112,18 @@ def compiled_functions(
     return make_epoch_fn(train_step, eval_step, batch_sharding), make_evaluate_fn(eval_step)
 
 
-def _num_outputs(state: TrainState, x: np.ndarray) -> int:
-    variables = {"params": state.params}
-    if state.batch_stats:
-        variables["batch_stats"] = state.batch_stats
-    out = jax.eval_shape(lambda v, x: state.apply_fn(v, x, train=False), variables, x[:1])
-    return int(out.shape[-1])
+def _check_options(task: Task, data: Any, augment: Any, mix: Any) -> None:
+    """Refuse combinations of a task and a trick that cannot make sense."""
+    if mix is not None and not isinstance(task, Classification | LossTask):
+        raise ConfigError(
+            f"mixup/cutmix mixes class labels; the {task.name} task has none", param="mix"
+        )
+    if augment is not None and not hasattr(task.inputs(data), "shape"):
+        raise ConfigError(
+            f"augment transforms one input array; the {task.name} task's model reads a "
+            "structure of arrays",
+            param="augment",
+        )
 
 
 def fit(
@@ -125,7 +135,8 @@ def fit(
     steps: int | None = None,
     val_data: tuple[Any, Any] | None = None,
     data_key: jax.Array | None = None,
-    loss_fn: LossFn = cross_entropy,
+    loss_fn: LossFn | None = None,
+    task: Task | str | None = None,
     eval_batch_size: int = 1000,
     callbacks: Sequence[Callback] = (),
     reporter: Any = None,
@@ -186,23 +197,19 @@ def fit(
       ConfigError: on bad sizes, non-finite features, or labels outside the model's outputs,
         before any training.
     """
-    x, y = (np.asarray(a) for a in train_data)
-    validate_arrays(x, y, None, where="training data")  # shapes and values first
-    num_classes = _num_outputs(state, x)
-    validate_arrays(x, y, num_classes, where="training data")
+    task = as_task(task, loss_fn)
+    data = check_data(state, task, train_data, "training data")
+    _check_options(task, data, augment, mix)
     if val_data is not None:
-        validate_arrays(*val_data, num_classes, where="validation data")
-        if np.asarray(val_data[0]).shape[1:] != x.shape[1:]:
-            raise ConfigError(
-                f"validation examples have shape {np.asarray(val_data[0]).shape[1:]}, "
-                f"training examples {x.shape[1:]}"
-            )
+        val_data = jax.tree.map(np.asarray, val_data)
+        check_like(val_data, data, "validation data")
+        check_data(state, task, val_data, "validation data")
     mesh = data_mesh() if isinstance(mesh, str) and mesh == "auto" else mesh
     if mesh is not None:
-        x_dev, y_dev = global_batch_array(x, mesh), global_batch_array(y, mesh)
+        data_dev = jax.tree.map(lambda a: global_batch_array(a, mesh), data)
     else:
-        x_dev, y_dev = jnp.asarray(x), jnp.asarray(y)
-    n = x_dev.shape[0]  # across processes: every process's shard
+        data_dev = jax.tree.map(jnp.asarray, data)
+    n = num_examples(data_dev)  # across processes: every process's shard
     accumulate = check_int("accumulate", accumulate, low=1)
     batch_size = check_int("batch_size", batch_size, low=1)
     if batch_size * accumulate > n:
@@ -225,10 +232,13 @@ def fit(
     if data_key is None:
         data_key = jax.random.fold_in(state.key, 1)
 
-    mix_full = (mix[0], float(mix[1]), num_classes) if mix is not None else None
+    mix_full = None
+    if mix is not None:
+        num_classes = model_outputs(state, task, data, "training data").shape[-1]
+        mix_full = (mix[0], float(mix[1]), num_classes)
     check_batch(batch_size // accumulate, mesh)
     run_epoch, _ = compiled_functions(
-        loss_fn,
+        task,
         norms,
         update_norm,
         augment,
@@ -237,7 +247,7 @@ def fit(
         precision,
         None if mesh is None else batch_sharding(mesh),
     )
-    val_batches = pad_batches(*val_data, eval_batch_size) if val_data is not None else None
+    val_batches = pad_batches(val_data, eval_batch_size) if val_data is not None else None
     if mesh is not None:
         state, val_batches, data_key = replicate((state, val_batches, data_key), mesh)
     history = History()
@@ -255,8 +265,7 @@ def fit(
         num_steps = min(steps_per_epoch - offset, total_steps - done)
         state, metrics = run_epoch(
             state,
-            x_dev,
-            y_dev,
+            data_dev,
             data_key,
             np.int32(epoch),
             np.int32(offset),
@@ -338,15 +347,17 @@ def fit(
 
 def evaluate(
     state: TrainState,
-    data: tuple[Any, Any],
+    data: Any,
     *,
-    loss_fn: LossFn = cross_entropy,
+    loss_fn: LossFn | None = None,
+    task: Task | str | None = None,
     batch_size: int = 1000,
 ) -> dict[str, float]:
-    """Mean loss and accuracy of ``state`` on ``data`` in evaluation mode (exact for any batch size)."""
-    x, y = (np.asarray(a) for a in data)
-    validate_arrays(x, y, _num_outputs(state, x) if x.ndim >= 2 else None, where="evaluation data")
+    """The task's loss and metrics of ``state`` on ``data`` (any batch pytree) in evaluation
+    mode; exact over the whole split for any ``batch_size`` (see `jtricks.tasks`)."""
+    task = as_task(task, loss_fn)
+    data = check_data(state, task, data, "evaluation data")
     batch_size = check_int("batch_size", batch_size, low=1)
-    _, evaluate_fn = compiled_functions(loss_fn)
-    batches = like_state(pad_batches(x, y, batch_size), state.params)
+    _, evaluate_fn = compiled_functions(task)
+    batches = like_state(pad_batches(data, batch_size), state.params)
     return {k: float(v) for k, v in jax.device_get(evaluate_fn(state, *batches)).items()}

@@ -11,6 +11,8 @@ import optax
 from flax import struct
 from flax.training import train_state
 
+from jtricks.training.model import linen_apply
+
 
 class TrainState(train_state.TrainState):
     """Flax's `TrainState` (step, apply_fn, params, tx, opt_state) plus what a full run needs.
@@ -52,21 +54,29 @@ def create_train_state(
     key: jax.Array,
     *,
     ema_decay: float | None = None,
+    train_arg: str | None = "auto",
 ) -> TrainState:
     """Initialise a model and optimizer into a `TrainState`.
 
     Args:
-      model: a Linen module whose ``__call__`` takes ``(x, *, train)``.
+      model: a Linen module ``__call__(inputs, ...)``.
       tx: any optax transformation.
-      sample_x: an example batch (only its shape and dtype matter; one example suffices).
+      sample_x: an example of the model's input: an array, or the pytree (e.g. a dict batch)
+        a model reads; only shapes and dtypes matter, and only the first example is used.
       key: PRNG key, split as ``init_key, dropout_key = jax.random.split(key)``.
       ema_decay: keep an EMA of the parameters with this decay in ``[0, 1)`` (off if ``None``).
+      train_arg: the keyword of ``model.__call__`` that switches training mode:
+        ``"auto"`` finds ``train``, ``training``, ``is_training`` or ``deterministic``
+        (passed negated) in its signature; ``None`` for a model without one
+        (`jtricks.training.model.LinenApply`).
 
     Example:
       >>> state = create_train_state(MLP(10), optax.adam(1e-3), x[:1], jax.random.key(0))
     """
     init_key, dropout_key = jax.random.split(key)
-    variables = model.init({"params": init_key}, jnp.asarray(sample_x[:1]), train=False)
+    apply_fn = linen_apply(model, train_arg)
+    sample = jax.tree.map(lambda a: jnp.asarray(a)[:1], sample_x)
+    variables = apply_fn.init(init_key, sample)
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
     if ema_decay is not None:
@@ -77,7 +87,7 @@ def create_train_state(
         ema_params=jax.tree.map(jnp.copy, params) if ema_decay is not None else None,
         ema_decay=None if ema_decay is None else float(ema_decay),
         step=jnp.zeros((), jnp.int32),
-        apply_fn=model.apply,
+        apply_fn=apply_fn,
         params=params,
         tx=tx,
         opt_state=tx.init(params),

@@ -1,7 +1,8 @@
-"""Pure train and eval steps, and a whole epoch as one `lax.scan`."""
+"""Pure train and eval steps over any batch pytree, and a whole epoch as one compiled loop."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -14,36 +15,55 @@ import optax
 from jtricks.data.augment import mix_batch
 from jtricks.data.batching import epoch_indices
 from jtricks.errors import ConfigError, check_int
-from jtricks.losses import accuracy, cross_entropy
-from jtricks.optim.fused import flat_train_state, is_fused, tree_train_state, unflatten_params
+from jtricks.optim.fused import flat_train_state, is_fused, tree_train_state
 from jtricks.optim.pipeline import current_learning_rate
+from jtricks.tasks import Task, as_task, batch_sums, finalize, train_metrics
+from jtricks.training.model import apply_model
 from jtricks.training.state import TrainState
 
 PRECISIONS = {"float32": None, "bf16": jnp.bfloat16}
 
-Batch = tuple[jax.Array, jax.Array]
+Batch = Any  # a pytree of arrays with a common leading (example) axis
 Metrics = dict[str, jax.Array]
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def _apply(state: TrainState, params: Any, x: jax.Array, *, train: bool, key: jax.Array | None):
-    """Run the model; returns ``(logits, new_batch_stats)``. `Flat` parameters (the fused
-    optimizer's layout) are cut back into their tree here, inside the compiled step."""
-    variables = {"params": unflatten_params(params)}
-    rngs = {"dropout": key} if key is not None else None
-    if state.batch_stats:
-        variables["batch_stats"] = state.batch_stats
-        if train:
-            logits, updates = state.apply_fn(
-                variables, x, train=True, rngs=rngs, mutable=["batch_stats"]
-            )
-            return logits, updates["batch_stats"]
-    return state.apply_fn(variables, x, train=train, rngs=rngs), state.batch_stats
+def num_examples(batch: Batch) -> int:
+    """The common leading dimension of a batch pytree."""
+    return jax.tree.leaves(batch)[0].shape[0]
+
+
+def _cast(tree: Any, dtype: Any) -> Any:
+    """Floating leaves of ``tree`` cast to ``dtype`` (integer leaves, e.g. tokens, kept)."""
+    return jax.tree.map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree
+    )
+
+
+def _objective(task: Task, outputs: Any, batch: Batch, total: jax.Array | None) -> jax.Array:
+    """``sum_i w_i l_i / W``: the task's weighted mean loss. ``W`` is ``total`` when given (the
+    whole batch's weight, so that micro-batch objectives add up to the batch's), else this
+    batch's own ``sum_i w_i``."""
+    loss = task.loss(outputs, batch)
+    weight = task.loss_weight(batch)
+    if weight is None:
+        return jnp.mean(loss) if total is None else jnp.sum(loss) / total
+    return jnp.sum(weight * loss) / (jnp.sum(weight) if total is None else total)
+
+
+def _micro_batches(batch: Batch, accumulate: int) -> Batch:
+    n = num_examples(batch)
+    if n % accumulate:
+        raise ValueError(
+            f"batch of {n} is not divisible into accumulate={accumulate} micro-batches"
+        )
+    return jax.tree.map(lambda a: a.reshape(accumulate, n // accumulate, *a.shape[1:]), batch)
 
 
 def make_train_step(
-    loss_fn: LossFn = cross_entropy,
+    loss_fn: LossFn | None = None,
     *,
+    task: Task | str | None = None,
     norms: bool = True,
     update_norm: bool = False,
     skip_nonfinite: bool = True,
@@ -52,39 +72,44 @@ def make_train_step(
     accumulate: int = 1,
     precision: str = "float32",
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """Build ``train_step(state, (x, y)) -> (state, metrics)``.
+    """Build ``train_step(state, batch) -> (state, metrics)`` for any batch pytree.
 
-    One step: forward in training mode with dropout key ``fold_in(state.key, state.step)``,
-    mean loss, gradient, optax update, new BatchNorm statistics. Metrics are
-    the batch's ``loss`` and ``accuracy``, the ``learning_rate`` when the optimizer
-    state holds one, and with ``norms=True`` the gradient's global L2 norm
-    ``grad_norm``; with ``update_norm=True`` also ``update_norm`` and ``param_norm``.
+    One step: the model reads ``task.inputs(batch)`` in training mode with dropout key
+    ``fold_in(state.key, state.step)``; the objective is the task's weighted mean loss
+    (`jtricks.tasks`); then the gradient, the optax update and the new BatchNorm
+    statistics. Metrics are the batch's ``loss``, the task's training metrics
+    (``accuracy`` for classification), the ``learning_rate`` when the optimizer state
+    holds one, and with ``norms=True`` the gradient's global L2 norm ``grad_norm``;
+    with ``update_norm=True`` also ``update_norm`` and ``param_norm``.
 
-    The update norm is off by default: measured on the 2-core CPU it costs
-    15-25% of a small model's step (it keeps XLA from fusing the update into the
-    parameter write), while the gradient norm costs nothing measurable. `fit`
-    logs the parameter norm once per epoch instead.
+    The update norm is off by default: it keeps XLA from fusing the update into the
+    parameter write, which costs small models a noticeable share of their step (see
+    ``benchmarks/bench_fit.py --update-norm``). `fit` logs the parameter norm once per
+    epoch instead.
 
     Args:
-      loss_fn: per-example loss ``(logits, labels) -> (N,)``.
+      loss_fn: a per-example loss ``(outputs, targets) -> (N,)`` (or ``(loss, extras)``);
+        see `jtricks.tasks.as_task`. Default: classification.
+      task: a `jtricks.tasks.Task` or its spec (instead of ``loss_fn``).
       norms: return ``grad_norm``.
       update_norm: also return ``update_norm`` and ``param_norm`` every step.
       skip_nonfinite: if the loss or any gradient entry is NaN or inf, keep the old
         parameters, optimizer state and BatchNorm statistics (the step still counts);
         the metric ``nonfinite`` is 1 for such a step (`fit` stops after a streak).
-      augment: per-example augmentation ``(key, x) -> x`` (`jtricks.data.augment`), applied
-        to every training batch with keys from ``fold_in(fold_in(state.key, step), 1)``;
-        evaluation never sees it.
+      augment: per-example augmentation ``(key, x) -> x`` (`jtricks.data.augment`) of the
+        model's input, applied to every training batch with keys from
+        ``fold_in(fold_in(state.key, step), 1)``; evaluation never sees it.
       mix: ``(kind, alpha, num_classes)`` for mixup/cutmix (`jtricks.data.augment.mix_batch`):
-        inputs and labels are mixed and the loss gets soft labels.
-      accumulate: gradient accumulation (T29): the batch is cut into ``accumulate`` equal
+        inputs and targets are mixed and the loss gets soft labels.
+      accumulate: gradient accumulation: the batch is cut into ``accumulate`` equal
         micro-batches, run one after another in a `lax.scan` (only one micro-batch's
-        activations live at a time), and the mean of their mean-loss gradients makes ONE
-        optimizer update, which equals the update of the whole batch (without BatchNorm,
-        whose statistics then see micro-batches). The batch size must be divisible by it.
-      precision: ``"float32"`` or ``"bf16"`` (mixed precision, T29): the forward and backward
+        activations live at a time); each contributes ``sum_i w_i l_i / W`` with ``W`` the
+        whole batch's weight, so their summed gradients make ONE optimizer update equal to
+        the whole batch's (without BatchNorm, whose statistics then see micro-batches). The
+        batch size must be divisible by it.
+      precision: ``"float32"`` or ``"bf16"`` (mixed precision): the forward and backward
         passes run on bfloat16 copies of the parameters and inputs; the loss is taken in
-        float32 from float32 logits; gradients, the optimizer state, the master parameters
+        float32 from float32 outputs; gradients, the optimizer state, the master parameters
         and BatchNorm statistics stay float32.
     """
     if precision not in PRECISIONS:
@@ -92,69 +117,58 @@ def make_train_step(
             f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}",
             param="precision",
         )
+    task = as_task(task, loss_fn)
     accumulate = check_int("accumulate", accumulate, low=1)
     compute_dtype = PRECISIONS[precision]
 
-    def forward(state, params, x, y, key):
-        """Mean loss, logits and new BatchNorm statistics of one (micro-)batch."""
+    def forward(state, params, batch, key, total):
+        """Objective, outputs and new BatchNorm statistics of one (micro-)batch."""
+        inputs = task.inputs(batch)
         if compute_dtype is not None:
-            params = jax.tree.map(
-                lambda a: a.astype(compute_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
-                params,
-            )
-            x = x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-        logits, batch_stats = _apply(state, params, x, train=True, key=key)
-        logits = logits.astype(jnp.float32)
+            params, inputs = _cast(params, compute_dtype), _cast(inputs, compute_dtype)
+        outputs, batch_stats = apply_model(state, params, inputs, train=True, key=key)
+        outputs = _cast(outputs, jnp.float32)
         if compute_dtype is not None:  # keep the statistics' own dtype
             batch_stats = jax.tree.map(
                 lambda n, o: n.astype(o.dtype), batch_stats, state.batch_stats
             )
-        return jnp.mean(loss_fn(logits, y)), (logits, batch_stats)
+        return _objective(task, outputs, batch, total), (outputs, batch_stats)
 
-    def gradients(state, x, y, key):
+    def gradients(state, batch, key):
         if accumulate == 1:
-            return jax.value_and_grad(lambda p: forward(state, p, x, y, key), has_aux=True)(
+            return jax.value_and_grad(lambda p: forward(state, p, batch, key, None), has_aux=True)(
                 state.params
             )
-        if x.shape[0] % accumulate:
-            raise ValueError(
-                f"batch of {x.shape[0]} is not divisible into accumulate={accumulate} micro-batches"
-            )
-        xs = x.reshape(accumulate, x.shape[0] // accumulate, *x.shape[1:])
-        ys = y.reshape(accumulate, y.shape[0] // accumulate, *y.shape[1:])
+        weight = task.loss_weight(batch)
+        total = jnp.float32(num_examples(batch)) if weight is None else jnp.sum(weight)
 
         def micro(carry, inp):
             grads_sum, loss_sum, stats = carry
-            xm, ym, k = inp
-            (loss, (logits, stats)), g = jax.value_and_grad(
-                lambda p: forward(state.replace(batch_stats=stats), p, xm, ym, k), has_aux=True
+            mb, k = inp
+            (loss, (outputs, stats)), g = jax.value_and_grad(
+                lambda p: forward(state.replace(batch_stats=stats), p, mb, k, total),
+                has_aux=True,
             )(state.params)
-            return (jax.tree.map(jnp.add, grads_sum, g), loss_sum + loss, stats), logits
+            return (jax.tree.map(jnp.add, grads_sum, g), loss_sum + loss, stats), outputs
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         keys = jax.random.split(key, accumulate)
-        (grads, loss, stats), logits = jax.lax.scan(
-            micro, (zeros, jnp.zeros((), jnp.float32), state.batch_stats), (xs, ys, keys)
+        (grads, loss, stats), outputs = jax.lax.scan(
+            micro,
+            (zeros, jnp.zeros((), jnp.float32), state.batch_stats),
+            (_micro_batches(batch, accumulate), keys),
         )
-        grads = jax.tree.map(lambda g: g / accumulate, grads)
-        logits = logits.reshape(x.shape[0], *logits.shape[2:])
-        return (loss / accumulate, (logits, stats)), grads
+        outputs = jax.tree.map(lambda o: o.reshape(-1, *o.shape[2:]), outputs)
+        return (loss, (outputs, stats)), grads
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        x, y = batch
         dropout_key = jax.random.fold_in(state.key, state.step)
         if augment is not None or mix is not None:
-            aug_key, mix_key = jax.random.split(jax.random.fold_in(dropout_key, 1))
-            if augment is not None:
-                x = jax.vmap(augment)(jax.random.split(aug_key, x.shape[0]), x)
-            if mix is not None:
-                kind, alpha, num_classes = mix
-                x, y = mix_batch(mix_key, x, y, num_classes, kind=kind, alpha=alpha)
-
-        (loss, (logits, batch_stats)), grads = gradients(state, x, y, dropout_key)
+            batch = _augment_batch(task, batch, jax.random.fold_in(dropout_key, 1), augment, mix)
+        (loss, (outputs, batch_stats)), grads = gradients(state, batch, dropout_key)
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "accuracy": jnp.mean(accuracy(logits, y))}
+        metrics = {"loss": loss, **train_metrics(task, outputs, batch)}
         if skip_nonfinite:
             grad_norm = optax.tree.norm(grads)
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -183,71 +197,96 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(
-    loss_fn: LossFn = cross_entropy,
-) -> Callable[[TrainState, Batch, jax.Array], Metrics]:
-    """Build ``eval_step(state, (x, y), weight) -> sums``: evaluation mode (running
-    BatchNorm statistics, no dropout), returning weighted sums ``loss_sum``,
-    ``correct`` and ``count`` so that padded batches average exactly."""
-
-    def eval_step(state: TrainState, batch: Batch, weight: jax.Array) -> Metrics:
-        x, y = batch
-        logits, _ = _apply(state, state.params, x, train=False, key=None)
-        return {
-            "loss_sum": jnp.sum(weight * loss_fn(logits, y)),
-            "correct": jnp.sum(weight * accuracy(logits, y)),
-            "count": jnp.sum(weight),
-        }
-
-    return eval_step
+def _augment_batch(task: Task, batch: Batch, key: jax.Array, augment, mix) -> Batch:
+    """Per-example augmentation of the model's input, then mixup/cutmix of inputs and targets."""
+    aug_key, mix_key = jax.random.split(key)
+    x = task.inputs(batch)
+    if augment is not None:
+        x = jax.vmap(augment)(jax.random.split(aug_key, num_examples(batch)), x)
+    batch = task.with_inputs(batch, x)
+    if mix is not None:
+        kind, alpha, num_classes = mix
+        x, y = mix_batch(mix_key, x, task.targets(batch), num_classes, kind=kind, alpha=alpha)
+        batch = task.with_targets(task.with_inputs(batch, x), y)
+    return batch
 
 
-def _evaluate_batches(eval_step, state, xb, yb, wb) -> Metrics:
-    def body(carry, batch):
-        x, y, w = batch
-        return jax.tree.map(jnp.add, carry, eval_step(state, (x, y), w)), None
+@dataclasses.dataclass(frozen=True)
+class EvalStep:
+    """``eval_step(state, batch, weight) -> sums``: evaluation mode (running BatchNorm
+    statistics, no dropout), returning the task's weighted sums (`jtricks.tasks.batch_sums`)
+    so that padded batches and any batch size give exact split metrics; ``metrics(sums)``
+    turns the summed sums into the task's metrics."""
 
-    zero = {"loss_sum": jnp.zeros(()), "correct": jnp.zeros(()), "count": jnp.zeros(())}
-    sums, _ = jax.lax.scan(body, zero, (xb, yb, wb))
-    return {"loss": sums["loss_sum"] / sums["count"], "accuracy": sums["correct"] / sums["count"]}
+    task: Task
+
+    def __call__(self, state: TrainState, batch: Batch, weight: jax.Array) -> Metrics:
+        outputs, _ = apply_model(
+            state, state.params, self.task.inputs(batch), train=False, key=None
+        )
+        return batch_sums(self.task, _cast(outputs, jnp.float32), batch, weight)
+
+    def metrics(self, sums: Metrics) -> Metrics:
+        return finalize(self.task, sums)
+
+
+def make_eval_step(loss_fn: LossFn | None = None, *, task: Task | str | None = None) -> EvalStep:
+    """Build the `EvalStep` of a task (or of a loss, see `jtricks.tasks.as_task`)."""
+    return EvalStep(as_task(task, loss_fn))
+
+
+def evaluate_batches(
+    eval_step: EvalStep, state: TrainState, batches: Batch, wb: jax.Array
+) -> Metrics:
+    """The task's metrics over pre-batched, padded data ``(B, batch, ...)`` with weights ``wb``."""
+
+    def body(carry, inp):
+        batch, w = inp
+        return jax.tree.map(jnp.add, carry, eval_step(state, batch, w)), None
+
+    first = jax.tree.map(lambda a: a[0], (batches, wb))
+    shapes = jax.eval_shape(eval_step, state, *first)
+    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+    sums, _ = jax.lax.scan(body, zero, (batches, wb))
+    return eval_step.metrics(sums)
 
 
 def make_epoch_fn(
     train_step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]],
-    eval_step: Callable[[TrainState, Batch, jax.Array], Metrics] | None = None,
+    eval_step: EvalStep | None = None,
     batch_sharding: Any = None,
 ):
-    """Compile ``run_epoch(state, x, y, data_key, epoch, offset, val, *, num_steps, batch_size)
+    """Compile ``run_epoch(state, data, data_key, epoch, offset, val, *, num_steps, batch_size)
     -> (state, metrics)``: one program per epoch, training and validation together.
 
-    The epoch's batches are ``epoch_indices(fold_in(data_key, epoch), N, batch_size, N // batch_size)``;
-    the call runs ``num_steps`` of them starting at batch ``offset`` (both traced, so a
-    short last epoch or resuming mid-epoch does not recompile). Each loop iteration gathers its batch
-    from the device-resident ``x, y``. Returned metrics are the epoch means of the
-    step metrics, ``param_norm`` at the end of the epoch and, when ``val`` (padded
-    batches from `pad_batches`) is given and ``eval_step`` was supplied,
-    ``val_loss`` and ``val_accuracy`` (and ``val_ema_loss`` / ``val_ema_accuracy`` on the
-    EMA parameters when the state keeps them). With a `jtricks.optim.fused` optimizer the
-    parameters are `Flat` inside the epoch (one buffer per dtype group; the gradient comes
-    out flat, the update runs on the buffers) and trees outside it. The state is donated, so its buffers are
+    ``data`` is the training set as a pytree of device arrays with a common leading axis
+    N. The epoch's batches are ``epoch_indices(fold_in(data_key, epoch), N, batch_size,
+    N // batch_size)``; the call runs ``num_steps`` of them starting at batch ``offset``
+    (both traced, so a short last epoch or resuming mid-epoch does not recompile) in a
+    `lax.fori_loop` whose every iteration gathers its batch from the device-resident data.
+    Returned metrics are the epoch means of the step metrics, ``param_norm`` at the end of
+    the epoch and, when ``val`` (``(batches, weights)`` from `pad_batches`) is given and
+    ``eval_step`` was supplied, ``val_<metric>`` for each of the task's metrics (and
+    ``val_ema_<metric>`` on the EMA parameters when the state keeps them). With a
+    `jtricks.optim.fused` optimizer the parameters are `Flat` inside the epoch (one buffer
+    per dtype group) and trees outside it. The state is donated, so its buffers are
     reused in place. One dispatch and one host transfer per epoch. With ``batch_sharding``
     (a `jax.sharding.NamedSharding` over a data axis) every batch is constrained to it, so
     the step runs data-parallel under GSPMD.
     """
 
     @partial(jax.jit, static_argnames=("batch_size",), donate_argnums=0)
-    def run_epoch(state, x, y, data_key, epoch, offset, val=None, *, num_steps, batch_size: int):
+    def run_epoch(state, data, data_key, epoch, offset, val=None, *, num_steps, batch_size: int):
         key = jax.random.fold_in(data_key, epoch)
-        steps_per_epoch = x.shape[0] // batch_size
-        idx = epoch_indices(key, x.shape[0], batch_size, steps_per_epoch)
+        n = num_examples(data)
+        steps_per_epoch = n // batch_size
+        idx = epoch_indices(key, n, batch_size, steps_per_epoch)
 
         def step_at(state, i):
-            b = idx[i]
-            xb, yb = x[b], y[b]
+            batch = jax.tree.map(lambda a: a[idx[i]], data)
             if batch_sharding is not None:  # data parallel: each device takes its slice
-                xb = jax.lax.with_sharding_constraint(xb, batch_sharding)
-                yb = jax.lax.with_sharding_constraint(yb, batch_sharding)
-            return train_step(state, (xb, yb))
+                batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+            return train_step(state, batch)
 
         fused = is_fused(state.opt_state)
         if fused:  # fused optimizer: flat params (and EMA) for the whole epoch, one copy each way
@@ -276,35 +315,36 @@ def make_epoch_fn(
             metrics["param_norm"] = optax.tree.norm(state.params)  # once, at the end of the epoch
         if val is not None and eval_step is not None:
             metrics.update(
-                {f"val_{k}": v for k, v in _evaluate_batches(eval_step, state, *val).items()}
+                {f"val_{k}": v for k, v in evaluate_batches(eval_step, state, *val).items()}
             )
             if state.ema_params is not None:
-                ema = _evaluate_batches(eval_step, state.with_ema_params(), *val)
+                ema = evaluate_batches(eval_step, state.with_ema_params(), *val)
                 metrics.update({f"val_ema_{k}": v for k, v in ema.items()})
         return state, metrics
 
     return run_epoch
 
 
-def make_evaluate_fn(eval_step: Callable[[TrainState, Batch, jax.Array], Metrics]):
-    """Compile ``evaluate(state, xb, yb, wb) -> {"loss", "accuracy"}`` over pre-batched,
-    padded arrays ``(B, batch, ...)`` with weights ``wb`` (1 real, 0 padding)."""
-    return jax.jit(partial(_evaluate_batches, eval_step))
+def make_evaluate_fn(eval_step: EvalStep):
+    """Compile ``evaluate(state, batches, wb) -> metrics`` over pre-batched, padded data
+    ``(B, batch, ...)`` with weights ``wb`` (1 real, 0 padding), from `pad_batches`."""
+    return jax.jit(partial(evaluate_batches, eval_step))
 
 
-def pad_batches(x: Any, y: Any, batch_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Cut ``(x, y)`` into ``ceil(N / batch_size)`` batches, zero-padding the last; also
-    return the 0/1 weights that mark real examples. Shapes ``(B, batch_size, ...)``."""
-    x, y = np.asarray(x), np.asarray(y)  # padded on the host: no small programs to compile
-    n = x.shape[0]
+def pad_batches(data: Batch, batch_size: int) -> tuple[Batch, jax.Array]:
+    """Cut a data pytree (leading axis N) into ``ceil(N / batch_size)`` batches, zero-padding
+    the last; also return the 0/1 weights that mark real examples. Leaves get shape
+    ``(B, batch_size, ...)``, weights ``(B, batch_size)``. Padded on the host, so no small
+    programs are compiled."""
+    data = jax.tree.map(np.asarray, data)
+    n = num_examples(data)
     bs = min(batch_size, n)
     nb = -(-n // bs)
     pad = nb * bs - n
+
+    def cut(a: np.ndarray) -> jax.Array:
+        a = np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)])
+        return jnp.asarray(a.reshape(nb, bs, *a.shape[1:]))
+
     w = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
-    x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-    y = np.concatenate([y, np.zeros((pad,), y.dtype)])
-    return (
-        jnp.asarray(x.reshape(nb, bs, *x.shape[1:])),
-        jnp.asarray(y.reshape(nb, bs)),
-        jnp.asarray(w.reshape(nb, bs)),
-    )
+    return jax.tree.map(cut, data), jnp.asarray(w.reshape(nb, bs))

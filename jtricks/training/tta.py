@@ -34,8 +34,9 @@ from jtricks.data.datasets import validate_arrays
 from jtricks.errors import check_int
 from jtricks.losses import accuracy, cross_entropy
 from jtricks.training.distributed import like_state
+from jtricks.training.model import apply_model
 from jtricks.training.state import TrainState
-from jtricks.training.steps import _apply, pad_batches
+from jtricks.training.steps import pad_batches
 
 __all__ = ["evaluate_tta", "tta_log_probs"]
 
@@ -44,7 +45,7 @@ def _view_log_probs(state: TrainState, x, ids, key, augment, views: int) -> jax.
     """Log of the mean softmax over ``views`` views of the batch ``x`` (global indices ``ids``)."""
 
     def log_probs(xv):
-        logits, _ = _apply(state, state.params, xv, train=False, key=None)
+        logits, _ = apply_model(state, state.params, xv, train=False, key=None)
         return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
     def body(v, acc):
@@ -88,8 +89,8 @@ def _run(state, data, augment, views, key, loss_fn, batch_size):
     validate_arrays(x, y, None, where="evaluation data")
     views = check_int("views", views, low=1)
     batch_size = check_int("batch_size", batch_size, low=1)
-    batches, key = like_state((pad_batches(x, y, batch_size), key), state.params)
-    return _compiled(loss_fn, augment, views)(state, *batches, key), len(y)
+    ((xb, yb), wb), key = like_state((pad_batches((x, y), batch_size), key), state.params)
+    return _compiled(loss_fn, augment, views)(state, xb, yb, wb, key), len(y)
 
 
 def evaluate_tta(

@@ -1,0 +1,71 @@
+"""Regression: real-valued targets of any shape, mean squared error."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax.numpy as jnp
+import numpy as np
+
+from jtricks.tasks.base import Task, check_finite
+
+
+@dataclasses.dataclass(frozen=True)
+class Regression(Task):
+    """Regression with the mean squared error.
+
+    Outputs and targets share their per-example shape (targets ``(N,)`` also fit
+    outputs ``(N, 1)``). With ``D`` target values per example, flattened:
+
+    * loss (per example) ``(1/D) sum_d (p_d - t_d)^2``; metric ``mse``, its split mean;
+    * ``mae``: ``(1/(N D)) sum_i sum_d |p_id - t_id|``;
+    * ``r2``: ``(1/D) sum_d (1 - SSE_d / SST_d)`` with ``SSE_d = sum_i (t_id - p_id)^2`` and
+      ``SST_d = sum_i (t_id - mean_d)^2 = sum_i t_id^2 - (sum_i t_id)^2 / N`` (scikit-learn's
+      ``r2_score``, "uniform_average"). Accumulated as sums over the split in float32.
+    """
+
+    name: ClassVar[str] = "regression"
+    train_metrics: ClassVar[tuple[str, ...]] = ("mae",)
+
+    def _pair(self, outputs, batch):
+        p = outputs.reshape(outputs.shape[0], -1).astype(jnp.float32)
+        t = self.targets(batch).reshape(outputs.shape[0], -1).astype(jnp.float32)
+        return p, t
+
+    def loss(self, outputs, batch):
+        p, t = self._pair(outputs, batch)
+        return jnp.mean(jnp.square(p - t), axis=-1)
+
+    def stats(self, outputs, batch):
+        p, t = self._pair(outputs, batch)
+        return {
+            "sq_err": jnp.square(p - t),
+            "abs_err": jnp.mean(jnp.abs(p - t), axis=-1),
+            "t": t,
+            "t2": jnp.square(t),
+        }
+
+    def finalize(self, sums):
+        n = sums["count"]
+        sst = sums["t2"] - jnp.square(sums["t"]) / n
+        return {
+            "mse": jnp.mean(sums["sq_err"]) / n,
+            "mae": sums["abs_err"] / n,
+            "r2": jnp.mean(1.0 - sums["sq_err"] / sst),
+        }
+
+    def check(self, batch, outputs, where):
+        t = np.asarray(self.targets(batch))
+        field = self.field_name(batch, "targets")
+        per_example = tuple(outputs.shape[1:])
+        if t.shape[1:] != per_example and not (per_example == (1,) and t.ndim == 1):
+            raise self.error(
+                where,
+                field,
+                f"targets must have the model's output shape {per_example} per example; "
+                f"got {t.shape[1:]}",
+            )
+        if not np.issubdtype(t.dtype, np.number) or np.issubdtype(t.dtype, np.complexfloating):
+            raise self.error(where, field, f"targets must be real numbers; got dtype {t.dtype}")
+        check_finite(self, where, field, t)

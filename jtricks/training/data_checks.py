@@ -1,0 +1,97 @@
+"""Checks of user data before anything is compiled: structure, values, fit to the model.
+
+Every failure is a `ConfigError` that names where the data came from ("training data",
+"validation data", ...), the entry of the batch and what is allowed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from jtricks.errors import ConfigError
+from jtricks.tasks import Task
+from jtricks.training.model import apply_model
+
+
+def as_host(data: Any, where: str) -> Any:
+    """``data`` with every leaf a NumPy array, checked to share a leading example axis N >= 1."""
+    try:
+        data = jax.tree.map(np.asarray, data)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: entries must be arrays: {e}") from None
+    leaves = jax.tree_util.tree_leaves_with_path(data)
+    if not leaves:
+        raise ConfigError(f"{where}: the batch holds no arrays")
+    sizes = {}
+    for path, a in leaves:
+        name = jax.tree_util.keystr(path) or "data"
+        if a.ndim == 0:
+            raise ConfigError(
+                f"{where}: features must have shape (N, ...) with N examples; "
+                f"entry {name} has shape ()"
+            )
+        sizes[name] = a.shape[0]
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{k}: {v}" for k, v in sizes.items())
+        raise ConfigError(f"{where}: every entry needs the same number of examples; got {listed}")
+    if next(iter(sizes.values())) == 0:
+        raise ConfigError(f"{where}: no examples")
+    return data
+
+
+def check_inputs(task: Task, data: Any, where: str) -> None:
+    """The model's inputs must be numeric and finite."""
+    for path, x in jax.tree_util.tree_leaves_with_path(task.inputs(data)):
+        name = f" {jax.tree_util.keystr(path)}" if path else ""
+        if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+            raise ConfigError(f"{where}: features{name} must be numeric; got dtype {x.dtype}")
+        if np.issubdtype(x.dtype, np.floating):
+            bad = ~np.isfinite(x)
+            if bad.any():
+                first = tuple(int(i) for i in np.argwhere(bad)[0])
+                raise ConfigError(
+                    f"{where}: features{name} contain {int(bad.sum())} non-finite values "
+                    f"(NaN or inf), first at index {first}"
+                )
+
+
+def model_outputs(state: Any, task: Task, data: Any, where: str) -> jax.ShapeDtypeStruct:
+    """The shape of the model's outputs for the first example of ``data`` (not computed)."""
+    first = jax.tree.map(lambda a: a[:1], task.inputs(data))
+    try:
+        out = jax.eval_shape(
+            lambda s, x: apply_model(s, s.params, x, train=False, key=None)[0], state, first
+        )
+    except Exception as e:  # a shape mismatch deep inside the user's model
+        shapes = jax.tree.map(lambda a: a.shape[1:], first)
+        raise ConfigError(
+            f"{where}: the model cannot take inputs of shape {shapes} per example: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
+    if not isinstance(out, jax.ShapeDtypeStruct):
+        raise ConfigError(
+            f"{where}: the {task.name} task needs the model to return one array; "
+            f"it returns {jax.tree.structure(out)}"
+        )
+    return out
+
+
+def check_data(state: Any, task: Task, data: Any, where: str) -> Any:
+    """All of the above plus the task's own checks; returns the data as NumPy arrays."""
+    data = as_host(data, where)
+    check_inputs(task, data, where)
+    task.check(data, model_outputs(state, task, data, where), where)
+    return data
+
+
+def check_like(data: Any, reference: Any, where: str) -> None:
+    """``data`` has the structure and per-example shapes of the training data."""
+    shapes = jax.tree.map(lambda a: a.shape[1:], data)
+    expected = jax.tree.map(lambda a: a.shape[1:], reference)
+    if jax.tree.structure(data) != jax.tree.structure(reference) or shapes != expected:
+        raise ConfigError(
+            f"{where}: validation examples have shape {shapes}, training examples {expected}"
+        )

@@ -1,0 +1,364 @@
+"""Tasks: every task trains through `fit`, its metrics equal a float64 NumPy computation on
+the same outputs, batch layouts (tuple / dict) give identical runs, evaluation does not
+depend on the batch size, and bad data names the task and the field."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jtricks.errors import ConfigError
+from jtricks.losses import binary_cross_entropy, mse
+from jtricks.tasks import (
+    WHOLE_BATCH,
+    LanguageModel,
+    LossTask,
+    MultiLabel,
+    Regression,
+    Segmentation,
+    as_task,
+    build_task,
+)
+from jtricks.training import EarlyStopping, create_train_state, evaluate, fit
+from jtricks.training.model import detect_train_arg
+
+TX = optax.adam(3e-2)
+
+
+class Linear(nn.Module):
+    """A model with no ``train`` keyword: a dense layer over the last axis."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(self.features)(x)
+
+
+class TokenModel(nn.Module):
+    """Embedding then a per-position dense layer (a bigram language model), no train flag."""
+
+    vocab: int
+
+    @nn.compact
+    def __call__(self, tokens):
+        return nn.Dense(self.vocab)(nn.Embed(self.vocab, 8)(tokens))
+
+
+class DictModel(nn.Module):
+    """Reads the whole batch dict: two inputs, concatenated."""
+
+    @nn.compact
+    def __call__(self, batch, *, deterministic: bool = True):
+        x = jnp.concatenate([batch["a"], batch["b"]], axis=-1)
+        x = nn.Dropout(0.5)(nn.Dense(8)(x), deterministic=deterministic)
+        return nn.Dense(2)(x)
+
+
+def _outputs(state, x) -> np.ndarray:
+    """The model's evaluation outputs, computed outside jtricks' steps."""
+    return np.asarray(
+        state.apply_fn({"params": state.params}, jnp.asarray(x), train=False), np.float64
+    )
+
+
+def _same(a: dict, b: dict, rtol: float = 2e-5) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=1e-6, err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def regression_data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(96, 5)).astype(np.float32)
+    w = rng.normal(size=(5, 3))
+    y = (x @ w + 0.1 * rng.normal(size=(96, 3)) + 2.0).astype(np.float32)
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def regression_run(regression_data):
+    x, y = regression_data
+    state = create_train_state(Linear(3), TX, x, jax.random.key(0))
+    return fit(state, (x, y), loss_fn=mse, batch_size=16, epochs=8, val_data=(x[:40], y[:40]))
+
+
+def test_regression_trains_and_metrics_match_numpy(regression_run, regression_data):
+    x, y = regression_data
+    state, hist = regression_run
+    assert hist["train_loss"][-1] < 0.2 * hist["train_loss"][0]
+    assert {"val_mse", "val_mae", "val_r2", "train_mae"} <= set(hist.records[-1])
+    got = evaluate(state, (x, y), task="regression", batch_size=96)
+    p, t = _outputs(state, x), y.astype(np.float64)
+    sst = ((t - t.mean(0)) ** 2).sum(0)
+    expected = {
+        "loss": np.mean((p - t) ** 2),
+        "mse": np.mean((p - t) ** 2),
+        "mae": np.mean(np.abs(p - t)),
+        "r2": np.mean(1 - ((t - p) ** 2).sum(0) / sst),
+    }
+    _same(got, expected, rtol=1e-4)
+    _same(evaluate(state, (x, y), loss_fn=mse, batch_size=7), got)
+
+
+def test_dict_and_tuple_batches_are_bit_identical(regression_run, regression_data):
+    x, y = regression_data
+    state = create_train_state(Linear(3), TX, x, jax.random.key(0))
+    s_dict, h_dict = fit(
+        state,
+        {"x": x, "y": y},
+        task=Regression(),
+        batch_size=16,
+        epochs=8,
+        val_data={"x": x[:40], "y": y[:40]},
+    )
+    s_tuple, h_tuple = regression_run
+    for a, b in zip(jax.tree.leaves(s_dict.params), jax.tree.leaves(s_tuple.params), strict=True):
+        assert np.array_equal(a, b)
+    assert h_dict["val_r2"].tolist() == h_tuple["val_r2"].tolist()
+
+
+def test_multilabel_metrics_match_numpy():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(80, 6)).astype(np.float32)
+    y = (x[:, :4] + 0.3 * rng.normal(size=(80, 4)) > 0).astype(np.float32)
+    state = create_train_state(Linear(4), TX, x, jax.random.key(1))
+    state, hist = fit(state, (x, y), task="multilabel", batch_size=16, epochs=6)
+    assert hist["train_loss"][-1] < hist["train_loss"][0]
+    got = evaluate(state, (x, y), task=MultiLabel(), batch_size=13)
+    z = _outputs(state, x)
+    bce = np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))
+    right = (z > 0) == (y >= 0.5)
+    _same(
+        got,
+        {"loss": bce.mean(), "label_accuracy": right.mean(), "exact_match": right.all(1).mean()},
+    )
+    assert got["label_accuracy"] > 0.8
+
+
+def test_binary_cross_entropy_refuses_broadcasting():
+    # (N, 1) logits against (N,) labels: one label per example, log 2 each
+    np.testing.assert_allclose(
+        binary_cross_entropy(jnp.zeros((4, 1)), jnp.array([0, 1, 1, 0])), np.log(2), rtol=1e-6
+    )
+    with pytest.raises(ValueError, match="shape"):
+        binary_cross_entropy(jnp.zeros((4, 3)), jnp.zeros(4))
+
+
+@pytest.fixture(scope="module")
+def segmentation_data():
+    """1-D signals of 16 positions, 2 channels; the class of a position is set by its signal."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(60, 16, 2)).astype(np.float32)
+    y = (x[..., 0] > 0.5).astype(np.int32) + (x[..., 1] > 0.8).astype(np.int32)
+    mask = (rng.random((60, 16)) > 0.2).astype(np.float32)
+    return {"x": x, "y": y, "mask": mask}
+
+
+def _segmentation_reference(z: np.ndarray, batch: dict) -> dict:
+    y, m = batch["y"], batch["mask"].astype(bool)
+    logp = (
+        z
+        - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        - z.max(-1, keepdims=True)
+    )
+    ce = -np.take_along_axis(logp, y[..., None], -1)[..., 0]
+    per_example = (ce * m).sum(1) / np.maximum(m.sum(1), 1)
+    pred = z.argmax(-1)
+    ious, dices = [], []
+    for c in range(z.shape[-1]):
+        p, t = (pred == c) & m, (y == c) & m
+        if p.sum() + t.sum():
+            inter = (p & t).sum()
+            ious.append(inter / (p | t).sum())
+            dices.append(2 * inter / (p.sum() + t.sum()))
+    return {
+        "loss": per_example.mean(),
+        "pixel_accuracy": ((pred == y) & m).sum() / m.sum(),
+        "mean_iou": np.mean(ious),
+        "dice": np.mean(dices),
+    }
+
+
+def test_segmentation_trains_and_metrics_match_numpy(segmentation_data):
+    batch = segmentation_data
+    task = Segmentation(dice_weight=0.5)
+    state = create_train_state(Linear(3), TX, batch["x"], jax.random.key(2))
+    state, hist = fit(state, batch, task=task, batch_size=12, epochs=20, val_data=batch)
+    assert hist["train_loss"][-1] < 0.7 * hist["train_loss"][0]
+    assert hist["val_pixel_accuracy"][-1] > 0.75  # the majority class is 55%
+    got = evaluate(state, batch, task=Segmentation(), batch_size=60)
+    _same(got, _segmentation_reference(_outputs(state, batch["x"]), batch), rtol=1e-5)
+    _same(evaluate(state, batch, task=Segmentation(), batch_size=7), got)
+    # a Dice weight changes the loss only: the reported metrics are the same
+    with_dice = evaluate(state, batch, task=task, batch_size=60)
+    assert with_dice["loss"] > got["loss"]
+    assert with_dice["mean_iou"] == got["mean_iou"]
+
+
+@pytest.fixture(scope="module")
+def token_data():
+    """A token stream from a fixed bigram chain over 7 tokens; the last positions padded."""
+    rng = np.random.default_rng(3)
+    nxt = rng.integers(0, 7, size=7)
+    seq = np.zeros((48, 13), np.int32)
+    seq[:, 0] = rng.integers(0, 7, size=48)
+    for t in range(1, 13):
+        noisy = rng.random(48) < 0.1
+        seq[:, t] = np.where(noisy, rng.integers(0, 7, size=48), nxt[seq[:, t - 1]])
+    lengths = rng.integers(6, 13, size=48)
+    mask = (np.arange(12)[None] < lengths[:, None]).astype(np.float32)
+    return {"tokens": seq[:, :-1], "y": seq[:, 1:], "mask": mask}
+
+
+def test_language_model_trains_and_metrics_match_numpy(token_data):
+    batch = token_data
+    state = create_train_state(TokenModel(7), TX, batch["tokens"], jax.random.key(3))
+    state, hist = fit(state, batch, task="lm", batch_size=8, epochs=10, val_data=batch)
+    assert hist["train_loss"][-1] < 0.5 * hist["train_loss"][0]
+    got = evaluate(state, batch, task=LanguageModel(), batch_size=48)
+    z = _outputs(state, batch["tokens"])
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    ce = -np.take_along_axis(logp, batch["y"][..., None], -1)[..., 0]
+    m = batch["mask"].astype(bool)
+    token_loss = ce[m].mean()  # the mean over real tokens, not over examples
+    expected = {
+        "loss": token_loss,
+        "perplexity": np.exp(token_loss),
+        "token_accuracy": (z.argmax(-1) == batch["y"])[m].mean(),
+    }
+    _same(got, expected, rtol=1e-5)
+    _same(evaluate(state, batch, task="lm", batch_size=5), got)
+    # pad_id: the same tokens left out by value instead of by a mask
+    padded = {"tokens": batch["tokens"], "y": np.where(m, batch["y"], 6)}
+    by_id = evaluate(state, padded, task=LanguageModel(pad_id=6))
+    ok = m & (batch["y"] != 6)
+    np.testing.assert_allclose(by_id["loss"], ce[ok].mean(), rtol=1e-5)
+
+
+def test_custom_loss_with_extra_metrics(regression_data):
+    x, y = regression_data
+    y1 = y[:, 0]
+
+    def loss(out, target):
+        err = out[:, 0] - target
+        return err**2, {"abs_err": jnp.abs(err)}
+
+    state = create_train_state(Linear(1), TX, x, jax.random.key(4))
+    state, hist = fit(state, (x, y1), loss_fn=loss, batch_size=16, epochs=3, val_data=(x, y1))
+    assert "train_abs_err" in hist.records[0] and "val_abs_err" in hist.records[0]
+    got = evaluate(state, (x, y1), loss_fn=loss, batch_size=10)
+    err = _outputs(state, x)[:, 0] - y1
+    _same(got, {"loss": np.mean(err**2), "abs_err": np.mean(np.abs(err))})
+
+
+def test_model_reading_the_whole_batch_with_deterministic_flag():
+    rng = np.random.default_rng(5)
+    batch = {
+        "a": rng.normal(size=(40, 3)).astype(np.float32),
+        "b": rng.normal(size=(40, 2)).astype(np.float32),
+        "y": rng.integers(0, 2, size=40).astype(np.int32),
+    }
+    model = DictModel()
+    assert detect_train_arg(model) == "deterministic"
+    task = as_task("classification").__class__(input_key=WHOLE_BATCH)
+    state = create_train_state(model, TX, batch, jax.random.key(6))
+    inputs = jax.tree.map(jnp.asarray, batch)
+    variables = {"params": state.params}
+    eval_out = state.apply_fn(variables, inputs, train=False)
+    train_out = state.apply_fn(variables, inputs, train=True, rngs={"dropout": jax.random.key(0)})
+    assert not np.allclose(eval_out, train_out)  # dropout on only in training mode
+    state, hist = fit(state, batch, task=task, batch_size=10, epochs=2)
+    assert int(state.step) == 8 and np.isfinite(hist["train_loss"]).all()
+
+
+def test_callbacks_monitor_any_metric(regression_data):
+    x, y = regression_data
+    state = create_train_state(Linear(3), TX, x, jax.random.key(0))
+    stop = EarlyStopping(patience=1, monitor="val_r2", mode="max")
+    _, hist = fit(
+        state,
+        (x, y),
+        loss_fn=mse,
+        batch_size=16,
+        epochs=3,
+        val_data=(x[:40], y[:40]),
+        callbacks=[stop],
+    )
+    assert stop.best == max(hist["val_r2"])
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        (
+            "float labels",
+            r"classification task, training data, targets \(batch\[1\]\): class labels must be integers",
+        ),
+        (
+            "nan targets",
+            r"regression task, training data, targets \('y'\): 2 non-finite values \(NaN or inf\), first at index \(3, 0\)",
+        ),
+        (
+            "mask shape",
+            r"segmentation task, training data, 'mask': a mask must have the targets' shape",
+        ),
+        (
+            "outputs",
+            r"segmentation task, training data, targets \('y'\).*need model outputs of shape",
+        ),
+        ("one logit", r"labels must lie in \[0, 0\] because the model has 1 outputs"),
+        ("ragged", r"every entry needs the same number of examples"),
+        ("wrong width", r"the model cannot take inputs of shape"),
+    ],
+)
+def test_bad_data_names_task_and_field(case, match, segmentation_data):
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(20, 4)).astype(np.float32)
+    y = rng.normal(size=(20, 2)).astype(np.float32)
+    state = create_train_state(Linear(2), TX, x, jax.random.key(0))
+    seg = dict(segmentation_data)
+    seg_state = create_train_state(Linear(3), TX, seg["x"], jax.random.key(0))
+    kwargs = {"batch_size": 4, "epochs": 1}
+    call = {
+        "float labels": lambda: fit(state, (x, y[:, 0]), **kwargs),
+        "nan targets": lambda: fit(
+            state,
+            {"x": x, "y": np.where(np.arange(20)[:, None] == 3, np.nan, y)},
+            task="regression",
+            **kwargs,
+        ),
+        "mask shape": lambda: fit(
+            seg_state, {**seg, "mask": seg["mask"][:, :8]}, task=Segmentation(), **kwargs
+        ),
+        "outputs": lambda: fit(
+            state, {"x": x, "y": np.zeros((20, 3), np.int32)}, task="segmentation", **kwargs
+        ),
+        "one logit": lambda: fit(
+            create_train_state(Linear(1), TX, x, jax.random.key(0)),
+            (x, (y[:, 0] > 0).astype(np.int32)),
+            **kwargs,
+        ),
+        "ragged": lambda: fit(state, (x, y[:10]), loss_fn=mse, **kwargs),
+        "wrong width": lambda: fit(state, (x[:, :3], y), loss_fn=mse, **kwargs),
+    }[case]
+    with pytest.raises(ConfigError, match=match):
+        call()
+    assert int(state.step) == 0
+
+
+def test_task_specs_and_losses_map_to_tasks():
+    assert build_task("segmentation(dice_weight=1.0)") == Segmentation(dice_weight=1.0)
+    assert as_task(loss_fn=mse) == Regression()
+    assert isinstance(as_task(loss_fn=lambda z, y: z[:, 0] - y), LossTask)
+    with pytest.raises(ConfigError, match="unknown task 'segment'"):
+        build_task("segment")
+    with pytest.raises(ConfigError, match="dice_weight"):
+        Segmentation(dice_weight=-1.0)
+    with pytest.raises(ConfigError, match="give task or loss_fn, not both"):
+        as_task("regression", mse)
