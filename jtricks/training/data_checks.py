@@ -58,13 +58,21 @@ def check_inputs(task: Task, data: Any, where: str) -> None:
                 )
 
 
+@jax.jit
+def _forward(state: Any, inputs: Any) -> Any:
+    return apply_model(state, state.params, inputs, train=False, key=None)[0]
+
+
 def model_outputs(state: Any, task: Task, data: Any, where: str) -> jax.ShapeDtypeStruct:
-    """The shape of the model's outputs for the first example of ``data`` (not computed)."""
+    """The shape of the model's outputs for the first example of ``data`` (not computed).
+
+    Traced once per model, parameter shapes and input shape: the optimizer is left out of
+    the traced state, so a new state of the same model costs nothing here.
+    """
     first = jax.tree.map(lambda a: a[:1], task.inputs(data))
+    model_only = state.replace(tx=None, opt_state=None, ema_params=None)
     try:
-        out = jax.eval_shape(
-            lambda s, x: apply_model(s, s.params, x, train=False, key=None)[0], state, first
-        )
+        out = _forward.eval_shape(model_only, first)
     except Exception as e:  # a shape mismatch deep inside the user's model
         shapes = jax.tree.map(lambda a: a.shape[1:], first)
         raise ConfigError(
