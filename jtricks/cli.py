@@ -18,6 +18,7 @@ from jtricks.errors import ConfigError
 FLAGS = {
     "recipe": "--recipe",
     "dataset": "--dataset",
+    "task": "--task",
     "model": "--model",
     "optimizer": "--optimizer",
     "learning_rate": "--lr",
@@ -89,7 +90,14 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--dataset",
         default="mnist1d",
-        help="dataset spec: mnist1d, synthetic(shape=(8, 8, 3), ...)",
+        help="dataset spec: mnist1d, synthetic(shape=(8, 8, 3), ...), regression, "
+        "segmentation1d, tokens, text:PATH, npz:PATH, ...",
+    )
+    t.add_argument(
+        "--task",
+        default=None,
+        help="task spec (default: the dataset's own): classification, multilabel, regression, "
+        "segmentation(dice_weight=1.0), lm(pad_id=0)",
     )
     t.add_argument(
         "--model", default="cnn", help="model spec: cnn, mlp, mlp(features=(256, 256), dropout=0.2)"
@@ -454,6 +462,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     config = TrainConfig(
         dataset=args.dataset,
+        task=args.task,
         model=args.model,
         optimizer=args.optimizer,
         learning_rate=args.learning_rate,
@@ -525,21 +534,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if "member_accuracy" in result.test:
         members = "  ".join(f"{a:.4f}" for a in result.test["member_accuracy"])
         print(f"member test_accuracy  {members}")
-    if "ema_accuracy" in result.test:
-        print(
-            f"ema test_loss {result.test['ema_loss']:.4f}  ema test_accuracy {result.test['ema_accuracy']:.4f}"
-        )
+    if "ema_loss" in result.test:
+        ema = {k[4:]: v for k, v in result.test.items() if k.startswith("ema_")}
+        print(_metrics_line(ema, prefix="ema test_"))
     if "tta_views" in result.test:
         print(
             f"single-view test_loss {result.test['single_view_loss']:.4f}  single-view "
             f"test_accuracy {result.test['single_view_accuracy']:.4f}  "
             f"(below: test-time augmentation, {result.test['tta_views']} views)"
         )
-    print(
-        f"test_loss {result.test['loss']:.4f}  test_accuracy {result.test['accuracy']:.4f}  "
-        f"wall {result.wall_s:.1f}s  run folder {result.out}"
-    )
+    line = _metrics_line(result.test)
+    if result.loss_floor is not None:
+        line += f"  loss_floor {result.loss_floor:.4f}  gap {result.test['loss'] - result.loss_floor:.4f}"
+    print(f"{line}  wall {result.wall_s:.1f}s  run folder {result.out}")
     return 1 if result.history.stopped and "non-finite" in result.history.stopped else 0
+
+
+def _metrics_line(test: dict, prefix: str = "test_") -> str:
+    """``test_loss ...  test_<metric> ...`` for the task's metrics (variants left out)."""
+    variants = ("ema_", "single_view_", "member_", "tta_")
+    return "  ".join(
+        f"{prefix}{k} {v:.4f}"
+        for k, v in test.items()
+        if isinstance(v, float) and not k.startswith(variants)
+    )
 
 
 def enable_compilation_cache() -> str | None:

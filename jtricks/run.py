@@ -24,6 +24,7 @@ from jtricks.losses import smoothed_cross_entropy
 from jtricks.nn import build_model
 from jtricks.optim import build_optimizer, build_schedule, fused
 from jtricks.optim.schedules import Plateau
+from jtricks.tasks import Classification, Task, build_task
 from jtricks.training import (
     EarlyStopping,
     History,
@@ -35,6 +36,7 @@ from jtricks.training import (
 )
 from jtricks.training.averaging import SWA
 from jtricks.training.checkpoint import Checkpointer, restore, restore_latest
+from jtricks.training.data_checks import check_data
 from jtricks.training.transfer import forward_layers, freeze, load_pretrained, preset_patterns
 
 
@@ -59,6 +61,7 @@ class TrainConfig:
     """
 
     dataset: str = "mnist1d"
+    task: str | None = None
     model: str = "cnn"
     optimizer: Any = "adam"
     learning_rate: float = 1e-2
@@ -103,6 +106,8 @@ class TrainConfig:
                 raise ConfigError(
                     f"{name} must be a string; got {getattr(self, name)!r}", param=name
                 )
+        if self.task is not None and not isinstance(self.task, str):
+            raise ConfigError(f"task must be a task spec string; got {self.task!r}", param="task")
         if isinstance(self.learning_rate, bool) or not isinstance(self.learning_rate, int | float):
             raise ConfigError(
                 f"learning_rate must be a number; got {self.learning_rate!r}", param="learning_rate"
@@ -275,6 +280,31 @@ class RunResult:
     test: dict[str, float]
     out: Path | None
     wall_s: float
+    loss_floor: float | None = None
+    """The dataset's lowest reachable expected test loss, where known (`Dataset.loss_floor`)."""
+
+
+def _task_for(config: TrainConfig, data: Any) -> Task:
+    """The run's task: ``config.task`` or the dataset's own; refuses what it cannot do."""
+    task = build_task(config.task or data.task)
+    classify = isinstance(task, Classification)
+    if config.label_smoothing:
+        if not classify:
+            raise _not_for(task, "label_smoothing", config.label_smoothing)
+        task = dataclasses.replace(task, label_smoothing=float(config.label_smoothing))
+    if not classify:
+        for name, off in (("tta", 1), ("ensemble", 1), ("mixup", None), ("cutmix", None)):
+            if getattr(config, name) != off:
+                raise _not_for(task, name, getattr(config, name))
+    return task
+
+
+def _not_for(task: Task, name: str, value: Any) -> ConfigError:
+    return ConfigError(
+        f"{name}={value!r} works with the classification task only; this run's task is "
+        f"{task.name!r}",
+        param=name,
+    )
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
@@ -315,25 +345,40 @@ class MetricsLog:
         return False
 
 
+def main_metric(record: dict[str, Any]) -> str | None:
+    """The task's headline metric in a record: the first ``val_<m>`` besides the loss (or,
+    without validation, the first task metric among the ``train_`` entries)."""
+    for k, v in record.items():
+        if k.startswith("val_") and k != "val_loss" and _is_split_metric(k, v):
+            return k[len("val_") :]
+    skip = {"train_loss", "train_grad_norm", "train_param_norm", "train_nonfinite"}
+    names = [k for k in record if k.startswith("train_") and k not in skip]
+    return names[0][len("train_") :] if names else None
+
+
 def plot_curves(history: History, path: Path) -> None:
-    """Save loss and accuracy curves (train and validation, per epoch) as a PNG, atomically."""
+    """Save the loss and the task's headline metric (train and validation, per epoch) as a
+    PNG, atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     epochs = history["epoch"]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, history["train_loss"], label="train")
-    ax_acc.plot(epochs, history["train_accuracy"], label="train")
-    if history.records and "val_loss" in history.records[0]:
-        ax_loss.plot(epochs, history["val_loss"], label="validation")
-        ax_acc.plot(epochs, history["val_accuracy"], label="validation")
+    first = history.records[0] if history.records else {}
+    metric = main_metric(first)
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
+    for prefix, label in (("train_", "train"), ("val_", "validation")):
+        if f"{prefix}loss" in first:
+            ax_loss.plot(epochs, history[f"{prefix}loss"], label=label)
+        if metric is not None and f"{prefix}{metric}" in first:
+            ax_metric.plot(epochs, history[f"{prefix}{metric}"], label=label)
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss", yscale="log")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
-    for ax in (ax_loss, ax_acc):
+    ax_metric.set(xlabel="epoch", ylabel=metric or "", title=metric or "")
+    for ax in (ax_loss, ax_metric):
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
     fig.tight_layout()
     _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
@@ -460,9 +505,14 @@ def train(
     config.validate()
 
     data = load_dataset(config.dataset)
+    task = _task_for(config, data)
     model = build_model(config.model, data.num_classes)
     x_tr, y_tr, x_val, y_val = train_val_split(
-        data.x_train, data.y_train, config.val_fraction, seed=config.seed, stratify=config.stratify
+        data.x_train,
+        data.y_train,
+        config.val_fraction,
+        seed=config.seed,
+        stratify=config.stratify and isinstance(task, Classification),
     )
     if config.batch_size * config.accumulate > len(y_tr):  # checked on the whole split
         raise ConfigError(
@@ -470,8 +520,10 @@ def train(
             f"split); got {config.batch_size} * {config.accumulate}",
             param="batch_size",
         )
-    scaler = Scaler.fit(config.preprocess, x_tr)
-    x_tr, x_val, x_test = scaler(x_tr), scaler(x_val), scaler(data.x_test)
+    x_test = data.x_test
+    if not np.issubdtype(x_tr.dtype, np.integer):  # token ids are never rescaled
+        scaler = Scaler.fit(config.preprocess, x_tr)
+        x_tr, x_val, x_test = scaler(x_tr), scaler(x_val), scaler(x_test)
     nproc, pid = jax.process_count(), jax.process_index()
     if nproc > 1:
         # multi-process (jax.distributed): statistics and splits come from the whole training
@@ -597,6 +649,9 @@ def train(
             t0,
         )
     state = create_train_state(model, tx, x_tr, init_key, ema_decay=config.ema)
+    # the task's checks before the run folder exists: a mismatch leaves nothing behind
+    check_data(state, task, (x_tr, y_tr), "training data")
+    check_data(state, task, (x_test, data.y_test), "test data")
     if config.pretrained is not None and resume is None:
         state, _ = load_pretrained(state, config.pretrained)
     records: list[dict[str, Any]] = []
@@ -660,7 +715,7 @@ def train(
             eval_batch_size=config.eval_batch_size,
             callbacks=callbacks,
             reporter=reporter,
-            loss_fn=loss_fn,
+            task=task,
             max_nonfinite=config.max_nonfinite,
             augment=augment,
             mix=mix,
@@ -669,14 +724,12 @@ def train(
         )
         history.records.extend(new.records)
         history.stopped = new.stopped
-    test = evaluate(
-        state, (x_test, data.y_test), loss_fn=loss_fn, batch_size=config.eval_batch_size
-    )
+    test = evaluate(state, (x_test, data.y_test), task=task, batch_size=config.eval_batch_size)
     if state.ema_params is not None:
         ema = evaluate(
             state.with_ema_params(),
             (x_test, data.y_test),
-            loss_fn=loss_fn,
+            task=task,
             batch_size=config.eval_batch_size,
         )
         test.update({f"ema_{k}": v for k, v in ema.items()})
@@ -705,8 +758,9 @@ def train(
     wall = time.perf_counter() - t0
     if run_dir is not None:
         ema = {f"test_{k}": v for k, v in test.items() if k.startswith("ema_")}
-        _write_summary(run_dir, history, test, state.params, wall, **ema, **tta_extra)
-    return RunResult(config, state, history, test, run_dir, wall)
+        floor = _floor_entries(data.loss_floor, test["loss"])
+        _write_summary(run_dir, history, test, state.params, wall, **ema, **tta_extra, **floor)
+    return RunResult(config, state, history, test, run_dir, wall, data.loss_floor)
 
 
 def _write_summary(
@@ -718,10 +772,8 @@ def _write_summary(
     write_json(
         run_dir / "summary.json",
         {
-            "test_loss": test["loss"],
-            "test_accuracy": test["accuracy"],
-            "val_loss": last["val_loss"],
-            "val_accuracy": last["val_accuracy"],
+            **{f"test_{k}": v for k, v in test.items() if _is_split_metric(k, v)},
+            **{k: v for k, v in last.items() if k.startswith("val_") and _is_split_metric(k, v)},
             "steps": last["step"],
             "epochs": last["epoch"],
             "wall_s": wall,
@@ -731,6 +783,18 @@ def _write_summary(
             **extra,
         },
     )
+
+
+def _floor_entries(floor: float | None, test_loss: float) -> dict[str, float]:
+    if floor is None:
+        return {}
+    return {"loss_floor": floor, "test_loss_gap": test_loss - floor}
+
+
+def _is_split_metric(name: str, value: Any) -> bool:
+    """A task metric of the evaluated split, not a variant reported under its own name."""
+    variants = ("ema_", "single_view_", "member_", "tta_", "val_ema_", "val_member_")
+    return isinstance(value, float) and not name.startswith(variants)
 
 
 def _train_ensemble(

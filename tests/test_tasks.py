@@ -4,6 +4,8 @@ depend on the batch size, and bad data names the task and the field."""
 
 from __future__ import annotations
 
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -362,3 +364,97 @@ def test_task_specs_and_losses_map_to_tasks():
         Segmentation(dice_weight=-1.0)
     with pytest.raises(ConfigError, match="give task or loss_fn, not both"):
         as_task("regression", mse)
+
+
+@pytest.mark.parametrize(
+    ("dataset", "model", "metric"),
+    [
+        ("regression(num_train=200, num_test=50)", "mlp(features=(16,))", "r2"),
+        (
+            "segmentation1d(num_train=60, num_test=20)",
+            "fcn1d(channels=(8, 8), dilations=(1, 2))",
+            "mean_iou",
+        ),
+        (
+            "tokens(num_train=60, num_test=20, seq_len=8, vocab=5)",
+            "transformer_lm(d_model=8, heads=2, layers=1)",
+            "perplexity",
+        ),
+    ],
+)
+def test_cli_trains_each_task(tmp_path, dataset, model, metric):
+    from jtricks.cli import main
+
+    out = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            "--dataset",
+            dataset,
+            "--model",
+            model,
+            "--epochs",
+            "2",
+            "--batch-size",
+            "10",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert np.isfinite(summary[f"test_{metric}"]) and np.isfinite(summary[f"val_{metric}"])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and f"val_{metric}" in records[-1]
+    if "loss_floor" in summary:
+        assert summary["test_loss_gap"] == pytest.approx(
+            summary["test_loss"] - summary["loss_floor"]
+        )
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (
+            [
+                "--dataset",
+                "regression(num_train=50, num_test=10)",
+                "--model",
+                "mlp",
+                "--tta",
+                "3",
+                "--augment",
+                "noise(0.1)",
+            ],
+            "tta=3 works with the classification task only",
+        ),
+        (
+            [
+                "--dataset",
+                "regression(num_train=50, num_test=10)",
+                "--model",
+                "mlp",
+                "--label-smoothing",
+                "0.1",
+            ],
+            "label_smoothing=0.1 works with the classification task only",
+        ),
+        (
+            ["--dataset", "regression(num_train=50, num_test=10)", "--task", "segment"],
+            "unknown task 'segment'",
+        ),
+        (
+            ["--dataset", "mnist1d(num_samples=100)", "--task", "regression", "--batch-size", "10"],
+            "regression task, training data",
+        ),
+    ],
+)
+def test_cli_task_errors(tmp_path, capsys, args, match):
+    from jtricks.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", *args, "--epochs", "1", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err
+    assert not out.exists() or not any(out.iterdir())

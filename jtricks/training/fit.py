@@ -360,4 +360,5 @@ def evaluate(
     batch_size = check_int("batch_size", batch_size, low=1)
     _, evaluate_fn = compiled_functions(task)
     batches = like_state(pad_batches(data, batch_size), state.params)
-    return {k: float(v) for k, v in jax.device_get(evaluate_fn(state, *batches)).items()}
+    metrics = jax.device_get(evaluate_fn(state, *batches))
+    return {"loss": float(metrics.pop("loss")), **{k: float(v) for k, v in metrics.items()}}

@@ -17,14 +17,29 @@ from rich.progress import (
 
 
 def format_record(record: dict[str, Any]) -> str:
-    """One line per epoch: train loss, validation loss and accuracy, steps/s."""
+    """One line per epoch: train loss, validation loss and the task's headline metric
+    (``val_acc`` for classification), steps/s."""
     parts = [
         f"epoch {record['epoch']:>3}",
         f"step {record['step']:>6}",
         f"train_loss {record['train_loss']:.4f}",
     ]
     if "val_loss" in record:
-        parts += [f"val_loss {record['val_loss']:.4f}", f"val_acc {record['val_accuracy']:.4f}"]
+        parts.append(f"val_loss {record['val_loss']:.4f}")
+        metric = next(
+            (
+                k
+                for k, v in record.items()
+                if k.startswith("val_")
+                and k != "val_loss"
+                and not k.startswith(("val_ema_", "val_member_"))
+                and isinstance(v, float)
+            ),
+            None,
+        )
+        if metric is not None:
+            name = "val_acc" if metric == "val_accuracy" else metric
+            parts.append(f"{name} {record[metric]:.4f}")
     parts.append(f"steps/s {record['steps_per_s']:,.0f}")
     return "  ".join(parts)
 
