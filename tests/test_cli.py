@@ -153,11 +153,11 @@ def test_existing_run_folder_is_never_overwritten(tmp_path, capsys):
 
 
 BAD = [
-    (["--dataset", "imagenet"], "--dataset", "mnist1d, npz, synthetic"),
+    (["--dataset", "imagenet"], "--dataset", "mnist1d, npz, regression, segmentation1d, synthetic"),
     (
         ["--model", "vgg"],
         "--model",
-        "cnn, cnn_wide, gru, lstm, mlp, resnet18, resnet20, transformer",
+        "cnn, cnn_wide, fcn1d, gru, lstm, mlp, resnet18, resnet20, transformer, transformer_lm",
     ),
     (
         ["--optimizer", "lion"],
@@ -245,7 +245,7 @@ def test_console_script_exit_status_and_no_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert (
-        "unknown model 'resnet999'; valid models are: cnn, cnn_wide, gru, lstm, mlp, resnet18, resnet20, transformer"
+        "unknown model 'resnet999'; valid models are: cnn, cnn_wide, fcn1d, gru, lstm, mlp, resnet18, resnet20, transformer, transformer_lm"
         in proc.stderr
     )
     assert "Traceback" not in proc.stderr

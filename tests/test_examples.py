@@ -278,3 +278,47 @@ def pd_values(v):
     if isinstance(v, list):
         return [x for d in v for x in d.values() if isinstance(x, int | float)]
     return v
+
+
+def test_task_examples_tiny(capsys):
+    reg = _load(ROOT / "examples" / "regression.py").main(
+        [
+            "--steps",
+            "30",
+            "--dataset",
+            "regression(num_train=300, num_test=100)",
+            "--model",
+            "mlp(features=(8,))",
+        ]
+    )
+    assert len(reg) == 3 and all(r["floor"] == pytest.approx(0.01) for r in reg)
+    seg = _load(ROOT / "examples" / "segmentation.py").main(
+        [
+            "--steps",
+            "10",
+            "--dataset",
+            "segmentation1d(num_train=120, num_test=40)",
+            "--model",
+            "fcn1d(channels=(4,), dilations=(1,))",
+        ]
+    )
+    assert [r["config"] for r in seg] == ["cross-entropy", "cross-entropy + Dice"]
+    lm = _load(ROOT / "examples" / "language_model.py").main(
+        [
+            "--steps",
+            "10",
+            "--dataset",
+            "tokens(num_train=120, num_test=40, seq_len=8)",
+            "--model",
+            "transformer_lm(d_model=8, heads=2, layers=1)",
+        ]
+    )
+    assert all(r["perplexity"] == pytest.approx(np.exp(r["loss"]), rel=1e-5) for r in lm)
+    nnx_result = _load(ROOT / "examples" / "nnx_model.py").main(
+        ["--epochs", "1", "--dataset", "mnist1d(num_samples=500)"]
+    )
+    assert 0 <= nnx_result["test_accuracy"] <= 1
+    out = capsys.readouterr().out
+    assert (
+        "gap to floor" in out and "mean IoU" in out and "entropy rate" in out and "NNX CNN" in out
+    )

@@ -28,16 +28,20 @@ PARAMS = {
 }
 
 
+PER_POSITION = ("fcn1d", "transformer_lm")  # an output at every position: tested below
+CLASSIFIERS = sorted(set(MODELS) - set(PER_POSITION))
+
+
 @pytest.fixture(scope="module")
 def variables():
-    return {name: build_model(name, 10).init(jax.random.key(0), SEQ) for name in MODELS}
+    return {name: build_model(name, 10).init(jax.random.key(0), SEQ) for name in CLASSIFIERS}
 
 
 def _count(v):
     return sum(p.size for p in jax.tree.leaves(v["params"]))
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", CLASSIFIERS)
 def test_shapes_counts_and_eval_determinism(name, variables):
     model, v = build_model(name, 10), variables[name]
     assert _count(v) == PARAMS[name]
@@ -169,7 +173,10 @@ def test_initializer_variance(name):
 @pytest.mark.parametrize(
     ("spec", "match"),
     [
-        ("vgg", "valid models are: cnn, cnn_wide, gru, lstm, mlp, resnet18, resnet20, transformer"),
+        (
+            "vgg",
+            "valid models are: cnn, cnn_wide, fcn1d, gru, lstm, mlp, resnet18, resnet20, transformer, transformer_lm",
+        ),
         ("mlp(width=3)", "valid arguments are"),
         ("mlp(dropout=1.0)", "dropout"),
         ("mlp(activation='swishy')", "valid activations"),
@@ -263,3 +270,27 @@ def test_losses_stable_for_huge_logits():
         )
     )(z)
     assert bool(jnp.all(jnp.isfinite(g)))
+
+
+def test_fcn1d_counts_shapes_and_determinism():
+    model = build_model("fcn1d", 3)
+    v = model.init(jax.random.key(0), SEQ)
+    # conv 1->32 (k5), three convs 32->32 (k5), per-position head 32->3, all with biases
+    assert _count(v) == (5 * 1 * 32 + 32) + 3 * (5 * 32 * 32 + 32) + (32 * 3 + 3)
+    a = model.apply(v, SEQ)
+    assert a.shape == (4, 40, 3)
+    np.testing.assert_array_equal(a, model.apply(v, SEQ))
+
+
+def test_transformer_lm_counts_and_is_causal():
+    model = build_model("transformer_lm(d_model=32, heads=2, layers=1)", 16)
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, 16, size=(2, 12)), jnp.int32)
+    v = model.init(jax.random.key(0), tokens)
+    d, vocab, t = 32, 16, 12
+    block = 2 * (2 * d) + 4 * (d * d + d) + (d * 2 * d + 2 * d) + (2 * d * d + d)
+    assert _count(v) == vocab * d + t * d + block + 2 * d + (d * vocab + vocab)
+    out = model.apply(v, tokens)
+    assert out.shape == (2, 12, 16)
+    changed = model.apply(v, tokens.at[:, 7].set((tokens[:, 7] + 1) % 16))
+    diff = np.abs(np.asarray(out - changed)).max(axis=(0, 2))
+    assert (diff[:7] == 0).all() and (diff[7:] > 0).all()  # position t sees tokens 0..t only

@@ -40,15 +40,35 @@ class CheckpointError(ConfigError):
     """A checkpoint that cannot be used: corrupt, truncated, or not matching the model."""
 
 
+def _is_key(a: Any) -> bool:
+    return isinstance(a, jax.Array) and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
+
+
+def _key_data(tree: Any) -> Any:
+    """PRNG key leaves (the run key, an NNX module's RNG streams) as their raw uint32 data."""
+    return jax.tree.map(lambda a: jax.random.key_data(a) if _is_key(a) else a, tree)
+
+
+def _wrap_keys(tree: Any, like: Any) -> Any:
+    """Undo `_key_data` where ``like`` (the target state) holds a key."""
+    return jax.tree.map(
+        lambda a, t: jax.random.wrap_key_data(a, impl=jax.random.key_impl(t)) if _is_key(t) else a,
+        tree,
+        like,
+    )
+
+
 def _arrays(state: TrainState) -> dict[str, Any]:
-    return {
-        "step": state.step,
-        "params": state.params,
-        "batch_stats": state.batch_stats,
-        "opt_state": state.opt_state,
-        "key": jax.random.key_data(state.key),
-        **({"ema_params": state.ema_params} if state.ema_params is not None else {}),
-    }
+    return _key_data(
+        {
+            "step": state.step,
+            "params": state.params,
+            "batch_stats": state.batch_stats,
+            "opt_state": state.opt_state,
+            "key": state.key,
+            **({"ema_params": state.ema_params} if state.ema_params is not None else {}),
+        }
+    )
 
 
 def _device_copy(state: TrainState) -> TrainState:
@@ -169,10 +189,11 @@ def restore(path: str | os.PathLike, target: TrainState) -> tuple[TrainState, di
         ) from None
     finally:
         ckptr.close()
+    batch_stats = _wrap_keys(arrays["batch_stats"], target.batch_stats)
     state = target.replace(
         step=arrays["step"],
         params=arrays["params"],
-        batch_stats=arrays["batch_stats"],
+        batch_stats=batch_stats,
         opt_state=arrays["opt_state"],
         key=jax.random.wrap_key_data(arrays["key"], impl=jax.random.key_impl(target.key)),
         ema_params=arrays.get("ema_params"),

@@ -1,10 +1,19 @@
 """Calling a user's model: the train flag where its signature takes one, BatchNorm statistics.
 
-`LinenApply` is what `create_train_state` stores as ``state.apply_fn`` for a Linen
-module: ``apply_fn(variables, inputs, *, train, rngs=None, mutable=False)`` whatever
-the module's own flag is called (``train``, ``training``, ``is_training``, or
-``deterministic``, passed negated) or if it has none. It is a frozen dataclass, so two
-states of equal modules share compiled programs. `apply_model` runs it inside a step.
+`create_train_state` stores one of two adapters as ``state.apply_fn``, both called as
+``apply_fn(variables, inputs, *, train, rngs=None, mutable=False)`` (Linen's ``apply``):
+
+* `LinenApply` for a Linen module, whatever its own flag is called (``train``,
+  ``training``, ``is_training``, or ``deterministic``, passed negated) or if it has none;
+* `NNXApply` for a Flax NNX module: its parameters (``nnx.Param``) are ``variables
+  ["params"]`` and everything else it holds (BatchNorm statistics, its RNG streams, other
+  variables) ``variables["batch_stats"]``; training and evaluation mode are the two
+  graph definitions of ``model.train()`` and ``model.eval()``.
+
+Both are frozen dataclasses, so two states of equal models share compiled programs.
+`apply_model` runs either inside a step. New here: Flax's ``nnx.bridge`` wraps NNX modules
+for Linen code but needs the caller to thread its RNG streams; `NNXApply` keeps the
+module's own streams in the state, so a step is what a hand-written ``nnx`` loop does.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from flax import nnx
 
 from jtricks.errors import ConfigError
 from jtricks.optim.fused import unflatten_params
@@ -74,6 +84,47 @@ def linen_apply(module: nn.Module, train_arg: str | None = AUTO) -> LinenApply:
             param="train_arg",
         )
     return LinenApply(module, train_arg)
+
+
+@dataclasses.dataclass(frozen=True)
+class NNXApply:
+    """A Flax NNX module as a pure function of its split state.
+
+    Attributes:
+      train_graph: ``nnx.split(model)``'s graph definition after ``model.train()``
+        (Dropout on, BatchNorm on batch statistics).
+      eval_graph: the same after ``model.eval()``.
+    """
+
+    train_graph: Any
+    eval_graph: Any
+
+    def __call__(
+        self, variables, inputs, *, train: bool | None = None, rngs=None, mutable=False, **kwargs
+    ):
+        """The module's output (and ``{"batch_stats": new_state}`` with ``mutable``); ``rngs``
+        is ignored: dropout draws from the module's own streams, kept in the state."""
+        del rngs
+        graph = self.train_graph if train else self.eval_graph
+        # rebuilt here, so the module's variables belong to the current trace (e.g. that of
+        # the gradient) and BatchNorm may update them
+        states = jax.tree.map(lambda a: a, (variables["params"], variables.get("batch_stats")))
+        model = nnx.merge(graph, *[s for s in states if s is not None])
+        out = model(inputs, **kwargs)
+        if mutable:
+            return out, {"batch_stats": nnx.split(model, nnx.Param, ...)[2]}
+        return out
+
+
+def nnx_state(model: nnx.Module) -> tuple[NNXApply, Any, Any]:
+    """``(apply_fn, params, rest)`` of an NNX module; the arrays are copies (training donates
+    them), the module is left in training mode."""
+    model.eval()
+    eval_graph = nnx.split(model, nnx.Param, ...)[0]
+    model.train()
+    train_graph, params, rest = nnx.split(model, nnx.Param, ...)
+    copy = lambda tree: jax.tree.map(lambda a: a.copy(), tree)  # noqa: E731
+    return NNXApply(train_graph, eval_graph), copy(params), copy(rest)
 
 
 def apply_model(

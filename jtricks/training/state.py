@@ -8,10 +8,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from flax import struct
+from flax import nnx, struct
 from flax.training import train_state
 
-from jtricks.training.model import linen_apply
+from jtricks.training.model import linen_apply, nnx_state
 
 
 class TrainState(train_state.TrainState):
@@ -48,7 +48,7 @@ class TrainState(train_state.TrainState):
 
 
 def create_train_state(
-    model: nn.Module,
+    model: nn.Module | nnx.Module,
     tx: optax.GradientTransformation,
     sample_x: Any,
     key: jax.Array,
@@ -59,7 +59,11 @@ def create_train_state(
     """Initialise a model and optimizer into a `TrainState`.
 
     Args:
-      model: a Linen module ``__call__(inputs, ...)``.
+      model: a Linen module ``__call__(inputs, ...)``, or an initialised Flax NNX module
+        (its parameters become ``params``, every other variable it holds, BatchNorm
+        statistics and RNG streams included, ``batch_stats``; see
+        `jtricks.training.model.NNXApply`; ``sample_x`` and the init half of ``key`` are
+        then unused, and dropout draws from the module's own ``rngs``).
       tx: any optax transformation.
       sample_x: an example of the model's input: an array, or the pytree (e.g. a dict batch)
         a model reads; only shapes and dtypes matter, and only the first example is used.
@@ -74,11 +78,14 @@ def create_train_state(
       >>> state = create_train_state(MLP(10), optax.adam(1e-3), x[:1], jax.random.key(0))
     """
     init_key, dropout_key = jax.random.split(key)
-    apply_fn = linen_apply(model, train_arg)
-    sample = jax.tree.map(lambda a: jnp.asarray(a)[:1], sample_x)
-    variables = apply_fn.init(init_key, sample)
-    params = variables["params"]
-    batch_stats = variables.get("batch_stats", {})
+    if isinstance(model, nnx.Module):  # already initialised: its own keys made its state
+        apply_fn, params, batch_stats = nnx_state(model)
+    else:
+        apply_fn = linen_apply(model, train_arg)
+        sample = jax.tree.map(lambda a: jnp.asarray(a)[:1], sample_x)
+        variables = apply_fn.init(init_key, sample)
+        params = variables["params"]
+        batch_stats = variables.get("batch_stats", {})
     if ema_decay is not None:
         from jtricks.errors import check_range
 
