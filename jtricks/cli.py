@@ -531,9 +531,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         result = train(config, out=out, reporter=reporter)
     if result.history.stopped:
         print(f"stopped: {result.history.stopped}", file=sys.stderr)
-    if "member_accuracy" in result.test:
-        members = "  ".join(f"{a:.4f}" for a in result.test["member_accuracy"])
-        print(f"member test_accuracy  {members}")
+    for name, values in result.test.items():  # an ensemble's members, metric by metric
+        if name.startswith("member_") and name != "member_loss":
+            print(f"member test_{name[7:]}  " + "  ".join(f"{a:.4f}" for a in values))
     if "ema_loss" in result.test:
         ema = {k[4:]: v for k, v in result.test.items() if k.startswith("ema_")}
         print(_metrics_line(ema, prefix="ema test_"))

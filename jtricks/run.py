@@ -37,6 +37,7 @@ from jtricks.training import (
 from jtricks.training.averaging import SWA
 from jtricks.training.checkpoint import Checkpointer, restore, restore_latest
 from jtricks.training.data_checks import check_data
+from jtricks.training.fit import first_member
 from jtricks.training.transfer import forward_layers, freeze, load_pretrained, preset_patterns
 
 
@@ -293,7 +294,7 @@ def _task_for(config: TrainConfig, data: Any) -> Task:
             raise _not_for(task, "label_smoothing", config.label_smoothing)
         task = dataclasses.replace(task, label_smoothing=float(config.label_smoothing))
     if not classify:
-        for name, off in (("tta", 1), ("ensemble", 1), ("mixup", None), ("cutmix", None)):
+        for name, off in (("tta", 1), ("mixup", None), ("cutmix", None)):
             if getattr(config, name) != off:
                 raise _not_for(task, name, getattr(config, name))
     return task
@@ -643,7 +644,7 @@ def train(
             data_key,
             total_steps,
             augment,
-            loss_fn,
+            task,
             out,
             reporter,
             t0,
@@ -808,7 +809,7 @@ def _train_ensemble(
     data_key,
     total_steps,
     augment,
-    loss_fn,
+    task,
     out,
     reporter,
     t0,
@@ -820,6 +821,7 @@ def _train_ensemble(
 
     keys = jax.vmap(lambda i: jax.random.fold_in(init_key, i))(jnp.arange(config.ensemble))
     states = create_ensemble(model, tx, train[0], keys)
+    check_data(first_member(states), task, train, "training data")  # before any folder
     run_dir = _prepare_out(out) if out is not None else None
     log = None
     if run_dir is not None:
@@ -836,11 +838,11 @@ def _train_ensemble(
         data_key=data_key,
         eval_batch_size=config.eval_batch_size,
         augment=augment,
-        loss_fn=loss_fn,
+        task=task,
         reporter=reporter,
         on_epoch_end=None if log is None else (lambda r: log.on_epoch_end(r, None)),
     )
-    test = evaluate_ensemble(states, test_data, loss_fn=loss_fn, batch_size=config.eval_batch_size)
+    test = evaluate_ensemble(states, test_data, task=task, batch_size=config.eval_batch_size)
     wall = time.perf_counter() - t0
     if run_dir is not None:
         _write_summary(
@@ -849,7 +851,7 @@ def _train_ensemble(
             test,
             states.params,
             wall,
-            test_member_accuracy=test["member_accuracy"],
+            **{f"test_{k}": v for k, v in test.items() if k.startswith("member_")},
             ensemble=config.ensemble,
         )
     return RunResult(config, states, history, test, run_dir, wall)

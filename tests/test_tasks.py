@@ -458,3 +458,27 @@ def test_cli_task_errors(tmp_path, capsys, args, match):
     err = capsys.readouterr().err
     assert match in err and "Traceback" not in err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_regression_ensemble_equals_separate_runs_and_averages_outputs(regression_data):
+    from jtricks.training.ensemble import create_ensemble, evaluate_ensemble, fit_ensemble
+
+    x, y = regression_data
+    keys = jax.random.split(jax.random.key(9), 2)
+    dk = jax.random.key(3)
+    states = create_ensemble(Linear(3), TX, x, keys)
+    states, hist = fit_ensemble(states, (x, y), loss_fn=mse, batch_size=16, epochs=2, data_key=dk)
+    assert isinstance(hist.records[-1]["train_loss"], float)  # the members' mean
+    outputs = []
+    for i in range(2):
+        s = create_train_state(Linear(3), TX, x, keys[i])
+        s, _ = fit(s, (x, y), loss_fn=mse, batch_size=16, epochs=2, data_key=dk)
+        for a, b in zip(jax.tree.leaves(s.params), jax.tree.leaves(states.params), strict=True):
+            np.testing.assert_allclose(b[i], a, rtol=1e-5, atol=1e-6)
+        outputs.append(_outputs(s, x))
+    got = evaluate_ensemble(states, (x, y), task=Regression(), batch_size=40)
+    mean = np.mean(outputs, axis=0)  # a regression ensemble predicts the members' mean
+    np.testing.assert_allclose(got["mse"], np.mean((mean - y) ** 2), rtol=1e-4)
+    np.testing.assert_allclose(
+        got["member_mse"], [np.mean((o - y) ** 2) for o in outputs], rtol=1e-4
+    )

@@ -148,6 +148,11 @@ class Task:
     def finalize(self, sums: Stats) -> dict[str, jax.Array]:
         return {}
 
+    def combine(self, outputs: jax.Array) -> jax.Array:
+        """One prediction from an ensemble's stacked outputs ``(M, N, ...)``, scored like a
+        single model's: here their mean (softmax and sigmoid tasks average probabilities)."""
+        return jnp.mean(outputs, axis=0)
+
     def check(self, batch: Batch, outputs: jax.ShapeDtypeStruct, where: str) -> None:
         """Validate host arrays (NumPy) against the model's output shape for one example."""
 
@@ -251,6 +256,12 @@ class LossTask(Task):
 
     def finalize(self, sums):
         return {k: v / sums["count"] for k, v in sums.items() if k not in _FRAMEWORK_SUMS}
+
+
+def mean_softmax_logits(outputs: jax.Array) -> jax.Array:
+    """``log((1/M) sum_m softmax(z_m))``: logits of the members' mean distribution, in log space."""
+    logp = jax.nn.log_softmax(outputs, axis=-1)
+    return jax.nn.logsumexp(logp, axis=0) - jnp.log(outputs.shape[0])
 
 
 def _is_class_labels(outputs: Any, y: Any) -> bool:

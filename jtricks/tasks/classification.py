@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from jtricks.losses import accuracy, cross_entropy
-from jtricks.tasks.base import Task, check_finite, check_integer_labels
+from jtricks.tasks.base import Task, check_finite, check_integer_labels, mean_softmax_logits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +42,9 @@ class Classification(Task):
 
     def finalize(self, sums):
         return {"accuracy": sums["correct"] / sums["count"]}
+
+    def combine(self, outputs):
+        return mean_softmax_logits(outputs)
 
     def check(self, batch, outputs, where):
         y = np.asarray(self.targets(batch))
@@ -101,6 +104,13 @@ class MultiLabel(Task):
         right = (outputs > 0) == (self._targets(outputs, batch) >= 0.5)
         right = right.reshape(right.shape[0], -1).astype(jnp.float32)
         return {"labels_right": right.mean(axis=-1), "all_right": right.min(axis=-1)}
+
+    def combine(self, outputs):
+        """Logits of the members' mean sigmoid probability, ``log p - log(1 - p)``."""
+        log_m = jnp.log(outputs.shape[0])
+        log_p = jax.nn.logsumexp(jax.nn.log_sigmoid(outputs), axis=0) - log_m
+        log_q = jax.nn.logsumexp(jax.nn.log_sigmoid(-outputs), axis=0) - log_m
+        return log_p - log_q
 
     def finalize(self, sums):
         return {

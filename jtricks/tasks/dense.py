@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from jtricks.errors import check_range
-from jtricks.tasks.base import Task, check_integer_labels
+from jtricks.tasks.base import Task, check_integer_labels, mean_softmax_logits
 
 
 def _positions(x: jax.Array) -> tuple[int, ...]:
@@ -33,6 +33,9 @@ class _Dense(Task):
         ce = optax.softmax_cross_entropy_with_integer_labels(outputs.astype(jnp.float32), y)
         axes = _positions(y)
         return jnp.sum(ce * m, axis=axes) / jnp.maximum(jnp.sum(m, axis=axes), 1.0)
+
+    def combine(self, outputs):
+        return mean_softmax_logits(outputs)
 
     def check(self, batch, outputs, where):
         y = np.asarray(self.targets(batch))

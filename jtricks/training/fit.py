@@ -27,6 +27,7 @@ from jtricks.training.distributed import (
 from jtricks.training.state import TrainState
 from jtricks.training.steps import (
     LossFn,
+    is_ensemble,
     make_epoch_fn,
     make_eval_step,
     make_evaluate_fn,
@@ -198,12 +199,13 @@ def fit(
         before any training.
     """
     task = as_task(task, loss_fn)
-    data = check_data(state, task, train_data, "training data")
+    member = first_member(state)
+    data = check_data(member, task, train_data, "training data")
     _check_options(task, data, augment, mix)
     if val_data is not None:
         val_data = jax.tree.map(np.asarray, val_data)
         check_like(val_data, data, "validation data")
-        check_data(state, task, val_data, "validation data")
+        check_data(member, task, val_data, "validation data")
     mesh = data_mesh() if isinstance(mesh, str) and mesh == "auto" else mesh
     if mesh is not None:
         data_dev = jax.tree.map(lambda a: global_batch_array(a, mesh), data)
@@ -234,7 +236,7 @@ def fit(
 
     mix_full = None
     if mix is not None:
-        num_classes = model_outputs(state, task, data, "training data").shape[-1]
+        num_classes = model_outputs(member, task, data, "training data").shape[-1]
         mix_full = (mix[0], float(mix[1]), num_classes)
     check_batch(batch_size // accumulate, mesh)
     run_epoch, _ = compiled_functions(
@@ -251,7 +253,7 @@ def fit(
     if mesh is not None:
         state, val_batches, data_key = replicate((state, val_batches, data_key), mesh)
     history = History()
-    start_step = int(state.step)
+    start_step = int(member.step)
     t0 = time.perf_counter()
     if reporter is not None:
         reporter.start(total_steps=total_steps, done=0)
@@ -290,13 +292,13 @@ def fit(
             record: dict[str, Any] = {"epoch": epoch + 1, "step": end_step}
             flags = metrics.pop("nonfinite", None)
             if flags is not None:
-                flags = flags[:num_steps]
+                flags = flags[:num_steps].reshape(num_steps, -1)  # (steps, members)
             for k, v in metrics.items():
                 name = "lr" if k == "learning_rate" else k if k.startswith("val_") else f"train_{k}"
-                record[name] = float(v)
+                record[name] = _record_value(name, v)
             if flags is not None:
                 record["train_nonfinite"] = int(flags.sum())
-                for flag in flags:
+                for flag in flags.max(axis=1):  # a streak counts a step bad in any member
                     streak = streak + 1 if flag else 0
                     worst = max(worst, streak)
             record["steps_per_s"] = num_steps / (now - t_last)
@@ -356,9 +358,25 @@ def evaluate(
     """The task's loss and metrics of ``state`` on ``data`` (any batch pytree) in evaluation
     mode; exact over the whole split for any ``batch_size`` (see `jtricks.tasks`)."""
     task = as_task(task, loss_fn)
-    data = check_data(state, task, data, "evaluation data")
+    data = check_data(first_member(state), task, data, "evaluation data")
     batch_size = check_int("batch_size", batch_size, low=1)
     _, evaluate_fn = compiled_functions(task)
     batches = like_state(pad_batches(data, batch_size), state.params)
     metrics = jax.device_get(evaluate_fn(state, *batches))
-    return {"loss": float(metrics.pop("loss")), **{k: float(v) for k, v in metrics.items()}}
+    loss = float(metrics.pop("loss"))
+    return {"loss": loss, **{k: _record_value(k, v) for k, v in metrics.items()}}
+
+
+def first_member(state: TrainState) -> TrainState:
+    """Member 0 of stacked (ensemble) states; a single state itself."""
+    return jax.tree.map(lambda a: a[0], state) if is_ensemble(state) else state
+
+
+def _record_value(name: str, value: Any) -> float | list[float]:
+    """A metric for a record: a float; an ensemble's per-member training metrics become
+    their mean, its ``member_*`` metrics a list (one value per member)."""
+    if np.ndim(value) == 0:
+        return float(value)
+    if "member_" in name:
+        return np.asarray(value, np.float64).tolist()
+    return float(np.mean(value))

@@ -230,6 +230,39 @@ class EvalStep:
         return finalize(self.task, sums)
 
 
+@dataclasses.dataclass(frozen=True)
+class EnsembleEvalStep:
+    """`EvalStep` for stacked states (`is_ensemble`): every member's sums and those of the
+    ensemble's prediction, ``task.combine`` of the members' outputs (the mean softmax for
+    classification). ``metrics`` gives the ensemble's metrics and ``member_<metric>``
+    arrays ``(M,)``."""
+
+    task: Task
+
+    def __call__(self, states: TrainState, batch: Batch, weight: jax.Array) -> Metrics:
+        inputs = self.task.inputs(batch)
+
+        def outputs(s):
+            return _cast(apply_model(s, s.params, inputs, train=False, key=None)[0], jnp.float32)
+
+        members = jax.vmap(outputs)(states)
+        per_member = jax.vmap(lambda o: batch_sums(self.task, o, batch, weight))(members)
+        combined = batch_sums(self.task, self.task.combine(members), batch, weight)
+        return {"ensemble": combined, "member": per_member}
+
+    def metrics(self, sums: Metrics) -> Metrics:
+        members = jax.vmap(lambda m: finalize(self.task, m))(sums["member"])
+        return {
+            **finalize(self.task, sums["ensemble"]),
+            **{f"member_{k}": v for k, v in members.items()},
+        }
+
+
+def is_ensemble(state: TrainState) -> bool:
+    """Whether ``state`` stacks several members on a leading axis (`create_ensemble`)."""
+    return jnp.ndim(state.step) == 1
+
+
 def make_eval_step(loss_fn: LossFn | None = None, *, task: Task | str | None = None) -> EvalStep:
     """Build the `EvalStep` of a task (or of a loss, see `jtricks.tasks.as_task`)."""
     return EvalStep(as_task(task, loss_fn))
@@ -238,7 +271,10 @@ def make_eval_step(loss_fn: LossFn | None = None, *, task: Task | str | None = N
 def evaluate_batches(
     eval_step: EvalStep, state: TrainState, batches: Batch, wb: jax.Array
 ) -> Metrics:
-    """The task's metrics over pre-batched, padded data ``(B, batch, ...)`` with weights ``wb``."""
+    """The task's metrics over pre-batched, padded data ``(B, batch, ...)`` with weights ``wb``
+    (for stacked states, the ensemble's and every member's: `EnsembleEvalStep`)."""
+    if is_ensemble(state) and isinstance(eval_step, EvalStep):
+        eval_step = EnsembleEvalStep(eval_step.task)
 
     def body(carry, inp):
         batch, w = inp
@@ -273,7 +309,14 @@ def make_epoch_fn(
     reused in place. One dispatch and one host transfer per epoch. With ``batch_sharding``
     (a `jax.sharding.NamedSharding` over a data axis) every batch is constrained to it, so
     the step runs data-parallel under GSPMD.
+
+    Stacked states (an ensemble, `is_ensemble`) run the same program with the step
+    vmapped over members (each its own initialisation, dropout keys and optimizer
+    state; all the same batches); step metrics then have a member axis and validation
+    reports the ensemble's prediction and every member's (`EnsembleEvalStep`).
     """
+
+    ensemble_step = jax.vmap(train_step, in_axes=(0, None))
 
     @partial(jax.jit, static_argnames=("batch_size",), donate_argnums=0)
     def run_epoch(state, data, data_key, epoch, offset, val=None, *, num_steps, batch_size: int):
@@ -281,19 +324,23 @@ def make_epoch_fn(
         n = num_examples(data)
         steps_per_epoch = n // batch_size
         idx = epoch_indices(key, n, batch_size, steps_per_epoch)
+        ensemble = is_ensemble(state)  # every member takes the same batches
+        per_member = jax.vmap if ensemble else (lambda f: f)
 
         def step_at(state, i):
             batch = jax.tree.map(lambda a: a[idx[i]], data)
             if batch_sharding is not None:  # data parallel: each device takes its slice
                 batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-            return train_step(state, batch)
+            return (ensemble_step if ensemble else train_step)(state, batch)
 
         fused = is_fused(state.opt_state)
         if fused:  # fused optimizer: flat params (and EMA) for the whole epoch, one copy each way
-            state = flat_train_state(state)
+            state = per_member(flat_train_state)(state)
         shapes = jax.eval_shape(step_at, state, offset)[1]
         sums = {k: jnp.zeros(v.shape, jnp.float32) for k, v in shapes.items() if k != "nonfinite"}
-        flags = jnp.zeros(steps_per_epoch, jnp.int32) if "nonfinite" in shapes else None
+        flags = None
+        if "nonfinite" in shapes:
+            flags = jnp.zeros((steps_per_epoch, *shapes["nonfinite"].shape), jnp.int32)
 
         def body(j, carry):
             state, sums, flags = carry
@@ -307,12 +354,12 @@ def make_epoch_fn(
         # the step count is traced, so a short last epoch (or a resumed one) reuses the program
         state, sums, flags = jax.lax.fori_loop(0, num_steps, body, (state, sums, flags))
         if fused:
-            state = tree_train_state(state)
+            state = per_member(tree_train_state)(state)
         metrics = {k: v / num_steps for k, v in sums.items()}
         if flags is not None:
             metrics["nonfinite"] = flags  # per step (first num_steps), for streaks across epochs
-        if "param_norm" not in metrics:
-            metrics["param_norm"] = optax.tree.norm(state.params)  # once, at the end of the epoch
+        if "param_norm" not in metrics:  # once, at the end of the epoch
+            metrics["param_norm"] = per_member(optax.tree.norm)(state.params)
         if val is not None and eval_step is not None:
             metrics.update(
                 {f"val_{k}": v for k, v in evaluate_batches(eval_step, state, *val).items()}
