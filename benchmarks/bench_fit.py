@@ -10,6 +10,12 @@ its history: that is the overhead measured here. Compilation is excluded
 
     python benchmarks/bench_fit.py                 # CPU, CNN
     python benchmarks/bench_fit.py --model mlp --json-out results.json
+    python benchmarks/bench_fit.py --dataset tokens --batch-size 50 \\
+        --model "transformer_lm(d_model=64, heads=4, layers=2)"    # a causal LM
+
+The hand-written loss is the softmax cross-entropy with integer targets, averaged over
+examples (and, for token sequences, over positions): the classification and the
+language-model tasks' objectives. `fit` takes the dataset's own task.
 
 Prints JSON (one object) then a short table.
 """
@@ -24,6 +30,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jtricks.data import Scaler, epoch_indices, load_dataset, train_val_split
@@ -64,6 +71,7 @@ def hand_written(model, tx, x, y, batch_size: int, data_key):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="cnn")
+    p.add_argument("--dataset", default="mnist1d")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--epochs", type=int, default=10, help="epochs per timed repeat")
     p.add_argument("--repeats", type=int, default=7)
@@ -79,13 +87,15 @@ def main() -> None:
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
 
-    data = load_dataset("mnist1d")
+    data = load_dataset(args.dataset)
+    classify = data.task == "classification"
     x_tr, y_tr, x_val, y_val = train_val_split(
-        data.x_train, data.y_train, 0.1, seed=0, stratify=True
+        data.x_train, data.y_train, 0.1, seed=0, stratify=classify
     )
-    scaler = Scaler.fit("standardize", x_tr)
-    x_tr, x_val = scaler(x_tr), scaler(x_val)
-    model = build_model(args.model, 10)
+    if not np.issubdtype(x_tr.dtype, np.integer):
+        scaler = Scaler.fit("standardize", x_tr)
+        x_tr, x_val = scaler(x_tr), scaler(x_val)
+    model = build_model(args.model, data.num_classes)
     tx = optax.adam(1e-2)
     key = jax.random.key(0)
     data_key = jax.random.key(1)
@@ -108,6 +118,7 @@ def main() -> None:
             data_key=data_key,
             norms=args.norms,
             update_norm=args.update_norm,
+            task=data.task,
         )
         jax.block_until_ready(s)
         return time.perf_counter() - t
@@ -128,6 +139,7 @@ def main() -> None:
     result = {
         "benchmark": "bench_fit",
         "model": args.model,
+        "dataset": args.dataset,
         "batch_size": args.batch_size,
         "fit_norms": args.norms,
         "fit_update_norm": args.update_norm,

@@ -19,6 +19,12 @@ backward pass in every arm (float32 master weights).
     python benchmarks/bench_train_step.py                     # CPU: paper CNN, MNIST-1D shape
     python benchmarks/bench_train_step.py --model resnet18 --shape 32,32,3 \\
         --batch-size 512 --precision bf16                     # GPU: the issue's ResNet-18
+    python benchmarks/bench_train_step.py --vocab 16 --shape 32 --batch-size 50 \\
+        --model "transformer_lm(d_model=64, heads=4, layers=2)"  # a causal LM on tokens
+
+With ``--vocab V`` the examples are token sequences of length ``--shape`` and the targets
+the next tokens (the language-model task: `fit` gets ``task="lm"``, the hand-written arms
+the same mean token cross-entropy).
 
 Prints JSON (one object) then a short table; ``ratio`` = images/s against ``hand_scan``.
 """
@@ -48,6 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model", default="cnn")
     p.add_argument("--shape", default="40", help="example shape, e.g. 40 or 32,32,3")
     p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--vocab", type=int, default=None, help="token sequences of this vocabulary")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--steps-per-epoch", type=int, default=40)
     p.add_argument("--epochs", type=int, default=2, help="epochs per timed repeat")
@@ -66,9 +73,14 @@ def main(argv: list[str] | None = None) -> dict:
     B, spe = args.batch_size, args.steps_per_epoch
     n = B * spe
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(n, *shape)).astype(np.float32))
-    y = jnp.asarray(rng.integers(0, args.num_classes, n).astype(np.int32))
-    model = build_model(args.model, args.num_classes)
+    if args.vocab is None:
+        x = jnp.asarray(rng.normal(size=(n, *shape)).astype(np.float32))
+        y = jnp.asarray(rng.integers(0, args.num_classes, n).astype(np.int32))
+        model, task = build_model(args.model, args.num_classes), "classification"
+    else:
+        seq = rng.integers(0, args.vocab, (n, shape[0] + 1)).astype(np.int32)
+        x, y = jnp.asarray(seq[:, :-1]), jnp.asarray(seq[:, 1:])
+        model, task = build_model(args.model, args.vocab), "lm"
     lr = 0.01
     spec = f"momentum(lr={lr}, gamma=0.9, form='torch', nesterov=True)"
     compute = jnp.bfloat16 if args.precision == "bf16" else None
@@ -86,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
             pc, xc = p, xb
             if compute is not None:
                 pc = jax.tree.map(lambda a: a.astype(compute), p)
-                xc = xb.astype(compute)
+                xc = xb.astype(compute) if jnp.issubdtype(xb.dtype, jnp.floating) else xb
             logits, upd = model.apply(
                 {"params": pc, "batch_stats": bs}, xc, train=True, mutable=["batch_stats"]
             )
@@ -141,6 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
             epochs=args.epochs,
             data_key=key,
             precision=args.precision,
+            task=task,
         )
         jax.block_until_ready(state)
         return time.perf_counter() - t
@@ -166,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "bench_train_step",
         "model": args.model,
+        "task": task,
         "shape": shape,
         "batch_size": B,
         "precision": args.precision,

@@ -44,6 +44,7 @@ def hflip(p: float = 0.5) -> Augment:
         _check_image(x, "hflip")
         return jnp.where(jax.random.bernoulli(key, p), x[:, ::-1, :], x)
 
+    fn.geometric = True  # an index move: applies to dense targets with the same key
     return fn
 
 
@@ -63,6 +64,7 @@ def translate(max_pixels: int = 2, fill: float = 0.0) -> Augment:
         dy, dx = jax.random.randint(key, (2,), -max_pixels, max_pixels + 1)
         return _shift_image(x, dy, dx, fill)
 
+    fn.geometric = True  # an index move: applies to dense targets with the same key
     return fn
 
 
@@ -77,6 +79,7 @@ def random_crop(padding: int = 4, fill: float = 0.0) -> Augment:
         oy, ox = jax.random.randint(key, (2,), 0, 2 * padding + 1)
         return jax.lax.dynamic_slice(padded, (oy, ox, 0), x.shape)
 
+    fn.geometric = True  # an index move: applies to dense targets with the same key
     return fn
 
 
@@ -196,6 +199,7 @@ def shift(max_shift: int = 3, *, mode: str = "circular") -> Augment:
         valid = (idx - s >= 0) & (idx - s < x.shape[0])
         return jnp.where(valid, rolled, jnp.zeros_like(x))
 
+    fn.geometric = True  # an index move: applies to dense targets with the same key
     return fn
 
 
@@ -256,7 +260,49 @@ def compose(augments: Sequence[Augment]) -> Augment:
             x = aug(jax.random.fold_in(key, i), x)
         return x
 
+    fn.parts = augments
     return fn
+
+
+def _move_like(aug: Augment, key: jax.Array, t: jax.Array, ndim: int) -> jax.Array:
+    """Apply the index move ``aug`` to a target ``t`` of fewer axes than the input (e.g. an
+    image's ``(H, W)`` class map): trailing axes are added, then removed."""
+    extra = ndim - t.ndim
+    moved = aug(key, t.reshape(t.shape + (1,) * extra).astype(jnp.float32))
+    moved = moved.reshape(t.shape)
+    return jnp.round(moved).astype(t.dtype) if jnp.issubdtype(t.dtype, jnp.integer) else moved
+
+
+def augment_jointly(
+    augment: Augment, key: jax.Array, x: jax.Array, targets: Sequence[jax.Array]
+) -> tuple[jax.Array, list[jax.Array]]:
+    """Augment one example ``x`` and move its dense ``targets`` (a class map, a mask) with it.
+
+    Every part of the pipeline transforms ``x`` as `augment` would (same keys); the
+    geometric parts (``hflip``, ``translate``, ``random_crop``, ``shift``: pure index moves
+    whose random draw depends only on the key) also transform each target, so labels stay
+    on their positions. Photometric parts (noise, brightness, ...) leave targets alone.
+    Positions filled from outside the input get the pipeline's ``fill`` (0 by default):
+    transform a mask of ones to drop them from the loss.
+
+    New here: optax and Flax have no augmentation; this is the joint-transform rule of
+    segmentation pipelines (e.g. torchvision's ``transforms.v2`` on masks).
+    """
+    parts = getattr(augment, "parts", None)
+    steps = (
+        [(augment, key)]
+        if parts is None
+        else [(part, jax.random.fold_in(key, i)) for i, part in enumerate(parts)]
+    )
+    targets = list(targets)
+    for part, k in steps:
+        if getattr(part, "geometric", False):
+            targets = [_move_like(part, k, t, x.ndim) for t in targets]
+        elif getattr(part, "parts", None) is not None:  # a nested pipeline
+            x, targets = augment_jointly(part, k, x, targets)
+            continue
+        x = part(k, x)
+    return x, targets
 
 
 def apply_batch(augment: Augment, key: jax.Array, x: jax.Array) -> jax.Array:

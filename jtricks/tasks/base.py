@@ -99,6 +99,9 @@ class Task:
     """Metrics also computed on every training batch (epoch means land in ``train_*``)."""
     monitor: ClassVar[tuple[str, str]] = ("loss", "min")
     """The validation metric and direction a best checkpoint follows by default."""
+    dense_targets: ClassVar[bool] = False
+    """Targets sit on the input's positions: geometric augmentation moves them (and a mask)
+    with the input (`jtricks.data.augment.augment_jointly`)."""
 
     # -- where things sit in a batch -------------------------------------------------
     def inputs(self, batch: Batch) -> Any:
@@ -134,6 +137,18 @@ class Task:
         if isinstance(batch, Mapping):
             return {**batch, key: y}
         return type(batch)(y if i == key % len(batch) else a for i, a in enumerate(batch))
+
+    def with_mask(self, batch: Batch, mask: Any) -> Batch:
+        """``batch`` with its target mask set (added when it had none)."""
+        if isinstance(batch, Mapping):
+            return {**batch, ("mask" if self.mask_key is None else self.mask_key): mask}
+        index = 2 if self.mask_key is None else self.mask_key
+        items = list(batch)
+        if index == len(items):
+            items.append(mask)
+        else:
+            items[index] = mask
+        return type(batch)(items)
 
     # -- what a subclass defines --------------------------------------------------------
     def loss(self, outputs: jax.Array, batch: Batch) -> jax.Array:

@@ -76,6 +76,7 @@ class Segmentation(_Dense):
 
     name: ClassVar[str] = "segmentation"
     train_metrics: ClassVar[tuple[str, ...]] = ("pixel_accuracy",)
+    dense_targets: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_range("dice_weight", self.dice_weight, low=0.0)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jtricks.data.augment import mix_batch
+from jtricks.data.augment import augment_jointly, mix_batch
 from jtricks.data.batching import epoch_indices
 from jtricks.errors import ConfigError, check_int
 from jtricks.optim.fused import flat_train_state, is_fused, tree_train_state
@@ -201,8 +201,16 @@ def _augment_batch(task: Task, batch: Batch, key: jax.Array, augment, mix) -> Ba
     """Per-example augmentation of the model's input, then mixup/cutmix of inputs and targets."""
     aug_key, mix_key = jax.random.split(key)
     x = task.inputs(batch)
-    if augment is not None:
-        x = jax.vmap(augment)(jax.random.split(aug_key, num_examples(batch)), x)
+    keys = jax.random.split(aug_key, num_examples(batch))
+    if augment is not None and task.dense_targets:  # class maps and mask move with the input
+        y, mask = task.targets(batch), task.mask(batch)
+        mask = jnp.ones(y.shape, jnp.float32) if mask is None else mask
+        x, (y, mask) = jax.vmap(lambda k, *a: augment_jointly(augment, k, a[0], a[1:]))(
+            keys, x, y, mask
+        )
+        batch = task.with_mask(task.with_targets(batch, y), mask)
+    elif augment is not None:
+        x = jax.vmap(augment)(keys, x)
     batch = task.with_inputs(batch, x)
     if mix is not None:
         kind, alpha, num_classes = mix
