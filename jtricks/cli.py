@@ -538,10 +538,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         ema = {k[4:]: v for k, v in result.test.items() if k.startswith("ema_")}
         print(_metrics_line(ema, prefix="ema test_"))
     if "tta_views" in result.test:
+        single = {k[12:]: v for k, v in result.test.items() if k.startswith("single_view_")}
         print(
-            f"single-view test_loss {result.test['single_view_loss']:.4f}  single-view "
-            f"test_accuracy {result.test['single_view_accuracy']:.4f}  "
-            f"(below: test-time augmentation, {result.test['tta_views']} views)"
+            _metrics_line(single, prefix="single-view test_")
+            + f"  (below: test-time augmentation, {result.test['tta_views']} views)"
         )
     line = _metrics_line(result.test)
     if result.loss_floor is not None:

@@ -20,7 +20,6 @@ import numpy as np
 from jtricks.data import Scaler, load_dataset, train_val_split
 from jtricks.data.augment import build_augment
 from jtricks.errors import ConfigError, check_int, check_range
-from jtricks.losses import smoothed_cross_entropy
 from jtricks.nn import build_model
 from jtricks.optim import build_optimizer, build_schedule, fused
 from jtricks.optim.schedules import Plateau
@@ -292,9 +291,15 @@ def _task_for(config: TrainConfig, data: Any) -> Task:
     if config.label_smoothing:
         if not classify:
             raise _not_for(task, "label_smoothing", config.label_smoothing)
+    if config.tta > 1 and (task.dense_targets or task.name == "language model"):
+        raise ConfigError(
+            f"tta={config.tta} averages whole-example predictions (classification, multi-label, "
+            f"regression); this run's task is {task.name!r}",
+            param="tta",
+        )
         task = dataclasses.replace(task, label_smoothing=float(config.label_smoothing))
     if not classify:
-        for name, off in (("tta", 1), ("mixup", None), ("cutmix", None)):
+        for name, off in (("mixup", None), ("cutmix", None)):
             if getattr(config, name) != off:
                 raise _not_for(task, name, getattr(config, name))
     return task
@@ -563,7 +568,6 @@ def train(
     )
     if config.fused:  # one buffer per dtype group; with freeze, fused runs on the trainable part
         tx = fused(tx)
-    loss_fn = smoothed_cross_entropy(config.label_smoothing)
     mix = (
         ("mixup", config.mixup)
         if config.mixup
@@ -739,21 +743,14 @@ def train(
         from jtricks.training.tta import evaluate_tta
 
         tta_key = jax.random.fold_in(key, 3)  # the views are keyed from the seed
-        kw = dict(views=config.tta, key=tta_key, loss_fn=loss_fn, batch_size=config.eval_batch_size)
+        kw = dict(views=config.tta, key=tta_key, task=task, batch_size=config.eval_batch_size)
         tta_test = evaluate_tta(state, (x_test, data.y_test), tta_augment, **kw)
         tta_val = evaluate_tta(state, (x_val, y_val), tta_augment, **kw)
-        test.update(
-            {
-                "single_view_loss": test["loss"],
-                "single_view_accuracy": test["accuracy"],
-                **tta_test,
-                "tta_views": config.tta,
-            }
-        )
+        single = {f"single_view_{k}": test[k] for k in tta_test}
+        test.update({**single, **tta_test, "tta_views": config.tta})
         tta_extra = {
-            "test_single_view_accuracy": test["single_view_accuracy"],
-            "val_tta_accuracy": tta_val["accuracy"],
-            "val_tta_loss": tta_val["loss"],
+            **{f"test_{k}": v for k, v in single.items() if k != "single_view_loss"},
+            **{f"val_tta_{k}": v for k, v in tta_val.items()},
             "tta_views": config.tta,
         }
     wall = time.perf_counter() - t0

@@ -419,15 +419,15 @@ def test_cli_trains_each_task(tmp_path, dataset, model, metric):
         (
             [
                 "--dataset",
-                "regression(num_train=50, num_test=10)",
+                "segmentation1d(num_train=50, num_test=10)",
                 "--model",
-                "mlp",
+                "fcn1d",
                 "--tta",
                 "3",
                 "--augment",
-                "noise(0.1)",
+                "shift(1)",
             ],
-            "tta=3 works with the classification task only",
+            "tta=3 averages whole-example predictions",
         ),
         (
             [
@@ -530,3 +530,23 @@ def test_segmentation_trains_with_joint_augmentation(segmentation_data):
     assert hist["train_loss"][-1] < hist["train_loss"][0]
     # a per-position model learns only if the labels moved with the signal (majority: 55%)
     assert hist["val_pixel_accuracy"][-1] > 0.7
+
+
+def test_regression_tta_averages_outputs_over_views(regression_run, regression_data):
+    from jtricks.data.augment import noise
+    from jtricks.training import evaluate_tta
+
+    x, y = regression_data
+    state, _ = regression_run
+    aug, key, views = noise(0.3), jax.random.key(4), 4
+    got = evaluate_tta(state, (x, y), aug, views=views, key=key, task="regression", batch_size=50)
+    outs = [_outputs(state, x)]
+    for v in range(1, views):  # view v of example i: key fold_in(fold_in(key, v), i)
+        keys = [jax.random.fold_in(jax.random.fold_in(key, v), i) for i in range(len(x))]
+        xv = np.stack([np.asarray(aug(k, jnp.asarray(xi))) for k, xi in zip(keys, x, strict=True)])
+        outs.append(_outputs(state, xv))
+    mean = np.mean(outs, axis=0)
+    np.testing.assert_allclose(got["mse"], np.mean((mean - y) ** 2), rtol=1e-4)
+    np.testing.assert_allclose(got["mae"], np.mean(np.abs(mean - y)), rtol=1e-4)
+    with pytest.raises(ConfigError, match="segmentation task predicts per position"):
+        evaluate_tta(state, {"x": x, "y": y}, aug, views=2, key=key, task=Segmentation())

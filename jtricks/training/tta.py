@@ -8,7 +8,9 @@ the clean input, views ``1 .. V-1`` apply a per-example augmentation ``a`` (the 
 result does not depend on the batch size. The model runs in evaluation mode (running
 BatchNorm statistics, no dropout). The average is taken in log space
 (``logsumexp_v log_softmax_v - log V``), so the loss stays finite; that log-probability
-plays the role of the logits for the loss and the accuracy.
+plays the role of the logits for the loss and the accuracy. Other tasks combine the views
+with `jtricks.tasks.Task.combine` too: a regression averages the outputs,
+``y(x) = (1 / V) sum_v f(a(k_v, x))``, a multi-label task the sigmoid probabilities.
 
 New here: optax, Flax and chex have no TTA. fastai's ``Learner.tta`` averages random
 training-augmented views the same way; the classic fixed views (crops, flips) are a
@@ -30,9 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtricks.data.datasets import validate_arrays
-from jtricks.errors import check_int
-from jtricks.losses import accuracy, cross_entropy
+from jtricks.errors import ConfigError, check_int
+from jtricks.tasks import Classification, LanguageModel, Task, as_task, batch_sums, finalize
+from jtricks.training.data_checks import check_data
 from jtricks.training.distributed import like_state
 from jtricks.training.model import apply_model
 from jtricks.training.state import TrainState
@@ -41,79 +43,95 @@ from jtricks.training.steps import pad_batches
 __all__ = ["evaluate_tta", "tta_log_probs"]
 
 
-def _view_log_probs(state: TrainState, x, ids, key, augment, views: int) -> jax.Array:
-    """Log of the mean softmax over ``views`` views of the batch ``x`` (global indices ``ids``)."""
+def _combined_outputs(state: TrainState, task: Task, x, ids, key, augment, views: int):
+    """``task.combine`` of the model's outputs on ``views`` views of the batch ``x`` (global
+    indices ``ids``): the clean input, then ``views - 1`` augmented ones."""
 
-    def log_probs(xv):
-        logits, _ = apply_model(state, state.params, xv, train=False, key=None)
-        return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    def outputs(xv):
+        out, _ = apply_model(state, state.params, xv, train=False, key=None)
+        return out.astype(jnp.float32)
 
-    def body(v, acc):
+    def view(v):
         keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(key, v), i))(ids)
-        return jnp.logaddexp(acc, log_probs(jax.vmap(augment)(keys, x)))
+        return outputs(jax.vmap(augment)(keys, x))
 
-    acc = jax.lax.fori_loop(1, views, body, log_probs(x))
-    return acc - jnp.log(float(views))
+    augmented = jax.lax.map(view, jnp.arange(1, views)) if views > 1 else None
+    clean = outputs(x)[None]
+    stacked = clean if augmented is None else jnp.concatenate([clean, augmented])
+    return task.combine(stacked)
 
 
 @functools.cache
-def _compiled(loss_fn: Callable, augment: Callable, views: int):
+def _compiled(task: Task, augment: Callable, views: int):
     @jax.jit
-    def run(state, xb, yb, wb, key):
-        nb, bs = xb.shape[:2]
+    def run(state, batches, wb, key):
+        nb, bs = wb.shape
         ids = jnp.arange(nb * bs, dtype=jnp.uint32).reshape(nb, bs)
 
-        def body(carry, batch):
-            x, y, w, i = batch
-            logp = _view_log_probs(state, x, i, key, augment, views)
-            sums = {
-                "loss_sum": jnp.sum(w * loss_fn(logp, y)),
-                "correct": jnp.sum(w * accuracy(logp, y)),
-                "count": jnp.sum(w),
-            }
-            return jax.tree.map(jnp.add, carry, sums), logp
+        def body(carry, inp):
+            batch, w, i = inp
+            out = _combined_outputs(state, task, task.inputs(batch), i, key, augment, views)
+            return jax.tree.map(jnp.add, carry, batch_sums(task, out, batch, w)), out
 
-        zero = {"loss_sum": jnp.zeros(()), "correct": jnp.zeros(()), "count": jnp.zeros(())}
-        sums, logp = jax.lax.scan(body, zero, (xb, yb, wb, ids))
-        metrics = {
-            "loss": sums["loss_sum"] / sums["count"],
-            "accuracy": sums["correct"] / sums["count"],
-        }
-        return metrics, logp.reshape(nb * bs, -1)
+        first = jax.tree.map(lambda a: a[0], (batches, wb, ids))
+        zero = jax.tree.map(
+            lambda s: jnp.zeros(s.shape, jnp.float32),
+            jax.eval_shape(
+                lambda b, w, i: batch_sums(
+                    task,
+                    _combined_outputs(state, task, task.inputs(b), i, key, augment, views),
+                    b,
+                    w,
+                ),
+                *first,
+            ),
+        )
+        sums, out = jax.lax.scan(body, zero, (batches, wb, ids))
+        return finalize(task, sums), out.reshape(nb * bs, *out.shape[2:])
 
     return run
 
 
-def _run(state, data, augment, views, key, loss_fn, batch_size):
-    x, y = (np.asarray(a) for a in data)
-    validate_arrays(x, y, None, where="evaluation data")
+def _run(state, data, augment, views, key, task, batch_size):
+    data = check_data(state, task, data, "evaluation data")
     views = check_int("views", views, low=1)
     batch_size = check_int("batch_size", batch_size, low=1)
-    ((xb, yb), wb), key = like_state((pad_batches((x, y), batch_size), key), state.params)
-    return _compiled(loss_fn, augment, views)(state, xb, yb, wb, key), len(y)
+    (batches, wb), key = like_state((pad_batches(data, batch_size), key), state.params)
+    return _compiled(task, augment, views)(state, batches, wb, key)
 
 
 def evaluate_tta(
     state: TrainState,
-    data: tuple[Any, Any],
+    data: Any,
     augment: Callable[[jax.Array, jax.Array], jax.Array],
     *,
     views: int,
     key: jax.Array,
-    loss_fn: Callable = cross_entropy,
+    loss_fn: Callable | None = None,
+    task: Task | str | None = None,
     batch_size: int = 1000,
 ) -> dict[str, float]:
-    """Mean loss and accuracy of the ``views``-view TTA prediction on ``data``.
+    """The task's loss and metrics of the ``views``-view TTA prediction on ``data``.
 
-    ``views=1`` is the plain evaluation (clean input only). Compiled once per
-    ``(loss_fn, augment, views)`` and data shape; deterministic for a given ``key`` and
-    independent of ``batch_size``.
+    The prediction is ``task.combine`` of the views' outputs: the mean softmax for
+    classification (in log space), the mean output for regression, the mean sigmoid for
+    multi-label tasks. ``views=1`` is the plain evaluation (clean input only). Compiled
+    once per ``(task, augment, views)`` and data shape; deterministic for a given ``key``
+    and independent of ``batch_size``.
 
     Example:
       >>> evaluate_tta(state, (x_test, y_test), shift(2), views=9, key=jax.random.key(0))
     """
-    (metrics, _), _ = _run(state, data, augment, views, key, loss_fn, batch_size)
-    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+    task = as_task(task, loss_fn)
+    if task.dense_targets or isinstance(task, LanguageModel):
+        raise ConfigError(
+            f"test-time augmentation averages whole-example predictions; the {task.name} task "
+            "predicts per position",
+            param="tta",
+        )
+    metrics, _ = _run(state, data, augment, views, key, task, batch_size)
+    loss = float(metrics.pop("loss"))
+    return {"loss": loss, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
 
 
 def tta_log_probs(
@@ -125,9 +143,8 @@ def tta_log_probs(
     key: jax.Array,
     batch_size: int = 1000,
 ) -> np.ndarray:
-    """``log p(y | x)`` of the TTA prediction, shape ``(N, C)`` (see the module docstring)."""
+    """``log p(y | x)`` of the classification TTA prediction, shape ``(N, C)``."""
     x = np.asarray(x)
-    (_, logp), n = _run(
-        state, (x, np.zeros(len(x), np.int32)), augment, views, key, cross_entropy, batch_size
-    )
-    return np.asarray(logp)[:n]
+    data = (x, np.zeros(len(x), np.int32))
+    _, logp = _run(state, data, augment, views, key, Classification(), batch_size)
+    return np.asarray(logp)[: len(x)]
