@@ -4,7 +4,7 @@ with and without the fused optimizer (``--fused``), in one run.
 Arms (same model, same optimizer rule, same precision, same device-resident batches):
 
 * ``hand_loop``: a hand-written jitted step called once per batch from Python (the
-  ``anchors_gpu.py`` style: ``value_and_grad``, ``tx.update``, ``apply_updates``);
+  ``usual Flax + optax style: ``value_and_grad``, ``tx.update``, ``apply_updates``);
 * ``hand_scan``: the same step inside one `lax.scan` per epoch;
 * ``fit``: `jtricks.training.fit` (one compiled `lax.scan` per epoch, gradient norm and
   non-finite guard on, no validation);
