@@ -291,13 +291,13 @@ def _task_for(config: TrainConfig, data: Any) -> Task:
     if config.label_smoothing:
         if not classify:
             raise _not_for(task, "label_smoothing", config.label_smoothing)
+        task = dataclasses.replace(task, label_smoothing=float(config.label_smoothing))
     if config.tta > 1 and (task.dense_targets or task.name == "language model"):
         raise ConfigError(
             f"tta={config.tta} averages whole-example predictions (classification, multi-label, "
             f"regression); this run's task is {task.name!r}",
             param="tta",
         )
-        task = dataclasses.replace(task, label_smoothing=float(config.label_smoothing))
     if not classify:
         for name, off in (("mixup", None), ("cutmix", None)):
             if getattr(config, name) != off:

@@ -50,6 +50,8 @@ def test_eight_simulated_devices_match_one_device():
     # dropout: every device draws its own masks, and the seed gives the masks of one device
     assert out["num_shards"] == 8 and out["mask_rows_distinct_across_devices"]
     assert out["masks_same_as_one_device"]
+    # a language model on a dict batch with a mask trains alike on 8 devices and on 1
+    assert out["lm_dict_max_abs_diff"] < 1e-4, out["lm_dict_max_abs_diff"]
 
 
 def test_two_processes_train_in_lockstep_like_one_process(tmp_path):

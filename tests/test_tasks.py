@@ -445,7 +445,16 @@ def test_cli_trains_each_task(tmp_path, dataset, model, metric):
             "unknown task 'segment'",
         ),
         (
-            ["--dataset", "mnist1d(num_samples=100)", "--task", "regression", "--batch-size", "10"],
+            [
+                "--dataset",
+                "synthetic(num_train=50, num_test=10, shape=(8,), num_classes=3)",
+                "--task",
+                "regression",
+                "--model",
+                "mlp(features=(4,))",
+                "--batch-size",
+                "10",
+            ],
             "regression task, training data",
         ),
     ],
@@ -550,3 +559,26 @@ def test_regression_tta_averages_outputs_over_views(regression_run, regression_d
     np.testing.assert_allclose(got["mae"], np.mean(np.abs(mean - y)), rtol=1e-4)
     with pytest.raises(ConfigError, match="segmentation task predicts per position"):
         evaluate_tta(state, {"x": x, "y": y}, aug, views=2, key=key, task=Segmentation())
+
+
+def test_accumulation_is_exact_for_weighted_token_losses(token_data):
+    """Micro-batches of unequal real-token counts add up to the whole batch's update."""
+    from jtricks.training import make_train_step
+
+    batch = jax.tree.map(lambda a: jnp.asarray(a[:8]), token_data)
+    state = create_train_state(TokenModel(7), optax.sgd(1.0), batch["tokens"], jax.random.key(3))
+    whole, m1 = jax.jit(make_train_step(task="lm"))(state, batch)
+    split, m2 = jax.jit(make_train_step(task="lm", accumulate=4))(state, batch)
+    np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(split.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_regression_on_a_dict_batch(regression_data):
+    x, y = regression_data
+    state = create_train_state(Linear(3), TX, x, jax.random.key(0))
+    state, hist = fit(
+        state, {"x": x, "y": y}, task="regression", precision="bf16", batch_size=16, epochs=4
+    )
+    assert hist["train_loss"][-1] < 0.5 * hist["train_loss"][0]
+    assert jax.tree.leaves(state.params)[0].dtype == jnp.float32  # master weights stay float32
