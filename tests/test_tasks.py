@@ -582,3 +582,56 @@ def test_bf16_regression_on_a_dict_batch(regression_data):
     )
     assert hist["train_loss"][-1] < 0.5 * hist["train_loss"][0]
     assert jax.tree.leaves(state.params)[0].dtype == jnp.float32  # master weights stay float32
+
+
+def test_cli_language_model_resumes_bit_identically(tmp_path):
+    """Interrupted after epoch 2 (its later checkpoint and summary gone), ``--resume``
+    continues from epoch 2 and ends with the final parameters of the uninterrupted run,
+    bit for bit."""
+    import shutil
+
+    import orbax.checkpoint as ocp
+
+    from jtricks.cli import main
+    from jtricks.training.checkpoint import list_checkpoints
+
+    args = [
+        "train",
+        "--dataset",
+        "tokens(num_train=60, num_test=20, seq_len=8, vocab=5)",
+        "--model",
+        "transformer_lm(d_model=8, heads=2, layers=1, dropout=0.1)",
+        "--epochs",
+        "4",
+        "--batch-size",
+        "10",
+        "--checkpoint-every",
+        "2",
+        "--no-progress",
+    ]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main([*args, "--out", str(full)]) == 0
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "checkpoints" / "epoch-000004")
+    (cut / "summary.json").unlink()
+    assert main(["train", "--resume", str(cut), "--no-progress"]) == 0
+    lines = [(run / "metrics.jsonl").read_text().splitlines() for run in (full, cut)]
+    assert lines[0][:2] == lines[1][:2]  # epochs 1-2 kept from the checkpoint, timings too
+    redone = [
+        json.loads(a)["elapsed_s"] != json.loads(b)["elapsed_s"]
+        for a, b in zip(*lines, strict=True)
+    ]
+    assert redone == [False, False, True, True]  # only epochs 3-4 ran again
+
+    def final(run):
+        ckptr = ocp.StandardCheckpointer()
+        arrays = ckptr.restore(list_checkpoints(run / "checkpoints")[-1].absolute() / "state")
+        ckptr.close()
+        return arrays
+
+    for a, b in zip(jax.tree.leaves(final(full)), jax.tree.leaves(final(cut)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert (
+        json.loads((cut / "summary.json").read_text())["test_perplexity"]
+        == json.loads((full / "summary.json").read_text())["test_perplexity"]
+    )
