@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jtricks.bench.device import matmul_flops
 from jtricks.data import Scaler, load_dataset
 from jtricks.diagnostics import make_lr_sweep
 from jtricks.nn import build_model
@@ -43,20 +44,6 @@ def step_flops(one_step, lrs: jax.Array) -> float:
     """FLOPs of one train step of every copy: XLA's cost analysis of a one-step sweep."""
     cost = one_step.lower(lrs).compile().cost_analysis()
     return float((cost[0] if isinstance(cost, list) else cost)["flops"])
-
-
-def matmul_gflops(n: int = 2048, repeats: int = 7) -> float:
-    """This machine's float32 matmul rate: the best of ``repeats`` n x n products (the
-    highest rate seen, so the floor derived from it is the lowest)."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    mm = jax.jit(jnp.matmul)
-    jax.block_until_ready(mm(a, a))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(mm(a, a))
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / min(times) / 1e9
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -112,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name, lrs in arms.items():
             times[name].append(timed(lrs))
     med = {name: statistics.median(t) for name, t in times.items()}
-    gflops = matmul_gflops()
+    gflops = matmul_flops() / 1e9
     floor = flops["finder"] * args.steps / (gflops * 1e9) / med["single"]
     compile_s = {name: max(first[name] - med[name], 0.0) for name in arms}
     result = {

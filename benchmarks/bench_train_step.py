@@ -3,8 +3,9 @@ with and without the fused optimizer (``--fused``), in one run.
 
 Arms (same model, same optimizer rule, same precision, same device-resident batches):
 
-* ``hand_loop``: a hand-written jitted step called once per batch from Python (the
-  ``usual Flax + optax style: ``value_and_grad``, ``tx.update``, ``apply_updates``);
+* ``hand_loop``: the hand-written jitted step of ``baselines/flax_step.py`` called once per
+  batch from Python (the usual Flax + optax style: ``value_and_grad``, ``tx.update``,
+  ``apply_updates``);
 * ``hand_scan``: the same step inside one `lax.scan` per epoch;
 * ``fit``: `jtricks.training.fit` (one compiled `lax.scan` per epoch, gradient norm and
   non-finite guard on, no validation);
@@ -26,6 +27,11 @@ With ``--vocab V`` the examples are token sequences of length ``--shape`` and th
 the next tokens (the language-model task: `fit` gets ``task="lm"``, the hand-written arms
 the same mean token cross-entropy).
 
+Also reported: the FLOPs of one step (XLA's cost analysis of the hand-written step, the
+same work in every arm), each arm's TFLOP/s, its MFU against the datasheet peak of the
+device (`jtricks.bench.device`; ``--peak-tflops`` for another) and its fraction of the
+matmul rate measured on the same device in the same run.
+
 Prints JSON (one object) then a short table; ``ratio`` = images/s against ``hand_scan``.
 """
 
@@ -41,12 +47,35 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from baselines import flax_step
+from jtricks.bench.device import matmul_flops, peak_flops
 from jtricks.nn import build_model
 from jtricks.optim import build_optimizer, fused
 from jtricks.run import environment
 from jtricks.training import create_train_state, fit
 
 ARMS = ("hand_loop", "hand_scan", "fit", "fit_fused")
+
+
+def _utilisation(step, carry, idx, args, env: dict, ips: dict, batch: int) -> dict:
+    """FLOPs of one step (XLA's cost analysis of the hand-written step, the same work in
+    every arm), the achieved TFLOP/s of each arm, and MFU against the datasheet peak
+    (`jtricks.bench.device`, or ``--peak-tflops``) and against this device's measured
+    matmul rate in the same dtype."""
+    cost = jax.jit(step).lower(carry, idx).compile().cost_analysis()
+    flops = float((cost[0] if isinstance(cost, list) else cost)["flops"])
+    peak = args.peak_tflops or (peak_flops(env["device_kind"], args.precision) or 0) / 1e12
+    dtype = jnp.bfloat16 if args.precision == "bf16" else jnp.float32
+    measured = matmul_flops(dtype, 8192 if env["platform"] == "gpu" else 512, 5) / 1e12
+    tflops = {a: flops * v / batch / 1e12 for a, v in ips.items()}
+    return {
+        "flops_per_step": flops,
+        "peak_tflops": peak or None,
+        "matmul_tflops": measured,
+        "tflops": tflops,
+        "mfu": {a: v / peak for a, v in tflops.items()} if peak else {},
+        "fraction_of_matmul": {a: v / measured for a, v in tflops.items()},
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -61,6 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--precision", default="float32", choices=("float32", "bf16"))
     p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator")
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",")]
@@ -86,36 +116,14 @@ def main(argv: list[str] | None = None) -> dict:
     compute = jnp.bfloat16 if args.precision == "bf16" else None
     key = jax.random.key(0)
 
-    # ---- hand-written Flax + optax step
-    variables = model.init(key, x[:1], train=False)
+    # ---- hand-written Flax + optax step (benchmarks/baselines/flax_step.py)
     h_tx = optax.sgd(lr, momentum=0.9, nesterov=True)
-
-    def h_step(carry, idx):
-        params, bs, opt = carry
-        xb, yb = x[idx], y[idx]
-
-        def loss_fn(p):
-            pc, xc = p, xb
-            if compute is not None:
-                pc = jax.tree.map(lambda a: a.astype(compute), p)
-                xc = xb.astype(compute) if jnp.issubdtype(xb.dtype, jnp.floating) else xb
-            logits, upd = model.apply(
-                {"params": pc, "batch_stats": bs}, xc, train=True, mutable=["batch_stats"]
-            )
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), yb)
-            new_bs = jax.tree.map(lambda a, o: a.astype(o.dtype), upd["batch_stats"], bs)
-            return loss.mean(), new_bs
-
-        (loss, bs), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        u, opt = h_tx.update(g, opt, params)
-        return (optax.apply_updates(params, u), bs, opt), loss
-
-    h_one = jax.jit(lambda c, idx: h_step(c, idx), donate_argnums=0)
+    h_step = flax_step.make_step(model, h_tx, x, y, compute)
+    h_one = jax.jit(h_step, donate_argnums=0)
     h_epoch = jax.jit(lambda c, idxs: jax.lax.scan(h_step, c, idxs), donate_argnums=0)
 
     def h_init():
-        params = variables["params"]
-        return (params, variables.get("batch_stats", {}), h_tx.init(params))
+        return flax_step.init_carry(model, h_tx, x, key)
 
     def epoch_idx(e):
         return jax.random.permutation(jax.random.fold_in(key, e), n)[: spe * B].reshape(spe, B)
@@ -175,7 +183,9 @@ def main(argv: list[str] | None = None) -> dict:
     med = {a: statistics.median(v) for a, v in times.items()}
     ips = {a: images / med[a] for a in fns}
     env = environment()
-    leaves = len(jax.tree.leaves(variables["params"]))
+    params0 = h_init()[0]
+    leaves = len(jax.tree.leaves(params0))
+    util = _utilisation(h_step, h_init(), idxs[0][0], args, env, ips, B)
     result = {
         "benchmark": "bench_train_step",
         "model": args.model,
@@ -184,12 +194,13 @@ def main(argv: list[str] | None = None) -> dict:
         "batch_size": B,
         "precision": args.precision,
         "param_leaves": leaves,
-        "params": int(sum(v.size for v in jax.tree.leaves(variables["params"]))),
+        "params": int(sum(v.size for v in jax.tree.leaves(params0))),
         "images_per_repeat": images,
         "repeats": args.repeats,
         "images_per_s": ips,
         "ratio_vs_hand_scan": {a: ips[a] / ips["hand_scan"] for a in fns},
         "seconds": times,
+        **util,
         "environment": env,
     }
     print(json.dumps(result))
@@ -197,9 +208,13 @@ def main(argv: list[str] | None = None) -> dict:
         f"\n{args.model} {shape} batch {B} {args.precision}, {leaves} parameter leaves; "
         f"device {env['device_kind']}"
     )
-    print(f"{'arm':<12}{'images/s (median)':>19}{'ratio':>8}")
+    print(f"{'arm':<12}{'images/s (median)':>19}{'ratio':>8}{'TFLOP/s':>10}{'MFU':>8}")
     for a in fns:
-        print(f"{a:<12}{ips[a]:>19,.0f}{ips[a] / ips['hand_scan']:>8.3f}")
+        mfu = util["mfu"].get(a)
+        print(
+            f"{a:<12}{ips[a]:>19,.0f}{ips[a] / ips['hand_scan']:>8.3f}"
+            f"{util['tflops'][a]:>10.3f}{'' if mfu is None else f'{mfu:.1%}':>8}"
+        )
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(result, f, indent=2)

@@ -30,40 +30,6 @@ def test_mnist1d_paper_example_tiny(capsys):
     assert all(acc > 15 for v in accs.values() for acc in v)  # 10 classes: chance is 10%
 
 
-def test_bench_fit_tiny(tmp_path):
-    out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "bench_fit.py"),
-            "--model",
-            "mlp(features=(8,))",
-            "--epochs",
-            "1",
-            "--repeats",
-            "1",
-            "--json-out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr
-    first = json.loads(proc.stdout.splitlines()[0])
-    assert first["fit_steps_per_s_median"] > 0 and first["hand_scan_steps_per_s_median"] > 0
-    assert (
-        abs(
-            first["ratio_fit_over_hand"]
-            - first["fit_steps_per_s_median"] / first["hand_scan_steps_per_s_median"]
-        )
-        < 1e-9
-    )
-    assert json.loads(out.read_text())["environment"]["platform"] == "cpu"
-    assert "ratio fit / hand" in proc.stdout
-
-
 def test_clipping_and_decay_example_tiny(capsys):
     example = _load(ROOT / "examples" / "clipping_and_decay.py")
     rows = example.main(["--epochs", "1"])
@@ -195,35 +161,6 @@ def test_augmentation_example_tiny(capsys):
                 "mlp(features=(8,))",
             ],
             ("ratio_vs_first",),
-        ),
-        (
-            "bench_ensemble.py",
-            ["--members", "2", "--epochs", "1", "--repeats", "1", "--model", "mlp(features=(8,))"],
-            ("ratio", "ratio_vs_fit"),
-        ),
-        (
-            "bench_optimizer_update.py",
-            ["--total", "4096", "--leaves", "1,8", "--repeats", "1", "--optimizers", "adam"],
-            ("rows",),
-        ),
-        (
-            "bench_train_step.py",
-            [
-                "--model",
-                "mlp(features=(8,))",
-                "--steps-per-epoch",
-                "3",
-                "--epochs",
-                "1",
-                "--repeats",
-                "1",
-            ],
-            ("images_per_s", "ratio_vs_hand_scan"),
-        ),
-        (
-            "bench_lr_finder.py",
-            ["--num", "4", "--steps", "5", "--repeats", "1", "--model", "mlp(features=(8,))"],
-            ("ratio_run", "ratio_end_to_end", "ratio_run_floor", "ratio_range_run"),
         ),
     ],
 )

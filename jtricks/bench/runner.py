@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jtricks.bench.device import peak_flops
 from jtricks.bench.problems import LR_GRIDS, OPTIMIZERS, SEEDS, SUITES, Problem, suite_problems
 from jtricks.bench.scoring import (
     default_taus,
@@ -49,14 +50,6 @@ from jtricks.errors import ConfigError, check_int, unknown_name
 from jtricks.optim import build_optimizer, set_learning_rate
 
 SCHEMA = "jtricks.bench/1"
-
-# Dense peak FLOP/s by device kind and compute dtype (vendor data sheets), for MFU.
-PEAK_FLOPS = {
-    ("NVIDIA H100 80GB HBM3", "float32"): 494.7e12,  # TF32 tensor cores (jax's default f32 matmul)
-    ("NVIDIA H100 80GB HBM3", "bf16"): 989.4e12,
-    ("NVIDIA H200", "float32"): 494.7e12,
-    ("NVIDIA H200", "bf16"): 989.4e12,
-}
 
 
 def _finite_tree(tree) -> jax.Array:
@@ -189,7 +182,7 @@ def throughput(problem: Problem, inst, optimizer: str, precision_peak: str = "fl
     med = statistics.median(times)
     batch = int(problem.description.rsplit("batch", 1)[1].split()[0])
     dev = jax.devices()[0]
-    peak = PEAK_FLOPS.get((dev.device_kind, precision_peak))
+    peak = peak_flops(dev.device_kind, precision_peak)
     return {
         "problem": problem.name,
         "optimizer": optimizer,

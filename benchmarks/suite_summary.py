@@ -1,0 +1,208 @@
+"""``summary.md`` of `gpu_suite.py`: a status table, the standing targets checked against
+the measured figures, and one short table per part, all read from the parts' records."""
+
+from __future__ import annotations
+
+import datetime
+
+TARGET_FUSED_RATIO = 1.3  # fused update at 512 leaves / optax at 1 leaf, call and scan
+TARGET_FUSED_COMPILE_S = 3.0
+TARGET_ENSEMBLE_RATIO = 2.5  # 8 vmapped members / 1
+
+
+def _results(record: dict | None) -> list[tuple[str, dict]]:
+    """``(label, result)`` of a part's runs that finished."""
+    if not record:
+        return []
+    return [(r["label"], r["result"]) for r in record["runs"] if r.get("result")]
+
+
+def _device(records: dict) -> str:
+    for rec in records.values():
+        for _, res in _results(rec):
+            env = res.get("environment") or {}
+            if env.get("device_kind"):
+                return f"{env['device_kind']} ({env.get('platform', '?')})"
+    return "unknown (no part finished)"
+
+
+def _header(records: dict, env: dict, tiny: bool, wall: float) -> list[str]:
+    v = env["versions"]
+    lines = [
+        f"# jtricks GPU suite{' (--tiny: toy sizes, targets not meaningful)' if tiny else ''}",
+        "",
+        f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- device: {_device(records)}; {env['cpus']} CPUs ({env['machine']})",
+        f"- python {env['python']}; "
+        + ", ".join(f"{k} {val}" for k, val in v.items() if val is not None),
+        f"- XLA_FLAGS: `{env['xla_flags'] or '(none)'}`",
+        f"- wall time so far: {wall:.0f} s",
+        "",
+        "| part | run | status | wall s |",
+        "| --- | --- | --- | ---: |",
+    ]
+    for name, rec in records.items():
+        for r in rec["runs"]:
+            wall_s = f"{r['wall_s']:.1f}" if "wall_s" in r else "—"
+            lines.append(f"| {name} | {r['label']} | {r['status']} | {wall_s} |")
+    return lines
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def _targets(records: dict) -> list[str]:
+    rows = []
+    for _, res in _results(records.get("optimizer_update")):
+        by = {(r["optimizer"], r["impl"], r["leaves"]): r for r in res["rows"]}
+        for (opt, impl, leaves), r in by.items():
+            if impl == "fused" and leaves == 512:
+                for mode in ("call", "scan"):
+                    x = r[f"{mode}_ratio"]
+                    rows.append(
+                        f"| fused {opt}, 512 leaves, {mode} / optax 1 leaf ≤ "
+                        f"{TARGET_FUSED_RATIO} | {x:.2f}x | {_verdict(x <= TARGET_FUSED_RATIO)} |"
+                    )
+                c = r["compile_s"]
+                rows.append(
+                    f"| fused {opt}, 512 leaves, compile < {TARGET_FUSED_COMPILE_S:.0f} s "
+                    f"| {c:.2f} s | {_verdict(c < TARGET_FUSED_COMPILE_S)} |"
+                )
+    for label, res in _results(records.get("ensemble")):
+        x = res["ratio"]
+        rows.append(
+            f"| ensemble {label}: {res['members']} members / 1 ≤ {TARGET_ENSEMBLE_RATIO} "
+            f"| {x:.2f}x | {_verdict(x <= TARGET_ENSEMBLE_RATIO)} |"
+        )
+    if not rows:
+        return []
+    return ["", "## Targets", "", "| target | measured | verdict |", "| --- | ---: | --- |", *rows]
+
+
+def _optimizer_update(records: dict) -> list[str]:
+    lines = []
+    for _, res in _results(records.get("optimizer_update")):
+        lines += [
+            "",
+            f"## optimizer_update: {res['total_params']:,} float32 parameters",
+            "",
+            "Ratios against optax at 1 leaf, same optimizer and mode, same run.",
+            "",
+            "| optimizer | impl | leaves | call ms | x | scan ms | x | compile s |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in res["rows"]:
+            lines.append(
+                f"| {r['optimizer']} | {r['impl']} | {r['leaves']} | {r['call_ms']:.3f} "
+                f"| {r['call_ratio']:.2f} | {r['scan_ms']:.3f} | {r['scan_ratio']:.2f} "
+                f"| {r['compile_s']:.2f} |"
+            )
+    return lines
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def _train_step(records: dict) -> list[str]:
+    got = dict(_results(records.get("train_step")))
+    jx = got.get("jax")
+    if not jx:
+        return []
+    base = jx["images_per_s"]["hand_scan"]
+    lines = [
+        "",
+        f"## train_step: {jx['model']} {tuple(jx['shape'])}, batch {jx['batch_size']}, "
+        f"{jx['precision']}",
+        "",
+        f"{jx['flops_per_step'] / 1e9:.1f} GFLOP per step (XLA cost analysis); "
+        f"peak {jx['peak_tflops'] or '—'} TFLOP/s; measured matmul "
+        f"{jx['matmul_tflops']:.1f} TFLOP/s.",
+        "",
+        "| arm | images/s | / hand_scan | TFLOP/s | MFU | of matmul |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for arm, ips in jx["images_per_s"].items():
+        lines.append(
+            f"| {arm} | {ips:,.0f} | {ips / base:.3f} | {jx['tflops'][arm]:.2f} "
+            f"| {_pct(jx['mfu'].get(arm))} | {_pct(jx['fraction_of_matmul'][arm])} |"
+        )
+    th = got.get("torch") or {}
+    for arm, ips in (th.get("images_per_s") or {}).items():
+        mfu = (th.get("mfu") or {}).get(arm)
+        lines.append(f"| torch {arm} | {ips:,.0f} | {ips / base:.3f} | — | {_pct(mfu)} | — |")
+    if th.get("skipped") or th.get("errors"):
+        lines.append(f"\ntorch: {th.get('skipped') or th.get('errors')}")
+    return lines
+
+
+def _simple(records: dict) -> list[str]:
+    lines = []
+    ens = _results(records.get("ensemble"))
+    if ens:
+        lines += ["", "## ensemble", "", "| model | members | 1 model s | N models s | ratio |"]
+        lines.append("| --- | ---: | ---: | ---: | ---: |")
+        for _, r in ens:
+            lines.append(
+                f"| {r['model']} | {r['members']} | {r['one_model_s_median']:.3f} "
+                f"| {r['ensemble_s_median']:.3f} | {r['ratio']:.2f} |"
+            )
+    lrf = _results(records.get("lr_finder"))
+    if lrf:
+        lines += ["", "## lr_finder", "", "| model | K | run ratio | end-to-end ratio | floor |"]
+        lines.append("| --- | ---: | ---: | ---: | ---: |")
+        for _, r in lrf:
+            lines.append(
+                f"| {r['model']} | {r['num']} | {r['ratio_run']:.2f} "
+                f"| {r['ratio_end_to_end']:.2f} | {r['ratio_run_floor']:.2f} |"
+            )
+    fit = _results(records.get("fit"))
+    if fit:
+        lines += ["", "## fit", "", "| model | fit steps/s | hand scan steps/s | ratio |"]
+        lines.append("| --- | ---: | ---: | ---: |")
+        for _, r in fit:
+            lines.append(
+                f"| {r['model']} | {r['fit_steps_per_s_median']:,.0f} "
+                f"| {r['hand_scan_steps_per_s_median']:,.0f} | {r['ratio_fit_over_hand']:.3f} |"
+            )
+    return lines
+
+
+def _bench(records: dict) -> list[str]:
+    rec = records.get("bench")
+    runs = [r for r in (rec or {}).get("runs", []) if r.get("results_file")]
+    if not runs:
+        return []
+    lines = ["", "## jtricks bench", ""]
+    for r in runs:
+        score = r["result"].get("scores", {}).get("score", {})
+        best = ", ".join(f"{k} {v:.2f}" for k, v in sorted(score.items(), key=lambda kv: -kv[1]))
+        lines.append(
+            f"- `{r['results_file']}`: suite {r['result']['suite']}, "
+            f"{r['result']['wall_s']:.0f} s; scores: {best}"
+        )
+    lines += [
+        "",
+        "Side by side with the CPU's: `jtricks bench compare "
+        "benchmarks/results/bench-quick-cpu-2core/results.json <this folder>/bench_quick.json`",
+    ]
+    return lines
+
+
+def _failures(records: dict) -> list[str]:
+    """The command and the last lines of output of every run that failed or timed out."""
+    lines = []
+    for name, rec in records.items():
+        for r in rec["runs"]:
+            if r.get("log_tail") is not None:
+                lines += ["", f"### {name}/{r['label']}: {r['status']}", "", f"`{r['command']}`"]
+                lines += ["", "```", *r["log_tail"], "```"]
+    return ["", "## Failures", *lines] if lines else []
+
+
+def summary_markdown(records: dict, env: dict, tiny: bool, wall: float) -> str:
+    """The whole ``summary.md`` from the parts finished so far."""
+    lines = _header(records, env, tiny, wall) + _targets(records)
+    lines += _optimizer_update(records) + _train_step(records) + _simple(records)
+    return "\n".join(lines + _bench(records) + _failures(records)) + "\n"
