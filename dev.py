@@ -2,7 +2,8 @@
 """Set up and run jtricks with nothing but Python 3.11+ and pip.
 
     python3 dev.py demo   # create .venv, install jtricks[dev], run `jtricks train` with its defaults
-    python3 dev.py test   # create .venv, install jtricks[dev], run ruff (lint + format check) and pytest
+    python3 dev.py test   # create .venv, install jtricks[dev], run ruff (lint + format check) and
+                          # pytest on 2 workers (JTRICKS_TEST_WORKERS=N to change)
 
 Extra arguments after the command go to `jtricks train` (demo) or pytest (test).
 The venv is reinstalled only when pyproject.toml changes.
@@ -53,7 +54,10 @@ def main(argv: list[str]) -> None:
     elif command == "test":
         run(BIN / "ruff", "check", ".")
         run(BIN / "ruff", "format", "--check", ".")
-        run(BIN / "python", "-m", "pytest", *rest)
+        # two workers, one test file each at a time (module fixtures are not built twice):
+        # JAX compiles on one core, so this halves the suite on a 2-core machine
+        workers = os.environ.get("JTRICKS_TEST_WORKERS", "2")
+        run(BIN / "python", "-m", "pytest", "-n", workers, "--dist", "loadfile", *rest)
 
 
 if __name__ == "__main__":
