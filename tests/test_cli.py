@@ -245,7 +245,7 @@ def test_console_script_exit_status_and_no_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert (
-        "unknown model 'resnet999'; valid models are: cnn, cnn_wide, fcn1d, gru, lstm, mlp, resnet18, resnet20, transformer, transformer_lm"
+        "unknown model 'resnet999'; valid models are: cnn, cnn_wide, densenet, densenet1d, fcn1d, gru, inception, inception1d, lstm, mlp, resnet18, resnet20, transformer, transformer_lm"
         in proc.stderr
     )
     assert "Traceback" not in proc.stderr

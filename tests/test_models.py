@@ -29,7 +29,8 @@ PARAMS = {
 
 
 PER_POSITION = ("fcn1d", "transformer_lm")  # an output at every position: tested below
-CLASSIFIERS = sorted(set(MODELS) - set(PER_POSITION))
+ELSEWHERE = ("inception", "inception1d", "densenet", "densenet1d")  # test_architectures.py
+CLASSIFIERS = sorted(set(MODELS) - set(PER_POSITION) - set(ELSEWHERE))
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +176,7 @@ def test_initializer_variance(name):
     [
         (
             "vgg",
-            "valid models are: cnn, cnn_wide, fcn1d, gru, lstm, mlp, resnet18, resnet20, transformer, transformer_lm",
+            "valid models are: cnn, cnn_wide, densenet, densenet1d, fcn1d, gru, inception, inception1d, lstm, mlp, resnet18, resnet20, transformer, transformer_lm",
         ),
         ("mlp(width=3)", "valid arguments are"),
         ("mlp(dropout=1.0)", "dropout"),

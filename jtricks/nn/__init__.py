@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import flax.linen as nn
 
+from jtricks.nn.densenet import DenseLayer, DenseNet, densenet, densenet1d
+from jtricks.nn.inception import Inception, InceptionBlock, inception, inception1d
 from jtricks.nn.initializers import INITIALIZERS, get_initializer
 from jtricks.nn.layers import Conv1D
 from jtricks.nn.models import (
@@ -25,7 +27,16 @@ from jtricks.nn.models import (
 from jtricks.nn.per_position import FCN1D, TransformerLM
 from jtricks.spec import build_from_registry
 
-MODELS.update({"fcn1d": FCN1D, "transformer_lm": TransformerLM})
+MODELS.update(
+    {
+        "inception": inception,
+        "inception1d": inception1d,
+        "densenet": densenet,
+        "densenet1d": densenet1d,
+        "fcn1d": FCN1D,
+        "transformer_lm": TransformerLM,
+    }
+)
 
 
 def build_model(spec: str, num_classes: int) -> nn.Module:
@@ -45,6 +56,10 @@ __all__ = [
     "MLP",
     "MODELS",
     "Conv1D",
+    "DenseLayer",
+    "DenseNet",
+    "Inception",
+    "InceptionBlock",
     "RNNClassifier",
     "ResNet",
     "ResidualBlock",
@@ -52,9 +67,13 @@ __all__ = [
     "TransformerLM",
     "WideResCNN1D",
     "build_model",
+    "densenet",
+    "densenet1d",
     "get_activation",
     "get_initializer",
     "gru",
+    "inception",
+    "inception1d",
     "lstm",
     "resnet18",
     "resnet20",
