@@ -360,7 +360,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--out", default=None, help="output folder (default benchmarks/results/gpu-suite-<device>)"
     )
-    p.add_argument("--budget", type=float, default=480.0, help="whole wall time, seconds")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="whole wall time, seconds (default 480; 1200 with --tiny, whose CPU may be shared)",
+    )
     p.add_argument("--parts", default=",".join(pt.name for pt in PARTS))
     p.add_argument("--tiny", action="store_true", help="toy sizes on the CPU, under a minute")
     p.add_argument(
@@ -379,6 +384,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         p.error("--parts: name at least one part")
     if args.jobs is None:
         args.jobs = 2 if args.tiny else 1
+    if args.budget is None:
+        args.budget = 1200.0 if args.tiny else 480.0
     if args.jobs < 1:
         p.error(f"--jobs: must be at least 1, got {args.jobs}")
     if not args.budget > 0:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from jtricks.errors import ConfigError
+from jtricks.spec import split_top_level
 
 # config field -> CLI flag, to point errors at what the user typed
 FLAGS = {
@@ -366,7 +367,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return 0
     from jtricks.run import _prepare_out, write_json
 
-    split = lambda v: None if v is None else [x.strip() for x in v.split(",") if x.strip()]  # noqa: E731
+    split = lambda v: None if v is None else [x for x in split_top_level(v, ",") if x]  # noqa: E731
     out = args.out or str(Path("runs") / time.strftime(f"bench-{args.suite}-%Y%m%d-%H%M%S"))
     # validate names before creating anything
     from jtricks.bench.problems import SUITES, suite_problems
@@ -378,11 +379,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for name in split(args.problems) or []:
         if name not in names:
             raise unknown_name("problem", name, names, param="problems")
-    from jtricks.optim import OPTIMIZERS
+    from jtricks.optim import build_optimizer
 
-    for name in split(args.optimizers) or []:
-        if name not in OPTIMIZERS:
-            raise unknown_name("optimizer", name, OPTIMIZERS, param="optimizers")
+    for spec in split(args.optimizers) or []:
+        try:
+            build_optimizer(spec)  # any spec: jtricks' names, optax.*, contrib.*, module:factory
+        except ConfigError as e:
+            raise ConfigError(str(e), param="optimizers") from None
     if args.seeds is not None and args.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1; got {args.seeds}", param="seeds")
     run_dir = _prepare_out(out)

@@ -5,6 +5,11 @@ A spec is a name with optional keyword (or positional) literal arguments::
     "adam"                      -> ("adam", (), {})
     "adam(lr=1e-3, b1=0.9)"     -> ("adam", (), {"lr": 0.001, "b1": 0.9})
     "synthetic(shape=(8, 8, 3))" -> ("synthetic", (), {"shape": (8, 8, 3)})
+    "optax.lion(b1=0.95)"       -> ("optax.lion", (), {"b1": 0.95})
+    "mypkg.opt:make(lr=1e-3)"   -> ("mypkg.opt:make", (), {"lr": 0.001})
+
+A name may be dotted (``optax.contrib.muon``) or an import path ``module:attribute``;
+what it resolves to is up to the caller.
 
 Arguments are Python literals read with `ast.literal_eval`: nothing is ever
 executed. Pipelines are specs joined by ``|``.
@@ -34,15 +39,20 @@ def parse_spec(spec: str, *, what: str = "spec") -> tuple[str, tuple[Any, ...], 
       ConfigError: if the text is not a name optionally followed by literal arguments.
     """
     text = spec.strip()
+    module, text = _import_prefix(text)
     try:
         node = ast.parse(text, mode="eval").body
     except SyntaxError:
         raise ConfigError(
             f"cannot parse {what} {spec!r}: expected name or name(key=value, ...)", param=what
         ) from None
-    if isinstance(node, ast.Name):
-        return node.id, (), {}
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+    func = node.func if isinstance(node, ast.Call) else node
+    name = _dotted(func)
+    if name is not None and module:
+        name = f"{module}:{name}"
+    if name is not None and not isinstance(node, ast.Call):
+        return name, (), {}
+    if isinstance(node, ast.Call) and name is not None:
         try:
             args = tuple(ast.literal_eval(a) for a in node.args)
             kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords if kw.arg}
@@ -53,14 +63,35 @@ def parse_spec(spec: str, *, what: str = "spec") -> tuple[str, tuple[Any, ...], 
             ) from None
         if any(kw.arg is None for kw in node.keywords):
             raise ConfigError(f"cannot parse {what} {spec!r}: '**' is not allowed", param=what)
-        return node.func.id, args, kwargs
+        return name, args, kwargs
     raise ConfigError(
         f"cannot parse {what} {spec!r}: expected name or name(key=value, ...)", param=what
     )
 
 
-def split_pipeline(text: str) -> list[str]:
-    """Split ``"a(1) | b | c(x=2)"`` into its parts, ignoring ``|`` inside parentheses or quotes."""
+def _import_prefix(text: str) -> tuple[str, str]:
+    """``"pkg.mod:make(lr=1)"`` -> ``("pkg.mod", "make(lr=1)")``; other text unchanged."""
+    head = text.split("(", 1)[0]
+    if ":" not in head:
+        return "", text
+    module, rest = text.split(":", 1)
+    if not all(part.isidentifier() for part in module.strip().split(".")):
+        return "", text  # not an import path: let the parser report it
+    return module.strip(), rest.strip()
+
+
+def _dotted(node: ast.AST) -> str | None:
+    """``a.b.c`` as a string for a name or attribute chain, else None."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        base = _dotted(node.value)
+        return None if base is None else f"{base}.{node.attr}"
+    return None
+
+
+def split_top_level(text: str, sep: str) -> list[str]:
+    """Split ``text`` at ``sep`` outside parentheses, brackets and quotes; strip the parts."""
     parts, depth, quote, start = [], 0, "", 0
     for i, ch in enumerate(text):
         if quote:
@@ -71,11 +102,16 @@ def split_pipeline(text: str) -> list[str]:
             depth += 1
         elif ch in ")]}":
             depth -= 1
-        elif ch == "|" and depth == 0:
+        elif ch == sep and depth == 0:
             parts.append(text[start:i])
             start = i + 1
     parts.append(text[start:])
-    parts = [p.strip() for p in parts]
+    return [p.strip() for p in parts]
+
+
+def split_pipeline(text: str) -> list[str]:
+    """Split ``"a(1) | b | c(x=2)"`` into its parts, ignoring ``|`` inside parentheses or quotes."""
+    parts = split_top_level(text, "|")
     if any(not p for p in parts):
         raise ConfigError(f"empty stage in pipeline {text!r}")
     return parts

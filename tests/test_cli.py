@@ -157,7 +157,7 @@ BAD = [
     (
         ["--model", "vgg"],
         "--model",
-        "cnn, cnn_wide, fcn1d, gru, lstm, mlp, resnet18, resnet20, transformer, transformer_lm",
+        "cnn, cnn_wide, densenet, densenet1d, fcn1d, gru, inception, inception1d, lstm, mlp, resnet18, resnet20, transformer, transformer_lm",
     ),
     (
         ["--optimizer", "lion"],

@@ -47,7 +47,7 @@ from jtricks.bench.scoring import (
     profile_score,
 )
 from jtricks.errors import ConfigError, check_int, unknown_name
-from jtricks.optim import build_optimizer, set_learning_rate
+from jtricks.optim import build_optimizer, contract, set_learning_rate
 
 SCHEMA = "jtricks.bench/1"
 
@@ -79,7 +79,14 @@ def tune(problem: Problem, inst, optimizer: str, lrs: np.ndarray) -> np.ndarray:
             def step(carry, t):
                 params, opt_state = carry
                 loss, grads = jax.value_and_grad(inst.loss)(params, key, t)
-                updates, opt_state = tx.update(grads, opt_state, params)
+                updates, opt_state = contract.update(
+                    tx,
+                    grads,
+                    opt_state,
+                    params,
+                    value=loss,
+                    value_fn=lambda p: inst.loss(p, key, t),
+                )
                 return (optax.apply_updates(params, updates), opt_state), loss
 
             (params, _), _ = jax.lax.scan(step, (params0, opt_state), jnp.arange(problem.steps))
@@ -97,7 +104,9 @@ def _chunk_fn(problem: Problem, inst, optimizer: str):
         def step(carry, t):
             params, opt_state = carry
             loss, grads = jax.value_and_grad(inst.loss)(params, key, t)
-            updates, opt_state = tx.update(grads, opt_state, params)
+            updates, opt_state = contract.update(
+                tx, grads, opt_state, params, value=loss, value_fn=lambda p: inst.loss(p, key, t)
+            )
             return (optax.apply_updates(params, updates), opt_state), loss
 
         (params, opt_state), losses = jax.lax.scan(
@@ -216,11 +225,8 @@ def run_suite(
                 raise unknown_name("problem", name, names)
         all_problems = [p for p in all_problems if p.name in problems]
     optimizers = list(optimizers or OPTIMIZERS[suite])
-    from jtricks.optim import OPTIMIZERS as REGISTRY
-
     for opt in optimizers:
-        if opt not in REGISTRY:
-            raise unknown_name("optimizer", opt, REGISTRY)
+        build_optimizer(opt)  # any optimizer spec; a bad one is a ConfigError before any run
     seeds = check_int("seeds", seeds if seeds is not None else SEEDS[suite], low=1)
     lo, hi, num = LR_GRIDS[suite]
     grid = np.geomspace(lo, hi, num)

@@ -15,6 +15,11 @@ readable with `optax.tree_utils.tree_get`).
 
 The same pipeline as a dict: ``{"name": "adam", "lr": 1e-3}``; as a list:
 ``["adam(lr=1e-3)", {"name": "l2", "lam": 1e-4}]``.
+
+The optimizer stage may also be any optax or optax.contrib optimizer, or a user's
+factory by import path (``"optax.lion(b1=0.95) | clip_global_norm(1.0)"``,
+``"contrib.muon"``, ``"mypkg.opt:make"``; see `jtricks.optim.external`), and the whole
+spec may be a Python callable ``learning_rate -> GradientTransformation``.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import jax
 import optax
 
 from jtricks.errors import ConfigError, check_range
-from jtricks.optim import alias, transforms
+from jtricks.optim import alias, external, transforms
 from jtricks.spec import call_with_checked_args, parse_spec, split_pipeline
 
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
@@ -118,10 +123,13 @@ def build_optimizer(
       ConfigError: unknown names or arguments (listing the valid ones), no optimizer or more than one.
         Everything is validated here, at construction.
     """
-    stages = _stages(spec)
+    if callable(spec) and not isinstance(spec, optax.GradientTransformation):
+        stages = [(getattr(spec, "__name__", "callable"), (), {"_factory": spec})]
+    else:
+        stages = _stages(spec)
     opt, grad_parts, update_parts = None, [], []
     for name, args, kwargs in stages:
-        if name in OPTIMIZERS:
+        if name in OPTIMIZERS or external.is_external(name) or "_factory" in kwargs:
             if opt is not None:
                 raise ConfigError(
                     f"a pipeline has exactly one optimizer; got {opt[0]!r} and {name!r}",
@@ -135,8 +143,10 @@ def build_optimizer(
             (grad_parts if kind == "grad" else update_parts).append(make)
         else:
             raise ConfigError(
-                f"unknown optimizer or transform {name!r}; valid optimizers are: {', '.join(sorted(OPTIMIZERS))}; "
-                f"valid transforms are: {', '.join(sorted(TRANSFORMS))}",
+                f"unknown optimizer or transform {name!r}; valid optimizers are: {', '.join(sorted(OPTIMIZERS))}"
+                f" (or optax.<name>, contrib.<name>, module:factory); "
+                f"valid transforms are: {', '.join(sorted(TRANSFORMS))}"
+                + external._close(name, [*OPTIMIZERS, *TRANSFORMS]),
                 param="optimizer",
             )
     if opt is None:
@@ -153,10 +163,10 @@ def build_optimizer(
         if schedule is not None:
             lr = schedule(float(lr))
 
+    factory = kwargs.pop("_factory", None) or OPTIMIZERS.get(name) or external.resolve(name)
+
     def make(learning_rate):
-        opt_tx = call_with_checked_args(
-            OPTIMIZERS[name], (learning_rate, *args), kwargs, what=f"optimizer {name!r}"
-        )
+        opt_tx = _optimizer(factory, name, learning_rate, args, kwargs)
         parts = (
             [m(learning_rate) for m in grad_parts]
             + [opt_tx]
@@ -168,6 +178,28 @@ def build_optimizer(
 
     _call(make, (lr,), {}, name)  # validate the optimizer's own arguments now, not at init
     return optax.inject_hyperparams(make)(learning_rate=lr)
+
+
+def _optimizer(factory, name: str, learning_rate, args: tuple, kwargs: dict):
+    """The optimizer stage's transformation: jtricks' own factories take the learning rate
+    first; an outside one as ``learning_rate=`` unless that is its first parameter (or it
+    has none, e.g. `optax.polyak_sgd`'s ``max_learning_rate``)."""
+    if factory in OPTIMIZERS.values():
+        return call_with_checked_args(
+            factory, (learning_rate, *args), kwargs, what=f"optimizer {name!r}"
+        )
+    first = next(iter(inspect.signature(factory).parameters), None)
+    if first != "learning_rate" and external.takes_learning_rate_keyword(factory):
+        call_args, call_kwargs = args, {"learning_rate": learning_rate, **kwargs}
+    else:
+        call_args, call_kwargs = (learning_rate, *args), kwargs
+    try:
+        tx = call_with_checked_args(factory, call_args, call_kwargs, what=f"optimizer {name!r}")
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # the factory's own validation
+        raise ConfigError(f"optimizer {name!r}: {e}", param="optimizer") from None
+    return external.check_transformation(tx, name)
 
 
 def _call(fn, args, kwargs, name):

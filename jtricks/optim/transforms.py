@@ -131,7 +131,7 @@ def momentum_chain(
     form: str = "classic",
     nesterov: bool = False,
 ) -> optax.GradientTransformation:
-    """Momentum SGD in one of the four parameterisations of TRICKS.md T13.
+    """Momentum SGD in one of the four parameterisations of the catalogue's T13.
 
     * ``"classic"`` (a): ``v <- gamma v - eta g ; w <- w + v``. Built as
       ``chain(scale_by_learning_rate(eta), trace(gamma))``: the learning rate is

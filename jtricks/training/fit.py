@@ -24,7 +24,7 @@ from jtricks.training.distributed import (
     like_state,
     replicate,
 )
-from jtricks.training.state import TrainState
+from jtricks.training.state import TrainState, unalias
 from jtricks.training.steps import (
     LossFn,
     is_ensemble,
@@ -250,6 +250,7 @@ def fit(
         None if mesh is None else batch_sharding(mesh),
     )
     val_batches = pad_batches(val_data, eval_batch_size) if val_data is not None else None
+    state = unalias(state)  # each epoch donates the state: one buffer must not appear twice
     if mesh is not None:
         state, val_batches, data_key = replicate((state, val_batches, data_key), mesh)
     history = History()

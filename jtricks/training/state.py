@@ -47,6 +47,28 @@ class TrainState(train_state.TrainState):
         return self.replace(params=self.ema_params)
 
 
+def unalias(tree: Any) -> Any:
+    """``tree`` with every array that appears in it more than once replaced, after its
+    first appearance, by a copy.
+
+    An optimizer state may hold the very arrays of the parameters (`optax.contrib.prodigy`
+    keeps the initial parameters, ``params0``, as they are), and a jitted step that
+    donates the state would then donate one buffer twice ("Attempt to donate the same
+    buffer twice"). `fit` and `create_train_state` call this; it copies nothing when
+    nothing is shared.
+    """
+    seen: set[int] = set()
+
+    def fix(x):
+        if isinstance(x, jax.Array):
+            if id(x) in seen:
+                return jnp.copy(x)
+            seen.add(id(x))
+        return x
+
+    return jax.tree.map(fix, tree)
+
+
 def create_train_state(
     model: nn.Module | nnx.Module,
     tx: optax.GradientTransformation,
@@ -90,7 +112,7 @@ def create_train_state(
         from jtricks.errors import check_range
 
         check_range("ema_decay", ema_decay, low=0.0, high=1.0, high_inclusive=False)
-    return TrainState(
+    state = TrainState(
         ema_params=jax.tree.map(jnp.copy, params) if ema_decay is not None else None,
         ema_decay=None if ema_decay is None else float(ema_decay),
         step=jnp.zeros((), jnp.int32),
@@ -101,3 +123,4 @@ def create_train_state(
         batch_stats=batch_stats,
         key=dropout_key,
     )
+    return unalias(state)

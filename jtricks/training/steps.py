@@ -15,6 +15,7 @@ import optax
 from jtricks.data.augment import augment_jointly, mix_batch
 from jtricks.data.batching import epoch_indices
 from jtricks.errors import ConfigError, check_int
+from jtricks.optim import contract
 from jtricks.optim.fused import flat_train_state, is_fused, tree_train_state
 from jtricks.optim.pipeline import current_learning_rate
 from jtricks.tasks import Task, as_task, batch_sums, finalize, train_metrics
@@ -166,7 +167,13 @@ def make_train_step(
         if augment is not None or mix is not None:
             batch = _augment_batch(task, batch, jax.random.fold_in(dropout_key, 1), augment, mix)
         (loss, (outputs, batch_stats)), grads = gradients(state, batch, dropout_key)
-        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+
+        def value_fn(params):  # the same batch and randomness, for line searches
+            return forward(state, params, batch, dropout_key, None)[0]
+
+        updates, opt_state = contract.update(
+            state.tx, grads, state.opt_state, state.params, value=loss, value_fn=value_fn
+        )
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, **train_metrics(task, outputs, batch)}
         if skip_nonfinite:

@@ -1,0 +1,129 @@
+"""Optimizers from outside jtricks' registry, by name: optax's, optax.contrib's and a user's.
+
+A spec stage may name
+
+* ``optax.<name>`` (``"optax.lion(b1=0.95)"``, ``"optax.nadamw"``, ``"optax.lbfgs"``);
+* ``contrib.<name>`` or ``optax.contrib.<name>`` (``"contrib.muon"``,
+  ``"contrib.schedule_free_adamw(warmup_steps=100)"``, ``"contrib.prodigy"``);
+* an import path ``module:factory`` (``"mypkg.opt:make(beta=0.9)"``), importing ``module``
+  (from the working directory too, as ``python -m`` does).
+
+The factory is called with the learning rate (as ``learning_rate=`` when it has such a
+parameter, else as its first argument: ``max_learning_rate`` for `optax.polyak_sgd`)
+and the spec's own arguments (``lr=`` is the learning rate), and must return an
+`optax.GradientTransformation`. New here: names resolved and checked before any
+training, with the close matches of a misspelt name, so that any optimizer of the
+ecosystem enters `build_optimizer`, the CLI and ``jtricks bench`` like jtricks' own.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import optax
+
+from jtricks.errors import ConfigError
+
+PREFIXES = {"optax.contrib.": "optax.contrib", "contrib.": "optax.contrib", "optax.": "optax"}
+
+
+def is_external(name: str) -> bool:
+    """Does ``name`` point outside jtricks' registry (optax, optax.contrib, an import path)?"""
+    return ":" in name or any(name.startswith(p) for p in PREFIXES)
+
+
+def _import(module_name: str) -> Any:
+    """Import ``module_name``; if it is not found, try again with the working directory on
+    ``sys.path`` (as ``python -m`` would have it), so that ``jtricks train --optimizer
+    myopt:make`` finds ``./myopt.py`` from the console script too."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name.split(".")[0] or os.getcwd() in sys.path:
+            raise
+    sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        sys.path.remove(os.getcwd())
+
+
+def _factories(module: Any) -> list[str]:
+    return [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+
+
+def _close(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
+    return f"; did you mean: {', '.join(close)}?" if close else ""
+
+
+def resolve(name: str) -> Callable[..., Any]:
+    """The factory a name points to.
+
+    Raises:
+      ConfigError (``param="optimizer"``): a module that cannot be imported, a missing or
+        non-callable attribute; the message lists close matches.
+    """
+    if ":" in name:
+        module_name, attr = name.split(":", 1)
+        try:
+            module = _import(module_name)
+        except ImportError as e:
+            raise ConfigError(
+                f"optimizer {name!r}: cannot import module {module_name!r} ({e})",
+                param="optimizer",
+            ) from None
+        shown = module_name
+    else:
+        prefix = next(p for p in PREFIXES if name.startswith(p))
+        module = importlib.import_module(PREFIXES[prefix])
+        attr, shown = name[len(prefix) :], PREFIXES[prefix]
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory) or isinstance(factory, type):
+        what = "has no optimizer factory" if factory is None else "is not an optimizer factory:"
+        raise ConfigError(
+            f"unknown optimizer {name!r}: {shown} {what} {attr!r}"
+            + _close(attr, _factories(module)),
+            param="optimizer",
+        )
+    return factory
+
+
+def takes_learning_rate_keyword(factory: Callable[..., Any]) -> bool:
+    try:
+        return "learning_rate" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def check_transformation(tx: Any, name: str) -> optax.GradientTransformation:
+    """``tx`` itself if it is an `optax.GradientTransformation` (the objective function
+    renamed for the ones that read it as ``obj_fn``), else a `ConfigError`."""
+    if not isinstance(tx, optax.GradientTransformation):
+        raise ConfigError(
+            f"optimizer {name!r} returned {type(tx).__name__}, not an optax "
+            "GradientTransformation (an (init, update) pair)",
+            param="optimizer",
+        )
+    return obj_fn_alias(tx) if name.split(".")[-1].split(":")[-1] in OBJ_FN_READERS else tx
+
+
+OBJ_FN_READERS = ("sophia",)  # optimizers that read the objective as ``obj_fn``
+
+
+def obj_fn_alias(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """``tx`` receiving the ``value_fn`` extra argument also as ``obj_fn`` (the name
+    `optax.contrib.sophia`'s Hessian estimator reads)."""
+
+    def update(updates, state, params=None, **extra):
+        if "value_fn" in extra:
+            extra["obj_fn"] = extra.pop("value_fn")
+        return tx.update(updates, state, params, **extra)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update)

@@ -1,0 +1,258 @@
+"""Any optax / optax.contrib / user optimizer by name, the extra-arguments update contract,
+and optimizer states that alias the parameters."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jtricks.errors import ConfigError
+from jtricks.optim import build_optimizer, contract, current_learning_rate
+from jtricks.spec import parse_spec, split_top_level
+
+PARAMS = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(6, 4)), jnp.float32)}
+PARAMS["b"] = jnp.linspace(-1.0, 1.0, 4, dtype=jnp.float32)
+
+
+def loss(params):
+    return 0.5 * jnp.sum(params["w"] ** 2) + jnp.sum((params["b"] - 0.3) ** 2)
+
+
+@jax.jit
+def _value_and_grad(params):
+    return jax.value_and_grad(loss)(params)
+
+
+def _step(tx, steps: int = 1):
+    params, state = PARAMS, tx.init(PARAMS)
+    for _ in range(steps):
+        value, grads = _value_and_grad(params)
+        updates, state = contract.update(tx, grads, state, params, value=value, value_fn=loss)
+        params = optax.apply_updates(params, updates)
+    return params
+
+
+NAMES = [
+    "optax.lion(b1=0.95)",
+    "optax.lamb",
+    "optax.lars",
+    "optax.nadamw",
+    "optax.adafactor",
+    "optax.lbfgs",
+    "optax.polyak_sgd",
+    "contrib.muon",
+    "contrib.schedule_free_adamw",
+    "contrib.prodigy",
+    "contrib.dadapt_adamw",
+    "contrib.adopt",
+    "contrib.ademamix",
+    "contrib.sophia",
+    "optax.contrib.momo",
+]
+
+
+@pytest.mark.parametrize("spec", NAMES)
+def test_every_listed_optimizer_builds_from_a_spec_and_takes_a_step(spec):
+    tx = build_optimizer(spec, 1e-2)
+    new = _step(tx, steps=2)  # ADOPT's first step only initialises its second moment
+    moved = [
+        float(jnp.max(jnp.abs(n - p)))
+        for n, p in zip(jax.tree.leaves(new), jax.tree.leaves(PARAMS), strict=True)
+    ]
+    assert all(np.isfinite(m) for m in moved) and max(moved) > 0, moved
+    assert float(current_learning_rate(tx.init(PARAMS))) == pytest.approx(1e-2)  # injected
+
+
+def test_a_spec_runs_the_very_optax_optimizer():
+    ours = _step(build_optimizer("optax.lion(lr=3e-3, b1=0.8) | clip_global_norm(1.0)", 1.0))
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.lion(3e-3, b1=0.8))
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(_step(tx)), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_polyak_sgd_gets_the_value_by_hand_formula():
+    """Polyak step size: min(f(x) / ||g||^2, max_lr), f_min = 0."""
+    value, grads = _value_and_grad(PARAMS)
+    g2 = float(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads)))
+    new = _step(build_optimizer("optax.polyak_sgd", 10.0))
+    step = min(float(value) / g2, 10.0)
+    for n, p, g in zip(*(jax.tree.leaves(t) for t in (new, PARAMS, grads)), strict=True):
+        np.testing.assert_allclose(n, p - step * g, rtol=1e-5, atol=1e-7)
+
+
+def test_a_python_callable_is_a_spec():
+    tx = build_optimizer(lambda lr: optax.sgd(lr, momentum=0.5), 0.1)
+    _, grads = _value_and_grad(PARAMS)
+    new = _step(tx)
+    for n, p, g in zip(*(jax.tree.leaves(t) for t in (new, PARAMS, grads)), strict=True):
+        np.testing.assert_allclose(n, p - 0.1 * g, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("optax.lino", "optax has no optimizer factory 'lino'; did you mean: lion"),
+        ("contrib.muonn", "did you mean: muon"),
+        (
+            "optax.lion(bogus=1)",
+            "unexpected keyword argument 'bogus'; valid arguments are: learning_rate, b1",
+        ),
+        ("no_such_module:make", "cannot import module 'no_such_module'"),
+        ("json:dumps", "returned str, not an optax GradientTransformation"),
+        ("adamm", "did you mean: adam"),
+    ],
+)
+def test_bad_optimizer_names_and_arguments(spec, match):
+    with pytest.raises(ConfigError, match=match):
+        build_optimizer(spec)
+
+
+def test_spec_grammar_dotted_names_import_paths_and_top_level_commas():
+    assert parse_spec("optax.contrib.muon(ns_steps=3)") == (
+        "optax.contrib.muon",
+        (),
+        {"ns_steps": 3},
+    )
+    assert parse_spec("pkg.mod:make(lr=1e-3)") == ("pkg.mod:make", (), {"lr": 1e-3})
+    assert split_top_level("optax.lion(b1=0.9, b2=0.99), sgd", ",") == [
+        "optax.lion(b1=0.9, b2=0.99)",
+        "sgd",
+    ]
+
+
+@pytest.fixture(scope="module")
+def data():
+    from jtricks.data import synthetic
+
+    return synthetic(num_train=120, num_test=40, shape=(8,), num_classes=3, noise=0.3, seed=0)
+
+
+def _fit(tx, data, epochs=3):
+    from jtricks.nn import build_model
+    from jtricks.training import create_train_state, evaluate, fit
+
+    model = build_model("mlp(features=(8,))", 3)
+    state = create_train_state(model, tx, data.x_train, jax.random.key(0))
+    before = evaluate(state, (data.x_train, data.y_train))["loss"]
+    state, _ = fit(
+        state,
+        (data.x_train, data.y_train),
+        batch_size=40,
+        epochs=epochs,
+        data_key=jax.random.key(1),
+    )
+    return before, evaluate(state, (data.x_train, data.y_train))["loss"]
+
+
+@pytest.mark.parametrize(
+    "tx",
+    [
+        pytest.param(lambda: optax.contrib.prodigy(1.0), id="prodigy-raw"),
+        pytest.param(lambda: build_optimizer("optax.lbfgs", 1.0), id="lbfgs"),
+        pytest.param(lambda: build_optimizer("optax.polyak_sgd", 1.0), id="polyak_sgd"),
+        pytest.param(
+            lambda: build_optimizer("contrib.schedule_free_adamw", 1e-2), id="schedule_free_adamw"
+        ),
+    ],
+)
+def test_optimizers_that_need_more_train_in_fit(tx, data):
+    """prodigy keeps the parameter arrays in its state (donated twice before); L-BFGS and
+    Polyak SGD read the loss (and L-BFGS the loss function) from the train step."""
+    before, after = _fit(tx(), data)
+    assert np.isfinite(after) and after < before
+
+
+def test_prodigy_state_that_aliases_the_params_trains_as_an_ensemble(data):
+    from jtricks.nn import build_model
+    from jtricks.training.ensemble import create_ensemble, fit_ensemble
+
+    tx = optax.contrib.prodigy(1.0)
+    states = create_ensemble(
+        build_model("mlp(features=(8,))", 3),
+        tx,
+        data.x_train,
+        jax.random.split(jax.random.key(0), 2),
+    )
+    states, _ = fit_ensemble(
+        states, (data.x_train, data.y_train), batch_size=40, epochs=1, data_key=jax.random.key(1)
+    )
+    assert bool(jnp.all(jnp.isfinite(states.params["Dense_0"]["kernel"])))
+
+
+USER_MODULE = """
+import optax
+
+def make(learning_rate, momentum=0.9):
+    return optax.sgd(learning_rate, momentum=momentum)
+
+def not_a_transformation(learning_rate):
+    return 3
+"""
+
+
+def test_user_optimizer_by_import_path_from_the_cli(tmp_path, monkeypatch, capsys):
+    from jtricks.cli import main
+
+    (tmp_path / "my_opt_module.py").write_text(USER_MODULE)
+    monkeypatch.chdir(tmp_path)
+    tiny = [
+        "--dataset",
+        "synthetic(num_train=120, num_test=40, shape=(8,), num_classes=3)",
+        "--model",
+        "mlp(features=(8,))",
+    ]
+    out = tmp_path / "run"
+    args = [
+        "train",
+        *tiny,
+        "--epochs",
+        "1",
+        "--no-progress",
+        "--optimizer",
+        "my_opt_module:make(momentum=0.5)",
+    ]
+    assert main([*args, "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert "my_opt_module:make(momentum=0.5)" in json.dumps(config)
+    for bad, message in [
+        ("my_opt_module:missing", "my_opt_module has no optimizer factory 'missing'"),
+        ("my_opt_module:not_a_transformation", "not an optax GradientTransformation"),
+        ("nowhere_module:make", "cannot import module 'nowhere_module'"),
+        ("optax.lion(bogus=1)", "unexpected keyword argument 'bogus'"),
+        ("optax.lino", "did you mean: lion"),
+    ]:
+        capsys.readouterr()
+        bad_out = tmp_path / "bad"
+        status = main(["train", *tiny, "--epochs", "1", "--optimizer", bad, "--out", str(bad_out)])
+        err = capsys.readouterr().err
+        assert status == 2 and message in err and "Traceback" not in err
+        assert not bad_out.exists()
+
+
+def test_bench_takes_any_optimizer_spec(tmp_path, capsys):
+    from jtricks.cli import main
+
+    out = tmp_path / "bench"
+    spec = "optax.lion(b1=0.95)"
+    argv = [
+        "bench",
+        "--problems",
+        "quadratic",
+        "--optimizers",
+        f"{spec},sgd",
+        "--seeds",
+        "1",
+        "--no-progress",
+    ]
+    assert main([*argv, "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert {r["optimizer"] for r in results["runs"]} == {spec, "sgd"}
+    bad = ["bench", "--problems", "quadratic", "--optimizers", "optax.lino"]
+    assert main([*bad, "--out", str(tmp_path / "b2")]) == 2
+    assert "did you mean: lion" in capsys.readouterr().err
+    assert not (tmp_path / "b2").exists()
