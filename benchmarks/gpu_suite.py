@@ -266,7 +266,7 @@ def run_process(cmd: list[str], timeout: float, prefix: str) -> tuple[str, list[
 
 def _run_one(run: Run, argv: list[str], timeout: float, prefix: str, out: Path, part: str) -> dict:
     """One run of a part; a bench run's results.json becomes ``bench_<label>.json``."""
-    with tempfile.TemporaryDirectory(prefix=".gpu-suite-", dir=out) as tmp:
+    with tempfile.TemporaryDirectory(prefix="gpu-suite-") as tmp:  # never inside out/
         json_out = Path(tmp) / "result.json"
         cmd = _command(run, argv, json_out)
         if run.script == "jtricks":

@@ -68,7 +68,9 @@ class DenseLayer(nn.Module):
 class DenseNet(_Base):
     """DenseNet-BC (see the module docstring). ``layers`` gives the number of layers of
     each dense block; by default three blocks of ``(depth - 4) // 6``. ``stem`` defaults
-    to ``2 * growth`` channels; ``stem_kernel`` is 3 for images (5 suits MNIST-1D).
+    to ``2 * growth`` channels; ``stem_kernel`` is 3 for images (5 suits MNIST-1D). The
+    shared ``dropout`` option (off by default) acts before the head; the convolutions
+    never have biases (each is followed by the next layer's norm).
 
     ``densenet``: depth 100, growth 12 (DenseNet-BC-100, k = 12; 769,162 parameters on
     32x32x3 images with 10 classes); ``densenet1d``: depth 40 (three blocks of 6

@@ -76,7 +76,8 @@ class Inception(_Base):
     """A small Inception network: a ``stem_kernel`` convolution of ``stem`` channels
     (``conv -> norm -> act``), then one stage per entry of ``widths`` of ``blocks``
     `InceptionBlock` s of that width, a 3x3 max pool of stride 2 between stages, global
-    average pooling, dropout and a linear head.
+    average pooling, dropout (the shared ``dropout`` option, off by default) and a linear
+    head. With ``norm=None`` the convolutions get biases.
 
     ``inception``: stem 64, widths 64/128/256, 2 blocks per stage (32x32 images: 32, 16
     and 8 pixels a side per stage); ``inception1d``: stem 32 with kernel 5, widths
