@@ -137,36 +137,44 @@ def _train_step(records: dict) -> list[str]:
     return lines
 
 
+def _table(title: str, header: str, results: list, row) -> list[str]:
+    """A section ``title`` with a markdown table: ``header`` then ``row(result)`` per run."""
+    if not results:
+        return []
+    align = " | ".join(["---"] + ["---:"] * (header.count("|") - 2))
+    lines = ["", f"## {title}", "", header, f"| {align} |"]
+    return lines + [row(r) for _, r in results]
+
+
 def _simple(records: dict) -> list[str]:
-    lines = []
-    ens = _results(records.get("ensemble"))
-    if ens:
-        lines += ["", "## ensemble", "", "| model | members | 1 model s | N models s | ratio |"]
-        lines.append("| --- | ---: | ---: | ---: | ---: |")
-        for _, r in ens:
-            lines.append(
-                f"| {r['model']} | {r['members']} | {r['one_model_s_median']:.3f} "
-                f"| {r['ensemble_s_median']:.3f} | {r['ratio']:.2f} |"
-            )
-    lrf = _results(records.get("lr_finder"))
-    if lrf:
-        lines += ["", "## lr_finder", "", "| model | K | run ratio | end-to-end ratio | floor |"]
-        lines.append("| --- | ---: | ---: | ---: | ---: |")
-        for _, r in lrf:
-            lines.append(
-                f"| {r['model']} | {r['num']} | {r['ratio_run']:.2f} "
-                f"| {r['ratio_end_to_end']:.2f} | {r['ratio_run_floor']:.2f} |"
-            )
-    fit = _results(records.get("fit"))
-    if fit:
-        lines += ["", "## fit", "", "| model | fit steps/s | hand scan steps/s | ratio |"]
-        lines.append("| --- | ---: | ---: | ---: |")
-        for _, r in fit:
-            lines.append(
-                f"| {r['model']} | {r['fit_steps_per_s_median']:,.0f} "
-                f"| {r['hand_scan_steps_per_s_median']:,.0f} | {r['ratio_fit_over_hand']:.3f} |"
-            )
-    return lines
+    ens = _table(
+        "ensemble",
+        "| model | members | 1 model s | N models s | ratio |",
+        _results(records.get("ensemble")),
+        lambda r: (
+            f"| {r['model']} | {r['members']} | {r['one_model_s_median']:.3f} "
+            f"| {r['ensemble_s_median']:.3f} | {r['ratio']:.2f} |"
+        ),
+    )
+    lrf = _table(
+        "lr_finder",
+        "| model | K | run ratio | end-to-end ratio | floor |",
+        _results(records.get("lr_finder")),
+        lambda r: (
+            f"| {r['model']} | {r['num']} | {r['ratio_run']:.2f} "
+            f"| {r['ratio_end_to_end']:.2f} | {r['ratio_run_floor']:.2f} |"
+        ),
+    )
+    fit = _table(
+        "fit",
+        "| model | fit steps/s | hand scan steps/s | ratio |",
+        _results(records.get("fit")),
+        lambda r: (
+            f"| {r['model']} | {r['fit_steps_per_s_median']:,.0f} "
+            f"| {r['hand_scan_steps_per_s_median']:,.0f} | {r['ratio_fit_over_hand']:.3f} |"
+        ),
+    )
+    return ens + lrf + fit
 
 
 def _bench(records: dict) -> list[str]:
