@@ -44,6 +44,7 @@ FLAGS = {
     "tta": "--tta",
     "tta_augment": "--tta-augment",
     "ema": "--ema",
+    "eval_params": "--eval-params",
     "accumulate": "--accumulate",
     "coordinator": "--coordinator",
     "num_processes": "--num-processes",
@@ -244,6 +245,14 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="DECAY",
         help="keep an exponential moving average of the parameters (e.g. 0.999); "
         "validation and test are also reported on it",
+    )
+    t.add_argument(
+        "--eval-params",
+        default="auto",
+        metavar="SOURCE",
+        help="the parameters validation, test, early stopping, the best checkpoint and TTA use: "
+        "auto (the optimizer's evaluation parameters where it declares them, e.g. "
+        "schedule-free, else the training ones), train, or ema (needs --ema)",
     )
     t.add_argument(
         "--swa",
@@ -492,6 +501,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         precision=args.precision,
         fused=args.fused,
         ema=args.ema,
+        eval_params=args.eval_params,
         swa=args.swa,
         ensemble=args.ensemble,
         pretrained=args.pretrained,

@@ -37,6 +37,7 @@ from jtricks.training.averaging import SWA
 from jtricks.training.checkpoint import Checkpointer, restore, restore_latest
 from jtricks.training.data_checks import check_data
 from jtricks.training.fit import first_member
+from jtricks.training.state import check_eval_source
 from jtricks.training.transfer import forward_layers, freeze, load_pretrained, preset_patterns
 
 
@@ -85,6 +86,7 @@ class TrainConfig:
     tta: int = 1
     tta_augment: str | None = None
     ema: float | None = None
+    eval_params: str = "auto"
     swa: int | None = None
     ensemble: int = 1
     accumulate: int = 1
@@ -143,6 +145,12 @@ class TrainConfig:
             )
         if self.ema is not None:
             check_range("ema", self.ema, low=0.0, high=1.0, high_inclusive=False)
+        check_eval_source(self.eval_params)
+        if self.eval_params == "ema" and self.ema is None:
+            raise ConfigError(
+                "eval_params='ema' evaluates on the EMA of the parameters: give ema (a decay)",
+                param="eval_params",
+            )
         if self.swa is not None:
             check_int("swa", self.swa, low=1)
         check_int("ensemble", self.ensemble, low=1)
@@ -610,6 +618,7 @@ def train(
             monitor=plateau.monitor,
             mode=plateau.mode,
             min_scale=plateau.min_scale,
+            patience_mode=plateau.patience_mode,
         )
         callbacks.append(plateau_cb)
     if config.early_stopping is not None:
@@ -726,24 +735,28 @@ def train(
             mix=mix,
             accumulate=config.accumulate,
             precision=config.precision,
+            eval_params=config.eval_params,
         )
         history.records.extend(new.records)
         history.stopped = new.stopped
-    test = evaluate(state, (x_test, data.y_test), task=task, batch_size=config.eval_batch_size)
-    if state.ema_params is not None:
-        ema = evaluate(
-            state.with_ema_params(),
-            (x_test, data.y_test),
-            task=task,
-            batch_size=config.eval_batch_size,
-        )
+    test_data = (x_test, data.y_test)
+    kw = dict(task=task, batch_size=config.eval_batch_size)
+    test = evaluate(state, test_data, params=config.eval_params, **kw)
+    if state.ema_params is not None and config.eval_params != "ema":
+        ema = evaluate(state, test_data, params="ema", **kw)
         test.update({f"ema_{k}": v for k, v in ema.items()})
     tta_extra: dict[str, Any] = {}
     if tta_augment is not None:
         from jtricks.training.tta import evaluate_tta
 
         tta_key = jax.random.fold_in(key, 3)  # the views are keyed from the seed
-        kw = dict(views=config.tta, key=tta_key, task=task, batch_size=config.eval_batch_size)
+        kw = dict(
+            views=config.tta,
+            key=tta_key,
+            task=task,
+            batch_size=config.eval_batch_size,
+            params=config.eval_params,
+        )
         tta_test = evaluate_tta(state, (x_test, data.y_test), tta_augment, **kw)
         tta_val = evaluate_tta(state, (x_val, y_val), tta_augment, **kw)
         single = {f"single_view_{k}": test[k] for k in tta_test}
@@ -835,11 +848,14 @@ def _train_ensemble(
         data_key=data_key,
         eval_batch_size=config.eval_batch_size,
         augment=augment,
+        eval_params=config.eval_params,
         task=task,
         reporter=reporter,
         on_epoch_end=None if log is None else (lambda r: log.on_epoch_end(r, None)),
     )
-    test = evaluate_ensemble(states, test_data, task=task, batch_size=config.eval_batch_size)
+    test = evaluate_ensemble(
+        states, test_data, task=task, batch_size=config.eval_batch_size, params=config.eval_params
+    )
     wall = time.perf_counter() - t0
     if run_dir is not None:
         _write_summary(

@@ -68,6 +68,13 @@ CLI_CASES = [
     ("zero-epochs", {}, ["--epochs", "0"], "epochs"),
     ("bad-checkpoint-every", {}, ["--checkpoint-every", "0"], "checkpoint_every"),
     ("bad-early-stopping", {}, ["--early-stopping", "0"], "early_stopping"),
+    ("bad-eval-params", {}, ["--eval-params", "best"], "eval_params must be one of"),
+    ("eval-params-ema-without-ema", {}, ["--eval-params", "ema"], "give ema"),
+    ("group-leaves-a-leaf-out", {}, ["--optimizer", "matrices -> sgd"], "in no parameter group"),
+    ("group-misspelt", {}, ["--optimizer", "Dense_9/* -> sgd ; rest -> sgd"], "matches no"),
+    ("groups-fused", {}, ["--optimizer", "matrices -> sgd ; rest -> adam", "--fused"], "fused"),
+    ("bad-patience-mode", {}, ["--schedule", "plateau(patience_mode='tf')"], "patience_mode"),
+    ("bad-norm", {}, ["--model", "mlp(norm='batch_torch')"], "norm must be one of"),
 ]
 
 

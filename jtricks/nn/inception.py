@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from jtricks.errors import ConfigError
 from jtricks.nn.initializers import get_initializer
-from jtricks.nn.layers import conv, normalize
+from jtricks.nn.layers import conv, normalize, uses_bias
 from jtricks.nn.models import _Base, _positive_ints, get_activation
 
 
@@ -49,7 +49,7 @@ class InceptionBlock(nn.Module):
     initializer: str = "he_normal"
 
     def _unit(self, x: jax.Array, features: int, k: int, name: str, train: bool) -> jax.Array:
-        bias = self.norm in (None, "weight")
+        bias = uses_bias(self.norm)
         y = conv(
             features, k, x, use_bias=bias, kernel_init=get_initializer(self.initializer), name=name
         )
@@ -109,7 +109,7 @@ class Inception(_Base):
         if x.ndim == 2:
             x = x[..., None]
         act, kinit = get_activation(self.activation), get_initializer(self.initializer)
-        bias = self.norm in (None, "weight")
+        bias = uses_bias(self.norm)
         x = conv(self.stem, self.stem_kernel, x, use_bias=bias, kernel_init=kinit, name="stem")
         x = act(normalize(self.norm, x, train=train, name="stem_norm"))
         for i, width in enumerate(self.widths):

@@ -8,6 +8,8 @@ averages in evaluation) and Dropout. Shared options on every model:
 
 * ``norm``: ``None``, ``"batch"``, ``"layer"`` or ``"weight"`` (weight normalisation
   of the dense layers), placed after the weights and before the activation (T05);
+  ``"batch_unbiased"`` and ``"weight_scaled"`` are the PyTorch conventions of the
+  running variance and of the weight-norm initialisation (`jtricks.nn.layers`);
 * ``dropout``: the *drop* probability (Flax's convention; keep = 1 - rate),
   applied only with ``train=True``, which then requires a ``"dropout"`` key (T06);
 * ``initializer``: a name from `jtricks.nn.initializers` (T03);
@@ -27,7 +29,7 @@ import jax.numpy as jnp
 
 from jtricks.errors import ConfigError, check_range, unknown_name
 from jtricks.nn.initializers import get_initializer
-from jtricks.nn.layers import Conv1D, bias_init_for, check_norm, conv, dense, normalize
+from jtricks.nn.layers import Conv1D, bias_init_for, check_norm, conv, dense, normalize, uses_bias
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu,
@@ -213,7 +215,7 @@ class ResidualBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         act, kinit = get_activation(self.activation), get_initializer(self.initializer)
-        bias = self.norm in (None, "weight")
+        bias = uses_bias(self.norm)
         y = conv(self.features, 3, x, strides=self.strides, use_bias=bias, kernel_init=kinit)
         y = act(normalize(self.norm, y, train=train))
         y = conv(self.features, 3, y, use_bias=bias, kernel_init=kinit)
@@ -293,7 +295,7 @@ class ResNet(_Base):
             self.widths[0],
             3,
             x,
-            use_bias=self.norm in (None, "weight"),
+            use_bias=uses_bias(self.norm),
             kernel_init=kinit,
             name="stem",
         )

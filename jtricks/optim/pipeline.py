@@ -25,7 +25,7 @@ spec may be a Python callable ``learning_rate -> GradientTransformation``.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -33,7 +33,8 @@ import optax
 
 from jtricks.errors import ConfigError, check_range
 from jtricks.optim import alias, external, transforms
-from jtricks.spec import call_with_checked_args, parse_spec, split_pipeline
+from jtricks.optim import groups as groups_lib
+from jtricks.spec import call_with_checked_args, parse_spec, split_pipeline, split_top_level
 
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "sgd": alias.sgd,
@@ -110,7 +111,8 @@ def build_optimizer(
     """Build an optimizer pipeline from a spec (string, dict or list).
 
     Args:
-      spec: e.g. ``"momentum(gamma=0.9, form='damped') | clip_global_norm(1.0) | l2(1e-4)"``.
+      spec: e.g. ``"momentum(gamma=0.9, form='damped') | clip_global_norm(1.0) | l2(1e-4)"``;
+        or parameter groups, ``"PATTERN [xSCALE] -> PIPELINE ; ..."`` (see `param_groups`).
       learning_rate: float or schedule; the optimizer stage may override it with ``lr=``.
       schedule: optional ``base_lr -> schedule`` applied to the resulting base learning rate
         (so ``"adam(lr=1e-3)"`` with a cosine schedule decays from 1e-3).
@@ -123,6 +125,126 @@ def build_optimizer(
       ConfigError: unknown names or arguments (listing the valid ones), no optimizer or more than one.
         Everything is validated here, at construction.
     """
+    if isinstance(spec, str) and is_grouped(spec):
+        return param_groups(parse_groups(spec), learning_rate, schedule=schedule, plateau=plateau)
+    make, name, lr = _pipeline(spec, plateau=plateau)
+    lr = _base_rate(learning_rate if lr is None else lr, schedule)
+    _call(make, (lr,), {}, name)  # validate the optimizer's own arguments now, not at init
+    return optax.inject_hyperparams(make)(learning_rate=lr)
+
+
+def param_groups(
+    groups: Sequence[tuple],
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    *,
+    schedule: Callable[[float], optax.Schedule] | None = None,
+    plateau: bool = False,
+) -> optax.GradientTransformation:
+    """One optimizer with a rule and a rate multiplier per group of parameters.
+
+    Args:
+      groups: ``(pattern, rule)`` or ``(pattern, rule, scale)`` triples, in order; a leaf
+        goes to the first group whose pattern takes it (``"matrices"``, ``"vectors"``,
+        ``"rest"`` or a path glob, see `jtricks.optim.groups`). ``rule`` is a pipeline
+        spec (string, dict, list or a callable ``lr -> GradientTransformation``), run at
+        ``scale * learning_rate``; or a ready `optax.GradientTransformation`, whose
+        updates are multiplied by ``scale`` (the same for any update linear in its rate).
+      learning_rate, schedule, plateau: as for `build_optimizer`; one injected learning
+        rate (the base, logged as ``lr``) drives every group.
+
+    Example:
+      >>> tx = param_groups([("matrices", "contrib.muon"), ("rest", "adamw", 0.1)], 0.02)
+    """
+    if isinstance(groups, str) or not isinstance(groups, Sequence):
+        raise ConfigError(
+            f"groups must be a list of (pattern, rule[, scale]) tuples; got {groups!r}",
+            param="optimizer",
+        )
+    makers = []
+    for group in groups:
+        if not isinstance(group, tuple | list) or len(group) not in (2, 3):
+            raise ConfigError(
+                f"a parameter group is (pattern, rule) or (pattern, rule, scale); got {group!r}",
+                param="optimizer",
+            )
+        pattern, rule, scale = (*group, 1.0) if len(group) == 2 else group
+        makers.append((pattern, _group_maker(pattern, rule, scale), scale))
+    make = groups_lib.grouped_maker(makers)
+    lr = _base_rate(learning_rate, schedule)
+    _call(make, (lr,), {}, "parameter groups")
+    return optax.inject_hyperparams(_with_plateau(make, plateau))(learning_rate=lr)
+
+
+def _group_maker(pattern: str, rule: Any, scale: Any):
+    if isinstance(rule, optax.GradientTransformation):
+        return lambda lr, rule=rule, scale=scale: optax.chain(rule, optax.scale(scale))
+    make, name, lr = _pipeline(rule)
+    if lr is not None:
+        raise ConfigError(
+            f"group {pattern!r}: {name!r} sets lr={lr!r}; inside parameter groups give the "
+            "group a rate multiplier instead (e.g. 'rest x0.1 -> adam'), so one learning "
+            "rate and schedule drive every group",
+            param="optimizer",
+        )
+    return make
+
+
+def is_grouped(spec: str) -> bool:
+    """Whether a spec string declares parameter groups (``pattern -> pipeline``)."""
+    return any("->" in part.split("(", 1)[0] for part in split_top_level(spec, ";"))
+
+
+def parse_groups(spec: str) -> list[tuple[str, str, float]]:
+    """``"matrices -> contrib.muon ; rest x0.1 -> adamw"`` as
+    ``[("matrices", "contrib.muon", 1.0), ("rest", "adamw", 0.1)]``."""
+    groups = []
+    for part in split_top_level(spec, ";"):
+        head, arrow, body = part.partition("->")
+        words = head.split()
+        if not arrow or not body.strip() or len(words) not in (1, 2):
+            raise ConfigError(
+                f"cannot parse parameter group {part!r} in {spec!r}: expected "
+                "'PATTERN -> PIPELINE' or 'PATTERN xSCALE -> PIPELINE', groups joined by ';'",
+                param="optimizer",
+            )
+        scale = 1.0
+        if len(words) == 2:
+            try:
+                if not words[1].startswith("x"):
+                    raise ValueError
+                scale = float(words[1][1:])
+            except ValueError:
+                raise ConfigError(
+                    f"parameter group {part!r}: the rate multiplier is written xSCALE "
+                    f"(e.g. x0.1); got {words[1]!r}",
+                    param="optimizer",
+                ) from None
+        groups.append((words[0], body.strip(), scale))
+    return groups
+
+
+def _base_rate(lr: Any, schedule: Callable[[float], optax.Schedule] | None) -> Any:
+    """The checked base learning rate, with ``schedule`` applied when given."""
+    if callable(lr):
+        return lr
+    if isinstance(lr, bool) or not isinstance(lr, int | float):
+        raise ConfigError(f"learning rate must be a number; got {lr!r}", param="learning_rate")
+    check_range("learning_rate", lr, low=0.0, low_inclusive=False)
+    return lr if schedule is None else schedule(float(lr))
+
+
+def _with_plateau(make, plateau: bool):
+    if not plateau:
+        return make
+    return lambda learning_rate: optax.chain(make(learning_rate), transforms.scale_by_plateau())
+
+
+def _pipeline(
+    spec: Any, *, plateau: bool = False
+) -> tuple[Callable[[Any], optax.GradientTransformation], str, Any]:
+    """``(make, name, lr)``: the pipeline's maker ``learning_rate -> chain`` (ending in
+    `scale_by_plateau` with ``plateau``), its optimizer's name, and the ``lr=`` the spec
+    sets (``None`` when it sets none)."""
     if callable(spec) and not isinstance(spec, optax.GradientTransformation):
         stages = [(getattr(spec, "__name__", "callable"), (), {"_factory": spec})]
     else:
@@ -155,14 +277,7 @@ def build_optimizer(
             param="optimizer",
         )
     name, args, kwargs = opt
-    lr = kwargs.pop("learning_rate", learning_rate)
-    if not callable(lr):
-        if isinstance(lr, bool) or not isinstance(lr, int | float):
-            raise ConfigError(f"learning rate must be a number; got {lr!r}", param="learning_rate")
-        check_range("learning_rate", lr, low=0.0, low_inclusive=False)
-        if schedule is not None:
-            lr = schedule(float(lr))
-
+    lr = kwargs.pop("learning_rate", None)
     factory = kwargs.pop("_factory", None) or OPTIMIZERS.get(name) or external.resolve(name)
 
     def make(learning_rate):
@@ -176,8 +291,7 @@ def build_optimizer(
             parts.append(transforms.scale_by_plateau())
         return optax.chain(*parts)
 
-    _call(make, (lr,), {}, name)  # validate the optimizer's own arguments now, not at init
-    return optax.inject_hyperparams(make)(learning_rate=lr)
+    return make, name, lr
 
 
 def _optimizer(factory, name: str, learning_rate, args: tuple, kwargs: dict):

@@ -10,6 +10,7 @@ Reduce-on-plateau is not a function of the step: it is a fit callback
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,10 +45,9 @@ def exponential(value: float, rate: float, steps_per_epoch: int = 1) -> Schedule
     check_range("rate", rate, low=0.0)
     check_int("steps_per_epoch", steps_per_epoch, low=1)
 
-    def schedule(count):
-        return value * jnp.exp(-rate * jnp.asarray(count, jnp.float32) / steps_per_epoch)
-
-    return schedule
+    # exp(-rate)^(t / steps) is the same curve; optax computes it in the default float
+    # dtype (float64 under x64)
+    return optax.exponential_decay(value, steps_per_epoch, decay_rate=math.exp(-rate))
 
 
 def step_decay(value: float, boundaries: Sequence[int], factor: float = 0.1) -> Schedule:
@@ -120,6 +120,7 @@ class Plateau:
     monitor: str = "val_loss"
     mode: str = "min"
     min_scale: float = 1e-3
+    patience_mode: str = "keras"
 
 
 def _registry(value: float, steps_per_epoch: int, total_steps: int):
@@ -168,8 +169,14 @@ def _registry(value: float, steps_per_epoch: int, total_steps: int):
         monitor: str = "val_loss",
         mode: str = "min",
         min_scale: float = 1e-3,
+        patience_mode: str = "keras",
     ):
         check_range("factor", factor, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+        if patience_mode not in ("keras", "pytorch"):
+            raise ConfigError(
+                f"patience_mode must be 'keras' or 'pytorch'; got {patience_mode!r}",
+                param="schedule",
+            )
         check_int("patience", patience, low=0)
         check_range("min_delta", min_delta, low=0.0)
         check_range("min_scale", min_scale, low=0.0, high=1.0)
@@ -180,7 +187,7 @@ def _registry(value: float, steps_per_epoch: int, total_steps: int):
                 f"monitor must be val_loss, val_accuracy, train_loss or train_accuracy; got {monitor!r}",
                 param="schedule",
             )
-        return Plateau(factor, patience, min_delta, monitor, mode, min_scale)
+        return Plateau(factor, patience, min_delta, monitor, mode, min_scale, patience_mode)
 
     return {
         "constant": s_constant,
@@ -208,7 +215,9 @@ def build_schedule(
     PyTorch's MultiStepLR), ``warmup(epochs=1)``,
     ``warmup_cosine(warmup_epochs=1, end_factor=0)``, ``cosine(end_factor=0)``,
     ``one_cycle(pct_start=0.3, div_factor=25, final_div_factor=1e4)``,
-    ``plateau(factor=0.5, patience=5, min_delta=0, monitor='val_loss', mode='min', min_scale=1e-3)``.
+    ``plateau(factor=0.5, patience=5, min_delta=0, monitor='val_loss', mode='min', min_scale=1e-3,
+    patience_mode='keras')`` (``'pytorch'`` drops one epoch later, see
+    `jtricks.training.callbacks.ReduceLROnPlateau`).
 
     Returns:
       A schedule ``step -> lr``, or a `Plateau` for reduce-on-plateau.
@@ -217,6 +226,18 @@ def build_schedule(
       ConfigError: unknown name (listing the valid ones) or bad argument.
     """
     check_range("learning_rate", value, low=0.0, low_inclusive=False)
-    return build_from_registry(
+    built = build_from_registry(
         spec, _registry(value, steps_per_epoch, total_steps), what="schedule"
     )
+    return built if isinstance(built, Plateau) else in_default_float(built)
+
+
+def in_default_float(schedule: Schedule) -> Schedule:
+    """``schedule`` evaluated on the step count cast to the default float dtype, so it is
+    float64 under ``jax_enable_x64`` (optax's schedules compute in float32 from the int32
+    step count that `optax.inject_hyperparams` keeps) and unchanged otherwise."""
+
+    def wrapped(count):
+        return schedule(jnp.asarray(count, jnp.result_type(float)))
+
+    return wrapped

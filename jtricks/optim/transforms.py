@@ -438,5 +438,6 @@ def scale_by_plateau() -> optax.GradientTransformation:
         return jax.tree.map(lambda u: u * state.plateau_scale.astype(u.dtype), updates), state
 
     return optax.GradientTransformation(
-        lambda params: PlateauScaleState(jnp.ones([], jnp.float32)), update_fn
+        lambda params: PlateauScaleState(jnp.ones([])),
+        update_fn,  # float64 under x64
     )

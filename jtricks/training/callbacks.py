@@ -41,6 +41,9 @@ class _Monitor:
         return value > self.best + self.min_delta
 
 
+PATIENCE_MODES = ("keras", "pytorch")
+
+
 class ReduceLROnPlateau:
     """Multiply the learning rate by ``factor`` when ``monitor`` has not improved for ``patience`` epochs (T19).
 
@@ -54,7 +57,12 @@ class ReduceLROnPlateau:
       >>> tx = build_optimizer("adam", 1e-3, plateau=True)
       >>> fit(state, data, val_data=val, epochs=50, batch_size=100, callbacks=[ReduceLROnPlateau(0.5, 3)])
 
-    Like Keras' and PyTorch's ``ReduceLROnPlateau`` (mode "rel"/threshold omitted).
+    Counting patience: with ``patience_mode="keras"`` (the default) the rate drops at the
+    ``patience``-th consecutive epoch without improvement (Keras: ``wait >= patience``);
+    with ``"pytorch"`` at the ``(patience + 1)``-th (PyTorch:
+    ``num_bad_epochs > patience``). After a drop the count restarts in both. Improvement
+    is absolute (PyTorch's ``threshold_mode="abs"`` with ``threshold=min_delta``; its
+    default relative threshold and cooldown are not offered).
     """
 
     def __init__(
@@ -66,9 +74,16 @@ class ReduceLROnPlateau:
         monitor: str = "val_loss",
         mode: str = "min",
         min_scale: float = 1e-3,
+        patience_mode: str = "keras",
     ) -> None:
         check_range("factor", factor, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
         check_int("patience", patience, low=0)
+        if patience_mode not in PATIENCE_MODES:
+            raise ConfigError(
+                f"patience_mode must be one of {', '.join(PATIENCE_MODES)}; got {patience_mode!r}",
+                param="patience_mode",
+            )
+        self.patience_mode = patience_mode
         check_range("min_scale", min_scale, low=0.0, high=1.0)
         self._monitor = _Monitor("ReduceLROnPlateau", monitor, mode, min_delta)
         self.factor, self.patience, self.min_delta = factor, patience, min_delta
@@ -92,7 +107,8 @@ class ReduceLROnPlateau:
             self._monitor.best, self.wait = value, 0
             return None
         self.wait += 1
-        if self.wait < max(self.patience, 1) or self.scale <= self.min_scale:
+        bad_epochs = max(self.patience, 1) if self.patience_mode == "keras" else self.patience + 1
+        if self.wait < bad_epochs or self.scale <= self.min_scale:
             return None
         self.wait = 0
         self.scale = max(self.scale * self.factor, self.min_scale)
@@ -100,8 +116,9 @@ class ReduceLROnPlateau:
             raise ConfigError(
                 "ReduceLROnPlateau needs an optimizer built with plateau=True (jtricks.optim.scale_by_plateau)"
             )
+        current = optax.tree_utils.tree_get(state.opt_state, "plateau_scale")
         opt_state = optax.tree_utils.tree_set(
-            state.opt_state, plateau_scale=jnp.float32(self.scale)
+            state.opt_state, plateau_scale=jnp.asarray(self.scale, current.dtype)
         )
         return state.replace(opt_state=opt_state)
 

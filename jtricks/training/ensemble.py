@@ -53,7 +53,12 @@ def create_ensemble(
 
 def _member_logits(states: TrainState, x: jax.Array) -> jax.Array:
     """Evaluation-mode logits of every member, ``(N, batch, C)``."""
-    return jax.vmap(lambda s: apply_model(s, s.params, x, train=False, key=None)[0])(states)
+
+    def logits(s):
+        s = s.evaluation_state()
+        return apply_model(s, s.params, x, train=False, key=None)[0]
+
+    return jax.vmap(logits)(states)
 
 
 def evaluate_ensemble(
@@ -63,11 +68,13 @@ def evaluate_ensemble(
     batch_size: int = 1000,
     loss_fn: LossFn | None = None,
     task: Task | str | None = None,
+    params: str = "auto",
 ) -> dict[str, Any]:
     """The task's metrics of the ensemble's prediction (for classification the mean of the
     members' softmax probabilities) and ``member_<metric>`` lists, one value per member,
-    on ``data``: `jtricks.training.evaluate` on stacked states."""
-    return evaluate(states, data, batch_size=batch_size, loss_fn=loss_fn, task=task)
+    on ``data``: `jtricks.training.evaluate` on stacked states (each member on
+    ``evaluation_state(params)``)."""
+    return evaluate(states, data, batch_size=batch_size, loss_fn=loss_fn, task=task, params=params)
 
 
 def predict_proba(states: TrainState, x: Any) -> jax.Array:

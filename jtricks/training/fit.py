@@ -24,7 +24,7 @@ from jtricks.training.distributed import (
     like_state,
     replicate,
 )
-from jtricks.training.state import TrainState, unalias
+from jtricks.training.state import TrainState, check_eval_source, unalias
 from jtricks.training.steps import (
     LossFn,
     is_ensemble,
@@ -97,6 +97,7 @@ def compiled_functions(
     accumulate: int = 1,
     precision: str = "float32",
     batch_sharding: Any = None,
+    eval_source: str = "auto",
 ):
     """The jitted ``(run_epoch, evaluate)`` pair; cached so repeated `fit` calls with the same
     task, options, model and optimizer compile once."""
@@ -110,7 +111,8 @@ def compiled_functions(
         accumulate=accumulate,
         precision=precision,
     )
-    return make_epoch_fn(train_step, eval_step, batch_sharding), make_evaluate_fn(eval_step)
+    run_epoch = make_epoch_fn(train_step, eval_step, batch_sharding, eval_source)
+    return run_epoch, make_evaluate_fn(eval_step)
 
 
 def _check_options(task: Task, data: Any, augment: Any, mix: Any) -> None:
@@ -149,6 +151,7 @@ def fit(
     accumulate: int = 1,
     precision: str = "float32",
     mesh: Any = "auto",
+    eval_params: str = "auto",
 ) -> tuple[TrainState, History]:
     """Train ``state`` on ``train_data`` for ``epochs`` epochs or ``steps`` optimizer steps.
 
@@ -190,6 +193,10 @@ def fit(
         more than one (`jtricks.training.distributed`); a `jax.sharding.Mesh` with a
         ``"data"`` axis; or ``None`` to stay on one device. With several processes
         (`jax.distributed`), ``train_data`` is this process's shard and the batch is global.
+      eval_params: which parameters validation uses (``"auto"``, ``"train"``, ``"ema"``; see
+        `TrainState.evaluation_state`): by default the optimizer's evaluation parameters
+        where it declares them (schedule-free), else the training ones. Early stopping, the
+        best checkpoint and the plateau schedule follow, since they read ``val_loss``.
 
     Returns:
       ``(final_state, history)``.
@@ -200,6 +207,7 @@ def fit(
     """
     task = as_task(task, loss_fn)
     member = first_member(state)
+    check_eval_source(eval_params, member)
     data = check_data(member, task, train_data, "training data")
     _check_options(task, data, augment, mix)
     if val_data is not None:
@@ -248,6 +256,7 @@ def fit(
         accumulate,
         precision,
         None if mesh is None else batch_sharding(mesh),
+        eval_params,
     )
     val_batches = pad_batches(val_data, eval_batch_size) if val_data is not None else None
     state = unalias(state)  # each epoch donates the state: one buffer must not appear twice
@@ -355,15 +364,18 @@ def evaluate(
     loss_fn: LossFn | None = None,
     task: Task | str | None = None,
     batch_size: int = 1000,
+    params: str = "auto",
 ) -> dict[str, float]:
     """The task's loss and metrics of ``state`` on ``data`` (any batch pytree) in evaluation
-    mode; exact over the whole split for any ``batch_size`` (see `jtricks.tasks`)."""
+    mode; exact over the whole split for any ``batch_size`` (see `jtricks.tasks`), on the
+    parameters ``state.evaluation_state(params)`` (``"auto"``, ``"train"`` or ``"ema"``)."""
     task = as_task(task, loss_fn)
+    check_eval_source(params, first_member(state))
     data = check_data(first_member(state), task, data, "evaluation data")
     batch_size = check_int("batch_size", batch_size, low=1)
     _, evaluate_fn = compiled_functions(task)
     batches = like_state(pad_batches(data, batch_size), state.params)
-    metrics = jax.device_get(evaluate_fn(state, *batches))
+    metrics = jax.device_get(evaluate_fn(state, *batches, params))
     loss = float(metrics.pop("loss"))
     return {"loss": loss, **{k: _record_value(k, v) for k, v in metrics.items()}}
 

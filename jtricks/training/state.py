@@ -11,7 +11,12 @@ import optax
 from flax import nnx, struct
 from flax.training import train_state
 
+from jtricks.errors import ConfigError
+from jtricks.optim.eval_params import optimizer_eval_params
 from jtricks.training.model import linen_apply, nnx_state
+
+EVAL_SOURCES = ("auto", "train", "ema")
+"""Where evaluation parameters come from (see `TrainState.evaluation_state`)."""
 
 
 class TrainState(train_state.TrainState):
@@ -45,6 +50,44 @@ class TrainState(train_state.TrainState):
         if self.ema_params is None:
             raise ValueError("this state keeps no EMA; create it with ema_decay=...")
         return self.replace(params=self.ema_params)
+
+    def evaluation_state(self, source: str = "auto") -> TrainState:
+        """This state with the parameters that evaluation should use: one hook for every
+        trick that trains one sequence of parameters and evaluates another.
+
+        ``source``:
+          ``"auto"``: the parameters the optimizer state declares for evaluation when it
+            declares them (schedule-free: ``(y - (1 - b1) z) / b1``, see
+            `jtricks.optim.eval_params`), else the training parameters;
+          ``"train"``: the training parameters as they are;
+          ``"ema"``: the EMA of the parameters (the state must keep one).
+
+        SWA needs no source: its callback makes the average the state's parameters at the
+        end of training. The state is otherwise unchanged (BatchNorm statistics included).
+        """
+        check_eval_source(source, self)
+        if source == "train":
+            return self
+        if source == "ema":
+            return self.with_ema_params()
+        return self.replace(params=optimizer_eval_params(self.opt_state, self.params))
+
+
+def check_eval_source(source: Any, state: TrainState | None = None) -> str:
+    """``source`` if it is one of `EVAL_SOURCES` (and ``"ema"`` only for a state with an
+    EMA); otherwise a `ConfigError` naming ``eval_params``."""
+    if not isinstance(source, str) or source not in EVAL_SOURCES:
+        raise ConfigError(
+            f"eval_params must be one of {', '.join(EVAL_SOURCES)}; got {source!r}",
+            param="eval_params",
+        )
+    if source == "ema" and state is not None and state.ema_params is None:
+        raise ConfigError(
+            "eval_params='ema' needs an EMA of the parameters: create the state with "
+            "ema_decay=... (--ema on the CLI)",
+            param="eval_params",
+        )
+    return source
 
 
 def unalias(tree: Any) -> Any:

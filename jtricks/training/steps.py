@@ -284,12 +284,17 @@ def make_eval_step(loss_fn: LossFn | None = None, *, task: Task | str | None = N
 
 
 def evaluate_batches(
-    eval_step: EvalStep, state: TrainState, batches: Batch, wb: jax.Array
+    eval_step: EvalStep, state: TrainState, batches: Batch, wb: jax.Array, source: str = "auto"
 ) -> Metrics:
     """The task's metrics over pre-batched, padded data ``(B, batch, ...)`` with weights ``wb``
-    (for stacked states, the ensemble's and every member's: `EnsembleEvalStep`)."""
-    if is_ensemble(state) and isinstance(eval_step, EvalStep):
-        eval_step = EnsembleEvalStep(eval_step.task)
+    (for stacked states, the ensemble's and every member's: `EnsembleEvalStep`), on the
+    parameters ``state.evaluation_state(source)`` (computed once, before the batches)."""
+    if is_ensemble(state):
+        state = jax.vmap(lambda s: s.evaluation_state(source))(state)
+        if isinstance(eval_step, EvalStep):
+            eval_step = EnsembleEvalStep(eval_step.task)
+    else:
+        state = state.evaluation_state(source)
 
     def body(carry, inp):
         batch, w = inp
@@ -306,6 +311,7 @@ def make_epoch_fn(
     train_step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]],
     eval_step: EvalStep | None = None,
     batch_sharding: Any = None,
+    eval_source: str = "auto",
 ):
     """Compile ``run_epoch(state, data, data_key, epoch, offset, val, *, num_steps, batch_size)
     -> (state, metrics)``: one program per epoch, training and validation together.
@@ -317,8 +323,9 @@ def make_epoch_fn(
     `lax.fori_loop` whose every iteration gathers its batch from the device-resident data.
     Returned metrics are the epoch means of the step metrics, ``param_norm`` at the end of
     the epoch and, when ``val`` (``(batches, weights)`` from `pad_batches`) is given and
-    ``eval_step`` was supplied, ``val_<metric>`` for each of the task's metrics (and
-    ``val_ema_<metric>`` on the EMA parameters when the state keeps them). With a
+    ``eval_step`` was supplied, ``val_<metric>`` for each of the task's metrics on the
+    parameters ``state.evaluation_state(eval_source)`` (and ``val_ema_<metric>`` on the EMA
+    parameters when the state keeps them and ``eval_source`` is not ``"ema"``). With a
     `jtricks.optim.fused` optimizer the parameters are `Flat` inside the epoch (one buffer
     per dtype group) and trees outside it. The state is donated, so its buffers are
     reused in place. One dispatch and one host transfer per epoch. With ``batch_sharding``
@@ -376,11 +383,10 @@ def make_epoch_fn(
         if "param_norm" not in metrics:  # once, at the end of the epoch
             metrics["param_norm"] = per_member(optax.tree.norm)(state.params)
         if val is not None and eval_step is not None:
-            metrics.update(
-                {f"val_{k}": v for k, v in evaluate_batches(eval_step, state, *val).items()}
-            )
-            if state.ema_params is not None:
-                ema = evaluate_batches(eval_step, state.with_ema_params(), *val)
+            main = evaluate_batches(eval_step, state, *val, eval_source)
+            metrics.update({f"val_{k}": v for k, v in main.items()})
+            if state.ema_params is not None and eval_source != "ema":
+                ema = evaluate_batches(eval_step, state, *val, "ema")
                 metrics.update({f"val_ema_{k}": v for k, v in ema.items()})
         return state, metrics
 
@@ -389,8 +395,9 @@ def make_epoch_fn(
 
 def make_evaluate_fn(eval_step: EvalStep):
     """Compile ``evaluate(state, batches, wb) -> metrics`` over pre-batched, padded data
-    ``(B, batch, ...)`` with weights ``wb`` (1 real, 0 padding), from `pad_batches`."""
-    return jax.jit(partial(evaluate_batches, eval_step))
+    ``(B, batch, ...)`` with weights ``wb`` (1 real, 0 padding), from `pad_batches`;
+    ``evaluate(state, batches, wb, source)`` picks the parameters (see `evaluate_batches`)."""
+    return jax.jit(partial(evaluate_batches, eval_step), static_argnums=3)
 
 
 def pad_batches(data: Batch, batch_size: int) -> tuple[Batch, jax.Array]:

@@ -37,7 +37,7 @@ from jtricks.tasks import Classification, LanguageModel, Task, as_task, batch_su
 from jtricks.training.data_checks import check_data
 from jtricks.training.distributed import like_state
 from jtricks.training.model import apply_model
-from jtricks.training.state import TrainState
+from jtricks.training.state import TrainState, check_eval_source
 from jtricks.training.steps import pad_batches
 
 __all__ = ["evaluate_tta", "tta_log_probs"]
@@ -92,7 +92,8 @@ def _compiled(task: Task, augment: Callable, views: int):
     return run
 
 
-def _run(state, data, augment, views, key, task, batch_size):
+def _run(state, data, augment, views, key, task, batch_size, params="auto"):
+    state = state.evaluation_state(check_eval_source(params, state))
     data = check_data(state, task, data, "evaluation data")
     views = check_int("views", views, low=1)
     batch_size = check_int("batch_size", batch_size, low=1)
@@ -110,8 +111,10 @@ def evaluate_tta(
     loss_fn: Callable | None = None,
     task: Task | str | None = None,
     batch_size: int = 1000,
+    params: str = "auto",
 ) -> dict[str, float]:
-    """The task's loss and metrics of the ``views``-view TTA prediction on ``data``.
+    """The task's loss and metrics of the ``views``-view TTA prediction on ``data``, on the
+    parameters ``state.evaluation_state(params)`` (``"auto"``, ``"train"``, ``"ema"``).
 
     The prediction is ``task.combine`` of the views' outputs: the mean softmax for
     classification (in log space), the mean output for regression, the mean sigmoid for
@@ -129,7 +132,7 @@ def evaluate_tta(
             "predicts per position",
             param="tta",
         )
-    metrics, _ = _run(state, data, augment, views, key, task, batch_size)
+    metrics, _ = _run(state, data, augment, views, key, task, batch_size, params)
     loss = float(metrics.pop("loss"))
     return {"loss": loss, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
 
@@ -142,9 +145,11 @@ def tta_log_probs(
     views: int,
     key: jax.Array,
     batch_size: int = 1000,
+    params: str = "auto",
 ) -> np.ndarray:
-    """``log p(y | x)`` of the classification TTA prediction, shape ``(N, C)``."""
+    """``log p(y | x)`` of the classification TTA prediction, shape ``(N, C)``, on the
+    parameters ``state.evaluation_state(params)``."""
     x = np.asarray(x)
     data = (x, np.zeros(len(x), np.int32))
-    _, logp = _run(state, data, augment, views, key, Classification(), batch_size)
+    _, logp = _run(state, data, augment, views, key, Classification(), batch_size, params)
     return np.asarray(logp)[: len(x)]
