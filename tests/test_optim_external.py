@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from jtricks.errors import ConfigError
-from jtricks.optim import build_optimizer, contract, current_learning_rate
+from jtricks.optim import build_optimizer, contract, current_learning_rate, fused
 from jtricks.spec import parse_spec, split_top_level
 
 PARAMS = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(6, 4)), jnp.float32)}
@@ -158,6 +158,7 @@ def _fit(tx, data, epochs=3):
         pytest.param(
             lambda: build_optimizer("contrib.schedule_free_adamw", 1e-2), id="schedule_free_adamw"
         ),
+        pytest.param(lambda: fused(optax.contrib.prodigy(1.0)), id="prodigy-fused"),
     ],
 )
 def test_optimizers_that_need_more_train_in_fit(tx, data):
@@ -256,3 +257,22 @@ def test_bench_takes_any_optimizer_spec(tmp_path, capsys):
     assert main([*bad, "--out", str(tmp_path / "b2")]) == 2
     assert "did you mean: lion" in capsys.readouterr().err
     assert not (tmp_path / "b2").exists()
+
+
+def nesterov(learning_rate):
+    return optax.sgd(learning_rate, momentum=0.9, nesterov=True)
+
+
+def test_bench_run_suite_takes_callables_named_or_labelled():
+    from jtricks.bench.runner import labelled_optimizers, run_suite
+
+    results = run_suite(
+        "quick", problems=["quadratic"], optimizers={"nag": nesterov, "sgd": "sgd"}, seeds=1
+    )
+    assert {r["optimizer"] for r in results["runs"]} == {"nag", "sgd"}
+    assert results["optimizers"] == ["nag", "sgd"]
+    assert labelled_optimizers([nesterov, "adam"]) == {"nesterov": nesterov, "adam": "adam"}
+    with pytest.raises(ConfigError, match="has no name for the results"):
+        labelled_optimizers([lambda lr: optax.sgd(lr)])
+    with pytest.raises(ConfigError, match="labels repeat"):
+        labelled_optimizers(["sgd", "sgd"])

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -166,7 +167,14 @@ def timed_runs(problem: Problem, inst, optimizer: str, lr: float, seeds: int, pr
     return compile_s, runs
 
 
-def throughput(problem: Problem, inst, optimizer: str, precision_peak: str = "float32") -> dict:
+def throughput(
+    problem: Problem,
+    inst,
+    optimizer: Any,
+    precision_peak: str = "float32",
+    *,
+    label: str | None = None,
+) -> dict:
     """Images/s of a compiled chunk of training steps (median of 3 after compilation)."""
     tx, chunk = _chunk_fn(problem, inst, optimizer)
     key = jax.random.key(0)
@@ -194,7 +202,7 @@ def throughput(problem: Problem, inst, optimizer: str, precision_peak: str = "fl
     peak = peak_flops(dev.device_kind, precision_peak)
     return {
         "problem": problem.name,
-        "optimizer": optimizer,
+        "optimizer": optimizer if label is None else label,
         "batch_size": batch,
         "steps": problem.eval_every,
         "images_per_s": problem.eval_every * batch / med,
@@ -209,12 +217,16 @@ def throughput(problem: Problem, inst, optimizer: str, precision_peak: str = "fl
 def run_suite(
     suite: str = "quick",
     *,
-    optimizers: list[str] | None = None,
+    optimizers: Sequence[Any] | Mapping[str, Any] | None = None,
     problems: list[str] | None = None,
     seeds: int | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Run a suite and return the results dict (``results.json``'s content)."""
+    """Run a suite and return the results dict (``results.json``'s content).
+
+    ``optimizers``: specs (strings, named in the results as written), Python callables
+    ``lr -> GradientTransformation`` (named by ``__name__``), or a dict ``{label: spec}``
+    for any mix (see `labelled_optimizers`); default: the suite's own list."""
     if suite not in SUITES:
         raise unknown_name("suite", suite, SUITES)
     all_problems = suite_problems(suite)
@@ -224,9 +236,10 @@ def run_suite(
             if name not in names:
                 raise unknown_name("problem", name, names)
         all_problems = [p for p in all_problems if p.name in problems]
-    optimizers = list(optimizers or OPTIMIZERS[suite])
-    for opt in optimizers:
-        build_optimizer(opt)  # any optimizer spec; a bad one is a ConfigError before any run
+    specs = labelled_optimizers(optimizers or OPTIMIZERS[suite])
+    optimizers = list(specs)
+    for spec in specs.values():
+        build_optimizer(spec)  # any optimizer spec; a bad one is a ConfigError before any run
     seeds = check_int("seeds", seeds if seeds is not None else SEEDS[suite], low=1)
     lo, hi, num = LR_GRIDS[suite]
     grid = np.geomspace(lo, hi, num)
@@ -266,7 +279,7 @@ def run_suite(
                 if bar:
                     bar.describe(f"{problem.name} / {opt}: tuning")
                 t = time.perf_counter()
-                finals = tune(problem, inst, opt, grid)
+                finals = tune(problem, inst, specs[opt], grid)
                 tune_s = time.perf_counter() - t
                 best = 0
                 for i in range(1, len(grid)):
@@ -276,7 +289,12 @@ def run_suite(
                     bar.advance()
                     bar.describe(f"{problem.name} / {opt}: {seeds} seeds at lr {grid[best]:.2g}")
                 compile_s, runs = timed_runs(
-                    problem, inst, opt, float(grid[best]), seeds, bar.advance if bar else None
+                    problem,
+                    inst,
+                    specs[opt],
+                    float(grid[best]),
+                    seeds,
+                    bar.advance if bar else None,
                 )
                 ttt = [r["time_to_target_s"] for r in runs]
                 results["runs"].append(
@@ -302,7 +320,7 @@ def run_suite(
             for opt in optimizers:
                 if bar:
                     bar.describe(f"{problem.name} / {opt}")
-                results["throughput"].append(throughput(problem, inst, opt))
+                results["throughput"].append(throughput(problem, inst, specs[opt], label=opt))
                 if bar:
                     bar.advance()
     finally:
@@ -311,6 +329,44 @@ def run_suite(
     results["wall_s"] = time.perf_counter() - t_suite
     results["scores"] = score(results)
     return results
+
+
+def labelled_optimizers(optimizers: Sequence[Any] | Mapping[str, Any]) -> dict[str, Any]:
+    """``{label: spec}`` for the results tables: a dict as given; a string labels itself;
+    a callable by its ``__name__``.
+
+    Raises:
+      ConfigError: a lambda (no name: give a dict ``{label: callable}``), a repeated
+        label, or an empty list.
+    """
+    if isinstance(optimizers, Mapping):
+        items = list(optimizers.items())
+    elif isinstance(optimizers, str):
+        items = [(optimizers, optimizers)]
+    else:
+        items = []
+        for spec in optimizers:
+            if isinstance(spec, str):
+                items.append((spec, spec))
+                continue
+            name = getattr(spec, "__name__", None)
+            if not callable(spec) or not name or name == "<lambda>":
+                raise ConfigError(
+                    f"optimizer {spec!r} has no name for the results; pass a dict "
+                    "{label: spec} (e.g. {'nesterov': lambda lr: optax.sgd(lr, 0.9, nesterov=True)})",
+                    param="optimizers",
+                )
+            items.append((name, spec))
+    labels = [label for label, _ in items]
+    if not items or any(not isinstance(label, str) or not label for label in labels):
+        raise ConfigError(
+            f"optimizers must be non-empty, with non-empty string labels; got {labels!r}",
+            param="optimizers",
+        )
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise ConfigError(f"optimizer labels repeat: {repeated}", param="optimizers")
+    return dict(items)
 
 
 def _median_inf(values: list[float]) -> float:

@@ -5,7 +5,9 @@
 * `transforms`: the building blocks (momentum forms, clipping variants, penalties).
 * `schedules`: learning-rate schedules.
 * `fused`: `fused(tx)` runs an element-wise chain over one flat buffer per dtype group.
-* `pipeline`: `build_optimizer` from a spec such as ``"adam(lr=1e-3) | clip_global_norm(1.0) | l2(1e-4)"``.
+* `pipeline`: `build_optimizer` from a spec such as ``"adam(lr=1e-3) | clip_global_norm(1.0) | l2(1e-4)"``,
+  and `param_groups` (a rule and a rate multiplier per group of parameters, `groups`).
+* `eval_params`: the evaluation parameters an optimizer state declares (schedule-free).
 """
 
 from jtricks.optim.alias import (
@@ -18,6 +20,7 @@ from jtricks.optim.alias import (
     rmsprop,
     sgd,
 )
+from jtricks.optim.eval_params import optimizer_eval_params, register_eval_params
 from jtricks.optim.fused import (
     Flat,
     FusedState,
@@ -31,6 +34,7 @@ from jtricks.optim.pipeline import (
     TRANSFORMS,
     build_optimizer,
     current_learning_rate,
+    param_groups,
     set_learning_rate,
 )
 from jtricks.optim.schedules import SCHEDULE_NAMES, build_schedule
@@ -83,6 +87,9 @@ __all__ = [
     "momentum_chain",
     "normalize_by_global_norm",
     "normalized_sgd",
+    "optimizer_eval_params",
+    "param_groups",
+    "register_eval_params",
     "rmsprop",
     "scale_by_adagrad",
     "scale_by_damped_momentum",
