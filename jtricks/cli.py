@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from jtricks.errors import ConfigError
 from jtricks.spec import split_top_level
@@ -60,6 +61,7 @@ FLAGS = {
     "lr_min": "--lr-min",
     "lr_max": "--lr-max",
     "num": "--lr-num",
+    "lr_steps": "--lr-steps",
     "lr_num": "--lr-num",
     "suite": "--suite",
     "problems": "--problems",
@@ -68,12 +70,18 @@ FLAGS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``jtricks train: error: argument --lr: ...`` and a
+    pointer to ``--help`` instead of the whole usage (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from jtricks import __version__
 
-    parser = argparse.ArgumentParser(
-        prog="jtricks", description="JAX deep-learning training tricks."
-    )
+    parser = _Parser(prog="jtricks", description="JAX deep-learning training tricks.")
     parser.add_argument("--version", action="version", version=f"jtricks {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -377,7 +385,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from jtricks.run import _prepare_out, write_json
 
     split = lambda v: None if v is None else [x for x in split_top_level(v, ",") if x]  # noqa: E731
-    out = args.out or str(Path("runs") / time.strftime(f"bench-{args.suite}-%Y%m%d-%H%M%S"))
+    out = (
+        args.out
+        if args.out is not None
+        else str(Path("runs") / time.strftime(f"bench-{args.suite}-%Y%m%d-%H%M%S"))
+    )
     # validate names before creating anything
     from jtricks.bench.problems import SUITES, suite_problems
     from jtricks.errors import unknown_name
@@ -431,7 +443,11 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
             f"--signal-steps must be comma-separated integers such as 0,100,500; got {args.signal_steps!r}",
             param="signal_steps",
         ) from None
-    out = args.out or str(Path("runs") / time.strftime("diagnose-%Y%m%d-%H%M%S"))
+    out = (
+        args.out
+        if args.out is not None
+        else str(Path("runs") / time.strftime("diagnose-%Y%m%d-%H%M%S"))
+    )
     result = diagnose(
         dataset=args.dataset,
         model=args.model,
@@ -540,7 +556,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
             )
         result = train(resume=args.resume, reporter=reporter)
     else:
-        out = args.out or str(Path("runs") / time.strftime("train-%Y%m%d-%H%M%S"))
+        out = (
+            args.out
+            if args.out is not None
+            else str(Path("runs") / time.strftime("train-%Y%m%d-%H%M%S"))
+        )
         result = train(config, out=out, reporter=reporter)
     if result.history.stopped:
         print(f"stopped: {result.history.stopped}", file=sys.stderr)

@@ -917,7 +917,7 @@ def diagnose(
         raise ConfigError(
             f"lr_method must be 'sweep' or 'range'; got {lr_method!r}", param="lr_method"
         )
-    check_int("seed", seed, low=0)
+    check_int("seed", seed, low=0, high=2**63 - 1)
     data = load_dataset(dataset)
     net = build_model(model, data.num_classes)
     tx = build_optimizer(optimizer, learning_rate)

@@ -8,6 +8,7 @@ one-line message and exit status 2, with no traceback.
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Iterable
 
@@ -28,8 +29,18 @@ def unknown_name(
     what: str, name: object, valid: Iterable[str], *, param: str | None = None
 ) -> ConfigError:
     """Error for an unknown registry name that lists the valid ones; ``param`` defaults to ``what``."""
-    names = ", ".join(sorted(valid))
-    return ConfigError(f"unknown {what} {name!r}; valid {what}s are: {names}", param=param or what)
+    valid = sorted(valid)
+    names = ", ".join(valid)
+    return ConfigError(
+        f"unknown {what} {name!r}; valid {what}s are: {names}{did_you_mean(str(name), valid)}",
+        param=param or what,
+    )
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    """``"; did you mean: a, b?"`` for the close matches of ``name`` (``""`` if none)."""
+    close = difflib.get_close_matches(name, list(candidates), n=5, cutoff=0.6)
+    return f"; did you mean: {', '.join(close)}?" if close else ""
 
 
 def check_range(

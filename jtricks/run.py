@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -23,6 +24,7 @@ from jtricks.errors import ConfigError, check_int, check_range
 from jtricks.nn import build_model
 from jtricks.optim import build_optimizer, build_schedule, fused
 from jtricks.optim.schedules import Plateau
+from jtricks.rundir import create_run_dir, locked
 from jtricks.tasks import Classification, Task, build_task
 from jtricks.training import (
     EarlyStopping,
@@ -117,7 +119,7 @@ class TrainConfig:
         check_range("learning_rate", self.learning_rate, low=0.0, low_inclusive=False)
         check_int("batch_size", self.batch_size, low=1)
         check_int("eval_batch_size", self.eval_batch_size, low=1)
-        check_int("seed", self.seed, low=0)
+        check_int("seed", self.seed, low=0, high=2**63 - 1)  # the range jax.random.key takes
         check_int("checkpoint_every", self.checkpoint_every, low=1)
         check_int("keep_checkpoints", self.keep_checkpoints, low=1)
         check_int("max_nonfinite", self.max_nonfinite, low=1)
@@ -399,20 +401,8 @@ def plot_curves(history: History, path: Path) -> None:
 
 
 def _prepare_out(out: str | os.PathLike) -> Path:
-    path = Path(out)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise ConfigError(
-            f"output directory {str(path)!r} already exists and is not empty; "
-            "choose a new --out so no earlier run is overwritten",
-            param="out",
-        )
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(
-            f"cannot create output directory {str(path)!r}: {e.strerror}", param="out"
-        ) from None
-    return path
+    """A new, empty output folder (`jtricks.rundir.create_run_dir`, unlocked)."""
+    return create_run_dir(out)
 
 
 def _load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
@@ -501,12 +491,20 @@ def train(
       >>> result = jtricks.train(model="mlp", steps=500)
       >>> result.test["accuracy"]
     """
+    with contextlib.ExitStack() as locks:  # the run folder's lock, released on return
+        return _train(config, out, progress, reporter, resume, locks, overrides)
+
+
+def _train(config, out, progress, reporter, resume, locks, overrides) -> RunResult:
+    """`train`'s body; ``locks`` holds the run folder's lock for the whole run."""
     t0 = time.perf_counter()
     if resume is not None:
         if config is not None or overrides or out is not None:
             raise ConfigError(
                 "resume takes the run's own config.json; give no other settings", param="resume"
             )
+        if Path(resume).is_dir():  # before anything in it is read
+            locks.enter_context(locked(resume, param="resume"))
         config, out = _load_run_config(resume), Path(resume)
     config = config or TrainConfig()
     valid = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -558,6 +556,13 @@ def train(
     n_global = len(y_tr) * nproc  # every process holds an equal shard
     steps_per_epoch = n_global // (config.batch_size * config.accumulate)
     total_steps = steps if steps is not None else epochs * steps_per_epoch
+    last_epoch = -(-total_steps // steps_per_epoch)
+    if config.swa is not None and config.swa > last_epoch:
+        raise ConfigError(
+            f"swa={config.swa} starts averaging after the last epoch ({last_epoch}), so no "
+            f"average would ever be taken; give an epoch in 1..{last_epoch}",
+            param="swa",
+        )
     # validates the spec; reduce-on-plateau is a callback on a constant base rate
     plateau = build_schedule(
         config.schedule, 1.0, steps_per_epoch=steps_per_epoch, total_steps=total_steps
@@ -661,6 +666,7 @@ def train(
             out,
             reporter,
             t0,
+            locks,
         )
     state = create_train_state(model, tx, x_tr, init_key, ema_decay=config.ema)
     # the task's checks before the run folder exists: a mismatch leaves nothing behind
@@ -671,7 +677,7 @@ def train(
     records: list[dict[str, Any]] = []
     run_dir = None
     if out is not None:
-        run_dir = Path(out) if resume is not None else _prepare_out(out)
+        run_dir = Path(out) if resume is not None else create_run_dir(out, locks)
         ckpt_dir = run_dir / "checkpoints"
         if resume is not None:
             restored = restore_latest(ckpt_dir, state)
@@ -823,6 +829,7 @@ def _train_ensemble(
     out,
     reporter,
     t0,
+    locks=None,
 ) -> RunResult:
     """`train` for ``ensemble > 1``: N members in one program (`fit_ensemble`); member ``i``
     uses init key ``fold_in(init_key, i)``. Writes config, metrics, curves and a summary
@@ -832,7 +839,7 @@ def _train_ensemble(
     keys = jax.vmap(lambda i: jax.random.fold_in(init_key, i))(jnp.arange(config.ensemble))
     states = create_ensemble(model, tx, train[0], keys)
     check_data(first_member(states), task, train, "training data")  # before any folder
-    run_dir = _prepare_out(out) if out is not None else None
+    run_dir = create_run_dir(out, locks) if out is not None else None
     log = None
     if run_dir is not None:
         write_json(

@@ -22,7 +22,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from jtricks.errors import ConfigError, unknown_name
+from jtricks.errors import ConfigError, did_you_mean, unknown_name
 
 
 def parse_spec(spec: str, *, what: str = "spec") -> tuple[str, tuple[Any, ...], dict[str, Any]]:
@@ -109,11 +109,16 @@ def split_top_level(text: str, sep: str) -> list[str]:
     return [p.strip() for p in parts]
 
 
-def split_pipeline(text: str) -> list[str]:
-    """Split ``"a(1) | b | c(x=2)"`` into its parts, ignoring ``|`` inside parentheses or quotes."""
+def split_pipeline(text: str, *, what: str | None = None) -> list[str]:
+    """Split ``"a(1) | b | c(x=2)"`` into its parts, ignoring ``|`` inside parentheses or
+    quotes; ``what`` names the setting in errors (e.g. ``"optimizer"``)."""
     parts = split_top_level(text, "|")
     if any(not p for p in parts):
-        raise ConfigError(f"empty stage in pipeline {text!r}")
+        where = f"{what} " if what else ""
+        raise ConfigError(
+            f"empty stage in {where}pipeline {text!r}: stages are joined by single '|'",
+            param=what,
+        )
     return parts
 
 
@@ -151,7 +156,14 @@ def build_from_registry(
         raise ConfigError(
             f"{what} must be a spec string such as 'name(key=value)'; got {spec!r}", param=what
         )
-    name, args, kwargs = parse_spec(spec, what=what)
+    try:
+        name, args, kwargs = parse_spec(spec, what=what)
+    except ConfigError as e:  # e.g. "resnet-18": still say which names exist
+        head = spec.split("(", 1)[0].strip()
+        raise ConfigError(
+            f"{e}; valid {what}s are: {', '.join(sorted(registry))}" + did_you_mean(head, registry),
+            param=what,
+        ) from None
     if name not in registry:
         raise unknown_name(what, name, registry)
     for k, v in (defaults or {}).items():

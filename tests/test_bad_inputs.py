@@ -75,6 +75,11 @@ CLI_CASES = [
     ("groups-fused", {}, ["--optimizer", "matrices -> sgd ; rest -> adam", "--fused"], "fused"),
     ("bad-patience-mode", {}, ["--schedule", "plateau(patience_mode='tf')"], "patience_mode"),
     ("bad-norm", {}, ["--model", "mlp(norm='batch_torch')"], "norm must be one of"),
+    ("huge-label", {"y": np.r_[np.zeros(59, np.int64), 2**31 - 1]}, [], "outside 1..1,048,576"),
+    ("huge-seed", {}, ["--seed", str(10**20)], "argument --seed: seed must satisfy"),
+    ("swa-after-the-last-epoch", {}, ["--swa", "99"], "argument --swa: swa=99 starts averaging"),
+    ("empty-pipeline-stage", {}, ["--optimizer", "adam | | l2(1e-4)"], "argument --optimizer"),
+    ("model-that-does-not-parse", {}, ["--model", "resnet-18"], "did you mean: resnet18"),
 ]
 
 

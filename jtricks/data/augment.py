@@ -379,5 +379,8 @@ def build_augment(spec: str) -> Augment:
             param="augment",
         )
     return compose(
-        [build_from_registry(part, AUGMENTATIONS, what="augment") for part in split_pipeline(spec)]
+        [
+            build_from_registry(part, AUGMENTATIONS, what="augment")
+            for part in split_pipeline(spec, what="augment")
+        ]
     )

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import tempfile
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,10 @@ import numpy as np
 
 from jtricks.errors import ConfigError, check_int, check_range
 from jtricks.spec import build_from_registry
+
+MAX_OUTPUTS = 2**20
+"""The largest output width (class count, vocabulary) a dataset may declare: beyond it a
+model's head would not fit in memory, and XLA would abort instead of erroring."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,13 @@ class Dataset:
     loss_floor: float | None = None
 
     def __post_init__(self) -> None:
+        if not 1 <= self.num_classes <= MAX_OUTPUTS:
+            raise ConfigError(
+                f"{self.name}: {self.num_classes} outputs (classes, targets or vocabulary; for "
+                f"labels, the largest label + 1) is outside 1..{MAX_OUTPUTS:,} (2**20); "
+                "labels must be 0..C-1 for C classes",
+                param="dataset",
+            )
         if self.task == "classification":
             validate_arrays(
                 self.x_train, self.y_train, self.num_classes, where=f"{self.name} train split"
@@ -226,8 +238,18 @@ def npz(path: str) -> Dataset:
       ConfigError: naming the file for a missing, unreadable or malformed file.
     """
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(
+            f"dataset file {str(p)!r} is a folder; npz:PATH takes one .npz file", param="dataset"
+        )
     if not p.is_file():
         raise ConfigError(f"dataset file {str(p)!r} does not exist", param="dataset")
+    if not zipfile.is_zipfile(p):
+        raise ConfigError(
+            f"dataset file {str(p)!r} is not an .npz file (a zip archive of .npy arrays, as "
+            "numpy.savez writes); it is never read as a pickle",
+            param="dataset",
+        )
     try:
         with np.load(p, allow_pickle=False) as f:
             missing = [k for k in ("x", "y", "x_test", "y_test") if k not in f.files]
@@ -240,9 +262,10 @@ def npz(path: str) -> Dataset:
     except ConfigError:
         raise
     except Exception as e:
-        raise ConfigError(
-            f"cannot read dataset file {str(p)!r}: {type(e).__name__}: {e}", param="dataset"
-        ) from None
+        why = f"{type(e).__name__}: {e}"
+        if "pickle" in str(e):
+            why = "it holds object arrays, which are refused (never unpickled)"
+        raise ConfigError(f"cannot read dataset file {str(p)!r}: {why}", param="dataset") from None
     for k in ("y", "y_test"):
         if not np.issubdtype(arrays[k].dtype, np.integer):
             raise ConfigError(

@@ -73,6 +73,12 @@ def mnist(path: str, name: str = "mnist") -> Dataset:
     ``t10k-labels-idx1-ubyte`` (each raw or ``.gz``). Images come as ``(N, 28, 28, 1)``
     float32 in [0, 255]; scale them with ``--preprocess``."""
     root = Path(path)
+    if root.is_file():
+        raise ConfigError(
+            f"dataset folder {str(root)!r} is a file; give the folder that holds the four "
+            "IDX files",
+            param="dataset",
+        )
     if not root.is_dir():
         raise ConfigError(f"dataset folder {str(root)!r} does not exist", param="dataset")
     x, y = (

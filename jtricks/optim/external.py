@@ -18,7 +18,6 @@ ecosystem enters `build_optimizer`, the CLI and ``jtricks bench`` like jtricks' 
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import inspect
 import os
@@ -28,7 +27,7 @@ from typing import Any
 
 import optax
 
-from jtricks.errors import ConfigError
+from jtricks.errors import ConfigError, did_you_mean
 
 PREFIXES = {"optax.contrib.": "optax.contrib", "contrib.": "optax.contrib", "optax.": "optax"}
 
@@ -59,8 +58,7 @@ def _factories(module: Any) -> list[str]:
 
 
 def _close(name: str, candidates: list[str]) -> str:
-    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
-    return f"; did you mean: {', '.join(close)}?" if close else ""
+    return did_you_mean(name, candidates)
 
 
 def resolve(name: str) -> Callable[..., Any]:

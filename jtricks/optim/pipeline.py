@@ -85,7 +85,9 @@ TRANSFORMS: dict[str, Callable[..., tuple[str, Callable]]] = {
 
 def _stages(spec: Any) -> list[tuple[str, tuple, dict]]:
     if isinstance(spec, str):
-        return [parse_spec(part, what="optimizer") for part in split_pipeline(spec)]
+        return [
+            parse_spec(part, what="optimizer") for part in split_pipeline(spec, what="optimizer")
+        ]
     if isinstance(spec, dict):
         if "name" not in spec or not isinstance(spec["name"], str):
             raise ConfigError(

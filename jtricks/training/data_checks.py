@@ -6,6 +6,7 @@ Every failure is a `ConfigError` that names where the data came from ("training 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -58,6 +59,12 @@ def check_inputs(task: Task, data: Any, where: str) -> None:
                 )
 
 
+_PARAM_SHAPE = re.compile(
+    r'parameter "(\w+)" in "([^"]*)", the given initializer is expected to generate shape '
+    r"(\([^)]*\)), but the existing parameter it received has shape (\([^)]*\))"
+)
+
+
 @jax.jit
 def _forward(state: Any, inputs: Any) -> Any:
     return apply_model(state, state.params, inputs, train=False, key=None)[0]
@@ -75,6 +82,14 @@ def model_outputs(state: Any, task: Task, data: Any, where: str) -> jax.ShapeDty
         out = _forward.eval_shape(model_only, first)
     except Exception as e:  # a shape mismatch deep inside the user's model
         shapes = jax.tree.map(lambda a: a.shape[1:], first)
+        mismatch = _PARAM_SHAPE.search(str(e))
+        if mismatch:
+            leaf, scope, needed, existing = mismatch.groups()
+            raise ConfigError(
+                f"{where}: examples of shape {shapes} do not fit the model: its parameter "
+                f"{scope.strip('/')}/{leaf} has shape {existing} (the inputs it was "
+                f"initialised on), these inputs need {needed}"
+            ) from None
         raise ConfigError(
             f"{where}: the model cannot take inputs of shape {shapes} per example: "
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

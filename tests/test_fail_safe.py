@@ -1,0 +1,133 @@
+"""Fail safe: one writer per run folder, sizes and paths checked before XLA or the disk
+sees them, and one-line messages for every user error."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from jtricks.cli import main
+from jtricks.errors import ConfigError
+from jtricks.nn import MLP
+from jtricks.rundir import create_run_dir, locked
+from jtricks.training import create_train_state, fit
+
+HOLD = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+print("locked", flush=True)
+sys.stdin.readline()
+"""
+
+
+def _npz(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "data.npz"
+    np.savez(
+        path,
+        x=rng.normal(size=(60, 6)).astype(np.float32),
+        y=rng.integers(0, 3, 60),
+        x_test=rng.normal(size=(20, 6)).astype(np.float32),
+        y_test=rng.integers(0, 3, 20),
+    )
+    return ["--dataset", f"npz:{path}", "--model", "mlp(features=(4,))", "--batch-size", "8"]
+
+
+def test_a_folder_another_process_writes_is_refused(tmp_path, capsys):
+    """Another process (here a plain Python one) holds the run folder: a second --resume
+    and a new run into the same folder both exit 2 before reading or writing anything."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout.readline().strip() == b"locked"
+        assert main(["train", "--resume", str(run), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "argument --resume: run folder" in err and "in use by another jtricks process" in err
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        with locked(empty):  # the same lock from this process, on another descriptor
+            assert main(["train", *_npz(tmp_path), "--epochs", "1", "--out", str(empty)]) == 2
+        assert "in use by another jtricks process" in capsys.readouterr().err
+        assert list(empty.iterdir()) == []
+    finally:
+        holder.communicate(b"\n", timeout=30)
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]  # nothing read or written
+    with locked(run):  # released when its holder ended: a crashed run leaves no stale lock
+        pass
+
+
+def test_create_run_dir_rechecks_emptiness_under_the_lock(tmp_path, monkeypatch):
+    """A run that wrote into the folder between the emptiness check and the lock (a
+    descheduled process) is noticed once the lock is held."""
+    import contextlib
+
+    import jtricks.rundir as rundir
+
+    real = rundir._refuse_non_empty
+    calls = []
+
+    def late_writer(path):
+        calls.append(path)
+        real(path)
+        if len(calls) == 1:  # the other run writes now
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "config.json").write_text("{}")
+
+    monkeypatch.setattr(rundir, "_refuse_non_empty", late_writer)
+    with contextlib.ExitStack() as stack, pytest.raises(ConfigError, match="not empty"):
+        create_run_dir(tmp_path / "run", stack)
+
+
+def test_one_line_errors(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where a default runs/ folder would appear
+    base = ["train", *_npz(tmp_path), "--epochs", "1"]
+    assert main([*base, "--out", ""]) == 2  # no longer runs/train-<time>
+    err = capsys.readouterr().err
+    assert "argument --out: out must name a folder; got an empty string" in err
+    with pytest.raises(SystemExit) as e:  # argparse's own type errors: one line, status 2
+        main([*base, "--lr", "abc"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert (
+        "argument --lr/--learning-rate: invalid float value: 'abc' (see jtricks train --help)"
+        in err
+    )
+    assert len(err.strip().splitlines()) == 1 and "usage:" not in err
+    assert not any(p.name == "runs" for p in tmp_path.iterdir())
+
+
+def test_paths_of_the_wrong_kind(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "noise.npz").write_bytes(np.random.default_rng(0).bytes(300))
+    cases = [
+        (["--out", str(tmp_path / "file")], "is a file"),
+        (["--dataset", f"npz:{tmp_path / 'noise.npz'}"], "is not an .npz file"),
+        (["--dataset", f"npz:{tmp_path}"], "is a folder; npz:PATH takes one .npz file"),
+        (["--dataset", f"mnist:{tmp_path / 'file'}"], "is a file; give the folder"),
+    ]
+    for args, match in cases:
+        out = [] if "--out" in args else ["--out", str(tmp_path / "run")]
+        assert main(["train", *_npz(tmp_path), "--epochs", "1", *out, *args]) == 2
+        err = capsys.readouterr().err
+        assert match in err and "allow_pickle" not in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_fit_on_features_of_the_wrong_width_names_both_shapes():
+    state = create_train_state(
+        MLP(num_classes=3, features=(4,)), optax.sgd(0.1), np.zeros((1, 6)), jax.random.key(0)
+    )
+    with pytest.raises(
+        ConfigError, match=r"shape \(5,\) do not fit .* Dense_0/kernel has shape \(6, 4\)"
+    ):
+        fit(state, (np.zeros((10, 5)), np.zeros(10, np.int32)), batch_size=2, epochs=1)
