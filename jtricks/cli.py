@@ -564,6 +564,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         result = train(config, out=out, reporter=reporter)
     if result.history.stopped:
         print(f"stopped: {result.history.stopped}", file=sys.stderr)
+    if result.history.diverged and result.out is not None:
+        print(
+            f"continue from the kept state with other settings: jtricks train --pretrained "
+            f"{result.out} --lr <a lower rate> --out <new folder>",
+            file=sys.stderr,
+        )
+    if result.warning:
+        print(f"jtricks train: warning: {result.warning}", file=sys.stderr)
     for name, values in result.test.items():  # an ensemble's members, metric by metric
         if name.startswith("member_") and name != "member_loss":
             print(f"member test_{name[7:]}  " + "  ".join(f"{a:.4f}" for a in values))
@@ -580,7 +588,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if result.loss_floor is not None:
         line += f"  loss_floor {result.loss_floor:.4f}  gap {result.test['loss'] - result.loss_floor:.4f}"
     print(f"{line}  wall {result.wall_s:.1f}s  run folder {result.out}")
-    return 1 if result.history.stopped and "non-finite" in result.history.stopped else 0
+    return 1 if result.history.diverged else 0
 
 
 def _metrics_line(test: dict, prefix: str = "test_") -> str:

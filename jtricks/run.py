@@ -292,6 +292,8 @@ class RunResult:
     wall_s: float
     loss_floor: float | None = None
     """The dataset's lowest reachable expected test loss, where known (`Dataset.loss_floor`)."""
+    warning: str | None = None
+    """Set when the run ended with a finite loss far above the untrained model's."""
 
 
 def _task_for(config: TrainConfig, data: Any) -> Task:
@@ -745,8 +747,13 @@ def _train(config, out, progress, reporter, resume, locks, overrides) -> RunResu
         )
         history.records.extend(new.records)
         history.stopped = new.stopped
+        history.diverged, history.kept_step = new.diverged, new.kept_step
     test_data = (x_test, data.y_test)
     kw = dict(task=task, batch_size=config.eval_batch_size)
+    outcome: dict[str, Any] = {}
+    if history.diverged:  # the kept state's own validation metrics, not the stopping epoch's
+        kept_val = evaluate(state, (x_val, y_val), params=config.eval_params, **kw)
+        outcome = _diverged_entries(history, kept_val, run_dir)
     test = evaluate(state, test_data, params=config.eval_params, **kw)
     if state.ema_params is not None and config.eval_params != "ema":
         ema = evaluate(state, test_data, params="ema", **kw)
@@ -773,11 +780,42 @@ def _train(config, out, progress, reporter, resume, locks, overrides) -> RunResu
             "tta_views": config.tta,
         }
     wall = time.perf_counter() - t0
+    warning = _huge_loss_warning(history, test["loss"])
+    if warning:
+        outcome["warning"] = warning
     if run_dir is not None:
         ema = {f"test_{k}": v for k, v in test.items() if k.startswith("ema_")}
         floor = _floor_entries(data.loss_floor, test["loss"])
-        _write_summary(run_dir, history, test, state.params, wall, **ema, **tta_extra, **floor)
-    return RunResult(config, state, history, test, run_dir, wall, data.loss_floor)
+        extra = {**ema, **tta_extra, **floor, **outcome}
+        _write_summary(run_dir, history, test, state.params, wall, **extra)
+    return RunResult(config, state, history, test, run_dir, wall, data.loss_floor, warning)
+
+
+def _diverged_entries(
+    history: History, kept_val: dict[str, Any], run_dir: Path | None
+) -> dict[str, Any]:
+    """Summary entries of a diverged run: the flag, the kept state's step and validation
+    metrics (they replace the stopping epoch's), and how to continue from it."""
+    where = str(run_dir) if run_dir is not None else "RUN_DIR"
+    return {
+        **{f"val_{k}": v for k, v in kept_val.items() if _is_split_metric(k, v)},
+        "diverged": True,
+        "kept_step": history.kept_step,
+        "continue_with": f"jtricks train --pretrained {where} --lr <a lower rate> --out <new folder>",
+    }
+
+
+def _huge_loss_warning(history: History, final_loss: float) -> str | None:
+    """A line when the final loss is finite but 10x the untrained model's (a run that blew
+    up without ever producing NaN, e.g. Adam at lr 1e4), else ``None``."""
+    initial = history.records[0].get("initial_loss") if history.records else None
+    if initial is None or not np.isfinite(final_loss) or final_loss <= 10 * max(initial, 1e-12):
+        return None
+    return (
+        f"the final test loss {final_loss:.4g} is {final_loss / initial:.3g}x the untrained "
+        f"model's ({initial:.4g}): training made the model worse; lower the learning rate "
+        "or clip gradients"
+    )
 
 
 def _write_summary(

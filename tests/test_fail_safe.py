@@ -131,3 +131,113 @@ def test_fit_on_features_of_the_wrong_width_names_both_shapes():
         ConfigError, match=r"shape \(5,\) do not fit .* Dense_0/kernel has shape \(6, 4\)"
     ):
         fit(state, (np.zeros((10, 5)), np.zeros(10, np.int32)), batch_size=2, epochs=1)
+
+
+class _Watch:
+    """A callback that needs the state, so `fit` does not pipeline epochs."""
+
+    needs_state = True
+
+    def __init__(self):
+        self.records = []
+
+    def on_epoch_end(self, record, state):
+        self.records.append(record)
+
+
+@pytest.fixture(scope="module")
+def blowup_data():
+    from jtricks.data import synthetic
+
+    return synthetic(num_train=120, num_test=40, shape=(8,), num_classes=3, noise=0.3, seed=0)
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_divergence_stops_inside_the_epoch_and_keeps_a_finite_state(blowup_data, pipelined):
+    """SGD at lr 1e6: the parameters explode (|w| ~ 1e19 before any NaN). Training stops
+    after 3 bad steps inside the epoch; the returned state is finite, its step is
+    ``history.kept_step``; every epoch that ran is in the history."""
+    from jtricks.nn import build_model
+    from jtricks.optim import build_optimizer
+    from jtricks.training import evaluate
+
+    d = blowup_data
+    state = create_train_state(
+        build_model("mlp(features=(8,))", 3),
+        build_optimizer("sgd", 1e6),
+        d.x_train,
+        jax.random.key(0),
+    )
+    watch = _Watch()
+    state, history = fit(
+        state,
+        (d.x_train, d.y_train),
+        batch_size=10,
+        epochs=5,
+        val_data=(d.x_test, d.y_test),
+        max_nonfinite=3,
+        callbacks=[] if pipelined else [watch],
+    )
+    last = history.records[-1]
+    assert history.diverged and last["diverged"] and "3 consecutive steps" in history.stopped
+    assert last["step"] < 12 and last["train_nonfinite"] == 3  # stopped at once, not at epoch end
+    assert int(state.step) == history.kept_step <= last["step"]
+    assert np.isfinite(float(optax.tree.norm(state.params)))
+    kept = evaluate(state, (d.x_test, d.y_test))
+    assert np.isfinite(kept["loss"]) and kept["loss"] < 10 * history.records[0]["initial_loss"]
+    if not pipelined:
+        assert watch.records == history.records  # callbacks saw the stopping epoch too
+
+
+def test_cli_divergence_summary_metrics_and_continuation(tmp_path, capsys):
+    base = ["train", *_npz(tmp_path), "--no-progress"]
+    run = tmp_path / "run"
+    status = main(
+        [
+            *base,
+            "--optimizer",
+            "sgd(lr=1e6)",
+            "--epochs",
+            "5",
+            "--max-nonfinite",
+            "3",
+            "--out",
+            str(run),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert status == 1 and "kept the state of step" in err and "--pretrained" in err
+    import json
+
+    summary = json.loads((run / "summary.json").read_text())
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert summary["diverged"] and records[-1]["diverged"]
+    assert summary["epochs"] == len(records) == records[-1]["epoch"]  # the stopping epoch logged
+    assert np.isfinite(summary["test_loss"]) and np.isfinite(summary["val_loss"])
+    assert summary["val_loss"] < 10 * records[0]["initial_loss"]
+    assert (
+        main(
+            [
+                *base,
+                "--lr",
+                "0.01",
+                "--epochs",
+                "1",
+                "--pretrained",
+                str(run),
+                "--out",
+                str(tmp_path / "again"),
+            ]
+        )
+        == 0
+    )
+    assert main(["train", "--resume", str(run)]) == 2  # finished: continue with --pretrained
+
+
+def test_huge_final_loss_warns():
+    from jtricks.run import History, _huge_loss_warning
+
+    history = History([{"epoch": 1, "step": 5, "initial_loss": 1.1}])
+    assert _huge_loss_warning(history, 9e18).startswith("the final test loss 9e+18 is")
+    assert _huge_loss_warning(history, 2.0) is None
+    assert _huge_loss_warning(History([{"epoch": 1, "step": 5}]), 9e18) is None  # unknown start

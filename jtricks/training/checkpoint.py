@@ -289,6 +289,10 @@ class Checkpointer:
     falls back to the previous one; `on_train_end` waits for every write, and a failed
     write is raised at the next checkpoint or at the end. ``background=False`` writes
     before returning.
+
+    When `fit` stops a diverging run it passes the state it kept (the last that evaluated
+    finite) with the record marked ``diverged``; that state is written as the newest
+    checkpoint and as ``best``, so ``--pretrained RUN`` continues from it.
     """
 
     def __init__(
@@ -355,6 +359,10 @@ class Checkpointer:
 
     def on_epoch_end(self, record: dict[str, Any], state: TrainState) -> None:
         self.records.append(record)
+        if record.get("diverged"):  # `fit` passes the kept state: it is the run's final word
+            self._pending_best = (_device_copy(state), self._meta(record, state))
+            self._save(record, state)
+            return
         value = record.get(self.monitor) if self.monitor else None
         improved = (
             value is not None

@@ -73,6 +73,11 @@ class History:
 
     records: list[dict[str, Any]] = field(default_factory=list)
     stopped: str | None = None
+    diverged: bool = False
+    """Training stopped after ``max_nonfinite`` consecutive skipped steps."""
+    kept_step: int | None = None
+    """After divergence: the step of the state `fit` returned (the last that evaluated
+    finite); ``records[-1]["step"]`` is where training stopped."""
 
     def __getitem__(self, key: str) -> np.ndarray:
         return np.asarray([r[key] for r in self.records])
@@ -152,6 +157,7 @@ def fit(
     precision: str = "float32",
     mesh: Any = "auto",
     eval_params: str = "auto",
+    keep_finite: bool = True,
 ) -> tuple[TrainState, History]:
     """Train ``state`` on ``train_data`` for ``epochs`` epochs or ``steps`` optimizer steps.
 
@@ -179,9 +185,17 @@ def fit(
         norm at the end of each epoch is always logged (``train_param_norm``).
       update_norm: also log per-step update and parameter norms (costly on small models,
         see `make_train_step`).
-      max_nonfinite: a step whose loss or gradient is NaN/inf is skipped (the state is
-        kept) and counted in ``train_nonfinite``; after this many consecutive such steps
-        training stops, keeping the last good state, and ``history.stopped`` says why.
+      max_nonfinite: a step whose loss or gradient is NaN/inf, or whose update would
+        overflow the parameters, is skipped (the state is kept) and counted in
+        ``train_nonfinite``. After this many consecutive such steps training stops at
+        once, inside the compiled epoch (the last record's ``step`` is where), and `fit`
+        returns the last state that evaluated finite (``history.kept_step``; see
+        ``keep_finite``); ``history.diverged`` is set and ``history.stopped`` says why.
+        A record's ``initial_loss`` (epoch 1) is the untrained model's first-batch loss.
+      keep_finite: keep on device a copy of the newest state that evaluated finite (the
+        initial one, then every epoch end with finite validation loss, training loss and
+        parameter norm, and a loss at most 10x ``initial_loss``) to return after divergence; ``False`` saves that memory and
+        returns the state where training stopped.
       augment: per-example augmentation for training batches (`jtricks.data.augment`).
       mix: ``("mixup" | "cutmix", alpha)`` to mix training batches and their labels.
       accumulate: micro-batches of ``batch_size`` per optimizer update (gradient
@@ -271,10 +285,15 @@ def fit(
     # before this epoch's metrics are read, so the device never waits for Python.
     pipelined = all(getattr(cb, "needs_state", True) is False for cb in callbacks)
 
-    def dispatch(state, done):
+    max_nonfinite = check_int("max_nonfinite", max_nonfinite, low=1)
+    # the last state known to evaluate finite, kept on device; divergence ends with it
+    keeper = _FiniteKeeper(enabled=keep_finite, always_copy=pipelined)
+
+    def dispatch(state, done, streak):
         step = start_step + done
         epoch, offset = divmod(step, steps_per_epoch)
         num_steps = min(steps_per_epoch - offset, total_steps - done)
+        keeper.starting(state)
         state, metrics = run_epoch(
             state,
             data_dev,
@@ -282,50 +301,52 @@ def fit(
             np.int32(epoch),
             np.int32(offset),
             val_batches,
+            streak,
+            np.int32(max_nonfinite),
             num_steps=np.int32(num_steps),
             batch_size=batch_size,
         )
-        return state, (metrics, epoch, step + num_steps, num_steps, done + num_steps)
+        return state, (metrics, epoch, step, num_steps, done, keeper.take_start())
 
-    streak = worst = 0
-    max_nonfinite = check_int("max_nonfinite", max_nonfinite, low=1)
     try:
         t_last = time.perf_counter()
-        state, pending = dispatch(state, 0)
+        state, pending = dispatch(state, 0, np.int32(0))
         while pending is not None:
             upcoming = None
-            if pipelined and pending[4] < total_steps:
-                state, upcoming = dispatch(state, pending[4])
-            metrics, epoch, end_step, num_steps, done = pending
+            if pipelined and pending[4] + pending[3] < total_steps:
+                state, upcoming = dispatch(state, pending[4] + pending[3], pending[0]["streak"])
+            metrics, epoch, step, _, done_before, start = pending
+            keeper.started(start)
             metrics = jax.device_get(metrics)
+            steps_done = int(metrics.pop("steps_done"))
+            streak = int(metrics.pop("streak"))
+            first_loss = metrics.pop("first_loss")
+            end_step, done = step + steps_done, done_before + steps_done
             now = time.perf_counter()
             record: dict[str, Any] = {"epoch": epoch + 1, "step": end_step}
+            if step == 0:  # the untrained model's loss on the first batch, for the warning
+                record["initial_loss"] = _record_value("initial_loss", first_loss)
             flags = metrics.pop("nonfinite", None)
-            if flags is not None:
-                flags = flags[:num_steps].reshape(num_steps, -1)  # (steps, members)
             for k, v in metrics.items():
                 name = "lr" if k == "learning_rate" else k if k.startswith("val_") else f"train_{k}"
                 record[name] = _record_value(name, v)
             if flags is not None:
-                record["train_nonfinite"] = int(flags.sum())
-                for flag in flags.max(axis=1):  # a streak counts a step bad in any member
-                    streak = streak + 1 if flag else 0
-                    worst = max(worst, streak)
-            record["steps_per_s"] = num_steps / (now - t_last)
+                record["train_nonfinite"] = int(np.asarray(flags)[:steps_done].sum())
+            record["steps_per_s"] = steps_done / (now - t_last)
             record["elapsed_s"] = now - t0
             t_last = now
             history.records.append(record)
             if reporter is not None:
                 reporter.epoch_end(record, done=done)
-            stop = False
-            if worst >= max_nonfinite:
-                history.stopped = record["stopped"] = (
-                    f"{worst} consecutive steps had a non-finite loss or gradient (up to step {end_step}); "
-                    "training stopped and kept the last good state"
-                )
-                if pipelined and upcoming is not None:  # finish the epoch already in flight
+            if flags is not None and streak >= max_nonfinite:
+                state = _diverged(history, record, keeper, state, streak, end_step)
+                if upcoming is not None:  # the epoch already in flight is discarded
                     jax.block_until_ready(upcoming[0])
+                for cb in callbacks:  # logs see the stopping epoch; the state is the kept one
+                    cb.on_epoch_end(record, None if pipelined else state)
                 break
+            keeper.epoch_end(record, upcoming[5] if upcoming is not None else None)
+            stop = False
             for cb in callbacks:
                 out = cb.on_epoch_end(record, None if pipelined else state)
                 if isinstance(out, TrainState):
@@ -343,7 +364,7 @@ def fit(
             if pipelined:
                 pending = upcoming
             elif done < total_steps:
-                state, pending = dispatch(state, done)
+                state, pending = dispatch(state, done, np.int32(streak))
             else:
                 pending = None
         for cb in callbacks:
@@ -355,6 +376,71 @@ def fit(
         if reporter is not None:
             reporter.close()
     return state, history
+
+
+class _FiniteKeeper:
+    """Keeps on device the newest state that evaluated finite: the initial one, then the
+    end of every epoch whose record is finite and sane (`_finite_record`). A state is copied before
+    the epoch that would donate it only when it may be needed (always when epochs are
+    pipelined, since the next one is dispatched before this one's record is read)."""
+
+    def __init__(self, *, enabled: bool, always_copy: bool) -> None:
+        self.enabled, self.always_copy = enabled, always_copy
+        self.good: TrainState | None = None
+        self.initial_loss: float | None = None
+        self._promote_next = False
+        self._start: TrainState | None = None
+
+    def starting(self, state: TrainState) -> None:
+        wanted = self.always_copy or self._promote_next or self.good is None
+        self._start = _device_copy(state) if self.enabled and wanted else None
+
+    def take_start(self) -> TrainState | None:
+        start, self._start = self._start, None
+        return start
+
+    def started(self, start: TrainState | None) -> None:
+        if start is not None and (self.good is None or self._promote_next):
+            self.good, self._promote_next = start, False
+
+    def epoch_end(self, record: dict[str, Any], upcoming_start: TrainState | None) -> None:
+        self.initial_loss = record.get("initial_loss", self.initial_loss)
+        if not _finite_record(record, self.initial_loss):
+            return
+        if upcoming_start is not None:
+            self.good = upcoming_start
+        else:
+            self._promote_next = True
+
+
+def _finite_record(record: dict[str, Any], initial_loss: float | None = None) -> bool:
+    """Whether an epoch's end state evaluated finite and sane: its validation loss (when
+    there is one), its parameter norm and the epoch's training loss are finite, and its
+    loss is at most 10x the untrained model's (``initial_loss``, when known) - an
+    exploded state whose loss is merely huge is not worth keeping."""
+    keys = ("val_loss", "train_param_norm", "train_loss")
+    if not all(np.all(np.isfinite(record[k])) for k in keys if k in record):
+        return False
+    loss = record.get("val_loss", record.get("train_loss"))
+    return initial_loss is None or loss is None or float(np.mean(loss)) <= 10 * initial_loss
+
+
+def _device_copy(state: TrainState) -> TrainState:
+    return jax.tree.map(lambda a: a.copy() if isinstance(a, jax.Array) else a, state)
+
+
+def _diverged(history, record, keeper, state, streak: int, end_step: int) -> TrainState:
+    """Mark the run diverged and return the state it ends with: the kept finite one."""
+    kept = keeper.good if keeper.enabled and keeper.good is not None else state
+    history.diverged = record["diverged"] = True
+    history.kept_step = int(np.ravel(jax.device_get(kept.step))[0])
+    history.stopped = record["stopped"] = (
+        f"{streak} consecutive steps had a non-finite loss or gradient or overflowed the "
+        f"parameters (up to step {end_step}); training stopped there and kept the state of "
+        f"step {history.kept_step}, the last whose loss was finite and at most 10x the "
+        "untrained model's"
+    )
+    return kept
 
 
 def evaluate(

@@ -94,9 +94,11 @@ def make_train_step(
       task: a `jtricks.tasks.Task` or its spec (instead of ``loss_fn``).
       norms: return ``grad_norm``.
       update_norm: also return ``update_norm`` and ``param_norm`` every step.
-      skip_nonfinite: if the loss or any gradient entry is NaN or inf, keep the old
-        parameters, optimizer state and BatchNorm statistics (the step still counts);
-        the metric ``nonfinite`` is 1 for such a step (`fit` stops after a streak).
+      skip_nonfinite: if the loss or any gradient entry is NaN or inf, or the update would
+        make the parameters' norm overflow (an exploding run), keep the old parameters,
+        optimizer state and BatchNorm statistics (the step still counts); the metric
+        ``nonfinite`` is 1 for such a step (the epoch stops after a streak, see
+        `make_epoch_fn`).
       augment: per-example augmentation ``(key, x) -> x`` (`jtricks.data.augment`) of the
         model's input, applied to every training batch with keys from
         ``fold_in(fold_in(state.key, step), 1)``; evaluation never sees it.
@@ -178,7 +180,11 @@ def make_train_step(
         metrics = {"loss": loss, **train_metrics(task, outputs, batch)}
         if skip_nonfinite:
             grad_norm = optax.tree.norm(grads)
-            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            # an update that overflows the parameters (|w| ~ 1e19 already squares to inf in
+            # the norm) is refused too, so exploding runs keep usable parameters
+            finite = (
+                jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
+            )
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
             params = keep(params, state.params)
             opt_state = keep(opt_state, state.opt_state)
@@ -313,8 +319,9 @@ def make_epoch_fn(
     batch_sharding: Any = None,
     eval_source: str = "auto",
 ):
-    """Compile ``run_epoch(state, data, data_key, epoch, offset, val, *, num_steps, batch_size)
-    -> (state, metrics)``: one program per epoch, training and validation together.
+    """Compile ``run_epoch(state, data, data_key, epoch, offset, val, streak, max_streak, *,
+    num_steps, batch_size) -> (state, metrics)``: one program per epoch, training and
+    validation together.
 
     ``data`` is the training set as a pytree of device arrays with a common leading axis
     N. The epoch's batches are ``epoch_indices(fold_in(data_key, epoch), N, batch_size,
@@ -332,6 +339,12 @@ def make_epoch_fn(
     (a `jax.sharding.NamedSharding` over a data axis) every batch is constrained to it, so
     the step runs data-parallel under GSPMD.
 
+    Divergence: ``streak`` is the number of consecutive skipped (non-finite) steps before
+    the epoch; the loop stops as soon as it reaches ``max_streak``, so the returned state,
+    its step count and ``steps_done`` agree with where training stopped. Metrics also
+    hold ``steps_done``, the final ``streak`` (a device array the next epoch can take
+    without a host round trip) and ``first_loss``, the loss of the epoch's first step.
+
     Stacked states (an ensemble, `is_ensemble`) run the same program with the step
     vmapped over members (each its own initialisation, dropout keys and optimizer
     state; all the same batches); step metrics then have a member axis and validation
@@ -341,7 +354,19 @@ def make_epoch_fn(
     ensemble_step = jax.vmap(train_step, in_axes=(0, None))
 
     @partial(jax.jit, static_argnames=("batch_size",), donate_argnums=0)
-    def run_epoch(state, data, data_key, epoch, offset, val=None, *, num_steps, batch_size: int):
+    def run_epoch(
+        state,
+        data,
+        data_key,
+        epoch,
+        offset,
+        val=None,
+        streak=0,
+        max_streak=2**31 - 1,
+        *,
+        num_steps,
+        batch_size: int,
+    ):
         key = jax.random.fold_in(data_key, epoch)
         n = num_examples(data)
         steps_per_epoch = n // batch_size
@@ -364,22 +389,32 @@ def make_epoch_fn(
         if "nonfinite" in shapes:
             flags = jnp.zeros((steps_per_epoch, *shapes["nonfinite"].shape), jnp.int32)
 
-        def body(j, carry):
-            state, sums, flags = carry
+        def cond(carry):
+            j, _, _, _, streak, _ = carry
+            return (j < num_steps) & (streak < max_streak)
+
+        def body(carry):
+            j, state, sums, flags, streak, first_loss = carry
             state, m = step_at(state, offset + j)
             flag = m.pop("nonfinite", None)
+            first_loss = jnp.where(j == 0, m["loss"].astype(jnp.float32), first_loss)
             sums = jax.tree.map(lambda s, v: s + v.astype(jnp.float32), sums, m)
             if flags is not None:
                 flags = flags.at[j].set(flag)
-            return state, sums, flags
+                streak = jnp.where(jnp.any(flag > 0), streak + 1, 0)  # bad in any member
+            return j + 1, state, sums, flags, streak, first_loss
 
-        # the step count is traced, so a short last epoch (or a resumed one) reuses the program
-        state, sums, flags = jax.lax.fori_loop(0, num_steps, body, (state, sums, flags))
+        # the step count is traced, so a short last epoch (or a resumed one) reuses the
+        # program; a streak of ``max_streak`` skipped steps ends the epoch at once
+        first_loss = jnp.zeros(shapes["loss"].shape, jnp.float32)
+        carry = (jnp.int32(0), state, sums, flags, jnp.int32(streak), first_loss)
+        done, state, sums, flags, streak, first_loss = jax.lax.while_loop(cond, body, carry)
         if fused:
             state = per_member(tree_train_state)(state)
-        metrics = {k: v / num_steps for k, v in sums.items()}
+        metrics = {k: v / done for k, v in sums.items()}
+        metrics.update(steps_done=done, streak=streak, first_loss=first_loss)
         if flags is not None:
-            metrics["nonfinite"] = flags  # per step (first num_steps), for streaks across epochs
+            metrics["nonfinite"] = flags  # per step (the first ``steps_done``)
         if "param_norm" not in metrics:  # once, at the end of the epoch
             metrics["param_norm"] = per_member(optax.tree.norm)(state.params)
         if val is not None and eval_step is not None:
