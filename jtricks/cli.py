@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from jtricks.errors import ConfigError
+from jtricks.errors import ConfigError, WriteError
 from jtricks.spec import split_top_level
 
 # config field -> CLI flag, to point errors at what the user typed
@@ -68,6 +69,41 @@ FLAGS = {
     "optimizers": "--optimizers",
     "seeds": "--seeds",
 }
+
+
+class QuietThreadTracebacks:
+    """``sys.stderr`` for the CLI, dropping whole tracebacks that other threads print and
+    that end in ``RuntimeError: Event loop is closed``: tensorstore callbacks reaching an
+    event loop orbax already closed after a failed checkpoint write (the failure itself
+    is reported as one line). Everything else passes through unchanged."""
+
+    NOISE = "RuntimeError: Event loop is closed"
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self._held: dict[int, list[str]] = {}
+
+    def write(self, text: str) -> int:
+        import threading
+
+        ident = threading.get_ident()
+        if ident == threading.main_thread().ident:
+            return self._stream.write(text)
+        held = self._held.get(ident)
+        if held is None and not text.startswith("Traceback (most recent call last)"):
+            return self._stream.write(text)
+        held = self._held.setdefault(ident, [])
+        held.append(text)
+        block = "".join(held)
+        last = block.rstrip("\n").rsplit("\n", 1)[-1]
+        if block.endswith("\n") and last and not last.startswith((" ", "Traceback")):
+            del self._held[ident]  # the traceback's final line: drop noise, print the rest
+            if last != self.NOISE:
+                self._stream.write(block)
+        return len(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -631,6 +667,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv
     enable_compilation_cache()
+    if not isinstance(sys.stderr, QuietThreadTracebacks):
+        sys.stderr = QuietThreadTracebacks(sys.stderr)
+    # what orbax leaves behind after a failed write, reported by then as one line
+    warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
     try:
         if args.command == "train":
             return _cmd_train(args)
@@ -643,6 +683,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prefix = f"argument {flag}: " if flag else ""
         print(f"jtricks {args.command}: error: {prefix}{e}", file=sys.stderr)
         return 2
+    except WriteError as e:  # no space, no permission: the run stops, what was saved stays
+        print(f"jtricks {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("jtricks: interrupted", file=sys.stderr)
         return 130

@@ -10,7 +10,28 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from collections.abc import Iterable
+
+
+class WriteError(OSError):
+    """A file of the run could not be written (no space, no permission, a quota): the
+    message names the file and the cause. The CLI prints it as one line and exits with
+    status 1; what was written before (the newest intact checkpoint) is left as it was,
+    so ``--resume`` continues once the cause is fixed."""
+
+    def __init__(self, path: object, cause: BaseException) -> None:
+        why = cause.strerror if isinstance(cause, OSError) and cause.strerror else None
+        errno = getattr(cause, "errno", None)
+        found = re.search(r": ([^:\[]+) \[os_error_code='(\d+)'\]", str(cause))
+        if why is None and found:  # orbax / tensorstore: "...: File too large [os_error_code='27']"
+            why, errno = f"{found.group(1).strip()} (errno {found.group(2)})", int(found.group(2))
+        why = why or f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+        super().__init__(errno, f"cannot write {path}: {why}")
+        self.path = str(path)
+
+    def __str__(self) -> str:
+        return self.args[1]
 
 
 class ConfigError(ValueError):

@@ -20,7 +20,7 @@ import numpy as np
 
 from jtricks.data import Scaler, load_dataset, train_val_split
 from jtricks.data.augment import build_augment
-from jtricks.errors import ConfigError, check_int, check_range
+from jtricks.errors import ConfigError, WriteError, check_int, check_range
 from jtricks.nn import build_model
 from jtricks.optim import build_optimizer, build_schedule, fused
 from jtricks.optim.schedules import Plateau
@@ -327,13 +327,18 @@ def _not_for(task: Task, name: str, value: Any) -> ConfigError:
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Write through a temporary file in the same folder, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise WriteError(path, e) from None
     os.close(fd)
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise WriteError(path, e) from None
         raise
 
 
@@ -358,8 +363,11 @@ class MetricsLog:
 
     def on_epoch_end(self, record: dict[str, Any], state: TrainState) -> bool:
         del state
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a half line is cut back by --resume (from the checkpoint)
+            raise WriteError(self.path, e) from None
         return False
 
 

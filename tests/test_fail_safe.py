@@ -241,3 +241,98 @@ def test_huge_final_loss_warns():
     assert _huge_loss_warning(history, 9e18).startswith("the final test loss 9e+18 is")
     assert _huge_loss_warning(history, 2.0) is None
     assert _huge_loss_warning(History([{"epoch": 1, "step": 5}]), 9e18) is None  # unknown start
+
+
+def _fail_second_checkpoint(monkeypatch):
+    """ENOSPC from the checkpoint writer (the background thread) at the second save."""
+    import errno
+
+    import jtricks.training.checkpoint as ckpt
+
+    real, calls = ckpt._write_json, []
+
+    def write_json(path, obj):
+        if path.name == "meta.json":
+            calls.append(path)
+            if len(calls) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, obj)
+
+    monkeypatch.setattr(ckpt, "_write_json", write_json)
+
+
+def test_a_full_disk_in_the_checkpoint_writer_stops_with_one_line(tmp_path, capsys, monkeypatch):
+    from jtricks.training.checkpoint import list_checkpoints, verify
+
+    run = tmp_path / "run"
+    args = ["train", *_npz(tmp_path), "--epochs", "4", "--checkpoint-every", "1", "--no-progress"]
+    with monkeypatch.context() as m:
+        _fail_second_checkpoint(m)
+        assert main([*args, "--out", str(run)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"jtricks train: error: cannot write checkpoint {run / 'checkpoints'}/"
+        f"{err[0].rsplit('/', 1)[1].split(':')[0]}: No space left on device"
+    ]
+    left = list((run / "checkpoints").iterdir())
+    assert not [p for p in left if p.name.startswith(".tmp")]  # no temporary folder
+    for ckpt in list_checkpoints(run / "checkpoints"):
+        verify(ckpt)  # what was committed is intact
+    assert not (run / "summary.json").exists()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0  # space freed
+    assert (run / "summary.json").exists()
+
+
+def test_a_full_disk_for_the_plot_and_the_space_check(tmp_path, capsys, monkeypatch):
+    import errno
+    from collections import namedtuple
+
+    import jtricks.run as run_mod
+    import jtricks.training.checkpoint as ckpt
+
+    def no_space(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    run = tmp_path / "run"
+    args = ["train", *_npz(tmp_path), "--epochs", "2", "--no-progress"]
+    with monkeypatch.context() as m:
+        real = run_mod._atomic_write
+        m.setattr(  # the disk fills while the PNG is written
+            run_mod,
+            "_atomic_write",
+            lambda path, write: real(path, no_space if path.suffix == ".png" else write),
+        )
+        status = main([*args, "--out", str(run)])
+    err = capsys.readouterr().err
+    assert status == 1 and "cannot write" in err and "No space left on device" in err
+    assert "Traceback" not in err and not (run / "summary.json").exists()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: usage(10, 10, 100))
+    assert main([*args, "--out", str(tmp_path / "full")]) == 1
+    assert "No space left on device (the checkpoint needs about" in capsys.readouterr().err
+
+
+def test_quiet_thread_tracebacks_drops_only_the_closed_loop_noise():
+    import io
+    import threading
+
+    from jtricks.cli import QuietThreadTracebacks
+
+    out = io.StringIO()
+    quiet = QuietThreadTracebacks(out)
+
+    def emit(last):
+        quiet.write("Traceback (most recent call last):\n")
+        quiet.write('  File "x.py", line 1, in f\n')
+        quiet.write(f"{last}\n")
+
+    for last in ("RuntimeError: Event loop is closed", "ValueError: real"):
+        t = threading.Thread(target=emit, args=(last,))
+        t.start()
+        t.join()
+    quiet.write("main thread line\n")
+    assert out.getvalue() == (
+        'Traceback (most recent call last):\n  File "x.py", line 1, in f\nValueError: real\n'
+        "main thread line\n"
+    )

@@ -316,7 +316,7 @@ def test_callbacks_monitor_any_metric(regression_data):
         ),
         ("one logit", r"labels must lie in \[0, 0\] because the model has 1 outputs"),
         ("ragged", r"every entry needs the same number of examples"),
-        ("wrong width", r"the model cannot take inputs of shape"),
+        ("wrong width", r"examples of shape \(3,\) do not fit the model: its parameter"),
     ],
 )
 def test_bad_data_names_task_and_field(case, match, segmentation_data):

@@ -18,8 +18,10 @@ back to the newest checkpoint that is intact.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -30,7 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jtricks.errors import ConfigError
+from jtricks.errors import ConfigError, WriteError
 from jtricks.training.state import TrainState
 
 PREFIX = "epoch-"
@@ -115,24 +117,67 @@ def save(directory: str | os.PathLike, name: str, state: TrainState, meta: dict[
     import orbax.checkpoint as ocp
 
     root = Path(directory).absolute()
-    root.mkdir(parents=True, exist_ok=True)
-    for leftover in root.glob(".tmp-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
     tmp = root / f".tmp-{name}"
-    tmp.mkdir()
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(tmp / "state", _arrays(state))
-    ckptr.wait_until_finished()
-    ckptr.close()
-    _write_json(tmp / "meta.json", meta)
-    manifest = {
-        str(p.relative_to(tmp)): {"sha256": _digest(p), "size": p.stat().st_size}
-        for p in _files(tmp)
-    }
-    _write_json(tmp / "manifest.json", manifest)
-    final = root / name
-    _commit(tmp, final)
+    _quiet_writer_failures()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _check_space(root, state)
+        for leftover in root.glob(".tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp.mkdir()
+        ckptr = ocp.StandardCheckpointer()
+        try:
+            ckptr.save(tmp / "state", _arrays(state))
+            ckptr.wait_until_finished()
+        finally:
+            ckptr.close()
+        _write_json(tmp / "meta.json", meta)
+        manifest = {
+            str(p.relative_to(tmp)): {"sha256": _digest(p), "size": p.stat().st_size}
+            for p in _files(tmp)
+        }
+        _write_json(tmp / "manifest.json", manifest)
+        final = root / name
+        _commit(tmp, final)
+    except Exception as e:  # no space, no permission, or orbax's writer failing for them
+        shutil.rmtree(tmp, ignore_errors=True)  # the newest committed checkpoint is untouched
+        raise WriteError(f"checkpoint {root / name}", e) from None
     return final
+
+
+def _check_space(root: Path, state: TrainState) -> None:
+    """Refuse a save that cannot fit before orbax starts writing (ENOSPC in its writer
+    threads otherwise surfaces as a storm of errors)."""
+    need = sum(int(getattr(a, "nbytes", 0)) for a in jax.tree.leaves(_arrays(state))) + 2**20
+    free = shutil.disk_usage(root).free
+    if free < need:
+        raise OSError(
+            errno.ENOSPC,
+            f"No space left on device (the checkpoint needs about {need / 2**20:.1f} MiB, "
+            f"{free / 2**20:.1f} MiB are free)",
+        )
+
+
+_QUIET = False
+
+
+def _quiet_writer_failures() -> None:
+    """Keep a failed save to the one line `save` raises: orbax's writer threads log their
+    failure with its traceback at ERROR level (jtricks raises every orbax failure itself).
+    The CLI also drops the ``RuntimeError: Event loop is closed`` tracebacks that
+    tensorstore callbacks print when they arrive after orbax closed its event loop
+    (`jtricks.cli.QuietThreadTracebacks`)."""
+    global _QUIET
+    if _QUIET:
+        return
+    _QUIET = True
+
+    class _Filter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            orbax = f"{os.sep}orbax{os.sep}" in (record.pathname or "")
+            return not (record.levelno >= logging.ERROR and orbax)
+
+    logging.getLogger("absl").addFilter(_Filter())
 
 
 def verify(path: str | os.PathLike) -> None:
