@@ -2,8 +2,9 @@
 
     python examples/clipping_and_decay.py        # ~20 s on 2 CPU cores
 
-The MNIST-1D MLP with plain SGD at a learning rate far too large (5.0) blows up:
-the loss turns NaN in the first epoch. Clipping the gradient's global norm to
+The MNIST-1D MLP with plain SGD at a learning rate far too large (5.0) blows up in
+the first epoch: its updates would overflow the parameters, so the train step skips
+them, and after 20 in a row the run stops and keeps its last sane state. Clipping the gradient's global norm to
 0.2 bounds every step and the same run trains (about 63% test accuracy);
 decaying the learning rate (eta_t = 5 exp(-t), t in epochs) also keeps it
 finite and learning (about 45%). The texts' unit-norm rule keeps it finite,
