@@ -106,11 +106,3 @@ def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     if labels.ndim == logits.ndim:
         labels = jnp.argmax(labels, axis=-1)
     return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
-
-
-LOSSES = {
-    "cross_entropy": cross_entropy,
-    "binary_cross_entropy": binary_cross_entropy,
-    "mse": mse,
-    "dice": dice_loss,
-}

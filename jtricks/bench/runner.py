@@ -53,10 +53,6 @@ from jtricks.optim import build_optimizer, contract, set_learning_rate
 SCHEMA = "jtricks.bench/1"
 
 
-def _finite_tree(tree) -> jax.Array:
-    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
 def _better(problem: Problem, a: float, b: float) -> bool:
     """Is metric value ``a`` better than ``b``? NaN is worst."""
     if not np.isfinite(a):

@@ -4,7 +4,7 @@ inside the jitted train step, in training only.
 Every augmentation is a factory returning ``fn(key, x) -> x`` for ONE example
 (images ``(H, W, C)``, 1-D signals ``(L,)`` or ``(L, C)``); shape and dtype are
 kept, and strength 0 is the identity. `compose` chains them (each gets its own
-key); `apply_batch` vmaps a chain over a batch. Mixup and cutmix act on whole
+key); the train step vmaps a chain over the batch. Mixup and cutmix act on whole
 batches and mix the labels too (`mix_batch`), returning soft labels that
 `jtricks.losses.cross_entropy` accepts.
 
@@ -303,11 +303,6 @@ def augment_jointly(
             continue
         x = part(k, x)
     return x, targets
-
-
-def apply_batch(augment: Augment, key: jax.Array, x: jax.Array) -> jax.Array:
-    """Apply a per-example augmentation to a batch ``(N, ...)`` with one key per example."""
-    return jax.vmap(augment)(jax.random.split(key, x.shape[0]), x)
 
 
 def mix_batch(
