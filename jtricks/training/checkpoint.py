@@ -249,15 +249,7 @@ def restore(path: str | os.PathLike, target: TrainState) -> tuple[TrainState, di
 def _path_name(path: tuple) -> str:
     """A key path as ``a/b/0/c``, whether its parts are dict keys, attributes or indices
     (orbax's metadata stores NamedTuple fields as dict keys)."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def _check_match(saved: Any, abstract: Any, path: Path) -> None:
