@@ -21,6 +21,8 @@ from jtricks.errors import ConfigError, check_int, check_range
 from jtricks.spec import build_from_registry
 
 Schedule = optax.Schedule
+PATIENCE_MODES = ("keras", "pytorch")
+"""How reduce-on-plateau counts patience (see `jtricks.training.callbacks.ReduceLROnPlateau`)."""
 
 
 def constant(value: float) -> Schedule:
@@ -172,9 +174,9 @@ def _registry(value: float, steps_per_epoch: int, total_steps: int):
         patience_mode: str = "keras",
     ):
         check_range("factor", factor, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
-        if patience_mode not in ("keras", "pytorch"):
+        if patience_mode not in PATIENCE_MODES:
             raise ConfigError(
-                f"patience_mode must be 'keras' or 'pytorch'; got {patience_mode!r}",
+                f"patience_mode must be one of {', '.join(PATIENCE_MODES)}; got {patience_mode!r}",
                 param="schedule",
             )
         check_int("patience", patience, low=0)

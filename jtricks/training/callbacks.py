@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from jtricks.errors import ConfigError, check_int, check_range
+from jtricks.optim.schedules import PATIENCE_MODES
 from jtricks.training.state import TrainState
 
 
@@ -39,9 +40,6 @@ class _Monitor:
         if self.mode == "min":
             return value < self.best - self.min_delta
         return value > self.best + self.min_delta
-
-
-PATIENCE_MODES = ("keras", "pytorch")
 
 
 class ReduceLROnPlateau:

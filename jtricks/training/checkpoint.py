@@ -34,6 +34,7 @@ import numpy as np
 
 from jtricks.errors import ConfigError, WriteError
 from jtricks.training.state import TrainState
+from jtricks.training.state import device_copy as _device_copy
 
 PREFIX = "epoch-"
 
@@ -71,11 +72,6 @@ def _arrays(state: TrainState) -> dict[str, Any]:
             **({"ema_params": state.ema_params} if state.ema_params is not None else {}),
         }
     )
-
-
-def _device_copy(state: TrainState) -> TrainState:
-    """A copy of the state's arrays on device (the next epoch donates the originals)."""
-    return jax.tree.map(lambda a: a.copy() if isinstance(a, jax.Array) else a, state)
 
 
 def _files(root: Path) -> list[Path]:

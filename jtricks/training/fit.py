@@ -25,6 +25,7 @@ from jtricks.training.distributed import (
     replicate,
 )
 from jtricks.training.state import TrainState, check_eval_source, unalias
+from jtricks.training.state import device_copy as _device_copy
 from jtricks.training.steps import (
     LossFn,
     is_ensemble,
@@ -423,10 +424,6 @@ def _finite_record(record: dict[str, Any], initial_loss: float | None = None) ->
         return False
     loss = record.get("val_loss", record.get("train_loss"))
     return initial_loss is None or loss is None or float(np.mean(loss)) <= 10 * initial_loss
-
-
-def _device_copy(state: TrainState) -> TrainState:
-    return jax.tree.map(lambda a: a.copy() if isinstance(a, jax.Array) else a, state)
 
 
 def _diverged(history, record, keeper, state, streak: int, end_step: int) -> TrainState:

@@ -90,6 +90,12 @@ def check_eval_source(source: Any, state: TrainState | None = None) -> str:
     return source
 
 
+def device_copy(tree: Any) -> Any:
+    """A copy of every device array in ``tree`` (what a donating jitted call may then
+    consume without touching the copy)."""
+    return jax.tree.map(lambda a: a.copy() if isinstance(a, jax.Array) else a, tree)
+
+
 def unalias(tree: Any) -> Any:
     """``tree`` with every array that appears in it more than once replaced, after its
     first appearance, by a copy.
