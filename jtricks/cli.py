@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from jtricks.errors import ConfigError, WriteError
+from jtricks.errors import ConfigError, StreamError, WriteError
 from jtricks.spec import split_top_level
 
 # config field -> CLI flag, to point errors at what the user typed
@@ -53,6 +53,9 @@ FLAGS = {
     "process_id": "--process-id",
     "precision": "--precision",
     "fused": "--fused",
+    "stream": "--stream",
+    "loader": "--loader",
+    "chunk": "--chunk",
     "swa": "--swa",
     "ensemble": "--ensemble",
     "pretrained": "--pretrained",
@@ -137,7 +140,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "--dataset",
         default="mnist1d",
         help="dataset spec: mnist1d, synthetic(shape=(8, 8, 3), ...), regression, "
-        "segmentation1d, tokens, text:PATH, npz:PATH, ...",
+        "segmentation1d, tokens, text:PATH, npz:PATH, shards:DIR (.npy shards on disk, "
+        "streamed), ...",
     )
     t.add_argument(
         "--task",
@@ -281,6 +285,27 @@ def _build_parser() -> argparse.ArgumentParser:
         default=False,
         help="fused optimizer: the update runs over one flat buffer per dtype group "
         "(jtricks.optim.fused), so its cost does not grow with the number of parameter arrays",
+    )
+    t.add_argument(
+        "--stream",
+        action="store_true",
+        default=False,
+        help="train from a stream of host batches fed to the device ahead of use, as for a "
+        "dataset on disk (shards:DIR always streams); the batches are the in-memory path's",
+    )
+    t.add_argument(
+        "--loader",
+        default="python",
+        metavar="NAME",
+        help="who reads a stream's batches: python (a background thread) or grain "
+        "(Grain's threaded reader; pip install 'jtricks[grain]')",
+    )
+    t.add_argument(
+        "--chunk",
+        type=int,
+        default=None,
+        metavar="K",
+        help="a stream's steps per compiled program (default: up to 64 batches or 64 MiB)",
     )
     t.add_argument(
         "--ema",
@@ -552,6 +577,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         accumulate=args.accumulate,
         precision=args.precision,
         fused=args.fused,
+        stream=args.stream,
+        loader=args.loader,
+        chunk=args.chunk,
         ema=args.ema,
         eval_params=args.eval_params,
         swa=args.swa,
@@ -683,7 +711,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prefix = f"argument {flag}: " if flag else ""
         print(f"jtricks {args.command}: error: {prefix}{e}", file=sys.stderr)
         return 2
-    except WriteError as e:  # no space, no permission: the run stops, what was saved stays
+    except (WriteError, StreamError) as e:  # the run stops; what was saved stays
         print(f"jtricks {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

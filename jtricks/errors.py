@@ -96,3 +96,15 @@ def check_int(name: str, value: object, *, low: int | None = None, high: int | N
         raise ConfigError(f"{name} must be an integer; got {value!r}", param=name)
     check_range(name, value, low=low, high=high)
     return value
+
+
+class StreamError(RuntimeError):
+    """The training or evaluation stream failed (its iterator raised, or yielded a batch
+    that does not match the first). The message names the stream, the batch and the
+    cause; ``state`` holds the training state after the last completed step (nothing
+    trained is lost), and a run's newest checkpoint is left intact. The CLI prints it as
+    one line and exits with status 1."""
+
+    def __init__(self, message: str, state: object = None) -> None:
+        super().__init__(message)
+        self.state = state

@@ -18,12 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtricks.data import Scaler, load_dataset, train_val_split
 from jtricks.data.augment import build_augment
-from jtricks.errors import ConfigError, WriteError, check_int, check_range
+from jtricks.errors import ConfigError, StreamError, WriteError, check_int, check_range
 from jtricks.nn import build_model
 from jtricks.optim import build_optimizer, build_schedule, fused
 from jtricks.optim.schedules import Plateau
+from jtricks.run_data import load_run_data, refuse_on_disk
 from jtricks.rundir import create_run_dir, locked
 from jtricks.tasks import Classification, Task, build_task
 from jtricks.training import (
@@ -96,6 +96,9 @@ class TrainConfig:
     fused: bool = False
     pretrained: str | None = None
     finetune: str | None = None
+    stream: bool = False
+    loader: str = "python"
+    chunk: int | None = None
 
     DEFAULT_STEPS = 6000
 
@@ -157,8 +160,19 @@ class TrainConfig:
             check_int("swa", self.swa, low=1)
         check_int("ensemble", self.ensemble, low=1)
         check_int("accumulate", self.accumulate, low=1)
-        if not isinstance(self.fused, bool):
-            raise ConfigError(f"fused must be true or false; got {self.fused!r}", param="fused")
+        for name in ("fused", "stream"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(
+                    f"{name} must be true or false; got {getattr(self, name)!r}", param=name
+                )
+        from jtricks.data.stream import LOADERS
+
+        if self.loader not in LOADERS:
+            raise ConfigError(
+                f"loader must be one of {', '.join(LOADERS)}; got {self.loader!r}", param="loader"
+            )
+        if self.chunk is not None:
+            check_int("chunk", self.chunk, low=1)
         from jtricks.training.steps import PRECISIONS
 
         if self.precision not in PRECISIONS:
@@ -296,9 +310,10 @@ class RunResult:
     """Set when the run ended with a finite loss far above the untrained model's."""
 
 
-def _task_for(config: TrainConfig, data: Any) -> Task:
-    """The run's task: ``config.task`` or the dataset's own; refuses what it cannot do."""
-    task = build_task(config.task or data.task)
+def _task_for(config: TrainConfig, task_spec: str) -> Task:
+    """The run's task (``config.task`` or the dataset's own, ``task_spec``); refuses what
+    it cannot do."""
+    task = build_task(task_spec)
     classify = isinstance(task, Classification)
     if config.label_smoothing:
         if not classify:
@@ -526,45 +541,39 @@ def _train(config, out, progress, reporter, resume, locks, overrides) -> RunResu
     config = dataclasses.replace(config, **overrides)
     config.validate()
 
-    data = load_dataset(config.dataset)
-    task = _task_for(config, data)
+    data = load_run_data(config)
+    task = _task_for(config, data.task_spec)
+    refuse_on_disk(config, data)
     model = build_model(config.model, data.num_classes)
-    x_tr, y_tr, x_val, y_val = train_val_split(
-        data.x_train,
-        data.y_train,
-        config.val_fraction,
-        seed=config.seed,
-        stratify=config.stratify and isinstance(task, Classification),
-    )
-    if config.batch_size * config.accumulate > len(y_tr):  # checked on the whole split
+    if config.batch_size * config.accumulate > data.n_train:  # checked on the whole split
         raise ConfigError(
-            f"batch_size must satisfy 1 <= batch_size * accumulate <= {len(y_tr)} (the training "
-            f"split); got {config.batch_size} * {config.accumulate}",
+            f"batch_size must satisfy 1 <= batch_size * accumulate <= {data.n_train} (the "
+            f"training split); got {config.batch_size} * {config.accumulate}",
             param="batch_size",
         )
-    x_test = data.x_test
-    if not np.issubdtype(x_tr.dtype, np.integer):  # token ids are never rescaled
-        scaler = Scaler.fit(config.preprocess, x_tr)
-        x_tr, x_val, x_test = scaler(x_tr), scaler(x_val), scaler(x_test)
+    streaming = config.stream or data.on_disk
     nproc, pid = jax.process_count(), jax.process_index()
     if nproc > 1:
         # multi-process (jax.distributed): statistics and splits come from the whole training
         # split, identical in every process; each process then keeps only its shard
-        if config.ensemble > 1 or resume is not None:
+        if config.ensemble > 1 or resume is not None or streaming:
             raise ConfigError(
-                "multi-process runs support neither ensembles nor resume", param="num_processes"
+                "multi-process runs support neither ensembles, resume nor streaming",
+                param="num_processes",
             )
+        x_tr, y_tr = data.train
         n_each = len(y_tr) // nproc
         n_each -= n_each % len(jax.local_devices())  # equal shards, even over local devices
-        x_tr, y_tr = x_tr[pid::nproc][:n_each], y_tr[pid::nproc][:n_each]
+        data.train = (x_tr[pid::nproc][:n_each], y_tr[pid::nproc][:n_each])
+        data.n_train = n_each * nproc
         if pid != 0:
             out = None  # process 0 writes the run folder
+    x_ex = data.example
 
     epochs, steps = config.epochs, config.steps
     if epochs is None and steps is None:
         steps = TrainConfig.DEFAULT_STEPS
-    n_global = len(y_tr) * nproc  # every process holds an equal shard
-    steps_per_epoch = n_global // (config.batch_size * config.accumulate)
+    steps_per_epoch = data.n_train // (config.batch_size * config.accumulate)
     total_steps = steps if steps is not None else epochs * steps_per_epoch
     last_epoch = -(-total_steps // steps_per_epoch)
     if config.swa is not None and config.swa > last_epoch:
@@ -598,9 +607,9 @@ def _train(config, out, progress, reporter, resume, locks, overrides) -> RunResu
         if config.cutmix
         else None
     )
-    if config.cutmix is not None and x_tr.ndim != 4:
+    if config.cutmix is not None and x_ex.ndim != 4:
         raise ConfigError(
-            f"cutmix needs images (N, H, W, C); this dataset's examples have shape {x_tr.shape[1:]}",
+            f"cutmix needs images (N, H, W, C); this dataset's examples have shape {x_ex.shape[1:]}",
             param="cutmix",
         )
 
@@ -610,10 +619,10 @@ def _train(config, out, progress, reporter, resume, locks, overrides) -> RunResu
             return None
         fn = build_augment(spec)
         try:
-            jax.eval_shape(fn, jax.random.key(0), jax.ShapeDtypeStruct(x_tr.shape[1:], jnp.float32))
+            jax.eval_shape(fn, jax.random.key(0), jax.ShapeDtypeStruct(x_ex.shape[1:], jnp.float32))
         except ValueError as e:
             raise ConfigError(
-                f"{name} {spec!r} does not fit examples of shape {x_tr.shape[1:]}: {e}",
+                f"{name} {spec!r} does not fit examples of shape {x_ex.shape[1:]}: {e}",
                 param=name,
             ) from None
         return fn
@@ -645,7 +654,7 @@ def _train(config, out, progress, reporter, resume, locks, overrides) -> RunResu
                 "runs with swa cannot be resumed: the running average is not checkpointed",
                 param="resume",
             )
-        callbacks.append(SWA(config.swa, x_tr))
+        callbacks.append(SWA(config.swa, data.train[0]))
     if reporter is None and progress:
         from jtricks.training.progress import RichReporter
 
@@ -654,8 +663,8 @@ def _train(config, out, progress, reporter, resume, locks, overrides) -> RunResu
     key = jax.random.key(config.seed)
     init_key, data_key = jax.random.split(key)
     if config.pretrained is not None:
-        probe = create_train_state(model, tx, x_tr, init_key)
-        trainable = preset_patterns(config.finetune or "all", forward_layers(probe, x_tr))
+        probe = create_train_state(model, tx, x_ex, init_key)
+        trainable = preset_patterns(config.finetune or "all", forward_layers(probe, x_ex))
         if config.finetune not in (None, "all"):
             tx = freeze(tx, trainable=trainable)
     if config.ensemble > 1:
@@ -665,9 +674,9 @@ def _train(config, out, progress, reporter, resume, locks, overrides) -> RunResu
             config,
             model,
             tx,
-            (x_tr, y_tr),
-            (x_val, y_val),
-            (x_test, data.y_test),
+            data.train,
+            data.val,
+            data.test,
             init_key,
             data_key,
             total_steps,
@@ -678,10 +687,11 @@ def _train(config, out, progress, reporter, resume, locks, overrides) -> RunResu
             t0,
             locks,
         )
-    state = create_train_state(model, tx, x_tr, init_key, ema_decay=config.ema)
+    state = create_train_state(model, tx, x_ex, init_key, ema_decay=config.ema)
     # the task's checks before the run folder exists: a mismatch leaves nothing behind
-    check_data(state, task, (x_tr, y_tr), "training data")
-    check_data(state, task, (x_test, data.y_test), "test data")
+    if not data.on_disk:
+        check_data(state, task, data.train, "training data")
+        check_data(state, task, data.test, "test data")
     if config.pretrained is not None and resume is None:
         state, _ = load_pretrained(state, config.pretrained)
     records: list[dict[str, Any]] = []
@@ -735,11 +745,23 @@ def _train(config, out, progress, reporter, resume, locks, overrides) -> RunResu
     remaining = total_steps - int(state.step)
     history = History(list(records))
     if remaining > 0:
-        state, new = fit(
+        train_data, stream_kw = data.train, {}
+        if streaming:
+            train_data = data.train_stream(
+                config.batch_size * config.accumulate, data_key, config.loader
+            )
+            saved = records[-1].get("data_state") if records else None
+            stream_kw = dict(
+                data_state=saved or train_data.state_at(int(state.step)), chunk=config.chunk
+            )
+        state, new = _fit_or_explain(
+            checkpointer if run_dir is not None else None,
+            run_dir,
             state,
-            (x_tr, y_tr),
-            val_data=(x_val, y_val),
-            batch_size=config.batch_size,
+            train_data,
+            val_data=data.val,
+            batch_size=None if streaming else config.batch_size,
+            **stream_kw,
             steps=remaining,
             data_key=data_key,
             eval_batch_size=config.eval_batch_size,
@@ -756,11 +778,11 @@ def _train(config, out, progress, reporter, resume, locks, overrides) -> RunResu
         history.records.extend(new.records)
         history.stopped = new.stopped
         history.diverged, history.kept_step = new.diverged, new.kept_step
-    test_data = (x_test, data.y_test)
+    test_data = data.test
     kw = dict(task=task, batch_size=config.eval_batch_size)
     outcome: dict[str, Any] = {}
     if history.diverged:  # the kept state's own validation metrics, not the stopping epoch's
-        kept_val = evaluate(state, (x_val, y_val), params=config.eval_params, **kw)
+        kept_val = evaluate(state, data.val, params=config.eval_params, **kw)
         outcome = _diverged_entries(history, kept_val, run_dir)
     test = evaluate(state, test_data, params=config.eval_params, **kw)
     if state.ema_params is not None and config.eval_params != "ema":
@@ -778,8 +800,8 @@ def _train(config, out, progress, reporter, resume, locks, overrides) -> RunResu
             batch_size=config.eval_batch_size,
             params=config.eval_params,
         )
-        tta_test = evaluate_tta(state, (x_test, data.y_test), tta_augment, **kw)
-        tta_val = evaluate_tta(state, (x_val, y_val), tta_augment, **kw)
+        tta_test = evaluate_tta(state, data.test, tta_augment, **kw)
+        tta_val = evaluate_tta(state, data.val, tta_augment, **kw)
         single = {f"single_view_{k}": test[k] for k in tta_test}
         test.update({**single, **tta_test, "tta_views": config.tta})
         tta_extra = {
@@ -797,6 +819,22 @@ def _train(config, out, progress, reporter, resume, locks, overrides) -> RunResu
         extra = {**ema, **tta_extra, **floor, **outcome}
         _write_summary(run_dir, history, test, state.params, wall, **extra)
     return RunResult(config, state, history, test, run_dir, wall, data.loss_floor, warning)
+
+
+def _fit_or_explain(checkpointer, run_dir, state, train_data, **kw):
+    """`fit`; a failing stream stops the run with one line that says what is left: the
+    writes in flight are finished, and the newest checkpoint continues it."""
+    try:
+        return fit(state, train_data, **kw)
+    except StreamError as e:
+        if checkpointer is None:
+            raise
+        checkpointer.wait()
+        raise StreamError(
+            f"{e}; the run stopped there, its newest checkpoint is intact: fix the data, then "
+            f"jtricks train --resume {run_dir}",
+            e.state,
+        ) from e
 
 
 def _diverged_entries(

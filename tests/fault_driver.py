@@ -4,6 +4,8 @@ Usage: python tests/fault_driver.py MODE EPOCH -- jtricks-train-args...
   MODE "epoch": SIGKILL while epoch EPOCH is being computed (after its dispatch).
   MODE "save":  SIGKILL while the checkpoint of epoch EPOCH is being written (its arrays
                 are on disk, its metadata and manifest are not, nothing is committed).
+  MODE "chunk": (streaming runs) SIGKILL after the EPOCH-th compiled chunk was dispatched.
+  MODE "fail":  (streaming runs) the EPOCH-th batch read from the data source raises OSError.
 Test-only fault injection; the library has no hooks for it.
 """
 
@@ -52,6 +54,36 @@ def main() -> None:
             return original_write(path, obj)
 
         ckpt._write_json = write
+    elif mode == "chunk":
+        streaming = importlib.import_module("jtricks.training.streaming")
+        original_make = streaming.make_chunk_fn
+        calls = [0]
+
+        def make(*a, **k):
+            run_chunk = original_make(*a, **k)
+
+            def run(*args):
+                out = run_chunk(*args)
+                calls[0] += 1
+                if calls[0] == epoch:
+                    die()  # the chunk is in flight on the device
+                return out
+
+            return run
+
+        streaming.make_chunk_fn = make
+    elif mode == "fail":
+        stream = importlib.import_module("jtricks.data.stream")
+        original_read = stream.read_rows
+        reads = [0]
+
+        def read(*a, **k):
+            reads[0] += 1
+            if reads[0] == epoch:
+                raise OSError(5, "Input/output error (injected)")
+            return original_read(*a, **k)
+
+        stream.read_rows = read
     from jtricks.cli import main as cli_main
 
     sys.exit(cli_main(["train", *args]))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,6 +70,29 @@ class Scaler:
         lo, hi = x.min(axis=axis), x.max(axis=axis)
         span = np.where(hi > lo, hi - lo, 1.0)
         return cls("minmax", lo, (high - low) / span, float(low))
+
+    @classmethod
+    def fit_chunks(cls, spec: str, chunks: Callable[[], Iterable[np.ndarray]]) -> Scaler:
+        """`fit` (one scalar statistic) over training data too large for memory, given as
+        ``chunks()``, an iterable of row blocks (called twice for ``standardize``: the
+        mean, then the variance ``sum (x - mean)^2 / N`` around it, both in float64)."""
+        name = parse_spec(spec, what="preprocess")[0]
+        if name != "standardize":
+            first = next(iter(chunks()))
+            base = cls.fit(spec, first[:1])  # checks the spec; "none" needs no data
+            if name == "none":
+                return base
+            lo = min(float(np.min(c)) for c in chunks())
+            hi = max(float(np.max(c)) for c in chunks())
+            return cls.fit(spec, np.asarray([lo, hi]))
+        cls.fit(spec, np.zeros(1))  # checks the spec's arguments
+        total, count = 0.0, 0
+        for c in chunks():
+            total, count = total + float(np.sum(c, dtype=np.float64)), count + np.size(c)
+        mean = total / count
+        sq = sum(float(np.sum((np.asarray(c, np.float64) - mean) ** 2)) for c in chunks())
+        std = np.sqrt(sq / count)
+        return cls("standardize", np.asarray(mean), np.asarray(1.0 / (std if std > 0 else 1.0)))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Apply the fitted map; keeps float32."""

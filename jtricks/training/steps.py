@@ -289,18 +289,27 @@ def make_eval_step(loss_fn: LossFn | None = None, *, task: Task | str | None = N
     return EvalStep(as_task(task, loss_fn))
 
 
+def evaluation_step(
+    eval_step: EvalStep, state: TrainState, source: str = "auto"
+) -> tuple[EvalStep | EnsembleEvalStep, TrainState]:
+    """The step and state that evaluate ``state`` on the parameters
+    ``state.evaluation_state(source)``: for stacked states, every member's and the
+    ensemble's (`EnsembleEvalStep`)."""
+    if is_ensemble(state):
+        state = jax.vmap(lambda s: s.evaluation_state(source))(state)
+        if isinstance(eval_step, EvalStep):
+            eval_step = EnsembleEvalStep(eval_step.task)
+        return eval_step, state
+    return eval_step, state.evaluation_state(source)
+
+
 def evaluate_batches(
     eval_step: EvalStep, state: TrainState, batches: Batch, wb: jax.Array, source: str = "auto"
 ) -> Metrics:
     """The task's metrics over pre-batched, padded data ``(B, batch, ...)`` with weights ``wb``
     (for stacked states, the ensemble's and every member's: `EnsembleEvalStep`), on the
     parameters ``state.evaluation_state(source)`` (computed once, before the batches)."""
-    if is_ensemble(state):
-        state = jax.vmap(lambda s: s.evaluation_state(source))(state)
-        if isinstance(eval_step, EvalStep):
-            eval_step = EnsembleEvalStep(eval_step.task)
-    else:
-        state = state.evaluation_state(source)
+    eval_step, state = evaluation_step(eval_step, state, source)
 
     def body(carry, inp):
         batch, w = inp
@@ -327,7 +336,7 @@ def make_epoch_fn(
     N. The epoch's batches are ``epoch_indices(fold_in(data_key, epoch), N, batch_size,
     N // batch_size)``; the call runs ``num_steps`` of them starting at batch ``offset``
     (both traced, so a short last epoch or resuming mid-epoch does not recompile) in a
-    `lax.fori_loop` whose every iteration gathers its batch from the device-resident data.
+    `lax.while_loop` (`run_steps`) whose every iteration gathers its batch from the device-resident data.
     Returned metrics are the epoch means of the step metrics, ``param_norm`` at the end of
     the epoch and, when ``val`` (``(batches, weights)`` from `pad_batches`) is given and
     ``eval_step`` was supplied, ``val_<metric>`` for each of the task's metrics on the
@@ -343,7 +352,8 @@ def make_epoch_fn(
     the epoch; the loop stops as soon as it reaches ``max_streak``, so the returned state,
     its step count and ``steps_done`` agree with where training stopped. Metrics also
     hold ``steps_done``, the final ``streak`` (a device array the next epoch can take
-    without a host round trip) and ``first_loss``, the loss of the epoch's first step.
+    without a host round trip), ``first_loss``, the loss of the epoch's first step, and
+    ``nonfinite``, the number of skipped steps (summed over members).
 
     Stacked states (an ensemble, `is_ensemble`) run the same program with the step
     vmapped over members (each its own initialisation, dropout keys and optimizer
@@ -369,63 +379,108 @@ def make_epoch_fn(
     ):
         key = jax.random.fold_in(data_key, epoch)
         n = num_examples(data)
-        steps_per_epoch = n // batch_size
-        idx = epoch_indices(key, n, batch_size, steps_per_epoch)
-        ensemble = is_ensemble(state)  # every member takes the same batches
-        per_member = jax.vmap if ensemble else (lambda f: f)
+        idx = epoch_indices(key, n, batch_size, n // batch_size)
 
-        def step_at(state, i):
-            batch = jax.tree.map(lambda a: a[idx[i]], data)
-            if batch_sharding is not None:  # data parallel: each device takes its slice
-                batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-            return (ensemble_step if ensemble else train_step)(state, batch)
-
-        fused = is_fused(state.opt_state)
-        if fused:  # fused optimizer: flat params (and EMA) for the whole epoch, one copy each way
-            state = per_member(flat_train_state)(state)
-        shapes = jax.eval_shape(step_at, state, offset)[1]
-        sums = {k: jnp.zeros(v.shape, jnp.float32) for k, v in shapes.items() if k != "nonfinite"}
-        flags = None
-        if "nonfinite" in shapes:
-            flags = jnp.zeros((steps_per_epoch, *shapes["nonfinite"].shape), jnp.int32)
-
-        def cond(carry):
-            j, _, _, _, streak, _ = carry
-            return (j < num_steps) & (streak < max_streak)
-
-        def body(carry):
-            j, state, sums, flags, streak, first_loss = carry
-            state, m = step_at(state, offset + j)
-            flag = m.pop("nonfinite", None)
-            first_loss = jnp.where(j == 0, m["loss"].astype(jnp.float32), first_loss)
-            sums = jax.tree.map(lambda s, v: s + v.astype(jnp.float32), sums, m)
-            if flags is not None:
-                flags = flags.at[j].set(flag)
-                streak = jnp.where(jnp.any(flag > 0), streak + 1, 0)  # bad in any member
-            return j + 1, state, sums, flags, streak, first_loss
+        def step_at(state, j):
+            batch = jax.tree.map(lambda a: a[idx[offset + j]], data)
+            return _step(train_step, ensemble_step, batch_sharding, state, batch)
 
         # the step count is traced, so a short last epoch (or a resumed one) reuses the
         # program; a streak of ``max_streak`` skipped steps ends the epoch at once
-        first_loss = jnp.zeros(shapes["loss"].shape, jnp.float32)
-        carry = (jnp.int32(0), state, sums, flags, jnp.int32(streak), first_loss)
-        done, state, sums, flags, streak, first_loss = jax.lax.while_loop(cond, body, carry)
-        if fused:
-            state = per_member(tree_train_state)(state)
-        metrics = {k: v / done for k, v in sums.items()}
-        metrics.update(steps_done=done, streak=streak, first_loss=first_loss)
-        if flags is not None:
-            metrics["nonfinite"] = flags  # per step (the first ``steps_done``)
-        if "param_norm" not in metrics:  # once, at the end of the epoch
-            metrics["param_norm"] = per_member(optax.tree.norm)(state.params)
-        if val is not None and eval_step is not None:
-            main = evaluate_batches(eval_step, state, *val, eval_source)
-            metrics.update({f"val_{k}": v for k, v in main.items()})
-            if state.ema_params is not None and eval_source != "ema":
-                ema = evaluate_batches(eval_step, state, *val, "ema")
-                metrics.update({f"val_ema_{k}": v for k, v in ema.items()})
-        return state, metrics
+        acc = init_accumulator(step_metric_shapes(step_at, state), streak)
+        state, acc = run_steps(step_at, state, acc, num_steps, max_streak)
+        return state, epoch_metrics(state, acc, val, eval_step, eval_source)
 
     return run_epoch
+
+
+def _step(train_step, ensemble_step, batch_sharding, state, batch):
+    """One training step on ``batch``: data-parallel when ``batch_sharding`` is given
+    (each device takes its slice), vmapped over members for stacked states (every member
+    takes the same batch)."""
+    if batch_sharding is not None:
+        batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+    return (ensemble_step if is_ensemble(state) else train_step)(state, batch)
+
+
+def init_accumulator(shapes: Metrics, streak: Any = 0) -> dict[str, Any]:
+    """Zeroed epoch accumulator for step metrics of ``shapes``: the metric ``sums``, the
+    ``nonfinite`` count, the skipped-step ``streak`` carried in, ``done`` steps and the
+    epoch's ``first_loss``."""
+    sums = {k: jnp.zeros(v.shape, jnp.float32) for k, v in shapes.items() if k != "nonfinite"}
+    acc = {
+        "sums": sums,
+        "streak": jnp.asarray(streak, jnp.int32),
+        "done": jnp.int32(0),
+        "first_loss": jnp.zeros(shapes["loss"].shape, jnp.float32),
+    }
+    if "nonfinite" in shapes:
+        acc["nonfinite"] = jnp.int32(0)
+    return acc
+
+
+def step_metric_shapes(step_at, state) -> Metrics:
+    """The shapes of one step's metrics, ``step_at(state, 0)`` traced abstractly (on flat
+    parameters for a `jtricks.optim.fused` optimizer, as `run_steps` runs it)."""
+    if is_fused(state.opt_state):
+        per_member = jax.vmap if is_ensemble(state) else (lambda f: f)
+        return jax.eval_shape(lambda s: step_at(per_member(flat_train_state)(s), 0)[1], state)
+    return jax.eval_shape(step_at, state, 0)[1]
+
+
+def run_steps(step_at, state, acc, num_steps, max_streak):
+    """``step_at(state, j)`` for ``j = 0 .. num_steps - 1`` in one `lax.while_loop`, adding
+    each step's metrics into ``acc`` (`init_accumulator`); stops early once ``max_streak``
+    consecutive steps were skipped as non-finite (in any member). A `jtricks.optim.fused`
+    optimizer sees flat parameters inside the loop, one copy each way."""
+    per_member = jax.vmap if is_ensemble(state) else (lambda f: f)
+    fused = is_fused(state.opt_state)
+    if fused:
+        state = per_member(flat_train_state)(state)
+
+    def cond(carry):
+        j, _, acc = carry
+        return (j < num_steps) & (acc["streak"] < max_streak)
+
+    def body(carry):
+        j, state, acc = carry
+        state, m = step_at(state, j)
+        flag = m.pop("nonfinite", None)
+        acc = dict(acc)
+        first = acc["done"] == 0
+        acc["first_loss"] = jnp.where(first, m["loss"].astype(jnp.float32), acc["first_loss"])
+        acc["sums"] = jax.tree.map(lambda s, v: s + v.astype(jnp.float32), acc["sums"], m)
+        if flag is not None:
+            acc["nonfinite"] = acc["nonfinite"] + jnp.sum(flag)
+            acc["streak"] = jnp.where(jnp.any(flag > 0), acc["streak"] + 1, 0)
+        acc["done"] = acc["done"] + 1
+        return j + 1, state, acc
+
+    _, state, acc = jax.lax.while_loop(cond, body, (jnp.int32(0), state, acc))
+    if fused:
+        state = per_member(tree_train_state)(state)
+    return state, acc
+
+
+def epoch_metrics(state, acc, val, eval_step, eval_source) -> Metrics:
+    """An epoch's metrics from its accumulator: the means of the step metrics,
+    ``steps_done``, ``streak``, ``first_loss``, the ``nonfinite`` count, ``param_norm`` at
+    the end, and ``val_<metric>`` (and ``val_ema_<metric>``) when ``val`` is given."""
+    per_member = jax.vmap if is_ensemble(state) else (lambda f: f)
+    done = acc["done"]
+    metrics = {k: v / done for k, v in acc["sums"].items()}
+    metrics.update(steps_done=done, streak=acc["streak"], first_loss=acc["first_loss"])
+    if "nonfinite" in acc:
+        metrics["nonfinite"] = acc["nonfinite"]
+    if "param_norm" not in metrics:  # once, at the end of the epoch
+        metrics["param_norm"] = per_member(optax.tree.norm)(state.params)
+    if val is not None and eval_step is not None:
+        main = evaluate_batches(eval_step, state, *val, eval_source)
+        metrics.update({f"val_{k}": v for k, v in main.items()})
+        if state.ema_params is not None and eval_source != "ema":
+            ema = evaluate_batches(eval_step, state, *val, "ema")
+            metrics.update({f"val_ema_{k}": v for k, v in ema.items()})
+    return metrics
 
 
 def make_evaluate_fn(eval_step: EvalStep):

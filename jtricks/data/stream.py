@@ -1,0 +1,273 @@
+"""Streams: training data as an iterable of host batches, for data larger than device memory.
+
+`jtricks.training.fit` takes, besides arrays, any iterable of host batches (pytrees of
+NumPy arrays whose leading axis is the batch), e.g. a Grain ``IterDataset`` or
+``DataLoader``, or a generator. This module holds the host side:
+
+* `EpochBatches`: batch ``i`` of the run, ``epoch, j = divmod(i, steps_per_epoch)``,
+  holds the examples ``epoch_indices(fold_in(key, epoch), N, B, N // B)[j]``: exactly the
+  batches the in-memory path gathers on device, read from any source on the host.
+* `BatchStream`: an endless, checkpointable stream of those batches, read by a Python
+  thread (``loader="python"``) or by Grain's threaded reader (``loader="grain"``).
+* `SequentialBatches`: one pass in order, the last batch shorter (evaluation).
+
+Sources are in-memory arrays or `jtricks.data.shards.ShardedArrays` (``.npy`` shards
+read memory-mapped).
+
+Iterator state (new here: the protocol `fit` checkpoints). An iterator that has
+``get_state()`` and ``set_state(state)`` (Grain's iterators, `BatchStream`'s) is
+resumable: `data_state` reads it as JSON, `restore_iterator` puts it back, and `fit`
+records it after the last batch of every epoch, so a resumed run continues with the very
+next batch. A plain iterator has no state: such a run can be continued only from its
+start.
+
+References: Grain, https://github.com/google/grain (random-access sources,
+``MapDataset``, checkpointable iterators).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from jtricks.data.shards import ShardedArrays
+from jtricks.errors import ConfigError, check_int
+
+LOADERS = ("python", "grain")
+UNKNOWN_LENGTH = 2**40
+"""A ``len()`` at or above this is an endless stream (Grain's ``repeat()`` reports
+``sys.maxsize``): it gives no epoch length."""
+
+
+def is_stream(data: Any) -> bool:
+    """Whether ``data`` is a stream (an iterable of batches) rather than arrays: anything
+    iterable that is not a tuple, list, dict or array (those are array pytrees)."""
+    arrays = (tuple, list, Mapping, np.ndarray)
+    return hasattr(data, "__iter__") and not isinstance(data, arrays) and not hasattr(data, "shape")
+
+
+def stream_length(stream: Any) -> int | None:
+    """Batches in one pass of ``stream`` (its ``len``), or ``None`` for an endless or
+    unsized one."""
+    try:
+        n = len(stream)
+    except TypeError:
+        return None
+    return n if 0 < n < UNKNOWN_LENGTH else None
+
+
+def data_state(iterator: Iterator) -> Any:
+    """The JSON-able state of ``iterator`` (``get_state()``), or ``None`` when it has none.
+    Bytes states (Grain's ``DataLoader``) are kept as ``{"bytes": text}``."""
+    get = getattr(iterator, "get_state", None)
+    if get is None:
+        return None
+    state = get()
+    return {"bytes": state.decode()} if isinstance(state, bytes) else state
+
+
+def restore_iterator(iterator: Iterator, state: Any) -> None:
+    """Put a `data_state` back into ``iterator``.
+
+    Raises:
+      ConfigError: the iterator has no ``set_state`` (a plain Python iterator cannot
+        continue where it stopped).
+    """
+    put = getattr(iterator, "set_state", None)
+    if put is None:
+        raise ConfigError(
+            f"data_state: the training stream's iterator ({type(iterator).__name__}) has no "
+            "set_state, so it cannot continue where a run stopped; use a Grain dataset or "
+            "jtricks.data.stream.BatchStream, or give the iterator get_state/set_state",
+            param="data_state",
+        )
+    if isinstance(state, dict) and set(state) == {"bytes"}:
+        state = state["bytes"].encode()
+    put(state)
+
+
+class EpochBatches:
+    """Random access to the batches of a run: ``batches[i]`` is batch ``j`` of epoch
+    ``e`` (``e, j = divmod(i, steps_per_epoch)``), the examples
+    ``rows[epoch_indices(fold_in(key, e), N, batch_size, N // batch_size)[j]]`` of
+    ``source``.
+
+    These are the batches `fit`'s in-memory path gathers on device from the same
+    ``data_key``, so both paths train on the same examples in the same order.
+
+    Args:
+      source: a `ShardedArrays`, or in-memory data (a tuple, list or dict of arrays).
+      batch_size: examples per batch (per optimizer update).
+      key: the data key (`fit`'s ``data_key``).
+      rows: the source rows to draw from (default: all), e.g. the training part of a split.
+      transform: optional host function applied to every gathered batch (e.g. scaling).
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        batch_size: int,
+        key: Any,
+        *,
+        rows: np.ndarray | None = None,
+        transform: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self.source, self.key, self.transform = source, key, transform
+        self.rows = None if rows is None else np.asarray(rows, np.int64)
+        self.num_examples = _rows(source) if self.rows is None else len(self.rows)
+        self.batch_size = check_int("batch_size", batch_size, low=1, high=self.num_examples)
+        self.steps_per_epoch = self.num_examples // self.batch_size
+        self._lock = threading.Lock()
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def indices(self, epoch: int) -> np.ndarray:
+        """The epoch's ``(steps_per_epoch, batch_size)`` example indices, computed once per
+        epoch with JAX on the CPU (the same random bits as on any device)."""
+        with self._lock:
+            if self._cached is None or self._cached[0] != epoch:
+                import jax
+
+                from jtricks.data.batching import epoch_indices
+
+                with jax.default_device(jax.devices("cpu")[0]):
+                    key = jax.random.fold_in(self.key, epoch)
+                    idx = epoch_indices(
+                        key, self.num_examples, self.batch_size, self.steps_per_epoch
+                    )
+                    self._cached = (epoch, np.asarray(idx))
+            return self._cached[1]
+
+    def __getitem__(self, i: int) -> Any:
+        epoch, j = divmod(int(i), self.steps_per_epoch)
+        idx = self.indices(epoch)[j]
+        return read_rows(self.source, idx if self.rows is None else self.rows[idx], self.transform)
+
+
+def read_rows(source: Any, idx: np.ndarray, transform: Callable | None = None) -> Any:
+    """Rows ``idx`` of a `ShardedArrays` or of in-memory data, then ``transform``."""
+    if isinstance(source, ShardedArrays):
+        batch = source.gather(idx)
+    else:
+        import jax
+
+        batch = jax.tree.map(lambda a: np.asarray(a)[idx], source)
+    return batch if transform is None else transform(batch)
+
+
+class SequentialBatches:
+    """One pass over ``source`` (or its ``rows``) in order, ``batch_size`` examples a
+    batch, the last one shorter: an evaluation stream (`jtricks.training.evaluate`)
+    that reads a split larger than memory. Re-iterable; ``len`` is the batch count."""
+
+    def __init__(
+        self,
+        source: Any,
+        batch_size: int,
+        *,
+        rows: np.ndarray | None = None,
+        transform: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self.source, self.transform = source, transform
+        self.rows = np.arange(_rows(source)) if rows is None else np.asarray(rows, np.int64)
+        self.batch_size = check_int("batch_size", batch_size, low=1)
+
+    def __len__(self) -> int:
+        return -(-len(self.rows) // self.batch_size)
+
+    def __iter__(self) -> Iterator:
+        for s in range(0, len(self.rows), self.batch_size):
+            yield read_rows(self.source, self.rows[s : s + self.batch_size], self.transform)
+
+
+def _rows(data: Any) -> int:
+    if isinstance(data, ShardedArrays):
+        return len(data)
+    import jax
+
+    leaves = jax.tree.leaves(data)
+    if not leaves:
+        raise ConfigError("the data has no arrays", param="train_data")
+    return len(leaves[0])
+
+
+class BatchStream:
+    """An endless stream of `EpochBatches`, with a checkpointable iterator.
+
+    ``len(stream)`` is the epoch length (`fit` takes it as ``steps_per_epoch``);
+    ``iter(stream)`` starts at batch ``start`` and has ``get_state`` / ``set_state``.
+
+    Args:
+      batches: the `EpochBatches` to read.
+      loader: ``"python"``: batches read in order by the caller's thread (`fit` reads
+        them on a background thread); ``"grain"``: Grain's ``MapDataset`` reads them with
+        ``threads`` threads and ``buffer`` batches ahead (``pip install jtricks[grain]``).
+      threads, buffer: Grain's read options.
+    """
+
+    def __init__(
+        self, batches: EpochBatches, *, loader: str = "python", threads: int = 2, buffer: int = 8
+    ) -> None:
+        if loader not in LOADERS:
+            raise ConfigError(
+                f"loader must be one of {', '.join(LOADERS)}; got {loader!r}", param="loader"
+            )
+        if loader == "grain":
+            _import_grain()
+        self.batches, self.loader = batches, loader
+        self.threads = check_int("threads", threads, low=1)
+        self.buffer = check_int("buffer", buffer, low=1)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def state_at(self, step: int) -> dict[str, int]:
+        """The iterator state that starts at batch ``step`` (for either loader: both
+        iterators keep ``{"next_index": i}``)."""
+        return {"next_index": check_int("step", int(step), low=0)}
+
+    def __iter__(self) -> Iterator:
+        if self.loader == "python":
+            return _IndexIterator(self.batches)
+        grain = _import_grain()
+        ds = grain.MapDataset.range(0, UNKNOWN_LENGTH).map(self.batches.__getitem__)
+        options = grain.ReadOptions(num_threads=self.threads, prefetch_buffer_size=self.buffer)
+        return iter(ds.to_iter_dataset(options))
+
+
+class _IndexIterator:
+    """Batches ``batches[i]`` for ``i = next, next + 1, ...``; state ``{"next_index": i}``
+    (the same state Grain's iterator over the same batches has)."""
+
+    def __init__(self, batches: EpochBatches) -> None:
+        self.batches, self.next_index = batches, 0
+
+    def __iter__(self) -> _IndexIterator:
+        return self
+
+    def __next__(self) -> Any:
+        batch = self.batches[self.next_index]
+        self.next_index += 1
+        return batch
+
+    def get_state(self) -> dict[str, int]:
+        return {"next_index": self.next_index}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        self.next_index = int(state["next_index"])
+
+
+def _import_grain():
+    try:
+        import grain
+    except ImportError:
+        raise ConfigError(
+            "loader='grain' needs Grain: pip install 'jtricks[grain]' (or pip install grain)",
+            param="loader",
+        ) from None
+    return grain

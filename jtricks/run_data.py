@@ -1,0 +1,164 @@
+"""A run's data phase: load the dataset, split, preprocess, and decide in-memory or streaming.
+
+`train` (`jtricks.run`) asks for `RunData`: the task, the splits and a few training
+inputs for building the model. In memory (the default), the splits are arrays and `fit`
+gathers batches on device. Streaming (``stream=True``, or a ``shards:DIR`` dataset on
+disk) hands `fit` a `jtricks.data.stream.BatchStream` of the same batches, read on the
+host (by a Python thread or by Grain) and fed to the device ahead of use; a
+``shards:DIR`` dataset is never loaded whole: validation and test are read in passes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+
+from jtricks.data import Scaler, load_dataset, train_val_split
+from jtricks.data.shards import ShardSplits, is_shards_spec, load_shards
+from jtricks.data.stream import BatchStream, EpochBatches, SequentialBatches, read_rows
+from jtricks.errors import ConfigError
+from jtricks.tasks import Classification, Task, build_task
+
+SCALER_ROWS = 8192
+"""Rows per block when preprocessing statistics are fitted over shards on disk."""
+
+
+@dataclass
+class RunData:
+    """The data of one run.
+
+    Attributes:
+      task: the run's task spec (the dataset's own unless the config names one).
+      num_classes: the model's output width.
+      train, val, test: ``(x, y)`` arrays, or (on disk) `SequentialBatches` for val and
+        test and ``None`` for train (read through `train_stream`).
+      example: a few preprocessed training inputs (model init and shape checks).
+      n_train: training examples (all processes).
+      loss_floor: the dataset's lowest reachable test loss, where known.
+      source, rows, transform: where `train_stream` reads (in-memory arrays or shards,
+        their training rows, the preprocessing of a batch).
+    """
+
+    task_spec: str
+    num_classes: int
+    train: Any
+    val: Any
+    test: Any
+    example: np.ndarray
+    n_train: int
+    loss_floor: float | None = None
+    source: Any = None
+    rows: np.ndarray | None = None
+    transform: Any = None
+
+    @property
+    def on_disk(self) -> bool:
+        return self.train is None
+
+    def train_stream(self, batch_size: int, key: jax.Array, loader: str) -> BatchStream:
+        """The training batches as a stream: exactly the in-memory path's batches
+        (`EpochBatches` with the run's data key)."""
+        source = self.train if self.source is None else self.source
+        batches = EpochBatches(source, batch_size, key, rows=self.rows, transform=self.transform)
+        return BatchStream(batches, loader=loader)
+
+
+def load_run_data(config: Any) -> RunData:
+    """The dataset of ``config`` split and preprocessed (statistics from training rows only)."""
+    if is_shards_spec(config.dataset):
+        return _shards_data(config, load_shards(config.dataset))
+    data = load_dataset(config.dataset)
+    task = build_task(config.task or data.task)
+    x_tr, y_tr, x_val, y_val = train_val_split(
+        data.x_train,
+        data.y_train,
+        config.val_fraction,
+        seed=config.seed,
+        stratify=config.stratify and isinstance(task, Classification),
+    )
+    x_test = data.x_test
+    if not np.issubdtype(x_tr.dtype, np.integer):  # token ids are never rescaled
+        scaler = Scaler.fit(config.preprocess, x_tr)
+        x_tr, x_val, x_test = scaler(x_tr), scaler(x_val), scaler(x_test)
+    return RunData(
+        config.task or data.task,
+        data.num_classes,
+        (x_tr, y_tr),
+        (x_val, y_val),
+        (x_test, data.y_test),
+        x_tr[:64],
+        len(y_tr),
+        data.loss_floor,
+    )
+
+
+def _shards_data(config: Any, splits: ShardSplits) -> RunData:
+    """Shards on disk: validation from ``val/`` or a seeded ``val_fraction`` of the
+    training rows; the scaler fitted over the training rows in blocks."""
+    task: Task = build_task(config.task or splits.task)
+    labels = np.concatenate([np.asarray(a) for a in splits.train.arrays["y"]])
+    rows = np.arange(len(labels))
+    val_source, val_rows = splits.val, None
+    if splits.val is None:
+        stratify = config.stratify and isinstance(task, Classification)
+        rows, _, val_rows, _ = train_val_split(
+            rows, labels, config.val_fraction, seed=config.seed, stratify=stratify
+        )
+        val_source = splits.train
+
+    def blocks():
+        for s in range(0, len(rows), SCALER_ROWS):
+            yield splits.train.gather(rows[s : s + SCALER_ROWS])["x"]
+
+    scaler = Scaler.fit_chunks(config.preprocess, blocks)
+    transform = _Preprocess(scaler)
+    size = config.eval_batch_size
+    return RunData(
+        config.task or splits.task,
+        splits.num_classes,
+        None,
+        SequentialBatches(val_source, size, rows=val_rows, transform=transform),
+        SequentialBatches(splits.test, size, transform=transform),
+        read_rows(splits.train, rows[:64], transform)[0],
+        len(rows),
+        source=splits.train,
+        rows=rows,
+        transform=transform,
+    )
+
+
+@dataclass(frozen=True)
+class _Preprocess:
+    """A shard batch ``{"x", "y"}`` as the in-memory ``(x, y)``: inputs scaled to float32,
+    labels int32."""
+
+    scaler: Scaler
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        return self.scaler(batch["x"]), np.asarray(batch["y"], np.int32)
+
+
+def refuse_on_disk(config: Any, data: RunData) -> None:
+    """Options that need the training split in memory, refused for a dataset on disk."""
+    if not data.on_disk:
+        return
+    needs_memory = {
+        "swa": config.swa is not None,
+        "tta": config.tta > 1,
+        "ensemble": config.ensemble > 1,
+    }
+    for name, used in needs_memory.items():
+        if used:
+            raise ConfigError(
+                f"{name} needs the training data in memory; the dataset {config.dataset!r} "
+                "is streamed from disk",
+                param=name,
+            )
+    if jax.process_count() > 1:
+        raise ConfigError(
+            "a dataset on disk trains in one process (each process would read every shard)",
+            param="dataset",
+        )

@@ -1,0 +1,346 @@
+"""Training on streams: host batches fed ahead of use into compiled chunks of K steps.
+
+`fit` takes a stream (`jtricks.data.stream.is_stream`) in place of arrays. Then:
+
+* a background thread (`Feeder`) draws host batches from ``iter(stream)``, stacks K
+  of them into a chunk ``(K, B, ...)`` and starts its transfer with `jax.device_put`
+  (asynchronous; with a mesh straight onto the data-parallel sharding, and across
+  processes each process's own rows through `jax.make_array_from_process_local_data`),
+  ``depth`` chunks ahead, so the device never waits for the host while the host is
+  fast enough;
+* one compiled program runs a chunk's K steps (`make_chunk_fn`: the same step and
+  `lax.while_loop` as the in-memory epoch, so a stream of the same batches gives
+  bit-identical parameters), and a second one ends the epoch (`epoch_metrics`);
+* after each chunk the feeder records the iterator's state (`data_state`) after the
+  chunk's last batch, so an epoch's record says where the next batch comes from,
+  whatever the thread has read ahead.
+
+New here: Grain and ``jax.device_put`` give reading and transfer; the chunked,
+checkpoint-aware feeding of a jitted training loop is jtricks' own.
+"""
+
+from __future__ import annotations
+
+import functools
+import queue
+import threading
+from collections.abc import Iterator
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jtricks.data.stream import data_state, restore_iterator
+from jtricks.errors import StreamError
+from jtricks.training.distributed import AXIS
+from jtricks.training.steps import (
+    _step,
+    epoch_metrics,
+    evaluation_step,
+    init_accumulator,
+    run_steps,
+    step_metric_shapes,
+)
+
+CHUNK_BYTES = 64 * 2**20
+"""The default chunk holds at most this many bytes of batches (and at most `MAX_CHUNK`)."""
+MAX_CHUNK = 64
+
+
+def default_chunk(batch: Any, steps_per_epoch: int) -> int:
+    """K, the steps per compiled chunk: as many batches as fit in `CHUNK_BYTES` (at least
+    1, at most `MAX_CHUNK` and one epoch): enough steps per dispatch that a small model's
+    dispatch cost vanishes, few enough that two chunks in flight stay small."""
+    nbytes = sum(np.asarray(a).nbytes for a in jax.tree.leaves(batch))
+    return int(max(1, min(MAX_CHUNK, steps_per_epoch, CHUNK_BYTES // max(nbytes, 1))))
+
+
+def chunk_plan(
+    start_step: int, steps_per_epoch: int, total_steps: int, chunk: int
+) -> Iterator[int]:
+    """Chunk sizes of a run of ``total_steps`` steps from ``start_step``: each epoch's steps
+    cut into chunks of ``chunk`` (its last one shorter), so no chunk spans two epochs."""
+    done = 0
+    while done < total_steps:
+        offset = (start_step + done) % steps_per_epoch
+        n = min(steps_per_epoch - offset, total_steps - done)
+        for s in range(0, n, chunk):
+            yield min(chunk, n - s)
+        done += n
+
+
+_END = object()
+
+
+class Feeder:
+    """Draws batches from ``iter(stream)`` on a background thread and hands out device
+    chunks (see the module docstring); ``next()`` returns ``(chunk, n, state)``, or
+    ``None`` once a one-shot stream is exhausted. A re-iterable stream that runs out
+    starts a new pass (``iter(stream)`` again). The first batch is read at once
+    (``self.first``), so a stream that fails at once fails in the caller.
+
+    Raises (from ``next``):
+      StreamError: the stream raised, or yielded a batch unlike the first.
+    """
+
+    def __init__(self, stream: Any, *, depth: int = 2, state: Any = None) -> None:
+        self.stream, self.depth = stream, depth
+        self.iterator = iter(stream)
+        if state is not None:
+            restore_iterator(self.iterator, state)
+        self.read = 0
+        try:
+            self.first = self._next_batch()
+        except Exception as e:
+            raise StreamError(f"the training stream failed at its first batch: {_why(e)}") from e
+        if self.first is None:
+            raise StreamError("the training stream yielded no batch")
+        self._pending = [self.first]
+        self._treedef = jax.tree.structure(self.first)
+        self._shapes = [np.shape(a) for a in jax.tree.leaves(self.first)]
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, plan: Iterator[int], chunk: int, sharding: Any = None) -> None:
+        """Start reading: chunks of the sizes in ``plan`` (each padded to ``chunk``)."""
+        self.chunk, self.sharding = chunk, sharding
+        self._thread = threading.Thread(target=self._run, args=(plan,), daemon=True)
+        self._thread.start()
+
+    def _next_batch(self) -> Any:
+        try:
+            batch = next(self.iterator)
+        except StopIteration:
+            fresh = iter(self.stream)
+            if fresh is self.iterator or self.read == 0:
+                return None
+            self.iterator, self.read = fresh, 0  # a new pass over a re-iterable stream
+            try:
+                batch = next(self.iterator)
+            except StopIteration:
+                return None
+        self.read += 1
+        return batch
+
+    def _run(self, plan: Iterator[int]) -> None:
+        try:
+            for size in plan:
+                batches = self._pending
+                self._pending = []
+                while len(batches) < size:
+                    batch = self._next_batch()
+                    if batch is None:
+                        break
+                    batches.append(self._checked(batch))
+                if batches and not self._offer(
+                    (self._to_device(batches), len(batches), data_state(self.iterator))
+                ):
+                    return
+                if len(batches) < size:
+                    break
+            self._offer(_END)
+        except BaseException as e:  # handed to the training thread, which raises it
+            self._offer(e)
+
+    def _checked(self, batch: Any) -> Any:
+        shapes = [np.shape(a) for a in jax.tree.leaves(batch)]
+        if jax.tree.structure(batch) != self._treedef or shapes != self._shapes:
+            raise StreamError(
+                f"the training stream's batch {self.read} has structure "
+                f"{jax.tree.structure(batch)} and shapes {shapes}; its first batch had "
+                f"{self._treedef} and {self._shapes} (every batch must be alike)"
+            )
+        return batch
+
+    def _to_device(self, batches: list) -> Any:
+        padded = batches + [batches[-1]] * (self.chunk - len(batches))  # one program for all
+        host = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *padded)
+        if self.sharding is not None and jax.process_count() > 1:
+            return jax.tree.map(
+                lambda a: jax.make_array_from_process_local_data(self.sharding, a), host
+            )
+        return jax.device_put(host, self.sharding)
+
+    def _offer(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def next(self) -> tuple[Any, int, Any] | None:
+        item = self._queue.get()
+        if item is _END:
+            self._queue.put(_END)  # every later call sees the end too
+            return None
+        if isinstance(item, StreamError):
+            raise item
+        if isinstance(item, BaseException):
+            raise StreamError(
+                f"the training stream failed after {self.read} batch(es) of this pass: {_why(item)}"
+            ) from item
+        return item
+
+    def close(self) -> None:
+        """Stop the thread (it may be blocked on a full queue) and drop what it read ahead."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+def _why(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+@functools.cache
+def make_chunk_fn(train_step, batch_sharding: Any = None):
+    """Compile ``run_chunk(state, acc, chunk, num_steps, max_streak) -> (state, acc)``:
+    the first ``num_steps`` batches of ``chunk`` (leaves ``(K, B, ...)``), one step each,
+    accumulated into ``acc`` (`jtricks.training.steps.init_accumulator`) exactly as the
+    in-memory epoch does; the state is donated."""
+    ensemble_step = jax.vmap(train_step, in_axes=(0, None))
+
+    @partial(jax.jit, donate_argnums=0)
+    def run_chunk(state, acc, chunk, num_steps, max_streak):
+        def step_at(state, j):
+            batch = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, j, 0, False), chunk)
+            return _step(train_step, ensemble_step, batch_sharding, state, batch)
+
+        return run_steps(step_at, state, acc, num_steps, max_streak)
+
+    return run_chunk
+
+
+def chunk_sharding(mesh: Any) -> NamedSharding | None:
+    """Chunks ``(K, B, ...)`` sharded over their batch axis (the data axis)."""
+    return None if mesh is None else NamedSharding(mesh, P(None, AXIS))
+
+
+class StreamEpochs:
+    """Runs `fit`'s epochs on a `Feeder`: ``(state, num_steps, streak, max_streak, val) ->
+    (state, metrics)`` with the in-memory epoch's metrics plus ``data_state`` (the
+    iterator's state after the epoch's last batch) and ``ended`` (the stream ran out)."""
+
+    def __init__(self, feeder: Feeder, train_step, eval_step, batch_sharding, eval_source):
+        self.feeder = feeder
+        self.run_chunk = make_chunk_fn(train_step, batch_sharding)
+        self.finish = _finish_fn(eval_step, eval_source)
+        self.eval_step, self.eval_source = eval_step, eval_source
+        self.train_step, self.batch_sharding = train_step, batch_sharding
+        self.state_after: Any = None
+
+    def _shapes(self, state, chunk):
+        ensemble_step = jax.vmap(self.train_step, in_axes=(0, None))
+
+        def step_at(state, j):
+            batch = jax.tree.map(lambda a: a[j], chunk)
+            return _step(self.train_step, ensemble_step, self.batch_sharding, state, batch)
+
+        return step_metric_shapes(step_at, state)
+
+    def __call__(self, state, num_steps, streak, max_streak, val):
+        acc = None
+        remaining, ended = int(num_steps), False
+        last_streak = None
+        while remaining > 0:
+            try:
+                item = self.feeder.next()
+            except StreamError as e:
+                e.state = state  # the state reached: nothing trained is lost
+                raise
+            if item is None:
+                ended = True
+                break
+            chunk, n, self.state_after = item
+            if acc is None:
+                acc = init_accumulator(self._shapes(state, chunk), streak)
+            state, acc = self.run_chunk(state, acc, chunk, np.int32(n), np.int32(max_streak))
+            remaining -= n
+            # the chunk before this one has finished by now: stop reading once it diverged
+            if last_streak is not None and int(last_streak) >= max_streak:
+                break
+            last_streak = acc["streak"]
+        if acc is None:  # nothing came: the stream was already exhausted
+            return state, None
+        stream_val = val is not None and not isinstance(val, tuple)
+        metrics = self.finish(state, acc, None if stream_val else val)
+        if stream_val:
+            out = evaluate_stream(self.eval_step, state, val, self.eval_source)
+            metrics.update({f"val_{k}": v for k, v in out.items()})
+        return state, {**metrics, "data_state": self.state_after, "ended": ended}
+
+
+@functools.cache
+def _finish_fn(eval_step, eval_source):
+    return jax.jit(partial(_finish, eval_step=eval_step, eval_source=eval_source))
+
+
+def _finish(state, acc, val, *, eval_step, eval_source):
+    return epoch_metrics(state, acc, val, eval_step, eval_source)
+
+
+@functools.cache
+def _sums_fn(eval_step, source: str):
+    def sums(state, batch, weight):
+        step, state = evaluation_step(eval_step, state, source)
+        return step(state, batch, weight)
+
+    return jax.jit(sums)
+
+
+def evaluate_stream(eval_step, state, stream: Any, source: str = "auto") -> dict[str, Any]:
+    """The task's metrics of ``state`` over one pass of ``stream`` (``iter(stream)``):
+    per-batch sums added on device, exact over the whole pass. A shorter last batch is
+    padded to the first batch's size with zero weights, so one program serves the pass."""
+    fn = _sums_fn(eval_step, source)
+    total, size = None, None
+    for i, batch in enumerate(_batches(stream)):
+        batch = jax.tree.map(np.asarray, batch)
+        n = len(jax.tree.leaves(batch)[0])
+        size = n if size is None else size
+        if n > size:
+            raise StreamError(
+                f"the evaluation stream's batch {i} has {n} examples, more than its first "
+                f"batch's {size}"
+            )
+        pad = size - n
+        batch = jax.tree.map(partial(_pad_rows, pad=pad), batch)
+        weight = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+        sums = fn(state, batch, weight)
+        total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+    if total is None:
+        raise StreamError("the evaluation stream yielded no batch")
+    step, _ = evaluation_step(eval_step, state, source)
+    return jax.device_get(step.metrics(total))
+
+
+def _pad_rows(a: np.ndarray, pad: int) -> np.ndarray:
+    return np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)])
+
+
+def _batches(stream: Any) -> Iterator:
+    try:
+        yield from stream
+    except StreamError:
+        raise
+    except Exception as e:
+        raise StreamError(f"the evaluation stream failed: {_why(e)}") from e
+
+
+__all__ = [
+    "Feeder",
+    "StreamEpochs",
+    "chunk_plan",
+    "chunk_sharding",
+    "default_chunk",
+    "evaluate_stream",
+    "make_chunk_fn",
+]
