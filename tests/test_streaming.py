@@ -147,7 +147,7 @@ def test_a_failing_stream_raises_with_the_state_reached(data):
                 raise OSError(5, "Input/output error")
             yield train[0][:20], train[1][:20]
 
-    with pytest.raises(StreamError, match="after 9 batch.*OSError.*Input/output") as err:
+    with pytest.raises(StreamError, match=r"after 9 batch.*OSError.*Input/output") as err:
         fit(_state(), flaky(), steps=20, steps_per_epoch=5, chunk=2)
     assert int(err.value.state.step) == 9  # every batch read before the failure was trained
 
@@ -155,7 +155,7 @@ def test_a_failing_stream_raises_with_the_state_reached(data):
         yield train[0][:20], train[1][:20]
         yield train[0][:10], train[1][:10]
 
-    with pytest.raises(StreamError, match="batch 2 has .* shapes"):
+    with pytest.raises(StreamError, match=r"batch 2 has .* shapes"):
         fit(_state(), ragged(), steps=2, chunk=2)
 
 
