@@ -33,6 +33,18 @@ def run(model_spec: str, mesh, steps: int = 12):
     return state, hist
 
 
+def run_stream(model_spec: str, mesh, steps: int = 12):
+    """The same run fed as a stream of host batches (chunks of 5 steps, sharded on the way)."""
+    from jtricks.data.stream import BatchStream, EpochBatches
+
+    d = synthetic(num_train=160, num_test=40, shape=(16,), num_classes=4, noise=1.0, seed=0)
+    model = build_model(model_spec, 4)
+    state = create_train_state(model, optax.adam(1e-2), d.x_train, jax.random.key(0))
+    stream = BatchStream(EpochBatches((d.x_train, d.y_train), 40, jax.random.key(1)))
+    state, _ = fit(state, stream, val_data=(d.x_test, d.y_test), steps=steps, mesh=mesh, chunk=5)
+    return state
+
+
 def run_lm(mesh, steps: int = 8):
     """A language model on a dict batch with a padding mask: any task, any batch, on a mesh."""
     from jtricks.data import load_dataset
@@ -102,6 +114,8 @@ def main() -> None:
         np.allclose(np.asarray(y), np.asarray(single), atol=1e-6)
     )
     out["lm_dict_max_abs_diff"] = _max_diff(run_lm("auto"), run_lm(None))
+    spec = "mlp(features=(32,), dropout=0.3)"
+    out["stream_max_abs_diff"] = _max_diff(run_stream(spec, "auto"), run(spec, None)[0])
     print(json.dumps(out))
     sys.stdout.flush()
 

@@ -52,6 +52,8 @@ def test_eight_simulated_devices_match_one_device():
     assert out["masks_same_as_one_device"]
     # a language model on a dict batch with a mask trains alike on 8 devices and on 1
     assert out["lm_dict_max_abs_diff"] < 1e-4, out["lm_dict_max_abs_diff"]
+    # a stream of the same batches, sharded as it is put on the 8 devices, equals 1 device
+    assert out["stream_max_abs_diff"] < 1e-5, out["stream_max_abs_diff"]
 
 
 def test_two_processes_train_in_lockstep_like_one_process(tmp_path):

@@ -1,4 +1,5 @@
-"""Datasets (T01, T02): registry, preprocessing fitted on training data, splits, batching."""
+"""Datasets (T01, T02): registry, preprocessing fitted on training data, splits, batching,
+shards on disk and streams of host batches."""
 
 from jtricks.data.batching import epoch_indices
 from jtricks.data.datasets import (
@@ -10,11 +11,17 @@ from jtricks.data.datasets import (
     validate_arrays,
 )
 from jtricks.data.preprocess import Scaler, select_classes, train_val_split
+from jtricks.data.shards import ShardedArrays, write_shards
+from jtricks.data.stream import BatchStream, EpochBatches, SequentialBatches
 
 __all__ = [
     "DATASETS",
+    "BatchStream",
     "Dataset",
+    "EpochBatches",
     "Scaler",
+    "SequentialBatches",
+    "ShardedArrays",
     "epoch_indices",
     "load_dataset",
     "mnist1d",
@@ -22,4 +29,5 @@ __all__ = [
     "synthetic",
     "train_val_split",
     "validate_arrays",
+    "write_shards",
 ]

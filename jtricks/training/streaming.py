@@ -236,6 +236,7 @@ class StreamEpochs:
         self.eval_step, self.eval_source = eval_step, eval_source
         self.train_step, self.batch_sharding = train_step, batch_sharding
         self.state_after: Any = None
+        self.shapes: Any = None
 
     def _shapes(self, state, chunk):
         ensemble_step = jax.vmap(self.train_step, in_axes=(0, None))
@@ -261,7 +262,9 @@ class StreamEpochs:
                 break
             chunk, n, self.state_after = item
             if acc is None:
-                acc = init_accumulator(self._shapes(state, chunk), streak)
+                if self.shapes is None:  # traced once: every epoch's steps are alike
+                    self.shapes = self._shapes(state, chunk)
+                acc = init_accumulator(self.shapes, streak)
             state, acc = self.run_chunk(state, acc, chunk, np.int32(n), np.int32(max_streak))
             remaining -= n
             # the chunk before this one has finished by now: stop reading once it diverged
