@@ -27,6 +27,7 @@ References: Grain, https://github.com/google/grain (random-access sources,
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -103,7 +104,9 @@ class EpochBatches:
       batch_size: examples per batch (per optimizer update).
       key: the data key (`fit`'s ``data_key``).
       rows: the source rows to draw from (default: all), e.g. the training part of a split.
-      transform: optional host function applied to every gathered batch (e.g. scaling).
+      transform: optional host function applied to the gathered rows (e.g. scaling); it
+        may receive several batches' rows at once (`stacked`), so it must treat rows
+        independently.
     """
 
     def __init__(
@@ -133,14 +136,10 @@ class EpochBatches:
             if self._cached is None or self._cached[0] != epoch:
                 import jax
 
-                from jtricks.data.batching import epoch_indices
-
+                sizes = (self.num_examples, self.batch_size, self.steps_per_epoch)
                 with jax.default_device(jax.devices("cpu")[0]):
-                    key = jax.random.fold_in(self.key, epoch)
-                    idx = epoch_indices(
-                        key, self.num_examples, self.batch_size, self.steps_per_epoch
-                    )
-                    self._cached = (epoch, np.asarray(idx))
+                    idx = _epoch_indices()(self.key, np.int32(epoch), *sizes)
+                self._cached = (epoch, np.asarray(idx))
             return self._cached[1]
 
     def __getitem__(self, i: int) -> Any:
@@ -148,11 +147,49 @@ class EpochBatches:
         idx = self.indices(epoch)[j]
         return read_rows(self.source, idx if self.rows is None else self.rows[idx], self.transform)
 
+    def stacked(self, start: int, count: int) -> Any:
+        """Batches ``start .. start + count - 1`` stacked, leaves ``(count, B, ...)``: the
+        same as stacking ``self[i]``, read in one gather (and one ``transform`` call)."""
+        parts = []
+        for i in range(start, start + count):
+            epoch, j = divmod(i, self.steps_per_epoch)
+            parts.append(self.indices(epoch)[j])
+        idx = np.concatenate(parts)
+        rows = read_rows(self.source, idx if self.rows is None else self.rows[idx], self.transform)
+        return _unflatten(rows, count)
+
+
+def _unflatten(batch: Any, count: int) -> Any:
+    if isinstance(batch, tuple | list):
+        return type(batch)(a.reshape(count, -1, *a.shape[1:]) for a in batch)
+    if isinstance(batch, Mapping):
+        return {k: a.reshape(count, -1, *a.shape[1:]) for k, a in batch.items()}
+    import jax
+
+    return jax.tree.map(lambda a: a.reshape(count, -1, *a.shape[1:]), batch)
+
+
+@functools.cache
+def _epoch_indices():
+    """`epoch_indices` of ``fold_in(key, epoch)``, compiled once (one dispatch an epoch)."""
+    import jax
+
+    from jtricks.data.batching import epoch_indices
+
+    def indices(key, epoch, n, batch_size, steps):
+        return epoch_indices(jax.random.fold_in(key, epoch), n, batch_size, steps)
+
+    return jax.jit(indices, static_argnums=(2, 3, 4))
+
 
 def read_rows(source: Any, idx: np.ndarray, transform: Callable | None = None) -> Any:
     """Rows ``idx`` of a `ShardedArrays` or of in-memory data, then ``transform``."""
     if isinstance(source, ShardedArrays):
         batch = source.gather(idx)
+    elif isinstance(source, tuple | list):  # the common layouts, without a tree traversal
+        batch = type(source)(np.asarray(a)[idx] for a in source)
+    elif isinstance(source, Mapping):
+        batch = {k: np.asarray(a)[idx] for k, a in source.items()}
     else:
         import jax
 
@@ -254,6 +291,12 @@ class _IndexIterator:
         batch = self.batches[self.next_index]
         self.next_index += 1
         return batch
+
+    def next_chunk(self, count: int) -> Any:
+        """The next ``count`` batches stacked (`EpochBatches.stacked`): the feeder's fast path."""
+        chunk = self.batches.stacked(self.next_index, count)
+        self.next_index += count
+        return chunk
 
     def get_state(self) -> dict[str, int]:
         return {"next_index": self.next_index}

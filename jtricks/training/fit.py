@@ -329,7 +329,6 @@ class _Run:
     total_steps: int
     data: Any
     epoch: Any
-    streaming: bool = False
     close: Any = lambda: None
 
 
@@ -435,7 +434,7 @@ def _stream_run(
     def epoch(state, epoch, offset, num_steps, streak, val):
         return epochs_fn(state, num_steps, streak, np.int32(max_nonfinite), val)
 
-    return _Run(steps_per_epoch, total, data, epoch, streaming=True, close=feeder.close)
+    return _Run(steps_per_epoch, total, data, epoch, close=feeder.close)
 
 
 def _check_stream_batch(n: int, batch_size: int | None, accumulate: int) -> None:
@@ -461,10 +460,8 @@ def _loop(state, run, val, callbacks, reporter, max_nonfinite, keep_finite):
     if reporter is not None:
         reporter.start(total_steps=total_steps, done=0)
     # Callbacks that only observe (``needs_state = False``) let the next epoch be dispatched
-    # before this epoch's metrics are read, so the device never waits for Python. A stream
-    # keeps the device busy through its chunks instead.
+    # before this epoch's metrics are read, so the device never waits for Python.
     pipelined = all(getattr(cb, "needs_state", True) is False for cb in callbacks)
-    pipelined = pipelined and not run.streaming
     # the last state known to evaluate finite, kept on device; divergence ends with it
     keeper = _FiniteKeeper(enabled=keep_finite, always_copy=pipelined)
 

@@ -130,22 +130,43 @@ class Feeder:
     def _run(self, plan: Iterator[int]) -> None:
         try:
             for size in plan:
-                batches = self._pending
-                self._pending = []
-                while len(batches) < size:
-                    batch = self._next_batch()
-                    if batch is None:
-                        break
-                    batches.append(self._checked(batch))
-                if batches and not self._offer(
-                    (self._to_device(batches), len(batches), data_state(self.iterator))
-                ):
+                host, n = self._read(size)
+                if n and not self._offer((self._put(host), n, data_state(self.iterator))):
                     return
-                if len(batches) < size:
+                if n < size:
                     break
             self._offer(_END)
         except BaseException as e:  # handed to the training thread, which raises it
             self._offer(e)
+
+    def _read(self, size: int) -> tuple[Any, int]:
+        """Up to ``size`` batches stacked and padded to the chunk, and how many are real.
+        An iterator with ``next_chunk(count)`` (`jtricks.data.stream.BatchStream`'s) hands
+        them stacked in one read."""
+        batches, self._pending = self._pending, []
+        fast = getattr(self.iterator, "next_chunk", None)
+        if fast is not None and len(batches) < size:
+            rest = fast(size - len(batches))
+            if batches:
+                rest = jax.tree.map(lambda a, *b: np.concatenate([np.stack(b), a]), rest, *batches)
+            return self._pad(rest, size), size
+        while len(batches) < size:
+            batch = self._next_batch()
+            if batch is None:
+                break
+            batches.append(self._checked(batch))
+        if not batches:
+            return None, 0
+        host = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *batches)
+        return self._pad(host, len(batches)), len(batches)
+
+    def _pad(self, host: Any, n: int) -> Any:
+        """Repeat the last batch up to the chunk size: one program serves every chunk."""
+        if n == self.chunk:
+            return host
+        return jax.tree.map(
+            lambda a: np.concatenate([a, np.repeat(a[-1:], self.chunk - n, axis=0)]), host
+        )
 
     def _checked(self, batch: Any) -> Any:
         shapes = [np.shape(a) for a in jax.tree.leaves(batch)]
@@ -157,9 +178,9 @@ class Feeder:
             )
         return batch
 
-    def _to_device(self, batches: list) -> Any:
-        padded = batches + [batches[-1]] * (self.chunk - len(batches))  # one program for all
-        host = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *padded)
+    def _put(self, host: Any) -> Any:
+        """Start the chunk's transfer (asynchronous), onto the sharding when there is one;
+        across processes each process gives its own rows of every batch."""
         if self.sharding is not None and jax.process_count() > 1:
             return jax.tree.map(
                 lambda a: jax.make_array_from_process_local_data(self.sharding, a), host
@@ -264,7 +285,7 @@ class StreamEpochs:
             if acc is None:
                 if self.shapes is None:  # traced once: every epoch's steps are alike
                     self.shapes = self._shapes(state, chunk)
-                acc = init_accumulator(self.shapes, streak)
+                acc = _zero_accumulator(self.shapes)(jnp.asarray(streak, jnp.int32))
             state, acc = self.run_chunk(state, acc, chunk, np.int32(n), np.int32(max_streak))
             remaining -= n
             # the chunk before this one has finished by now: stop reading once it diverged
@@ -279,6 +300,17 @@ class StreamEpochs:
             out = evaluate_stream(self.eval_step, state, val, self.eval_source)
             metrics.update({f"val_{k}": v for k, v in out.items()})
         return state, {**metrics, "data_state": self.state_after, "ended": ended}
+
+
+def _zero_accumulator(shapes):
+    """``init_accumulator(shapes, streak)`` as one compiled call (cached per shapes)."""
+    key = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in shapes.items()))
+    if key not in _ZEROS:
+        _ZEROS[key] = jax.jit(partial(init_accumulator, shapes))
+    return _ZEROS[key]
+
+
+_ZEROS: dict = {}
 
 
 @functools.cache
