@@ -27,9 +27,11 @@ from jtricks.data.stream import (
 from jtricks.errors import ConfigError, StreamError
 from jtricks.nn import MLP
 from jtricks.optim import fused
+from jtricks.tasks import as_task
 from jtricks.training import create_train_state, evaluate, fit
 from jtricks.training.checkpoint import list_checkpoints
-from jtricks.training.streaming import chunk_plan, default_chunk
+from jtricks.training.fit import compiled_steps
+from jtricks.training.streaming import chunk_plan, default_chunk, make_chunk_fn
 
 HERE = Path(__file__).parent
 MODEL = MLP(num_classes=4, features=(16,), dropout=0.2)
@@ -91,10 +93,14 @@ def test_stream_of_the_same_batches_is_bit_identical(data, options, batch):
 def test_continuing_from_a_records_data_state_equals_one_run(data):
     train, _ = data
     whole, _ = fit(_state(), _stream(train, 30), steps=10, chunk=4)
+    run_chunk = make_chunk_fn(compiled_steps(as_task(None))[0], None)
+    compiled = run_chunk._cache_size()
+    assert compiled >= 1  # the program fit used
     half, h = fit(_state(), _stream(train, 30), steps=4, chunk=4)
     rest, h2 = fit(half, _stream(train, 30), steps=6, chunk=4, data_state=h[-1]["data_state"])
     _same(whole.params, rest.params)
     assert h2.records[-1]["step"] == 10 and h2.records[-1]["data_state"] == {"next_index": 10}
+    assert run_chunk._cache_size() == compiled  # later calls reuse the compiled chunk
 
 
 def test_grain_reads_the_same_batches_with_the_same_state(data):
@@ -319,3 +325,19 @@ def test_bad_stream_options_exit_2(shards, capsys):
         assert match in err and "Traceback" not in err, err
     assert main(["train", "--dataset", "shards:/nonexistent", "--steps", "2"]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_bf16_and_the_divergence_guard_on_a_stream(data):
+    train, _ = data
+    a, _ = fit(_state(), train, batch_size=40, epochs=2, precision="bf16")
+    b, _ = fit(_state(), _stream(train, 40), epochs=2, precision="bf16", chunk=3)
+    _same(a.params, b.params)
+    # a learning rate that blows up: stopped inside the chunk after 3 skipped steps, the
+    # last finite state kept, as on the array path
+    tx = optax.sgd(1e8)
+    a, ha = fit(_state(tx), train, batch_size=40, epochs=4, max_nonfinite=3)
+    b, hb = fit(_state(tx), _stream(train, 40), epochs=4, max_nonfinite=3, chunk=3)
+    assert ha.diverged and hb.diverged
+    assert [r["step"] for r in ha] == [r["step"] for r in hb]
+    assert ha.kept_step == hb.kept_step
+    _same(a.params, b.params)
