@@ -35,6 +35,7 @@ from jtricks.training.streaming import chunk_plan, default_chunk, make_chunk_fn
 
 HERE = Path(__file__).parent
 MODEL = MLP(num_classes=4, features=(16,), dropout=0.2)
+ADAM = optax.adam(1e-2)  # one object: fit calls reuse the compiled programs
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def data(tiny_data):
 
 def _state(tx=None):
     x = np.zeros((1, 16), np.float32)
-    return create_train_state(MODEL, tx or optax.adam(1e-2), x, jax.random.key(0), ema_decay=0.9)
+    return create_train_state(MODEL, tx or ADAM, x, jax.random.key(0), ema_decay=0.9)
 
 
 def _same(a, b):
@@ -72,15 +73,15 @@ def test_stream_of_the_same_batches_is_bit_identical(data, options, batch):
     kw = {k: v for k, v in options.items() if k != "fused"}
     if "augment" in kw:
         kw["augment"] = build_augment(kw["augment"])
-    tx = fused(optax.adam(1e-2)) if options.get("fused") else None
+    tx = fused(ADAM) if options.get("fused") else None
     if "augment" in kw:  # the shift needs a length axis: examples (16,) -> (16, 1)
         train = (train[0][..., None], train[1])
         test = (test[0][..., None], test[1])
     x0 = np.zeros((1, *train[0].shape[1:]), np.float32)
-    state = create_train_state(MODEL, tx or optax.adam(1e-2), x0, jax.random.key(0), ema_decay=0.9)
+    state = create_train_state(MODEL, tx or ADAM, x0, jax.random.key(0), ema_decay=0.9)
     acc = kw.get("accumulate", 1)
     a, ha = fit(state, train, batch_size=batch, epochs=3, val_data=test, **kw)
-    state = create_train_state(MODEL, tx or optax.adam(1e-2), x0, jax.random.key(0), ema_decay=0.9)
+    state = create_train_state(MODEL, tx or ADAM, x0, jax.random.key(0), ema_decay=0.9)
     stream = _stream(train, batch * acc)
     b, hb = fit(state, stream, epochs=3, val_data=test, chunk=4, **kw)
     _same(a.params, b.params)
@@ -93,7 +94,8 @@ def test_stream_of_the_same_batches_is_bit_identical(data, options, batch):
 def test_continuing_from_a_records_data_state_equals_one_run(data):
     train, _ = data
     whole, _ = fit(_state(), _stream(train, 30), steps=10, chunk=4)
-    run_chunk = make_chunk_fn(compiled_steps(as_task(None))[0], None)
+    steps = compiled_steps(as_task(None), True, False, None, None, 1, "float32")  # fit's key
+    run_chunk = make_chunk_fn(steps[0], None)
     compiled = run_chunk._cache_size()
     assert compiled >= 1  # the program fit used
     half, h = fit(_state(), _stream(train, 30), steps=4, chunk=4)
