@@ -169,3 +169,11 @@ def test_task_examples_tiny(capsys):
     assert (
         "gap to floor" in out and "mean IoU" in out and "entropy rate" in out and "NNX CNN" in out
     )
+
+
+def test_streaming_example_tiny(capsys):
+    example = _load(ROOT / "examples" / "streaming.py")
+    out = example.main(["--epochs", "2"])
+    assert out["identical"] and out["identical_resumed"]
+    assert out["val_loss_memory"] == out["val_loss_stream"]
+    assert "identical parameters: True" in capsys.readouterr().out
