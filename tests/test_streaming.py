@@ -169,11 +169,15 @@ def test_a_failing_stream_raises_with_the_state_reached(data):
 
 def test_evaluate_on_a_stream_equals_arrays(data):
     train, test = data
-    state, _ = fit(_state(), train, batch_size=40, epochs=1)
+    state, h = fit(_state(), train, batch_size=40, epochs=1, val_data=SequentialBatches(test, 30))
     a = evaluate(state, test, batch_size=1000)
     b = evaluate(state, SequentialBatches(test, 30))  # 100 = 3 x 30 + 10
     np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-6)
     assert b["accuracy"] == a["accuracy"]
+    # validation streams on the array path and on a stream: the same figures
+    np.testing.assert_allclose(h[-1]["val_loss"], a["loss"], rtol=1e-6)
+    _, hs = fit(_state(), _stream(train, 40), epochs=1, val_data=SequentialBatches(test, 30))
+    assert hs[-1]["val_loss"] == h[-1]["val_loss"]
 
 
 def test_shards_write_read_and_refuse(tmp_path):

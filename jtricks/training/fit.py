@@ -40,10 +40,12 @@ from jtricks.training.steps import (
 from jtricks.training.streaming import (
     Feeder,
     StreamEpochs,
+    add_stream_validation,
     chunk_plan,
     chunk_sharding,
     default_chunk,
     evaluate_stream,
+    is_val_stream,
 )
 
 
@@ -373,22 +375,25 @@ def _array_run(
     total = _total_steps(epochs, steps, steps_per_epoch)
     key = _step_options(task, member, mesh, augment, mix, accumulate, data, compiled)
     run_epoch, _ = compiled_functions(*key)
+    eval_step = compiled_steps(*key[:7])[1]
     if mesh is not None:
         data_key = replicate(data_key, mesh)
 
     def epoch(state, epoch, offset, num_steps, streak, val):
-        return run_epoch(
+        state, metrics = run_epoch(
             state,
             data_dev,
             data_key,
             np.int32(epoch),
             np.int32(offset),
-            val,
+            None if is_val_stream(val) else val,
             streak,
             np.int32(max_nonfinite),
             num_steps=np.int32(num_steps),
             batch_size=batch_size,
         )
+        add_stream_validation(metrics, eval_step, state, val, key[8])
+        return state, metrics
 
     return _Run(steps_per_epoch, total, data, epoch)
 

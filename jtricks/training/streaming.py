@@ -294,11 +294,8 @@ class StreamEpochs:
             last_streak = acc["streak"]
         if acc is None:  # nothing came: the stream was already exhausted
             return state, None
-        stream_val = val is not None and not isinstance(val, tuple)
-        metrics = self.finish(state, acc, None if stream_val else val)
-        if stream_val:
-            out = evaluate_stream(self.eval_step, state, val, self.eval_source)
-            metrics.update({f"val_{k}": v for k, v in out.items()})
+        metrics = self.finish(state, acc, None if is_val_stream(val) else val)
+        add_stream_validation(metrics, self.eval_step, state, val, self.eval_source)
         return state, {**metrics, "data_state": self.state_after, "ended": ended}
 
 
@@ -329,6 +326,20 @@ def _sums_fn(eval_step, source: str):
         return step(state, batch, weight)
 
     return jax.jit(sums)
+
+
+def is_val_stream(val: Any) -> bool:
+    """Whether `fit`'s prepared validation data is a stream (arrays arrive as the
+    ``(batches, weights)`` tuple of `pad_batches`)."""
+    return val is not None and not isinstance(val, tuple)
+
+
+def add_stream_validation(metrics: dict, eval_step, state, val: Any, source: str) -> None:
+    """Add ``val_<metric>`` of one pass over a validation stream to an epoch's metrics
+    (nothing for array validation, which the compiled epoch evaluates itself)."""
+    if is_val_stream(val):
+        out = evaluate_stream(eval_step, state, val, source)
+        metrics.update({f"val_{k}": v for k, v in out.items()})
 
 
 def evaluate_stream(eval_step, state, stream: Any, source: str = "auto") -> dict[str, Any]:
