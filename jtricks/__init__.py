@@ -4,14 +4,13 @@ Flax Linen models, optax gradient transformations, and JIT-compiled training
 loops whose epochs run as one `lax.scan` on device.
 """
 
-__version__ = "0.1.0"
-
 from jtricks.data import Dataset, Scaler, load_dataset, train_val_split
 from jtricks.errors import ConfigError
 from jtricks.nn import build_model
 from jtricks.optim import build_optimizer
 from jtricks.run import RunResult, TrainConfig, train
 from jtricks.training import History, TrainState, create_train_state, evaluate, fit
+from jtricks.version import __version__
 
 __all__ = [
     "ConfigError",

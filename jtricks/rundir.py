@@ -1,4 +1,10 @@
-"""Run folders: created empty, and written by one process at a time.
+"""Run folders: created empty, written by one process at a time, and file by file atomically.
+
+The helpers every command shares (train, diagnose, bench) live here, below all of them:
+`create_run_dir` / `locked` for the folder, `atomic_write` / `write_json` /
+`write_text` / `write_jsonl` for its files (readers never see half a file),
+`default_out` for the folder's default name and `environment` for the versions
+recorded beside every run.
 
 A run folder is locked with ``flock`` on the folder itself (no lock file is left behind):
 the kernel releases the lock when the process ends, so a crashed run never leaves a
@@ -14,11 +20,16 @@ Where ``fcntl`` does not exist (Windows) folders are not locked.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-from collections.abc import Iterator
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
-from jtricks.errors import ConfigError
+from jtricks.errors import ConfigError, WriteError
 
 try:
     import fcntl
@@ -88,3 +99,70 @@ def _refuse_non_empty(path: Path) -> None:
             "choose a new --out so no earlier run is overwritten",
             param="out",
         )
+
+
+def default_out(kind: str) -> str:
+    """The default run folder of a command: ``runs/<kind>-<YYYYmmdd-HHMMSS>``."""
+    return str(Path("runs") / time.strftime(f"{kind}-%Y%m%d-%H%M%S"))
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file in ``path``'s folder, then rename it to
+    ``path``: a reader sees the old file or the whole new one, never half of it.
+
+    Raises:
+      WriteError: the file could not be written (naming it and the cause); the
+        temporary file is removed.
+    """
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise WriteError(path, e) from None
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise WriteError(path, e) from None
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Atomically write ``text`` to ``path``."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON (one trailing newline)."""
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike, records: list[dict[str, Any]]) -> None:
+    """Atomically write ``records`` as JSON lines, one object a line."""
+    write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def environment() -> dict[str, Any]:
+    """Versions and device of this process, recorded beside every run."""
+    import flax
+    import jax
+    import jaxlib
+    import optax
+
+    from jtricks.version import __version__
+
+    dev = jax.devices()[0]
+    return {
+        "jtricks": __version__,
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "python": platform.python_version(),
+        "platform": dev.platform,
+        "device_kind": dev.device_kind,
+        "device_count": jax.device_count(),
+    }

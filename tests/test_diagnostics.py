@@ -76,7 +76,7 @@ def test_bn_eval_interceptor_matches_eval_mode(tiny_data):
     model = build_model("mlp(features=(8,), norm='batch')", 4)
     v = model.init(jax.random.key(0), x)
     v = {"params": v["params"], "batch_stats": jax.tree.map(lambda a: a + 0.3, v["batch_stats"])}
-    with nn.intercept_methods(D._bn_eval_interceptor):
+    with nn.intercept_methods(D.common.bn_eval_interceptor):
         forced = model.apply(v, x, train=True)
     np.testing.assert_allclose(forced, model.apply(v, x, train=False), rtol=1e-6)
 
@@ -185,7 +185,7 @@ def test_signal_flags_vanishing_gradients_by_ratio():
 
 
 def _flags_for(grad_ratio, act_ratio):
-    return D._signal_flags(
+    return D.signal.signal_flags(
         [
             {"act_std": 1.0, "grad_norm": grad_ratio},
             {"act_std": act_ratio, "grad_norm": 1.0},

@@ -235,7 +235,8 @@ def test_cli_divergence_summary_metrics_and_continuation(tmp_path, capsys):
 
 
 def test_huge_final_loss_warns():
-    from jtricks.run import History, _huge_loss_warning
+    from jtricks.run.outputs import History
+    from jtricks.run.outputs import huge_loss_warning as _huge_loss_warning
 
     history = History([{"epoch": 1, "step": 5, "initial_loss": 1.1}])
     assert _huge_loss_warning(history, 9e18).startswith("the final test loss 9e+18 is")
@@ -287,7 +288,7 @@ def test_a_full_disk_for_the_plot_and_the_space_check(tmp_path, capsys, monkeypa
     import errno
     from collections import namedtuple
 
-    import jtricks.run as run_mod
+    import jtricks.plotting as run_mod
     import jtricks.training.checkpoint as ckpt
 
     def no_space(*a, **k):
@@ -296,10 +297,10 @@ def test_a_full_disk_for_the_plot_and_the_space_check(tmp_path, capsys, monkeypa
     run = tmp_path / "run"
     args = ["train", *_npz(tmp_path), "--epochs", "2", "--no-progress"]
     with monkeypatch.context() as m:
-        real = run_mod._atomic_write
+        real = run_mod.atomic_write
         m.setattr(  # the disk fills while the PNG is written
             run_mod,
-            "_atomic_write",
+            "atomic_write",
             lambda path, write: real(path, no_space if path.suffix == ".png" else write),
         )
         status = main([*args, "--out", str(run)])

@@ -30,7 +30,7 @@ from jtricks.optim import fused
 from jtricks.tasks import as_task
 from jtricks.training import create_train_state, evaluate, fit
 from jtricks.training.checkpoint import list_checkpoints
-from jtricks.training.fit import compiled_steps
+from jtricks.training.compiled import compiled_steps
 from jtricks.training.streaming import chunk_plan, default_chunk, make_chunk_fn
 
 HERE = Path(__file__).parent

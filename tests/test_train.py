@@ -12,7 +12,7 @@ from jtricks.data import epoch_indices
 from jtricks.errors import ConfigError
 from jtricks.nn import MLP
 from jtricks.training import create_train_state, evaluate, fit, make_train_step
-from jtricks.training.fit import compiled_functions
+from jtricks.training.compiled import compiled_functions
 
 MODEL = MLP(num_classes=4, features=(16,))
 

@@ -1,7 +1,8 @@
 """Optimizer benchmark suite (T21): `jtricks bench` and `jtricks bench compare`."""
 
 from jtricks.bench.problems import OPTIMIZERS, SUITES, Problem, suite_problems
-from jtricks.bench.runner import SCHEMA, compare, jsonable, markdown, plot, run_suite, score
+from jtricks.bench.report import compare, markdown, plot
+from jtricks.bench.runner import SCHEMA, jsonable, run_suite, score
 from jtricks.bench.scoring import performance_profile, performance_ratios, profile_score
 
 __all__ = [

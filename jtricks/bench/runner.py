@@ -31,7 +31,6 @@ import math
 import statistics
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -223,94 +222,24 @@ def run_suite(
     ``optimizers``: specs (strings, named in the results as written), Python callables
     ``lr -> GradientTransformation`` (named by ``__name__``), or a dict ``{label: spec}``
     for any mix (see `labelled_optimizers`); default: the suite's own list."""
-    if suite not in SUITES:
-        raise unknown_name("suite", suite, SUITES)
-    all_problems = suite_problems(suite)
-    if problems is not None:
-        names = {p.name for p in all_problems}
-        for name in problems:
-            if name not in names:
-                raise unknown_name("problem", name, names)
-        all_problems = [p for p in all_problems if p.name in problems]
+    all_problems = _select(suite, problems)
     specs = labelled_optimizers(optimizers or OPTIMIZERS[suite])
     optimizers = list(specs)
     for spec in specs.values():
         build_optimizer(spec)  # any optimizer spec; a bad one is a ConfigError before any run
     seeds = check_int("seeds", seeds if seeds is not None else SEEDS[suite], low=1)
-    lo, hi, num = LR_GRIDS[suite]
-    grid = np.geomspace(lo, hi, num)
-
-    from jtricks.run import environment
-
+    grid = np.geomspace(*LR_GRIDS[suite])
     optim_problems = [p for p in all_problems if p.kind == "optimize"]
     tp_problems = [p for p in all_problems if p.kind == "throughput"]
     total = len(optim_problems) * len(optimizers) * (1 + seeds) + len(tp_problems) * len(optimizers)
     bar = _Progress(total) if progress else None
-    results: dict[str, Any] = {
-        "schema": SCHEMA,
-        "suite": suite,
-        "environment": environment(),
-        "protocol": {"lr_grid": grid.tolist(), "seeds": seeds, "tau_max": 4.0},
-        "problems": [
-            {
-                "name": p.name,
-                "description": p.description,
-                "kind": p.kind,
-                "metric": p.metric,
-                "target": p.target,
-                "steps": p.steps,
-                "eval_every": p.eval_every,
-            }
-            for p in all_problems
-        ],
-        "optimizers": optimizers,
-        "runs": [],
-        "throughput": [],
-    }
+    results = _header(suite, all_problems, optimizers, grid, seeds)
     t_suite = time.perf_counter()
     try:
         for problem in optim_problems:
             inst = problem.build()
             for opt in optimizers:
-                if bar:
-                    bar.describe(f"{problem.name} / {opt}: tuning")
-                t = time.perf_counter()
-                finals = tune(problem, inst, specs[opt], grid)
-                tune_s = time.perf_counter() - t
-                best = 0
-                for i in range(1, len(grid)):
-                    if _better(problem, finals[i], finals[best]):
-                        best = i
-                if bar:
-                    bar.advance()
-                    bar.describe(f"{problem.name} / {opt}: {seeds} seeds at lr {grid[best]:.2g}")
-                compile_s, runs = timed_runs(
-                    problem,
-                    inst,
-                    specs[opt],
-                    float(grid[best]),
-                    seeds,
-                    bar.advance if bar else None,
-                )
-                ttt = [r["time_to_target_s"] for r in runs]
-                results["runs"].append(
-                    {
-                        "problem": problem.name,
-                        "optimizer": opt,
-                        "lr": float(grid[best]),
-                        "tune_final_metric": [float(v) if np.isfinite(v) else None for v in finals],
-                        "tune_s": tune_s,
-                        "compile_s": compile_s,
-                        "seeds": runs,
-                        "median_time_to_target_s": _median_inf(ttt),
-                        "median_time_to_target_with_compile_s": _median_inf(
-                            [r["time_to_target_with_compile_s"] for r in runs]
-                        ),
-                        "reached": sum(math.isfinite(v) for v in ttt),
-                        "steps_per_s": statistics.median(r["steps_per_s"] for r in runs),
-                        "final_metric": statistics.median(r["final_metric"] for r in runs),
-                    }
-                )
+                results["runs"].append(_tuned_run(problem, inst, opt, specs[opt], grid, seeds, bar))
         for problem in tp_problems:
             inst = problem.build()
             for opt in optimizers:
@@ -325,6 +254,83 @@ def run_suite(
     results["wall_s"] = time.perf_counter() - t_suite
     results["scores"] = score(results)
     return results
+
+
+def _select(suite: str, problems: list[str] | None) -> list[Problem]:
+    """The suite's problems, or the named subset of them."""
+    if suite not in SUITES:
+        raise unknown_name("suite", suite, SUITES)
+    all_problems = suite_problems(suite)
+    if problems is None:
+        return all_problems
+    names = {p.name for p in all_problems}
+    for name in problems:
+        if name not in names:
+            raise unknown_name("problem", name, names)
+    return [p for p in all_problems if p.name in problems]
+
+
+def _header(suite: str, problems: list[Problem], optimizers: list[str], grid, seeds: int) -> dict:
+    """The results dict before any run: schema, environment, protocol and problems."""
+    from jtricks.rundir import environment
+
+    return {
+        "schema": SCHEMA,
+        "suite": suite,
+        "environment": environment(),
+        "protocol": {"lr_grid": grid.tolist(), "seeds": seeds, "tau_max": 4.0},
+        "problems": [
+            {
+                "name": p.name,
+                "description": p.description,
+                "kind": p.kind,
+                "metric": p.metric,
+                "target": p.target,
+                "steps": p.steps,
+                "eval_every": p.eval_every,
+            }
+            for p in problems
+        ],
+        "optimizers": optimizers,
+        "runs": [],
+        "throughput": [],
+    }
+
+
+def _tuned_run(problem: Problem, inst, opt: str, spec: Any, grid, seeds: int, bar) -> dict:
+    """Tune the learning rate of optimizer ``opt`` on the grid, then time ``seeds`` runs at
+    the best rate: one entry of ``results["runs"]``."""
+    if bar:
+        bar.describe(f"{problem.name} / {opt}: tuning")
+    t = time.perf_counter()
+    finals = tune(problem, inst, spec, grid)
+    tune_s = time.perf_counter() - t
+    best = 0
+    for i in range(1, len(grid)):
+        if _better(problem, finals[i], finals[best]):
+            best = i
+    if bar:
+        bar.advance()
+        bar.describe(f"{problem.name} / {opt}: {seeds} seeds at lr {grid[best]:.2g}")
+    lr = float(grid[best])
+    compile_s, runs = timed_runs(problem, inst, spec, lr, seeds, bar.advance if bar else None)
+    ttt = [r["time_to_target_s"] for r in runs]
+    return {
+        "problem": problem.name,
+        "optimizer": opt,
+        "lr": lr,
+        "tune_final_metric": [float(v) if np.isfinite(v) else None for v in finals],
+        "tune_s": tune_s,
+        "compile_s": compile_s,
+        "seeds": runs,
+        "median_time_to_target_s": _median_inf(ttt),
+        "median_time_to_target_with_compile_s": _median_inf(
+            [r["time_to_target_with_compile_s"] for r in runs]
+        ),
+        "reached": sum(math.isfinite(v) for v in ttt),
+        "steps_per_s": statistics.median(r["steps_per_s"] for r in runs),
+        "final_metric": statistics.median(r["final_metric"] for r in runs),
+    }
 
 
 def labelled_optimizers(optimizers: Sequence[Any] | Mapping[str, Any]) -> dict[str, Any]:
@@ -438,219 +444,3 @@ def jsonable(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [jsonable(v) for v in obj]
     return obj
-
-
-def _fmt_time(v: float | None) -> str:
-    return "—" if v is None or not math.isfinite(v) else f"{v:.3g}"
-
-
-def markdown(results: dict[str, Any]) -> str:
-    """The results as markdown tables: time-to-target, scores, overhead, throughput."""
-    env = results["environment"]
-    opts = results["optimizers"]
-    lines = [
-        f"# jtricks bench — suite `{results['suite']}`",
-        "",
-        f"Device: {env['device_kind']} ({env['platform']}, {env['device_count']} device(s)); "
-        f"jax {env['jax']}, jaxlib {env['jaxlib']}; {results['protocol']['seeds']} seeds; "
-        f"suite wall time {results.get('wall_s', float('nan')):.0f} s.",
-        "",
-    ]
-    if results["runs"]:
-        lines += [
-            "Median time-to-target in seconds without compilation (learning rate tuned on "
-            "the validation split; seeds that reached the target; `—`: not reached).",
-            "",
-            "| problem | target | " + " | ".join(opts) + " |",
-            "| --- | --- | " + " | ".join("---:" for _ in opts) + " |",
-        ]
-        by = {(r["problem"], r["optimizer"]): r for r in results["runs"]}
-        for p in results["problems"]:
-            if p["kind"] != "optimize":
-                continue
-            cells = []
-            for o in opts:
-                r = by.get((p["name"], o))
-                cells.append(
-                    "n/a"
-                    if r is None
-                    else f"{_fmt_time(r['median_time_to_target_s'])} (lr {r['lr']:.2g}, {r['reached']}/{len(r['seeds'])})"
-                )
-            lines.append(
-                f"| {p['name']} | {p['metric']} {'≤' if p['metric'] == 'loss' else '≥'} {p['target']:g} | "
-                + " | ".join(cells)
-                + " |"
-            )
-        sc = results["scores"].get("score", {})
-        lines += [
-            "",
-            "Performance-profile score over tau in [1, 4] (1 = fastest on every problem):",
-            "",
-            "| " + " | ".join(opts) + " |",
-            "| " + " | ".join("---:" for _ in opts) + " |",
-            "| " + " | ".join(f"{sc.get(o, float('nan')):.3f}" for o in opts) + " |",
-        ]
-    ov = results["scores"].get("overhead_vs_sgd", {})
-    if ov:
-        lines += [
-            "",
-            "Runtime per step relative to SGD on the same problem (DeepOBS overhead):",
-            "",
-            "| problem | " + " | ".join(opts) + " |",
-            "| --- | " + " | ".join("---:" for _ in opts) + " |",
-        ]
-        for p, row in ov.items():
-            lines.append(
-                f"| {p} | " + " | ".join(f"{row.get(o, float('nan')):.2f}" for o in opts) + " |"
-            )
-    if results.get("throughput"):
-        lines += [
-            "",
-            "| throughput problem | optimizer | batch | images/s | MFU | compile s |",
-            "| --- | --- | ---: | ---: | ---: | ---: |",
-        ]
-        for t in results["throughput"]:
-            mfu = "—" if t["mfu"] is None else f"{100 * t['mfu']:.1f}%"
-            lines.append(
-                f"| {t['problem']} | {t['optimizer']} | {t['batch_size']} | {t['images_per_s']:,.0f} | {mfu} | {t['compile_s']:.1f} |"
-            )
-    return "\n".join(lines) + "\n"
-
-
-def plot(results: dict[str, Any], out: Path) -> None:
-    """``curves.png`` (validation metric against steps, every seed) and ``profile.png``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    optim = [p for p in results["problems"] if p["kind"] == "optimize"]
-    if optim:
-        cols = min(3, len(optim))
-        rows = -(-len(optim) // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.5 * rows), squeeze=False)
-        for ax, p in zip(axes.flat, optim, strict=False):
-            for i, o in enumerate(results["optimizers"]):
-                for r in results["runs"]:
-                    if r["problem"] == p["name"] and r["optimizer"] == o:
-                        for j, s in enumerate(r["seeds"]):
-                            ax.plot(
-                                s["steps"],
-                                s["metric"],
-                                color=f"C{i}",
-                                alpha=0.8,
-                                label=o if j == 0 else None,
-                            )
-            ax.axhline(p["target"], color="k", ls=":", lw=1)
-            ax.set(title=p["name"], xlabel="step", ylabel=f"validation {p['metric']}")
-            if p["metric"] == "loss":
-                ax.set_yscale("log")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        for ax in list(axes.flat)[len(optim) :]:
-            ax.axis("off")
-        fig.tight_layout()
-        fig.savefig(out / "curves.png", dpi=100)
-        plt.close(fig)
-    prof = results["scores"].get("profile")
-    if prof:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for o in results["optimizers"]:
-            ax.step(
-                prof["taus"],
-                prof[o],
-                where="post",
-                label=f"{o} ({results['scores']['score'][o]:.2f})",
-            )
-        ax.set(
-            xlabel="tau (time-to-target / best)",
-            ylabel="fraction of problems",
-            title="performance profile",
-            ylim=(0, 1.05),
-        )
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "profile.png", dpi=100)
-        plt.close(fig)
-
-
-def compare(paths: list[str]) -> str:
-    """Side-by-side tables across result files (e.g. CPU vs GPU), with speedups vs the first."""
-    import json
-
-    if len(paths) < 2:
-        raise ConfigError("compare needs at least two results.json files", param="compare")
-    loaded = []
-    for path in paths:
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"cannot read bench results {path!r}: {e}", param="compare") from None
-        if data.get("schema") != SCHEMA:
-            raise ConfigError(
-                f"{path!r} is not a jtricks bench results file (schema {data.get('schema')!r}, "
-                f"expected {SCHEMA!r})",
-                param="compare",
-            )
-        loaded.append(data)
-    labels = [f"{d['environment']['device_kind']} [{i}]" for i, d in enumerate(loaded)]
-    lines = ["files: " + "; ".join(f"[{i}] {p}" for i, p in enumerate(paths)), ""]
-
-    def table(title, rows, key):
-        lines.extend(
-            [
-                title,
-                "",
-                "| problem | optimizer | "
-                + " | ".join(labels)
-                + " | "
-                + " | ".join(f"speedup [{i}]/[0]" for i in range(1, len(loaded)))
-                + " |",
-            ]
-        )
-        lines.append(
-            "| --- | --- | " + " | ".join("---:" for _ in range(2 * len(loaded) - 1)) + " |"
-        )
-        for k in rows:
-            vals = [maps[k] if k in maps else None for maps in key]
-            cells = [("—" if v is None or not math.isfinite(v) else f"{v:,.2f}") for v in vals]
-            speed = []
-            for v in vals[1:]:
-                base = vals[0]
-                ok = (
-                    v is not None
-                    and base is not None
-                    and math.isfinite(v)
-                    and math.isfinite(base)
-                    and v > 0
-                )
-                speed.append(
-                    f"{(v / base if title.startswith('steps') or title.startswith('images') else base / v):.2f}x"
-                    if ok
-                    else "—"
-                )
-            lines.append(
-                f"| {k[0]} | {k[1]} | " + " | ".join(cells) + " | " + " | ".join(speed) + " |"
-            )
-        lines.append("")
-
-    rate = [{(r["problem"], r["optimizer"]): r["steps_per_s"] for r in d["runs"]} for d in loaded]
-    ttt = [
-        {(r["problem"], r["optimizer"]): r["median_time_to_target_s"] for r in d["runs"]}
-        for d in loaded
-    ]
-    imgs = [
-        {(t["problem"], t["optimizer"]): t["images_per_s"] for t in d.get("throughput", [])}
-        for d in loaded
-    ]
-    keys = [k for k in rate[0] if all(k in m for m in rate[1:])]
-    if keys:
-        table("steps/s (median over seeds)", keys, rate)
-        table("time-to-target, s without compilation (speedup = first / other)", keys, ttt)
-    tkeys = [k for k in imgs[0] if all(k in m for m in imgs[1:])]
-    if tkeys:
-        table("images/s", tkeys, imgs)
-    if not keys and not tkeys:
-        lines.append("no (problem, optimizer) pair is present in every file")
-    return "\n".join(lines)

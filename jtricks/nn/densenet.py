@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jtricks.errors import ConfigError, check_range
 from jtricks.nn.initializers import get_initializer
 from jtricks.nn.layers import conv, normalize
-from jtricks.nn.models import _Base, _positive_ints, get_activation
+from jtricks.nn.models import ModelBase, positive_ints, get_activation
 
 
 class DenseLayer(nn.Module):
@@ -65,7 +65,7 @@ class DenseLayer(nn.Module):
         return jnp.concatenate([x, h], axis=-1)
 
 
-class DenseNet(_Base):
+class DenseNet(ModelBase):
     """DenseNet-BC (see the module docstring). ``layers`` gives the number of layers of
     each dense block; by default three blocks of ``(depth - 4) // 6``. ``stem`` defaults
     to ``2 * growth`` channels; ``stem_kernel`` is 3 for images (5 suits MNIST-1D). The
@@ -90,9 +90,9 @@ class DenseNet(_Base):
 
     def __post_init__(self) -> None:
         for name in ("growth", "bottleneck", "stem_kernel"):
-            _positive_ints(name, (getattr(self, name),))
+            positive_ints(name, (getattr(self, name),))
         if self.layers is not None:
-            _positive_ints("layers", self.layers)
+            positive_ints("layers", self.layers)
         elif not isinstance(self.depth, int) or self.depth < 10 or (self.depth - 4) % 6:
             raise ConfigError(
                 f"depth must be 6n + 4 for three blocks of n bottleneck layers (e.g. 40, "
@@ -100,7 +100,7 @@ class DenseNet(_Base):
                 param="depth",
             )
         if self.stem is not None:
-            _positive_ints("stem", (self.stem,))
+            positive_ints("stem", (self.stem,))
         check_range("compression", self.compression, low=0.0, high=1.0, low_inclusive=False)
         super().__post_init__()
 

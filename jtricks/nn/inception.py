@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jtricks.errors import ConfigError
 from jtricks.nn.initializers import get_initializer
 from jtricks.nn.layers import conv, normalize, uses_bias
-from jtricks.nn.models import _Base, _positive_ints, get_activation
+from jtricks.nn.models import ModelBase, positive_ints, get_activation
 
 
 class InceptionBlock(nn.Module):
@@ -72,7 +72,7 @@ class InceptionBlock(nn.Module):
         return jnp.concatenate([b1, b3, b5, bp], axis=-1)
 
 
-class Inception(_Base):
+class Inception(ModelBase):
     """A small Inception network: a ``stem_kernel`` convolution of ``stem`` channels
     (``conv -> norm -> act``), then one stage per entry of ``widths`` of ``blocks``
     `InceptionBlock` s of that width, a 3x3 max pool of stride 2 between stages, global
@@ -92,10 +92,10 @@ class Inception(_Base):
     initializer: str = "he_normal"
 
     def __post_init__(self) -> None:
-        _positive_ints("widths", self.widths)
-        _positive_ints("stem", (self.stem,))
-        _positive_ints("stem_kernel", (self.stem_kernel,))
-        _positive_ints("blocks", (self.blocks,))
+        positive_ints("widths", self.widths)
+        positive_ints("stem", (self.stem,))
+        positive_ints("stem_kernel", (self.stem_kernel,))
+        positive_ints("blocks", (self.blocks,))
         if any(w % 16 for w in self.widths):
             raise ConfigError(
                 f"widths must be multiples of 16 (the branches take 1/4, 1/2, 1/8, 1/8 and "

@@ -50,7 +50,7 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
     return ACTIVATIONS[name]
 
 
-def _positive_ints(name: str, values: Sequence[int]) -> None:
+def positive_ints(name: str, values: Sequence[int]) -> None:
     if isinstance(values, int) or not all(
         isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values
     ):
@@ -59,14 +59,14 @@ def _positive_ints(name: str, values: Sequence[int]) -> None:
         )
 
 
-def _as_sequence(x: jax.Array) -> jax.Array:
+def as_sequence(x: jax.Array) -> jax.Array:
     """``(N, L)`` -> ``(N, L, 1)``; ``(N, L, ...)`` -> ``(N, L, F)``: L steps of F features."""
     if x.ndim == 2:
         x = x[..., None]
     return x.reshape((x.shape[0], x.shape[1], -1))
 
 
-class _Base(nn.Module):
+class ModelBase(nn.Module):
     """Options every model shares; validated when the module is built."""
 
     num_classes: int = 10
@@ -103,7 +103,7 @@ class _Base(nn.Module):
         )(x)
 
 
-class MLP(_Base):
+class MLP(ModelBase):
     """Multi-layer perceptron: flatten, then per hidden layer ``Dense -> norm -> act -> dropout``,
     then a linear head. With ``residual=True``, a layer whose width equals its input's
     adds its input: ``x <- x + F(x)`` (T22).
@@ -117,7 +117,7 @@ class MLP(_Base):
     initializer: str = "uniform"
 
     def __post_init__(self) -> None:
-        _positive_ints("features", self.features)
+        positive_ints("features", self.features)
         super().__post_init__()
 
     @nn.compact
@@ -138,7 +138,7 @@ class MLP(_Base):
         return self._head(x)
 
 
-class CNN1D(_Base):
+class CNN1D(ModelBase):
     """The MNIST-1D paper's 1-D CNN: three conv layers, then a linear head.
 
     Defaults: 25 channels each, kernels 5/3/3, stride 2, padding 1, ReLU and
@@ -166,7 +166,7 @@ class CNN1D(_Base):
                 param="channels",
             )
         for name in ("channels", "kernel_sizes", "strides"):
-            _positive_ints(name, getattr(self, name))
+            positive_ints(name, getattr(self, name))
         if self.conv_impl not in ("slices", "lax"):
             raise ConfigError(
                 f"conv_impl must be 'slices' or 'lax'; got {self.conv_impl!r}", param="conv_impl"
@@ -236,7 +236,7 @@ class ResidualBlock(nn.Module):
 
 
 def _residual_stages(
-    module: _Base,
+    module: ModelBase,
     x: jax.Array,
     stage_sizes: Sequence[int],
     widths: Sequence[int],
@@ -262,7 +262,7 @@ def _residual_stages(
     return x
 
 
-class ResNet(_Base):
+class ResNet(ModelBase):
     """CIFAR-style ResNet (T22): 3x3 stem, stages of `ResidualBlock`s (the first block of
     every stage after the first halves the resolution), global average pool, linear head.
 
@@ -280,8 +280,8 @@ class ResNet(_Base):
     initializer: str = "he_normal"
 
     def __post_init__(self) -> None:
-        _positive_ints("stage_sizes", self.stage_sizes)
-        _positive_ints("widths", self.widths)
+        positive_ints("stage_sizes", self.stage_sizes)
+        positive_ints("widths", self.widths)
         if len(self.stage_sizes) != len(self.widths):
             raise ConfigError("stage_sizes and widths must have equal lengths", param="widths")
         super().__post_init__()
@@ -325,7 +325,7 @@ def resnet18(
     return ResNet(num_classes=num_classes, stage_sizes=stage_sizes, widths=widths, **kwargs)
 
 
-class WideResCNN1D(_Base):
+class WideResCNN1D(ModelBase):
     """Wider residual variant of the MNIST-1D CNN: a 5-wide stem conv, then stages of
     `ResidualBlock`s (1-D), global average pool and a linear head. Defaults: widths 64/128,
     two blocks each, batch norm."""
@@ -348,7 +348,7 @@ class WideResCNN1D(_Base):
         return self._head(jnp.mean(x, axis=1))
 
 
-class RNNClassifier(_Base):
+class RNNClassifier(ModelBase):
     """LSTM or GRU sequence classifier (T23): ``layers`` recurrent layers of ``hidden`` units
     (optionally bidirectional), then a linear head on the final hidden state (forward's last
     step, concatenated with backward's first step when bidirectional). Between layers:
@@ -371,13 +371,13 @@ class RNNClassifier(_Base):
     def __post_init__(self) -> None:
         if self.cell not in ("lstm", "gru"):
             raise ConfigError(f"cell must be 'lstm' or 'gru'; got {self.cell!r}", param="cell")
-        _positive_ints("hidden", (self.hidden,))
-        _positive_ints("layers", (self.layers,))
+        positive_ints("hidden", (self.hidden,))
+        positive_ints("layers", (self.layers,))
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        x = _as_sequence(x)
+        x = as_sequence(x)
         cell_cls = nn.OptimizedLSTMCell if self.cell == "lstm" else nn.GRUCell
         kinit, act = get_initializer(self.initializer), get_activation(self.activation)
         for i in range(self.layers):
@@ -402,7 +402,7 @@ class RNNClassifier(_Base):
         return self._head(self._drop(last, train))
 
 
-class Transformer(_Base):
+class Transformer(ModelBase):
     """Pre-norm transformer encoder classifier (T24).
 
     Each position's features are embedded by a Dense layer to ``d_model`` and a learned
@@ -425,7 +425,7 @@ class Transformer(_Base):
 
     def __post_init__(self) -> None:
         for name in ("d_model", "heads", "layers", "mlp_ratio"):
-            _positive_ints(name, (getattr(self, name),))
+            positive_ints(name, (getattr(self, name),))
         if self.d_model % self.heads:
             raise ConfigError(
                 f"d_model ({self.d_model}) must be divisible by heads ({self.heads})", param="heads"
@@ -458,7 +458,7 @@ class Transformer(_Base):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        x = _as_sequence(x)
+        x = as_sequence(x)
         kinit = get_initializer(self.initializer)
         x = nn.Dense(self.d_model, kernel_init=kinit, name="embed")(x)
         x = self._drop(x + self._positions(x.shape[1]), train)

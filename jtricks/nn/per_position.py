@@ -15,10 +15,10 @@ import jax
 from jtricks.errors import ConfigError
 from jtricks.nn.initializers import get_initializer
 from jtricks.nn.layers import bias_init_for, normalize
-from jtricks.nn.models import Transformer, _as_sequence, _Base, _positive_ints, get_activation
+from jtricks.nn.models import Transformer, as_sequence, ModelBase, positive_ints, get_activation
 
 
-class FCN1D(_Base):
+class FCN1D(ModelBase):
     """A fully convolutional 1-D network: per layer ``conv (SAME, dilated) -> norm -> act ->
     dropout``, a residual connection where the width is unchanged, and a per-position
     linear head, so ``(N, L)`` or ``(N, L, C)`` signals give ``(N, L, num_classes)`` logits.
@@ -37,9 +37,9 @@ class FCN1D(_Base):
     kernel_size: int = 5
 
     def __post_init__(self) -> None:
-        _positive_ints("channels", self.channels)
-        _positive_ints("dilations", self.dilations)
-        _positive_ints("kernel_size", (self.kernel_size,))
+        positive_ints("channels", self.channels)
+        positive_ints("dilations", self.dilations)
+        positive_ints("kernel_size", (self.kernel_size,))
         if len(self.channels) != len(self.dilations):
             raise ConfigError(
                 f"channels and dilations must have equal lengths; got {len(self.channels)} "
@@ -51,7 +51,7 @@ class FCN1D(_Base):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         act, kinit = get_activation(self.activation), get_initializer(self.initializer)
-        x = _as_sequence(x)
+        x = as_sequence(x)
         for i, (ch, d) in enumerate(zip(self.channels, self.dilations, strict=True)):
             h = nn.Conv(
                 ch,

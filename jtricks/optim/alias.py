@@ -8,7 +8,7 @@ import optax
 from jtricks.errors import check_range
 from jtricks.optim.transforms import (
     MaskSpec,
-    _check_lr,
+    check_lr,
     decoupled_weight_decay,
     momentum_chain,
     normalize_by_global_norm,
@@ -20,7 +20,7 @@ ScalarOrSchedule = optax.ScalarOrSchedule
 
 def sgd(learning_rate: ScalarOrSchedule) -> optax.GradientTransformation:
     """Mini-batch SGD (T12): ``w <- w - eta g``."""
-    _check_lr(learning_rate)
+    check_lr(learning_rate)
     return optax.chain(optax.scale_by_learning_rate(learning_rate))
 
 
@@ -51,7 +51,7 @@ def adagrad(
 
     ``eps_in_sqrt=False`` gives PyTorch's ``g / (sqrt(r) + eps)``. See `scale_by_adagrad`.
     """
-    _check_lr(learning_rate)
+    check_lr(learning_rate)
     return optax.chain(
         scale_by_adagrad(eps, eps_in_sqrt=eps_in_sqrt, initial_accumulator=initial_accumulator),
         optax.scale_by_learning_rate(learning_rate),
@@ -62,7 +62,7 @@ def normalized_sgd(
     learning_rate: ScalarOrSchedule, eps: float = 0.0
 ) -> optax.GradientTransformation:
     """Normalised gradient descent (T15): ``w <- w - eta g / ||g||`` with the global L2 norm."""
-    _check_lr(learning_rate)
+    check_lr(learning_rate)
     return optax.chain(normalize_by_global_norm(eps), optax.scale_by_learning_rate(learning_rate))
 
 
@@ -89,7 +89,7 @@ def rmsprop(
     References:
       Tieleman & Hinton, Lecture 6.5 (2012); Graves, https://arxiv.org/abs/1308.0850
     """
-    _check_lr(learning_rate)
+    check_lr(learning_rate)
     check_range("decay", decay, low=0.0, high=1.0, high_inclusive=False)
     check_range("eps", eps, low=0.0)
     scale = optax.scale_by_stddev if centered else optax.scale_by_rms
@@ -118,7 +118,7 @@ def adam(
     References:
       Kingma & Ba, "Adam: A Method for Stochastic Optimization" (2015), https://arxiv.org/abs/1412.6980
     """
-    _check_lr(learning_rate)
+    check_lr(learning_rate)
     for name, b in (("b1", b1), ("b2", b2)):
         check_range(name, b, low=0.0, high=1.0, high_inclusive=False)
     check_range("eps", eps, low=0.0)
@@ -157,7 +157,7 @@ def adadelta(
     References:
       Zeiler, "ADADELTA: An Adaptive Learning Rate Method" (2012), https://arxiv.org/abs/1212.5701
     """
-    _check_lr(learning_rate)
+    check_lr(learning_rate)
     check_range("rho", rho, low=0.0, high=1.0, high_inclusive=False)
     return optax.chain(
         optax.scale_by_adadelta(rho, eps), optax.scale_by_learning_rate(learning_rate)

@@ -27,7 +27,7 @@ def _lr_at(learning_rate: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array
     return learning_rate(count) if callable(learning_rate) else jnp.asarray(learning_rate)
 
 
-def _check_lr(learning_rate: optax.ScalarOrSchedule) -> None:
+def check_lr(learning_rate: optax.ScalarOrSchedule) -> None:
     """Validate a Python-number learning rate at construction (schedules and traced values pass)."""
     if isinstance(learning_rate, int | float) and not isinstance(learning_rate, bool):
         check_range("learning_rate", learning_rate, low=0.0, low_inclusive=False)
@@ -155,7 +155,7 @@ def momentum_chain(
             f"form must be one of {', '.join(MOMENTUM_FORMS)}; got {form!r}", param="form"
         )
     check_range("gamma", gamma, low=0.0, high=1.0, high_inclusive=False)
-    _check_lr(learning_rate)
+    check_lr(learning_rate)
     if form == "classic":
         return optax.chain(
             optax.scale_by_learning_rate(learning_rate), optax.trace(gamma, nesterov=nesterov)

@@ -19,46 +19,15 @@ from jtricks.optim import contract
 from jtricks.optim.fused import flat_train_state, is_fused, tree_train_state
 from jtricks.optim.pipeline import current_learning_rate
 from jtricks.tasks import Task, as_task, batch_sums, finalize, train_metrics
+from jtricks.training import gradients as grad_lib
+from jtricks.training.gradients import Batch, cast_floats, num_examples
 from jtricks.training.model import apply_model
 from jtricks.training.state import TrainState
 
 PRECISIONS = {"float32": None, "bf16": jnp.bfloat16}
 
-Batch = Any  # a pytree of arrays with a common leading (example) axis
 Metrics = dict[str, jax.Array]
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
-
-
-def num_examples(batch: Batch) -> int:
-    """The common leading dimension of a batch pytree."""
-    return jax.tree.leaves(batch)[0].shape[0]
-
-
-def _cast(tree: Any, dtype: Any) -> Any:
-    """Floating leaves of ``tree`` cast to ``dtype`` (integer leaves, e.g. tokens, kept)."""
-    return jax.tree.map(
-        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree
-    )
-
-
-def _objective(task: Task, outputs: Any, batch: Batch, total: jax.Array | None) -> jax.Array:
-    """``sum_i w_i l_i / W``: the task's weighted mean loss. ``W`` is ``total`` when given (the
-    whole batch's weight, so that micro-batch objectives add up to the batch's), else this
-    batch's own ``sum_i w_i``."""
-    loss = task.loss(outputs, batch)
-    weight = task.loss_weight(batch)
-    if weight is None:
-        return jnp.mean(loss) if total is None else jnp.sum(loss) / total
-    return jnp.sum(weight * loss) / (jnp.sum(weight) if total is None else total)
-
-
-def _micro_batches(batch: Batch, accumulate: int) -> Batch:
-    n = num_examples(batch)
-    if n % accumulate:
-        raise ValueError(
-            f"batch of {n} is not divisible into accumulate={accumulate} micro-batches"
-        )
-    return jax.tree.map(lambda a: a.reshape(accumulate, n // accumulate, *a.shape[1:]), batch)
 
 
 def make_train_step(
@@ -122,47 +91,8 @@ def make_train_step(
         )
     task = as_task(task, loss_fn)
     accumulate = check_int("accumulate", accumulate, low=1)
-    compute_dtype = PRECISIONS[precision]
-
-    def forward(state, params, batch, key, total):
-        """Objective, outputs and new BatchNorm statistics of one (micro-)batch."""
-        inputs = task.inputs(batch)
-        if compute_dtype is not None:
-            params, inputs = _cast(params, compute_dtype), _cast(inputs, compute_dtype)
-        outputs, batch_stats = apply_model(state, params, inputs, train=True, key=key)
-        outputs = _cast(outputs, jnp.float32)
-        if compute_dtype is not None:  # keep the statistics' own dtype
-            batch_stats = jax.tree.map(
-                lambda n, o: n.astype(o.dtype), batch_stats, state.batch_stats
-            )
-        return _objective(task, outputs, batch, total), (outputs, batch_stats)
-
-    def gradients(state, batch, key):
-        if accumulate == 1:
-            return jax.value_and_grad(lambda p: forward(state, p, batch, key, None), has_aux=True)(
-                state.params
-            )
-        weight = task.loss_weight(batch)
-        total = jnp.float32(num_examples(batch)) if weight is None else jnp.sum(weight)
-
-        def micro(carry, inp):
-            grads_sum, loss_sum, stats = carry
-            mb, k = inp
-            (loss, (outputs, stats)), g = jax.value_and_grad(
-                lambda p: forward(state.replace(batch_stats=stats), p, mb, k, total),
-                has_aux=True,
-            )(state.params)
-            return (jax.tree.map(jnp.add, grads_sum, g), loss_sum + loss, stats), outputs
-
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        keys = jax.random.split(key, accumulate)
-        (grads, loss, stats), outputs = jax.lax.scan(
-            micro,
-            (zeros, jnp.zeros((), jnp.float32), state.batch_stats),
-            (_micro_batches(batch, accumulate), keys),
-        )
-        outputs = jax.tree.map(lambda o: o.reshape(-1, *o.shape[2:]), outputs)
-        return (loss, (outputs, stats)), grads
+    forward = partial(grad_lib.forward, task, PRECISIONS[precision])
+    gradients = partial(grad_lib.gradients, forward, task, accumulate)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         dropout_key = jax.random.fold_in(state.key, state.step)
@@ -179,25 +109,14 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, **train_metrics(task, outputs, batch)}
         if skip_nonfinite:
-            grad_norm = optax.tree.norm(grads)
-            # an update that overflows the parameters (|w| ~ 1e19 already squares to inf in
-            # the norm) is refused too, so exploding runs keep usable parameters
-            finite = (
-                jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
+            finite = _finite(loss, grads, params)
+            params, opt_state, batch_stats = jax.tree.map(
+                lambda a, b: jnp.where(finite, a, b),
+                (params, opt_state, batch_stats),
+                (state.params, state.opt_state, state.batch_stats),
             )
-            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-            params = keep(params, state.params)
-            opt_state = keep(opt_state, state.opt_state)
-            batch_stats = keep(batch_stats, state.batch_stats)
             metrics["nonfinite"] = (~finite).astype(jnp.int32)
-        lr = current_learning_rate(opt_state)  # the new state holds the rate this step used
-        if lr is not None:
-            metrics["learning_rate"] = jnp.asarray(lr, jnp.float32)
-        if norms:
-            metrics["grad_norm"] = optax.tree.norm(grads)
-        if update_norm:
-            metrics["update_norm"] = optax.tree.norm(updates)
-            metrics["param_norm"] = optax.tree.norm(params)
+        metrics.update(_norms(opt_state, grads, updates, params, norms, update_norm))
         new_state = state.replace(
             step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats
         )
@@ -208,6 +127,29 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
+
+
+def _finite(loss: jax.Array, grads: Any, params: Any) -> jax.Array:
+    """Whether a step may be kept: a finite loss and gradient, and parameters whose norm
+    did not overflow (|w| ~ 1e19 already squares to inf), so exploding runs keep usable
+    parameters."""
+    grad_norm = optax.tree.norm(grads)
+    return jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
+
+
+def _norms(opt_state, grads, updates, params, norms: bool, update_norm: bool) -> Metrics:
+    """The step's learning rate (when the optimizer state holds one: the rate this step
+    used), gradient norm, and update and parameter norms, as asked."""
+    metrics = {}
+    lr = current_learning_rate(opt_state)
+    if lr is not None:
+        metrics["learning_rate"] = jnp.asarray(lr, jnp.float32)
+    if norms:
+        metrics["grad_norm"] = optax.tree.norm(grads)
+    if update_norm:
+        metrics["update_norm"] = optax.tree.norm(updates)
+        metrics["param_norm"] = optax.tree.norm(params)
+    return metrics
 
 
 def _augment_batch(task: Task, batch: Batch, key: jax.Array, augment, mix) -> Batch:
@@ -245,7 +187,7 @@ class EvalStep:
         outputs, _ = apply_model(
             state, state.params, self.task.inputs(batch), train=False, key=None
         )
-        return batch_sums(self.task, _cast(outputs, jnp.float32), batch, weight)
+        return batch_sums(self.task, cast_floats(outputs, jnp.float32), batch, weight)
 
     def metrics(self, sums: Metrics) -> Metrics:
         return finalize(self.task, sums)
@@ -264,7 +206,9 @@ class EnsembleEvalStep:
         inputs = self.task.inputs(batch)
 
         def outputs(s):
-            return _cast(apply_model(s, s.params, inputs, train=False, key=None)[0], jnp.float32)
+            return cast_floats(
+                apply_model(s, s.params, inputs, train=False, key=None)[0], jnp.float32
+            )
 
         members = jax.vmap(outputs)(states)
         per_member = jax.vmap(lambda o: batch_sums(self.task, o, batch, weight))(members)
@@ -383,7 +327,7 @@ def make_epoch_fn(
 
         def step_at(state, j):
             batch = jax.tree.map(lambda a: a[idx[offset + j]], data)
-            return _step(train_step, ensemble_step, batch_sharding, state, batch)
+            return dispatch_step(train_step, ensemble_step, batch_sharding, state, batch)
 
         # the step count is traced, so a short last epoch (or a resumed one) reuses the
         # program; a streak of ``max_streak`` skipped steps ends the epoch at once
@@ -394,7 +338,7 @@ def make_epoch_fn(
     return run_epoch
 
 
-def _step(train_step, ensemble_step, batch_sharding, state, batch):
+def dispatch_step(train_step, ensemble_step, batch_sharding, state, batch):
     """One training step on ``batch``: data-parallel when ``batch_sharding`` is given
     (each device takes its slice), vmapped over members for stacked states (every member
     takes the same batch)."""

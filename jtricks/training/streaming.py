@@ -38,7 +38,7 @@ from jtricks.data.stream import data_state, restore_iterator
 from jtricks.errors import StreamError
 from jtricks.training.distributed import AXIS
 from jtricks.training.steps import (
-    _step,
+    dispatch_step,
     epoch_metrics,
     evaluation_step,
     init_accumulator,
@@ -233,7 +233,7 @@ def make_chunk_fn(train_step, batch_sharding: Any = None):
     def run_chunk(state, acc, chunk, num_steps, max_streak):
         def step_at(state, j):
             batch = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, j, 0, False), chunk)
-            return _step(train_step, ensemble_step, batch_sharding, state, batch)
+            return dispatch_step(train_step, ensemble_step, batch_sharding, state, batch)
 
         return run_steps(step_at, state, acc, num_steps, max_streak)
 
@@ -264,7 +264,7 @@ class StreamEpochs:
 
         def step_at(state, j):
             batch = jax.tree.map(lambda a: a[j], chunk)
-            return _step(self.train_step, ensemble_step, self.batch_sharding, state, batch)
+            return dispatch_step(self.train_step, ensemble_step, self.batch_sharding, state, batch)
 
         return step_metric_shapes(step_at, state)
 

@@ -1,0 +1,79 @@
+"""The ``jtricks`` command: ``train``, ``diagnose`` and ``bench``, one module each.
+
+User errors (bad names, numbers, files, data) print one ``jtricks: error: ...``
+line on stderr and exit with status 2, without a traceback; a run that cannot write
+its files or read its stream stops with one line and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+
+from jtricks.cli import bench, diagnose, train
+from jtricks.cli.common import Parser, QuietThreadTracebacks, flags_of, install_quiet_stderr
+from jtricks.errors import ConfigError, StreamError, WriteError
+
+COMMANDS = {"train": train, "diagnose": diagnose, "bench": bench}
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The ``jtricks`` parser and each command's own parser."""
+    from jtricks.version import __version__
+
+    parser = Parser(prog="jtricks", description="JAX deep-learning training tricks.")
+    parser.add_argument("--version", action="version", version=f"jtricks {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    return parser, {name: module.add_parser(sub) for name, module in COMMANDS.items()}
+
+
+def enable_compilation_cache() -> str | None:
+    """Turn on JAX's persistent compilation cache in ``<jtricks cache>/xla`` (see
+    `jtricks.data.cache_dir`), so a program that took over a second to compile is loaded
+    from disk by the next run with the same shapes and settings (another seed, a resume).
+
+    Left alone when ``JTRICKS_COMPILATION_CACHE=0`` or when the user already set
+    ``jax_compilation_cache_dir`` (``JAX_COMPILATION_CACHE_DIR``). Returns the folder in use.
+    """
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir
+    if os.environ.get("JTRICKS_COMPILATION_CACHE", "1") == "0":
+        return None
+    from jtricks.data.datasets import cache_dir
+
+    path = str(cache_dir() / "xla")
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``jtricks`` console script; returns the exit status."""
+    parser, commands = build_parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    enable_compilation_cache()
+    install_quiet_stderr()
+    # what orbax leaves behind after a failed write, reported by then as one line
+    warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
+    flags = flags_of(commands[args.command])
+    try:
+        return COMMANDS[args.command].run(args, flags)
+    except ConfigError as e:
+        param = getattr(COMMANDS[args.command], "PARAMS", {}).get(e.param, e.param)
+        flag = flags.get(param or "")
+        prefix = f"argument {flag}: " if flag else ""
+        print(f"jtricks {args.command}: error: {prefix}{e}", file=sys.stderr)
+        return 2
+    except (WriteError, StreamError) as e:  # the run stops; what was saved stays
+        print(f"jtricks {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("jtricks: interrupted", file=sys.stderr)
+        return 130
+
+
+__all__ = ["QuietThreadTracebacks", "build_parser", "enable_compilation_cache", "main"]

@@ -1,0 +1,66 @@
+"""Diagnostics that tell why training fails (T04, T21, T27, T28).
+
+* `check_gradients` (T28): central differences in float64 against `jax.grad`,
+  coordinates sampled in every layer, a per-layer table and a verdict.
+* `overfit_one_batch` (T27): can the model and optimizer drive the loss on one
+  small batch to ~0? If not, something between data, model and update is broken.
+* `initial_loss` : at initialisation the cross-entropy should be about ``log C``.
+* `signal_propagation` (T04): per-layer activation mean / std and gradient norm,
+  with flags for vanishing and exploding signals; `track_signal` records it at
+  chosen steps of a real run.
+* `lr_finder` (T21): K learning rates over an exponential range, trained side by
+  side from the same initialisation in one compiled program (`jax.vmap` over the
+  optimizer's injected learning rate, `lax.scan` over steps); suggests the rate
+  of steepest descent of the loss against log learning rate. `lr_range_test` is
+  Smith's single run with a rising rate, at the cost of one run.
+
+Everything works on a `jtricks.training.TrainState`, so any Flax Linen model
+with the ``(x, *, train)`` signature can be diagnosed. What is new relative to
+jax / flax / optax: `jax.test_util.check_grads` checks whole functions with a
+pass/fail assertion; here the check is per layer of a Flax model, with dropout
+fixed and BatchNorm forced to its running averages (through
+`flax.linen.intercept_methods`), and reports errors instead of raising.
+
+References:
+  Karpathy, "A Recipe for Training Neural Networks" (2019), http://karpathy.github.io/2019/04/25/recipe/;
+  Glorot & Bengio, "Understanding the difficulty of training deep feedforward neural networks" (2010);
+  Smith, "Cyclical Learning Rates for Training Neural Networks" (2017), https://arxiv.org/abs/1506.01186
+"""
+
+from jtricks.diagnostics.gradcheck import GradCheckReport, check_gradients
+from jtricks.diagnostics.initial_loss import InitialLossReport, initial_loss
+from jtricks.diagnostics.lr_finder import (
+    LRFinderResult,
+    LRRangeTestResult,
+    LRSweep,
+    lr_finder,
+    lr_range_test,
+    make_lr_sweep,
+    smooth_losses,
+    steepest_descent,
+)
+from jtricks.diagnostics.overfit import OverfitReport, overfit_one_batch
+from jtricks.diagnostics.report import diagnose, verdict_table
+from jtricks.diagnostics.signal import SignalReport, signal_propagation, track_signal
+
+__all__ = [
+    "GradCheckReport",
+    "InitialLossReport",
+    "LRFinderResult",
+    "LRRangeTestResult",
+    "LRSweep",
+    "OverfitReport",
+    "SignalReport",
+    "check_gradients",
+    "diagnose",
+    "initial_loss",
+    "lr_finder",
+    "lr_range_test",
+    "make_lr_sweep",
+    "overfit_one_batch",
+    "signal_propagation",
+    "smooth_losses",
+    "steepest_descent",
+    "track_signal",
+    "verdict_table",
+]

@@ -1,0 +1,204 @@
+"""`diagnose`: every check on a model and dataset given by name (``jtricks diagnose``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from jtricks.diagnostics.common import text_table
+from jtricks.diagnostics.gradcheck import check_gradients
+from jtricks.diagnostics.initial_loss import initial_loss
+from jtricks.diagnostics.lr_finder import lr_finder, lr_range_test
+from jtricks.diagnostics.overfit import overfit_one_batch, plot_overfit
+from jtricks.diagnostics.signal import plot_signal, track_signal
+from jtricks.errors import ConfigError, check_int, check_range
+from jtricks.training.state import create_train_state
+
+
+def diagnose(
+    *,
+    dataset: str = "mnist1d",
+    model: str = "cnn",
+    optimizer: str = "adam",
+    learning_rate: float = 1e-2,
+    batch_size: int = 100,
+    preprocess: str = "standardize",
+    seed: int = 0,
+    overfit_batch: int = 32,
+    overfit_steps: int = 300,
+    overfit_epsilon: float = 0.01,
+    signal_steps: Sequence[int] = (0, 100, 500),
+    lr_min: float = 1e-5,
+    lr_max: float = 1.0,
+    lr_num: int = 32,
+    lr_steps: int = 100,
+    lr_method: str = "sweep",
+    out: Any = None,
+) -> dict[str, Any]:
+    """Run every check on a model and dataset given by name; what ``jtricks diagnose`` runs.
+
+    Checks, in order: initial loss, gradient check (on 8 examples), overfit one batch
+    (``overfit_batch`` examples, ``overfit_steps`` steps), signal propagation at
+    ``signal_steps`` of an ordinary run with ``optimizer`` at ``learning_rate``, and the LR
+    finder: ``lr_method="sweep"`` is `lr_finder` (``lr_num`` rates, ``lr_steps`` steps
+    each), ``"range"`` is `lr_range_test` (one run of ``lr_steps`` steps, the rate rising
+    from ``lr_min`` to ``lr_max``). The data is the training split, standardised on itself; the test split is not
+    touched. With ``out``, writes ``diagnose.json``, ``lr_finder.png``, ``signal.png`` and
+    ``overfit.png`` there (the folder must be new or empty).
+
+    Returns:
+      ``{"checks": [{"check", "passed", "detail"}, ...], "passed": bool, "reports": {...}}``.
+    """
+    from jtricks.data import Scaler, load_dataset
+    from jtricks.nn import build_model
+    from jtricks.optim import build_optimizer
+    from jtricks.rundir import create_run_dir
+
+    _check_numbers(overfit_steps, overfit_epsilon, signal_steps, seed)  # before anything on disk
+    _check_finder(lr_min, lr_max, lr_num, lr_steps, lr_method)
+    data = load_dataset(dataset)
+    net = build_model(model, data.num_classes)
+    tx = build_optimizer(optimizer, learning_rate)
+    check_int("batch_size", batch_size, low=1, high=len(data.y_train))
+    check_int("overfit_batch", overfit_batch, low=1, high=len(data.y_train))
+    x = Scaler.fit(preprocess, data.x_train)(data.x_train)
+    y = data.y_train
+    run_dir = create_run_dir(out) if out is not None else None
+    key = jax.random.key(seed)
+    state = create_train_state(net, tx, x, key)
+    checks, reports = [], {}
+    _model_checks(state, x, y, data.num_classes, checks, reports)
+    batch = (x[:overfit_batch], y[:overfit_batch])
+    over = _overfit_check(net, tx, *batch, key, checks, reports, overfit_steps, overfit_epsilon)
+    _, signals = track_signal(
+        create_train_state(net, tx, x, key), (x, y), at_steps=signal_steps, batch_size=batch_size
+    )
+    checks.extend(_signal_check(rep) for rep in signals)
+    reports["signal"] = [dataclasses.asdict(r) for r in signals]
+    finder_args = dict(key=key, lr_min=lr_min, lr_max=lr_max, steps=lr_steps, batch_size=batch_size)
+    finder, check, reports["lr_finder"] = _find_lr(
+        net, lambda lr: build_optimizer(optimizer, lr), (x, y), lr_method, lr_num, finder_args
+    )
+    check["detail"] += f"; given {learning_rate:g})"
+    checks.append(check)
+    result = {"checks": checks, "passed": all(c["passed"] for c in checks), "reports": reports}
+    if run_dir is not None:
+        settings = dict(dataset=dataset, model=model, optimizer=optimizer, seed=seed)
+        settings.update(learning_rate=learning_rate, batch_size=batch_size, lr_method=lr_method)
+        _write(run_dir, result, settings, finder, signals, over)
+    return result
+
+
+def _check_numbers(overfit_steps, overfit_epsilon, signal_steps, seed) -> None:
+    check_int("overfit_steps", overfit_steps, low=1)
+    check_range("overfit_epsilon", overfit_epsilon, low=0.0, low_inclusive=False)
+    for s in signal_steps:
+        check_int("signal_steps", s, low=0)
+    if not signal_steps:
+        raise ConfigError(
+            "signal_steps must list at least one step, e.g. (0, 100)", param="signal_steps"
+        )
+    check_int("seed", seed, low=0, high=2**63 - 1)
+
+
+def _check_finder(lr_min, lr_max, lr_num, lr_steps, lr_method) -> None:
+    check_range("lr_min", lr_min, low=0.0, low_inclusive=False)
+    check_range("lr_max", lr_max, low=lr_min, low_inclusive=False)
+    check_int("lr_num", lr_num, low=2)
+    check_int("lr_steps", lr_steps, low=2 if lr_method == "range" else 1)
+    if lr_method not in ("sweep", "range"):
+        raise ConfigError(
+            f"lr_method must be 'sweep' or 'range'; got {lr_method!r}", param="lr_method"
+        )
+
+
+def _model_checks(state, x, y, num_classes: int, checks: list, reports: dict) -> None:
+    """The initial loss and the gradient check, appended to ``checks`` and ``reports``."""
+    init = initial_loss(state, x[:1000], y[:1000], num_classes=num_classes)
+    detail = f"{init.loss:.3f} vs log C = {init.expected:.3f} (ratio {init.ratio:.2f})"
+    checks.append({"check": "initial loss", "passed": init.passed, "detail": detail})
+    reports["initial_loss"] = dataclasses.asdict(init)
+    grad = check_gradients(state, x[:8], y[:8])
+    worst = max(grad.rows, key=lambda r: r["max_rel_error"])
+    detail = (
+        f"max rel error {worst['max_rel_error']:.1e} ({worst['layer']}), tol {grad.tolerance:g}"
+    )
+    checks.append({"check": "gradient check", "passed": grad.passed, "detail": detail})
+    reports["gradient_check"] = dataclasses.asdict(grad)
+
+
+def _overfit_check(net, tx, x, y, key, checks: list, reports: dict, steps: int, epsilon: float):
+    """Overfit one batch, appended to ``checks`` and ``reports``; returns its report."""
+    over = overfit_one_batch(net, tx, x, y, key=key, steps=steps, epsilon=epsilon)
+    checks.append(
+        {"check": "overfit one batch", "passed": over.passed, "detail": _overfit_detail(over)}
+    )
+    reports["overfit"] = {**dataclasses.asdict(over), "losses": over.losses.tolist()}
+    return over
+
+
+def _overfit_detail(over) -> str:
+    if over.passed:
+        return f"loss < {over.epsilon:g} at step {over.steps_to_epsilon}"
+    return f"final loss {over.final_loss:.3g} after {len(over.losses)} steps (epsilon {over.epsilon:g})"
+
+
+def _signal_check(rep) -> dict[str, Any]:
+    detail = "; ".join(rep.flags) or (
+        f"grad ratio first/last {rep.grad_ratio:.2g}, act std ratio last/first {rep.act_ratio:.2g}"
+    )
+    return {"check": f"signal propagation, step {rep.step}", "passed": rep.passed, "detail": detail}
+
+
+def _listed(a: np.ndarray) -> list[float | None]:
+    return [float(v) if np.isfinite(v) else None for v in a]
+
+
+def _find_lr(net, make_tx, data, method: str, num: int, finder_args: dict):
+    """The LR finder's result, its check (detail left open for the given rate) and report."""
+    if method == "range":
+        finder = lr_range_test(net, make_tx, data, **finder_args)
+        lowest = "smoothed loss lowest"
+        report = {
+            "method": "range",
+            "lrs": finder.lrs.tolist(),
+            "losses": _listed(finder.losses),
+            "smoothed": _listed(finder.smoothed),
+            "diverged_at": finder.diverged_at,
+        }
+    else:
+        finder = lr_finder(net, make_tx, data, num=num, **finder_args)
+        lowest = "lowest loss"
+        report = {"method": "sweep", "lrs": finder.lrs.tolist(), "final": _listed(finder.final)}
+    report.update(suggestion=finder.suggestion, best=finder.best)
+    check = {
+        "check": "LR finder" if method == "sweep" else "LR range test",
+        "passed": True,
+        "detail": f"suggested {finder.suggestion:.2e} ({lowest} at {finder.best:.2e}",
+    }
+    return finder, check, report
+
+
+def _write(run_dir, result: dict, settings: dict, finder, signals, over) -> None:
+    """The plots and ``diagnose.json`` (last); ``result["out"]`` becomes the folder."""
+    from jtricks.rundir import environment, write_json
+
+    finder.plot(run_dir / "lr_finder.png")
+    plot_signal(signals, run_dir / "signal.png")
+    plot_overfit(over, run_dir / "overfit.png")
+    write_json(
+        run_dir / "diagnose.json", {**result, "settings": settings, "environment": environment()}
+    )
+    result["out"] = run_dir
+
+
+def verdict_table(result: dict[str, Any]) -> str:
+    """The checks of `diagnose` as a plain-text table."""
+    return text_table(
+        ["check", "verdict", "detail"],
+        [(c["check"], "pass" if c["passed"] else "FAIL", c["detail"]) for c in result["checks"]],
+    )

@@ -1,0 +1,204 @@
+"""`signal_propagation` and `track_signal`: per-layer activation and gradient statistics,
+with flags for vanishing and exploding signals."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from jtricks.diagnostics.common import group_by_layer, text_table
+from jtricks.errors import check_int, check_range
+from jtricks.losses import cross_entropy
+from jtricks.plotting import pyplot, save_figure
+from jtricks.training.state import TrainState
+from jtricks.training.steps import LossFn
+from jtricks.training.transfer import forward_layers
+
+
+@dataclass
+class SignalReport:
+    """Per-layer statistics of one forward and backward pass (`signal_propagation`).
+
+    ``rows``: per layer, in forward order: ``layer``, ``act_mean``, ``act_std`` (of the
+    layer's output), ``grad_norm`` (L2 norm of the gradient of its parameters).
+    ``grad_ratio`` = first layer's gradient norm / last layer's; ``act_ratio`` = last
+    layer's output std / first layer's. ``flags`` names what is wrong (empty: healthy).
+    """
+
+    step: int
+    rows: list[dict[str, Any]]
+    grad_ratio: float
+    act_ratio: float
+    flags: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.flags
+
+    def table(self) -> str:
+        return text_table(
+            ["layer", "act mean", "act std", "grad norm"],
+            [
+                (
+                    r["layer"],
+                    f"{r['act_mean']:+.3e}",
+                    f"{r['act_std']:.3e}",
+                    f"{r['grad_norm']:.3e}",
+                )
+                for r in self.rows
+            ],
+        )
+
+
+def signal_propagation(
+    state: TrainState,
+    x: Any,
+    y: Any,
+    *,
+    loss_fn: LossFn = cross_entropy,
+    threshold: float = 1e3,
+) -> SignalReport:
+    """Activation mean / std and parameter-gradient norm of every layer, on one batch.
+
+    Activations are each layer's output (``capture_intermediates``, forward order) in
+    training mode with the state's dropout key; BatchNorm uses batch statistics (as in
+    training) and its running averages are not changed. Flags:
+
+    * ``vanishing gradients``: first layer's gradient norm / last layer's < ``1 / threshold``;
+    * ``exploding gradients``: that ratio > ``threshold``, or a non-finite gradient;
+    * ``exploding activations`` / ``vanishing activations``: last layer's output std /
+      first layer's beyond ``threshold`` either way, or non-finite activations.
+
+    ``threshold`` is 1e3 by default (three orders of magnitude across the depth).
+    References: Glorot & Bengio (2010); He et al., "Delving Deep into Rectifiers" (2015).
+    """
+    check_range("threshold", threshold, low=1.0, low_inclusive=False)
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    rngs = {"dropout": jax.random.fold_in(state.key, state.step)} if state.key is not None else None
+
+    def loss(params):
+        variables = {"params": params}
+        mutable = ["intermediates"]
+        if state.batch_stats:
+            variables["batch_stats"] = state.batch_stats
+            mutable.append("batch_stats")
+        logits, coll = state.apply_fn(
+            variables, x, train=True, rngs=rngs, mutable=mutable, capture_intermediates=True
+        )
+        return jnp.mean(loss_fn(logits, y)), coll["intermediates"]
+
+    grads, inter = jax.jit(jax.grad(loss, has_aux=True))(state.params)
+    layers = group_by_layer(state.params, forward_layers(state, x))
+    flat_inter = traverse_util.flatten_dict(jax.device_get(inter))
+    flat_grads = traverse_util.flatten_dict(jax.device_get(grads))
+    rows = []
+    for layer, paths in layers.items():
+        outs = [
+            v for p, v in flat_inter.items() if "/".join(p[:-1]) == layer and p[-1] == "__call__"
+        ]
+        act = np.asarray(outs[0][0], np.float64) if outs else None
+        gnorm = math.sqrt(
+            sum(float(np.sum(np.square(flat_grads[p], dtype=np.float64))) for p in paths)
+        )
+        rows.append(
+            {
+                "layer": layer,
+                "act_mean": float(act.mean()) if act is not None else float("nan"),
+                "act_std": float(act.std()) if act is not None else float("nan"),
+                "grad_norm": gnorm,
+            }
+        )
+    first, last = rows[0], rows[-1]
+    grad_ratio = first["grad_norm"] / last["grad_norm"] if last["grad_norm"] > 0 else math.inf
+    act_ratio = last["act_std"] / first["act_std"] if first["act_std"] > 0 else math.inf
+    flags = signal_flags(rows, grad_ratio, act_ratio, threshold)
+    return SignalReport(int(state.step), rows, grad_ratio, act_ratio, flags)
+
+
+def signal_flags(
+    rows: list[dict[str, Any]], grad_ratio: float, act_ratio: float, threshold: float
+) -> list[str]:
+    """The flags of `signal_propagation` from its rows and first/last ratios."""
+    flags = []
+    if not all(math.isfinite(r["grad_norm"]) for r in rows):
+        flags.append("exploding gradients (non-finite)")
+    elif grad_ratio < 1 / threshold:
+        flags.append(f"vanishing gradients (first/last layer gradient norm {grad_ratio:.1e})")
+    elif grad_ratio > threshold:
+        flags.append(f"exploding gradients (first/last layer gradient norm {grad_ratio:.1e})")
+    if not all(math.isfinite(r["act_std"]) for r in rows if not math.isnan(r["act_std"])):
+        flags.append("exploding activations (non-finite)")
+    elif act_ratio > threshold:
+        flags.append(f"exploding activations (last/first layer output std {act_ratio:.1e})")
+    elif act_ratio < 1 / threshold:
+        flags.append(f"vanishing activations (last/first layer output std {act_ratio:.1e})")
+    return flags
+
+
+def track_signal(
+    state: TrainState,
+    train_data: tuple[Any, Any],
+    *,
+    at_steps: Sequence[int],
+    batch_size: int,
+    probe_size: int = 256,
+    data_key: jax.Array | None = None,
+    **fit_kwargs: Any,
+) -> tuple[TrainState, list[SignalReport]]:
+    """Train with `jtricks.training.fit` and take a `signal_propagation` report at each of
+    ``at_steps`` (0 = at initialisation), on the first ``probe_size`` training examples.
+
+    Training is split into `fit` calls at the requested steps; split calls continue
+    exactly, so the run is the same as one uninterrupted call.
+    """
+    from jtricks.training.fit import fit
+
+    at = sorted({check_int("at_steps", int(s), low=0) for s in at_steps})
+    x, y = (np.asarray(a) for a in train_data)
+    probe = (x[:probe_size], y[:probe_size])
+    if data_key is None:
+        data_key = jax.random.fold_in(state.key, 1)
+    reports = []
+    for target in at:
+        if target > int(state.step):
+            state, _ = fit(
+                state,
+                train_data,
+                batch_size=batch_size,
+                steps=target - int(state.step),
+                data_key=data_key,
+                **fit_kwargs,
+            )
+        reports.append(signal_propagation(state, *probe))
+    return state, reports
+
+
+def plot_signal(reports: list[SignalReport], path: Any) -> None:
+    plt = pyplot()
+
+    fig, (ax_a, ax_g) = plt.subplots(1, 2, figsize=(11, 4))
+    for rep in reports:
+        layers = [r["layer"] for r in rep.rows]
+        ax_a.plot(
+            range(len(layers)),
+            [r["act_std"] for r in rep.rows],
+            marker=".",
+            label=f"step {rep.step}",
+        )
+        ax_g.plot(
+            range(len(layers)),
+            [r["grad_norm"] for r in rep.rows],
+            marker=".",
+            label=f"step {rep.step}",
+        )
+    for ax, title in ((ax_a, "activation std"), (ax_g, "gradient norm")):
+        ax.set(yscale="log", xlabel="layer (forward order)", title=title)
+        ax.set_xticks(range(len(layers)), layers, rotation=45, ha="right", fontsize=7)
+    save_figure(fig, path, axes=(ax_a, ax_g))

@@ -1,0 +1,50 @@
+"""A whole run from a config: `TrainConfig`, the named recipes, and `train`.
+
+Modules, in the order a run uses them: `config` (the settings, each declared once),
+`data` (load, split, preprocess, stream), `build` (task, model, optimizer, callbacks),
+`runner` (`train`'s phases), `ensemble` (N members at once) and `outputs` (metrics,
+curves, summary).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jtricks.configs import NAMES, get_config
+from jtricks.errors import unknown_name
+from jtricks.run.config import TrainConfig
+from jtricks.run.outputs import MetricsLog, main_metric, plot_curves
+from jtricks.run.runner import RunResult, train
+from jtricks.rundir import environment, write_json
+
+RECIPES: dict[str, dict[str, Any]] = {name: get_config(name) for name in NAMES}
+"""Every recipe's settings by name (`jtricks.configs`)."""
+
+
+def recipe(name: str, **overrides: Any) -> TrainConfig:
+    """The `TrainConfig` of recipe ``name`` (`jtricks.configs`); keyword overrides win, and
+    an ``epochs`` override drops the recipe's ``steps``.
+
+    Raises:
+      ConfigError: unknown name (listing the valid ones) or field.
+    """
+    if name not in NAMES:
+        raise unknown_name("recipe", name, NAMES)
+    settings = {**get_config(name), **overrides}
+    if "epochs" in overrides and "steps" not in overrides:
+        settings.pop("steps", None)
+    return TrainConfig.from_dict(settings)
+
+
+__all__ = [
+    "RECIPES",
+    "MetricsLog",
+    "RunResult",
+    "TrainConfig",
+    "environment",
+    "main_metric",
+    "plot_curves",
+    "recipe",
+    "train",
+    "write_json",
+]

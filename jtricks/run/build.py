@@ -1,0 +1,226 @@
+"""A run's build phase: task, model, optimizer, augmentation and callbacks from its config.
+
+Everything here is checked against the data before any file is written: a bad schedule,
+an augmentation that does not fit the examples, SWA after the last epoch are all
+`ConfigError`s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jtricks.data.augment import build_augment
+from jtricks.errors import ConfigError
+from jtricks.nn import build_model
+from jtricks.optim import build_optimizer, build_schedule, fused
+from jtricks.optim.schedules import Plateau
+from jtricks.run.config import TrainConfig
+from jtricks.run.data import RunData
+from jtricks.tasks import Classification, Task, build_task
+from jtricks.training import EarlyStopping, ReduceLROnPlateau, create_train_state
+from jtricks.training.averaging import SWA
+from jtricks.training.transfer import forward_layers, freeze, preset_patterns
+
+
+@dataclass
+class Build:
+    """What `build` makes: the run's parts, its length and its keys."""
+
+    task: Task
+    model: Any
+    tx: Any
+    total_steps: int
+    streaming: bool
+    key: jax.Array
+    init_key: jax.Array
+    data_key: jax.Array
+    augment: Any = None
+    tta_augment: Any = None
+    mix: tuple[str, float] | None = None
+    plateau: ReduceLROnPlateau | None = None
+    early: EarlyStopping | None = None
+    callbacks: list[Any] = field(default_factory=list)
+    reporter: Any = None
+
+    def callback_states(self) -> dict[str, Any]:
+        """The stateful callbacks' states, saved with each checkpoint."""
+        states = {}
+        if self.plateau is not None:
+            states["plateau"] = self.plateau.state_dict()
+        if self.early is not None:
+            states["early_stopping"] = self.early.state_dict()
+        return states
+
+
+def build(config: TrainConfig, data: RunData, resume: Any, reporter: Any, progress: bool) -> Build:
+    """The run's task, model, optimizer (with its schedule), augmentation and callbacks."""
+    task = task_for(config, data.task_spec)
+    model = build_model(config.model, data.num_classes)
+    if config.batch_size * config.accumulate > data.n_train:  # checked on the whole split
+        raise ConfigError(
+            f"batch_size must satisfy 1 <= batch_size * accumulate <= {data.n_train} (the "
+            f"training split); got {config.batch_size} * {config.accumulate}",
+            param="batch_size",
+        )
+    steps_per_epoch, total_steps = run_length(config, data.n_train)
+    tx, plateau = optimizer(config, steps_per_epoch, total_steps)
+    key = jax.random.key(config.seed)
+    init_key, data_key = jax.random.split(key)
+    b = Build(
+        task,
+        model,
+        tx,
+        total_steps,
+        config.stream or data.on_disk,
+        key,
+        init_key,
+        data_key,
+        mix=mixing(config, data.example),
+        reporter=reporter,
+    )
+    b.augment, b.tta_augment = augmentations(config, data.example)
+    add_callbacks(b, config, data, plateau, resume)
+    if reporter is None and progress:
+        from jtricks.training.progress import RichReporter
+
+        b.reporter = RichReporter()
+    if config.pretrained is not None and config.finetune not in (None, "all"):
+        probe = create_train_state(model, b.tx, data.example, init_key)
+        trainable = preset_patterns(config.finetune, forward_layers(probe, data.example))
+        b.tx = freeze(b.tx, trainable=trainable)
+    return b
+
+
+def task_for(config: TrainConfig, task_spec: str) -> Task:
+    """The run's task (``config.task`` or the dataset's own, ``task_spec``); refuses what
+    it cannot do."""
+    task = build_task(task_spec)
+    classify = isinstance(task, Classification)
+    if config.label_smoothing:
+        if not classify:
+            raise _not_for(task, "label_smoothing", config.label_smoothing)
+        task = dataclasses.replace(task, label_smoothing=float(config.label_smoothing))
+    if config.tta > 1 and (task.dense_targets or task.name == "language model"):
+        raise ConfigError(
+            f"tta={config.tta} averages whole-example predictions (classification, multi-label, "
+            f"regression); this run's task is {task.name!r}",
+            param="tta",
+        )
+    if not classify:
+        for name in ("mixup", "cutmix"):
+            if getattr(config, name) is not None:
+                raise _not_for(task, name, getattr(config, name))
+    return task
+
+
+def _not_for(task: Task, name: str, value: Any) -> ConfigError:
+    return ConfigError(
+        f"{name}={value!r} works with the classification task only; this run's task is "
+        f"{task.name!r}",
+        param=name,
+    )
+
+
+def run_length(config: TrainConfig, n_train: int) -> tuple[int, int]:
+    """``(steps_per_epoch, total_steps)``; with neither epochs nor steps, the paper's
+    `TrainConfig.DEFAULT_STEPS`. Refuses SWA that would start after the last epoch."""
+    steps = config.steps
+    if config.epochs is None and steps is None:
+        steps = TrainConfig.DEFAULT_STEPS
+    steps_per_epoch = n_train // (config.batch_size * config.accumulate)
+    total_steps = steps if steps is not None else config.epochs * steps_per_epoch
+    last_epoch = -(-total_steps // steps_per_epoch)
+    if config.swa is not None and config.swa > last_epoch:
+        raise ConfigError(
+            f"swa={config.swa} starts averaging after the last epoch ({last_epoch}), so no "
+            f"average would ever be taken; give an epoch in 1..{last_epoch}",
+            param="swa",
+        )
+    return steps_per_epoch, total_steps
+
+
+def optimizer(config: TrainConfig, steps_per_epoch: int, total_steps: int):
+    """The run's optimizer with its schedule, and the reduce-on-plateau spec (or ``None``):
+    a plateau schedule is a callback on a constant base rate."""
+    length = dict(steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    plateau = build_schedule(config.schedule, 1.0, **length)  # validates the spec
+    plateau = plateau if isinstance(plateau, Plateau) else None
+
+    def schedule(base_lr: float):
+        return base_lr if plateau else build_schedule(config.schedule, base_lr, **length)
+
+    tx = build_optimizer(
+        config.optimizer, config.learning_rate, schedule=schedule, plateau=plateau is not None
+    )
+    if config.fused:  # one buffer per dtype group; with freeze, fused runs on the trainable part
+        tx = fused(tx)
+    return tx, plateau
+
+
+def mixing(config: TrainConfig, example: Any) -> tuple[str, float] | None:
+    """``(kind, alpha)`` of mixup or cutmix, or ``None``; cutmix needs images."""
+    if config.cutmix is not None and example.ndim != 4:
+        raise ConfigError(
+            f"cutmix needs images (N, H, W, C); this dataset's examples have shape {example.shape[1:]}",
+            param="cutmix",
+        )
+    if config.mixup:
+        return ("mixup", config.mixup)
+    return ("cutmix", config.cutmix) if config.cutmix else None
+
+
+def augmentations(config: TrainConfig, example: Any) -> tuple[Any, Any]:
+    """The training augmentation and the test-time one (``None`` where off), each tried on
+    one example so a shape mismatch is a config error."""
+    augment = fitted_augment("augment", config.augment, example)
+    tta = None
+    if config.tta > 1:
+        tta = fitted_augment("tta_augment", config.tta_augment, example) or augment
+    return augment, tta
+
+
+def fitted_augment(name: str, spec: str | None, example: Any):
+    """Build pipeline ``spec`` and try it on one example."""
+    if spec is None:
+        return None
+    fn = build_augment(spec)
+    try:
+        jax.eval_shape(fn, jax.random.key(0), jax.ShapeDtypeStruct(example.shape[1:], jnp.float32))
+    except ValueError as e:
+        raise ConfigError(
+            f"{name} {spec!r} does not fit examples of shape {example.shape[1:]}: {e}", param=name
+        ) from None
+    return fn
+
+
+def add_callbacks(b: Build, config: TrainConfig, data: RunData, plateau, resume) -> None:
+    """Reduce-on-plateau, early stopping and SWA, as the config asks; refuses to resume
+    what is not checkpointed (SWA's running average, ensembles)."""
+    if plateau is not None:
+        b.plateau = ReduceLROnPlateau(
+            plateau.factor,
+            plateau.patience,
+            plateau.min_delta,
+            monitor=plateau.monitor,
+            mode=plateau.mode,
+            min_scale=plateau.min_scale,
+            patience_mode=plateau.patience_mode,
+        )
+        b.callbacks.append(b.plateau)
+    if config.early_stopping is not None:
+        b.early = EarlyStopping(config.early_stopping)
+        b.callbacks.append(b.early)
+    if config.swa is not None:
+        if resume is not None:
+            raise ConfigError(
+                "runs with swa cannot be resumed: the running average is not checkpointed",
+                param="resume",
+            )
+        b.callbacks.append(SWA(config.swa, data.train[0]))
+    if config.ensemble > 1 and resume is not None:
+        raise ConfigError("ensemble runs cannot be resumed", param="resume")

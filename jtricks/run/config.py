@@ -1,0 +1,432 @@
+"""`TrainConfig`: every setting of a run, each declared once with its flag, help and check.
+
+A field's metadata (`setting`) is the single source of truth the CLI reads: ``jtricks
+train``'s flags, their types, defaults and help are derived from it
+(`jtricks.cli.train.add_config_flags`), and `TrainConfig.validate` runs each field's
+own check, then the rules that tie fields together (`RULES`), once each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from jtricks.data.stream import LOADERS
+from jtricks.errors import ConfigError, check_int, check_range
+from jtricks.training.state import check_eval_source
+from jtricks.training.steps import PRECISIONS
+
+Check = Callable[[str, Any], None]
+
+
+def setting(
+    default: Any,
+    help: str,
+    check: Check | None = None,
+    *,
+    parse: type = str,
+    flag: str | None = None,
+    aliases: Sequence[str] = (),
+    metavar: str | None = None,
+    exclusive: str | None = None,
+) -> Any:
+    """A config field with its CLI flag (default ``--name-with-dashes``), the type the flag
+    parses (``bool``: a switch), its help line and its check ``check(name, value)``. Flags
+    with the same ``exclusive`` name cannot be given together."""
+    meta = dict(help=help, check=check, parse=parse, flag=flag, aliases=tuple(aliases))
+    meta.update(metavar=metavar, exclusive=exclusive)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def flag_of(field: dataclasses.Field) -> str:
+    """The CLI flag of a config field."""
+    return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
+
+
+# ----------------------------------------------------------------------------- field checks
+
+
+def string(name: str, value: Any) -> None:
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be a string; got {value!r}", param=name)
+
+
+def boolean(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false; got {value!r}", param=name)
+
+
+def optional(check: Check) -> Check:
+    """``check``, skipped for ``None``."""
+    return lambda name, value: None if value is None else check(name, value)
+
+
+def at_least(low: int, high: int | None = None) -> Check:
+    """An integer in ``[low, high]``."""
+
+    def check(name: str, value: Any) -> None:
+        check_int(name, value, low=low, high=high)
+
+    return check
+
+
+def number(low: float, high: float | None = None, *, closed: tuple[bool, bool] = (True, True)):
+    """A number in the interval from ``low`` to ``high`` (``closed`` says which ends count)."""
+
+    def check(name: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{name} must be a number; got {value!r}", param=name)
+        check_range(
+            name, value, low=low, high=high, low_inclusive=closed[0], high_inclusive=closed[1]
+        )
+
+    return check
+
+
+def one_of(names: Sequence[str]) -> Check:
+    def check(name: str, value: Any) -> None:
+        if value not in names:
+            raise ConfigError(
+                f"{name} must be one of {', '.join(names)}; got {value!r}", param=name
+            )
+
+    return check
+
+
+def eval_source(name: str, value: Any) -> None:
+    check_eval_source(value)
+
+
+# ----------------------------------------------------------------------------- the config
+
+_SCHEDULES = (
+    "constant, per_epoch(factor=0.98), exponential(rate=0.05), step(epochs=(30, 60), "
+    "factor=0.1), warmup(epochs=1), warmup_cosine(warmup_epochs=1), cosine, one_cycle, "
+    "plateau(factor=0.5, patience=5)"
+)
+_AUGMENTS = (
+    'e.g. "shift(3) | noise(0.05)" or "random_crop(4) | hflip"; names: hflip, translate, '
+    "random_crop, rotate, cutout, brightness, contrast, noise, scale, shift, time_stretch, trend"
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a run; saved as ``config.json`` in the run folder.
+
+    The defaults are the MNIST-1D paper's CNN setting: Adam, learning rate 1e-2, batch
+    100, 6000 steps (``DEFAULT_STEPS``, used when neither ``epochs`` nor ``steps`` is
+    given). ``optimizer`` is a pipeline spec (string, dict or list, see
+    `jtricks.optim.build_optimizer`); ``schedule`` a schedule spec with durations in
+    epochs (see `jtricks.optim.build_schedule`). ``val_fraction`` of the training split
+    (stratified by class unless ``stratify=False``) is held out for validation;
+    ``preprocess`` is fitted on the remaining training examples only. Each field's help
+    (``jtricks train --help``) says what it does.
+    """
+
+    dataset: str = setting(
+        "mnist1d",
+        "dataset spec: mnist1d, synthetic(shape=(8, 8, 3), ...), regression, segmentation1d, "
+        "tokens, text:PATH, npz:PATH, shards:DIR (.npy shards on disk, streamed), ...",
+        string,
+    )
+    task: str | None = setting(
+        None,
+        "task spec (default: the dataset's own): classification, multilabel, regression, "
+        "segmentation(dice_weight=1.0), lm(pad_id=0)",
+        optional(string),
+    )
+    model: str = setting(
+        "cnn", "model spec: cnn, mlp, mlp(features=(256, 256), dropout=0.2), ...", string
+    )
+    optimizer: Any = setting(
+        "adam", "optimizer spec: sgd, momentum, adam, adamw, optax.lion, 'adam | clip(1.0)', ..."
+    )
+    learning_rate: float = setting(
+        1e-2,
+        "learning rate",
+        number(0.0, closed=(False, True)),
+        parse=float,
+        flag="--lr",
+        aliases=("--learning-rate",),
+    )
+    schedule: str = setting(
+        "constant", f"learning-rate schedule (durations in epochs): {_SCHEDULES}", string
+    )
+    batch_size: int = setting(100, "examples per optimizer step", at_least(1), parse=int)
+    epochs: int | None = setting(
+        None, "number of epochs", optional(at_least(1)), parse=int, exclusive="length"
+    )
+    steps: int | None = setting(
+        None,
+        "number of optimizer steps (default 6000, the paper's)",
+        optional(at_least(1)),
+        parse=int,
+        exclusive="length",
+    )
+    val_fraction: float = setting(
+        0.1,
+        "fraction of the training data held out for validation, in (0, 1)",
+        number(0.0, 1.0, closed=(False, False)),
+        parse=float,
+    )
+    stratify: bool = setting(
+        True, "plain random validation split", boolean, parse=bool, flag="--no-stratify"
+    )
+    preprocess: str = setting("standardize", "standardize, minmax, minmax(-1, 1) or none", string)
+    seed: int = setting(0, "the run's seed", at_least(0, 2**63 - 1), parse=int)
+    eval_batch_size: int = setting(1000, "examples per evaluation batch", at_least(1), parse=int)
+    early_stopping: int | None = setting(
+        None,
+        "stop when the validation loss has not improved for PATIENCE epochs; keep the best",
+        optional(at_least(1)),
+        parse=int,
+        metavar="PATIENCE",
+    )
+    checkpoint_every: int = setting(
+        10, "checkpoint every N epochs (and at the end)", at_least(1), parse=int
+    )
+    keep_checkpoints: int = setting(
+        3, "keep the last K checkpoints (plus the best)", at_least(1), parse=int
+    )
+    max_nonfinite: int = setting(
+        20,
+        "stop after N consecutive steps with a NaN/inf loss or gradient (each is skipped)",
+        at_least(1),
+        parse=int,
+    )
+    augment: str | None = setting(
+        None, f"training-only augmentation pipeline, {_AUGMENTS}", optional(string)
+    )
+    mixup: float | None = setting(
+        None,
+        "mixup with Beta(ALPHA, ALPHA)",
+        optional(number(0.0, closed=(False, True))),
+        parse=float,
+        metavar="ALPHA",
+        exclusive="mixing",
+    )
+    cutmix: float | None = setting(
+        None,
+        "cutmix with Beta(ALPHA, ALPHA)",
+        optional(number(0.0, closed=(False, True))),
+        parse=float,
+        metavar="ALPHA",
+        exclusive="mixing",
+    )
+    label_smoothing: float = setting(
+        0.0,
+        "train on targets (1 - S) * one_hot + S / C (default 0: off)",
+        number(0.0, 1.0, closed=(True, False)),
+        parse=float,
+        metavar="S",
+    )
+    tta: int = setting(
+        1,
+        "test-time augmentation: report final validation/test metrics of the mean softmax "
+        "over V views (the clean input and V-1 augmented ones; default 1: off)",
+        at_least(1),
+        parse=int,
+        metavar="V",
+    )
+    tta_augment: str | None = setting(
+        None,
+        "augmentation pipeline for the --tta views (default: --augment)",
+        optional(string),
+        metavar="SPEC",
+    )
+    ema: float | None = setting(
+        None,
+        "keep an exponential moving average of the parameters (e.g. 0.999); validation and "
+        "test are also reported on it",
+        optional(number(0.0, 1.0, closed=(True, False))),
+        parse=float,
+        metavar="DECAY",
+    )
+    eval_params: str = setting(
+        "auto",
+        "the parameters validation, test, early stopping, the best checkpoint and TTA use: "
+        "auto (the optimizer's evaluation parameters where it declares them, e.g. "
+        "schedule-free, else the training ones), train, or ema (needs --ema)",
+        eval_source,
+        metavar="SOURCE",
+    )
+    swa: int | None = setting(
+        None,
+        "stochastic weight averaging from EPOCH on; BatchNorm re-estimated at the end",
+        optional(at_least(1)),
+        parse=int,
+        metavar="EPOCH",
+    )
+    ensemble: int = setting(
+        1,
+        "train N models at once (one vmapped program); reports each member and the ensemble",
+        at_least(1),
+        parse=int,
+        metavar="N",
+    )
+    accumulate: int = setting(
+        1,
+        "gradient accumulation: K micro-batches of --batch-size per optimizer update",
+        at_least(1),
+        parse=int,
+        metavar="K",
+    )
+    precision: str = setting(
+        "float32",
+        "float32, or bf16 (compute in bfloat16; float32 master parameters and optimizer state)",
+        one_of(PRECISIONS),
+    )
+    fused: bool = setting(
+        False,
+        "fused optimizer: the update runs over one flat buffer per dtype group "
+        "(jtricks.optim.fused), so its cost does not grow with the number of parameter arrays",
+        boolean,
+        parse=bool,
+    )
+    pretrained: str | None = setting(
+        None,
+        "load matching parameters from a run folder or checkpoint folder",
+        optional(string),
+        metavar="DIR",
+    )
+    finetune: str | None = setting(
+        None,
+        "with --pretrained: head (train the last layer), last:K (the last K layers) or all",
+        optional(string),
+        metavar="PRESET",
+    )
+    stream: bool = setting(
+        False,
+        "train from a stream of host batches fed to the device ahead of use, as for a "
+        "dataset on disk (shards:DIR always streams); the batches are the in-memory path's",
+        boolean,
+        parse=bool,
+    )
+    loader: str = setting(
+        "python",
+        "who reads a stream's batches: python (a background thread) or grain (Grain's "
+        "threaded reader; pip install 'jtricks[grain]')",
+        one_of(LOADERS),
+        metavar="NAME",
+    )
+    chunk: int | None = setting(
+        None,
+        "a stream's steps per compiled program (default: up to 64 batches or 64 MiB)",
+        optional(at_least(1)),
+        parse=int,
+        metavar="K",
+    )
+
+    DEFAULT_STEPS = 6000
+
+    def validate(self) -> None:
+        """Run every field's check, then every rule of `RULES` (names are checked when built).
+
+        Raises:
+          ConfigError: naming the field, its value and what is allowed.
+        """
+        for field in dataclasses.fields(self):
+            check = field.metadata.get("check")
+            if check is not None:
+                check(field.name, getattr(self, field.name))
+        for rule in RULES:
+            rule(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Build from a plain dict (e.g. parsed JSON); an unknown key is a `ConfigError`."""
+        check_keys(d)
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def check_keys(settings: dict[str, Any]) -> None:
+    """Raise `ConfigError` for a key that is not a `TrainConfig` field, listing the valid ones."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(settings) - fields
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {sorted(unknown)}; valid keys are: {', '.join(sorted(fields))}"
+        )
+
+
+# ----------------------------------------------------------------------------- cross-field rules
+
+
+def _one_mix(c: TrainConfig) -> None:
+    if c.mixup is not None and c.cutmix is not None:
+        raise ConfigError("give mixup or cutmix, not both", param="mixup")
+
+
+def _tta_views(c: TrainConfig) -> None:
+    if c.tta > 1 and c.augment is None and c.tta_augment is None:
+        raise ConfigError(
+            f"tta={c.tta} averages augmented views: give augment (used for the views) "
+            "or tta_augment",
+            param="tta",
+        )
+    if c.tta_augment is not None and c.tta == 1:
+        raise ConfigError(
+            f"tta_augment={c.tta_augment!r} needs tta > 1 (the number of views)",
+            param="tta_augment",
+        )
+
+
+def _ema_source(c: TrainConfig) -> None:
+    if c.eval_params == "ema" and c.ema is None:
+        raise ConfigError(
+            "eval_params='ema' evaluates on the EMA of the parameters: give ema (a decay)",
+            param="eval_params",
+        )
+
+
+def _ensemble(c: TrainConfig) -> None:
+    if c.ensemble == 1:
+        return
+    if c.accumulate > 1 or c.precision != "float32":
+        raise ConfigError("ensemble runs do not support accumulate or precision", param="ensemble")
+    for name in ("early_stopping", "swa", "pretrained"):
+        if getattr(c, name) is not None:
+            raise ConfigError(
+                f"ensemble runs do not support {name}; got ensemble={c.ensemble}, "
+                f"{name}={getattr(c, name)!r}",
+                param="ensemble",
+            )
+    if c.schedule.startswith("plateau"):
+        raise ConfigError("ensemble runs do not support the plateau schedule", param="ensemble")
+    if c.tta > 1:
+        raise ConfigError("ensemble runs do not support tta", param="ensemble")
+    if c.mixup is not None or c.cutmix is not None:
+        raise ConfigError("ensemble runs do not support mixup or cutmix", param="ensemble")
+
+
+def _finetune(c: TrainConfig) -> None:
+    if c.finetune is not None and c.pretrained is None:
+        raise ConfigError(
+            f"finetune={c.finetune!r} needs pretrained weights (--pretrained RUN_DIR)",
+            param="finetune",
+        )
+
+
+def _length(c: TrainConfig) -> None:
+    if c.epochs is not None and c.steps is not None:
+        raise ConfigError(
+            f"give epochs or steps, not both; got epochs={c.epochs}, steps={c.steps}",
+            param="epochs",
+        )
+
+
+RULES: tuple[Callable[[TrainConfig], None], ...] = (
+    _one_mix,
+    _tta_views,
+    _ema_source,
+    _ensemble,
+    _finetune,
+    _length,
+)
+"""The checks that tie fields together, run in order after the per-field checks."""

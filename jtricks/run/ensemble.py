@@ -1,0 +1,60 @@
+"""`train` for ``ensemble > 1``: N members trained in one vmapped program."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jtricks.run.build import Build
+from jtricks.run.config import TrainConfig
+from jtricks.run.data import RunData
+from jtricks.run.outputs import MetricsLog, write_summary
+from jtricks.rundir import create_run_dir, environment, write_json
+from jtricks.training.data_checks import check_data
+from jtricks.training.ensemble import create_ensemble, evaluate_ensemble, fit_ensemble
+from jtricks.training.fit import first_member
+
+
+def train_ensemble(config: TrainConfig, data: RunData, b: Build, out: Any, t0: float, locks):
+    """Member ``i`` uses init key ``fold_in(init_key, i)`` (`fit_ensemble`). Writes config,
+    metrics, curves and a summary with every member's test metrics and the ensemble's;
+    no intermediate checkpoints. Returns a `jtricks.run.RunResult`."""
+    from jtricks.run.runner import RunResult
+
+    keys = jax.vmap(lambda i: jax.random.fold_in(b.init_key, i))(jnp.arange(config.ensemble))
+    states = create_ensemble(b.model, b.tx, data.train[0], keys)
+    check_data(first_member(states), b.task, data.train, "training data")  # before any folder
+    run_dir = create_run_dir(out, locks) if out is not None else None
+    log = None
+    if run_dir is not None:
+        write_json(
+            run_dir / "config.json", {"config": config.to_dict(), "environment": environment()}
+        )
+        log = MetricsLog(run_dir / "metrics.jsonl")
+    states, history = fit_ensemble(
+        states,
+        data.train,
+        val_data=data.val,
+        batch_size=config.batch_size,
+        steps=b.total_steps,
+        data_key=b.data_key,
+        eval_batch_size=config.eval_batch_size,
+        augment=b.augment,
+        eval_params=config.eval_params,
+        task=b.task,
+        reporter=b.reporter,
+        on_epoch_end=None if log is None else (lambda r: log.on_epoch_end(r, None)),
+    )
+    test = evaluate_ensemble(
+        states, data.test, task=b.task, batch_size=config.eval_batch_size, params=config.eval_params
+    )
+    wall = time.perf_counter() - t0
+    if run_dir is not None:
+        members = {f"test_{k}": v for k, v in test.items() if k.startswith("member_")}
+        write_summary(
+            run_dir, history, test, states.params, wall, **members, ensemble=config.ensemble
+        )
+    return RunResult(config, states, history, test, run_dir, wall)

@@ -1,0 +1,126 @@
+"""What a run writes besides checkpoints: ``metrics.jsonl``, ``curves.png`` and
+``summary.json``, and the summary's entries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jtricks.errors import WriteError
+from jtricks.plotting import pyplot, save_figure
+from jtricks.rundir import write_json
+from jtricks.training import History, TrainState
+
+VARIANTS = ("ema_", "single_view_", "member_", "tta_", "val_ema_", "val_member_")
+"""Prefixes of metrics reported under their own names beside the split's own."""
+
+
+class MetricsLog:
+    """Callback that appends each epoch's record to ``metrics.jsonl`` (one JSON object a line, flushed)."""
+
+    needs_state = False
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_epoch_end(self, record: dict[str, Any], state: TrainState | None) -> bool:
+        del state
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a half line is cut back by --resume (from the checkpoint)
+            raise WriteError(self.path, e) from None
+        return False
+
+
+def is_split_metric(name: str, value: Any) -> bool:
+    """A task metric of the evaluated split, not a variant reported under its own name."""
+    return isinstance(value, float) and not name.startswith(VARIANTS)
+
+
+def main_metric(record: dict[str, Any]) -> str | None:
+    """The task's headline metric in a record: the first ``val_<m>`` besides the loss (or,
+    without validation, the first task metric among the ``train_`` entries)."""
+    for k, v in record.items():
+        if k.startswith("val_") and k != "val_loss" and is_split_metric(k, v):
+            return k[len("val_") :]
+    skip = {"train_loss", "train_grad_norm", "train_param_norm", "train_nonfinite"}
+    names = [k for k in record if k.startswith("train_") and k not in skip]
+    return names[0][len("train_") :] if names else None
+
+
+def plot_curves(history: History, path: Path) -> None:
+    """Save the loss and the task's headline metric (train and validation, per epoch) as a
+    PNG, atomically."""
+    epochs = history["epoch"]
+    first = history.records[0] if history.records else {}
+    metric = main_metric(first)
+    fig, (ax_loss, ax_metric) = pyplot().subplots(1, 2, figsize=(10, 4))
+    for prefix, label in (("train_", "train"), ("val_", "validation")):
+        if f"{prefix}loss" in first:
+            ax_loss.plot(epochs, history[f"{prefix}loss"], label=label)
+        if metric is not None and f"{prefix}{metric}" in first:
+            ax_metric.plot(epochs, history[f"{prefix}{metric}"], label=label)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss", yscale="log")
+    ax_metric.set(xlabel="epoch", ylabel=metric or "", title=metric or "")
+    save_figure(fig, path, axes=(ax_loss, ax_metric))
+
+
+def write_summary(
+    run_dir: Path, history: History, test: dict[str, Any], params: Any, wall: float, **extra: Any
+) -> None:
+    """Plot the curves and write ``summary.json`` (last, so its presence marks a finished run)."""
+    plot_curves(history, run_dir / "curves.png")
+    last = history.records[-1]
+    write_json(
+        run_dir / "summary.json",
+        {
+            **{f"test_{k}": v for k, v in test.items() if is_split_metric(k, v)},
+            **{k: v for k, v in last.items() if k.startswith("val_") and is_split_metric(k, v)},
+            "steps": last["step"],
+            "epochs": last["epoch"],
+            "wall_s": wall,
+            "train_s": last.get("elapsed_s"),
+            "num_params": int(sum(np.size(p) for p in jax.tree.leaves(params))),
+            "stopped": history.stopped,
+            **extra,
+        },
+    )
+
+
+def diverged_entries(
+    history: History, kept_val: dict[str, Any], run_dir: Path | None
+) -> dict[str, Any]:
+    """Summary entries of a diverged run: the flag, the kept state's step and validation
+    metrics (they replace the stopping epoch's), and how to continue from it."""
+    where = str(run_dir) if run_dir is not None else "RUN_DIR"
+    return {
+        **{f"val_{k}": v for k, v in kept_val.items() if is_split_metric(k, v)},
+        "diverged": True,
+        "kept_step": history.kept_step,
+        "continue_with": f"jtricks train --pretrained {where} --lr <a lower rate> --out <new folder>",
+    }
+
+
+def huge_loss_warning(history: History, final_loss: float) -> str | None:
+    """A line when the final loss is finite but 10x the untrained model's (a run that blew
+    up without ever producing NaN, e.g. Adam at lr 1e4), else ``None``."""
+    initial = history.records[0].get("initial_loss") if history.records else None
+    if initial is None or not np.isfinite(final_loss) or final_loss <= 10 * max(initial, 1e-12):
+        return None
+    return (
+        f"the final test loss {final_loss:.4g} is {final_loss / initial:.3g}x the untrained "
+        f"model's ({initial:.4g}): training made the model worse; lower the learning rate "
+        "or clip gradients"
+    )
+
+
+def floor_entries(floor: float | None, test_loss: float) -> dict[str, float]:
+    """The dataset's loss floor and the test loss's gap to it, where the floor is known."""
+    if floor is None:
+        return {}
+    return {"loss_floor": floor, "test_loss_gap": test_loss - floor}

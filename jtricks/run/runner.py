@@ -1,0 +1,324 @@
+"""`train`: one whole run from a config, with its run folder, as named phases.
+
+``train`` reads as the run does: resolve the config, load the data
+(`jtricks.run.data`), build the task, model, optimizer, augmentation and callbacks
+(`build`), create or restore the state and the run folder (`start`), `fit`, evaluate
+(`final_metrics`), and write the summary. An ensemble takes its own path after
+`build` (`jtricks.run.ensemble`). The CLI's ``jtricks train`` calls `train`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from jtricks.errors import ConfigError, StreamError
+from jtricks.run.build import Build, build
+from jtricks.run.config import TrainConfig, check_keys
+from jtricks.run.data import RunData, load_run_data, refuse_on_disk
+from jtricks.run.outputs import (
+    MetricsLog,
+    diverged_entries,
+    floor_entries,
+    huge_loss_warning,
+    write_summary,
+)
+from jtricks.rundir import create_run_dir, environment, locked, write_json, write_jsonl
+from jtricks.training import History, TrainState, create_train_state, evaluate, fit
+from jtricks.training.checkpoint import Checkpointer, restore, restore_latest
+from jtricks.training.data_checks import check_data
+from jtricks.training.transfer import load_pretrained
+
+
+@dataclass
+class RunResult:
+    """What `train` returns: the final state, the per-epoch history, test metrics, and the run folder."""
+
+    config: TrainConfig
+    state: TrainState
+    history: History
+    test: dict[str, float]
+    out: Path | None
+    wall_s: float
+    loss_floor: float | None = None
+    """The dataset's lowest reachable expected test loss, where known (`Dataset.loss_floor`)."""
+    warning: str | None = None
+    """Set when the run ended with a finite loss far above the untrained model's."""
+
+
+def train(
+    config: TrainConfig | None = None,
+    *,
+    out: str | os.PathLike | None = None,
+    progress: bool = False,
+    reporter: Any = None,
+    resume: str | os.PathLike | None = None,
+    **overrides: Any,
+) -> RunResult:
+    """Run one training job end to end: data, split, preprocessing, model, optimizer, `fit`, test.
+
+    Args:
+      config: a `TrainConfig`; fields may also be overridden by keyword.
+      out: run folder to create (must not exist or be empty). It receives
+        ``config.json`` (config + environment, written first), ``metrics.jsonl``
+        (one line per epoch, as training goes), ``curves.png`` and
+        ``summary.json`` (final test metrics). ``None`` writes nothing.
+      progress: show a rich progress bar and a line per epoch on stdout.
+      reporter: a custom progress reporter (overrides ``progress``).
+      resume: a run folder to continue from its newest intact checkpoint, with its own
+        ``config.json`` (``config`` and overrides are then not allowed). The final
+        parameters are bit-identical to an uninterrupted run's.
+
+    Returns:
+      A `RunResult`.
+
+    Raises:
+      ConfigError: for any bad name, number, or input data, before training starts
+        and before the run folder is created.
+
+    Example:
+      >>> result = jtricks.train(model="mlp", steps=500)
+      >>> result.test["accuracy"]
+    """
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as locks:  # the run folder's lock, held for the whole run
+        config, out = resolve_config(config, out, resume, locks, overrides)
+        data = load_run_data(config)
+        refuse_on_disk(config, data)
+        out = share_processes(config, data, out, resume)
+        b = build(config, data, resume, reporter, progress)
+        if config.ensemble > 1:
+            from jtricks.run.ensemble import train_ensemble
+
+            return train_ensemble(config, data, b, out, t0, locks)
+        state, run = start(config, data, b, out, resume, locks)
+        state, history = fit_run(config, data, b, state, run)
+        test, extra = final_metrics(config, data, b, state, history, run.dir)
+        wall = time.perf_counter() - t0
+        warning = extra.get("warning")
+        if run.dir is not None:
+            write_summary(run.dir, history, test, state.params, wall, **extra)
+        return RunResult(config, state, history, test, run.dir, wall, data.loss_floor, warning)
+
+
+def resolve_config(config, out, resume, locks, overrides) -> tuple[TrainConfig, Any]:
+    """The run's checked config and folder: the saved ones of ``resume`` (locked before
+    anything in it is read), else ``config`` with ``overrides``."""
+    if resume is not None:
+        if config is not None or overrides or out is not None:
+            raise ConfigError(
+                "resume takes the run's own config.json; give no other settings", param="resume"
+            )
+        if Path(resume).is_dir():
+            locks.enter_context(locked(resume, param="resume"))
+        config, out = load_run_config(resume), Path(resume)
+    check_keys(overrides)
+    config = dataclasses.replace(config or TrainConfig(), **overrides)
+    config.validate()
+    return config, out
+
+
+def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
+    """The config saved in an unfinished run folder (for ``--resume``)."""
+    path = Path(run_dir) / "config.json"
+    why = None
+    if not path.is_file():
+        why = f"{path} does not exist (not a jtricks run folder)"
+    elif (Path(run_dir) / "summary.json").exists():
+        why = "the run already finished (summary.json exists)"
+    if why is not None:
+        raise ConfigError(f"cannot resume {str(run_dir)!r}: {why}", param="resume")
+    try:
+        return TrainConfig.from_dict(json.loads(path.read_text())["config"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(
+            f"cannot resume {str(run_dir)!r}: {path} is not a valid run config: {e}", param="resume"
+        ) from None
+
+
+def share_processes(config: TrainConfig, data: RunData, out: Any, resume: Any) -> Any:
+    """With several processes (`jax.distributed`), keep this process's shard of the
+    training split (statistics and splits came from the whole split, identical in every
+    process); only process 0 writes the run folder. Returns the folder this process writes."""
+    nproc, pid = jax.process_count(), jax.process_index()
+    if nproc == 1:
+        return out
+    if config.ensemble > 1 or resume is not None or config.stream or data.on_disk:
+        raise ConfigError(
+            "multi-process runs support neither ensembles, resume nor streaming",
+            param="num_processes",
+        )
+    x_tr, y_tr = data.train
+    n_each = len(y_tr) // nproc
+    n_each -= n_each % len(jax.local_devices())  # equal shards, even over local devices
+    data.train = (x_tr[pid::nproc][:n_each], y_tr[pid::nproc][:n_each])
+    data.n_train = n_each * nproc
+    return out if pid == 0 else None
+
+
+@dataclass
+class Run:
+    """The run folder of a started run: where it is, the records restored from its
+    checkpoint, and the callbacks that write it."""
+
+    dir: Path | None
+    records: list[dict[str, Any]]
+    checkpointer: Checkpointer | None
+    callbacks: list[Any]
+
+
+def start(config, data, b: Build, out, resume, locks) -> tuple[TrainState, Run]:
+    """Create the state (checked against the task before any folder exists), then the run
+    folder, or restore both from ``resume``'s newest intact checkpoint."""
+    state = create_train_state(b.model, b.tx, data.example, b.init_key, ema_decay=config.ema)
+    if not data.on_disk:  # a mismatch leaves nothing behind
+        check_data(state, b.task, data.train, "training data")
+        check_data(state, b.task, data.test, "test data")
+    if config.pretrained is not None and resume is None:
+        state, _ = load_pretrained(state, config.pretrained)
+    if out is None:
+        return state, Run(None, [], None, b.callbacks)
+    run_dir = Path(out) if resume is not None else create_run_dir(out, locks)
+    records: list[dict[str, Any]] = []
+    if resume is not None:
+        state, records = restore_run(run_dir / "checkpoints", state, b)
+        write_jsonl(run_dir / "metrics.jsonl", records)  # drop epochs after the checkpoint
+    else:
+        write_json(
+            run_dir / "config.json", {"config": config.to_dict(), "environment": environment()}
+        )
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    if jax.process_count() > 1:  # orbax saves would need every process; not wired yet
+        return state, Run(run_dir, records, None, [log, *b.callbacks])
+    ckpt = Checkpointer(
+        run_dir / "checkpoints",
+        every=config.checkpoint_every,
+        keep=config.keep_checkpoints,
+        meta_fn=lambda record, state: {"callbacks": b.callback_states()},
+    )
+    ckpt.records = list(records)
+    ckpt.best = min((r["val_loss"] for r in records), default=None)
+    return state, Run(run_dir, records, ckpt, [log, *b.callbacks, ckpt])
+
+
+def restore_run(ckpt_dir: Path, state: TrainState, b: Build) -> tuple[TrainState, list]:
+    """The newest intact checkpoint's state and history, with the callbacks' saved states."""
+    restored = restore_latest(ckpt_dir, state)
+    if restored is None:
+        return state, []
+    state, meta = restored
+    saved = meta.get("callbacks", {})
+    if b.plateau is not None and "plateau" in saved:
+        b.plateau.load_state_dict(saved["plateau"])
+    if b.early is not None and "early_stopping" in saved:
+        best = restore(ckpt_dir / "best", state)[0] if (ckpt_dir / "best").is_dir() else None
+        b.early.load_state_dict(saved["early_stopping"], best)
+    return state, meta["history"]
+
+
+def fit_run(config, data: RunData, b: Build, state, run: Run) -> tuple[TrainState, History]:
+    """`fit` for the steps still to go, from arrays or from a stream of the same batches."""
+    history = History(list(run.records))
+    remaining = b.total_steps - int(state.step)
+    if remaining <= 0:
+        return state, history
+    train_data, stream_kw = data.train, {}
+    if b.streaming:
+        train_data = data.train_stream(
+            config.batch_size * config.accumulate, b.data_key, config.loader
+        )
+        saved = run.records[-1].get("data_state") if run.records else None
+        stream_kw = dict(
+            data_state=saved or train_data.state_at(int(state.step)), chunk=config.chunk
+        )
+    state, new = fit_or_explain(
+        run,
+        state,
+        train_data,
+        val_data=data.val,
+        batch_size=None if b.streaming else config.batch_size,
+        **stream_kw,
+        steps=remaining,
+        data_key=b.data_key,
+        eval_batch_size=config.eval_batch_size,
+        callbacks=run.callbacks,
+        reporter=b.reporter,
+        task=b.task,
+        max_nonfinite=config.max_nonfinite,
+        augment=b.augment,
+        mix=b.mix,
+        accumulate=config.accumulate,
+        precision=config.precision,
+        eval_params=config.eval_params,
+    )
+    history.records.extend(new.records)
+    history.stopped, history.diverged, history.kept_step = new.stopped, new.diverged, new.kept_step
+    return state, history
+
+
+def fit_or_explain(run: Run, state, train_data, **kw):
+    """`fit`; a failing stream stops the run with one line that says what is left: the
+    writes in flight are finished, and the newest checkpoint continues it."""
+    try:
+        return fit(state, train_data, **kw)
+    except StreamError as e:
+        if run.checkpointer is None:
+            raise
+        run.checkpointer.wait()
+        raise StreamError(
+            f"{e}; the run stopped there, its newest checkpoint is intact: fix the data, then "
+            f"jtricks train --resume {run.dir}",
+            e.state,
+        ) from e
+
+
+def final_metrics(config, data, b: Build, state, history, run_dir) -> tuple[dict, dict]:
+    """Test metrics (with the EMA's and test-time augmentation's), and the summary's extra
+    entries: a diverged run's kept state, the loss floor, a warning."""
+    kw = dict(task=b.task, batch_size=config.eval_batch_size)
+    extra: dict[str, Any] = {}
+    if history.diverged:  # the kept state's own validation metrics, not the stopping epoch's
+        kept_val = evaluate(state, data.val, params=config.eval_params, **kw)
+        extra = diverged_entries(history, kept_val, run_dir)
+    test = evaluate(state, data.test, params=config.eval_params, **kw)
+    if state.ema_params is not None and config.eval_params != "ema":
+        ema = evaluate(state, data.test, params="ema", **kw)
+        test.update({f"ema_{k}": v for k, v in ema.items()})
+        extra.update({f"test_ema_{k}": v for k, v in ema.items()})
+    if b.tta_augment is not None:
+        extra.update(tta_metrics(config, data, b, state, test))
+    warning = huge_loss_warning(history, test["loss"])
+    if warning:
+        extra["warning"] = warning
+    return test, {**extra, **floor_entries(data.loss_floor, test["loss"])}
+
+
+def tta_metrics(config, data, b: Build, state, test: dict[str, Any]) -> dict[str, Any]:
+    """Test-time augmentation on the test and validation splits: updates ``test`` (the
+    single-view figures move to ``single_view_*``) and returns the summary's entries."""
+    from jtricks.training.tta import evaluate_tta
+
+    kw = dict(
+        views=config.tta,
+        key=jax.random.fold_in(b.key, 3),  # the views are keyed from the seed
+        task=b.task,
+        batch_size=config.eval_batch_size,
+        params=config.eval_params,
+    )
+    tta_test = evaluate_tta(state, data.test, b.tta_augment, **kw)
+    tta_val = evaluate_tta(state, data.val, b.tta_augment, **kw)
+    single = {f"single_view_{k}": test[k] for k in tta_test}
+    test.update({**single, **tta_test, "tta_views": config.tta})
+    return {
+        **{f"test_{k}": v for k, v in single.items() if k != "single_view_loss"},
+        **{f"val_tta_{k}": v for k, v in tta_val.items()},
+        "tta_views": config.tta,
+    }

@@ -1,0 +1,66 @@
+"""`History` (the records of a `fit`) and the `Callback` protocol."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from jtricks.training.state import TrainState
+
+
+class Callback(Protocol):
+    """Called on the Python side after every epoch's metrics are known.
+
+    ``on_epoch_end`` receives the epoch's record (see `History`) and the current
+    state. A callback that sets ``needs_state = False`` only observes records: it
+    is passed ``None`` for the state, must not stop training, and lets `fit`
+    dispatch the next epoch before reading this one's metrics. It returns ``None``/``False`` to go on, ``True`` to stop after this
+    epoch, a `StopTraining` (stop, optionally continuing from its state), or a
+    new `TrainState` to continue from (e.g. with a lowered learning rate). An
+    optional ``on_train_end(state)`` runs after the last epoch and may return a
+    replacement state (e.g. the best one). Callbacks run in order; each sees the state the previous
+    one returned.
+    """
+
+    def on_epoch_end(
+        self, record: dict[str, Any], state: TrainState
+    ) -> bool | TrainState | None: ...
+
+
+@dataclass
+class History:
+    """Per-epoch records of a `fit` call.
+
+    Each record has ``epoch`` (1-based), ``step`` (optimizer steps so far), the
+    epoch means of the step metrics prefixed ``train_`` (``train_loss``,
+    ``train_accuracy``, ``train_grad_norm``, ...), ``val_loss`` and
+    ``val_accuracy`` when a validation split is given, ``steps_per_s`` (the
+    first epoch includes compilation) and ``elapsed_s`` since `fit` began, and
+    ``lr``, the epoch's mean learning rate, when the optimizer state holds one
+    (optimizers from `jtricks.optim.build_optimizer` do).
+
+    ``history["val_loss"]`` returns that column as a NumPy array, ``history[-1]`` the
+    last record. A stream's records also hold ``data_state`` (see `fit`).
+    """
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    stopped: str | None = None
+    diverged: bool = False
+    """Training stopped after ``max_nonfinite`` consecutive skipped steps."""
+    kept_step: int | None = None
+    """After divergence: the step of the state `fit` returned (the last that evaluated
+    finite); ``records[-1]["step"]`` is where training stopped."""
+
+    def __getitem__(self, key: str | int) -> Any:
+        if isinstance(key, int):  # one record: history[-1]
+            return self.records[key]
+        return np.asarray([r[key] for r in self.records])
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.records)
