@@ -5,12 +5,12 @@ from jtricks.data.batching import epoch_indices
 from jtricks.data.datasets import (
     DATASETS,
     Dataset,
-    load_dataset,
     mnist1d,
     synthetic,
     validate_arrays,
 )
 from jtricks.data.preprocess import Scaler, select_classes, train_val_split
+from jtricks.data.registry import load_dataset
 from jtricks.data.shards import ShardedArrays, write_shards
 from jtricks.data.stream import BatchStream, EpochBatches, SequentialBatches
 

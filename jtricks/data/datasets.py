@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 
 from jtricks.errors import ConfigError, check_int, check_range
-from jtricks.spec import build_from_registry
 
 MAX_OUTPUTS = 2**20
 """The largest output width (class count, vocabulary) a dataset may declare: beyond it a
@@ -299,39 +298,3 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "synthetic": synthetic,
     "npz": npz,
 }
-
-
-def _file_loaders() -> dict[str, Callable[..., Dataset]]:
-    """Loaders for files on disk and the other tasks' generators (imported lazily; see
-    `jtricks.data.loaders` and `jtricks.data.generated`)."""
-    from jtricks.data import generated, loaders
-
-    return {
-        "mnist": loaders.mnist,
-        "fashion_mnist": loaders.fashion_mnist,
-        "cifar10": loaders.cifar10,
-        "cifar100": loaders.cifar100,
-        "regression": generated.regression,
-        "segmentation1d": generated.segmentation1d,
-        "tokens": generated.tokens,
-        "text": generated.text,
-    }
-
-
-def load_dataset(spec: str) -> Dataset:
-    """Load a registered dataset from a spec such as ``"mnist1d"``, ``"synthetic(shape=(8, 8, 3))"``
-    or ``"npz:PATH"`` (short for ``npz(path='PATH')``).
-
-    Raises:
-      ConfigError: for an unknown name (the message lists the valid ones) or a bad argument.
-    """
-    registry = {**DATASETS, **_file_loaders()}
-    if isinstance(spec, str) and ":" in spec and "(" not in spec:
-        name, _, path = spec.partition(":")
-        if name not in registry:
-            raise ConfigError(
-                f"unknown dataset {name!r}; valid datasets are: {', '.join(sorted(registry))}",
-                param="dataset",
-            )
-        return build_from_registry(f"{name}(path={path!r})", registry, what="dataset")
-    return build_from_registry(spec, registry, what="dataset")

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jtricks.errors import ConfigError
 from jtricks.nn.initializers import get_initializer
 from jtricks.nn.layers import conv, normalize, uses_bias
-from jtricks.nn.models import ModelBase, positive_ints, get_activation
+from jtricks.nn.models import ModelBase, get_activation, positive_ints
 
 
 class InceptionBlock(nn.Module):

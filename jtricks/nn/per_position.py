@@ -15,7 +15,7 @@ import jax
 from jtricks.errors import ConfigError
 from jtricks.nn.initializers import get_initializer
 from jtricks.nn.layers import bias_init_for, normalize
-from jtricks.nn.models import Transformer, as_sequence, ModelBase, positive_ints, get_activation
+from jtricks.nn.models import ModelBase, Transformer, as_sequence, get_activation, positive_ints
 
 
 class FCN1D(ModelBase):

@@ -10,9 +10,11 @@ Reduce-on-plateau is not a function of the step: it is a fit callback
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import jax.numpy as jnp
 import optax
@@ -124,6 +126,49 @@ class Plateau:
     min_scale: float = 1e-3
     patience_mode: str = "keras"
 
+    def check(self, param: str | None = None) -> Plateau:
+        """Return ``self`` after checking every setting; a `ConfigError` names ``param``
+        (e.g. ``"schedule"``, the spec it came from) or else the setting itself."""
+        try:
+            check_range(
+                "factor", self.factor, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False
+            )
+            check_int("patience", self.patience, low=0)
+            if self.patience_mode not in PATIENCE_MODES:
+                raise ConfigError(
+                    f"patience_mode must be one of {', '.join(PATIENCE_MODES)}; got "
+                    f"{self.patience_mode!r}",
+                    param="patience_mode",
+                )
+            check_range("min_delta", self.min_delta, low=0.0)
+            check_range("min_scale", self.min_scale, low=0.0, high=1.0)
+            if self.mode not in ("min", "max"):
+                raise ConfigError(f"mode must be 'min' or 'max'; got {self.mode!r}", param="mode")
+        except ConfigError as e:
+            e.param = param or e.param
+            raise
+        return self
+
+
+MONITORS = ("val_loss", "val_accuracy", "train_loss", "train_accuracy")
+"""What a ``plateau`` schedule spec may watch."""
+
+
+def _plateau_spec(**settings: Any) -> Plateau:
+    """The ``plateau(...)`` schedule spec: `Plateau` settings, checked, watching one of
+    `MONITORS`."""
+    plateau = Plateau(**settings).check(param="schedule")
+    if plateau.monitor not in MONITORS:
+        raise ConfigError(
+            f"monitor must be {', '.join(MONITORS[:-1])} or {MONITORS[-1]}; got "
+            f"{plateau.monitor!r}",
+            param="schedule",
+        )
+    return plateau
+
+
+_plateau_spec.__signature__ = inspect.signature(Plateau)  # its arguments are Plateau's
+
 
 def _registry(value: float, steps_per_epoch: int, total_steps: int):
     spe = steps_per_epoch
@@ -164,33 +209,6 @@ def _registry(value: float, steps_per_epoch: int, total_steps: int):
     ):
         return one_cycle(value, total_steps, pct_start, div_factor, final_div_factor)
 
-    def s_plateau(
-        factor: float = 0.5,
-        patience: int = 5,
-        min_delta: float = 0.0,
-        monitor: str = "val_loss",
-        mode: str = "min",
-        min_scale: float = 1e-3,
-        patience_mode: str = "keras",
-    ):
-        check_range("factor", factor, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
-        if patience_mode not in PATIENCE_MODES:
-            raise ConfigError(
-                f"patience_mode must be one of {', '.join(PATIENCE_MODES)}; got {patience_mode!r}",
-                param="schedule",
-            )
-        check_int("patience", patience, low=0)
-        check_range("min_delta", min_delta, low=0.0)
-        check_range("min_scale", min_scale, low=0.0, high=1.0)
-        if mode not in ("min", "max"):
-            raise ConfigError(f"mode must be 'min' or 'max'; got {mode!r}", param="schedule")
-        if monitor not in ("val_loss", "val_accuracy", "train_loss", "train_accuracy"):
-            raise ConfigError(
-                f"monitor must be val_loss, val_accuracy, train_loss or train_accuracy; got {monitor!r}",
-                param="schedule",
-            )
-        return Plateau(factor, patience, min_delta, monitor, mode, min_scale, patience_mode)
-
     return {
         "constant": s_constant,
         "per_epoch": s_per_epoch,
@@ -200,7 +218,7 @@ def _registry(value: float, steps_per_epoch: int, total_steps: int):
         "warmup_cosine": s_warmup_cosine,
         "cosine": s_cosine,
         "one_cycle": s_one_cycle,
-        "plateau": s_plateau,
+        "plateau": _plateau_spec,
     }
 
 

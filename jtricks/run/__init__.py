@@ -13,8 +13,8 @@ from typing import Any
 from jtricks.configs import NAMES, get_config
 from jtricks.errors import unknown_name
 from jtricks.run.config import TrainConfig
-from jtricks.run.outputs import MetricsLog, main_metric, plot_curves
-from jtricks.run.runner import RunResult, train
+from jtricks.run.outputs import MetricsLog, RunResult, main_metric, plot_curves
+from jtricks.run.runner import train
 from jtricks.rundir import environment, write_json
 
 RECIPES: dict[str, dict[str, Any]] = {name: get_config(name) for name in NAMES}

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jtricks.run.build import Build
 from jtricks.run.config import TrainConfig
 from jtricks.run.data import RunData
-from jtricks.run.outputs import MetricsLog, write_summary
+from jtricks.run.outputs import MetricsLog, RunResult, write_summary
 from jtricks.rundir import create_run_dir, environment, write_json
 from jtricks.training.data_checks import check_data
 from jtricks.training.ensemble import create_ensemble, evaluate_ensemble, fit_ensemble
@@ -21,9 +21,7 @@ from jtricks.training.fit import first_member
 def train_ensemble(config: TrainConfig, data: RunData, b: Build, out: Any, t0: float, locks):
     """Member ``i`` uses init key ``fold_in(init_key, i)`` (`fit_ensemble`). Writes config,
     metrics, curves and a summary with every member's test metrics and the ensemble's;
-    no intermediate checkpoints. Returns a `jtricks.run.RunResult`."""
-    from jtricks.run.runner import RunResult
-
+    no intermediate checkpoints. Returns a `RunResult`."""
     keys = jax.vmap(lambda i: jax.random.fold_in(b.init_key, i))(jnp.arange(config.ensemble))
     states = create_ensemble(b.model, b.tx, data.train[0], keys)
     check_data(first_member(states), b.task, data.train, "training data")  # before any folder

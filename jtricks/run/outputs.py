@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +13,28 @@ import numpy as np
 
 from jtricks.errors import WriteError
 from jtricks.plotting import pyplot, save_figure
+from jtricks.run.config import TrainConfig
 from jtricks.rundir import write_json
 from jtricks.training import History, TrainState
 
 VARIANTS = ("ema_", "single_view_", "member_", "tta_", "val_ema_", "val_member_")
 """Prefixes of metrics reported under their own names beside the split's own."""
+
+
+@dataclass
+class RunResult:
+    """What `train` returns: the final state, the per-epoch history, test metrics, and the run folder."""
+
+    config: TrainConfig
+    state: TrainState
+    history: History
+    test: dict[str, float]
+    out: Path | None
+    wall_s: float
+    loss_floor: float | None = None
+    """The dataset's lowest reachable expected test loss, where known (`Dataset.loss_floor`)."""
+    warning: str | None = None
+    """Set when the run ended with a finite loss far above the untrained model's."""
 
 
 class MetricsLog:

@@ -24,8 +24,10 @@ from jtricks.errors import ConfigError, StreamError
 from jtricks.run.build import Build, build
 from jtricks.run.config import TrainConfig, check_keys
 from jtricks.run.data import RunData, load_run_data, refuse_on_disk
+from jtricks.run.ensemble import train_ensemble
 from jtricks.run.outputs import (
     MetricsLog,
+    RunResult,
     diverged_entries,
     floor_entries,
     huge_loss_warning,
@@ -36,22 +38,6 @@ from jtricks.training import History, TrainState, create_train_state, evaluate, 
 from jtricks.training.checkpoint import Checkpointer, restore, restore_latest
 from jtricks.training.data_checks import check_data
 from jtricks.training.transfer import load_pretrained
-
-
-@dataclass
-class RunResult:
-    """What `train` returns: the final state, the per-epoch history, test metrics, and the run folder."""
-
-    config: TrainConfig
-    state: TrainState
-    history: History
-    test: dict[str, float]
-    out: Path | None
-    wall_s: float
-    loss_floor: float | None = None
-    """The dataset's lowest reachable expected test loss, where known (`Dataset.loss_floor`)."""
-    warning: str | None = None
-    """Set when the run ended with a finite loss far above the untrained model's."""
 
 
 def train(
@@ -96,8 +82,6 @@ def train(
         out = share_processes(config, data, out, resume)
         b = build(config, data, resume, reporter, progress)
         if config.ensemble > 1:
-            from jtricks.run.ensemble import train_ensemble
-
             return train_ensemble(config, data, b, out, t0, locks)
         state, run = start(config, data, b, out, resume, locks)
         state, history = fit_run(config, data, b, state, run)

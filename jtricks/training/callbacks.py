@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from jtricks.errors import ConfigError, check_int, check_range
-from jtricks.optim.schedules import PATIENCE_MODES
+from jtricks.optim.schedules import Plateau
 from jtricks.training.state import TrainState
 
 
@@ -74,15 +74,8 @@ class ReduceLROnPlateau:
         min_scale: float = 1e-3,
         patience_mode: str = "keras",
     ) -> None:
-        check_range("factor", factor, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
-        check_int("patience", patience, low=0)
-        if patience_mode not in PATIENCE_MODES:
-            raise ConfigError(
-                f"patience_mode must be one of {', '.join(PATIENCE_MODES)}; got {patience_mode!r}",
-                param="patience_mode",
-            )
+        Plateau(factor, patience, min_delta, monitor, mode, min_scale, patience_mode).check()
         self.patience_mode = patience_mode
-        check_range("min_scale", min_scale, low=0.0, high=1.0)
         self._monitor = _Monitor("ReduceLROnPlateau", monitor, mode, min_delta)
         self.factor, self.patience, self.min_delta = factor, patience, min_delta
         self.monitor, self.mode, self.min_scale = monitor, mode, min_scale

@@ -29,15 +29,8 @@ def compiled_steps(
 ):
     """The ``(train_step, eval_step)`` pair of a task and options; cached, so the programs
     compiled from them (epochs, stream chunks) are shared by every `fit` call."""
-    train_step = make_train_step(
-        task=task,
-        norms=norms,
-        update_norm=update_norm,
-        augment=augment,
-        mix=mix,
-        accumulate=accumulate,
-        precision=precision,
-    )
+    options = dict(norms=norms, update_norm=update_norm, augment=augment, mix=mix)
+    train_step = make_train_step(task=task, accumulate=accumulate, precision=precision, **options)
     return train_step, make_eval_step(task=task)
 
 

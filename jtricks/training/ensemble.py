@@ -124,19 +124,10 @@ def fit_ensemble(
     callbacks = list(fit_kwargs.pop("callbacks", ()))
     if on_epoch_end is not None:
         callbacks.insert(0, _RecordHook(on_epoch_end))
+    length = dict(batch_size=batch_size, epochs=epochs, steps=steps, data_key=data_key)
+    evaluation = dict(val_data=val_data, eval_batch_size=eval_batch_size)
+    fit_kwargs = {"mesh": None, **fit_kwargs, "callbacks": callbacks, "reporter": reporter}
     return fit(
-        states,
-        train_data,
-        batch_size=batch_size,
-        epochs=epochs,
-        steps=steps,
-        val_data=val_data,
-        data_key=data_key,
-        loss_fn=loss_fn,
-        task=task,
-        eval_batch_size=eval_batch_size,
-        augment=augment,
-        reporter=reporter,
-        callbacks=callbacks,
-        **{"mesh": None, **fit_kwargs},
-    )
+        states, train_data, **length, **evaluation, loss_fn=loss_fn, task=task, augment=augment,
+        **fit_kwargs,
+    )  # fmt: skip

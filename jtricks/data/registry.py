@@ -1,0 +1,47 @@
+"""The dataset registry: every name ``--dataset`` and `load_dataset` accept.
+
+It sits above the loaders (`jtricks.data.datasets` for MNIST-1D, synthetic data and
+``.npz`` files, `jtricks.data.loaders` for image files, `jtricks.data.generated` for the
+other tasks' data), so none of them imports another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from jtricks.data import generated, loaders
+from jtricks.data.datasets import DATASETS, Dataset
+from jtricks.errors import ConfigError
+from jtricks.spec import build_from_registry
+
+FILES_AND_TASKS: dict[str, Callable[..., Dataset]] = {
+    "mnist": loaders.mnist,
+    "fashion_mnist": loaders.fashion_mnist,
+    "cifar10": loaders.cifar10,
+    "cifar100": loaders.cifar100,
+    "regression": generated.regression,
+    "segmentation1d": generated.segmentation1d,
+    "tokens": generated.tokens,
+    "text": generated.text,
+}
+"""Loaders for files on disk (`jtricks.data.loaders`) and the other tasks' generators
+(`jtricks.data.generated`)."""
+
+
+def load_dataset(spec: str) -> Dataset:
+    """Load a registered dataset from a spec such as ``"mnist1d"``, ``"synthetic(shape=(8, 8, 3))"``
+    or ``"npz:PATH"`` (short for ``npz(path='PATH')``).
+
+    Raises:
+      ConfigError: for an unknown name (the message lists the valid ones) or a bad argument.
+    """
+    registry = {**DATASETS, **FILES_AND_TASKS}
+    if isinstance(spec, str) and ":" in spec and "(" not in spec:
+        name, _, path = spec.partition(":")
+        if name not in registry:
+            raise ConfigError(
+                f"unknown dataset {name!r}; valid datasets are: {', '.join(sorted(registry))}",
+                param="dataset",
+            )
+        return build_from_registry(f"{name}(path={path!r})", registry, what="dataset")
+    return build_from_registry(spec, registry, what="dataset")
