@@ -1,4 +1,4 @@
-"""Loss functions, numerically stable from logits (T20).
+"""Loss functions, numerically stable from logits.
 
 Every loss returns per-example values ``(N,)``; average them yourself (with
 weights when batches are padded). All are finite for logits as large as ±1e4:
@@ -77,7 +77,7 @@ def mse(predictions: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def dice_loss(logits: jax.Array, labels: jax.Array, *, eps: float = 1.0) -> jax.Array:
-    """Soft multi-class Dice loss from logits, per example, for class-imbalanced segmentation (T20).
+    """Soft multi-class Dice loss from logits, per example, for class-imbalanced segmentation.
 
     With ``p = softmax(z)`` over the last (class) axis and ``y`` one-hot
     (integer ``labels`` are one-hot encoded), for each class ``c`` over all other axes:

@@ -1,4 +1,4 @@
-"""Optimizer benchmark suite (T21): `jtricks bench` and `jtricks bench compare`."""
+"""Optimizer benchmark suite: `jtricks bench` and `jtricks bench compare`."""
 
 from jtricks.bench.problems import OPTIMIZERS, SUITES, Problem, suite_problems
 from jtricks.bench.report import compare, markdown, plot

@@ -133,7 +133,7 @@ def _p(name, description, metric, target, steps, eval_every, build, kind="optimi
 
 
 def suite_problems(suite: str) -> list[Problem]:
-    """The problems of a suite: ``quick`` (under 5 minutes on 2 CPU cores) or ``full``."""
+    """The problems of a suite: ``quick`` (small enough for a CPU) or ``full`` (for an accelerator)."""
     quick = suite == "quick"
     s = 1 if quick else 3  # budget scale
     problems = [
@@ -184,8 +184,8 @@ def suite_problems(suite: str) -> list[Problem]:
             lambda: mnist1d_model("gru(hidden=32)"),
         ),
     ]
-    # XLA:CPU trains 2-D convolutions slowly (about 3.4 s per ResNet-20 step at batch 32 on
-    # 2 cores), so the quick suite times a small batch for 2 steps
+    # XLA:CPU trains 2-D convolutions slowly (seconds per ResNet-20 step), so the quick
+    # suite times a small batch for 2 steps
     image, batch = ((32, 32, 3), 8 if quick else 512)
     problems.append(
         _p(

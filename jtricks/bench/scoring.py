@@ -1,4 +1,4 @@
-"""AlgoPerf-style scoring (T21): time-to-target ratios, performance profiles, profile score.
+"""AlgoPerf-style scoring: time-to-target ratios, performance profiles, profile score.
 
 For problems p and optimizers o with times-to-target ``t[p][o]`` (``inf`` when the
 target was not reached):

@@ -19,9 +19,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "jtricks bench compare A.json B.json ... prints side-by-side tables with speedups.",
     )
     b.add_argument("compare", nargs="*", metavar="compare FILE", help="compare FILE FILE ...")
-    b.add_argument(
-        "--suite", default="quick", help="quick (under 5 min on 2 CPU cores) or full (GPU)"
-    )
+    b.add_argument("--suite", default="quick", help="quick (for a CPU) or full (for a GPU)")
     b.add_argument("--optimizers", default=None, help="comma-separated subset, e.g. sgd,adam")
     b.add_argument(
         "--problems", default=None, help="comma-separated subset of the suite's problems"

@@ -1,4 +1,4 @@
-"""Datasets (T01, T02): registry, preprocessing fitted on training data, splits, batching,
+"""Datasets: registry, preprocessing fitted on training data, splits, batching,
 shards on disk and streams of host batches."""
 
 from jtricks.data.batching import epoch_indices

@@ -1,4 +1,4 @@
-"""On-device data augmentation (T10): pure, keyed, per-example functions applied with `vmap`
+"""On-device data augmentation: pure, keyed, per-example functions applied with `vmap`
 inside the jitted train step, in training only.
 
 Every augmentation is a factory returning ``fn(key, x) -> x`` for ONE example

@@ -2,7 +2,7 @@
 
 Every loader returns a `Dataset` of NumPy arrays (features float32, labels int32)
 with a fixed train / test split. The validation split is carved out of the
-training split by `jtricks.data.train_val_split` (T02).
+training split by `jtricks.data.train_val_split`.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def mnist1d(num_samples: int = 5000, train_split: float = 0.8, seed: int = 42) -
     Python's global generators; their states are restored afterwards.
 
     Note: ``mnist1d`` centres and scales the whole set (train and test together)
-    by one global mean and std. jtricks' own preprocessing (T01) is then refitted
+    by one global mean and std. jtricks' own preprocessing is then refitted
     on the training split only.
 
     References:

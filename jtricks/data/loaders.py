@@ -1,4 +1,4 @@
-"""Loaders for dataset files users already have on disk (T01): MNIST / Fashion-MNIST IDX files
+"""Loaders for dataset files users already have on disk: MNIST / Fashion-MNIST IDX files
 and CIFAR-10 / CIFAR-100 "python" batches. Selected with ``--dataset mnist:PATH``,
 ``fashion_mnist:PATH``, ``cifar10:PATH`` or ``cifar100:PATH``.
 

@@ -1,4 +1,4 @@
-"""Input scaling fitted on the training split only (T01) and seeded splits (T02)."""
+"""Input scaling fitted on the training split only and seeded splits."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ class Scaler:
     """An affine map ``x -> (x - shift) * scale + offset`` whose statistics come from training data.
 
     Build it with `Scaler.fit` on the training split, then apply it to every split:
-    the validation and test statistics are never looked at (T01).
+    the validation and test statistics are never looked at.
 
     * ``standardize``: ``(x - mean) / std`` -> mean 0, std 1 on the training split.
       A zero std (constant feature) is treated as 1.
@@ -116,7 +116,7 @@ def train_val_split(
     seed: int,
     stratify: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Split off a validation set, reproducibly from ``seed`` (T02).
+    """Split off a validation set, reproducibly from ``seed``.
 
     Without stratification, ``round(val_fraction * N)`` examples chosen uniformly
     at random form the validation split. With ``stratify=True``, each class ``c``
@@ -163,7 +163,7 @@ def select_classes(
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The examples of ``classes`` only, relabelled ``classes[i] -> i``; with ``per_class``,
-    a seeded random ``per_class`` of each (for few-label transfer experiments, T26).
+    a seeded random ``per_class`` of each (for few-label transfer experiments).
 
     Raises:
       ConfigError: an empty or repeated class list, a class with no examples, or fewer

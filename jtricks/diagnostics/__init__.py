@@ -1,14 +1,14 @@
-"""Diagnostics that tell why training fails (T04, T21, T27, T28).
+"""Diagnostics that tell why training fails.
 
-* `check_gradients` (T28): central differences in float64 against `jax.grad`,
+* `check_gradients`: central differences in float64 against `jax.grad`,
   coordinates sampled in every layer, a per-layer table and a verdict.
-* `overfit_one_batch` (T27): can the model and optimizer drive the loss on one
+* `overfit_one_batch`: can the model and optimizer drive the loss on one
   small batch to ~0? If not, something between data, model and update is broken.
 * `initial_loss` : at initialisation the cross-entropy should be about ``log C``.
-* `signal_propagation` (T04): per-layer activation mean / std and gradient norm,
+* `signal_propagation`: per-layer activation mean / std and gradient norm,
   with flags for vanishing and exploding signals; `track_signal` records it at
   chosen steps of a real run.
-* `lr_finder` (T21): K learning rates over an exponential range, trained side by
+* `lr_finder`: K learning rates over an exponential range, trained side by
   side from the same initialisation in one compiled program (`jax.vmap` over the
   optimizer's injected learning rate, `lax.scan` over steps); suggests the rate
   of steepest descent of the loss against log learning rate. `lr_range_test` is

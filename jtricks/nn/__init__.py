@@ -1,4 +1,4 @@
-"""Flax Linen models (T03, T05, T06, T11, T22-T25) and the model registry."""
+"""Flax Linen models and the model registry."""
 
 from __future__ import annotations
 

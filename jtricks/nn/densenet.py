@@ -1,4 +1,4 @@
-"""DenseNet-BC (T22, T25): every layer of a dense block sees the feature maps of all the
+"""DenseNet-BC: every layer of a dense block sees the feature maps of all the
 layers before it, concatenated, and adds ``growth`` new channels of its own.
 
 Layer ``l`` of a block computes ``x_l = H_l([x_0, x_1, ..., x_{l-1}])``, with ``H_l`` the

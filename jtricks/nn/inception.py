@@ -1,4 +1,4 @@
-"""Inception networks (T25): blocks of parallel convolution paths of different receptive
+"""Inception networks: blocks of parallel convolution paths of different receptive
 fields, concatenated, so that a layer chooses its own mix of scales.
 
 `InceptionBlock` has GoogLeNet's four branches with two later refinements: BatchNorm

@@ -1,4 +1,4 @@
-"""Weight initialisers by name (T03), each a Flax initializer ``(key, shape, dtype) -> array``.
+"""Weight initialisers by name, each a Flax initializer ``(key, shape, dtype) -> array``.
 
 Fan-in ``n_in`` and fan-out ``n_out`` follow Flax: for a Dense kernel ``(n_in, n_out)``;
 for a conv kernel ``(*window, c_in, c_out)`` they are multiplied by the window size.

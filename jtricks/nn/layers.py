@@ -49,10 +49,10 @@ class Conv1D(nn.Module):
 
     New here: the convolution is computed as ``k`` strided slices of the padded
     input, concatenated on the channel axis, and one matmul with the kernel
-    reshaped to ``(k * C_in, C_out)``. On CPU, inside `lax.scan`, this trains the
-    MNIST-1D CNN about 4x faster than ``nn.Conv`` (XLA's convolution gradients are
-    slow there), and under `vmap` it stays a batched matmul instead of a grouped
-    convolution. ``impl="lax"`` uses ``nn.Conv`` itself. Parameters (``kernel``
+    reshaped to ``(k * C_in, C_out)``. On CPU, inside `lax.scan`, this trains small
+    1-D CNNs faster than ``nn.Conv`` (XLA's convolution gradients are slow there;
+    ``benchmarks/bench_conv.py`` measures it), and under `vmap` it stays a batched
+    matmul instead of a grouped convolution. ``impl="lax"`` uses ``nn.Conv`` itself. Parameters (``kernel``
     ``(k, C_in, C_out)``, ``bias``) are identical, so checkpoints move between the two.
     """
 
@@ -199,7 +199,7 @@ class WeightNormDense(nn.Module):
 
 
 def normalize(kind: str | None, x: jax.Array, *, train: bool, name: str | None = None) -> jax.Array:
-    """Apply the normalisation ``kind`` (T05) over the feature (last) axis.
+    """Apply the normalisation ``kind`` over the feature (last) axis.
 
     * ``"batch"``: ``gamma (x - mu_B) / sqrt(var_B + eps) + beta`` with the batch's statistics
       in training and running averages (momentum 0.9, like PyTorch's 0.1) in evaluation;

@@ -1,4 +1,4 @@
-"""Models in Flax Linen (T11, T22-T25): MLP, the MNIST-1D paper's CNN and a wide residual
+"""Models in Flax Linen: MLP, the MNIST-1D paper's CNN and a wide residual
 variant, CIFAR-style ResNets, LSTM/GRU classifiers and a pre-norm transformer encoder.
 
 Every model is pure: ``variables = model.init(key, x)`` then
@@ -7,12 +7,12 @@ One ``train`` flag flows to BatchNorm (batch statistics in training, running
 averages in evaluation) and Dropout. Shared options on every model:
 
 * ``norm``: ``None``, ``"batch"``, ``"layer"`` or ``"weight"`` (weight normalisation
-  of the dense layers), placed after the weights and before the activation (T05);
+  of the dense layers), placed after the weights and before the activation;
   ``"batch_unbiased"`` and ``"weight_scaled"`` are the PyTorch conventions of the
   running variance and of the weight-norm initialisation (`jtricks.nn.layers`);
 * ``dropout``: the *drop* probability (Flax's convention; keep = 1 - rate),
-  applied only with ``train=True``, which then requires a ``"dropout"`` key (T06);
-* ``initializer``: a name from `jtricks.nn.initializers` (T03);
+  applied only with ``train=True``, which then requires a ``"dropout"`` key;
+* ``initializer``: a name from `jtricks.nn.initializers`;
 * ``activation``: a name from `ACTIVATIONS`.
 
 Every model accepts MNIST-1D sequences ``(N, 40)``; the ResNets also take images
@@ -106,7 +106,7 @@ class ModelBase(nn.Module):
 class MLP(ModelBase):
     """Multi-layer perceptron: flatten, then per hidden layer ``Dense -> norm -> act -> dropout``,
     then a linear head. With ``residual=True``, a layer whose width equals its input's
-    adds its input: ``x <- x + F(x)`` (T22).
+    adds its input: ``x <- x + F(x)``.
 
     The MNIST-1D paper's MLP is ``MLP(features=(100, 100), initializer="uniform")``,
     the default here.
@@ -202,7 +202,7 @@ class CNN1D(ModelBase):
 
 
 class ResidualBlock(nn.Module):
-    """Basic residual block (T22): ``y = act(F(x) + S(x))`` with
+    """Basic residual block: ``y = act(F(x) + S(x))`` with
     ``F = conv3 -> norm -> act -> conv3 -> norm`` and ``S`` the identity, or a 1x1 conv
     (+ norm) when the shape changes. Convolutions followed by a norm have no bias."""
 
@@ -263,7 +263,7 @@ def _residual_stages(
 
 
 class ResNet(ModelBase):
-    """CIFAR-style ResNet (T22): 3x3 stem, stages of `ResidualBlock`s (the first block of
+    """CIFAR-style ResNet: 3x3 stem, stages of `ResidualBlock`s (the first block of
     every stage after the first halves the resolution), global average pool, linear head.
 
     Works on images ``(N, H, W, C)`` and on sequences ``(N, L)`` / ``(N, L, C)`` (1-D convs).
@@ -349,7 +349,7 @@ class WideResCNN1D(ModelBase):
 
 
 class RNNClassifier(ModelBase):
-    """LSTM or GRU sequence classifier (T23): ``layers`` recurrent layers of ``hidden`` units
+    """LSTM or GRU sequence classifier: ``layers`` recurrent layers of ``hidden`` units
     (optionally bidirectional), then a linear head on the final hidden state (forward's last
     step, concatenated with backward's first step when bidirectional). Between layers:
     ``norm`` ("layer" or "batch") and dropout. ``(N, L)`` inputs are read as L steps of one feature.
@@ -403,7 +403,7 @@ class RNNClassifier(ModelBase):
 
 
 class Transformer(ModelBase):
-    """Pre-norm transformer encoder classifier (T24).
+    """Pre-norm transformer encoder classifier.
 
     Each position's features are embedded by a Dense layer to ``d_model`` and a learned
     position embedding is added; then ``layers`` blocks of

@@ -1,4 +1,4 @@
-"""Optimizers, gradient transforms and schedules in optax's protocol (T07, T12-T19).
+"""Optimizers, gradient transforms and schedules in optax's protocol.
 
 * `alias`: named optimizers (`sgd`, `momentum`, `adagrad`, `normalized_sgd`, `rmsprop`,
   `adam`, `adamw`, `adadelta`), each a chain ending in a learning-rate scale.

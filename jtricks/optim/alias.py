@@ -1,5 +1,4 @@
-"""Named optimizers: each is an `optax.chain` of building blocks ending in a learning-rate scale
-(T12-T17). ``learning_rate`` may be a float or an optax schedule ``step -> lr``."""
+"""Named optimizers: each is an `optax.chain` of building blocks ending in a learning-rate scale. ``learning_rate`` may be a float or an optax schedule ``step -> lr``."""
 
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ ScalarOrSchedule = optax.ScalarOrSchedule
 
 
 def sgd(learning_rate: ScalarOrSchedule) -> optax.GradientTransformation:
-    """Mini-batch SGD (T12): ``w <- w - eta g``."""
+    """Mini-batch SGD: ``w <- w - eta g``."""
     check_lr(learning_rate)
     return optax.chain(optax.scale_by_learning_rate(learning_rate))
 
@@ -31,7 +30,7 @@ def momentum(
     form: str = "classic",
     nesterov: bool = False,
 ) -> optax.GradientTransformation:
-    """Momentum SGD (T13), ``form`` in ``"classic"`` (a), ``"lr_inside"`` (b), ``"damped"`` (c) or
+    """Momentum SGD, ``form`` in ``"classic"`` (a), ``"lr_inside"`` (b), ``"damped"`` (c) or
     ``"torch"``; see `jtricks.optim.transforms.momentum_chain` for the four update rules.
 
     Example:
@@ -47,7 +46,7 @@ def adagrad(
     eps_in_sqrt: bool = True,
     initial_accumulator: float = 0.0,
 ) -> optax.GradientTransformation:
-    """Adagrad (T14): ``r <- r + g^2 ; w <- w - eta g / sqrt(r + eps)`` (texts' form).
+    """Adagrad: ``r <- r + g^2 ; w <- w - eta g / sqrt(r + eps)`` (texts' form).
 
     ``eps_in_sqrt=False`` gives PyTorch's ``g / (sqrt(r) + eps)``. See `scale_by_adagrad`.
     """
@@ -61,7 +60,7 @@ def adagrad(
 def normalized_sgd(
     learning_rate: ScalarOrSchedule, eps: float = 0.0
 ) -> optax.GradientTransformation:
-    """Normalised gradient descent (T15): ``w <- w - eta g / ||g||`` with the global L2 norm."""
+    """Normalised gradient descent: ``w <- w - eta g / ||g||`` with the global L2 norm."""
     check_lr(learning_rate)
     return optax.chain(normalize_by_global_norm(eps), optax.scale_by_learning_rate(learning_rate))
 
@@ -76,7 +75,7 @@ def rmsprop(
     momentum: float | None = None,
     nesterov: bool = False,
 ) -> optax.GradientTransformation:
-    """RMSProp (T16): ``r <- beta r + (1 - beta) g^2 ; w <- w - eta g / (sqrt(r) + eps)``.
+    """RMSProp: ``r <- beta r + (1 - beta) g^2 ; w <- w - eta g / (sqrt(r) + eps)``.
 
     * ``eps_in_sqrt=True``: ``g / sqrt(r + eps)`` (one text's form, and optax's default).
       The default here, eps outside the root, is the texts' main form and PyTorch's.
@@ -109,7 +108,7 @@ def adam(
     *,
     eps_root: float = 0.0,
 ) -> optax.GradientTransformation:
-    """Adam (T17): ``m <- b1 m + (1-b1) g ; v <- b2 v + (1-b2) g^2 ;
+    """Adam: ``m <- b1 m + (1-b1) g ; v <- b2 v + (1-b2) g^2 ;
     w <- w - eta m_hat / (sqrt(v_hat) + eps)`` with ``m_hat = m / (1 - b1^t)``, ``v_hat = v / (1 - b2^t)``.
 
     Exactly `optax.scale_by_adam` followed by the learning-rate scale (eps outside
@@ -136,7 +135,7 @@ def adamw(
     *,
     mask: MaskSpec = None,
 ) -> optax.GradientTransformation:
-    """AdamW (T17, T07): Adam plus decoupled weight decay,
+    """AdamW: Adam plus decoupled weight decay,
     ``w <- w - eta (m_hat / (sqrt(v_hat) + eps) + lam w)``; equal to `optax.adamw`
     with the same mask. Default mask: kernels only."""
     return optax.chain(
@@ -148,7 +147,7 @@ def adamw(
 def adadelta(
     learning_rate: ScalarOrSchedule = 1.0, rho: float = 0.9, eps: float = 1e-6
 ) -> optax.GradientTransformation:
-    """Adadelta (T17): ``E[g^2] <- rho E[g^2] + (1-rho) g^2 ;
+    """Adadelta: ``E[g^2] <- rho E[g^2] + (1-rho) g^2 ;
     d = -sqrt(E[dx^2] + eps) / sqrt(E[g^2] + eps) g ; E[dx^2] <- rho E[dx^2] + (1-rho) d^2 ; w <- w + eta d``.
 
     ``eta = 1`` is the paper's rule (PyTorch's default ``lr=1.0``). Exactly

@@ -1,4 +1,4 @@
-"""Learning-rate schedules (T19): functions ``step -> learning rate`` usable wherever optax takes one.
+"""Learning-rate schedules: functions ``step -> learning rate`` usable wherever optax takes one.
 
 Optax's own schedules are used where they are exactly the rule; new here are the
 texts' per-epoch multiplicative decay and the continuous exponential

@@ -1,4 +1,4 @@
-"""Gradient transformations that optax lacks or parameterises differently (T07, T13-T16, T18).
+"""Gradient transformations that optax lacks or parameterises differently.
 
 Each factory returns an `optax.GradientTransformation`; states are NamedTuples
 named after the papers' symbols. Where optax has exactly the same rule, the
@@ -89,7 +89,7 @@ def masked(inner: optax.GradientTransformation, mask: MaskSpec) -> optax.Gradien
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-# ----------------------------------------------------------------------------- momentum (T13)
+# ----------------------------------------------------------------------------- momentum
 
 MOMENTUM_FORMS = ("classic", "lr_inside", "damped", "torch")
 
@@ -131,7 +131,7 @@ def momentum_chain(
     form: str = "classic",
     nesterov: bool = False,
 ) -> optax.GradientTransformation:
-    """Momentum SGD in one of the four parameterisations of the catalogue's T13.
+    """Momentum SGD in one of four parameterisations (the textbooks' three and PyTorch's).
 
     * ``"classic"`` (a): ``v <- gamma v - eta g ; w <- w + v``. Built as
       ``chain(scale_by_learning_rate(eta), trace(gamma))``: the learning rate is
@@ -176,7 +176,7 @@ def momentum_chain(
     )
 
 
-# ----------------------------------------------------------------------------- Adagrad (T14)
+# ----------------------------------------------------------------------------- Adagrad
 
 
 class AdagradState(NamedTuple):
@@ -213,7 +213,7 @@ def scale_by_adagrad(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-# ----------------------------------------------------------------------------- normalised GD (T15)
+# ----------------------------------------------------------------------------- normalised GD
 
 
 def normalize_by_global_norm(eps: float = 0.0) -> optax.GradientTransformation:
@@ -236,7 +236,7 @@ def normalize_by_global_norm(eps: float = 0.0) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-# ----------------------------------------------------------------------------- clipping (T18)
+# ----------------------------------------------------------------------------- clipping
 
 
 def clip_by_value(max_delta: float) -> optax.GradientTransformation:
@@ -302,7 +302,7 @@ def clip_per_leaf_norm(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-# ----------------------------------------------------------------------------- penalties (T07)
+# ----------------------------------------------------------------------------- penalties
 
 
 def _add_param_term(term: Callable[[jax.Array], jax.Array]) -> optax.GradientTransformation:
@@ -421,7 +421,7 @@ def l1_prox(
     return masked(optax.GradientTransformation(init_fn, update_fn), mask)
 
 
-# ----------------------------------------------------------------------------- plateau scale (T19)
+# ----------------------------------------------------------------------------- plateau scale
 
 
 class PlateauScaleState(NamedTuple):

@@ -1,4 +1,4 @@
-"""Weight averaging (T09): stochastic weight averaging and BatchNorm re-estimation.
+"""Weight averaging: stochastic weight averaging and BatchNorm re-estimation.
 
 The exponential moving average (Polyak) lives in the `TrainState` itself
 (``create_train_state(..., ema_decay=0.999)``; the train step updates it). This

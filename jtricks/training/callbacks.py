@@ -43,7 +43,7 @@ class _Monitor:
 
 
 class ReduceLROnPlateau:
-    """Multiply the learning rate by ``factor`` when ``monitor`` has not improved for ``patience`` epochs (T19).
+    """Multiply the learning rate by ``factor`` when ``monitor`` has not improved for ``patience`` epochs.
 
     "Improved" means ``value < best - min_delta`` (``mode="min"``) or
     ``value > best + min_delta`` (``mode="max"``). The learning rate is never
@@ -123,7 +123,7 @@ class StopTraining:
 
 
 class EarlyStopping:
-    """Stop when ``monitor`` has not improved for ``patience`` epochs (T08).
+    """Stop when ``monitor`` has not improved for ``patience`` epochs.
 
     "Improved" means ``value < best - min_delta`` (``mode="min"``) or
     ``value > best + min_delta`` (``mode="max"``); a non-finite value never improves.

@@ -1,4 +1,4 @@
-"""Checkpoints through orbax, committed atomically, verified on restore (T08).
+"""Checkpoints through orbax, committed atomically, verified on restore.
 
 Layout of a checkpoint directory::
 

@@ -1,4 +1,4 @@
-"""Data parallelism on JAX's own engine (T29): a device mesh, `NamedSharding`, GSPMD.
+"""Data parallelism on JAX's own engine: a device mesh, `NamedSharding`, GSPMD.
 
 `fit` calls `data_mesh()`; with more than one visible device (or process) it
 trains data-parallel with no change to user code:

@@ -1,4 +1,4 @@
-"""Vmapped ensembles (T09): N models trained at once in one compiled program.
+"""Vmapped ensembles: N models trained at once in one compiled program.
 
 `create_ensemble` stacks N `TrainState`s (one per key: different initialisations
 and dropout masks) along a leading axis with `jax.vmap`. `fit` and `evaluate` take such

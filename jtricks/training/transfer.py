@@ -1,9 +1,9 @@
-"""Transfer learning by freezing (T26): load pretrained parameters, train only some layers.
+"""Transfer learning by freezing: load pretrained parameters, train only some layers.
 
 * `freeze(tx, frozen)`: parameters whose path matches a pattern get no update, through
   optax's partitioning (`optax.multi_transform` with `optax.set_to_zero` for the frozen
   part), so the optimizer keeps no state for them and they stay bit-identical.
-* `finetune_labels(preset, layers)`: the three regimes of T26 as presets over the
+* `finetune_labels(preset, layers)`: the three transfer regimes as presets over the
   layers in forward order: ``"head"`` (only the last layer trains), ``"last:K"``
   (the last K layers), ``"all"`` (everything, starting from the pretrained weights).
 * `load_pretrained(state, source)`: copy every parameter whose path and shape match
@@ -73,7 +73,7 @@ def forward_layers(state: TrainState, x: Any) -> list[str]:
 
 
 def finetune_labels(preset: str, layers: Sequence[str]) -> dict[str, bool]:
-    """Which layers train under a T26 preset: ``{layer: trainable}``.
+    """Which layers train under a transfer preset: ``{layer: trainable}``.
 
     ``"head"``: the last layer only; ``"last:K"``: the last K layers; ``"all"``: every layer.
 
