@@ -167,3 +167,27 @@ def test_every_relative_link_in_the_docs_resolves():
             if not path.exists() or ROOT not in path.parents:
                 bad.append(f"{doc.relative_to(ROOT)}: {target}")
     assert not bad, "links that do not resolve in the repository:\n" + "\n".join(bad)
+
+
+def _code_lines(path: Path) -> list[tuple[int, str]]:
+    """``(line number, stripped text)`` of the lines that carry code: no blanks, comments,
+    imports or bare docstring quotes."""
+    skip = ("#", "import ", "from ")
+    return [
+        (i, t)
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if (t := line.strip()) and not t.startswith(skip) and t != '"""'
+    ]
+
+
+def test_no_six_code_lines_are_repeated():
+    """The same six lines of code (not mostly punctuation) never stand in two places."""
+    seen: dict[tuple[str, ...], list[str]] = {}
+    for path in _modules().values():
+        lines = _code_lines(path)
+        for k in range(len(lines) - 5):
+            texts = tuple(t for _, t in lines[k : k + 6])
+            if sum(len(re.sub(r"[\W_]", "", t)) >= 12 for t in texts) >= 4:
+                seen.setdefault(texts, []).append(f"{path.relative_to(ROOT)}:{lines[k][0]}")
+    repeated = [" ~ ".join(places) for places in seen.values() if len(places) > 1]
+    assert not repeated, "repeated blocks:\n" + "\n".join(repeated)

@@ -13,6 +13,18 @@ from jtricks.errors import ConfigError
 from jtricks.plotting import pyplot, save_figure
 
 
+def _section(title: str, first: str, columns: list[str]) -> list[str]:
+    """A titled Markdown table's head: an optional ``first`` column, then ``columns``."""
+    rule = "| --- " if first else ""
+    return [
+        "",
+        title,
+        "",
+        first + "| " + " | ".join(columns) + " |",
+        rule + "| " + " | ".join("---:" for _ in columns) + " |",
+    ]
+
+
 def _fmt_time(v: float | None) -> str:
     return "—" if v is None or not math.isfinite(v) else f"{v:.3g}"
 
@@ -55,23 +67,19 @@ def markdown(results: dict[str, Any]) -> str:
                 + " |"
             )
         sc = results["scores"].get("score", {})
-        lines += [
-            "",
+        lines += _section(
             "Performance-profile score over tau in [1, 4] (1 = fastest on every problem):",
             "",
-            "| " + " | ".join(opts) + " |",
-            "| " + " | ".join("---:" for _ in opts) + " |",
-            "| " + " | ".join(f"{sc.get(o, float('nan')):.3f}" for o in opts) + " |",
-        ]
+            opts,
+        )
+        lines.append("| " + " | ".join(f"{sc.get(o, float('nan')):.3f}" for o in opts) + " |")
     ov = results["scores"].get("overhead_vs_sgd", {})
     if ov:
-        lines += [
-            "",
+        lines += _section(
             "Runtime per step relative to SGD on the same problem (DeepOBS overhead):",
-            "",
-            "| problem | " + " | ".join(opts) + " |",
-            "| --- | " + " | ".join("---:" for _ in opts) + " |",
-        ]
+            "| problem ",
+            opts,
+        )
         for p, row in ov.items():
             lines.append(
                 f"| {p} | " + " | ".join(f"{row.get(o, float('nan')):.2f}" for o in opts) + " |"

@@ -12,14 +12,21 @@ PARAMS = {"num": "lr_num"}
 """Argument names of `jtricks.diagnostics` whose flag has another name."""
 
 
+HELP = "run the diagnostic checks on a model and dataset"
+DESCRIPTION = (
+    "Initial loss, gradient check, overfit one batch, signal propagation and the LR finder; "
+    "prints a verdict table and writes diagnose.json and plots to --out. Exit status 1 when "
+    "a check fails."
+)
+SETTINGS = (
+    "dataset", "model", "optimizer", "learning_rate", "batch_size", "preprocess", "seed",
+    "overfit_steps", "lr_min", "lr_max", "lr_num", "lr_steps", "lr_method",
+)  # fmt: skip
+"""The flags passed to `jtricks.diagnostics.diagnose` as they are."""
+
+
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-    d = sub.add_parser(
-        "diagnose",
-        help="run the diagnostic checks on a model and dataset",
-        description="Initial loss, gradient check, overfit one batch, signal propagation and the "
-        "LR finder; prints a verdict table and writes diagnose.json and plots to --out. "
-        "Exit status 1 when a check fails.",
-    )
+    d = sub.add_parser("diagnose", help=HELP, description=DESCRIPTION)
     d.add_argument("--dataset", default="mnist1d", help="dataset spec (training split only)")
     d.add_argument("--model", default="cnn", help="model spec")
     d.add_argument("--optimizer", default="adam", help="optimizer spec")
@@ -69,23 +76,9 @@ def run(args: argparse.Namespace, flags: dict[str, str]) -> int:
             f"{args.signal_steps!r}",
             param="signal_steps",
         ) from None
-    result = diagnose(
-        dataset=args.dataset,
-        model=args.model,
-        optimizer=args.optimizer,
-        learning_rate=args.learning_rate,
-        batch_size=args.batch_size,
-        preprocess=args.preprocess,
-        seed=args.seed,
-        overfit_steps=args.overfit_steps,
-        signal_steps=signal_steps,
-        lr_min=args.lr_min,
-        lr_max=args.lr_max,
-        lr_num=args.lr_num,
-        lr_steps=args.lr_steps,
-        lr_method=args.lr_method,
-        out=args.out if args.out is not None else default_out("diagnose"),
-    )
+    out = args.out if args.out is not None else default_out("diagnose")
+    settings = {name: getattr(args, name) for name in SETTINGS}
+    result = diagnose(**settings, signal_steps=signal_steps, out=out)
     print(verdict_table(result))
     verdict = "all checks passed" if result["passed"] else "some checks FAILED"
     print(f"\n{verdict}; plots and diagnose.json in {result['out']}")

@@ -346,19 +346,10 @@ def mix_batch(
     return xm.astype(x.dtype), lam * onehot + (1 - lam) * onehot[perm]
 
 
+_FOR_IMAGES = (hflip, translate, random_crop, rotate, cutout, brightness, contrast)
+_FOR_ANY_INPUT = (noise, scale, shift, time_stretch, trend)
 AUGMENTATIONS: dict[str, Callable[..., Augment]] = {
-    "hflip": hflip,
-    "translate": translate,
-    "random_crop": random_crop,
-    "rotate": rotate,
-    "cutout": cutout,
-    "brightness": brightness,
-    "contrast": contrast,
-    "noise": noise,
-    "scale": scale,
-    "shift": shift,
-    "time_stretch": time_stretch,
-    "trend": trend,
+    f.__name__: f for f in (*_FOR_IMAGES, *_FOR_ANY_INPUT)
 }
 
 

@@ -22,48 +22,13 @@ from jtricks.training.steps import LossFn
 from jtricks.training.transfer import forward_layers
 
 
-@dataclass
-class SignalReport:
-    """Per-layer statistics of one forward and backward pass (`signal_propagation`).
-
-    ``rows``: per layer, in forward order: ``layer``, ``act_mean``, ``act_std`` (of the
-    layer's output), ``grad_norm`` (L2 norm of the gradient of its parameters).
-    ``grad_ratio`` = first layer's gradient norm / last layer's; ``act_ratio`` = last
-    layer's output std / first layer's. ``flags`` names what is wrong (empty: healthy).
-    """
-
-    step: int
-    rows: list[dict[str, Any]]
-    grad_ratio: float
-    act_ratio: float
-    flags: list[str] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return not self.flags
-
-    def table(self) -> str:
-        return text_table(
-            ["layer", "act mean", "act std", "grad norm"],
-            [
-                (
-                    r["layer"],
-                    f"{r['act_mean']:+.3e}",
-                    f"{r['act_std']:.3e}",
-                    f"{r['grad_norm']:.3e}",
-                )
-                for r in self.rows
-            ],
-        )
-
-
 def signal_propagation(
     state: TrainState,
     x: Any,
     y: Any,
     *,
-    loss_fn: LossFn = cross_entropy,
     threshold: float = 1e3,
+    loss_fn: LossFn = cross_entropy,
 ) -> SignalReport:
     """Activation mean / std and parameter-gradient norm of every layer, on one batch.
 
@@ -120,6 +85,41 @@ def signal_propagation(
     act_ratio = last["act_std"] / first["act_std"] if first["act_std"] > 0 else math.inf
     flags = signal_flags(rows, grad_ratio, act_ratio, threshold)
     return SignalReport(int(state.step), rows, grad_ratio, act_ratio, flags)
+
+
+@dataclass
+class SignalReport:
+    """Per-layer statistics of one forward and backward pass (`signal_propagation`).
+
+    ``rows``: per layer, in forward order: ``layer``, ``act_mean``, ``act_std`` (of the
+    layer's output), ``grad_norm`` (L2 norm of the gradient of its parameters).
+    ``grad_ratio`` = first layer's gradient norm / last layer's; ``act_ratio`` = last
+    layer's output std / first layer's. ``flags`` names what is wrong (empty: healthy).
+    """
+
+    step: int
+    rows: list[dict[str, Any]]
+    grad_ratio: float
+    act_ratio: float
+    flags: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.flags
+
+    def table(self) -> str:
+        return text_table(
+            ["layer", "act mean", "act std", "grad norm"],
+            [
+                (
+                    r["layer"],
+                    f"{r['act_mean']:+.3e}",
+                    f"{r['act_std']:.3e}",
+                    f"{r['grad_norm']:.3e}",
+                )
+                for r in self.rows
+            ],
+        )
 
 
 def signal_flags(

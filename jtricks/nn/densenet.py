@@ -37,9 +37,8 @@ import jax
 import jax.numpy as jnp
 
 from jtricks.errors import ConfigError, check_range
-from jtricks.nn.initializers import get_initializer
 from jtricks.nn.layers import conv, normalize
-from jtricks.nn.models import ModelBase, get_activation, positive_ints
+from jtricks.nn.models import ModelBase, act_and_init, positive_ints, with_channels
 
 
 class DenseLayer(nn.Module):
@@ -48,14 +47,14 @@ class DenseLayer(nn.Module):
     bias)."""
 
     growth: int
-    bottleneck: int = 4
     norm: str | None = "batch"
+    bottleneck: int = 4
     activation: str = "relu"
     initializer: str = "he_normal"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        act, kinit = get_activation(self.activation), get_initializer(self.initializer)
+        act, kinit = act_and_init(self)
         h = act(normalize(self.norm, x, train=train, name="norm1"))
         h = conv(
             self.bottleneck * self.growth, 1, h, use_bias=False, kernel_init=kinit, name="conv1"
@@ -108,7 +107,7 @@ class DenseNet(ModelBase):
         return tuple(self.layers) if self.layers is not None else ((self.depth - 4) // 6,) * 3
 
     def _transition(self, x: jax.Array, i: int, train: bool) -> jax.Array:
-        act, kinit = get_activation(self.activation), get_initializer(self.initializer)
+        act, kinit = act_and_init(self)
         h = act(normalize(self.norm, x, train=train, name=f"transition{i}_norm"))
         out = int(self.compression * x.shape[-1])
         h = conv(out, 1, h, use_bias=False, kernel_init=kinit, name=f"transition{i}_conv")
@@ -117,9 +116,8 @@ class DenseNet(ModelBase):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        if x.ndim == 2:
-            x = x[..., None]
-        act, kinit = get_activation(self.activation), get_initializer(self.initializer)
+        x = with_channels(x)
+        act, kinit = act_and_init(self)
         stem = self.stem or 2 * self.growth
         x = conv(stem, self.stem_kernel, x, use_bias=False, kernel_init=kinit, name="stem")
         layer_cls = nn.remat(DenseLayer, static_argnums=(2,)) if self.remat else DenseLayer
@@ -128,8 +126,8 @@ class DenseNet(ModelBase):
             for j in range(n):
                 layer = layer_cls(
                     self.growth,
-                    self.bottleneck,
                     self.norm,
+                    self.bottleneck,
                     self.activation,
                     self.initializer,
                     name=f"block{b + 1}_layer{j + 1}",

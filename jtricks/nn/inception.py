@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jtricks.errors import ConfigError
 from jtricks.nn.initializers import get_initializer
 from jtricks.nn.layers import conv, normalize, uses_bias
-from jtricks.nn.models import ModelBase, get_activation, positive_ints
+from jtricks.nn.models import ModelBase, act_and_init, get_activation, positive_ints, with_channels
 
 
 class InceptionBlock(nn.Module):
@@ -106,9 +106,8 @@ class Inception(ModelBase):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        if x.ndim == 2:
-            x = x[..., None]
-        act, kinit = get_activation(self.activation), get_initializer(self.initializer)
+        x = with_channels(x)
+        act, kinit = act_and_init(self)
         bias = uses_bias(self.norm)
         x = conv(self.stem, self.stem_kernel, x, use_bias=bias, kernel_init=kinit, name="stem")
         x = act(normalize(self.norm, x, train=train, name="stem_norm"))

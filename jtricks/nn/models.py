@@ -22,6 +22,7 @@ Every model accepts MNIST-1D sequences ``(N, 40)``; the ResNets also take images
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -59,11 +60,22 @@ def positive_ints(name: str, values: Sequence[int]) -> None:
         )
 
 
+def with_channels(x: jax.Array) -> jax.Array:
+    """``(N, L)`` -> ``(N, L, 1)``: one channel for signals given without one; other
+    shapes unchanged."""
+    return x[..., None] if x.ndim == 2 else x
+
+
 def as_sequence(x: jax.Array) -> jax.Array:
     """``(N, L)`` -> ``(N, L, 1)``; ``(N, L, ...)`` -> ``(N, L, F)``: L steps of F features."""
-    if x.ndim == 2:
-        x = x[..., None]
+    x = with_channels(x)
     return x.reshape((x.shape[0], x.shape[1], -1))
+
+
+def act_and_init(module: nn.Module) -> tuple[Callable[[jax.Array], jax.Array], Any]:
+    """A module's activation function and kernel initializer, from its ``activation``
+    and ``initializer`` names."""
+    return get_activation(module.activation), get_initializer(module.initializer)
 
 
 class ModelBase(nn.Module):
@@ -122,7 +134,7 @@ class MLP(ModelBase):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        act, kinit = get_activation(self.activation), get_initializer(self.initializer)
+        act, kinit = act_and_init(self)
         x = x.reshape((x.shape[0], -1))
         for i, width in enumerate(self.features):
             h = dense(
@@ -175,9 +187,8 @@ class CNN1D(ModelBase):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        act, kinit = get_activation(self.activation), get_initializer(self.initializer)
-        if x.ndim == 2:
-            x = x[..., None]
+        act, kinit = act_and_init(self)
+        x = with_channels(x)
         for i, (ch, k, s) in enumerate(
             zip(self.channels, self.kernel_sizes, self.strides, strict=True)
         ):
@@ -214,7 +225,7 @@ class ResidualBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        act, kinit = get_activation(self.activation), get_initializer(self.initializer)
+        act, kinit = act_and_init(self)
         bias = uses_bias(self.norm)
         y = conv(self.features, 3, x, strides=self.strides, use_bias=bias, kernel_init=kinit)
         y = act(normalize(self.norm, y, train=train))
@@ -288,9 +299,8 @@ class ResNet(ModelBase):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        if x.ndim == 2:
-            x = x[..., None]
-        act, kinit = get_activation(self.activation), get_initializer(self.initializer)
+        x = with_channels(x)
+        act, kinit = act_and_init(self)
         x = conv(
             self.widths[0],
             3,
@@ -337,9 +347,8 @@ class WideResCNN1D(ModelBase):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        if x.ndim == 2:
-            x = x[..., None]
-        act, kinit = get_activation(self.activation), get_initializer(self.initializer)
+        x = with_channels(x)
+        act, kinit = act_and_init(self)
         x = Conv1D(self.widths[0], 5, 1, 2, kernel_init=kinit, name="stem")(x)
         x = act(normalize(self.norm, x, train=train, name="stem_norm"))
         x = _residual_stages(
@@ -437,7 +446,7 @@ class Transformer(ModelBase):
 
     def _blocks(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
         """The pre-norm blocks and the final norm; ``mask`` limits attention (causal models)."""
-        act, kinit = get_activation(self.activation), get_initializer(self.initializer)
+        act, kinit = act_and_init(self)
         for i in range(self.layers):
             h = normalize(self.norm, x, train=train, name=f"block{i}_norm1")
             h = nn.MultiHeadDotProductAttention(

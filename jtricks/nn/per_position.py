@@ -13,9 +13,23 @@ import flax.linen as nn
 import jax
 
 from jtricks.errors import ConfigError
-from jtricks.nn.initializers import get_initializer
 from jtricks.nn.layers import bias_init_for, normalize
-from jtricks.nn.models import ModelBase, Transformer, as_sequence, get_activation, positive_ints
+from jtricks.nn.models import (
+    ModelBase,
+    Transformer,
+    act_and_init,
+    as_sequence,
+    positive_ints,
+)
+
+
+def _equal_lengths(channels: Sequence[int], dilations: Sequence[int]) -> None:
+    if len(channels) != len(dilations):
+        raise ConfigError(
+            f"channels and dilations must have equal lengths; got {len(channels)} and "
+            f"{len(dilations)}",
+            param="dilations",
+        )
 
 
 class FCN1D(ModelBase):
@@ -40,17 +54,12 @@ class FCN1D(ModelBase):
         positive_ints("channels", self.channels)
         positive_ints("dilations", self.dilations)
         positive_ints("kernel_size", (self.kernel_size,))
-        if len(self.channels) != len(self.dilations):
-            raise ConfigError(
-                f"channels and dilations must have equal lengths; got {len(self.channels)} "
-                f"and {len(self.dilations)}",
-                param="dilations",
-            )
+        _equal_lengths(self.channels, self.dilations)
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        act, kinit = get_activation(self.activation), get_initializer(self.initializer)
+        act, kinit = act_and_init(self)
         x = as_sequence(x)
         for i, (ch, d) in enumerate(zip(self.channels, self.dilations, strict=True)):
             h = nn.Conv(

@@ -369,20 +369,12 @@ def decoupled_weight_decay(
     """
     check_range("weight_decay", weight_decay, low=0.0)
 
-    def init_fn(params):
-        del params
-        return ScheduledState(count=jnp.zeros([], jnp.int32))
-
-    def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError("decoupled_weight_decay needs params")
-        eta = _lr_at(learning_rate, state.count)
-        out = jax.tree.map(
+    def decay(eta, updates, params):
+        return jax.tree.map(
             lambda u, p: u - (eta * weight_decay * p).astype(u.dtype), updates, params
         )
-        return out, ScheduledState(count=optax.safe_increment(state.count))
 
-    return masked(optax.GradientTransformation(init_fn, update_fn), mask)
+    return masked(_with_rate("decoupled_weight_decay", learning_rate, decay), mask)
 
 
 def l1_prox(
@@ -400,25 +392,36 @@ def l1_prox(
     """
     check_range("lam", lam, low=0.0)
 
-    def init_fn(params):
-        del params
-        return ScheduledState(count=jnp.zeros([], jnp.int32))
-
-    def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError("l1_prox needs params")
-        thresh = _lr_at(learning_rate, state.count) * lam
+    def shrink(eta, updates, params):
+        thresh = eta * lam
 
         def prox(u, p):
             w = p + u
             w_new = jnp.sign(w) * jnp.maximum(jnp.abs(w) - thresh.astype(w.dtype), 0)
             return (w_new - p).astype(u.dtype)
 
-        return jax.tree.map(prox, updates, params), ScheduledState(
-            count=optax.safe_increment(state.count)
-        )
+        return jax.tree.map(prox, updates, params)
 
-    return masked(optax.GradientTransformation(init_fn, update_fn), mask)
+    return masked(_with_rate("l1_prox", learning_rate, shrink), mask)
+
+
+def _with_rate(
+    name: str, learning_rate: optax.ScalarOrSchedule, apply
+) -> optax.GradientTransformation:
+    """A transform of the updates that needs the parameters and the step's learning rate
+    ``eta_t``: ``apply(eta_t, updates, params)``; its state counts the steps."""
+
+    def init_fn(params):
+        del params
+        return ScheduledState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError(f"{name} needs params")
+        out = apply(_lr_at(learning_rate, state.count), updates, params)
+        return out, ScheduledState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 # ----------------------------------------------------------------------------- plateau scale
