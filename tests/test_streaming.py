@@ -94,7 +94,8 @@ def test_stream_of_the_same_batches_is_bit_identical(data, options, batch):
 def test_continuing_from_a_records_data_state_equals_one_run(data):
     train, _ = data
     whole, _ = fit(_state(), _stream(train, 30), steps=10, chunk=4)
-    steps = compiled_steps(as_task(None), True, False, None, None, 1, "float32")  # fit's key
+    key = (as_task(None), True, False, None, None, 1, "float32", None)  # fit's key
+    steps = compiled_steps(*key)
     run_chunk = make_chunk_fn(steps[0], None)
     compiled = run_chunk._cache_size()
     assert compiled >= 1  # the program fit used

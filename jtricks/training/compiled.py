@@ -26,20 +26,22 @@ def compiled_steps(
     mix: tuple | None = None,
     accumulate: int = 1,
     precision: str = "float32",
+    num_classes: int | None = None,
 ):
     """The ``(train_step, eval_step)`` pair of a task and options; cached, so the programs
     compiled from them (epochs, stream chunks) are shared by every `fit` call."""
     options = dict(norms=norms, update_norm=update_norm, augment=augment, mix=mix)
+    options["num_classes"] = num_classes
     train_step = make_train_step(task=task, accumulate=accumulate, precision=precision, **options)
     return train_step, make_eval_step(task=task)
 
 
 @functools.cache
-def compiled_functions(steps: tuple = (), batch_sharding: Any = None, eval_source: str = "auto"):
+def compiled_functions(steps: tuple = (), sharding: Any = None, eval_source: str = "auto"):
     """The jitted ``(run_epoch, evaluate)`` pair for `compiled_steps` ``(*steps)``; cached
     so repeated `fit` calls with the same task, options, model and optimizer compile once."""
     train_step, eval_step = compiled_steps(*steps)
-    run_epoch = make_epoch_fn(train_step, eval_step, batch_sharding, eval_source)
+    run_epoch = make_epoch_fn(train_step, eval_step, sharding, eval_source)
     return run_epoch, make_evaluate_fn(eval_step)
 
 

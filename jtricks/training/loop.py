@@ -54,17 +54,19 @@ class Run:
 
 
 def step_options(task, member, mesh, augment, mix, accumulate, data, step_kw) -> tuple:
-    """The arguments of `compiled_functions` for the run's options (mixup needs the
-    model's class count)."""
-    mix_full = None
+    """``(steps, sharding, eval_source)``: the arguments of `compiled_steps` for the run's
+    options (mixup needs the model's class count), the batches' sharding and the
+    evaluation parameters."""
+    num_classes = None
     if mix is not None:
         num_classes = model_outputs(member, task, data, "training data").shape[-1]
-        mix_full = (mix[0], float(mix[1]), num_classes)
-    sharding = None if mesh is None else batch_sharding(mesh)
-    return (
-        task, step_kw["norms"], step_kw["update_norm"], augment, mix_full, accumulate,
-        step_kw["precision"], sharding, step_kw["eval_source"],
+        mix = (mix[0], float(mix[1]))
+    steps = (
+        task, step_kw["norms"], step_kw["update_norm"], augment, mix, accumulate,
+        step_kw["precision"], num_classes,
     )  # fmt: skip
+    sharding = None if mesh is None else batch_sharding(mesh)
+    return steps, sharding, step_kw["eval_source"]
 
 
 def array_run(
@@ -92,9 +94,11 @@ def array_run(
     batch_size *= accumulate  # examples per optimizer update; the step cuts it into micro-batches
     steps_per_epoch = n // batch_size
     total = _total_steps(epochs, steps, steps_per_epoch)
-    key = step_options(task, member, mesh, augment, mix, accumulate, data, step_kw)
-    run_epoch, _ = programs.compiled_functions(key[:7], key[7], key[8])
-    eval_step = compiled_steps(*key[:7])[1]
+    steps_key, sharding, eval_source = step_options(
+        task, member, mesh, augment, mix, accumulate, data, step_kw
+    )
+    run_epoch, _ = programs.compiled_functions(steps_key, sharding, eval_source)
+    eval_step = compiled_steps(*steps_key)[1]
     if mesh is not None:
         data_key = replicate(data_key, mesh)
 
@@ -111,7 +115,7 @@ def array_run(
             num_steps=np.int32(num_steps),
             batch_size=batch_size,
         )
-        add_stream_validation(metrics, eval_step, state, val, key[8])
+        add_stream_validation(metrics, eval_step, state, val, eval_source)
         return state, metrics
 
     return Run(steps_per_epoch, total, data, epoch)
@@ -147,13 +151,15 @@ def stream_run(
         check_batch(num_examples(data) // accumulate, mesh)
         k = default_chunk(first, steps_per_epoch) if chunk is None else chunk
         k = check_int("chunk", k, low=1)
-        key = step_options(task, member, mesh, augment, mix, accumulate, data, step_kw)
+        steps_key, sharding, eval_source = step_options(
+            task, member, mesh, augment, mix, accumulate, data, step_kw
+        )
     except BaseException:
         feeder.close()
         raise
     feeder.start(chunk_plan(start_step, steps_per_epoch, total, k), k, chunk_sharding(mesh))
-    train_step, eval_step = compiled_steps(*key[:7])
-    epochs_fn = StreamEpochs(feeder, train_step, eval_step, key[7], key[8])
+    train_step, eval_step = compiled_steps(*steps_key)
+    epochs_fn = StreamEpochs(feeder, train_step, eval_step, sharding, eval_source)
 
     def epoch(state, epoch, offset, num_steps, streak, val):
         return epochs_fn(state, num_steps, streak, np.int32(max_nonfinite), val)

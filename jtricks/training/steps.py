@@ -38,7 +38,8 @@ def make_train_step(
     update_norm: bool = False,
     skip_nonfinite: bool = True,
     augment: Callable | None = None,
-    mix: tuple[str, float, int] | None = None,
+    mix: tuple[str, float] | None = None,
+    num_classes: int | None = None,
     accumulate: int = 1,
     precision: str = "float32",
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
@@ -71,8 +72,9 @@ def make_train_step(
       augment: per-example augmentation ``(key, x) -> x`` (`jtricks.data.augment`) of the
         model's input, applied to every training batch with keys from
         ``fold_in(fold_in(state.key, step), 1)``; evaluation never sees it.
-      mix: ``(kind, alpha, num_classes)`` for mixup/cutmix (`jtricks.data.augment.mix_batch`):
-        inputs and targets are mixed and the loss gets soft labels.
+      mix: ``(kind, alpha)`` for mixup/cutmix (`jtricks.data.augment.mix_batch`), as in
+        `fit`: inputs and targets are mixed and the loss gets soft labels.
+      num_classes: the model's class count, which ``mix`` needs for its soft labels.
       accumulate: gradient accumulation: the batch is cut into ``accumulate`` equal
         micro-batches, run one after another in a `lax.scan` (only one micro-batch's
         activations live at a time); each contributes ``sum_i w_i l_i / W`` with ``W`` the
@@ -97,7 +99,8 @@ def make_train_step(
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         dropout_key = jax.random.fold_in(state.key, state.step)
         if augment is not None or mix is not None:
-            batch = _augment_batch(task, batch, jax.random.fold_in(dropout_key, 1), augment, mix)
+            key = jax.random.fold_in(dropout_key, 1)
+            batch = _augment_batch(task, batch, key, augment, mix, num_classes)
         (loss, (outputs, batch_stats)), grads = gradients(state, batch, dropout_key)
 
         def value_fn(params):  # the same batch and randomness, for line searches
@@ -152,7 +155,7 @@ def _norms(opt_state, grads, updates, params, norms: bool, update_norm: bool) ->
     return metrics
 
 
-def _augment_batch(task: Task, batch: Batch, key: jax.Array, augment, mix) -> Batch:
+def _augment_batch(task: Task, batch: Batch, key: jax.Array, augment, mix, num_classes) -> Batch:
     """Per-example augmentation of the model's input, then mixup/cutmix of inputs and targets."""
     aug_key, mix_key = jax.random.split(key)
     x = task.inputs(batch)
@@ -168,7 +171,7 @@ def _augment_batch(task: Task, batch: Batch, key: jax.Array, augment, mix) -> Ba
         x = jax.vmap(augment)(keys, x)
     batch = task.with_inputs(batch, x)
     if mix is not None:
-        kind, alpha, num_classes = mix
+        kind, alpha = mix
         x, y = mix_batch(mix_key, x, task.targets(batch), num_classes, kind=kind, alpha=alpha)
         batch = task.with_targets(task.with_inputs(batch, x), y)
     return batch
@@ -269,7 +272,7 @@ def evaluate_batches(
 def make_epoch_fn(
     train_step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]],
     eval_step: EvalStep | None = None,
-    batch_sharding: Any = None,
+    sharding: Any = None,
     eval_source: str = "auto",
 ):
     """Compile ``run_epoch(state, data, data_key, epoch, offset, val, streak, max_streak, *,
@@ -288,7 +291,7 @@ def make_epoch_fn(
     parameters when the state keeps them and ``eval_source`` is not ``"ema"``). With a
     `jtricks.optim.fused` optimizer the parameters are `Flat` inside the epoch (one buffer
     per dtype group) and trees outside it. The state is donated, so its buffers are
-    reused in place. One dispatch and one host transfer per epoch. With ``batch_sharding``
+    reused in place. One dispatch and one host transfer per epoch. With ``sharding``
     (a `jax.sharding.NamedSharding` over a data axis) every batch is constrained to it, so
     the step runs data-parallel under GSPMD.
 
@@ -327,7 +330,7 @@ def make_epoch_fn(
 
         def step_at(state, j):
             batch = jax.tree.map(lambda a: a[idx[offset + j]], data)
-            return dispatch_step(train_step, ensemble_step, batch_sharding, state, batch)
+            return dispatch_step(train_step, ensemble_step, sharding, state, batch)
 
         # the step count is traced, so a short last epoch (or a resumed one) reuses the
         # program; a streak of ``max_streak`` skipped steps ends the epoch at once
@@ -338,12 +341,12 @@ def make_epoch_fn(
     return run_epoch
 
 
-def dispatch_step(train_step, ensemble_step, batch_sharding, state, batch):
-    """One training step on ``batch``: data-parallel when ``batch_sharding`` is given
+def dispatch_step(train_step, ensemble_step, sharding, state, batch):
+    """One training step on ``batch``: data-parallel when ``sharding`` is given
     (each device takes its slice), vmapped over members for stacked states (every member
     takes the same batch)."""
-    if batch_sharding is not None:
-        batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+    if sharding is not None:
+        batch = jax.lax.with_sharding_constraint(batch, sharding)
     return (ensemble_step if is_ensemble(state) else train_step)(state, batch)
 
 

@@ -222,7 +222,7 @@ def _why(e: BaseException) -> str:
 
 
 @functools.cache
-def make_chunk_fn(train_step, batch_sharding: Any = None):
+def make_chunk_fn(train_step, sharding: Any = None):
     """Compile ``run_chunk(state, acc, chunk, num_steps, max_streak) -> (state, acc)``:
     the first ``num_steps`` batches of ``chunk`` (leaves ``(K, B, ...)``), one step each,
     accumulated into ``acc`` (`jtricks.training.steps.init_accumulator`) exactly as the
@@ -233,7 +233,7 @@ def make_chunk_fn(train_step, batch_sharding: Any = None):
     def run_chunk(state, acc, chunk, num_steps, max_streak):
         def step_at(state, j):
             batch = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, j, 0, False), chunk)
-            return dispatch_step(train_step, ensemble_step, batch_sharding, state, batch)
+            return dispatch_step(train_step, ensemble_step, sharding, state, batch)
 
         return run_steps(step_at, state, acc, num_steps, max_streak)
 
@@ -250,12 +250,12 @@ class StreamEpochs:
     (state, metrics)`` with the in-memory epoch's metrics plus ``data_state`` (the
     iterator's state after the epoch's last batch) and ``ended`` (the stream ran out)."""
 
-    def __init__(self, feeder: Feeder, train_step, eval_step, batch_sharding, eval_source):
+    def __init__(self, feeder: Feeder, train_step, eval_step, sharding, eval_source):
         self.feeder = feeder
-        self.run_chunk = make_chunk_fn(train_step, batch_sharding)
+        self.run_chunk = make_chunk_fn(train_step, sharding)
         self.finish = _finish_fn(eval_step, eval_source)
         self.eval_step, self.eval_source = eval_step, eval_source
-        self.train_step, self.batch_sharding = train_step, batch_sharding
+        self.train_step, self.sharding = train_step, sharding
         self.state_after: Any = None
         self.shapes: Any = None
 
@@ -264,7 +264,7 @@ class StreamEpochs:
 
         def step_at(state, j):
             batch = jax.tree.map(lambda a: a[j], chunk)
-            return dispatch_step(self.train_step, ensemble_step, self.batch_sharding, state, batch)
+            return dispatch_step(self.train_step, ensemble_step, self.sharding, state, batch)
 
         return step_metric_shapes(step_at, state)
 
