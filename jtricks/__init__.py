@@ -1,7 +1,7 @@
 """jtricks: a JAX toolkit of deep-learning training tricks.
 
 Flax Linen models, optax gradient transformations, and JIT-compiled training
-loops whose epochs run as one `lax.scan` on device.
+loops whose epochs run as one compiled `lax.while_loop` on device.
 """
 
 from jtricks.data import Dataset, Scaler, load_dataset, train_val_split

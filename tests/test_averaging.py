@@ -184,8 +184,8 @@ def test_load_pretrained_copies_matching_layers(data, tmp_path):
     np.testing.assert_array_equal(new.params["head"]["kernel"], dst.params["head"]["kernel"])
     with pytest.raises(ConfigError, match="no jtricks checkpoint"):
         load_pretrained(dst, tmp_path / "nothing")
-    other = create_train_state(
-        build_model("cnn(channels=(2, 2, 2))", 4), optax.sgd(0.1), x, jax.random.key(0)
+    other = create_train_state(  # 5 classes: not even the head's bias has the same shape
+        build_model("cnn(channels=(2, 2, 2))", 5), optax.sgd(0.1), x, jax.random.key(0)
     )
     with pytest.raises(ConfigError, match="shares no parameter"):
         load_pretrained(other, tmp_path)

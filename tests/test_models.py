@@ -76,7 +76,7 @@ def test_cnn_matches_lax_conv_reference(variables):
         )
         h = jax.nn.relu(h + p["bias"])
     assert h.shape == (4, 5, 25)  # lengths 19, 10, 5
-    expect = h.reshape(4, -1) @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"]
+    expect = h.reshape(4, -1) @ params["head"]["kernel"] + params["head"]["bias"]
     np.testing.assert_allclose(CNN1D().apply({"params": params}, SEQ), expect, rtol=1e-5, atol=1e-5)
 
 

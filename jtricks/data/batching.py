@@ -12,7 +12,7 @@ def epoch_indices(key: jax.Array, num_examples: int, batch_size: int, num_steps:
     One permutation of ``range(num_examples)`` is drawn from ``key`` and cut into
     consecutive batches; the incomplete tail batch is dropped, so every example
     appears at most once per epoch. Works under `jax.jit` (sizes must be static).
-    Gathering ``x[idx[i]]`` inside a `lax.scan` body keeps the data on device
+    Gathering ``x[idx[i]]`` inside the compiled epoch loop keeps the data on device
     and never materialises a shuffled copy of the whole epoch.
     """
     if num_steps * batch_size > num_examples:

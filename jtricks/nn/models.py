@@ -203,13 +203,7 @@ class CNN1D(ModelBase):
                 name=f"Conv_{i}",
             )(x)
             x = self._drop(act(normalize(self.norm, x, train=train, name=f"Norm_{i}")), train)
-        x = x.reshape((x.shape[0], -1))
-        return nn.Dense(
-            self.num_classes,
-            kernel_init=kinit,
-            bias_init=bias_init_for(self.initializer, x.shape[-1]),
-            name="Dense_0",
-        )(x)
+        return self._head(x.reshape((x.shape[0], -1)))
 
 
 class ResidualBlock(nn.Module):
