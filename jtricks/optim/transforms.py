@@ -94,34 +94,25 @@ def masked(inner: optax.GradientTransformation, mask: MaskSpec) -> optax.Gradien
 MOMENTUM_FORMS = ("classic", "lr_inside", "damped", "torch")
 
 
-class DampedMomentumState(NamedTuple):
-    v: Any
-
-
 def scale_by_damped_momentum(
     beta: float, *, nesterov: bool = False
 ) -> optax.GradientTransformation:
     """Damped (EMA) momentum, texts' form (c): ``v <- beta v + (1 - beta) g``; output ``v``.
 
-    With ``nesterov=True`` the output is ``beta v_new + (1 - beta) g``. Unlike
-    `optax.ema` there is no bias correction. Follow with a learning-rate scale:
-    ``w <- w - eta v``.
+    Without Nesterov this is exactly ``optax.ema(beta, debias=False)``, which it returns.
+    New here: ``nesterov=True``, whose output is ``beta v_new + (1 - beta) g`` (the same
+    state). Follow with a learning-rate scale: ``w <- w - eta v``.
     """
     check_range("beta", beta, low=0.0, high=1.0, high_inclusive=False)
-
-    def init_fn(params):
-        return DampedMomentumState(v=optax.tree.zeros_like(params))
+    ema = optax.ema(beta, debias=False)
+    if not nesterov:
+        return ema
 
     def update_fn(updates, state, params=None):
-        del params
-        v = jax.tree.map(lambda v, g: beta * v + (1 - beta) * g, state.v, updates)
-        if nesterov:
-            out = jax.tree.map(lambda v, g: beta * v + (1 - beta) * g, v, updates)
-        else:
-            out = v
-        return out, DampedMomentumState(v=v)
+        v, state = ema.update(updates, state, params)
+        return jax.tree.map(lambda v, g: beta * v + (1 - beta) * g, v, updates), state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformation(ema.init, update_fn)
 
 
 def momentum_chain(
@@ -189,14 +180,17 @@ def scale_by_adagrad(
     """Adagrad scaling: ``r <- r + g^2``, output ``g / sqrt(r + eps)`` (texts' form, ``eps_in_sqrt=True``)
     or ``g / (sqrt(r) + eps)`` (PyTorch's form, ``eps_in_sqrt=False``, with ``eps=1e-10`` there).
 
-    ``r`` starts at ``initial_accumulator`` (0 in the texts and PyTorch; optax's
-    `optax.adagrad` starts at 0.1 and puts eps inside the root).
+    ``r`` starts at ``initial_accumulator`` (0 in the texts and PyTorch; `optax.adagrad`
+    starts at 0.1). The texts' form is ``optax.scale_by_rss(initial_accumulator, eps)``,
+    which it returns; new here is PyTorch's form, with eps outside the root.
 
     References:
       Duchi, Hazan & Singer, "Adaptive Subgradient Methods" (2011), https://jmlr.org/papers/v12/duchi11a.html
     """
     check_range("eps", eps, low=0.0)
     check_range("initial_accumulator", initial_accumulator, low=0.0)
+    if eps_in_sqrt:
+        return optax.scale_by_rss(initial_accumulator, eps)
 
     def init_fn(params):
         return AdagradState(r=jax.tree.map(lambda p: jnp.full_like(p, initial_accumulator), params))
@@ -204,11 +198,7 @@ def scale_by_adagrad(
     def update_fn(updates, state, params=None):
         del params
         r = jax.tree.map(lambda r, g: r + g * g, state.r, updates)
-        if eps_in_sqrt:
-            out = jax.tree.map(lambda g, r: g / jnp.sqrt(r + eps), updates, r)
-        else:
-            out = jax.tree.map(lambda g, r: g / (jnp.sqrt(r) + eps), updates, r)
-        return out, AdagradState(r=r)
+        return jax.tree.map(lambda g, r: g / (jnp.sqrt(r) + eps), updates, r), AdagradState(r=r)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -434,7 +424,12 @@ class PlateauScaleState(NamedTuple):
 def scale_by_plateau() -> optax.GradientTransformation:
     """Multiply updates by ``plateau_scale`` (starts at 1), which a fit callback lowers when the
     validation metric stops improving (`jtricks.training.callbacks.ReduceLROnPlateau`) via
-    ``optax.tree_utils.tree_set(opt_state, plateau_scale=...)``."""
+    ``optax.tree_utils.tree_set(opt_state, plateau_scale=...)``.
+
+    Compared with `optax.contrib.reduce_on_plateau`, which watches the loss passed to each
+    update and counts patience in updates, the decision here is taken on the host once per
+    epoch, on any record entry (``val_loss``, ``val_accuracy``, ...), with Keras' or
+    PyTorch's patience counting; the transform itself only holds and applies the scale."""
 
     def update_fn(updates, state, params=None):
         del params
