@@ -69,9 +69,9 @@ def make_train_step(
         optimizer state and BatchNorm statistics (the step still counts); the metric
         ``nonfinite`` is 1 for such a step (the epoch stops after a streak, see
         `make_epoch_fn`). `optax.apply_if_finite` skips an optimizer update on a
-        non-finite gradient; this guard also keeps the BatchNorm statistics and the EMA,
-        refuses updates that overflow the parameters, and reports each skip to the
-        compiled epoch, which stops on a streak.
+        non-finite gradient; this guard also keeps the BatchNorm statistics, refuses
+        updates that overflow the parameters, and reports each skip to the compiled
+        epoch, which stops on a streak.
       augment: per-example augmentation ``(key, x) -> x`` (`jtricks.data.augment`) of the
         model's input, applied to every training batch with keys from
         ``fold_in(fold_in(state.key, step), 1)``; evaluation never sees it.
