@@ -11,6 +11,11 @@ target was not reached):
   the integral is exact: each problem adds ``(tau_max - max(1, r)) / |P|`` when
   ``r <= tau_max`` and nothing otherwise.
 
+With several studies per workload (external tuning), a submission's time on a workload
+is `workload_time`: the median over studies of each study's fastest trial. Beside the
+profile score, `geometric_mean_speedup` gives each optimizer's geometric mean of
+``t_baseline / t_o`` over the workloads both reached.
+
 References:
   Dolan & Moré, "Benchmarking optimization software with performance profiles" (2002);
   Dahl et al., "Benchmarking Neural Network Training Algorithms" (AlgoPerf, 2023),
@@ -88,3 +93,46 @@ def profile_score(
 
 def default_taus(tau_max: float = 4.0, num: int = 61) -> list[float]:
     return [float(t) for t in np.linspace(1.0, tau_max, num)]
+
+
+def study_time(trial_times: Sequence[float]) -> float:
+    """A study's time on a workload: its fastest trial's time-to-target (``inf`` when no
+    trial reached the target)."""
+    return min((float(t) for t in trial_times), default=math.inf)
+
+
+def workload_time(studies: Sequence[Sequence[float]]) -> float:
+    """AlgoPerf's external-tuning time of a submission on a workload: the median over
+    studies of each study's fastest trial (`study_time`). An even number of studies
+    averages the middle two; a missed target counts as ``inf``."""
+    if not studies:
+        raise ValueError("workload_time needs at least one study")
+    times = sorted(study_time(s) for s in studies)
+    mid = len(times) // 2
+    if len(times) % 2:
+        return times[mid]
+    low, high = times[mid - 1], times[mid]
+    return math.inf if math.isinf(high) else (low + high) / 2
+
+
+def geometric_mean_speedup(
+    times: Mapping[str, Mapping[str, float]], baseline: str
+) -> dict[str, dict[str, float]]:
+    """Per optimizer, the geometric mean over workloads of ``t_baseline / t_optimizer``
+    (above 1: faster than the baseline), over the workloads where both reached the
+    target: ``{"speedup": g, "workloads": n}`` (``nan`` when ``n == 0``)."""
+    out: dict[str, dict[str, float]] = {}
+    for opt in _optimizers(times):
+        logs = [
+            math.log(row[baseline] / row[opt])
+            for row in times.values()
+            if baseline in row
+            and opt in row
+            and math.isfinite(row[baseline])
+            and math.isfinite(row[opt])
+            and row[opt] > 0
+            and row[baseline] > 0
+        ]
+        speedup = math.exp(sum(logs) / len(logs)) if logs else math.nan
+        out[opt] = {"speedup": speedup, "workloads": len(logs)}
+    return out
