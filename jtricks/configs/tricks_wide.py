@@ -1,5 +1,5 @@
 """The tricks of the ``tricks`` recipe on a wider residual CNN (59,146 parameters,
-global average pooling), without TTA.
+global average pooling), with the shift augmentation alone and without TTA.
 
 Command::
 
@@ -13,14 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from jtricks.configs import tricks
+
 
 def get_config() -> dict[str, Any]:
-    return {
-        "model": "cnn_wide(widths=(32, 64))",
-        "optimizer": "adamw(weight_decay=1e-4)",
-        "learning_rate": 1e-2,
-        "schedule": "one_cycle",
-        "batch_size": 100,
-        "steps": 4000,
-        "augment": "shift(2)",
-    }
+    config = tricks.get_config()
+    del config["tta"], config["checkpoint_every"]
+    config.update(model="cnn_wide(widths=(32, 64))", augment="shift(2)")
+    return config
