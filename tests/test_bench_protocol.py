@@ -158,3 +158,30 @@ def test_max_runtime_stops_an_unreached_trial():
     short, calls = _trial([0.1, 0.2, 0.95], total_steps=25)
     assert calls == [10, 10, 5] and short.steps_to_target == 25  # the last chunk is partial
     assert reaches("loss", 0.3)(0.2) and not reaches("loss", 0.3)(float("nan"))
+
+
+def test_the_nadamw_baseline_warms_up_then_decays_on_a_cosine():
+    import jax.numpy as jnp
+    import optax
+
+    from jtricks.bench.search import nadamw_baseline
+
+    hp = {"learning_rate": 0.1, "one_minus_b1": 0.05, "weight_decay": 0.01, "warmup_fraction": 0.2}
+    total, warm = 50, 10
+
+    def by_hand(t):  # the formula, in Python floats
+        t = float(t)
+        if t <= warm:
+            return 0.1 * t / warm
+        return 0.1 * 0.5 * (1 + math.cos(math.pi * (t - warm) / (total - warm)))
+
+    tx = nadamw_baseline(hp, total)
+    ref = optax.nadamw(by_hand, b1=0.95, b2=0.999, weight_decay=0.01)
+    params = {"w": jnp.array([1.0, -2.0, 3.0])}
+    s, r = tx.init(params), ref.init(params)
+    for step in range(total):
+        g = {"w": jnp.array([0.3, -0.1, 0.2]) * (1 + step % 3)}
+        u, s = tx.update(g, s, params)
+        v, r = ref.update(g, r, params)
+        np.testing.assert_allclose(u["w"], v["w"], rtol=1e-5, atol=1e-7)
+    assert by_hand(0) == 0 and by_hand(warm) == pytest.approx(0.1) and by_hand(total) == 0
