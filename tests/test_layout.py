@@ -191,3 +191,32 @@ def test_no_six_code_lines_are_repeated():
                 seen.setdefault(texts, []).append(f"{path.relative_to(ROOT)}:{lines[k][0]}")
     repeated = [" ~ ".join(places) for places in seen.values() if len(places) > 1]
     assert not repeated, "repeated blocks:\n" + "\n".join(repeated)
+
+
+IMPORT_TO_DIST = {"orbax": "orbax-checkpoint"}
+
+
+def test_every_imported_package_is_declared():
+    import sys
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    specs = project["dependencies"] + [
+        d for ds in project["optional-dependencies"].values() for d in ds
+    ]
+    declared = {re.split(r"[<>=\[ ;]", s, maxsplit=1)[0].lower() for s in specs}
+    missing = set()
+    for path in _modules().values():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module]
+            for name in names:
+                top = name.split(".")[0]
+                if top in sys.stdlib_module_names or top == "jtricks":
+                    continue
+                if IMPORT_TO_DIST.get(top, top).lower() not in declared:
+                    missing.add(f"{top} ({path.relative_to(ROOT)})")
+    assert not missing, f"imported but not declared in pyproject.toml: {sorted(missing)}"
