@@ -23,9 +23,10 @@ from jtricks.optim import (
     fused,
     masked,
 )
-from jtricks.optim.fused import flat_train_state, segment_values, tree_train_state
+from jtricks.optim.fused import segment_values
 from jtricks.training import create_train_state, fit
 from jtricks.training.ensemble import create_ensemble, fit_ensemble
+from jtricks.training.fused_state import flat_train_state, tree_train_state
 from jtricks.training.steps import make_train_step
 
 # A tree with float32 matrices and vectors, a bfloat16 matrix and vector, a scalar leaf

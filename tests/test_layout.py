@@ -5,7 +5,8 @@ and docs that stand alone (no path outside the repository, every relative link r
 Layers, lowest first (a module may import from its own package and from lower layers
 only; packages of one layer do not import each other):
 
-0. ``errors``, ``spec``, ``losses``, ``version``, ``rundir``, ``plotting``, ``configs``
+0. ``errors``, ``spec``, ``losses``, ``version``, ``rundir``, ``plotting``, ``configs``,
+   ``trees``
 1. ``data``, ``nn``, ``optim``, ``tasks``
 2. ``training``
 3. ``run``, ``diagnostics``, ``bench``
@@ -25,7 +26,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "jtricks"
 LAYERS = {
-    **dict.fromkeys(("errors", "spec", "losses", "version", "rundir", "plotting", "configs"), 0),
+    **dict.fromkeys(
+        ("errors", "spec", "losses", "version", "rundir", "plotting", "configs", "trees"), 0
+    ),
     **dict.fromkeys(("data", "nn", "optim", "tasks"), 1),
     "training": 2,
     **dict.fromkeys(("run", "diagnostics", "bench"), 3),

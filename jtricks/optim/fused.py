@@ -45,13 +45,10 @@ import optax
 from flax import struct
 
 from jtricks.errors import ConfigError
+from jtricks.trees import leaf_path
 
 GroupBy = str | Callable[[str, Any], Hashable]
 GROUP_BY = ("weights", "dtype")
-
-
-def _path_str(path) -> str:
-    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +89,7 @@ class Layout:
         leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
         if not leaves_with_paths:
             raise ConfigError("fused: the parameter tree has no leaves", param="params")
-        paths = tuple(_path_str(p) for p, _ in leaves_with_paths)
+        paths = tuple(leaf_path(p) for p, _ in leaves_with_paths)
         leaves = [leaf for _, leaf in leaves_with_paths]
         shapes = tuple(tuple(int(d) for d in np.shape(leaf)) for leaf in leaves)
         dtypes = tuple(np.dtype(jnp.result_type(leaf)) for leaf in leaves)
@@ -325,25 +322,3 @@ def is_fused(opt_state: Any) -> bool:
     """Whether an optimizer state comes from `fused` (the train step then keeps the
     parameters flat inside its compiled loop)."""
     return isinstance(opt_state, FusedState)
-
-
-def flat_train_state(state: Any) -> Any:
-    """``state`` (a `TrainState` whose optimizer is `fused`) with ``params`` and
-    ``ema_params`` as `Flat`, laid out as the optimizer's ``init`` saw them."""
-    if not is_fused(state.opt_state):
-        return state
-    group_by = state.opt_state.group_by
-    params = flatten_params(state.params, group_by=group_by)
-    ema = state.ema_params
-    if ema is not None:
-        ema = params.layout.flatten(ema)
-    return state.replace(params=params, ema_params=ema)
-
-
-def tree_train_state(state: Any) -> Any:
-    """Inverse of `flat_train_state`: the parameters (and EMA) back in tree form."""
-    ema = state.ema_params
-    return state.replace(
-        params=unflatten_params(state.params),
-        ema_params=None if ema is None else unflatten_params(ema),
-    )

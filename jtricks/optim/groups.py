@@ -41,6 +41,7 @@ import optax
 
 from jtricks.errors import ConfigError
 from jtricks.optim.fused import Flat
+from jtricks.trees import leaf_path
 
 RANK_PATTERNS: dict[str, Callable[[Any], bool]] = {
     "matrices": lambda leaf: getattr(leaf, "ndim", 0) >= 2,
@@ -73,11 +74,6 @@ def check_patterns(patterns: Sequence[str]) -> list[str]:
     if repeated:
         raise ConfigError(f"parameter group patterns repeat: {repeated}", param="optimizer")
     return patterns
-
-
-def leaf_path(path: Any) -> str:
-    """A key path as ``"Dense_0/kernel"``."""
-    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def matches(pattern: str, path: str, leaf: Any) -> bool:

@@ -35,6 +35,7 @@ import numpy as np
 from jtricks.errors import ConfigError, WriteError
 from jtricks.training.state import TrainState
 from jtricks.training.state import device_copy as _device_copy
+from jtricks.trees import leaf_path
 
 PREFIX = "epoch-"
 
@@ -242,15 +243,9 @@ def restore(path: str | os.PathLike, target: TrainState) -> tuple[TrainState, di
     return state, meta
 
 
-def _path_name(path: tuple) -> str:
-    """A key path as ``a/b/0/c``, whether its parts are dict keys, attributes or indices
-    (orbax's metadata stores NamedTuple fields as dict keys)."""
-    return jax.tree_util.keystr(path, simple=True, separator="/")
-
-
 def _check_match(saved: Any, abstract: Any, path: Path) -> None:
-    saved_leaves = {_path_name(k): v for k, v in jax.tree_util.tree_leaves_with_path(saved)}
-    want = {_path_name(k): v for k, v in jax.tree_util.tree_leaves_with_path(abstract)}
+    saved_leaves = {leaf_path(k): v for k, v in jax.tree_util.tree_leaves_with_path(saved)}
+    want = {leaf_path(k): v for k, v in jax.tree_util.tree_leaves_with_path(abstract)}
     missing = sorted(set(want) - set(saved_leaves))
     extra = sorted(set(saved_leaves) - set(want))
     if missing or extra:

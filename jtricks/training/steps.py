@@ -16,10 +16,11 @@ from jtricks.data.augment import augment_jointly, mix_batch
 from jtricks.data.batching import epoch_indices
 from jtricks.errors import ConfigError, check_int
 from jtricks.optim import contract
-from jtricks.optim.fused import flat_train_state, is_fused, tree_train_state
+from jtricks.optim.fused import is_fused
 from jtricks.optim.pipeline import current_learning_rate
 from jtricks.tasks import Task, as_task, batch_sums, finalize, train_metrics
 from jtricks.training import gradients as grad_lib
+from jtricks.training.fused_state import flat_train_state, tree_train_state
 from jtricks.training.gradients import Batch, cast_floats, num_examples
 from jtricks.training.model import apply_model
 from jtricks.training.state import TrainState
