@@ -25,7 +25,7 @@ def group_by_layer(params: Any, order: Sequence[str] = ()) -> dict[str, list[tup
     return dict(sorted(out.items(), key=lambda kv: rank.get(kv[0], len(rank))))
 
 
-def bn_eval_interceptor(next_fun, args, kwargs, context):
+def bn_eval_interceptor(next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
     """Force every `flax.linen.BatchNorm` to use its running averages."""
     module = context.module
     if not (isinstance(module, nn.BatchNorm) and context.method_name == "__call__"):

@@ -144,7 +144,9 @@ def run_length(config: TrainConfig, n_train: int) -> tuple[int, int]:
     return steps_per_epoch, total_steps
 
 
-def optimizer(config: TrainConfig, steps_per_epoch: int, total_steps: int):
+def optimizer(
+    config: TrainConfig, steps_per_epoch: int, total_steps: int
+) -> tuple[Any, Plateau | None]:
     """The run's optimizer with its schedule, and the reduce-on-plateau spec (or ``None``):
     a plateau schedule is a callback on a constant base rate."""
     length = dict(steps_per_epoch=steps_per_epoch, total_steps=total_steps)
@@ -184,7 +186,7 @@ def augmentations(config: TrainConfig, example: Any) -> tuple[Any, Any]:
     return augment, tta
 
 
-def fitted_augment(name: str, spec: str | None, example: Any):
+def fitted_augment(name: str, spec: str | None, example: Any) -> Any:
     """Build pipeline ``spec`` and try it on one example."""
     if spec is None:
         return None
@@ -198,7 +200,9 @@ def fitted_augment(name: str, spec: str | None, example: Any):
     return fn
 
 
-def add_callbacks(b: Build, config: TrainConfig, data: RunData, plateau, resume) -> None:
+def add_callbacks(
+    b: Build, config: TrainConfig, data: RunData, plateau: Plateau | None, resume: Any
+) -> None:
     """Reduce-on-plateau, early stopping and SWA, as the config asks; refuses to resume
     what is not checkpointed (SWA's running average, ensembles)."""
     if plateau is not None:

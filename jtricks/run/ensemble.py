@@ -18,7 +18,9 @@ from jtricks.training.ensemble import create_ensemble, evaluate_ensemble, fit_en
 from jtricks.training.fit import first_member
 
 
-def train_ensemble(config: TrainConfig, data: RunData, b: Build, out: Any, t0: float, locks):
+def train_ensemble(
+    config: TrainConfig, data: RunData, b: Build, out: Any, t0: float, locks: Any
+) -> RunResult:
     """Member ``i`` uses init key ``fold_in(init_key, i)`` (`fit_ensemble`). Writes config,
     metrics, curves and a summary with every member's test metrics and the ensemble's;
     no intermediate checkpoints. Returns a `RunResult`."""

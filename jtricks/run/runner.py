@@ -93,7 +93,13 @@ def train(
         return RunResult(config, state, history, test, run.dir, wall, data.loss_floor, warning)
 
 
-def resolve_config(config, out, resume, locks, overrides) -> tuple[TrainConfig, Any]:
+def resolve_config(
+    config: TrainConfig | None,
+    out: Any,
+    resume: Any,
+    locks: contextlib.ExitStack,
+    overrides: dict[str, Any],
+) -> tuple[TrainConfig, Any]:
     """The run's checked config and folder: the saved ones of ``resume`` (locked before
     anything in it is read), else ``config`` with ``overrides``."""
     if resume is not None:
@@ -159,7 +165,14 @@ class Run:
     callbacks: list[Any]
 
 
-def start(config, data, b: Build, out, resume, locks) -> tuple[TrainState, Run]:
+def start(
+    config: TrainConfig,
+    data: RunData,
+    b: Build,
+    out: Any,
+    resume: Any,
+    locks: contextlib.ExitStack,
+) -> tuple[TrainState, Run]:
     """Create the state (checked against the task before any folder exists), then the run
     folder, or restore both from ``resume``'s newest intact checkpoint."""
     state = create_train_state(b.model, b.tx, data.example, b.init_key, ema_decay=config.ema)
@@ -208,7 +221,9 @@ def restore_run(ckpt_dir: Path, state: TrainState, b: Build) -> tuple[TrainState
     return state, meta["history"]
 
 
-def fit_run(config, data: RunData, b: Build, state, run: Run) -> tuple[TrainState, History]:
+def fit_run(
+    config: TrainConfig, data: RunData, b: Build, state: TrainState, run: Run
+) -> tuple[TrainState, History]:
     """`fit` for the steps still to go, from arrays or from a stream of the same batches."""
     history = History(list(run.records))
     remaining = b.total_steps - int(state.step)
@@ -248,7 +263,9 @@ def fit_run(config, data: RunData, b: Build, state, run: Run) -> tuple[TrainStat
     return state, history
 
 
-def fit_or_explain(run: Run, state, train_data, **kw):
+def fit_or_explain(
+    run: Run, state: TrainState, train_data: Any, **kw: Any
+) -> tuple[TrainState, History]:
     """`fit`; a failing stream stops the run with one line that says what is left: the
     writes in flight are finished, and the newest checkpoint continues it."""
     try:
@@ -264,7 +281,14 @@ def fit_or_explain(run: Run, state, train_data, **kw):
         ) from e
 
 
-def final_metrics(config, data, b: Build, state, history, run_dir) -> tuple[dict, dict]:
+def final_metrics(
+    config: TrainConfig,
+    data: RunData,
+    b: Build,
+    state: TrainState,
+    history: History,
+    run_dir: Path | None,
+) -> tuple[dict, dict]:
     """Test metrics (with the EMA's and test-time augmentation's), and the summary's extra
     entries: a diverged run's kept state, the loss floor, a warning."""
     kw = dict(task=b.task, batch_size=config.eval_batch_size)
@@ -285,7 +309,9 @@ def final_metrics(config, data, b: Build, state, history, run_dir) -> tuple[dict
     return test, {**extra, **floor_entries(data.loss_floor, test["loss"])}
 
 
-def tta_metrics(config, data, b: Build, state, test: dict[str, Any]) -> dict[str, Any]:
+def tta_metrics(
+    config: TrainConfig, data: RunData, b: Build, state: TrainState, test: dict[str, Any]
+) -> dict[str, Any]:
     """Test-time augmentation on the test and validation splits: updates ``test`` (the
     single-view figures move to ``single_view_*``) and returns the summary's entries."""
     from jtricks.training.tta import evaluate_tta

@@ -181,7 +181,15 @@ def _check_stream_batch(n: int, batch_size: int | None, accumulate: int) -> None
         )
 
 
-def run_loop(state, run, val, callbacks, reporter, max_nonfinite, keep_finite):
+def run_loop(
+    state: TrainState,
+    run: Run,
+    val: Any,
+    callbacks: Any,
+    reporter: Any,
+    max_nonfinite: int,
+    keep_finite: bool,
+) -> tuple[TrainState, History]:
     """`fit`'s epoch loop: dispatch, record, callbacks, divergence."""
     history = History()
     start_step = int(first_member(state).step)
