@@ -196,7 +196,7 @@ def test_no_six_code_lines_are_repeated():
     assert not repeated, "repeated blocks:\n" + "\n".join(repeated)
 
 
-IMPORT_TO_DIST = {"orbax": "orbax-checkpoint"}
+IMPORT_TO_DIST = {"orbax": "orbax-checkpoint", "sklearn": "scikit-learn"}
 
 
 def test_every_imported_package_is_declared():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from jtricks.data import generated, loaders
+from jtricks.data import generated, loaders, packaged
 from jtricks.data.datasets import DATASETS, Dataset
 from jtricks.errors import ConfigError
 from jtricks.spec import build_from_registry
@@ -23,9 +23,10 @@ FILES_AND_TASKS: dict[str, Callable[..., Dataset]] = {
     "segmentation1d": generated.segmentation1d,
     "tokens": generated.tokens,
     "text": generated.text,
+    "digits": packaged.digits,
 }
-"""Loaders for files on disk (`jtricks.data.loaders`) and the other tasks' generators
-(`jtricks.data.generated`)."""
+"""Loaders for files on disk (`jtricks.data.loaders`), the other tasks' generators
+(`jtricks.data.generated`) and datasets shipped inside packages (`jtricks.data.packaged`)."""
 
 
 def load_dataset(spec: str) -> Dataset:

@@ -128,7 +128,8 @@ class TrainConfig:
 
     dataset: str = setting(
         "mnist1d",
-        "dataset spec: mnist1d, synthetic(shape=(8, 8, 3), ...), regression, segmentation1d, "
+        "dataset spec: mnist1d, digits (scikit-learn's 8x8), synthetic(shape=(8, 8, 3), ...), "
+        "regression, segmentation1d, "
         "tokens, text:PATH, npz:PATH, shards:DIR (.npy shards on disk, streamed), ...",
         string,
     )
