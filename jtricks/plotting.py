@@ -29,8 +29,9 @@ def save_figure(fig: Any, path: str | os.PathLike, *, axes: Any = (), dpi: int =
     (`jtricks.rundir.atomic_write`), and close it."""
     for ax in axes:
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7 if len(ax.get_legend_handles_labels()[0]) > 6 else None)
+        labelled = len(ax.get_legend_handles_labels()[0])
+        if labelled:
+            ax.legend(fontsize=7 if labelled > 6 else None)
     fig.tight_layout()
     try:
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))

@@ -76,7 +76,7 @@ def build(config: TrainConfig, data: RunData, resume: Any, reporter: Any, progre
         model,
         tx,
         total_steps,
-        config.stream or data.on_disk,
+        data.streamed(config),
         key,
         init_key,
         data_key,

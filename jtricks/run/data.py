@@ -58,6 +58,10 @@ class RunData:
     def on_disk(self) -> bool:
         return self.train is None
 
+    def streamed(self, config: Any) -> bool:
+        """Whether training reads a stream: asked for (``stream``) or on disk."""
+        return bool(config.stream) or self.on_disk
+
     def train_stream(self, batch_size: int, key: jax.Array, loader: str) -> BatchStream:
         """The training batches as a stream: exactly the in-memory path's batches
         (`EpochBatches` with the run's data key)."""

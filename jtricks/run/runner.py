@@ -141,7 +141,7 @@ def share_processes(config: TrainConfig, data: RunData, out: Any, resume: Any) -
     nproc, pid = jax.process_count(), jax.process_index()
     if nproc == 1:
         return out
-    if config.ensemble > 1 or resume is not None or config.stream or data.on_disk:
+    if config.ensemble > 1 or resume is not None or data.streamed(config):
         raise ConfigError(
             "multi-process runs support neither ensembles, resume nor streaming",
             param="num_processes",
