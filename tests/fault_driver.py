@@ -3,7 +3,7 @@
 Usage: python tests/fault_driver.py MODE EPOCH -- jtricks-train-args...
   MODE "epoch": SIGKILL while epoch EPOCH is being computed (after its dispatch).
   MODE "save":  SIGKILL while the checkpoint of epoch EPOCH is being written (its arrays
-                are on disk, its metadata and manifest are not, nothing is committed).
+                are on disk, its manifest is not, nothing is committed).
   MODE "chunk": (streaming runs) SIGKILL after the EPOCH-th compiled chunk was dispatched.
   MODE "fail":  (streaming runs) the EPOCH-th batch read from the data source raises OSError.
 Test-only fault injection; the library has no hooks for it.
@@ -47,7 +47,7 @@ def main() -> None:
         original_write = ckpt._write_json
 
         def write(path, obj):
-            if path.name == "meta.json" and path.parent.name == f".tmp-epoch-{epoch:06d}":
+            if path.name == "manifest.json" and path.parent.name == f".tmp-epoch-{epoch:06d}":
                 die()
             return original_write(path, obj)
 

@@ -253,7 +253,7 @@ def _fail_second_checkpoint(monkeypatch):
     real, calls = ckpt._write_json, []
 
     def write_json(path, obj):
-        if path.name == "meta.json":
+        if path.name == "manifest.json":
             calls.append(path)
             if len(calls) == 2:
                 raise OSError(errno.ENOSPC, "No space left on device")

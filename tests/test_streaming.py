@@ -29,7 +29,7 @@ from jtricks.nn import MLP
 from jtricks.optim import fused
 from jtricks.tasks import as_task
 from jtricks.training import create_train_state, evaluate, fit
-from jtricks.training.checkpoint import list_checkpoints
+from jtricks.training.checkpoint import list_checkpoints, read_meta
 from jtricks.training.compiled import compiled_steps
 from jtricks.training.streaming import chunk_plan, default_chunk, make_chunk_fn
 
@@ -283,7 +283,7 @@ def _driver(mode: str, n: int, args: list[str]):
 def test_shards_run_keeps_the_iterator_state_in_every_checkpoint(shard_reference):
     # 270 training examples (10% held out), batch 25: 10 steps an epoch
     for ckpt in list_checkpoints(shard_reference / "checkpoints"):
-        meta = json.loads((ckpt / "meta.json").read_text())
+        meta = read_meta(ckpt)
         assert meta["history"][-1]["data_state"] == {"next_index": meta["step"]}
     summary = json.loads((shard_reference / "summary.json").read_text())
     assert summary["steps"] == 60 and np.isfinite(summary["test_loss"])

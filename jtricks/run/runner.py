@@ -35,7 +35,8 @@ from jtricks.run.outputs import (
 )
 from jtricks.rundir import create_run_dir, environment, locked, write_json, write_jsonl
 from jtricks.training import History, TrainState, create_train_state, evaluate, fit
-from jtricks.training.checkpoint import Checkpointer, restore, restore_latest
+from jtricks.training.checkpoint import best_checkpoint, restore, restore_latest
+from jtricks.training.checkpointer import Checkpointer
 from jtricks.training.data_checks import check_data
 from jtricks.training.transfer import load_pretrained
 
@@ -216,7 +217,8 @@ def restore_run(ckpt_dir: Path, state: TrainState, b: Build) -> tuple[TrainState
     if b.plateau is not None and "plateau" in saved:
         b.plateau.load_state_dict(saved["plateau"])
     if b.early is not None and "early_stopping" in saved:
-        best = restore(ckpt_dir / "best", state)[0] if (ckpt_dir / "best").is_dir() else None
+        best_path = best_checkpoint(ckpt_dir)
+        best = restore(best_path, state)[0] if best_path is not None else None
         b.early.load_state_dict(saved["early_stopping"], best)
     return state, meta["history"]
 

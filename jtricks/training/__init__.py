@@ -1,7 +1,7 @@
 """Training core: `TrainState`, pure steps, and the `fit` loop."""
 
 from jtricks.training.callbacks import EarlyStopping, ReduceLROnPlateau, StopTraining
-from jtricks.training.checkpoint import Checkpointer
+from jtricks.training.checkpointer import Checkpointer
 from jtricks.training.fit import Callback, History, evaluate, fit
 from jtricks.training.state import TrainState, create_train_state
 from jtricks.training.steps import make_epoch_fn, make_eval_step, make_evaluate_fn, make_train_step

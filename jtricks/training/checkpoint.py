@@ -1,19 +1,20 @@
-"""Checkpoints through orbax, committed atomically, verified on restore.
+"""Checkpoints written by orbax, committed with a SHA-256 manifest, verified on restore.
 
-Layout of a checkpoint directory::
+Layout of a checkpoint directory (orbax's, so plain orbax can read it)::
 
-    ckpt/epoch-000012/            one committed checkpoint
-        state/                    the TrainState arrays, written by orbax (no pickle)
-        meta.json                 epoch, step, history records, callback states
-        manifest.json             SHA-256 and size of every file above
-    ckpt/best/                    a copy of the best checkpoint (same layout)
+    ckpt/epoch-000012/            one committed checkpoint (an orbax step)
+        state/                    the TrainState arrays (orbax's StandardSave, no pickle)
+        meta/metadata             epoch, step, history records, callback states (JsonSave)
+        _CHECKPOINT_METADATA      orbax's bookkeeping (commit time)
+        manifest.json             SHA-256 and size of every file of state/ and meta/
+    ckpt/best/epoch-000009/       the best epoch so far (same layout)
 
-New here (orbax writes the arrays): a checkpoint is first written to a hidden
-``.tmp-*`` directory, its manifest last, and only then renamed into place, so a
-crash at any moment leaves either the previous checkpoints or a complete new
-one; leftovers are removed by the next save. `restore` checks the manifest, so
-a corrupt or truncated file is reported by name, and `restore_latest` falls
-back to the newest checkpoint that is intact.
+orbax writes the items into a hidden ``.tmp-epoch-000012`` folder and commits it by a
+rename (`ManifestRename`, an orbax ``TemporaryPath``), so a crash at any moment leaves
+either the previous checkpoints or a complete new one. New here: the manifest is written
+last, just before the rename, and `restore` checks it, so a corrupt or truncated file is
+reported by name; `restore_latest` falls back to the newest checkpoint that is intact
+(orbax restores whatever bytes it finds).
 """
 
 from __future__ import annotations
@@ -23,21 +24,24 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import path as ocp_path
 
 from jtricks.errors import ConfigError, WriteError
 from jtricks.training.state import TrainState
-from jtricks.training.state import device_copy as _device_copy
 from jtricks.trees import leaf_path
 
 PREFIX = "epoch-"
+TMP = ".tmp-"
+BOOKKEEPING = {"manifest.json", "_CHECKPOINT_METADATA", "commit_success.txt"}
 
 
 class CheckpointError(ConfigError):
@@ -75,8 +79,15 @@ def _arrays(state: TrainState) -> dict[str, Any]:
     )
 
 
+def items(state: TrainState, meta: dict[str, Any]) -> ocp.args.Composite:
+    """The orbax items of one checkpoint: the arrays and the JSON metadata."""
+    return ocp.args.Composite(
+        state=ocp.args.StandardSave(_arrays(state)), meta=ocp.args.JsonSave(meta)
+    )
+
+
 def _files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != "manifest.json")
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name not in BOOKKEEPING)
 
 
 def _digest(path: Path) -> str:
@@ -94,55 +105,110 @@ def _write_json(path: Path, obj: Any) -> None:
         os.fsync(f.fileno())
 
 
-def _commit(tmp: Path, final: Path) -> None:
-    """Atomically move a complete checkpoint into place (replacing ``final`` if it exists)."""
-    if final.exists():
-        old = final.with_name(f".old-{final.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+def write_manifest(folder: Path) -> None:
+    """Record the SHA-256 and size of every data file under ``folder`` (orbax's
+    bookkeeping files excluded: it rewrites them after the commit)."""
+    manifest = {
+        str(p.relative_to(folder)): {"sha256": _digest(p), "size": p.stat().st_size}
+        for p in _files(folder)
+    }
+    _write_json(folder / "manifest.json", manifest)
+
+
+class ManifestRename(ocp_path.atomicity.AtomicRenameTemporaryPath):
+    """orbax's atomic rename, from ``.tmp-NAME`` to ``NAME``, with the manifest written
+    just before a checkpoint (not each of its items) is committed."""
+
+    @classmethod
+    async def validate(cls, temporary_path: Any) -> None:
+        if not temporary_path.name.startswith(TMP):
+            raise ocp_path.atomicity_types.ValidationError(f"{temporary_path} is not temporary")
+
+    @classmethod
+    async def validate_final(cls, final_path: Any) -> None:
+        if final_path.name.startswith(TMP):
+            raise ocp_path.atomicity_types.ValidationError(f"{final_path} is temporary")
+
+    @classmethod
+    def from_temporary(cls, temporary_path: Any, **kwargs: Any) -> ManifestRename:
+        final = temporary_path.parent / temporary_path.name.removeprefix(TMP)
+        return cls(temporary_path, final, file_options=kwargs.get("file_options"))
+
+    @classmethod
+    def from_final(cls, final_path: Any, **kwargs: Any) -> ManifestRename:
+        return cls(
+            final_path.parent / f"{TMP}{final_path.name}",
+            final_path,
+            checkpoint_metadata_store=kwargs.get("checkpoint_metadata_store"),
+            file_options=kwargs.get("file_options"),
+        )
+
+    async def finalize(self) -> None:
+        tmp = Path(self.get())
+        if not tmp.parent.name.startswith(TMP):  # a whole checkpoint, not one of its items
+            write_manifest(tmp)
+        await super().finalize()
+
+
+class EpochNames:
+    """orbax ``NameFormat`` for ``epoch-NNNNNN`` step folders (orbax's standard format
+    puts an underscore after the prefix); folders still being written are skipped."""
+
+    def build_name(self, step: int) -> str:
+        return f"{PREFIX}{step:06d}"
+
+    def find_all(self, base_path: Any) -> list[ocp_path.step.Metadata]:
+        return [
+            ocp_path.step.Metadata(step=int(p.name.removeprefix(PREFIX)), path=base_path / p.name)
+            for p in list_checkpoints(Path(base_path))
+        ]
+
+    def find_step(self, base_path: Any, step: int) -> ocp_path.step.Metadata:
+        for found in self.find_all(base_path):
+            if found.step == step:
+                return found
+        raise ValueError(f"no checkpoint of epoch {step} in {base_path}")
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """Committed epoch checkpoints in ``directory``, oldest first."""
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    pattern = re.compile(rf"{PREFIX}\d{{6,}}")
+    return sorted(p for p in root.iterdir() if p.is_dir() and pattern.fullmatch(p.name))
 
 
 def save(directory: str | os.PathLike, name: str, state: TrainState, meta: dict[str, Any]) -> Path:
-    """Write ``state`` and ``meta`` as checkpoint ``directory/name``, atomically.
+    """Write ``state`` and ``meta`` as checkpoint ``directory/name``, atomically, and wait
+    for it. A checkpoint already there is replaced only once the new one is complete.
 
     Returns the committed checkpoint's path.
     """
-    import orbax.checkpoint as ocp
-
     root = Path(directory).absolute()
-    tmp = root / f".tmp-{name}"
-    _quiet_writer_failures()
+    final, aside = root / name, root / f"{TMP}old-{name}"
+    quiet_writer_failures()
     try:
         root.mkdir(parents=True, exist_ok=True)
-        _check_space(root, state)
-        for leftover in root.glob(".tmp-*"):
+        check_space(root, state)
+        for leftover in root.glob(f"{TMP}*"):
             shutil.rmtree(leftover, ignore_errors=True)
-        tmp.mkdir()
-        ckptr = ocp.StandardCheckpointer()
-        try:
-            ckptr.save(tmp / "state", _arrays(state))
-            ckptr.wait_until_finished()
-        finally:
-            ckptr.close()
-        _write_json(tmp / "meta.json", meta)
-        manifest = {
-            str(p.relative_to(tmp)): {"sha256": _digest(p), "size": p.stat().st_size}
-            for p in _files(tmp)
-        }
-        _write_json(tmp / "manifest.json", manifest)
-        final = root / name
-        _commit(tmp, final)
+        if final.exists():
+            os.replace(final, aside)
+        with ocp.Checkpointer(
+            ocp.CompositeCheckpointHandler(), temporary_path_class=ManifestRename
+        ) as ckptr:
+            ckptr.save(final, args=items(state, meta))
+        shutil.rmtree(aside, ignore_errors=True)
     except Exception as e:  # no space, no permission, or orbax's writer failing for them
-        shutil.rmtree(tmp, ignore_errors=True)  # the newest committed checkpoint is untouched
-        raise WriteError(f"checkpoint {root / name}", e) from None
+        shutil.rmtree(root / f"{TMP}{name}", ignore_errors=True)
+        if aside.exists() and not final.exists():
+            os.replace(aside, final)  # the checkpoint that was there is untouched
+        raise WriteError(f"checkpoint {final}", e) from None
     return final
 
 
-def _check_space(root: Path, state: TrainState) -> None:
+def check_space(root: Path, state: TrainState) -> None:
     """Refuse a save that cannot fit before orbax starts writing (ENOSPC in its writer
     threads otherwise surfaces as a storm of errors)."""
     need = sum(int(getattr(a, "nbytes", 0)) for a in jax.tree.leaves(_arrays(state))) + 2**20
@@ -158,8 +224,8 @@ def _check_space(root: Path, state: TrainState) -> None:
 _QUIET = False
 
 
-def _quiet_writer_failures() -> None:
-    """Keep a failed save to the one line `save` raises: orbax's writer threads log their
+def quiet_writer_failures() -> None:
+    """Keep a failed save to the one line jtricks raises: orbax's writer threads log their
     failure with its traceback at ERROR level (jtricks raises every orbax failure itself).
     The CLI also drops the ``RuntimeError: Event loop is closed`` tracebacks that
     tensorstore callbacks print when they arrive after orbax closed its event loop
@@ -201,6 +267,11 @@ def verify(path: str | os.PathLike) -> None:
             raise CheckpointError(f"checkpoint {path}: file {f} is corrupt (checksum mismatch)")
 
 
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's JSON metadata (epoch, step, history, callback states)."""
+    return json.loads((Path(path) / "meta" / "metadata").read_text())
+
+
 def restore(path: str | os.PathLike, target: TrainState) -> tuple[TrainState, dict[str, Any]]:
     """Restore a checkpoint into the structure of ``target`` (a freshly created state).
 
@@ -208,11 +279,9 @@ def restore(path: str | os.PathLike, target: TrainState) -> tuple[TrainState, di
       CheckpointError: if a file is corrupt or truncated (named), or the arrays do not match
         the model and optimizer of ``target`` (the first differing leaf is named).
     """
-    import orbax.checkpoint as ocp
-
     path = Path(path).absolute()
     verify(path)
-    meta = json.loads((path / "meta.json").read_text())
+    meta = read_meta(path)
     abstract = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), _arrays(target)
     )
@@ -261,12 +330,10 @@ def _check_match(saved: Any, abstract: Any, path: Path) -> None:
             )
 
 
-def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
-    """Committed epoch checkpoints in ``directory``, oldest first."""
-    root = Path(directory)
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+def best_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The best checkpoint a `Checkpointer` kept in ``directory`` (``best/epoch-*``), if any."""
+    found = list_checkpoints(Path(directory) / "best")
+    return found[-1] if found else None
 
 
 def restore_latest(
@@ -295,143 +362,3 @@ def restore_latest(
             "no intact checkpoint in " + str(directory) + ": " + "; ".join(errors)
         )
     return None
-
-
-class Checkpointer:
-    """Fit callback: save every ``every`` epochs (and at the end), keep the last ``keep``,
-    and keep a copy of the best epoch by ``monitor`` in ``directory/best``.
-
-    The best state is held on device when it improves and written just before the next
-    periodic checkpoint (and at the end), so a run whose validation loss improves every
-    epoch does not pay a disk write per epoch; ``best`` on disk always matches the newest
-    periodic checkpoint's view of the run, which is what a resume continues from.
-
-    ``meta_fn(record, state)`` may add JSON-able data (e.g. callback states) to each
-    checkpoint's ``meta.json``; the fit history so far is always included.
-
-    With ``background=True`` (the default) a checkpoint is written by one worker thread
-    while training goes on: the callback takes a device copy of the state (the next epoch
-    donates its buffers) and returns; the next checkpoint first waits for it, so at most one
-    is in flight. Writes stay in order and atomic (a temporary folder
-    renamed into place), so a crash loses at most the checkpoint being written and resume
-    falls back to the previous one; `on_train_end` waits for every write, and a failed
-    write is raised at the next checkpoint or at the end. ``background=False`` writes
-    before returning.
-
-    When `fit` stops a diverging run it passes the state it kept (the last that evaluated
-    finite) with the record marked ``diverged``; that state is written as the newest
-    checkpoint and as ``best``, so ``--pretrained RUN`` continues from it.
-    """
-
-    def __init__(
-        self,
-        directory: str | os.PathLike,
-        *,
-        every: int = 1,
-        keep: int = 3,
-        monitor: str | None = "val_loss",
-        mode: str = "min",
-        meta_fn=None,
-        background: bool = True,
-    ) -> None:
-        if every < 1 or keep < 1:
-            raise ConfigError(
-                f"every and keep must be >= 1; got every={every}, keep={keep}", param="checkpoint"
-            )
-        if mode not in ("min", "max"):
-            raise ConfigError(f"mode must be 'min' or 'max'; got {mode!r}", param="mode")
-        self.directory = Path(directory)
-        self.every, self.keep, self.monitor, self.mode, self.meta_fn = (
-            every,
-            keep,
-            monitor,
-            mode,
-            meta_fn,
-        )
-        self.records: list[dict[str, Any]] = []
-        self.best: float | None = None
-        self._last_saved_epoch: int | None = None
-        self._pending_best: tuple[TrainState, dict[str, Any]] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1) if background else None
-        self._futures: list[Future] = []
-
-    def _submit(self, fn, *args) -> None:
-        """Run ``fn(*args)`` on the writer thread (in order), or now without one."""
-        self._check_writes(wait=False)
-        if self._executor is None:
-            fn(*args)
-        else:
-            self._futures.append(self._executor.submit(fn, *args))
-
-    def _check_writes(self, *, wait: bool) -> None:
-        """Re-raise the error of a finished write (waiting for all of them with ``wait``)."""
-        for f in list(self._futures):
-            if wait or f.done():
-                self._futures.remove(f)
-                f.result()
-
-    def wait(self) -> None:
-        """Block until every checkpoint handed to the writer thread is on disk."""
-        self._check_writes(wait=True)
-
-    def _meta(self, record: dict[str, Any], state: TrainState) -> dict[str, Any]:
-        meta = {
-            "epoch": record["epoch"],
-            "step": record["step"],
-            "history": list(self.records),
-            "best": self.best,
-        }
-        if self.meta_fn is not None:
-            meta.update(self.meta_fn(record, state))
-        return meta
-
-    def on_epoch_end(self, record: dict[str, Any], state: TrainState) -> None:
-        self.records.append(record)
-        if record.get("diverged"):  # `fit` passes the kept state: it is the run's final word
-            self._pending_best = (_device_copy(state), self._meta(record, state))
-            self._save(record, state)
-            return
-        value = record.get(self.monitor) if self.monitor else None
-        improved = (
-            value is not None
-            and np.isfinite(value)
-            and (
-                self.best is None
-                or (value < self.best if self.mode == "min" else value > self.best)
-            )
-        )
-        if improved:
-            self.best = float(value)
-            # a device copy (the next epoch donates ``state``); written with the next checkpoint
-            self._pending_best = (
-                _device_copy(state),
-                self._meta(record, state),
-            )
-        if record["epoch"] % self.every == 0:
-            self._save(record, state)
-
-    def on_train_end(self, state: TrainState) -> None:
-        if self.records and self._last_saved_epoch != self.records[-1]["epoch"]:
-            self._save(self.records[-1], state)
-        self._flush_best()
-        self.wait()
-
-    def _flush_best(self) -> None:
-        if self._pending_best is not None:
-            self._submit(save, self.directory, "best", *self._pending_best)
-            self._pending_best = None
-
-    def _save(self, record: dict[str, Any], state: TrainState) -> None:
-        self.wait()  # at most one checkpoint in flight: bounded memory, and the one before is on disk
-        self._flush_best()  # the best so far goes to disk with every checkpoint, not at every improvement
-        if self._executor is not None:  # the next epoch donates ``state``: write a device copy
-            state = _device_copy(state)
-        self._submit(
-            self._write, f"{PREFIX}{record['epoch']:06d}", state, self._meta(record, state)
-        )
-        self._last_saved_epoch = record["epoch"]
-
-    def _write(self, name: str, state: TrainState, meta: dict[str, Any]) -> None:
-        save(self.directory, name, state, meta)
-        for old in list_checkpoints(self.directory)[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)

@@ -137,15 +137,14 @@ def preset_patterns(preset: str, layers: Sequence[str]) -> list[str]:
 
 
 def _checkpoint_dir(source: str | os.PathLike) -> Path:
-    from jtricks.training.checkpoint import list_checkpoints
+    from jtricks.training.checkpoint import best_checkpoint, list_checkpoints
 
     path = Path(source)
     if (path / "state").is_dir():
         return path
     for folder in (path / "checkpoints", path):
-        if (folder / "best" / "state").is_dir():
-            return folder / "best"
-        found = list_checkpoints(folder) if folder.is_dir() else []
+        best = best_checkpoint(folder)
+        found = [best] if best is not None else list_checkpoints(folder)
         if found:
             return found[-1]
     raise ConfigError(

@@ -1,0 +1,221 @@
+"""The checkpointing callback of `fit`, on orbax's ``CheckpointManager``.
+
+orbax does the writing: background saves, atomic commits, keep-the-last-N, clean-up of
+temporary folders left by a crash. New here: the best epoch is held on device and written
+lazily, with the next periodic checkpoint, into a second manager (``best/``); every
+checkpoint carries jtricks' SHA-256 manifest (`jtricks.training.checkpoint`); a failed
+write is raised as one `WriteError` naming the checkpoint, with nothing half-written left.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jtricks.errors import ConfigError, WriteError
+from jtricks.training.checkpoint import (
+    TMP,
+    EpochNames,
+    ManifestRename,
+    check_space,
+    items,
+    quiet_writer_failures,
+)
+from jtricks.training.state import TrainState
+from jtricks.training.state import device_copy as _device_copy
+
+
+def epoch_manager(directory: Path, *, keep: int, background: bool) -> ocp.CheckpointManager:
+    """An orbax manager of ``epoch-NNNNNN`` checkpoints in ``directory``, keeping the newest
+    ``keep``, written in the background or not."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        step_name_format=EpochNames(),
+        temporary_path_class=ManifestRename,
+        cleanup_tmp_directories=True,
+        enable_async_checkpointing=background,
+        save_root_metadata=False,
+    )
+    return ocp.CheckpointManager(
+        directory.absolute(), options=options, item_names=("state", "meta")
+    )
+
+
+class Checkpointer:
+    """Fit callback: save every ``every`` epochs (and at the end), keep the last ``keep``,
+    and keep the best epoch by ``monitor`` in ``directory/best``.
+
+    The best state is held on device when it improves and written just before the next
+    periodic checkpoint (and at the end), so a run whose validation loss improves every
+    epoch does not pay a disk write per epoch; ``best`` on disk always matches the newest
+    periodic checkpoint's view of the run, which is what a resume continues from.
+
+    ``meta_fn(record, state)`` may add JSON-able data (e.g. callback states) to each
+    checkpoint's metadata; the fit history so far is always included.
+
+    With ``background=True`` (the default) orbax writes a checkpoint while training goes
+    on: the callback hands it a device copy of the state (the next epoch donates its
+    buffers) and returns; the next save first waits for the one before, so at most one is
+    in flight. A crash loses at most the checkpoint being written and resume falls back to
+    the previous one; `on_train_end` waits for every write, and a failed write is raised at
+    the next checkpoint or at the end. ``background=False`` writes before returning.
+
+    Saving epoch ``e`` first removes any checkpoint of epoch ``e`` or later: they belong to
+    a run this one is rewriting (a resume past a damaged checkpoint).
+
+    When `fit` stops a diverging run it passes the state it kept (the last that evaluated
+    finite) with the record marked ``diverged``; that state is written as the newest
+    checkpoint and as ``best``, so ``--pretrained RUN`` continues from it.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        every: int = 1,
+        keep: int = 3,
+        monitor: str | None = "val_loss",
+        mode: str = "min",
+        meta_fn=None,
+        background: bool = True,
+    ) -> None:
+        if every < 1 or keep < 1:
+            raise ConfigError(
+                f"every and keep must be >= 1; got every={every}, keep={keep}", param="checkpoint"
+            )
+        if mode not in ("min", "max"):
+            raise ConfigError(f"mode must be 'min' or 'max'; got {mode!r}", param="mode")
+        self.directory = Path(directory)
+        self.every, self.keep, self.monitor, self.mode = every, keep, monitor, mode
+        self.meta_fn, self.background = meta_fn, background
+        self.records: list[dict[str, Any]] = []
+        self.best: float | None = None
+        self._last_saved_epoch: int | None = None
+        self._pending_best: tuple[int, TrainState, dict[str, Any]] | None = None
+        self._managers: dict[str, ocp.CheckpointManager] = {}
+        self._in_flight: dict[str, Path] = {}
+
+    def _manager(self, which: str) -> ocp.CheckpointManager:
+        if which not in self._managers:
+            folder = self.directory / "best" if which == "best" else self.directory
+            keep = 1 if which == "best" else self.keep
+            self._managers[which] = epoch_manager(folder, keep=keep, background=self.background)
+        return self._managers[which]
+
+    def _write(self, which: str, epoch: int, state: TrainState, meta: dict[str, Any]) -> None:
+        """Hand checkpoint ``epoch`` to the ``which`` manager ("epochs" or "best")."""
+        quiet_writer_failures()
+        self._finish(which)
+        manager = self._manager(which)
+        path = Path(manager.directory) / EpochNames().build_name(epoch)
+        self._in_flight[which] = path
+        with self._reported(which):
+            for step in manager.all_steps():
+                if step >= epoch:
+                    manager.delete(step)
+            check_space(Path(manager.directory), state)
+            manager.save(epoch, args=items(state, meta), force=True)
+        if not self.background:
+            self._finish(which)
+
+    def _finish(self, which: str) -> None:
+        """Wait for the ``which`` manager's save in flight; raise its failure."""
+        if which in self._managers:
+            with self._reported(which):
+                self._managers[which].wait_until_finished()
+        self._in_flight.pop(which, None)
+
+    def _reported(self, which: str):
+        return _Reported(self._in_flight.get(which), self.directory)
+
+    def wait(self) -> None:
+        """Block until every checkpoint handed to orbax is on disk."""
+        for which in list(self._managers):
+            self._finish(which)
+
+    def close(self) -> None:
+        """Wait for the writes, then release orbax's threads."""
+        try:
+            self.wait()
+        finally:
+            for manager in self._managers.values():
+                manager.close()
+            self._managers.clear()
+
+    def _meta(self, record: dict[str, Any], state: TrainState) -> dict[str, Any]:
+        meta = {
+            "epoch": record["epoch"],
+            "step": record["step"],
+            "history": list(self.records),
+            "best": self.best,
+        }
+        if self.meta_fn is not None:
+            meta.update(self.meta_fn(record, state))
+        return meta
+
+    def _keep_best(self, record: dict[str, Any], state: TrainState) -> None:
+        # a device copy (the next epoch donates ``state``); written with the next checkpoint
+        self._pending_best = (record["epoch"], _device_copy(state), self._meta(record, state))
+
+    def on_epoch_end(self, record: dict[str, Any], state: TrainState) -> None:
+        self.records.append(record)
+        if record.get("diverged"):  # `fit` passes the kept state: it is the run's final word
+            self._keep_best(record, state)
+            self._save(record, state)
+            return
+        value = record.get(self.monitor) if self.monitor else None
+        improved = (
+            value is not None
+            and np.isfinite(value)
+            and (
+                self.best is None
+                or (value < self.best if self.mode == "min" else value > self.best)
+            )
+        )
+        if improved:
+            self.best = float(value)
+            self._keep_best(record, state)
+        if record["epoch"] % self.every == 0:
+            self._save(record, state)
+
+    def on_train_end(self, state: TrainState) -> None:
+        if self.records and self._last_saved_epoch != self.records[-1]["epoch"]:
+            self._save(self.records[-1], state)
+        self._flush_best()
+        self.close()
+
+    def _flush_best(self) -> None:
+        if self._pending_best is not None:
+            self._write("best", *self._pending_best)
+            self._pending_best = None
+
+    def _save(self, record: dict[str, Any], state: TrainState) -> None:
+        self._flush_best()  # the best so far goes to disk with every checkpoint
+        if self.background:  # the next epoch donates ``state``: orbax gets a device copy
+            state = _device_copy(state)
+        self._write("epochs", record["epoch"], state, self._meta(record, state))
+        self._last_saved_epoch = record["epoch"]
+
+
+class _Reported:
+    """Turn an orbax failure into one `WriteError` naming the checkpoint, after removing
+    the temporary folders it left (the committed checkpoints are untouched)."""
+
+    def __init__(self, path: Path | None, directory: Path) -> None:
+        self.path, self.directory = path, directory
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, tb) -> bool:
+        if error is None or not isinstance(error, Exception):
+            return False
+        for root in (self.directory, self.directory / "best"):
+            for leftover in root.glob(f"{TMP}*") if root.is_dir() else ():
+                shutil.rmtree(leftover, ignore_errors=True)
+        raise WriteError(f"checkpoint {self.path or self.directory}", error) from None
