@@ -175,7 +175,8 @@ PARTS = (
                 "quick",
                 "jtricks",
                 "--suite quick",
-                "--suite quick --problems quadratic --optimizers sgd --seeds 1",
+                "--suite quick --workloads regression_mlp --algorithms nadamw --trials 1 "
+                "--studies 1",
             ),
             Run("full", "jtricks", "--suite full", ""),
         ),

@@ -15,18 +15,20 @@ import optax
 
 
 def cross_entropy(
-    logits: jax.Array, labels: jax.Array, *, label_smoothing: float = 0.0
+    logits: jax.Array, labels: jax.Array, *, label_smoothing: float | jax.Array = 0.0
 ) -> jax.Array:
     """Softmax cross-entropy ``-sum_c q_c log softmax(z)_c`` with integer or one-hot labels.
 
     ``labels`` of shape ``(N,)`` are class indices; of shape ``(N, C)`` they are
     target distributions (one-hot or mixed). With ``label_smoothing = s`` the
-    target becomes ``(1 - s) q + s / C``. Computed as ``logsumexp(z) - <q, z>``.
+    target becomes ``(1 - s) q + s / C``; ``s`` may be a traced scalar (a tuned
+    hyper-parameter). Computed as ``logsumexp(z) - <q, z>``.
 
     References:
       Szegedy et al., "Rethinking the Inception Architecture" (label smoothing), https://arxiv.org/abs/1512.00567
     """
-    if labels.ndim == logits.ndim - 1 and label_smoothing == 0.0:
+    traced = isinstance(label_smoothing, jax.core.Tracer)  # a tuned hyper-parameter
+    if labels.ndim == logits.ndim - 1 and not traced and label_smoothing == 0.0:
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     num_classes = logits.shape[-1]
     q = (
@@ -34,7 +36,7 @@ def cross_entropy(
         if labels.ndim == logits.ndim - 1
         else labels
     )
-    if label_smoothing:
+    if traced or label_smoothing:
         q = optax.smooth_labels(q, label_smoothing)
     return optax.softmax_cross_entropy(logits, q)
 

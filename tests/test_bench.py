@@ -111,7 +111,8 @@ def test_cli_bench_and_compare(tmp_path, capsys):
     from jtricks.cli import main
 
     out = tmp_path / "b1"
-    args = ["bench", "--problems", "rosenbrock", "--optimizers", "sgd,adam", "--seeds", "1"]
+    args = ["bench", "--protocol", "v1", "--problems", "rosenbrock", "--optimizers", "sgd,adam"]
+    args += ["--seeds", "1"]
     assert main([*args, "--no-progress", "--out", str(out)]) == 0
     for name in ("results.json", "results.md", "curves.png", "profile.png"):
         assert (out / name).stat().st_size > 0
@@ -124,9 +125,9 @@ def test_cli_bench_and_compare(tmp_path, capsys):
     "extra, needle",
     [
         (["--suite", "huge"], "--suite"),
-        (["--problems", "nope"], "--problems"),
-        (["--optimizers", "lion"], "--optimizers"),
-        (["--seeds", "0"], "--seeds"),
+        (["--protocol", "v1", "--problems", "nope"], "--problems"),
+        (["--protocol", "v1", "--optimizers", "lion"], "--optimizers"),
+        (["--protocol", "v1", "--seeds", "0"], "--seeds"),
         (["frobnicate"], "compare"),
     ],
 )

@@ -161,10 +161,11 @@ def test_max_runtime_stops_an_unreached_trial():
 
 
 def test_the_nadamw_baseline_warms_up_then_decays_on_a_cosine():
+    import jax
     import jax.numpy as jnp
     import optax
 
-    from jtricks.bench.search import nadamw_baseline
+    from jtricks.bench.algorithms import build_algorithm, warmup_cosine
 
     hp = {"learning_rate": 0.1, "one_minus_b1": 0.05, "weight_decay": 0.01, "warmup_fraction": 0.2}
     total, warm = 50, 10
@@ -175,7 +176,13 @@ def test_the_nadamw_baseline_warms_up_then_decays_on_a_cosine():
             return 0.1 * t / warm
         return 0.1 * 0.5 * (1 + math.cos(math.pi * (t - warm) / (total - warm)))
 
-    tx = nadamw_baseline(hp, total)
+    tx = build_algorithm("nadamw", hp, total)
+    # traced in every hyper-parameter, it equals optax's schedule for fixed values
+    lib = optax.warmup_cosine_decay_schedule(0.0, 0.1, warm, total, 0.0)
+    traced = jax.jit(lambda hp, t: warmup_cosine(hp, total)(t))
+    for t in range(total + 1):
+        np.testing.assert_allclose(traced(hp, t), lib(t), rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(traced(hp, t), by_hand(t), rtol=1e-5, atol=1e-9)
     ref = optax.nadamw(by_hand, b1=0.95, b2=0.999, weight_decay=0.01)
     params = {"w": jnp.array([1.0, -2.0, 3.0])}
     s, r = tx.init(params), ref.init(params)

@@ -242,6 +242,8 @@ def test_bench_takes_any_optimizer_spec(tmp_path, capsys):
     spec = "optax.lion(b1=0.95)"
     argv = [
         "bench",
+        "--protocol",
+        "v1",
         "--problems",
         "quadratic",
         "--optimizers",
@@ -253,7 +255,7 @@ def test_bench_takes_any_optimizer_spec(tmp_path, capsys):
     assert main([*argv, "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert {r["optimizer"] for r in results["runs"]} == {spec, "sgd"}
-    bad = ["bench", "--problems", "quadratic", "--optimizers", "optax.lino"]
+    bad = ["bench", "--protocol", "v1", "--problems", "quadratic", "--optimizers", "optax.lino"]
     assert main([*bad, "--out", str(tmp_path / "b2")]) == 2
     assert "did you mean: lion" in capsys.readouterr().err
     assert not (tmp_path / "b2").exists()

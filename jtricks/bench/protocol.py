@@ -90,5 +90,12 @@ def reaches(metric: str, target: float) -> Callable[[float], bool]:
     higher for anything else (accuracy, R², ...); NaN never reaches."""
     if not isinstance(target, int | float) or isinstance(target, bool) or not math.isfinite(target):
         raise ConfigError(f"target must be a finite number; got {target!r}", param="target")
-    lower = metric == "loss" or metric.endswith(("_loss", "error", "error_rate"))
-    return (lambda v: v <= target) if lower else (lambda v: v >= target)
+    return (lambda v: v <= target) if lower_is_better(metric) else (lambda v: v >= target)
+
+
+def lower_is_better(metric: str) -> bool:
+    """A loss, an error, a squared or absolute error or a perplexity improves downwards;
+    anything else (accuracy, R², IoU, ...) upwards."""
+    return metric in ("loss", "mse", "mae", "perplexity") or metric.endswith(
+        ("_loss", "error", "error_rate")
+    )

@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from jtricks.bench.algoperf import SCHEMA as V2_SCHEMA
+from jtricks.bench.algoperf_report import compare_rows
 from jtricks.bench.runner import SCHEMA
 from jtricks.errors import ConfigError
 from jtricks.plotting import pyplot, save_figure
@@ -145,9 +147,8 @@ def plot(results: dict[str, Any], out: Path) -> None:
         save_figure(fig, out / "profile.png", axes=(ax,))
 
 
-def compare(paths: list[str]) -> str:
-    """Side-by-side tables across result files (e.g. CPU vs GPU), with speedups vs the first."""
-
+def _load(paths: list[str]) -> list[dict[str, Any]]:
+    """Result files of one protocol (v1 or v2), or a `ConfigError` naming the odd one."""
     if len(paths) < 2:
         raise ConfigError("compare needs at least two results.json files", param="compare")
     loaded = []
@@ -156,54 +157,62 @@ def compare(paths: list[str]) -> str:
             data = json.loads(Path(path).read_text())
         except (OSError, ValueError) as e:
             raise ConfigError(f"cannot read bench results {path!r}: {e}", param="compare") from None
-        if data.get("schema") != SCHEMA:
+        if data.get("schema") not in (SCHEMA, V2_SCHEMA):
             raise ConfigError(
                 f"{path!r} is not a jtricks bench results file (schema {data.get('schema')!r}, "
-                f"expected {SCHEMA!r})",
+                f"expected {SCHEMA!r} or {V2_SCHEMA!r})",
                 param="compare",
             )
         loaded.append(data)
+    if len({d["schema"] for d in loaded}) > 1:
+        raise ConfigError(
+            "compare needs result files of one protocol; got schemas "
+            + ", ".join(sorted({d["schema"] for d in loaded})),
+            param="compare",
+        )
+    return loaded
+
+
+def _speedup(v: float | None, base: float | None, rate: bool) -> str:
+    """``v / base`` for a rate (higher is faster), ``base / v`` for a time; ``—`` if unknown."""
+    ok = v is not None and base is not None and math.isfinite(v) and math.isfinite(base) and v > 0
+    return f"{(v / base if rate else base / v):.2f}x" if ok else "—"
+
+
+def _table(labels: list[str], title: str, rows: list, maps: list[dict], head: str) -> list[str]:
+    """One side-by-side table: a row per key, a column per file, then the speedups."""
+    n = len(maps)
+    rate = title.startswith(("steps", "images"))
+    lines = [
+        title,
+        "",
+        head + " | ".join(labels) + " | "
+        + " | ".join(f"speedup [{i}]/[0]" for i in range(1, n)) + " |",
+        "| --- | --- | " + " | ".join("---:" for _ in range(2 * n - 1)) + " |",
+    ]  # fmt: skip
+    for k in rows:
+        vals = [m.get(k) for m in maps]
+        cells = [("—" if v is None or not math.isfinite(v) else f"{v:,.2f}") for v in vals]
+        speed = [_speedup(v, vals[0], rate) for v in vals[1:]]
+        lines.append(f"| {k[0]} | {k[1]} | " + " | ".join(cells + speed) + " |")
+    return [*lines, ""]
+
+
+def compare(paths: list[str]) -> str:
+    """Side-by-side tables across result files (e.g. CPU vs GPU), with speedups vs the first."""
+    loaded = _load(paths)
     labels = [f"{d['environment']['device_kind']} [{i}]" for i, d in enumerate(loaded)]
     lines = ["files: " + "; ".join(f"[{i}] {p}" for i, p in enumerate(paths)), ""]
 
-    def table(title, rows, key):
-        lines.extend(
-            [
-                title,
-                "",
-                "| problem | optimizer | "
-                + " | ".join(labels)
-                + " | "
-                + " | ".join(f"speedup [{i}]/[0]" for i in range(1, len(loaded)))
-                + " |",
-            ]
-        )
-        lines.append(
-            "| --- | --- | " + " | ".join("---:" for _ in range(2 * len(loaded) - 1)) + " |"
-        )
-        for k in rows:
-            vals = [maps[k] if k in maps else None for maps in key]
-            cells = [("—" if v is None or not math.isfinite(v) else f"{v:,.2f}") for v in vals]
-            speed = []
-            for v in vals[1:]:
-                base = vals[0]
-                ok = (
-                    v is not None
-                    and base is not None
-                    and math.isfinite(v)
-                    and math.isfinite(base)
-                    and v > 0
-                )
-                speed.append(
-                    f"{(v / base if title.startswith('steps') or title.startswith('images') else base / v):.2f}x"
-                    if ok
-                    else "—"
-                )
-            lines.append(
-                f"| {k[0]} | {k[1]} | " + " | ".join(cells) + " | " + " | ".join(speed) + " |"
-            )
-        lines.append("")
+    def shared(maps: list[dict]) -> list:
+        return [k for k in maps[0] if all(k in m for m in maps[1:])]
 
+    if loaded[0]["schema"] == V2_SCHEMA:
+        times = [compare_rows(d) for d in loaded]
+        title = "workload time, s (speedup = first / other)"
+        lines += _table(labels, title, shared(times), times, "| workload | algorithm | ")
+        return "\n".join(lines)
+    head = "| problem | optimizer | "
     rate = [{(r["problem"], r["optimizer"]): r["steps_per_s"] for r in d["runs"]} for d in loaded]
     ttt = [
         {(r["problem"], r["optimizer"]): r["median_time_to_target_s"] for r in d["runs"]}
@@ -213,13 +222,13 @@ def compare(paths: list[str]) -> str:
         {(t["problem"], t["optimizer"]): t["images_per_s"] for t in d.get("throughput", [])}
         for d in loaded
     ]
-    keys = [k for k in rate[0] if all(k in m for m in rate[1:])]
+    keys, tkeys = shared(rate), shared(imgs)
     if keys:
-        table("steps/s (median over seeds)", keys, rate)
-        table("time-to-target, s without compilation (speedup = first / other)", keys, ttt)
-    tkeys = [k for k in imgs[0] if all(k in m for m in imgs[1:])]
+        lines += _table(labels, "steps/s (median over seeds)", keys, rate, head)
+        title = "time-to-target, s without compilation (speedup = first / other)"
+        lines += _table(labels, title, keys, ttt, head)
     if tkeys:
-        table("images/s", tkeys, imgs)
+        lines += _table(labels, "images/s", tkeys, imgs, head)
     if not keys and not tkeys:
         lines.append("no (problem, optimizer) pair is present in every file")
     return "\n".join(lines)

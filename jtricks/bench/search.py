@@ -195,27 +195,3 @@ def target_seeds(num: int, *, seed: int = 0) -> list[int]:
 
 def _int(seq: np.random.SeedSequence) -> int:
     return int(seq.generate_state(1, np.uint32)[0])
-
-
-def nadamw_baseline(hparams: Mapping[str, float], total_steps: int) -> Any:
-    """AlgoPerf's baseline for a trial: NadamW (`optax.nadamw`) with ``b1 = 1 -
-    one_minus_b1`` and decoupled ``weight_decay``, its rate warming up linearly from 0 to
-    ``learning_rate`` over ``warmup_fraction`` of ``total_steps``, then decaying to 0 on a
-    cosine (`optax.warmup_cosine_decay_schedule`):
-
-    ``eta_t = lr t / W`` for ``t <= W``, ``eta_t = lr (1 + cos(pi (t - W) / (T - W))) / 2``
-    after, with ``W = max(1, round(warmup_fraction T))``.
-    """
-    import optax
-
-    check_int("total_steps", total_steps, low=2)
-    warmup = max(1, round(hparams.get("warmup_fraction", 0.05) * total_steps))
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, hparams["learning_rate"], min(warmup, total_steps - 1), total_steps, 0.0
-    )
-    return optax.nadamw(
-        schedule,
-        b1=1.0 - hparams.get("one_minus_b1", 0.1),
-        b2=hparams.get("b2", 0.999),
-        weight_decay=hparams.get("weight_decay", 0.0),
-    )

@@ -1,30 +1,47 @@
-"""``jtricks bench``: the optimizer benchmark suite, and ``bench compare`` of result files."""
+"""``jtricks bench``: the AlgoPerf-style optimizer benchmark (protocol v2, the default),
+the learning-rate-grid suite of protocol v1, ``bench targets`` (set a suite's targets)
+and ``bench compare`` of result files."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 from typing import Any
 
 from jtricks.errors import ConfigError, unknown_name
 from jtricks.rundir import create_run_dir, default_out, write_json, write_text
 from jtricks.spec import split_top_level
 
+ACTIONS = ("compare", "targets")
+V1_ONLY = ("optimizers", "problems", "seeds")
+V2_ONLY = ("ruleset", "algorithms", "workloads", "trials", "studies", "search_space", "targets")
+
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     b = sub.add_parser(
         "bench",
-        help="benchmark optimizers: problems x optimizers x seeds, or compare result files",
-        description="jtricks bench [--suite quick|full] runs the suite and writes results.json, "
-        "results.md, curves.png and profile.png to --out; "
-        "jtricks bench compare A.json B.json ... prints side-by-side tables with speedups.",
+        help="benchmark optimizers (AlgoPerf protocol), set targets, or compare result files",
+        description="jtricks bench [--suite quick|full] [--ruleset external|self-tuning] tunes "
+        "and times algorithms on the suite's workloads and writes results.json, results.md, "
+        "profile.png, speedup.png and lr_sensitivity.png to --out; jtricks bench targets "
+        "--suite S --out FILE sets a suite's targets; jtricks bench compare A.json B.json ... "
+        "prints side-by-side tables. --protocol v1 runs the older learning-rate-grid suite.",
     )
-    b.add_argument("compare", nargs="*", metavar="compare FILE", help="compare FILE FILE ...")
+    b.add_argument("action", nargs="*", metavar="compare FILE... | targets", help="an action")
     b.add_argument("--suite", default="quick", help="quick (for a CPU) or full (for a GPU)")
-    b.add_argument("--optimizers", default=None, help="comma-separated subset, e.g. sgd,adam")
-    b.add_argument(
-        "--problems", default=None, help="comma-separated subset of the suite's problems"
-    )
-    b.add_argument("--seeds", type=int, default=None, help="seeds per optimizer (suite default)")
+    b.add_argument("--protocol", default="algoperf", help="algoperf (default) or v1")
+    b.add_argument("--ruleset", default="external", help="external (tuned) or self-tuning")
+    b.add_argument("--algorithms", default=None, help="comma-separated, e.g. nadamw,adamw,lion")
+    b.add_argument("--workloads", default=None, help="comma-separated subset of the suite's")
+    b.add_argument("--trials", type=int, default=None, help="trials per study (suite default)")
+    b.add_argument("--studies", type=int, default=None, help="studies (suite default)")
+    b.add_argument("--search-space", default=None, help="JSON file: {name: {low, high, scale}}")
+    b.add_argument("--targets", default=None, help="JSON target file (default: the suite's)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the trial points and run seeds")
+    b.add_argument("--optimizers", default=None, help="v1: comma-separated, e.g. sgd,adam")
+    b.add_argument("--problems", default=None, help="v1: comma-separated subset of problems")
+    b.add_argument("--seeds", type=int, default=None, help="v1: seeds per optimizer")
     b.add_argument("--out", default=None, help="results folder (default runs/bench-<suite>-<time>)")
     b.add_argument("--no-progress", dest="progress", action="store_false")
     return b
@@ -34,8 +51,13 @@ def _split(value: str | None) -> list[str] | None:
     return None if value is None else [x for x in split_top_level(value, ",") if x]
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Every name and number of a suite run, checked before anything is created."""
+def _given(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
+    defaults = {"ruleset": "external"}
+    return [n for n in names if getattr(args, n) not in (None, defaults.get(n))]
+
+
+def check_v1(args: argparse.Namespace) -> None:
+    """Every name and number of a v1 suite run, checked before anything is created."""
     from jtricks.bench.problems import SUITES, suite_problems
     from jtricks.optim import build_optimizer
 
@@ -54,21 +76,149 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--seeds must be >= 1; got {args.seeds}", param="seeds")
 
 
+def _check_protocol(args: argparse.Namespace) -> None:
+    if args.protocol not in ("algoperf", "v1"):
+        raise unknown_name("protocol", args.protocol, ("algoperf", "v1"))
+    wrong = _given(args, V2_ONLY if args.protocol == "v1" else V1_ONLY)
+    if wrong:
+        other = "the default protocol" if args.protocol == "v1" else "--protocol v1"
+        flag = "--" + wrong[0].replace("_", "-")
+        raise ConfigError(f"{flag} belongs to {other}", param=wrong[0])
+
+
+def _space(path: str | None):
+    from jtricks.bench.search import DEFAULT_SPACE, search_space
+
+    if path is None:
+        return DEFAULT_SPACE
+    try:
+        spec = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}", param="search_space") from None
+    except ValueError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e})", param="search_space") from None
+    return search_space(spec)
+
+
+def check_v2(args: argparse.Namespace, *, need_targets: bool = True) -> dict[str, Any]:
+    """Every setting of a v2 run checked and resolved before anything is created."""
+    from jtricks.bench.algoperf import ALGORITHMS, check_ruleset
+    from jtricks.bench.algorithms import check_algorithm
+    from jtricks.bench.targets import load_targets
+    from jtricks.bench.workloads import select
+
+    check_ruleset(args.ruleset)
+    workloads = select(args.suite, _split(args.workloads))
+    algorithms = [check_algorithm(a) for a in _split(args.algorithms) or ALGORITHMS[args.suite]]
+    for name in ("trials", "studies"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name} must be >= 1; got {value}", param=name)
+    return {
+        "workloads": workloads,
+        "algorithms": algorithms,
+        "space": _space(args.search_space),
+        "targets": load_targets(args.targets, args.suite, workloads) if need_targets else None,
+    }
+
+
 def run(args: argparse.Namespace, flags: dict[str, str]) -> int:
-    """``jtricks bench``: run the suite (or compare files); exit status 0."""
-    from jtricks.bench import compare, markdown, plot, run_suite
+    """``jtricks bench``: run a protocol, set targets or compare files; exit status 0."""
+    if args.action:
+        return _action(args)
+    _check_protocol(args)
+    if args.protocol == "v1":
+        return _run_v1(args)
+    from jtricks.bench.algoperf import run_algoperf
+    from jtricks.bench.algoperf_report import markdown, plot
+
+    settings = check_v2(args)
+    run_dir = create_run_dir(
+        args.out if args.out is not None else default_out(f"bench-{args.suite}")
+    )
+    with _Bar(args.progress) as bar:
+        results = run_algoperf(
+            settings["workloads"],
+            settings["targets"],
+            suite=args.suite,
+            ruleset=args.ruleset,
+            algorithms=settings["algorithms"],
+            num_trials=args.trials,
+            num_studies=args.studies,
+            space=settings["space"],
+            seed=args.seed,
+            progress=bar.update,
+        )
+    return _write(run_dir, results, markdown, plot, "profile.png, speedup.png, lr_sensitivity.png")
+
+
+def _write(run_dir: Path, results: dict, markdown, plot, figures: str) -> int:
     from jtricks.bench.runner import jsonable
 
-    if args.compare:
-        if args.compare[0] != "compare":
-            raise ConfigError(
-                f"unknown bench action {args.compare[0]!r}; use `jtricks bench [--suite ...]` or "
-                "`jtricks bench compare A.json B.json`",
-                param="compare",
-            )
-        print(compare(args.compare[1:]))
+    write_json(run_dir / "results.json", jsonable(results))
+    md = markdown(results)
+    write_text(run_dir / "results.md", md)
+    plot(results, run_dir)
+    print(md)
+    print(f"results.json, results.md, {figures} in {run_dir}")
+    return 0
+
+
+def _action(args: argparse.Namespace) -> int:
+    from jtricks.bench import compare
+
+    action = args.action[0]
+    if action not in ACTIONS:
+        raise ConfigError(
+            f"unknown bench action {action!r}; use `jtricks bench [--suite ...]`, "
+            "`jtricks bench targets --suite S --out FILE` or `jtricks bench compare A.json B.json`",
+            param="action",
+        )
+    if action == "compare":
+        print(compare(args.action[1:]))
         return 0
-    check_args(args)
+    return _set_targets(args)
+
+
+def _set_targets(args: argparse.Namespace) -> int:
+    """``jtricks bench targets``: tune the target-setting algorithms, write the file."""
+    from jtricks.bench.algoperf import TRIALS
+    from jtricks.bench.targets import set_targets
+
+    if args.out is None:
+        raise ConfigError("bench targets needs --out FILE.json", param="out")
+    settings = check_v2(args, need_targets=False)
+    with _Bar(args.progress) as bar:
+        targets = set_targets(
+            settings["workloads"],
+            settings["space"],
+            num_trials=args.trials or TRIALS[args.suite][0] * 2,
+            reruns=args.studies or 3,
+            seed=args.seed,
+            progress=lambda: bar.update("setting targets"),
+        )
+    from jtricks.rundir import environment
+
+    targets["suite"] = args.suite
+    targets["command"] = " ".join(["jtricks bench targets", *_typed(args)])
+    targets["environment"] = environment()
+    write_json(Path(args.out), targets)
+    print(json.dumps(targets["workloads"], indent=1))
+    return 0
+
+
+def _typed(args: argparse.Namespace) -> list[str]:
+    """The settings of a targets run, as flags (for the file's record)."""
+    names = ("suite", "workloads", "trials", "studies", "search_space", "seed")
+    return [
+        f"--{n.replace('_', '-')} {getattr(args, n)}" for n in names if getattr(args, n) is not None
+    ]
+
+
+def _run_v1(args: argparse.Namespace) -> int:
+    from jtricks.bench import markdown, plot, run_suite
+
+    check_v1(args)
     run_dir = create_run_dir(
         args.out if args.out is not None else default_out(f"bench-{args.suite}")
     )
@@ -79,10 +229,27 @@ def run(args: argparse.Namespace, flags: dict[str, str]) -> int:
         seeds=args.seeds,
         progress=args.progress,
     )
-    write_json(run_dir / "results.json", jsonable(results))
-    md = markdown(results)
-    write_text(run_dir / "results.md", md)
-    plot(results, run_dir)
-    print(md)
-    print(f"results.json, results.md, curves.png and profile.png in {run_dir}")
-    return 0
+    return _write(run_dir, results, markdown, plot, "curves.png and profile.png")
+
+
+class _Bar:
+    """A one-line rich status of the trial running now (nothing without progress)."""
+
+    def __init__(self, on: bool) -> None:
+        self.on, self.status = on, None
+
+    def __enter__(self) -> _Bar:
+        if self.on:
+            from rich.console import Console
+
+            self.status = Console(stderr=True).status("bench")
+            self.status.start()
+        return self
+
+    def update(self, text: str) -> None:
+        if self.status is not None:
+            self.status.update(text)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.status is not None:
+            self.status.stop()
