@@ -211,3 +211,23 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, extra, needl
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_each_algorithm_tunes_in_its_own_space_on_the_same_points_and_seeds():
+    from jtricks.bench.algoperf import plan
+    from jtricks.bench.algorithms import defaults_for
+    from jtricks.bench.search import DEFAULT_SPACE, space_for
+
+    adam = plan("external", space_for("nadamw"), 5, 3, 7)
+    lion = plan("external", space_for("lion"), 5, 3, 7)
+    assert space_for("nadamw") == DEFAULT_SPACE
+    flat = [[t for study in p for t in study] for p in (adam, lion)]
+    for a, b in zip(*flat, strict=True):
+        assert a["seed"] == b["seed"]
+        assert a["point"]["one_minus_b1"] == b["point"]["one_minus_b1"]
+        # the same unit point, mapped log-uniformly onto each range
+        u_adam = math.log(a["point"]["learning_rate"] / 1e-4) / math.log(3e-2 / 1e-4)
+        u_lion = math.log(b["point"]["learning_rate"] / 1e-5) / math.log(3e-3 / 1e-5)
+        assert u_adam == pytest.approx(u_lion) and 1e-5 <= b["point"]["learning_rate"] <= 3e-3
+    (study,) = plan("self-tuning", space_for("lion"), 5, 1, 7, defaults_for("lion"))
+    assert study[0]["point"]["learning_rate"] == 1e-4 and len(study) == 1

@@ -4,10 +4,13 @@ Per workload of the suite (`jtricks.bench.workloads`) and algorithm
 (`jtricks.bench.algorithms`):
 
 * **External tuning** (ruleset ``external``): ``M`` studies of ``N`` quasi-random trials
-  drawn from one search space for all workloads (`jtricks.bench.search.make_studies`);
+  drawn from one search space for all workloads (`jtricks.bench.search.make_studies`),
+  each algorithm's own as AlgoPerf's baselines have theirs (`space_for`: the learning
+  rate range moves for momentum SGD and Lion); the same quasi-random points and run
+  seeds for every algorithm;
   every trial has its own run seed, none of them a target-setting seed.
 * **Self-tuning** (ruleset ``self-tuning``): no tuning. Each of the ``M`` studies is one
-  run at the algorithm's defaults (`DEFAULT_HPARAMS`) with 1.5 times the step budget
+  run at the algorithm's defaults (`defaults_for`) with 1.5 times the step budget
   and ``max_runtime``.
 * **Timing** (`jtricks.bench.protocol.timed_trial`): compilation counted, evaluation
   every ``eval_period`` steps untimed, a trial that passes ``max_runtime`` stops unreached.
@@ -35,7 +38,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from jtricks.bench.algorithms import BASELINE, DEFAULT_HPARAMS, check_algorithm
+from jtricks.bench.algorithms import BASELINE, DEFAULT_HPARAMS, check_algorithm, defaults_for
 from jtricks.bench.protocol import reaches
 from jtricks.bench.scoring import (
     default_taus,
@@ -45,7 +48,7 @@ from jtricks.bench.scoring import (
     profile_score,
     workload_time,
 )
-from jtricks.bench.search import DEFAULT_SPACE, Range, make_studies
+from jtricks.bench.search import Range, make_studies, space_for
 from jtricks.bench.workloads import Workload
 from jtricks.errors import ConfigError, check_int, unknown_name
 
@@ -55,7 +58,7 @@ ALGORITHMS = {
     "quick": ("nadamw", "adamw", "heavy_ball", "lion", "schedule_free_adamw", "muon"),
     "full": ("nadamw", "adamw", "heavy_ball", "nesterov", "lion", "schedule_free_adamw", "muon"),
 }
-TRIALS = {"quick": (3, 2), "full": (8, 3)}  # (trials per study, studies)
+TRIALS = {"quick": (5, 3), "full": (5, 5)}  # (trials per study, studies), as AlgoPerf: 5 x 5
 SELF_TUNING_FACTOR = 1.5
 
 
@@ -66,14 +69,20 @@ def check_ruleset(ruleset: str) -> str:
 
 
 def plan(
-    ruleset: str, space: dict[str, Range], num_trials: int, num_studies: int, seed: int
+    ruleset: str,
+    space: dict[str, Range],
+    num_trials: int,
+    num_studies: int,
+    seed: int,
+    defaults: dict[str, float] = DEFAULT_HPARAMS,
 ) -> list[list[dict[str, Any]]]:
-    """The studies of a run: lists of ``{"point", "seed"}`` trials."""
+    """The studies of a run: lists of ``{"point", "seed"}`` trials (self-tuning: one run
+    at ``defaults`` per study)."""
     studies = make_studies(
         space, num_trials if ruleset == "external" else 1, num_studies, seed=seed
     )
     if ruleset == "self-tuning":
-        return [[{"point": dict(DEFAULT_HPARAMS), "seed": s[0].seed}] for s in studies]
+        return [[{"point": dict(defaults), "seed": s[0].seed}] for s in studies]
     return [[{"point": t.hparams, "seed": t.seed} for t in s] for s in studies]
 
 
@@ -100,8 +109,8 @@ def run_algoperf(
     n, m = TRIALS[suite]
     n = check_int("trials", num_trials if num_trials is not None else n, low=1)
     m = check_int("studies", num_studies if num_studies is not None else m, low=1)
-    space = space or DEFAULT_SPACE
-    studies = plan(ruleset, space, n, m, seed)
+    spaces = {a: space or space_for(a) for a in algorithms}
+    studies = {a: plan(ruleset, spaces[a], n, m, seed, defaults_for(a)) for a in algorithms}
     results = {
         "schema": SCHEMA,
         "suite": suite,
@@ -111,9 +120,10 @@ def run_algoperf(
             "trials": n if ruleset == "external" else 1,
             "studies": m,
             "seed": seed,
-            "space": {k: vars(r) for k, r in space.items()},
+            "spaces": {a: {k: vars(r) for k, r in sp.items()} for a, sp in spaces.items()},
             "tau_max": 4.0,
             "baseline": BASELINE,
+            "compilation_cache": _cache_dir(),
         },
         "workloads": [_describe(w, targets[w.name]) for w in workloads],
         "algorithms": algorithms,
@@ -128,6 +138,14 @@ def run_algoperf(
     results["workload_times"] = workload_times(results)
     results["scores"] = score(results["workload_times"], algorithms)
     return results
+
+
+def _cache_dir() -> str | None:
+    """JAX's persistent compilation cache, if the user set one: compile times then
+    include cache hits (``jtricks bench`` itself never sets it)."""
+    import jax
+
+    return jax.config.jax_compilation_cache_dir or None
 
 
 def _describe(w: Workload, target: dict) -> dict[str, Any]:
@@ -155,7 +173,7 @@ def _run_workload(w, target, algorithms, studies, ruleset, progress) -> list[dic
     out = []
     for algorithm in algorithms:
         program = compile_program(w, inst, algorithm, w.total_steps)
-        for s, study in enumerate(studies):
+        for s, study in enumerate(studies[algorithm]):
             for i, trial in enumerate(study):
                 record = run_trial(
                     program, trial["point"], trial["seed"], reached, w.max_runtime, better

@@ -48,7 +48,8 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     for a in algs:
         s = speed.get(a, {})
-        sp = _t(s.get("speedup")) + (f" ({s['workloads']} workloads)" if s else "")
+        n = s.get("workloads", 0)
+        sp = _t(s.get("speedup")) + (f" ({n} workload{'s' * (n != 1)})" if s else "")
         lines.append(
             f"| {a} | {scores['score'].get(a, 0.0):.3f} | {scores['reached'][a]}/"
             f"{len(results['workloads'])} | {sp} |"

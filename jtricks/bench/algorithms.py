@@ -110,7 +110,23 @@ DEFAULT_HPARAMS = {
     "warmup_fraction": 0.05,
     "label_smoothing": 0.0,
 }
-"""The self-tuning ruleset's point: each algorithm's usual defaults, never tuned."""
+"""The self-tuning ruleset's point for the Adam family, never tuned."""
+
+DEFAULT_LEARNING_RATES = {
+    "heavy_ball": 0.1,
+    "nesterov": 0.1,
+    "lion": 1e-4,
+    "schedule_free_adamw": 2.5e-3,
+    "muon": 0.02,
+}
+"""Each algorithm's usual learning rate where it is not Adam's 1e-3 (optax's defaults
+for schedule-free AdamW; the authors' for Lion and Muon)."""
+
+
+def defaults_for(name: str) -> dict[str, float]:
+    """Algorithm ``name``'s self-tuning point: `DEFAULT_HPARAMS` with its usual rate."""
+    rate = DEFAULT_LEARNING_RATES.get(name, DEFAULT_HPARAMS["learning_rate"])
+    return {**DEFAULT_HPARAMS, "learning_rate": rate}
 
 
 def check_algorithm(name: str) -> str:

@@ -91,6 +91,22 @@ DEFAULT_SPACE: dict[str, Range] = {
 """One search space for every workload (label smoothing applies to classification only)."""
 
 
+SPACE_LEARNING_RATES: dict[str, Range] = {
+    "heavy_ball": Range(1e-3, 1.0, "log"),
+    "nesterov": Range(1e-3, 1.0, "log"),
+    "lion": Range(1e-5, 3e-3, "log"),
+}
+"""Learning-rate ranges of the algorithms whose step size lives on another scale than
+Adam's: SGD with momentum takes larger rates, Lion (a sign update) smaller ones."""
+
+
+def space_for(algorithm: str) -> dict[str, Range]:
+    """An algorithm's default search space: `DEFAULT_SPACE`, with its own learning-rate
+    range from `SPACE_LEARNING_RATES` where it has one."""
+    rate = SPACE_LEARNING_RATES.get(algorithm, DEFAULT_SPACE["learning_rate"])
+    return {**DEFAULT_SPACE, "learning_rate": rate}
+
+
 def search_space(spec: Mapping[str, Any]) -> dict[str, Range]:
     """A checked search space from a mapping such as ``{"learning_rate": {"low": 1e-4,
     "high": 1e-1, "scale": "log"}}`` (a parsed JSON file) or of `Range`\\ s.

@@ -3,8 +3,8 @@
 AlgoPerf sets each workload's target from the best of a few well-tuned standard
 algorithms. `set_targets` does the same on every workload of a suite: AdamW, NadamW,
 heavy-ball and Nesterov momentum are each tuned (one study of quasi-random trials from
-the search space, run on the target-setting seeds, which no scored trial uses); the
-algorithm and point with the best validation metric is rerun ``reruns`` times (further
+its search space, `jtricks.bench.search.space_for` unless one is given, run on the
+target-setting seeds, which no scored trial uses); the algorithm and point with the best validation metric is rerun ``reruns`` times (further
 target-setting seeds), and the targets are the medians over the reruns of the best
 validation metric and of the test metric at that evaluation.
 
@@ -25,12 +25,14 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from jtricks.bench.search import Range, make_studies, target_seeds
+from jtricks.bench.search import Range, make_studies, space_for, target_seeds
 from jtricks.bench.workloads import Workload
 from jtricks.errors import ConfigError
 
 SCHEMA = "jtricks.bench.targets/1"
 TARGET_ALGORITHMS = ("adamw", "nadamw", "heavy_ball", "nesterov")
+TARGET_TRIALS = {"quick": 6, "full": 10}  # trials per algorithm and workload
+RERUNS = 3
 HERE = Path(__file__).parent / "targets"
 
 
@@ -91,7 +93,7 @@ def load_targets(path: str | None, suite: str, workloads: list[Workload]) -> dic
 
 def set_targets(
     workloads: list[Workload],
-    space: dict[str, Range],
+    space: dict[str, Range] | None,
     *,
     num_trials: int,
     reruns: int,
@@ -103,8 +105,12 @@ def set_targets(
     from jtricks.bench.trials import compile_program, run_trial
 
     seeds = target_seeds(num_trials + reruns, seed=seed)
-    points = [t.hparams for t in make_studies(space, num_trials, 1, seed=seed + 1)[0]]
-    out: dict[str, Any] = {"schema": SCHEMA, "workloads": {}}
+    points = {
+        a: [t.hparams for t in make_studies(space or space_for(a), num_trials, 1, seed=seed + 1)[0]]
+        for a in TARGET_ALGORITHMS
+    }
+    out: dict[str, Any] = {"schema": SCHEMA, "trials": num_trials, "reruns": reruns}
+    out["workloads"] = {}
     for w in workloads:
         inst = w.build()
         better = (lambda a, b: a < b) if w.lower_is_better else (lambda a, b: a > b)
@@ -112,7 +118,7 @@ def set_targets(
         programs = {}
         for algorithm in TARGET_ALGORITHMS:
             programs[algorithm] = compile_program(w, inst, algorithm, w.total_steps)
-            for point, s in zip(points, seeds, strict=False):
+            for point, s in zip(points[algorithm], seeds, strict=False):
                 trial = run_trial(programs[algorithm], point, s, _never, w.max_runtime, better)
                 value = trial["best_validation"]
                 if math.isfinite(value) and (best is None or better(value, best[0])):

@@ -55,7 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``jtricks`` console script; returns the exit status."""
     parser, commands = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    enable_compilation_cache()
+    if args.command != "bench":  # the benchmark times compilation: no cache of jtricks'
+        enable_compilation_cache()
     install_quiet_stderr()
     # what orbax leaves behind after a failed write, reported by then as one line
     warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)

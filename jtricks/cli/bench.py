@@ -15,7 +15,9 @@ from jtricks.spec import split_top_level
 
 ACTIONS = ("compare", "targets")
 V1_ONLY = ("optimizers", "problems", "seeds")
-V2_ONLY = ("ruleset", "algorithms", "workloads", "trials", "studies", "search_space", "targets")
+V2_ONLY = (
+    "ruleset", "algorithms", "workloads", "trials", "studies", "search_space", "targets", "reruns"
+)  # fmt: skip
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -39,6 +41,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     b.add_argument("--search-space", default=None, help="JSON file: {name: {low, high, scale}}")
     b.add_argument("--targets", default=None, help="JSON target file (default: the suite's)")
     b.add_argument("--seed", type=int, default=0, help="seed of the trial points and run seeds")
+    b.add_argument("--reruns", type=int, default=None, help="targets: reruns of the best point")
     b.add_argument("--optimizers", default=None, help="v1: comma-separated, e.g. sgd,adam")
     b.add_argument("--problems", default=None, help="v1: comma-separated subset of problems")
     b.add_argument("--seeds", type=int, default=None, help="v1: seeds per optimizer")
@@ -87,10 +90,10 @@ def _check_protocol(args: argparse.Namespace) -> None:
 
 
 def _space(path: str | None):
-    from jtricks.bench.search import DEFAULT_SPACE, search_space
+    from jtricks.bench.search import search_space
 
     if path is None:
-        return DEFAULT_SPACE
+        return None  # each algorithm's own (`jtricks.bench.search.space_for`)
     try:
         spec = json.loads(Path(path).read_text())
     except OSError as e:
@@ -110,7 +113,7 @@ def check_v2(args: argparse.Namespace, *, need_targets: bool = True) -> dict[str
     check_ruleset(args.ruleset)
     workloads = select(args.suite, _split(args.workloads))
     algorithms = [check_algorithm(a) for a in _split(args.algorithms) or ALGORITHMS[args.suite]]
-    for name in ("trials", "studies"):
+    for name in ("trials", "studies", "reruns"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name} must be >= 1; got {value}", param=name)
@@ -182,8 +185,7 @@ def _action(args: argparse.Namespace) -> int:
 
 def _set_targets(args: argparse.Namespace) -> int:
     """``jtricks bench targets``: tune the target-setting algorithms, write the file."""
-    from jtricks.bench.algoperf import TRIALS
-    from jtricks.bench.targets import set_targets
+    from jtricks.bench.targets import RERUNS, TARGET_TRIALS, set_targets
 
     if args.out is None:
         raise ConfigError("bench targets needs --out FILE.json", param="out")
@@ -192,8 +194,8 @@ def _set_targets(args: argparse.Namespace) -> int:
         targets = set_targets(
             settings["workloads"],
             settings["space"],
-            num_trials=args.trials or TRIALS[args.suite][0] * 2,
-            reruns=args.studies or 3,
+            num_trials=args.trials or TARGET_TRIALS[args.suite],
+            reruns=args.reruns or RERUNS,
             seed=args.seed,
             progress=lambda: bar.update("setting targets"),
         )
@@ -209,7 +211,7 @@ def _set_targets(args: argparse.Namespace) -> int:
 
 def _typed(args: argparse.Namespace) -> list[str]:
     """The settings of a targets run, as flags (for the file's record)."""
-    names = ("suite", "workloads", "trials", "studies", "search_space", "seed")
+    names = ("suite", "workloads", "trials", "reruns", "search_space", "seed")
     return [
         f"--{n.replace('_', '-')} {getattr(args, n)}" for n in names if getattr(args, n) is not None
     ]
