@@ -231,3 +231,29 @@ def test_each_algorithm_tunes_in_its_own_space_on_the_same_points_and_seeds():
         assert u_adam == pytest.approx(u_lion) and 1e-5 <= b["point"]["learning_rate"] <= 3e-3
     (study,) = plan("self-tuning", space_for("lion"), 5, 1, 7, defaults_for("lion"))
     assert study[0]["point"]["learning_rate"] == 1e-4 and len(study) == 1
+
+
+def _fake_cifar(folder, n):
+    """CIFAR-10's python batches (pickled dicts of uint8 rows), a few images each."""
+    import pickle
+
+    rng = np.random.default_rng(0)
+    for name in ("data_batch_1", "test_batch"):
+        batch = {
+            b"labels": list(rng.integers(0, 10, n)),
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        }
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+
+
+def test_data_dir_adds_cifar10_which_needs_its_own_targets(tmp_path, capsys):
+    _fake_cifar(tmp_path, 20)
+    (cifar,) = select("quick", ["cifar10_resnet20"], str(tmp_path))
+    assert cifar.dataset == f"cifar10:{tmp_path}" and cifar.metric == "accuracy"
+    assert "cifar10_resnet20" not in {w.name for w in select("quick")}
+    out = tmp_path / "run"
+    argv = ["bench", "--data-dir", str(tmp_path), "--workloads", "cifar10_resnet20"]
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "no targets for workload 'cifar10_resnet20'" in err and "jtricks bench targets" in err
+    assert not out.exists()

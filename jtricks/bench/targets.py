@@ -58,7 +58,11 @@ def check_targets(obj: Any, workloads: list[Workload], source: str) -> dict[str,
     for w in workloads:
         entry = entries.get(w.name)
         if not isinstance(entry, dict):
-            raise _bad(source, f"no targets for workload {w.name!r}")
+            raise _bad(
+                source,
+                f"no targets for workload {w.name!r}; set them with `jtricks bench targets "
+                f"--workloads {w.name} --out FILE` and pass --targets FILE",
+            )
         for key in ("validation", "test"):
             value = entry.get(key)
             if (

@@ -119,10 +119,12 @@ def _w(name, description, dataset, model, task, metric, batch, steps, period, ru
     return Workload(name, description, dataset, model, task, metric, batch, steps, period, runtime)
 
 
-def suite_workloads(suite: str) -> list[Workload]:
+def suite_workloads(suite: str, data_dir: str | None = None) -> list[Workload]:
     """The workloads of a suite: ``quick`` (each algorithm's trials on one workload take
     about ten seconds on a 2-core CPU) or ``full`` (more data and steps, the GRU too, for
-    one GPU)."""
+    one GPU). With ``data_dir`` (the ``cifar-10-batches-py`` folder) the suite also trains
+    ResNet-20 on CIFAR-10; layer norm stands in for batch norm, as a trial's program
+    carries no batch statistics."""
     quick = suite == "quick"
     s = 1 if quick else 4  # budget scale
     n = 4000 if quick else 20000
@@ -139,6 +141,12 @@ def suite_workloads(suite: str) -> list[Workload]:
            "transformer_lm(d_model=32, heads=2, layers=1)", "lm", "loss", 32, 400 * s, 50,
            60.0 * s),
     ]  # fmt: skip
+    if data_dir is not None:  # CIFAR-10's python batches, where the user keeps them
+        workloads.append(
+            _w("cifar10_resnet20", "CIFAR-10, ResNet-20 with layer norm", f"cifar10:{data_dir}",
+               "resnet20(norm='layer')", "classification", "accuracy", 128,
+               200 if quick else 5000, 50 if quick else 250, 600.0 if quick else 1200.0)
+        )  # fmt: skip
     if not quick:
         workloads.append(
             _w("mnist1d_gru", "MNIST-1D, GRU with 32 hidden units", f"mnist1d(num_samples={n})",
@@ -157,13 +165,15 @@ def available(w: Workload) -> bool:
     return w.dataset != "digits" or importlib.util.find_spec("sklearn") is not None
 
 
-def select(suite: str, names: list[str] | None = None) -> list[Workload]:
+def select(
+    suite: str, names: list[str] | None = None, data_dir: str | None = None
+) -> list[Workload]:
     """The suite's workloads (those whose data can load here), or the named subset of
     them (`ConfigError` naming an unknown suite or workload; a named workload whose extra
     is missing fails when its data loads, naming the extra)."""
     if suite not in SUITES:
         raise unknown_name("suite", suite, SUITES)
-    workloads = suite_workloads(suite)
+    workloads = suite_workloads(suite, data_dir)
     if names is None:  # the whole suite, less what needs an extra that is not installed
         return [w for w in workloads if available(w)]
     known = {w.name for w in workloads}

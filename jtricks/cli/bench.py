@@ -16,7 +16,8 @@ from jtricks.spec import split_top_level
 ACTIONS = ("compare", "targets")
 V1_ONLY = ("optimizers", "problems", "seeds")
 V2_ONLY = (
-    "ruleset", "algorithms", "workloads", "trials", "studies", "search_space", "targets", "reruns"
+    "ruleset", "algorithms", "workloads", "trials", "studies", "search_space", "targets", "reruns",
+    "data_dir",
 )  # fmt: skip
 
 
@@ -40,6 +41,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     b.add_argument("--studies", type=int, default=None, help="studies (suite default)")
     b.add_argument("--search-space", default=None, help="JSON file: {name: {low, high, scale}}")
     b.add_argument("--targets", default=None, help="JSON target file (default: the suite's)")
+    b.add_argument("--data-dir", default=None, help="cifar-10-batches-py folder: adds CIFAR-10")
     b.add_argument("--seed", type=int, default=0, help="seed of the trial points and run seeds")
     b.add_argument("--reruns", type=int, default=None, help="targets: reruns of the best point")
     b.add_argument("--optimizers", default=None, help="v1: comma-separated, e.g. sgd,adam")
@@ -111,7 +113,7 @@ def check_v2(args: argparse.Namespace, *, need_targets: bool = True) -> dict[str
     from jtricks.bench.workloads import select
 
     check_ruleset(args.ruleset)
-    workloads = select(args.suite, _split(args.workloads))
+    workloads = select(args.suite, _split(args.workloads), args.data_dir)
     algorithms = [check_algorithm(a) for a in _split(args.algorithms) or ALGORITHMS[args.suite]]
     for name in ("trials", "studies", "reruns"):
         value = getattr(args, name)
