@@ -161,9 +161,10 @@ def test_target_files_are_checked():
             check_targets(obj, workloads, "f")
 
 
-def test_the_quick_suite_ships_its_targets():
-    workloads = select("quick")
-    targets = load_targets(None, "quick", workloads)
+@pytest.mark.parametrize("suite", ["quick", "full"])
+def test_each_suite_ships_its_targets(suite):
+    workloads = select(suite)
+    targets = load_targets(None, suite, workloads)
     assert set(targets) == {w.name for w in workloads}
     assert all(
         t["set_by"]["algorithm"] in ("adamw", "nadamw", "heavy_ball", "nesterov")
