@@ -258,3 +258,18 @@ def test_data_dir_adds_cifar10_which_needs_its_own_targets(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no targets for workload 'cifar10_resnet20'" in err and "jtricks bench targets" in err
     assert not out.exists()
+
+
+def test_the_targets_command_writes_a_file_the_runner_accepts(tmp_path, capsys):
+    out = tmp_path / "targets.json"
+    argv = ["bench", "targets", "--workloads", "regression_mlp", "--trials", "1"]
+    assert main([*argv, "--reruns", "1", "--no-progress", "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert written["trials"] == 1 and written["reruns"] == 1 and written["suite"] == "quick"
+    (w,) = select("quick", ["regression_mlp"])
+    entry = check_targets(written, [w], str(out))["regression_mlp"]
+    assert entry["set_by"]["algorithm"] in ("adamw", "nadamw", "heavy_ball", "nesterov")
+    assert 0 < entry["validation"] < 1  # an MSE (the noise variance of the data is 0.01)
+    capsys.readouterr()
+    assert main(["bench", "targets", "--workloads", "regression_mlp"]) == 2
+    assert "bench targets needs --out FILE.json" in capsys.readouterr().err
