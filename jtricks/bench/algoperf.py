@@ -169,7 +169,7 @@ def _run_workload(w, target, algorithms, studies, ruleset, progress) -> list[dic
     inst = w.build()
     reached = reaches(w.metric, target["validation"])
     test_reached = reaches(w.metric, target["test"])
-    better = (lambda a, b: a < b) if w.lower_is_better else (lambda a, b: a > b)
+    better = w.better
     out = []
     for algorithm in algorithms:
         program = compile_program(w, inst, algorithm, w.total_steps)

@@ -117,7 +117,7 @@ def set_targets(
     out["workloads"] = {}
     for w in workloads:
         inst = w.build()
-        better = (lambda a, b: a < b) if w.lower_is_better else (lambda a, b: a > b)
+        better = w.better
         best: tuple[float, str, dict] | None = None
         programs = {}
         for algorithm in TARGET_ALGORITHMS:

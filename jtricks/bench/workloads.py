@@ -56,6 +56,10 @@ class Workload:
     def lower_is_better(self) -> bool:
         return lower_is_better(self.metric)
 
+    def better(self, a: float, b: float) -> bool:
+        """Is metric value ``a`` better than ``b``?"""
+        return a < b if self.lower_is_better else a > b
+
     def build(self) -> Instance:
         return build_instance(self)
 
