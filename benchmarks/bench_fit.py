@@ -10,6 +10,7 @@ its history: that is the overhead measured here. Compilation is excluded
 
     python benchmarks/bench_fit.py                 # CPU, CNN
     python benchmarks/bench_fit.py --model mlp --json-out results.json
+    python benchmarks/bench_fit.py --model mlp --unroll 4      # fit's loop unrolled 4 steps
     python benchmarks/bench_fit.py --dataset tokens --batch-size 50 \\
         --model "transformer_lm(d_model=64, heads=4, layers=2)"    # a causal LM
 
@@ -84,6 +85,9 @@ def main() -> None:
     p.add_argument(
         "--update-norm", action="store_true", help="fit with per-step update and parameter norms"
     )
+    p.add_argument(
+        "--unroll", type=int, default=1, help="fit's unroll: steps per compiled loop iteration"
+    )
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
 
@@ -119,6 +123,7 @@ def main() -> None:
             norms=args.norms,
             update_norm=args.update_norm,
             task=data.task,
+            unroll=args.unroll,
         )
         jax.block_until_ready(s)
         return time.perf_counter() - t
@@ -143,6 +148,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "fit_norms": args.norms,
         "fit_update_norm": args.update_norm,
+        "fit_unroll": args.unroll,
         "steps_per_repeat": steps,
         "repeats": args.repeats,
         "fit_steps_per_s_median": fit_sps,

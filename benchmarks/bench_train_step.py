@@ -27,8 +27,9 @@ With ``--vocab V`` the examples are token sequences of length ``--shape`` and th
 the next tokens (the language-model task: `fit` gets ``task="lm"``, the hand-written arms
 the same mean token cross-entropy).
 
-Also reported: the FLOPs of one step (XLA's cost analysis of the hand-written step, the
-same work in every arm), each arm's TFLOP/s, its MFU against the datasheet peak of the
+Also reported: the FLOPs of one step (XLA's cost analysis of the hand-written step's
+lowered module, before the GPU passes hide convolutions in cuDNN calls; the same work in
+every arm), each arm's TFLOP/s, its MFU against the datasheet peak of the
 device (`jtricks.bench.device`; ``--peak-tflops`` for another) and its fraction of the
 matmul rate measured on the same device in the same run.
 
@@ -48,7 +49,7 @@ import numpy as np
 import optax
 
 from baselines import flax_step
-from jtricks.bench.device import matmul_flops, peak_flops
+from jtricks.bench.device import lowered_flops, matmul_flops, peak_flops
 from jtricks.nn import build_model
 from jtricks.optim import build_optimizer, fused
 from jtricks.run import environment
@@ -58,12 +59,12 @@ ARMS = ("hand_loop", "hand_scan", "fit", "fit_fused")
 
 
 def _utilisation(step, carry, idx, args, env: dict, ips: dict, batch: int) -> dict:
-    """FLOPs of one step (XLA's cost analysis of the hand-written step, the same work in
-    every arm), the achieved TFLOP/s of each arm, and MFU against the datasheet peak
+    """FLOPs of one step (XLA's cost analysis of the hand-written step's lowered module,
+    `lowered_flops`, the same work in every arm, convolutions counted on a GPU too), the
+    achieved TFLOP/s of each arm, and MFU against the datasheet peak
     (`jtricks.bench.device`, or ``--peak-tflops``) and against this device's measured
     matmul rate in the same dtype."""
-    cost = jax.jit(step).lower(carry, idx).compile().cost_analysis()
-    flops = float((cost[0] if isinstance(cost, list) else cost)["flops"])
+    flops = lowered_flops(jax.jit(step).lower(carry, idx)) or float("nan")
     peak = args.peak_tflops or (peak_flops(env["device_kind"], args.precision) or 0) / 1e12
     dtype = jnp.bfloat16 if args.precision == "bf16" else jnp.float32
     measured = matmul_flops(dtype, 8192 if env["platform"] == "gpu" else 512, 5) / 1e12

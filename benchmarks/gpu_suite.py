@@ -2,33 +2,39 @@
 
 Runs the benchmarks that need an accelerator, one process per run and a time budget per
 part, and writes its results under an output folder named after the device, e.g.
-``benchmarks/results/gpu-suite-h200/``: one JSON file per part (``bench_quick.json`` and
-``bench_full.json`` for the last, the bench's own results files with the suite's record
-of the run under ``gpu_suite``) and ``summary.md``, 8 files at most, so that the whole
-output comes back from a remote machine in one go (a new part must keep to that). Parts:
+``benchmarks/results/gpu-suite-h200/``: one JSON file per part (``bench_quick.json`` for
+the last, the bench's own results file with the suite's record of the run under
+``gpu_suite``) and ``summary.md``, 8 files at most, so that the whole output comes back
+from a remote machine in one go (a new part must keep to that). Parts, in the order they
+run (the headline figures first):
 
-1. ``optimizer_update``: `bench_optimizer_update.py` at 64M float32 parameters, 1 / 64 /
-   512 / 2048 leaves; optax, jtricks and the fused update, per call and inside `lax.scan`,
-   compile times;
+1. ``fit``: `bench_fit.py`, `fit` against the hand-written scan loop (MLP, paper CNN);
 2. ``train_step``: `bench_train_step.py` on a CIFAR-shaped ResNet-18, bf16, batch 512 (the
-   hand-written Flax + optax step of `baselines/flax_step.py`, `fit` and `fit --fused`,
-   images/s and MFU), then `baselines/torch_resnet18.py` (PyTorch eager and
-   `torch.compile`, the same network and shape) when torch is importable;
-3. ``ensemble``: `bench_ensemble.py`, 8 vmapped members against 1 (paper CNN, ResNet-20);
-4. ``lr_finder``: `bench_lr_finder.py`, 32 learning rates against 1;
-5. ``fit``: `bench_fit.py`, `fit` against the hand-written scan loop (MLP, paper CNN);
-6. ``bench``: ``jtricks bench --suite quick`` (and ``full`` when the time left allows), its
-   ``results.json`` copied as ``bench_quick.json`` / ``bench_full.json`` so that
-   ``jtricks bench compare`` can set them beside the CPU's.
+   hand-written Flax + optax step of `baselines/flax_step.py` in a scan, `fit` and `fit
+   --fused`, images/s and MFU), then `baselines/torch_resnet18.py` (PyTorch eager,
+   `torch.compile` of the forward pass with the loss, and of the model alone, the same
+   network and shape) when torch is importable;
+3. ``train``: `bench_train_cli.py`, the wall time of ``jtricks train`` with its defaults,
+   cold (dataset generated, programs compiled) and warm;
+4. ``ensemble``: `bench_ensemble.py`, 8 vmapped members against 1 (paper CNN);
+5. ``lr_finder``: `bench_lr_finder.py`, 32 learning rates against 1;
+6. ``optimizer_update``: `bench_optimizer_update.py` at 64M float32 parameters, 1 and
+   512 leaves, optax and the fused Adam update, per call and inside `lax.scan`, compile
+   times;
+7. ``bench``: ``jtricks bench --suite quick`` with the rest of the budget, its
+   ``results.json`` copied as ``bench_quick.json`` so that ``jtricks bench compare`` can
+   set it beside the CPU's.
 
 Progress is printed as it goes; each part's JSON is written (atomically) as soon as it
 ends, so a run cut off early still leaves the finished parts, and ``summary.md`` is
 rewritten after every part. A run that fails, or outlives its budget, is recorded with
 its status and the tail of its output, and the suite goes on. The environment (device,
 jax / jaxlib / flax / optax / torch versions, ``XLA_FLAGS``) goes into every part's JSON
-and into the summary, which also checks the standing targets (fused update at 512 leaves
-within 1.3x the 1-leaf optax time and compiled in under 3 s; 8 ensemble members within
-2.5x one).
+and into the summary, which also checks the standing targets (`suite_summary.py`).
+
+The shares were sized from the first H200 run (2026-12-04, where a 480 s budget left
+three parts timed out and the bench unstarted) so that the default budget of 420 s
+finishes every part on one H200.
 
 On the GPU machine (Python 3.12, jax with CUDA, flax, optax, orbax-checkpoint, chex,
 rich, matplotlib, torch and scikit-learn installed, no package registry), from a clone:
@@ -40,7 +46,7 @@ rich, matplotlib, torch and scikit-learn installed, no package registry), from a
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
     PYTHONPATH=/tmp/site:. python3 benchmarks/gpu_suite.py --out benchmarks/results/gpu-suite-h200
 
-The budget (``--budget``, default 480 s) is the suite's whole wall time, compilation
+The budget (``--budget``, default 420 s) is the suite's whole wall time, compilation
 included; each part gets its share, and a part that would start with less than 15 s
 left is skipped with a line saying so. ``--tiny`` runs the same code paths at toy
 sizes on the CPU in under a minute (a test does, so the suite cannot rot).
@@ -96,67 +102,10 @@ class Part:
 _MLP = "--model 'mlp(features=(8,))'"
 _TINY_DATA = "--dataset 'mnist1d(num_samples=600)'"
 _TINY_RESNET = "--shape 8,8,3 --batch-size 4 --steps-per-epoch 2 --epochs 1 --repeats 1"
-PARTS = (
-    Part(
-        "optimizer_update",
-        0.22,
-        tuple(  # one process per optimizer, so a cut-off part still leaves the first ones
-            Run(
-                opt,
-                "bench_optimizer_update.py",
-                f"--total 67108864 --impls optax,jtricks,fused --repeats 5 --optimizers {opt}",
-                "--total 4096 --leaves 1,8 --repeats 1 --optimizers adam" if opt == "adam" else "",
-            )
-            for opt in ("adam", "momentum", "clip_adamw")
-        ),
-    ),
-    Part(
-        "train_step",
-        0.28,
-        (
-            Run(
-                "jax",
-                "bench_train_step.py",
-                "--model resnet18 --shape 32,32,3 --batch-size 512 --precision bf16 "
-                "--steps-per-epoch 20 --repeats 3",
-                f"{_MLP} --precision bf16 {_TINY_RESNET}",
-            ),
-            Run(
-                "torch",
-                "baselines/torch_resnet18.py",
-                "--batch-size 512 --precision bf16 --steps-per-epoch 20 --repeats 3",
-                "--widths 4,4,4,4 --arms eager " + _TINY_RESNET,
-            ),
-        ),
-    ),
-    Part(
-        "ensemble",
-        0.15,
-        (
-            Run("cnn", "bench_ensemble.py", "--model cnn --epochs 2 --repeats 3", ""),
-            Run(
-                "resnet20",
-                "bench_ensemble.py",
-                "--model resnet20 --epochs 1 --repeats 3",
-                f"{_MLP} --members 2 --epochs 1 --repeats 1 {_TINY_DATA}",
-            ),
-        ),
-    ),
-    Part(
-        "lr_finder",
-        0.07,
-        (
-            Run(
-                "cnn",
-                "bench_lr_finder.py",
-                "--model cnn --repeats 3",
-                f"{_MLP} --num 4 --steps 5 --repeats 1 {_TINY_DATA}",
-            ),
-        ),
-    ),
+PARTS = (  # the headline figures first; bench last, with whatever the budget has left
     Part(
         "fit",
-        0.10,
+        0.12,
         (
             Run("mlp", "bench_fit.py", "--model mlp --repeats 5", ""),
             Run(
@@ -168,8 +117,77 @@ PARTS = (
         ),
     ),
     Part(
+        "train_step",
+        0.27,
+        (
+            Run(
+                "jax",
+                "bench_train_step.py",
+                "--model resnet18 --shape 32,32,3 --batch-size 512 --precision bf16 "
+                "--arms hand_scan,fit,fit_fused --steps-per-epoch 20 --repeats 3",
+                f"{_MLP} --precision bf16 {_TINY_RESNET}",
+            ),
+            Run(
+                "torch",
+                "baselines/torch_resnet18.py",
+                "--batch-size 512 --precision bf16 --arms eager,compile,compile_model "
+                "--steps-per-epoch 20 --repeats 3",
+                "--widths 4,4,4,4 --arms eager " + _TINY_RESNET,
+            ),
+        ),
+    ),
+    Part(
+        "train",
+        0.09,
+        (
+            Run(
+                "defaults",
+                "bench_train_cli.py",
+                "--warm 1",
+                "--warm 1 --args \"--model 'mlp(features=(8,))' --steps 20 --dataset "
+                "'mnist1d(num_samples=600)'\"",
+            ),
+        ),
+    ),
+    Part(
+        "ensemble",
+        0.08,
+        (
+            Run(
+                "cnn",
+                "bench_ensemble.py",
+                "--model cnn --epochs 2 --repeats 2",
+                f"{_MLP} --members 2 --epochs 1 --repeats 1 {_TINY_DATA}",
+            ),
+        ),
+    ),
+    Part(
+        "lr_finder",
+        0.1,
+        (
+            Run(
+                "cnn",
+                "bench_lr_finder.py",
+                "--model cnn --repeats 2",
+                f"{_MLP} --num 4 --steps 5 --repeats 1 {_TINY_DATA}",
+            ),
+        ),
+    ),
+    Part(
+        "optimizer_update",
+        0.09,
+        (
+            Run(
+                "adam",
+                "bench_optimizer_update.py",
+                "--total 67108864 --leaves 1,512 --impls optax,fused --repeats 3 --optimizers adam",
+                "--total 4096 --leaves 1,8 --repeats 1 --optimizers adam",
+            ),
+        ),
+    ),
+    Part(
         "bench",
-        0.18,
+        1.0,  # the rest of the budget
         (
             Run(
                 "quick",
@@ -178,12 +196,10 @@ PARTS = (
                 "--suite quick --workloads regression_mlp --algorithms nadamw --trials 1 "
                 "--studies 1",
             ),
-            Run("full", "jtricks", "--suite full", ""),
         ),
     ),
 )
 MIN_START_S = 15.0
-FULL_MIN_S = 240.0  # the full bench suite starts only with this much of the budget left
 
 
 def device_slug() -> str:
@@ -332,8 +348,8 @@ def run_part(part: Part, args, deadline: float, env: dict, out: Path) -> dict:
         argv = run.argv(args.tiny)
         if args.tiny and not argv:
             continue
-        left = (deadline if run.label == "full" else part_end) - time.perf_counter()
-        if left < (FULL_MIN_S if run.label == "full" else MIN_START_S):
+        left = part_end - time.perf_counter()
+        if left < MIN_START_S:
             print(f"[{part.name}/{run.label}] skipped: {left:.0f} s of the budget left", flush=True)
             done.append({"label": run.label, "status": f"skipped ({left:.0f} s left)"})
             continue
@@ -365,7 +381,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--budget",
         type=float,
         default=None,
-        help="whole wall time, seconds (default 480; 1200 with --tiny, whose CPU may be shared)",
+        help="whole wall time, seconds (default 420; 1200 with --tiny, whose CPU may be shared)",
     )
     p.add_argument("--parts", default=",".join(pt.name for pt in PARTS))
     p.add_argument("--tiny", action="store_true", help="toy sizes on the CPU, under a minute")
@@ -386,7 +402,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if args.jobs is None:
         args.jobs = 2 if args.tiny else 1
     if args.budget is None:
-        args.budget = 1200.0 if args.tiny else 480.0
+        args.budget = 1200.0 if args.tiny else 420.0
     if args.jobs < 1:
         p.error(f"--jobs: must be at least 1, got {args.jobs}")
     if not args.budget > 0:

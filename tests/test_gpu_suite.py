@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "benchmarks" / "gpu_suite.py"
-PART_FILES = ("optimizer_update", "train_step", "ensemble", "lr_finder", "fit")
+PART_FILES = ("fit", "train_step", "train", "ensemble", "lr_finder", "optimizer_update")
 
 
 def _load(path: Path):
@@ -94,6 +94,11 @@ def test_tiny_suite_figures_are_consistent(suite_run):
         lrf["finder_run_s_median"] / lrf["single_run_s_median"]
     )
     assert all(np.isfinite(v) for v in (ens["ratio"], lrf["ratio_end_to_end"]))
+    demo = _result(parts, "train")
+    assert [r["label"] for r in demo["runs"]] == ["cold", "warm0"]
+    assert demo["cold_wall_s"] == demo["runs"][0]["process_wall_s"]
+    for r in demo["runs"]:  # the run's own wall time lies inside the process's
+        assert 0 < r["train_s"] <= r["cli_wall_s"] < r["process_wall_s"] and r["steps"] == 20
 
 
 def test_tiny_suite_bench_results_compare_with_the_cpu_results(suite_run):
@@ -126,6 +131,32 @@ def test_summary_checks_the_targets_against_the_figures():
     assert verdicts["| fused adam, 512 leaves, scan / optax 1 leaf ≤ 1.3"] == "**missed** |"
     assert verdicts["| fused adam, 512 leaves, compile < 3 s"] == "**missed** |"
     assert verdicts["| ensemble cnn: 8 members / 1 ≤ 2.5"] == "met |"
+
+
+def test_summary_checks_the_speed_targets():
+    summary = _load(ROOT / "benchmarks" / "suite_summary.py")
+    fit = [
+        {"label": m, "result": {"ratio_fit_over_hand": x}}
+        for m, x in (("mlp", 0.96), ("cnn", 0.94))
+    ]
+    jx = {"model": "resnet18", "precision": "bf16"}
+    jx["ratio_vs_hand_scan"] = {"hand_scan": 1.0, "fit": 0.97, "fit_fused": 0.99}
+    demo = {"runs": [{"label": "cold", "cli_wall_s": 11.5}]}
+    records = {
+        "fit": {"runs": fit},
+        "train_step": {"runs": [{"label": "jax", "result": jx}]},
+        "train": {"runs": [{"label": "defaults", "result": demo}]},
+    }
+    rows = [line for line in summary._targets(records) if line.startswith("| ") and "≥" in line]
+    rows += [line for line in summary._targets(records) if "wall ≤" in line]
+    got = {line.split(" | ")[0][2:]: line.rsplit(" | ", 1)[1] for line in rows}
+    assert got == {
+        "fit mlp / hand scan ≥ 0.95": "met |",
+        "fit cnn / hand scan ≥ 0.95": "**missed** |",
+        "resnet18 bf16 fit / hand scan ≥ 0.95": "met |",
+        "resnet18 bf16 fit_fused / hand scan ≥ 1.0": "**missed** |",
+        "`jtricks train` defaults, cold, wall ≤ 12 s": "met |",
+    }
 
 
 def test_a_run_past_its_budget_is_killed_and_recorded():

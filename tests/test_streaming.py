@@ -27,10 +27,9 @@ from jtricks.data.stream import (
 from jtricks.errors import ConfigError, StreamError
 from jtricks.nn import MLP
 from jtricks.optim import fused
-from jtricks.tasks import as_task
 from jtricks.training import create_train_state, evaluate, fit
 from jtricks.training.checkpoint import list_checkpoints, read_meta
-from jtricks.training.compiled import compiled_steps
+from jtricks.training.compiled import StepOptions, compiled_steps
 from jtricks.training.streaming import chunk_plan, default_chunk, make_chunk_fn
 
 HERE = Path(__file__).parent
@@ -94,9 +93,8 @@ def test_stream_of_the_same_batches_is_bit_identical(data, options, batch):
 def test_continuing_from_a_records_data_state_equals_one_run(data):
     train, _ = data
     whole, _ = fit(_state(), _stream(train, 30), steps=10, chunk=4)
-    key = (as_task(None), True, False, None, None, 1, "float32", None)  # fit's key
-    steps = compiled_steps(*key)
-    run_chunk = make_chunk_fn(steps[0], None)
+    steps = compiled_steps(StepOptions())  # fit's options by default
+    run_chunk = make_chunk_fn(steps[0], None, 1)
     compiled = run_chunk._cache_size()
     assert compiled >= 1  # the program fit used
     half, h = fit(_state(), _stream(train, 30), steps=4, chunk=4)

@@ -252,3 +252,59 @@ def test_pipelined_epochs_match_synchronous_ones(tiny_data, adam, key):
     assert obs.seen == [1, 2, 3, 4]
     assert _leaves_equal(a.params, b.params)
     assert [r["val_loss"] for r in ha] == [r["val_loss"] for r in hb]
+
+
+def test_device_data_train_alike_and_are_never_copied_to_the_host(
+    tiny_data, adam, key, monkeypatch
+):
+    """Training and validation data already on the device are checked there: no host copy
+    of them (np.asarray of a JAX array) during `fit` or `evaluate`, and the same result
+    as the same data given as NumPy arrays."""
+    d = tiny_data
+    host = dict(batch_size=20, epochs=2, val_data=(d.x_test, d.y_test))
+    ref, ref_hist = fit(
+        create_train_state(MODEL, adam, d.x_train, key), (d.x_train, d.y_train), **host
+    )
+    x, y, xv, yv = (jnp.asarray(a) for a in (d.x_train, d.y_train, d.x_test, d.y_test))
+    copied = []
+    cls = type(x)
+    original = cls.__array__
+
+    def spy(self, *args, **kwargs):
+        copied.append(self.shape)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "__array__", spy)
+    state = create_train_state(MODEL, adam, d.x_train, key)
+    got, hist = fit(state, (x, y), batch_size=20, epochs=2, val_data=(xv, yv))
+    test = evaluate(got, (xv, yv), batch_size=30)
+    big = [s for s in copied if s and s[0] in (len(d.x_train), len(d.x_test))]
+    assert not big, f"device data copied to the host: {big}"
+    monkeypatch.undo()
+    assert _leaves_equal(got.params, ref.params)
+    np.testing.assert_array_equal(hist["val_loss"], ref_hist["val_loss"])
+    assert test["loss"] == pytest.approx(evaluate(ref, (d.x_test, d.y_test))["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("x", r"features contain 2 non-finite values \(NaN or inf\), first at index \(3, 1\)"),
+        (
+            "y",
+            r"labels must lie in \[0, 3\] because the model has 4 outputs; got values in \[0, 7\]",
+        ),
+    ],
+)
+def test_device_data_get_the_same_errors(tiny_data, adam, key, where, message):
+    d = tiny_data
+    x, y = d.x_train.copy(), d.y_train.copy()
+    if where == "x":
+        x[3, 1] = np.nan
+        x[5, 0] = np.inf
+    else:
+        y[4] = 7
+    state = create_train_state(MODEL, adam, d.x_train, key)
+    for data in ((x, y), (jnp.asarray(x), jnp.asarray(y))):
+        with pytest.raises(ConfigError, match=message):
+            fit(state, data, batch_size=20, epochs=1)

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jtricks.bench.device import peak_flops
+from jtricks.bench.device import lowered_flops, peak_flops
 from jtricks.bench.problems import LR_GRIDS, OPTIMIZERS, SEEDS, SUITES, Problem, suite_problems
 from jtricks.bench.scoring import (
     default_taus,
@@ -176,15 +176,10 @@ def throughput(
     params = inst.init(key)
     opt_state = set_learning_rate(tx.init(params), jnp.float32(1e-3))
     t = time.perf_counter()
-    compiled = chunk.lower(params, opt_state, key, jnp.int32(0)).compile()
+    lowered = chunk.lower(params, opt_state, key, jnp.int32(0))
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t
-    flops = None
-    try:
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list | tuple) else cost
-        flops = float(cost["flops"]) if cost and cost.get("flops", 0) > 0 else None
-    except Exception:  # cost analysis is best effort, backend dependent
-        flops = None
+    flops = lowered_flops(lowered)
     times = []
     for _ in range(3):
         t = time.perf_counter()

@@ -189,32 +189,40 @@ class Task:
         mask = self.mask(batch)
         if mask is None:
             return
-        mask = np.asarray(mask)
+        mask = array_of(mask)
         if mask.shape != shape:
             raise self.error(
                 where,
                 self.field_name(batch, "mask"),
                 f"a mask must have the targets' shape {shape}; got shape {mask.shape}",
             )
-        if not np.isin(mask, (0, 1)).all():
+        if not bool(((mask == 0) | (mask == 1)).all()):
             raise self.error(where, self.field_name(batch, "mask"), "mask values must be 0 or 1")
 
 
-def check_finite(task: Task, where: str, field: str, values: np.ndarray) -> None:
-    """`ConfigError` naming the task and field when a float array holds NaN or inf."""
-    if np.issubdtype(values.dtype, np.floating):
-        bad = ~np.isfinite(values)
-        if bad.any():
-            first = tuple(int(i) for i in np.argwhere(bad)[0])
+def array_of(values: Any) -> Any:
+    """``values`` as an array to check: a JAX array stays on its device (the checks reduce
+    it there and only scalars reach the host: no copy of device-resident data per call);
+    anything else becomes a NumPy array."""
+    return values if isinstance(values, jax.Array) else np.asarray(values)
+
+
+def check_finite(task: Task, where: str, field: str, values: Any) -> None:
+    """`ConfigError` naming the task and field when a float array (NumPy, or JAX on its
+    device) holds NaN or inf."""
+    if jnp.issubdtype(values.dtype, jnp.floating):
+        bad = ~(jnp if isinstance(values, jax.Array) else np).isfinite(values)
+        count = int(bad.sum())
+        if count:
+            flat = int(bad.reshape(-1).argmax())
+            first = tuple(int(i) for i in np.unravel_index(flat, values.shape))
             raise task.error(
-                where,
-                field,
-                f"{int(bad.sum())} non-finite values (NaN or inf), first at index {first}",
+                where, field, f"{count} non-finite values (NaN or inf), first at index {first}"
             )
 
 
 def check_integer_labels(
-    task: Task, where: str, field: str, labels: np.ndarray, num_classes: int, outputs_what: str
+    task: Task, where: str, field: str, labels: Any, num_classes: int, outputs_what: str
 ) -> None:
     """Labels must be integers in ``[0, num_classes)``; the message says where the count came from."""
     if not np.issubdtype(labels.dtype, np.integer):

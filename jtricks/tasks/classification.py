@@ -11,7 +11,13 @@ import numpy as np
 import optax
 
 from jtricks.losses import accuracy, cross_entropy
-from jtricks.tasks.base import Task, check_finite, check_integer_labels, mean_softmax_logits
+from jtricks.tasks.base import (
+    Task,
+    array_of,
+    check_finite,
+    check_integer_labels,
+    mean_softmax_logits,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +53,7 @@ class Classification(Task):
         return mean_softmax_logits(outputs)
 
     def check(self, batch, outputs, where):
-        y = np.asarray(self.targets(batch))
+        y = array_of(self.targets(batch))
         field = self.field_name(batch, "targets")
         if len(outputs.shape) != 2:
             raise self.error(
@@ -68,8 +74,8 @@ class Classification(Task):
                 f"labels must have shape (N,) (class indices) or (N, {num_classes}) "
                 f"(distributions over the model's {num_classes} outputs); got shape {y.shape}",
             )
-        check_finite(self, where, field, y.astype(np.float64))
-        if (y < 0).any() or not np.allclose(y.sum(axis=1), 1.0, atol=1e-3):
+        check_finite(self, where, field, _as_float(y))
+        if bool((y < 0).any()) or not bool((abs(y.sum(axis=1) - 1.0) <= 1e-3 + 1e-5).all()):
             raise self.error(
                 where, field, "soft labels must be non-negative and sum to 1 over the classes"
             )
@@ -119,7 +125,7 @@ class MultiLabel(Task):
         }
 
     def check(self, batch, outputs: jax.ShapeDtypeStruct, where):
-        y = np.asarray(self.targets(batch))
+        y = array_of(self.targets(batch))
         field = self.field_name(batch, "targets")
         per_example = tuple(outputs.shape[1:])
         ok = y.shape[1:] == per_example or (per_example == (1,) and y.ndim == 1)
@@ -132,7 +138,13 @@ class MultiLabel(Task):
                 f"got {y.shape[1:]} (the model's {int(np.prod(per_example))} outputs are the "
                 "labels' logits)",
             )
-        check_finite(self, where, field, y.astype(np.float64))
-        if ((y < 0) | (y > 1)).any():
+        check_finite(self, where, field, _as_float(y))
+        if bool(((y < 0) | (y > 1)).any()):
             lo, hi = float(y.min()), float(y.max())
             raise self.error(where, field, f"targets must lie in [0, 1]; got [{lo}, {hi}]")
+
+
+def _as_float(y):
+    """Labels as floats for the finiteness check: NumPy in float64, a JAX array as it is
+    (integers are finite, floats are checked on their device)."""
+    return y if isinstance(y, jax.Array) else y.astype(np.float64)

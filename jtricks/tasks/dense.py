@@ -7,11 +7,10 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jtricks.errors import check_range
-from jtricks.tasks.base import Task, check_integer_labels, mean_softmax_logits
+from jtricks.tasks.base import Task, array_of, check_integer_labels, mean_softmax_logits
 
 
 def _positions(x: jax.Array) -> tuple[int, ...]:
@@ -38,7 +37,7 @@ class _Dense(Task):
         return mean_softmax_logits(outputs)
 
     def check(self, batch, outputs, where):
-        y = np.asarray(self.targets(batch))
+        y = array_of(self.targets(batch))
         field = self.field_name(batch, "targets")
         if tuple(outputs.shape[1:-1]) != y.shape[1:]:
             raise self.error(

@@ -8,7 +8,7 @@ from typing import ClassVar
 import jax.numpy as jnp
 import numpy as np
 
-from jtricks.tasks.base import Task, check_finite
+from jtricks.tasks.base import Task, array_of, check_finite
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +56,7 @@ class Regression(Task):
         }
 
     def check(self, batch, outputs, where):
-        t = np.asarray(self.targets(batch))
+        t = array_of(self.targets(batch))
         field = self.field_name(batch, "targets")
         per_example = tuple(outputs.shape[1:])
         if t.shape[1:] != per_example and not (per_example == (1,) and t.ndim == 1):

@@ -2,9 +2,10 @@
 
 from jtricks.training.callbacks import EarlyStopping, ReduceLROnPlateau, StopTraining
 from jtricks.training.checkpointer import Checkpointer
+from jtricks.training.epoch import make_epoch_fn
 from jtricks.training.fit import Callback, History, evaluate, fit
 from jtricks.training.state import TrainState, create_train_state
-from jtricks.training.steps import make_epoch_fn, make_eval_step, make_evaluate_fn, make_train_step
+from jtricks.training.steps import make_eval_step, make_evaluate_fn, make_train_step
 from jtricks.training.tta import evaluate_tta, tta_log_probs
 
 __all__ = [

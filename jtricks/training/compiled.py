@@ -1,48 +1,96 @@
 """The step programs `fit` and `evaluate` share, built once per task and options.
 
-Both functions are cached: every `fit` call with the same task and options reuses the
-same step functions, so JAX's own jit cache compiles each epoch or chunk program once per
-model, optimizer and shapes.
+`StepOptions` is everything the compiled programs of a run depend on besides the model,
+the optimizer and the shapes: one frozen, hashable object, the key of the caches below.
+Every `fit` call with equal options reuses the same step functions, so JAX's own jit
+cache compiles each epoch or chunk program once per model, optimizer and shapes.
+`clear_caches` forgets them all (e.g. between the studies of a long benchmark, or to
+free the memory of programs a notebook no longer needs).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
-from jtricks.errors import ConfigError
+from jtricks.errors import ConfigError, check_int
 from jtricks.tasks import Classification, LossTask, Task
-from jtricks.training.steps import make_epoch_fn, make_eval_step, make_evaluate_fn, make_train_step
+from jtricks.training import data_checks, streaming, tta
+from jtricks.training.epoch import make_epoch_fn
+from jtricks.training.steps import make_eval_step, make_evaluate_fn, make_train_step
 
 _CLASSIFICATION = Classification()
 
 
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """What a run's compiled programs depend on (besides model, optimizer and shapes).
+
+    Fields: the ``task``; ``norms`` / ``update_norm`` (the step's logged norms, see
+    `make_train_step`); ``augment`` (per-example augmentation) and ``mix`` (``(kind,
+    alpha)`` of mixup / cutmix, with the model's ``num_classes``); ``accumulate``
+    (micro-batches per update); ``precision`` (``"float32"`` or ``"bf16"``);
+    ``eval_source`` (which parameters validation evaluates); ``sharding`` (the batches'
+    data-parallel `jax.sharding.NamedSharding`, or ``None``); ``unroll`` (steps per
+    iteration of the compiled loop, `lax.scan`'s ``unroll``).
+    """
+
+    task: Task = _CLASSIFICATION
+    norms: bool = True
+    update_norm: bool = False
+    augment: Any = None
+    mix: tuple[str, float] | None = None
+    accumulate: int = 1
+    precision: str = "float32"
+    num_classes: int | None = None
+    eval_source: str = "auto"
+    sharding: Any = None
+    unroll: int = 1
+
+    def __post_init__(self) -> None:
+        check_int("accumulate", self.accumulate, low=1)
+        check_int("unroll", self.unroll, low=1)
+
+
 @functools.cache
-def compiled_steps(
-    task: Task = _CLASSIFICATION,
-    norms: bool = True,
-    update_norm: bool = False,
-    augment: Any = None,
-    mix: tuple | None = None,
-    accumulate: int = 1,
-    precision: str = "float32",
-    num_classes: int | None = None,
-):
-    """The ``(train_step, eval_step)`` pair of a task and options; cached, so the programs
+def compiled_steps(options: StepOptions = StepOptions()):
+    """The ``(train_step, eval_step)`` pair of a run's options; cached, so the programs
     compiled from them (epochs, stream chunks) are shared by every `fit` call."""
-    options = dict(norms=norms, update_norm=update_norm, augment=augment, mix=mix)
-    options["num_classes"] = num_classes
-    train_step = make_train_step(task=task, accumulate=accumulate, precision=precision, **options)
-    return train_step, make_eval_step(task=task)
+    train_step = make_train_step(
+        task=options.task,
+        norms=options.norms,
+        update_norm=options.update_norm,
+        augment=options.augment,
+        mix=options.mix,
+        num_classes=options.num_classes,
+        accumulate=options.accumulate,
+        precision=options.precision,
+    )
+    return train_step, make_eval_step(task=options.task)
 
 
 @functools.cache
-def compiled_functions(steps: tuple = (), sharding: Any = None, eval_source: str = "auto"):
-    """The jitted ``(run_epoch, evaluate)`` pair for `compiled_steps` ``(*steps)``; cached
-    so repeated `fit` calls with the same task, options, model and optimizer compile once."""
-    train_step, eval_step = compiled_steps(*steps)
-    run_epoch = make_epoch_fn(train_step, eval_step, sharding, eval_source)
+def compiled_functions(options: StepOptions = StepOptions()):
+    """The jitted ``(run_epoch, evaluate)`` pair of `compiled_steps` ``(options)``; cached
+    so repeated `fit` calls with the same options, model and optimizer compile once."""
+    train_step, eval_step = compiled_steps(options)
+    run_epoch = make_epoch_fn(
+        train_step, eval_step, options.sharding, options.eval_source, options.unroll
+    )
     return run_epoch, make_evaluate_fn(eval_step)
+
+
+def clear_caches() -> None:
+    """Forget every compiled program jtricks keeps: the step functions and epoch programs
+    of `fit` and `evaluate`, the stream chunks, the data checks' shape tracing and
+    test-time augmentation. The next call compiles again (JAX's persistent compilation
+    cache, when enabled, still serves it from disk). `jax.clear_caches` clears JAX's own
+    in-memory caches as well."""
+    compiled_steps.cache_clear()
+    compiled_functions.cache_clear()
+    for module in (streaming, data_checks, tta):
+        module.clear_caches()
 
 
 def check_options(task: Task, data: Any, augment: Any, mix: Any) -> None:
@@ -57,3 +105,6 @@ def check_options(task: Task, data: Any, augment: Any, mix: Any) -> None:
             "structure of arrays",
             param="augment",
         )
+
+
+__all__ = ["StepOptions", "clear_caches", "compiled_functions", "compiled_steps"]

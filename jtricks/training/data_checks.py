@@ -2,6 +2,10 @@
 
 Every failure is a `ConfigError` that names where the data came from ("training data",
 "validation data", ...), the entry of the batch and what is allowed.
+
+Data already on a device (JAX arrays) are checked there: the checks reduce them on the
+device and only scalars (a count, a minimum) reach the host, so a `fit` call on
+device-resident data copies none of it to the host and back.
 """
 
 from __future__ import annotations
@@ -10,17 +14,20 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jtricks.errors import ConfigError
 from jtricks.tasks import Task
+from jtricks.tasks.base import array_of
 from jtricks.training.model import apply_model
 
 
-def as_host(data: Any, where: str) -> Any:
-    """``data`` with every leaf a NumPy array, checked to share a leading example axis N >= 1."""
+def as_arrays(data: Any, where: str) -> Any:
+    """``data`` with every leaf an array (a JAX array as it is, on its device; anything else
+    as a NumPy array), checked to share a leading example axis N >= 1."""
     try:
-        data = jax.tree.map(np.asarray, data)
+        data = jax.tree.map(array_of, data)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: entries must be arrays: {e}") from None
     leaves = jax.tree_util.tree_leaves_with_path(data)
@@ -47,15 +54,16 @@ def check_inputs(task: Task, data: Any, where: str) -> None:
     """The model's inputs must be numeric and finite."""
     for path, x in jax.tree_util.tree_leaves_with_path(task.inputs(data)):
         name = f" {jax.tree_util.keystr(path)}" if path else ""
-        if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+        if not (jnp.issubdtype(x.dtype, jnp.number) or x.dtype == np.bool_):
             raise ConfigError(f"{where}: features{name} must be numeric; got dtype {x.dtype}")
-        if np.issubdtype(x.dtype, np.floating):
-            bad = ~np.isfinite(x)
-            if bad.any():
-                first = tuple(int(i) for i in np.argwhere(bad)[0])
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            bad = ~(jnp if isinstance(x, jax.Array) else np).isfinite(x)
+            count = int(bad.sum())
+            if count:
+                first = np.unravel_index(int(bad.reshape(-1).argmax()), x.shape)
                 raise ConfigError(
-                    f"{where}: features{name} contain {int(bad.sum())} non-finite values "
-                    f"(NaN or inf), first at index {first}"
+                    f"{where}: features{name} contain {count} non-finite values "
+                    f"(NaN or inf), first at index {tuple(int(i) for i in first)}"
                 )
 
 
@@ -103,8 +111,9 @@ def model_outputs(state: Any, task: Task, data: Any, where: str) -> jax.ShapeDty
 
 
 def check_data(state: Any, task: Task, data: Any, where: str) -> Any:
-    """All of the above plus the task's own checks; returns the data as NumPy arrays."""
-    data = as_host(data, where)
+    """All of the above plus the task's own checks; returns the data as arrays (JAX arrays
+    where they were, NumPy arrays for everything else)."""
+    data = as_arrays(data, where)
     check_inputs(task, data, where)
     task.check(data, model_outputs(state, task, data, where), where)
     return data
@@ -118,3 +127,8 @@ def check_like(data: Any, reference: Any, where: str) -> None:
         raise ConfigError(
             f"{where}: validation examples have shape {shapes}, training examples {expected}"
         )
+
+
+def clear_caches() -> None:
+    """Forget the traced shapes of the model-output checks."""
+    _forward.clear_cache()

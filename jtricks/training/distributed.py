@@ -86,10 +86,11 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 def global_batch_array(local: Any, mesh: Mesh) -> jax.Array:
     """The global array whose rows are every process's ``local`` rows (process order),
     sharded over the data axis. Single process: ``local`` placed on the mesh, replicated
-    (small datasets; the batch gathered from it is sharded inside the step)."""
-    local = np.asarray(local)
+    (small datasets; the batch gathered from it is sharded inside the step); a JAX array
+    is copied device to device, never through the host."""
     if jax.process_count() == 1:
         return jax.device_put(local, replicated(mesh))
+    local = np.asarray(local)
     n_local = len(jax.local_devices())
     if local.shape[0] % n_local:
         raise ConfigError(

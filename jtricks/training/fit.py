@@ -6,21 +6,27 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import numpy as np
 
 from jtricks.data.stream import is_stream
 from jtricks.errors import ConfigError, check_int
 from jtricks.tasks import Task, as_task
 from jtricks.training import compiled as programs
-from jtricks.training.compiled import compiled_steps
-from jtricks.training.data_checks import check_data, check_like
+from jtricks.training.compiled import StepOptions, compiled_steps
+from jtricks.training.data_checks import check_data
 from jtricks.training.distributed import (
     data_mesh,
     like_state,
     replicate,
 )
 from jtricks.training.history import Callback, History
-from jtricks.training.loop import array_run, first_member, record_value, run_loop, stream_run
+from jtricks.training.loop import (
+    array_run,
+    first_member,
+    prepare_validation,
+    record_value,
+    run_loop,
+    stream_run,
+)
 from jtricks.training.state import TrainState, check_eval_source, unalias
 from jtricks.training.steps import (
     LossFn,
@@ -59,10 +65,12 @@ def fit(
     data_state: Any = None,
     chunk: int | None = None,
     prefetch: int = 2,
+    unroll: int = 1,
 ) -> tuple[TrainState, History]:
     """Train ``state`` on ``train_data`` for ``epochs`` epochs or ``steps`` optimizer steps.
 
-    In-memory data (arrays): each epoch is one compiled `lax.while_loop` over
+    In-memory data (arrays): each epoch is one compiled loop of static length (a
+    `lax.scan`, so an accelerator runs it without a host round trip per step) over
     ``N // batch_size`` shuffled mini-batches (the tail batch is dropped) that are
     gathered on device; the shuffle of epoch ``e`` uses ``fold_in(data_key, e)``. With
     ``steps`` the last epoch may be partial. Training continues from ``state.step``: a
@@ -135,6 +143,9 @@ def fit(
       chunk: a stream's steps per compiled program (default
         `jtricks.training.streaming.default_chunk`).
       prefetch: chunks a stream reads and transfers ahead of use.
+      unroll: training steps per iteration of the compiled loop (`lax.scan`'s
+        ``unroll``): fewer loop iterations for a longer compilation; the results are the
+        same.
 
     Returns:
       ``(final_state, history)``.
@@ -148,7 +159,6 @@ def fit(
     member = first_member(state)
     check_eval_source(eval_params, member)
     mesh = data_mesh() if isinstance(mesh, str) and mesh == "auto" else mesh
-    accumulate = check_int("accumulate", accumulate, low=1)
     eval_batch_size = check_int("eval_batch_size", eval_batch_size, low=1)
     if (epochs is None) == (steps is None):
         raise ConfigError(
@@ -157,31 +167,26 @@ def fit(
     if data_key is None:
         data_key = jax.random.fold_in(state.key, 1)
     max_nonfinite = check_int("max_nonfinite", max_nonfinite, low=1)
-    options = dict(
-        task=task, member=member, mesh=mesh, accumulate=accumulate, augment=augment, mix=mix
-    )
-    step_kw = dict(norms=norms, update_norm=update_norm, precision=precision)
-    step_kw["eval_source"] = eval_params
+    options = StepOptions(
+        task=task, norms=norms, update_norm=update_norm, augment=augment,
+        mix=None if mix is None else (mix[0], float(mix[1])), accumulate=accumulate,
+        precision=precision, eval_source=eval_params, unroll=unroll,
+    )  # fmt: skip
+    common = dict(member=member, mesh=mesh, epochs=epochs, steps=steps, batch_size=batch_size)
     if is_stream(train_data):
         run = stream_run(
-            train_data, epochs, steps, steps_per_epoch, batch_size, data_state, chunk,
-            prefetch, int(member.step), max_nonfinite, step_kw, **options,
+            train_data, options, steps_per_epoch=steps_per_epoch, data_state=data_state,
+            chunk=chunk, prefetch=prefetch, max_nonfinite=max_nonfinite, **common,
         )  # fmt: skip
     else:
         run = array_run(
-            train_data, epochs, steps, batch_size, data_key, max_nonfinite, step_kw, **options
+            train_data, options, data_key=data_key, max_nonfinite=max_nonfinite, **common
         )
-    if val_data is not None and not is_stream(val_data):
-        val_data = jax.tree.map(np.asarray, val_data)
-        check_like(val_data, run.data, "validation data")
-        check_data(member, task, val_data, "validation data")
-        val_data = pad_batches(val_data, eval_batch_size)
-    state = unalias(state)  # each epoch donates the state: one buffer must not appear twice
-    if mesh is not None:
-        state = replicate(state, mesh)
-        if val_data is not None and not is_stream(val_data):
-            val_data = replicate(val_data, mesh)
     try:
+        val_data = prepare_validation(val_data, run, member, task, eval_batch_size, mesh)
+        state = unalias(state)  # each epoch donates the state: one buffer must not appear twice
+        if mesh is not None:
+            state = replicate(state, mesh)
         return run_loop(state, run, val_data, callbacks, reporter, max_nonfinite, keep_finite)
     finally:
         run.close()
@@ -203,12 +208,12 @@ def evaluate(
     task = as_task(task, loss_fn)
     check_eval_source(params, first_member(state))
     if is_stream(data):
-        metrics = evaluate_stream(compiled_steps(task)[1], state, data, params)
+        metrics = evaluate_stream(compiled_steps(StepOptions(task=task))[1], state, data, params)
         loss = float(metrics.pop("loss"))
         return {"loss": loss, **{k: record_value(k, v) for k, v in metrics.items()}}
     data = check_data(first_member(state), task, data, "evaluation data")
     batch_size = check_int("batch_size", batch_size, low=1)
-    _, evaluate_fn = programs.compiled_functions((task,))
+    _, evaluate_fn = programs.compiled_functions(StepOptions(task=task))
     batches = like_state(pad_batches(data, batch_size), state.params)
     metrics = jax.device_get(evaluate_fn(state, *batches, params))
     loss = float(metrics.pop("loss"))

@@ -3,6 +3,7 @@ dispatches them, records, runs callbacks and watches for divergence."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -11,25 +12,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtricks.data.stream import stream_length
+from jtricks.data.stream import is_stream, stream_length
 from jtricks.errors import ConfigError, check_int
 from jtricks.training import compiled as programs
 from jtricks.training.callbacks import StopTraining
-from jtricks.training.compiled import check_options, compiled_steps
-from jtricks.training.data_checks import check_data, model_outputs
+from jtricks.training.compiled import StepOptions, check_options, compiled_steps
+from jtricks.training.data_checks import as_arrays, check_data, check_like, model_outputs
 from jtricks.training.distributed import (
     batch_sharding,
     check_batch,
     global_batch_array,
     replicate,
 )
+from jtricks.training.epoch import program_length
 from jtricks.training.history import History
 from jtricks.training.state import TrainState
 from jtricks.training.state import device_copy as _device_copy
-from jtricks.training.steps import (
-    is_ensemble,
-    num_examples,
-)
+from jtricks.training.steps import is_ensemble, num_examples, pad_batches
 from jtricks.training.streaming import (
     Feeder,
     StreamEpochs,
@@ -53,29 +52,23 @@ class Run:
     close: Any = lambda: None
 
 
-def step_options(task, member, mesh, augment, mix, accumulate, data, step_kw) -> tuple:
-    """``(steps, sharding, eval_source)``: the arguments of `compiled_steps` for the run's
-    options (mixup needs the model's class count), the batches' sharding and the
-    evaluation parameters."""
+def complete_options(options: StepOptions, member, mesh, data) -> StepOptions:
+    """The run's options with what depends on the model and the mesh: the model's class
+    count (mixup needs it for its soft labels) and the batches' sharding."""
     num_classes = None
-    if mix is not None:
-        num_classes = model_outputs(member, task, data, "training data").shape[-1]
-        mix = (mix[0], float(mix[1]))
-    steps = (
-        task, step_kw["norms"], step_kw["update_norm"], augment, mix, accumulate,
-        step_kw["precision"], num_classes,
-    )  # fmt: skip
+    if options.mix is not None:
+        num_classes = model_outputs(member, options.task, data, "training data").shape[-1]
     sharding = None if mesh is None else batch_sharding(mesh)
-    return steps, sharding, step_kw["eval_source"]
+    return dataclasses.replace(options, num_classes=num_classes, sharding=sharding)
 
 
 def array_run(
-    train_data, epochs, steps, batch_size, data_key, max_nonfinite, step_kw, *,
-    task, member, mesh, accumulate, augment, mix,
+    train_data, options: StepOptions, *, member, mesh, epochs, steps, batch_size, data_key,
+    max_nonfinite,
 ) -> Run:  # fmt: skip
     """The in-memory path: the data on device, one compiled program per epoch."""
-    data = check_data(member, task, train_data, "training data")
-    check_options(task, data, augment, mix)
+    data = check_data(member, options.task, train_data, "training data")
+    check_options(options.task, data, options.augment, options.mix)
     if mesh is not None:
         data_dev = jax.tree.map(lambda a: global_batch_array(a, mesh), data)
     else:
@@ -84,6 +77,7 @@ def array_run(
     if batch_size is None:
         raise ConfigError("batch_size is required for in-memory training data", param="batch_size")
     batch_size = check_int("batch_size", batch_size, low=1)
+    accumulate = options.accumulate
     if batch_size * accumulate > n:
         raise ConfigError(
             f"batch_size * accumulate must be <= {n} (the training examples); "
@@ -94,11 +88,9 @@ def array_run(
     batch_size *= accumulate  # examples per optimizer update; the step cuts it into micro-batches
     steps_per_epoch = n // batch_size
     total = _total_steps(epochs, steps, steps_per_epoch)
-    steps_key, sharding, eval_source = step_options(
-        task, member, mesh, augment, mix, accumulate, data, step_kw
-    )
-    run_epoch, _ = programs.compiled_functions(steps_key, sharding, eval_source)
-    eval_step = compiled_steps(*steps_key)[1]
+    options = complete_options(options, member, mesh, data)
+    run_epoch, _ = programs.compiled_functions(options)
+    eval_step = compiled_steps(options)[1]
     if mesh is not None:
         data_key = replicate(data_key, mesh)
 
@@ -113,9 +105,10 @@ def array_run(
             streak,
             np.int32(max_nonfinite),
             num_steps=np.int32(num_steps),
+            length=program_length(num_steps, steps_per_epoch),
             batch_size=batch_size,
         )
-        add_stream_validation(metrics, eval_step, state, val, eval_source)
+        add_stream_validation(metrics, eval_step, state, val, options.eval_source)
         return state, metrics
 
     return Run(steps_per_epoch, total, data, epoch)
@@ -128,8 +121,8 @@ def _total_steps(epochs, steps, steps_per_epoch) -> int:
 
 
 def stream_run(
-    stream, epochs, steps, steps_per_epoch, batch_size, data_state, chunk, prefetch,
-    start_step, max_nonfinite, step_kw, *, task, member, mesh, accumulate, augment, mix,
+    stream, options: StepOptions, *, member, mesh, epochs, steps, steps_per_epoch,
+    batch_size, data_state, chunk, prefetch, max_nonfinite,
 ) -> Run:  # fmt: skip
     """The streaming path (`jtricks.training.streaming`): host batches fed to chunks."""
     if steps_per_epoch is None:
@@ -142,24 +135,23 @@ def stream_run(
         )
     steps_per_epoch = check_int("steps_per_epoch", steps_per_epoch or steps, low=1)
     total = _total_steps(epochs, steps, steps_per_epoch)
+    start_step = int(member.step)
     feeder = Feeder(stream, depth=check_int("prefetch", prefetch, low=1), state=data_state)
     try:
         first = jax.tree.map(np.asarray, feeder.first)
-        data = check_data(member, task, first, "the training stream's first batch")
-        check_options(task, data, augment, mix)
-        _check_stream_batch(num_examples(data) * jax.process_count(), batch_size, accumulate)
-        check_batch(num_examples(data) // accumulate, mesh)
+        data = check_data(member, options.task, first, "the training stream's first batch")
+        check_options(options.task, data, options.augment, options.mix)
+        _check_stream_batch(num_examples(data) * jax.process_count(), batch_size, options)
+        check_batch(num_examples(data) // options.accumulate, mesh)
         k = default_chunk(first, steps_per_epoch) if chunk is None else chunk
         k = check_int("chunk", k, low=1)
-        steps_key, sharding, eval_source = step_options(
-            task, member, mesh, augment, mix, accumulate, data, step_kw
-        )
+        options = complete_options(options, member, mesh, data)
     except BaseException:
         feeder.close()
         raise
     feeder.start(chunk_plan(start_step, steps_per_epoch, total, k), k, chunk_sharding(mesh))
-    train_step, eval_step = compiled_steps(*steps_key)
-    epochs_fn = StreamEpochs(feeder, train_step, eval_step, sharding, eval_source)
+    train_step, eval_step = compiled_steps(options)
+    epochs_fn = StreamEpochs(feeder, train_step, eval_step, options)
 
     def epoch(state, epoch, offset, num_steps, streak, val):
         return epochs_fn(state, num_steps, streak, np.int32(max_nonfinite), val)
@@ -167,7 +159,21 @@ def stream_run(
     return Run(steps_per_epoch, total, data, epoch, close=feeder.close)
 
 
-def _check_stream_batch(n: int, batch_size: int | None, accumulate: int) -> None:
+def prepare_validation(val_data: Any, run: Run, member, task, eval_batch_size: int, mesh) -> Any:
+    """Validation data as the epochs take it: a stream as it is; arrays checked against
+    the model and the training data, cut into padded batches (`pad_batches`) and, with a
+    mesh, replicated on it."""
+    if val_data is None or is_stream(val_data):
+        return val_data
+    val_data = as_arrays(val_data, "validation data")
+    check_like(val_data, run.data, "validation data")
+    check_data(member, task, val_data, "validation data")
+    val_data = pad_batches(val_data, check_int("eval_batch_size", eval_batch_size, low=1))
+    return val_data if mesh is None else replicate(val_data, mesh)
+
+
+def _check_stream_batch(n: int, batch_size: int | None, options: StepOptions) -> None:
+    accumulate = options.accumulate
     if batch_size is not None and check_int("batch_size", batch_size, low=1) != n:
         raise ConfigError(
             f"batch_size={batch_size} but the training stream's batches hold {n} examples",
@@ -209,23 +215,22 @@ def run_loop(
         num_steps = min(steps_per_epoch - offset, total_steps - done)
         keeper.starting(state)
         state, metrics = run.epoch(state, epoch, offset, num_steps, streak, val)
-        return state, (metrics, epoch, step, num_steps, done, keeper.take_start())
+        return state, Dispatched(metrics, epoch, step, num_steps, done, keeper.take_start())
 
     try:
         t_last = time.perf_counter()
         state, pending = dispatch(state, 0, np.int32(0))
         while pending is not None:
             upcoming = None
-            if pipelined and pending[4] + pending[3] < total_steps:
-                state, upcoming = dispatch(state, pending[4] + pending[3], pending[0]["streak"])
-            metrics, epoch, step, _, done_before, start = pending
-            keeper.started(start)
-            if metrics is None:  # a one-shot stream ran out at an epoch's start
-                history.stopped = _ran_out(history, start_step + done_before)
+            if pipelined and pending.done_after < total_steps:
+                state, upcoming = dispatch(state, pending.done_after, pending.metrics["streak"])
+            keeper.started(pending.start)
+            if pending.metrics is None:  # a one-shot stream ran out at an epoch's start
+                history.stopped = _ran_out(history, pending.step)
                 break
-            record, streak, done, ended = _record(metrics, epoch, step, done_before)
+            record, streak, done, ended = _record(pending)
             now = time.perf_counter()
-            record["steps_per_s"] = (record["step"] - step) / (now - t_last)
+            record["steps_per_s"] = (record["step"] - pending.step) / (now - t_last)
             record["elapsed_s"] = now - t0
             t_last = now
             history.records.append(record)
@@ -234,11 +239,11 @@ def run_loop(
             if "train_nonfinite" in record and streak >= max_nonfinite:
                 state = _diverged(history, record, keeper, state, streak, record["step"])
                 if upcoming is not None:  # the epoch already in flight is discarded
-                    jax.block_until_ready(upcoming[0])
+                    jax.block_until_ready(upcoming.metrics)
                 for cb in callbacks:  # logs see the stopping epoch; the state is the kept one
                     cb.on_epoch_end(record, None if pipelined else state)
                 break
-            keeper.epoch_end(record, upcoming[5] if upcoming is not None else None)
+            keeper.epoch_end(record, upcoming.start if upcoming is not None else None)
             state, stop = _run_callbacks(callbacks, record, state, history, pipelined)
             if ended and not stop:
                 history.stopped = record["stopped"] = _ran_out(history, record["step"])
@@ -266,9 +271,28 @@ def _ran_out(history: History, step: int) -> str:
     return f"the training stream ran out at step {step}"
 
 
-def _record(metrics, epoch: int, step: int, done_before: int):
+@dataclass
+class Dispatched:
+    """An epoch in flight: its ``metrics`` (device arrays until read), its ``epoch``, the
+    global ``step`` it starts at, its ``num_steps``, the steps of this call ``done``
+    before it, and the ``start`` state kept for divergence (`_FiniteKeeper`)."""
+
+    metrics: Any
+    epoch: int
+    step: int
+    num_steps: int
+    done: int
+    start: TrainState | None
+
+    @property
+    def done_after(self) -> int:
+        return self.done + self.num_steps
+
+
+def _record(pending: Dispatched):
     """An epoch's record from its metrics; also the streak, the steps done in the call and
     whether the stream ran out."""
+    metrics, epoch, step = pending.metrics, pending.epoch, pending.step
     data_state = metrics.pop("data_state", None)
     ended = bool(metrics.pop("ended", False))
     metrics = jax.device_get(metrics)
@@ -286,7 +310,7 @@ def _record(metrics, epoch: int, step: int, done_before: int):
         record["train_nonfinite"] = int(flags)
     if data_state is not None:
         record["data_state"] = data_state
-    return record, streak, done_before + steps_done, ended
+    return record, streak, pending.done + steps_done, ended
 
 
 def _run_callbacks(callbacks, record, state, history, pipelined):

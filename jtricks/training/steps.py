@@ -1,4 +1,4 @@
-"""Pure train and eval steps over any batch pytree, and a whole epoch as one compiled loop."""
+"""Pure train and eval steps over any batch pytree (the epoch loop is `jtricks.training.epoch`)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,12 @@ import numpy as np
 import optax
 
 from jtricks.data.augment import augment_jointly, mix_batch
-from jtricks.data.batching import epoch_indices
 from jtricks.errors import ConfigError, check_int
 from jtricks.optim import contract
-from jtricks.optim.fused import is_fused
 from jtricks.optim.pipeline import current_learning_rate
 from jtricks.tasks import Task, as_task, batch_sums, finalize, train_metrics
+from jtricks.tasks.base import array_of
 from jtricks.training import gradients as grad_lib
-from jtricks.training.fused_state import flat_train_state, tree_train_state
 from jtricks.training.gradients import Batch, cast_floats, num_examples
 from jtricks.training.model import apply_model
 from jtricks.training.state import TrainState
@@ -44,7 +42,7 @@ def make_train_step(
     accumulate: int = 1,
     precision: str = "float32",
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """Build ``train_step(state, batch) -> (state, metrics)`` for any batch pytree.
+    """Build ``train_step(state, batch, active=True) -> (state, metrics)`` for any batch pytree.
 
     One step: the model reads ``task.inputs(batch)`` in training mode with dropout key
     ``fold_in(state.key, state.step)``; the objective is the task's weighted mean loss
@@ -73,6 +71,11 @@ def make_train_step(
         non-finite gradient; this guard also keeps the BatchNorm statistics, refuses
         updates that overflow the parameters, and reports each skip to the compiled
         epoch, which stops on a streak.
+
+    ``active`` (a traced boolean) masks the step: when false the state comes back as it
+    was (step count included), through the same select as the non-finite guard, so the
+    compiled epoch's static-length loop (`jtricks.training.epoch.run_steps`) masks the
+    steps past its count at no cost to the others.
       augment: per-example augmentation ``(key, x) -> x`` (`jtricks.data.augment`) of the
         model's input, applied to every training batch with keys from
         ``fold_in(fold_in(state.key, step), 1)``; evaluation never sees it.
@@ -100,7 +103,9 @@ def make_train_step(
     forward = partial(grad_lib.forward, task, PRECISIONS[precision])
     gradients = partial(grad_lib.gradients, forward, task, accumulate)
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    def train_step(
+        state: TrainState, batch: Batch, active: Any = True
+    ) -> tuple[TrainState, Metrics]:
         dropout_key = jax.random.fold_in(state.key, state.step)
         if augment is not None or mix is not None:
             key = jax.random.fold_in(dropout_key, 1)
@@ -115,25 +120,38 @@ def make_train_step(
         )
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, **train_metrics(task, outputs, batch)}
+        keep = active  # one select keeps the old state: skipped, masked, or both
         if skip_nonfinite:
             finite = _finite(loss, grads, params)
-            params, opt_state, batch_stats = jax.tree.map(
-                lambda a, b: jnp.where(finite, a, b),
-                (params, opt_state, batch_stats),
-                (state.params, state.opt_state, state.batch_stats),
-            )
+            keep = finite & active
             metrics["nonfinite"] = (~finite).astype(jnp.int32)
+        if skip_nonfinite or active is not True:
+            params, opt_state, batch_stats = _select(
+                keep, (params, opt_state, batch_stats),
+                (state.params, state.opt_state, state.batch_stats),
+            )  # fmt: skip
         metrics.update(_norms(opt_state, grads, updates, params, norms, update_norm))
         new_state = state.replace(
-            step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats
+            step=state.step + jnp.asarray(active, jnp.int32),
+            params=params,
+            opt_state=opt_state,
+            batch_stats=batch_stats,
         )
         if state.ema_params is not None:  # Polyak averaging (kept when the step was skipped)
-            new_state = new_state.replace(
-                ema_params=optax.incremental_update(params, state.ema_params, 1.0 - state.ema_decay)
-            )
+            ema = optax.incremental_update(params, state.ema_params, 1.0 - state.ema_decay)
+            new_state = new_state.replace(ema_params=_select(active, ema, state.ema_params))
         return new_state, metrics
 
+    train_step.takes_active = True  # the compiled epoch masks steps through ``active``
     return train_step
+
+
+def _select(keep: Any, new: Any, old: Any) -> Any:
+    """``new`` where ``keep`` (a boolean scalar), else ``old``, leaf by leaf; ``new`` itself
+    when ``keep`` is the literal ``True``."""
+    if keep is True:
+        return new
+    return jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, old)
 
 
 def _finite(loss: jax.Array, grads: Any, params: Any) -> jax.Array:
@@ -273,167 +291,6 @@ def evaluate_batches(
     return eval_step.metrics(sums)
 
 
-def make_epoch_fn(
-    train_step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]],
-    eval_step: EvalStep | None = None,
-    sharding: Any = None,
-    eval_source: str = "auto",
-):
-    """Compile ``run_epoch(state, data, data_key, epoch, offset, val, streak, max_streak, *,
-    num_steps, batch_size) -> (state, metrics)``: one program per epoch, training and
-    validation together.
-
-    ``data`` is the training set as a pytree of device arrays with a common leading axis
-    N. The epoch's batches are ``epoch_indices(fold_in(data_key, epoch), N, batch_size,
-    N // batch_size)``; the call runs ``num_steps`` of them starting at batch ``offset``
-    (both traced, so a short last epoch or resuming mid-epoch does not recompile) in a
-    `lax.while_loop` (`run_steps`) whose every iteration gathers its batch from the device-resident data.
-    Returned metrics are the epoch means of the step metrics, ``param_norm`` at the end of
-    the epoch and, when ``val`` (``(batches, weights)`` from `pad_batches`) is given and
-    ``eval_step`` was supplied, ``val_<metric>`` for each of the task's metrics on the
-    parameters ``state.evaluation_state(eval_source)`` (and ``val_ema_<metric>`` on the EMA
-    parameters when the state keeps them and ``eval_source`` is not ``"ema"``). With a
-    `jtricks.optim.fused` optimizer the parameters are `Flat` inside the epoch (one buffer
-    per dtype group) and trees outside it. The state is donated, so its buffers are
-    reused in place. One dispatch and one host transfer per epoch. With ``sharding``
-    (a `jax.sharding.NamedSharding` over a data axis) every batch is constrained to it, so
-    the step runs data-parallel under GSPMD.
-
-    Divergence: ``streak`` is the number of consecutive skipped (non-finite) steps before
-    the epoch; the loop stops as soon as it reaches ``max_streak``, so the returned state,
-    its step count and ``steps_done`` agree with where training stopped. Metrics also
-    hold ``steps_done``, the final ``streak`` (a device array the next epoch can take
-    without a host round trip), ``first_loss``, the loss of the epoch's first step, and
-    ``nonfinite``, the number of skipped steps (summed over members).
-
-    Stacked states (an ensemble, `is_ensemble`) run the same program with the step
-    vmapped over members (each its own initialisation, dropout keys and optimizer
-    state; all the same batches); step metrics then have a member axis and validation
-    reports the ensemble's prediction and every member's (`EnsembleEvalStep`).
-    """
-
-    ensemble_step = jax.vmap(train_step, in_axes=(0, None))
-
-    @partial(jax.jit, static_argnames=("batch_size",), donate_argnums=0)
-    def run_epoch(
-        state,
-        data,
-        data_key,
-        epoch,
-        offset,
-        val=None,
-        streak=0,
-        max_streak=2**31 - 1,
-        *,
-        num_steps,
-        batch_size: int,
-    ):
-        key = jax.random.fold_in(data_key, epoch)
-        n = num_examples(data)
-        idx = epoch_indices(key, n, batch_size, n // batch_size)
-
-        def step_at(state, j):
-            batch = jax.tree.map(lambda a: a[idx[offset + j]], data)
-            return dispatch_step(train_step, ensemble_step, sharding, state, batch)
-
-        # the step count is traced, so a short last epoch (or a resumed one) reuses the
-        # program; a streak of ``max_streak`` skipped steps ends the epoch at once
-        acc = init_accumulator(step_metric_shapes(step_at, state), streak)
-        state, acc = run_steps(step_at, state, acc, num_steps, max_streak)
-        return state, epoch_metrics(state, acc, val, eval_step, eval_source)
-
-    return run_epoch
-
-
-def dispatch_step(train_step, ensemble_step, sharding, state, batch):
-    """One training step on ``batch``: data-parallel when ``sharding`` is given
-    (each device takes its slice), vmapped over members for stacked states (every member
-    takes the same batch)."""
-    if sharding is not None:
-        batch = jax.lax.with_sharding_constraint(batch, sharding)
-    return (ensemble_step if is_ensemble(state) else train_step)(state, batch)
-
-
-def init_accumulator(shapes: Metrics, streak: Any = 0) -> dict[str, Any]:
-    """Zeroed epoch accumulator for step metrics of ``shapes``: the metric ``sums``, the
-    ``nonfinite`` count, the skipped-step ``streak`` carried in, ``done`` steps and the
-    epoch's ``first_loss``."""
-    sums = {k: jnp.zeros(v.shape, jnp.float32) for k, v in shapes.items() if k != "nonfinite"}
-    acc = {
-        "sums": sums,
-        "streak": jnp.asarray(streak, jnp.int32),
-        "done": jnp.int32(0),
-        "first_loss": jnp.zeros(shapes["loss"].shape, jnp.float32),
-    }
-    if "nonfinite" in shapes:
-        acc["nonfinite"] = jnp.int32(0)
-    return acc
-
-
-def step_metric_shapes(step_at, state) -> Metrics:
-    """The shapes of one step's metrics, ``step_at(state, 0)`` traced abstractly (on flat
-    parameters for a `jtricks.optim.fused` optimizer, as `run_steps` runs it)."""
-    if is_fused(state.opt_state):
-        per_member = jax.vmap if is_ensemble(state) else (lambda f: f)
-        return jax.eval_shape(lambda s: step_at(per_member(flat_train_state)(s), 0)[1], state)
-    return jax.eval_shape(step_at, state, 0)[1]
-
-
-def run_steps(step_at, state, acc, num_steps, max_streak):
-    """``step_at(state, j)`` for ``j = 0 .. num_steps - 1`` in one `lax.while_loop`, adding
-    each step's metrics into ``acc`` (`init_accumulator`); stops early once ``max_streak``
-    consecutive steps were skipped as non-finite (in any member). A `jtricks.optim.fused`
-    optimizer sees flat parameters inside the loop, one copy each way."""
-    per_member = jax.vmap if is_ensemble(state) else (lambda f: f)
-    fused = is_fused(state.opt_state)
-    if fused:
-        state = per_member(flat_train_state)(state)
-
-    def cond(carry):
-        j, _, acc = carry
-        return (j < num_steps) & (acc["streak"] < max_streak)
-
-    def body(carry):
-        j, state, acc = carry
-        state, m = step_at(state, j)
-        flag = m.pop("nonfinite", None)
-        acc = dict(acc)
-        first = acc["done"] == 0
-        acc["first_loss"] = jnp.where(first, m["loss"].astype(jnp.float32), acc["first_loss"])
-        acc["sums"] = jax.tree.map(lambda s, v: s + v.astype(jnp.float32), acc["sums"], m)
-        if flag is not None:
-            acc["nonfinite"] = acc["nonfinite"] + jnp.sum(flag)
-            acc["streak"] = jnp.where(jnp.any(flag > 0), acc["streak"] + 1, 0)
-        acc["done"] = acc["done"] + 1
-        return j + 1, state, acc
-
-    _, state, acc = jax.lax.while_loop(cond, body, (jnp.int32(0), state, acc))
-    if fused:
-        state = per_member(tree_train_state)(state)
-    return state, acc
-
-
-def epoch_metrics(state, acc, val, eval_step, eval_source) -> Metrics:
-    """An epoch's metrics from its accumulator: the means of the step metrics,
-    ``steps_done``, ``streak``, ``first_loss``, the ``nonfinite`` count, ``param_norm`` at
-    the end, and ``val_<metric>`` (and ``val_ema_<metric>``) when ``val`` is given."""
-    per_member = jax.vmap if is_ensemble(state) else (lambda f: f)
-    done = acc["done"]
-    metrics = {k: v / done for k, v in acc["sums"].items()}
-    metrics.update(steps_done=done, streak=acc["streak"], first_loss=acc["first_loss"])
-    if "nonfinite" in acc:
-        metrics["nonfinite"] = acc["nonfinite"]
-    if "param_norm" not in metrics:  # once, at the end of the epoch
-        metrics["param_norm"] = per_member(optax.tree.norm)(state.params)
-    if val is not None and eval_step is not None:
-        main = evaluate_batches(eval_step, state, *val, eval_source)
-        metrics.update({f"val_{k}": v for k, v in main.items()})
-        if state.ema_params is not None and eval_source != "ema":
-            ema = evaluate_batches(eval_step, state, *val, "ema")
-            metrics.update({f"val_ema_{k}": v for k, v in ema.items()})
-    return metrics
-
-
 def make_evaluate_fn(eval_step: EvalStep):
     """Compile ``evaluate(state, batches, wb) -> metrics`` over pre-batched, padded data
     ``(B, batch, ...)`` with weights ``wb`` (1 real, 0 padding), from `pad_batches`;
@@ -444,16 +301,17 @@ def make_evaluate_fn(eval_step: EvalStep):
 def pad_batches(data: Batch, batch_size: int) -> tuple[Batch, jax.Array]:
     """Cut a data pytree (leading axis N) into ``ceil(N / batch_size)`` batches, zero-padding
     the last; also return the 0/1 weights that mark real examples. Leaves get shape
-    ``(B, batch_size, ...)``, weights ``(B, batch_size)``. Padded on the host, so no small
-    programs are compiled."""
-    data = jax.tree.map(np.asarray, data)
+    ``(B, batch_size, ...)``, weights ``(B, batch_size)``. Host data are padded on the host
+    (no small programs compiled); JAX arrays on their device (never copied to the host)."""
+    data = jax.tree.map(array_of, data)
     n = num_examples(data)
     bs = min(batch_size, n)
     nb = -(-n // bs)
     pad = nb * bs - n
 
-    def cut(a: np.ndarray) -> jax.Array:
-        a = np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)])
+    def cut(a: Any) -> jax.Array:
+        xp = jnp if isinstance(a, jax.Array) else np
+        a = xp.concatenate([a, xp.zeros((pad, *a.shape[1:]), a.dtype)])
         return jnp.asarray(a.reshape(nb, bs, *a.shape[1:]))
 
     w = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])

@@ -9,7 +9,7 @@
   ``depth`` chunks ahead, so the device never waits for the host while the host is
   fast enough;
 * one compiled program runs a chunk's K steps (`make_chunk_fn`: the same step and
-  `lax.while_loop` as the in-memory epoch, so a stream of the same batches gives
+  static-length `lax.scan` as the in-memory epoch, a short chunk masked, so a stream of the same batches gives
   bit-identical parameters), and a second one ends the epoch (`epoch_metrics`);
 * after each chunk the feeder records the iterator's state (`data_state`) after the
   chunk's last batch, so an epoch's record says where the next batch comes from,
@@ -37,14 +37,15 @@ from jax.sharding import PartitionSpec as P
 from jtricks.data.stream import data_state, restore_iterator
 from jtricks.errors import StreamError
 from jtricks.training.distributed import AXIS
-from jtricks.training.steps import (
+from jtricks.training.epoch import (
     dispatch_step,
     epoch_metrics,
-    evaluation_step,
     init_accumulator,
+    masked_step,
     run_steps,
     step_metric_shapes,
 )
+from jtricks.training.steps import evaluation_step
 
 CHUNK_BYTES = 64 * 2**20
 """The default chunk holds at most this many bytes of batches (and at most `MAX_CHUNK`)."""
@@ -222,20 +223,23 @@ def _why(e: BaseException) -> str:
 
 
 @functools.cache
-def make_chunk_fn(train_step, sharding: Any = None):
+def make_chunk_fn(train_step, sharding: Any = None, unroll: int = 1):
     """Compile ``run_chunk(state, acc, chunk, num_steps, max_streak) -> (state, acc)``:
     the first ``num_steps`` batches of ``chunk`` (leaves ``(K, B, ...)``), one step each,
-    accumulated into ``acc`` (`jtricks.training.steps.init_accumulator`) exactly as the
-    in-memory epoch does; the state is donated."""
-    ensemble_step = jax.vmap(train_step, in_axes=(0, None))
+    accumulated into ``acc`` (`jtricks.training.epoch.init_accumulator`) exactly as the
+    in-memory epoch does, in a loop of the static length K (a shorter chunk is padded
+    and its extra steps masked); the state is donated."""
+    train_step = masked_step(train_step)
+    ensemble_step = jax.vmap(train_step, in_axes=(0, None, None))
 
     @partial(jax.jit, donate_argnums=0)
     def run_chunk(state, acc, chunk, num_steps, max_streak):
-        def step_at(state, j):
+        def step_at(state, j, active=True):
             batch = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, j, 0, False), chunk)
-            return dispatch_step(train_step, ensemble_step, sharding, state, batch)
+            return dispatch_step(train_step, ensemble_step, sharding, state, batch, active)
 
-        return run_steps(step_at, state, acc, num_steps, max_streak)
+        length = jax.tree.leaves(chunk)[0].shape[0]
+        return run_steps(step_at, state, acc, num_steps, max_streak, length, unroll)
 
     return run_chunk
 
@@ -248,23 +252,26 @@ def chunk_sharding(mesh: Any) -> NamedSharding | None:
 class StreamEpochs:
     """Runs `fit`'s epochs on a `Feeder`: ``(state, num_steps, streak, max_streak, val) ->
     (state, metrics)`` with the in-memory epoch's metrics plus ``data_state`` (the
-    iterator's state after the epoch's last batch) and ``ended`` (the stream ran out)."""
+    iterator's state after the epoch's last batch) and ``ended`` (the stream ran out).
+    ``options`` is the run's `jtricks.training.compiled.StepOptions` (its sharding,
+    evaluation parameters and unroll)."""
 
-    def __init__(self, feeder: Feeder, train_step, eval_step, sharding, eval_source):
+    def __init__(self, feeder: Feeder, train_step, eval_step, options):
         self.feeder = feeder
-        self.run_chunk = make_chunk_fn(train_step, sharding)
-        self.finish = _finish_fn(eval_step, eval_source)
-        self.eval_step, self.eval_source = eval_step, eval_source
-        self.train_step, self.sharding = train_step, sharding
+        self.run_chunk = make_chunk_fn(train_step, options.sharding, options.unroll)
+        self.finish = _finish_fn(eval_step, options.eval_source)
+        self.eval_step, self.eval_source = eval_step, options.eval_source
+        self.train_step, self.sharding = train_step, options.sharding
         self.state_after: Any = None
         self.shapes: Any = None
 
     def _shapes(self, state, chunk):
-        ensemble_step = jax.vmap(self.train_step, in_axes=(0, None))
+        train_step = masked_step(self.train_step)
+        ensemble_step = jax.vmap(train_step, in_axes=(0, None, None))
 
         def step_at(state, j):
             batch = jax.tree.map(lambda a: a[j], chunk)
-            return dispatch_step(self.train_step, ensemble_step, self.sharding, state, batch)
+            return dispatch_step(train_step, ensemble_step, self.sharding, state, batch)
 
         return step_metric_shapes(step_at, state)
 
@@ -326,6 +333,13 @@ def _sums_fn(eval_step, source: str):
         return step(state, batch, weight)
 
     return jax.jit(sums)
+
+
+def clear_caches() -> None:
+    """Forget the compiled chunk, accumulator, epoch-end and evaluation programs."""
+    for cache in (make_chunk_fn, _finish_fn, _sums_fn):
+        cache.cache_clear()
+    _ZEROS.clear()
 
 
 def is_val_stream(val: Any) -> bool:

@@ -153,3 +153,8 @@ def tta_log_probs(
     data = (x, np.zeros(len(x), np.int32))
     _, logp = _run(state, data, augment, views, key, Classification(), batch_size, params)
     return np.asarray(logp)[: len(x)]
+
+
+def clear_caches() -> None:
+    """Forget the compiled test-time-augmentation programs."""
+    _compiled.cache_clear()

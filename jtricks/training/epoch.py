@@ -1,0 +1,239 @@
+"""A whole epoch (or a stream's chunk) of training steps as one compiled loop of static length.
+
+The loop is a `lax.scan` whose trip count XLA knows (``known_trip_count`` in the compiled
+HLO): on an accelerator the device runs every step of it without a host round trip,
+where a `lax.while_loop` with a traced bound must copy its predicate to the host after
+each iteration. Steps past the call's count, or after a streak of non-finite steps, are
+masked instead of skipped (`run_steps`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jtricks.data.batching import epoch_indices
+from jtricks.optim.fused import is_fused
+from jtricks.training.fused_state import flat_train_state, tree_train_state
+from jtricks.training.gradients import Batch, num_examples
+from jtricks.training.state import TrainState
+from jtricks.training.steps import EvalStep, Metrics, evaluate_batches, is_ensemble
+
+
+def make_epoch_fn(
+    train_step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]],
+    eval_step: EvalStep | None = None,
+    sharding: Any = None,
+    eval_source: str = "auto",
+    unroll: int = 1,
+):
+    """Compile ``run_epoch(state, data, data_key, epoch, offset, val, streak, max_streak, *,
+    num_steps, length, batch_size) -> (state, metrics)``: one program per epoch, training
+    and validation together.
+
+    ``data`` is the training set as a pytree of device arrays with a common leading axis
+    N. The epoch's batches are ``epoch_indices(fold_in(data_key, epoch), N, batch_size,
+    N // batch_size)``; the call runs ``num_steps`` of them starting at batch ``offset``
+    (both traced) in a `lax.scan` of static ``length >= num_steps`` steps (`run_steps`),
+    whose every iteration gathers its batch from the device-resident data. The loop's trip
+    count is static, so XLA knows it (``known_trip_count``) and an accelerator runs the
+    whole epoch without asking the host after each step; steps past ``num_steps`` are
+    masked (they leave the state as it is). `fit` uses ``length = N // batch_size`` for
+    every epoch longer than half an epoch, so a short last epoch or a resumed one reuses
+    the full epoch's program (`program_length`).
+    Returned metrics are the epoch means of the step metrics, ``param_norm`` at the end of
+    the epoch and, when ``val`` (``(batches, weights)`` from `pad_batches`) is given and
+    ``eval_step`` was supplied, ``val_<metric>`` for each of the task's metrics on the
+    parameters ``state.evaluation_state(eval_source)`` (and ``val_ema_<metric>`` on the EMA
+    parameters when the state keeps them and ``eval_source`` is not ``"ema"``). With a
+    `jtricks.optim.fused` optimizer the parameters are `Flat` inside the epoch (one buffer
+    per dtype group) and trees outside it. The state is donated, so its buffers are
+    reused in place. One dispatch and one host transfer per epoch. With ``sharding``
+    (a `jax.sharding.NamedSharding` over a data axis) every batch is constrained to it, so
+    the step runs data-parallel under GSPMD. ``unroll`` is `lax.scan`'s: steps per loop
+    iteration.
+
+    Divergence: ``streak`` is the number of consecutive skipped (non-finite) steps before
+    the epoch; once it reaches ``max_streak`` every later step of the epoch is masked, so
+    the returned state, its step count and ``steps_done`` agree with where training
+    stopped. Metrics also hold ``steps_done``, the final ``streak`` (a device array the
+    next epoch can take without a host round trip), ``first_loss``, the loss of the
+    epoch's first step, and ``nonfinite``, the number of skipped steps (summed over
+    members).
+
+    Stacked states (an ensemble, `is_ensemble`) run the same program with the step
+    vmapped over members (each its own initialisation, dropout keys and optimizer
+    state; all the same batches); step metrics then have a member axis and validation
+    reports the ensemble's prediction and every member's (`EnsembleEvalStep`).
+    """
+
+    train_step = masked_step(train_step)
+    ensemble_step = jax.vmap(train_step, in_axes=(0, None, None))
+
+    @partial(jax.jit, static_argnames=("length", "batch_size"), donate_argnums=0)
+    def run_epoch(
+        state,
+        data,
+        data_key,
+        epoch,
+        offset,
+        val=None,
+        streak=0,
+        max_streak=2**31 - 1,
+        *,
+        num_steps,
+        length: int,
+        batch_size: int,
+    ):
+        key = jax.random.fold_in(data_key, epoch)
+        n = num_examples(data)
+        idx = epoch_indices(key, n, batch_size, n // batch_size)
+
+        def step_at(state, j, active=True):
+            row = jnp.minimum(offset + j, idx.shape[0] - 1)  # masked steps may run past the end
+            batch = jax.tree.map(lambda a: a[idx[row]], data)
+            return dispatch_step(train_step, ensemble_step, sharding, state, batch, active)
+
+        acc = init_accumulator(step_metric_shapes(step_at, state), streak)
+        state, acc = run_steps(step_at, state, acc, num_steps, max_streak, length, unroll)
+        return state, epoch_metrics(state, acc, val, eval_step, eval_source)
+
+    return run_epoch
+
+
+def program_length(num_steps: int, steps_per_epoch: int) -> int:
+    """The static step count of the program that runs ``num_steps`` steps of an epoch of
+    ``steps_per_epoch``: the whole epoch's (the rest masked) when that wastes at most
+    half an epoch, so a short last epoch or a resumed one compiles nothing new; else
+    ``num_steps`` itself (a short call, e.g. ``fit(steps=1)`` in a Python loop)."""
+    return steps_per_epoch if 2 * num_steps > steps_per_epoch else num_steps
+
+
+def dispatch_step(train_step, ensemble_step, sharding, state, batch, active=True):
+    """One training step on ``batch``: data-parallel when ``sharding`` is given
+    (each device takes its slice), vmapped over members for stacked states (every member
+    takes the same batch); masked (the state kept) where ``active`` is false. Both steps
+    come from `masked_step`."""
+    if sharding is not None:
+        batch = jax.lax.with_sharding_constraint(batch, sharding)
+    return (ensemble_step if is_ensemble(state) else train_step)(state, batch, active)
+
+
+def masked_step(train_step):
+    """``(state, batch, active) -> (state, metrics)`` from a train step: jtricks' own
+    steps mask through their non-finite guard (``takes_active``); any other step
+    ``(state, batch)`` is masked by a select of its result (`keep_active`)."""
+    if getattr(train_step, "takes_active", False):
+        return train_step
+
+    def step(state, batch, active):
+        new, metrics = train_step(state, batch)
+        return keep_active(active, new, state), metrics
+
+    return step
+
+
+def init_accumulator(shapes: Metrics, streak: Any = 0) -> dict[str, Any]:
+    """Zeroed epoch accumulator for step metrics of ``shapes``: the metric ``sums``, the
+    ``nonfinite`` count, the skipped-step ``streak`` carried in, ``done`` steps and the
+    epoch's ``first_loss``."""
+    sums = {k: jnp.zeros(v.shape, jnp.float32) for k, v in shapes.items() if k != "nonfinite"}
+    acc = {
+        "sums": sums,
+        "streak": jnp.asarray(streak, jnp.int32),
+        "done": jnp.int32(0),
+        "first_loss": jnp.zeros(shapes["loss"].shape, jnp.float32),
+    }
+    if "nonfinite" in shapes:
+        acc["nonfinite"] = jnp.int32(0)
+    return acc
+
+
+def step_metric_shapes(step_at, state) -> Metrics:
+    """The shapes of one step's metrics, ``step_at(state, 0)`` traced abstractly (on flat
+    parameters for a `jtricks.optim.fused` optimizer, as `run_steps` runs it)."""
+    if is_fused(state.opt_state):
+        per_member = jax.vmap if is_ensemble(state) else (lambda f: f)
+        return jax.eval_shape(lambda s: step_at(per_member(flat_train_state)(s), 0)[1], state)
+    return jax.eval_shape(step_at, state, 0)[1]
+
+
+def run_steps(step_at, state, acc, num_steps, max_streak, length: int, unroll: int = 1):
+    """``step_at(state, j, active)`` for ``j = 0 .. num_steps - 1`` in one `lax.scan` of the static
+    ``length >= num_steps``, adding each step's metrics into ``acc`` (`init_accumulator`).
+    A step is *active* while ``j < num_steps`` and fewer than ``max_streak`` consecutive
+    steps were skipped as non-finite (in any member); an inactive step leaves the state as
+    it was (`masked_step`) and its metrics are discarded, so the loop has a static trip count (no host round trip
+    per step on an accelerator) and still stops where a while loop would. A
+    `jtricks.optim.fused` optimizer sees flat parameters inside the loop, one copy each way."""
+    per_member = jax.vmap if is_ensemble(state) else (lambda f: f)
+    fused = is_fused(state.opt_state)
+    if fused:
+        state = per_member(flat_train_state)(state)
+
+    def body(carry, j):
+        state, acc = carry
+        active = (j < num_steps) & (acc["streak"] < max_streak)
+        state, m = step_at(state, j, active)
+        flag = m.pop("nonfinite", None)
+        acc = dict(acc)
+        first = active & (acc["done"] == 0)
+        acc["first_loss"] = jnp.where(first, m["loss"].astype(jnp.float32), acc["first_loss"])
+        acc["sums"] = jax.tree.map(
+            lambda s, v: s + jnp.where(active, v.astype(jnp.float32), 0), acc["sums"], m
+        )
+        if flag is not None:
+            streak = jnp.where(jnp.any(flag > 0), acc["streak"] + 1, 0)
+            acc["streak"] = jnp.where(active, streak, acc["streak"])
+            acc["nonfinite"] = acc["nonfinite"] + jnp.where(active, jnp.sum(flag), 0)
+        acc["done"] = acc["done"] + active.astype(jnp.int32)
+        return (state, acc), None
+
+    steps = jnp.arange(length, dtype=jnp.int32)
+    (state, acc), _ = jax.lax.scan(body, (state, acc), steps, unroll=unroll)
+    if fused:
+        state = per_member(tree_train_state)(state)
+    return state, acc
+
+
+def keep_active(active: jax.Array, new: TrainState, old: TrainState) -> TrainState:
+    """``new`` where ``active``, else ``old``: the fields a step changes (step, parameters,
+    optimizer state, BatchNorm statistics, EMA), selected element-wise. XLA fuses the
+    select into the step's own non-finite guard, so an active step pays nothing for it."""
+
+    def pick(a, b):
+        return jax.tree.map(lambda x, y: jnp.where(active, x, y), a, b)
+
+    return new.replace(
+        step=pick(new.step, old.step),
+        params=pick(new.params, old.params),
+        opt_state=pick(new.opt_state, old.opt_state),
+        batch_stats=pick(new.batch_stats, old.batch_stats),
+        ema_params=pick(new.ema_params, old.ema_params),
+    )
+
+
+def epoch_metrics(state, acc, val, eval_step, eval_source) -> Metrics:
+    """An epoch's metrics from its accumulator: the means of the step metrics,
+    ``steps_done``, ``streak``, ``first_loss``, the ``nonfinite`` count, ``param_norm`` at
+    the end, and ``val_<metric>`` (and ``val_ema_<metric>``) when ``val`` is given."""
+    per_member = jax.vmap if is_ensemble(state) else (lambda f: f)
+    done = acc["done"]
+    metrics = {k: v / done for k, v in acc["sums"].items()}
+    metrics.update(steps_done=done, streak=acc["streak"], first_loss=acc["first_loss"])
+    if "nonfinite" in acc:
+        metrics["nonfinite"] = acc["nonfinite"]
+    if "param_norm" not in metrics:  # once, at the end of the epoch
+        metrics["param_norm"] = per_member(optax.tree.norm)(state.params)
+    if val is not None and eval_step is not None:
+        main = evaluate_batches(eval_step, state, *val, eval_source)
+        metrics.update({f"val_{k}": v for k, v in main.items()})
+        if state.ema_params is not None and eval_source != "ema":
+            ema = evaluate_batches(eval_step, state, *val, "ema")
+            metrics.update({f"val_ema_{k}": v for k, v in ema.items()})
+    return metrics

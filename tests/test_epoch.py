@@ -1,0 +1,135 @@
+"""The compiled epoch loop (`jtricks.training.epoch`): every loop in the compiled program
+has a trip count XLA knows (``known_trip_count``), so an accelerator never asks the host
+after each step; masked steps leave the state and metrics exactly as a shorter loop would."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jtricks.nn import build_model
+from jtricks.optim.fused import fused
+from jtricks.training import create_train_state, fit
+from jtricks.training.compiled import (
+    StepOptions,
+    clear_caches,
+    compiled_functions,
+    compiled_steps,
+)
+from jtricks.training.ensemble import create_ensemble
+from jtricks.training.epoch import init_accumulator, program_length
+from jtricks.training.steps import pad_batches
+from jtricks.training.streaming import make_chunk_fn
+
+MODEL = build_model("mlp(features=(8,))", 3)
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(60, 5)).astype(np.float32), rng.integers(0, 3, 60)
+
+
+def _whiles(compiled_text: str) -> list[tuple[str, str | None]]:
+    """``(op name, known trip count or None)`` of every while loop in an HLO module."""
+    out = []
+    for line in compiled_text.splitlines():
+        if re.search(r"\bwhile\(", line):
+            name = re.search(r'op_name="([^"]*)"', line)
+            count = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
+            out.append((name.group(1) if name else line[:80], count and count.group(1)))
+    return out
+
+
+def _epoch_hlo(state, data, options=None, length=6, batch_size=10, val=None) -> str:
+    run_epoch, _ = compiled_functions(options or StepOptions())
+    x, y = (jnp.asarray(a) for a in data)
+    args = (state, (x, y), jax.random.key(1), np.int32(0), np.int32(0), val, np.int32(0))
+    lowered = run_epoch.lower(
+        *args, np.int32(20), num_steps=np.int32(4), length=length, batch_size=batch_size
+    )
+    return lowered.compile().as_text()
+
+
+def _check_static(text: str, steps: str) -> None:
+    loops = _whiles(text)
+    assert loops, "the program has no loop at all"
+    unknown = [name for name, n in loops if n is None]
+    assert not unknown, f"loops without a known trip count: {unknown}"
+    assert steps in [n for _, n in loops], f"no loop of {steps} steps in {loops}"
+
+
+@pytest.mark.parametrize("kind", ["plain", "ensemble", "accumulate", "fused"])
+def test_the_epoch_loop_has_a_static_trip_count(data, kind):
+    x, _ = data
+    tx = fused(optax.adam(1e-2)) if kind == "fused" else optax.adam(1e-2)
+    options = StepOptions(accumulate=2 if kind == "accumulate" else 1)
+    if kind == "ensemble":
+        state = create_ensemble(MODEL, tx, x, jax.random.split(jax.random.key(0), 2))
+    else:
+        state = create_train_state(MODEL, tx, x, jax.random.key(0))
+    _check_static(_epoch_hlo(state, data, options), "6")
+
+
+def test_validation_inside_the_epoch_is_a_static_loop_too(data):
+    state = create_train_state(MODEL, optax.adam(1e-2), data[0], jax.random.key(0))
+    text = _epoch_hlo(state, data, val=pad_batches(data, 25))
+    _check_static(text, "3")  # 60 validation examples in 3 padded batches of 25
+
+
+def test_a_streamed_chunk_has_a_static_trip_count(data):
+    x, y = data
+    state = create_train_state(MODEL, optax.adam(1e-2), x, jax.random.key(0))
+    train_step, _ = compiled_steps(StepOptions())
+    run_chunk = make_chunk_fn(train_step, None, 1)
+    chunk = (jnp.asarray(x[:40]).reshape(4, 10, 5), jnp.asarray(y[:40]).reshape(4, 10))
+    first = jax.tree.map(lambda a: a[0], chunk)
+    acc = init_accumulator(jax.eval_shape(train_step, state, first)[1])
+    text = run_chunk.lower(state, acc, chunk, np.int32(3), np.int32(20)).compile().as_text()
+    _check_static(text, "4")
+
+
+def test_program_length_reuses_the_epoch_program_for_long_partial_epochs():
+    assert program_length(36, 36) == 36
+    assert program_length(24, 36) == 36  # the demo's last epoch: 12 masked steps
+    assert program_length(19, 36) == 36
+    assert program_length(18, 36) == 18  # half an epoch or less: its own length
+    assert program_length(1, 36) == 1
+
+
+def test_masked_steps_change_nothing(data):
+    """A partial epoch run masked inside the full epoch's program equals the same steps
+    run by a program of exactly their length: parameters, step and metrics."""
+    x, y = data
+    tx = optax.adam(1e-2)
+    run_epoch, _ = compiled_functions(StepOptions())
+    outs = []
+    for length in (4, 6):  # 4 steps of an epoch of 6: exact, then masked
+        state = create_train_state(MODEL, tx, x, jax.random.key(0))
+        out = run_epoch(
+            state, (jnp.asarray(x), jnp.asarray(y)), jax.random.key(1), np.int32(0),
+            np.int32(1), None, np.int32(0), np.int32(20), num_steps=np.int32(4),
+            length=length, batch_size=10,
+        )  # fmt: skip
+        outs.append(jax.device_get(out))
+    (a, ma), (b, mb) = outs
+    assert int(a.step) == int(b.step) == 4
+    jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+    assert int(ma["steps_done"]) == int(mb["steps_done"]) == 4
+    for k in ("loss", "accuracy", "grad_norm", "first_loss"):
+        np.testing.assert_allclose(ma[k], mb[k], rtol=1e-6)
+
+
+def test_clear_caches_forgets_the_programs(data):
+    x, y = data
+    state = create_train_state(MODEL, optax.adam(1e-2), x, jax.random.key(0))
+    fit(state, (x, y), batch_size=10, steps=2)
+    before = compiled_functions(StepOptions())[0]
+    clear_caches()
+    assert compiled_functions(StepOptions())[0] is not before
+    assert compiled_functions(StepOptions())[0]._cache_size() == 0
