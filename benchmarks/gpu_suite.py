@@ -11,9 +11,9 @@ run (the headline figures first):
 1. ``fit``: `bench_fit.py`, `fit` against the hand-written scan loop (MLP, paper CNN);
 2. ``train_step``: `bench_train_step.py` on a CIFAR-shaped ResNet-18, bf16, batch 512 (the
    hand-written Flax + optax step of `baselines/flax_step.py` in a scan, `fit` and `fit
-   --fused`, images/s and MFU), then `baselines/torch_resnet18.py` (PyTorch eager,
-   `torch.compile` of the forward pass with the loss, and of the model alone, the same
-   network and shape) when torch is importable;
+   --fused`, images/s and MFU), then `baselines/torch_resnet18.py` (PyTorch eager and
+   `torch.compile` of the forward pass with the loss, without and with CUDA graphs, the
+   same network and shape) when torch is importable;
 3. ``train``: `bench_train_cli.py`, the wall time of ``jtricks train`` with its defaults,
    cold (dataset generated, programs compiled) and warm;
 4. ``ensemble``: `bench_ensemble.py`, 8 vmapped members against 1 (paper CNN);
@@ -118,7 +118,7 @@ PARTS = (  # the headline figures first; bench last, with whatever the budget ha
     ),
     Part(
         "train_step",
-        0.27,
+        0.31,
         (
             Run(
                 "jax",
@@ -130,7 +130,7 @@ PARTS = (  # the headline figures first; bench last, with whatever the budget ha
             Run(
                 "torch",
                 "baselines/torch_resnet18.py",
-                "--batch-size 512 --precision bf16 --arms eager,compile,compile_model "
+                "--batch-size 512 --precision bf16 --arms eager,compile,compile_graphs "
                 "--steps-per-epoch 20 --repeats 3",
                 "--widths 4,4,4,4 --arms eager " + _TINY_RESNET,
             ),

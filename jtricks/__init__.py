@@ -1,7 +1,7 @@
 """jtricks: a JAX toolkit of deep-learning training tricks.
 
 Flax Linen models, optax gradient transformations, and JIT-compiled training
-loops whose epochs run as one compiled `lax.while_loop` on device.
+loops whose epochs run as one compiled `lax.scan` of static length on device.
 """
 
 from jtricks.data import Dataset, Scaler, load_dataset, train_val_split
@@ -9,7 +9,14 @@ from jtricks.errors import ConfigError
 from jtricks.nn import build_model
 from jtricks.optim import build_optimizer
 from jtricks.run import RunResult, TrainConfig, train
-from jtricks.training import History, TrainState, create_train_state, evaluate, fit
+from jtricks.training import (
+    History,
+    TrainState,
+    clear_caches,
+    create_train_state,
+    evaluate,
+    fit,
+)
 from jtricks.version import __version__
 
 __all__ = [
@@ -23,6 +30,7 @@ __all__ = [
     "__version__",
     "build_model",
     "build_optimizer",
+    "clear_caches",
     "create_train_state",
     "evaluate",
     "fit",

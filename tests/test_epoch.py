@@ -133,3 +133,21 @@ def test_clear_caches_forgets_the_programs(data):
     clear_caches()
     assert compiled_functions(StepOptions())[0] is not before
     assert compiled_functions(StepOptions())[0]._cache_size() == 0
+
+
+def test_a_short_last_epoch_reuses_the_epoch_program(data, caplog):
+    """6 steps per epoch: 10 steps are a full epoch and 4 masked in its program (one XLA
+    compilation of the epoch); a later call of 1 step compiles its own length."""
+    x, y = data
+    clear_caches()
+    state = create_train_state(MODEL, optax.adam(1e-2), x, jax.random.key(0))
+
+    def epoch_compiles() -> int:
+        lines = [r.getMessage() for r in caplog.records]
+        return sum("XLA compilation of jit(run_epoch)" in m for m in lines)
+
+    with caplog.at_level("WARNING"), jax.log_compiles(True):
+        state, hist = fit(state, (x, y), batch_size=10, steps=10)
+        assert [r["step"] for r in hist.records] == [6, 10] and epoch_compiles() == 1
+        state, hist = fit(state, (x, y), batch_size=10, steps=1)
+        assert hist.records[-1]["step"] == 11 and epoch_compiles() == 2

@@ -2,6 +2,7 @@
 
 from jtricks.training.callbacks import EarlyStopping, ReduceLROnPlateau, StopTraining
 from jtricks.training.checkpointer import Checkpointer
+from jtricks.training.compiled import clear_caches
 from jtricks.training.epoch import make_epoch_fn
 from jtricks.training.fit import Callback, History, evaluate, fit
 from jtricks.training.state import TrainState, create_train_state
@@ -16,6 +17,7 @@ __all__ = [
     "ReduceLROnPlateau",
     "StopTraining",
     "TrainState",
+    "clear_caches",
     "create_train_state",
     "evaluate",
     "evaluate_tta",

@@ -16,7 +16,7 @@ from typing import Any
 
 from jtricks.errors import ConfigError, check_int
 from jtricks.tasks import Classification, LossTask, Task
-from jtricks.training import data_checks, streaming, tta
+from jtricks.training import data_checks, state, streaming, tta
 from jtricks.training.epoch import make_epoch_fn
 from jtricks.training.steps import make_eval_step, make_evaluate_fn, make_train_step
 
@@ -83,13 +83,13 @@ def compiled_functions(options: StepOptions = StepOptions()):
 
 def clear_caches() -> None:
     """Forget every compiled program jtricks keeps: the step functions and epoch programs
-    of `fit` and `evaluate`, the stream chunks, the data checks' shape tracing and
-    test-time augmentation. The next call compiles again (JAX's persistent compilation
+    of `fit` and `evaluate`, the stream chunks, the data checks' shape tracing,
+    test-time augmentation and the compiled model initialisers of `create_train_state`. The next call compiles again (JAX's persistent compilation
     cache, when enabled, still serves it from disk). `jax.clear_caches` clears JAX's own
     in-memory caches as well."""
     compiled_steps.cache_clear()
     compiled_functions.cache_clear()
-    for module in (streaming, data_checks, tta):
+    for module in (streaming, data_checks, tta, state):
         module.clear_caches()
 
 

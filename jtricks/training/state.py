@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -92,8 +93,46 @@ def check_eval_source(source: Any, state: TrainState | None = None) -> str:
 
 def device_copy(tree: Any) -> Any:
     """A copy of every device array in ``tree`` (what a donating jitted call may then
-    consume without touching the copy)."""
-    return jax.tree.map(lambda a: a.copy() if isinstance(a, jax.Array) else a, tree)
+    consume without touching the copy), made by one compiled program per structure
+    rather than one dispatch per array."""
+    leaves, treedef = jax.tree.flatten(tree)
+    arrays = [i for i, a in enumerate(leaves) if isinstance(a, jax.Array)]
+    for i, copy in zip(arrays, _copy_arrays([leaves[i] for i in arrays]), strict=True):
+        leaves[i] = copy
+    return jax.tree.unflatten(treedef, leaves)
+
+
+@jax.jit
+def _copy_arrays(arrays: list[jax.Array]) -> list[jax.Array]:
+    return [jnp.copy(a) for a in arrays]
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_init(apply_fn: Any) -> Any:
+    """``apply_fn.init`` under `jax.jit`, one per model (Linen modules compare by value):
+    one compiled program initialises the whole model, where op-by-op initialisation
+    compiles and dispatches every initialiser's operations one at a time (dozens of small
+    programs, each a noticeable start-up cost on a GPU)."""
+    return jax.jit(apply_fn.init)
+
+
+def init_variables(apply_fn: Any, key: jax.Array, sample: Any) -> Any:
+    """A Linen model's variables from ``apply_fn.init(key, sample)``, compiled
+    (`_compiled_init`); op by op for a model that cannot be (an attribute that is not
+    hashable, or an ``init`` that reads the sample's values in Python)."""
+    try:
+        init = _compiled_init(apply_fn)
+    except TypeError:  # an unhashable model
+        return apply_fn.init(key, sample)
+    try:
+        return init(key, sample)
+    except jax.errors.JAXTypeError:  # e.g. a Python `if` on a traced value
+        return apply_fn.init(key, sample)
+
+
+def clear_caches() -> None:
+    """Forget the compiled model initialisers."""
+    _compiled_init.cache_clear()
 
 
 def unalias(tree: Any) -> Any:
@@ -154,7 +193,7 @@ def create_train_state(
     else:
         apply_fn = linen_apply(model, train_arg)
         sample = jax.tree.map(lambda a: jnp.asarray(a)[:1], sample_x)
-        variables = apply_fn.init(init_key, sample)
+        variables = init_variables(apply_fn, init_key, sample)
         params = variables["params"]
         batch_stats = variables.get("batch_stats", {})
     if ema_decay is not None:
