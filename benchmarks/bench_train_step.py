@@ -12,7 +12,10 @@ Arms (same model, same optimizer rule, same precision, same device-resident batc
 * ``fit_fused``: the same with `jtricks.optim.fused` (flat parameters inside the epoch).
 
 Compilation excluded (a warm-up epoch each); arms alternate; medians over ``--repeats``;
-each repeat times ``--epochs`` epochs. The hand-written arms use `optax.sgd` with Nesterov
+each repeat times ``--epochs`` epochs. Every arm shuffles every epoch inside the timed
+region, with the same `jtricks.data.epoch_indices` (a permutation costs a few
+milliseconds on a 2-core CPU; before 2026-12-04 the hand-written arms drew theirs before
+the clock started). The hand-written arms use `optax.sgd` with Nesterov
 momentum, jtricks the same rule from ``momentum(form='torch', nesterov=True)``. With
 ``--precision bf16`` the parameters and inputs are cast to bfloat16 for the forward and
 backward pass in every arm (float32 master weights).
@@ -50,6 +53,7 @@ import optax
 
 from baselines import flax_step
 from jtricks.bench.device import lowered_flops, matmul_flops, peak_flops
+from jtricks.data import epoch_indices
 from jtricks.nn import build_model
 from jtricks.optim import build_optimizer, fused
 from jtricks.run import environment
@@ -121,23 +125,28 @@ def main(argv: list[str] | None = None) -> dict:
     h_tx = optax.sgd(lr, momentum=0.9, nesterov=True)
     h_step = flax_step.make_step(model, h_tx, x, y, compute)
     h_one = jax.jit(h_step, donate_argnums=0)
-    h_epoch = jax.jit(lambda c, idxs: jax.lax.scan(h_step, c, idxs), donate_argnums=0)
+
+    def shuffle(e):  # the epoch's batches, drawn as fit draws them (the same work)
+        return epoch_indices(jax.random.fold_in(key, e), n, B, spe)
+
+    # the hand-written loops shuffle every epoch too, inside the timed region: in the
+    # compiled epoch (hand_scan) or by one compiled call per epoch (hand_loop)
+    h_shuffle = jax.jit(shuffle)
+    h_epoch = jax.jit(lambda c, e: jax.lax.scan(h_step, c, shuffle(e)), donate_argnums=0)
 
     def h_init():
         return flax_step.init_carry(model, h_tx, x, key)
 
-    def epoch_idx(e):
-        return jax.random.permutation(jax.random.fold_in(key, e), n)[: spe * B].reshape(spe, B)
-
-    idxs = [epoch_idx(e) for e in range(args.epochs)]
+    first_batch = shuffle(0)[0]
 
     def run_hand_loop():
         c = h_init()
         c = jax.tree.map(jnp.copy, c)
         t = time.perf_counter()
         for e in range(args.epochs):
+            idx = h_shuffle(np.int32(e))
             for i in range(spe):
-                c, loss = h_one(c, idxs[e][i])
+                c, loss = h_one(c, idx[i])
         jax.block_until_ready((c, loss))
         return time.perf_counter() - t
 
@@ -145,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
         c = jax.tree.map(jnp.copy, h_init())
         t = time.perf_counter()
         for e in range(args.epochs):
-            c, losses = h_epoch(c, idxs[e])
+            c, losses = h_epoch(c, np.int32(e))
         jax.block_until_ready((c, losses))
         return time.perf_counter() - t
 
@@ -186,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     env = environment()
     params0 = h_init()[0]
     leaves = len(jax.tree.leaves(params0))
-    util = _utilisation(h_step, h_init(), idxs[0][0], args, env, ips, B)
+    util = _utilisation(h_step, h_init(), first_batch, args, env, ips, B)
     result = {
         "benchmark": "bench_train_step",
         "model": args.model,
