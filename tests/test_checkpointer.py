@@ -17,6 +17,7 @@ from jtricks.training.checkpoint import (
     best_checkpoint,
     list_checkpoints,
     read_meta,
+    restore,
     verify,
 )
 
@@ -52,7 +53,7 @@ def _kernel(tree) -> np.ndarray:
     return np.asarray(tree["params"]["head"]["kernel"])
 
 
-def test_keeps_the_last_n_and_the_best_in_an_orbax_layout(tmp_path, states):
+def test_keeps_the_last_n_and_the_best_in_an_orbax_layout(tmp_path, states, caplog):
     ckpt = Checkpointer(tmp_path, every=2, keep=2)
     _run(ckpt, states, {1: 3.0, 2: 1.0, 3: 2.0, 4: 0.5, 5: 4.0})
     # saved at 2 and 4 (every 2) and 5 (the end); orbax kept the newest two
@@ -61,6 +62,15 @@ def test_keeps_the_last_n_and_the_best_in_an_orbax_layout(tmp_path, states):
     assert [p.name for p in list_checkpoints(tmp_path / "best")] == ["epoch-000004"]
     assert best_checkpoint(tmp_path) == tmp_path / "best" / "epoch-000004"
     assert not [p for p in tmp_path.rglob(".tmp-*")]
+    # a folder of checkpoints restores its newest: best/ its one, the run's folder epoch 5
+    for folder, epoch in [(tmp_path / "best", 4), (tmp_path, 5)]:
+        with caplog.at_level("WARNING"):
+            restored, meta = restore(folder, states[0])
+        assert not [r for r in caplog.records if "Metadata file" in r.getMessage()]
+        assert meta["epoch"] == epoch
+        np.testing.assert_array_equal(
+            _kernel({"params": restored.params}), _kernel({"params": states[epoch].params})
+        )
     for path, epoch in [(tmp_path / "epoch-000005", 5), (tmp_path / "best" / "epoch-000004", 4)]:
         verify(path)
         arrays, meta = _plain_orbax(path)

@@ -190,6 +190,12 @@ BAD = [
     (["--dataset", "synthetic(shape=(0, 3))"], "--dataset", "shape"),
     (["--model", "mlp(dropout=1.5)"], "--model", "dropout"),
     (["--model", "mlp(features=(8,)"], "--model", "cannot parse"),
+    (
+        ["--model", "transformer_lm(d_model=8, heads=2, layers=1)"],
+        "--model",
+        "cannot be initialised on examples of shape and dtype",
+    ),
+    (["--optimizer", "muon"], "--optimizer", "did you mean 'contrib.muon'?"),
 ]
 
 

@@ -278,3 +278,15 @@ def test_bench_run_suite_takes_callables_named_or_labelled():
         labelled_optimizers([lambda lr: optax.sgd(lr)])
     with pytest.raises(ConfigError, match="labels repeat"):
         labelled_optimizers(["sgd", "sgd"])
+
+
+@pytest.mark.parametrize(
+    ("name", "meant"),
+    [("lion", "optax.lion"), ("lbfgs", "optax.lbfgs"), ("muon", "contrib.muon")],
+)
+def test_a_bare_optax_name_suggests_the_prefixed_one(name, meant):
+    with pytest.raises(
+        ConfigError, match=rf"unknown optimizer or transform '{name}' \(did you mean '{meant}'\?"
+    ):
+        build_optimizer(name)
+    assert isinstance(build_optimizer(meant, 1e-3), optax.GradientTransformation)

@@ -635,3 +635,42 @@ def test_cli_language_model_resumes_bit_identically(tmp_path):
         json.loads((cut / "summary.json").read_text())["test_perplexity"]
         == json.loads((full / "summary.json").read_text())["test_perplexity"]
     )
+
+
+def _mean_ce(outputs, y):
+    return optax.softmax_cross_entropy_with_integer_labels(outputs, y).mean()
+
+
+def _ce_with_mean_extra(outputs, y):
+    return optax.softmax_cross_entropy_with_integer_labels(outputs, y), {"m": jnp.mean(outputs)}
+
+
+def _wrong_targets(outputs, y):
+    return jnp.sum((outputs - y) ** 2, axis=-1)  # (N, 3) minus (N,): shapes do not broadcast
+
+
+@pytest.mark.parametrize(
+    ("loss", "message"),
+    [
+        (
+            _mean_ce,
+            r"loss_fn: the loss must be one value per example, shape \(N,\) = \(2,\) for 2 examples; got shape \(\)",
+        ),
+        (_ce_with_mean_extra, r"loss_fn: the extra 'm' must be one value per example"),
+        (
+            _wrong_targets,
+            r"loss_fn: fails on model outputs of shape \(2, 3\) and their targets: ValueError: Incompatible shapes",
+        ),
+    ],
+)
+def test_a_loss_that_is_not_per_example_is_refused_before_training(loss, message):
+    """A batch-mean loss would make padded evaluation batches count their padding (the
+    split's loss came out 0.781 instead of 0.847): refused, for fit and evaluate alike."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(30, 4)).astype(np.float32), rng.integers(0, 3, 30)
+    model = nn.Dense(3)
+    state = create_train_state(model, optax.sgd(0.1), x, jax.random.key(0), train_arg=None)
+    with pytest.raises(ConfigError, match=message):
+        fit(state, (x, y), loss_fn=loss, batch_size=10, epochs=1)
+    with pytest.raises(ConfigError, match=message):
+        evaluate(state, (x, y), loss_fn=loss, batch_size=7)

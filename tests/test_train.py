@@ -308,3 +308,35 @@ def test_device_data_get_the_same_errors(tiny_data, adam, key, where, message):
     for data in ((x, y), (jnp.asarray(x), jnp.asarray(y))):
         with pytest.raises(ConfigError, match=message):
             fit(state, data, batch_size=20, epochs=1)
+
+
+def test_a_state_fit_consumed_is_refused_and_a_copy_stays_usable(tiny_data, adam, key):
+    from jtricks.training.state import device_copy
+
+    d = tiny_data
+    state = create_train_state(MODEL, adam, d.x_train, key)
+    kept = device_copy(state)
+    trained, _ = fit(state, (d.x_train, d.y_train), batch_size=20, epochs=1)
+    for again in (
+        lambda: fit(state, (d.x_train, d.y_train), batch_size=20, epochs=1),
+        lambda: evaluate(state, (d.x_test, d.y_test)),
+    ):
+        with pytest.raises(ConfigError, match=r"consumed by an earlier fit.*device_copy"):
+            again()
+    before = evaluate(kept, (d.x_test, d.y_test))  # the copy is the untrained model
+    logits = MODEL.apply({"params": kept.params}, d.x_test)
+    np.testing.assert_allclose(before["accuracy"], np.mean(np.argmax(logits, -1) == d.y_test))
+    assert int(trained.step) == 10 and int(kept.step) == 0
+
+
+def test_a_missing_history_key_lists_the_keys_there_are(state, tiny_data):
+    _, hist = fit(state, (tiny_data.x_train, tiny_data.y_train), batch_size=50, epochs=2)
+    with pytest.raises(
+        KeyError, match=r"no 'train_label_accuracy'; its keys are: .*train_accuracy"
+    ):
+        hist["train_label_accuracy"]
+    with pytest.raises(
+        KeyError, match=r"'initial_loss' is missing from the records of epochs \[2\]"
+    ):
+        hist["initial_loss"]
+    assert hist["train_loss"].shape == (2,)

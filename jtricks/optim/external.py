@@ -61,6 +61,16 @@ def _close(name: str, candidates: list[str]) -> str:
     return did_you_mean(name, candidates)
 
 
+def prefixed_hint(name: str) -> str:
+    """`` (did you mean 'optax.lion'?)`` when a bare name is an optimizer factory of optax
+    or optax.contrib (which jtricks reaches only with the prefix), else ``""``."""
+    for prefix, module_name in (("optax.", "optax"), ("contrib.", "optax.contrib")):
+        factory = getattr(importlib.import_module(module_name), name, None)
+        if callable(factory) and not isinstance(factory, type):
+            return f" (did you mean {prefix + name!r}? {module_name}'s optimizers take its prefix)"
+    return ""
+
+
 def resolve(name: str) -> Callable[..., Any]:
     """The factory a name points to.
 

@@ -267,7 +267,8 @@ def _pipeline(
             (grad_parts if kind == "grad" else update_parts).append(make)
         else:
             raise ConfigError(
-                f"unknown optimizer or transform {name!r}; valid optimizers are: {', '.join(sorted(OPTIMIZERS))}"
+                f"unknown optimizer or transform {name!r}{external.prefixed_hint(name)}; "
+                f"valid optimizers are: {', '.join(sorted(OPTIMIZERS))}"
                 f" (or optax.<name>, contrib.<name>, module:factory); "
                 f"valid transforms are: {', '.join(sorted(TRANSFORMS))}"
                 + external._close(name, [*OPTIMIZERS, *TRANSFORMS]),

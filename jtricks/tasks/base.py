@@ -280,6 +280,36 @@ class LossTask(Task):
     def finalize(self, sums):
         return {k: v / sums["count"] for k, v in sums.items() if k not in _FRAMEWORK_SUMS}
 
+    def check(self, batch, outputs, where):
+        """The loss (and each extra) must give one value per example: traced (not run) on
+        the first two examples, a batch mean (shape ``()``) is refused, since jtricks
+        averages the per-example values itself and evaluation weighs out padded rows."""
+        n = min(2, len(jax.tree.leaves(batch)[0]))
+        rows = jax.tree.map(lambda a: a[:n], batch)
+        out = jax.ShapeDtypeStruct((n, *outputs.shape[1:]), outputs.dtype)
+        try:
+            loss, extras = jax.eval_shape(self._split, out, rows)
+        except Exception as e:  # the user's function cannot take these outputs and targets
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise self.error(
+                where,
+                "loss_fn",
+                f"fails on model outputs of shape {out.shape} and their targets: "
+                f"{type(e).__name__}: {first}",
+            ) from None
+        named = {f"the extra {k!r}": v for k, v in extras.items()}
+        for name, value in {"the loss": loss, **named}.items():
+            shape = getattr(value, "shape", None)
+            if shape != (n,):
+                raise self.error(
+                    where,
+                    "loss_fn",
+                    f"{name} must be one value per example, shape (N,) = ({n},) for {n} "
+                    f"examples; got shape {shape}. Return the per-example values, not "
+                    "their mean: jtricks averages them (and leaves out the padding of "
+                    "evaluation batches)",
+                )
+
 
 def mean_softmax_logits(outputs: jax.Array) -> jax.Array:
     """``log((1/M) sum_m softmax(z_m))``: logits of the members' mean distribution, in log space."""

@@ -272,14 +272,35 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads((Path(path) / "meta" / "metadata").read_text())
 
 
+class _StateMetadataNotice(logging.Filter):
+    """Drops orbax's warning that a checkpoint's ``state/`` item has no
+    ``_CHECKPOINT_METADATA``: that file is written one level up, for the whole checkpoint,
+    so its absence there is normal and every restore printed the warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (
+            message.startswith("Metadata file does not exist")
+            and message.endswith(f"{os.sep}state{os.sep}_CHECKPOINT_METADATA")
+        )
+
+
+logging.getLogger("absl").addFilter(_StateMetadataNotice())
+
+
 def restore(path: str | os.PathLike, target: TrainState) -> tuple[TrainState, dict[str, Any]]:
     """Restore a checkpoint into the structure of ``target`` (a freshly created state).
+
+    ``path`` is a checkpoint (``.../epoch-NNNNNN``) or a folder of them (a run's
+    ``checkpoints/`` or its ``checkpoints/best/``), which restores the newest one there.
 
     Raises:
       CheckpointError: if a file is corrupt or truncated (named), or the arrays do not match
         the model and optimizer of ``target`` (the first differing leaf is named).
     """
     path = Path(path).absolute()
+    inside = [] if (path / "manifest.json").exists() else list_checkpoints(path)
+    path = inside[-1] if inside else path  # a folder of checkpoints: its newest
     verify(path)
     meta = read_meta(path)
     abstract = jax.tree.map(

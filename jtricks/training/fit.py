@@ -27,7 +27,7 @@ from jtricks.training.loop import (
     run_loop,
     stream_run,
 )
-from jtricks.training.state import TrainState, check_eval_source, unalias
+from jtricks.training.state import TrainState, check_eval_source, check_live, unalias
 from jtricks.training.steps import (
     LossFn,
     pad_batches,
@@ -91,8 +91,14 @@ def fit(
     After each epoch the validation split (if given) is evaluated, a record is appended
     to the history, and callbacks run.
 
+    The state is *consumed*: its buffers are donated to the compiled epoch and updated in
+    place, so continue from the state `fit` returns. A consumed state given again (to
+    `fit` or `evaluate`) is refused with a `ConfigError` that says so; to keep the state
+    you pass (e.g. a pretrained backbone's, or the initial parameters for a comparison),
+    pass a copy: ``fit(device_copy(state), ...)`` (`jtricks.training.state.device_copy`).
+
     Args:
-      state: from `create_train_state` (or an earlier `fit`).
+      state: from `create_train_state` (or an earlier `fit`); consumed (see above).
       train_data: a batch pytree of arrays (``(x, y)``, a dict, ...) with a common leading
         axis N, or a stream of such batches.
       batch_size: examples per step, ``1 <= batch_size <= N`` (arrays; a stream's batches
@@ -155,6 +161,7 @@ def fit(
         before any training (a stream's first batch is checked).
       StreamError: the stream failed mid-run; its ``state`` is the state reached.
     """
+    check_live(state)
     task = as_task(task, loss_fn)
     member = first_member(state)
     check_eval_source(eval_params, member)
@@ -205,6 +212,7 @@ def evaluate(
     of batches: one pass, e.g. `jtricks.data.stream.SequentialBatches`) in evaluation
     mode; exact over the whole split for any ``batch_size`` (see `jtricks.tasks`), on the
     parameters ``state.evaluation_state(params)`` (``"auto"``, ``"train"`` or ``"ema"``)."""
+    check_live(state)
     task = as_task(task, loss_fn)
     check_eval_source(params, first_member(state))
     if is_stream(data):

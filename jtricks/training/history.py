@@ -57,7 +57,21 @@ class History:
     def __getitem__(self, key: str | int) -> Any:
         if isinstance(key, int):  # one record: history[-1]
             return self.records[key]
+        missing = [r.get("epoch") for r in self.records if key not in r]
+        if missing:
+            raise KeyError(self._missing(key, missing))
         return np.asarray([r[key] for r in self.records])
+
+    def _missing(self, key: str, epochs: list) -> str:
+        """Why ``history[key]`` has no column: the key is in no record (then the keys there
+        are), or only in some (then the epochs without it)."""
+        if len(epochs) < len(self.records):
+            return (
+                f"{key!r} is missing from the records of epochs {epochs}; "
+                f"use [r.get({key!r}) for r in history] for the records that have it"
+            )
+        keys = sorted({k for r in self.records for k in r})
+        return f"the history has no {key!r}; its keys are: {', '.join(keys) or '(no records)'}"
 
     def __len__(self) -> int:
         return len(self.records)

@@ -119,20 +119,49 @@ def _compiled_init(apply_fn: Any) -> Any:
 def init_variables(apply_fn: Any, key: jax.Array, sample: Any) -> Any:
     """A Linen model's variables from ``apply_fn.init(key, sample)``, compiled
     (`_compiled_init`); op by op for a model that cannot be (an attribute that is not
-    hashable, or an ``init`` that reads the sample's values in Python)."""
+    hashable, or an ``init`` that reads the sample's values in Python).
+
+    Raises:
+      ConfigError: the model cannot take inputs like ``sample`` (e.g. token embeddings
+        given real-valued features); the model's own error is chained.
+    """
     try:
         init = _compiled_init(apply_fn)
     except TypeError:  # an unhashable model
-        return apply_fn.init(key, sample)
+        init = apply_fn.init
     try:
-        return init(key, sample)
-    except jax.errors.JAXTypeError:  # e.g. a Python `if` on a traced value
-        return apply_fn.init(key, sample)
+        try:
+            return init(key, sample)
+        except jax.errors.JAXTypeError:  # e.g. a Python `if` on a traced value
+            return apply_fn.init(key, sample)
+    except (TypeError, ValueError) as e:
+        shapes = jax.tree.map(lambda a: f"{jnp.shape(a)[1:]} {jnp.result_type(a)}", sample)
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ConfigError(
+            f"the model cannot be initialised on examples of shape and dtype {shapes}: "
+            f"{type(e).__name__}: {first}",
+            param="model",
+        ) from e
 
 
 def clear_caches() -> None:
     """Forget the compiled model initialisers."""
     _compiled_init.cache_clear()
+
+
+def check_live(state: Any, where: str = "state") -> None:
+    """Refuse a state whose arrays an earlier `fit` consumed: `fit` donates the state it
+    is given to the compiled epoch (its buffers are reused in place), so that object is
+    spent once `fit` returns; JAX would otherwise fail deep inside with "Array has been
+    deleted"."""
+    if any(isinstance(a, jax.Array) and a.is_deleted() for a in jax.tree.leaves(state)):
+        raise ConfigError(
+            f"{where}: its arrays were consumed by an earlier fit, which donates the state "
+            "it is given (its buffers are updated in place); use the state that fit "
+            "returned, or give fit a copy to keep this one: "
+            "fit(jtricks.training.state.device_copy(state), ...)",
+            param="state",
+        )
 
 
 def unalias(tree: Any) -> Any:
