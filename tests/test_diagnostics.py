@@ -354,18 +354,22 @@ def test_steepest_descent_on_a_hand_made_curve():
         D.steepest_descent(lrs, np.full(6, np.nan))
 
 
-def test_lr_finder_needs_an_injected_learning_rate(tiny_data):
-    from jtricks.errors import ConfigError
+def test_lr_finder_takes_any_optax_optimizer(tiny_data):
+    """An optimizer without an injected rate (optax.adam, jtricks.optim.adam) is built at
+    rate 1 with its updates scaled by the rate: the same losses as the injected Adam."""
+    from jtricks.optim import adam
 
-    with pytest.raises(ConfigError, match="inject_hyperparams"):
-        D.lr_finder(
-            build_model("mlp(features=(8,))", 4),
-            lambda lr: optax.adam(lr),
-            (tiny_data.x_train, tiny_data.y_train),
-            key=jax.random.key(0),
-            steps=2,
-            batch_size=20,
-        )
+    data = (tiny_data.x_train, tiny_data.y_train)
+    kw = dict(key=jax.random.key(0), steps=4, batch_size=20, lrs=[1e-3, 1e-2, 1e-1])
+    model = build_model("mlp(features=(8,))", 4)
+    injected = D.lr_finder(
+        model, lambda lr: optax.inject_hyperparams(optax.adam)(learning_rate=lr), data, **kw
+    )
+    for make_tx in (optax.adam, lambda lr: adam(lr)):
+        got = D.lr_finder(model, make_tx, data, **kw)
+        np.testing.assert_allclose(got.losses, injected.losses, rtol=1e-5)
+    ranged = D.lr_range_test(model, optax.adam, data, key=jax.random.key(0), steps=5, batch_size=20)
+    assert ranged.losses.shape == (5,) and np.isfinite(ranged.losses[0])
 
 
 def test_layers_are_reported_in_forward_order_not_alphabetical(tiny_data):

@@ -89,10 +89,9 @@ def lr_finder(
     ``steps`` steps on the same batches, in ONE compiled program; suggest the rate of
     steepest descent (`steepest_descent`).
 
-    ``make_tx(learning_rate)`` must build an optimizer whose learning rate is injected
-    with `optax.inject_hyperparams` (every `jtricks.optim.build_optimizer` pipeline is),
-    so the rate is a value in the optimizer state: the K states are stacked, one train step
-    is `jax.vmap`-ed over them, and a `lax.scan` runs the steps (`make_lr_sweep`). All
+    ``make_tx(learning_rate)`` builds the optimizer: any optax one (``optax.adam``), whose
+    rate becomes a value in the optimizer state (`rate_varied`: injected, or a multiplier
+    of its updates), so the K states are stacked, one train step is `jax.vmap`-ed over them, and a `lax.scan` runs the steps (`make_lr_sweep`). All
     copies start from the same parameters. A copy that diverges keeps its last finite
     parameters and its loss reads NaN from then on.
 
@@ -212,7 +211,7 @@ def lr_range_test(
     Losses are smoothed and cut at divergence by `smooth_losses` (fastai's defaults:
     ``beta=0.98``, divergence at 4x the lowest smoothed loss); the suggestion is
     `steepest_descent` of the smoothed curve, as fastai's "steep" suggestion.
-    ``make_tx`` is as in `lr_finder` (its learning rate injected).
+    ``make_tx`` is as in `lr_finder` (any optax optimizer, see `rate_varied`).
 
     References:
       Smith, "Cyclical Learning Rates for Training Neural Networks" (2017), section 3.3,
@@ -259,15 +258,8 @@ def make_lr_sweep(
     x, y = (jnp.asarray(a) for a in train_data)
     batch_size = check_int("batch_size", batch_size, low=1, high=x.shape[0])
     state = create_train_state(model, make_tx(1.0), x, key)
-    if not any(
-        hasattr(s, "hyperparams") and "learning_rate" in s.hyperparams
-        for s in jax.tree.leaves(state.opt_state, is_leaf=lambda n: hasattr(n, "hyperparams"))
-    ):
-        raise ConfigError(
-            "make_tx must return an optimizer built with optax.inject_hyperparams "
-            "(e.g. jtricks.optim.build_optimizer) so its learning rate can be varied",
-            param="make_tx",
-        )
+    if not _injected_rate(state.opt_state):
+        state = create_train_state(model, rate_varied(state.tx), x, key)
 
     def with_lr(s, lr):
         return s.replace(opt_state=set_learning_rate(s.opt_state, lr))
@@ -307,6 +299,32 @@ def make_lr_sweep(
         return jax.lax.scan(body, states, (idx, rates))[1].T
 
     return LRSweep(sweep, (state, x, y))
+
+
+def _injected_rate(opt_state: Any) -> bool:
+    return any(
+        hasattr(s, "hyperparams") and "learning_rate" in s.hyperparams
+        for s in jax.tree.leaves(opt_state, is_leaf=lambda n: hasattr(n, "hyperparams"))
+    )
+
+
+def _rate_multiplier(learning_rate: Any) -> optax.GradientTransformation:
+    return optax.scale(learning_rate)
+
+
+def rate_varied(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """An optimizer built at rate 1 (``make_tx(1.0)``) with a learning rate the sweep can
+    set in its state.
+
+    `make_lr_sweep` uses an optimizer whose rate is already injected
+    (`optax.inject_hyperparams`, every `jtricks.optim.build_optimizer` pipeline) as it is.
+    Any other (``optax.adam``, ``jtricks.optim.adam``, your own) gets its updates
+    multiplied by an injected ``learning_rate``: the same update as building it at that rate for
+    every optimizer whose update is proportional to its rate (SGD, momentum, Adam, AdamW,
+    RMSProp, Adagrad, Lion, ...). For one whose rate enters otherwise (schedule-free,
+    Prodigy) inject the rate yourself: ``optax.inject_hyperparams(f)(learning_rate=lr)``.
+    """
+    return optax.chain(tx, optax.inject_hyperparams(_rate_multiplier)(learning_rate=1.0))
 
 
 @dataclass(frozen=True)
