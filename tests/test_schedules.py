@@ -160,3 +160,19 @@ def test_reduce_on_plateau_max_mode_and_errors():
             ReduceLROnPlateau(**kwargs)
     assert math.isinf(ReduceLROnPlateau().best)
     assert optax.tree_utils.tree_get(_state().opt_state, "plateau_scale") == 1.0
+
+
+def test_step_schedules_need_no_run_length_and_whole_run_ones_say_so():
+    """Durations default to steps (steps_per_epoch=1); only the whole-run schedules need
+    total_steps, and say so without it."""
+    got = build_schedule("exponential(rate=0.5)", 0.1)
+    np.testing.assert_allclose(float(got(4)), 0.1 * np.exp(-0.5 * 4), rtol=1e-6)
+    np.testing.assert_allclose(float(build_schedule("per_epoch(factor=0.5)", 0.1)(3)), 0.0125)
+    for name in ("cosine", "warmup_cosine", "one_cycle"):
+        with pytest.raises(
+            ConfigError, match=f"the {name} schedule runs over the whole run: give total_steps"
+        ):
+            build_schedule(name, 0.1)
+    np.testing.assert_allclose(
+        float(build_schedule("cosine", 0.1, total_steps=100)(50)), 0.05, rtol=1e-6
+    )

@@ -170,8 +170,17 @@ def _plateau_spec(**settings: Any) -> Plateau:
 _plateau_spec.__signature__ = inspect.signature(Plateau)  # its arguments are Plateau's
 
 
-def _registry(value: float, steps_per_epoch: int, total_steps: int):
+def _registry(value: float, steps_per_epoch: int, total_steps: int | None):
     spe = steps_per_epoch
+
+    def total(name: str) -> int:
+        if total_steps is None:
+            raise ConfigError(
+                f"the {name} schedule runs over the whole run: give total_steps "
+                "(the run's optimizer steps) to build_schedule",
+                param="total_steps",
+            )
+        return total_steps
 
     def epochs_to_steps(name: str, epochs: float) -> int:
         check_range(name, epochs, low=0.0)
@@ -197,17 +206,17 @@ def _registry(value: float, steps_per_epoch: int, total_steps: int):
         return linear_warmup(value, max(1, epochs_to_steps("epochs", epochs)))
 
     def s_warmup_cosine(warmup_epochs: float = 1.0, end_factor: float = 0.0):
-        warm = min(epochs_to_steps("warmup_epochs", warmup_epochs), total_steps)
-        return warmup_cosine(value, warm, total_steps, value * end_factor)
+        warm = min(epochs_to_steps("warmup_epochs", warmup_epochs), total("warmup_cosine"))
+        return warmup_cosine(value, warm, total("warmup_cosine"), value * end_factor)
 
     def s_cosine(end_factor: float = 0.0):
         check_range("end_factor", end_factor, low=0.0, high=1.0)
-        return cosine(value, total_steps, value * end_factor)
+        return cosine(value, total("cosine"), value * end_factor)
 
     def s_one_cycle(
         pct_start: float = 0.3, div_factor: float = 25.0, final_div_factor: float = 1e4
     ):
-        return one_cycle(value, total_steps, pct_start, div_factor, final_div_factor)
+        return one_cycle(value, total("one_cycle"), pct_start, div_factor, final_div_factor)
 
     return {
         "constant": s_constant,
@@ -226,9 +235,13 @@ SCHEDULE_NAMES = tuple(_registry(1.0, 1, 1))
 
 
 def build_schedule(
-    spec: str, value: float, *, steps_per_epoch: int, total_steps: int
+    spec: str, value: float, *, steps_per_epoch: int = 1, total_steps: int | None = None
 ) -> Schedule | Plateau:
     """Build a schedule from a spec whose durations are in epochs, for a run of ``total_steps``.
+
+    ``steps_per_epoch`` (default 1: durations in steps) converts epochs to steps;
+    ``total_steps`` is needed only by the schedules that span the whole run
+    (``warmup_cosine``, ``cosine``, ``one_cycle``), which refuse to be built without it.
 
     Specs: ``constant``, ``per_epoch(factor=0.98)``, ``exponential(rate=0.05)`` (per epoch),
     ``step(epochs=(30, 60), factor=0.1)`` (multiply by factor after epochs 30 and 60, like
@@ -243,9 +256,13 @@ def build_schedule(
       A schedule ``step -> lr``, or a `Plateau` for reduce-on-plateau.
 
     Raises:
-      ConfigError: unknown name (listing the valid ones) or bad argument.
+      ConfigError: unknown name (listing the valid ones), bad argument, or a whole-run
+        schedule without ``total_steps``.
     """
     check_range("learning_rate", value, low=0.0, low_inclusive=False)
+    check_int("steps_per_epoch", steps_per_epoch, low=1)
+    if total_steps is not None:
+        check_int("total_steps", total_steps, low=1)
     built = build_from_registry(
         spec, _registry(value, steps_per_epoch, total_steps), what="schedule"
     )
