@@ -213,3 +213,13 @@ def test_cli_augment_and_mixup(tmp_path, capsys):
         assert main([*base, *extra, "--out", str(tmp_path / "b")]) == 2
         assert match in capsys.readouterr().err
         assert not (tmp_path / "b").exists()
+
+
+def test_apply_batch_is_deprecated_and_equals_the_vmap():
+    from jtricks.data.augment import apply_batch, shift
+
+    x = jax.random.normal(jax.random.key(0), (4, 16))
+    with pytest.warns(DeprecationWarning, match="apply_batch is deprecated"):
+        got = apply_batch(shift(2), jax.random.key(1), x)
+    want = jax.vmap(shift(2))(jax.random.split(jax.random.key(1), 4), x)
+    np.testing.assert_array_equal(got, want)

@@ -108,3 +108,13 @@ def test_saving_an_epoch_replaces_the_later_ones_of_an_abandoned_run(tmp_path, s
     np.testing.assert_array_equal(
         _kernel(_plain_orbax(tmp_path / "epoch-000003")[0]), _kernel({"params": states[3].params})
     )
+
+
+def test_the_old_checkpointer_import_warns_and_still_works():
+    from jtricks.training import checkpointer
+
+    with pytest.warns(DeprecationWarning, match="import it from jtricks.training"):
+        from jtricks.training.checkpoint import Checkpointer as Old
+    assert Old is checkpointer.Checkpointer
+    with pytest.raises(ImportError, match="cannot import name 'Nope'"):
+        from jtricks.training.checkpoint import Nope  # noqa: F401

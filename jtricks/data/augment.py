@@ -17,6 +17,7 @@ References:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import jax
@@ -303,6 +304,21 @@ def augment_jointly(
             continue
         x = part(k, x)
     return x, targets
+
+
+def apply_batch(augment: Augment, key: jax.Array, x: jax.Array) -> jax.Array:
+    """Deprecated (removed from the documented API on 2026-12-02, kept for one minor
+    version): a per-example augmentation applied to a batch ``(N, ...)``, one key per
+    example, as ``jax.vmap(augment)(jax.random.split(key, len(x)), x)``; the train step
+    does this itself (``fit(augment=...)``)."""
+    warnings.warn(
+        "jtricks.data.augment.apply_batch is deprecated and will be removed in jtricks "
+        "0.2: write jax.vmap(augment)(jax.random.split(key, len(x)), x), or pass "
+        "augment= to fit",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return jax.vmap(augment)(jax.random.split(key, x.shape[0]), x)
 
 
 def mix_batch(
