@@ -118,3 +118,26 @@ def test_the_old_checkpointer_import_warns_and_still_works():
     assert Old is checkpointer.Checkpointer
     with pytest.raises(ImportError, match="cannot import name 'Nope'"):
         from jtricks.training.checkpoint import Nope  # noqa: F401
+
+
+def test_an_exception_in_fit_waits_for_the_checkpoint_in_flight(tmp_path):
+    """A callback that raises after the background write of epoch 2 began: fit waits for
+    that write and releases orbax's threads before the error propagates."""
+    from jtricks.training import fit
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 4)).astype(np.float32), rng.integers(0, 2, 40)
+    state = create_train_state(
+        MLP(num_classes=2, features=(3,)), optax.sgd(0.1), x, jax.random.key(0)
+    )
+
+    class Boom:
+        def on_epoch_end(self, record, state):
+            if record["epoch"] == 2:
+                raise RuntimeError("boom")
+
+    ckpt = Checkpointer(tmp_path, every=1, keep=5, monitor=None, background=True)
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(state, (x, y), batch_size=10, epochs=4, callbacks=[ckpt, Boom()])
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["epoch-000001", "epoch-000002"]
+    assert not ckpt._managers  # closed: no orbax thread keeps the process alive

@@ -346,3 +346,12 @@ def test_bf16_and_the_divergence_guard_on_a_stream(data):
     assert [r["step"] for r in ha] == [r["step"] for r in hb]
     assert ha.kept_step == hb.kept_step
     _same(a.params, b.params)
+
+
+def test_a_one_shot_validation_iterator_is_refused_before_training(data):
+    train, test = data
+    batches = (tuple(a[i : i + 30] for a in test) for i in range(0, 60, 30))
+    state = _state()
+    with pytest.raises(ConfigError, match=r"val_data is a one-shot iterator \(generator\)"):
+        fit(state, train, batch_size=40, epochs=2, val_data=batches)
+    assert int(state.step) == 0  # nothing trained (the state was not consumed)

@@ -383,23 +383,3 @@ def restore_latest(
             "no intact checkpoint in " + str(directory) + ": " + "; ".join(errors)
         )
     return None
-
-
-def __getattr__(name: str) -> Any:
-    """``Checkpointer`` moved to `jtricks.training.checkpointer` (also
-    `jtricks.training.Checkpointer`); the old import keeps working for one minor version,
-    with a `DeprecationWarning`."""
-    if name == "Checkpointer":
-        import warnings
-
-        from jtricks.training.checkpointer import Checkpointer
-
-        warnings.warn(
-            "jtricks.training.checkpoint.Checkpointer moved: import it from "
-            "jtricks.training (or jtricks.training.checkpointer); the old name goes in "
-            "jtricks 0.2",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return Checkpointer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,6 +3,8 @@ dispatches them, records, runs callbacks and watches for divergence."""
 
 from __future__ import annotations
 
+import collections.abc
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -160,9 +162,18 @@ def stream_run(
 
 
 def prepare_validation(val_data: Any, run: Run, member, task, eval_batch_size: int, mesh) -> Any:
-    """Validation data as the epochs take it: a stream as it is; arrays checked against
+    """Validation data as the epochs take it: a re-iterable stream as it is (a one-shot
+    iterator is refused before training, not at epoch 2); arrays checked against
     the model and the training data, cut into padded batches (`pad_batches`) and, with a
     mesh, replicated on it."""
+    if isinstance(val_data, collections.abc.Iterator):  # a generator: one pass only
+        raise ConfigError(
+            f"val_data is a one-shot iterator ({type(val_data).__name__}): validation reads "
+            "it after every epoch, and it would be empty from the second on; give "
+            "something iter() restarts (a list of batches, a BatchStream, a Grain "
+            "dataset) or arrays",
+            param="val_data",
+        )
     if val_data is None or is_stream(val_data):
         return val_data
     val_data = as_arrays(val_data, "validation data")
@@ -261,10 +272,25 @@ def run_loop(
             out = end(state) if end is not None and not pipelined else None
             if isinstance(out, TrainState):
                 state = out
+    except BaseException:
+        _settle(callbacks)
+        raise
     finally:
         if reporter is not None:
             reporter.close()
     return state, history
+
+
+def _settle(callbacks) -> None:
+    """After an exception or an interrupt inside `fit`: let every callback that writes in
+    the background (a `Checkpointer`) finish what it started and release its threads, so
+    the newest checkpoint is on disk and the process can exit. A failure of those writes
+    does not hide the error being raised."""
+    for cb in callbacks:
+        close = getattr(cb, "close", None)
+        if callable(close):
+            with contextlib.suppress(Exception):
+                close()
 
 
 def _ran_out(history: History, step: int) -> str:
