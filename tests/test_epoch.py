@@ -151,3 +151,36 @@ def test_a_short_last_epoch_reuses_the_epoch_program(data, caplog):
         assert [r["step"] for r in hist.records] == [6, 10] and epoch_compiles() == 1
         state, hist = fit(state, (x, y), batch_size=10, steps=1)
         assert hist.records[-1]["step"] == 11 and epoch_compiles() == 2
+
+
+def test_a_users_own_step_is_masked_by_a_select(data):
+    """`make_epoch_fn` with a step of the plain ``(state, batch)`` signature: steps past
+    the count leave its state as a program of exactly that length does."""
+    from jtricks.training.epoch import make_epoch_fn
+
+    x, y = data
+
+    def plain_step(state, batch):  # SGD on the mean cross-entropy, no guard, no mask
+        xb, yb = batch
+
+        def loss(p):
+            logits = MODEL.apply({"params": p}, xb)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+        value, grads = jax.value_and_grad(loss)(state.params)
+        params = jax.tree.map(lambda p, g: p - 0.1 * g, state.params, grads)
+        return state.replace(step=state.step + 1, params=params), {"loss": value}
+
+    run_epoch = make_epoch_fn(plain_step)
+    got = []
+    for length in (3, 6):
+        state = create_train_state(MODEL, optax.sgd(0.1), x, jax.random.key(0))
+        out, metrics = run_epoch(
+            state, (jnp.asarray(x), jnp.asarray(y)), jax.random.key(1), np.int32(0),
+            np.int32(2), None, np.int32(0), np.int32(20), num_steps=np.int32(3),
+            length=length, batch_size=10,
+        )  # fmt: skip
+        got.append((int(out.step), jax.device_get(out.params), float(metrics["loss"])))
+    (s3, p3, l3), (s6, p6, l6) = got
+    assert s3 == s6 == 3 and l3 == pytest.approx(l6, rel=1e-6)
+    jax.tree.map(np.testing.assert_array_equal, p3, p6)

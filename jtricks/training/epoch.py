@@ -164,13 +164,16 @@ def step_metric_shapes(step_at, state) -> Metrics:
 
 
 def run_steps(step_at, state, acc, num_steps, max_streak, length: int, unroll: int = 1):
-    """``step_at(state, j, active)`` for ``j = 0 .. num_steps - 1`` in one `lax.scan` of the static
-    ``length >= num_steps``, adding each step's metrics into ``acc`` (`init_accumulator`).
+    """``step_at(state, j, active)`` for ``j = 0 .. num_steps - 1`` in one `lax.scan` of
+    the static ``length >= num_steps``, adding each step's metrics into ``acc``
+    (`init_accumulator`).
+
     A step is *active* while ``j < num_steps`` and fewer than ``max_streak`` consecutive
-    steps were skipped as non-finite (in any member); an inactive step leaves the state as
-    it was (`masked_step`) and its metrics are discarded, so the loop has a static trip count (no host round trip
-    per step on an accelerator) and still stops where a while loop would. A
-    `jtricks.optim.fused` optimizer sees flat parameters inside the loop, one copy each way."""
+    steps were skipped as non-finite (in any member); an inactive step leaves the state
+    as it was (`masked_step`) and its metrics are discarded. So the loop has a static
+    trip count (no host round trip per step on an accelerator) and still stops where a
+    while loop would. A `jtricks.optim.fused` optimizer sees flat parameters inside the
+    loop, one copy each way."""
     per_member = jax.vmap if is_ensemble(state) else (lambda f: f)
     fused = is_fused(state.opt_state)
     if fused:
