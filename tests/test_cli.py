@@ -345,3 +345,31 @@ def test_a_typed_flag_overrides_the_recipe_even_at_its_default(monkeypatch):
             main(["train", "--recipe", "tricks", *extra, "--checkpoint-every", "10"])
         assert seen[-1].tta == expect and seen[-1].checkpoint_every == 10
         assert seen[-1].augment == "shift(2) | trend(1.0)"
+
+
+@pytest.mark.parametrize("targets", [1, 2])
+def test_an_npz_with_real_targets_trains_a_regression(tmp_path, capsys, targets):
+    """Real-valued targets in a user's .npz are a regression (the file's own task, one
+    output per target), and train with --task regression to a test MSE well below the
+    targets' mean square (the map is learnable)."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(5, targets))
+
+    def split(n):
+        x = rng.normal(size=(n, 5)).astype(np.float32)
+        y = (x @ w).astype(np.float32)
+        return x, (y[:, 0] if targets == 1 else y)
+
+    (x, y), (xt, yt) = split(80), split(30)
+    path = tmp_path / "reg.npz"
+    np.savez(path, x=x, y=y, x_test=xt, y_test=yt)
+    data = jtricks.load_dataset(f"npz:{path}")
+    assert (data.task, data.num_classes, data.y_train.dtype) == ("regression", targets, np.float32)
+    out = tmp_path / "run"
+    args = ["train", "--dataset", f"npz:{path}", "--task", "regression", "--model"]
+    args += ["mlp(features=(16,))", "--batch-size", "16", "--epochs", "30", "--lr", "0.01"]
+    args += ["--preprocess", "none", "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 < summary["test_mse"] < 0.5 * float(np.mean(yt**2))  # it learned the map
+    capsys.readouterr()

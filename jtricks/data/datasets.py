@@ -231,7 +231,9 @@ def npz(path: str) -> Dataset:
     """A dataset from a ``.npz`` file holding ``x``, ``y``, ``x_test`` and ``y_test`` arrays.
 
     Read with ``allow_pickle=False``: object arrays are refused, never unpickled.
-    Labels must be integers; ``num_classes`` is ``max(y, y_test) + 1``.
+    Integer targets are class labels (``num_classes`` is ``max(y, y_test) + 1``, the task
+    classification); real-valued targets ``(N,)`` or ``(N, T)`` are a regression (its
+    ``num_classes`` the number of targets, 1 or T; the task regression).
 
     Raises:
       ConfigError: naming the file for a missing, unreadable or malformed file.
@@ -265,12 +267,7 @@ def npz(path: str) -> Dataset:
         if "pickle" in str(e):
             why = "it holds object arrays, which are refused (never unpickled)"
         raise ConfigError(f"cannot read dataset file {str(p)!r}: {why}", param="dataset") from None
-    for k in ("y", "y_test"):
-        if not np.issubdtype(arrays[k].dtype, np.integer):
-            raise ConfigError(
-                f"dataset file {str(p)!r}: {k} must hold integer labels; got dtype {arrays[k].dtype}",
-                param="dataset",
-            )
+    regression = _npz_targets(p, arrays)
     for k in ("x", "x_test"):
         if not np.issubdtype(arrays[k].dtype, np.number):
             raise ConfigError(
@@ -282,15 +279,46 @@ def npz(path: str) -> Dataset:
             f"dataset file {str(p)!r}: empty dataset (no training or no test examples)",
             param="dataset",
         )
-    num_classes = int(max(arrays["y"].max(), arrays["y_test"].max())) + 1
+    if regression:
+        y, y_test = (arrays[k].astype(np.float32) for k in ("y", "y_test"))
+        outputs = 1 if y.ndim == 1 else int(np.prod(y.shape[1:]))
+    else:
+        y, y_test = (arrays[k].astype(np.int32) for k in ("y", "y_test"))
+        outputs = int(max(y.max(), y_test.max())) + 1
     return Dataset(
         name=f"npz:{p}",
         x_train=arrays["x"].astype(np.float32),
-        y_train=arrays["y"].astype(np.int32),
+        y_train=y,
         x_test=arrays["x_test"].astype(np.float32),
-        y_test=arrays["y_test"].astype(np.int32),
-        num_classes=num_classes,
+        y_test=y_test,
+        num_classes=outputs,
+        task="regression" if regression else "classification",
     )
+
+
+def _npz_targets(p: Path, arrays: dict[str, np.ndarray]) -> bool:
+    """Whether the file's targets are real-valued (a regression) rather than integer class
+    labels; refuses targets of neither kind, or of both kinds across the two splits."""
+    kinds = set()
+    for k in ("y", "y_test"):
+        dtype = arrays[k].dtype
+        if np.issubdtype(dtype, np.integer):
+            kinds.add("integer")
+        elif np.issubdtype(dtype, np.floating):
+            kinds.add("real")
+        else:
+            raise ConfigError(
+                f"dataset file {str(p)!r}: {k} must hold integer class labels or real-valued "
+                f"regression targets; got dtype {dtype}",
+                param="dataset",
+            )
+    if len(kinds) > 1:
+        raise ConfigError(
+            f"dataset file {str(p)!r}: y and y_test must be of one kind (integer labels or "
+            f"real targets); got {arrays['y'].dtype} and {arrays['y_test'].dtype}",
+            param="dataset",
+        )
+    return kinds == {"real"}
 
 
 DATASETS: dict[str, Callable[..., Dataset]] = {
