@@ -207,18 +207,28 @@ def array_of(values: Any) -> Any:
     return values if isinstance(values, jax.Array) else np.asarray(values)
 
 
+def nonfinite(values: Any) -> tuple[int, tuple[int, ...]] | None:
+    """``(count, index of the first)`` of the NaN and inf entries of a float array (NumPy,
+    or JAX reduced on its device: only the two numbers reach the host); ``None`` when
+    there are none or the array is not floating."""
+    if not jnp.issubdtype(values.dtype, jnp.floating):
+        return None
+    bad = ~(jnp if isinstance(values, jax.Array) else np).isfinite(values)
+    count = int(bad.sum())
+    if not count:
+        return None
+    flat = int(bad.reshape(-1).argmax())
+    return count, tuple(int(i) for i in np.unravel_index(flat, values.shape))
+
+
 def check_finite(task: Task, where: str, field: str, values: Any) -> None:
     """`ConfigError` naming the task and field when a float array (NumPy, or JAX on its
     device) holds NaN or inf."""
-    if jnp.issubdtype(values.dtype, jnp.floating):
-        bad = ~(jnp if isinstance(values, jax.Array) else np).isfinite(values)
-        count = int(bad.sum())
-        if count:
-            flat = int(bad.reshape(-1).argmax())
-            first = tuple(int(i) for i in np.unravel_index(flat, values.shape))
-            raise task.error(
-                where, field, f"{count} non-finite values (NaN or inf), first at index {first}"
-            )
+    found = nonfinite(values)
+    if found:
+        raise task.error(
+            where, field, f"{found[0]} non-finite values (NaN or inf), first at index {found[1]}"
+        )
 
 
 def check_integer_labels(

@@ -19,7 +19,7 @@ import numpy as np
 
 from jtricks.errors import ConfigError
 from jtricks.tasks import Task
-from jtricks.tasks.base import array_of
+from jtricks.tasks.base import array_of, nonfinite
 from jtricks.training.model import apply_model
 
 
@@ -56,15 +56,12 @@ def check_inputs(task: Task, data: Any, where: str) -> None:
         name = f" {jax.tree_util.keystr(path)}" if path else ""
         if not (jnp.issubdtype(x.dtype, jnp.number) or x.dtype == np.bool_):
             raise ConfigError(f"{where}: features{name} must be numeric; got dtype {x.dtype}")
-        if jnp.issubdtype(x.dtype, jnp.floating):
-            bad = ~(jnp if isinstance(x, jax.Array) else np).isfinite(x)
-            count = int(bad.sum())
-            if count:
-                first = np.unravel_index(int(bad.reshape(-1).argmax()), x.shape)
-                raise ConfigError(
-                    f"{where}: features{name} contain {count} non-finite values "
-                    f"(NaN or inf), first at index {tuple(int(i) for i in first)}"
-                )
+        found = nonfinite(x)
+        if found:
+            raise ConfigError(
+                f"{where}: features{name} contain {found[0]} non-finite values "
+                f"(NaN or inf), first at index {found[1]}"
+            )
 
 
 _PARAM_SHAPE = re.compile(

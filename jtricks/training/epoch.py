@@ -22,7 +22,7 @@ from jtricks.optim.fused import is_fused
 from jtricks.training.fused_state import flat_train_state, tree_train_state
 from jtricks.training.gradients import Batch, num_examples
 from jtricks.training.state import TrainState
-from jtricks.training.steps import EvalStep, Metrics, evaluate_batches, is_ensemble
+from jtricks.training.steps import EvalStep, Metrics, evaluate_batches, is_ensemble, select_tree
 
 
 def make_epoch_fn(
@@ -206,19 +206,15 @@ def run_steps(step_at, state, acc, num_steps, max_streak, length: int, unroll: i
 
 def keep_active(active: jax.Array, new: TrainState, old: TrainState) -> TrainState:
     """``new`` where ``active``, else ``old``: the fields a step changes (step, parameters,
-    optimizer state, BatchNorm statistics, EMA), selected element-wise. XLA fuses the
-    select into the step's own non-finite guard, so an active step pays nothing for it."""
-
-    def pick(a, b):
-        return jax.tree.map(lambda x, y: jnp.where(active, x, y), a, b)
-
-    return new.replace(
-        step=pick(new.step, old.step),
-        params=pick(new.params, old.params),
-        opt_state=pick(new.opt_state, old.opt_state),
-        batch_stats=pick(new.batch_stats, old.batch_stats),
-        ema_params=pick(new.ema_params, old.ema_params),
+    optimizer state, BatchNorm statistics, EMA), selected element-wise (`select_tree`).
+    For a step without ``takes_active`` only: this second select over the state cost
+    about 5% of a small CNN's step on a CPU, which jtricks' own steps avoid by masking
+    inside their non-finite guard."""
+    fields = ("step", "params", "opt_state", "batch_stats", "ema_params")
+    picked = select_tree(
+        active, [getattr(new, f) for f in fields], [getattr(old, f) for f in fields]
     )
+    return new.replace(**dict(zip(fields, picked, strict=True)))
 
 
 def epoch_metrics(state, acc, val, eval_step, eval_source) -> Metrics:

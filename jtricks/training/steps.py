@@ -126,7 +126,7 @@ def make_train_step(
             keep = finite & active
             metrics["nonfinite"] = (~finite).astype(jnp.int32)
         if skip_nonfinite or active is not True:
-            params, opt_state, batch_stats = _select(
+            params, opt_state, batch_stats = select_tree(
                 keep, (params, opt_state, batch_stats),
                 (state.params, state.opt_state, state.batch_stats),
             )  # fmt: skip
@@ -139,16 +139,16 @@ def make_train_step(
         )
         if state.ema_params is not None:  # Polyak averaging (kept when the step was skipped)
             ema = optax.incremental_update(params, state.ema_params, 1.0 - state.ema_decay)
-            new_state = new_state.replace(ema_params=_select(active, ema, state.ema_params))
+            new_state = new_state.replace(ema_params=select_tree(active, ema, state.ema_params))
         return new_state, metrics
 
     train_step.takes_active = True  # the compiled epoch masks steps through ``active``
     return train_step
 
 
-def _select(keep: Any, new: Any, old: Any) -> Any:
-    """``new`` where ``keep`` (a boolean scalar), else ``old``, leaf by leaf; ``new`` itself
-    when ``keep`` is the literal ``True``."""
+def select_tree(keep: Any, new: Any, old: Any) -> Any:
+    """``new`` where ``keep`` (a boolean scalar), else ``old``, leaf by leaf (two pytrees of
+    one structure); ``new`` itself when ``keep`` is the literal ``True``."""
     if keep is True:
         return new
     return jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, old)
