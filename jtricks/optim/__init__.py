@@ -7,6 +7,8 @@
 * `fused`: `fused(tx)` runs an element-wise chain over one flat buffer per dtype group.
 * `pipeline`: `build_optimizer` from a spec such as ``"adam(lr=1e-3) | clip_global_norm(1.0) | l2(1e-4)"``,
   and `param_groups` (a rule and a rate multiplier per group of parameters, `groups`).
+* `sweep`: `sweepable(factory)`, optimizers equal up to their injected numbers, so a
+  hyper-parameter sweep compiles once (`build_optimizer` does the same for its specs).
 * `eval_params`: the evaluation parameters an optimizer state declares (schedule-free).
 """
 
@@ -38,6 +40,7 @@ from jtricks.optim.pipeline import (
     set_learning_rate,
 )
 from jtricks.optim.schedules import SCHEDULE_NAMES, build_schedule
+from jtricks.optim.sweep import Keyed, sweepable
 from jtricks.optim.transforms import (
     clip_by_value,
     clip_global_norm,
@@ -63,6 +66,7 @@ __all__ = [
     "TRANSFORMS",
     "Flat",
     "FusedState",
+    "Keyed",
     "Layout",
     "adadelta",
     "adagrad",
@@ -96,6 +100,7 @@ __all__ = [
     "scale_by_plateau",
     "set_learning_rate",
     "sgd",
+    "sweepable",
     "unflatten_params",
     "weights_mask",
 ]

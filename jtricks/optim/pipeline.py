@@ -34,6 +34,7 @@ import optax
 from jtricks.errors import ConfigError, check_range
 from jtricks.optim import alias, external, transforms
 from jtricks.optim import groups as groups_lib
+from jtricks.optim.sweep import Keyed, freeze
 from jtricks.spec import call_with_checked_args, parse_spec, split_pipeline, split_top_level
 
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
@@ -121,7 +122,9 @@ def build_optimizer(
       plateau: append `scale_by_plateau` for a reduce-on-plateau callback.
 
     Returns:
-      An `optax.GradientTransformation` (via `optax.inject_hyperparams`).
+      An `optax.GradientTransformation` (via `optax.inject_hyperparams`). With a numeric
+      learning rate, equal specs give equal optimizers whatever the rate
+      (`jtricks.optim.sweep.Keyed`), so a learning-rate sweep compiles its programs once.
 
     Raises:
       ConfigError: unknown names or arguments (listing the valid ones), no optimizer or more than one.
@@ -131,8 +134,8 @@ def build_optimizer(
         return param_groups(parse_groups(spec), learning_rate, schedule=schedule, plateau=plateau)
     make, name, lr = _pipeline(spec, plateau=plateau)
     lr = _base_rate(learning_rate if lr is None else lr, schedule)
-    _call(make, (lr,), {}, name)  # validate the optimizer's own arguments now, not at init
-    return optax.inject_hyperparams(make)(learning_rate=lr)
+    _call(make, (_probe(lr),), {}, name)  # validate the optimizer's arguments now, not at init
+    return _injected(make, lr, ("pipeline", freeze(spec), plateau))
 
 
 def param_groups(
@@ -173,8 +176,8 @@ def param_groups(
         makers.append((pattern, _group_maker(pattern, rule, scale), scale))
     make = groups_lib.grouped_maker(makers)
     lr = _base_rate(learning_rate, schedule)
-    _call(make, (lr,), {}, "parameter groups")
-    return optax.inject_hyperparams(_with_plateau(make, plateau))(learning_rate=lr)
+    _call(make, (_probe(lr),), {}, "parameter groups")
+    return _injected(_with_plateau(make, plateau), lr, ("groups", freeze(groups), plateau))
 
 
 def _group_maker(pattern: str, rule: Any, scale: Any):
@@ -223,6 +226,20 @@ def parse_groups(spec: str) -> list[tuple[str, str, float]]:
                 ) from None
         groups.append((words[0], body.strip(), scale))
     return groups
+
+
+def _probe(lr: Any) -> Any:
+    """The value the maker sees inside `optax.inject_hyperparams`: a number, also for a
+    schedule (its first value), so a factory may compute with it (``optax.scale(-lr)``)."""
+    return lr(0) if callable(lr) else lr
+
+
+def _injected(make: Callable[[Any], optax.GradientTransformation], lr: Any, key: Any):
+    """``make`` with ``learning_rate`` injected into the state. With a numeric rate the
+    result is `Keyed` by the spec, so a sweep over rates compiles once
+    (`jtricks.optim.sweep`); a schedule keeps its own identity."""
+    tx = optax.inject_hyperparams(make)(learning_rate=lr)
+    return tx if callable(lr) else Keyed(tx, key)
 
 
 def _base_rate(lr: Any, schedule: Callable[[float], optax.Schedule] | None) -> Any:
