@@ -84,3 +84,25 @@ def test_a_factory_sees_a_number_for_a_schedule(tmp_path):
     state = tx.init(params)
     updates, state = tx.update({"w": np.ones(3, np.float32)}, state, params)
     np.testing.assert_allclose(updates["w"], -1e-2, rtol=1e-5)  # Adam's first step is +-1
+
+
+def test_jtricks_own_optimizers_hold_their_rate_in_the_state():
+    """`current_learning_rate` reads a raw `jtricks.optim.momentum(0.1)`'s rate, and
+    `set_learning_rate` changes the update to the one a fresh optimizer of that rate makes
+    (momentum's first step: ``-lr g``, written out)."""
+    from jtricks.optim import momentum, set_learning_rate
+
+    params = {"w": np.ones(3, np.float32)}
+    grads = {"w": np.full(3, 2.0, np.float32)}
+    tx = momentum(0.1, 0.9)
+    state = tx.init(params)
+    assert float(current_learning_rate(state)) == pytest.approx(0.1)
+    assert tx == momentum(0.3, 0.9) and tx != momentum(0.1, 0.5)
+    updates, _ = tx.update(grads, set_learning_rate(state, 0.05), params)
+    np.testing.assert_allclose(updates["w"], -0.05 * 2.0, rtol=1e-6)
+    schedule = optax.linear_schedule(0.1, 0.0, 10)
+    tx = momentum(schedule)
+    state = tx.init(params)
+    for _ in range(3):  # the schedule's value at the step just taken: 0.1, 0.09, 0.08
+        _, state = tx.update(grads, state, params)
+    assert float(current_learning_rate(state)) == pytest.approx(0.08)

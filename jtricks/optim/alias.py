@@ -1,10 +1,23 @@
-"""Named optimizers: each is an `optax.chain` of building blocks ending in a learning-rate scale. ``learning_rate`` may be a float or an optax schedule ``step -> lr``."""
+"""Named optimizers: each is an `optax.chain` of building blocks ending in a learning-rate
+scale. ``learning_rate`` may be a float or an optax schedule ``step -> lr``.
+
+A rate given as a Python number or a schedule is injected into the optimizer state
+(`optax.inject_hyperparams`, via `jtricks.optim.sweep.sweepable`): the state then says what
+rate it runs at (`jtricks.optim.current_learning_rate`, the ``lr`` that `fit` logs),
+`set_learning_rate` changes it, and optimizers that differ only in the rate are equal, so
+a sweep compiles once. The update is the chain's own arithmetic, bit for bit.
+"""
 
 from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
 
 import optax
 
 from jtricks.errors import check_range
+from jtricks.optim.sweep import sweepable
 from jtricks.optim.transforms import (
     MaskSpec,
     check_lr,
@@ -17,12 +30,34 @@ from jtricks.optim.transforms import (
 ScalarOrSchedule = optax.ScalarOrSchedule
 
 
+def rate_in_state(
+    factory: Callable[..., optax.GradientTransformation],
+) -> Callable[..., optax.GradientTransformation]:
+    """``factory`` whose numeric ``learning_rate`` lives in the optimizer state (see the
+    module docstring); a schedule is injected too (its value at each step in the state),
+    an array rate (inside `build_optimizer`'s own injection) gives the plain chain."""
+    signature = inspect.signature(factory)
+    injected = sweepable(factory)
+
+    @functools.wraps(factory)
+    def make(*args, **kwargs) -> optax.GradientTransformation:
+        tx = factory(*args, **kwargs)  # validates every argument now
+        rate = signature.bind(*args, **kwargs).arguments.get("learning_rate", 1.0)
+        if callable(rate) or (isinstance(rate, int | float) and not isinstance(rate, bool)):
+            return injected(*args, **kwargs)
+        return tx  # an array: already inside an injecting transformation
+
+    return make
+
+
+@rate_in_state
 def sgd(learning_rate: ScalarOrSchedule) -> optax.GradientTransformation:
     """Mini-batch SGD: ``w <- w - eta g``."""
     check_lr(learning_rate)
     return optax.chain(optax.scale_by_learning_rate(learning_rate))
 
 
+@rate_in_state
 def momentum(
     learning_rate: ScalarOrSchedule,
     gamma: float = 0.9,
@@ -39,6 +74,7 @@ def momentum(
     return momentum_chain(learning_rate, gamma, form=form, nesterov=nesterov)
 
 
+@rate_in_state
 def adagrad(
     learning_rate: ScalarOrSchedule,
     eps: float = 1e-7,
@@ -57,6 +93,7 @@ def adagrad(
     )
 
 
+@rate_in_state
 def normalized_sgd(
     learning_rate: ScalarOrSchedule, eps: float = 0.0
 ) -> optax.GradientTransformation:
@@ -65,6 +102,7 @@ def normalized_sgd(
     return optax.chain(normalize_by_global_norm(eps), optax.scale_by_learning_rate(learning_rate))
 
 
+@rate_in_state
 def rmsprop(
     learning_rate: ScalarOrSchedule,
     decay: float = 0.9,
@@ -100,6 +138,7 @@ def rmsprop(
     return optax.chain(*parts)
 
 
+@rate_in_state
 def adam(
     learning_rate: ScalarOrSchedule,
     b1: float = 0.9,
@@ -126,6 +165,7 @@ def adam(
     )
 
 
+@rate_in_state
 def adamw(
     learning_rate: ScalarOrSchedule,
     b1: float = 0.9,
@@ -144,6 +184,7 @@ def adamw(
     )
 
 
+@rate_in_state
 def adadelta(
     learning_rate: ScalarOrSchedule = 1.0, rho: float = 0.9, eps: float = 1e-6
 ) -> optax.GradientTransformation:
