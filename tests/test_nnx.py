@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from jtricks.data import epoch_indices
-from jtricks.training import create_train_state, evaluate, fit
+from jtricks.training import create_train_state, evaluate, fit, nnx_module
 from jtricks.training.checkpoint import restore, save
 
 BATCH, EPOCHS = 20, 3
@@ -104,3 +104,56 @@ def test_nnx_checkpoint_resumes_bit_identically(nnx_run, tmp_path):
         if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
             a, b = jax.random.key_data(a), jax.random.key_data(b)
         assert np.array_equal(a, b)
+
+
+def test_the_callers_module_keeps_its_mode_and_the_trained_module_comes_back(tiny_data):
+    """`create_train_state` leaves the module it is given as it was (here in evaluation
+    mode); `nnx_module` gives the trained module back, whose evaluation-mode output is the
+    one `evaluate` scores, and which a later `fit` of the state does not consume."""
+    model = _net()
+    model.eval()
+    x, y = tiny_data.x_train, tiny_data.y_train
+    state = create_train_state(model, optax.adam(1e-2), x, jax.random.key(0))
+    assert model.drop.deterministic and model.norm.use_running_average
+    state, _ = fit(state, (x, y), batch_size=BATCH, epochs=1)
+    trained = nnx_module(state)
+    assert trained.drop.deterministic and not nnx_module(state, train=True).drop.deterministic
+    x_test = jnp.asarray(tiny_data.x_test)
+    logits = trained(x_test)
+    accuracy = evaluate(state, (tiny_data.x_test, tiny_data.y_test))["accuracy"]
+    assert accuracy == pytest.approx(np.mean(np.argmax(logits, -1) == tiny_data.y_test))
+    fit(state, (x, y), batch_size=BATCH, steps=1)  # donates the state, not the module
+    np.testing.assert_array_equal(trained(x_test), logits)
+
+
+def test_a_module_bridged_to_linen_gets_its_dropout_stream_and_its_mode():
+    """``nnx.bridge.to_linen`` of a module whose ``nnx.Dropout`` takes ``rngs``: init is
+    given the ``dropout`` stream it asks for, training draws a new mask per key, and
+    evaluation (the NNX ``__call__``'s ``deterministic``) equals the forward pass written
+    out by hand without dropout."""
+    from flax.nnx import bridge
+
+    from jtricks.training.model import apply_model
+
+    class Bridged(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs):
+            self.hidden = nnx.Linear(5, 8, rngs=rngs)
+            self.drop = nnx.Dropout(0.5, rngs=rngs)
+            self.out = nnx.Linear(8, 3, rngs=rngs)
+
+        def __call__(self, x, *, deterministic: bool = False):
+            return self.out(self.drop(nnx.relu(self.hidden(x)), deterministic=deterministic))
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(20, 5)).astype(np.float32), rng.integers(0, 3, 20)
+    state = create_train_state(bridge.to_linen(Bridged), optax.sgd(0.1), x, jax.random.key(0))
+    state, hist = fit(state, (x, y), batch_size=10, epochs=1)
+    assert np.isfinite(hist["train_loss"][-1])
+    p = state.params
+    by_hand = np.maximum(x @ p["hidden"]["kernel"] + p["hidden"]["bias"], 0)
+    by_hand = by_hand @ p["out"]["kernel"] + p["out"]["bias"]
+    evaluated, _ = apply_model(state, p, x, train=False, key=None)
+    np.testing.assert_allclose(evaluated, by_hand, rtol=1e-5, atol=1e-5)
+    a, _ = apply_model(state, p, x, train=True, key=jax.random.key(1))
+    b, _ = apply_model(state, p, x, train=True, key=jax.random.key(2))
+    assert not np.allclose(a, b)

@@ -19,6 +19,7 @@ module's own streams in the state, so a step is what a hand-written ``nnx`` loop
 from __future__ import annotations
 
 import dataclasses
+import re
 import inspect
 from typing import Any
 
@@ -34,12 +35,18 @@ AUTO = "auto"
 
 
 def detect_train_arg(module: nn.Module) -> str | None:
-    """The keyword of ``module.__call__`` that switches training mode, or ``None``."""
+    """The keyword of ``module.__call__`` that switches training mode, or ``None``; for an
+    NNX module wrapped by ``nnx.bridge.to_linen`` (whose own ``__call__`` passes every
+    keyword through), the keyword of the NNX class's ``__call__``."""
+    call = getattr(getattr(module, "nnx_class", None), "__call__", None)
     try:
-        params = inspect.signature(type(module).__call__).parameters
+        params = inspect.signature(call or type(module).__call__).parameters
     except (TypeError, ValueError):
         return None
     return next((name for name in TRAIN_ARGS if name in params), None)
+
+
+MAX_STREAMS = 16  # RNG streams `LinenApply.init` adds before it gives up
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +77,21 @@ class LinenApply:
         )
 
     def init(self, key: jax.Array, inputs: Any) -> dict[str, Any]:
-        """The module's variables, initialised in evaluation mode from ``key``."""
-        return self.module.init({"params": key}, inputs, **self._flag(False))
+        """The module's variables, initialised in evaluation mode from ``key``.
+
+        Linen falls back to the ``params`` stream for any other; an NNX module wrapped by
+        ``nnx.bridge.to_linen`` does not, and its ``nnx.Dropout(rngs=...)`` asks for a
+        ``dropout`` stream at construction. Every stream it names is given, drawn from
+        ``key`` (``fold_in(key, i)`` for the i-th); ``params`` stays ``key``."""
+        rngs = {"params": key}
+        while True:
+            try:
+                return self.module.init(rngs, inputs, **self._flag(False))
+            except KeyError as e:
+                missing = re.search(r"No RngStream named '(\w+)'", str(e))
+                if missing is None or missing[1] in rngs or len(rngs) > MAX_STREAMS:
+                    raise
+                rngs[missing[1]] = jax.random.fold_in(key, len(rngs))
 
 
 def linen_apply(module: nn.Module, train_arg: str | None = AUTO) -> LinenApply:
@@ -118,13 +138,37 @@ class NNXApply:
 
 def nnx_state(model: nnx.Module) -> tuple[NNXApply, Any, Any]:
     """``(apply_fn, params, rest)`` of an NNX module; the arrays are copies (training donates
-    them), the module is left in training mode."""
+    them). The caller's module is left as it was, its mode (``train()`` / ``eval()``)
+    included: the graphs are taken from a clone."""
+    model = nnx.clone(model)
     model.eval()
     eval_graph = nnx.split(model, nnx.Param, ...)[0]
     model.train()
     train_graph, params, rest = nnx.split(model, nnx.Param, ...)
     copy = lambda tree: jax.tree.map(lambda a: a.copy(), tree)  # noqa: E731
     return NNXApply(train_graph, eval_graph), copy(params), copy(rest)
+
+
+def nnx_module(state: Any, *, train: bool = False) -> nnx.Module:
+    """The NNX module of a state made from one (`create_train_state(nnx_model, ...)`), with
+    the state's parameters and other variables (BatchNorm statistics, RNG streams), in
+    evaluation mode unless ``train``. Its arrays are copies, so a later `fit` of the state
+    (which donates it) leaves the module usable.
+
+    Example:
+      >>> state, _ = fit(create_train_state(model, tx, x, key), (x, y), epochs=5)
+      >>> trained = nnx_module(state)          # or nnx_module(state.with_ema_params())
+      >>> logits = trained(x_test)
+    """
+    if not isinstance(state.apply_fn, NNXApply):
+        raise ConfigError(
+            f"nnx_module needs a state made from an NNX module; this one runs "
+            f"{type(state.apply_fn).__name__}",
+            param="state",
+        )
+    graph = state.apply_fn.train_graph if train else state.apply_fn.eval_graph
+    copy = lambda tree: jax.tree.map(lambda a: a.copy(), tree)  # noqa: E731
+    return nnx.merge(graph, copy(state.params), copy(state.batch_stats))
 
 
 def apply_model(
