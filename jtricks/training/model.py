@@ -19,8 +19,8 @@ module's own streams in the state, so a step is what a hand-written ``nnx`` loop
 from __future__ import annotations
 
 import dataclasses
-import re
 import inspect
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -38,9 +38,10 @@ def detect_train_arg(module: nn.Module) -> str | None:
     """The keyword of ``module.__call__`` that switches training mode, or ``None``; for an
     NNX module wrapped by ``nnx.bridge.to_linen`` (whose own ``__call__`` passes every
     keyword through), the keyword of the NNX class's ``__call__``."""
-    call = getattr(getattr(module, "nnx_class", None), "__call__", None)
+    nnx_class = getattr(module, "nnx_class", None)
+    target = nnx_class if isinstance(nnx_class, type) else type(module)
     try:
-        params = inspect.signature(call or type(module).__call__).parameters
+        params = inspect.signature(target.__call__).parameters
     except (TypeError, ValueError):
         return None
     return next((name for name in TRAIN_ARGS if name in params), None)
