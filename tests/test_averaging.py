@@ -25,6 +25,7 @@ from jtricks.training.transfer import (
     finetune_labels,
     forward_layers,
     freeze,
+    freeze_batch_stats,
     load_pretrained,
     preset_patterns,
 )
@@ -171,6 +172,31 @@ def test_frozen_parameters_are_bit_identical(data):
         finetune_labels("last:0", layers)
     with pytest.raises(ConfigError, match="head, last:K, all"):
         finetune_labels("middle", layers)
+
+
+def test_frozen_batch_statistics_stay_and_the_rest_train_as_without(data):
+    """`freeze_batch_stats` keeps the matching running statistics bit-identical; training
+    is otherwise that of the same run without it (the forward pass in training mode uses
+    the batch's statistics either way): equal parameters, equal other statistics."""
+    x, y = data
+    model = build_model("mlp(features=(8, 8), norm='batch')", 4)
+    plain = create_train_state(model, optax.sgd(0.1), x, jax.random.key(0))
+    before = jax.tree.map(np.array, plain.batch_stats)
+    fresh = create_train_state(model, optax.sgd(0.1), x, jax.random.key(0))
+    held = freeze_batch_stats(fresh, ["Norm_0/*"])  # shares fresh's arrays: fit consumes both
+    assert held.frozen_stats == ("Norm_0/*",)
+    by_layers = freeze_batch_stats(plain, trainable=["Dense_1/*", "Norm_1/*", "head/*"])
+    assert by_layers.frozen_stats == ("Norm_0/mean", "Norm_0/var")
+    held, _ = fit(held, (x, y), batch_size=20, steps=5)
+    plain, _ = fit(plain, (x, y), batch_size=20, steps=5)
+    jax.tree.map(np.testing.assert_array_equal, held.params, plain.params)
+    jax.tree.map(np.testing.assert_array_equal, held.batch_stats["Norm_0"], before["Norm_0"])
+    jax.tree.map(
+        np.testing.assert_array_equal, held.batch_stats["Norm_1"], plain.batch_stats["Norm_1"]
+    )
+    assert not np.array_equal(plain.batch_stats["Norm_0"]["mean"], before["Norm_0"]["mean"])
+    with pytest.raises(ConfigError, match="frozen pattern 'Norm_9/\\*' matches no batch stat"):
+        freeze_batch_stats(plain, ["Norm_9/*"])
 
 
 def test_load_pretrained_copies_matching_layers(data, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 from typing import Any
 
@@ -33,6 +34,10 @@ class TrainState(train_state.TrainState):
         ``ema <- d ema + (1 - d) params`` (`optax.incremental_update`), starting from the
         initial parameters. ``None`` when off. BatchNorm statistics are not averaged.
       ema_decay: ``d`` (static), or ``None``.
+      frozen_stats: glob patterns over ``batch_stats`` paths (static; e.g.
+        ``("backbone/*",)``) whose running statistics the train step keeps as they are,
+        as Keras does for a frozen layer; set by
+        `jtricks.training.transfer.freeze_batch_stats`. Empty: every statistic updates.
 
     ``step`` is an int32 array from the start, so the first and later calls of a
     jitted step see the same types and compile once.
@@ -45,6 +50,7 @@ class TrainState(train_state.TrainState):
     key: jax.Array | None = None
     ema_params: Any = None
     ema_decay: float | None = struct.field(pytree_node=False, default=None)
+    frozen_stats: tuple[str, ...] = struct.field(pytree_node=False, default=())
 
     def with_ema_params(self) -> TrainState:
         """This state with its parameters replaced by their EMA (for evaluation)."""
@@ -72,6 +78,27 @@ class TrainState(train_state.TrainState):
         if source == "ema":
             return self.with_ema_params()
         return self.replace(params=optimizer_eval_params(self.opt_state, self.params))
+
+
+def stat_paths(batch_stats: Any) -> list[str]:
+    """Every leaf's ``"layer/leaf"`` path in a ``batch_stats`` collection."""
+    flat = jax.tree_util.tree_flatten_with_path(batch_stats)[0]
+    return [jax.tree_util.keystr(path, simple=True, separator="/") for path, _ in flat]
+
+
+def keep_frozen_stats(patterns: tuple[str, ...], new: Any, old: Any) -> Any:
+    """``new`` batch statistics with those whose path matches a pattern taken from ``old``
+    (decided while tracing: no select runs)."""
+    if not patterns:
+        return new
+    paths = stat_paths(old)
+    leaves_new, treedef = jax.tree.flatten(new)
+    leaves_old = jax.tree.leaves(old)
+    kept = [
+        o if any(fnmatch.fnmatchcase(p, pattern) for pattern in patterns) else n
+        for p, n, o in zip(paths, leaves_new, leaves_old, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, kept)
 
 
 def check_eval_source(source: Any, state: TrainState | None = None) -> str:

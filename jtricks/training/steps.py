@@ -21,7 +21,7 @@ from jtricks.tasks.base import array_of
 from jtricks.training import gradients as grad_lib
 from jtricks.training.gradients import Batch, cast_floats, num_examples
 from jtricks.training.model import apply_model
-from jtricks.training.state import TrainState
+from jtricks.training.state import TrainState, keep_frozen_stats
 
 PRECISIONS = {"float32": None, "bf16": jnp.bfloat16}
 
@@ -111,6 +111,7 @@ def make_train_step(
             key = jax.random.fold_in(dropout_key, 1)
             batch = _augment_batch(task, batch, key, augment, mix, num_classes)
         (loss, (outputs, batch_stats)), grads = gradients(state, batch, dropout_key)
+        batch_stats = keep_frozen_stats(state.frozen_stats, batch_stats, state.batch_stats)
 
         def value_fn(params):  # the same batch and randomness, for line searches
             return forward(state, params, batch, dropout_key, None)[0]

@@ -12,8 +12,10 @@
 
 Paths are ``"layer/leaf"`` strings such as ``"Conv_0/kernel"`` or
 ``"stage1_block1/Conv1D_0/kernel"``; patterns are `fnmatch` globs (``"Conv_*"``).
-BatchNorm statistics are not parameters: in training mode a frozen layer's
-BatchNorm still updates its running averages.
+BatchNorm statistics are not parameters, so `freeze` leaves them alone: in training mode
+a frozen layer's BatchNorm still updates its running averages (PyTorch's default).
+* `freeze_batch_stats(state, frozen)`: keep them too, as Keras does for a frozen layer
+  (the forward pass still normalises by the batch's statistics in training mode).
 
 References:
   Yosinski et al., "How transferable are features in deep neural networks?" (2014),
@@ -129,6 +131,39 @@ def freeze(
         )
 
     return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def freeze_batch_stats(
+    state: TrainState, frozen: Sequence[str] = ("*",), *, trainable: Sequence[str] | None = None
+) -> TrainState:
+    """``state`` whose train step keeps the BatchNorm running statistics (any leaf of
+    ``batch_stats``) whose path matches a pattern: ``frozen`` (those matching are kept), or
+    ``trainable`` (all others are kept, e.g. the same patterns as `freeze`'s). New here:
+    optax transformations only see gradients, so this is a static field of the state
+    (`TrainState.frozen_stats`) the step reads.
+
+    Raises:
+      ConfigError: a ``frozen`` pattern that matches no statistic, or a state without any.
+
+    Example:
+      >>> state = freeze_batch_stats(state, ["backbone/*"])
+    """
+    from jtricks.training.state import stat_paths
+
+    paths = stat_paths(state.batch_stats)
+    if not paths:
+        raise ConfigError("the model keeps no batch statistics to freeze", param="frozen")
+    if trainable is not None:  # trainable layers need not keep statistics (a head has none)
+        kept = [p for p in paths if not any(fnmatch.fnmatchcase(p, t) for t in trainable)]
+        return state.replace(frozen_stats=tuple(kept))
+    for pattern in frozen:
+        if not any(fnmatch.fnmatchcase(p, pattern) for p in paths):
+            raise ConfigError(
+                f"frozen pattern {pattern!r} matches no batch statistic; they are: "
+                f"{', '.join(paths[:8])}{' ...' if len(paths) > 8 else ''}",
+                param="frozen",
+            )
+    return state.replace(frozen_stats=tuple(frozen))
 
 
 def preset_patterns(preset: str, layers: Sequence[str]) -> list[str]:
