@@ -141,6 +141,10 @@ def test_evaluate_does_not_depend_on_batch_size(state, tiny_data):
     assert a["accuracy"] == b["accuracy"]
     logits = MODEL.apply({"params": state.params}, d.x_test)
     np.testing.assert_allclose(a["accuracy"], np.mean(np.argmax(logits, -1) == d.y_test))
+    c = evaluate(state, (d.x_test, d.y_test), eval_batch_size=7)  # fit's name for it
+    assert c == b
+    with pytest.raises(ConfigError, match="give batch_size or eval_batch_size"):
+        evaluate(state, (d.x_test, d.y_test), batch_size=100, eval_batch_size=7)
 
 
 def test_second_fit_does_not_recompile(tiny_data, adam, key):

@@ -207,11 +207,21 @@ def evaluate(
     task: Task | str | None = None,
     batch_size: int = 1000,
     params: str = "auto",
+    eval_batch_size: int | None = None,
 ) -> dict[str, float]:
     """The task's loss and metrics of ``state`` on ``data`` (any batch pytree, or a stream
     of batches: one pass, e.g. `jtricks.data.stream.SequentialBatches`) in evaluation
     mode; exact over the whole split for any ``batch_size`` (see `jtricks.tasks`), on the
-    parameters ``state.evaluation_state(params)`` (``"auto"``, ``"train"`` or ``"ema"``)."""
+    parameters ``state.evaluation_state(params)`` (``"auto"``, ``"train"`` or ``"ema"``).
+    ``eval_batch_size`` is ``batch_size`` under `fit`'s name for it (give one of them)."""
+    if eval_batch_size is not None:
+        if batch_size not in (1000, eval_batch_size):
+            raise ConfigError(
+                f"give batch_size or eval_batch_size (the same thing), not both; got "
+                f"batch_size={batch_size!r} and eval_batch_size={eval_batch_size!r}",
+                param="eval_batch_size",
+            )
+        batch_size = eval_batch_size
     check_live(state)
     task = as_task(task, loss_fn)
     check_eval_source(params, first_member(state))
