@@ -27,7 +27,18 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "jtricks"
 LAYERS = {
     **dict.fromkeys(
-        ("errors", "spec", "losses", "version", "rundir", "plotting", "configs", "trees"), 0
+        (
+            "errors",
+            "spec",
+            "imports",
+            "losses",
+            "version",
+            "rundir",
+            "plotting",
+            "configs",
+            "trees",
+        ),
+        0,
     ),
     **dict.fromkeys(("data", "nn", "optim", "tasks"), 1),
     "training": 2,

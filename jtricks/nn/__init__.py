@@ -25,6 +25,7 @@ from jtricks.nn.models import (
     resnet20,
 )
 from jtricks.nn.per_position import FCN1D, TransformerLM
+from jtricks.nn.user import is_import_path, user_model
 from jtricks.spec import build_from_registry
 
 MODELS.update(
@@ -39,12 +40,16 @@ MODELS.update(
 )
 
 
-def build_model(spec: str, num_classes: int) -> nn.Module:
-    """Build a registered model from a spec such as ``"cnn"`` or ``"mlp(features=(256, 256), dropout=0.2)"``.
+def build_model(spec: str, num_classes: int, *, seed: int = 0) -> nn.Module:
+    """Build a registered model from a spec such as ``"cnn"`` or ``"mlp(features=(256, 256), dropout=0.2)"``,
+    or a user's by import path, ``"mymodels:Net(width=64)"`` (a Linen or NNX module class,
+    or a function returning one; see `jtricks.nn.user`, where ``seed`` seeds NNX's ``rngs``).
 
     Raises:
       ConfigError: for an unknown name (listing the valid ones) or a bad argument.
     """
+    if is_import_path(spec):
+        return user_model(spec, num_classes, seed=seed)
     return build_from_registry(spec, MODELS, what="model", defaults={"num_classes": num_classes})
 
 

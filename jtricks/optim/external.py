@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import os
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import optax
 
 from jtricks.errors import ConfigError, did_you_mean
+from jtricks.imports import import_module, public_callables
 
 PREFIXES = {"optax.contrib.": "optax.contrib", "contrib.": "optax.contrib", "optax.": "optax"}
 
@@ -37,24 +36,8 @@ def is_external(name: str) -> bool:
     return ":" in name or any(name.startswith(p) for p in PREFIXES)
 
 
-def _import(module_name: str) -> Any:
-    """Import ``module_name``; if it is not found, try again with the working directory on
-    ``sys.path`` (as ``python -m`` would have it), so that ``jtricks train --optimizer
-    myopt:make`` finds ``./myopt.py`` from the console script too."""
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name != module_name.split(".")[0] or os.getcwd() in sys.path:
-            raise
-    sys.path.insert(0, os.getcwd())
-    try:
-        return importlib.import_module(module_name)
-    finally:
-        sys.path.remove(os.getcwd())
-
-
 def _factories(module: Any) -> list[str]:
-    return [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+    return public_callables(module)
 
 
 def _close(name: str, candidates: list[str]) -> str:
@@ -80,13 +63,7 @@ def resolve(name: str) -> Callable[..., Any]:
     """
     if ":" in name:
         module_name, attr = name.split(":", 1)
-        try:
-            module = _import(module_name)
-        except ImportError as e:
-            raise ConfigError(
-                f"optimizer {name!r}: cannot import module {module_name!r} ({e})",
-                param="optimizer",
-            ) from None
+        module = import_module(module_name, what="optimizer", spec=name)
         shown = module_name
     else:
         prefix = next(p for p in PREFIXES if name.startswith(p))

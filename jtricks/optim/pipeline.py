@@ -32,6 +32,7 @@ import jax
 import optax
 
 from jtricks.errors import ConfigError, check_range
+from jtricks.imports import call_user
 from jtricks.optim import alias, external, transforms
 from jtricks.optim import groups as groups_lib
 from jtricks.optim.sweep import Keyed, freeze
@@ -327,12 +328,7 @@ def _optimizer(factory, name: str, learning_rate, args: tuple, kwargs: dict):
         call_args, call_kwargs = args, {"learning_rate": learning_rate, **kwargs}
     else:
         call_args, call_kwargs = (learning_rate, *args), kwargs
-    try:
-        tx = call_with_checked_args(factory, call_args, call_kwargs, what=f"optimizer {name!r}")
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:  # the factory's own validation
-        raise ConfigError(f"optimizer {name!r}: {e}", param="optimizer") from None
+    tx = call_user(factory, call_args, call_kwargs, what="optimizer", name=name)
     return external.check_transformation(tx, name)
 
 

@@ -60,7 +60,7 @@ class Build:
 def build(config: TrainConfig, data: RunData, resume: Any, reporter: Any, progress: bool) -> Build:
     """The run's task, model, optimizer (with its schedule), augmentation and callbacks."""
     task = task_for(config, data.task_spec)
-    model = build_model(config.model, data.num_classes)
+    model = build_model(config.model, data.num_classes, seed=config.seed)
     if config.batch_size * config.accumulate > data.n_train:  # checked on the whole split
         raise ConfigError(
             f"batch_size must satisfy 1 <= batch_size * accumulate <= {data.n_train} (the "

@@ -1,0 +1,108 @@
+"""A user's own code by import path from the CLI: ``--model module:factory(args)`` (Linen
+and NNX) trains, and every way user code can fail (for models and optimizers alike) is
+one line with exit status 2 and no run folder (`jtricks.imports`)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jtricks.cli import main
+
+USER_CODE = """
+import flax.linen as nn
+import optax
+from flax import nnx
+
+
+class Net(nn.Module):
+    num_classes: int = 10
+    width: int = 16
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.Dense(self.width)(x))
+        x = nn.Dropout(0.1, deterministic=not train)(x)
+        return nn.Dense(self.num_classes)(x)
+
+
+class NNXNet(nnx.Module):
+    def __init__(self, num_classes: int = 10, width: int = 16, *, rngs: nnx.Rngs):
+        self.hidden = nnx.Linear(8, width, rngs=rngs)
+        self.norm = nnx.BatchNorm(width, rngs=rngs)
+        self.out = nnx.Linear(width, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(nnx.relu(self.norm(self.hidden(x))))
+
+
+def not_a_model(num_classes):
+    return "a string"
+
+
+def raises(num_classes):
+    raise RuntimeError("the factory broke")
+
+
+def scaled(lr=1e-3):  # computes with its rate: the CLI's schedule must reach it as a number
+    return optax.chain(optax.scale_by_adam(), optax.scale(-lr))
+"""
+
+TINY = ["--dataset", "synthetic(num_train=120, num_test=40, shape=(8,), num_classes=3)"]
+
+
+@pytest.fixture
+def user_dir(tmp_path, monkeypatch):
+    (tmp_path / "user_models.py").write_text(USER_CODE)
+    (tmp_path / "raising_module.py").write_text("raise RuntimeError('broken at import')\n")
+    (tmp_path / "syntax_module.py").write_text("def make(:\n")
+    (tmp_path / "exiting_module.py").write_text("import sys\nsys.exit(0)\n")
+    monkeypatch.chdir(tmp_path)  # found from the working directory, as `python -m` would
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("model", "optimizer", "num_params", "lr"),
+    [
+        # 8 features -> 8 -> 3 classes: 8*8 + 8 + 8*3 + 3
+        ("user_models:Net(width=8)", "adam", 99, 1e-2),
+        # 8 -> 16 (+ BatchNorm scale and bias) -> 3: 8*16 + 16 + 2*16 + 16*3 + 3
+        ("user_models:NNXNet", "user_models:scaled(lr=3e-3)", 227, 3e-3),
+    ],
+    ids=["linen", "nnx-and-own-optimizer"],
+)
+def test_a_users_model_trains_from_the_cli(user_dir, model, optimizer, num_params, lr):
+    out = user_dir / "run"
+    argv = ["train", *TINY, "--model", model, "--optimizer", optimizer, "--epochs", "3"]
+    assert main([*argv, "--no-progress", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_params"] == num_params  # the user's model, counted by hand
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["lr"] == pytest.approx(lr)
+    assert records[-1]["train_loss"] < records[0]["initial_loss"]  # it trained
+    assert model in (out / "config.json").read_text()
+
+
+@pytest.mark.parametrize(
+    ("flag", "spec", "message"),
+    [
+        ("--model", "user_models:Missing", "user_models has no 'Missing'"),
+        ("--model", "user_models:not_a_model", "returned str, not a Flax Linen or NNX module"),
+        ("--model", "user_models:raises", "failed: RuntimeError: the factory broke"),
+        ("--model", "user_models:Net(depth=3)", "unexpected keyword argument 'depth'"),
+        ("--model", "nowhere:Net", "cannot import module 'nowhere'"),
+        ("--model", "raising_module:Net", "RuntimeError: broken at import"),
+        ("--optimizer", "raising_module:make", "RuntimeError: broken at import"),
+        ("--optimizer", "syntax_module:make", "SyntaxError"),
+        ("--optimizer", "exiting_module:make", "it called sys.exit(0)"),
+        ("--optimizer", "user_models:raises", "failed: RuntimeError: the factory broke"),
+    ],
+)
+def test_user_code_that_fails_is_one_line(user_dir, capsys, flag, spec, message):
+    out = user_dir / "bad"
+    status = main(["train", *TINY, flag, spec, "--epochs", "1", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
