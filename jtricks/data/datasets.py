@@ -7,6 +7,7 @@ training split by `jtricks.data.train_val_split`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from jtricks.data.targets import TASK_NAMES, cast_targets, infer_task, outputs_for
 from jtricks.errors import ConfigError, check_int, check_range
 
 MAX_OUTPUTS = 2**20
@@ -231,9 +233,9 @@ def npz(path: str) -> Dataset:
     """A dataset from a ``.npz`` file holding ``x``, ``y``, ``x_test`` and ``y_test`` arrays.
 
     Read with ``allow_pickle=False``: object arrays are refused, never unpickled.
-    Integer targets are class labels (``num_classes`` is ``max(y, y_test) + 1``, the task
-    classification); real-valued targets ``(N,)`` or ``(N, T)`` are a regression (its
-    ``num_classes`` the number of targets, 1 or T; the task regression).
+    The targets' kind and shape give the task and the model's output width (labels,
+    tokens, labels per position, a 0/1 matrix, real values: see `jtricks.data.targets`);
+    ``--task`` may name another that reads them (e.g. ``multilabel`` for 0/1 reals).
 
     Raises:
       ConfigError: naming the file for a missing, unreadable or malformed file.
@@ -267,58 +269,56 @@ def npz(path: str) -> Dataset:
         if "pickle" in str(e):
             why = "it holds object arrays, which are refused (never unpickled)"
         raise ConfigError(f"cannot read dataset file {str(p)!r}: {why}", param="dataset") from None
-    regression = _npz_targets(p, arrays)
+    where = f"dataset file {str(p)!r}"
     for k in ("x", "x_test"):
-        if not np.issubdtype(arrays[k].dtype, np.number):
+        dtype = arrays[k].dtype
+        if not (np.issubdtype(dtype, np.number) or dtype == np.bool_) or np.issubdtype(
+            dtype, np.complexfloating
+        ):
             raise ConfigError(
-                f"dataset file {str(p)!r}: {k} must be numeric; got dtype {arrays[k].dtype}",
+                f"{where}: {k} must be numeric (integer or real); got dtype {dtype}",
                 param="dataset",
             )
     if arrays["y"].size == 0 or arrays["y_test"].size == 0:
         raise ConfigError(
-            f"dataset file {str(p)!r}: empty dataset (no training or no test examples)",
-            param="dataset",
+            f"{where}: empty dataset (no training or no test examples)", param="dataset"
         )
-    if regression:
-        y, y_test = (arrays[k].astype(np.float32) for k in ("y", "y_test"))
-        outputs = 1 if y.ndim == 1 else int(np.prod(y.shape[1:]))
-    else:
-        y, y_test = (arrays[k].astype(np.int32) for k in ("y", "y_test"))
-        outputs = int(max(y.max(), y_test.max())) + 1
+    task = infer_task(where, arrays["x"], arrays["y"], arrays["y_test"])
+    return npz_dataset(f"npz:{p}", arrays, task)
+
+
+def npz_dataset(name: str, arrays: dict[str, np.ndarray], task: str) -> Dataset:
+    """The `Dataset` of ``x, y, x_test, y_test`` arrays read for ``task`` (a spec name of
+    `jtricks.data.targets`): its output width, targets in the task's dtype, and inputs as
+    float32 (int32 token ids for a language model)."""
+    where = f"dataset {name!r}"
+    outputs = outputs_for(task, where, arrays["x"], arrays["y"], arrays["y_test"])
+    x_dtype = np.int32 if task == "lm" else np.float32
     return Dataset(
-        name=f"npz:{p}",
-        x_train=arrays["x"].astype(np.float32),
-        y_train=y,
-        x_test=arrays["x_test"].astype(np.float32),
-        y_test=y_test,
+        name=name,
+        x_train=arrays["x"].astype(x_dtype),
+        y_train=cast_targets(task, arrays["y"]),
+        x_test=arrays["x_test"].astype(x_dtype),
+        y_test=cast_targets(task, arrays["y_test"]),
         num_classes=outputs,
-        task="regression" if regression else "classification",
+        task=task,
     )
 
 
-def _npz_targets(p: Path, arrays: dict[str, np.ndarray]) -> bool:
-    """Whether the file's targets are real-valued (a regression) rather than integer class
-    labels; refuses targets of neither kind, or of both kinds across the two splits."""
-    kinds = set()
-    for k in ("y", "y_test"):
-        dtype = arrays[k].dtype
-        if np.issubdtype(dtype, np.integer):
-            kinds.add("integer")
-        elif np.issubdtype(dtype, np.floating):
-            kinds.add("real")
-        else:
-            raise ConfigError(
-                f"dataset file {str(p)!r}: {k} must hold integer class labels or real-valued "
-                f"regression targets; got dtype {dtype}",
-                param="dataset",
-            )
-    if len(kinds) > 1:
-        raise ConfigError(
-            f"dataset file {str(p)!r}: y and y_test must be of one kind (integer labels or "
-            f"real targets); got {arrays['y'].dtype} and {arrays['y_test'].dtype}",
-            param="dataset",
-        )
-    return kinds == {"real"}
+def for_task(data: Dataset, task_name: str) -> Dataset:
+    """``data`` read for the task named ``task_name`` (a `Task.name`) when it is not the
+    dataset's own: the output width and the targets' dtype of that task (e.g. a file's
+    integer labels as ``--task regression`` targets, 0/1 reals as ``--task multilabel``).
+
+    Raises:
+      ConfigError (``param="task"``): targets that task cannot read.
+    """
+    task = TASK_NAMES.get(task_name)
+    own = data.task.split("(", 1)[0].strip()
+    if task is None or task == {"language_model": "lm", "binary": "multilabel"}.get(own, own):
+        return data
+    arrays = {"x": data.x_train, "y": data.y_train, "x_test": data.x_test, "y_test": data.y_test}
+    return dataclasses.replace(npz_dataset(data.name, arrays, task), loss_floor=None)
 
 
 DATASETS: dict[str, Callable[..., Dataset]] = {

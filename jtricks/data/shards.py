@@ -10,6 +10,7 @@ than memory).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from jtricks.data.targets import TASK_NAMES, infer_task, outputs_for
 from jtricks.errors import ConfigError, WriteError, check_int
 
 _SHARD = re.compile(r"^(?P<field>[A-Za-z_][A-Za-z0-9_]*)-(?P<index>\d{5})\.npy$")
@@ -165,9 +167,10 @@ def _check_shard(shard: Mapping[str, Any], fields: tuple | None, k: int) -> tupl
 
 @dataclass(frozen=True)
 class ShardSplits:
-    """A classification dataset on disk: ``DIR/train`` and ``DIR/test`` (and optionally
-    ``DIR/val``) are `ShardedArrays` folders with fields ``x`` (inputs) and ``y``
-    (integer labels). Only the labels are read into memory (for the class count)."""
+    """A dataset on disk: ``DIR/train`` and ``DIR/test`` (and optionally ``DIR/val``) are
+    `ShardedArrays` folders with fields ``x`` (inputs) and ``y`` (targets). Only the
+    targets are read into memory (for the task and the output width, as for ``npz:``:
+    see `jtricks.data.targets`)."""
 
     name: str
     train: ShardedArrays
@@ -176,10 +179,26 @@ class ShardSplits:
     num_classes: int
     task: str = "classification"
     loss_floor: float | None = None
+    targets: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def example_shape(self) -> tuple[int, ...]:
         return self.train.example_shapes()["x"][0]
+
+    def stand_in(self) -> np.ndarray:
+        """One zero row of the inputs' shape and dtype (for `jtricks.data.targets`)."""
+        shape, dtype = self.train.example_shapes()["x"]
+        return np.zeros((1, *shape), dtype)
+
+    def for_task(self, task_name: str) -> ShardSplits:
+        """These splits read for the task named ``task_name`` (a `Task.name`) when it is
+        not their own: that task's output width (see `jtricks.data.datasets.for_task`)."""
+        task = TASK_NAMES.get(task_name)
+        if task is None or task == self.task or self.targets is None:
+            return self
+        where = f"dataset {self.name!r}"
+        outputs = outputs_for(task, where, self.stand_in(), *self.targets)
+        return dataclasses.replace(self, num_classes=outputs, task=task)
 
 
 def is_shards_spec(spec: Any) -> bool:
@@ -190,8 +209,9 @@ def load_shards(spec: str) -> ShardSplits:
     """Open ``"shards:DIR"`` (see `ShardSplits`).
 
     Raises:
-      ConfigError: a missing split folder, fields other than ``x`` and ``y``, non-integer
-        or negative labels, or splits whose examples differ in shape.
+      ConfigError: a missing split folder, fields other than ``x`` and ``y``, targets of
+        no task's kind (`jtricks.data.targets.infer_task`), or splits whose examples
+        differ in shape.
     """
     root = Path(spec.partition(":")[2])
     if not root.is_dir():
@@ -211,16 +231,22 @@ def load_shards(spec: str) -> ShardSplits:
                 param="dataset",
             )
         splits[split] = src
-    labels = np.concatenate([np.asarray(a) for a in splits["train"].arrays["y"]])
-    if not np.issubdtype(labels.dtype, np.integer) or labels.ndim != 1 or labels.min() < 0:
-        raise ConfigError(
-            f"dataset {spec!r}: train labels must be non-negative integers of shape (N,); "
-            f"got {labels.dtype} {labels.shape}",
-            param="dataset",
-        )
+    y, y_test = (
+        np.concatenate([np.asarray(a) for a in splits[k].arrays["y"]]) for k in ("train", "test")
+    )
     shapes = {k: v.example_shapes()["x"][0] for k, v in splits.items()}
     if len(set(shapes.values())) != 1:
         raise ConfigError(f"dataset {spec!r}: splits differ in example shape {shapes}")
+    x = ShardSplits(spec, splits["train"], splits["test"], None, 1).stand_in()
+    if np.issubdtype(x.dtype, np.complexfloating) or not (
+        np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_
+    ):
+        raise ConfigError(
+            f"dataset {spec!r}: x must be numeric (integer or real); got dtype {x.dtype}",
+            param="dataset",
+        )
+    task = infer_task(f"dataset {spec!r}", x, y, y_test)
+    outputs = outputs_for(task, f"dataset {spec!r}", x, y, y_test)
     return ShardSplits(
-        spec, splits["train"], splits["test"], splits.get("val"), int(labels.max()) + 1
+        spec, splits["train"], splits["test"], splits.get("val"), outputs, task, None, (y, y_test)
     )

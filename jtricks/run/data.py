@@ -17,8 +17,10 @@ import jax
 import numpy as np
 
 from jtricks.data import Scaler, load_dataset, train_val_split
+from jtricks.data.datasets import for_task
 from jtricks.data.shards import ShardSplits, is_shards_spec, load_shards
 from jtricks.data.stream import BatchStream, EpochBatches, SequentialBatches, read_rows
+from jtricks.data.targets import cast_targets
 from jtricks.errors import ConfigError
 from jtricks.tasks import Classification, Task, build_task
 
@@ -76,6 +78,7 @@ def load_run_data(config: Any) -> RunData:
         return _shards_data(config, load_shards(config.dataset))
     data = load_dataset(config.dataset)
     task = build_task(config.task or data.task)
+    data = for_task(data, task.name)
     x_tr, y_tr, x_val, y_val = train_val_split(
         data.x_train,
         data.y_train,
@@ -103,6 +106,7 @@ def _shards_data(config: Any, splits: ShardSplits) -> RunData:
     """Shards on disk: validation from ``val/`` or a seeded ``val_fraction`` of the
     training rows; the scaler fitted over the training rows in blocks."""
     task: Task = build_task(config.task or splits.task)
+    splits = splits.for_task(task.name)
     labels = np.concatenate([np.asarray(a) for a in splits.train.arrays["y"]])
     rows = np.arange(len(labels))
     val_source, val_rows = splits.val, None
@@ -117,8 +121,9 @@ def _shards_data(config: Any, splits: ShardSplits) -> RunData:
         for s in range(0, len(rows), SCALER_ROWS):
             yield splits.train.gather(rows[s : s + SCALER_ROWS])["x"]
 
-    scaler = Scaler.fit_chunks(config.preprocess, blocks)
-    transform = _Preprocess(scaler)
+    tokens = np.issubdtype(splits.stand_in().dtype, np.integer) and splits.task == "lm"
+    scaler = None if tokens else Scaler.fit_chunks(config.preprocess, blocks)  # ids: as they are
+    transform = _Preprocess(scaler, cast_targets(splits.task, np.zeros(0)).dtype)
     size = config.eval_batch_size
     return RunData(
         config.task or splits.task,
@@ -136,13 +141,16 @@ def _shards_data(config: Any, splits: ShardSplits) -> RunData:
 
 @dataclass(frozen=True)
 class _Preprocess:
-    """A shard batch ``{"x", "y"}`` as the in-memory ``(x, y)``: inputs scaled to float32,
-    labels int32."""
+    """A shard batch ``{"x", "y"}`` as the in-memory ``(x, y)``: inputs scaled to float32
+    (token ids, with no scaler, as int32), targets in the task's dtype (int32 labels and
+    tokens, float32 otherwise; `jtricks.data.targets.cast_targets`)."""
 
-    scaler: Scaler
+    scaler: Scaler | None
+    target_dtype: Any = np.int32
 
     def __call__(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        return self.scaler(batch["x"]), np.asarray(batch["y"], np.int32)
+        x = np.asarray(batch["x"], np.int32) if self.scaler is None else self.scaler(batch["x"])
+        return x, np.asarray(batch["y"], self.target_dtype)
 
 
 def refuse_on_disk(config: Any, data: RunData) -> None:

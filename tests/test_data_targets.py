@@ -1,0 +1,118 @@
+"""A user's files reach every task (`jtricks.data.targets`): the kind and shape of the
+targets in an ``npz:`` file or ``shards:`` folder give the task and the output width,
+``--task`` may name another that reads them, and the same arrays train the same way from
+either (two code paths: arrays in memory against shards streamed from disk)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from jtricks.cli import main
+from jtricks.data import load_dataset, write_shards
+from jtricks.data.shards import load_shards
+from jtricks.errors import ConfigError
+
+RNG = np.random.default_rng(0)
+X, XT = RNG.normal(size=(120, 8)).astype(np.float32), RNG.normal(size=(40, 8)).astype(np.float32)
+W = RNG.normal(size=(8, 3))
+TOKENS, TOKENS_TEST = RNG.integers(0, 12, size=(120, 9)), RNG.integers(0, 12, size=(40, 9))
+CASES = {  # name: (x, y, x_test, y_test, inferred task, outputs, model)
+    "labels": (X, (X[:, 0] > 0).astype(np.int64), XT, (XT[:, 0] > 0).astype(np.int64),
+               "classification", 2, "mlp(features=(8,))"),
+    "zero-one matrix": (X, (X @ W > 0).astype(np.int64), XT, (XT @ W > 0).astype(np.int64),
+                        "multilabel", 3, "mlp(features=(8,))"),
+    "real targets": (X, (X @ W).astype(np.float32), XT, (XT @ W).astype(np.float32),
+                     "regression", 3, "mlp(features=(8,))"),
+    "per position": (X, (X > 0.5).astype(np.int32) + (X > 1.5), XT,
+                     (XT > 0.5).astype(np.int32) + (XT > 1.5),
+                     "segmentation", 3, "fcn1d(channels=(8,), dilations=(1,))"),
+    "tokens": (TOKENS[:, :-1], TOKENS[:, 1:], TOKENS_TEST[:, :-1], TOKENS_TEST[:, 1:],
+               "lm", 12, "transformer_lm(d_model=8, heads=2, layers=1)"),
+}  # fmt: skip
+
+
+def _write(tmp_path, name):
+    x, y, xt, yt = CASES[name][:4]
+    np.savez(tmp_path / "data.npz", x=x, y=y, x_test=xt, y_test=yt)
+    write_shards(tmp_path / "shards" / "train", {"x": x, "y": y}, shard_size=50)
+    write_shards(tmp_path / "shards" / "test", {"x": xt, "y": yt}, shard_size=50)
+    return f"npz:{tmp_path / 'data.npz'}", f"shards:{tmp_path / 'shards'}"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_the_targets_give_the_task_and_the_output_width(tmp_path, name):
+    *_, task, outputs, _ = CASES[name]
+    npz, shards = _write(tmp_path, name)
+    data, splits = load_dataset(npz), load_shards(shards)
+    assert (data.task, data.num_classes) == (task, outputs) == (splits.task, splits.num_classes)
+    want = np.float32 if task in ("multilabel", "regression") else np.int32
+    assert data.y_train.dtype == want
+
+
+@pytest.mark.parametrize("name", ["zero-one matrix", "real targets", "tokens"])
+def test_npz_and_shards_train_alike_from_the_cli(tmp_path, capsys, name):
+    """The same arrays as an .npz (in memory) and as shards (streamed): the same run."""
+    model = CASES[name][-1]
+    summaries = []
+    for spec in _write(tmp_path, name):
+        out = tmp_path / f"run-{spec.split(':')[0]}"
+        argv = ["train", "--dataset", spec, "--model", model, "--epochs", "2"]
+        assert main([*argv, "--batch-size", "20", "--no-progress", "--out", str(out)]) == 0
+        summaries.append(json.loads((out / "summary.json").read_text()))
+    a, b = summaries
+    assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-4)
+    capsys.readouterr()
+
+
+def test_task_names_another_reading_of_the_targets(tmp_path, capsys):
+    """0/1 reals are a regression by their kind and a multi-label problem with --task
+    multilabel (3 outputs, label accuracy logged); integer labels are a regression of one
+    output with --task regression; a task that cannot read them is one line, exit 2."""
+    x, y, xt, yt = CASES["zero-one matrix"][:4]
+    np.savez(
+        tmp_path / "f.npz", x=x, y=y.astype(np.float32), x_test=xt, y_test=yt.astype(np.float32)
+    )
+    assert load_dataset(f"npz:{tmp_path / 'f.npz'}").task == "regression"
+    out = tmp_path / "ml"
+    argv = ["train", "--dataset", f"npz:{tmp_path / 'f.npz'}", "--model", "mlp(features=(8,))"]
+    assert main([*argv, "--task", "multilabel", "--epochs", "1", "--out", str(out)]) == 0
+    assert "test_label_accuracy" in json.loads((out / "summary.json").read_text())
+    npz, _ = _write(tmp_path, "labels")
+    out = tmp_path / "reg"
+    argv = ["train", "--dataset", npz, "--model", "mlp(features=(8,))", "--task", "regression"]
+    assert main([*argv, "--epochs", "1", "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["num_params"] == 8 * 8 + 8 + 8 + 1
+    capsys.readouterr()
+    bad = tmp_path / "bad"
+    argv = ["train", "--dataset", f"npz:{tmp_path / 'f.npz'}", "--task", "segmentation"]
+    assert main([*argv, "--out", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "the segmentation task reads integer labels; got targets of dtype float32" in err
+    assert not bad.exists()
+
+
+@pytest.mark.parametrize(
+    ("y", "yt", "message"),
+    [
+        (np.zeros((10, 2, 2), np.int32), np.zeros((4, 2, 2), np.int32), "none of: labels"),
+        (np.arange(10) - 3, np.arange(4), r"labels must lie in \[0, C-1\] for C classes; got values in \[-3, 6\]"),
+        (np.zeros(10, np.complex64), np.zeros(4, np.complex64), "got dtype complex64"),
+        (np.zeros(10, np.int32), np.zeros(4, np.float32), "must be of one kind"),
+    ],
+)
+def test_targets_of_no_task_are_refused_naming_the_file(tmp_path, y, yt, message):
+    x, xt = np.zeros((10, 8), np.float32), np.zeros((4, 8), np.float32)
+    np.savez(tmp_path / "f.npz", x=x, y=y, x_test=xt, y_test=yt)
+    with pytest.raises(ConfigError, match=message) as e:
+        load_dataset(f"npz:{tmp_path / 'f.npz'}")
+    assert "f.npz" in str(e.value)
+
+
+def test_complex_inputs_are_refused(tmp_path):
+    x = np.zeros((10, 8), np.complex64)
+    np.savez(tmp_path / "f.npz", x=x, y=np.zeros(10, np.int32), x_test=x, y_test=np.zeros(10))
+    with pytest.raises(ConfigError, match=r"x must be numeric \(integer or real\); got dtype complex64"):
+        load_dataset(f"npz:{tmp_path / 'f.npz'}")
