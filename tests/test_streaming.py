@@ -116,6 +116,22 @@ def test_grain_reads_the_same_batches_with_the_same_state(data):
     _same(next(again), next(py))
 
 
+def test_a_one_pass_grain_dataset_resumes_at_an_epoch_boundary(data):
+    """A Grain ``MapDataset`` of one pass (each ``iter()`` one epoch): its state at the end
+    of epoch 1 restores to a finished pass, and the resumed run starts the next pass,
+    as the run of 2 epochs in one call does (bit-identical parameters)."""
+    grain = pytest.importorskip("grain")
+    (x, y), _ = data
+    batches = [(x[i : i + 40], y[i : i + 40]) for i in range(0, 200, 40)]
+    ds = grain.MapDataset.source(batches)
+    whole, _ = fit(_state(), ds, epochs=2)
+    half, h = fit(_state(), ds, epochs=1)
+    assert h[-1]["data_state"] == {"next_index": 5}
+    rest, h2 = fit(half, ds, epochs=1, data_state=h[-1]["data_state"])
+    assert h2.records[-1]["step"] == 10
+    _same(whole.params, rest.params)
+
+
 def test_any_iterable_trains(data):
     """A generator (no len: steps is one epoch), a re-iterable with len (passes repeat) and
     a one-shot stream that runs out (training stops and says so)."""

@@ -81,7 +81,8 @@ class Feeder:
     """Draws batches from ``iter(stream)`` on a background thread and hands out device
     chunks (see the module docstring); ``next()`` returns ``(chunk, n, state)``, or
     ``None`` once a one-shot stream is exhausted. A re-iterable stream that runs out
-    starts a new pass (``iter(stream)`` again). The first batch is read at once
+    starts a new pass (``iter(stream)`` again), also when the pass a ``state`` restores
+    was already at its end (a resume at an epoch boundary). The first batch is read at once
     (``self.first``), so a stream that fails at once fails in the caller.
 
     Raises (from ``next``):
@@ -94,6 +95,7 @@ class Feeder:
         if state is not None:
             restore_iterator(self.iterator, state)
         self.read = 0
+        self.resumed = state is not None  # a pass begun before: it may be at its end
         try:
             self.first = self._next_batch()
         except Exception as e:
@@ -118,9 +120,10 @@ class Feeder:
             batch = next(self.iterator)
         except StopIteration:
             fresh = iter(self.stream)
-            if fresh is self.iterator or self.read == 0:
-                return None
+            if fresh is self.iterator or (self.read == 0 and not self.resumed):
+                return None  # one-shot, or a pass that yields nothing
             self.iterator, self.read = fresh, 0  # a new pass over a re-iterable stream
+            self.resumed = False
             try:
                 batch = next(self.iterator)
             except StopIteration:
