@@ -98,7 +98,11 @@ def test_task_names_another_reading_of_the_targets(tmp_path, capsys):
     ("y", "yt", "message"),
     [
         (np.zeros((10, 2, 2), np.int32), np.zeros((4, 2, 2), np.int32), "none of: labels"),
-        (np.arange(10) - 3, np.arange(4), r"labels must lie in \[0, C-1\] for C classes; got values in \[-3, 6\]"),
+        (
+            np.arange(10) - 3,
+            np.arange(4),
+            r"labels must lie in \[0, C-1\] for C classes; got values in \[-3, 6\]",
+        ),
         (np.zeros(10, np.complex64), np.zeros(4, np.complex64), "got dtype complex64"),
         (np.zeros(10, np.int32), np.zeros(4, np.float32), "must be of one kind"),
     ],
@@ -114,5 +118,7 @@ def test_targets_of_no_task_are_refused_naming_the_file(tmp_path, y, yt, message
 def test_complex_inputs_are_refused(tmp_path):
     x = np.zeros((10, 8), np.complex64)
     np.savez(tmp_path / "f.npz", x=x, y=np.zeros(10, np.int32), x_test=x, y_test=np.zeros(10))
-    with pytest.raises(ConfigError, match=r"x must be numeric \(integer or real\); got dtype complex64"):
+    with pytest.raises(
+        ConfigError, match=r"x must be numeric \(integer or real\); got dtype complex64"
+    ):
         load_dataset(f"npz:{tmp_path / 'f.npz'}")

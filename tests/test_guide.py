@@ -1,0 +1,36 @@
+"""The guide's Python examples run as written: every ```python block of docs/guide.md, in
+order, in one namespace (later blocks reuse earlier names, as the guide says), from a
+scratch folder; then a few of the values the guide's comments state are checked."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import jax
+import numpy as np
+
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guide.md"
+
+
+def _blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", GUIDE.read_text(), re.S)
+
+
+def test_the_guides_examples_run_in_order(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the examples write data/train
+    blocks = _blocks()
+    assert len(blocks) >= 10
+    namespace: dict = {"__name__": "guide"}
+    for i, block in enumerate(blocks):
+        try:
+            exec(compile(block, f"{GUIDE.name} python block {i}", "exec"), namespace)
+        except Exception as e:  # name the block that broke
+            raise AssertionError(f"python block {i} of the guide failed:\n{block}") from e
+    # what the comments say
+    first_stream_run = namespace["more"]  # the 5 epochs after the 10 of the stream example
+    assert first_stream_run.records[-1]["data_state"] == {"next_index": 15 * (3600 // 128)}
+    initial = jax.tree.leaves(namespace["trained"].params)
+    assert all(isinstance(a, jax.Array) and not a.is_deleted() for a in initial)
+    assert np.isfinite(namespace["found"].suggestion)
+    capsys.readouterr()
