@@ -122,3 +122,40 @@ def test_complex_inputs_are_refused(tmp_path):
         ConfigError, match=r"x must be numeric \(integer or real\); got dtype complex64"
     ):
         load_dataset(f"npz:{tmp_path / 'f.npz'}")
+
+
+def test_an_npz_mask_leaves_the_masked_positions_out(tmp_path, capsys):
+    """Per-position targets with ``mask``/``mask_test``: the labels at masked positions
+    change nothing (two files differing only there give the same run, to the bit)."""
+    x, y, xt, yt = CASES["per position"][:4]
+    m, mt = np.ones_like(y), np.ones_like(yt)
+    m[:, :3], mt[:, :3] = 0, 0
+    summaries = []
+    for fill in (0, 2):
+        y2, yt2 = y.copy(), yt.copy()
+        y2[:, :3], yt2[:, :3] = fill, fill
+        path = tmp_path / f"seg{fill}.npz"
+        np.savez(path, x=x, y=y2, x_test=xt, y_test=yt2, mask=m, mask_test=mt)
+        out = tmp_path / f"run{fill}"
+        argv = ["train", "--dataset", f"npz:{path}", "--model", CASES["per position"][-1]]
+        assert main([*argv, "--epochs", "2", "--no-progress", "--out", str(out)]) == 0
+        summaries.append(json.loads((out / "summary.json").read_text()))
+        if fill == 0:  # the same arrays as shards with a mask field: the same run
+            for split, arrays in (("train", (x, y2, m)), ("test", (xt, yt2, mt))):
+                fields = dict(zip(("x", "y", "mask"), arrays, strict=True))
+                write_shards(tmp_path / "shards" / split, fields, shard_size=50)
+            out = tmp_path / "run-shards"
+            argv[2] = f"shards:{tmp_path / 'shards'}"
+            assert main([*argv, "--epochs", "2", "--no-progress", "--out", str(out)]) == 0
+            summaries.append(json.loads((out / "summary.json").read_text()))
+    a, shards, b = summaries
+    assert a["test_loss"] == b["test_loss"] and a["test_pixel_accuracy"] == b["test_pixel_accuracy"]
+    assert shards["test_loss"] == pytest.approx(a["test_loss"], rel=1e-4)
+    np.savez(tmp_path / "bad.npz", x=x, y=y, x_test=xt, y_test=yt, mask=m)
+    with pytest.raises(ConfigError, match="give both mask and mask_test"):
+        load_dataset(f"npz:{tmp_path / 'bad.npz'}")
+    x, y, xt, yt = CASES["labels"][:4]
+    np.savez(tmp_path / "cls.npz", x=x, y=y, x_test=xt, y_test=yt, mask=y, mask_test=yt)
+    with pytest.raises(ConfigError, match="the classification task reads no mask"):
+        load_dataset(f"npz:{tmp_path / 'cls.npz'}")
+    capsys.readouterr()

@@ -44,6 +44,8 @@ class Dataset:
       task: the task spec it is meant for (`jtricks.tasks.build_task`).
       loss_floor: the lowest expected test loss any model can reach, where the generator
         makes it known (see `jtricks.data.generated`); ``None`` otherwise.
+      mask_train, mask_test: 0/1 masks of the targets' shape (which positions count, for
+        the tasks that read one: segmentation, language model), or ``None``.
     """
 
     name: str
@@ -54,6 +56,8 @@ class Dataset:
     num_classes: int
     task: str = "classification"
     loss_floor: float | None = None
+    mask_train: np.ndarray | None = None
+    mask_test: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_classes <= MAX_OUTPUTS:
@@ -230,7 +234,9 @@ def synthetic(
 
 
 def npz(path: str) -> Dataset:
-    """A dataset from a ``.npz`` file holding ``x``, ``y``, ``x_test`` and ``y_test`` arrays.
+    """A dataset from a ``.npz`` file holding ``x``, ``y``, ``x_test`` and ``y_test`` arrays,
+    and optionally ``mask`` and ``mask_test`` (0/1, the targets' shape: which positions
+    count, for segmentation and language models).
 
     Read with ``allow_pickle=False``: object arrays are refused, never unpickled.
     The targets' kind and shape give the task and the model's output width (labels,
@@ -261,7 +267,7 @@ def npz(path: str) -> Dataset:
                     f"dataset file {str(p)!r} lacks array(s) {missing}; it must hold x, y, x_test, y_test",
                     param="dataset",
                 )
-            arrays = {k: f[k] for k in ("x", "y", "x_test", "y_test")}
+            arrays = {k: f[k] for k in ("x", "y", "x_test", "y_test", *MASKS) if k in f.files}
     except ConfigError:
         raise
     except Exception as e:
@@ -287,14 +293,45 @@ def npz(path: str) -> Dataset:
     return npz_dataset(f"npz:{p}", arrays, task)
 
 
+MASKS = ("mask", "mask_test")
+"""The optional arrays of an ``npz:`` file: 0/1 masks of ``y`` and ``y_test``'s shape."""
+
+
+def _masks(where: str, arrays: dict[str, np.ndarray], task: str) -> tuple:
+    """``(mask_train, mask_test)`` as float32, or ``(None, None)``; checked: both or
+    neither, the targets' shape, 0/1 values, and a task that reads them."""
+    present = [k for k in MASKS if k in arrays]
+    if not present:
+        return None, None
+    if len(present) == 1 or task not in ("segmentation", "lm"):
+        why = (
+            "give both mask and mask_test"
+            if len(present) == 1
+            else f"the {task} task reads no mask (segmentation and lm do)"
+        )
+        raise ConfigError(f"{where}: {why}", param="dataset")
+    for k, y in (("mask", "y"), ("mask_test", "y_test")):
+        m = arrays[k]
+        if m.shape != arrays[y].shape or not np.isin(m, (0, 1)).all():
+            raise ConfigError(
+                f"{where}: {k} must be 0/1 values of {y}'s shape {arrays[y].shape}; got "
+                f"{m.dtype} {m.shape}",
+                param="dataset",
+            )
+    return arrays["mask"].astype(np.float32), arrays["mask_test"].astype(np.float32)
+
+
 def npz_dataset(name: str, arrays: dict[str, np.ndarray], task: str) -> Dataset:
     """The `Dataset` of ``x, y, x_test, y_test`` arrays read for ``task`` (a spec name of
     `jtricks.data.targets`): its output width, targets in the task's dtype, and inputs as
     float32 (int32 token ids for a language model)."""
     where = f"dataset {name!r}"
     outputs = outputs_for(task, where, arrays["x"], arrays["y"], arrays["y_test"])
+    mask_train, mask_test = _masks(where, arrays, task)
     x_dtype = np.int32 if task == "lm" else np.float32
     return Dataset(
+        mask_train=mask_train,
+        mask_test=mask_test,
         name=name,
         x_train=arrays["x"].astype(x_dtype),
         y_train=cast_targets(task, arrays["y"]),
@@ -318,6 +355,8 @@ def for_task(data: Dataset, task_name: str) -> Dataset:
     if task is None or task == {"language_model": "lm", "binary": "multilabel"}.get(own, own):
         return data
     arrays = {"x": data.x_train, "y": data.y_train, "x_test": data.x_test, "y_test": data.y_test}
+    if data.mask_train is not None:
+        arrays.update(mask=data.mask_train, mask_test=data.mask_test)
     return dataclasses.replace(npz_dataset(data.name, arrays, task), loss_floor=None)
 
 

@@ -168,7 +168,8 @@ def _check_shard(shard: Mapping[str, Any], fields: tuple | None, k: int) -> tupl
 @dataclass(frozen=True)
 class ShardSplits:
     """A dataset on disk: ``DIR/train`` and ``DIR/test`` (and optionally ``DIR/val``) are
-    `ShardedArrays` folders with fields ``x`` (inputs) and ``y`` (targets). Only the
+    `ShardedArrays` folders with fields ``x`` (inputs) and ``y`` (targets), and optionally
+    ``mask`` (0/1, the targets' shape: the positions that count). Only the
     targets are read into memory (for the task and the output width, as for ``npz:``:
     see `jtricks.data.targets`)."""
 
@@ -225,9 +226,10 @@ def load_shards(spec: str) -> ShardSplits:
         if split == "val" and not (root / split).exists():
             continue
         src = ShardedArrays(root / split)
-        if set(src.fields) != {"x", "y"}:
+        if set(src.fields) not in ({"x", "y"}, {"x", "y", "mask"}):
             raise ConfigError(
-                f"dataset {spec!r}: {split}/ has fields {list(src.fields)}; it needs x and y",
+                f"dataset {spec!r}: {split}/ has fields {list(src.fields)}; it needs x and y "
+                "(and optionally mask)",
                 param="dataset",
             )
         splits[split] = src
@@ -247,6 +249,14 @@ def load_shards(spec: str) -> ShardSplits:
         )
     task = infer_task(f"dataset {spec!r}", x, y, y_test)
     outputs = outputs_for(task, f"dataset {spec!r}", x, y, y_test)
+    masked = {k for k, v in splits.items() if "mask" in v.fields}
+    if masked and (masked != set(splits) or task not in ("segmentation", "lm")):
+        why = (
+            f"the {task} task reads no mask (segmentation and lm do)"
+            if masked == set(splits)
+            else f"a mask in {sorted(masked)} but not in {sorted(set(splits) - masked)}"
+        )
+        raise ConfigError(f"dataset {spec!r}: {why}", param="dataset")
     return ShardSplits(
         spec, splits["train"], splits["test"], splits.get("val"), outputs, task, None, (y, y_test)
     )

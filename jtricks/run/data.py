@@ -79,25 +79,30 @@ def load_run_data(config: Any) -> RunData:
     data = load_dataset(config.dataset)
     task = build_task(config.task or data.task)
     data = for_task(data, task.name)
-    x_tr, y_tr, x_val, y_val = train_val_split(
-        data.x_train,
+    rows, _, val_rows, _ = train_val_split(
+        np.arange(len(data.y_train)),
         data.y_train,
         config.val_fraction,
         seed=config.seed,
         stratify=config.stratify and isinstance(task, Classification),
     )
-    x_test = data.x_test
+    x_tr, x_val, x_test = data.x_train[rows], data.x_train[val_rows], data.x_test
     if not np.issubdtype(x_tr.dtype, np.integer):  # token ids are never rescaled
         scaler = Scaler.fit(config.preprocess, x_tr)
         x_tr, x_val, x_test = scaler(x_tr), scaler(x_val), scaler(x_test)
+    train, val = (x_tr, data.y_train[rows]), (x_val, data.y_train[val_rows])
+    test = (x_test, data.y_test)
+    if data.mask_train is not None:  # (x, y, mask) batches: the tasks read index 2
+        train, val = (*train, data.mask_train[rows]), (*val, data.mask_train[val_rows])
+        test = (*test, data.mask_test)
     return RunData(
         config.task or data.task,
         data.num_classes,
-        (x_tr, y_tr),
-        (x_val, y_val),
-        (x_test, data.y_test),
+        train,
+        val,
+        test,
         x_tr[:64],
-        len(y_tr),
+        len(rows),
         data.loss_floor,
     )
 
@@ -141,16 +146,17 @@ def _shards_data(config: Any, splits: ShardSplits) -> RunData:
 
 @dataclass(frozen=True)
 class _Preprocess:
-    """A shard batch ``{"x", "y"}`` as the in-memory ``(x, y)``: inputs scaled to float32
+    """A shard batch ``{"x", "y"[, "mask"]}`` as the in-memory ``(x, y[, mask])``: inputs scaled to float32
     (token ids, with no scaler, as int32), targets in the task's dtype (int32 labels and
     tokens, float32 otherwise; `jtricks.data.targets.cast_targets`)."""
 
     scaler: Scaler | None
     target_dtype: Any = np.int32
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
         x = np.asarray(batch["x"], np.int32) if self.scaler is None else self.scaler(batch["x"])
-        return x, np.asarray(batch["y"], self.target_dtype)
+        y = np.asarray(batch["y"], self.target_dtype)
+        return (x, y) if "mask" not in batch else (x, y, np.asarray(batch["mask"], np.float32))
 
 
 def refuse_on_disk(config: Any, data: RunData) -> None:

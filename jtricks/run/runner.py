@@ -147,10 +147,9 @@ def share_processes(config: TrainConfig, data: RunData, out: Any, resume: Any) -
             "multi-process runs support neither ensembles, resume nor streaming",
             param="num_processes",
         )
-    x_tr, y_tr = data.train
-    n_each = len(y_tr) // nproc
+    n_each = len(data.train[1]) // nproc
     n_each -= n_each % len(jax.local_devices())  # equal shards, even over local devices
-    data.train = (x_tr[pid::nproc][:n_each], y_tr[pid::nproc][:n_each])
+    data.train = tuple(a[pid::nproc][:n_each] for a in data.train)
     data.n_train = n_each * nproc
     return out if pid == 0 else None
 
