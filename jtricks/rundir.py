@@ -73,19 +73,20 @@ def create_run_dir(out: str | os.PathLike, stack: contextlib.ExitStack | None = 
     if not str(out).strip():
         raise ConfigError("out must name a folder; got an empty string", param="out")
     path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(
-            f"output folder {str(path)!r} is a file; give a folder that does not exist yet "
-            "or is empty",
-            param="out",
-        )
-    _refuse_non_empty(path)
     try:
+        if path.exists() and not path.is_dir():
+            raise ConfigError(
+                f"output folder {str(path)!r} is a file; give a folder that does not exist yet "
+                "or is empty",
+                param="out",
+            )
+        _refuse_non_empty(path)
         path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):  # writable (a read-only mount, a quota)?
+            pass
     except OSError as e:
-        raise ConfigError(
-            f"cannot create output directory {str(path)!r}: {e.strerror}", param="out"
-        ) from None
+        why = e.strerror or type(e).__name__
+        raise ConfigError(f"cannot write output folder {str(path)!r}: {why}", param="out") from None
     if stack is not None:
         stack.enter_context(locked(path, param="out"))
         _refuse_non_empty(path)  # another run may have written between the check and the lock

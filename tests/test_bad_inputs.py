@@ -80,6 +80,15 @@ CLI_CASES = [
     ("swa-after-the-last-epoch", {}, ["--swa", "99"], "argument --swa: swa=99 starts averaging"),
     ("empty-pipeline-stage", {}, ["--optimizer", "adam | | l2(1e-4)"], "argument --optimizer"),
     ("model-that-does-not-parse", {}, ["--model", "resnet-18"], "did you mean: resnet18"),
+    ("complex-features", {"x": np.zeros((60, 6), np.complex64)}, [], "got dtype complex64"),
+    ("steps-past-int32", {}, ["--steps", str(2**63 - 1)], "the step counter is an int32"),
+    ("epochs-past-int32", {}, ["--epochs", str(2**31)], "the step counter is an int32"),
+    (
+        "model-past-memory",
+        {},
+        ["--model", "mlp(features=(1000000000,))"],
+        "memory: make it smaller",
+    ),
 ]
 
 
@@ -89,7 +98,7 @@ CLI_CASES = [
 def test_cli_bad_input(tmp_path, capsys, case, arrays, args, match):
     spec = _npz(tmp_path / "data.npz", **arrays)
     out = tmp_path / "run"
-    length = [] if "--epochs" in args else ["--epochs", "1"]
+    length = [] if {"--epochs", "--steps"} & set(args) else ["--epochs", "1"]
     status = main(
         [
             "train",
@@ -230,3 +239,44 @@ def test_api_checkpoint_for_another_model(tmp_path):
 
 def test_table_has_at_least_twenty_cases():
     assert len(CLI_CASES) + len(API_CASES) + 3 >= 20
+
+
+def test_position_arguments_of_streams_are_refused_for_arrays():
+    x, y = np.zeros((20, 6), np.float32), np.zeros(20, np.int64)
+    state = create_train_state(
+        MLP(num_classes=3, features=(4,)), optax.sgd(0.1), x, jax.random.key(0)
+    )
+    for kw, name in (
+        ({"data_state": {"next_index": 5}}, "data_state"),
+        ({"steps_per_epoch": 3}, "steps_per_epoch"),
+    ):
+        with pytest.raises(ConfigError, match=f"{name}=.* is for a stream of batches") as e:
+            fit(state, (x, y), batch_size=5, epochs=1, **kw)
+        assert e.value.param == name
+    with pytest.raises(ConfigError, match="would run to step") as e:
+        fit(state, (x, y), batch_size=5, steps=2**31)
+    assert e.value.param == "steps"
+
+
+def test_output_folders_that_cannot_be_written_are_one_line(tmp_path, monkeypatch):
+    """A name too long for the file system, and a folder that cannot be written (a
+    read-only mount, simulated: the probe file fails as it would there)."""
+    import errno
+    import tempfile
+
+    from jtricks.rundir import create_run_dir
+
+    with pytest.raises(
+        ConfigError, match=r"cannot write output folder .*: File name too long"
+    ) as e:
+        create_run_dir(tmp_path / ("a" * 300))
+    assert e.value.param == "out"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    with pytest.raises(ConfigError, match=r"cannot write output folder .*: Read-only file system"):
+        create_run_dir(empty)

@@ -24,6 +24,7 @@ from jtricks.run.data import RunData
 from jtricks.tasks import Classification, Task, build_task
 from jtricks.training import EarlyStopping, ReduceLROnPlateau, create_train_state
 from jtricks.training.averaging import SWA
+from jtricks.training.loop import MAX_STEP
 from jtricks.training.transfer import forward_layers, freeze, preset_patterns
 
 
@@ -134,6 +135,13 @@ def run_length(config: TrainConfig, n_train: int) -> tuple[int, int]:
         steps = TrainConfig.DEFAULT_STEPS
     steps_per_epoch = n_train // (config.batch_size * config.accumulate)
     total_steps = steps if steps is not None else config.epochs * steps_per_epoch
+    if total_steps > MAX_STEP:
+        name = "steps" if steps is not None else "epochs"
+        raise ConfigError(
+            f"{name}={getattr(config, name)!r} is {total_steps:,} steps; the step counter is "
+            f"an int32, so a run has at most {MAX_STEP:,} (2**31 - 1)",
+            param=name,
+        )
     last_epoch = -(-total_steps // steps_per_epoch)
     if config.swa is not None and config.swa > last_epoch:
         raise ConfigError(

@@ -33,9 +33,16 @@ from jtricks.run.outputs import (
     huge_loss_warning,
     write_summary,
 )
+from jtricks.run.resume import config_digest, load_run_config
 from jtricks.rundir import create_run_dir, environment, locked, write_json, write_jsonl
 from jtricks.training import History, TrainState, create_train_state, evaluate, fit
-from jtricks.training.checkpoint import best_checkpoint, restore, restore_latest
+from jtricks.training.checkpoint import (
+    RUN_META,
+    CheckpointError,
+    best_checkpoint,
+    restore,
+    restore_latest,
+)
 from jtricks.training.checkpointer import Checkpointer
 from jtricks.training.data_checks import check_data
 from jtricks.training.transfer import load_pretrained
@@ -117,24 +124,6 @@ def resolve_config(
     return config, out
 
 
-def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
-    """The config saved in an unfinished run folder (for ``--resume``)."""
-    path = Path(run_dir) / "config.json"
-    why = None
-    if not path.is_file():
-        why = f"{path} does not exist (not a jtricks run folder)"
-    elif (Path(run_dir) / "summary.json").exists():
-        why = "the run already finished (summary.json exists)"
-    if why is not None:
-        raise ConfigError(f"cannot resume {str(run_dir)!r}: {why}", param="resume")
-    try:
-        return TrainConfig.from_dict(json.loads(path.read_text())["config"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(
-            f"cannot resume {str(run_dir)!r}: {path} is not a valid run config: {e}", param="resume"
-        ) from None
-
-
 def share_processes(config: TrainConfig, data: RunData, out: Any, resume: Any) -> Any:
     """With several processes (`jax.distributed`), keep this process's shard of the
     training split (statistics and splits came from the whole split, identical in every
@@ -185,12 +174,18 @@ def start(
         return state, Run(None, [], None, b.callbacks)
     run_dir = Path(out) if resume is not None else create_run_dir(out, locks)
     records: list[dict[str, Any]] = []
+    settings = config.to_dict()
     if resume is not None:
         state, records = restore_run(run_dir / "checkpoints", state, b)
         write_jsonl(run_dir / "metrics.jsonl", records)  # drop epochs after the checkpoint
     else:
         write_json(
-            run_dir / "config.json", {"config": config.to_dict(), "environment": environment()}
+            run_dir / "config.json",
+            {
+                "config": settings,
+                "config_sha256": config_digest(json.loads(json.dumps(settings))),
+                "environment": environment(),
+            },
         )
     log = MetricsLog(run_dir / "metrics.jsonl")
     if jax.process_count() > 1:  # orbax saves would need every process; not wired yet
@@ -199,7 +194,7 @@ def start(
         run_dir / "checkpoints",
         every=config.checkpoint_every,
         keep=config.keep_checkpoints,
-        meta_fn=lambda record, state: {"callbacks": b.callback_states()},
+        meta_fn=lambda record, state: {"callbacks": b.callback_states(), "config": settings},
     )
     ckpt.records = list(records)
     ckpt.best = min((r["val_loss"] for r in records), default=None)
@@ -208,7 +203,10 @@ def start(
 
 def restore_run(ckpt_dir: Path, state: TrainState, b: Build) -> tuple[TrainState, list]:
     """The newest intact checkpoint's state and history, with the callbacks' saved states."""
-    restored = restore_latest(ckpt_dir, state)
+    try:
+        restored = restore_latest(ckpt_dir, state, required=RUN_META)
+    except CheckpointError as e:
+        raise ConfigError(f"cannot resume {str(ckpt_dir.parent)!r}: {e}", param="resume") from None
     if restored is None:
         return state, []
     state, meta = restored

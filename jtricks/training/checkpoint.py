@@ -244,17 +244,25 @@ def quiet_writer_failures() -> None:
 
 
 def verify(path: str | os.PathLike) -> None:
-    """Check every file of a checkpoint against its manifest.
+    """Check a checkpoint against its manifest, before any array is read.
+
+    The manifest must be complete: a JSON object with an entry ``{"sha256", "size"}`` for
+    every data file under the checkpoint (orbax's bookkeeping files aside), its metadata
+    and state among them; a file it does not list, an empty or malformed manifest, and a
+    listed file that is missing, truncated or altered all mean "damaged".
 
     Raises:
-      CheckpointError: naming the first missing, truncated or altered file.
+      CheckpointError: naming the checkpoint and the first problem found.
     """
     path = Path(path)
-    manifest_path = path / "manifest.json"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path}: cannot read {manifest_path}: {e}") from None
+    manifest = _read_manifest(path)
+    on_disk = {str(p.relative_to(path)) for p in _files(path)}
+    unlisted = sorted(on_disk - set(manifest))
+    if unlisted:
+        raise CheckpointError(
+            f"checkpoint {path}: file {path / unlisted[0]} is not in its manifest "
+            f"({len(unlisted)} unlisted)"
+        )
     for rel, info in manifest.items():
         f = path / rel
         if not f.is_file():
@@ -267,9 +275,75 @@ def verify(path: str | os.PathLike) -> None:
             raise CheckpointError(f"checkpoint {path}: file {f} is corrupt (checksum mismatch)")
 
 
-def read_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint's JSON metadata (epoch, step, history, callback states)."""
-    return json.loads((Path(path) / "meta" / "metadata").read_text())
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _read_manifest(path: Path) -> dict[str, dict[str, Any]]:
+    """The checked manifest of a checkpoint (see `verify`)."""
+    manifest_path = path / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}"
+        raise CheckpointError(f"checkpoint {path}: cannot read {manifest_path}: {why}") from None
+
+    def entry_ok(rel: Any, info: Any) -> bool:
+        return (
+            isinstance(info, dict)
+            and isinstance(info.get("size"), int)
+            and info["size"] >= 0
+            and isinstance(info.get("sha256"), str)
+            and _SHA256.fullmatch(info["sha256"]) is not None
+            and not Path(rel).is_absolute()
+            and ".." not in Path(rel).parts
+        )
+
+    damaged = not isinstance(manifest, dict) or not all(entry_ok(k, v) for k, v in manifest.items())
+    if not damaged:
+        damaged = "meta/metadata" not in manifest or not any(
+            k.startswith("state/") for k in manifest
+        )
+    if damaged:
+        raise CheckpointError(
+            f"checkpoint {path}: its manifest {manifest_path} is damaged (not a list of every "
+            "file of the checkpoint with its SHA-256 and size)"
+        )
+    return manifest
+
+
+RUN_META = ("epoch", "step", "history")
+"""The metadata keys a `Checkpointer`'s checkpoints hold and a resumed run needs."""
+
+_META_TYPES = {"epoch": int, "step": int, "history": list, "callbacks": dict}
+
+
+def read_meta(path: str | os.PathLike, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A checkpoint's JSON metadata (for a `Checkpointer`'s: epoch, step, history, callback
+    states), with the ``required`` keys (e.g. `RUN_META`) present.
+
+    Raises:
+      CheckpointError: metadata that is not a JSON object, lacks a required key, or holds a
+        known key of the wrong type (damaged, or not what the caller saved).
+    """
+    where = Path(path) / "meta" / "metadata"
+    try:
+        meta = json.loads(where.read_text())
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise CheckpointError(
+            f"checkpoint {path}: cannot read its metadata {where}: {type(e).__name__}"
+        ) from None
+    bad = not isinstance(meta, dict) or any(k not in meta for k in required)
+    if not bad:
+        bad = any(
+            k in meta and (not isinstance(meta[k], t) or isinstance(meta[k], bool))
+            for k, t in _META_TYPES.items()
+        ) or not all(isinstance(r, dict) for r in meta.get("history", []))
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {path}: its metadata {where} is damaged (a JSON object with "
+            f"{', '.join(required) or 'the saved keys'} expected)"
+        )
+    return meta
 
 
 class _StateMetadataNotice(logging.Filter):
@@ -288,7 +362,9 @@ class _StateMetadataNotice(logging.Filter):
 logging.getLogger("absl").addFilter(_StateMetadataNotice())
 
 
-def restore(path: str | os.PathLike, target: TrainState) -> tuple[TrainState, dict[str, Any]]:
+def restore(
+    path: str | os.PathLike, target: TrainState, *, required: tuple[str, ...] = ()
+) -> tuple[TrainState, dict[str, Any]]:
     """Restore a checkpoint into the structure of ``target`` (a freshly created state).
 
     ``path`` is a checkpoint (``.../epoch-NNNNNN``) or a folder of them (a run's
@@ -302,7 +378,7 @@ def restore(path: str | os.PathLike, target: TrainState) -> tuple[TrainState, di
     inside = [] if (path / "manifest.json").exists() else list_checkpoints(path)
     path = inside[-1] if inside else path  # a folder of checkpoints: its newest
     verify(path)
-    meta = read_meta(path)
+    meta = read_meta(path, required)
     abstract = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), _arrays(target)
     )
@@ -358,28 +434,41 @@ def best_checkpoint(directory: str | os.PathLike) -> Path | None:
 
 
 def restore_latest(
-    directory: str | os.PathLike, target: TrainState, *, log=None
+    directory: str | os.PathLike,
+    target: TrainState,
+    *,
+    log=None,
+    required: tuple[str, ...] = (),
 ) -> tuple[TrainState, dict] | None:
-    """Restore the newest intact checkpoint, falling back past damaged ones (each reported).
+    """Restore the newest intact checkpoint, falling back past damaged ones (reported in
+    one warning, once a checkpoint restores: each damaged one named with its problem).
 
     Returns ``None`` if there is no checkpoint at all.
 
     Raises:
-      CheckpointError: if checkpoints exist but none can be restored, or they do not match the model.
+      CheckpointError: if ``directory`` is not a folder, checkpoints exist but none can be
+        restored, or they do not match the model.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"{directory} is not a folder of checkpoints")
     candidates = list_checkpoints(directory)
     errors = []
     for path in reversed(candidates):
         try:
-            return restore(path, target)
+            restored = restore(path, target, required=required)
         except CheckpointError as e:
             if "does not match" in str(e):
                 raise
             errors.append(str(e))
-            log(f"jtricks: warning: {e}; falling back to the previous checkpoint")
+            continue
+        if errors:
+            log(
+                f"jtricks: warning: skipped {len(errors)} damaged checkpoint(s), restored "
+                f"{path.name}: " + "; ".join(errors)
+            )
+        return restored
     if errors:
-        raise CheckpointError(
-            "no intact checkpoint in " + str(directory) + ": " + "; ".join(errors)
-        )
+        raise CheckpointError(f"no intact checkpoint in {directory}: " + "; ".join(errors))
     return None

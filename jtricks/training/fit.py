@@ -186,6 +186,13 @@ def fit(
             chunk=chunk, prefetch=prefetch, max_nonfinite=max_nonfinite, **common,
         )  # fmt: skip
     else:
+        for name, value in (("data_state", data_state), ("steps_per_epoch", steps_per_epoch)):
+            if value is not None:  # the position of in-memory data is the step count
+                raise ConfigError(
+                    f"{name}={value!r} is for a stream of batches; in-memory training data "
+                    "continues from the state's own step count (give the state fit returned)",
+                    param=name,
+                )
         run = array_run(
             train_data, options, data_key=data_key, max_nonfinite=max_nonfinite, **common
         )

@@ -89,7 +89,7 @@ def array_run(
     check_batch(batch_size, mesh)
     batch_size *= accumulate  # examples per optimizer update; the step cuts it into micro-batches
     steps_per_epoch = n // batch_size
-    total = _total_steps(epochs, steps, steps_per_epoch)
+    total = _total_steps(epochs, steps, steps_per_epoch, int(member.step))
     options = complete_options(options, member, mesh, data)
     run_epoch, _ = programs.compiled_functions(options)
     eval_step = compiled_steps(options)[1]
@@ -116,10 +116,25 @@ def array_run(
     return Run(steps_per_epoch, total, data, epoch)
 
 
-def _total_steps(epochs, steps, steps_per_epoch) -> int:
+MAX_STEP = 2**31 - 1
+"""The largest step count: `TrainState.step` is an int32 (what optax's counters use too)."""
+
+
+def _total_steps(epochs, steps, steps_per_epoch, start_step: int = 0) -> int:
+    """The steps to run, checked to end within the int32 step counter."""
     if steps is None:
-        return check_int("epochs", epochs, low=1) * steps_per_epoch
-    return check_int("steps", steps, low=1)
+        total = check_int("epochs", epochs, low=1, high=MAX_STEP) * steps_per_epoch
+        name, value = "epochs", epochs
+    else:
+        total = check_int("steps", steps, low=1)
+        name, value = "steps", steps
+    if start_step + total > MAX_STEP:
+        raise ConfigError(
+            f"{name}={value!r} would run to step {start_step + total:,}; the step counter is "
+            f"an int32, so a run ends by step {MAX_STEP:,} (2**31 - 1)",
+            param=name,
+        )
+    return total
 
 
 def stream_run(
@@ -136,7 +151,7 @@ def stream_run(
             param="steps_per_epoch",
         )
     steps_per_epoch = check_int("steps_per_epoch", steps_per_epoch or steps, low=1)
-    total = _total_steps(epochs, steps, steps_per_epoch)
+    total = _total_steps(epochs, steps, steps_per_epoch, int(member.step))
     start_step = int(member.step)
     feeder = Feeder(stream, depth=check_int("prefetch", prefetch, low=1), state=data_state)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -158,9 +159,12 @@ def init_variables(apply_fn: Any, key: jax.Array, sample: Any) -> Any:
         init = apply_fn.init
     try:
         try:
+            check_fits(jax.eval_shape(init, key, sample))
             return init(key, sample)
         except jax.errors.JAXTypeError:  # e.g. a Python `if` on a traced value
             return apply_fn.init(key, sample)
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as e:
         shapes = jax.tree.map(lambda a: f"{jnp.shape(a)[1:]} {jnp.result_type(a)}", sample)
         first = str(e).splitlines()[0] if str(e) else ""
@@ -169,6 +173,38 @@ def init_variables(apply_fn: Any, key: jax.Array, sample: Any) -> Any:
             f"{type(e).__name__}: {first}",
             param="model",
         ) from e
+
+
+TRAINING_COPIES = 4
+"""Copies of the parameters training holds at once at the least: the parameters, their
+gradient and two optimizer moments (Adam's); the bound `check_fits` applies."""
+
+
+def device_memory() -> int | None:
+    """Bytes the first device may hold: its allocator's limit (GPU, TPU), else the host's
+    physical memory (CPU); ``None`` when neither is known."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(variables: Any) -> None:
+    """Refuse, before anything is allocated, a model whose variables (shapes from
+    `jax.eval_shape`) times `TRAINING_COPIES` exceed `device_memory`."""
+    need = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(variables))
+    limit = device_memory()
+    if limit is not None and need * TRAINING_COPIES > limit:
+        count = sum(a.size for a in jax.tree.leaves(variables))
+        raise ConfigError(
+            f"the model has {count:,} parameters and statistics ({need / 2**30:,.1f} GiB); "
+            f"training holds at least {TRAINING_COPIES} copies, more than the "
+            f"{limit / 2**30:,.1f} GiB of {jax.devices()[0].platform} memory: make it smaller",
+            param="model",
+        )
 
 
 def clear_caches() -> None:

@@ -1,0 +1,86 @@
+"""What ``--resume`` trusts: a run folder's ``config.json`` as the run started, and its
+checkpoints as they were written.
+
+A run records the SHA-256 of its config (`config_digest`) in ``config.json`` when it
+starts, and every checkpoint keeps a copy of the config in its metadata. A resume reads
+the config, checks the digest, and refuses an edited one, naming each field that differs
+from the newest checkpoint's copy: a run continued with another batch size, model or
+schedule is no longer the run its folder claims to be. New here: orbax keeps the arrays
+exact; nothing in it ties them to the settings that produced them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from jtricks.errors import ConfigError
+from jtricks.run.config import TrainConfig
+from jtricks.training.checkpoint import list_checkpoints
+
+
+def config_digest(config: dict[str, Any]) -> str:
+    """The SHA-256 of a config dict's canonical JSON (sorted keys, no spaces)."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
+    """The config saved in an unfinished run folder (for ``--resume``), checked against
+    the digest recorded when the run started.
+
+    Raises:
+      ConfigError (``param="resume"``): not a run folder, a finished run, a config that is
+        not valid, or one edited since the run started (the changed fields named).
+    """
+    path = Path(run_dir) / "config.json"
+    why = None
+    if not path.is_file():
+        why = f"{path} does not exist (not a jtricks run folder)"
+    elif (Path(run_dir) / "summary.json").exists():
+        why = "the run already finished (summary.json exists)"
+    if why is not None:
+        raise ConfigError(f"cannot resume {str(run_dir)!r}: {why}", param="resume")
+    try:
+        saved = json.loads(path.read_text())
+        config = TrainConfig.from_dict(saved["config"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(
+            f"cannot resume {str(run_dir)!r}: {path} is not a valid run config: {e}", param="resume"
+        ) from None
+    recorded = saved.get("config_sha256")
+    if recorded is not None and recorded != config_digest(saved["config"]):
+        raise ConfigError(
+            f"cannot resume {str(run_dir)!r}: {path} was edited after the run started "
+            f"({_changes(Path(run_dir), saved['config'])}); a resume continues the run as "
+            "it started: undo the edit, or start a new run (--out) with the new settings",
+            param="resume",
+        )
+    return config
+
+
+def _changes(run_dir: Path, config: dict[str, Any]) -> str:
+    """``"batch_size: 100 -> 50, ..."`` against the newest checkpoint's copy of the config,
+    or a sentence saying the digest differs when no copy can be read."""
+    for checkpoint in reversed(list_checkpoints(run_dir / "checkpoints")):
+        try:
+            meta = json.loads((checkpoint / "meta" / "metadata").read_text())
+            started = meta["config"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not isinstance(started, dict):
+            continue
+        changed = [
+            f"{k}: {started.get(k)!r} -> {config.get(k)!r}"
+            for k in sorted(set(started) | set(config))
+            if json.dumps(started.get(k)) != json.dumps(config.get(k))
+        ]
+        if changed:
+            return ", ".join(changed)
+    return "its SHA-256 no longer matches the one recorded at the start"
+
+
+__all__ = ["config_digest", "load_run_config"]
