@@ -226,3 +226,18 @@ def test_a_damaged_newest_checkpoint_is_one_warning_and_the_run_completes(
     assert len(err) == 1 and "skipped 1 damaged checkpoint(s), restored epoch-000002" in err[0]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3]
+
+
+def test_a_closed_checkpointer_leaves_no_temporary_folder(tmp_path):
+    """What a failed save left (``.tmp-*``, in checkpoints/ and best/) is gone once the
+    writers are closed; committed checkpoints stay."""
+    from jtricks.training import Checkpointer
+
+    ckpt = Checkpointer(tmp_path / "checkpoints", every=1)
+    ckpt.on_epoch_end({"epoch": 1, "step": 1, "val_loss": 1.0}, _state(1))
+    for leftover in ("checkpoints/.tmp-epoch-000002", "checkpoints/best/.tmp-epoch-000002"):
+        (tmp_path / leftover / "state").mkdir(parents=True)
+    ckpt.close()
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["best", "epoch-000001"]
+    assert not list((tmp_path / "checkpoints" / "best").glob(".tmp-*"))

@@ -208,10 +208,13 @@ def save(directory: str | os.PathLike, name: str, state: TrainState, meta: dict[
     return final
 
 
-def check_space(root: Path, state: TrainState) -> None:
-    """Refuse a save that cannot fit before orbax starts writing (ENOSPC in its writer
-    threads otherwise surfaces as a storm of errors)."""
-    need = sum(int(getattr(a, "nbytes", 0)) for a in jax.tree.leaves(_arrays(state))) + 2**20
+def check_space(root: Path, state: TrainState, copies: int = 1) -> None:
+    """Refuse a save (of ``copies`` checkpoints of ``state`` at once) that cannot fit before
+    orbax starts writing (ENOSPC in its writer threads otherwise surfaces as a storm of
+    errors, and may leave a temporary folder a writer was still filling)."""
+    size = sum(int(getattr(a, "nbytes", 0)) for a in jax.tree.leaves(_arrays(state)))
+    need = copies * size + 2**20
+    root = next(p for p in (root, *root.parents) if p.exists())  # the folder may be new
     free = shutil.disk_usage(root).free
     if free < need:
         raise OSError(

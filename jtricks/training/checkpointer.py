@@ -134,18 +134,27 @@ class Checkpointer:
         return _Reported(self._in_flight.get(which), self.directory)
 
     def wait(self) -> None:
-        """Block until every checkpoint handed to orbax is on disk."""
+        """Block until every checkpoint handed to orbax is on disk (every writer waited
+        for, also after one failed; the first failure is raised)."""
+        failure = None
         for which in list(self._managers):
-            self._finish(which)
+            try:
+                self._finish(which)
+            except WriteError as e:
+                failure = failure or e
+        if failure is not None:
+            raise failure
 
     def close(self) -> None:
-        """Wait for the writes, then release orbax's threads."""
+        """Wait for the writes, then release orbax's threads; a failed save's temporary
+        folders are removed once no writer can still add to them."""
         try:
             self.wait()
         finally:
             for manager in self._managers.values():
                 manager.close()
             self._managers.clear()
+            remove_leftovers(self.directory)
 
     def _meta(self, record: dict[str, Any], state: TrainState) -> dict[str, Any]:
         meta = {
@@ -195,11 +204,24 @@ class Checkpointer:
             self._pending_best = None
 
     def _save(self, record: dict[str, Any], state: TrainState) -> None:
+        if self._pending_best is not None:  # two saves at once: room for both, first
+            with _Reported(
+                self.directory / EpochNames().build_name(record["epoch"]), self.directory
+            ):
+                check_space(self.directory, state, copies=2)
         self._flush_best()  # the best so far goes to disk with every checkpoint
         if self.background:  # the next epoch donates ``state``: orbax gets a device copy
             state = _device_copy(state)
         self._write("epochs", record["epoch"], state, self._meta(record, state))
         self._last_saved_epoch = record["epoch"]
+
+
+def remove_leftovers(directory: Path) -> None:
+    """Remove the temporary folders (``.tmp-*``) failed saves left in ``directory`` and its
+    ``best/`` (committed checkpoints are never named so)."""
+    for root in (directory, directory / "best"):
+        for leftover in root.glob(f"{TMP}*") if root.is_dir() else ():
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 class _Reported:
@@ -215,7 +237,5 @@ class _Reported:
     def __exit__(self, kind, error, tb) -> bool:
         if error is None or not isinstance(error, Exception):
             return False
-        for root in (self.directory, self.directory / "best"):
-            for leftover in root.glob(f"{TMP}*") if root.is_dir() else ():
-                shutil.rmtree(leftover, ignore_errors=True)
+        remove_leftovers(self.directory)
         raise WriteError(f"checkpoint {self.path or self.directory}", error) from None
