@@ -237,10 +237,6 @@ def test_api_checkpoint_for_another_model(tmp_path):
     shutil.rmtree(out)
 
 
-def test_table_has_at_least_twenty_cases():
-    assert len(CLI_CASES) + len(API_CASES) + 3 >= 20
-
-
 def test_position_arguments_of_streams_are_refused_for_arrays():
     x, y = np.zeros((20, 6), np.float32), np.zeros(20, np.int64)
     state = create_train_state(

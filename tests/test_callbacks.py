@@ -9,7 +9,7 @@ import pytest
 
 from jtricks.errors import ConfigError
 from jtricks.nn import MLP
-from jtricks.training import EarlyStopping, StopTraining, create_train_state, fit
+from jtricks.training import EarlyStopping, create_train_state, fit
 
 MODEL = MLP(num_classes=4, features=(16,))
 
@@ -116,4 +116,3 @@ def test_nonfinite_streak_stops_and_keeps_last_good_state(tiny_data, adam, key):
     assert "consecutive steps had a non-finite loss or gradient" in hist.stopped
     assert len(hist) == 2  # 10 steps per epoch: the streak reaches 15 in epoch 2
     assert _same(state.params, params0)  # nothing was ever applied
-    assert isinstance(StopTraining(None).state, type(None))

@@ -177,8 +177,9 @@ def test_signal_flags_vanishing_gradients_by_ratio():
         {"layer": "a", "act_mean": 0.0, "act_std": 1.0, "grad_norm": 1e-5},
         {"layer": "b", "act_mean": 0.0, "act_std": 1.0, "grad_norm": 1.0},
     ]
-    # the flag logic on a report built by hand, through the same code path as real reports
-    assert D.SignalReport(0, rows, 1e-5, 1.0, []).passed  # no flags, no failure
+    # a report passes exactly when the flag logic (the code path of real reports) finds none
+    assert not D.SignalReport(0, rows, 1e-5, 1.0, _flags_for(1e-5, 1.0)).passed
+    assert D.SignalReport(0, rows, 1.0, 1.0, _flags_for(1.0, 1.0)).passed
     assert "vanishing" in _flags_for(1e-5, 1.0)[0]
     assert "exploding gradients" in _flags_for(1e5, 1.0)[0]
     assert _flags_for(1.0, 1.0) == []

@@ -43,7 +43,9 @@ def test_optimizers_example_tiny(capsys):
         ["--steps", "20", "--model", "mlp(features=(16,))", "--dataset", "mnist1d(num_samples=500)"]
     )
     assert [r["optimizer"] for r in rows] == [s for s, _ in example.OPTIMIZERS]
-    assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in rows)
+    # 20 steps: the adaptive optimizers are past chance (10 classes: 10%) already
+    best = max(r["test_accuracy"] for r in rows)
+    assert best > 0.2 and all(np.isfinite(r["test_accuracy"]) for r in rows)
     assert "test acc" in capsys.readouterr().out
 
 
@@ -105,7 +107,7 @@ def test_transfer_example_tiny(capsys):
     )
     out = capsys.readouterr().out
     assert set(accs) == {"scratch", "head", "last:2", "all"} and "Conv_2, head" in out
-    assert all(len(v) == 1 and 0 <= v[0] <= 100 for v in accs.values())
+    assert all(len(v) == 1 and v[0] > 15 for v in accs.values())  # chance: 10%
 
 
 def test_ensembles_example_tiny(capsys):
@@ -124,7 +126,10 @@ def test_ensembles_example_tiny(capsys):
     )
     out = capsys.readouterr().out
     assert "ensemble of 2" in out and len(rows) == 5
-    assert all(0 <= v <= 100 for v in rows.values())
+    # 72 steps: the trained weights are past chance (10%); the EMA of decay 0.999 is not
+    # (it still weighs the initial weights at 0.999**72 = 93%), as the example's text says
+    learned = ("single", "swa (from epoch 1)", "ensemble of 2", "ensemble member (mean of 2)")
+    assert all(rows[k] > 25 for k in learned) and rows["ema (0.999)"] < rows["single"]
 
 
 def test_task_examples_tiny(capsys):
@@ -164,7 +169,8 @@ def test_task_examples_tiny(capsys):
     nnx_result = _load(ROOT / "examples" / "nnx_model.py").main(
         ["--epochs", "1", "--dataset", "mnist1d(num_samples=500)"]
     )
-    assert 0 <= nnx_result["test_accuracy"] <= 1
+    # conv 1->32 k5 (no bias) + BN + conv 32->32 k3 (no bias) + BN + linear 32*10 -> 10
+    assert nnx_result["params"] == 1 * 32 * 5 + 2 * 32 + 32 * 32 * 3 + 2 * 32 + 320 * 10 + 10
     out = capsys.readouterr().out
     assert (
         "gap to floor" in out and "mean IoU" in out and "entropy rate" in out and "NNX CNN" in out

@@ -60,6 +60,8 @@ def test_tiny_suite_writes_every_part_and_a_summary(suite_run):
         assert rec["part"] == name and rec["tiny"] is True
         assert rec["suite_environment"]["versions"]["jax"]
         for run in rec["runs"]:
+            # without torch (CI) its arm is skipped here; the script's own logic runs on a
+            # stand-in torch in test_the_torch_baseline_runs_its_logic_on_a_stand_in_torch
             assert run["status"] == "ok" or run["status"].startswith("skipped (torch"), run
     assert "[train_step/jax] ok in" in stdout and "gpu_suite: done in" in stdout
 
@@ -200,3 +202,34 @@ def test_a_folder_with_results_is_not_overwritten(tmp_path):
     assert proc.returncode == 2 and "exists and is not an empty folder" in proc.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["summary.md"]
     assert (tmp_path / "summary.md").read_text() == "earlier results"
+
+
+def test_the_torch_baseline_runs_its_logic_on_a_stand_in_torch(monkeypatch, capsys):
+    """`benchmarks/baselines/torch_resnet18.py` with `tests/fake_torch.py` as ``torch``
+    (CI has none): every arm warms up and is timed, the figures follow from the recorded
+    times, and its model has jtricks' ResNet-18's parameter count."""
+    import jax
+
+    from jtricks.nn import build_model
+
+    fake_torch = _load(Path(__file__).parent / "fake_torch.py")
+    monkeypatch.setitem(sys.modules, "torch", fake_torch)
+    script = _load(ROOT / "benchmarks" / "baselines" / "torch_resnet18.py")
+    fake_torch.SGD.steps = 0
+    argv = ["--batch-size", "4", "--steps-per-epoch", "2", "--epochs", "1", "--repeats", "3"]
+    argv += ["--arms", "eager,compile,compile_graphs", "--flops-per-step", "1e9"]
+    result = script.main([*argv, "--peak-tflops", "100"])
+    capsys.readouterr()
+    assert result["errors"] == {} and result["images_per_repeat"] == 8
+    assert fake_torch.SGD.steps == 3 * (1 + 3) * 2  # arms x (warm-up + repeats) x steps
+    for arm, seconds in result["seconds"].items():
+        assert len(seconds) == 3
+        ips = result["images_per_s"][arm]
+        assert ips == pytest.approx(8 / statistics.median(seconds))
+        assert result["tflops"][arm] == pytest.approx(1e9 * ips / 4 / 1e12)
+        assert result["mfu"][arm] == pytest.approx(result["tflops"][arm] / 100)
+    model = script.resnet18(fake_torch.nn, 3, 10)
+    shapes = jax.eval_shape(
+        build_model("resnet18", 10).init, jax.random.key(0), jax.numpy.zeros((1, 32, 32, 3))
+    )["params"]
+    assert sum(model.parameters()) == sum(a.size for a in jax.tree.leaves(shapes)) == 11_173_962
