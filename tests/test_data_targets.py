@@ -159,3 +159,22 @@ def test_an_npz_mask_leaves_the_masked_positions_out(tmp_path, capsys):
     with pytest.raises(ConfigError, match="the classification task reads no mask"):
         load_dataset(f"npz:{tmp_path / 'cls.npz'}")
     capsys.readouterr()
+
+
+def test_shards_of_another_width_or_with_nan_are_one_line_naming_the_shard(tmp_path, capsys):
+    x, y, xt, yt = CASES["labels"][:4]
+    write_shards(tmp_path / "w" / "train", {"x": x, "y": y}, shard_size=50)
+    write_shards(tmp_path / "w" / "test", {"x": xt, "y": yt}, shard_size=50)
+    np.save(tmp_path / "w" / "train" / "x-00001.npy", np.zeros((50, 9), np.float32))
+    with pytest.raises(ConfigError, match=r"x-00001.npy' holds x examples of shape \(9,\)"):
+        load_shards(f"shards:{tmp_path / 'w'}")
+    bad = x.copy()
+    bad[70, 3] = np.nan  # shard 1 (rows 50..99), row 20
+    write_shards(tmp_path / "n" / "train", {"x": bad, "y": y}, shard_size=50)
+    write_shards(tmp_path / "n" / "test", {"x": xt, "y": yt}, shard_size=50)
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", f"shards:{tmp_path / 'n'}", "--val-fraction", "0.1"]
+    assert main([*argv, "--epochs", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "hold NaN or inf, first in shard" in err and "x-00001.npy', row 20" in err
+    assert len(err.splitlines()) == 1 and not out.exists()

@@ -73,10 +73,25 @@ class ShardedArrays:
                 f"shard folder {str(self.path)!r}: fields have shards of different lengths {sizes}",
                 param="dataset",
             )
+        for field, arrs in self.arrays.items():  # one example shape and dtype per field
+            for k, a in enumerate(arrs[1:], 1):
+                if a.shape[1:] != arrs[0].shape[1:] or a.dtype != arrs[0].dtype:
+                    raise ConfigError(
+                        f"shard {str(found[field][k])!r} holds {field} examples of shape "
+                        f"{a.shape[1:]} {a.dtype}; shard 00000 holds {arrs[0].shape[1:]} "
+                        f"{arrs[0].dtype}",
+                        param="dataset",
+                    )
         self.offsets = np.concatenate([[0], np.cumsum(sizes[self.fields[0]])])
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
+
+    def where(self, row: int) -> str:
+        """``"shard 'DIR/x-00002.npy', row 17"``: where global row ``row`` of field ``x``
+        lies (for messages)."""
+        k = int(np.searchsorted(self.offsets, row, side="right") - 1)
+        return f"shard {str(self.path / f'x-{k:05d}.npy')!r}, row {row - int(self.offsets[k])}"
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         return {f: v[0] for f, v in self.gather(np.asarray([i])).items()}

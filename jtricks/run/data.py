@@ -126,6 +126,13 @@ def _shards_data(config: Any, splits: ShardSplits) -> RunData:
         for s in range(0, len(rows), SCALER_ROWS):
             yield splits.train.gather(rows[s : s + SCALER_ROWS])["x"]
 
+    # every split, before anything is written
+    check_finite_rows(splits.train, rows, "training")
+    check_finite_rows(
+        val_source, np.arange(len(val_source)) if val_rows is None else val_rows, "validation"
+    )
+    check_finite_rows(splits.test, np.arange(len(splits.test)), "test")
+
     tokens = np.issubdtype(splits.stand_in().dtype, np.integer) and splits.task == "lm"
     scaler = None if tokens else Scaler.fit_chunks(config.preprocess, blocks)  # ids: as they are
     transform = _Preprocess(scaler, cast_targets(splits.task, np.zeros(0)).dtype)
@@ -142,6 +149,26 @@ def _shards_data(config: Any, splits: ShardSplits) -> RunData:
         rows=rows,
         transform=transform,
     )
+
+
+def check_finite_rows(source: Any, rows: np.ndarray, split: str) -> None:
+    """Refuse rows of shards (the ``split``'s) holding NaN or inf, naming the first one's
+    shard and row (one pass over the rows, block by block).
+
+    Raises:
+      ConfigError (``param="dataset"``).
+    """
+    for s in range(0, len(rows), SCALER_ROWS):
+        block = rows[s : s + SCALER_ROWS]
+        x = source.gather(block)["x"]
+        if np.issubdtype(x.dtype, np.floating):
+            bad = ~np.isfinite(x.reshape(len(block), -1)).all(axis=1)
+            if bad.any():
+                raise ConfigError(
+                    f"dataset: the {split} data hold NaN or inf, first in "
+                    f"{source.where(int(block[np.argmax(bad)]))}",
+                    param="dataset",
+                )
 
 
 @dataclass(frozen=True)
