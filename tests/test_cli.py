@@ -196,6 +196,11 @@ BAD = [
         "cannot be initialised on examples of shape and dtype",
     ),
     (["--optimizer", "muon"], "--optimizer", "did you mean 'contrib.muon'?"),
+    (  # the case as a researcher types it: a token model on the default dataset
+        ["--dataset", "mnist1d", "--model", "transformer_lm"],
+        "--model",
+        "cannot be initialised on examples of shape and dtype (40,) float32",
+    ),
 ]
 
 
