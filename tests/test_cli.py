@@ -378,3 +378,22 @@ def test_an_npz_with_real_targets_trains_a_regression(tmp_path, capsys, targets)
     summary = json.loads((out / "summary.json").read_text())
     assert 0 < summary["test_mse"] < 0.5 * float(np.mean(yt**2))  # it learned the map
     capsys.readouterr()
+
+
+def test_out_of_device_memory_is_one_line(monkeypatch, capsys):
+    """XLA's RESOURCE_EXHAUSTED (what a batch too large for the device raises at run
+    time, past the model-size estimate) is one line with exit status 2."""
+    import jax
+
+    import jtricks.cli as cli
+
+    def exhausted(args, flags):
+        raise jax.errors.JaxRuntimeError(
+            "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 64.00GiB.\n"
+            "BufferAssignment OOM Debugging."
+        )
+
+    monkeypatch.setattr(cli.COMMANDS["train"], "run", exhausted)
+    assert main(["train"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ran out of memory" in err[0] and "allocate 64.00GiB" in err[0]

@@ -61,6 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # what orbax leaves behind after a failed write, reported by then as one line
     warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
     flags = flags_of(commands[args.command])
+    import jax  # after parsing: --help answers without it
+
     try:
         return COMMANDS[args.command].run(args, flags)
     except ConfigError as e:
@@ -72,6 +74,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (WriteError, StreamError) as e:  # the run stops; what was saved stays
         print(f"jtricks {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        first = str(e).strip().splitlines()[0]
+        print(
+            f"jtricks {args.command}: error: the device ran out of memory ({first}); lower "
+            "--batch-size (or --eval-batch-size), or the model's size",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print("jtricks: interrupted", file=sys.stderr)
         return 130
