@@ -181,9 +181,9 @@ gradient and two optimizer moments (Adam's); the bound `check_fits` applies."""
 
 
 def device_memory() -> int | None:
-    """Bytes the first device may hold: its allocator's limit (GPU, TPU), else the host's
+    """Bytes this process's first device may hold: its allocator's limit (GPU, TPU), else the host's
     physical memory (CPU); ``None`` when neither is known."""
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     if stats.get("bytes_limit"):
         return int(stats["bytes_limit"])
     try:
@@ -202,7 +202,7 @@ def check_fits(variables: Any) -> None:
         raise ConfigError(
             f"the model has {count:,} parameters and statistics ({need / 2**30:,.1f} GiB); "
             f"training holds at least {TRAINING_COPIES} copies, more than the "
-            f"{limit / 2**30:,.1f} GiB of {jax.devices()[0].platform} memory: make it smaller",
+            f"{limit / 2**30:,.1f} GiB of {jax.local_devices()[0].platform} memory: make it smaller",
             param="model",
         )
 
