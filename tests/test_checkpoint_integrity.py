@@ -241,3 +241,13 @@ def test_a_closed_checkpointer_leaves_no_temporary_folder(tmp_path):
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["best", "epoch-000001"]
     assert not list((tmp_path / "checkpoints" / "best").glob(".tmp-*"))
+
+
+def test_a_normal_restore_is_quiet(two_checkpoints, caplog):
+    """No absl warning about the state item's ``_CHECKPOINT_METADATA`` (written one level
+    up, for the whole checkpoint) on a restore of an intact checkpoint."""
+    root, states = two_checkpoints
+    with caplog.at_level("WARNING"):
+        state, _ = restore(list_checkpoints(root)[-1], _state(0), required=RUN_META)
+    assert all(np.array_equal(a, b) for a, b in zip(_leaves(state), states[2], strict=True))
+    assert not [r for r in caplog.records if "Metadata file does not exist" in r.getMessage()]
