@@ -41,6 +41,11 @@ def test_optimizers_differing_only_in_the_rate_are_equal():
 def test_an_unknown_hyperparameter_is_refused():
     with pytest.raises(ConfigError, match=r"hyperparams \['lr'\] are not parameters of adam"):
         sweepable(optax.adam, hyperparams=("lr",))
+    with pytest.raises(
+        ConfigError,
+        match="adam: missing a required argument: 'learning_rate'; it takes: learning_rate, b1",
+    ):
+        sweepable(optax.adam)(lr=1e-3)
 
 
 def _epoch_compiles(caplog) -> int:

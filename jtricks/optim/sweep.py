@@ -116,7 +116,13 @@ def sweepable(
 
     @functools.wraps(factory)
     def make(*args: Any, **kwargs: Any) -> Keyed:
-        bound = signature.bind(*args, **kwargs)
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise ConfigError(
+                f"{factory.__name__}: {e}; it takes: {', '.join(signature.parameters)}",
+                param="optimizer",
+            ) from None
         bound.apply_defaults()
         kept = tuple(
             (name, freeze(value))
