@@ -21,7 +21,9 @@ run (the headline figures first):
 6. ``optimizer_update``: `bench_optimizer_update.py` at 64M float32 parameters, 1 and
    512 leaves, optax and the fused Adam update, per call and inside `lax.scan`, compile
    times;
-7. ``bench``: ``jtricks bench --suite quick`` with the rest of the budget, its
+7. ``sweep``: `bench_sweep.py`, 8 learning rates with `fit`, a new ``optax.adam`` per
+   rate against optimizers equal up to their rate (one compilation);
+8. ``bench``: ``jtricks bench --suite quick`` with the rest of the budget, its
    ``results.json`` copied as ``bench_quick.json`` so that ``jtricks bench compare`` can
    set it beside the CPU's.
 
@@ -182,6 +184,18 @@ PARTS = (  # the headline figures first; bench last, with whatever the budget ha
                 "bench_optimizer_update.py",
                 "--total 67108864 --leaves 1,512 --impls optax,fused --repeats 3 --optimizers adam",
                 "--total 4096 --leaves 1,8 --repeats 1 --optimizers adam",
+            ),
+        ),
+    ),
+    Part(
+        "sweep",
+        0.05,
+        (
+            Run(
+                "mlp",
+                "bench_sweep.py",
+                "--model mlp --repeats 2",
+                f"{_MLP} --rates 2 --epochs 1 --repeats 1 {_TINY_DATA}",
             ),
         ),
     ),

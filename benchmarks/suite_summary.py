@@ -219,7 +219,18 @@ def _simple(records: dict) -> list[str]:
             f"| {r['train_s']:.1f} | {r['test_accuracy']} |"
         ),
     )
-    return fit + train + ens + lrf
+    sweep = _table(
+        "sweep: K learning rates with `fit`",
+        "| model | rates | fresh optax.adam s | build_optimizer s | ratio | epoch compilations |",
+        _results(records.get("sweep")),
+        lambda r: (
+            f"| {r['args']['model']} | {r['args']['rates']} "
+            f"| {r['arms']['fresh']['median_s']:.2f} | {r['arms']['build']['median_s']:.2f} "
+            f"| {r['arms']['build']['ratio_vs_fresh']:.2f} "
+            f"| {r['arms']['fresh']['epoch_compiles']} vs {r['arms']['build']['epoch_compiles']} |"
+        ),
+    )
+    return fit + train + ens + lrf + sweep
 
 
 def _bench(records: dict) -> list[str]:
