@@ -151,8 +151,8 @@ def stream_run(
             param="steps_per_epoch",
         )
     steps_per_epoch = check_int("steps_per_epoch", steps_per_epoch or steps, low=1)
-    total = _total_steps(epochs, steps, steps_per_epoch, int(member.step))
     start_step = int(member.step)
+    total = _total_steps(epochs, steps, steps_per_epoch, start_step)
     feeder = Feeder(stream, depth=check_int("prefetch", prefetch, low=1), state=data_state)
     try:
         first = jax.tree.map(np.asarray, feeder.first)
