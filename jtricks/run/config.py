@@ -287,6 +287,13 @@ class TrainConfig:
         boolean,
         parse=bool,
     )
+    tensorboard: bool = setting(
+        False,
+        "also write TensorBoard event files of every epoch's record and of the config into "
+        "RUN/tensorboard (pip install 'jtricks[tensorboard]')",
+        boolean,
+        parse=bool,
+    )
     pretrained: str | None = setting(
         None,
         "load matching parameters from a run folder or checkpoint folder",

@@ -11,11 +11,12 @@ import jax.numpy as jnp
 from jtricks.run.build import Build
 from jtricks.run.config import TrainConfig
 from jtricks.run.data import RunData
-from jtricks.run.outputs import MetricsLog, RunResult, write_summary
+from jtricks.run.outputs import RunResult, record_logs, write_summary
 from jtricks.rundir import create_run_dir, environment, write_json
 from jtricks.training.data_checks import check_data
 from jtricks.training.ensemble import create_ensemble, evaluate_ensemble, fit_ensemble
 from jtricks.training.fit import first_member
+from jtricks.training.tensorboard import writer_class
 
 
 def train_ensemble(
@@ -27,13 +28,15 @@ def train_ensemble(
     keys = jax.vmap(lambda i: jax.random.fold_in(b.init_key, i))(jnp.arange(config.ensemble))
     states = create_ensemble(b.model, b.tx, data.train[0], keys)
     check_data(first_member(states), b.task, data.train, "training data")  # before any folder
+    if config.tensorboard:
+        writer_class()  # installed? (before the folder exists)
     run_dir = create_run_dir(out, locks) if out is not None else None
-    log = None
+    logs = []
     if run_dir is not None:
         write_json(
             run_dir / "config.json", {"config": config.to_dict(), "environment": environment()}
         )
-        log = MetricsLog(run_dir / "metrics.jsonl")
+        logs = record_logs(run_dir, config, locks)
     states, history = fit_ensemble(
         states,
         data.train,
@@ -46,7 +49,7 @@ def train_ensemble(
         eval_params=config.eval_params,
         task=b.task,
         reporter=b.reporter,
-        on_epoch_end=None if log is None else (lambda r: log.on_epoch_end(r, None)),
+        on_epoch_end=(lambda r: [log.on_epoch_end(r, None) for log in logs]) if logs else None,
     )
     test = evaluate_ensemble(
         states, data.test, task=b.task, batch_size=config.eval_batch_size, params=config.eval_params

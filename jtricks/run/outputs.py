@@ -16,6 +16,7 @@ from jtricks.plotting import pyplot, save_figure
 from jtricks.run.config import TrainConfig
 from jtricks.rundir import write_json
 from jtricks.training import History, TrainState
+from jtricks.training.tensorboard import TensorBoard
 
 VARIANTS = ("ema_", "single_view_", "member_", "tta_", "val_ema_", "val_member_")
 """Prefixes of metrics reported under their own names beside the split's own."""
@@ -53,6 +54,18 @@ class MetricsLog:
         except OSError as e:  # a half line is cut back by --resume (from the checkpoint)
             raise WriteError(self.path, e) from None
         return False
+
+
+def record_logs(run_dir: Path, config: Any, locks: Any) -> list[Any]:
+    """The callbacks that write every epoch's record into ``run_dir``: ``metrics.jsonl``
+    and, with ``config.tensorboard``, TensorBoard event files in ``tensorboard/`` (closed
+    by ``locks``, the run's exit stack, so their queued events reach the disk)."""
+    logs: list[Any] = [MetricsLog(run_dir / "metrics.jsonl")]
+    if config.tensorboard:
+        board = TensorBoard(run_dir / "tensorboard", config=config.to_dict())
+        locks.callback(board.close)
+        logs.append(board)
+    return logs
 
 
 def is_split_metric(name: str, value: Any) -> bool:

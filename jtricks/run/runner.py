@@ -26,11 +26,11 @@ from jtricks.run.config import TrainConfig, check_keys
 from jtricks.run.data import RunData, load_run_data, refuse_on_disk
 from jtricks.run.ensemble import train_ensemble
 from jtricks.run.outputs import (
-    MetricsLog,
     RunResult,
     diverged_entries,
     floor_entries,
     huge_loss_warning,
+    record_logs,
     write_summary,
 )
 from jtricks.run.resume import config_digest, load_run_config
@@ -45,6 +45,7 @@ from jtricks.training.checkpoint import (
 )
 from jtricks.training.checkpointer import Checkpointer
 from jtricks.training.data_checks import check_data
+from jtricks.training.tensorboard import writer_class
 from jtricks.training.transfer import load_pretrained
 
 
@@ -171,7 +172,11 @@ def start(
     if config.pretrained is not None and resume is None:
         state, _ = load_pretrained(state, config.pretrained)
     if out is None:
+        if config.tensorboard:
+            raise ConfigError("tensorboard writes into the run folder: give out", param="out")
         return state, Run(None, [], None, b.callbacks)
+    if config.tensorboard:
+        writer_class()  # installed? (before the folder exists)
     run_dir = Path(out) if resume is not None else create_run_dir(out, locks)
     records: list[dict[str, Any]] = []
     settings = config.to_dict()
@@ -187,9 +192,9 @@ def start(
                 "environment": environment(),
             },
         )
-    log = MetricsLog(run_dir / "metrics.jsonl")
+    logs = record_logs(run_dir, config, locks)
     if jax.process_count() > 1:  # orbax saves would need every process; not wired yet
-        return state, Run(run_dir, records, None, [log, *b.callbacks])
+        return state, Run(run_dir, records, None, [*logs, *b.callbacks])
     ckpt = Checkpointer(
         run_dir / "checkpoints",
         every=config.checkpoint_every,
@@ -198,7 +203,7 @@ def start(
     )
     ckpt.records = list(records)
     ckpt.best = min((r["val_loss"] for r in records), default=None)
-    return state, Run(run_dir, records, ckpt, [log, *b.callbacks, ckpt])
+    return state, Run(run_dir, records, ckpt, [*logs, *b.callbacks, ckpt])
 
 
 def restore_run(ckpt_dir: Path, state: TrainState, b: Build) -> tuple[TrainState, list]:

@@ -1,0 +1,89 @@
+"""TensorBoard event files of a run's records (`jtricks.training.tensorboard`), read back
+with TensorBoard's own reader: the same scalars as the records, at the records' steps."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from jtricks.cli import main
+from jtricks.nn import build_model
+from jtricks.training import create_train_state, fit
+from jtricks.training.tensorboard import TensorBoard, scalars
+
+pytest.importorskip("tensorboardX")
+event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+
+
+def _read(logdir):
+    acc = event_accumulator.EventAccumulator(str(logdir))
+    acc.Reload()
+    return acc
+
+
+def test_every_numeric_entry_of_every_record_is_a_scalar_at_its_step(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(60, 5)).astype(np.float32), rng.integers(0, 3, 60)
+    state = create_train_state(
+        build_model("mlp(features=(8,))", 3), optax.adam(1e-2), x, jax.random.key(0)
+    )
+    board = TensorBoard(tmp_path / "tb", config={"model": "mlp", "lr": 1e-2})
+    _, hist = fit(state, (x, y), val_data=(x, y), batch_size=10, epochs=3, callbacks=[board])
+    board.close()
+    acc = _read(tmp_path / "tb")
+    for record in hist.records:
+        for name, value in scalars(record).items():
+            got = {e.step: e.value for e in acc.Scalars(name)}
+            assert got[record["step"]] == pytest.approx(value, rel=1e-6, abs=1e-30), name
+    assert "val_loss" in acc.Tags()["scalars"] and "config/text_summary" in acc.Tags()["tensors"]
+
+
+def test_member_lists_become_one_scalar_per_member():
+    record = {"epoch": 1, "step": 5, "val_loss": 0.5, "val_member_loss": [0.4, 0.6], "ok": True}
+    assert scalars(record) == {
+        "val_loss": 0.5,
+        "val_member_loss/member_0": 0.4,
+        "val_member_loss/member_1": 0.6,
+    }
+
+
+TINY = ["--dataset", "synthetic(num_train=120, num_test=30, shape=(8,), num_classes=3)"]
+TINY += ["--model", "mlp(features=(8,))", "--epochs", "2", "--no-progress"]
+
+
+def test_the_cli_writes_the_runs_records_and_config(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--tensorboard", "--out", str(out)]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    acc = _read(out / "tensorboard")
+    got = [(e.step, e.value) for e in acc.Scalars("val_loss")]
+    assert got == [(r["step"], pytest.approx(r["val_loss"], rel=1e-6)) for r in records]
+    text = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert '"batch_size": 100' in text and '"tensorboard": true' in text
+    capsys.readouterr()
+
+
+def test_an_ensembles_members_are_scalars_of_their_own(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--ensemble", "2", "--tensorboard", "--out", str(out)]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    member = next(k for k in records[-1] if k.startswith("val_member_"))
+    acc = _read(out / "tensorboard")
+    for i, value in enumerate(records[-1][member]):
+        got = acc.Scalars(f"{member}/member_{i}")[-1]
+        assert (got.step, got.value) == (records[-1]["step"], pytest.approx(value, rel=1e-6))
+    capsys.readouterr()
+
+
+def test_without_tensorboardx_it_is_one_line_and_nothing_written(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # import fails as if absent
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--tensorboard", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "argument --tensorboard: tensorboard needs tensorboardX" in err
+    assert len(err.splitlines()) == 1 and not out.exists()
