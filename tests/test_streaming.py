@@ -94,7 +94,7 @@ def test_continuing_from_a_records_data_state_equals_one_run(data):
     train, _ = data
     whole, _ = fit(_state(), _stream(train, 30), steps=10, chunk=4)
     steps = compiled_steps(StepOptions())  # fit's options by default
-    run_chunk = make_chunk_fn(steps[0], None, 1)
+    run_chunk = make_chunk_fn(steps[0], None, 1, None)  # as fit calls it
     compiled = run_chunk._cache_size()
     assert compiled >= 1  # the program fit used
     half, h = fit(_state(), _stream(train, 30), steps=4, chunk=4)

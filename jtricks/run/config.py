@@ -95,6 +95,31 @@ def one_of(names: Sequence[str]) -> Check:
     return check
 
 
+def profile_steps(name: str, value: Any) -> None:
+    """``A:B`` or ``A``: steps ``1 <= A <= B`` (`parse_steps`)."""
+    parse_steps(value, name)
+
+
+def parse_steps(value: Any, name: str = "profile") -> tuple[int, int]:
+    """``(A, B)`` of a step range ``"A:B"`` (inclusive) or ``"A"`` (one step).
+
+    Raises:
+      ConfigError: not of that form, or not ``1 <= A <= B``.
+    """
+    text = value if isinstance(value, str) else ""
+    first, _, last = text.partition(":")
+    try:
+        a, b = int(first), int(last or first)
+    except ValueError:
+        a = b = 0
+    if not 1 <= a <= b:
+        raise ConfigError(
+            f"{name} must be steps A:B with 1 <= A <= B (e.g. 10:15), or one step A; got {value!r}",
+            param=name,
+        )
+    return a, b
+
+
 def eval_source(name: str, value: Any) -> None:
     check_eval_source(value)
 
@@ -322,10 +347,28 @@ class TrainConfig:
     )
     chunk: int | None = setting(
         None,
-        "a stream's steps per compiled program (default: up to 64 batches or 64 MiB)",
+        "steps per compiled program: a stream's chunk (default: up to 64 batches or 64 "
+        "MiB); in-memory epochs longer than K steps (default 1000) run in equal parts, "
+        "the progress bar and step records advancing after each",
         optional(at_least(1)),
         parse=int,
         metavar="K",
+    )
+    log_every_steps: int | None = setting(
+        None,
+        "also record every N-th step (loss, lr, gradient, update and parameter norms, "
+        "skipped) into RUN/steps.jsonl (and TensorBoard): kept on the device, written when "
+        "each compiled program returns",
+        optional(at_least(1)),
+        parse=int,
+        metavar="N",
+    )
+    profile: str | None = setting(
+        None,
+        "trace steps A to B (inclusive; A:B, or A) with jax.profiler into RUN/profile, "
+        "one annotated dispatch per step: open with TensorBoard's profile plugin or Perfetto",
+        optional(profile_steps),
+        metavar="A:B",
     )
 
     DEFAULT_STEPS = 6000

@@ -17,7 +17,7 @@ from typing import Any
 from jtricks.errors import ConfigError, check_int
 from jtricks.tasks import Classification, LossTask, Task
 from jtricks.training import data_checks, state, streaming, tta
-from jtricks.training.epoch import make_epoch_fn
+from jtricks.training.epoch import StepLog, make_epoch_fn
 from jtricks.training.steps import make_eval_step, make_evaluate_fn, make_train_step
 
 _CLASSIFICATION = Classification()
@@ -33,7 +33,9 @@ class StepOptions:
     (micro-batches per update); ``precision`` (``"float32"`` or ``"bf16"``);
     ``eval_source`` (which parameters validation evaluates); ``sharding`` (the batches'
     data-parallel `jax.sharding.NamedSharding`, or ``None``); ``unroll`` (steps per
-    iteration of the compiled loop, `lax.scan`'s ``unroll``).
+    iteration of the compiled loop, `lax.scan`'s ``unroll``); ``log_every`` (keep the
+    records of every ``log_every``-th step, `jtricks.training.epoch.StepLog`, or
+    ``None``).
     """
 
     task: Task = _CLASSIFICATION
@@ -47,10 +49,23 @@ class StepOptions:
     eval_source: str = "auto"
     sharding: Any = None
     unroll: int = 1
+    log_every: int | None = None
 
     def __post_init__(self) -> None:
         check_int("accumulate", self.accumulate, low=1)
         check_int("unroll", self.unroll, low=1)
+        if self.log_every is not None:
+            check_int("log_every_steps", self.log_every, low=1)
+
+    @property
+    def step_log(self) -> StepLog | None:
+        """What the compiled loops record per step: every ``log_every``-th step's metrics,
+        the update and parameter norms among them (kept out of the epoch means unless
+        ``update_norm`` asked for them there)."""
+        if self.log_every is None:
+            return None
+        private = () if self.update_norm else ("update_norm", "param_norm")
+        return StepLog(self.log_every, private)
 
 
 @functools.cache
@@ -60,7 +75,7 @@ def compiled_steps(options: StepOptions = StepOptions()):
     train_step = make_train_step(
         task=options.task,
         norms=options.norms,
-        update_norm=options.update_norm,
+        update_norm=options.update_norm or options.log_every is not None,
         augment=options.augment,
         mix=options.mix,
         num_classes=options.num_classes,
@@ -76,7 +91,12 @@ def compiled_functions(options: StepOptions = StepOptions()):
     so repeated `fit` calls with the same options, model and optimizer compile once."""
     train_step, eval_step = compiled_steps(options)
     run_epoch = make_epoch_fn(
-        train_step, eval_step, options.sharding, options.eval_source, options.unroll
+        train_step,
+        eval_step,
+        options.sharding,
+        options.eval_source,
+        options.unroll,
+        options.step_log,
     )
     return run_epoch, make_evaluate_fn(eval_step)
 

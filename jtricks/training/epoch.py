@@ -9,6 +9,8 @@ masked instead of skipped (`run_steps`).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -25,12 +27,25 @@ from jtricks.training.state import TrainState
 from jtricks.training.steps import EvalStep, Metrics, evaluate_batches, is_ensemble, select_tree
 
 
+@dataclasses.dataclass(frozen=True)
+class StepLog:
+    """Per-step records kept on the device: every step whose number (the step count after
+    it, 1-based, as in the epoch records) is a multiple of ``every`` is recorded with all
+    its step metrics (loss, learning rate, gradient, update and parameter norms, the
+    task's metrics) and its ``nonfinite`` flag. ``private`` names metrics that the step
+    computes only for these records (left out of the epoch means)."""
+
+    every: int
+    private: tuple[str, ...] = ()
+
+
 def make_epoch_fn(
     train_step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]],
     eval_step: EvalStep | None = None,
     sharding: Any = None,
     eval_source: str = "auto",
     unroll: int = 1,
+    log: StepLog | None = None,
 ):
     """Compile ``run_epoch(state, data, data_key, epoch, offset, val, streak, max_streak, *,
     num_steps, length, batch_size) -> (state, metrics)``: one program per epoch, training
@@ -70,10 +85,15 @@ def make_epoch_fn(
     vmapped over members (each its own initialisation, dropout keys and optimizer
     state; all the same batches); step metrics then have a member axis and validation
     reports the ensemble's prediction and every member's (`EnsembleEvalStep`).
+
+    With ``log`` (a `StepLog`) the metrics also hold ``step_rows``: the records of the
+    logged steps, kept on the device as the loop's outputs (`run_steps`).
+    ``run_epoch.part`` runs a part of an epoch into an accumulator (`make_part_fn`).
     """
 
     train_step = masked_step(train_step)
     ensemble_step = jax.vmap(train_step, in_axes=(0, None, None))
+    steps = partial(array_steps, train_step, ensemble_step, sharding)
 
     @partial(jax.jit, static_argnames=("length", "batch_size"), donate_argnums=0)
     def run_epoch(
@@ -90,20 +110,55 @@ def make_epoch_fn(
         length: int,
         batch_size: int,
     ):
-        key = jax.random.fold_in(data_key, epoch)
-        n = num_examples(data)
-        idx = epoch_indices(key, n, batch_size, n // batch_size)
+        step_at = steps(data, data_key, epoch, offset, batch_size)
+        acc = init_accumulator(step_metric_shapes(step_at, state), streak, private_of(log))
+        state, acc = run_steps(step_at, state, acc, num_steps, max_streak, length, unroll, log)
+        rows = acc.pop("rows", None)
+        metrics = epoch_metrics(state, acc, val, eval_step, eval_source)
+        return state, metrics if rows is None else {**metrics, "step_rows": rows}
 
-        def step_at(state, j, active=True):
-            row = jnp.minimum(offset + j, idx.shape[0] - 1)  # masked steps may run past the end
-            batch = jax.tree.map(lambda a: a[idx[row]], data)
-            return dispatch_step(train_step, ensemble_step, sharding, state, batch, active)
-
-        acc = init_accumulator(step_metric_shapes(step_at, state), streak)
-        state, acc = run_steps(step_at, state, acc, num_steps, max_streak, length, unroll)
-        return state, epoch_metrics(state, acc, val, eval_step, eval_source)
-
+    run_epoch.part = make_part_fn(steps, unroll, log)
     return run_epoch
+
+
+def array_steps(train_step, ensemble_step, sharding, data, data_key, epoch, offset, batch_size):
+    """``step_at(state, j, active)`` of an in-memory epoch: step ``j`` after batch
+    ``offset`` of epoch ``epoch``'s shuffle (`epoch_indices` of ``fold_in(data_key,
+    epoch)``), its batch gathered from the device-resident ``data``."""
+    n = num_examples(data)
+    idx = epoch_indices(jax.random.fold_in(data_key, epoch), n, batch_size, n // batch_size)
+
+    def step_at(state, j, active=True):
+        row = jnp.minimum(offset + j, idx.shape[0] - 1)  # masked steps may run past the end
+        batch = jax.tree.map(lambda a: a[idx[row]], data)
+        return dispatch_step(train_step, ensemble_step, sharding, state, batch, active)
+
+    return step_at
+
+
+def make_part_fn(steps, unroll: int = 1, log: StepLog | None = None):
+    """``run_part(state, acc, data, data_key, epoch, offset, num_steps, max_streak, *,
+    length, batch_size) -> (state, acc)``: ``num_steps`` steps of an in-memory epoch from
+    batch ``offset``, added into ``acc`` (`init_accumulator`), in a loop of static
+    ``length``; the state is donated. An epoch cut into parts (`fit`'s ``chunk``) ends
+    with `finish_fn`, so its metrics equal the one-program epoch's. ``run_part.init(state,
+    data, batch_size, streak)`` is the zeroed accumulator (one compiled call). ``steps``
+    is `array_steps` with the step bound."""
+
+    @partial(jax.jit, static_argnames=("length", "batch_size"), donate_argnums=0)
+    def run_part(
+        state, acc, data, data_key, epoch, offset, num_steps, max_streak, *, length, batch_size
+    ):
+        step_at = steps(data, data_key, epoch, offset, batch_size)
+        return run_steps(step_at, state, acc, num_steps, max_streak, length, unroll, log)
+
+    def init(state, data, batch_size, streak):
+        step_at = steps(data, jax.random.key(0), 0, 0, batch_size)
+        shapes = step_metric_shapes(step_at, state)
+        return zero_accumulator(shapes, private_of(log))(jnp.asarray(streak, jnp.int32))
+
+    run_part.init = init
+    return run_part
 
 
 def program_length(num_steps: int, steps_per_epoch: int) -> int:
@@ -138,11 +193,12 @@ def masked_step(train_step):
     return step
 
 
-def init_accumulator(shapes: Metrics, streak: Any = 0) -> dict[str, Any]:
-    """Zeroed epoch accumulator for step metrics of ``shapes``: the metric ``sums``, the
-    ``nonfinite`` count, the skipped-step ``streak`` carried in, ``done`` steps and the
-    epoch's ``first_loss``."""
-    sums = {k: jnp.zeros(v.shape, jnp.float32) for k, v in shapes.items() if k != "nonfinite"}
+def init_accumulator(shapes: Metrics, streak: Any = 0, private: tuple = ()) -> dict[str, Any]:
+    """Zeroed epoch accumulator for step metrics of ``shapes``: the metric ``sums``
+    (but of the ``private`` metrics of a `StepLog`), the ``nonfinite`` count, the
+    skipped-step ``streak`` carried in, ``done`` steps and the epoch's ``first_loss``."""
+    skip = ("nonfinite", *private)
+    sums = {k: jnp.zeros(v.shape, jnp.float32) for k, v in shapes.items() if k not in skip}
     acc = {
         "sums": sums,
         "streak": jnp.asarray(streak, jnp.int32),
@@ -163,7 +219,10 @@ def step_metric_shapes(step_at, state) -> Metrics:
     return jax.eval_shape(step_at, state, 0)[1]
 
 
-def run_steps(step_at, state, acc, num_steps, max_streak, length: int, unroll: int = 1):
+def run_steps(
+    step_at, state, acc, num_steps, max_streak, length: int, unroll: int = 1,
+    log: StepLog | None = None,
+):  # fmt: skip
     """``step_at(state, j, active)`` for ``j = 0 .. num_steps - 1`` in one `lax.scan` of
     the static ``length >= num_steps``, adding each step's metrics into ``acc``
     (`init_accumulator`).
@@ -173,7 +232,12 @@ def run_steps(step_at, state, acc, num_steps, max_streak, length: int, unroll: i
     as it was (`masked_step`) and its metrics are discarded. So the loop has a static
     trip count (no host round trip per step on an accelerator) and still stops where a
     while loop would. A `jtricks.optim.fused` optimizer sees flat parameters inside the
-    loop, one copy each way."""
+    loop, one copy each way.
+
+    With ``log`` every step's metrics are also the scan's outputs, and ``acc["rows"]``
+    holds those of the logged active steps (`StepLog`), compacted on the device into
+    ``length // every + 1`` rows (``count`` of them real, with their ``step`` numbers):
+    one small transfer when the program returns, no host round trip per step."""
     per_member = jax.vmap if is_ensemble(state) else (lambda f: f)
     fused = is_fused(state.opt_state)
     if fused:
@@ -182,26 +246,48 @@ def run_steps(step_at, state, acc, num_steps, max_streak, length: int, unroll: i
     def body(carry, j):
         state, acc = carry
         active = (j < num_steps) & (acc["streak"] < max_streak)
+        number = jnp.ravel(state.step)[0] + 1  # the step's number once it ran
         state, m = step_at(state, j, active)
+        row = (
+            None if log is None else dict(m, step=number, logged=active & (number % log.every == 0))
+        )
         flag = m.pop("nonfinite", None)
         acc = dict(acc)
         first = active & (acc["done"] == 0)
         acc["first_loss"] = jnp.where(first, m["loss"].astype(jnp.float32), acc["first_loss"])
+        summed = {k: m[k] for k in acc["sums"]}
         acc["sums"] = jax.tree.map(
-            lambda s, v: s + jnp.where(active, v.astype(jnp.float32), 0), acc["sums"], m
+            lambda s, v: s + jnp.where(active, v.astype(jnp.float32), 0), acc["sums"], summed
         )
         if flag is not None:
             streak = jnp.where(jnp.any(flag > 0), acc["streak"] + 1, 0)
             acc["streak"] = jnp.where(active, streak, acc["streak"])
             acc["nonfinite"] = acc["nonfinite"] + jnp.where(active, jnp.sum(flag), 0)
         acc["done"] = acc["done"] + active.astype(jnp.int32)
-        return (state, acc), None
+        return (state, acc), row
 
     steps = jnp.arange(length, dtype=jnp.int32)
-    (state, acc), _ = jax.lax.scan(body, (state, acc), steps, unroll=unroll)
+    (state, acc), rows = jax.lax.scan(body, (state, acc), steps, unroll=unroll)
     if fused:
         state = per_member(tree_train_state)(state)
+    if rows is not None:
+        acc = {**acc, "rows": compact_rows(rows, length // log.every + 1)}
     return state, acc
+
+
+def private_of(log: StepLog | None) -> tuple[str, ...]:
+    """The metrics a `StepLog` keeps out of the epoch means (none without one)."""
+    return () if log is None else log.private
+
+
+def compact_rows(rows: dict[str, jax.Array], size: int) -> dict[str, jax.Array]:
+    """The rows whose ``logged`` flag is set, first ``size`` of them (``count`` real; the
+    rest repeat row 0), gathered on the device so only they travel to the host."""
+    logged = rows.pop("logged")
+    (idx,) = jnp.nonzero(logged, size=size, fill_value=0)
+    out = {k: v[idx] for k, v in rows.items()}
+    out["count"] = jnp.sum(logged.astype(jnp.int32))
+    return out
 
 
 def keep_active(active: jax.Array, new: TrainState, old: TrainState) -> TrainState:
@@ -236,3 +322,32 @@ def epoch_metrics(state, acc, val, eval_step, eval_source) -> Metrics:
             ema = evaluate_batches(eval_step, state, *val, "ema")
             metrics.update({f"val_ema_{k}": v for k, v in ema.items()})
     return metrics
+
+
+def zero_accumulator(shapes: Metrics, private: tuple = ()):
+    """``init_accumulator(shapes, streak, private)`` as one compiled call (cached per
+    shapes)."""
+    key = (tuple(sorted((k, v.shape, str(v.dtype)) for k, v in shapes.items())), private)
+    if key not in _ZEROS:
+        _ZEROS[key] = jax.jit(partial(init_accumulator, shapes, private=private))
+    return _ZEROS[key]
+
+
+_ZEROS: dict = {}
+
+
+@functools.cache
+def finish_fn(eval_step, eval_source: str):
+    """``finish(state, acc, val) -> metrics``: `epoch_metrics` as one compiled call, the
+    end of an epoch run in parts or chunks."""
+    return jax.jit(partial(_finish, eval_step=eval_step, eval_source=eval_source))
+
+
+def _finish(state, acc, val, *, eval_step, eval_source):
+    return epoch_metrics(state, acc, val, eval_step, eval_source)
+
+
+def clear_caches() -> None:
+    """Forget the compiled accumulator and epoch-end programs."""
+    finish_fn.cache_clear()
+    _ZEROS.clear()

@@ -27,6 +27,7 @@ from jtricks.training.loop import (
     run_loop,
     stream_run,
 )
+from jtricks.training.profile import Profile
 from jtricks.training.state import TrainState, check_eval_source, check_live, unalias
 from jtricks.training.steps import (
     LossFn,
@@ -66,6 +67,8 @@ def fit(
     chunk: int | None = None,
     prefetch: int = 2,
     unroll: int = 1,
+    log_every_steps: int | None = None,
+    profile: Profile | None = None,
 ) -> tuple[TrainState, History]:
     """Train ``state`` on ``train_data`` for ``epochs`` epochs or ``steps`` optimizer steps.
 
@@ -146,12 +149,26 @@ def fit(
       steps_per_epoch: a stream's epoch length in batches (default ``len(train_data)``).
       data_state: a stream iterator's state from a record (``record["data_state"]``) to
         continue from; ``None`` starts at the stream's beginning.
-      chunk: a stream's steps per compiled program (default
-        `jtricks.training.streaming.default_chunk`).
+      chunk: steps per compiled program. A stream's chunks (default
+        `jtricks.training.streaming.default_chunk`); in-memory data: an epoch longer than
+        ``chunk`` steps (default `jtricks.training.loop.DEFAULT_PART`, 1000) runs in
+        parts of equal static length, at most ``chunk`` each (the last part's extra
+        steps masked), and the reporter's bar and the step records advance after each
+        part, while the next part runs. The results do not depend on it.
       prefetch: chunks a stream reads and transfers ahead of use.
       unroll: training steps per iteration of the compiled loop (`lax.scan`'s
         ``unroll``): fewer loop iterations for a longer compilation; the results are the
         same.
+      log_every_steps: keep a record of every N-th step (``loss``, ``lr``, ``grad_norm``,
+        ``update_norm``, ``param_norm``, ``skipped`` and the task's metrics; steps
+        numbered from 1 across calls, so a resumed run continues the sequence). The
+        records are outputs of the compiled loop, moved to the host once per program
+        (no per-step host round trip), and go to ``history.steps`` and to every
+        callback's ``on_steps(records)``. The step then computes the update and
+        parameter norms each step (a few percent of a small model's step, see
+        ``benchmarks/bench_step_records.py``).
+      profile: a `jtricks.training.profile.Profile`: trace its steps with
+        `jax.profiler`, each step one annotated dispatch (a stream's: each chunk).
 
     Returns:
       ``(final_state, history)``.
@@ -177,13 +194,14 @@ def fit(
     options = StepOptions(
         task=task, norms=norms, update_norm=update_norm, augment=augment,
         mix=None if mix is None else (mix[0], float(mix[1])), accumulate=accumulate,
-        precision=precision, eval_source=eval_params, unroll=unroll,
+        precision=precision, eval_source=eval_params, unroll=unroll, log_every=log_every_steps,
     )  # fmt: skip
     common = dict(member=member, mesh=mesh, epochs=epochs, steps=steps, batch_size=batch_size)
     if is_stream(train_data):
         run = stream_run(
             train_data, options, steps_per_epoch=steps_per_epoch, data_state=data_state,
-            chunk=chunk, prefetch=prefetch, max_nonfinite=max_nonfinite, **common,
+            chunk=chunk, prefetch=prefetch, max_nonfinite=max_nonfinite, profile=profile,
+            **common,
         )  # fmt: skip
     else:
         for name, value in (("data_state", data_state), ("steps_per_epoch", steps_per_epoch)):
@@ -194,8 +212,9 @@ def fit(
                     param=name,
                 )
         run = array_run(
-            train_data, options, data_key=data_key, max_nonfinite=max_nonfinite, **common
-        )
+            train_data, options, data_key=data_key, max_nonfinite=max_nonfinite, chunk=chunk,
+            profile=profile, **common,
+        )  # fmt: skip
     try:
         val_data = prepare_validation(val_data, run, member, task, eval_batch_size, mesh)
         state = unalias(state)  # each epoch donates the state: one buffer must not appear twice
@@ -204,6 +223,8 @@ def fit(
         return run_loop(state, run, val_data, callbacks, reporter, max_nonfinite, keep_finite)
     finally:
         run.close()
+        if profile is not None:
+            profile.close()
 
 
 def evaluate(

@@ -44,6 +44,11 @@ class History:
 
     ``history["val_loss"]`` returns that column as a NumPy array, ``history[-1]`` the
     last record. A stream's records also hold ``data_state`` (see `fit`).
+
+    ``steps`` holds the per-step records of ``fit(log_every_steps=N)``: one dict for every
+    N-th step (``step``, ``loss``, ``lr``, ``grad_norm``, ``update_norm``,
+    ``param_norm``, ``skipped`` and the task's metrics); ``history.step_column("lr")``
+    gives ``(steps, values)`` as NumPy arrays.
     """
 
     records: list[dict[str, Any]] = field(default_factory=list)
@@ -72,6 +77,17 @@ class History:
             )
         keys = sorted({k for r in self.records for k in r})
         return f"the history has no {key!r}; its keys are: {', '.join(keys) or '(no records)'}"
+
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    """Per-step records (``fit(log_every_steps=N)``), oldest first."""
+
+    def step_column(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(steps, values)`` of one metric of the per-step records that hold it."""
+        rows = [r for r in self.steps if key in r]
+        if not rows and self.steps:
+            keys = sorted({k for r in self.steps for k in r})
+            raise KeyError(f"the step records have no {key!r}; their keys are: {', '.join(keys)}")
+        return np.asarray([r["step"] for r in rows]), np.asarray([r[key] for r in rows])
 
     def __len__(self) -> int:
         return len(self.records)

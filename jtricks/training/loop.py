@@ -26,8 +26,9 @@ from jtricks.training.distributed import (
     global_batch_array,
     replicate,
 )
-from jtricks.training.epoch import program_length
+from jtricks.training.epoch import finish_fn, program_length
 from jtricks.training.history import History
+from jtricks.training.profile import Profile
 from jtricks.training.state import TrainState
 from jtricks.training.state import device_copy as _device_copy
 from jtricks.training.steps import is_ensemble, num_examples, pad_batches
@@ -39,19 +40,24 @@ from jtricks.training.streaming import (
     chunk_sharding,
     default_chunk,
     is_val_stream,
+    part_done,
 )
 
 
 @dataclass
 class Run:
     """What `fit`'s loop needs of its data: the epoch length, the steps of this call, the
-    host data for checks, and ``epoch(state, epoch, offset, num_steps, streak, val)``."""
+    host data for checks, and ``epoch(state, epoch, offset, num_steps, streak, val,
+    on_part)``."""
 
     steps_per_epoch: int
     total_steps: int
     data: Any
     epoch: Any
     close: Any = lambda: None
+    parts: bool = False
+    """Whether an epoch runs as several programs (`fit`'s ``chunk``), reporting each
+    finished part to the loop (progress, step records)."""
 
 
 def complete_options(options: StepOptions, member, mesh, data) -> StepOptions:
@@ -66,9 +72,10 @@ def complete_options(options: StepOptions, member, mesh, data) -> StepOptions:
 
 def array_run(
     train_data, options: StepOptions, *, member, mesh, epochs, steps, batch_size, data_key,
-    max_nonfinite,
+    max_nonfinite, chunk=None, profile=None,
 ) -> Run:  # fmt: skip
-    """The in-memory path: the data on device, one compiled program per epoch."""
+    """The in-memory path: the data on device, one compiled program per epoch, or per part
+    of an epoch longer than ``chunk`` steps (`part_length`)."""
     data = check_data(member, options.task, train_data, "training data")
     check_options(options.task, data, options.augment, options.mix)
     if mesh is not None:
@@ -96,24 +103,94 @@ def array_run(
     if mesh is not None:
         data_key = replicate(data_key, mesh)
 
-    def epoch(state, epoch, offset, num_steps, streak, val):
-        state, metrics = run_epoch(
-            state,
-            data_dev,
-            data_key,
-            np.int32(epoch),
-            np.int32(offset),
-            None if is_val_stream(val) else val,
-            streak,
-            np.int32(max_nonfinite),
-            num_steps=np.int32(num_steps),
-            length=program_length(num_steps, steps_per_epoch),
-            batch_size=batch_size,
-        )
+    k = part_length(steps_per_epoch, chunk)
+    finish = finish_fn(eval_step, options.eval_source)
+    fixed = dict(batch_size=batch_size)
+
+    def whole(state, epoch, offset, num_steps, streak, val):  # training and validation
+        return run_epoch(
+            state, data_dev, data_key, np.int32(epoch), np.int32(offset), val, streak,
+            np.int32(max_nonfinite), num_steps=np.int32(num_steps),
+            length=program_length(num_steps, k), **fixed,
+        )  # fmt: skip
+
+    def part(state, acc, epoch, offset, n):
+        return run_epoch.part(
+            state, acc, data_dev, data_key, np.int32(epoch), np.int32(offset), np.int32(n),
+            np.int32(max_nonfinite), length=program_length(n, k), **fixed,
+        )  # fmt: skip
+
+    def epoch(state, epoch, offset, num_steps, streak, val, on_part=None):
+        array_val = None if is_val_stream(val) else val
+        start = epoch * steps_per_epoch + offset
+        pieces = cut(start, num_steps, k, profile)
+        if len(pieces) == 1:
+            with traced(profile, start, num_steps):
+                state, metrics = whole(state, epoch, offset, num_steps, streak, array_val)
+            if profile is not None:
+                profile.after(start + num_steps, state)
+        else:
+            acc = run_epoch.part.init(state, data_dev, batch_size, streak)
+            state, acc, rows = run_parts(
+                lambda s, a, j, n: part(s, a, epoch, offset + j, n), state, acc, pieces,
+                on_part, max_nonfinite, profile, start,
+            )  # fmt: skip
+            metrics = finish(state, acc, array_val)
+            if rows is not None:
+                metrics["step_rows"] = rows
         add_stream_validation(metrics, eval_step, state, val, options.eval_source)
         return state, metrics
 
-    return Run(steps_per_epoch, total, data, epoch)
+    return Run(
+        steps_per_epoch, total, data, epoch, parts=k < steps_per_epoch or profile is not None
+    )
+
+
+def cut(start: int, num_steps: int, k: int, profile: Profile | None) -> list[int]:
+    """The parts of ``num_steps`` steps after ``start`` done: at most ``k`` each, and one
+    step each around a profiled range (`Profile.pieces`)."""
+    if profile is not None and profile.meets(start - 1, num_steps + 1):
+        return profile.pieces(start, num_steps, k)
+    return [min(k, num_steps - j) for j in range(0, num_steps, k)]
+
+
+def traced(profile: Profile | None, start: int, n: int) -> Any:
+    """The profiler's context around a dispatch of ``n`` steps after ``start`` done."""
+    return contextlib.nullcontext() if profile is None else profile.before(start, n)
+
+
+def run_parts(part, state, acc, pieces, on_part, max_nonfinite, profile, start):
+    """Dispatch an epoch's parts ``part(state, acc, j, n)`` (``n`` steps from the epoch's
+    ``j``-th) one after another; each finished part goes to ``on_part`` once the next one
+    is dispatched, so the device never waits for the host. Stops early once a part's
+    streak of non-finite steps ends training. Returns the state, the accumulator and the
+    last part's step rows (not yet handed out)."""
+    pending, j = None, 0
+    for n in pieces:
+        with traced(profile, start + j, n):
+            state, acc = part(state, acc, j, n)
+        if profile is not None:
+            profile.after(start + j + n, state)
+        j += n
+        previous, pending = pending, (acc, acc.pop("rows", None))
+        if previous is not None and part_done(previous, on_part, max_nonfinite):
+            break  # diverged: every later step would be masked
+    return state, acc, pending[1]
+
+
+DEFAULT_PART = 1000
+"""An in-memory epoch longer than this many steps runs in equal parts of at most this
+many (`part_length`), so progress and step records arrive during it."""
+
+
+def part_length(steps_per_epoch: int, chunk: int | None = None) -> int:
+    """The steps of one part of an in-memory epoch: the epoch cut into
+    ``ceil(steps_per_epoch / chunk)`` parts as equal as possible (``chunk`` default
+    `DEFAULT_PART`), so a full epoch masks fewer steps than it has parts. An epoch of at
+    most ``chunk`` steps is one program, as before."""
+    limit = DEFAULT_PART if chunk is None else check_int("chunk", chunk, low=1)
+    parts = -(-steps_per_epoch // limit)
+    return -(-steps_per_epoch // parts)
 
 
 MAX_STEP = 2**31 - 1
@@ -139,7 +216,7 @@ def _total_steps(epochs, steps, steps_per_epoch, start_step: int = 0) -> int:
 
 def stream_run(
     stream, options: StepOptions, *, member, mesh, epochs, steps, steps_per_epoch,
-    batch_size, data_state, chunk, prefetch, max_nonfinite,
+    batch_size, data_state, chunk, prefetch, max_nonfinite, profile=None,
 ) -> Run:  # fmt: skip
     """The streaming path (`jtricks.training.streaming`): host batches fed to chunks."""
     if steps_per_epoch is None:
@@ -168,12 +245,14 @@ def stream_run(
         raise
     feeder.start(chunk_plan(start_step, steps_per_epoch, total, k), k, chunk_sharding(mesh))
     train_step, eval_step = compiled_steps(options)
-    epochs_fn = StreamEpochs(feeder, train_step, eval_step, options)
+    epochs_fn = StreamEpochs(feeder, train_step, eval_step, options, profile)
 
-    def epoch(state, epoch, offset, num_steps, streak, val):
-        return epochs_fn(state, num_steps, streak, np.int32(max_nonfinite), val)
+    def epoch(state, epoch, offset, num_steps, streak, val, on_part=None):
+        start = epoch * steps_per_epoch + offset
+        return epochs_fn(state, num_steps, streak, np.int32(max_nonfinite), val, on_part, start)
 
-    return Run(steps_per_epoch, total, data, epoch, close=feeder.close)
+    parts = k < steps_per_epoch or profile is not None
+    return Run(steps_per_epoch, total, data, epoch, close=feeder.close, parts=parts)
 
 
 def prepare_validation(val_data: Any, run: Run, member, task, eval_batch_size: int, mesh) -> Any:
@@ -231,7 +310,8 @@ def run_loop(
         reporter.start(total_steps=total_steps, done=0)
     # Callbacks that only observe (``needs_state = False``) let the next epoch be dispatched
     # before this epoch's metrics are read, so the device never waits for Python.
-    pipelined = all(getattr(cb, "needs_state", True) is False for cb in callbacks)
+    # An epoch run in parts already overlaps each part with the host's work on the last.
+    pipelined = not run.parts and all(getattr(cb, "needs_state", True) is False for cb in callbacks)
     # the last state known to evaluate finite, kept on device; divergence ends with it
     keeper = _FiniteKeeper(enabled=keep_finite, always_copy=pipelined)
 
@@ -240,7 +320,16 @@ def run_loop(
         epoch, offset = divmod(step, steps_per_epoch)
         num_steps = min(steps_per_epoch - offset, total_steps - done)
         keeper.starting(state)
-        state, metrics = run.epoch(state, epoch, offset, num_steps, streak, val)
+
+        def on_part(acc, rows):  # a finished part of the epoch (an epoch run in parts)
+            part = jax.device_get({"done": acc["done"], "loss": acc["sums"]["loss"]})
+            deliver_steps(rows, history, callbacks)
+            part_end = getattr(reporter, "part_end", None)
+            if part_end is not None:
+                loss = float(np.mean(part["loss"])) / max(int(part["done"]), 1)
+                part_end(epoch=epoch + 1, loss=loss, done=done + int(part["done"]))
+
+        state, metrics = run.epoch(state, epoch, offset, num_steps, streak, val, on_part)
         return state, Dispatched(metrics, epoch, step, num_steps, done, keeper.take_start())
 
     try:
@@ -255,6 +344,7 @@ def run_loop(
                 history.stopped = _ran_out(history, pending.step)
                 break
             record, streak, done, ended = _record(pending)
+            deliver_steps(record.pop("step_rows", None), history, callbacks)
             now = time.perf_counter()
             record["steps_per_s"] = (record["step"] - pending.step) / (now - t_last)
             record["elapsed_s"] = now - t0
@@ -294,6 +384,44 @@ def run_loop(
         if reporter is not None:
             reporter.close()
     return state, history
+
+
+def deliver_steps(rows: Any, history: History, callbacks: Any) -> None:
+    """A program's step records (`jtricks.training.epoch.StepLog`) into ``history.steps``
+    and to every callback with an ``on_steps(records)`` method."""
+    if rows is None:
+        return
+    records = step_records(rows)
+    history.steps.extend(records)
+    for cb in callbacks:
+        on_steps = getattr(cb, "on_steps", None)
+        if on_steps is not None and records:
+            on_steps(records)
+
+
+STEP_NAMES = {"learning_rate": "lr", "nonfinite": "skipped"}
+STEP_ORDER = ("loss", "learning_rate", "grad_norm", "update_norm", "param_norm", "nonfinite")
+
+
+def step_records(rows: Any) -> list[dict[str, Any]]:
+    """Host records of a program's compacted step rows (`jtricks.training.epoch.run_steps`):
+    ``{"step", "loss", "lr", "grad_norm", "update_norm", "param_norm", "skipped", ...}``
+    per logged step (an ensemble's metrics as the mean over members, ``skipped`` the
+    members that skipped it)."""
+    rows = jax.device_get(rows)
+    count, steps = int(rows.pop("count")), rows.pop("step")
+    first = [k for k in STEP_ORDER if k in rows]
+    keys = first + sorted(k for k in rows if k not in first)
+    records = []
+    for i in range(count):
+        record: dict[str, Any] = {"step": int(steps[i])}
+        for key in keys:
+            values = rows[key]
+            name = STEP_NAMES.get(key, key)
+            value = values[i]
+            record[name] = int(np.sum(value)) if key == "nonfinite" else record_value(name, value)
+        records.append(record)
+    return records
 
 
 def _settle(callbacks) -> None:
@@ -336,6 +464,7 @@ def _record(pending: Dispatched):
     metrics, epoch, step = pending.metrics, pending.epoch, pending.step
     data_state = metrics.pop("data_state", None)
     ended = bool(metrics.pop("ended", False))
+    step_rows = metrics.pop("step_rows", None)
     metrics = jax.device_get(metrics)
     steps_done = int(metrics.pop("steps_done"))
     streak = int(metrics.pop("streak"))
@@ -351,6 +480,8 @@ def _record(pending: Dispatched):
         record["train_nonfinite"] = int(flags)
     if data_state is not None:
         record["data_state"] = data_state
+    if step_rows is not None:  # taken out by the loop before anyone sees the record
+        record["step_rows"] = step_rows
     return record, streak, pending.done + steps_done, ended
 
 

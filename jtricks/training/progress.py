@@ -61,7 +61,7 @@ class RichReporter:
     def start(self, *, total_steps: int, done: int = 0) -> None:
         self._total = total_steps
         self._progress = Progress(
-            TextColumn("training"),
+            TextColumn("training {task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
@@ -70,13 +70,21 @@ class RichReporter:
             transient=True,
         )
         self._progress.start()
-        self._task = self._progress.add_task("train", total=total_steps, completed=done)
+        self._task = self._progress.add_task("", total=total_steps, completed=done)
 
     def epoch_end(self, record: dict[str, Any], *, done: int) -> None:
         if record["epoch"] == 1 or record["epoch"] % self.every == 0 or done >= self._total:
             self.console.print(format_record(record), soft_wrap=True)
         if self._progress is not None:
             self._progress.update(self._task, completed=done)
+
+    def part_end(self, *, epoch: int, loss: float, done: int) -> None:
+        """A part of a long epoch finished (`fit`'s ``chunk``): the bar advances to
+        ``done`` steps and shows the epoch's running training loss."""
+        if self._progress is not None:
+            self._progress.update(
+                self._task, completed=done, description=f"epoch {epoch} loss {loss:.4f}"
+            )
 
     def close(self) -> None:
         if self._progress is not None:

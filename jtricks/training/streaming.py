@@ -21,6 +21,7 @@ checkpoint-aware feeding of a jitted training loop is jtricks' own.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import queue
 import threading
@@ -36,14 +37,17 @@ from jax.sharding import PartitionSpec as P
 
 from jtricks.data.stream import data_state, restore_iterator
 from jtricks.errors import StreamError
+from jtricks.training import epoch as epoch_lib
 from jtricks.training.distributed import AXIS
 from jtricks.training.epoch import (
+    StepLog,
     dispatch_step,
-    epoch_metrics,
-    init_accumulator,
+    finish_fn,
     masked_step,
+    private_of,
     run_steps,
     step_metric_shapes,
+    zero_accumulator,
 )
 from jtricks.training.steps import evaluation_step
 
@@ -226,12 +230,14 @@ def _why(e: BaseException) -> str:
 
 
 @functools.cache
-def make_chunk_fn(train_step, sharding: Any = None, unroll: int = 1):
+def make_chunk_fn(train_step, sharding: Any = None, unroll: int = 1, log: StepLog | None = None):
     """Compile ``run_chunk(state, acc, chunk, num_steps, max_streak) -> (state, acc)``:
     the first ``num_steps`` batches of ``chunk`` (leaves ``(K, B, ...)``), one step each,
     accumulated into ``acc`` (`jtricks.training.epoch.init_accumulator`) exactly as the
     in-memory epoch does, in a loop of the static length K (a shorter chunk is padded
-    and its extra steps masked); the state is donated."""
+    and its extra steps masked); the state is donated. With ``log`` (a `StepLog`) the
+    returned ``acc`` also holds the chunk's step records, ``acc["rows"]`` (`run_steps`).
+    """
     train_step = masked_step(train_step)
     ensemble_step = jax.vmap(train_step, in_axes=(0, None, None))
 
@@ -242,7 +248,7 @@ def make_chunk_fn(train_step, sharding: Any = None, unroll: int = 1):
             return dispatch_step(train_step, ensemble_step, sharding, state, batch, active)
 
         length = jax.tree.leaves(chunk)[0].shape[0]
-        return run_steps(step_at, state, acc, num_steps, max_streak, length, unroll)
+        return run_steps(step_at, state, acc, num_steps, max_streak, length, unroll, log)
 
     return run_chunk
 
@@ -259,14 +265,20 @@ class StreamEpochs:
     ``options`` is the run's `jtricks.training.compiled.StepOptions` (its sharding,
     evaluation parameters and unroll)."""
 
-    def __init__(self, feeder: Feeder, train_step, eval_step, options):
-        self.feeder = feeder
-        self.run_chunk = make_chunk_fn(train_step, options.sharding, options.unroll)
-        self.finish = _finish_fn(eval_step, options.eval_source)
+    def __init__(self, feeder: Feeder, train_step, eval_step, options, profile=None):
+        self.feeder, self.profile = feeder, profile
+        self.log = options.step_log
+        self.run_chunk = make_chunk_fn(train_step, options.sharding, options.unroll, self.log)
+        self.finish = finish_fn(eval_step, options.eval_source)
         self.eval_step, self.eval_source = eval_step, options.eval_source
         self.train_step, self.sharding = train_step, options.sharding
         self.state_after: Any = None
         self.shapes: Any = None
+
+    def _traced(self, start: int, n: int):
+        if self.profile is None:
+            return contextlib.nullcontext()
+        return self.profile.before(start, n)
 
     def _shapes(self, state, chunk):
         train_step = masked_step(self.train_step)
@@ -278,10 +290,14 @@ class StreamEpochs:
 
         return step_metric_shapes(step_at, state)
 
-    def __call__(self, state, num_steps, streak, max_streak, val):
-        acc = None
+    def __call__(self, state, num_steps, streak, max_streak, val, on_part=None, start=0):
+        """One epoch of ``num_steps`` steps, ``start`` steps done before it; after each
+        chunk but the last, ``on_part(acc, rows)`` gets that chunk's accumulator and step
+        records once the next chunk is dispatched (`jtricks.training.loop` shows progress
+        with them). A `jtricks.training.profile.Profile` traces the chunks that meet its
+        steps."""
+        acc, pending = None, None
         remaining, ended = int(num_steps), False
-        last_streak = None
         while remaining > 0:
             try:
                 item = self.feeder.next()
@@ -295,38 +311,35 @@ class StreamEpochs:
             if acc is None:
                 if self.shapes is None:  # traced once: every epoch's steps are alike
                     self.shapes = self._shapes(state, chunk)
-                acc = _zero_accumulator(self.shapes)(jnp.asarray(streak, jnp.int32))
-            state, acc = self.run_chunk(state, acc, chunk, np.int32(n), np.int32(max_streak))
+                zeros = zero_accumulator(self.shapes, private_of(self.log))
+                acc = zeros(jnp.asarray(streak, jnp.int32))
+            done = int(num_steps) - remaining
+            with self._traced(start + done, n):
+                state, acc = self.run_chunk(state, acc, chunk, np.int32(n), np.int32(max_streak))
+            if self.profile is not None:
+                self.profile.after(start + done + n, state)
+            rows = acc.pop("rows", None)
             remaining -= n
             # the chunk before this one has finished by now: stop reading once it diverged
-            if last_streak is not None and int(last_streak) >= max_streak:
+            previous, pending = pending, (acc, rows)
+            if previous is not None and part_done(previous, on_part, max_streak):
                 break
-            last_streak = acc["streak"]
         if acc is None:  # nothing came: the stream was already exhausted
             return state, None
         metrics = self.finish(state, acc, None if is_val_stream(val) else val)
         add_stream_validation(metrics, self.eval_step, state, val, self.eval_source)
+        if pending[1] is not None:
+            metrics["step_rows"] = pending[1]
         return state, {**metrics, "data_state": self.state_after, "ended": ended}
 
 
-def _zero_accumulator(shapes):
-    """``init_accumulator(shapes, streak)`` as one compiled call (cached per shapes)."""
-    key = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in shapes.items()))
-    if key not in _ZEROS:
-        _ZEROS[key] = jax.jit(partial(init_accumulator, shapes))
-    return _ZEROS[key]
-
-
-_ZEROS: dict = {}
-
-
-@functools.cache
-def _finish_fn(eval_step, eval_source):
-    return jax.jit(partial(_finish, eval_step=eval_step, eval_source=eval_source))
-
-
-def _finish(state, acc, val, *, eval_step, eval_source):
-    return epoch_metrics(state, acc, val, eval_step, eval_source)
+def part_done(pending, on_part, max_streak) -> bool:
+    """Hand a finished part's ``(acc, rows)`` to ``on_part``; whether its streak of
+    non-finite steps reached ``max_streak`` (every later step would be masked)."""
+    acc, rows = pending
+    if on_part is not None:
+        on_part(acc, rows)
+    return int(acc["streak"]) >= int(max_streak)
 
 
 @functools.cache
@@ -340,9 +353,9 @@ def _sums_fn(eval_step, source: str):
 
 def clear_caches() -> None:
     """Forget the compiled chunk, accumulator, epoch-end and evaluation programs."""
-    for cache in (make_chunk_fn, _finish_fn, _sums_fn):
+    for cache in (make_chunk_fn, _sums_fn):
         cache.cache_clear()
-    _ZEROS.clear()
+    epoch_lib.clear_caches()
 
 
 def is_val_stream(val: Any) -> bool:
