@@ -8,10 +8,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jtricks.errors import ConfigError
 from jtricks.run.build import Build
 from jtricks.run.config import TrainConfig
 from jtricks.run.data import RunData
-from jtricks.run.outputs import RunResult, record_logs, write_summary
+from jtricks.run.outputs import RunResult, observing, record_logs, write_summary
 from jtricks.rundir import create_run_dir, environment, write_json
 from jtricks.training.data_checks import check_data
 from jtricks.training.ensemble import create_ensemble, evaluate_ensemble, fit_ensemble
@@ -30,6 +31,9 @@ def train_ensemble(
     check_data(first_member(states), b.task, data.train, "training data")  # before any folder
     if config.tensorboard:
         writer_class()  # installed? (before the folder exists)
+    for name in ("tensorboard", "profile"):
+        if getattr(config, name) and out is None:
+            raise ConfigError(f"{name} writes into the run folder: give out", param="out")
     run_dir = create_run_dir(out, locks) if out is not None else None
     logs = []
     if run_dir is not None:
@@ -49,7 +53,8 @@ def train_ensemble(
         eval_params=config.eval_params,
         task=b.task,
         reporter=b.reporter,
-        on_epoch_end=(lambda r: [log.on_epoch_end(r, None) for log in logs]) if logs else None,
+        callbacks=logs,
+        **observing(config, run_dir),
     )
     test = evaluate_ensemble(
         states, data.test, task=b.task, batch_size=config.eval_batch_size, params=config.eval_params

@@ -1,5 +1,6 @@
-"""What a run writes besides checkpoints: ``metrics.jsonl``, ``curves.png`` and
-``summary.json``, and the summary's entries."""
+"""What a run writes besides checkpoints: ``metrics.jsonl``, ``steps.jsonl``,
+``curves.png``, ``summary.json`` (and the summary's entries), TensorBoard events and a
+profile."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import numpy as np
 
 from jtricks.errors import WriteError
 from jtricks.plotting import pyplot, save_figure
-from jtricks.run.config import TrainConfig
+from jtricks.run.config import TrainConfig, parse_steps
 from jtricks.rundir import write_json
 from jtricks.training import History, TrainState
+from jtricks.training.profile import Profile
 from jtricks.training.tensorboard import TensorBoard
 
 VARIANTS = ("ema_", "single_view_", "member_", "tta_", "val_ema_", "val_member_")
@@ -56,16 +58,65 @@ class MetricsLog:
         return False
 
 
+class StepsLog:
+    """Callback that appends the per-step records (``log_every_steps``) to ``steps.jsonl``
+    as each compiled program returns them (one JSON object a line, flushed)."""
+
+    needs_state = False
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_steps(self, records: list[dict[str, Any]]) -> None:
+        try:
+            with open(self.path, "a") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in records))
+        except OSError as e:  # a half line is cut back by --resume
+            raise WriteError(self.path, e) from None
+
+    def on_epoch_end(self, record: dict[str, Any], state: TrainState | None) -> bool:
+        return False
+
+
+def read_steps(path: Path, until: int) -> list[dict[str, Any]]:
+    """The step records of ``steps.jsonl`` up to step ``until`` (what a resume keeps: the
+    steps after its checkpoint run again); a cut last line (a killed run) is dropped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            if record["step"] <= until:
+                records.append(record)
+    return records
+
+
 def record_logs(run_dir: Path, config: Any, locks: Any) -> list[Any]:
-    """The callbacks that write every epoch's record into ``run_dir``: ``metrics.jsonl``
-    and, with ``config.tensorboard``, TensorBoard event files in ``tensorboard/`` (closed
-    by ``locks``, the run's exit stack, so their queued events reach the disk)."""
+    """The callbacks that write every epoch's record into ``run_dir``: ``metrics.jsonl``,
+    with ``config.log_every_steps`` the step records into ``steps.jsonl`` and, with
+    ``config.tensorboard``, TensorBoard event files in ``tensorboard/`` (closed by
+    ``locks``, the run's exit stack, so their queued events reach the disk)."""
     logs: list[Any] = [MetricsLog(run_dir / "metrics.jsonl")]
+    if config.log_every_steps is not None:
+        logs.append(StepsLog(run_dir / "steps.jsonl"))
     if config.tensorboard:
         board = TensorBoard(run_dir / "tensorboard", config=config.to_dict())
         locks.callback(board.close)
         logs.append(board)
     return logs
+
+
+def observing(config: TrainConfig, run_dir: Path | None) -> dict[str, Any]:
+    """`fit`'s arguments for seeing inside the run: the program length (``chunk``), the
+    step records and the profile (into ``run_dir/profile``)."""
+    profile = None
+    if config.profile is not None and run_dir is not None:
+        profile = Profile(run_dir / "profile", *parse_steps(config.profile))
+    return dict(chunk=config.chunk, log_every_steps=config.log_every_steps, profile=profile)
 
 
 def is_split_metric(name: str, value: Any) -> bool:
@@ -86,11 +137,14 @@ def main_metric(record: dict[str, Any]) -> str | None:
 
 def plot_curves(history: History, path: Path) -> None:
     """Save the loss and the task's headline metric (train and validation, per epoch) as a
-    PNG, atomically."""
+    PNG, atomically; with per-step records (``log_every_steps``) a second row shows the
+    learning rate and the gradient norm per recorded step."""
     epochs = history["epoch"]
     first = history.records[0] if history.records else {}
     metric = main_metric(first)
-    fig, (ax_loss, ax_metric) = pyplot().subplots(1, 2, figsize=(10, 4))
+    rows = 2 if history.steps else 1
+    fig, axes = pyplot().subplots(rows, 2, figsize=(10, 4 * rows), squeeze=False)
+    (ax_loss, ax_metric) = axes[0]
     for prefix, label in (("train_", "train"), ("val_", "validation")):
         if f"{prefix}loss" in first:
             ax_loss.plot(epochs, history[f"{prefix}loss"], label=label)
@@ -98,7 +152,17 @@ def plot_curves(history: History, path: Path) -> None:
             ax_metric.plot(epochs, history[f"{prefix}{metric}"], label=label)
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss", yscale="log")
     ax_metric.set(xlabel="epoch", ylabel=metric or "", title=metric or "")
-    save_figure(fig, path, axes=(ax_loss, ax_metric))
+    if history.steps:
+        plot_steps(history, *axes[1])
+    save_figure(fig, path, axes=tuple(axes.ravel()))
+
+
+def plot_steps(history: History, ax_lr: Any, ax_grad: Any) -> None:
+    """The per-step learning rate and gradient norm (where recorded) on two axes."""
+    for ax, key, title in ((ax_lr, "lr", "learning rate"), (ax_grad, "grad_norm", "gradient norm")):
+        if any(key in r for r in history.steps):
+            ax.plot(*history.step_column(key))
+        ax.set(xlabel="step", ylabel=key, title=f"{title} (per step)")
 
 
 def write_summary(

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,8 @@ from jtricks.run.outputs import (
     diverged_entries,
     floor_entries,
     huge_loss_warning,
+    observing,
+    read_steps,
     record_logs,
     write_summary,
 )
@@ -153,6 +155,8 @@ class Run:
     records: list[dict[str, Any]]
     checkpointer: Checkpointer | None
     callbacks: list[Any]
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    """The step records kept from before a resume (``steps.jsonl`` up to its checkpoint)."""
 
 
 def start(
@@ -172,17 +176,22 @@ def start(
     if config.pretrained is not None and resume is None:
         state, _ = load_pretrained(state, config.pretrained)
     if out is None:
-        if config.tensorboard:
-            raise ConfigError("tensorboard writes into the run folder: give out", param="out")
+        for name in ("tensorboard", "profile"):
+            if getattr(config, name):
+                raise ConfigError(f"{name} writes into the run folder: give out", param="out")
         return state, Run(None, [], None, b.callbacks)
     if config.tensorboard:
         writer_class()  # installed? (before the folder exists)
     run_dir = Path(out) if resume is not None else create_run_dir(out, locks)
     records: list[dict[str, Any]] = []
+    steps: list[dict[str, Any]] = []
     settings = config.to_dict()
     if resume is not None:
         state, records = restore_run(run_dir / "checkpoints", state, b)
         write_jsonl(run_dir / "metrics.jsonl", records)  # drop epochs after the checkpoint
+        if config.log_every_steps is not None:  # and the steps after it: they run again
+            steps = read_steps(run_dir / "steps.jsonl", int(state.step))
+            write_jsonl(run_dir / "steps.jsonl", steps)
     else:
         write_json(
             run_dir / "config.json",
@@ -194,7 +203,7 @@ def start(
         )
     logs = record_logs(run_dir, config, locks)
     if jax.process_count() > 1:  # orbax saves would need every process; not wired yet
-        return state, Run(run_dir, records, None, [*logs, *b.callbacks])
+        return state, Run(run_dir, records, None, [*logs, *b.callbacks], steps)
     ckpt = Checkpointer(
         run_dir / "checkpoints",
         every=config.checkpoint_every,
@@ -203,7 +212,7 @@ def start(
     )
     ckpt.records = list(records)
     ckpt.best = min((r["val_loss"] for r in records), default=None)
-    return state, Run(run_dir, records, ckpt, [*logs, *b.callbacks, ckpt])
+    return state, Run(run_dir, records, ckpt, [*logs, *b.callbacks, ckpt], steps)
 
 
 def restore_run(ckpt_dir: Path, state: TrainState, b: Build) -> tuple[TrainState, list]:
@@ -229,7 +238,7 @@ def fit_run(
     config: TrainConfig, data: RunData, b: Build, state: TrainState, run: Run
 ) -> tuple[TrainState, History]:
     """`fit` for the steps still to go, from arrays or from a stream of the same batches."""
-    history = History(list(run.records))
+    history = History(list(run.records), steps=list(run.steps))
     remaining = b.total_steps - int(state.step)
     if remaining <= 0:
         return state, history
@@ -239,9 +248,7 @@ def fit_run(
             config.batch_size * config.accumulate, b.data_key, config.loader
         )
         saved = run.records[-1].get("data_state") if run.records else None
-        stream_kw = dict(
-            data_state=saved or train_data.state_at(int(state.step)), chunk=config.chunk
-        )
+        stream_kw = dict(data_state=saved or train_data.state_at(int(state.step)))
     state, new = fit_or_explain(
         run,
         state,
@@ -261,8 +268,10 @@ def fit_run(
         accumulate=config.accumulate,
         precision=config.precision,
         eval_params=config.eval_params,
+        **observing(config, run.dir),
     )
     history.records.extend(new.records)
+    history.steps.extend(new.steps)
     history.stopped, history.diverged, history.kept_step = new.stopped, new.diverged, new.kept_step
     return state, history
 

@@ -2,7 +2,9 @@
 
 Every numeric entry of an epoch's record becomes a scalar at the record's global
 ``step`` (``train_loss``, ``val_accuracy``, ``lr``, ``train_grad_norm``, ...); an
-ensemble's per-member lists become ``<name>/member_<i>``. The run's config, when given,
+ensemble's per-member lists become ``<name>/member_<i>``. Per-step records
+(``fit(log_every_steps=N)``) become ``step/<name>`` (``step/loss``, ``step/lr``,
+``step/grad_norm``, ...) at their step. The run's config, when given,
 is written once as text. Written by tensorboardX, which needs no TensorFlow (``pip
 install 'jtricks[tensorboard]'``); view with ``tensorboard --logdir RUN/tensorboard``.
 The run folder's ``metrics.jsonl`` stays the record of the run; the event files are a
@@ -85,6 +87,15 @@ class TensorBoard:
             self.writer.add_scalar(tag, value, step)
         self.writer.flush()
         return False
+
+    def on_steps(self, records: list[dict[str, Any]]) -> None:
+        """Per-step records (``fit(log_every_steps=N)``) as scalars ``step/<name>`` at
+        their step."""
+        for record in records:
+            step = int(record["step"])
+            for tag, value in scalars(record).items():
+                self.writer.add_scalar(f"step/{tag}", value, step)
+        self.writer.flush()
 
     def close(self) -> None:
         """Write the queued events and close the file (tensorboardX writes from a
