@@ -87,3 +87,18 @@ def test_without_tensorboardx_it_is_one_line_and_nothing_written(tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert "argument --tensorboard: tensorboard needs tensorboardX" in err
     assert len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_step_records_become_step_scalars_at_their_steps(tmp_path):
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(60, 5)).astype(np.float32), rng.integers(0, 3, 60)
+    state = create_train_state(
+        build_model("mlp(features=(8,))", 3), optax.adam(1e-2), x, jax.random.key(0)
+    )
+    with TensorBoard(tmp_path / "tb") as board:
+        _, hist = fit(state, (x, y), batch_size=10, epochs=2, callbacks=[board], log_every_steps=4)
+    acc = _read(tmp_path / "tb")
+    assert [r["step"] for r in hist.steps] == [4, 8, 12]
+    for name in ("loss", "grad_norm", "update_norm", "param_norm", "skipped"):
+        got = {e.step: e.value for e in acc.Scalars(f"step/{name}")}
+        assert got == pytest.approx({r["step"]: r[name] for r in hist.steps}, rel=1e-6), name

@@ -24,7 +24,7 @@ from jtricks.run.data import RunData
 from jtricks.tasks import Classification, Task, build_task
 from jtricks.training import EarlyStopping, ReduceLROnPlateau, create_train_state
 from jtricks.training.averaging import SWA
-from jtricks.training.loop import MAX_STEP
+from jtricks.training.runs import MAX_STEP
 from jtricks.training.transfer import forward_layers, freeze, preset_patterns
 
 

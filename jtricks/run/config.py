@@ -107,9 +107,9 @@ def parse_steps(value: Any, name: str = "profile") -> tuple[int, int]:
       ConfigError: not of that form, or not ``1 <= A <= B``.
     """
     text = value if isinstance(value, str) else ""
-    first, _, last = text.partition(":")
+    first, colon, last = text.partition(":")
     try:
-        a, b = int(first), int(last or first)
+        a, b = int(first), int(last if colon else first)
     except ValueError:
         a = b = 0
     if not 1 <= a <= b:

@@ -19,15 +19,9 @@ from jtricks.training.distributed import (
     replicate,
 )
 from jtricks.training.history import Callback, History
-from jtricks.training.loop import (
-    array_run,
-    first_member,
-    prepare_validation,
-    record_value,
-    run_loop,
-    stream_run,
-)
+from jtricks.training.loop import first_member, record_value, run_loop
 from jtricks.training.profile import Profile
+from jtricks.training.runs import array_run, prepare_validation, stream_run
 from jtricks.training.state import TrainState, check_eval_source, check_live, unalias
 from jtricks.training.steps import (
     LossFn,
@@ -151,7 +145,7 @@ def fit(
         continue from; ``None`` starts at the stream's beginning.
       chunk: steps per compiled program. A stream's chunks (default
         `jtricks.training.streaming.default_chunk`); in-memory data: an epoch longer than
-        ``chunk`` steps (default `jtricks.training.loop.DEFAULT_PART`, 1000) runs in
+        ``chunk`` steps (default `jtricks.training.runs.DEFAULT_PART`, 1000) runs in
         parts of equal static length, at most ``chunk`` each (the last part's extra
         steps masked), and the reporter's bar and the step records advance after each
         part, while the next part runs. The results do not depend on it.

@@ -56,11 +56,11 @@ class Profile:
         """The dispatches of ``num_steps`` steps after ``start`` done: one per step inside
         the range and for the step before it (it compiles the one-step program outside
         the trace); elsewhere up to ``length`` steps each."""
-        cuts = sorted({max(self.lo - 1, 0), self.lo, self.hi})
+        cuts = [] if self.done else sorted({max(self.lo - 1, 0), self.lo, self.hi})
         out, done = [], start
         end = start + num_steps
         while done < end:
-            single = self.lo - 1 <= done < self.hi and not self.done
+            single = bool(cuts) and self.lo - 1 <= done < self.hi
             stop = min([c for c in cuts if c > done] + [end, done + length])
             n = 1 if single else stop - done
             out.append(n)
