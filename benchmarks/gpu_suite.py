@@ -23,7 +23,9 @@ run (the headline figures first):
    times;
 7. ``sweep``: `bench_sweep.py`, 8 learning rates with `fit`, a new ``optax.adam`` per
    rate against optimizers equal up to their rate (one compilation);
-8. ``bench``: ``jtricks bench --suite quick`` with the rest of the budget, its
+8. ``step_records``: `bench_step_records.py`, what ``fit(log_every_steps=N)`` (N = 100
+   and 1) and epochs run in four parts cost against plain `fit` (paper CNN);
+9. ``bench``: ``jtricks bench --suite quick`` with the rest of the budget, its
    ``results.json`` copied as ``bench_quick.json`` so that ``jtricks bench compare`` can
    set it beside the CPU's.
 
@@ -196,6 +198,18 @@ PARTS = (  # the headline figures first; bench last, with whatever the budget ha
                 "bench_sweep.py",
                 "--model mlp --repeats 2",
                 f"{_MLP} --rates 2 --epochs 1 --repeats 1 {_TINY_DATA}",
+            ),
+        ),
+    ),
+    Part(
+        "step_records",
+        0.04,
+        (
+            Run(
+                "cnn",
+                "bench_step_records.py",
+                "--model cnn --repeats 5",
+                f"{_MLP} --epochs 1 --repeats 1 {_TINY_DATA}",
             ),
         ),
     ),

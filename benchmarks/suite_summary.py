@@ -230,7 +230,18 @@ def _simple(records: dict) -> list[str]:
             f"| {r['arms']['fresh']['epoch_compiles']} vs {r['arms']['build']['epoch_compiles']} |"
         ),
     )
-    return fit + train + ens + lrf + sweep
+    steps = _table(
+        "step_records: what per-step records and epochs in parts cost `fit`",
+        "| model | every 100 steps | every step | 4 parts an epoch | ms per part boundary |",
+        _results(records.get("step_records")),
+        lambda r: (
+            f"| {r['model']} | {r['arms']['steps_every_100']['ratio_time_vs_none']:.3f} "
+            f"| {r['arms']['steps_every_1']['ratio_time_vs_none']:.3f} "
+            f"| {r['arms']['parts']['ratio_time_vs_none']:.3f} "
+            f"| {r['parts_overhead_ms_per_boundary']:.2f} |"
+        ),
+    )
+    return fit + train + ens + lrf + sweep + steps
 
 
 def _bench(records: dict) -> list[str]:

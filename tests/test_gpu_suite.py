@@ -15,7 +15,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "benchmarks" / "gpu_suite.py"
-PART_FILES = ("fit", "train_step", "train", "ensemble", "lr_finder", "optimizer_update", "sweep")
+PART_FILES = (
+    "fit",
+    "train_step",
+    "train",
+    "ensemble",
+    "lr_finder",
+    "optimizer_update",
+    "sweep",
+    "step_records",
+)
 
 
 def _load(path: Path):
@@ -50,13 +59,13 @@ def _result(parts: dict, part: str, label: str | None = None) -> dict:
 def test_tiny_suite_writes_every_part_and_a_summary(suite_run):
     out, stdout, parts = suite_run
     files = sorted(p.name for p in out.iterdir())
-    assert len(files) <= 9 and not [f for f in files if f.startswith(".")], files
+    assert len(files) <= 10 and not [f for f in files if f.startswith(".")], files
     assert files == sorted([*(f"{n}.json" for n in PART_FILES), "bench_quick.json", "summary.md"])
     md = (out / "summary.md").read_text()
     for heading in ("## Targets", "## optimizer_update", "## train_step", "## ensemble"):
         assert heading in md
     assert "## lr_finder" in md and "## fit" in md and "## jtricks bench" in md
-    assert "## sweep" in md
+    assert "## sweep" in md and "## step_records" in md
     for name, rec in parts.items():
         assert rec["part"] == name and rec["tiny"] is True
         assert rec["suite_environment"]["versions"]["jax"]
@@ -70,6 +79,11 @@ def test_tiny_suite_writes_every_part_and_a_summary(suite_run):
 def test_tiny_suite_figures_are_consistent(suite_run):
     """Each headline ratio recomputed from the raw times the part recorded."""
     _, _, parts = suite_run
+    steps = _result(parts, "step_records")
+    base = statistics.median(steps["arms"]["none"]["times_s"])
+    for arm in steps["arms"].values():
+        assert arm["ratio_time_vs_none"] == pytest.approx(statistics.median(arm["times_s"]) / base)
+    assert steps["arms"]["steps_every_1"]["step_records"] == steps["steps_per_repeat"]
     sweep = _result(parts, "sweep")
     fresh, build = sweep["arms"]["fresh"], sweep["arms"]["build"]
     assert build["ratio_vs_fresh"] == pytest.approx(build["median_s"] / fresh["median_s"])

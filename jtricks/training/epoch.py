@@ -153,12 +153,20 @@ def make_part_fn(steps, unroll: int = 1, log: StepLog | None = None):
         return run_steps(step_at, state, acc, num_steps, max_streak, length, unroll, log)
 
     def init(state, data, batch_size, streak):
-        step_at = steps(data, jax.random.key(0), 0, 0, batch_size)
-        shapes = step_metric_shapes(step_at, state)
-        return zero_accumulator(shapes, private_of(log))(jnp.asarray(streak, jnp.int32))
+        key = (jax.tree.structure(state), batch_size, *_avals(state), *_avals(data))
+        if key not in shapes:  # traced once per state, data and batch size
+            step_at = steps(data, jax.random.key(0), 0, 0, batch_size)
+            shapes[key] = step_metric_shapes(step_at, state)
+        return zero_accumulator(shapes[key], private_of(log))(jnp.asarray(streak, jnp.int32))
+
+    shapes: dict = {}
 
     run_part.init = init
     return run_part
+
+
+def _avals(tree) -> list[tuple]:
+    return [(jnp.shape(a), jnp.result_type(a)) for a in jax.tree.leaves(tree)]
 
 
 def program_length(num_steps: int, steps_per_epoch: int) -> int:
