@@ -105,8 +105,8 @@ class Parts:
     def start(self, *, total_steps, done=0):
         self.calls.append(("start", total_steps))
 
-    def part_end(self, *, epoch, loss, done):
-        self.calls.append(("part", epoch, done, loss))
+    def part_end(self, *, epoch, step, loss, done):
+        self.calls.append(("part", epoch, done, loss, step))
 
     def epoch_end(self, record, *, done):
         self.calls.append(("epoch", record["epoch"], done))
@@ -136,8 +136,29 @@ def test_parts_of_an_epoch_change_nothing_and_report_progress_between_them(data)
     shown = [c[:3] for c in reporter.calls]
     assert shown == [("start", 32), ("part", 1, 6), ("part", 1, 12), ("epoch", 1, 16),
                      ("part", 2, 22), ("part", 2, 28), ("epoch", 2, 32)]  # fmt: skip
-    first_part = [r["loss"] for r in hp.steps[:3]]  # steps 2, 4, 6 of the first part
-    assert reporter.calls[1][3] > 0 and np.isfinite(first_part).all()
+    # the running loss shown after the first part is the mean of its 6 steps' losses
+    _, every = fit(_state(x), (x4, y4), batch_size=BATCH, steps=6, data_key=key, log_every_steps=1)
+    assert reporter.calls[1][3] == pytest.approx(np.mean([r["loss"] for r in every.steps]))
+    assert [c[4] for c in reporter.calls if c[0] == "part"] == [6, 12, 22, 28]  # global steps
+
+
+def test_a_log_shows_in_progress_lines_between_parts(data, tmp_path):
+    from jtricks.training.progress import RichReporter
+
+    x, y = data
+    log = tmp_path / "log.txt"
+    with open(log, "w") as f:
+        fit(_state(x), (np.tile(x, (2, 1)), np.tile(y, 2)), batch_size=BATCH, epochs=1,
+            chunk=3, reporter=RichReporter(file=f, in_progress_s=0.0))  # fmt: skip
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    # 8 steps in parts of 3, 3, 2: a line after each of the first two, then the epoch's
+    assert [line.split()[:4] for line in lines] == [
+        ["epoch", "1", "step", "3"],
+        ["epoch", "1", "step", "6"],
+        ["epoch", "1", "step", "8"],
+    ]
+    assert lines[0].endswith("(in progress)") and "val" not in lines[1]
+    assert not lines[2].endswith("(in progress)")
 
 
 def test_a_continued_run_continues_the_step_records(data):

@@ -47,7 +47,7 @@ def run_loop(
         epoch, offset = divmod(step, steps_per_epoch)
         num_steps = min(steps_per_epoch - offset, total_steps - done)
         keeper.starting(state)
-        on_part = part_listener(history, callbacks, reporter, epoch, done)
+        on_part = part_listener(history, callbacks, reporter, epoch, step, done)
         state, metrics = run.epoch(state, epoch, offset, num_steps, streak, val, on_part)
         return state, Dispatched(metrics, epoch, step, num_steps, done, keeper.take_start())
 
@@ -117,10 +117,11 @@ def _train_end(callbacks: Any, state: TrainState, pipelined: bool) -> TrainState
     return state
 
 
-def part_listener(history: History, callbacks: Any, reporter: Any, epoch: int, done: int):
-    """``on_part(acc, rows)`` for an epoch run in parts: a finished part's step records go
-    out (`deliver_steps`) and the reporter's ``part_end`` shows the epoch's running loss
-    and the steps ``done`` in the call so far."""
+def part_listener(history, callbacks, reporter, epoch: int, step: int, done: int):
+    """``on_part(acc, rows)`` for an epoch run in parts that starts at global ``step``,
+    ``done`` steps into the call: a finished part's step records go out
+    (`deliver_steps`) and the reporter's ``part_end`` shows the epoch's running loss, the
+    global step reached and the steps done in the call so far."""
 
     def on_part(acc, rows):
         part = jax.device_get({"done": acc["done"], "loss": acc["sums"]["loss"]})
@@ -128,7 +129,8 @@ def part_listener(history: History, callbacks: Any, reporter: Any, epoch: int, d
         part_end = getattr(reporter, "part_end", None)
         if part_end is not None:
             loss = float(np.mean(part["loss"])) / max(int(part["done"]), 1)
-            part_end(epoch=epoch + 1, loss=loss, done=done + int(part["done"]))
+            n = int(part["done"])
+            part_end(epoch=epoch + 1, step=step + n, loss=loss, done=done + n)
 
     return on_part
 

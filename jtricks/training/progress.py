@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any, TextIO
 
 from rich.console import Console
@@ -49,11 +50,18 @@ class RichReporter:
 
     With ``every=k`` only the first, every k-th and the last epoch are printed. On a
     terminal the bar redraws in place; elsewhere (CI, files) only the lines appear.
+    Inside an epoch run in parts (`fit`'s ``chunk``) the bar advances after each part
+    with the epoch's running training loss; elsewhere an ``(in progress)`` line is
+    printed after a part when ``in_progress_s`` seconds passed since the last line.
     """
 
-    def __init__(self, *, file: TextIO | None = None, every: int = 1) -> None:
+    def __init__(
+        self, *, file: TextIO | None = None, every: int = 1, in_progress_s: float = 30.0
+    ) -> None:
         self.console = Console(file=file or sys.stdout, highlight=False)
         self.every = max(1, every)
+        self.in_progress_s = in_progress_s
+        self._last_line = time.monotonic()
         self._progress: Progress | None = None
         self._task = None
         self._total = 0
@@ -75,16 +83,27 @@ class RichReporter:
     def epoch_end(self, record: dict[str, Any], *, done: int) -> None:
         if record["epoch"] == 1 or record["epoch"] % self.every == 0 or done >= self._total:
             self.console.print(format_record(record), soft_wrap=True)
+            self._last_line = time.monotonic()
         if self._progress is not None:
             self._progress.update(self._task, completed=done)
 
-    def part_end(self, *, epoch: int, loss: float, done: int) -> None:
-        """A part of a long epoch finished (`fit`'s ``chunk``): the bar advances to
-        ``done`` steps and shows the epoch's running training loss."""
+    def part_end(self, *, epoch: int, step: int, loss: float, done: int) -> None:
+        """A part of a long epoch finished (`fit`'s ``chunk``) at global ``step``: the bar
+        advances to ``done`` steps of the call and shows the epoch's running training
+        loss."""
         if self._progress is not None:
             self._progress.update(
                 self._task, completed=done, description=f"epoch {epoch} loss {loss:.4f}"
             )
+        if (
+            not self.console.is_terminal
+            and time.monotonic() - self._last_line >= self.in_progress_s
+        ):
+            self.console.print(
+                f"epoch {epoch:>3}  step {step:>6}  train_loss {loss:.4f}  (in progress)",
+                soft_wrap=True,
+            )
+            self._last_line = time.monotonic()
 
     def close(self) -> None:
         if self._progress is not None:
