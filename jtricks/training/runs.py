@@ -26,6 +26,7 @@ from jtricks.training.distributed import (
     replicate,
 )
 from jtricks.training.epoch import finish_fn, program_length
+from jtricks.training.preemption import stop_requested
 from jtricks.training.profile import Profile
 from jtricks.training.steps import num_examples, pad_batches
 from jtricks.training.streaming import (
@@ -68,7 +69,7 @@ def complete_options(options: StepOptions, member, mesh, data) -> StepOptions:
 
 def array_run(
     train_data, options: StepOptions, *, member, mesh, epochs, steps, batch_size, data_key,
-    max_nonfinite, chunk=None, profile=None,
+    max_nonfinite, chunk=None, profile=None, stop=None,
 ) -> Run:  # fmt: skip
     """The in-memory path: the data on device, one compiled program per epoch, or per part
     of an epoch longer than ``chunk`` steps (`part_length`)."""
@@ -127,10 +128,12 @@ def array_run(
                 profile.after(start + num_steps, state)
         else:
             acc = run_epoch.part.init(state, data_dev, batch_size, streak)
-            state, acc, rows = run_parts(
+            state, acc, rows, cut_short = run_parts(
                 lambda s, a, j, n: part(s, a, epoch, offset + j, n), state, acc, pieces,
-                on_part, max_nonfinite, profile, start,
+                on_part, max_nonfinite, profile, start, stop,
             )  # fmt: skip
+            if cut_short:  # stopped by a signal between parts: no epoch record
+                return state, {"interrupted": True, "step_rows": rows}
             metrics = finish(state, acc, array_val)
             if rows is not None:
                 metrics["step_rows"] = rows
@@ -155,14 +158,16 @@ def traced(profile: Profile | None, start: int, n: int) -> Any:
     return contextlib.nullcontext() if profile is None else profile.before(start, n)
 
 
-def run_parts(part, state, acc, pieces, on_part, max_nonfinite, profile, start):
+def run_parts(part, state, acc, pieces, on_part, max_nonfinite, profile, start, stop=None):
     """Dispatch an epoch's parts ``part(state, acc, j, n)`` (``n`` steps from the epoch's
     ``j``-th) one after another; each finished part goes to ``on_part`` once the next one
     is dispatched, so the device never waits for the host. Stops early once a part's
-    streak of non-finite steps ends training. Returns the state, the accumulator and the
-    last part's step rows (not yet handed out)."""
+    streak of non-finite steps ends training, or when ``stop`` asks
+    (`jtricks.training.preemption.stop_requested`). Returns the state, the accumulator,
+    the last part's step rows (not yet handed out) and whether ``stop`` cut the epoch
+    short."""
     pending, j = None, 0
-    for n in pieces:
+    for i, n in enumerate(pieces):
         with traced(profile, start + j, n):
             state, acc = part(state, acc, j, n)
         if profile is not None:
@@ -171,7 +176,9 @@ def run_parts(part, state, acc, pieces, on_part, max_nonfinite, profile, start):
         previous, pending = pending, (acc, acc.pop("rows", None))
         if previous is not None and part_done(previous, on_part, max_nonfinite):
             break  # diverged: every later step would be masked
-    return state, acc, pending[1]
+        if i + 1 < len(pieces) and stop_requested(stop):
+            return state, acc, pending[1], True
+    return state, acc, pending[1], False
 
 
 DEFAULT_PART = 1000
@@ -212,7 +219,7 @@ def _total_steps(epochs, steps, steps_per_epoch, start_step: int = 0) -> int:
 
 def stream_run(
     stream, options: StepOptions, *, member, mesh, epochs, steps, steps_per_epoch,
-    batch_size, data_state, chunk, prefetch, max_nonfinite, profile=None,
+    batch_size, data_state, chunk, prefetch, max_nonfinite, profile=None, stop=None,
 ) -> Run:  # fmt: skip
     """The streaming path (`jtricks.training.streaming`): host batches fed to chunks."""
     if steps_per_epoch is None:
@@ -241,7 +248,7 @@ def stream_run(
         raise
     feeder.start(chunk_plan(start_step, steps_per_epoch, total, k), k, chunk_sharding(mesh))
     train_step, eval_step = compiled_steps(options)
-    epochs_fn = StreamEpochs(feeder, train_step, eval_step, options, profile)
+    epochs_fn = StreamEpochs(feeder, train_step, eval_step, options, profile, stop)
 
     def epoch(state, epoch, offset, num_steps, streak, val, on_part=None):
         start = epoch * steps_per_epoch + offset

@@ -49,6 +49,7 @@ from jtricks.training.epoch import (
     step_metric_shapes,
     zero_accumulator,
 )
+from jtricks.training.preemption import stop_requested
 from jtricks.training.steps import evaluation_step
 
 CHUNK_BYTES = 64 * 2**20
@@ -265,8 +266,8 @@ class StreamEpochs:
     ``options`` is the run's `jtricks.training.compiled.StepOptions` (its sharding,
     evaluation parameters and unroll)."""
 
-    def __init__(self, feeder: Feeder, train_step, eval_step, options, profile=None):
-        self.feeder, self.profile = feeder, profile
+    def __init__(self, feeder: Feeder, train_step, eval_step, options, profile=None, stop=None):
+        self.feeder, self.profile, self.stop = feeder, profile, stop
         self.log = options.step_log
         self.run_chunk = make_chunk_fn(train_step, options.sharding, options.unroll, self.log)
         self.finish = finish_fn(eval_step, options.eval_source)
@@ -324,6 +325,9 @@ class StreamEpochs:
             previous, pending = pending, (acc, rows)
             if previous is not None and part_done(previous, on_part, max_streak):
                 break
+            if remaining > 0 and stop_requested(self.stop):  # between chunks: no record
+                return state, {"interrupted": True, "step_rows": rows,
+                               "data_state": self.state_after}  # fmt: skip
         if acc is None:  # nothing came: the stream was already exhausted
             return state, None
         metrics = self.finish(state, acc, None if is_val_stream(val) else val)
