@@ -108,3 +108,14 @@ class StreamError(RuntimeError):
     def __init__(self, message: str, state: object = None) -> None:
         super().__init__(message)
         self.state = state
+
+
+class Interrupted(RuntimeError):
+    """A run stopped by SIGTERM or Ctrl-C (`jtricks.training.preemption.StopSignals`)
+    after the program in flight, its state saved where the message says. ``status`` is
+    the shell's exit status for the signal (143 for SIGTERM, 130 for SIGINT); the CLI
+    prints the message as one line and exits with it."""
+
+    def __init__(self, message: str, status: int = 130) -> None:
+        super().__init__(message)
+        self.status = status

@@ -6,6 +6,9 @@ Usage: python tests/fault_driver.py MODE EPOCH -- jtricks-train-args...
                 are on disk, its manifest is not, nothing is committed).
   MODE "chunk": (streaming runs) SIGKILL after the EPOCH-th compiled chunk was dispatched.
   MODE "fail":  (streaming runs) the EPOCH-th batch read from the data source raises OSError.
+  MODE "term":  sends itself SIGTERM (SIGINT with "int") after the EPOCH-th dispatch of a
+                compiled part of an epoch (in-memory runs with --chunk) or stream chunk;
+                the run is expected to save and exit, not to die.
 Test-only fault injection; the library has no hooks for it.
 """
 
@@ -82,9 +85,37 @@ def main() -> None:
             return original_read(*a, **k)
 
         stream.read_rows = read
+    elif mode in ("term", "int"):
+        _signal_after_parts(epoch, signal.SIGTERM if mode == "term" else signal.SIGINT)
     from jtricks.cli import main as cli_main
 
     sys.exit(cli_main(["train", *args]))
+
+
+def _signal_after_parts(count: int, signum: int) -> None:
+    """Send ``signum`` to this process after the ``count``-th part or chunk dispatch."""
+    import importlib
+
+    epoch_mod = importlib.import_module("jtricks.training.epoch")
+    streaming = importlib.import_module("jtricks.training.streaming")
+    calls = [0]
+
+    def counted(fn):
+        def run(*a, **k):
+            out = fn(*a, **k)
+            calls[0] += 1
+            if calls[0] == count:
+                os.kill(os.getpid(), signum)
+            return out
+
+        for name in ("init",):
+            if hasattr(fn, name):
+                setattr(run, name, getattr(fn, name))
+        return run
+
+    original_part, original_chunk = epoch_mod.make_part_fn, streaming.make_chunk_fn
+    epoch_mod.make_part_fn = lambda *a, **k: counted(original_part(*a, **k))
+    streaming.make_chunk_fn = lambda *a, **k: counted(original_chunk(*a, **k))
 
 
 if __name__ == "__main__":

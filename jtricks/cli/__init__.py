@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from jtricks.cli import bench, diagnose, train
 from jtricks.cli.common import Parser, QuietThreadTracebacks, flags_of, install_quiet_stderr
-from jtricks.errors import ConfigError, StreamError, WriteError
+from jtricks.errors import ConfigError, Interrupted, StreamError, WriteError
 
 COMMANDS = {"train": train, "diagnose": diagnose, "bench": bench}
 
@@ -84,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    except Interrupted as e:  # SIGTERM or Ctrl-C: the state reached was saved
+        print(f"jtricks {args.command}: {e}", file=sys.stderr)
+        return e.status
     except KeyboardInterrupt:
         print("jtricks: interrupted", file=sys.stderr)
         return 130

@@ -112,13 +112,28 @@ def run(args: argparse.Namespace, flags: dict[str, str]) -> int:
                 f"{', '.join(extra)}",
                 param="resume",
             )
-        result = jtricks.run.train(resume=args.resume, reporter=reporter)
+        with stop_signals() as stop:
+            result = jtricks.run.train(resume=args.resume, reporter=reporter, stop=stop)
     else:
         config = recipe(args.recipe, **given) if args.recipe else TrainConfig(**given)
         out = args.out if args.out is not None else default_out("train")
-        result = jtricks.run.train(config, out=out, reporter=reporter)
+        with stop_signals() as stop:
+            result = jtricks.run.train(config, out=out, reporter=reporter, stop=stop)
     report(result)
     return 1 if result.history.diverged else 0
+
+
+def stop_signals():
+    """SIGTERM and Ctrl-C as a flag the run polls (`StopSignals`): the run saves where it
+    is and stops. Several processes would have to agree on where to stop, so there the
+    signals keep Python's behaviour."""
+    import contextlib
+
+    import jax
+
+    from jtricks.training.preemption import StopSignals
+
+    return StopSignals() if jax.process_count() == 1 else contextlib.nullcontext()
 
 
 def start_processes(args: argparse.Namespace) -> None:

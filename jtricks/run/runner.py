@@ -20,7 +20,7 @@ from typing import Any
 
 import jax
 
-from jtricks.errors import ConfigError, StreamError
+from jtricks.errors import ConfigError, Interrupted, StreamError
 from jtricks.run.build import Build, build
 from jtricks.run.config import TrainConfig, check_keys
 from jtricks.run.data import RunData, load_run_data, refuse_on_disk
@@ -47,6 +47,7 @@ from jtricks.training.checkpoint import (
 )
 from jtricks.training.checkpointer import Checkpointer
 from jtricks.training.data_checks import check_data
+from jtricks.training.preemption import exit_status
 from jtricks.training.tensorboard import writer_class
 from jtricks.training.transfer import load_pretrained
 
@@ -58,6 +59,7 @@ def train(
     progress: bool = False,
     reporter: Any = None,
     resume: str | os.PathLike | None = None,
+    stop: Any = None,
     **overrides: Any,
 ) -> RunResult:
     """Run one training job end to end: data, split, preprocessing, model, optimizer, `fit`, test.
@@ -73,6 +75,10 @@ def train(
       resume: a run folder to continue from its newest intact checkpoint, with its own
         ``config.json`` (``config`` and overrides are then not allowed). The final
         parameters are bit-identical to an uninterrupted run's.
+      stop: a flag `fit` reads between compiled programs
+        (`jtricks.training.preemption.StopSignals`, as ``jtricks train`` passes): once
+        set, the run saves the state it reached as ``checkpoints/interrupted/`` and
+        raises `jtricks.errors.Interrupted`; ``resume`` continues it exactly.
 
     Returns:
       A `RunResult`.
@@ -95,7 +101,7 @@ def train(
         if config.ensemble > 1:
             return train_ensemble(config, data, b, out, t0, locks)
         state, run = start(config, data, b, out, resume, locks)
-        state, history = fit_run(config, data, b, state, run)
+        state, history = fit_run(config, data, b, state, run, stop)
         test, extra = final_metrics(config, data, b, state, history, run.dir)
         wall = time.perf_counter() - t0
         warning = extra.get("warning")
@@ -157,6 +163,8 @@ class Run:
     callbacks: list[Any]
     steps: list[dict[str, Any]] = field(default_factory=list)
     """The step records kept from before a resume (``steps.jsonl`` up to its checkpoint)."""
+    data_state: Any = None
+    """A stream's position saved with an interrupted (mid-epoch) checkpoint."""
 
 
 def start(
@@ -185,9 +193,10 @@ def start(
     run_dir = Path(out) if resume is not None else create_run_dir(out, locks)
     records: list[dict[str, Any]] = []
     steps: list[dict[str, Any]] = []
+    data_state = None
     settings = config.to_dict()
     if resume is not None:
-        state, records = restore_run(run_dir / "checkpoints", state, b)
+        state, records, data_state = restore_run(run_dir / "checkpoints", state, b)
         write_jsonl(run_dir / "metrics.jsonl", records)  # drop epochs after the checkpoint
         if config.log_every_steps is not None:  # and the steps after it: they run again
             steps = read_steps(run_dir / "steps.jsonl", int(state.step))
@@ -203,7 +212,7 @@ def start(
         )
     logs = record_logs(run_dir, config, locks)
     if jax.process_count() > 1:  # orbax saves would need every process; not wired yet
-        return state, Run(run_dir, records, None, [*logs, *b.callbacks], steps)
+        return state, Run(run_dir, records, None, [*logs, *b.callbacks], steps, data_state)
     ckpt = Checkpointer(
         run_dir / "checkpoints",
         every=config.checkpoint_every,
@@ -212,17 +221,18 @@ def start(
     )
     ckpt.records = list(records)
     ckpt.best = min((r["val_loss"] for r in records), default=None)
-    return state, Run(run_dir, records, ckpt, [*logs, *b.callbacks, ckpt], steps)
+    return state, Run(run_dir, records, ckpt, [*logs, *b.callbacks, ckpt], steps, data_state)
 
 
-def restore_run(ckpt_dir: Path, state: TrainState, b: Build) -> tuple[TrainState, list]:
-    """The newest intact checkpoint's state and history, with the callbacks' saved states."""
+def restore_run(ckpt_dir: Path, state: TrainState, b: Build) -> tuple[TrainState, list, Any]:
+    """The newest intact checkpoint's state, history and (an interrupted stream's)
+    ``data_state``, with the callbacks' saved states."""
     try:
         restored = restore_latest(ckpt_dir, state, required=RUN_META)
     except CheckpointError as e:
         raise ConfigError(f"cannot resume {str(ckpt_dir.parent)!r}: {e}", param="resume") from None
     if restored is None:
-        return state, []
+        return state, [], None
     state, meta = restored
     saved = meta.get("callbacks", {})
     if b.plateau is not None and "plateau" in saved:
@@ -231,11 +241,11 @@ def restore_run(ckpt_dir: Path, state: TrainState, b: Build) -> tuple[TrainState
         best_path = best_checkpoint(ckpt_dir)
         best = restore(best_path, state)[0] if best_path is not None else None
         b.early.load_state_dict(saved["early_stopping"], best)
-    return state, meta["history"]
+    return state, meta["history"], meta.get("data_state")
 
 
 def fit_run(
-    config: TrainConfig, data: RunData, b: Build, state: TrainState, run: Run
+    config: TrainConfig, data: RunData, b: Build, state: TrainState, run: Run, stop: Any = None
 ) -> tuple[TrainState, History]:
     """`fit` for the steps still to go, from arrays or from a stream of the same batches."""
     history = History(list(run.records), steps=list(run.steps))
@@ -248,6 +258,7 @@ def fit_run(
             config.batch_size * config.accumulate, b.data_key, config.loader
         )
         saved = run.records[-1].get("data_state") if run.records else None
+        saved = run.data_state or saved  # an interrupted checkpoint's, mid-epoch
         stream_kw = dict(data_state=saved or train_data.state_at(int(state.step)))
     state, new = fit_or_explain(
         run,
@@ -269,11 +280,24 @@ def fit_run(
         precision=config.precision,
         eval_params=config.eval_params,
         **observing(config, run.dir),
+        stop=stop,
     )
+    if new.interrupted is not None:
+        raise Interrupted(interrupted_line(new, run), exit_status(stop))
     history.records.extend(new.records)
     history.steps.extend(new.steps)
     history.stopped, history.diverged, history.kept_step = new.stopped, new.diverged, new.kept_step
     return state, history
+
+
+def interrupted_line(history: History, run: Run) -> str:
+    """What a stopped run says: the signal, the step, where it was saved, how to go on."""
+    if run.checkpointer is None:
+        return f"{history.stopped}; nothing saved (no run folder or no checkpoints)"
+    return (
+        f"{history.stopped}; saved in {run.dir}/checkpoints/interrupted; continue with: "
+        f"jtricks train --resume {run.dir}"
+    )
 
 
 def fit_or_explain(

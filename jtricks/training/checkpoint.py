@@ -41,6 +41,9 @@ from jtricks.trees import leaf_path
 
 PREFIX = "epoch-"
 TMP = ".tmp-"
+INTERRUPTED = "interrupted"
+"""The sub-folder of a run's checkpoints that holds the state a stopped run reached
+(`jtricks.training.Checkpointer.on_interrupt`), maybe mid-epoch."""
 BOOKKEEPING = {"manifest.json", "_CHECKPOINT_METADATA", "commit_success.txt"}
 
 
@@ -436,6 +439,18 @@ def best_checkpoint(directory: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def newest_last(directory: str | os.PathLike) -> list[Path]:
+    """The epoch checkpoints and the interrupted one (``interrupted/epoch-NNNNNN``: a
+    state inside epoch NNNNNN), oldest first: an interrupted checkpoint comes after the
+    epochs before its own and before its epoch's own checkpoint."""
+    regular = [(int(p.name.removeprefix(PREFIX)), 1, p) for p in list_checkpoints(directory)]
+    cut = [
+        (int(p.name.removeprefix(PREFIX)), 0, p)
+        for p in list_checkpoints(Path(directory) / INTERRUPTED)
+    ]
+    return [p for *_, p in sorted(regular + cut)]
+
+
 def restore_latest(
     directory: str | os.PathLike,
     target: TrainState,
@@ -443,8 +458,9 @@ def restore_latest(
     log=None,
     required: tuple[str, ...] = (),
 ) -> tuple[TrainState, dict] | None:
-    """Restore the newest intact checkpoint, falling back past damaged ones (reported in
-    one warning, once a checkpoint restores: each damaged one named with its problem).
+    """Restore the newest intact checkpoint (`newest_last`: an interrupted run's state
+    counts), falling back past damaged ones (reported in one warning, once a checkpoint
+    restores: each damaged one named with its problem).
 
     Returns ``None`` if there is no checkpoint at all.
 
@@ -456,7 +472,7 @@ def restore_latest(
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"{directory} is not a folder of checkpoints")
-    candidates = list_checkpoints(directory)
+    candidates = newest_last(directory)
     errors = []
     for path in reversed(candidates):
         try:

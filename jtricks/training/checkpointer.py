@@ -19,12 +19,16 @@ import orbax.checkpoint as ocp
 
 from jtricks.errors import ConfigError, WriteError
 from jtricks.training.checkpoint import (
+    INTERRUPTED,
+    PREFIX,
     TMP,
     EpochNames,
     ManifestRename,
     check_space,
     items,
+    list_checkpoints,
     quiet_writer_failures,
+    save,
 )
 from jtricks.training.state import TrainState
 from jtricks.training.state import device_copy as _device_copy
@@ -118,6 +122,10 @@ class Checkpointer:
             for step in manager.all_steps():
                 if step >= epoch:
                     manager.delete(step)
+            if which == "epochs":  # an interrupted checkpoint this one supersedes
+                for old in list_checkpoints(self.directory / INTERRUPTED):
+                    if int(old.name.removeprefix(PREFIX)) <= epoch:
+                        shutil.rmtree(old, ignore_errors=True)
             check_space(Path(manager.directory), state)
             manager.save(epoch, args=items(state, meta), force=True)
         if not self.background:
@@ -198,6 +206,27 @@ class Checkpointer:
         self._flush_best()
         self.close()
 
+    def on_interrupt(self, state: TrainState, info: dict[str, Any]) -> None:
+        """`fit` was stopped (`jtricks.training.preemption`): wait for the writes in flight,
+        write the best state held on device, then ``state`` (the step ``info["step"]``
+        reached, maybe mid-epoch) as ``interrupted/epoch-NNNNNN`` (the epoch it falls in),
+        synchronously; `restore_latest` prefers it to the epoch checkpoints before it.
+        Its metadata holds ``interrupted: true``, the ``step``, the records of the
+        finished epochs and a stream's ``data_state``."""
+        self.wait()
+        self._flush_best()
+        self.wait()
+        record = {"epoch": len(info["history"]), "step": info["step"]}
+        meta = self._meta(record, state)
+        meta.update(interrupted=True, signal=info.get("signal"))
+        if info.get("data_state") is not None:
+            meta["data_state"] = info["data_state"]
+        folder = self.directory / INTERRUPTED
+        for old in list_checkpoints(folder):
+            shutil.rmtree(old, ignore_errors=True)
+        save(folder, EpochNames().build_name(info["epoch"]), state, meta)
+        self.close()
+
     def _flush_best(self) -> None:
         if self._pending_best is not None:
             self._write("best", *self._pending_best)
@@ -217,9 +246,9 @@ class Checkpointer:
 
 
 def remove_leftovers(directory: Path) -> None:
-    """Remove the temporary folders (``.tmp-*``) failed saves left in ``directory`` and its
-    ``best/`` (committed checkpoints are never named so)."""
-    for root in (directory, directory / "best"):
+    """Remove the temporary folders (``.tmp-*``) failed saves left in ``directory``, its
+    ``best/`` and ``interrupted/`` (committed checkpoints are never named so)."""
+    for root in (directory, directory / "best", directory / INTERRUPTED):
         for leftover in root.glob(f"{TMP}*") if root.is_dir() else ():
             shutil.rmtree(leftover, ignore_errors=True)
 

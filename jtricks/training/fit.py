@@ -63,6 +63,7 @@ def fit(
     unroll: int = 1,
     log_every_steps: int | None = None,
     profile: Profile | None = None,
+    stop: Any = None,
 ) -> tuple[TrainState, History]:
     """Train ``state`` on ``train_data`` for ``epochs`` epochs or ``steps`` optimizer steps.
 
@@ -163,6 +164,15 @@ def fit(
         ``benchmarks/bench_step_records.py``).
       profile: a `jtricks.training.profile.Profile`: trace its steps with
         `jax.profiler`, each step one annotated dispatch (a stream's: each chunk).
+      stop: a flag read between compiled programs (epochs, parts of a long epoch, a
+        stream's chunks; no per-step host round trip): a
+        `jtricks.training.preemption.StopSignals` (SIGTERM / Ctrl-C), a
+        `threading.Event` or a callable. Once it is set the program in flight finishes,
+        no new one starts, every callback's ``on_interrupt(state, info)`` runs (a
+        `Checkpointer` writes the state), ``on_train_end`` does not, and `fit` returns
+        the state reached with ``history.interrupted`` (its ``step``); a partial epoch
+        gets no record. Continuing from that state (``data_state=`` its ``data_state``
+        for a stream) trains exactly as if never stopped.
 
     Returns:
       ``(final_state, history)``.
@@ -195,7 +205,7 @@ def fit(
         run = stream_run(
             train_data, options, steps_per_epoch=steps_per_epoch, data_state=data_state,
             chunk=chunk, prefetch=prefetch, max_nonfinite=max_nonfinite, profile=profile,
-            **common,
+            stop=stop, **common,
         )  # fmt: skip
     else:
         for name, value in (("data_state", data_state), ("steps_per_epoch", steps_per_epoch)):
@@ -207,14 +217,14 @@ def fit(
                 )
         run = array_run(
             train_data, options, data_key=data_key, max_nonfinite=max_nonfinite, chunk=chunk,
-            profile=profile, **common,
+            profile=profile, stop=stop, **common,
         )  # fmt: skip
     try:
         val_data = prepare_validation(val_data, run, member, task, eval_batch_size, mesh)
         state = unalias(state)  # each epoch donates the state: one buffer must not appear twice
         if mesh is not None:
             state = replicate(state, mesh)
-        return run_loop(state, run, val_data, callbacks, reporter, max_nonfinite, keep_finite)
+        return run_loop(state, run, val_data, callbacks, reporter, max_nonfinite, keep_finite, stop)
     finally:
         run.close()
         if profile is not None:

@@ -80,6 +80,10 @@ class History:
 
     steps: list[dict[str, Any]] = field(default_factory=list)
     """Per-step records (``fit(log_every_steps=N)``), oldest first."""
+    interrupted: dict[str, Any] | None = None
+    """Set when ``fit(stop=...)`` stopped the run between programs: ``step`` (where the
+    returned state is), ``epoch`` (the epoch that step falls in), ``signal`` and, for a
+    stream, ``data_state`` (where its next batch comes from)."""
 
     def step_column(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """``(steps, values)`` of one metric of the per-step records that hold it."""

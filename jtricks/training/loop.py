@@ -13,6 +13,7 @@ import numpy as np
 
 from jtricks.training.callbacks import StopTraining
 from jtricks.training.history import History
+from jtricks.training.preemption import stop_requested
 from jtricks.training.runs import Run
 from jtricks.training.state import TrainState
 from jtricks.training.state import device_copy as _device_copy
@@ -27,8 +28,10 @@ def run_loop(
     reporter: Any,
     max_nonfinite: int,
     keep_finite: bool,
+    interrupt: Any = None,
 ) -> tuple[TrainState, History]:
-    """`fit`'s epoch loop: dispatch, record, callbacks, divergence."""
+    """`fit`'s epoch loop: dispatch, record, callbacks, divergence, and a stop asked by
+    ``interrupt`` (`jtricks.training.preemption`) between programs (`_interrupt`)."""
     history = History()
     start_step = int(first_member(state).step)
     total_steps, steps_per_epoch = run.total_steps, run.steps_per_epoch
@@ -51,16 +54,24 @@ def run_loop(
         state, metrics = run.epoch(state, epoch, offset, num_steps, streak, val, on_part)
         return state, Dispatched(metrics, epoch, step, num_steps, done, keeper.take_start())
 
+    def finished(state) -> bool:
+        return int(first_member(state).step) >= start_step + total_steps
+
+    cut: dict[str, Any] = {}
     try:
         t_last = time.perf_counter()
         state, pending = dispatch(state, 0, np.int32(0))
         while pending is not None:
             upcoming = None
-            if pipelined and pending.done_after < total_steps:
+            if pipelined and pending.done_after < total_steps and not stop_requested(interrupt):
                 state, upcoming = dispatch(state, pending.done_after, pending.metrics["streak"])
             keeper.started(pending.start)
             if pending.metrics is None:  # a one-shot stream ran out at an epoch's start
                 history.stopped = _ran_out(history, pending.step)
+                break
+            if pending.metrics.get("interrupted"):  # stopped between the epoch's parts
+                deliver_steps(pending.metrics.get("step_rows"), history, callbacks)
+                cut = pending.metrics
                 break
             record, streak, done, ended = _record(pending)
             deliver_steps(record.pop("step_rows", None), history, callbacks)
@@ -84,11 +95,14 @@ def run_loop(
                 break
             if pipelined:
                 pending = upcoming
-            elif done < total_steps:
+            elif done < total_steps and not stop_requested(interrupt):
                 state, pending = dispatch(state, done, np.int32(streak))
             else:
                 pending = None
-        state = _train_end(callbacks, state, pipelined)
+        if stop_requested(interrupt) and history.stopped is None and not finished(state):
+            _interrupt(history, callbacks, state, cut, interrupt, steps_per_epoch)
+        else:
+            state = _train_end(callbacks, state, pipelined)
     except BaseException:
         _settle(callbacks)
         raise
@@ -96,6 +110,25 @@ def run_loop(
         if reporter is not None:
             reporter.close()
     return state, history
+
+
+def _interrupt(history, callbacks, state, cut, stop, steps_per_epoch: int) -> None:
+    """Mark the run interrupted at the step its state reached and hand that state to every
+    callback's ``on_interrupt(state, info)`` (a `Checkpointer` saves it); ``info`` holds
+    the ``step``, the ``epoch`` it falls in (1-based), the ``signal``'s name and, for a
+    stream cut between chunks, its ``data_state``. ``on_train_end`` is not called: the
+    run is not over."""
+    step = int(first_member(state).step)
+    name = getattr(stop, "name", None) or "a stop request"
+    info = {"step": step, "epoch": step // steps_per_epoch + 1, "signal": name}
+    if cut.get("data_state") is not None:
+        info["data_state"] = cut["data_state"]
+    history.interrupted = info
+    history.stopped = f"interrupted by {name} at step {step}"
+    for cb in callbacks:
+        on_interrupt = getattr(cb, "on_interrupt", None)
+        if on_interrupt is not None:
+            on_interrupt(state, dict(info, history=list(history.records)))
 
 
 def _timed(record: dict[str, Any], start_step: int, t_last: float, t0: float) -> float:

@@ -1,0 +1,184 @@
+"""Stopping a run on SIGTERM / Ctrl-C (`jtricks.training.preemption`): the program in
+flight finishes, the state is saved as ``checkpoints/interrupted/``, the CLI exits with
+one line and 128 + the signal, and ``--resume`` continues exactly."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from jtricks.cli import main
+from jtricks.data.stream import BatchStream, EpochBatches
+from jtricks.nn import build_model
+from jtricks.training import Checkpointer, create_train_state, fit
+from jtricks.training.checkpoint import list_checkpoints, restore_latest
+from jtricks.training.preemption import StopSignals, exit_status
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 6)).astype(np.float32)
+    return x, rng.integers(0, 3, 120).astype(np.int32)
+
+
+def _state(x):
+    model = build_model("mlp(features=(8,), dropout=0.1)", 3)
+    return create_train_state(model, optax.adam(1e-2), x, jax.random.key(0))
+
+
+def _same(a, b):
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
+class StopAfterParts:
+    """A reporter that sets ``event`` once ``count`` parts of an epoch have finished."""
+
+    def __init__(self, event, count):
+        self.event, self.count, self.seen = event, count, 0
+
+    def start(self, **kw):
+        pass
+
+    def part_end(self, **kw):
+        self.seen += 1
+        if self.seen == self.count:
+            self.event.set()
+
+    def epoch_end(self, record, *, done):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_a_stop_between_parts_returns_the_state_reached_and_continuing_is_exact(data, tmp_path):
+    x, y = data
+    key = jax.random.key(4)
+    kw = dict(batch_size=10, data_key=key, chunk=4, log_every_steps=1)  # 12 steps: parts of 4
+    whole, hw = fit(_state(x), (x, y), epochs=3, **kw)
+    stop = threading.Event()
+    ckpt = Checkpointer(tmp_path / "ckpt", every=1)
+    half, h1 = fit(_state(x), (x, y), epochs=3, stop=stop, callbacks=[ckpt],
+                   reporter=StopAfterParts(stop, 4), **kw)  # fmt: skip
+    # parts finish 4, 8 (epoch 1: 12), 16, 20: the 4th report sets the flag, the part in
+    # flight (steps 21-24, the end of epoch 2) completes, and epoch 3 never starts
+    assert h1.interrupted == {"step": 24, "epoch": 3, "signal": "a stop request"}
+    assert [r["epoch"] for r in h1.records] == [1, 2] and int(half.step) == 24
+    saved = list_checkpoints(tmp_path / "ckpt" / "interrupted")
+    assert [p.name for p in saved] == ["epoch-000003"]
+    restored, meta = restore_latest(tmp_path / "ckpt", _state(x))
+    assert meta["interrupted"] is True and meta["step"] == 24 and len(meta["history"]) == 2
+    _same(restored.params, half.params)
+    rest, h2 = fit(restored, (x, y), epochs=1, **kw)
+    _same(rest.params, whole.params)
+    assert [r["step"] for r in h1.steps + h2.steps] == list(range(1, 37))
+    assert h1.steps + h2.steps == hw.steps
+
+
+def test_a_stop_mid_epoch_gives_no_record_for_the_partial_epoch(data):
+    x, y = data
+    stop = threading.Event()
+    kw = dict(batch_size=10, data_key=jax.random.key(4), chunk=4)
+    state, hist = fit(_state(x), (x, y), epochs=3, stop=stop,
+                      reporter=StopAfterParts(stop, 1), **kw)  # fmt: skip
+    # the first part's report comes once the second is dispatched: steps 1-8 run
+    assert hist.interrupted["step"] == 8 and hist.records == [] and int(state.step) == 8
+    assert hist.stopped == "interrupted by a stop request at step 8"
+    whole, _ = fit(_state(x), (x, y), epochs=3, **kw)
+    rest, _ = fit(state, (x, y), steps=28, **kw)
+    _same(rest.params, whole.params)
+
+
+def test_a_stream_stops_between_chunks_with_its_data_state(data):
+    x, y = data
+    key = jax.random.key(2)
+    whole, _ = fit(_state(x), BatchStream(EpochBatches((x, y), 10, key)), steps=20, chunk=3)
+    stop = threading.Event()
+    half, h = fit(_state(x), BatchStream(EpochBatches((x, y), 10, key)), steps=20, chunk=3,
+                  stop=stop, reporter=StopAfterParts(stop, 2))  # fmt: skip
+    info = h.interrupted
+    assert info["step"] == 9 and info["data_state"] == {"next_index": 9}
+    rest, _ = fit(half, BatchStream(EpochBatches((x, y), 10, key)), steps=11, chunk=3,
+                  data_state=info["data_state"])  # fmt: skip
+    _same(rest.params, whole.params)
+
+
+def test_stop_signals_turn_the_first_signal_into_a_flag_and_the_second_into_the_default():
+    with StopSignals() as stop:
+        assert not stop.is_set()
+        signal.raise_signal(signal.SIGINT)
+        assert stop.is_set() and stop.name == "SIGINT" and exit_status(stop) == 130
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with StopSignals() as term:
+        signal.raise_signal(signal.SIGTERM)
+        assert term.name == "SIGTERM" and exit_status(term) == 143
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+ARGS = ["--dataset", "synthetic(num_train=300, num_test=50, shape=(8,), num_classes=3)"]
+ARGS += ["--model", "mlp(features=(16,), dropout=0.2)", "--optimizer", "momentum", "--lr", "0.05"]
+ARGS += ["--schedule", "cosine", "--batch-size", "15", "--epochs", "6", "--chunk", "5"]
+ARGS += ["--checkpoint-every", "2", "--log-every-steps", "3", "--no-progress"]
+
+
+def _driven(mode: str, parts: int, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(HERE / "fault_driver.py"), mode, str(parts), "--", *ARGS,
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def _params(run: Path):
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(list_checkpoints(run / "checkpoints")[-1].absolute() / "state")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    assert main(["train", *ARGS, "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize(
+    ("mode", "status", "name"), [("term", 143, "SIGTERM"), ("int", 130, "SIGINT")]
+)
+def test_cli_signal_saves_exits_with_one_line_and_resume_is_bit_identical(
+    tmp_path, reference, mode, status, name
+):
+    out = tmp_path / "run"
+    proc = _driven(mode, 9, out)  # 18 steps an epoch in parts of 5, 5, 4, 4: mid-epoch 3
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == status, proc.stderr
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert lines[0].startswith(f"jtricks train: interrupted by {name} at step ")
+    assert f"jtricks train --resume {out}" in lines[0]
+    assert [p.name for p in list_checkpoints(out / "checkpoints" / "interrupted")] == [
+        "epoch-000003"
+    ]
+    assert not (out / "summary.json").exists()
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 0
+    _same(_params(out), _params(reference))
+    ref = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    got = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_loss"] for r in got] == [r["val_loss"] for r in ref]  # epoch 3's too
+    assert (out / "steps.jsonl").read_text() == (reference / "steps.jsonl").read_text()
+    assert list_checkpoints(out / "checkpoints" / "interrupted") == []  # superseded
