@@ -206,3 +206,51 @@ def test_optax_sgd_is_unchanged_by_the_mesh_option(tiny_data):
     )
     for p, q in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
         np.testing.assert_array_equal(p, q)
+
+
+SLURM = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_NTASKS": "4",
+         "SLURM_PROCID": "2", "SLURM_LOCALID": "0"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("environ", "found"),
+    [
+        (SLURM, ("SLURM", 4, 2)),
+        ({**SLURM, "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}, None),  # one task: no cluster
+        ({k: v for k, v in SLURM.items() if k != "SLURM_STEP_NODELIST"}, None),  # sbatch, no srun
+        ({**SLURM, "JTRICKS_AUTO_DISTRIBUTED": "0"}, None),
+        (
+            {
+                "OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:34911",
+                "OMPI_COMM_WORLD_SIZE": "2",
+                "OMPI_COMM_WORLD_RANK": "1",
+            },
+            ("Open MPI", 2, 1),
+        ),
+        ({"KUBERNETES_SERVICE_HOST": "10.0.0.1"}, None),  # a pod, not an indexed Job
+        ({}, None),
+    ],
+)
+def test_the_launchers_environment_is_read(environ, found):
+    from jtricks.training.distributed import detect_cluster
+
+    assert detect_cluster(environ) == found
+
+
+def test_cli_start_up_calls_initialize_without_arguments_under_slurm(monkeypatch, capsys):
+    import argparse
+
+    from jtricks.cli.train import start_processes
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(jax.config, "update", lambda *a: calls.append(a))
+    for name, value in SLURM.items():
+        monkeypatch.setenv(name, value)
+    start_processes(argparse.Namespace(coordinator=None, num_processes=None, process_id=None))
+    assert calls == [("jax_cpu_collectives_implementation", "gloo"), ((), {})]
+    assert "SLURM started this process (process 2 of 4)" in capsys.readouterr().err
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    calls.clear()
+    start_processes(argparse.Namespace(coordinator=None, num_processes=None, process_id=None))
+    assert calls == []

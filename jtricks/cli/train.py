@@ -137,9 +137,18 @@ def stop_signals():
 
 
 def start_processes(args: argparse.Namespace) -> None:
-    """``jax.distributed.initialize`` when the three multi-process flags are given."""
+    """``jax.distributed.initialize`` when the three multi-process flags are given, or
+    with no arguments when a launcher started several processes (SLURM, Open MPI, an
+    indexed Kubernetes Job: `initialize_from_cluster`)."""
     multi = (args.coordinator, args.num_processes, args.process_id)
     if all(v is None for v in multi):
+        from jtricks.training.distributed import initialize_from_cluster
+
+        found = initialize_from_cluster()
+        if found is not None:
+            name, size, rank = found
+            where = "" if size is None else f" (process {rank} of {size})"
+            print(f"jtricks: {name} started this process{where}: jax.distributed", file=sys.stderr)
         return
     if any(v is None for v in multi):
         raise ConfigError(

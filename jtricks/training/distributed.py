@@ -27,6 +27,7 @@ References:
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import jax
@@ -130,3 +131,57 @@ def initialize(coordinator: str, num_processes: int, process_id: int) -> None:
     jax.distributed.initialize(
         coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
     )
+
+
+CLUSTERS = {
+    "SLURM": (
+        "SLURM_JOB_ID",
+        "SLURM_STEP_NODELIST",
+        "SLURM_NTASKS",
+        "SLURM_PROCID",
+        "SLURM_LOCALID",
+    ),
+    "Open MPI": ("OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
+    "Kubernetes": ("KUBERNETES_SERVICE_HOST", "JOB_COMPLETION_INDEX"),
+}
+"""The launchers whose environment `jax.distributed.initialize` reads by itself, and the
+variables that show one started this process (the ones JAX's own detection reads)."""
+
+SIZES = {"SLURM": "SLURM_NTASKS", "Open MPI": "OMPI_COMM_WORLD_SIZE"}
+RANKS = {"SLURM": "SLURM_PROCID", "Open MPI": "OMPI_COMM_WORLD_RANK"}
+
+
+def detect_cluster(environ: Any = None) -> tuple[str, int | None, int | None] | None:
+    """``(launcher, processes, this process's rank)`` when a multi-process launcher
+    started this process (SLURM with ``SLURM_NTASKS > 1``, Open MPI's ``mpirun`` with
+    ``OMPI_COMM_WORLD_SIZE > 1``, an indexed Kubernetes Job with the ``kubernetes``
+    package installed, whose size JAX asks the Kubernetes API for: ``None``), else
+    ``None``. ``JTRICKS_AUTO_DISTRIBUTED=0`` turns
+    the detection off."""
+    import os
+
+    env = os.environ if environ is None else environ
+    if env.get("JTRICKS_AUTO_DISTRIBUTED", "1") == "0":
+        return None
+    for name, names in CLUSTERS.items():
+        if not all(v in env for v in names):
+            continue
+        if name not in SIZES:  # JAX asks the Kubernetes API, through its client package
+            if importlib.util.find_spec("kubernetes") is not None:
+                return name, None, None
+            continue
+        size, rank = int(env[SIZES[name]]), int(env[RANKS[name]])
+        if size > 1:
+            return name, size, rank
+    return None
+
+
+def initialize_from_cluster(environ: Any = None) -> tuple[str, int | None, int | None] | None:
+    """`jax.distributed.initialize()` with no arguments (JAX reads the coordinator, the
+    process count and this process's rank from the launcher) when `detect_cluster` finds
+    one; returns what it found. CPU collectives use gloo."""
+    found = detect_cluster(environ)
+    if found is not None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize()
+    return found
