@@ -254,3 +254,29 @@ def test_cli_start_up_calls_initialize_without_arguments_under_slurm(monkeypatch
     calls.clear()
     start_processes(argparse.Namespace(coordinator=None, num_processes=None, process_id=None))
     assert calls == []
+
+
+def test_fsdp_on_eight_simulated_devices_matches_one_device_and_shards_by_the_rule():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "fsdp_driver.py")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 8
+    for name, case in out["cases"].items():
+        # parameters, optimizer state and BatchNorm statistics lie where the rule says
+        assert case["follows_rule"] and case["sharded_leaves"] >= 2, name
+        tol = 1e-5 if name.startswith("adam") else 1e-6  # SGD: float reassociation only
+        assert case["max_abs_diff"] < tol and case["stats_diff"] < 1e-6, (name, case)
+        assert case["val_loss"][1] == pytest.approx(case["val_loss"][0], rel=1e-5)
+    assert out["stream_max_abs_diff"] < 1e-5
+    # memory: each device holds about 1/8 of the parameters and Adam's two moments
+    assert out["bytes_sharded"] <= (1 / 8) * 1.1 * out["bytes_replicated"], out
+    cli = out["cli"]  # the CLI's --mesh, and its checkpoint restored onto one device
+    assert cli["checkpoint"] == "epoch-000003" and cli["restored_diff"] == 0.0
+    assert cli["restored_devices"] == 1
+    assert cli["test_loss"][0] == pytest.approx(cli["test_loss"][1], rel=1e-4)

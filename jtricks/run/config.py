@@ -354,6 +354,14 @@ class TrainConfig:
         parse=int,
         metavar="K",
     )
+    mesh: str | None = setting(
+        None,
+        "devices as a mesh of named axes, e.g. data=4,fsdp=2 (sizes multiply to the device "
+        "count): batches split over both, parameters, optimizer state and BatchNorm "
+        "statistics sharded along fsdp (default: data-parallel over every device)",
+        optional(string),
+        metavar="AXES",
+    )
     log_every_steps: int | None = setting(
         None,
         "also record every N-th step (loss, lr, gradient, update and parameter norms, "

@@ -111,12 +111,18 @@ def record_logs(run_dir: Path, config: Any, locks: Any) -> list[Any]:
 
 
 def observing(config: TrainConfig, run_dir: Path | None) -> dict[str, Any]:
-    """`fit`'s arguments for seeing inside the run: the program length (``chunk``), the
-    step records and the profile (into ``run_dir/profile``)."""
+    """`fit`'s arguments for how the run is laid out and seen: the devices' ``mesh``, the
+    program length (``chunk``), the step records and the profile (into
+    ``run_dir/profile``)."""
     profile = None
     if config.profile is not None and run_dir is not None:
         profile = Profile(run_dir / "profile", *parse_steps(config.profile))
-    return dict(chunk=config.chunk, log_every_steps=config.log_every_steps, profile=profile)
+    return dict(
+        chunk=config.chunk,
+        log_every_steps=config.log_every_steps,
+        profile=profile,
+        mesh=config.mesh or "auto",
+    )
 
 
 def is_split_metric(name: str, value: Any) -> bool:

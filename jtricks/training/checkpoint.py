@@ -385,9 +385,7 @@ def restore(
     path = inside[-1] if inside else path  # a folder of checkpoints: its newest
     verify(path)
     meta = read_meta(path, required)
-    abstract = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), _arrays(target)
-    )
+    abstract = jax.tree.map(_placed_like, _arrays(target))
     ckptr = ocp.StandardCheckpointer()
     try:
         saved = ckptr.metadata(path / "state")
@@ -413,6 +411,17 @@ def restore(
         ema_params=arrays.get("ema_params"),
     )
     return state, meta
+
+
+def _placed_like(a: Any) -> jax.ShapeDtypeStruct:
+    """What to restore a leaf as: ``a``'s shape, dtype and devices (its sharding; a host
+    array: the first local device), whatever devices and mesh the checkpoint was saved
+    from, so a checkpoint of 8 devices restores onto 1 or 4 (orbax reshards)."""
+    sharding = getattr(a, "sharding", None)
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    dtype = a.dtype if hasattr(a, "dtype") else np.asarray(a).dtype
+    return jax.ShapeDtypeStruct(np.shape(a), dtype, sharding=sharding)
 
 
 def _check_match(saved: Any, abstract: Any, path: Path) -> None:

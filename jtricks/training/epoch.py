@@ -21,6 +21,7 @@ import optax
 
 from jtricks.data.batching import epoch_indices
 from jtricks.optim.fused import is_fused
+from jtricks.training.distributed import constrain_state, is_sharded_mesh
 from jtricks.training.fused_state import flat_train_state, tree_train_state
 from jtricks.training.gradients import Batch, num_examples
 from jtricks.training.state import TrainState
@@ -113,11 +114,12 @@ def make_epoch_fn(
         step_at = steps(data, data_key, epoch, offset, batch_size)
         acc = init_accumulator(step_metric_shapes(step_at, state), streak, private_of(log))
         state, acc = run_steps(step_at, state, acc, num_steps, max_streak, length, unroll, log)
+        state = keep_placement(state, sharding)
         rows = acc.pop("rows", None)
         metrics = epoch_metrics(state, acc, val, eval_step, eval_source)
         return state, metrics if rows is None else {**metrics, "step_rows": rows}
 
-    run_epoch.part = make_part_fn(steps, unroll, log)
+    run_epoch.part = make_part_fn(steps, unroll, log, sharding)
     return run_epoch
 
 
@@ -136,7 +138,7 @@ def array_steps(train_step, ensemble_step, sharding, data, data_key, epoch, offs
     return step_at
 
 
-def make_part_fn(steps, unroll: int = 1, log: StepLog | None = None):
+def make_part_fn(steps, unroll: int = 1, log: StepLog | None = None, sharding: Any = None):
     """``run_part(state, acc, data, data_key, epoch, offset, num_steps, max_streak, *,
     length, batch_size) -> (state, acc)``: ``num_steps`` steps of an in-memory epoch from
     batch ``offset``, added into ``acc`` (`init_accumulator`), in a loop of static
@@ -150,7 +152,8 @@ def make_part_fn(steps, unroll: int = 1, log: StepLog | None = None):
         state, acc, data, data_key, epoch, offset, num_steps, max_streak, *, length, batch_size
     ):
         step_at = steps(data, data_key, epoch, offset, batch_size)
-        return run_steps(step_at, state, acc, num_steps, max_streak, length, unroll, log)
+        state, acc = run_steps(step_at, state, acc, num_steps, max_streak, length, unroll, log)
+        return keep_placement(state, sharding), acc
 
     def init(state, data, batch_size, streak):
         key = (jax.tree.structure(state), batch_size, *_avals(state), *_avals(data))
@@ -179,12 +182,25 @@ def program_length(num_steps: int, steps_per_epoch: int) -> int:
 
 def dispatch_step(train_step, ensemble_step, sharding, state, batch, active=True):
     """One training step on ``batch``: data-parallel when ``sharding`` is given
-    (each device takes its slice), vmapped over members for stacked states (every member
-    takes the same batch); masked (the state kept) where ``active`` is false. Both steps
-    come from `masked_step`."""
+    (each device takes its slice; on a mesh with an ``fsdp`` axis the new state is kept
+    sharded, `jtricks.training.distributed.constrain_state`), vmapped over members for
+    stacked states (every member takes the same batch); masked (the state kept) where
+    ``active`` is false. Both steps come from `masked_step`."""
     if sharding is not None:
         batch = jax.lax.with_sharding_constraint(batch, sharding)
-    return (ensemble_step if is_ensemble(state) else train_step)(state, batch, active)
+    new, metrics = (ensemble_step if is_ensemble(state) else train_step)(state, batch, active)
+    if sharding is not None and is_sharded_mesh(sharding.mesh):  # the carry stays sharded
+        new = constrain_state(new, sharding.mesh)
+    return new, metrics
+
+
+def keep_placement(state: TrainState, sharding: Any) -> TrainState:
+    """A program's output state where `shard_spec` puts it on an ``fsdp`` mesh (inside the
+    loop XLA may keep a small array split like its neighbours; the program hands it back
+    as the rule says, so every program sees the same input shardings)."""
+    if sharding is not None and is_sharded_mesh(sharding.mesh):
+        return constrain_state(state, sharding.mesh)
+    return state
 
 
 def masked_step(train_step):

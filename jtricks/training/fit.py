@@ -9,15 +9,12 @@ import jax
 
 from jtricks.data.stream import is_stream
 from jtricks.errors import ConfigError, check_int
+from jtricks.optim.fused import is_fused
 from jtricks.tasks import Task, as_task
 from jtricks.training import compiled as programs
 from jtricks.training.compiled import StepOptions, compiled_steps
 from jtricks.training.data_checks import check_data
-from jtricks.training.distributed import (
-    data_mesh,
-    like_state,
-    replicate,
-)
+from jtricks.training.distributed import as_mesh, is_sharded_mesh, like_state, place_state
 from jtricks.training.history import Callback, History
 from jtricks.training.loop import first_member, record_value, run_loop
 from jtricks.training.profile import Profile
@@ -25,6 +22,7 @@ from jtricks.training.runs import array_run, prepare_validation, stream_run
 from jtricks.training.state import TrainState, check_eval_source, check_live, unalias
 from jtricks.training.steps import (
     LossFn,
+    is_ensemble,
     pad_batches,
 )
 from jtricks.training.streaming import (
@@ -134,7 +132,10 @@ def fit(
         parameters and optimizer state; see `make_train_step`).
       mesh: ``"auto"`` (default): data-parallel over every visible device when there is
         more than one (`jtricks.training.distributed`); a `jax.sharding.Mesh` with a
-        ``"data"`` axis; or ``None`` to stay on one device. With several processes
+        ``"data"`` and/or an ``"fsdp"`` axis, or its spec (``"data=4,fsdp=2"``,
+        `parse_mesh`): batches split over both, parameters, optimizer state and
+        BatchNorm statistics sharded along ``fsdp`` (`shard_spec`); or ``None`` to stay
+        on one device. With several processes
         (`jax.distributed`), ``train_data`` is this process's shard (or stream of its
         rows of every batch) and the batch is global.
       eval_params: which parameters validation uses (``"auto"``, ``"train"``, ``"ema"``; see
@@ -186,7 +187,15 @@ def fit(
     task = as_task(task, loss_fn)
     member = first_member(state)
     check_eval_source(eval_params, member)
-    mesh = data_mesh() if isinstance(mesh, str) and mesh == "auto" else mesh
+    mesh = as_mesh(mesh)
+    if is_sharded_mesh(mesh) and (is_fused(member.opt_state) or is_ensemble(state)):
+        raise ConfigError(
+            "a mesh with an fsdp axis shards each parameter array; "
+            + ("the fused optimizer keeps them in flat buffers" if is_fused(member.opt_state)
+               else "an ensemble's states are stacked")
+            + ": use a data-only mesh (or mesh=None)",
+            param="mesh",
+        )  # fmt: skip
     eval_batch_size = check_int("eval_batch_size", eval_batch_size, low=1)
     if (epochs is None) == (steps is None):
         raise ConfigError(
@@ -223,7 +232,7 @@ def fit(
         val_data = prepare_validation(val_data, run, member, task, eval_batch_size, mesh)
         state = unalias(state)  # each epoch donates the state: one buffer must not appear twice
         if mesh is not None:
-            state = replicate(state, mesh)
+            state = place_state(state, mesh)
         return run_loop(state, run, val_data, callbacks, reporter, max_nonfinite, keep_finite, stop)
     finally:
         run.close()

@@ -38,11 +38,12 @@ from jax.sharding import PartitionSpec as P
 from jtricks.data.stream import data_state, restore_iterator
 from jtricks.errors import StreamError
 from jtricks.training import epoch as epoch_lib
-from jtricks.training.distributed import AXIS
+from jtricks.training.distributed import batch_axes
 from jtricks.training.epoch import (
     StepLog,
     dispatch_step,
     finish_fn,
+    keep_placement,
     masked_step,
     private_of,
     run_steps,
@@ -249,14 +250,15 @@ def make_chunk_fn(train_step, sharding: Any = None, unroll: int = 1, log: StepLo
             return dispatch_step(train_step, ensemble_step, sharding, state, batch, active)
 
         length = jax.tree.leaves(chunk)[0].shape[0]
-        return run_steps(step_at, state, acc, num_steps, max_streak, length, unroll, log)
+        state, acc = run_steps(step_at, state, acc, num_steps, max_streak, length, unroll, log)
+        return keep_placement(state, sharding), acc
 
     return run_chunk
 
 
 def chunk_sharding(mesh: Any) -> NamedSharding | None:
-    """Chunks ``(K, B, ...)`` sharded over their batch axis (the data axis)."""
-    return None if mesh is None else NamedSharding(mesh, P(None, AXIS))
+    """Chunks ``(K, B, ...)`` sharded over their batch axis (the data and fsdp axes)."""
+    return None if mesh is None else NamedSharding(mesh, P(None, batch_axes(mesh)))
 
 
 class StreamEpochs:
