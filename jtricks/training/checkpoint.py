@@ -41,9 +41,7 @@ from jtricks.trees import leaf_path
 
 PREFIX = "epoch-"
 TMP = ".tmp-"
-INTERRUPTED = "interrupted"
-"""The sub-folder of a run's checkpoints that holds the state a stopped run reached
-(`jtricks.training.Checkpointer.on_interrupt`), maybe mid-epoch."""
+INTERRUPTED = "interrupted"  # the state a stopped run reached (`Checkpointer.on_interrupt`)
 BOOKKEEPING = {"manifest.json", "_CHECKPOINT_METADATA", "commit_success.txt"}
 
 

@@ -187,15 +187,7 @@ def fit(
     task = as_task(task, loss_fn)
     member = first_member(state)
     check_eval_source(eval_params, member)
-    mesh = as_mesh(mesh)
-    if is_sharded_mesh(mesh) and (is_fused(member.opt_state) or is_ensemble(state)):
-        raise ConfigError(
-            "a mesh with an fsdp axis shards each parameter array; "
-            + ("the fused optimizer keeps them in flat buffers" if is_fused(member.opt_state)
-               else "an ensemble's states are stacked")
-            + ": use a data-only mesh (or mesh=None)",
-            param="mesh",
-        )  # fmt: skip
+    mesh = _mesh(mesh, state)
     eval_batch_size = check_int("eval_batch_size", eval_batch_size, low=1)
     if (epochs is None) == (steps is None):
         raise ConfigError(
@@ -238,6 +230,25 @@ def fit(
         run.close()
         if profile is not None:
             profile.close()
+
+
+def _mesh(mesh: Any, state: TrainState) -> Any:
+    """`fit`'s ``mesh`` as a mesh; an ``fsdp`` mesh refuses the fused optimizer (flat
+    buffers) and ensembles (stacked states)."""
+    mesh = as_mesh(mesh)
+    fused = is_fused(first_member(state).opt_state)
+    if is_sharded_mesh(mesh) and (fused or is_ensemble(state)):
+        what = (
+            "the fused optimizer keeps them in flat buffers"
+            if fused
+            else "an ensemble's states are stacked"
+        )
+        raise ConfigError(
+            f"a mesh with an fsdp axis shards each parameter array; {what}: use a data-only "
+            "mesh (or mesh=None)",
+            param="mesh",
+        )
+    return mesh
 
 
 def evaluate(

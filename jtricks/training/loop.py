@@ -38,10 +38,7 @@ def run_loop(
     t0 = time.perf_counter()
     if reporter is not None:
         reporter.start(total_steps=total_steps, done=0)
-    # Callbacks that only observe (``needs_state = False``) let the next epoch be dispatched
-    # before this epoch's metrics are read, so the device never waits for Python.
-    # An epoch run in parts already overlaps each part with the host's work on the last.
-    pipelined = not run.parts and all(getattr(cb, "needs_state", True) is False for cb in callbacks)
+    pipelined = _pipelined(run, callbacks)
     # the last state known to evaluate finite, kept on device; divergence ends with it
     keeper = _FiniteKeeper(enabled=keep_finite, always_copy=pipelined)
 
@@ -53,9 +50,6 @@ def run_loop(
         on_part = part_listener(history, callbacks, reporter, epoch, step, done)
         state, metrics = run.epoch(state, epoch, offset, num_steps, streak, val, on_part)
         return state, Dispatched(metrics, epoch, step, num_steps, done, keeper.take_start())
-
-    def finished(state) -> bool:
-        return int(first_member(state).step) >= start_step + total_steps
 
     cut: dict[str, Any] = {}
     try:
@@ -81,10 +75,7 @@ def run_loop(
                 reporter.epoch_end(record, done=done)
             if "train_nonfinite" in record and streak >= max_nonfinite:
                 state = _diverged(history, record, keeper, state, streak, record["step"])
-                if upcoming is not None:  # the epoch already in flight is discarded
-                    jax.block_until_ready(upcoming.metrics)
-                for cb in callbacks:  # logs see the stopping epoch; the state is the kept one
-                    cb.on_epoch_end(record, None if pipelined else state)
+                _end_diverged(record, state, upcoming, callbacks, pipelined)
                 break
             keeper.epoch_end(record, upcoming.start if upcoming is not None else None)
             state, stop = _run_callbacks(callbacks, record, state, history, pipelined)
@@ -99,7 +90,8 @@ def run_loop(
                 state, pending = dispatch(state, done, np.int32(streak))
             else:
                 pending = None
-        if stop_requested(interrupt) and history.stopped is None and not finished(state):
+        complete = int(first_member(state).step) >= start_step + total_steps
+        if stop_requested(interrupt) and history.stopped is None and not complete:
             _interrupt(history, callbacks, state, cut, interrupt, steps_per_epoch)
         else:
             state = _train_end(callbacks, state, pipelined)
@@ -110,6 +102,22 @@ def run_loop(
         if reporter is not None:
             reporter.close()
     return state, history
+
+
+def _pipelined(run: Run, callbacks: Any) -> bool:
+    """Whether the next epoch is dispatched before this one's metrics are read: when every
+    callback only observes (``needs_state = False``), so the device never waits for
+    Python. An epoch run in parts already overlaps each part with the host's work."""
+    return not run.parts and all(getattr(cb, "needs_state", True) is False for cb in callbacks)
+
+
+def _end_diverged(record, state, upcoming, callbacks, pipelined: bool) -> None:
+    """A diverged run's last epoch: the epoch already in flight is discarded, and the
+    callbacks see the stopping record with the kept state."""
+    if upcoming is not None:
+        jax.block_until_ready(upcoming.metrics)
+    for cb in callbacks:
+        cb.on_epoch_end(record, None if pipelined else state)
 
 
 def _interrupt(history, callbacks, state, cut, stop, steps_per_epoch: int) -> None:
