@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -280,3 +282,81 @@ def test_fsdp_on_eight_simulated_devices_matches_one_device_and_shards_by_the_ru
     assert cli["checkpoint"] == "epoch-000003" and cli["restored_diff"] == 0.0
     assert cli["restored_devices"] == 1
     assert cli["test_loss"][0] == pytest.approx(cli["test_loss"][1], rel=1e-4)
+
+
+MP_ARGS = [
+    "--dataset",
+    "synthetic(num_train=200, num_test=40, shape=(16,), num_classes=4, noise=2.0)",
+]
+MP_ARGS += ["--model", "mlp(features=(16,), dropout=0.2)", "--epochs", "6", "--batch-size", "20"]
+MP_ARGS += ["--checkpoint-every", "2", "--no-progress"]
+
+
+def _two_processes(tmp_path, out, *, fault=None, resume=False):
+    """Both processes of a localhost run (``fault``: fault_driver's MODE and EPOCH);
+    ``(returncode, stdout, stderr)`` of each."""
+    port = _free_port()
+    args = ["--resume", str(out)] if resume else [*MP_ARGS, "--out", str(out)]
+    if fault:
+        head = [str(ROOT / "tests" / "fault_driver.py"), *fault, "--"]
+    else:
+        head = ["-m", "jtricks.cli", "train"]
+    multi = ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id"]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *head, *args, *multi, str(i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+            cwd=tmp_path,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    return [(p.returncode, *o) for p, o in zip(procs, outputs, strict=True)]
+
+
+def test_two_processes_checkpoint_and_resume_bit_identically(tmp_path):
+    import jtricks
+    from jtricks.training.checkpoint import list_checkpoints, restore
+
+    ref = tmp_path / "ref"
+    for code, _, stderr in _two_processes(tmp_path, ref):
+        assert code == 0, stderr[-3000:]
+    out = tmp_path / "run"
+    for code, _, stderr in _two_processes(tmp_path, out, fault=("epoch", "5")):
+        assert code == -signal.SIGKILL, stderr[-3000:]
+    assert not (out / "summary.json").exists()
+    assert [p.name for p in list_checkpoints(out / "checkpoints")][-1] == "epoch-000004"
+    alone = tmp_path / "alone"  # the same folder resumed by one process: resharded, said so
+    shutil.copytree(out, alone)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jtricks.cli", "train", "--resume", str(alone), "--no-progress"],
+        capture_output=True, text=True, timeout=300, env=_env(),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "was saved from 2 device(s) in 2 process(es); restored onto 1" in proc.stderr
+    for code, _, stderr in _two_processes(tmp_path, out, resume=True):
+        assert code == 0, stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    # both checkpoints restore in one process (this one, one device), bit-identical
+    template = jtricks.train(**{**_settings(MP_ARGS), "epochs": 1}).state
+    a, meta_a = restore(ref / "checkpoints", template)
+    b, meta_b = restore(out / "checkpoints", template)
+    assert meta_a["epoch"] == meta_b["epoch"] == 6 and int(a.step) == int(b.step) == meta_a["step"]
+    left, right = jax.tree.leaves((a.params, a.opt_state)), jax.tree.leaves((b.params, b.opt_state))
+    for x, y in zip(left, right, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _settings(args):
+    """``TrainConfig`` keywords from CLI arguments of the form ``--name value``."""
+    out, it = {}, iter(args)
+    for flag in it:
+        if flag == "--no-progress":
+            continue
+        value = next(it)
+        out[flag[2:].replace("-", "_")] = int(value) if value.isdigit() else value
+    return out

@@ -13,12 +13,14 @@ import contextlib
 import dataclasses
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import jax
+from jax.experimental.multihost_utils import sync_global_devices
 
 from jtricks.errors import ConfigError, Interrupted, StreamError
 from jtricks.run.build import Build, build
@@ -124,7 +126,7 @@ def resolve_config(
             raise ConfigError(
                 "resume takes the run's own config.json; give no other settings", param="resume"
             )
-        if Path(resume).is_dir():
+        if Path(resume).is_dir() and jax.process_index() == 0:  # one writer: process 0
             locks.enter_context(locked(resume, param="resume"))
         config, out = load_run_config(resume), Path(resume)
     check_keys(overrides)
@@ -136,20 +138,20 @@ def resolve_config(
 def share_processes(config: TrainConfig, data: RunData, out: Any, resume: Any) -> Any:
     """With several processes (`jax.distributed`), keep this process's shard of the
     training split (statistics and splits came from the whole split, identical in every
-    process); only process 0 writes the run folder. Returns the folder this process writes."""
+    process). Every process writes its part of the checkpoints; only process 0 writes the
+    run folder's other files (`start`). Returns the run folder."""
     nproc, pid = jax.process_count(), jax.process_index()
     if nproc == 1:
         return out
-    if config.ensemble > 1 or resume is not None or data.streamed(config):
+    if config.ensemble > 1 or data.streamed(config):
         raise ConfigError(
-            "multi-process runs support neither ensembles, resume nor streaming",
-            param="num_processes",
+            "multi-process runs support neither ensembles nor streaming", param="num_processes"
         )
     n_each = len(data.train[1]) // nproc
     n_each -= n_each % len(jax.local_devices())  # equal shards, even over local devices
     data.train = tuple(a[pid::nproc][:n_each] for a in data.train)
     data.n_train = n_each * nproc
-    return out if pid == 0 else None
+    return out
 
 
 @dataclass
@@ -190,6 +192,8 @@ def start(
         return state, Run(None, [], None, b.callbacks)
     if config.tensorboard:
         writer_class()  # installed? (before the folder exists)
+    if jax.process_index() > 0:  # another process of a multi-process run
+        return other_process(config, b, state, Path(out), resume)
     run_dir = Path(out) if resume is not None else create_run_dir(out, locks)
     records: list[dict[str, Any]] = []
     steps: list[dict[str, Any]] = []
@@ -211,17 +215,40 @@ def start(
             },
         )
     logs = record_logs(run_dir, config, locks)
-    if jax.process_count() > 1:  # orbax saves would need every process; not wired yet
-        return state, Run(run_dir, records, None, [*logs, *b.callbacks], steps, data_state)
+    if jax.process_count() > 1:  # the folder is there: the other processes go on
+        sync_global_devices("jtricks: run folder ready")
+    ckpt = checkpointer(run_dir, config, b, records)
+    return state, Run(run_dir, records, ckpt, [*logs, *b.callbacks, ckpt], steps, data_state)
+
+
+def checkpointer(run_dir: Path, config: TrainConfig, b: Build, records: list) -> Checkpointer:
+    """The run's `Checkpointer` (every process of a multi-process run has one: orbax
+    writes each array's shards once, from the process that holds them)."""
+    settings = config.to_dict()
     ckpt = Checkpointer(
         run_dir / "checkpoints",
         every=config.checkpoint_every,
         keep=config.keep_checkpoints,
         meta_fn=lambda record, state: {"callbacks": b.callback_states(), "config": settings},
+        background=jax.process_count() == 1,  # several processes: every save in step
     )
     ckpt.records = list(records)
     ckpt.best = min((r["val_loss"] for r in records), default=None)
-    return state, Run(run_dir, records, ckpt, [*logs, *b.callbacks, ckpt], steps, data_state)
+    return ckpt
+
+
+def other_process(
+    config: TrainConfig, b: Build, state: TrainState, run_dir: Path, resume: Any
+) -> tuple[TrainState, Run]:
+    """A process other than 0 of a multi-process run: it waits until process 0 has the
+    run folder ready, restores the same checkpoint when resuming, and writes only its part
+    of the checkpoints (no metrics, curves or summary: `Run.dir` is ``None``)."""
+    records, data_state = [], None
+    if resume is not None:
+        state, records, data_state = restore_run(run_dir / "checkpoints", state, b)
+    sync_global_devices("jtricks: run folder ready")
+    ckpt = checkpointer(run_dir, config, b, records)
+    return state, Run(None, records, ckpt, [*b.callbacks, ckpt], [], data_state)
 
 
 def restore_run(ckpt_dir: Path, state: TrainState, b: Build) -> tuple[TrainState, list, Any]:
@@ -234,6 +261,14 @@ def restore_run(ckpt_dir: Path, state: TrainState, b: Build) -> tuple[TrainState
     if restored is None:
         return state, [], None
     state, meta = restored
+    devices = meta.get("devices")
+    if isinstance(devices, int) and devices != jax.device_count():
+        print(
+            f"jtricks: the checkpoint at step {meta['step']} was saved from {devices} device(s) "
+            f"in {meta.get('processes', 1)} process(es); restored onto {jax.device_count()} "
+            "(its arrays resharded)",
+            file=sys.stderr,
+        )
     saved = meta.get("callbacks", {})
     if b.plateau is not None and "plateau" in saved:
         b.plateau.load_state_dict(saved["plateau"])

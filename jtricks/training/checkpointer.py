@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -170,6 +171,8 @@ class Checkpointer:
             "step": record["step"],
             "history": list(self.records),
             "best": self.best,
+            "devices": jax.device_count(),
+            "processes": jax.process_count(),
         }
         if self.meta_fn is not None:
             meta.update(self.meta_fn(record, state))
