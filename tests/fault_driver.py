@@ -86,7 +86,10 @@ def main() -> None:
 
         stream.read_rows = read
     elif mode in ("term", "int"):
-        _signal_after_parts(epoch, signal.SIGTERM if mode == "term" else signal.SIGINT)
+        if "--process-id" in args and args[args.index("--process-id") + 1] != "1":
+            pass  # several processes: only process 1 gets the signal, the others agree
+        else:
+            _signal_after_parts(epoch, signal.SIGTERM if mode == "term" else signal.SIGINT)
     from jtricks.cli import main as cli_main
 
     sys.exit(cli_main(["train", *args]))

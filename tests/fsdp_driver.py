@@ -15,7 +15,7 @@ from jtricks.data.stream import BatchStream, EpochBatches
 from jtricks.nn import build_model
 from jtricks.training import create_train_state, fit
 from jtricks.training.checkpoint import list_checkpoints, restore
-from jtricks.training.distributed import parse_mesh, shard_spec
+from jtricks.training.distributed import parse_mesh, place_state, shard_spec
 
 rng = np.random.default_rng(0)
 X = rng.normal(size=(160, 64)).astype(np.float32)
@@ -110,10 +110,19 @@ def cli() -> dict:
         target = target.replace(params=jax.tree.map(jax.numpy.zeros_like, target.params))
         last = list_checkpoints(f"{tmp}/run/checkpoints")[-1]
         restored, _ = restore(last, target)
+        four = place_state(target, parse_mesh("fsdp=4", jax.devices()[:4]))
+        on_four, _ = restore(last, four)  # saved from 8 devices, restored sharded onto 4
         return {
             "checkpoint": last.name,
             "restored_diff": max_diff(restored.params, result.state.params),
             "restored_devices": len(jax.tree.leaves(restored.params)[0].sharding.device_set),
+            "four_diff": max_diff(on_four.params, result.state.params),
+            "four_devices": sorted(
+                {len(a.sharding.device_set) for a in jax.tree.leaves(on_four.params)}
+            ),
+            "four_follows_rule": follows_rule(
+                on_four.params, parse_mesh("fsdp=4", jax.devices()[:4])
+            ),
             "test_loss": [result.test["loss"], plain.test["loss"]],
         }
 

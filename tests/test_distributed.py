@@ -281,6 +281,7 @@ def test_fsdp_on_eight_simulated_devices_matches_one_device_and_shards_by_the_ru
     cli = out["cli"]  # the CLI's --mesh, and its checkpoint restored onto one device
     assert cli["checkpoint"] == "epoch-000003" and cli["restored_diff"] == 0.0
     assert cli["restored_devices"] == 1
+    assert cli["four_diff"] == 0.0 and cli["four_devices"] == [4] and cli["four_follows_rule"]
     assert cli["test_loss"][0] == pytest.approx(cli["test_loss"][1], rel=1e-4)
 
 
@@ -292,11 +293,11 @@ MP_ARGS += ["--model", "mlp(features=(16,), dropout=0.2)", "--epochs", "6", "--b
 MP_ARGS += ["--checkpoint-every", "2", "--no-progress"]
 
 
-def _two_processes(tmp_path, out, *, fault=None, resume=False):
+def _two_processes(tmp_path, out, *, fault=None, resume=False, extra=()):
     """Both processes of a localhost run (``fault``: fault_driver's MODE and EPOCH);
     ``(returncode, stdout, stderr)`` of each."""
     port = _free_port()
-    args = ["--resume", str(out)] if resume else [*MP_ARGS, "--out", str(out)]
+    args = ["--resume", str(out)] if resume else [*MP_ARGS, *extra, "--out", str(out)]
     if fault:
         head = [str(ROOT / "tests" / "fault_driver.py"), *fault, "--"]
     else:
@@ -349,6 +350,35 @@ def test_two_processes_checkpoint_and_resume_bit_identically(tmp_path):
     left, right = jax.tree.leaves((a.params, a.opt_state)), jax.tree.leaves((b.params, b.opt_state))
     for x, y in zip(left, right, strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_two_processes_stop_together_on_sigterm_and_resume_bit_identically(tmp_path):
+    from jtricks.training.checkpoint import list_checkpoints
+
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    for code, _, stderr in _two_processes(tmp_path, ref, extra=("--chunk", "4")):
+        assert code == 0, stderr[-3000:]
+    # 9 steps an epoch in parts of 3; process 1 alone gets SIGTERM after its 5th part
+    results = _two_processes(tmp_path, out, fault=("term", "5"), extra=("--chunk", "4"))
+    assert [r[0] for r in results] == [143, 143], [r[2][-2000:] for r in results]
+    assert all("interrupted by" in r[2] for r in results)
+    assert [p.name for p in list_checkpoints(out / "checkpoints" / "interrupted")] == [
+        "epoch-000002"
+    ]
+    for code, _, stderr in _two_processes(tmp_path, out, resume=True):
+        assert code == 0, stderr[-3000:]
+    for a, b in zip(_final_arrays(ref), _final_arrays(out), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _final_arrays(run):
+    import jtricks
+    from jtricks.training.checkpoint import restore
+
+    template = jtricks.train(**{**_settings(MP_ARGS), "epochs": 1}).state
+    state, meta = restore(run / "checkpoints", template)
+    assert meta["epoch"] == 6
+    return [np.asarray(a) for a in jax.tree.leaves((state.params, state.opt_state, state.step))]
 
 
 def _settings(args):

@@ -125,15 +125,10 @@ def run(args: argparse.Namespace, flags: dict[str, str]) -> int:
 
 def stop_signals():
     """SIGTERM and Ctrl-C as a flag the run polls (`StopSignals`): the run saves where it
-    is and stops. Several processes would have to agree on where to stop, so there the
-    signals keep Python's behaviour."""
-    import contextlib
-
-    import jax
-
+    is and stops (several processes agree on where: `AgreedStop`)."""
     from jtricks.training.preemption import StopSignals
 
-    return StopSignals() if jax.process_count() == 1 else contextlib.nullcontext()
+    return StopSignals()
 
 
 def start_processes(args: argparse.Namespace) -> None:

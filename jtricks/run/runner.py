@@ -49,7 +49,7 @@ from jtricks.training.checkpoint import (
 )
 from jtricks.training.checkpointer import Checkpointer
 from jtricks.training.data_checks import check_data
-from jtricks.training.preemption import exit_status
+from jtricks.training.preemption import status_of
 from jtricks.training.tensorboard import writer_class
 from jtricks.training.transfer import load_pretrained
 
@@ -318,7 +318,7 @@ def fit_run(
         stop=stop,
     )
     if new.interrupted is not None:
-        raise Interrupted(interrupted_line(new, run), exit_status(stop))
+        raise Interrupted(interrupted_line(new, run), status_of(new.interrupted["signal"]))
     history.records.extend(new.records)
     history.steps.extend(new.steps)
     history.stopped, history.diverged, history.kept_step = new.stopped, new.diverged, new.kept_step
@@ -329,9 +329,10 @@ def interrupted_line(history: History, run: Run) -> str:
     """What a stopped run says: the signal, the step, where it was saved, how to go on."""
     if run.checkpointer is None:
         return f"{history.stopped}; nothing saved (no run folder or no checkpoints)"
+    folder = run.checkpointer.directory.parent  # also for the processes that do not write it
     return (
-        f"{history.stopped}; saved in {run.dir}/checkpoints/interrupted; continue with: "
-        f"jtricks train --resume {run.dir}"
+        f"{history.stopped}; saved in {folder}/checkpoints/interrupted; continue with: "
+        f"jtricks train --resume {folder}"
     )
 
 

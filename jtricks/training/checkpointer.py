@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental.multihost_utils import sync_global_devices
 
 from jtricks.errors import ConfigError, WriteError
 from jtricks.training.checkpoint import (
@@ -225,8 +226,11 @@ class Checkpointer:
         if info.get("data_state") is not None:
             meta["data_state"] = info["data_state"]
         folder = self.directory / INTERRUPTED
-        for old in list_checkpoints(folder):
-            shutil.rmtree(old, ignore_errors=True)
+        if jax.process_index() == 0:  # one process clears the folder, then all write
+            for old in list_checkpoints(folder):
+                shutil.rmtree(old, ignore_errors=True)
+        if jax.process_count() > 1:
+            sync_global_devices("jtricks: interrupted checkpoint")
         save(folder, EpochNames().build_name(info["epoch"]), state, meta)
         self.close()
 

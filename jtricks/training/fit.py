@@ -17,6 +17,7 @@ from jtricks.training.data_checks import check_data
 from jtricks.training.distributed import as_mesh, is_sharded_mesh, like_state, place_state
 from jtricks.training.history import Callback, History
 from jtricks.training.loop import first_member, record_value, run_loop
+from jtricks.training.preemption import AgreedStop
 from jtricks.training.profile import Profile
 from jtricks.training.runs import array_run, prepare_validation, stream_run
 from jtricks.training.state import TrainState, check_eval_source, check_live, unalias
@@ -173,7 +174,9 @@ def fit(
         `Checkpointer` writes the state), ``on_train_end`` does not, and `fit` returns
         the state reached with ``history.interrupted`` (its ``step``); a partial epoch
         gets no record. Continuing from that state (``data_state=`` its ``data_state``
-        for a stream) trains exactly as if never stopped.
+        for a stream) trains exactly as if never stopped. With several processes the
+        flag is agreed on (`jtricks.training.preemption.AgreedStop`: one small
+        all-gather between programs), so all stop after the same program.
 
     Returns:
       ``(final_state, history)``.
@@ -188,6 +191,8 @@ def fit(
     member = first_member(state)
     check_eval_source(eval_params, member)
     mesh = _mesh(mesh, state)
+    if stop is not None and jax.process_count() > 1:  # every process stops at one point
+        stop = AgreedStop(stop)
     eval_batch_size = check_int("eval_batch_size", eval_batch_size, low=1)
     if (epochs is None) == (steps is None):
         raise ConfigError(

@@ -23,6 +23,8 @@ import threading
 from types import FrameType
 from typing import Any
 
+import numpy as np
+
 
 class StopSignals:
     """A context that turns ``signals`` (default SIGTERM and SIGINT) into a flag.
@@ -86,6 +88,33 @@ def stop_requested(stop: Any) -> bool:
     return bool(is_set() if is_set is not None else stop())
 
 
+class AgreedStop:
+    """``stop`` as every process of a multi-process run sees it: set once any process's
+    flag is set, decided by one small all-gather per question (`fit` asks between
+    programs, every process at the same point, since they run in lockstep), so all
+    processes stop after the same program and save the same step together."""
+
+    def __init__(self, stop: Any) -> None:
+        self.stop, self.agreed = stop, False
+        self.signal: int | None = None
+
+    @property
+    def name(self) -> str | None:
+        return None if self.signal is None else signal.Signals(self.signal).name
+
+    def is_set(self) -> bool:
+        """Whether any process's flag is set (its signal: the first process's that has
+        one; -1 stands for a flag set without a signal)."""
+        if not self.agreed:
+            from jax.experimental import multihost_utils
+
+            mine = getattr(self.stop, "signal", None) or -1 if stop_requested(self.stop) else 0
+            flags = np.ravel(multihost_utils.process_allgather(np.int32(mine)))
+            self.agreed = bool(np.any(flags))
+            self.signal = next((int(f) for f in flags if f > 0), None)
+        return self.agreed
+
+
 def exit_status(stop: Any) -> int:
     """The shell's status for a run stopped by ``stop``'s signal: ``128 + signum``
     (143 for SIGTERM, 130 for SIGINT); 130 when no signal is known."""
@@ -93,4 +122,11 @@ def exit_status(stop: Any) -> int:
     return 128 + (signum if signum is not None else signal.SIGINT)
 
 
-__all__ = ["StopSignals", "exit_status", "stop_requested"]
+def status_of(name: str | None) -> int:
+    """The shell's status for a run stopped by the signal named ``name`` (a
+    ``history.interrupted["signal"]``): ``128 + signum``; 130 for anything else."""
+    members = signal.Signals.__members__
+    return 128 + int(members[name]) if name in members else 128 + int(signal.SIGINT)
+
+
+__all__ = ["AgreedStop", "StopSignals", "exit_status", "status_of", "stop_requested"]
