@@ -214,13 +214,7 @@ def fit(
             stop=stop, **common,
         )  # fmt: skip
     else:
-        for name, value in (("data_state", data_state), ("steps_per_epoch", steps_per_epoch)):
-            if value is not None:  # the position of in-memory data is the step count
-                raise ConfigError(
-                    f"{name}={value!r} is for a stream of batches; in-memory training data "
-                    "continues from the state's own step count (give the state fit returned)",
-                    param=name,
-                )
+        _stream_only(data_state=data_state, steps_per_epoch=steps_per_epoch)
         run = array_run(
             train_data, options, data_key=data_key, max_nonfinite=max_nonfinite, chunk=chunk,
             profile=profile, stop=stop, **common,
@@ -235,6 +229,17 @@ def fit(
         run.close()
         if profile is not None:
             profile.close()
+
+
+def _stream_only(**settings: Any) -> None:
+    """Refuse a stream's settings for in-memory data, whose position is the step count."""
+    for name, value in settings.items():
+        if value is not None:
+            raise ConfigError(
+                f"{name}={value!r} is for a stream of batches; in-memory training data "
+                "continues from the state's own step count (give the state fit returned)",
+                param=name,
+            )
 
 
 def _mesh(mesh: Any, state: TrainState) -> Any:
