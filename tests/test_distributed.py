@@ -176,6 +176,8 @@ def test_bf16_trains_with_float32_master_parameters(tiny_data, adam):
             "--process-id",
         ),
         (["--batch-size", "150", "--accumulate", "2"], "--batch-size"),
+        (["--mesh", "data=3"], "argument --mesh: mesh 'data=3': the axis sizes must multiply"),
+        (["--mesh", "tensor=1"], "argument --mesh: mesh must be AXIS=SIZE"),
     ],
 )
 def test_cli_bad_parallel_inputs_exit_2(tmp_path, capsys, extra, needle):

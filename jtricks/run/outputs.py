@@ -117,12 +117,8 @@ def observing(config: TrainConfig, run_dir: Path | None) -> dict[str, Any]:
     profile = None
     if config.profile is not None and run_dir is not None:
         profile = Profile(run_dir / "profile", *parse_steps(config.profile))
-    return dict(
-        chunk=config.chunk,
-        log_every_steps=config.log_every_steps,
-        profile=profile,
-        mesh=config.mesh or "auto",
-    )
+    mesh = {} if config.mesh is None else {"mesh": config.mesh}  # else fit's own default
+    return dict(chunk=config.chunk, log_every_steps=config.log_every_steps, profile=profile, **mesh)
 
 
 def is_split_metric(name: str, value: Any) -> bool:

@@ -49,6 +49,7 @@ from jtricks.training.checkpoint import (
 )
 from jtricks.training.checkpointer import Checkpointer
 from jtricks.training.data_checks import check_data
+from jtricks.training.distributed import is_sharded_mesh, parse_mesh
 from jtricks.training.preemption import status_of
 from jtricks.training.tensorboard import writer_class
 from jtricks.training.transfer import load_pretrained
@@ -100,6 +101,7 @@ def train(
         refuse_on_disk(config, data)
         out = share_processes(config, data, out, resume)
         b = build(config, data, resume, reporter, progress)
+        check_mesh(config)  # before any folder exists
         if config.ensemble > 1:
             return train_ensemble(config, data, b, out, t0, locks)
         state, run = start(config, data, b, out, resume, locks)
@@ -133,6 +135,28 @@ def resolve_config(
     config = dataclasses.replace(config or TrainConfig(), **overrides)
     config.validate()
     return config, out
+
+
+def check_mesh(config: TrainConfig) -> None:
+    """``--mesh`` against this machine's devices, and its refusals (an ``fsdp`` axis with
+    ``--fused`` or ``--ensemble``), as `fit` would raise them later.
+
+    Raises:
+      ConfigError (``param="mesh"``).
+    """
+    if config.mesh is None:
+        return
+    mesh = parse_mesh(config.mesh)
+    if is_sharded_mesh(mesh) and (config.fused or config.ensemble > 1):
+        what = (
+            "--fused keeps them in flat buffers"
+            if config.fused
+            else "an ensemble's states are stacked"
+        )
+        raise ConfigError(
+            f"--mesh {config.mesh} shards each parameter array; {what}: use a data-only mesh",
+            param="mesh",
+        )
 
 
 def share_processes(config: TrainConfig, data: RunData, out: Any, resume: Any) -> Any:
