@@ -112,20 +112,20 @@ def run(args: argparse.Namespace, flags: dict[str, str]) -> int:
                 f"{', '.join(extra)}",
                 param="resume",
             )
-        with stop_signals() as stop:
-            result = jtricks.run.train(resume=args.resume, reporter=reporter, stop=stop)
+        result = jtricks.run.train(resume=args.resume, reporter=reporter, stop=stop_signals())
     else:
         config = recipe(args.recipe, **given) if args.recipe else TrainConfig(**given)
         out = args.out if args.out is not None else default_out("train")
-        with stop_signals() as stop:
-            result = jtricks.run.train(config, out=out, reporter=reporter, stop=stop)
+        result = jtricks.run.train(config, out=out, reporter=reporter, stop=stop_signals())
     report(result)
     return 1 if result.history.diverged else 0
 
 
 def stop_signals():
-    """SIGTERM and Ctrl-C as a flag the run polls (`StopSignals`): the run saves where it
-    is and stops (several processes agree on where: `AgreedStop`)."""
+    """SIGTERM and Ctrl-C as a flag the run polls while it trains (`StopSignals`, entered
+    by `jtricks.run.train` around `fit`): the run saves where it is and stops (several
+    processes agree on where: `AgreedStop`). Before and after training they keep
+    Python's behaviour, so Ctrl-C during data loading ends the command at once."""
     from jtricks.training.preemption import StopSignals
 
     return StopSignals()

@@ -79,9 +79,10 @@ def train(
         ``config.json`` (``config`` and overrides are then not allowed). The final
         parameters are bit-identical to an uninterrupted run's.
       stop: a flag `fit` reads between compiled programs
-        (`jtricks.training.preemption.StopSignals`, as ``jtricks train`` passes): once
-        set, the run saves the state it reached as ``checkpoints/interrupted/`` and
-        raises `jtricks.errors.Interrupted`; ``resume`` continues it exactly.
+        (`jtricks.training.preemption.StopSignals`, as ``jtricks train`` passes; a
+        context manager is entered around training only): once set, the run saves the
+        state it reached as ``checkpoints/interrupted/`` and raises
+        `jtricks.errors.Interrupted`; ``resume`` continues it exactly.
 
     Returns:
       A `RunResult`.
@@ -105,7 +106,8 @@ def train(
         if config.ensemble > 1:
             return train_ensemble(config, data, b, out, t0, locks)
         state, run = start(config, data, b, out, resume, locks)
-        state, history = fit_run(config, data, b, state, run, stop)
+        with stop if hasattr(stop, "__enter__") else contextlib.nullcontext():
+            state, history = fit_run(config, data, b, state, run, stop)
         test, extra = final_metrics(config, data, b, state, history, run.dir)
         wall = time.perf_counter() - t0
         warning = extra.get("warning")
