@@ -117,9 +117,8 @@ class AgreedStop:
 
 def exit_status(stop: Any) -> int:
     """The shell's status for a run stopped by ``stop``'s signal: ``128 + signum``
-    (143 for SIGTERM, 130 for SIGINT); 130 when no signal is known."""
-    signum = getattr(stop, "signal", None)
-    return 128 + (signum if signum is not None else signal.SIGINT)
+    (143 for SIGTERM, 130 for SIGINT); 130 when no signal is known (`status_of`)."""
+    return status_of(getattr(stop, "name", None))
 
 
 def status_of(name: str | None) -> int:
