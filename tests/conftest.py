@@ -35,6 +35,15 @@ def _isolated_cache(tmp_path_factory):
     mp.undo()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's caches of compiled programs after each test file: a worker that keeps
+    every program of the suite grows past 4 GB, and the files rarely share programs
+    (the session fixtures below still share theirs within a file)."""
+    yield
+    jax.clear_caches()
+
+
 @pytest.fixture
 def key() -> jax.Array:
     return jax.random.key(0)

@@ -256,7 +256,6 @@ def checkpointer(run_dir: Path, config: TrainConfig, b: Build, records: list) ->
         every=config.checkpoint_every,
         keep=config.keep_checkpoints,
         meta_fn=lambda record, state: {"callbacks": b.callback_states(), "config": settings},
-        background=jax.process_count() == 1,  # several processes: every save in step
     )
     ckpt.records = list(records)
     ckpt.best = min((r["val_loss"] for r in records), default=None)

@@ -36,10 +36,19 @@ from jtricks.training.state import TrainState
 from jtricks.training.state import device_copy as _device_copy
 
 
-def epoch_manager(directory: Path, *, keep: int, background: bool) -> ocp.CheckpointManager:
+def epoch_manager(
+    directory: Path, *, keep: int, background: bool, name: str = "epochs"
+) -> ocp.CheckpointManager:
     """An orbax manager of ``epoch-NNNNNN`` checkpoints in ``directory``, keeping the newest
-    ``keep``, written in the background or not."""
+    ``keep``, written in the background or not.
+
+    ``name`` prefixes the manager's barriers across processes: orbax names a background
+    write's barriers after the checkpoint's folder (``epoch-000005``), so the epochs' and
+    ``best/``'s managers writing the same epoch at once would meet at one barrier."""
     options = ocp.CheckpointManagerOptions(
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix=f"jtricks-{name}"
+        ),
         max_to_keep=keep,
         step_name_format=EpochNames(),
         temporary_path_class=ManifestRename,
@@ -70,6 +79,9 @@ class Checkpointer:
     in flight. A crash loses at most the checkpoint being written and resume falls back to
     the previous one; `on_train_end` waits for every write, and a failed write is raised at
     the next checkpoint or at the end. ``background=False`` writes before returning.
+    With several processes every process has a Checkpointer and writes its shards in the
+    background too; orbax's writer threads meet at coordination-service barriers, named
+    apart for the epochs and ``best/`` (see `epoch_manager`).
 
     Saving epoch ``e`` first removes any checkpoint of epoch ``e`` or later: they belong to
     a run this one is rewriting (a resume past a damaged checkpoint).
@@ -110,7 +122,9 @@ class Checkpointer:
         if which not in self._managers:
             folder = self.directory / "best" if which == "best" else self.directory
             keep = 1 if which == "best" else self.keep
-            self._managers[which] = epoch_manager(folder, keep=keep, background=self.background)
+            self._managers[which] = epoch_manager(
+                folder, keep=keep, background=self.background, name=which
+            )
         return self._managers[which]
 
     def _write(self, which: str, epoch: int, state: TrainState, meta: dict[str, Any]) -> None:
