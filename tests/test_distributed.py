@@ -376,6 +376,11 @@ def test_two_processes_stop_together_on_sigterm_and_resume_bit_identically(tmp_p
         assert code == 0, stderr[-3000:]
     for a, b in zip(_final_arrays(ref), _final_arrays(out), strict=True):
         np.testing.assert_array_equal(a, b)
+    # epoch 2, cut by the stop, averages its steps before and after it (partial_epoch)
+    rows = [[json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+            for run in (ref, out)]  # fmt: skip
+    for name in ("train_loss", "train_accuracy", "val_loss"):
+        np.testing.assert_allclose(*[[r[name] for r in rs] for rs in rows], rtol=1e-5)
 
 
 def _final_arrays(run):

@@ -18,10 +18,12 @@ import pytest
 
 from jtricks.cli import main
 from jtricks.data.stream import BatchStream, EpochBatches
+from jtricks.errors import ConfigError
 from jtricks.nn import build_model
 from jtricks.training import Checkpointer, create_train_state, fit
 from jtricks.training.checkpoint import list_checkpoints, restore_latest
 from jtricks.training.preemption import StopSignals, exit_status
+from jtricks.training.state import device_copy
 
 HERE = Path(__file__).parent
 
@@ -102,18 +104,86 @@ def test_a_stop_mid_epoch_gives_no_record_for_the_partial_epoch(data):
     _same(rest.params, whole.params)
 
 
+def _means(records, first, last, name):
+    """The mean of ``name`` over the step records of steps ``first`` to ``last``."""
+    return np.mean([r[name] for r in records if first <= r["step"] <= last])
+
+
+def test_a_resumed_epoch_averages_its_steps_before_and_after_the_stop(data):
+    """The cut epoch's record after ``partial_epoch=``: its training means are those of
+    the uninterrupted epoch, and equal the mean of the per-step records (a second code
+    path, `StepLog`) over all its 12 steps; without it, the mean of steps 9-12 only."""
+    x, y = data
+    stop = threading.Event()
+    kw = dict(batch_size=10, data_key=jax.random.key(4), chunk=4, log_every_steps=1)
+    _, hw = fit(_state(x), (x, y), epochs=2, **kw)
+    state, h1 = fit(_state(x), (x, y), epochs=2, stop=stop,
+                    reporter=StopAfterParts(stop, 1), **kw)  # fmt: skip
+    partial = h1.interrupted["partial_epoch"]
+    assert {k: partial[k] for k in ("epoch", "step", "steps", "nonfinite")} == {
+        "epoch": 1, "step": 8, "steps": 8, "nonfinite": 0,
+    }  # fmt: skip
+    np.testing.assert_allclose(partial["sums"]["loss"], 8 * _means(h1.steps, 1, 8, "loss"), 1e-5)
+    _, h2 = fit(device_copy(state), (x, y), steps=16, partial_epoch=partial, **kw)
+    steps = h1.steps + h2.steps
+    for name in ("loss", "accuracy"):
+        got, want = h2.records[0][f"train_{name}"], hw.records[0][f"train_{name}"]
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        np.testing.assert_allclose(got, _means(steps, 1, 12, name), rtol=1e-5)
+    assert h2.records[1] == {**hw.records[1], **{k: h2.records[1][k] for k in TIMES}}
+    _, alone = fit(state, (x, y), steps=4, **kw)  # no partial_epoch: steps 9-12 only
+    np.testing.assert_allclose(
+        alone.records[0]["train_loss"], _means(steps, 9, 12, "loss"), rtol=1e-5
+    )
+
+
+TIMES = ("steps_per_s", "elapsed_s")
+
+
+def test_two_stops_in_one_epoch_add_up(data):
+    """Stopped twice in the same epoch (steps 1-4, then 5-8), continued with each
+    ``partial_epoch`` in turn: the record equals the uninterrupted epoch's."""
+    x, y = data
+    kw = dict(batch_size=10, data_key=jax.random.key(4), chunk=2)
+    _, hw = fit(_state(x), (x, y), epochs=1, **kw)
+    stop = threading.Event()
+    state, h1 = fit(_state(x), (x, y), epochs=1, stop=stop,
+                    reporter=StopAfterParts(stop, 1), **kw)  # fmt: skip
+    stop.clear()
+    first = h1.interrupted["partial_epoch"]
+    state, h2 = fit(state, (x, y), steps=12 - first["step"], stop=stop, partial_epoch=first,
+                    reporter=StopAfterParts(stop, 1), **kw)  # fmt: skip
+    second = h2.interrupted["partial_epoch"]
+    assert second["steps"] == second["step"] > first["steps"] == first["step"]
+    _, h3 = fit(state, (x, y), steps=12 - second["step"], partial_epoch=second, **kw)
+    for name in ("train_loss", "train_accuracy"):
+        np.testing.assert_allclose(h3.records[0][name], hw.records[0][name], rtol=1e-6)
+
+
+def test_a_partial_epoch_of_another_state_is_refused(data):
+    x, y = data
+    state, _ = fit(_state(x), (x, y), steps=5, batch_size=10)
+    partial = {"epoch": 1, "step": 4, "steps": 4, "sums": {"loss": 4.0}, "nonfinite": 0}
+    with pytest.raises(ConfigError, match=r"partial_epoch is of step 4 \(epoch 1\), but the "
+                       r"state is at step 5 \(epoch 1 of 12 steps\)"):  # fmt: skip
+        fit(state, (x, y), steps=1, batch_size=10, partial_epoch=partial)
+    with pytest.raises(ConfigError, match=r"partial_epoch must be a history\.interrupted"):
+        fit(state, (x, y), steps=1, batch_size=10, partial_epoch={"step": 5})
+
+
 def test_a_stream_stops_between_chunks_with_its_data_state(data):
     x, y = data
     key = jax.random.key(2)
-    whole, _ = fit(_state(x), BatchStream(EpochBatches((x, y), 10, key)), steps=20, chunk=3)
+    whole, hw = fit(_state(x), BatchStream(EpochBatches((x, y), 10, key)), steps=20, chunk=3)
     stop = threading.Event()
     half, h = fit(_state(x), BatchStream(EpochBatches((x, y), 10, key)), steps=20, chunk=3,
                   stop=stop, reporter=StopAfterParts(stop, 2))  # fmt: skip
     info = h.interrupted
     assert info["step"] == 9 and info["data_state"] == {"next_index": 9}
-    rest, _ = fit(half, BatchStream(EpochBatches((x, y), 10, key)), steps=11, chunk=3,
-                  data_state=info["data_state"])  # fmt: skip
+    rest, h2 = fit(half, BatchStream(EpochBatches((x, y), 10, key)), steps=11, chunk=3,
+                   data_state=info["data_state"], partial_epoch=info["partial_epoch"])  # fmt: skip
     _same(rest.params, whole.params)
+    np.testing.assert_allclose(h2.records[0]["train_loss"], hw.records[0]["train_loss"], 1e-6)
 
 
 def test_stop_signals_turn_the_first_signal_into_a_flag_and_the_second_into_the_default():
@@ -180,5 +250,7 @@ def test_cli_signal_saves_exits_with_one_line_and_resume_is_bit_identical(
     ref = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
     got = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["val_loss"] for r in got] == [r["val_loss"] for r in ref]  # epoch 3's too
+    for name in ("train_loss", "train_accuracy", "lr"):  # epoch 3's cover all its steps
+        np.testing.assert_allclose([r[name] for r in got], [r[name] for r in ref], rtol=1e-5)
     assert (out / "steps.jsonl").read_text() == (reference / "steps.jsonl").read_text()
     assert list_checkpoints(out / "checkpoints" / "interrupted") == []  # superseded

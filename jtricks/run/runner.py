@@ -193,6 +193,8 @@ class Run:
     """The step records kept from before a resume (``steps.jsonl`` up to its checkpoint)."""
     data_state: Any = None
     """A stream's position saved with an interrupted (mid-epoch) checkpoint."""
+    partial_epoch: Any = None
+    """The cut epoch's metrics so far, saved with an interrupted (mid-epoch) checkpoint."""
 
 
 def start(
@@ -223,10 +225,10 @@ def start(
     run_dir = Path(out) if resume is not None else create_run_dir(out, locks)
     records: list[dict[str, Any]] = []
     steps: list[dict[str, Any]] = []
-    data_state = None
+    cut: dict[str, Any] = {}
     settings = config.to_dict()
     if resume is not None:
-        state, records, data_state = restore_run(run_dir / "checkpoints", state, b)
+        state, records, cut = restore_run(run_dir / "checkpoints", state, b)
         write_jsonl(run_dir / "metrics.jsonl", records)  # drop epochs after the checkpoint
         if config.log_every_steps is not None:  # and the steps after it: they run again
             steps = read_steps(run_dir / "steps.jsonl", int(state.step))
@@ -244,7 +246,7 @@ def start(
     if jax.process_count() > 1:  # the folder is there: the other processes go on
         sync_global_devices("jtricks: run folder ready")
     ckpt = checkpointer(run_dir, config, b, records)
-    return state, Run(run_dir, records, ckpt, [*logs, *b.callbacks, ckpt], steps, data_state)
+    return state, Run(run_dir, records, ckpt, [*logs, *b.callbacks, ckpt], steps, **cut)
 
 
 def checkpointer(run_dir: Path, config: TrainConfig, b: Build, records: list) -> Checkpointer:
@@ -268,23 +270,24 @@ def other_process(
     """A process other than 0 of a multi-process run: it waits until process 0 has the
     run folder ready, restores the same checkpoint when resuming, and writes only its part
     of the checkpoints (no metrics, curves or summary: `Run.dir` is ``None``)."""
-    records, data_state = [], None
+    records, cut = [], {}
     if resume is not None:
-        state, records, data_state = restore_run(run_dir / "checkpoints", state, b)
+        state, records, cut = restore_run(run_dir / "checkpoints", state, b)
     sync_global_devices("jtricks: run folder ready")
     ckpt = checkpointer(run_dir, config, b, records)
-    return state, Run(None, records, ckpt, [*b.callbacks, ckpt], [], data_state)
+    return state, Run(None, records, ckpt, [*b.callbacks, ckpt], [], **cut)
 
 
-def restore_run(ckpt_dir: Path, state: TrainState, b: Build) -> tuple[TrainState, list, Any]:
-    """The newest intact checkpoint's state, history and (an interrupted stream's)
-    ``data_state``, with the callbacks' saved states."""
+def restore_run(ckpt_dir: Path, state: TrainState, b: Build) -> tuple[TrainState, list, dict]:
+    """The newest intact checkpoint's state, history and, for an interrupted checkpoint,
+    where its epoch was cut (``partial_epoch``, a stream's ``data_state``), with the
+    callbacks' saved states."""
     try:
         restored = restore_latest(ckpt_dir, state, required=RUN_META)
     except CheckpointError as e:
         raise ConfigError(f"cannot resume {str(ckpt_dir.parent)!r}: {e}", param="resume") from None
     if restored is None:
-        return state, [], None
+        return state, [], {}
     state, meta = restored
     devices = meta.get("devices")
     if isinstance(devices, int) and devices != jax.device_count():
@@ -301,7 +304,8 @@ def restore_run(ckpt_dir: Path, state: TrainState, b: Build) -> tuple[TrainState
         best_path = best_checkpoint(ckpt_dir)
         best = restore(best_path, state)[0] if best_path is not None else None
         b.early.load_state_dict(saved["early_stopping"], best)
-    return state, meta["history"], meta.get("data_state")
+    cut = {k: meta[k] for k in ("data_state", "partial_epoch") if meta.get(k) is not None}
+    return state, meta["history"], cut
 
 
 def fit_run(
@@ -341,6 +345,7 @@ def fit_run(
         eval_params=config.eval_params,
         **observing(config, run.dir),
         stop=stop,
+        partial_epoch=run.partial_epoch,
     )
     if new.interrupted is not None:
         raise Interrupted(interrupted_line(new, run), status_of(new.interrupted["signal"]))

@@ -230,15 +230,17 @@ class Checkpointer:
         reached, maybe mid-epoch) as ``interrupted/epoch-NNNNNN`` (the epoch it falls in),
         synchronously; `restore_latest` prefers it to the epoch checkpoints before it.
         Its metadata holds ``interrupted: true``, the ``step``, the records of the
-        finished epochs and a stream's ``data_state``."""
+        finished epochs, the cut epoch's ``partial_epoch`` (`jtricks.training.partial`)
+        and a stream's ``data_state``."""
         self.wait()
         self._flush_best()
         self.wait()
         record = {"epoch": len(info["history"]), "step": info["step"]}
         meta = self._meta(record, state)
         meta.update(interrupted=True, signal=info.get("signal"))
-        if info.get("data_state") is not None:
-            meta["data_state"] = info["data_state"]
+        for name in ("partial_epoch", "data_state"):
+            if info.get(name) is not None:
+                meta[name] = info[name]
         folder = self.directory / INTERRUPTED
         if jax.process_index() == 0:  # one process clears the folder, then all write
             for old in list_checkpoints(folder):

@@ -17,6 +17,7 @@ from jtricks.training.data_checks import check_data
 from jtricks.training.distributed import as_mesh, is_sharded_mesh, like_state, place_state
 from jtricks.training.history import Callback, History
 from jtricks.training.loop import first_member, record_value, run_loop
+from jtricks.training.partial import check as check_partial
 from jtricks.training.preemption import AgreedStop
 from jtricks.training.profile import Profile
 from jtricks.training.runs import array_run, prepare_validation, stream_run
@@ -63,6 +64,7 @@ def fit(
     log_every_steps: int | None = None,
     profile: Profile | None = None,
     stop: Any = None,
+    partial_epoch: dict[str, Any] | None = None,
 ) -> tuple[TrainState, History]:
     """Train ``state`` on ``train_data`` for ``epochs`` epochs or ``steps`` optimizer steps.
 
@@ -174,9 +176,15 @@ def fit(
         `Checkpointer` writes the state), ``on_train_end`` does not, and `fit` returns
         the state reached with ``history.interrupted`` (its ``step``); a partial epoch
         gets no record. Continuing from that state (``data_state=`` its ``data_state``
-        for a stream) trains exactly as if never stopped. With several processes the
+        for a stream, ``partial_epoch=`` its ``partial_epoch``) trains exactly as if
+        never stopped. With several processes the
         flag is agreed on (`jtricks.training.preemption.AgreedStop`: one small
         all-gather between programs), so all stop after the same program.
+      partial_epoch: ``history.interrupted["partial_epoch"]`` of a run stopped mid-epoch
+        (`jtricks.training.partial`), given with the state it returned: the first
+        epoch's record then averages its training metrics over the steps before the stop
+        too, as the uninterrupted epoch's would. Without it that record covers only the
+        steps after the stop.
 
     Returns:
       ``(final_state, history)``.
@@ -224,7 +232,9 @@ def fit(
         state = unalias(state)  # each epoch donates the state: one buffer must not appear twice
         if mesh is not None:
             state = place_state(state, mesh)
-        return run_loop(state, run, val_data, callbacks, reporter, max_nonfinite, keep_finite, stop)
+        partial_epoch = check_partial(partial_epoch, int(member.step), run.steps_per_epoch)
+        loop_args = (callbacks, reporter, max_nonfinite, keep_finite, stop, partial_epoch)
+        return run_loop(state, run, val_data, *loop_args)
     finally:
         run.close()
         if profile is not None:

@@ -13,6 +13,7 @@ import numpy as np
 
 from jtricks.training.callbacks import StopTraining
 from jtricks.training.history import History
+from jtricks.training.partial import merge, summarize
 from jtricks.training.preemption import stop_requested
 from jtricks.training.runs import Run
 from jtricks.training.state import TrainState
@@ -21,17 +22,11 @@ from jtricks.training.steps import is_ensemble
 
 
 def run_loop(
-    state: TrainState,
-    run: Run,
-    val: Any,
-    callbacks: Any,
-    reporter: Any,
-    max_nonfinite: int,
-    keep_finite: bool,
-    interrupt: Any = None,
-) -> tuple[TrainState, History]:
+    state: TrainState, run: Run, val: Any, callbacks: Any, reporter: Any, max_nonfinite: int,
+    keep_finite: bool, interrupt: Any = None, partial: dict[str, Any] | None = None,
+) -> tuple[TrainState, History]:  # fmt: skip
     """`fit`'s epoch loop: dispatch, record, callbacks, divergence, and a stop asked by
-    ``interrupt`` (`jtricks.training.preemption`) between programs (`_interrupt`)."""
+    ``interrupt`` between programs (`_interrupt`); ``partial``: see `jtricks.training.partial`."""
     history = History()
     start_step = int(first_member(state).step)
     total_steps, steps_per_epoch = run.total_steps, run.steps_per_epoch
@@ -49,7 +44,8 @@ def run_loop(
         keeper.starting(state)
         on_part = part_listener(history, callbacks, reporter, epoch, step, done)
         state, metrics = run.epoch(state, epoch, offset, num_steps, streak, val, on_part)
-        return state, Dispatched(metrics, epoch, step, num_steps, done, keeper.take_start())
+        before = partial if partial is not None and step == partial["step"] else None
+        return state, Dispatched(metrics, epoch, step, num_steps, done, keeper.take_start(), before)
 
     cut: dict[str, Any] = {}
     try:
@@ -92,7 +88,7 @@ def run_loop(
                 pending = None
         complete = int(first_member(state).step) >= start_step + total_steps
         if stop_requested(interrupt) and history.stopped is None and not complete:
-            _interrupt(history, callbacks, state, cut, interrupt, steps_per_epoch)
+            _interrupt(history, callbacks, state, cut, interrupt, steps_per_epoch, partial)
         else:
             state = _train_end(callbacks, state, pipelined)
     except BaseException:
@@ -120,15 +116,18 @@ def _end_diverged(record, state, upcoming, callbacks, pipelined: bool) -> None:
         cb.on_epoch_end(record, None if pipelined else state)
 
 
-def _interrupt(history, callbacks, state, cut, stop, steps_per_epoch: int) -> None:
+def _interrupt(history, callbacks, state, cut, stop, steps_per_epoch: int, partial=None) -> None:
     """Mark the run interrupted at the step its state reached and hand that state to every
     callback's ``on_interrupt(state, info)`` (a `Checkpointer` saves it); ``info`` holds
-    the ``step``, the ``epoch`` it falls in (1-based), the ``signal``'s name and, for a
-    stream cut between chunks, its ``data_state``. ``on_train_end`` is not called: the
-    run is not over."""
+    the ``step``, the ``epoch`` it falls in (1-based), the ``signal``'s name and, for an
+    epoch cut between its parts or chunks, the ``partial_epoch`` summary
+    (`jtricks.training.partial.summarize`, with ``partial`` added in) and a stream's
+    ``data_state``. ``on_train_end`` is not called: the run is not over."""
     step = int(first_member(state).step)
     name = getattr(stop, "name", None) or "a stop request"
     info = {"step": step, "epoch": step // steps_per_epoch + 1, "signal": name}
+    if cut.get("partial") is not None:
+        info["partial_epoch"] = summarize(cut["partial"], info["epoch"], step, partial)
     if cut.get("data_state") is not None:
         info["data_state"] = cut["data_state"]
     history.interrupted = info
@@ -234,7 +233,8 @@ def _ran_out(history: History, step: int) -> str:
 class Dispatched:
     """An epoch in flight: its ``metrics`` (device arrays until read), its ``epoch``, the
     global ``step`` it starts at, its ``num_steps``, the steps of this call ``done``
-    before it, and the ``start`` state kept for divergence (`_FiniteKeeper`)."""
+    before it, the ``start`` state kept for divergence (`_FiniteKeeper`) and the
+    ``partial`` epoch it continues."""
 
     metrics: Any
     epoch: int
@@ -242,6 +242,9 @@ class Dispatched:
     num_steps: int
     done: int
     start: TrainState | None
+    partial: dict[str, Any] | None = None
+    """The steps of this epoch before a stop (`jtricks.training.partial`), if it resumes
+    one."""
 
     @property
     def done_after(self) -> int:
@@ -259,6 +262,8 @@ def _record(pending: Dispatched):
     steps_done = int(metrics.pop("steps_done"))
     streak = int(metrics.pop("streak"))
     first_loss = metrics.pop("first_loss")
+    if pending.partial is not None:  # the epoch's steps before a stop count too
+        metrics = merge(metrics, steps_done, pending.partial)
     record: dict[str, Any] = {"epoch": epoch + 1, "step": step + steps_done}
     if step == 0:  # the untrained model's loss on the first batch, for the warning
         record["initial_loss"] = record_value("initial_loss", first_loss)

@@ -133,7 +133,7 @@ def array_run(
                 on_part, max_nonfinite, profile, start, stop,
             )  # fmt: skip
             if cut_short:  # stopped by a signal between parts: no epoch record
-                return state, {"interrupted": True, "step_rows": rows}
+                return state, {"interrupted": True, "step_rows": rows, "partial": acc}
             metrics = finish(state, acc, array_val)
             if rows is not None:
                 metrics["step_rows"] = rows

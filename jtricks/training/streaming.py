@@ -328,7 +328,7 @@ class StreamEpochs:
             if previous is not None and part_done(previous, on_part, max_streak):
                 break
             if remaining > 0 and stop_requested(self.stop):  # between chunks: no record
-                return state, {"interrupted": True, "step_rows": rows,
+                return state, {"interrupted": True, "step_rows": rows, "partial": acc,
                                "data_state": self.state_after}  # fmt: skip
         if acc is None:  # nothing came: the stream was already exhausted
             return state, None
