@@ -402,3 +402,16 @@ def _settings(args):
         value = next(it)
         out[flag[2:].replace("-", "_")] = int(value) if value.isdigit() else value
     return out
+
+
+def test_the_two_process_checkpoint_benchmark_runs_and_both_arms_agree():
+    """`benchmarks/bench_mp_checkpoint.py`, tiny: both arms (saves in step and in the
+    background) finish and end with the same parameters."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_mp_checkpoint.py"), "--repeats", "1",
+         "--epochs", "2", "--steps", "2", "--batch-size", "8", "--inputs", "4", "--width", "8"],
+        capture_output=True, text=True, timeout=300, env=_env(),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.splitlines()[0])
+    assert out["same_parameters"] is True and out["params"] == 4 * 8 + 8 + 8 * 8 + 8 + 8 * 10 + 10
