@@ -177,9 +177,9 @@ def fit(
         the state reached with ``history.interrupted`` (its ``step``); a partial epoch
         gets no record. Continuing from that state (``data_state=`` its ``data_state``
         for a stream, ``partial_epoch=`` its ``partial_epoch``) trains exactly as if
-        never stopped. With several processes the
-        flag is agreed on (`jtricks.training.preemption.AgreedStop`: one small
-        all-gather between programs), so all stop after the same program.
+        never stopped. With several processes the flag is agreed on
+        (`jtricks.training.preemption.AgreedStop`: one small all-gather between
+        programs), so all stop after the same program.
       partial_epoch: ``history.interrupted["partial_epoch"]`` of a run stopped mid-epoch
         (`jtricks.training.partial`), given with the state it returned: the first
         epoch's record then averages its training metrics over the steps before the stop
