@@ -73,15 +73,18 @@ def run_tests(cmd: list[str | Path], timeout: float) -> tuple[int, bool]:
         sys.exit(130)
     finally:
         timer.cancel()
+        proc.stdout.close()
     if status == -signal.SIGKILL:
         print(f"dev.py: the test run passed {timeout:.0f} s and was killed", flush=True)
         return 1, False
     return status, crashed
 
 
-def test(workers: str, rest: list[str]) -> None:
+def test(workers: str, rest: list[str], python: str | Path = BIN / "python") -> None:
+    """pytest on ``workers`` processes with ``rest`` appended; a run ended by a crashed
+    worker runs once more. Exits with the status of a run that failed."""
     cmd = [
-        BIN / "python",
+        python,
         "-m",
         "pytest",
         "-n",
