@@ -17,6 +17,7 @@ import numpy as np
 import optax
 import pytest
 
+from jtricks.data.shards import write_shards
 from jtricks.nn import build_model
 from jtricks.training import create_train_state, fit, make_train_step
 
@@ -295,11 +296,11 @@ MP_ARGS += ["--model", "mlp(features=(16,), dropout=0.2)", "--epochs", "6", "--b
 MP_ARGS += ["--checkpoint-every", "2", "--no-progress"]
 
 
-def _two_processes(tmp_path, out, *, fault=None, resume=False, extra=()):
-    """Both processes of a localhost run (``fault``: fault_driver's MODE and EPOCH);
-    ``(returncode, stdout, stderr)`` of each."""
+def _two_processes(tmp_path, out, *, fault=None, resume=False, extra=(), base=MP_ARGS):
+    """Both processes of a localhost run of ``base`` + ``extra`` arguments (``fault``:
+    fault_driver's MODE and EPOCH); ``(returncode, stdout, stderr)`` of each."""
     port = _free_port()
-    args = ["--resume", str(out)] if resume else [*MP_ARGS, *extra, "--out", str(out)]
+    args = ["--resume", str(out)] if resume else [*base, *extra, "--out", str(out)]
     if fault:
         head = [str(ROOT / "tests" / "fault_driver.py"), *fault, "--"]
     else:
@@ -415,3 +416,56 @@ def test_the_two_process_checkpoint_benchmark_runs_and_both_arms_agree():
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.splitlines()[0])
     assert out["same_parameters"] is True and out["params"] == 4 * 8 + 8 + 8 * 8 + 8 + 8 * 10 + 10
+
+
+def _on_disk(root):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 160), ("test", 40)):
+        y = rng.integers(0, 3, n).astype(np.int64)
+        x = (rng.normal(size=(n, 8)) + y[:, None]).astype(np.float32)
+        write_shards(root / split, {"x": x, "y": y}, shard_size=50)
+    return f"shards:{root}"
+
+
+@pytest.mark.parametrize("source", ["shards", "stream"])
+def test_two_processes_stream_their_blocks_of_every_batch_like_one_process(tmp_path, source):
+    """A dataset on disk (or ``--stream``) with two processes: each reads only its block
+    of every batch (`EpochBatches(process=...)`), so the run trains on the batches one
+    process reads: equal to the one-process run up to float reassociation."""
+    from jtricks.training.checkpoint import restore_latest
+
+    dataset = _on_disk(tmp_path / "ds") if source == "shards" else MP_ARGS[1]
+    args = ["--dataset", dataset, "--model", "mlp(features=(16,), dropout=0.2)"]
+    args += ["--batch-size", "20", "--epochs", "3", "--chunk", "3", "--no-progress"]
+    args += ["--stream"] if source == "stream" else []
+    one = subprocess.run(
+        [sys.executable, "-m", "jtricks.cli", "train", *args, "--out", str(tmp_path / "one")],
+        capture_output=True, text=True, timeout=300, env=_env(),
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    for code, _, stderr in _two_processes(tmp_path, tmp_path / "two", base=args):
+        assert code == 0, stderr[-3000:]
+    rows = [[json.loads(r) for r in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("one", "two")]  # fmt: skip
+    assert [r["step"] for r in rows[1]] == [r["step"] for r in rows[0]]
+    for name in ("train_loss", "val_loss", "val_accuracy"):
+        np.testing.assert_allclose(*[[r[name] for r in rs] for rs in rows], rtol=2e-5)
+    import jtricks
+
+    template = jtricks.train(dataset=dataset, model="mlp(features=(16,), dropout=0.2)",
+                             batch_size=20, epochs=1).state  # fmt: skip
+    a, b = (restore_latest(tmp_path / run / "checkpoints", template)[0] for run in ("one", "two"))
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-5)
+    if source == "stream":
+        return
+    # both processes killed at their 5th chunk (epoch 2), resumed: bit-identical
+    killed = tmp_path / "killed"
+    for code, _, stderr in _two_processes(tmp_path, killed, base=args, fault=("chunk", "5")):
+        assert code == -signal.SIGKILL, stderr[-3000:]
+    for code, _, stderr in _two_processes(tmp_path, killed, resume=True):
+        assert code == 0, stderr[-3000:]
+    c = restore_latest(killed / "checkpoints", template)[0]
+    left, right = ((s.params, s.opt_state, s.step) for s in (b, c))
+    for x, y in zip(jax.tree.leaves(left), jax.tree.leaves(right), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -371,3 +371,22 @@ def test_a_one_shot_validation_iterator_is_refused_before_training(data):
     with pytest.raises(ConfigError, match=r"val_data is a one-shot iterator \(generator\)"):
         fit(state, train, batch_size=40, epochs=2, val_data=batches)
     assert int(state.step) == 0  # nothing trained (the state was not consumed)
+
+
+def test_each_process_reads_its_block_of_every_batch():
+    """`EpochBatches(process=(p, 3))`: the three processes' blocks, in process order, are
+    the batch one process reads (also when read stacked), from rows of a split; a count
+    that does not divide the batch is refused."""
+    rng = np.random.default_rng(3)
+    source = {"x": rng.normal(size=(50, 2)).astype(np.float32), "y": np.arange(50)}
+    rows, key = np.arange(5, 47), jax.random.key(7)
+    whole = EpochBatches(source, 6, key, rows=rows)
+    parts = [EpochBatches(source, 6, key, rows=rows, process=(p, 3)) for p in range(3)]
+    assert all(len(p) == len(whole) == 7 for p in parts)
+    for i in (0, 6, 7, 15):  # epochs 0, 1, 2
+        got = np.concatenate([p[i]["y"] for p in parts])
+        np.testing.assert_array_equal(got, whole[i]["y"])
+    stacked = np.concatenate([p.stacked(5, 4)["y"] for p in parts], axis=1)
+    np.testing.assert_array_equal(stacked, whole.stacked(5, 4)["y"])
+    with pytest.raises(ConfigError, match=r"process=\(0, 4\): a batch of 6 is read by 4"):
+        EpochBatches(source, 6, key, process=(0, 4))

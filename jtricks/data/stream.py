@@ -107,6 +107,12 @@ class EpochBatches:
       transform: optional host function applied to the gathered rows (e.g. scaling); it
         may receive several batches' rows at once (`stacked`), so it must treat rows
         independently.
+      process: ``(index, count)`` of a multi-process run (`jax.distributed`): this
+        process reads only its block of every batch, rows ``index * b`` to
+        ``(index + 1) * b - 1`` with ``b = batch_size // count``, so that the processes'
+        blocks in process order (`jax.make_array_from_process_local_data`) are the batch
+        one process would read: the run sees the same batches on any number of
+        processes, and each process reads 1/count of the data.
     """
 
     def __init__(
@@ -117,12 +123,23 @@ class EpochBatches:
         *,
         rows: np.ndarray | None = None,
         transform: Callable[[Any], Any] | None = None,
+        process: tuple[int, int] = (0, 1),
     ) -> None:
         self.source, self.key, self.transform = source, key, transform
         self.rows = None if rows is None else np.asarray(rows, np.int64)
         self.num_examples = _rows(source) if self.rows is None else len(self.rows)
         self.batch_size = check_int("batch_size", batch_size, low=1, high=self.num_examples)
         self.steps_per_epoch = self.num_examples // self.batch_size
+        index, count = process
+        if count < 1 or not 0 <= index < count or self.batch_size % count:
+            raise ConfigError(
+                f"process={process!r}: a batch of {self.batch_size} is read by {count} "
+                "process(es) in equal blocks, so the count must divide it and the index be "
+                f"in 0 .. {count - 1}",
+                param="batch_size",
+            )
+        block = self.batch_size // count
+        self._block = slice(index * block, (index + 1) * block)
         self._lock = threading.Lock()
         self._cached: tuple[int, np.ndarray] | None = None
 
@@ -130,16 +147,17 @@ class EpochBatches:
         return self.steps_per_epoch
 
     def indices(self, epoch: int) -> np.ndarray:
-        """The epoch's ``(steps_per_epoch, batch_size)`` example indices, computed once per
-        epoch with JAX on the CPU (the same random bits as on any device)."""
+        """The epoch's ``(steps_per_epoch, batch_size)`` example indices (this process's
+        block of each batch), computed once per epoch with JAX on the CPU (the same random
+        bits as on any device)."""
         with self._lock:
             if self._cached is None or self._cached[0] != epoch:
                 import jax
 
                 sizes = (self.num_examples, self.batch_size, self.steps_per_epoch)
-                with jax.default_device(jax.devices("cpu")[0]):
+                with jax.default_device(jax.local_devices(backend="cpu")[0]):
                     idx = _epoch_indices()(self.key, np.int32(epoch), *sizes)
-                self._cached = (epoch, np.asarray(idx))
+                self._cached = (epoch, np.asarray(idx)[:, self._block])
             return self._cached[1]
 
     def __getitem__(self, i: int) -> Any:

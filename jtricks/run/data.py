@@ -66,9 +66,13 @@ class RunData:
 
     def train_stream(self, batch_size: int, key: jax.Array, loader: str) -> BatchStream:
         """The training batches as a stream: exactly the in-memory path's batches
-        (`EpochBatches` with the run's data key)."""
+        (`EpochBatches` with the run's data key); with several processes, this process's
+        block of every batch."""
         source = self.train if self.source is None else self.source
-        batches = EpochBatches(source, batch_size, key, rows=self.rows, transform=self.transform)
+        batches = EpochBatches(
+            source, batch_size, key, rows=self.rows, transform=self.transform,
+            process=(jax.process_index(), jax.process_count()),
+        )  # fmt: skip
         return BatchStream(batches, loader=loader)
 
 
@@ -202,8 +206,3 @@ def refuse_on_disk(config: Any, data: RunData) -> None:
                 "is streamed from disk",
                 param=name,
             )
-    if jax.process_count() > 1:
-        raise ConfigError(
-            "a dataset on disk trains in one process (each process would read every shard)",
-            param="dataset",
-        )

@@ -169,10 +169,10 @@ def share_processes(config: TrainConfig, data: RunData, out: Any, resume: Any) -
     nproc, pid = jax.process_count(), jax.process_index()
     if nproc == 1:
         return out
-    if config.ensemble > 1 or data.streamed(config):
-        raise ConfigError(
-            "multi-process runs support neither ensembles nor streaming", param="num_processes"
-        )
+    if config.ensemble > 1:
+        raise ConfigError("multi-process runs do not train ensembles", param="num_processes")
+    if data.streamed(config):  # each process streams its block of every batch
+        return out
     n_each = len(data.train[1]) // nproc
     n_each -= n_each % len(jax.local_devices())  # equal shards, even over local devices
     data.train = tuple(a[pid::nproc][:n_each] for a in data.train)
