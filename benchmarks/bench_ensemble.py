@@ -21,6 +21,7 @@ import time
 
 import jax
 import optax
+from timing import time_arms, write_result
 
 from jtricks.data import Scaler, load_dataset, train_val_split
 from jtricks.nn import build_model
@@ -29,7 +30,7 @@ from jtricks.training import create_train_state, fit
 from jtricks.training.ensemble import create_ensemble, fit_ensemble
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="cnn")
     p.add_argument("--dataset", default="mnist1d")
@@ -38,10 +39,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--epochs", type=int, default=5, help="epochs per timed repeat")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json-out", default=None)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
 
     data = load_dataset(args.dataset)
     x_tr, y_tr, x_val, y_val = train_val_split(data.x_train, data.y_train, 0.1, seed=0)
+    fixed = dict(val_data=(x_val, y_val), batch_size=args.batch_size, epochs=args.epochs)
     scaler = Scaler.fit("standardize", x_tr)
     x_tr, x_val = scaler(x_tr), scaler(x_val)
     model = build_model(args.model, data.num_classes)
@@ -53,28 +59,14 @@ def main(argv: list[str] | None = None) -> dict:
     def run_ensemble(n: int) -> float:
         states = create_ensemble(model, tx, x_tr, keys[:n])
         t = time.perf_counter()
-        states, _ = fit_ensemble(
-            states,
-            (x_tr, y_tr),
-            val_data=(x_val, y_val),
-            batch_size=args.batch_size,
-            epochs=args.epochs,
-            data_key=dk,
-        )
+        states, _ = fit_ensemble(states, (x_tr, y_tr), data_key=dk, **fixed)
         jax.block_until_ready(states)
         return time.perf_counter() - t
 
     def run_fit() -> float:
         state = create_train_state(model, tx, x_tr, keys[0])
         t = time.perf_counter()
-        state, _ = fit(
-            state,
-            (x_tr, y_tr),
-            val_data=(x_val, y_val),
-            batch_size=args.batch_size,
-            epochs=args.epochs,
-            data_key=dk,
-        )
+        state, _ = fit(state, (x_tr, y_tr), data_key=dk, **fixed)
         jax.block_until_ready(state)
         return time.perf_counter() - t
 
@@ -83,12 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ensemble": lambda: run_ensemble(args.members),
         "fit": run_fit,
     }
-    for fn in arms.values():
-        fn()  # compile
-    times: dict[str, list[float]] = {k: [] for k in arms}
-    for _ in range(args.repeats):
-        for k, fn in arms.items():
-            times[k].append(fn())
+    times = time_arms(arms, args.repeats)
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
         "benchmark": "bench_ensemble",
@@ -117,9 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"ratio {args.members} models / 1 model = {result['ratio']:.2f}x "
         f"(vs fit: {result['ratio_vs_fit']:.2f}x)   device: {result['environment']['device_kind']}"
     )
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(result, f, indent=2)
+    write_result(result, args.json_out)
     return result
 
 

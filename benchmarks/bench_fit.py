@@ -69,7 +69,7 @@ def hand_written(model, tx, x, y, batch_size: int, data_key):
     return run, steps
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="cnn")
     p.add_argument("--dataset", default="mnist1d")
@@ -89,9 +89,12 @@ def main() -> None:
         "--unroll", type=int, default=1, help="fit's unroll: steps per compiled loop iteration"
     )
     p.add_argument("--json-out", default=None)
-    args = p.parse_args()
+    return p.parse_args()
 
-    data = load_dataset(args.dataset)
+
+def splits(dataset: str):
+    """The dataset's training and validation splits, standardised unless integer tokens."""
+    data = load_dataset(dataset)
     classify = data.task == "classification"
     x_tr, y_tr, x_val, y_val = train_val_split(
         data.x_train, data.y_train, 0.1, seed=0, stratify=classify
@@ -99,6 +102,12 @@ def main() -> None:
     if not np.issubdtype(x_tr.dtype, np.integer):
         scaler = Scaler.fit("standardize", x_tr)
         x_tr, x_val = scaler(x_tr), scaler(x_val)
+    return data, x_tr, y_tr, x_val, y_val
+
+
+def main() -> None:
+    args = parse_args()
+    data, x_tr, y_tr, x_val, y_val = splits(args.dataset)
     model = build_model(args.model, data.num_classes)
     tx = optax.adam(1e-2)
     key = jax.random.key(0)
@@ -158,6 +167,12 @@ def main() -> None:
         "hand_times_s": hand_times,
         "environment": environment(),
     }
+    report(result, args.json_out)
+
+
+def report(result: dict, json_out: str | None) -> None:
+    """The JSON line, the short table, and the JSON file when asked."""
+    fit_sps, hand_sps = result["fit_steps_per_s_median"], result["hand_scan_steps_per_s_median"]
     print(json.dumps(result))
     print(f"\n{'loop':<22}{'steps/s (median)':>18}")
     print(f"{'hand-written scan':<22}{hand_sps:>18,.0f}")
@@ -165,8 +180,8 @@ def main() -> None:
     print(
         f"ratio fit / hand = {fit_sps / hand_sps:.3f}   device: {result['environment']['device_kind']}"
     )
-    if args.json_out:
-        with open(args.json_out, "w") as f:
+    if json_out:
+        with open(json_out, "w") as f:
             json.dump(result, f, indent=2)
 
 

@@ -28,7 +28,7 @@ import sys
 import time
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--devices", type=int, default=8, help="devices in the mesh (simulated on CPU)")
     p.add_argument("--features", default="2048,2048,2048")
@@ -37,7 +37,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8, help="steps per timed repeat (one epoch)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json-out", default=None)
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     flag = f"--xla_force_host_platform_device_count={args.devices}"
     if args.devices > 1 and flag not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
@@ -71,8 +75,6 @@ def measure(args) -> dict:
     from jtricks.nn import MLP
     from jtricks.run import environment
     from jtricks.training import create_train_state, fit
-    from jtricks.training.compiled import StepOptions, compiled_functions
-    from jtricks.training.distributed import batch_sharding, parse_mesh, place_state, replicate
 
     features = tuple(int(f) for f in args.features.split(","))
     rng = np.random.default_rng(0)
@@ -82,35 +84,20 @@ def measure(args) -> dict:
     model = MLP(features=features, num_classes=10)
     tx = optax.adam(1e-3)
     meshes = {"data": f"data={args.devices}", "fsdp": f"fsdp={args.devices}"}
-    arms, times = {}, {name: [] for name in meshes}
-    for name, spec in meshes.items():
-        mesh = parse_mesh(spec)
-        state = place_state(create_train_state(model, tx, x, jax.random.key(0)), mesh)
-        run_epoch, _ = compiled_functions(StepOptions(sharding=batch_sharding(mesh)))
-        compiled = run_epoch.lower(
-            state, replicate((x, y), mesh), replicate(jax.random.key(1), mesh), np.int32(0),
-            np.int32(0), None, np.int32(0), np.int32(20), num_steps=np.int32(args.steps),
-            length=args.steps, batch_size=args.batch_size,
-        ).compile()  # fmt: skip
-        memory = compiled.memory_analysis()
-        arms[name] = {
-            "mesh": spec,
-            "state_bytes_per_device": _bytes_on_device0((state.params, state.opt_state)),
-            "compiled_bytes_per_device": int(
-                memory.argument_size_in_bytes
-                + memory.output_size_in_bytes
-                + memory.temp_size_in_bytes
-                - memory.alias_size_in_bytes
-            ),
-            "compiled_argument_bytes": int(memory.argument_size_in_bytes),
-            "compiled_temp_bytes": int(memory.temp_size_in_bytes),
-        }
+    arms = {name: memory_arm(spec, model, tx, x, y, args) for name, spec in meshes.items()}
+    times = {name: [] for name in meshes}
 
     def timed(spec):
         state = create_train_state(model, tx, x, jax.random.key(0))
         t = time.perf_counter()
-        state, _ = fit(state, (x, y), batch_size=args.batch_size, epochs=1, mesh=spec,
-                       data_key=jax.random.key(1))  # fmt: skip
+        state, _ = fit(
+            state,
+            (x, y),
+            batch_size=args.batch_size,
+            epochs=1,
+            mesh=spec,
+            data_key=jax.random.key(1),
+        )
         jax.block_until_ready(state.params)
         return time.perf_counter() - t
 
@@ -138,6 +125,47 @@ def measure(args) -> dict:
         / arms["data"]["compiled_bytes_per_device"],
         "steps_per_s_ratio": arms["fsdp"]["steps_per_s"] / arms["data"]["steps_per_s"],
         "environment": environment(),
+    }
+
+
+def memory_arm(spec: str, model, tx, x, y, args) -> dict:
+    """The state's bytes on device 0 and XLA's memory analysis of the compiled epoch on
+    the mesh ``spec``."""
+    import jax
+    import numpy as np
+
+    from jtricks.training import create_train_state
+    from jtricks.training.compiled import StepOptions, compiled_functions
+    from jtricks.training.distributed import batch_sharding, parse_mesh, place_state, replicate
+
+    mesh = parse_mesh(spec)
+    state = place_state(create_train_state(model, tx, x, jax.random.key(0)), mesh)
+    run_epoch, _ = compiled_functions(StepOptions(sharding=batch_sharding(mesh)))
+    compiled = run_epoch.lower(
+        state,
+        replicate((x, y), mesh),
+        replicate(jax.random.key(1), mesh),
+        np.int32(0),
+        np.int32(0),
+        None,
+        np.int32(0),
+        np.int32(20),
+        num_steps=np.int32(args.steps),
+        length=args.steps,
+        batch_size=args.batch_size,
+    ).compile()
+    memory = compiled.memory_analysis()
+    return {
+        "mesh": spec,
+        "state_bytes_per_device": _bytes_on_device0((state.params, state.opt_state)),
+        "compiled_bytes_per_device": int(
+            memory.argument_size_in_bytes
+            + memory.output_size_in_bytes
+            + memory.temp_size_in_bytes
+            - memory.alias_size_in_bytes
+        ),
+        "compiled_argument_bytes": int(memory.argument_size_in_bytes),
+        "compiled_temp_bytes": int(memory.temp_size_in_bytes),
     }
 
 

@@ -27,10 +27,12 @@ import argparse
 import json
 import statistics
 import time
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import time_arms, write_result
 
 from jtricks.bench.device import lowered_flops, matmul_flops
 from jtricks.data import Scaler, load_dataset
@@ -46,7 +48,7 @@ def step_flops(one_step, lrs: jax.Array) -> float:
     return lowered_flops(one_step.lower(lrs)) or 0.0
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="cnn")
     p.add_argument("--dataset", default="mnist1d")
@@ -56,33 +58,32 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json-out", default=None)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
 
     data = load_dataset(args.dataset)
     x = Scaler.fit("standardize", data.x_train)(data.x_train)
     model = build_model(args.model, data.num_classes)
-    run = make_lr_sweep(
-        model,
-        lambda lr: build_optimizer(args.optimizer, lr),
-        (x, data.y_train),
-        key=jax.random.key(0),
-        steps=args.steps,
-        batch_size=args.batch_size,
-    )
+
+    def sweep(steps: int):
+        def tx(lr):
+            return build_optimizer(args.optimizer, lr)
+
+        data_ = (x, data.y_train)
+        key = jax.random.key(0)
+        return make_lr_sweep(model, tx, data_, key=key, steps=steps, batch_size=args.batch_size)
+
+    run = sweep(args.steps)
     arms = {
         "single": jnp.asarray([1e-2], jnp.float32),
         "finder": jnp.asarray(np.geomspace(1e-5, 1.0, args.num), jnp.float32),
         "range": jnp.asarray(np.geomspace(1e-7, 10.0, args.steps)[None], jnp.float32),
     }
 
-    one_step = make_lr_sweep(
-        model,
-        lambda lr: build_optimizer(args.optimizer, lr),
-        (x, data.y_train),
-        key=jax.random.key(0),
-        steps=1,
-        batch_size=args.batch_size,
-    )
+    one_step = sweep(1)
     flops = {
         name: step_flops(one_step, lrs[..., :1] if lrs.ndim == 2 else lrs)
         for name, lrs in arms.items()
@@ -94,10 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
         return time.perf_counter() - t
 
     first = {name: timed(lrs) for name, lrs in arms.items()}  # compiles each shape once
-    times: dict[str, list[float]] = {name: [] for name in arms}
-    for _ in range(args.repeats):
-        for name, lrs in arms.items():
-            times[name].append(timed(lrs))
+    times = time_arms({name: partial(timed, lrs) for name, lrs in arms.items()}, args.repeats)
     med = {name: statistics.median(t) for name, t in times.items()}
     gflops = matmul_flops() / 1e9
     floor = flops["finder"] * args.steps / (gflops * 1e9) / med["single"]
@@ -130,6 +128,13 @@ def main(argv: list[str] | None = None) -> dict:
         "times_s": times,
         "environment": environment(),
     }
+    report(result, args, med, compile_s, flops)
+    return result
+
+
+def report(result: dict, args, med: dict, compile_s: dict, flops: dict) -> None:
+    """The JSON line, the table and the ratios, and the JSON file when asked."""
+    gflops, floor = result["matmul_gflops"], result["ratio_run_floor"]
     print(json.dumps(result))
     print(f"\n{'arm':<16}{'run s (median)':>16}{'compile s':>12}{'MFLOP/step':>12}{'GFLOP/s':>10}")
     for name, label in (
@@ -153,10 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"matmul rate {gflops:.0f} GFLOP/s: at that rate the run-only ratio would be "
         f"{floor:.2f}x (the floor on this machine)"
     )
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    write_result(result, args.json_out)
 
 
 if __name__ == "__main__":

@@ -72,8 +72,18 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict:
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, __file__, "--worker", "--port", str(port), "--arm", arm,
-               "--out", out, *passthrough(args)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            "--port",
+            str(port),
+            "--arm",
+            arm,
+            "--out",
+            out,
+            *passthrough(args),
+        ]
         procs = [
             subprocess.Popen([*cmd, "--pid", str(i)], stdout=subprocess.PIPE, text=True, env=env)
             for i in range(2)

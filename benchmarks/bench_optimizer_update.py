@@ -131,7 +131,7 @@ def _time(fn, args: list, inner: int) -> float:
     return dt
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--total", type=int, default=1 << 22, help="parameters in all (fixed)")
     p.add_argument("--leaves", default="1,64,512,2048")
@@ -142,9 +142,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=9, help="rounds (medians over these)")
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
-    leaf_counts = [int(v) for v in args.leaves.split(",")]
-    opts = [o.strip() for o in args.optimizers.split(",")]
-    impls = [i.strip() for i in args.impls.split(",")]
+    args.leaf_counts = leaf_counts = [int(v) for v in args.leaves.split(",")]
+    args.opts = opts = [o.strip() for o in args.optimizers.split(",")]
+    args.impl_list = impls = [i.strip() for i in args.impls.split(",")]
     for o in opts:
         if o not in OPTIMIZERS:
             p.error(f"--optimizers: unknown {o!r}; valid: {', '.join(OPTIMIZERS)}")
@@ -156,6 +156,12 @@ def main(argv: list[str] | None = None) -> dict:
     for n in leaf_counts:
         if n < 1 or args.total % n:
             p.error(f"--leaves: {n} must divide --total={args.total}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    leaf_counts, opts, impls = args.leaf_counts, args.opts, args.impl_list
 
     rows = []
     for opt in opts:

@@ -67,7 +67,7 @@ def worker(args) -> dict:
     return {"devices": jax.device_count(), "results": out, "environment": environment()}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None)
     p.add_argument("--dataset", default=None)
@@ -79,7 +79,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--accelerator", action="store_true", help="run on the visible GPUs/TPUs")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--json-out", default=None)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     if args.accelerator:
         defaults = (
             "resnet18",

@@ -33,6 +33,7 @@ import time
 import jax
 import numpy as np
 import optax
+from timing import write_result
 
 from jtricks.data import Scaler, load_dataset, train_val_split
 from jtricks.nn import build_model
@@ -50,7 +51,7 @@ def arms(steps_per_epoch: int) -> dict[str, dict]:
     }
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="cnn")
     p.add_argument("--dataset", default="mnist1d")
@@ -58,7 +59,11 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=10, help="epochs per timed repeat")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--json-out", default=None)
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
 
     data = load_dataset(args.dataset)
     x_tr, y_tr, x_val, y_val = train_val_split(data.x_train, data.y_train, 0.1, seed=0)
@@ -73,9 +78,14 @@ def main() -> None:
         state = create_train_state(model, tx, x_tr, jax.random.key(0))
         t = time.perf_counter()
         state, hist = fit(
-            state, (x_tr, y_tr), val_data=(x_val, y_val), batch_size=args.batch_size,
-            epochs=args.epochs, data_key=jax.random.key(1), **kw,
-        )  # fmt: skip
+            state,
+            (x_tr, y_tr),
+            val_data=(x_val, y_val),
+            batch_size=args.batch_size,
+            epochs=args.epochs,
+            data_key=jax.random.key(1),
+            **kw,
+        )
         jax.block_until_ready(state.params)
         return time.perf_counter() - t, state, hist
 
@@ -108,18 +118,26 @@ def main() -> None:
                 "steps_per_s": steps / statistics.median(times[name]),
                 "ratio_time_vs_none": statistics.median(times[name]) / base,
                 "step_records": records[name],
-                "max_param_diff": max(
-                    float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-                    for a, b in zip(
-                        jax.tree.leaves(finals[name]), jax.tree.leaves(finals["none"]), strict=True
-                    )
-                ),
+                "max_param_diff": max_diff(finals[name], finals["none"]),
                 "times_s": times[name],
             }
             for name in extra
         },
         "environment": environment(),
     }
+    report(result, args, steps_per_epoch)
+
+
+def max_diff(a, b) -> float:
+    """The largest absolute difference between two parameter trees."""
+    return max(
+        float(np.max(np.abs(np.asarray(u) - np.asarray(v))))
+        for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
+def report(result: dict, args, steps_per_epoch: int) -> None:
+    """The JSON, the table, and the JSON file when asked."""
     print(json.dumps(result, indent=1))
     print(f"\n{args.model} on {args.dataset}: {args.epochs} epochs of {steps_per_epoch} steps")
     print(f"{'arm':<17} {'median s':>9} {'steps/s':>9} {'time ratio':>11} {'records':>8}")
@@ -132,9 +150,7 @@ def main() -> None:
         f"parts: {result['parts_overhead_ms_per_boundary']:.2f} ms per part boundary; "
         f"device: {result['environment']['device_kind']}"
     )
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(result, f, indent=2)
+    write_result(result, args.json_out)
 
 
 if __name__ == "__main__":

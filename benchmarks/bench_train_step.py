@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from timing import time_arms, write_result
 
 from baselines import flax_step
 from jtricks.bench.device import lowered_flops, matmul_flops, peak_flops
@@ -83,7 +84,7 @@ def _utilisation(step, carry, idx, args, env: dict, ips: dict, batch: int) -> di
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="cnn")
     p.add_argument("--shape", default="40", help="example shape, e.g. 40 or 32,32,3")
@@ -98,50 +99,50 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator")
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
-    arms = [a.strip() for a in args.arms.split(",")]
+    args.arm_list = arms = [a.strip() for a in args.arms.split(",")]
     for a in arms:
         if a not in ARMS:
             p.error(f"--arms: unknown {a!r}; valid: {', '.join(ARMS)}")
     if "hand_scan" not in arms:
         p.error("--arms must include the baseline hand_scan")
+    return args
+
+
+def make_data(args: argparse.Namespace):
+    """Random inputs and labels (or token sequences with ``--vocab``), the model and its task."""
     shape = tuple(int(s) for s in args.shape.split(","))
-    B, spe = args.batch_size, args.steps_per_epoch
-    n = B * spe
+    n = args.batch_size * args.steps_per_epoch
     rng = np.random.default_rng(0)
     if args.vocab is None:
         x = jnp.asarray(rng.normal(size=(n, *shape)).astype(np.float32))
         y = jnp.asarray(rng.integers(0, args.num_classes, n).astype(np.int32))
-        model, task = build_model(args.model, args.num_classes), "classification"
-    else:
-        seq = rng.integers(0, args.vocab, (n, shape[0] + 1)).astype(np.int32)
-        x, y = jnp.asarray(seq[:, :-1]), jnp.asarray(seq[:, 1:])
-        model, task = build_model(args.model, args.vocab), "lm"
-    lr = 0.01
-    spec = f"momentum(lr={lr}, gamma=0.9, form='torch', nesterov=True)"
-    compute = jnp.bfloat16 if args.precision == "bf16" else None
-    key = jax.random.key(0)
+        return x, y, build_model(args.model, args.num_classes), "classification", shape
+    seq = rng.integers(0, args.vocab, (n, shape[0] + 1)).astype(np.int32)
+    x, y = jnp.asarray(seq[:, :-1]), jnp.asarray(seq[:, 1:])
+    return x, y, build_model(args.model, args.vocab), "lm", shape
 
-    # ---- hand-written Flax + optax step (benchmarks/baselines/flax_step.py)
-    h_tx = optax.sgd(lr, momentum=0.9, nesterov=True)
+
+def hand_arms(args, model, x, y, key):
+    """The hand-written Flax + optax step (benchmarks/baselines/flax_step.py), run one
+    compiled call per step (``hand_loop``) or one scan per epoch (``hand_scan``); both
+    shuffle every epoch inside the timed region, as fit does. Also the step and carry."""
+    B, spe, n = args.batch_size, args.steps_per_epoch, x.shape[0]
+    compute = jnp.bfloat16 if args.precision == "bf16" else None
+    h_tx = optax.sgd(LR, momentum=0.9, nesterov=True)
     h_step = flax_step.make_step(model, h_tx, x, y, compute)
     h_one = jax.jit(h_step, donate_argnums=0)
 
     def shuffle(e):  # the epoch's batches, drawn as fit draws them (the same work)
         return epoch_indices(jax.random.fold_in(key, e), n, B, spe)
 
-    # the hand-written loops shuffle every epoch too, inside the timed region: in the
-    # compiled epoch (hand_scan) or by one compiled call per epoch (hand_loop)
     h_shuffle = jax.jit(shuffle)
     h_epoch = jax.jit(lambda c, e: jax.lax.scan(h_step, c, shuffle(e)), donate_argnums=0)
 
     def h_init():
         return flax_step.init_carry(model, h_tx, x, key)
 
-    first_batch = shuffle(0)[0]
-
     def run_hand_loop():
-        c = h_init()
-        c = jax.tree.map(jnp.copy, c)
+        c = jax.tree.map(jnp.copy, h_init())
         t = time.perf_counter()
         for e in range(args.epochs):
             idx = h_shuffle(np.int32(e))
@@ -158,7 +159,13 @@ def main(argv: list[str] | None = None) -> dict:
         jax.block_until_ready((c, losses))
         return time.perf_counter() - t
 
-    tx = build_optimizer(spec)
+    arms = {"hand_loop": run_hand_loop, "hand_scan": run_hand_scan}
+    return arms, h_step, h_init(), shuffle(0)[0]
+
+
+def fit_arms(args, model, task, x, y, key):
+    """`fit` with the optimizer as built by name, and with its fused form."""
+    tx = build_optimizer(f"momentum(lr={LR}, gamma=0.9, form='torch', nesterov=True)")
     fused_tx = fused(tx)  # one object: the optimizer is part of the compiled program's key
 
     def run_fit(use_fused: bool):
@@ -167,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
         state, _ = fit(
             state,
             (x, y),
-            batch_size=B,
+            batch_size=args.batch_size,
             epochs=args.epochs,
             data_key=key,
             precision=args.precision,
@@ -176,59 +183,61 @@ def main(argv: list[str] | None = None) -> dict:
         jax.block_until_ready(state)
         return time.perf_counter() - t
 
-    fns = {
-        "hand_loop": run_hand_loop,
-        "hand_scan": run_hand_scan,
-        "fit": lambda: run_fit(False),
-        "fit_fused": lambda: run_fit(True),
-    }
-    fns = {a: fns[a] for a in arms}
-    for fn in fns.values():
-        fn()  # compile (fit and the hand-written programs are cached after this)
-    times: dict[str, list[float]] = {a: [] for a in fns}
-    for _ in range(args.repeats):
-        for a, fn in fns.items():
-            times[a].append(fn())
-    images = args.epochs * spe * B
-    med = {a: statistics.median(v) for a, v in times.items()}
-    ips = {a: images / med[a] for a in fns}
+    return {"fit": lambda: run_fit(False), "fit_fused": lambda: run_fit(True)}
+
+
+LR = 0.01
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    x, y, model, task, shape = make_data(args)
+    key = jax.random.key(0)
+    hand, h_step, carry, first_batch = hand_arms(args, model, x, y, key)
+    fns = {**hand, **fit_arms(args, model, task, x, y, key)}
+    fns = {a: fns[a] for a in args.arm_list}
+    times = time_arms(fns, args.repeats)
+    images = args.epochs * args.steps_per_epoch * args.batch_size
+    ips = {a: images / statistics.median(v) for a, v in times.items()}
     env = environment()
-    params0 = h_init()[0]
-    leaves = len(jax.tree.leaves(params0))
-    util = _utilisation(h_step, h_init(), first_batch, args, env, ips, B)
+    params0 = carry[0]
     result = {
         "benchmark": "bench_train_step",
         "model": args.model,
         "task": task,
         "shape": shape,
-        "batch_size": B,
+        "batch_size": args.batch_size,
         "precision": args.precision,
-        "param_leaves": leaves,
+        "param_leaves": len(jax.tree.leaves(params0)),
         "params": int(sum(v.size for v in jax.tree.leaves(params0))),
         "images_per_repeat": images,
         "repeats": args.repeats,
         "images_per_s": ips,
         "ratio_vs_hand_scan": {a: ips[a] / ips["hand_scan"] for a in fns},
         "seconds": times,
-        **util,
+        **_utilisation(h_step, carry, first_batch, args, env, ips, args.batch_size),
         "environment": env,
     }
+    report(result, args)
+    return result
+
+
+def report(result: dict, args: argparse.Namespace) -> None:
+    """The JSON line, the table, and the JSON file when asked."""
+    ips, util, env = result["images_per_s"], result, result["environment"]
     print(json.dumps(result))
     print(
-        f"\n{args.model} {shape} batch {B} {args.precision}, {leaves} parameter leaves; "
-        f"device {env['device_kind']}"
+        f"\n{args.model} {result['shape']} batch {args.batch_size} {args.precision}, "
+        f"{result['param_leaves']} parameter leaves; device {env['device_kind']}"
     )
     print(f"{'arm':<12}{'images/s (median)':>19}{'ratio':>8}{'TFLOP/s':>10}{'MFU':>8}")
-    for a in fns:
+    for a in ips:
         mfu = util["mfu"].get(a)
         print(
             f"{a:<12}{ips[a]:>19,.0f}{ips[a] / ips['hand_scan']:>8.3f}"
             f"{util['tflops'][a]:>10.3f}{'' if mfu is None else f'{mfu:.1%}':>8}"
         )
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    write_result(result, args.json_out)
 
 
 if __name__ == "__main__":

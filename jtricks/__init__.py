@@ -10,6 +10,7 @@ from jtricks.nn import build_model
 from jtricks.optim import build_optimizer
 from jtricks.run import RunResult, TrainConfig, train
 from jtricks.training import (
+    FitOptions,
     History,
     TrainState,
     clear_caches,
@@ -22,6 +23,7 @@ from jtricks.version import __version__
 __all__ = [
     "ConfigError",
     "Dataset",
+    "FitOptions",
     "History",
     "RunResult",
     "Scaler",

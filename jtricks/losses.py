@@ -7,8 +7,6 @@ they work in log-space (log-sum-exp, log-sigmoid), never on saturated probabilit
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -39,18 +37,6 @@ def cross_entropy(
     if traced or label_smoothing:
         q = optax.smooth_labels(q, label_smoothing)
     return optax.softmax_cross_entropy(logits, q)
-
-
-@functools.cache
-def smoothed_cross_entropy(label_smoothing: float):
-    """`cross_entropy` with ``label_smoothing`` fixed, as a ``(logits, labels) -> (N,)`` loss.
-
-    Cached, so equal values give the same function object and the compiled train step
-    (keyed on the loss) is reused; ``0`` returns `cross_entropy` itself.
-    """
-    if label_smoothing == 0:
-        return cross_entropy
-    return functools.partial(cross_entropy, label_smoothing=float(label_smoothing))
 
 
 def binary_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:

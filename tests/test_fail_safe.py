@@ -234,6 +234,23 @@ def test_cli_divergence_summary_metrics_and_continuation(tmp_path, capsys):
     assert main(["train", "--resume", str(run)]) == 2  # finished: continue with --pretrained
 
 
+@pytest.mark.parametrize("ensemble", ["1", "4"])
+def test_max_nonfinite_reaches_fit_alike_for_single_runs_and_ensembles(tmp_path, ensemble):
+    """``--max-nonfinite 5`` at lr 1e30: every step from the first overflows the parameters,
+    so training stops after exactly 5 skipped steps, an ensemble of 4 as a single run (its
+    wiring once kept fit's default of 20)."""
+    import json
+
+    run = tmp_path / "run"
+    args = ["train", *_npz(tmp_path), "--no-progress", "--optimizer", "sgd", "--lr", "1e30"]
+    args += ["--epochs", "5", "--max-nonfinite", "5", "--ensemble", ensemble, "--out", str(run)]
+    main(args)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = records[-1]
+    assert last["step"] == 5 and last["diverged"]
+    assert last["train_nonfinite"] == 5 * int(ensemble)  # skipped steps, summed over members
+
+
 def test_huge_final_loss_warns():
     from jtricks.run.outputs import History
     from jtricks.run.outputs import huge_loss_warning as _huge_loss_warning

@@ -53,6 +53,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 ARMS = ("eager", "compile", "compile_graphs")
 
@@ -122,6 +123,53 @@ def _emit(result: dict, json_out: str | None) -> dict:
     return result
 
 
+def make_arm(torch, arm: str, args: argparse.Namespace, dev: str, data) -> Callable[[], float]:
+    """``run() -> seconds`` of one arm: ``args.epochs`` epochs of SGD with Nesterov momentum
+    on ResNet-18, eager or `torch.compile`d (``compile_graphs``: with CUDA graphs)."""
+    x_nhwc, y = data
+    c, B, spe = x_nhwc.shape[-1], args.batch_size, args.steps_per_epoch
+    n = B * spe
+    widths = tuple(int(s) for s in args.widths.split(","))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    bf16 = args.precision == "bf16"
+    torch.manual_seed(0)
+    model = resnet18(torch.nn, c, args.num_classes, widths)
+    model = model.to(dev, memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+
+    def forward_loss(xb, yb):
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
+            return loss_fn(model(xb).float(), yb)
+
+    fwd = forward_loss
+    if arm == "compile":
+        fwd = torch.compile(forward_loss)
+    elif arm == "compile_graphs":
+        fwd = torch.compile(forward_loss, mode="reduce-overhead")
+
+    def step(idx):
+        xb = x_nhwc[idx].permute(0, 3, 1, 2)  # (N, C, H, W) view, channels-last strides
+        loss = fwd(xb, y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    def run() -> float:
+        sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+        sync()
+        t = time.perf_counter()
+        for _ in range(args.epochs):
+            perm = torch.randperm(n, device=dev)
+            for i in range(spe):
+                loss = step(perm[i * B : (i + 1) * B])
+        loss.item()
+        sync()
+        return time.perf_counter() - t
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = _parse(argv)
     try:
@@ -138,51 +186,11 @@ def main(argv: list[str] | None = None) -> dict:
     gen = torch.Generator(device="cpu").manual_seed(0)
     x_nhwc = torch.randn(n, h, w, c, generator=gen).to(dev)  # rows gather channels-last
     y = torch.randint(0, args.num_classes, (n,), generator=gen).to(dev)
-    loss_fn = torch.nn.CrossEntropyLoss()
-    bf16 = args.precision == "bf16"
-
-    def make_arm(arm: str):
-        torch.manual_seed(0)
-        model = resnet18(torch.nn, c, args.num_classes, widths)
-        model = model.to(dev, memory_format=torch.channels_last).train()
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-
-        def forward_loss(xb, yb):
-            with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
-                return loss_fn(model(xb).float(), yb)
-
-        fwd = forward_loss
-        if arm == "compile":
-            fwd = torch.compile(forward_loss)
-        elif arm == "compile_graphs":
-            fwd = torch.compile(forward_loss, mode="reduce-overhead")
-
-        def step(idx):
-            xb = x_nhwc[idx].permute(0, 3, 1, 2)  # (N, C, H, W) view, channels-last strides
-            loss = fwd(xb, y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            return loss
-
-        def run() -> float:
-            sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-            sync()
-            t = time.perf_counter()
-            for _ in range(args.epochs):
-                perm = torch.randperm(n, device=dev)
-                for i in range(spe):
-                    loss = step(perm[i * B : (i + 1) * B])
-            loss.item()
-            sync()
-            return time.perf_counter() - t
-
-        return run
-
+    data = (x_nhwc, y)
     runs, errors, warm = {}, {}, {}
     for arm in args.arms:
         try:
-            runs[arm] = make_arm(arm)
+            runs[arm] = make_arm(torch, arm, args, dev, data)
             warm[arm] = runs[arm]()  # warm-up: compilation and cuDNN autotuning
         except Exception as e:  # an arm that cannot run here is reported, not fatal
             errors[arm] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

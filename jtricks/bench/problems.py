@@ -184,6 +184,12 @@ def suite_problems(suite: str) -> list[Problem]:
             lambda: mnist1d_model("gru(hidden=32)"),
         ),
     ]
+    return problems + throughput_problems(quick)
+
+
+def throughput_problems(quick: bool) -> list[Problem]:
+    """The images/s problems: ResNet-20 in every suite, ResNet-18 in the full one."""
+    problems = []
     # XLA:CPU trains 2-D convolutions slowly (seconds per ResNet-20 step), so the quick
     # suite times a small batch for 2 steps
     image, batch = ((32, 32, 3), 8 if quick else 512)

@@ -186,10 +186,13 @@ def _table(labels: list[str], title: str, rows: list, maps: list[dict], head: st
     lines = [
         title,
         "",
-        head + " | ".join(labels) + " | "
-        + " | ".join(f"speedup [{i}]/[0]" for i in range(1, n)) + " |",
+        head
+        + " | ".join(labels)
+        + " | "
+        + " | ".join(f"speedup [{i}]/[0]" for i in range(1, n))
+        + " |",
         "| --- | --- | " + " | ".join("---:" for _ in range(2 * n - 1)) + " |",
-    ]  # fmt: skip
+    ]
     for k in rows:
         vals = [m.get(k) for m in maps]
         cells = [("—" if v is None or not math.isfinite(v) else f"{v:,.2f}") for v in vals]

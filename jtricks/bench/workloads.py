@@ -130,33 +130,101 @@ def suite_workloads(suite: str, data_dir: str | None = None) -> list[Workload]:
     ResNet-20 on CIFAR-10; layer norm stands in for batch norm, as a trial's program
     carries no batch statistics."""
     quick = suite == "quick"
+    workloads = core_workloads(quick)
+    if data_dir is not None:  # CIFAR-10's python batches, where the user keeps them
+        workloads.append(cifar_workload(data_dir, quick))
+    if not quick:
+        workloads.append(gru_workload())
+    return workloads
+
+
+def core_workloads(quick: bool) -> list[Workload]:
+    """The four workloads of every suite: MLP on digits, regression, MNIST-1D CNN and a
+    small language model; the full suite has 4x the budget and 5x the data."""
     s = 1 if quick else 4  # budget scale
     n = 4000 if quick else 20000
-    workloads = [
-        _w("digits_mlp", "scikit-learn's 8x8 digits, MLP 64", "digits", "mlp(features=(64,))",
-           "classification", "accuracy", 64, 400 * s, 50, 30.0 * s),
-        _w("regression_mlp", "noisy non-linear regression, MLP 64-64",
-           f"regression(num_train={n // 2}, num_test=1000)", "mlp(features=(64, 64))",
-           "regression", "mse", 64, 400 * s, 50, 30.0 * s),
-        _w("mnist1d_cnn", "MNIST-1D, the paper's CNN", f"mnist1d(num_samples={n})", "cnn",
-           "classification", "accuracy", 100, 600 * s, 100, 60.0 * s),
-        _w("tokens_lm", "Markov-chain tokens, transformer LM (d 32, 1 layer)",
-           f"tokens(num_train={n // 2}, num_test=256, seq_len=16)",
-           "transformer_lm(d_model=32, heads=2, layers=1)", "lm", "loss", 32, 400 * s, 50,
-           60.0 * s),
-    ]  # fmt: skip
-    if data_dir is not None:  # CIFAR-10's python batches, where the user keeps them
-        workloads.append(
-            _w("cifar10_resnet20", "CIFAR-10, ResNet-20 with layer norm", f"cifar10:{data_dir}",
-               "resnet20(norm='layer')", "classification", "accuracy", 128,
-               200 if quick else 5000, 50 if quick else 250, 600.0 if quick else 1200.0)
-        )  # fmt: skip
-    if not quick:
-        workloads.append(
-            _w("mnist1d_gru", "MNIST-1D, GRU with 32 hidden units", f"mnist1d(num_samples={n})",
-               "gru(hidden=32)", "classification", "accuracy", 100, 2400, 100, 240.0)
-        )  # fmt: skip
-    return workloads
+    return [
+        _w(
+            "digits_mlp",
+            "scikit-learn's 8x8 digits, MLP 64",
+            "digits",
+            "mlp(features=(64,))",
+            "classification",
+            "accuracy",
+            64,
+            400 * s,
+            50,
+            30.0 * s,
+        ),
+        _w(
+            "regression_mlp",
+            "noisy non-linear regression, MLP 64-64",
+            f"regression(num_train={n // 2}, num_test=1000)",
+            "mlp(features=(64, 64))",
+            "regression",
+            "mse",
+            64,
+            400 * s,
+            50,
+            30.0 * s,
+        ),
+        _w(
+            "mnist1d_cnn",
+            "MNIST-1D, the paper's CNN",
+            f"mnist1d(num_samples={n})",
+            "cnn",
+            "classification",
+            "accuracy",
+            100,
+            600 * s,
+            100,
+            60.0 * s,
+        ),
+        _w(
+            "tokens_lm",
+            "Markov-chain tokens, transformer LM (d 32, 1 layer)",
+            f"tokens(num_train={n // 2}, num_test=256, seq_len=16)",
+            "transformer_lm(d_model=32, heads=2, layers=1)",
+            "lm",
+            "loss",
+            32,
+            400 * s,
+            50,
+            60.0 * s,
+        ),
+    ]
+
+
+def cifar_workload(data_dir: str, quick: bool) -> Workload:
+    """ResNet-20 on CIFAR-10 read from ``data_dir`` (layer norm for batch norm)."""
+    return _w(
+        "cifar10_resnet20",
+        "CIFAR-10, ResNet-20 with layer norm",
+        f"cifar10:{data_dir}",
+        "resnet20(norm='layer')",
+        "classification",
+        "accuracy",
+        128,
+        200 if quick else 5000,
+        50 if quick else 250,
+        600.0 if quick else 1200.0,
+    )
+
+
+def gru_workload() -> Workload:
+    """A GRU on MNIST-1D, in the full suite only."""
+    return _w(
+        "mnist1d_gru",
+        "MNIST-1D, GRU with 32 hidden units",
+        "mnist1d(num_samples=20000)",
+        "gru(hidden=32)",
+        "classification",
+        "accuracy",
+        100,
+        2400,
+        100,
+        240.0,
+    )
 
 
 SUITES = ("quick", "full")

@@ -16,9 +16,16 @@ from jtricks.spec import split_top_level
 ACTIONS = ("compare", "targets")
 V1_ONLY = ("optimizers", "problems", "seeds")
 V2_ONLY = (
-    "ruleset", "algorithms", "workloads", "trials", "studies", "search_space", "targets", "reruns",
+    "ruleset",
+    "algorithms",
+    "workloads",
+    "trials",
+    "studies",
+    "search_space",
+    "targets",
+    "reruns",
     "data_dir",
-)  # fmt: skip
+)
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:

@@ -19,9 +19,20 @@ DESCRIPTION = (
     "a check fails."
 )
 SETTINGS = (
-    "dataset", "model", "optimizer", "learning_rate", "batch_size", "preprocess", "seed",
-    "overfit_steps", "lr_min", "lr_max", "lr_num", "lr_steps", "lr_method",
-)  # fmt: skip
+    "dataset",
+    "model",
+    "optimizer",
+    "learning_rate",
+    "batch_size",
+    "preprocess",
+    "seed",
+    "overfit_steps",
+    "lr_min",
+    "lr_max",
+    "lr_num",
+    "lr_steps",
+    "lr_method",
+)
 """The flags passed to `jtricks.diagnostics.diagnose` as they are."""
 
 

@@ -27,13 +27,13 @@ References: Grain, https://github.com/google/grain (random-access sources,
 
 from __future__ import annotations
 
-import functools
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
+from jtricks.caches import cached
 from jtricks.data.shards import ShardedArrays
 from jtricks.errors import ConfigError, check_int
 
@@ -187,7 +187,7 @@ def _unflatten(batch: Any, count: int) -> Any:
     return jax.tree.map(lambda a: a.reshape(count, -1, *a.shape[1:]), batch)
 
 
-@functools.cache
+@cached
 def _epoch_indices():
     """`epoch_indices` of ``fold_in(key, epoch)``, compiled once (one dispatch an epoch)."""
     import jax

@@ -53,11 +53,6 @@ def register_eval_params(state_type: type, rule: EvalRule) -> None:
     _RULES[state_type] = rule
 
 
-def declares_eval_params(opt_state: Any) -> bool:
-    """Whether some node of ``opt_state`` has a registered evaluation rule."""
-    return bool(_declaring_nodes(opt_state))
-
-
 def optimizer_eval_params(opt_state: Any, params: Any) -> Any:
     """The evaluation parameters the optimizer state declares, or ``params`` if none does.
 

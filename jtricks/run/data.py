@@ -70,9 +70,13 @@ class RunData:
         block of every batch."""
         source = self.train if self.source is None else self.source
         batches = EpochBatches(
-            source, batch_size, key, rows=self.rows, transform=self.transform,
+            source,
+            batch_size,
+            key,
+            rows=self.rows,
+            transform=self.transform,
             process=(jax.process_index(), jax.process_count()),
-        )  # fmt: skip
+        )
         return BatchStream(batches, loader=loader)
 
 

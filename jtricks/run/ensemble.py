@@ -12,7 +12,8 @@ from jtricks.errors import ConfigError
 from jtricks.run.build import Build
 from jtricks.run.config import TrainConfig
 from jtricks.run.data import RunData
-from jtricks.run.outputs import RunResult, observing, record_logs, write_summary
+from jtricks.run.options import fit_options
+from jtricks.run.outputs import RunResult, record_logs, write_summary
 from jtricks.rundir import create_run_dir, environment, write_json
 from jtricks.training.data_checks import check_data
 from jtricks.training.ensemble import create_ensemble, evaluate_ensemble, fit_ensemble
@@ -44,17 +45,12 @@ def train_ensemble(
     states, history = fit_ensemble(
         states,
         data.train,
+        fit_options(config, b, run_dir),
         val_data=data.val,
-        batch_size=config.batch_size,
         steps=b.total_steps,
         data_key=b.data_key,
-        eval_batch_size=config.eval_batch_size,
-        augment=b.augment,
-        eval_params=config.eval_params,
-        task=b.task,
         reporter=b.reporter,
         callbacks=logs,
-        **observing(config, run_dir),
     )
     test = evaluate_ensemble(
         states, data.test, task=b.task, batch_size=config.eval_batch_size, params=config.eval_params

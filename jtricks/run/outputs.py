@@ -14,10 +14,9 @@ import numpy as np
 
 from jtricks.errors import WriteError
 from jtricks.plotting import pyplot, save_figure
-from jtricks.run.config import TrainConfig, parse_steps
+from jtricks.run.config import TrainConfig
 from jtricks.rundir import write_json
 from jtricks.training import History, TrainState
-from jtricks.training.profile import Profile
 from jtricks.training.tensorboard import TensorBoard
 
 VARIANTS = ("ema_", "single_view_", "member_", "tta_", "val_ema_", "val_member_")
@@ -108,17 +107,6 @@ def record_logs(run_dir: Path, config: Any, locks: Any) -> list[Any]:
         locks.callback(board.close)
         logs.append(board)
     return logs
-
-
-def observing(config: TrainConfig, run_dir: Path | None) -> dict[str, Any]:
-    """`fit`'s arguments for how the run is laid out and seen: the devices' ``mesh``, the
-    program length (``chunk``), the step records and the profile (into
-    ``run_dir/profile``)."""
-    profile = None
-    if config.profile is not None and run_dir is not None:
-        profile = Profile(run_dir / "profile", *parse_steps(config.profile))
-    mesh = {} if config.mesh is None else {"mesh": config.mesh}  # else fit's own default
-    return dict(chunk=config.chunk, log_every_steps=config.log_every_steps, profile=profile, **mesh)
 
 
 def is_split_metric(name: str, value: Any) -> bool:

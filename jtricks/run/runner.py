@@ -27,12 +27,12 @@ from jtricks.run.build import Build, build
 from jtricks.run.config import TrainConfig, check_keys
 from jtricks.run.data import RunData, load_run_data, refuse_on_disk
 from jtricks.run.ensemble import train_ensemble
+from jtricks.run.options import fit_options
 from jtricks.run.outputs import (
     RunResult,
     diverged_entries,
     floor_entries,
     huge_loss_warning,
-    observing,
     read_steps,
     record_logs,
     write_summary,
@@ -50,6 +50,7 @@ from jtricks.training.checkpoint import (
 from jtricks.training.checkpointer import Checkpointer
 from jtricks.training.data_checks import check_data
 from jtricks.training.distributed import is_sharded_mesh, parse_mesh
+from jtricks.training.options import FitOptions
 from jtricks.training.preemption import status_of
 from jtricks.training.tensorboard import writer_class
 from jtricks.training.transfer import load_pretrained
@@ -328,22 +329,13 @@ def fit_run(
         run,
         state,
         train_data,
+        fit_options(config, b, run.dir),
         val_data=data.val,
-        batch_size=None if b.streaming else config.batch_size,
         **stream_kw,
         steps=remaining,
         data_key=b.data_key,
-        eval_batch_size=config.eval_batch_size,
         callbacks=run.callbacks,
         reporter=b.reporter,
-        task=b.task,
-        max_nonfinite=config.max_nonfinite,
-        augment=b.augment,
-        mix=b.mix,
-        accumulate=config.accumulate,
-        precision=config.precision,
-        eval_params=config.eval_params,
-        **observing(config, run.dir),
         stop=stop,
         partial_epoch=run.partial_epoch,
     )
@@ -367,12 +359,12 @@ def interrupted_line(history: History, run: Run) -> str:
 
 
 def fit_or_explain(
-    run: Run, state: TrainState, train_data: Any, **kw: Any
+    run: Run, state: TrainState, train_data: Any, options: FitOptions, **kw: Any
 ) -> tuple[TrainState, History]:
     """`fit`; a failing stream stops the run with one line that says what is left: the
     writes in flight are finished, and the newest checkpoint continues it."""
     try:
-        return fit(state, train_data, **kw)
+        return fit(state, train_data, options, **kw)
     except StreamError as e:
         if run.checkpointer is None:
             raise

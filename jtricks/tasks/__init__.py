@@ -11,6 +11,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+from jtricks.caches import cached
 from jtricks.errors import ConfigError
 from jtricks.losses import binary_cross_entropy, cross_entropy, mse
 from jtricks.spec import build_from_registry
@@ -70,7 +71,7 @@ def as_task(task: Task | str | None = None, loss_fn: Callable | None = None) -> 
     return _task_of_loss(loss_fn)
 
 
-@functools.cache
+@cached
 def _task_of_loss(loss_fn: Callable | None) -> Task:
     if loss_fn is None or loss_fn is cross_entropy:
         return Classification()

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jtricks.caches import jitted
 from jtricks.errors import check_int
 from jtricks.training.state import TrainState
 
@@ -119,6 +120,6 @@ class SWA:
         return state
 
 
-@jax.jit
+@jitted
 def _running_mean(avg: Any, new: Any, n: jax.Array) -> Any:
     return jax.tree.map(lambda a, p: a + (p - a) / (n + 1), avg, new)

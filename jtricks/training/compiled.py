@@ -11,12 +11,11 @@ free the memory of programs a notebook no longer needs).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
+from jtricks.caches import cached, clear_caches
 from jtricks.errors import ConfigError, check_int
 from jtricks.tasks import Classification, LossTask, Task
-from jtricks.training import data_checks, state, streaming, tta
 from jtricks.training.epoch import StepLog, make_epoch_fn
 from jtricks.training.steps import make_eval_step, make_evaluate_fn, make_train_step
 
@@ -68,7 +67,7 @@ class StepOptions:
         return StepLog(self.log_every, private)
 
 
-@functools.cache
+@cached
 def compiled_steps(options: StepOptions = StepOptions()):
     """The ``(train_step, eval_step)`` pair of a run's options; cached, so the programs
     compiled from them (epochs, stream chunks) are shared by every `fit` call."""
@@ -85,7 +84,7 @@ def compiled_steps(options: StepOptions = StepOptions()):
     return train_step, make_eval_step(task=options.task)
 
 
-@functools.cache
+@cached
 def compiled_functions(options: StepOptions = StepOptions()):
     """The jitted ``(run_epoch, evaluate)`` pair of `compiled_steps` ``(options)``; cached
     so repeated `fit` calls with the same options, model and optimizer compile once."""
@@ -99,18 +98,6 @@ def compiled_functions(options: StepOptions = StepOptions()):
         options.step_log,
     )
     return run_epoch, make_evaluate_fn(eval_step)
-
-
-def clear_caches() -> None:
-    """Forget every compiled program jtricks keeps: the step functions and epoch programs
-    of `fit` and `evaluate`, the stream chunks, the data checks' shape tracing,
-    test-time augmentation and the compiled model initialisers of `create_train_state`. The next call compiles again (JAX's persistent compilation
-    cache, when enabled, still serves it from disk). `jax.clear_caches` clears JAX's own
-    in-memory caches as well."""
-    compiled_steps.cache_clear()
-    compiled_functions.cache_clear()
-    for module in (streaming, data_checks, tta, state):
-        module.clear_caches()
 
 
 def check_options(task: Task, data: Any, augment: Any, mix: Any) -> None:

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jtricks.caches import jitted
 from jtricks.errors import ConfigError
 from jtricks.tasks import Task
 from jtricks.tasks.base import array_of, nonfinite
@@ -70,7 +71,7 @@ _PARAM_SHAPE = re.compile(
 )
 
 
-@jax.jit
+@jitted
 def _forward(state: Any, inputs: Any) -> Any:
     return apply_model(state, state.params, inputs, train=False, key=None)[0]
 
@@ -124,8 +125,3 @@ def check_like(data: Any, reference: Any, where: str) -> None:
         raise ConfigError(
             f"{where}: validation examples have shape {shapes}, training examples {expected}"
         )
-
-
-def clear_caches() -> None:
-    """Forget the traced shapes of the model-output checks."""
-    _forward.clear_cache()

@@ -31,6 +31,7 @@ from jtricks.errors import ConfigError
 from jtricks.tasks import Task
 from jtricks.training.fit import History, evaluate, fit
 from jtricks.training.model import apply_model
+from jtricks.training.options import FitOptions
 from jtricks.training.state import TrainState, create_train_state
 from jtricks.training.steps import LossFn
 
@@ -97,37 +98,27 @@ class _RecordHook:
 def fit_ensemble(
     states: TrainState,
     train_data: Any,
+    options: FitOptions | None = None,
     *,
-    batch_size: int,
-    epochs: int | None = None,
-    steps: int | None = None,
-    val_data: Any = None,
-    data_key: jax.Array,
-    loss_fn: LossFn | None = None,
-    task: Task | str | None = None,
-    eval_batch_size: int = 1000,
-    augment: Callable | None = None,
-    reporter: Any = None,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
-    **fit_kwargs: Any,
+    **kwargs: Any,
 ) -> tuple[TrainState, History]:
     """Train stacked ``states`` (from `create_ensemble`) together: `fit` itself, whose epoch
     program vmaps the train step over the members (`jtricks.training.steps.make_epoch_fn`).
 
     Records hold the members' mean ``train_loss`` / ``train_<metric>``, the ensemble's
     ``val_loss`` / ``val_<metric>`` and the lists ``val_member_<metric>`` (one value per
-    member). Epoch shuffles use ``fold_in(data_key, epoch)`` as in `fit`, so member ``i``
-    sees the batches a separate `fit` run with the same ``data_key`` sees. A non-finite
-    step is skipped per member; the count over members is logged. Other keyword
-    arguments go to `fit` (callbacks, ``max_nonfinite``, ``mesh``, ...).
+    member). Epoch shuffles use ``fold_in(data_key, epoch)`` as in `fit` (``data_key``
+    defaults as `fit`'s, from member 0's key), so member ``i`` sees the batches a separate
+    `fit` run with the same ``data_key`` sees. A non-finite step is skipped per member;
+    the count over members is logged. ``options`` and the keyword arguments are `fit`'s
+    (a `FitOptions` and its fields, ``epochs``, ``val_data``, ``callbacks``, ...); the
+    mesh defaults to one device unless given. ``on_epoch_end(record)`` is called with
+    every epoch's record.
     """
-    callbacks = list(fit_kwargs.pop("callbacks", ()))
+    callbacks = list(kwargs.pop("callbacks", ()))
     if on_epoch_end is not None:
         callbacks.insert(0, _RecordHook(on_epoch_end))
-    length = dict(batch_size=batch_size, epochs=epochs, steps=steps, data_key=data_key)
-    evaluation = dict(val_data=val_data, eval_batch_size=eval_batch_size)
-    fit_kwargs = {"mesh": None, **fit_kwargs, "callbacks": callbacks, "reporter": reporter}
-    return fit(
-        states, train_data, **length, **evaluation, loss_fn=loss_fn, task=task, augment=augment,
-        **fit_kwargs,
-    )  # fmt: skip
+    if options is None and "mesh" not in kwargs:
+        kwargs["mesh"] = None
+    return fit(states, train_data, options, callbacks=callbacks, **kwargs)

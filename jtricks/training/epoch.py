@@ -10,7 +10,6 @@ masked instead of skipped (`run_steps`).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -19,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jtricks.caches import cached, register
 from jtricks.data.batching import epoch_indices
 from jtricks.optim.fused import is_fused
 from jtricks.training.distributed import constrain_state, is_sharded_mesh
@@ -67,9 +67,8 @@ def make_epoch_fn(
     ``eval_step`` was supplied, ``val_<metric>`` for each of the task's metrics on the
     parameters ``state.evaluation_state(eval_source)`` (and ``val_ema_<metric>`` on the EMA
     parameters when the state keeps them and ``eval_source`` is not ``"ema"``). With a
-    `jtricks.optim.fused` optimizer the parameters are `Flat` inside the epoch (one buffer
-    per dtype group) and trees outside it. The state is donated, so its buffers are
-    reused in place. One dispatch and one host transfer per epoch. With ``sharding``
+    `jtricks.optim.fused` optimizer the parameters are `Flat` inside the epoch and trees
+    outside it. The state is donated (its buffers reused in place). With ``sharding``
     (a `jax.sharding.NamedSharding` over a data axis) every batch is constrained to it, so
     the step runs data-parallel under GSPMD. ``unroll`` is `lax.scan`'s: steps per loop
     iteration.
@@ -244,9 +243,15 @@ def step_metric_shapes(step_at, state) -> Metrics:
 
 
 def run_steps(
-    step_at, state, acc, num_steps, max_streak, length: int, unroll: int = 1,
+    step_at,
+    state,
+    acc,
+    num_steps,
+    max_streak,
+    length: int,
+    unroll: int = 1,
     log: StepLog | None = None,
-):  # fmt: skip
+):
     """``step_at(state, j, active)`` for ``j = 0 .. num_steps - 1`` in one `lax.scan` of
     the static ``length >= num_steps``, adding each step's metrics into ``acc``
     (`init_accumulator`).
@@ -358,9 +363,10 @@ def zero_accumulator(shapes: Metrics, private: tuple = ()):
 
 
 _ZEROS: dict = {}
+register(_ZEROS.clear)
 
 
-@functools.cache
+@cached
 def finish_fn(eval_step, eval_source: str):
     """``finish(state, acc, val) -> metrics``: `epoch_metrics` as one compiled call, the
     end of an epoch run in parts or chunks."""
@@ -369,9 +375,3 @@ def finish_fn(eval_step, eval_source: str):
 
 def _finish(state, acc, val, *, eval_step, eval_source):
     return epoch_metrics(state, acc, val, eval_step, eval_source)
-
-
-def clear_caches() -> None:
-    """Forget the compiled accumulator and epoch-end programs."""
-    finish_fn.cache_clear()
-    _ZEROS.clear()

@@ -13,6 +13,7 @@ import numpy as np
 
 from jtricks.training.callbacks import StopTraining
 from jtricks.training.history import History
+from jtricks.training.options import FitOptions
 from jtricks.training.partial import merge, summarize
 from jtricks.training.preemption import stop_requested
 from jtricks.training.runs import Run
@@ -21,12 +22,26 @@ from jtricks.training.state import device_copy as _device_copy
 from jtricks.training.steps import is_ensemble
 
 
+@dataclass(frozen=True)
+class LoopHooks:
+    """What the host loop calls and reads besides the programs: the ``callbacks``, the
+    progress ``reporter``, the ``stop`` flag read between programs, and the ``partial``
+    epoch a resumed run continues (`jtricks.training.partial`)."""
+
+    callbacks: tuple[Any, ...] = ()
+    reporter: Any = None
+    stop: Any = None
+    partial: dict[str, Any] | None = None
+
+
 def run_loop(
-    state: TrainState, run: Run, val: Any, callbacks: Any, reporter: Any, max_nonfinite: int,
-    keep_finite: bool, interrupt: Any = None, partial: dict[str, Any] | None = None,
-) -> tuple[TrainState, History]:  # fmt: skip
-    """`fit`'s epoch loop: dispatch, record, callbacks, divergence, and a stop asked by
-    ``interrupt`` between programs (`_interrupt`); ``partial``: see `jtricks.training.partial`."""
+    state: TrainState, run: Run, val: Any, options: FitOptions, hooks: LoopHooks
+) -> tuple[TrainState, History]:
+    """`fit`'s epoch loop: dispatch, record, callbacks, divergence (``options``'
+    ``max_nonfinite`` and ``keep_finite``), and a stop asked by ``hooks.stop`` between
+    programs (`_interrupt`)."""
+    callbacks, reporter = hooks.callbacks, hooks.reporter
+    interrupt, partial = hooks.stop, hooks.partial
     history = History()
     start_step = int(first_member(state).step)
     total_steps, steps_per_epoch = run.total_steps, run.steps_per_epoch
@@ -35,7 +50,7 @@ def run_loop(
         reporter.start(total_steps=total_steps, done=0)
     pipelined = _pipelined(run, callbacks)
     # the last state known to evaluate finite, kept on device; divergence ends with it
-    keeper = _FiniteKeeper(enabled=keep_finite, always_copy=pipelined)
+    keeper = _FiniteKeeper(enabled=options.keep_finite, always_copy=pipelined)
 
     def dispatch(state, done, streak):
         step = start_step + done
@@ -69,7 +84,7 @@ def run_loop(
             history.records.append(record)
             if reporter is not None:
                 reporter.epoch_end(record, done=done)
-            if "train_nonfinite" in record and streak >= max_nonfinite:
+            if "train_nonfinite" in record and streak >= options.max_nonfinite:
                 state = _diverged(history, record, keeper, state, streak, record["step"])
                 _end_diverged(record, state, upcoming, callbacks, pipelined)
                 break

@@ -26,6 +26,7 @@ from jtricks.training.distributed import (
     replicate,
 )
 from jtricks.training.epoch import finish_fn, program_length
+from jtricks.training.options import FitOptions
 from jtricks.training.preemption import stop_requested
 from jtricks.training.profile import Profile
 from jtricks.training.steps import num_examples, pad_batches
@@ -67,12 +68,33 @@ def complete_options(options: StepOptions, member, mesh, data) -> StepOptions:
     return dataclasses.replace(options, num_classes=num_classes, sharding=sharding)
 
 
+@dataclass(frozen=True)
+class Length:
+    """How long a `fit` call trains: ``epochs`` or ``steps`` (exactly one is given)."""
+
+    epochs: int | None
+    steps: int | None
+
+    def __post_init__(self) -> None:
+        if (self.epochs is None) == (self.steps is None):
+            raise ConfigError(
+                f"give exactly one of epochs and steps; got epochs={self.epochs!r}, "
+                f"steps={self.steps!r}"
+            )
+
+
 def array_run(
-    train_data, options: StepOptions, *, member, mesh, epochs, steps, batch_size, data_key,
-    max_nonfinite, chunk=None, profile=None, stop=None,
-) -> Run:  # fmt: skip
+    train_data: Any,
+    fit_options: FitOptions,
+    member: Any,
+    mesh: Any,
+    length: Length,
+    data_key: jax.Array,
+    stop: Any = None,
+) -> Run:
     """The in-memory path: the data on device, one compiled program per epoch, or per part
     of an epoch longer than ``chunk`` steps (`part_length`)."""
+    options = fit_options.step_options()
     data = check_data(member, options.task, train_data, "training data")
     check_options(options.task, data, options.augment, options.mix)
     if mesh is not None:
@@ -80,9 +102,9 @@ def array_run(
     else:
         data_dev = jax.tree.map(jnp.asarray, data)
     n = num_examples(data_dev)  # across processes: every process's shard
+    batch_size = fit_options.batch_size
     if batch_size is None:
         raise ConfigError("batch_size is required for in-memory training data", param="batch_size")
-    batch_size = check_int("batch_size", batch_size, low=1)
     accumulate = options.accumulate
     if batch_size * accumulate > n:
         raise ConfigError(
@@ -93,56 +115,107 @@ def array_run(
     check_batch(batch_size, mesh)
     batch_size *= accumulate  # examples per optimizer update; the step cuts it into micro-batches
     steps_per_epoch = n // batch_size
-    total = _total_steps(epochs, steps, steps_per_epoch, int(member.step))
+    total = _total_steps(length, steps_per_epoch, int(member.step))
     options = complete_options(options, member, mesh, data)
     run_epoch, _ = programs.compiled_functions(options)
     eval_step = compiled_steps(options)[1]
     if mesh is not None:
         data_key = replicate(data_key, mesh)
+    k = part_length(steps_per_epoch, fit_options.chunk)
+    epochs = ArrayEpochs(
+        run_epoch,
+        data_dev,
+        data_key,
+        batch_size,
+        k,
+        steps_per_epoch,
+        fit_options,
+        options.eval_source,
+        eval_step,
+        stop,
+    )
+    parts = k < steps_per_epoch or fit_options.profile is not None
+    return Run(steps_per_epoch, total, data, epochs, parts=parts)
 
-    k = part_length(steps_per_epoch, chunk)
-    finish = finish_fn(eval_step, options.eval_source)
-    fixed = dict(batch_size=batch_size)
 
-    def whole(state, epoch, offset, num_steps, streak, val):  # training and validation
-        return run_epoch(
-            state, data_dev, data_key, np.int32(epoch), np.int32(offset), val, streak,
-            np.int32(max_nonfinite), num_steps=np.int32(num_steps),
-            length=program_length(num_steps, k), **fixed,
-        )  # fmt: skip
+@dataclass
+class ArrayEpochs:
+    """Runs `fit`'s in-memory epochs: ``(state, epoch, offset, num_steps, streak, val,
+    on_part) -> (state, metrics)``, one program per epoch, or parts of at most
+    ``part_steps`` steps ending in one epoch-end program (`run_parts`)."""
 
-    def part(state, acc, epoch, offset, n):
-        return run_epoch.part(
-            state, acc, data_dev, data_key, np.int32(epoch), np.int32(offset), np.int32(n),
-            np.int32(max_nonfinite), length=program_length(n, k), **fixed,
-        )  # fmt: skip
+    run_epoch: Any
+    data: Any
+    data_key: jax.Array
+    batch_size: int
+    part_steps: int
+    steps_per_epoch: int
+    options: FitOptions
+    eval_source: str
+    eval_step: Any
+    stop: Any = None
 
-    def epoch(state, epoch, offset, num_steps, streak, val, on_part=None):
+    def whole(self, state, epoch, offset, num_steps, streak, val):
+        """Training and validation of ``num_steps`` steps in one program."""
+        return self.run_epoch(
+            state,
+            self.data,
+            self.data_key,
+            np.int32(epoch),
+            np.int32(offset),
+            val,
+            streak,
+            np.int32(self.options.max_nonfinite),
+            num_steps=np.int32(num_steps),
+            length=program_length(num_steps, self.part_steps),
+            batch_size=self.batch_size,
+        )
+
+    def part(self, state, acc, epoch, offset, n):
+        """``n`` steps from batch ``offset`` added into ``acc``."""
+        return self.run_epoch.part(
+            state,
+            acc,
+            self.data,
+            self.data_key,
+            np.int32(epoch),
+            np.int32(offset),
+            np.int32(n),
+            np.int32(self.options.max_nonfinite),
+            length=program_length(n, self.part_steps),
+            batch_size=self.batch_size,
+        )
+
+    def __call__(self, state, epoch, offset, num_steps, streak, val, on_part=None):
+        profile = self.options.profile
         array_val = None if is_val_stream(val) else val
-        start = epoch * steps_per_epoch + offset
-        pieces = cut(start, num_steps, k, profile)
+        start = epoch * self.steps_per_epoch + offset
+        pieces = cut(start, num_steps, self.part_steps, profile)
         if len(pieces) == 1:
             with traced(profile, start, num_steps):
-                state, metrics = whole(state, epoch, offset, num_steps, streak, array_val)
+                state, metrics = self.whole(state, epoch, offset, num_steps, streak, array_val)
             if profile is not None:
                 profile.after(start + num_steps, state)
         else:
-            acc = run_epoch.part.init(state, data_dev, batch_size, streak)
+            acc = self.run_epoch.part.init(state, self.data, self.batch_size, streak)
             state, acc, rows, cut_short = run_parts(
-                lambda s, a, j, n: part(s, a, epoch, offset + j, n), state, acc, pieces,
-                on_part, max_nonfinite, profile, start, stop,
-            )  # fmt: skip
+                lambda s, a, j, n: self.part(s, a, epoch, offset + j, n),
+                state,
+                acc,
+                pieces,
+                on_part,
+                self.options.max_nonfinite,
+                profile,
+                start,
+                self.stop,
+            )
             if cut_short:  # stopped by a signal between parts: no epoch record
                 return state, {"interrupted": True, "step_rows": rows, "partial": acc}
-            metrics = finish(state, acc, array_val)
+            metrics = finish_fn(self.eval_step, self.eval_source)(state, acc, array_val)
             if rows is not None:
                 metrics["step_rows"] = rows
-        add_stream_validation(metrics, eval_step, state, val, options.eval_source)
+        add_stream_validation(metrics, self.eval_step, state, val, self.eval_source)
         return state, metrics
-
-    return Run(
-        steps_per_epoch, total, data, epoch, parts=k < steps_per_epoch or profile is not None
-    )
 
 
 def cut(start: int, num_steps: int, k: int, profile: Profile | None) -> list[int]:
@@ -200,8 +273,9 @@ MAX_STEP = 2**31 - 1
 """The largest step count: `TrainState.step` is an int32 (what optax's counters use too)."""
 
 
-def _total_steps(epochs, steps, steps_per_epoch, start_step: int = 0) -> int:
+def _total_steps(length: Length, steps_per_epoch: int, start_step: int = 0) -> int:
     """The steps to run, checked to end within the int32 step counter."""
+    epochs, steps = length.epochs, length.steps
     if steps is None:
         total = check_int("epochs", epochs, low=1, high=MAX_STEP) * steps_per_epoch
         name, value = "epochs", epochs
@@ -218,30 +292,43 @@ def _total_steps(epochs, steps, steps_per_epoch, start_step: int = 0) -> int:
 
 
 def stream_run(
-    stream, options: StepOptions, *, member, mesh, epochs, steps, steps_per_epoch,
-    batch_size, data_state, chunk, prefetch, max_nonfinite, profile=None, stop=None,
-) -> Run:  # fmt: skip
+    stream: Any,
+    fit_options: FitOptions,
+    member: Any,
+    mesh: Any,
+    length: Length,
+    data_state: Any = None,
+    stop: Any = None,
+) -> Run:
     """The streaming path (`jtricks.training.streaming`): host batches fed to chunks."""
+    options = fit_options.step_options()
+    steps_per_epoch = fit_options.steps_per_epoch
     if steps_per_epoch is None:
         steps_per_epoch = stream_length(stream)
-    if steps_per_epoch is None and steps is None:
+    if steps_per_epoch is None and length.steps is None:
         raise ConfigError(
             f"the training stream ({type(stream).__name__}) has no len(), so an epoch has no "
             "length: give steps_per_epoch, or steps instead of epochs",
             param="steps_per_epoch",
         )
-    steps_per_epoch = check_int("steps_per_epoch", steps_per_epoch or steps, low=1)
+    steps_per_epoch = check_int("steps_per_epoch", steps_per_epoch or length.steps, low=1)
     start_step = int(member.step)
-    total = _total_steps(epochs, steps, steps_per_epoch, start_step)
-    feeder = Feeder(stream, depth=check_int("prefetch", prefetch, low=1), state=data_state)
+    total = _total_steps(length, steps_per_epoch, start_step)
+    chunk, max_nonfinite, profile = (
+        fit_options.chunk,
+        fit_options.max_nonfinite,
+        fit_options.profile,
+    )
+    feeder = Feeder(stream, depth=fit_options.prefetch, state=data_state)
     try:
         first = jax.tree.map(np.asarray, feeder.first)
         data = check_data(member, options.task, first, "the training stream's first batch")
         check_options(options.task, data, options.augment, options.mix)
-        _check_stream_batch(num_examples(data) * jax.process_count(), batch_size, options)
+        _check_stream_batch(
+            num_examples(data) * jax.process_count(), fit_options.batch_size, options
+        )
         check_batch(num_examples(data) // options.accumulate, mesh)
         k = default_chunk(first, steps_per_epoch) if chunk is None else chunk
-        k = check_int("chunk", k, low=1)
         options = complete_options(options, member, mesh, data)
     except BaseException:
         feeder.close()
@@ -249,16 +336,17 @@ def stream_run(
     feeder.start(chunk_plan(start_step, steps_per_epoch, total, k), k, chunk_sharding(mesh))
     train_step, eval_step = compiled_steps(options)
     epochs_fn = StreamEpochs(feeder, train_step, eval_step, options, profile, stop)
+    max_streak = np.int32(max_nonfinite)
 
     def epoch(state, epoch, offset, num_steps, streak, val, on_part=None):
         start = epoch * steps_per_epoch + offset
-        return epochs_fn(state, num_steps, streak, np.int32(max_nonfinite), val, on_part, start)
+        return epochs_fn(state, num_steps, streak, max_streak, val, on_part, start)
 
     parts = k < steps_per_epoch or profile is not None
     return Run(steps_per_epoch, total, data, epoch, close=feeder.close, parts=parts)
 
 
-def prepare_validation(val_data: Any, run: Run, member, task, eval_batch_size: int, mesh) -> Any:
+def prepare_validation(val_data: Any, run: Run, member, options: FitOptions, mesh) -> Any:
     """Validation data as the epochs take it: a re-iterable stream as it is (a one-shot
     iterator is refused before training, not at epoch 2); arrays checked against
     the model and the training data, cut into padded batches (`pad_batches`) and, with a
@@ -275,8 +363,8 @@ def prepare_validation(val_data: Any, run: Run, member, task, eval_batch_size: i
         return val_data
     val_data = as_arrays(val_data, "validation data")
     check_like(val_data, run.data, "validation data")
-    check_data(member, task, val_data, "validation data")
-    val_data = pad_batches(val_data, check_int("eval_batch_size", eval_batch_size, low=1))
+    check_data(member, options.task, val_data, "validation data")
+    val_data = pad_batches(val_data, options.eval_batch_size)
     return val_data if mesh is None else replicate(val_data, mesh)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-import functools
 import os
 from typing import Any
 
@@ -14,6 +13,7 @@ import optax
 from flax import nnx, struct
 from flax.training import train_state
 
+from jtricks.caches import cached, jitted
 from jtricks.errors import ConfigError
 from jtricks.optim.eval_params import optimizer_eval_params
 from jtricks.training.model import linen_apply, nnx_state
@@ -130,12 +130,12 @@ def device_copy(tree: Any) -> Any:
     return jax.tree.unflatten(treedef, leaves)
 
 
-@jax.jit
+@jitted
 def _copy_arrays(arrays: list[jax.Array]) -> list[jax.Array]:
     return [jnp.copy(a) for a in arrays]
 
 
-@functools.lru_cache(maxsize=64)
+@cached(maxsize=64)
 def _compiled_init(apply_fn: Any) -> Any:
     """``apply_fn.init`` under `jax.jit`, one per model (Linen modules compare by value):
     one compiled program initialises the whole model, where op-by-op initialisation
@@ -205,11 +205,6 @@ def check_fits(variables: Any) -> None:
             f"{limit / 2**30:,.1f} GiB of {jax.local_devices()[0].platform} memory: make it smaller",
             param="model",
         )
-
-
-def clear_caches() -> None:
-    """Forget the compiled model initialisers."""
-    _compiled_init.cache_clear()
 
 
 def check_live(state: Any, where: str = "state") -> None:

@@ -47,60 +47,31 @@ def make_train_step(
     One step: the model reads ``task.inputs(batch)`` in training mode with dropout key
     ``fold_in(state.key, state.step)``; the objective is the task's weighted mean loss
     (`jtricks.tasks`); then the gradient, the optax update and the new BatchNorm
-    statistics. Metrics are the batch's ``loss``, the task's training metrics
-    (``accuracy`` for classification), the ``learning_rate`` when the optimizer state
-    holds one, and with ``norms=True`` the gradient's global L2 norm ``grad_norm``;
-    with ``update_norm=True`` also ``update_norm`` and ``param_norm``.
+    statistics. Metrics: the batch's ``loss``, the task's training metrics, the
+    ``learning_rate`` when the optimizer state holds one, ``grad_norm`` with ``norms``,
+    ``update_norm`` and ``param_norm`` with ``update_norm`` (off by default: they keep XLA
+    from fusing the update into the parameter write, see ``benchmarks/bench_fit.py``).
 
-    The update norm is off by default: it keeps XLA from fusing the update into the
-    parameter write, which costs small models a noticeable share of their step (see
-    ``benchmarks/bench_fit.py --update-norm``). `fit` logs the parameter norm once per
-    epoch instead.
-
-    Args:
-      loss_fn: a per-example loss ``(outputs, targets) -> (N,)`` (or ``(loss, extras)``);
-        see `jtricks.tasks.as_task`. Default: classification.
-      task: a `jtricks.tasks.Task` or its spec (instead of ``loss_fn``).
-      norms: return ``grad_norm``.
-      update_norm: also return ``update_norm`` and ``param_norm`` every step.
-      skip_nonfinite: if the loss or any gradient entry is NaN or inf, or the update would
-        make the parameters' norm overflow (an exploding run), keep the old parameters,
-        optimizer state and BatchNorm statistics (the step still counts); the metric
-        ``nonfinite`` is 1 for such a step (the epoch stops after a streak, see
-        `make_epoch_fn`). `optax.apply_if_finite` skips an optimizer update on a
-        non-finite gradient; this guard also keeps the BatchNorm statistics, refuses
-        updates that overflow the parameters, and reports each skip to the compiled
-        epoch, which stops on a streak.
-
-    ``active`` (a traced boolean) masks the step: when false the state comes back as it
-    was (step count included), through the same select as the non-finite guard, so the
-    compiled epoch's static-length loop (`jtricks.training.epoch.run_steps`) masks the
+    ``skip_nonfinite``: a step whose loss or gradient is NaN/inf, or whose update would
+    overflow the parameters' norm, keeps the old parameters, optimizer state and BatchNorm
+    statistics (the step still counts) and reports ``nonfinite = 1``; the compiled epoch
+    stops on a streak. Unlike `optax.apply_if_finite` it also keeps the statistics,
+    refuses overflowing updates, and reports each skip. ``active`` (a traced boolean)
+    masks the step through the same select: the state comes back as it was, step count
+    included, so a static-length loop (`jtricks.training.epoch.run_steps`) masks the
     steps past its count at no cost to the others.
-      augment: per-example augmentation ``(key, x) -> x`` (`jtricks.data.augment`) of the
-        model's input, applied to every training batch with keys from
-        ``fold_in(fold_in(state.key, step), 1)``; evaluation never sees it.
-      mix: ``(kind, alpha)`` for mixup/cutmix (`jtricks.data.augment.mix_batch`), as in
-        `fit`: inputs and targets are mixed and the loss gets soft labels.
-      num_classes: the model's class count, which ``mix`` needs for its soft labels.
-      accumulate: gradient accumulation: the batch is cut into ``accumulate`` equal
-        micro-batches, run one after another in a `lax.scan` (only one micro-batch's
-        activations live at a time); each contributes ``sum_i w_i l_i / W`` with ``W`` the
-        whole batch's weight, so their summed gradients make ONE optimizer update equal to
-        the whole batch's (without BatchNorm, whose statistics then see micro-batches). The
-        batch size must be divisible by it.
-      precision: ``"float32"`` or ``"bf16"`` (mixed precision): the forward and backward
-        passes run on bfloat16 copies of the parameters and inputs; the loss is taken in
-        float32 from float32 outputs; gradients, the optimizer state, the master parameters
-        and BatchNorm statistics stay float32.
+
+    The other arguments are `jtricks.training.FitOptions` fields of the same names:
+    ``augment`` (keys ``fold_in(fold_in(state.key, step), 1)``), ``mix`` (with the
+    model's ``num_classes`` for its soft labels), ``accumulate`` (the batch cut into that
+    many micro-batches in a `lax.scan`, each weighted ``sum_i w_i l_i / W`` so their
+    summed gradients equal the whole batch's) and ``precision`` (``"bf16"``: forward and
+    backward on bfloat16 copies; loss, gradients, optimizer state, master parameters and
+    statistics float32).
     """
-    if precision not in PRECISIONS:
-        raise ConfigError(
-            f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}",
-            param="precision",
-        )
     task = as_task(task, loss_fn)
     accumulate = check_int("accumulate", accumulate, low=1)
-    forward = partial(grad_lib.forward, task, PRECISIONS[precision])
+    forward = partial(grad_lib.forward, task, compute_dtype(precision))
     gradients = partial(grad_lib.gradients, forward, task, accumulate)
 
     def train_step(
@@ -121,30 +92,59 @@ def make_train_step(
         )
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, **train_metrics(task, outputs, batch)}
-        keep = active  # one select keeps the old state: skipped, masked, or both
-        if skip_nonfinite:
-            finite = _finite(loss, grads, params)
-            keep = finite & active
-            metrics["nonfinite"] = (~finite).astype(jnp.int32)
-        if skip_nonfinite or active is not True:
-            params, opt_state, batch_stats = select_tree(
-                keep, (params, opt_state, batch_stats),
-                (state.params, state.opt_state, state.batch_stats),
-            )  # fmt: skip
-        metrics.update(_norms(opt_state, grads, updates, params, norms, update_norm))
-        new_state = state.replace(
-            step=state.step + jnp.asarray(active, jnp.int32),
-            params=params,
-            opt_state=opt_state,
-            batch_stats=batch_stats,
+        new = _guard(
+            skip_nonfinite,
+            active,
+            loss,
+            grads,
+            metrics,
+            (params, opt_state, batch_stats),
+            (state.params, state.opt_state, state.batch_stats),
         )
-        if state.ema_params is not None:  # Polyak averaging (kept when the step was skipped)
-            ema = optax.incremental_update(params, state.ema_params, 1.0 - state.ema_decay)
-            new_state = new_state.replace(ema_params=select_tree(active, ema, state.ema_params))
-        return new_state, metrics
+        metrics.update(_norms(new[1], grads, updates, new[0], norms, update_norm))
+        return _advance(state, active, *new), metrics
 
     train_step.takes_active = True  # the compiled epoch masks steps through ``active``
     return train_step
+
+
+def compute_dtype(precision: str) -> Any:
+    """The compute dtype of a precision name (`PRECISIONS`: ``None`` for float32)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(
+            f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}",
+            param="precision",
+        )
+    return PRECISIONS[precision]
+
+
+def _guard(skip_nonfinite: bool, active: Any, loss, grads, metrics, new, old):
+    """``new`` (parameters, optimizer state, statistics) where the step is kept, else
+    ``old``: one select for a skipped step (non-finite, flagged in ``metrics``), a masked
+    one (``active`` false), or both."""
+    keep = active
+    if skip_nonfinite:
+        finite = _finite(loss, grads, new[0])
+        keep = finite & active
+        metrics["nonfinite"] = (~finite).astype(jnp.int32)
+    if skip_nonfinite or active is not True:
+        return select_tree(keep, new, old)
+    return new
+
+
+def _advance(state: TrainState, active: Any, params, opt_state, batch_stats) -> TrainState:
+    """The state after a step (the count advances only when ``active``), with its Polyak
+    average (EMA) updated when it keeps one (kept as it was for a masked step)."""
+    new_state = state.replace(
+        step=state.step + jnp.asarray(active, jnp.int32),
+        params=params,
+        opt_state=opt_state,
+        batch_stats=batch_stats,
+    )
+    if state.ema_params is not None:
+        ema = optax.incremental_update(params, state.ema_params, 1.0 - state.ema_decay)
+        new_state = new_state.replace(ema_params=select_tree(active, ema, state.ema_params))
+    return new_state
 
 
 def select_tree(keep: Any, new: Any, old: Any) -> Any:

@@ -22,7 +22,6 @@ checkpoint-aware feeding of a jitted training loop is jtricks' own.
 from __future__ import annotations
 
 import contextlib
-import functools
 import queue
 import threading
 from collections.abc import Iterator
@@ -35,9 +34,9 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jtricks.caches import cached
 from jtricks.data.stream import data_state, restore_iterator
 from jtricks.errors import StreamError
-from jtricks.training import epoch as epoch_lib
 from jtricks.training.distributed import batch_axes
 from jtricks.training.epoch import (
     StepLog,
@@ -231,7 +230,7 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-@functools.cache
+@cached
 def make_chunk_fn(train_step, sharding: Any = None, unroll: int = 1, log: StepLog | None = None):
     """Compile ``run_chunk(state, acc, chunk, num_steps, max_streak) -> (state, acc)``:
     the first ``num_steps`` batches of ``chunk`` (leaves ``(K, B, ...)``), one step each,
@@ -328,8 +327,12 @@ class StreamEpochs:
             if previous is not None and part_done(previous, on_part, max_streak):
                 break
             if remaining > 0 and stop_requested(self.stop):  # between chunks: no record
-                return state, {"interrupted": True, "step_rows": rows, "partial": acc,
-                               "data_state": self.state_after}  # fmt: skip
+                return state, {
+                    "interrupted": True,
+                    "step_rows": rows,
+                    "partial": acc,
+                    "data_state": self.state_after,
+                }
         if acc is None:  # nothing came: the stream was already exhausted
             return state, None
         metrics = self.finish(state, acc, None if is_val_stream(val) else val)
@@ -348,20 +351,13 @@ def part_done(pending, on_part, max_streak) -> bool:
     return int(acc["streak"]) >= int(max_streak)
 
 
-@functools.cache
+@cached
 def _sums_fn(eval_step, source: str):
     def sums(state, batch, weight):
         step, state = evaluation_step(eval_step, state, source)
         return step(state, batch, weight)
 
     return jax.jit(sums)
-
-
-def clear_caches() -> None:
-    """Forget the compiled chunk, accumulator, epoch-end and evaluation programs."""
-    for cache in (make_chunk_fn, _sums_fn):
-        cache.cache_clear()
-    epoch_lib.clear_caches()
 
 
 def is_val_stream(val: Any) -> bool:

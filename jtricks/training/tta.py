@@ -24,7 +24,6 @@ References:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jtricks.caches import cached
 from jtricks.errors import ConfigError, check_int
 from jtricks.tasks import Classification, LanguageModel, Task, as_task, batch_sums, finalize
 from jtricks.training.data_checks import check_data
@@ -61,7 +61,7 @@ def _combined_outputs(state: TrainState, task: Task, x, ids, key, augment, views
     return task.combine(stacked)
 
 
-@functools.cache
+@cached
 def _compiled(task: Task, augment: Callable, views: int):
     @jax.jit
     def run(state, batches, wb, key):
@@ -153,8 +153,3 @@ def tta_log_probs(
     data = (x, np.zeros(len(x), np.int32))
     _, logp = _run(state, data, augment, views, key, Classification(), batch_size, params)
     return np.asarray(logp)[: len(x)]
-
-
-def clear_caches() -> None:
-    """Forget the compiled test-time-augmentation programs."""
-    _compiled.cache_clear()
