@@ -16,7 +16,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from jtricks.caches import cached, register
 from jtricks.data.batching import epoch_indices
@@ -26,6 +25,7 @@ from jtricks.training.fused_state import flat_train_state, tree_train_state
 from jtricks.training.gradients import Batch, num_examples
 from jtricks.training.state import TrainState
 from jtricks.training.steps import EvalStep, Metrics, evaluate_batches, is_ensemble, select_tree
+from jtricks.trees import tree_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,7 +343,7 @@ def epoch_metrics(state, acc, val, eval_step, eval_source) -> Metrics:
     if "nonfinite" in acc:
         metrics["nonfinite"] = acc["nonfinite"]
     if "param_norm" not in metrics:  # once, at the end of the epoch
-        metrics["param_norm"] = per_member(optax.tree.norm)(state.params)
+        metrics["param_norm"] = per_member(tree_norm)(state.params)
     if val is not None and eval_step is not None:
         main = evaluate_batches(eval_step, state, *val, eval_source)
         metrics.update({f"val_{k}": v for k, v in main.items()})

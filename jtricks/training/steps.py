@@ -22,6 +22,7 @@ from jtricks.training import gradients as grad_lib
 from jtricks.training.gradients import Batch, cast_floats, num_examples
 from jtricks.training.model import apply_model
 from jtricks.training.state import TrainState, keep_frozen_stats
+from jtricks.trees import tree_norm
 
 PRECISIONS = {"float32": None, "bf16": jnp.bfloat16}
 
@@ -159,8 +160,8 @@ def _finite(loss: jax.Array, grads: Any, params: Any) -> jax.Array:
     """Whether a step may be kept: a finite loss and gradient, and parameters whose norm
     did not overflow (|w| ~ 1e19 already squares to inf), so exploding runs keep usable
     parameters."""
-    grad_norm = optax.tree.norm(grads)
-    return jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
+    grad_norm = tree_norm(grads)  # shared with the grad_norm metric (one computation)
+    return jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(tree_norm(params))
 
 
 def _norms(opt_state, grads, updates, params, norms: bool, update_norm: bool) -> Metrics:
@@ -171,10 +172,10 @@ def _norms(opt_state, grads, updates, params, norms: bool, update_norm: bool) ->
     if lr is not None:
         metrics["learning_rate"] = jnp.asarray(lr, jnp.float32)
     if norms:
-        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["grad_norm"] = tree_norm(grads)
     if update_norm:
-        metrics["update_norm"] = optax.tree.norm(updates)
-        metrics["param_norm"] = optax.tree.norm(params)
+        metrics["update_norm"] = tree_norm(updates)
+        metrics["param_norm"] = tree_norm(params)
     return metrics
 
 
