@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 
 def leaf_path(path: Any) -> str:
@@ -29,8 +30,6 @@ def tree_norm(tree: Any) -> jax.Array:
     (where each leaf's reduction is long enough to be worth its kernel, and whose leaves
     may be sharded differently) are reduced leaf by leaf.
     """
-    import jax.numpy as jnp
-
     leaves = jax.tree.leaves(tree)
     if not leaves:
         return jnp.zeros((), jnp.float32)

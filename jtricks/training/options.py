@@ -22,8 +22,8 @@ from typing import Any
 from jtricks.errors import ConfigError, check_int, did_you_mean
 from jtricks.tasks import Task, as_task
 from jtricks.training.compiled import StepOptions
-from jtricks.training.state import EVAL_SOURCES
-from jtricks.training.steps import PRECISIONS, LossFn
+from jtricks.training.state import check_eval_source
+from jtricks.training.steps import LossFn, compute_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,16 +106,8 @@ class FitOptions:
         for name in ("batch_size", "steps_per_epoch", "chunk", "log_every_steps"):
             if getattr(self, name) is not None:
                 set_(self, name, check_int(name, getattr(self, name), low=1))
-        if self.precision not in PRECISIONS:
-            raise ConfigError(
-                f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}",
-                param="precision",
-            )
-        if self.eval_params not in EVAL_SOURCES:
-            raise ConfigError(
-                f"eval_params must be one of {', '.join(EVAL_SOURCES)}; got {self.eval_params!r}",
-                param="eval_params",
-            )
+        compute_dtype(self.precision)  # the step's own checks, with their messages
+        check_eval_source(self.eval_params)
         if self.mix is not None:
             set_(self, "mix", _mix(self.mix))
 
