@@ -135,24 +135,17 @@ def memory_arm(spec: str, model, tx, x, y, args) -> dict:
     import numpy as np
 
     from jtricks.training import create_train_state
-    from jtricks.training.compiled import StepOptions, compiled_functions
+    from jtricks.training.compiled import StepOptions, part_program
     from jtricks.training.distributed import batch_sharding, parse_mesh, place_state, replicate
+    from jtricks.training.epoch import ArrayFeed
 
     mesh = parse_mesh(spec)
     state = place_state(create_train_state(model, tx, x, jax.random.key(0)), mesh)
-    run_epoch, _ = compiled_functions(StepOptions(sharding=batch_sharding(mesh)))
-    compiled = run_epoch.lower(
-        state,
-        replicate((x, y), mesh),
-        replicate(jax.random.key(1), mesh),
-        np.int32(0),
-        np.int32(0),
-        None,
-        np.int32(0),
-        np.int32(20),
-        num_steps=np.int32(args.steps),
-        length=args.steps,
-        batch_size=args.batch_size,
+    program = part_program(StepOptions(sharding=batch_sharding(mesh)))
+    data, key = replicate((x, y), mesh), replicate(jax.random.key(1), mesh)
+    feed = ArrayFeed(data, key, np.int32(0), np.int32(0), args.batch_size)
+    compiled = program.lower(
+        state, np.int32(0), feed, np.int32(args.steps), np.int32(20), length=args.steps, finish=True
     ).compile()
     memory = compiled.memory_analysis()
     return {

@@ -80,7 +80,7 @@ def run_sweep(arm: str, model, x, y, rates, args) -> dict:
         log.removeHandler(counter)
     return {
         "seconds": time.perf_counter() - start,
-        "epoch_compiles": counter.names.count("run_epoch"),
+        "epoch_compiles": counter.names.count("run_part"),
         "all_compiles": len(counter.names),
         "losses": losses,
     }

@@ -25,27 +25,17 @@ def main() -> None:
     import importlib
 
     ckpt = importlib.import_module("jtricks.training.checkpoint")
-    fit_mod = importlib.import_module("jtricks.training.compiled")  # where fit looks it up
 
     def die():
         sys.stdout.flush()
         os.kill(os.getpid(), signal.SIGKILL)
 
     if mode == "epoch":
-        original = fit_mod.compiled_functions
 
-        def patched(*a, **k):
-            run_epoch, evaluate = original(*a, **k)
+        def at_epoch(feed, kw):  # a whole in-memory epoch's program, of that epoch
+            return kw["finish"] and kw["length"] and int(getattr(feed, "epoch", -2)) + 1 == epoch
 
-            def run(state, data, data_key, ep, *rest, **kw):
-                out = run_epoch(state, data, data_key, ep, *rest, **kw)
-                if int(ep) + 1 == epoch:
-                    die()  # the epoch is in flight on the device
-                return out
-
-            return run, evaluate
-
-        fit_mod.compiled_functions = patched
+        _patch_program(at_epoch, die)
     elif mode == "save":
         original_write = ckpt._write_json
 
@@ -56,23 +46,13 @@ def main() -> None:
 
         ckpt._write_json = write
     elif mode == "chunk":
-        streaming = importlib.import_module("jtricks.training.streaming")
-        original_make = streaming.make_chunk_fn
         calls = [0]
 
-        def make(*a, **k):
-            run_chunk = original_make(*a, **k)
+        def at_chunk(feed, kw):  # the epoch-th chunk in flight on the device
+            calls[0] += bool(kw["length"])
+            return bool(kw["length"]) and calls[0] == epoch
 
-            def run(*args):
-                out = run_chunk(*args)
-                calls[0] += 1
-                if calls[0] == epoch:
-                    die()  # the chunk is in flight on the device
-                return out
-
-            return run
-
-        streaming.make_chunk_fn = make
+        _patch_program(at_chunk, die)
     elif mode == "fail":
         stream = importlib.import_module("jtricks.data.stream")
         original_read = stream.read_rows
@@ -95,30 +75,42 @@ def main() -> None:
     sys.exit(cli_main(["train", *args]))
 
 
-def _signal_after_parts(count: int, signum: int) -> None:
-    """Send ``signum`` to this process after the ``count``-th part or chunk dispatch."""
+def _patch_program(when, then) -> None:
+    """Wrap the part program `fit` looks up (`jtricks.training.compiled.part_program`) so
+    that ``then()`` runs right after a dispatch for which ``when(feed, kwargs)`` holds."""
     import importlib
 
-    epoch_mod = importlib.import_module("jtricks.training.epoch")
-    streaming = importlib.import_module("jtricks.training.streaming")
-    calls = [0]
+    compiled = importlib.import_module("jtricks.training.compiled")
+    original = compiled.part_program
 
-    def counted(fn):
-        def run(*a, **k):
-            out = fn(*a, **k)
-            calls[0] += 1
-            if calls[0] == count:
-                os.kill(os.getpid(), signum)
+    def patched(*a, **k):
+        program = original(*a, **k)
+
+        def run(state, acc, feed, *rest, **kw):
+            out = program(state, acc, feed, *rest, **kw)
+            if when(feed, kw):
+                then()
             return out
 
-        for name in ("init",):
-            if hasattr(fn, name):
-                setattr(run, name, getattr(fn, name))
         return run
 
-    original_part, original_chunk = epoch_mod.make_part_fn, streaming.make_chunk_fn
-    epoch_mod.make_part_fn = lambda *a, **k: counted(original_part(*a, **k))
-    streaming.make_chunk_fn = lambda *a, **k: counted(original_chunk(*a, **k))
+    compiled.part_program = patched
+
+
+def _signal_after_parts(count: int, signum: int) -> None:
+    """Send ``signum`` to this process after the ``count``-th part or chunk dispatch (not
+    counting a whole in-memory epoch's program, the zeroing or the epoch's end)."""
+    from jtricks.training.epoch import ArrayFeed
+
+    calls = [0]
+
+    def counted(feed, kw):
+        if kw["length"] and not (kw["finish"] and isinstance(feed, ArrayFeed)):
+            calls[0] += 1
+            return calls[0] == count
+        return False
+
+    _patch_program(counted, lambda: os.kill(os.getpid(), signum))
 
 
 if __name__ == "__main__":

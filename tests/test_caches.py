@@ -76,7 +76,7 @@ def test_clear_caches_empties_every_cache_that_a_run_filled():
     filled = {name for name, obj in caches.items() if _size(obj) > 0}
     for name in (
         "jtricks.training.compiled.compiled_functions",
-        "jtricks.training.streaming.make_chunk_fn",
+        "jtricks.training.compiled.part_program",
         "jtricks.training.state._compiled_init",
         "jtricks.training.state._copy_arrays",
         "jtricks.tasks._task_of_loss",

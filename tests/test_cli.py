@@ -305,7 +305,7 @@ def test_cli_keeps_compiled_programs_in_the_cache_folder(tmp_path):
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     cmd = [sys.executable, "-m", "jtricks.cli", "train", *TINY, "--epochs", "1", "--no-progress"]
     subprocess.run([*cmd, "--out", str(tmp_path / "a")], env=env, check=True, capture_output=True)
-    assert any(p.name.startswith("jit_run_epoch") for p in (tmp_path / "cache" / "xla").iterdir())
+    assert any(p.name.startswith("jit_run_part") for p in (tmp_path / "cache" / "xla").iterdir())
     env["JTRICKS_CACHE_DIR"] = str(tmp_path / "off")
     env["JTRICKS_COMPILATION_CACHE"] = "0"
     subprocess.run([*cmd, "--out", str(tmp_path / "b")], env=env, check=True, capture_output=True)

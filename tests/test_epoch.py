@@ -19,12 +19,11 @@ from jtricks.training.compiled import (
     StepOptions,
     clear_caches,
     compiled_functions,
-    compiled_steps,
+    part_program,
 )
 from jtricks.training.ensemble import create_ensemble
-from jtricks.training.epoch import init_accumulator, program_length
+from jtricks.training.epoch import ChunkFeed, program_length
 from jtricks.training.steps import pad_batches
-from jtricks.training.streaming import make_chunk_fn
 
 MODEL = build_model("mlp(features=(8,))", 3)
 
@@ -47,13 +46,13 @@ def _whiles(compiled_text: str) -> list[tuple[str, str | None]]:
 
 
 def _epoch_hlo(state, data, options=None, length=6, batch_size=10, val=None) -> str:
-    run_epoch, _ = compiled_functions(options or StepOptions())
+    from jtricks.training.epoch import ArrayFeed
+
+    program = part_program(options or StepOptions())
     x, y = (jnp.asarray(a) for a in data)
-    args = (state, (x, y), jax.random.key(1), np.int32(0), np.int32(0), val, np.int32(0))
-    lowered = run_epoch.lower(
-        *args, np.int32(20), num_steps=np.int32(4), length=length, batch_size=batch_size
-    )
-    return lowered.compile().as_text()
+    feed = ArrayFeed((x, y), jax.random.key(1), np.int32(0), np.int32(0), batch_size)
+    args = (state, np.int32(0), feed, np.int32(4), np.int32(20), val)
+    return program.lower(*args, length=length, finish=True).compile().as_text()
 
 
 def _check_static(text: str, steps: str) -> None:
@@ -85,13 +84,12 @@ def test_validation_inside_the_epoch_is_a_static_loop_too(data):
 def test_a_streamed_chunk_has_a_static_trip_count(data):
     x, y = data
     state = create_train_state(MODEL, optax.adam(1e-2), x, jax.random.key(0))
-    train_step, _ = compiled_steps(StepOptions())
-    run_chunk = make_chunk_fn(train_step, None, 1)
-    chunk = (jnp.asarray(x[:40]).reshape(4, 10, 5), jnp.asarray(y[:40]).reshape(4, 10))
-    first = jax.tree.map(lambda a: a[0], chunk)
-    acc = init_accumulator(jax.eval_shape(train_step, state, first)[1])
-    text = run_chunk.lower(state, acc, chunk, np.int32(3), np.int32(20)).compile().as_text()
-    _check_static(text, "4")
+    program = part_program(StepOptions())
+    chunk = ChunkFeed((jnp.asarray(x[:40]).reshape(4, 10, 5), jnp.asarray(y[:40]).reshape(4, 10)))
+    _, acc = program(state, np.int32(0), chunk, np.int32(0), np.int32(20), length=0, finish=False)
+    state = create_train_state(MODEL, optax.adam(1e-2), x, jax.random.key(0))  # donated
+    lowered = program.lower(state, acc, chunk, np.int32(3), np.int32(20), length=4, finish=False)
+    _check_static(lowered.compile().as_text(), "4")
 
 
 def test_program_length_reuses_the_epoch_program_for_long_partial_epochs():
@@ -129,10 +127,11 @@ def test_clear_caches_forgets_the_programs(data):
     x, y = data
     state = create_train_state(MODEL, optax.adam(1e-2), x, jax.random.key(0))
     fit(state, (x, y), batch_size=10, steps=2)
-    before = compiled_functions(StepOptions())[0]
+    before = part_program(StepOptions())
+    assert before._cache_size() >= 1
     clear_caches()
-    assert compiled_functions(StepOptions())[0] is not before
-    assert compiled_functions(StepOptions())[0]._cache_size() == 0
+    assert part_program(StepOptions()) is not before
+    assert part_program(StepOptions())._cache_size() == 0
 
 
 def test_a_short_last_epoch_reuses_the_epoch_program(data, caplog):
@@ -144,7 +143,7 @@ def test_a_short_last_epoch_reuses_the_epoch_program(data, caplog):
 
     def epoch_compiles() -> int:
         lines = [r.getMessage() for r in caplog.records]
-        return sum("XLA compilation of jit(run_epoch)" in m for m in lines)
+        return sum("XLA compilation of jit(run_part)" in m for m in lines)
 
     with caplog.at_level("WARNING"), jax.log_compiles(True):
         state, hist = fit(state, (x, y), batch_size=10, steps=10)

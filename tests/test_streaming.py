@@ -29,8 +29,8 @@ from jtricks.nn import MLP
 from jtricks.optim import fused
 from jtricks.training import create_train_state, evaluate, fit
 from jtricks.training.checkpoint import list_checkpoints, read_meta
-from jtricks.training.compiled import StepOptions, compiled_steps
-from jtricks.training.streaming import chunk_plan, default_chunk, make_chunk_fn
+from jtricks.training.compiled import StepOptions, part_program
+from jtricks.training.streaming import chunk_plan, default_chunk
 
 HERE = Path(__file__).parent
 MODEL = MLP(num_classes=4, features=(16,), dropout=0.2)
@@ -93,8 +93,7 @@ def test_stream_of_the_same_batches_is_bit_identical(data, options, batch):
 def test_continuing_from_a_records_data_state_equals_one_run(data):
     train, _ = data
     whole, _ = fit(_state(), _stream(train, 30), steps=10, chunk=4)
-    steps = compiled_steps(StepOptions())  # fit's options by default
-    run_chunk = make_chunk_fn(steps[0], None, 1, None)  # as fit calls it
+    run_chunk = part_program(StepOptions())  # fit's options by default
     compiled = run_chunk._cache_size()
     assert compiled >= 1  # the program fit used
     half, h = fit(_state(), _stream(train, 30), steps=4, chunk=4)

@@ -49,7 +49,7 @@ def test_an_unknown_hyperparameter_is_refused():
 
 
 def _epoch_compiles(caplog) -> int:
-    return sum("XLA compilation of jit(run_epoch)" in r.getMessage() for r in caplog.records)
+    return sum("XLA compilation of jit(run_part)" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ import numpy as np
 
 from jtricks.caches import jitted
 from jtricks.errors import ConfigError
-from jtricks.tasks import Task
+from jtricks.tasks import Classification, LossTask, Task
 from jtricks.tasks.base import array_of, nonfinite
 from jtricks.training.model import apply_model
 
@@ -124,4 +124,43 @@ def check_like(data: Any, reference: Any, where: str) -> None:
     if jax.tree.structure(data) != jax.tree.structure(reference) or shapes != expected:
         raise ConfigError(
             f"{where}: validation examples have shape {shapes}, training examples {expected}"
+        )
+
+
+def num_examples(batch: Any) -> int:
+    """The common leading dimension of a batch pytree."""
+    return jax.tree.leaves(batch)[0].shape[0]
+
+
+def pad_batches(data: Any, batch_size: int) -> tuple[Any, jax.Array]:
+    """Cut a data pytree (leading axis N) into ``ceil(N / batch_size)`` batches, zero-padding
+    the last; also return the 0/1 weights that mark real examples. Leaves get shape
+    ``(B, batch_size, ...)``, weights ``(B, batch_size)``. Host data are padded on the host
+    (no small programs compiled); JAX arrays on their device (never copied to the host)."""
+    data = jax.tree.map(array_of, data)
+    n = num_examples(data)
+    bs = min(batch_size, n)
+    nb = -(-n // bs)
+    pad = nb * bs - n
+
+    def cut(a: Any) -> jax.Array:
+        xp = jnp if isinstance(a, jax.Array) else np
+        a = xp.concatenate([a, xp.zeros((pad, *a.shape[1:]), a.dtype)])
+        return jnp.asarray(a.reshape(nb, bs, *a.shape[1:]))
+
+    w = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+    return jax.tree.map(cut, data), jnp.asarray(w.reshape(nb, bs))
+
+
+def check_options(task: Task, data: Any, augment: Any, mix: Any) -> None:
+    """Refuse combinations of a task and a trick that cannot make sense."""
+    if mix is not None and not isinstance(task, Classification | LossTask):
+        raise ConfigError(
+            f"mixup/cutmix mixes class labels; the {task.name} task has none", param="mix"
+        )
+    if augment is not None and not hasattr(task.inputs(data), "shape"):
+        raise ConfigError(
+            f"augment transforms one input array; the {task.name} task's model reads a "
+            "structure of arrays",
+            param="augment",
         )

@@ -9,38 +9,65 @@ masked instead of skipped (`run_steps`).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
-from jtricks.caches import cached, register
 from jtricks.data.batching import epoch_indices
 from jtricks.optim.fused import is_fused
+from jtricks.training.data_checks import num_examples
 from jtricks.training.distributed import constrain_state, is_sharded_mesh
 from jtricks.training.fused_state import flat_train_state, tree_train_state
-from jtricks.training.gradients import Batch, num_examples
+from jtricks.training.gradients import Batch
+from jtricks.training.options import StepLog
 from jtricks.training.state import TrainState
 from jtricks.training.steps import EvalStep, Metrics, evaluate_batches, is_ensemble, select_tree
 from jtricks.trees import tree_norm
 
 
-@dataclasses.dataclass(frozen=True)
-class StepLog:
-    """Per-step records kept on the device: every step whose number (the step count after
-    it, 1-based, as in the epoch records) is a multiple of ``every`` is recorded with all
-    its step metrics (loss, learning rate, gradient, update and parameter norms, the
-    task's metrics) and its ``nonfinite`` flag. ``private`` names metrics that the step
-    computes only for these records (left out of the epoch means)."""
+@struct.dataclass
+class ArrayFeed:
+    """The batches of an in-memory epoch, as a program input: step ``j`` of the part takes
+    batch ``offset + j`` of epoch ``epoch``'s shuffle (`epoch_indices` of
+    ``fold_in(data_key, epoch)`` over ``N // batch_size`` batches), gathered on the device
+    from ``data`` (a pytree of device arrays, leading axis N)."""
 
-    every: int
-    private: tuple[str, ...] = ()
+    data: Any
+    data_key: jax.Array
+    epoch: jax.Array
+    offset: jax.Array
+    batch_size: int = struct.field(pytree_node=False)
+
+    def batch_at(self) -> Callable[[jax.Array], Batch]:
+        n = num_examples(self.data)
+        key = jax.random.fold_in(self.data_key, self.epoch)
+        idx = epoch_indices(key, n, self.batch_size, n // self.batch_size)
+
+        def batch(j):
+            row = jnp.minimum(self.offset + j, idx.shape[0] - 1)  # masked steps run past
+            return jax.tree.map(lambda a: a[idx[row]], self.data)
+
+        return batch
 
 
-def make_epoch_fn(
+@struct.dataclass
+class ChunkFeed:
+    """A stream's chunk as a program input: step ``j`` takes ``chunk[j]`` (leaves
+    ``(K, B, ...)``, fed by `jtricks.training.streaming.Feeder`)."""
+
+    chunk: Any
+
+    def batch_at(self) -> Callable[[jax.Array], Batch]:
+        return lambda j: jax.tree.map(
+            lambda a: jax.lax.dynamic_index_in_dim(a, j, 0, False), self.chunk
+        )
+
+
+def make_part_program(
     train_step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]],
     eval_step: EvalStep | None = None,
     sharding: Any = None,
@@ -48,54 +75,95 @@ def make_epoch_fn(
     unroll: int = 1,
     log: StepLog | None = None,
 ):
-    """Compile ``run_epoch(state, data, data_key, epoch, offset, val, streak, max_streak, *,
-    num_steps, length, batch_size) -> (state, metrics)``: one program per epoch, training
-    and validation together.
+    """Compile ``run_part(state, acc, feed, num_steps, max_streak, val=None, *, length,
+    finish) -> (state, acc | metrics)``: the one program of `fit`'s engine.
 
-    ``data`` is the training set as a pytree of device arrays with a common leading axis
-    N. The epoch's batches are ``epoch_indices(fold_in(data_key, epoch), N, batch_size,
-    N // batch_size)``; the call runs ``num_steps`` of them starting at batch ``offset``
-    (both traced) in a `lax.scan` of static ``length >= num_steps`` steps (`run_steps`),
-    whose every iteration gathers its batch from the device-resident data. The loop's trip
-    count is static, so XLA knows it (``known_trip_count``) and an accelerator runs the
-    whole epoch without asking the host after each step; steps past ``num_steps`` are
-    masked (they leave the state as it is). `fit` uses ``length = N // batch_size`` for
-    every epoch longer than half an epoch, so a short last epoch or a resumed one reuses
-    the full epoch's program (`program_length`).
-    Returned metrics are the epoch means of the step metrics, ``param_norm`` at the end of
-    the epoch and, when ``val`` (``(batches, weights)`` from `pad_batches`) is given and
-    ``eval_step`` was supplied, ``val_<metric>`` for each of the task's metrics on the
-    parameters ``state.evaluation_state(eval_source)`` (and ``val_ema_<metric>`` on the EMA
-    parameters when the state keeps them and ``eval_source`` is not ``"ema"``). With a
-    `jtricks.optim.fused` optimizer the parameters are `Flat` inside the epoch and trees
-    outside it. The state is donated (its buffers reused in place). With ``sharding``
-    (a `jax.sharding.NamedSharding` over a data axis) every batch is constrained to it, so
-    the step runs data-parallel under GSPMD. ``unroll`` is `lax.scan`'s: steps per loop
-    iteration.
+    It runs the first ``num_steps`` (traced) steps of ``feed`` (an `ArrayFeed` or a
+    `ChunkFeed`) in a `lax.scan` of static ``length >= num_steps`` steps (`run_steps`),
+    adding their metrics into ``acc``; steps past ``num_steps`` are masked (they leave
+    the state as it is). The loop's trip count is static, so XLA knows it
+    (``known_trip_count``) and an accelerator runs the whole part without asking the
+    host after each step. ``acc`` is the epoch's accumulator so far (`init_accumulator`),
+    or the skipped-step streak carried in, which starts a fresh one. With ``finish`` the
+    program also ends the epoch and returns its metrics (`epoch_metrics`: the means of
+    the step metrics, ``param_norm``, and ``val_<metric>`` of ``val``, ``(batches,
+    weights)`` from `pad_batches`, on ``state.evaluation_state(eval_source)``); with
+    ``log`` (a `StepLog`) the records of the logged steps come back too, as
+    ``acc["rows"]`` or ``metrics["step_rows"]``. The state is donated (its buffers
+    reused in place).
 
-    Divergence: ``streak`` is the number of consecutive skipped (non-finite) steps before
-    the epoch; once it reaches ``max_streak`` every later step of the epoch is masked, so
-    the returned state, its step count and ``steps_done`` agree with where training
-    stopped. Metrics also hold ``steps_done``, the final ``streak`` (a device array the
-    next epoch can take without a host round trip), ``first_loss``, the loss of the
-    epoch's first step, and ``nonfinite``, the number of skipped steps (summed over
-    members).
+    Its calls (static ``length`` and ``finish`` choose the program): a whole epoch is
+    ``(streak, length=L, finish=True)``; an epoch in parts starts with ``(streak,
+    length=0, finish=False)`` (the zeroed accumulator, no step run), adds each part with
+    ``(acc, length=k, finish=False)`` and ends with ``(acc, feed=None, length=0,
+    finish=True)``; a stream's chunks are parts of ``length=K``.
 
-    Stacked states (an ensemble, `is_ensemble`) run the same program with the step
-    vmapped over members (each its own initialisation, dropout keys and optimizer
-    state; all the same batches); step metrics then have a member axis and validation
-    reports the ensemble's prediction and every member's (`EnsembleEvalStep`).
+    Divergence: once ``acc``'s streak of consecutive skipped (non-finite) steps reaches
+    ``max_streak`` every later step is masked, so the state, its step count and the
+    ``steps_done`` metric agree with where training stopped. With a `jtricks.optim.fused`
+    optimizer the parameters are `Flat` inside the loop and trees outside it. Stacked
+    states (an ensemble, `is_ensemble`) run the same program with the step vmapped over
+    members (all the same batches). With ``sharding`` (a `jax.sharding.NamedSharding`
+    over a data axis) every batch is constrained to it, so the step runs data-parallel
+    under GSPMD. ``unroll`` is `lax.scan`'s: steps per loop iteration.
 
-    With ``log`` (a `StepLog`) the metrics also hold ``step_rows``: the records of the
-    logged steps, kept on the device as the loop's outputs (`run_steps`).
-    ``run_epoch.part`` runs a part of an epoch into an accumulator (`make_part_fn`).
+    New here: Flax's and optax's examples step in a Python loop; this is the masked,
+    static-length, resumable loop that `fit`, ensembles and streams share.
     """
-
     train_step = masked_step(train_step)
     ensemble_step = jax.vmap(train_step, in_axes=(0, None, None))
-    steps = partial(array_steps, train_step, ensemble_step, sharding)
 
-    @partial(jax.jit, static_argnames=("length", "batch_size"), donate_argnums=0)
+    def steps_of(feed):
+        batch = feed.batch_at()
+
+        def step_at(state, j, active=True):
+            return dispatch_step(train_step, ensemble_step, sharding, state, batch(j), active)
+
+        return step_at
+
+    @partial(jax.jit, static_argnames=("length", "finish"), donate_argnums=0)
+    def run_part(state, acc, feed, num_steps, max_streak, val=None, *, length, finish):
+        if not isinstance(acc, dict):  # the streak carried in: a fresh epoch
+            shapes = step_metric_shapes(steps_of(feed), state)
+            acc = init_accumulator(shapes, acc, private_of(log))
+        if length:
+            step_at = steps_of(feed)
+            state, acc = run_steps(step_at, state, acc, num_steps, max_streak, length, unroll, log)
+            state = keep_placement(state, sharding)
+        if not finish:
+            return state, acc
+        acc = dict(acc)
+        rows = acc.pop("rows", None)
+        metrics = epoch_metrics(state, acc, val, eval_step, eval_source)
+        return state, metrics if rows is None else {**metrics, "step_rows": rows}
+
+    return run_part
+
+
+def make_epoch_fn(
+    train_step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]],
+    eval_step: EvalStep | None = None,
+    **options: Any,
+):
+    """``run_epoch(state, data, data_key, epoch, offset, val=None, streak=0,
+    max_streak=2**31 - 1, *, num_steps, length, batch_size) -> (state, metrics)``: one
+    in-memory epoch, training and validation together, as one call of
+    `make_part_program`'s program (see there for every argument). ``data`` is the
+    training set as a pytree of device arrays with a common leading axis N; the call
+    runs ``num_steps`` batches of epoch ``epoch``'s shuffle from batch ``offset``
+    (`ArrayFeed`). Metrics also hold ``steps_done``, the final ``streak`` (a device
+    array the next epoch can take without a host round trip), ``first_loss`` (the loss
+    of the epoch's first step) and ``nonfinite`` (skipped steps, summed over members).
+    `fit` uses ``length = N // batch_size`` for every epoch longer than half an epoch, so
+    a short last epoch or a resumed one reuses the full epoch's program
+    (`program_length`). ``options``: `make_part_program`'s ``sharding``, ``eval_source``,
+    ``unroll`` and ``log``."""
+    return epoch_fn(make_part_program(train_step, eval_step, **options))
+
+
+def epoch_fn(program):
+    """`make_epoch_fn`'s ``run_epoch`` of a part ``program`` (`make_part_program`)."""
+
     def run_epoch(
         state,
         data,
@@ -110,65 +178,12 @@ def make_epoch_fn(
         length: int,
         batch_size: int,
     ):
-        step_at = steps(data, data_key, epoch, offset, batch_size)
-        acc = init_accumulator(step_metric_shapes(step_at, state), streak, private_of(log))
-        state, acc = run_steps(step_at, state, acc, num_steps, max_streak, length, unroll, log)
-        state = keep_placement(state, sharding)
-        rows = acc.pop("rows", None)
-        metrics = epoch_metrics(state, acc, val, eval_step, eval_source)
-        return state, metrics if rows is None else {**metrics, "step_rows": rows}
+        feed = ArrayFeed(data, data_key, epoch, offset, batch_size)
+        streak = jnp.asarray(streak, jnp.int32)
+        return program(state, streak, feed, num_steps, max_streak, val, length=length, finish=True)
 
-    run_epoch.part = make_part_fn(steps, unroll, log, sharding)
+    run_epoch.program = program
     return run_epoch
-
-
-def array_steps(train_step, ensemble_step, sharding, data, data_key, epoch, offset, batch_size):
-    """``step_at(state, j, active)`` of an in-memory epoch: step ``j`` after batch
-    ``offset`` of epoch ``epoch``'s shuffle (`epoch_indices` of ``fold_in(data_key,
-    epoch)``), its batch gathered from the device-resident ``data``."""
-    n = num_examples(data)
-    idx = epoch_indices(jax.random.fold_in(data_key, epoch), n, batch_size, n // batch_size)
-
-    def step_at(state, j, active=True):
-        row = jnp.minimum(offset + j, idx.shape[0] - 1)  # masked steps may run past the end
-        batch = jax.tree.map(lambda a: a[idx[row]], data)
-        return dispatch_step(train_step, ensemble_step, sharding, state, batch, active)
-
-    return step_at
-
-
-def make_part_fn(steps, unroll: int = 1, log: StepLog | None = None, sharding: Any = None):
-    """``run_part(state, acc, data, data_key, epoch, offset, num_steps, max_streak, *,
-    length, batch_size) -> (state, acc)``: ``num_steps`` steps of an in-memory epoch from
-    batch ``offset``, added into ``acc`` (`init_accumulator`), in a loop of static
-    ``length``; the state is donated. An epoch cut into parts (`fit`'s ``chunk``) ends
-    with `finish_fn`, so its metrics equal the one-program epoch's. ``run_part.init(state,
-    data, batch_size, streak)`` is the zeroed accumulator (one compiled call). ``steps``
-    is `array_steps` with the step bound."""
-
-    @partial(jax.jit, static_argnames=("length", "batch_size"), donate_argnums=0)
-    def run_part(
-        state, acc, data, data_key, epoch, offset, num_steps, max_streak, *, length, batch_size
-    ):
-        step_at = steps(data, data_key, epoch, offset, batch_size)
-        state, acc = run_steps(step_at, state, acc, num_steps, max_streak, length, unroll, log)
-        return keep_placement(state, sharding), acc
-
-    def init(state, data, batch_size, streak):
-        key = (jax.tree.structure(state), batch_size, *_avals(state), *_avals(data))
-        if key not in shapes:  # traced once per state, data and batch size
-            step_at = steps(data, jax.random.key(0), 0, 0, batch_size)
-            shapes[key] = step_metric_shapes(step_at, state)
-        return zero_accumulator(shapes[key], private_of(log))(jnp.asarray(streak, jnp.int32))
-
-    shapes: dict = {}
-
-    run_part.init = init
-    return run_part
-
-
-def _avals(tree) -> list[tuple]:
-    return [(jnp.shape(a), jnp.result_type(a)) for a in jax.tree.leaves(tree)]
 
 
 def program_length(num_steps: int, steps_per_epoch: int) -> int:
@@ -351,27 +366,3 @@ def epoch_metrics(state, acc, val, eval_step, eval_source) -> Metrics:
             ema = evaluate_batches(eval_step, state, *val, "ema")
             metrics.update({f"val_ema_{k}": v for k, v in ema.items()})
     return metrics
-
-
-def zero_accumulator(shapes: Metrics, private: tuple = ()):
-    """``init_accumulator(shapes, streak, private)`` as one compiled call (cached per
-    shapes)."""
-    key = (tuple(sorted((k, v.shape, str(v.dtype)) for k, v in shapes.items())), private)
-    if key not in _ZEROS:
-        _ZEROS[key] = jax.jit(partial(init_accumulator, shapes, private=private))
-    return _ZEROS[key]
-
-
-_ZEROS: dict = {}
-register(_ZEROS.clear)
-
-
-@cached
-def finish_fn(eval_step, eval_source: str):
-    """``finish(state, acc, val) -> metrics``: `epoch_metrics` as one compiled call, the
-    end of an epoch run in parts or chunks."""
-    return jax.jit(partial(_finish, eval_step=eval_step, eval_source=eval_source))
-
-
-def _finish(state, acc, val, *, eval_step, eval_source):
-    return epoch_metrics(state, acc, val, eval_step, eval_source)

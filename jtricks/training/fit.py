@@ -13,23 +13,24 @@ from jtricks.optim.fused import is_fused
 from jtricks.tasks import Task, as_task
 from jtricks.training import compiled as programs
 from jtricks.training.compiled import StepOptions, compiled_steps
-from jtricks.training.data_checks import check_data
+from jtricks.training.data_checks import check_data, pad_batches
 from jtricks.training.distributed import as_mesh, is_sharded_mesh, like_state, place_state
 from jtricks.training.history import Callback, History
-from jtricks.training.loop import LoopHooks, first_member, record_value, run_loop
+from jtricks.training.loop import LoopHooks, record_value, run_loop
 from jtricks.training.options import FitOptions
 from jtricks.training.partial import check as check_partial
 from jtricks.training.preemption import AgreedStop
 from jtricks.training.runs import Length, Run, array_run, prepare_validation, stream_run
-from jtricks.training.state import TrainState, check_eval_source, check_live, unalias
-from jtricks.training.steps import (
-    LossFn,
+from jtricks.training.state import (
+    TrainState,
+    check_eval_source,
+    check_live,
+    first_member,
     is_ensemble,
-    pad_batches,
+    unalias,
 )
-from jtricks.training.streaming import (
-    evaluate_stream,
-)
+from jtricks.training.steps import LossFn
+from jtricks.training.streaming import evaluate_stream
 
 
 def fit(
@@ -61,9 +62,7 @@ def fit(
     `jtricks.data.stream.BatchStream`) runs in compiled chunks, fed ahead of use; records
     hold its ``data_state``. After each epoch: validation, a record, the callbacks.
 
-    The state is *consumed* (its buffers donated): continue from the one returned, or
-    pass ``device_copy(state)`` (`jtricks.training.state.device_copy`) to keep yours.
-
+    The state is *consumed* (its buffers donated): continue from the one returned, or pass ``device_copy(state)`` (`jtricks.training.state.device_copy`) to keep yours.
     Args:
       state: from `create_train_state` (or an earlier `fit`), or stacked ensemble states.
       train_data: a batch pytree of arrays with a common leading axis N, or a stream.
@@ -99,13 +98,14 @@ def fit(
     if data_key is None:  # an ensemble's: from member 0's key, the batches every member sees
         data_key = jax.random.fold_in(member.key, 1)
     length = Length(epochs, steps)
-    run = _run(train_data, options, member, mesh, length, data_key, data_state, stop)
+    run = _run(train_data, options, member, mesh, length, data_key, data_state)
     try:
         val_data = prepare_validation(val_data, run, member, options, mesh)
         state = unalias(state)  # each epoch donates the state: one buffer must not appear twice
         if mesh is not None:
             state = place_state(state, mesh)
-        partial_epoch = check_partial(partial_epoch, int(member.step), run.steps_per_epoch)
+        if partial_epoch is not None:
+            partial_epoch = check_partial(partial_epoch, int(member.step), run.steps_per_epoch)
         hooks = LoopHooks(tuple(callbacks), reporter, stop, partial_epoch)
         return run_loop(state, run, val_data, options, hooks)
     finally:
@@ -114,12 +114,12 @@ def fit(
             options.profile.close()
 
 
-def _run(train_data, options, member, mesh, length, data_key, data_state, stop) -> Run:
+def _run(train_data, options, member, mesh, length, data_key, data_state) -> Run:
     """The run of in-memory data (`array_run`) or of a stream (`stream_run`)."""
     if is_stream(train_data):
-        return stream_run(train_data, options, member, mesh, length, data_state, stop)
+        return stream_run(train_data, options, member, mesh, length, data_state)
     _stream_only(data_state=data_state, steps_per_epoch=options.steps_per_epoch)
-    return array_run(train_data, options, member, mesh, length, data_key, stop)
+    return array_run(train_data, options, member, mesh, length, data_key)
 
 
 def _stream_only(**settings: Any) -> None:
@@ -137,8 +137,10 @@ def _mesh(mesh: Any, state: TrainState) -> Any:
     """`fit`'s ``mesh`` as a mesh; an ``fsdp`` mesh refuses the fused optimizer (flat
     buffers) and ensembles (stacked states)."""
     mesh = as_mesh(mesh)
+    if not is_sharded_mesh(mesh):
+        return mesh
     fused = is_fused(first_member(state).opt_state)
-    if is_sharded_mesh(mesh) and (fused or is_ensemble(state)):
+    if fused or is_ensemble(state):
         what = (
             "the fused optimizer keeps them in flat buffers"
             if fused

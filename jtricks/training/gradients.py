@@ -12,14 +12,10 @@ import jax
 import jax.numpy as jnp
 
 from jtricks.tasks import Task
+from jtricks.training.data_checks import num_examples
 from jtricks.training.model import apply_model
 
 Batch = Any  # a pytree of arrays with a common leading (example) axis
-
-
-def num_examples(batch: Batch) -> int:
-    """The common leading dimension of a batch pytree."""
-    return jax.tree.leaves(batch)[0].shape[0]
 
 
 def cast_floats(tree: Any, dtype: Any) -> Any:

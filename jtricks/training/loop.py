@@ -1,25 +1,33 @@
-"""`fit`'s epoch loop: it dispatches the epochs of a `jtricks.training.runs.Run`,
-records them, hands out step records, runs callbacks and watches for divergence."""
+"""`fit`'s host loop: the one loop over the programs of a `jtricks.training.runs.Run`.
+
+It dispatches each epoch's parts (`run_epoch`; part k+1 is in flight before part k's
+records are read), ends the epoch, records it (`EpochResult` -> a record), hands out
+step records, shows progress, runs callbacks (checkpoints among them), reads the stop
+flag between programs and watches for divergence."""
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import jax
 import numpy as np
 
+from jtricks.errors import StreamError
+from jtricks.training import endings
 from jtricks.training.callbacks import StopTraining
 from jtricks.training.history import History
 from jtricks.training.options import FitOptions
-from jtricks.training.partial import merge, summarize
-from jtricks.training.preemption import stop_requested
+from jtricks.training.partial import merge
+from jtricks.training.preemption import stop_requested as _stop_requested
+from jtricks.training.profile import Profile
 from jtricks.training.runs import Run
-from jtricks.training.state import TrainState
+from jtricks.training.state import TrainState, first_member
 from jtricks.training.state import device_copy as _device_copy
-from jtricks.training.steps import is_ensemble
+from jtricks.training.streaming import evaluate_stream
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,118 @@ class LoopHooks:
     reporter: Any = None
     stop: Any = None
     partial: dict[str, Any] | None = None
+
+
+def stop_requested(stop: Any) -> bool:
+    """Whether a stop flag is set (`jtricks.training.preemption.stop_requested`); never
+    without one."""
+    return stop is not None and _stop_requested(stop)
+
+
+@dataclass
+class EpochResult:
+    """What one epoch's programs hand the loop, device arrays until read: the epoch's
+    ``metrics`` (`jtricks.training.epoch.epoch_metrics`; ``None`` for an epoch that did
+    not end), the step ``rows`` not yet handed out, a stream's ``data_state`` after the
+    epoch's last batch, whether the stream ``ended`` (ran out), and, for an epoch cut by
+    a stop between its parts, the ``partial`` accumulator."""
+
+    metrics: dict[str, Any] | None = None
+    rows: Any = None
+    data_state: Any = None
+    ended: bool = False
+    partial: dict[str, Any] | None = None
+
+    @property
+    def interrupted(self) -> bool:
+        return self.partial is not None
+
+    @property
+    def streak(self) -> Any:
+        """The skipped-step streak at the end (a device array: no host round trip)."""
+        return (self.metrics or self.partial)["streak"]
+
+
+def run_epoch(state, streak, run: Run, val, start: int, num_steps: int, options, stop, on_part):
+    """Run ``num_steps`` steps of the epoch that ``start`` (global steps done) falls in:
+    its parts (``run.parts``) through the run's program, then the epoch's end, with
+    validation. One part covering the epoch is one program, end included; otherwise each
+    finished part goes to ``on_part(acc, rows)`` once the next one is dispatched (so the
+    device never waits for the host), the loop stops early once a part's streak of
+    non-finite steps ends training, and a stop (``stop``) between parts returns an
+    interrupted `EpochResult`."""
+    profile, max_streak = options.profile, np.int32(options.max_nonfinite)
+    array_val = val if isinstance(val, tuple) else None
+    epoch, offset = divmod(start, run.steps_per_epoch)
+    parts = run.parts(epoch, offset, num_steps)
+    acc, pending, done, last, ended = streak, None, 0, None, False
+    while (part := _next_part(parts, state)) is not None:
+        last, n = part, np.int32(part.steps)
+        with traced(profile, start + done, part.steps):
+            if not run.split and part.steps == num_steps:  # the whole epoch in one program
+                state, metrics = run.program(
+                    state, acc, part.feed, n, max_streak, array_val, length=part.length, finish=True
+                )
+                return state, _ended(metrics, run, state, val, part.data_state)
+            if not isinstance(acc, dict):  # the epoch's zeroed accumulator
+                state, acc = run.program(
+                    state, acc, part.feed, n, max_streak, length=0, finish=False
+                )
+            state, acc = run.program(
+                state, acc, part.feed, n, max_streak, length=part.length, finish=False
+            )
+        if profile is not None:
+            profile.after(start + done + part.steps, state)
+        done += part.steps
+        previous, pending = pending, (acc, acc.pop("rows", None))
+        if previous is not None and part_done(previous, on_part, max_streak):
+            break  # diverged: every later step would be masked
+        if done < num_steps and stop_requested(stop):
+            return state, EpochResult(rows=pending[1], data_state=part.data_state, partial=acc)
+    else:
+        ended = done < num_steps  # a one-shot stream ran out
+    if pending is None:  # nothing came: the stream was already exhausted
+        return state, EpochResult(ended=True)
+    state, metrics = run.program(
+        state, acc, None, np.int32(0), max_streak, array_val, length=0, finish=True
+    )
+    result = _ended({**metrics, "step_rows": pending[1]}, run, state, val, last.data_state)
+    result.ended = ended
+    return state, result
+
+
+def _next_part(parts: Iterator[Any], state) -> Any:
+    """The epoch's next part, ``None`` after its last; a stream's failure carries the state
+    reached (nothing trained is lost)."""
+    try:
+        return next(parts, None)
+    except StreamError as e:
+        e.state = state
+        raise
+
+
+def _ended(metrics, run: Run, state, val, data_state) -> EpochResult:
+    """The `EpochResult` of an ended epoch; a validation stream is evaluated here (array
+    validation ran inside the epoch's last program)."""
+    rows = metrics.pop("step_rows", None)
+    if val is not None and not isinstance(val, tuple):
+        out = evaluate_stream(run.eval_step, state, val, run.eval_source)
+        metrics.update({f"val_{k}": v for k, v in out.items()})
+    return EpochResult(metrics, rows, data_state)
+
+
+def traced(profile: Profile | None, start: int, n: int) -> Any:
+    """The profiler's context around a dispatch of ``n`` steps after ``start`` done."""
+    return contextlib.nullcontext() if profile is None else profile.before(start, n)
+
+
+def part_done(pending, on_part, max_streak) -> bool:
+    """Hand a finished part's ``(acc, rows)`` to ``on_part``; whether its streak of
+    non-finite steps reached ``max_streak`` (every later step would be masked)."""
+    acc, rows = pending
+    if on_part is not None:
+        on_part(acc, rows)
+    return int(acc["streak"]) >= int(max_streak)
 
 
 def run_loop(
@@ -58,40 +178,40 @@ def run_loop(
         num_steps = min(steps_per_epoch - offset, total_steps - done)
         keeper.starting(state)
         on_part = part_listener(history, callbacks, reporter, epoch, step, done)
-        state, metrics = run.epoch(state, epoch, offset, num_steps, streak, val, on_part)
+        state, result = run_epoch(
+            state, streak, run, val, step, num_steps, options, interrupt, on_part
+        )
         before = partial if partial is not None and step == partial["step"] else None
-        return state, Dispatched(metrics, epoch, step, num_steps, done, keeper.take_start(), before)
+        return state, Dispatched(result, epoch, step, num_steps, done, keeper.take_start(), before)
 
-    cut: dict[str, Any] = {}
+    cut: EpochResult | None = None
     try:
         t_last = time.perf_counter()
         state, pending = dispatch(state, 0, np.int32(0))
         while pending is not None:
             upcoming = None
             if pipelined and pending.done_after < total_steps and not stop_requested(interrupt):
-                state, upcoming = dispatch(state, pending.done_after, pending.metrics["streak"])
+                state, upcoming = dispatch(state, pending.done_after, pending.result.streak)
             keeper.started(pending.start)
-            if pending.metrics is None:  # a one-shot stream ran out at an epoch's start
-                history.stopped = _ran_out(history, pending.step)
-                break
-            if pending.metrics.get("interrupted"):  # stopped between the epoch's parts
-                deliver_steps(pending.metrics.get("step_rows"), history, callbacks)
-                cut = pending.metrics
+            deliver_steps(pending.result.rows, history, callbacks)
+            if pending.result.metrics is None:  # stopped between parts, or a stream ran out
+                cut = pending.result
+                if not cut.interrupted:
+                    history.stopped = endings.ran_out(pending.step)
                 break
             record, streak, done, ended = _record(pending)
-            deliver_steps(record.pop("step_rows", None), history, callbacks)
             t_last = _timed(record, pending.step, t_last, t0)
             history.records.append(record)
             if reporter is not None:
                 reporter.epoch_end(record, done=done)
             if "train_nonfinite" in record and streak >= options.max_nonfinite:
-                state = _diverged(history, record, keeper, state, streak, record["step"])
-                _end_diverged(record, state, upcoming, callbacks, pipelined)
+                state = endings.diverged(history, record, keeper, state, streak, record["step"])
+                endings.end_diverged(record, state, upcoming, callbacks, pipelined)
                 break
             keeper.epoch_end(record, upcoming.start if upcoming is not None else None)
             state, stop = _run_callbacks(callbacks, record, state, history, pipelined)
             if ended and not stop:
-                history.stopped = record["stopped"] = _ran_out(history, record["step"])
+                history.stopped = record["stopped"] = endings.ran_out(record["step"])
                 stop = True
             if stop:
                 break
@@ -103,11 +223,11 @@ def run_loop(
                 pending = None
         complete = int(first_member(state).step) >= start_step + total_steps
         if stop_requested(interrupt) and history.stopped is None and not complete:
-            _interrupt(history, callbacks, state, cut, interrupt, steps_per_epoch, partial)
+            endings.interrupt(history, callbacks, state, cut, interrupt, steps_per_epoch, partial)
         else:
             state = _train_end(callbacks, state, pipelined)
     except BaseException:
-        _settle(callbacks)
+        endings.settle(callbacks)
         raise
     finally:
         if reporter is not None:
@@ -119,38 +239,7 @@ def _pipelined(run: Run, callbacks: Any) -> bool:
     """Whether the next epoch is dispatched before this one's metrics are read: when every
     callback only observes (``needs_state = False``), so the device never waits for
     Python. An epoch run in parts already overlaps each part with the host's work."""
-    return not run.parts and all(getattr(cb, "needs_state", True) is False for cb in callbacks)
-
-
-def _end_diverged(record, state, upcoming, callbacks, pipelined: bool) -> None:
-    """A diverged run's last epoch: the epoch already in flight is discarded, and the
-    callbacks see the stopping record with the kept state."""
-    if upcoming is not None:
-        jax.block_until_ready(upcoming.metrics)
-    for cb in callbacks:
-        cb.on_epoch_end(record, None if pipelined else state)
-
-
-def _interrupt(history, callbacks, state, cut, stop, steps_per_epoch: int, partial=None) -> None:
-    """Mark the run interrupted at the step its state reached and hand that state to every
-    callback's ``on_interrupt(state, info)`` (a `Checkpointer` saves it); ``info`` holds
-    the ``step``, the ``epoch`` it falls in (1-based), the ``signal``'s name and, for an
-    epoch cut between its parts or chunks, the ``partial_epoch`` summary
-    (`jtricks.training.partial.summarize`, with ``partial`` added in) and a stream's
-    ``data_state``. ``on_train_end`` is not called: the run is not over."""
-    step = int(first_member(state).step)
-    name = getattr(stop, "name", None) or "a stop request"
-    info = {"step": step, "epoch": step // steps_per_epoch + 1, "signal": name}
-    if cut.get("partial") is not None:
-        info["partial_epoch"] = summarize(cut["partial"], info["epoch"], step, partial)
-    if cut.get("data_state") is not None:
-        info["data_state"] = cut["data_state"]
-    history.interrupted = info
-    history.stopped = f"interrupted by {name} at step {step}"
-    for cb in callbacks:
-        on_interrupt = getattr(cb, "on_interrupt", None)
-        if on_interrupt is not None:
-            on_interrupt(state, dict(info, history=list(history.records)))
+    return not run.split and all(getattr(cb, "needs_state", True) is False for cb in callbacks)
 
 
 def _timed(record: dict[str, Any], start_step: int, t_last: float, t0: float) -> float:
@@ -228,30 +317,14 @@ def step_records(rows: Any) -> list[dict[str, Any]]:
     return records
 
 
-def _settle(callbacks) -> None:
-    """After an exception or an interrupt inside `fit`: let every callback that writes in
-    the background (a `Checkpointer`) finish what it started and release its threads, so
-    the newest checkpoint is on disk and the process can exit. A failure of those writes
-    does not hide the error being raised."""
-    for cb in callbacks:
-        close = getattr(cb, "close", None)
-        if callable(close):
-            with contextlib.suppress(Exception):
-                close()
-
-
-def _ran_out(history: History, step: int) -> str:
-    return f"the training stream ran out at step {step}"
-
-
 @dataclass
 class Dispatched:
-    """An epoch in flight: its ``metrics`` (device arrays until read), its ``epoch``, the
+    """An epoch in flight: its ``result`` (device arrays until read), its ``epoch``, the
     global ``step`` it starts at, its ``num_steps``, the steps of this call ``done``
     before it, the ``start`` state kept for divergence (`_FiniteKeeper`) and the
     ``partial`` epoch it continues."""
 
-    metrics: Any
+    result: EpochResult
     epoch: int
     step: int
     num_steps: int
@@ -269,11 +342,9 @@ class Dispatched:
 def _record(pending: Dispatched):
     """An epoch's record from its metrics; also the streak, the steps done in the call and
     whether the stream ran out."""
-    metrics, epoch, step = pending.metrics, pending.epoch, pending.step
-    data_state = metrics.pop("data_state", None)
-    ended = bool(metrics.pop("ended", False))
-    step_rows = metrics.pop("step_rows", None)
-    metrics = jax.device_get(metrics)
+    result, epoch, step = pending.result, pending.epoch, pending.step
+    data_state, ended = result.data_state, result.ended
+    metrics = jax.device_get(result.metrics)
     steps_done = int(metrics.pop("steps_done"))
     streak = int(metrics.pop("streak"))
     first_loss = metrics.pop("first_loss")
@@ -290,8 +361,6 @@ def _record(pending: Dispatched):
         record["train_nonfinite"] = int(flags)
     if data_state is not None:
         record["data_state"] = data_state
-    if step_rows is not None:  # taken out by the loop before anyone sees the record
-        record["step_rows"] = step_rows
     return record, streak, pending.done + steps_done, ended
 
 
@@ -359,25 +428,6 @@ def _finite_record(record: dict[str, Any], initial_loss: float | None = None) ->
         return False
     loss = record.get("val_loss", record.get("train_loss"))
     return initial_loss is None or loss is None or float(np.mean(loss)) <= 10 * initial_loss
-
-
-def _diverged(history, record, keeper, state, streak: int, end_step: int) -> TrainState:
-    """Mark the run diverged and return the state it ends with: the kept finite one."""
-    kept = keeper.good if keeper.enabled and keeper.good is not None else state
-    history.diverged = record["diverged"] = True
-    history.kept_step = int(np.ravel(jax.device_get(kept.step))[0])
-    history.stopped = record["stopped"] = (
-        f"{streak} consecutive steps had a non-finite loss or gradient or overflowed the "
-        f"parameters (up to step {end_step}); training stopped there and kept the state of "
-        f"step {history.kept_step}, the last whose loss was finite and at most 10x the "
-        "untrained model's"
-    )
-    return kept
-
-
-def first_member(state: TrainState) -> TrainState:
-    """Member 0 of stacked (ensemble) states; a single state itself."""
-    return jax.tree.map(lambda a: a[0], state) if is_ensemble(state) else state
 
 
 def record_value(name: str, value: Any) -> float | list[float]:

@@ -20,10 +20,68 @@ from collections.abc import Mapping
 from typing import Any
 
 from jtricks.errors import ConfigError, check_int, did_you_mean
-from jtricks.tasks import Task, as_task
-from jtricks.training.compiled import StepOptions
+from jtricks.tasks import Classification, Task, as_task
 from jtricks.training.state import check_eval_source
-from jtricks.training.steps import LossFn, compute_dtype
+from jtricks.training.steps import PRECISIONS, LossFn, compute_dtype
+
+_CLASSIFICATION = Classification()
+
+
+@dataclasses.dataclass(frozen=True)
+class StepLog:
+    """Per-step records kept on the device: every step whose number (the step count after
+    it, 1-based, as in the epoch records) is a multiple of ``every`` is recorded with all
+    its step metrics (loss, learning rate, gradient, update and parameter norms, the
+    task's metrics) and its ``nonfinite`` flag. ``private`` names metrics that the step
+    computes only for these records (left out of the epoch means)."""
+
+    every: int
+    private: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """What a run's compiled programs depend on (besides model, optimizer and shapes).
+
+    Fields: the ``task``; ``norms`` / ``update_norm`` (the step's logged norms, see
+    `make_train_step`); ``augment`` (per-example augmentation) and ``mix`` (``(kind,
+    alpha)`` of mixup / cutmix, with the model's ``num_classes``); ``accumulate``
+    (micro-batches per update); ``precision`` (``"float32"`` or ``"bf16"``);
+    ``eval_source`` (which parameters validation evaluates); ``sharding`` (the batches'
+    data-parallel `jax.sharding.NamedSharding`, or ``None``); ``unroll`` (steps per
+    iteration of the compiled loop, `lax.scan`'s ``unroll``); ``log_every`` (keep the
+    records of every ``log_every``-th step, `StepLog`, or
+    ``None``).
+    """
+
+    task: Task = _CLASSIFICATION
+    norms: bool = True
+    update_norm: bool = False
+    augment: Any = None
+    mix: tuple[str, float] | None = None
+    accumulate: int = 1
+    precision: str = "float32"
+    num_classes: int | None = None
+    eval_source: str = "auto"
+    sharding: Any = None
+    unroll: int = 1
+    log_every: int | None = None
+
+    def __post_init__(self) -> None:
+        check_int("accumulate", self.accumulate, low=1)
+        check_int("unroll", self.unroll, low=1)
+        if self.log_every is not None:
+            check_int("log_every_steps", self.log_every, low=1)
+
+    @property
+    def step_log(self) -> StepLog | None:
+        """What the compiled loops record per step: every ``log_every``-th step's metrics,
+        the update and parameter norms among them (kept out of the epoch means unless
+        ``update_norm`` asked for them there)."""
+        if self.log_every is None:
+            return None
+        private = () if self.update_norm else ("update_norm", "param_norm")
+        return StepLog(self.log_every, private)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +164,8 @@ class FitOptions:
         for name in ("batch_size", "steps_per_epoch", "chunk", "log_every_steps"):
             if getattr(self, name) is not None:
                 set_(self, name, check_int(name, getattr(self, name), low=1))
-        compute_dtype(self.precision)  # the step's own checks, with their messages
+        if self.precision not in PRECISIONS:
+            compute_dtype(self.precision)  # the step's own check, with its message
         check_eval_source(self.eval_params)
         if self.mix is not None:
             set_(self, "mix", _mix(self.mix))

@@ -1,13 +1,16 @@
-"""The two kinds of `fit` run: in-memory data on the device (`array_run`, one program
-per epoch or per part of a long epoch) and streams fed to compiled chunks
-(`stream_run`); each gives the loop (`jtricks.training.loop`) a `Run`."""
+"""The sources of `fit`'s training data: in-memory arrays on the device (`array_run`) and
+streams fed to compiled chunks (`stream_run`). Each checks its data once, where they
+enter, and gives the loop (`jtricks.training.loop`) a `Run`: the epoch length, the
+steps of the call, the run's one part program (`jtricks.training.compiled.part_program`)
+and, per epoch, its `Part` s (the program inputs of static length)."""
 
 from __future__ import annotations
 
 import collections.abc
-import contextlib
 import dataclasses
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import jax
@@ -17,45 +20,58 @@ import numpy as np
 from jtricks.data.stream import is_stream, stream_length
 from jtricks.errors import ConfigError, check_int
 from jtricks.training import compiled as programs
-from jtricks.training.compiled import StepOptions, check_options, compiled_steps
-from jtricks.training.data_checks import as_arrays, check_data, check_like, model_outputs
+from jtricks.training.compiled import compiled_steps
+from jtricks.training.data_checks import (
+    as_arrays,
+    check_data,
+    check_like,
+    check_options,
+    model_outputs,
+    num_examples,
+    pad_batches,
+)
 from jtricks.training.distributed import (
     batch_sharding,
     check_batch,
     global_batch_array,
     replicate,
 )
-from jtricks.training.epoch import finish_fn, program_length
-from jtricks.training.options import FitOptions
-from jtricks.training.preemption import stop_requested
+from jtricks.training.epoch import ArrayFeed, ChunkFeed, program_length
+from jtricks.training.options import FitOptions, StepOptions
 from jtricks.training.profile import Profile
-from jtricks.training.steps import num_examples, pad_batches
-from jtricks.training.streaming import (
-    Feeder,
-    StreamEpochs,
-    add_stream_validation,
-    chunk_plan,
-    chunk_sharding,
-    default_chunk,
-    is_val_stream,
-    part_done,
-)
+from jtricks.training.streaming import Feeder, chunk_plan, chunk_sharding, default_chunk
+
+
+@dataclass(frozen=True)
+class Part:
+    """One dispatch of an epoch: the program's ``feed`` (`ArrayFeed` / `ChunkFeed`), its
+    real ``steps`` and the program's static ``length``; a stream's part also carries
+    the iterator's ``data_state`` after its last batch."""
+
+    feed: Any
+    steps: int
+    length: int
+    data_state: Any = None
 
 
 @dataclass
 class Run:
     """What `fit`'s loop needs of its data: the epoch length, the steps of this call, the
-    host data for checks, and ``epoch(state, epoch, offset, num_steps, streak, val,
-    on_part)``."""
+    host data (or first batch) for checks, the part ``program``, ``parts(epoch, offset,
+    num_steps)`` (the `Part` s of that much of an epoch; a stream's may end early), the
+    evaluation step for stream validation and ``close``."""
 
     steps_per_epoch: int
     total_steps: int
     data: Any
-    epoch: Any
-    close: Any = lambda: None
-    parts: bool = False
-    """Whether an epoch runs as several programs (`fit`'s ``chunk``), reporting each
-    finished part to the loop (progress, step records)."""
+    program: Any
+    parts: Callable[[int, int, int], Iterator[Part]]
+    eval_step: Any
+    eval_source: str
+    close: Callable[[], None] = lambda: None
+    split: bool = False
+    """Whether an epoch runs as several programs (`fit`'s ``chunk``, a profile), each
+    finished part reported to the loop (progress, step records)."""
 
 
 def complete_options(options: StepOptions, member, mesh, data) -> StepOptions:
@@ -90,132 +106,68 @@ def array_run(
     mesh: Any,
     length: Length,
     data_key: jax.Array,
-    stop: Any = None,
 ) -> Run:
-    """The in-memory path: the data on device, one compiled program per epoch, or per part
-    of an epoch longer than ``chunk`` steps (`part_length`)."""
+    """The in-memory source: the data checked and put on the device once; an epoch is one
+    program, or parts of at most ``chunk`` steps (`part_length`) when it is longer."""
     options = fit_options.step_options()
     data = check_data(member, options.task, train_data, "training data")
     check_options(options.task, data, options.augment, options.mix)
     if mesh is not None:
         data_dev = jax.tree.map(lambda a: global_batch_array(a, mesh), data)
+        data_key = replicate(data_key, mesh)
     else:
         data_dev = jax.tree.map(jnp.asarray, data)
-    n = num_examples(data_dev)  # across processes: every process's shard
-    batch_size = fit_options.batch_size
+    batch_size = _update_size(fit_options, num_examples(data_dev), mesh)
+    steps_per_epoch = num_examples(data_dev) // batch_size
+    total = _total_steps(length, steps_per_epoch, int(member.step))
+    options = complete_options(options, member, mesh, data)
+    k = part_length(steps_per_epoch, fit_options.chunk)
+    parts = ArrayParts(data_dev, data_key, batch_size, k, steps_per_epoch, fit_options.profile)
+    split = k < steps_per_epoch or fit_options.profile is not None
+    eval_step = compiled_steps(options)[1]
+    program = programs.part_program(options)
+    source = options.eval_source
+    return Run(steps_per_epoch, total, data, program, parts, eval_step, source, split=split)
+
+
+def _update_size(options: FitOptions, n: int, mesh: Any) -> int:
+    """Examples per optimizer update (``batch_size * accumulate``; the step cuts them into
+    micro-batches), checked against the ``n`` training examples and the mesh."""
+    batch_size, accumulate = options.batch_size, options.accumulate
     if batch_size is None:
         raise ConfigError("batch_size is required for in-memory training data", param="batch_size")
-    accumulate = options.accumulate
     if batch_size * accumulate > n:
         raise ConfigError(
             f"batch_size * accumulate must be <= {n} (the training examples); "
             f"got {batch_size} * {accumulate}",
             param="batch_size",
         )
-    check_batch(batch_size, mesh)
-    batch_size *= accumulate  # examples per optimizer update; the step cuts it into micro-batches
-    steps_per_epoch = n // batch_size
-    total = _total_steps(length, steps_per_epoch, int(member.step))
-    options = complete_options(options, member, mesh, data)
-    run_epoch, _ = programs.compiled_functions(options)
-    eval_step = compiled_steps(options)[1]
     if mesh is not None:
-        data_key = replicate(data_key, mesh)
-    k = part_length(steps_per_epoch, fit_options.chunk)
-    epochs = ArrayEpochs(
-        run_epoch,
-        data_dev,
-        data_key,
-        batch_size,
-        k,
-        steps_per_epoch,
-        fit_options,
-        options.eval_source,
-        eval_step,
-        stop,
-    )
-    parts = k < steps_per_epoch or fit_options.profile is not None
-    return Run(steps_per_epoch, total, data, epochs, parts=parts)
+        check_batch(batch_size, mesh)
+    return batch_size * accumulate
 
 
 @dataclass
-class ArrayEpochs:
-    """Runs `fit`'s in-memory epochs: ``(state, epoch, offset, num_steps, streak, val,
-    on_part) -> (state, metrics)``, one program per epoch, or parts of at most
-    ``part_steps`` steps ending in one epoch-end program (`run_parts`)."""
+class ArrayParts:
+    """``parts(epoch, offset, num_steps)`` of in-memory data: `ArrayFeed` s of at most
+    ``part_steps`` steps each (one step each around a profiled range, `cut`), each run
+    by the program of `program_length` steps."""
 
-    run_epoch: Any
     data: Any
     data_key: jax.Array
     batch_size: int
     part_steps: int
     steps_per_epoch: int
-    options: FitOptions
-    eval_source: str
-    eval_step: Any
-    stop: Any = None
+    profile: Profile | None = None
 
-    def whole(self, state, epoch, offset, num_steps, streak, val):
-        """Training and validation of ``num_steps`` steps in one program."""
-        return self.run_epoch(
-            state,
-            self.data,
-            self.data_key,
-            np.int32(epoch),
-            np.int32(offset),
-            val,
-            streak,
-            np.int32(self.options.max_nonfinite),
-            num_steps=np.int32(num_steps),
-            length=program_length(num_steps, self.part_steps),
-            batch_size=self.batch_size,
-        )
-
-    def part(self, state, acc, epoch, offset, n):
-        """``n`` steps from batch ``offset`` added into ``acc``."""
-        return self.run_epoch.part(
-            state,
-            acc,
-            self.data,
-            self.data_key,
-            np.int32(epoch),
-            np.int32(offset),
-            np.int32(n),
-            np.int32(self.options.max_nonfinite),
-            length=program_length(n, self.part_steps),
-            batch_size=self.batch_size,
-        )
-
-    def __call__(self, state, epoch, offset, num_steps, streak, val, on_part=None):
-        profile = self.options.profile
-        array_val = None if is_val_stream(val) else val
+    def __call__(self, epoch: int, offset: int, num_steps: int) -> Iterator[Part]:
         start = epoch * self.steps_per_epoch + offset
-        pieces = cut(start, num_steps, self.part_steps, profile)
-        if len(pieces) == 1:
-            with traced(profile, start, num_steps):
-                state, metrics = self.whole(state, epoch, offset, num_steps, streak, array_val)
-            if profile is not None:
-                profile.after(start + num_steps, state)
-        else:
-            acc = self.run_epoch.part.init(state, self.data, self.batch_size, streak)
-            state, acc, rows, cut_short = run_parts(
-                lambda s, a, j, n: self.part(s, a, epoch, offset + j, n),
-                state,
-                acc,
-                pieces,
-                on_part,
-                self.options.max_nonfinite,
-                profile,
-                start,
-                self.stop,
-            )
-            if cut_short:  # stopped by a signal between parts: no epoch record
-                return state, {"interrupted": True, "step_rows": rows, "partial": acc}
-            metrics = finish_fn(self.eval_step, self.eval_source)(state, acc, array_val)
-            if rows is not None:
-                metrics["step_rows"] = rows
-        add_stream_validation(metrics, self.eval_step, state, val, self.eval_source)
-        return state, metrics
+        j = 0
+        for n in cut(start, num_steps, self.part_steps, self.profile):
+            at = np.int32(offset + j)
+            feed = ArrayFeed(self.data, self.data_key, np.int32(epoch), at, self.batch_size)
+            yield Part(feed, n, program_length(n, self.part_steps))
+            j += n
 
 
 def cut(start: int, num_steps: int, k: int, profile: Profile | None) -> list[int]:
@@ -224,34 +176,6 @@ def cut(start: int, num_steps: int, k: int, profile: Profile | None) -> list[int
     if profile is not None and profile.meets(start - 1, num_steps + 1):
         return profile.pieces(start, num_steps, k)
     return [min(k, num_steps - j) for j in range(0, num_steps, k)]
-
-
-def traced(profile: Profile | None, start: int, n: int) -> Any:
-    """The profiler's context around a dispatch of ``n`` steps after ``start`` done."""
-    return contextlib.nullcontext() if profile is None else profile.before(start, n)
-
-
-def run_parts(part, state, acc, pieces, on_part, max_nonfinite, profile, start, stop=None):
-    """Dispatch an epoch's parts ``part(state, acc, j, n)`` (``n`` steps from the epoch's
-    ``j``-th) one after another; each finished part goes to ``on_part`` once the next one
-    is dispatched, so the device never waits for the host. Stops early once a part's
-    streak of non-finite steps ends training, or when ``stop`` asks
-    (`jtricks.training.preemption.stop_requested`). Returns the state, the accumulator,
-    the last part's step rows (not yet handed out) and whether ``stop`` cut the epoch
-    short."""
-    pending, j = None, 0
-    for i, n in enumerate(pieces):
-        with traced(profile, start + j, n):
-            state, acc = part(state, acc, j, n)
-        if profile is not None:
-            profile.after(start + j + n, state)
-        j += n
-        previous, pending = pending, (acc, acc.pop("rows", None))
-        if previous is not None and part_done(previous, on_part, max_nonfinite):
-            break  # diverged: every later step would be masked
-        if i + 1 < len(pieces) and stop_requested(stop):
-            return state, acc, pending[1], True
-    return state, acc, pending[1], False
 
 
 DEFAULT_PART = 1000
@@ -298,11 +222,41 @@ def stream_run(
     mesh: Any,
     length: Length,
     data_state: Any = None,
-    stop: Any = None,
 ) -> Run:
-    """The streaming path (`jtricks.training.streaming`): host batches fed to chunks."""
+    """The stream source (`jtricks.training.streaming`): host batches read ahead by a
+    `Feeder` into chunks of K steps; the first batch is checked as arrays are."""
     options = fit_options.step_options()
-    steps_per_epoch = fit_options.steps_per_epoch
+    steps_per_epoch = _stream_epoch(stream, fit_options.steps_per_epoch, length)
+    start_step = int(member.step)
+    total = _total_steps(length, steps_per_epoch, start_step)
+    feeder = Feeder(stream, depth=fit_options.prefetch, state=data_state)
+    try:
+        first = jax.tree.map(np.asarray, feeder.first)
+        data = check_data(member, options.task, first, "the training stream's first batch")
+        check_options(options.task, data, options.augment, options.mix)
+        n = num_examples(data)
+        _check_stream_batch(n * jax.process_count(), fit_options.batch_size, options)
+        if mesh is not None:
+            check_batch(n // options.accumulate, mesh)
+        k = fit_options.chunk or default_chunk(first, steps_per_epoch)
+        options = complete_options(options, member, mesh, data)
+    except BaseException:
+        feeder.close()
+        raise
+    feeder.start(chunk_plan(start_step, steps_per_epoch, total, k), k, chunk_sharding(mesh))
+    split = k < steps_per_epoch or fit_options.profile is not None
+    eval_step = compiled_steps(options)[1]
+    program = programs.part_program(options)
+    parts = partial(_chunks, feeder)
+    source = options.eval_source
+    run = Run(steps_per_epoch, total, data, program, parts, eval_step, source, split=split)
+    run.close = feeder.close
+    return run
+
+
+def _stream_epoch(stream: Any, steps_per_epoch: int | None, length: Length) -> int:
+    """A stream's epoch: ``steps_per_epoch``, else its ``len``, else (with ``steps``) the
+    whole call."""
     if steps_per_epoch is None:
         steps_per_epoch = stream_length(stream)
     if steps_per_epoch is None and length.steps is None:
@@ -311,39 +265,20 @@ def stream_run(
             "length: give steps_per_epoch, or steps instead of epochs",
             param="steps_per_epoch",
         )
-    steps_per_epoch = check_int("steps_per_epoch", steps_per_epoch or length.steps, low=1)
-    start_step = int(member.step)
-    total = _total_steps(length, steps_per_epoch, start_step)
-    chunk, max_nonfinite, profile = (
-        fit_options.chunk,
-        fit_options.max_nonfinite,
-        fit_options.profile,
-    )
-    feeder = Feeder(stream, depth=fit_options.prefetch, state=data_state)
-    try:
-        first = jax.tree.map(np.asarray, feeder.first)
-        data = check_data(member, options.task, first, "the training stream's first batch")
-        check_options(options.task, data, options.augment, options.mix)
-        _check_stream_batch(
-            num_examples(data) * jax.process_count(), fit_options.batch_size, options
-        )
-        check_batch(num_examples(data) // options.accumulate, mesh)
-        k = default_chunk(first, steps_per_epoch) if chunk is None else chunk
-        options = complete_options(options, member, mesh, data)
-    except BaseException:
-        feeder.close()
-        raise
-    feeder.start(chunk_plan(start_step, steps_per_epoch, total, k), k, chunk_sharding(mesh))
-    train_step, eval_step = compiled_steps(options)
-    epochs_fn = StreamEpochs(feeder, train_step, eval_step, options, profile, stop)
-    max_streak = np.int32(max_nonfinite)
+    return check_int("steps_per_epoch", steps_per_epoch or length.steps, low=1)
 
-    def epoch(state, epoch, offset, num_steps, streak, val, on_part=None):
-        start = epoch * steps_per_epoch + offset
-        return epochs_fn(state, num_steps, streak, max_streak, val, on_part, start)
 
-    parts = k < steps_per_epoch or profile is not None
-    return Run(steps_per_epoch, total, data, epoch, close=feeder.close, parts=parts)
+def _chunks(feeder: Feeder, epoch: int, offset: int, num_steps: int) -> Iterator[Part]:
+    """The chunks of ``num_steps`` steps of an epoch, as the feeder planned them; ends
+    early when a one-shot stream runs out."""
+    remaining = num_steps
+    while remaining > 0:
+        item = feeder.next()
+        if item is None:
+            return
+        chunk, n, state = item
+        yield Part(ChunkFeed(chunk), n, feeder.chunk, state)
+        remaining -= n
 
 
 def prepare_validation(val_data: Any, run: Run, member, options: FitOptions, mesh) -> Any:

@@ -244,6 +244,16 @@ def unalias(tree: Any) -> Any:
     return jax.tree.map(fix, tree)
 
 
+def is_ensemble(state: TrainState) -> bool:
+    """Whether ``state`` stacks several members on a leading axis (`create_ensemble`)."""
+    return jnp.ndim(state.step) == 1
+
+
+def first_member(state: TrainState) -> TrainState:
+    """Member 0 of stacked (ensemble) states; a single state itself."""
+    return jax.tree.map(lambda a: a[0], state) if is_ensemble(state) else state
+
+
 def create_train_state(
     model: nn.Module | nnx.Module,
     tx: optax.GradientTransformation,

@@ -9,7 +9,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jtricks.data.augment import augment_jointly, mix_batch
@@ -17,11 +16,12 @@ from jtricks.errors import ConfigError, check_int
 from jtricks.optim import contract
 from jtricks.optim.pipeline import current_learning_rate
 from jtricks.tasks import Task, as_task, batch_sums, finalize, train_metrics
-from jtricks.tasks.base import array_of
 from jtricks.training import gradients as grad_lib
-from jtricks.training.gradients import Batch, cast_floats, num_examples
+from jtricks.training.data_checks import num_examples
+from jtricks.training.data_checks import pad_batches as pad_batches  # its old home
+from jtricks.training.gradients import Batch, cast_floats
 from jtricks.training.model import apply_model
-from jtricks.training.state import TrainState, keep_frozen_stats
+from jtricks.training.state import TrainState, is_ensemble, keep_frozen_stats
 from jtricks.trees import tree_norm
 
 PRECISIONS = {"float32": None, "bf16": jnp.bfloat16}
@@ -250,11 +250,6 @@ class EnsembleEvalStep:
         }
 
 
-def is_ensemble(state: TrainState) -> bool:
-    """Whether ``state`` stacks several members on a leading axis (`create_ensemble`)."""
-    return jnp.ndim(state.step) == 1
-
-
 def make_eval_step(loss_fn: LossFn | None = None, *, task: Task | str | None = None) -> EvalStep:
     """Build the `EvalStep` of a task (or of a loss, see `jtricks.tasks.as_task`)."""
     return EvalStep(as_task(task, loss_fn))
@@ -298,23 +293,3 @@ def make_evaluate_fn(eval_step: EvalStep):
     ``(B, batch, ...)`` with weights ``wb`` (1 real, 0 padding), from `pad_batches`;
     ``evaluate(state, batches, wb, source)`` picks the parameters (see `evaluate_batches`)."""
     return jax.jit(partial(evaluate_batches, eval_step), static_argnums=3)
-
-
-def pad_batches(data: Batch, batch_size: int) -> tuple[Batch, jax.Array]:
-    """Cut a data pytree (leading axis N) into ``ceil(N / batch_size)`` batches, zero-padding
-    the last; also return the 0/1 weights that mark real examples. Leaves get shape
-    ``(B, batch_size, ...)``, weights ``(B, batch_size)``. Host data are padded on the host
-    (no small programs compiled); JAX arrays on their device (never copied to the host)."""
-    data = jax.tree.map(array_of, data)
-    n = num_examples(data)
-    bs = min(batch_size, n)
-    nb = -(-n // bs)
-    pad = nb * bs - n
-
-    def cut(a: Any) -> jax.Array:
-        xp = jnp if isinstance(a, jax.Array) else np
-        a = xp.concatenate([a, xp.zeros((pad, *a.shape[1:]), a.dtype)])
-        return jnp.asarray(a.reshape(nb, bs, *a.shape[1:]))
-
-    w = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
-    return jax.tree.map(cut, data), jnp.asarray(w.reshape(nb, bs))

@@ -8,9 +8,10 @@
   processes each process's own rows through `jax.make_array_from_process_local_data`),
   ``depth`` chunks ahead, so the device never waits for the host while the host is
   fast enough;
-* one compiled program runs a chunk's K steps (`make_chunk_fn`: the same step and
-  static-length `lax.scan` as the in-memory epoch, a short chunk masked, so a stream of the same batches gives
-  bit-identical parameters), and a second one ends the epoch (`epoch_metrics`);
+* the run's one part program (`jtricks.training.epoch.make_part_program`) runs a chunk's
+  K steps (a `ChunkFeed`: the same step and static-length `lax.scan` as the in-memory
+  epoch, a short chunk masked, so a stream of the same batches gives bit-identical
+  parameters), and its epoch-end call ends the epoch;
 * after each chunk the feeder records the iterator's state (`data_state`) after the
   chunk's last batch, so an epoch's record says where the next batch comes from,
   whatever the thread has read ahead.
@@ -21,7 +22,6 @@ checkpoint-aware feeding of a jitted training loop is jtricks' own.
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import threading
 from collections.abc import Iterator
@@ -38,18 +38,6 @@ from jtricks.caches import cached
 from jtricks.data.stream import data_state, restore_iterator
 from jtricks.errors import StreamError
 from jtricks.training.distributed import batch_axes
-from jtricks.training.epoch import (
-    StepLog,
-    dispatch_step,
-    finish_fn,
-    keep_placement,
-    masked_step,
-    private_of,
-    run_steps,
-    step_metric_shapes,
-    zero_accumulator,
-)
-from jtricks.training.preemption import stop_requested
 from jtricks.training.steps import evaluation_step
 
 CHUNK_BYTES = 64 * 2**20
@@ -230,125 +218,9 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-@cached
-def make_chunk_fn(train_step, sharding: Any = None, unroll: int = 1, log: StepLog | None = None):
-    """Compile ``run_chunk(state, acc, chunk, num_steps, max_streak) -> (state, acc)``:
-    the first ``num_steps`` batches of ``chunk`` (leaves ``(K, B, ...)``), one step each,
-    accumulated into ``acc`` (`jtricks.training.epoch.init_accumulator`) exactly as the
-    in-memory epoch does, in a loop of the static length K (a shorter chunk is padded
-    and its extra steps masked); the state is donated. With ``log`` (a `StepLog`) the
-    returned ``acc`` also holds the chunk's step records, ``acc["rows"]`` (`run_steps`).
-    """
-    train_step = masked_step(train_step)
-    ensemble_step = jax.vmap(train_step, in_axes=(0, None, None))
-
-    @partial(jax.jit, donate_argnums=0)
-    def run_chunk(state, acc, chunk, num_steps, max_streak):
-        def step_at(state, j, active=True):
-            batch = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, j, 0, False), chunk)
-            return dispatch_step(train_step, ensemble_step, sharding, state, batch, active)
-
-        length = jax.tree.leaves(chunk)[0].shape[0]
-        state, acc = run_steps(step_at, state, acc, num_steps, max_streak, length, unroll, log)
-        return keep_placement(state, sharding), acc
-
-    return run_chunk
-
-
 def chunk_sharding(mesh: Any) -> NamedSharding | None:
     """Chunks ``(K, B, ...)`` sharded over their batch axis (the data and fsdp axes)."""
     return None if mesh is None else NamedSharding(mesh, P(None, batch_axes(mesh)))
-
-
-class StreamEpochs:
-    """Runs `fit`'s epochs on a `Feeder`: ``(state, num_steps, streak, max_streak, val) ->
-    (state, metrics)`` with the in-memory epoch's metrics plus ``data_state`` (the
-    iterator's state after the epoch's last batch) and ``ended`` (the stream ran out).
-    ``options`` is the run's `jtricks.training.compiled.StepOptions` (its sharding,
-    evaluation parameters and unroll)."""
-
-    def __init__(self, feeder: Feeder, train_step, eval_step, options, profile=None, stop=None):
-        self.feeder, self.profile, self.stop = feeder, profile, stop
-        self.log = options.step_log
-        self.run_chunk = make_chunk_fn(train_step, options.sharding, options.unroll, self.log)
-        self.finish = finish_fn(eval_step, options.eval_source)
-        self.eval_step, self.eval_source = eval_step, options.eval_source
-        self.train_step, self.sharding = train_step, options.sharding
-        self.state_after: Any = None
-        self.shapes: Any = None
-
-    def _traced(self, start: int, n: int):
-        if self.profile is None:
-            return contextlib.nullcontext()
-        return self.profile.before(start, n)
-
-    def _shapes(self, state, chunk):
-        train_step = masked_step(self.train_step)
-        ensemble_step = jax.vmap(train_step, in_axes=(0, None, None))
-
-        def step_at(state, j):
-            batch = jax.tree.map(lambda a: a[j], chunk)
-            return dispatch_step(train_step, ensemble_step, self.sharding, state, batch)
-
-        return step_metric_shapes(step_at, state)
-
-    def __call__(self, state, num_steps, streak, max_streak, val, on_part=None, start=0):
-        """One epoch of ``num_steps`` steps, ``start`` steps done before it; after each
-        chunk but the last, ``on_part(acc, rows)`` gets that chunk's accumulator and step
-        records once the next chunk is dispatched (`jtricks.training.loop` shows progress
-        with them). A `jtricks.training.profile.Profile` traces the chunks that meet its
-        steps."""
-        acc, pending = None, None
-        remaining, ended = int(num_steps), False
-        while remaining > 0:
-            try:
-                item = self.feeder.next()
-            except StreamError as e:
-                e.state = state  # the state reached: nothing trained is lost
-                raise
-            if item is None:
-                ended = True
-                break
-            chunk, n, self.state_after = item
-            if acc is None:
-                if self.shapes is None:  # traced once: every epoch's steps are alike
-                    self.shapes = self._shapes(state, chunk)
-                zeros = zero_accumulator(self.shapes, private_of(self.log))
-                acc = zeros(jnp.asarray(streak, jnp.int32))
-            done = int(num_steps) - remaining
-            with self._traced(start + done, n):
-                state, acc = self.run_chunk(state, acc, chunk, np.int32(n), np.int32(max_streak))
-            if self.profile is not None:
-                self.profile.after(start + done + n, state)
-            rows = acc.pop("rows", None)
-            remaining -= n
-            # the chunk before this one has finished by now: stop reading once it diverged
-            previous, pending = pending, (acc, rows)
-            if previous is not None and part_done(previous, on_part, max_streak):
-                break
-            if remaining > 0 and stop_requested(self.stop):  # between chunks: no record
-                return state, {
-                    "interrupted": True,
-                    "step_rows": rows,
-                    "partial": acc,
-                    "data_state": self.state_after,
-                }
-        if acc is None:  # nothing came: the stream was already exhausted
-            return state, None
-        metrics = self.finish(state, acc, None if is_val_stream(val) else val)
-        add_stream_validation(metrics, self.eval_step, state, val, self.eval_source)
-        if pending[1] is not None:
-            metrics["step_rows"] = pending[1]
-        return state, {**metrics, "data_state": self.state_after, "ended": ended}
-
-
-def part_done(pending, on_part, max_streak) -> bool:
-    """Hand a finished part's ``(acc, rows)`` to ``on_part``; whether its streak of
-    non-finite steps reached ``max_streak`` (every later step would be masked)."""
-    acc, rows = pending
-    if on_part is not None:
-        on_part(acc, rows)
-    return int(acc["streak"]) >= int(max_streak)
 
 
 @cached
@@ -358,20 +230,6 @@ def _sums_fn(eval_step, source: str):
         return step(state, batch, weight)
 
     return jax.jit(sums)
-
-
-def is_val_stream(val: Any) -> bool:
-    """Whether `fit`'s prepared validation data is a stream (arrays arrive as the
-    ``(batches, weights)`` tuple of `pad_batches`)."""
-    return val is not None and not isinstance(val, tuple)
-
-
-def add_stream_validation(metrics: dict, eval_step, state, val: Any, source: str) -> None:
-    """Add ``val_<metric>`` of one pass over a validation stream to an epoch's metrics
-    (nothing for array validation, which the compiled epoch evaluates itself)."""
-    if is_val_stream(val):
-        out = evaluate_stream(eval_step, state, val, source)
-        metrics.update({f"val_{k}": v for k, v in out.items()})
 
 
 def evaluate_stream(eval_step, state, stream: Any, source: str = "auto") -> dict[str, Any]:
@@ -415,10 +273,8 @@ def _batches(stream: Any) -> Iterator:
 
 __all__ = [
     "Feeder",
-    "StreamEpochs",
     "chunk_plan",
     "chunk_sharding",
     "default_chunk",
     "evaluate_stream",
-    "make_chunk_fn",
 ]
