@@ -197,7 +197,6 @@ def test_cli_writes_the_results_and_compares_them(tmp_path, capsys):
         (["--algorithms", "adamz"], "unknown algorithm 'adamz'"),
         (["--search-space", "{space}"], "the range [0.1, 0.001] is empty or inverted"),
         (["--targets", "{wrong}"], "schema must be 'jtricks.bench.targets/1'"),
-        (["--seeds", "2"], "--seeds belongs to --protocol v1"),
         (["--trials", "0"], "--trials must be >= 1"),
     ],
 )

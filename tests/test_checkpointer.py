@@ -110,16 +110,6 @@ def test_saving_an_epoch_replaces_the_later_ones_of_an_abandoned_run(tmp_path, s
     )
 
 
-def test_the_old_checkpointer_import_warns_and_still_works():
-    from jtricks.training import checkpointer
-
-    with pytest.warns(DeprecationWarning, match="import it from jtricks.training"):
-        from jtricks.training.checkpoint import Checkpointer as Old
-    assert Old is checkpointer.Checkpointer
-    with pytest.raises(ImportError, match="cannot import name 'Nope'"):
-        from jtricks.training.checkpoint import Nope  # noqa: F401
-
-
 def test_an_exception_in_fit_waits_for_the_checkpoint_in_flight(tmp_path):
     """A callback that raises after the background write of epoch 2 began: fit waits for
     that write and releases orbax's threads before the error propagates."""

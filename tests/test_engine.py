@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import collections
+import re
 import sys
 from pathlib import Path
 
@@ -50,17 +51,29 @@ def files_run_by(fn) -> collections.Counter:
     return seen
 
 
-def test_a_warm_fit_runs_code_in_few_files(data):
-    """In-memory arrays, validation data and per-step records: once compiled, a `fit`
-    call runs code in at most `MAX_FILES` files of the package."""
+@pytest.fixture(scope="module")
+def warm_fit_files(data) -> list[str]:
+    """The files a warm `fit` (in-memory arrays, validation data, per-step records) runs
+    code in, in the order it first enters them."""
     train, val = data
     kw = dict(val_data=val, batch_size=16, epochs=2, log_every_steps=1)
     state = create_train_state(MODEL, optax.adam(1e-2), train[0], jax.random.key(0))
     state, history = fit(state, train, **kw)  # compiles
     assert history.steps and "val_loss" in history[-1]
-    files = files_run_by(lambda: fit(state, train, **kw))
-    assert "training/loop.py" in files and "training/fit.py" in files  # it measured the fit
-    assert len(files) <= MAX_FILES, sorted(files)
+    return list(files_run_by(lambda: fit(state, train, **kw)))
+
+
+def test_a_warm_fit_runs_code_in_few_files(warm_fit_files):
+    assert "training/loop.py" in warm_fit_files and "training/fit.py" in warm_fit_files
+    assert len(warm_fit_files) <= MAX_FILES, warm_fit_files
+
+
+def test_the_design_notes_list_how_a_batch_flows(warm_fit_files):
+    """`docs/design.md`'s "How a batch flows" list is the measured list, in order."""
+    text = (PACKAGE.parent / "docs" / "design.md").read_text()
+    section = text.split("**How a batch flows.**", 1)[1].split("\n* **", 1)[0]
+    listed = re.findall(r"^\s+\d+\. `([^`]+)`", section, flags=re.M)
+    assert listed == warm_fit_files
 
 
 def _calls_of(name: str) -> list[str]:

@@ -38,6 +38,7 @@ LAYERS = {
             "plotting",
             "configs",
             "trees",
+            "moved",
         ),
         0,
     ),

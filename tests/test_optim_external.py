@@ -254,49 +254,46 @@ def test_user_optimizer_by_import_path_from_the_cli(tmp_path, monkeypatch, capsy
         assert not bad_out.exists()
 
 
-def test_bench_takes_any_optimizer_spec(tmp_path, capsys):
-    from jtricks.cli import main
-
-    out = tmp_path / "bench"
-    spec = "optax.lion(b1=0.95)"
-    argv = [
-        "bench",
-        "--protocol",
-        "v1",
-        "--problems",
-        "quadratic",
-        "--optimizers",
-        f"{spec},sgd",
-        "--seeds",
-        "1",
-        "--no-progress",
-    ]
-    assert main([*argv, "--out", str(out)]) == 0
-    results = json.loads((out / "results.json").read_text())
-    assert {r["optimizer"] for r in results["runs"]} == {spec, "sgd"}
-    bad = ["bench", "--protocol", "v1", "--problems", "quadratic", "--optimizers", "optax.lino"]
-    assert main([*bad, "--out", str(tmp_path / "b2")]) == 2
-    assert "did you mean: lion" in capsys.readouterr().err
-    assert not (tmp_path / "b2").exists()
-
-
 def nesterov(learning_rate):
     return optax.sgd(learning_rate, momentum=0.9, nesterov=True)
 
 
-def test_bench_run_suite_takes_callables_named_or_labelled():
-    from jtricks.bench.runner import labelled_optimizers, run_suite
+@pytest.fixture(scope="module")
+def tiny_workload():
+    from dataclasses import replace
 
-    results = run_suite(
-        "quick", problems=["quadratic"], optimizers={"nag": nesterov, "sgd": "sgd"}, seeds=1
-    )
-    assert {r["optimizer"] for r in results["runs"]} == {"nag", "sgd"}
-    assert results["optimizers"] == ["nag", "sgd"]
-    assert labelled_optimizers([nesterov, "adam"]) == {"nesterov": nesterov, "adam": "adam"}
+    from jtricks.bench.workloads import select
+
+    (w,) = select("quick", ["regression_mlp"])
+    return replace(w, total_steps=40, eval_period=20, max_runtime=60.0)
+
+
+def test_bench_takes_any_optimizer_spec_and_callables_named_or_labelled(tiny_workload):
+    """`run_algoperf` with an optax spec, a named callable and a labelled lambda: results
+    keyed by labels, strict JSON."""
+    from jtricks.bench import jsonable, labelled_algorithms, run_algoperf
+
+    spec = "optax.lion(b1=0.95)"
+    targets = {tiny_workload.name: {"metric": "mse", "validation": 0.05, "test": 0.05}}
+    algorithms = {spec: spec, "nesterov": nesterov, "plain": lambda lr: optax.sgd(lr)}
+    res = run_algoperf([tiny_workload], targets, algorithms=algorithms, num_trials=1, num_studies=1)
+    assert res["algorithms"] == [spec, "nesterov", "plain"]
+    assert {t["algorithm"] for t in res["trials"]} == {spec, "nesterov", "plain"}
+    json.dumps(jsonable(res), allow_nan=False)  # no function object anywhere
+    assert labelled_algorithms([nesterov, "adamw"]) == {"nesterov": nesterov, "adamw": "adamw"}
     with pytest.raises(ConfigError, match="has no name for the results"):
-        labelled_optimizers([lambda lr: optax.sgd(lr)])
+        labelled_algorithms([lambda lr: optax.sgd(lr)])
     with pytest.raises(ConfigError, match="labels repeat"):
-        labelled_optimizers(["sgd", "sgd"])
+        labelled_algorithms(["sgd", "sgd"])
+
+
+def test_bench_refuses_a_misspelt_optax_name(tmp_path, capsys):
+    from jtricks.cli import main
+
+    bad = ["bench", "--workloads", "regression_mlp", "--algorithms", "optax.lino"]
+    assert main([*bad, "--out", str(tmp_path / "b2")]) == 2
+    assert "did you mean: lion" in capsys.readouterr().err
+    assert not (tmp_path / "b2").exists()
 
 
 @pytest.mark.parametrize(

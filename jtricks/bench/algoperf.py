@@ -34,11 +34,17 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from jtricks.bench.algorithms import BASELINE, DEFAULT_HPARAMS, check_algorithm, defaults_for
+from jtricks.bench.algorithms import (
+    BASELINE,
+    DEFAULT_HPARAMS,
+    check_algorithm,
+    defaults_for,
+    labelled_algorithms,
+)
 from jtricks.bench.protocol import reaches
 from jtricks.bench.scoring import (
     default_taus,
@@ -50,7 +56,7 @@ from jtricks.bench.scoring import (
 )
 from jtricks.bench.search import Range, make_studies, space_for
 from jtricks.bench.workloads import Workload
-from jtricks.errors import ConfigError, check_int, unknown_name
+from jtricks.errors import check_int, unknown_name
 
 SCHEMA = "jtricks.bench/2"
 RULESETS = ("external", "self-tuning")
@@ -92,20 +98,25 @@ def run_algoperf(
     *,
     suite: str = "quick",
     ruleset: str = "external",
-    algorithms: Sequence[str] | None = None,
+    algorithms: Sequence[Any] | Mapping[str, Any] | None = None,
     num_trials: int | None = None,
     num_studies: int | None = None,
     space: dict[str, Range] | None = None,
     seed: int = 0,
     progress=None,
 ) -> dict[str, Any]:
-    """Run the protocol; return the results dict (``results.json``'s content)."""
+    """Run the protocol; return the results dict (``results.json``'s content).
+
+    ``algorithms``: names of `ALGORITHMS`, optimizer specs, or callables
+    ``learning_rate -> GradientTransformation`` (labelled by their ``__name__``), or a
+    dict ``{label: any of these}`` (`labelled_algorithms`); default the suite's."""
     from jtricks.rundir import environment
 
     check_ruleset(ruleset)
-    algorithms = [check_algorithm(a) for a in (algorithms or ALGORITHMS[suite])]
-    if len(set(algorithms)) != len(algorithms):
-        raise ConfigError(f"algorithms repeat: {algorithms}", param="algorithms")
+    specs = labelled_algorithms(algorithms or ALGORITHMS[suite])  # {label: name or callable}
+    for spec in specs.values():
+        check_algorithm(spec)
+    algorithms = list(specs)
     n, m = TRIALS[suite]
     n = check_int("trials", num_trials if num_trials is not None else n, low=1)
     m = check_int("studies", num_studies if num_studies is not None else m, low=1)
@@ -131,9 +142,7 @@ def run_algoperf(
     }
     start = time.perf_counter()
     for w in workloads:
-        results["trials"] += _run_workload(
-            w, targets[w.name], algorithms, studies, ruleset, progress
-        )
+        results["trials"] += _run_workload(w, targets[w.name], specs, studies, ruleset, progress)
     results["wall_s"] = time.perf_counter() - start
     results["workload_times"] = workload_times(results)
     results["scores"] = score(results["workload_times"], algorithms)
@@ -157,7 +166,7 @@ def _describe(w: Workload, target: dict) -> dict[str, Any]:
     }
 
 
-def _run_workload(w, target, algorithms, studies, ruleset, progress) -> list[dict[str, Any]]:
+def _run_workload(w, target, specs, studies, ruleset, progress) -> list[dict[str, Any]]:
     from jtricks.bench.trials import compile_program, run_trial
 
     if ruleset == "self-tuning":
@@ -171,8 +180,8 @@ def _run_workload(w, target, algorithms, studies, ruleset, progress) -> list[dic
     test_reached = reaches(w.metric, target["test"])
     better = w.better
     out = []
-    for algorithm in algorithms:
-        program = compile_program(w, inst, algorithm, w.total_steps)
+    for algorithm, spec in specs.items():
+        program = compile_program(w, inst, spec, w.total_steps)
         for s, study in enumerate(studies[algorithm]):
             for i, trial in enumerate(study):
                 record = run_trial(
@@ -222,3 +231,15 @@ def score(times: dict[str, dict[str, float]], algorithms: list[str]) -> dict[str
         a: sum(math.isfinite(row.get(a, math.inf)) for row in times.values()) for a in algorithms
     }
     return out
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by ``None`` (strict JSON; ``null`` time-to-target
+    means the target was not reached)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    return obj

@@ -31,7 +31,7 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -129,15 +129,16 @@ def defaults_for(name: str) -> dict[str, float]:
     return {**DEFAULT_HPARAMS, "learning_rate": rate}
 
 
-def check_algorithm(name: str) -> str:
-    """``name`` if it is one of `ALGORITHMS` or an optimizer spec `build_optimizer` accepts.
+def check_algorithm(name: Any) -> Any:
+    """``name`` if it is one of `ALGORITHMS` or an optimizer spec `build_optimizer` accepts
+    (a callable ``learning_rate -> GradientTransformation`` among them).
 
     Raises:
       ConfigError: naming the algorithm and listing the built-in ones.
     """
     from jtricks.optim import build_optimizer
 
-    if name in ALGORITHMS:
+    if isinstance(name, str) and name in ALGORITHMS:
         return name
     try:
         build_optimizer(name)
@@ -165,3 +166,41 @@ def eval_params(name: str, params: Any, opt_state: Any) -> Any:
     if name == "schedule_free_adamw":
         return optax.contrib.schedule_free_eval_params(opt_state, params)
     return params
+
+
+def labelled_algorithms(algorithms: Sequence[Any] | Mapping[str, Any]) -> dict[str, Any]:
+    """``{label: spec}`` for the results (JSON keys): a dict as given; a string labels itself;
+    a callable by its ``__name__``.
+
+    Raises:
+      ConfigError: a lambda (no name: give a dict ``{label: callable}``), a repeated
+        label, or an empty list.
+    """
+    if isinstance(algorithms, Mapping):
+        items = list(algorithms.items())
+    elif isinstance(algorithms, str):
+        items = [(algorithms, algorithms)]
+    else:
+        items = []
+        for spec in algorithms:
+            if isinstance(spec, str):
+                items.append((spec, spec))
+                continue
+            name = getattr(spec, "__name__", None)
+            if not callable(spec) or not name or name == "<lambda>":
+                raise ConfigError(
+                    f"algorithm {spec!r} has no name for the results; pass a dict "
+                    "{label: spec} (e.g. {'nesterov': lambda lr: optax.sgd(lr, 0.9, nesterov=True)})",
+                    param="algorithms",
+                )
+            items.append((name, spec))
+    labels = [label for label, _ in items]
+    if not items or any(not isinstance(label, str) or not label for label in labels):
+        raise ConfigError(
+            f"algorithms must be non-empty, with non-empty string labels; got {labels!r}",
+            param="algorithms",
+        )
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise ConfigError(f"algorithm labels repeat: {repeated}", param="algorithms")
+    return dict(items)

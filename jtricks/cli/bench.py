@@ -1,6 +1,5 @@
-"""``jtricks bench``: the AlgoPerf-style optimizer benchmark (protocol v2, the default),
-the learning-rate-grid suite of protocol v1, ``bench targets`` (set a suite's targets)
-and ``bench compare`` of result files."""
+"""``jtricks bench``: the AlgoPerf-style optimizer benchmark, ``bench targets`` (set a
+suite's targets) and ``bench compare`` of result files."""
 
 from __future__ import annotations
 
@@ -9,23 +8,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from jtricks.errors import ConfigError, unknown_name
+from jtricks.errors import ConfigError
 from jtricks.rundir import create_run_dir, default_out, write_json, write_text
 from jtricks.spec import split_top_level
 
 ACTIONS = ("compare", "targets")
-V1_ONLY = ("optimizers", "problems", "seeds")
-V2_ONLY = (
-    "ruleset",
-    "algorithms",
-    "workloads",
-    "trials",
-    "studies",
-    "search_space",
-    "targets",
-    "reruns",
-    "data_dir",
-)
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -36,11 +23,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "and times algorithms on the suite's workloads and writes results.json, results.md, "
         "profile.png, speedup.png and lr_sensitivity.png to --out; jtricks bench targets "
         "--suite S --out FILE sets a suite's targets; jtricks bench compare A.json B.json ... "
-        "prints side-by-side tables. --protocol v1 runs the older learning-rate-grid suite.",
+        "prints side-by-side tables.",
     )
     b.add_argument("action", nargs="*", metavar="compare FILE... | targets", help="an action")
     b.add_argument("--suite", default="quick", help="quick (for a CPU) or full (for a GPU)")
-    b.add_argument("--protocol", default="algoperf", help="algoperf (default) or v1")
     b.add_argument("--ruleset", default="external", help="external (tuned) or self-tuning")
     b.add_argument("--algorithms", default=None, help="comma-separated, e.g. nadamw,adamw,lion")
     b.add_argument("--workloads", default=None, help="comma-separated subset of the suite's")
@@ -51,9 +37,6 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     b.add_argument("--data-dir", default=None, help="cifar-10-batches-py folder: adds CIFAR-10")
     b.add_argument("--seed", type=int, default=0, help="seed of the trial points and run seeds")
     b.add_argument("--reruns", type=int, default=None, help="targets: reruns of the best point")
-    b.add_argument("--optimizers", default=None, help="v1: comma-separated, e.g. sgd,adam")
-    b.add_argument("--problems", default=None, help="v1: comma-separated subset of problems")
-    b.add_argument("--seeds", type=int, default=None, help="v1: seeds per optimizer")
     b.add_argument("--out", default=None, help="results folder (default runs/bench-<suite>-<time>)")
     b.add_argument("--no-progress", dest="progress", action="store_false")
     return b
@@ -61,41 +44,6 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 def _split(value: str | None) -> list[str] | None:
     return None if value is None else [x for x in split_top_level(value, ",") if x]
-
-
-def _given(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
-    defaults = {"ruleset": "external"}
-    return [n for n in names if getattr(args, n) not in (None, defaults.get(n))]
-
-
-def check_v1(args: argparse.Namespace) -> None:
-    """Every name and number of a v1 suite run, checked before anything is created."""
-    from jtricks.bench.problems import SUITES, suite_problems
-    from jtricks.optim import build_optimizer
-
-    if args.suite not in SUITES:
-        raise unknown_name("suite", args.suite, SUITES)
-    names = {p.name for p in suite_problems(args.suite)}
-    for name in _split(args.problems) or []:
-        if name not in names:
-            raise unknown_name("problem", name, names, param="problems")
-    for spec in _split(args.optimizers) or []:
-        try:
-            build_optimizer(spec)  # any spec: jtricks' names, optax.*, contrib.*, module:factory
-        except ConfigError as e:
-            raise ConfigError(str(e), param="optimizers") from None
-    if args.seeds is not None and args.seeds < 1:
-        raise ConfigError(f"--seeds must be >= 1; got {args.seeds}", param="seeds")
-
-
-def _check_protocol(args: argparse.Namespace) -> None:
-    if args.protocol not in ("algoperf", "v1"):
-        raise unknown_name("protocol", args.protocol, ("algoperf", "v1"))
-    wrong = _given(args, V2_ONLY if args.protocol == "v1" else V1_ONLY)
-    if wrong:
-        other = "the default protocol" if args.protocol == "v1" else "--protocol v1"
-        flag = "--" + wrong[0].replace("_", "-")
-        raise ConfigError(f"{flag} belongs to {other}", param=wrong[0])
 
 
 def _space(path: str | None):
@@ -138,9 +86,6 @@ def run(args: argparse.Namespace, flags: dict[str, str]) -> int:
     """``jtricks bench``: run a protocol, set targets or compare files; exit status 0."""
     if args.action:
         return _action(args)
-    _check_protocol(args)
-    if args.protocol == "v1":
-        return _run_v1(args)
     from jtricks.bench.algoperf import run_algoperf
     from jtricks.bench.algoperf_report import markdown, plot
 
@@ -161,17 +106,18 @@ def run(args: argparse.Namespace, flags: dict[str, str]) -> int:
             seed=args.seed,
             progress=bar.update,
         )
-    return _write(run_dir, results, markdown, plot, "profile.png, speedup.png, lr_sensitivity.png")
+    return _write(run_dir, results, markdown, plot)
 
 
-def _write(run_dir: Path, results: dict, markdown, plot, figures: str) -> int:
-    from jtricks.bench.runner import jsonable
+def _write(run_dir: Path, results: dict, markdown, plot) -> int:
+    from jtricks.bench.algoperf import jsonable
 
     write_json(run_dir / "results.json", jsonable(results))
     md = markdown(results)
     write_text(run_dir / "results.md", md)
     plot(results, run_dir)
     print(md)
+    figures = "profile.png, speedup.png, lr_sensitivity.png"
     print(f"results.json, results.md, {figures} in {run_dir}")
     return 0
 
@@ -224,23 +170,6 @@ def _typed(args: argparse.Namespace) -> list[str]:
     return [
         f"--{n.replace('_', '-')} {getattr(args, n)}" for n in names if getattr(args, n) is not None
     ]
-
-
-def _run_v1(args: argparse.Namespace) -> int:
-    from jtricks.bench import markdown, plot, run_suite
-
-    check_v1(args)
-    run_dir = create_run_dir(
-        args.out if args.out is not None else default_out(f"bench-{args.suite}")
-    )
-    results = run_suite(
-        args.suite,
-        optimizers=_split(args.optimizers),
-        problems=_split(args.problems),
-        seeds=args.seeds,
-        progress=args.progress,
-    )
-    return _write(run_dir, results, markdown, plot, "curves.png and profile.png")
 
 
 class _Bar:

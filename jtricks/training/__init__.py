@@ -1,6 +1,5 @@
 """Training core: `TrainState`, pure steps, and the `fit` loop."""
 
-from jtricks.training import moved  # noqa: F401  (old names, with a warning)
 from jtricks.training.callbacks import EarlyStopping, ReduceLROnPlateau, StopTraining
 from jtricks.training.checkpointer import Checkpointer
 from jtricks.training.compiled import clear_caches

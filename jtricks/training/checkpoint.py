@@ -10,11 +10,10 @@ Layout of a checkpoint directory (orbax's, so plain orbax can read it)::
     ckpt/best/epoch-000009/       the best epoch so far (same layout)
 
 orbax writes the items into a hidden ``.tmp-epoch-000012`` folder and commits it by a
-rename (`ManifestRename`, an orbax ``TemporaryPath``), so a crash at any moment leaves
-either the previous checkpoints or a complete new one. New here: the manifest is written
-last, just before the rename, and `restore` checks it, so a corrupt or truncated file is
-reported by name; `restore_latest` falls back to the newest checkpoint that is intact
-(orbax restores whatever bytes it finds).
+rename (`ManifestRename`, an orbax ``TemporaryPath``), so a crash leaves the previous
+checkpoints or a complete new one. New here: the manifest, written just before the
+rename and checked by `restore`, names a corrupt or truncated file; `restore_latest`
+falls back to the newest intact checkpoint (orbax restores whatever bytes it finds).
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import path as ocp_path
 
 from jtricks.errors import ConfigError, WriteError
+from jtricks.moved import module_getattr
 from jtricks.training.state import TrainState
 from jtricks.trees import leaf_path
 
@@ -44,12 +44,14 @@ TMP = ".tmp-"
 INTERRUPTED = "interrupted"  # the state a stopped run reached (`Checkpointer.on_interrupt`)
 BOOKKEEPING = {"manifest.json", "_CHECKPOINT_METADATA", "commit_success.txt"}
 
+__getattr__ = module_getattr(__name__)  # Checkpointer moved (jtricks.moved)
+
 
 class CheckpointError(ConfigError):
     """A checkpoint that cannot be used: corrupt, truncated, or not matching the model."""
 
 
-def _is_key(a: Any) -> bool:
+def _is_key(a: Any) -> bool:  # a typed PRNG key array
     return isinstance(a, jax.Array) and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
 
 
@@ -60,24 +62,17 @@ def _key_data(tree: Any) -> Any:
 
 def _wrap_keys(tree: Any, like: Any) -> Any:
     """Undo `_key_data` where ``like`` (the target state) holds a key."""
-    return jax.tree.map(
-        lambda a, t: jax.random.wrap_key_data(a, impl=jax.random.key_impl(t)) if _is_key(t) else a,
-        tree,
-        like,
-    )
+
+    def wrap(a, t):
+        return jax.random.wrap_key_data(a, impl=jax.random.key_impl(t)) if _is_key(t) else a
+
+    return jax.tree.map(wrap, tree, like)
 
 
 def _arrays(state: TrainState) -> dict[str, Any]:
-    return _key_data(
-        {
-            "step": state.step,
-            "params": state.params,
-            "batch_stats": state.batch_stats,
-            "opt_state": state.opt_state,
-            "key": state.key,
-            **({"ema_params": state.ema_params} if state.ema_params is not None else {}),
-        }
-    )
+    names = ("step", "params", "batch_stats", "opt_state", "key", "ema_params")
+    arrays = {k: getattr(state, k) for k in names if getattr(state, k) is not None}
+    return _key_data(arrays)
 
 
 def items(state: TrainState, meta: dict[str, Any]) -> ocp.args.Composite:
