@@ -162,7 +162,8 @@ def make_epoch_fn(
 
 
 def epoch_fn(program):
-    """`make_epoch_fn`'s ``run_epoch`` of a part ``program`` (`make_part_program`)."""
+    """`make_epoch_fn`'s ``run_epoch`` of a part ``program`` (`make_part_program`);
+    ``run_epoch.program`` is that jitted program (``.lower(...)`` it to read its HLO)."""
 
     def run_epoch(
         state,
