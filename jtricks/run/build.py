@@ -47,6 +47,9 @@ class Build:
     early: EarlyStopping | None = None
     callbacks: list[Any] = field(default_factory=list)
     reporter: Any = None
+    trainable: list[str] | None = None
+    """With ``finetune``: the patterns of the layers that train (the others are frozen,
+    their BatchNorm statistics too)."""
 
     def callback_states(self) -> dict[str, Any]:
         """The stateful callbacks' states, saved with each checkpoint."""
@@ -92,8 +95,8 @@ def build(config: TrainConfig, data: RunData, resume: Any, reporter: Any, progre
         b.reporter = RichReporter()
     if config.pretrained is not None and config.finetune not in (None, "all"):
         probe = create_train_state(model, b.tx, data.example, init_key)
-        trainable = preset_patterns(config.finetune, forward_layers(probe, data.example))
-        b.tx = freeze(b.tx, trainable=trainable)
+        b.trainable = preset_patterns(config.finetune, forward_layers(probe, data.example))
+        b.tx = freeze(b.tx, trainable=b.trainable)
     return b
 
 

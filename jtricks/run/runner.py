@@ -53,7 +53,7 @@ from jtricks.training.distributed import is_sharded_mesh, parse_mesh
 from jtricks.training.options import FitOptions
 from jtricks.training.preemption import status_of
 from jtricks.training.tensorboard import writer_class
-from jtricks.training.transfer import load_pretrained
+from jtricks.training.transfer import describe_loaded, freeze_batch_stats, load_pretrained
 
 
 def train(
@@ -213,7 +213,11 @@ def start(
         check_data(state, b.task, data.train, "training data")
         check_data(state, b.task, data.test, "test data")
     if config.pretrained is not None and resume is None:
-        state, _ = load_pretrained(state, config.pretrained)
+        state, loaded = load_pretrained(state, config.pretrained)
+        if jax.process_index() == 0:
+            print(f"jtricks: {describe_loaded(loaded)}", file=sys.stderr)
+    if b.trainable is not None and state.batch_stats:  # frozen layers keep their statistics
+        state = freeze_batch_stats(state, trainable=b.trainable)
     if out is None:
         for name in ("tensorboard", "profile"):
             if getattr(config, name):

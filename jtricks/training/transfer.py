@@ -6,9 +6,9 @@
 * `finetune_labels(preset, layers)`: the three transfer regimes as presets over the
   layers in forward order: ``"head"`` (only the last layer trains), ``"last:K"``
   (the last K layers), ``"all"`` (everything, starting from the pretrained weights).
-* `load_pretrained(state, source)`: copy every parameter whose path and shape match
-  from a jtricks checkpoint (or run folder) into ``state``; a new head of another
-  shape keeps its fresh initialisation.
+* `load_pretrained(state, source)`: copy every parameter and BatchNorm statistic whose
+  path and shape match from a jtricks checkpoint (or run folder) into ``state``; a new
+  head of another shape keeps its fresh initialisation.
 
 Paths are ``"layer/leaf"`` strings such as ``"Conv_0/kernel"`` or
 ``"stage1_block1/Conv1D_0/kernel"``; patterns are `fnmatch` globs (``"Conv_*"``).
@@ -192,15 +192,20 @@ def _checkpoint_dir(source: str | os.PathLike) -> Path:
 def load_pretrained(
     state: TrainState, source: str | os.PathLike
 ) -> tuple[TrainState, dict[str, list[str]]]:
-    """Copy parameters from a checkpoint into ``state`` where path and shape match.
+    """Copy parameters and BatchNorm statistics from a checkpoint into ``state`` where path
+    and shape match.
 
     ``source`` is a checkpoint folder, or a run folder (its ``best`` checkpoint, else the
-    newest). The checkpoint's integrity is verified first. The optimizer state is
-    re-initialised for the new parameters.
+    newest). The checkpoint's integrity is verified first. The ``batch_stats`` of matched
+    layers come with their parameters, so a same-architecture reload evaluates exactly as
+    the saved model does (a BatchNorm network with fresh statistics, mean 0 and variance 1,
+    does not). The optimizer state is re-initialised for the new parameters.
 
     Returns:
-      The new state and ``{"loaded": [...], "kept": [...]}`` (paths kept at their fresh
-      initialisation: absent from the checkpoint or of another shape, e.g. a new head).
+      The new state and ``{"loaded": [...], "kept": [...], "stats_loaded": [...],
+      "stats_kept": [...]}``: parameter and statistic paths loaded, and those kept at their
+      fresh initialisation (absent from the checkpoint or of another shape, e.g. a new
+      head). `describe_loaded` says it in one line.
 
     Raises:
       ConfigError: no checkpoint there, a damaged one, or no parameter in common.
@@ -220,10 +225,30 @@ def load_pretrained(
         ) from None
     finally:
         ckptr.close()
-    saved_flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(saved["params"]).items()}
-    target = traverse_util.flatten_dict(state.params)
+    params, loaded, kept = _matching(saved["params"], state.params)
+    if not loaded:
+        raise ConfigError(
+            f"checkpoint {path} shares no parameter (same path and shape) with this model",
+            param="pretrained",
+        )
+    stats, stats_loaded, stats_kept = _matching(saved.get("batch_stats") or {}, state.batch_stats)
+    state = state.replace(params=params, opt_state=state.tx.init(params), batch_stats=stats)
+    return state, {
+        "loaded": loaded,
+        "kept": kept,
+        "stats_loaded": stats_loaded,
+        "stats_kept": stats_kept,
+    }
+
+
+def _matching(saved: Any, target: Any) -> tuple[Any, list[str], list[str]]:
+    """``target`` with every leaf whose path and shape ``saved`` shares replaced by the saved
+    one (in the target's dtype); the paths loaded and the paths kept."""
+    if not target:
+        return target, [], []
+    saved_flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(saved).items()}
     loaded, kept, new = [], [], {}
-    for k, v in target.items():
+    for k, v in traverse_util.flatten_dict(target).items():
         name = "/".join(k)
         src = saved_flat.get(name)
         if src is not None and np.shape(src) == v.shape:
@@ -232,13 +257,23 @@ def load_pretrained(
         else:
             new[k] = v
             kept.append(name)
-    if not loaded:
-        raise ConfigError(
-            f"checkpoint {path} shares no parameter (same path and shape) with this model",
-            param="pretrained",
-        )
-    params = traverse_util.unflatten_dict(new)
-    return state.replace(params=params, opt_state=state.tx.init(params)), {
-        "loaded": loaded,
-        "kept": kept,
-    }
+    return traverse_util.unflatten_dict(new), loaded, kept
+
+
+def describe_loaded(info: dict[str, list[str]]) -> str:
+    """One line for `load_pretrained`'s report: which layers' parameters and BatchNorm
+    statistics were loaded, which layers are new (kept at their initialisation)."""
+
+    def layers(paths: list[str]) -> list[str]:
+        return list(dict.fromkeys(p.rsplit("/", 1)[0] for p in paths))
+
+    def show(names: list[str]) -> str:
+        return ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+
+    loaded, new = layers(info["loaded"]), layers(info["kept"])
+    line = f"pretrained: parameters of {len(loaded)} layer(s) loaded ({show(loaded)})"
+    if info.get("stats_loaded") or info.get("stats_kept"):
+        stats = layers(info["stats_loaded"])
+        line += f", batch_stats of {len(stats)}" + (f" ({show(stats)})" if stats else "")
+    new += [s for s in layers(info.get("stats_kept", [])) if s not in new]
+    return line + (f"; new: {show(new)}" if new else "; no new layer")
