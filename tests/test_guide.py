@@ -5,6 +5,7 @@ scratch folder; then a few of the values the guide's comments state are checked.
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 
 import jax
@@ -14,7 +15,9 @@ GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guide.md"
 
 
 def _blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", GUIDE.read_text(), re.S)
+    """Every ```python block, dedented (a block inside a list item is indented)."""
+    found = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), re.S)
+    return [textwrap.dedent(b) for b in found]
 
 
 def test_the_guides_examples_run_in_order(tmp_path, monkeypatch, capsys):
@@ -34,3 +37,21 @@ def test_the_guides_examples_run_in_order(tmp_path, monkeypatch, capsys):
     assert all(isinstance(a, jax.Array) and not a.is_deleted() for a in initial)
     assert np.isfinite(namespace["found"].suggestion)
     capsys.readouterr()
+
+
+def test_the_guides_ensemble_and_transfer_examples_give_what_they_say(tmp_path, monkeypatch):
+    """The ensemble block: one validation value per member, probabilities that sum to
+    one; the transfer block: its assertion (a reload evaluates exactly) ran."""
+    monkeypatch.chdir(tmp_path)
+    blocks = [b for b in _blocks() if "create_ensemble" in b or "load_pretrained" in b]
+    assert len(blocks) == 2
+    namespace: dict = {"__name__": "guide"}
+    for block in blocks:
+        exec(compile(block, GUIDE.name, "exec"), namespace)
+    record = namespace["ens_history"].records[-1]
+    assert len(record["val_member_accuracy"]) == 3
+    probs = np.asarray(namespace["probs"])
+    assert probs.shape == (200, 4)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    assert len(namespace["ens_metrics"]["member_accuracy"]) == 3
+    assert namespace["info"]["stats_loaded"]
