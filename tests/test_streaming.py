@@ -137,7 +137,7 @@ def test_any_iterable_trains(data):
     train, _ = data
     batches = [(train[0][i : i + 40], train[1][i : i + 40]) for i in range(0, 200, 40)]
     gen = (b for b in batches * 2)
-    assert is_stream(gen) and not is_stream(train) and not is_stream(batches)
+    assert is_stream(gen) and not is_stream(train) and is_stream(batches)  # a list of batches
     _, h = fit(_state(), gen, steps=7, chunk=3)
     assert [r["step"] for r in h] == [7] and "data_state" not in h[-1]
 

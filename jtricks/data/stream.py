@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
+from jax import tree_util
 
 from jtricks.caches import cached
 from jtricks.data.shards import ShardedArrays
@@ -44,10 +45,58 @@ UNKNOWN_LENGTH = 2**40
 
 
 def is_stream(data: Any) -> bool:
-    """Whether ``data`` is a stream (an iterable of batches) rather than arrays: anything
-    iterable that is not a tuple, list, dict or array (those are array pytrees)."""
+    """Whether ``data`` is a stream (an iterable of batches) rather than arrays: a list or
+    tuple of batches (`is_batch_sequence`), or anything iterable that is not a tuple,
+    list, dict or array (those are array pytrees)."""
+    if is_batch_sequence(data):
+        return True
     arrays = (tuple, list, Mapping, np.ndarray)
     return hasattr(data, "__iter__") and not isinstance(data, arrays) and not hasattr(data, "shape")
+
+
+def is_batch_sequence(data: Any) -> bool:
+    """Whether a list or tuple holds batches, ``[(x0, y0), (x1, y1), ...]`` (what a PyTorch
+    user has), rather than being one pytree of arrays such as ``(x, y)``: every entry is a
+    tuple, list or dict of arrays, all of one structure, whose leaves agree in dtype and
+    in every axis but the first (the batch axis, which may differ)."""
+    if not isinstance(data, list | tuple) or not data:
+        return False
+    if not all(isinstance(entry, tuple | list | Mapping) and entry for entry in data):
+        return False
+    first = _signature(data[0])
+    return first is not None and all(_signature(entry) == first for entry in data[1:])
+
+
+def _signature(batch: Any) -> tuple | None:
+    """A batch's structure, leaf dtypes and per-example shapes (``None``: not a batch)."""
+    leaves, treedef = tree_util.tree_flatten(batch)
+    if not leaves or not all(np.ndim(a) >= 1 and hasattr(a, "dtype") for a in leaves):
+        return None
+    return treedef, tuple((np.dtype(a.dtype), np.shape(a)[1:]) for a in leaves)
+
+
+def training_batches(batches: list | tuple) -> tuple:
+    """A sequence of batches as training reads it: every batch as large as the first; a
+    shorter last batch is left out (as in-memory arrays leave out the ``N mod B``
+    examples that fill no batch; evaluation reads it).
+
+    Raises:
+      ConfigError: a batch other than the last whose size differs from the first's.
+    """
+    sizes = [int(np.shape(tree_util.tree_leaves(b)[0])[0]) for b in batches]
+    for i, n in enumerate(sizes):
+        if any(int(np.shape(a)[0]) != n for a in tree_util.tree_leaves(batches[i])):
+            raise ConfigError(
+                f"training data: batch {i} holds arrays of different lengths", param="train_data"
+            )
+        last = i == len(sizes) - 1 and i > 0
+        if n != sizes[0] and not (last and n < sizes[0]):
+            raise ConfigError(
+                f"training data: batch {i} of the list holds {n} examples, the first "
+                f"{sizes[0]}; only the last batch may be shorter (it is left out of training)",
+                param="train_data",
+            )
+    return tuple(b for b, n in zip(batches, sizes, strict=True) if n == sizes[0])
 
 
 def stream_length(stream: Any) -> int | None:

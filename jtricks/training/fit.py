@@ -7,7 +7,7 @@ from typing import Any
 
 import jax
 
-from jtricks.data.stream import is_stream
+from jtricks.data.stream import is_batch_sequence, is_stream, training_batches
 from jtricks.errors import ConfigError, check_int
 from jtricks.optim.fused import is_fused
 from jtricks.tasks import Task, as_task
@@ -116,6 +116,8 @@ def fit(
 
 def _run(train_data, options, member, mesh, length, data_key, data_state) -> Run:
     """The run of in-memory data (`array_run`) or of a stream (`stream_run`)."""
+    if is_batch_sequence(train_data):  # a list of batches: a re-iterable stream
+        train_data = training_batches(train_data)
     if is_stream(train_data):
         return stream_run(train_data, options, member, mesh, length, data_state)
     _stream_only(data_state=data_state, steps_per_epoch=options.steps_per_epoch)

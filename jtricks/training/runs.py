@@ -260,9 +260,17 @@ def _stream_epoch(stream: Any, steps_per_epoch: int | None, length: Length) -> i
     if steps_per_epoch is None:
         steps_per_epoch = stream_length(stream)
     if steps_per_epoch is None and length.steps is None:
+        if isinstance(stream, Iterator):
+            fix = (
+                "give steps=<total steps> to read it once (with steps_per_epoch=<batches> "
+                "for epochs of an endless one), or the batches as a list or tuple (or anything "
+                "iter() restarts) for any number of epochs"
+            )
+        else:
+            fix = "give steps_per_epoch=<batches per pass> (or steps=<total steps>)"
         raise ConfigError(
-            f"the training stream ({type(stream).__name__}) has no len(), so an epoch has no "
-            "length: give steps_per_epoch, or steps instead of epochs",
+            f"the training stream ({type(stream).__name__}) gives no epoch length "
+            f"({'a one-shot iterator' if isinstance(stream, Iterator) else 'no len()'}): {fix}",
             param="steps_per_epoch",
         )
     return check_int("steps_per_epoch", steps_per_epoch or length.steps, low=1)

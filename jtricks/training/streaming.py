@@ -171,7 +171,9 @@ class Feeder:
             raise StreamError(
                 f"the training stream's batch {self.read} has structure "
                 f"{jax.tree.structure(batch)} and shapes {shapes}; its first batch had "
-                f"{self._treedef} and {self._shapes} (every batch must be alike)"
+                f"{self._treedef} and {self._shapes} (every batch must be alike: a list or "
+                "tuple of batches may end with a shorter one, left out of training; a "
+                "PyTorch DataLoader drops it with drop_last=True)"
             )
         return batch
 
