@@ -1,6 +1,8 @@
 """Loss functions, numerically stable from logits.
 
-Every loss returns per-example values ``(N,)``; average them yourself (with
+Every loss returns per-example values ``(N,)`` (per position ``(N, *S)`` for
+`cross_entropy` and `accuracy` on logits ``(N, *S, C)``: the tasks average positions);
+average them yourself (with
 weights when batches are padded). All are finite for logits as large as ±1e4:
 they work in log-space (log-sum-exp, log-sigmoid), never on saturated probabilities.
 """
@@ -25,6 +27,12 @@ def cross_entropy(
     References:
       Szegedy et al., "Rethinking the Inception Architecture" (label smoothing), https://arxiv.org/abs/1512.00567
     """
+    if labels.shape not in (logits.shape[:-1], logits.shape):
+        raise ValueError(
+            f"cross_entropy needs labels of shape {logits.shape[:-1]} (class indices) or "
+            f"{logits.shape} (distributions) for logits of shape {logits.shape}; got labels "
+            f"of shape {labels.shape}"
+        )
     traced = isinstance(label_smoothing, jax.core.Tracer)  # a tuned hyper-parameter
     if labels.ndim == logits.ndim - 1 and not traced and label_smoothing == 0.0:
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -59,7 +67,16 @@ def binary_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def mse(predictions: jax.Array, targets: jax.Array) -> jax.Array:
-    """Mean squared error per example, ``mean_j (p_j - t_j)^2`` over trailing axes."""
+    """Mean squared error per example, ``mean_j (p_j - t_j)^2`` over trailing axes.
+    ``(N, 1)`` predictions take ``(N,)`` targets; any other mismatch is an error, never a
+    broadcast."""
+    if targets.shape != predictions.shape and (*targets.shape, 1) == predictions.shape:
+        targets = targets[..., None]
+    if targets.shape != predictions.shape:
+        raise ValueError(
+            f"mse needs targets of the predictions' shape {predictions.shape}; got targets "
+            f"of shape {targets.shape}"
+        )
     err = jnp.square(predictions - targets.astype(predictions.dtype))
     return err.reshape(err.shape[0], -1).mean(axis=-1) if err.ndim > 1 else err
 

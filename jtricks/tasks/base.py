@@ -110,7 +110,16 @@ class Task:
         return batch[_lookup(batch, self.input_key, _INPUT_NAMES, "inputs", self.name)]
 
     def targets(self, batch: Batch) -> jax.Array:
-        return batch[_lookup(batch, self.target_key, _TARGET_NAMES, "targets", self.name)]
+        targets = batch[_lookup(batch, self.target_key, _TARGET_NAMES, "targets", self.name)]
+        if isinstance(targets, Mapping) and isinstance(batch, tuple | list):
+            raise ConfigError(
+                f"{self.name} task: the batch's targets (batch[1]) are a dict with keys "
+                f"{sorted(targets)}; give the batch flat: a dict such as "
+                "{'x': x, 'label': y, 'mask': m} or a tuple (x, y, mask) (a mask of "
+                "per-position targets' shape)",
+                param="target_key",
+            )
+        return targets
 
     def mask(self, batch: Batch) -> jax.Array | None:
         """The target mask, or ``None`` when the batch carries none."""
@@ -231,6 +240,26 @@ def check_finite(task: Task, where: str, field: str, values: Any) -> None:
         )
 
 
+def position_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Per-example values ``(N,)`` from per-position ones ``(N, *S)``: the mean over the
+    positions where ``mask`` is 1 (all without one; 0 where none is valid). ``(N,)``
+    values pass as they are.
+
+    Raises:
+      ValueError: a mask whose shape is not the values'."""
+    if values.ndim == 1:
+        return values
+    if mask is None:
+        return jnp.mean(values.reshape(values.shape[0], -1), axis=1)
+    if mask.shape != values.shape:
+        raise ValueError(
+            f"a mask must have the per-position targets' shape {values.shape}; got {mask.shape}"
+        )
+    m = mask.astype(values.dtype)
+    axes = tuple(range(1, values.ndim))
+    return jnp.sum(values * m, axis=axes) / jnp.maximum(jnp.sum(m, axis=axes), 1.0)
+
+
 def check_integer_labels(
     task: Task, where: str, field: str, labels: Any, num_classes: int, outputs_what: str
 ) -> None:
@@ -343,7 +372,7 @@ _FRAMEWORK_SUMS = ("count", "loss_sum", "loss_weight")
 def batch_sums(task: Task, outputs: jax.Array, batch: Batch, weight: jax.Array) -> Stats:
     """Sums over one batch of the task's statistics and the weighted loss; ``weight`` is
     1 for real rows and 0 for padding (`jtricks.training.steps.pad_batches`)."""
-    loss = task.loss(outputs, batch)
+    loss = per_example(task, task.loss(outputs, batch), weight.shape[0])
     lw = task.loss_weight(batch)
     lw = weight if lw is None else weight * lw
     sums = {
@@ -355,6 +384,17 @@ def batch_sums(task: Task, outputs: jax.Array, batch: Batch, weight: jax.Array) 
         w = weight.reshape(weight.shape + (1,) * (value.ndim - 1))
         sums[name] = jnp.sum(w * value.astype(jnp.float32), axis=0)
     return sums
+
+
+def per_example(task: Task, loss: jax.Array, n: int) -> jax.Array:
+    """``loss`` if it holds one value per example, ``(n,)``; otherwise a one-line error
+    naming its shape (never JAX's broadcasting error later)."""
+    if tuple(loss.shape) != (n,):
+        raise ValueError(
+            f"the {task.name} task's loss gives shape {tuple(loss.shape)} for a batch of {n}; "
+            f"it must give ({n},), one value per example (average positions inside the loss)"
+        )
+    return loss
 
 
 def finalize(task: Task, sums: Stats) -> dict[str, jax.Array]:

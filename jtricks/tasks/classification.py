@@ -17,6 +17,7 @@ from jtricks.tasks.base import (
     check_finite,
     check_integer_labels,
     mean_softmax_logits,
+    position_mean,
 )
 
 
@@ -28,7 +29,11 @@ class Classification(Task):
     distributions ``(N, C)`` (one-hot, mixed or soft). The loss is
     ``-sum_c q_c log softmax(z)_c`` with ``q = (1 - s) q + s / C`` under label
     smoothing ``s``; the metric is ``accuracy``, the fraction with
-    ``argmax z = argmax q``.
+    ``argmax z = argmax q``. Per-position targets ``(N, *S)`` with logits ``(N, *S, C)``
+    (token sequences, pixels) give each example the mean over its positions (those
+    where the batch's 0/1 ``mask`` of shape ``(N, *S)`` is 1, when it has one) of the
+    loss and of the accuracy; the segmentation and language-model tasks weigh positions
+    their own ways.
 
     References:
       Szegedy et al., "Rethinking the Inception Architecture" (2016) (label smoothing),
@@ -41,10 +46,13 @@ class Classification(Task):
     train_metrics: ClassVar[tuple[str, ...]] = ("accuracy",)
 
     def loss(self, outputs, batch):
-        return cross_entropy(outputs, self.targets(batch), label_smoothing=self.label_smoothing)
+        y = self.targets(batch)
+        ce = cross_entropy(outputs, y, label_smoothing=self.label_smoothing)
+        return position_mean(ce, self.mask(batch))
 
     def stats(self, outputs, batch):
-        return {"correct": accuracy(outputs, self.targets(batch))}
+        correct = accuracy(outputs, self.targets(batch))
+        return {"correct": position_mean(correct, self.mask(batch))}
 
     def finalize(self, sums):
         return {"accuracy": sums["correct"] / sums["count"]}
@@ -55,30 +63,50 @@ class Classification(Task):
     def check(self, batch, outputs, where):
         y = array_of(self.targets(batch))
         field = self.field_name(batch, "targets")
+        if len(outputs.shape) > 2 and y.shape[1:] in (outputs.shape[1:-1], outputs.shape[1:]):
+            self._check_positions(batch, y, outputs, where, field)
+            return
         if len(outputs.shape) != 2:
             raise self.error(
                 where,
                 "model outputs",
-                f"classification needs logits of shape (N, C); the model gives shape "
-                f"{outputs.shape[1:]} per example (per-position labels: use the segmentation "
-                "or language-model task)",
+                f"classification needs logits of shape (N, C), or (N, *S, C) for targets "
+                f"(N, *S); the model gives shape {outputs.shape[1:]} per example for targets "
+                f"of shape {y.shape[1:]} (a language model: the language-model task and "
+                "transformer_lm; per-pixel classes: the segmentation task)",
             )
         num_classes = outputs.shape[-1]
         if y.ndim == 1:
             check_integer_labels(self, where, field, y, num_classes, "the model has")
             return
         if y.shape[1:] != (num_classes,):
+            positions = np.issubdtype(y.dtype, np.integer) and y.ndim > 1
             raise self.error(
                 where,
                 field,
                 f"labels must have shape (N,) (class indices) or (N, {num_classes}) "
-                f"(distributions over the model's {num_classes} outputs); got shape {y.shape}",
+                f"(distributions over the model's {num_classes} outputs); got shape {y.shape}"
+                + (
+                    " (class indices per position need logits per position, (N, *S, C): "
+                    "a language model is transformer_lm with the language-model task, "
+                    "per-position classes the segmentation task)"
+                    if positions
+                    else ""
+                ),
             )
         check_finite(self, where, field, _as_float(y))
         if bool((y < 0).any()) or not bool((abs(y.sum(axis=1) - 1.0) <= 1e-3 + 1e-5).all()):
             raise self.error(
                 where, field, "soft labels must be non-negative and sum to 1 over the classes"
             )
+
+    def _check_positions(self, batch, y, outputs, where, field) -> None:
+        """Per-position targets: class indices in range (or distributions), a 0/1 mask."""
+        if y.ndim == len(outputs.shape) - 1:
+            check_integer_labels(self, where, field, y, outputs.shape[-1], "the model has")
+        else:
+            check_finite(self, where, field, _as_float(y))
+        self.check_mask(batch, y.shape[: len(outputs.shape) - 1], where)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +128,11 @@ class MultiLabel(Task):
         y = self.targets(batch)
         if y.ndim == outputs.ndim - 1 and outputs.shape[-1] == 1:
             y = y[..., None]
+        if y.shape != outputs.shape:  # a one-line error, never JAX's broadcasting one
+            raise ValueError(
+                f"binary_cross_entropy needs labels of the logits' shape {outputs.shape} "
+                f"(or {outputs.shape[:-1]} for one logit); got labels of shape {y.shape}"
+            )
         return y.astype(outputs.dtype)
 
     def loss(self, outputs, batch):

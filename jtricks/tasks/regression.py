@@ -30,7 +30,14 @@ class Regression(Task):
 
     def _pair(self, outputs, batch):
         p = outputs.reshape(outputs.shape[0], -1).astype(jnp.float32)
-        t = self.targets(batch).reshape(outputs.shape[0], -1).astype(jnp.float32)
+        y = self.targets(batch)
+        t = y.reshape(y.shape[0], -1).astype(jnp.float32)
+        if t.shape != p.shape:  # a one-line error, never JAX's broadcasting one
+            raise ValueError(
+                f"regression needs one target per model output: outputs of shape "
+                f"{outputs.shape} take targets of {outputs.shape} (or {p.shape}); got targets "
+                f"of shape {y.shape}"
+            )
         return p, t
 
     def loss(self, outputs, batch):

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jtricks.tasks import Task
+from jtricks.tasks.base import per_example
 from jtricks.training.data_checks import num_examples
 from jtricks.training.model import apply_model
 
@@ -29,7 +30,7 @@ def objective(task: Task, outputs: Any, batch: Batch, total: jax.Array | None) -
     """``sum_i w_i l_i / W``: the task's weighted mean loss. ``W`` is ``total`` when given (the
     whole batch's weight, so that micro-batch objectives add up to the batch's), else this
     batch's own ``sum_i w_i``."""
-    loss = task.loss(outputs, batch)
+    loss = per_example(task, task.loss(outputs, batch), num_examples(batch))
     weight = task.loss_weight(batch)
     if weight is None:
         return jnp.mean(loss) if total is None else jnp.sum(loss) / total

@@ -168,11 +168,21 @@ def init_variables(apply_fn: Any, key: jax.Array, sample: Any) -> Any:
     except (TypeError, ValueError) as e:
         shapes = jax.tree.map(lambda a: f"{jnp.shape(a)[1:]} {jnp.result_type(a)}", sample)
         first = str(e).splitlines()[0] if str(e) else ""
+        hint = ""
+        if "integer" in first and not _integer_inputs(sample):
+            hint = (
+                " (the model embeds integer token ids and these inputs are real-valued: "
+                "train it on token data, such as the tokens(...) or text:PATH datasets)"
+            )
         raise ConfigError(
             f"the model cannot be initialised on examples of shape and dtype {shapes}: "
-            f"{type(e).__name__}: {first}",
+            f"{type(e).__name__}: {first}{hint}",
             param="model",
         ) from e
+
+
+def _integer_inputs(sample: Any) -> bool:
+    return all(jnp.issubdtype(jnp.result_type(a), jnp.integer) for a in jax.tree.leaves(sample))
 
 
 TRAINING_COPIES = 4
