@@ -106,6 +106,14 @@ def test_regression_trains_and_metrics_match_numpy(regression_run, regression_da
     }
     _same(got, expected, rtol=1e-4)
     _same(evaluate(state, (x, y), loss_fn=mse, batch_size=7), got)
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")  # a second, independent code path
+    assert p.shape[1] == 3  # several targets: r2 is the uniform average of per-target R²
+    for name, ref in (
+        ("r2", sklearn_metrics.r2_score(t, p, multioutput="uniform_average")),
+        ("mse", sklearn_metrics.mean_squared_error(t, p)),
+        ("mae", sklearn_metrics.mean_absolute_error(t, p)),
+    ):
+        np.testing.assert_allclose(got[name], ref, rtol=1e-4, err_msg=name)
 
 
 def test_dict_and_tuple_batches_are_bit_identical(regression_run, regression_data):

@@ -41,6 +41,8 @@ def test_every_numeric_entry_of_every_record_is_a_scalar_at_its_step(tmp_path):
             got = {e.step: e.value for e in acc.Scalars(name)}
             assert got[record["step"]] == pytest.approx(value, rel=1e-6, abs=1e-30), name
     assert "val_loss" in acc.Tags()["scalars"] and "config/text_summary" in acc.Tags()["tensors"]
+    epochs = {e.step: e.value for e in acc.Scalars("epoch")}  # the epoch axis, at each step
+    assert epochs == {r["step"]: r["epoch"] for r in hist.records} == {6: 1, 12: 2, 18: 3}
 
 
 def test_member_lists_become_one_scalar_per_member():

@@ -1,8 +1,8 @@
 """TensorBoard event files of a run's records: `TensorBoard`, a `fit` callback.
 
 Every numeric entry of an epoch's record becomes a scalar at the record's global
-``step`` (``train_loss``, ``val_accuracy``, ``lr``, ``train_grad_norm``, ...); an
-ensemble's per-member lists become ``<name>/member_<i>``. Per-step records
+``step`` (``train_loss``, ``val_accuracy``, ``lr``, ``train_grad_norm``, ...; the
+epoch number as ``epoch``); an ensemble's per-member lists become ``<name>/member_<i>``. Per-step records
 (``fit(log_every_steps=N)``) become ``step/<name>`` (``step/loss``, ``step/lr``,
 ``step/grad_norm``, ...) at their step. The run's config, when given,
 is written once as text. Written by tensorboardX, which needs no TensorFlow (``pip
@@ -85,6 +85,8 @@ class TensorBoard:
         step = int(record["step"])
         for tag, value in scalars(record).items():  # NaN and inf too: a diverging run shows
             self.writer.add_scalar(tag, value, step)
+        if "epoch" in record:  # the epoch axis against the step axis
+            self.writer.add_scalar("epoch", float(record["epoch"]), step)
         self.writer.flush()
         return False
 
