@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -91,6 +92,48 @@ def create_run_dir(out: str | os.PathLike, stack: contextlib.ExitStack | None = 
         stack.enter_context(locked(path, param="out"))
         _refuse_non_empty(path)  # another run may have written between the check and the lock
     return path
+
+
+@contextlib.contextmanager
+def refused_cleanly(out: str | os.PathLike | None, created: bool) -> Iterator[None]:
+    """Around a new run: a `ConfigError` raised before anything was trained (no
+    checkpoint, no epoch record) takes the run folder's files with it, and the folder when
+    this run ``created`` it, so a refusal that comes after the folder exists (a mesh that
+    does not divide the batch, a data file refused as it is read) leaves what was there."""
+    try:
+        yield
+    except ConfigError:
+        path = None if out is None else Path(out)
+        if path is not None and path.is_dir() and not _trained(path):
+            for entry in path.iterdir():
+                if entry.is_dir():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            if created:
+                path.rmdir()
+        raise
+
+
+def _trained(path: Path) -> bool:
+    """Whether a run folder holds anything training made: a checkpoint or an epoch record."""
+    records = path / "metrics.jsonl"
+    checkpoints = path / "checkpoints"
+    has_records = records.is_file() and records.stat().st_size > 0
+    return has_records or (checkpoints.is_dir() and any(checkpoints.iterdir()))
+
+
+def check_writable(folder: str | os.PathLike, param: str) -> None:
+    """Make ``folder`` if needed and check a file can be written in it: one `ConfigError`
+    naming it (and ``param``) before training, not a writer thread's traceback later."""
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise ConfigError(f"cannot write {str(path)!r}: {why}", param=param) from None
 
 
 def _refuse_non_empty(path: Path) -> None:

@@ -38,3 +38,23 @@ def tree_norm(tree: Any) -> jax.Array:
         return jnp.sqrt(sum(squares))
     flat = jnp.concatenate([jnp.ravel(jnp.asarray(x, jnp.float32)) for x in leaves])
     return jnp.sqrt(jnp.sum(jnp.square(flat)))
+
+
+def _is_key(a: Any) -> bool:  # a typed PRNG key array
+    return isinstance(a, jax.Array) and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
+
+
+def key_data(tree: Any) -> Any:
+    """Typed PRNG key leaves (a run's key, an NNX module's RNG streams) as their raw uint32
+    data, as a checkpoint stores them (`jax.random.key_data`)."""
+    return jax.tree.map(lambda a: jax.random.key_data(a) if _is_key(a) else a, tree)
+
+
+def wrap_keys(tree: Any, like: Any) -> Any:
+    """Undo `key_data` where ``like`` (a tree of the same structure) holds a typed key,
+    with that key's implementation."""
+
+    def wrap(a, t):
+        return jax.random.wrap_key_data(a, impl=jax.random.key_impl(t)) if _is_key(t) else a
+
+    return jax.tree.map(wrap, tree, like)

@@ -20,6 +20,9 @@ import sys
 
 
 def main() -> None:
+    # run as from a terminal, whatever this process inherited (a shell starts background
+    # jobs with SIGINT ignored, and jtricks leaves an ignored signal ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     mode, epoch = sys.argv[1], int(sys.argv[2])
     args = sys.argv[4:]
     import importlib

@@ -259,6 +259,19 @@ def test_huge_final_loss_warns():
     assert _huge_loss_warning(history, 9e18).startswith("the final test loss 9e+18 is")
     assert _huge_loss_warning(history, 2.0) is None
     assert _huge_loss_warning(History([{"epoch": 1, "step": 5}]), 9e18) is None  # unknown start
+    zero = History([{"epoch": 1, "step": 5, "initial_loss": 0.0}])  # an all-zero mask
+    assert _huge_loss_warning(zero, 3.0) is None
+
+
+def test_count_flags_are_bounded_before_anything_is_written(tmp_path, capsys):
+    from jtricks.cli import main
+
+    for flag in ("--log-every-steps", "--chunk", "--epochs", "--batch-size"):
+        out = tmp_path / flag.strip("-")
+        assert main(["train", flag, str(2**31), "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "<= 2147483647; got 2147483648" in err and "Traceback" not in err
+        assert not out.exists()
 
 
 def _fail_second_checkpoint(monkeypatch):
@@ -358,3 +371,121 @@ def test_quiet_thread_tracebacks_drops_only_the_closed_loop_noise():
         'Traceback (most recent call last):\n  File "x.py", line 1, in f\nValueError: real\n'
         "main thread line\n"
     )
+
+
+def test_a_refusal_after_the_run_folder_exists_leaves_nothing(tmp_path, capsys):
+    """A shards mask of the wrong shape is refused as the stream's first batch is read,
+    after the run folder was made: the folder goes again (and an empty folder given as
+    --out stays, empty)."""
+    from jtricks.cli import main
+    from jtricks.data.shards import write_shards
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 16, 1)).astype(np.float32)
+    y = rng.integers(0, 3, (120, 16)).astype(np.int32)
+    for split, n in (("train", 120), ("test", 40)):
+        arrays = {"x": x[:n], "y": y[:n], "mask": np.ones((n, 8), np.float32)}
+        write_shards(tmp_path / "d" / split, arrays, shard_size=60)
+    args = ["train", "--dataset", f"shards:{tmp_path / 'd'}", "--task", "segmentation"]
+    args += ["--model", "fcn1d", "--steps", "2", "--no-progress"]
+    (tmp_path / "empty").mkdir()
+    for out, stays in ((tmp_path / "new", False), (tmp_path / "empty", True)):
+        assert main([*args, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "a mask must have the targets' shape (100, 16); got shape (100, 8)" in err
+        assert out.exists() == stays and (not stays or not any(out.iterdir()))
+
+
+def test_shards_refuse_nan_targets_in_the_words_npz_uses(tmp_path, capsys):
+    """The values a full load refuses (here NaN regression targets past the first batch),
+    a stream of shards refuses too, on the chunks as they are read, in the same words;
+    nothing is left of the run."""
+    from jtricks.cli import main
+    from jtricks.data.shards import write_shards
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 8)).astype(np.float32)
+    y = rng.normal(size=(400, 1)).astype(np.float32)
+    y[[120, 250, 350]] = np.nan
+    write_shards(tmp_path / "s" / "train", {"x": x, "y": y}, shard_size=100)
+    write_shards(tmp_path / "s" / "test", {"x": x[:40], "y": y[:40]}, shard_size=100)
+    np.savez(tmp_path / "d.npz", x=x, y=y, x_test=x[:40], y_test=y[:40])
+    words = "targets (batch[1]): 2 non-finite values (NaN or inf)"
+    for spec in (f"shards:{tmp_path / 's'}", f"npz:{tmp_path / 'd.npz'}"):
+        out = tmp_path / "run"
+        args = ["train", "--dataset", spec, "--task", "regression", "--model", "mlp"]
+        assert main([*args, "--epochs", "2", "--batch-size", "50", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "regression task, " in err and words in err and "Traceback" not in err
+        assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def recorded_run(tmp_path_factory):
+    """A finished run with step records and TensorBoard files, checkpointed every epoch."""
+    from jtricks.cli import main
+
+    pytest.importorskip("tensorboardX")
+    out = tmp_path_factory.mktemp("recorded") / "full"
+    args = [
+        "train",
+        "--dataset",
+        "synthetic(num_train=200, num_test=40, shape=(8,), num_classes=3)",
+    ]
+    args += ["--model", "mlp(features=(8,))", "--batch-size", "20", "--epochs", "4"]
+    args += ["--checkpoint-every", "1", "--keep-checkpoints", "5", "--log-every-steps", "2"]
+    assert main([*args, "--tensorboard", "--no-progress", "--out", str(out)]) == 0
+    return out
+
+
+def _cut_after_epoch_2(full, dest):
+    import shutil
+
+    shutil.copytree(full, dest)
+    (dest / "summary.json").unlink()
+    for name in ("epoch-000003", "epoch-000004"):
+        shutil.rmtree(dest / "checkpoints" / name)
+    return dest
+
+
+@pytest.mark.parametrize("damage", ["cut", "deleted", "random bytes"])
+def test_damaged_step_records_are_named_in_one_warning_and_the_run_goes_on(
+    recorded_run, tmp_path, capsys, damage
+):
+    from jtricks.cli import main
+
+    run = _cut_after_epoch_2(recorded_run, tmp_path / "run")
+    steps = run / "steps.jsonl"
+    if damage == "cut":
+        steps.write_bytes(steps.read_bytes()[:300])  # one whole record and a cut one
+    elif damage == "deleted":
+        steps.unlink()
+    else:
+        steps.write_bytes(np.random.default_rng(0).bytes(500))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    lost = {"cut": 8, "deleted": 9, "random bytes": 9}[damage]
+    assert f"steps.jsonl lacks {lost} of the 9 step records up to the checkpoint's step 18" in err
+    assert "Traceback" not in err
+    import json
+
+    kept = [json.loads(line)["step"] for line in steps.read_text().splitlines()]
+    assert kept[-9:] == list(range(20, 37, 2))  # the steps after the checkpoint, recorded
+
+
+def test_an_unwritable_tensorboard_folder_is_one_line_before_training(
+    recorded_run, tmp_path, capsys
+):
+    import shutil
+
+    from jtricks.cli import main
+
+    run = _cut_after_epoch_2(recorded_run, tmp_path / "run")
+    shutil.rmtree(run / "tensorboard")
+    (run / "tensorboard").write_text("a file where the folder goes")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("tensorboard': File exists") and len(err.splitlines()) == 1
+    assert (run / "checkpoints" / "epoch-000002").is_dir()  # nothing of the run lost

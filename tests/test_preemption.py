@@ -186,7 +186,21 @@ def test_a_stream_stops_between_chunks_with_its_data_state(data):
     np.testing.assert_allclose(h2.records[0]["train_loss"], hw.records[0]["train_loss"], 1e-6)
 
 
-def test_stop_signals_turn_the_first_signal_into_a_flag_and_the_second_into_the_default():
+@pytest.fixture
+def default_signals():
+    """SIGINT and SIGTERM at Python's defaults, whatever this process inherited (a shell
+    starts background jobs with SIGINT ignored), and put back afterwards."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+def test_stop_signals_turn_the_first_signal_into_a_flag_and_the_second_into_the_default(
+    default_signals,
+):
     with StopSignals() as stop:
         assert not stop.is_set()
         signal.raise_signal(signal.SIGINT)
@@ -198,6 +212,17 @@ def test_stop_signals_turn_the_first_signal_into_a_flag_and_the_second_into_the_
         signal.raise_signal(signal.SIGTERM)
         assert term.name == "SIGTERM" and exit_status(term) == 143
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_a_signal_inherited_as_ignored_stays_ignored(default_signals):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a background job starts
+    with StopSignals() as stop:
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        signal.raise_signal(signal.SIGINT)  # the terminal's Ctrl-C: not for this job
+        assert not stop.is_set()
+        signal.raise_signal(signal.SIGTERM)  # still stops it
+        assert stop.name == "SIGTERM"
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
 
 
 ARGS = ["--dataset", "synthetic(num_train=300, num_test=50, shape=(8,), num_classes=3)"]

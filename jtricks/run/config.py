@@ -63,7 +63,11 @@ def optional(check: Check) -> Check:
     return lambda name, value: None if value is None else check(name, value)
 
 
-def at_least(low: int, high: int | None = None) -> Check:
+INT_LIMIT = 2**31 - 1
+"""The largest count a flag takes by default: steps and epochs are int32 on the device."""
+
+
+def at_least(low: int, high: int = INT_LIMIT) -> Check:
     """An integer in ``[low, high]``."""
 
     def check(name: str, value: Any) -> None:

@@ -5,6 +5,7 @@ profile."""
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from jtricks.errors import WriteError
+from jtricks.errors import ConfigError, WriteError
 from jtricks.plotting import pyplot, save_figure
 from jtricks.run.config import TrainConfig
-from jtricks.rundir import write_json
+from jtricks.rundir import check_writable, write_json
 from jtricks.training import History, TrainState
 from jtricks.training.tensorboard import TensorBoard
 
@@ -77,20 +78,38 @@ class StepsLog:
         return False
 
 
-def read_steps(path: Path, until: int) -> list[dict[str, Any]]:
+def read_steps(path: Path, until: int, every: int) -> list[dict[str, Any]]:
     """The step records of ``steps.jsonl`` up to step ``until`` (what a resume keeps: the
-    steps after its checkpoint run again); a cut last line (a killed run) is dropped."""
-    if not path.is_file():
-        return []
+    steps after its checkpoint run again). Lines that are not whole records (a killed
+    run's cut last line, damaged bytes) are dropped; records lost before ``until`` (a file
+    cut short or deleted) are named in one warning, and the run goes on without them.
+
+    Raises:
+      ConfigError: the file exists but cannot be read (before training starts)."""
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace") if path.exists() else ""
+    except OSError as e:
+        raise ConfigError(
+            f"cannot read {path}: {e.strerror or type(e).__name__}", param="resume"
+        ) from None
     records = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             record = json.loads(line)
         except ValueError:
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int):
-            if record["step"] <= until:
+            if 0 < record["step"] <= until and record["step"] % every == 0:
                 records.append(record)
+    records = list({r["step"]: r for r in records}.values())  # one record a step
+    lost = until // every - len(records)
+    if lost > 0:
+        print(
+            f"jtricks: warning: {path.name} lacks {lost} of the {until // every} step records "
+            f"up to the checkpoint's step {until} (cut, damaged or deleted); the run goes on "
+            "and records the steps from there",
+            file=sys.stderr,
+        )
     return records
 
 
@@ -103,6 +122,7 @@ def record_logs(run_dir: Path, config: Any, locks: Any) -> list[Any]:
     if config.log_every_steps is not None:
         logs.append(StepsLog(run_dir / "steps.jsonl"))
     if config.tensorboard:
+        check_writable(run_dir / "tensorboard", "tensorboard")
         board = TensorBoard(run_dir / "tensorboard", config=config.to_dict())
         locks.callback(board.close)
         logs.append(board)
@@ -195,7 +215,9 @@ def huge_loss_warning(history: History, final_loss: float) -> str | None:
     """A line when the final loss is finite but 10x the untrained model's (a run that blew
     up without ever producing NaN, e.g. Adam at lr 1e4), else ``None``."""
     initial = history.records[0].get("initial_loss") if history.records else None
-    if initial is None or not np.isfinite(final_loss) or final_loss <= 10 * max(initial, 1e-12):
+    if initial is None or not initial > 0:  # no loss at the start (e.g. an all-zero mask)
+        return None
+    if not np.isfinite(final_loss) or final_loss <= 10 * initial:
         return None
     return (
         f"the final test loss {final_loss:.4g} is {final_loss / initial:.3g}x the untrained "

@@ -7,6 +7,12 @@ the config, checks the digest, and refuses an edited one, naming each field that
 from the newest checkpoint's copy: a run continued with another batch size, model or
 schedule is no longer the run its folder claims to be. New here: orbax keeps the arrays
 exact; nothing in it ties them to the settings that produced them.
+
+Each run also draws an id when its folder is created (`new_identity`, kept in
+``config.json`` with the config's digest as its fingerprint) and every checkpoint
+records it: `foreign_checker` tells a resume which checkpoints are another run's (another
+id, or a config copy that differs, e.g. the same settings with another seed), so a
+checkpoint copied in from elsewhere is skipped with a warning naming it, never restored.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,4 +91,49 @@ def _changes(run_dir: Path, config: dict[str, Any]) -> str:
     return "its SHA-256 no longer matches the one recorded at the start"
 
 
-__all__ = ["config_digest", "load_run_config"]
+def new_identity(settings: dict[str, Any]) -> dict[str, str]:
+    """A new run's identity: a random ``id`` and the ``fingerprint`` of its config (the
+    digest of its settings: model, data, seed and every other option)."""
+    return {"id": secrets.token_hex(8), "fingerprint": config_digest(_plain(settings))}
+
+
+def run_identity(run_dir: str | os.PathLike) -> dict[str, str] | None:
+    """The identity recorded in a run folder's ``config.json`` (``None`` for a folder
+    written before runs had one, or none readable)."""
+    try:
+        run = json.loads((Path(run_dir) / "config.json").read_text()).get("run")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return run if isinstance(run, dict) and isinstance(run.get("id"), str) else None
+
+
+def foreign_checker(
+    identity: dict[str, str] | None, settings: dict[str, Any]
+) -> Callable[[dict], str | None]:
+    """``why(meta)``: why a checkpoint's metadata shows another run's checkpoint (another
+    run id, or a copy of the config that differs from this run's), else ``None``."""
+    plain = _plain(settings)
+
+    def why(meta: dict) -> str | None:
+        run = meta.get("run")
+        if identity is not None and isinstance(run, dict) and run.get("id") != identity["id"]:
+            return f"written by run {run.get('id')}; this run is {identity['id']}"
+        started = meta.get("config")
+        if isinstance(started, dict) and _plain(started) != plain:
+            changed = [
+                k for k in sorted(set(started) | set(plain)) if started.get(k) != plain.get(k)
+            ]
+            return "its settings differ: " + ", ".join(
+                f"{k}: {started.get(k)!r} there, {plain.get(k)!r} here" for k in changed[:4]
+            )
+        return None
+
+    return why
+
+
+def _plain(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` as JSON gives them back (tuples become lists)."""
+    return json.loads(json.dumps(settings))
+
+
+__all__ = ["config_digest", "foreign_checker", "load_run_config", "new_identity", "run_identity"]

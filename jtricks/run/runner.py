@@ -37,8 +37,21 @@ from jtricks.run.outputs import (
     record_logs,
     write_summary,
 )
-from jtricks.run.resume import config_digest, load_run_config
-from jtricks.rundir import create_run_dir, environment, locked, write_json, write_jsonl
+from jtricks.run.resume import (
+    config_digest,
+    foreign_checker,
+    load_run_config,
+    new_identity,
+    run_identity,
+)
+from jtricks.rundir import (
+    create_run_dir,
+    environment,
+    locked,
+    refused_cleanly,
+    write_json,
+    write_jsonl,
+)
 from jtricks.training import History, TrainState, create_train_state, evaluate, fit
 from jtricks.training.checkpoint import (
     RUN_META,
@@ -104,11 +117,13 @@ def train(
         out = share_processes(config, data, out, resume)
         b = build(config, data, resume, reporter, progress)
         check_mesh(config)  # before any folder exists
-        if config.ensemble > 1:
-            return train_ensemble(config, data, b, out, t0, locks)
-        state, run = start(config, data, b, out, resume, locks)
-        with stop if hasattr(stop, "__enter__") else contextlib.nullcontext():
-            state, history = fit_run(config, data, b, state, run, stop)
+        new_folder = out is not None and resume is None and not Path(out).exists()
+        with refused_cleanly(out if resume is None else None, new_folder):
+            if config.ensemble > 1:
+                return train_ensemble(config, data, b, out, t0, locks)
+            state, run = start(config, data, b, out, resume, locks)
+            with stop if hasattr(stop, "__enter__") else contextlib.nullcontext():
+                state, history = fit_run(config, data, b, state, run, stop)
         test, extra = final_metrics(config, data, b, state, history, run.dir)
         wall = time.perf_counter() - t0
         warning = extra.get("warning")
@@ -233,10 +248,10 @@ def start(
     cut: dict[str, Any] = {}
     settings = config.to_dict()
     if resume is not None:
-        state, records, cut = restore_run(run_dir / "checkpoints", state, b)
+        state, records, cut = restore_run(run_dir / "checkpoints", state, b, settings)
         write_jsonl(run_dir / "metrics.jsonl", records)  # drop epochs after the checkpoint
         if config.log_every_steps is not None:  # and the steps after it: they run again
-            steps = read_steps(run_dir / "steps.jsonl", int(state.step))
+            steps = read_steps(run_dir / "steps.jsonl", int(state.step), config.log_every_steps)
             write_jsonl(run_dir / "steps.jsonl", steps)
     else:
         write_json(
@@ -244,6 +259,7 @@ def start(
             {
                 "config": settings,
                 "config_sha256": config_digest(json.loads(json.dumps(settings))),
+                "run": new_identity(settings),
                 "environment": environment(),
             },
         )
@@ -258,11 +274,16 @@ def checkpointer(run_dir: Path, config: TrainConfig, b: Build, records: list) ->
     """The run's `Checkpointer` (every process of a multi-process run has one: orbax
     writes each array's shards once, from the process that holds them)."""
     settings = config.to_dict()
+    run = run_identity(run_dir)  # every checkpoint says whose it is
+
+    def meta(record: dict[str, Any], state: Any) -> dict[str, Any]:
+        return {"callbacks": b.callback_states(), "config": settings, "run": run}
+
     ckpt = Checkpointer(
         run_dir / "checkpoints",
         every=config.checkpoint_every,
         keep=config.keep_checkpoints,
-        meta_fn=lambda record, state: {"callbacks": b.callback_states(), "config": settings},
+        meta_fn=meta,
     )
     ckpt.records = list(records)
     ckpt.best = min((r["val_loss"] for r in records), default=None)
@@ -277,18 +298,21 @@ def other_process(
     of the checkpoints (no metrics, curves or summary: `Run.dir` is ``None``)."""
     records, cut = [], {}
     if resume is not None:
-        state, records, cut = restore_run(run_dir / "checkpoints", state, b)
+        state, records, cut = restore_run(run_dir / "checkpoints", state, b, config.to_dict())
     sync_global_devices("jtricks: run folder ready")
     ckpt = checkpointer(run_dir, config, b, records)
     return state, Run(None, records, ckpt, [*b.callbacks, ckpt], [], **cut)
 
 
-def restore_run(ckpt_dir: Path, state: TrainState, b: Build) -> tuple[TrainState, list, dict]:
-    """The newest intact checkpoint's state, history and, for an interrupted checkpoint,
-    where its epoch was cut (``partial_epoch``, a stream's ``data_state``), with the
-    callbacks' saved states."""
+def restore_run(
+    ckpt_dir: Path, state: TrainState, b: Build, settings: dict[str, Any]
+) -> tuple[TrainState, list, dict]:
+    """The newest intact checkpoint of this run (another run's are skipped: `foreign_checker`)
+    with its history and, for an interrupted checkpoint, where its epoch was cut
+    (``partial_epoch``, a stream's ``data_state``), with the callbacks' saved states."""
+    foreign = foreign_checker(run_identity(ckpt_dir.parent), settings)
     try:
-        restored = restore_latest(ckpt_dir, state, required=RUN_META)
+        restored = restore_latest(ckpt_dir, state, required=RUN_META, foreign=foreign)
     except CheckpointError as e:
         raise ConfigError(f"cannot resume {str(ckpt_dir.parent)!r}: {e}", param="resume") from None
     if restored is None:

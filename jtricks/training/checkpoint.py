@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from orbax.checkpoint import path as ocp_path
 from jtricks.errors import ConfigError, WriteError
 from jtricks.moved import module_getattr
 from jtricks.training.state import TrainState
-from jtricks.trees import leaf_path
+from jtricks.trees import key_data, leaf_path, wrap_keys
 
 PREFIX = "epoch-"
 TMP = ".tmp-"
@@ -51,28 +52,10 @@ class CheckpointError(ConfigError):
     """A checkpoint that cannot be used: corrupt, truncated, or not matching the model."""
 
 
-def _is_key(a: Any) -> bool:  # a typed PRNG key array
-    return isinstance(a, jax.Array) and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
-
-
-def _key_data(tree: Any) -> Any:
-    """PRNG key leaves (the run key, an NNX module's RNG streams) as their raw uint32 data."""
-    return jax.tree.map(lambda a: jax.random.key_data(a) if _is_key(a) else a, tree)
-
-
-def _wrap_keys(tree: Any, like: Any) -> Any:
-    """Undo `_key_data` where ``like`` (the target state) holds a key."""
-
-    def wrap(a, t):
-        return jax.random.wrap_key_data(a, impl=jax.random.key_impl(t)) if _is_key(t) else a
-
-    return jax.tree.map(wrap, tree, like)
-
-
 def _arrays(state: TrainState) -> dict[str, Any]:
     names = ("step", "params", "batch_stats", "opt_state", "key", "ema_params")
     arrays = {k: getattr(state, k) for k in names if getattr(state, k) is not None}
-    return _key_data(arrays)
+    return key_data(arrays)
 
 
 def items(state: TrainState, meta: dict[str, Any]) -> ocp.args.Composite:
@@ -362,7 +345,11 @@ logging.getLogger("absl").addFilter(_StateMetadataNotice())
 
 
 def restore(
-    path: str | os.PathLike, target: TrainState, *, required: tuple[str, ...] = ()
+    path: str | os.PathLike,
+    target: TrainState,
+    *,
+    required: tuple[str, ...] = (),
+    foreign: Callable[[dict], str | None] | None = None,
 ) -> tuple[TrainState, dict[str, Any]]:
     """Restore a checkpoint into the structure of ``target`` (a freshly created state).
 
@@ -370,14 +357,17 @@ def restore(
     ``checkpoints/`` or its ``checkpoints/best/``), which restores the newest one there.
 
     Raises:
-      CheckpointError: if a file is corrupt or truncated (named), or the arrays do not match
-        the model and optimizer of ``target`` (the first differing leaf is named).
+      CheckpointError: if a file is corrupt or truncated (named), ``foreign(meta)`` says
+        why it is another run's, or the arrays do not match the model and optimizer of
+        ``target`` (the first differing leaf is named).
     """
     path = Path(path).absolute()
     inside = [] if (path / "manifest.json").exists() else list_checkpoints(path)
     path = inside[-1] if inside else path  # a folder of checkpoints: its newest
     verify(path)
     meta = read_meta(path, required)
+    if foreign is not None and (why := foreign(meta)):
+        raise CheckpointError(f"{path.name} is another run's checkpoint ({why})")
     abstract = jax.tree.map(_placed_like, _arrays(target))
     ckptr = ocp.StandardCheckpointer()
     try:
@@ -394,13 +384,13 @@ def restore(
         ) from None
     finally:
         ckptr.close()
-    batch_stats = _wrap_keys(arrays["batch_stats"], target.batch_stats)
+    batch_stats = wrap_keys(arrays["batch_stats"], target.batch_stats)
     state = target.replace(
         step=arrays["step"],
         params=arrays["params"],
         batch_stats=batch_stats,
         opt_state=arrays["opt_state"],
-        key=jax.random.wrap_key_data(arrays["key"], impl=jax.random.key_impl(target.key)),
+        key=wrap_keys(arrays["key"], target.key),
         ema_params=arrays.get("ema_params"),
     )
     return state, meta
@@ -459,10 +449,11 @@ def restore_latest(
     *,
     log=None,
     required: tuple[str, ...] = (),
+    foreign: Callable[[dict], str | None] | None = None,
 ) -> tuple[TrainState, dict] | None:
     """Restore the newest intact checkpoint (`newest_last`: an interrupted run's state
-    counts), falling back past damaged ones (reported in one warning, once a checkpoint
-    restores: each damaged one named with its problem).
+    counts), falling back past damaged ones and another run's (``foreign``, as `restore`
+    takes it), each named with its problem in one warning once a checkpoint restores.
 
     Returns ``None`` if there is no checkpoint at all.
 
@@ -474,19 +465,19 @@ def restore_latest(
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"{directory} is not a folder of checkpoints")
-    candidates = newest_last(directory)
     errors = []
-    for path in reversed(candidates):
+    for path in reversed(newest_last(directory)):
         try:
-            restored = restore(path, target, required=required)
+            restored = restore(path, target, required=required, foreign=foreign)
         except CheckpointError as e:
             if "does not match" in str(e):
                 raise
             errors.append(str(e))
             continue
         if errors:
+            what = "damaged" if all("another run's" not in e for e in errors) else "unusable"
             log(
-                f"jtricks: warning: skipped {len(errors)} damaged checkpoint(s), restored "
+                f"jtricks: warning: skipped {len(errors)} {what} checkpoint(s), restored "
                 f"{path.name}: " + "; ".join(errors)
             )
         return restored

@@ -31,7 +31,10 @@ class StopSignals:
 
     ``is_set()`` says whether one arrived, ``signal`` which (its number) and ``name``
     its name. Handlers can only be installed from the main thread; elsewhere the context
-    installs nothing (the flag can still be set by `request`).
+    installs nothing (the flag can still be set by `request`). A signal the process
+    inherited as ignored (a shell starts background jobs with SIGINT ignored, so that the
+    terminal's Ctrl-C leaves them alone) stays ignored. A second signal of the same kind
+    gets the disposition that was there before: the default ends the process at once.
 
     Example:
       >>> with StopSignals() as stop:
@@ -70,6 +73,8 @@ class StopSignals:
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for signum in self.signals:
+                if signal.getsignal(signum) == signal.SIG_IGN:
+                    continue  # ignored on purpose by whoever started the process
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 

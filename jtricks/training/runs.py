@@ -238,12 +238,14 @@ def stream_run(
         _check_stream_batch(n * jax.process_count(), fit_options.batch_size, options)
         if mesh is not None:
             check_batch(n // options.accumulate, mesh)
-        k = fit_options.chunk or default_chunk(first, steps_per_epoch)
+        k = min(fit_options.chunk or default_chunk(first, steps_per_epoch), steps_per_epoch)
         options = complete_options(options, member, mesh, data)
     except BaseException:
         feeder.close()
         raise
-    feeder.start(chunk_plan(start_step, steps_per_epoch, total, k), k, chunk_sharding(mesh))
+    plan = chunk_plan(start_step, steps_per_epoch, total, k)
+    task = options.task
+    feeder.start(plan, k, chunk_sharding(mesh), lambda b, where: check_data(member, task, b, where))
     split = k < steps_per_epoch or fit_options.profile is not None
     eval_step = compiled_steps(options)[1]
     program = programs.part_program(options)

@@ -36,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 from jtricks.caches import cached
 from jtricks.data.stream import data_state, restore_iterator
-from jtricks.errors import StreamError
+from jtricks.errors import ConfigError, StreamError
 from jtricks.training.distributed import batch_axes
 from jtricks.training.steps import evaluation_step
 
@@ -102,9 +102,12 @@ class Feeder:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self, plan: Iterator[int], chunk: int, sharding: Any = None) -> None:
-        """Start reading: chunks of the sizes in ``plan`` (each padded to ``chunk``)."""
-        self.chunk, self.sharding = chunk, sharding
+    def start(self, plan: Iterator[int], chunk: int, sharding: Any = None, check=None) -> None:
+        """Start reading: chunks of the sizes in ``plan`` (each padded to ``chunk``), each
+        chunk's real batches given to ``check(batch, where)`` as one batch first (the data
+        checks of arrays, on the chunks as they are read: a full pass first would cost a
+        second read of the data)."""
+        self.chunk, self.sharding, self.check, self.checked = chunk, sharding, check, 0
         self._thread = threading.Thread(target=self._run, args=(plan,), daemon=True)
         self._thread.start()
 
@@ -128,6 +131,8 @@ class Feeder:
         try:
             for size in plan:
                 host, n = self._read(size)
+                if n and self.check is not None:
+                    self._check_rows(host, n)
                 if n and not self._offer((self._put(host), n, data_state(self.iterator))):
                     return
                 if n < size:
@@ -135,6 +140,13 @@ class Feeder:
             self._offer(_END)
         except BaseException as e:  # handed to the training thread, which raises it
             self._offer(e)
+
+    def _check_rows(self, host: Any, n: int) -> None:
+        """A chunk's ``n`` real batches through ``check``, as one batch."""
+        rows = jax.tree.map(lambda a: a[:n].reshape(-1, *a.shape[2:]), host)
+        first, self.checked = self.checked + 1, self.checked + n
+        where = f"the training stream's batches {first}-{self.checked} (checked as read)"
+        self.check(rows, where)
 
     def _read(self, size: int) -> tuple[Any, int]:
         """Up to ``size`` batches stacked and padded to the chunk, and how many are real.
@@ -200,7 +212,7 @@ class Feeder:
         if item is _END:
             self._queue.put(_END)  # every later call sees the end too
             return None
-        if isinstance(item, StreamError):
+        if isinstance(item, StreamError | ConfigError):  # a batch refused: in its own words
             raise item
         if isinstance(item, BaseException):
             raise StreamError(
