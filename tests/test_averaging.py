@@ -129,6 +129,13 @@ def test_vmapped_ensemble_equals_separate_runs(data):
         s, _ = fit(s, (x, y), batch_size=20, steps=25, data_key=dk)
         for a, b in zip(_leaves(s.params), _leaves(states.params), strict=True):
             np.testing.assert_allclose(b[i], a, rtol=1e-5, atol=1e-6)
+    # fit takes the stacked states as they are: the same program as fit_ensemble
+    same, _ = fit(create_ensemble(model, tx, x, keys), (x, y), batch_size=20, steps=25, data_key=dk)
+    jax.tree.map(np.testing.assert_array_equal, same.params, states.params)
+    # without a data key both default alike (from member 0's key)
+    a, _ = fit(create_ensemble(model, tx, x, keys), (x, y), batch_size=20, steps=5)
+    b, _ = fit_ensemble(create_ensemble(model, tx, x, keys), (x, y), batch_size=20, steps=5)
+    jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
     # the ensemble predicts the mean of the members' softmax probabilities
     probs = np.mean(
         [

@@ -55,3 +55,21 @@ def test_the_guides_ensemble_and_transfer_examples_give_what_they_say(tmp_path, 
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
     assert len(namespace["ens_metrics"]["member_accuracy"]) == 3
     assert namespace["info"]["stats_loaded"]
+
+
+def test_the_readmes_python_blocks_run_as_written(tmp_path, monkeypatch, capsys):
+    """The README's quick-start Python blocks (every ```python block of README.md; the other
+    docs hold none besides the guide's), each in a fresh namespace."""
+    monkeypatch.chdir(tmp_path)
+    readme = GUIDE.parents[1] / "README.md"
+    blocks = [
+        textwrap.dedent(b) for b in re.findall(r"```python\n(.*?)```", readme.read_text(), re.S)
+    ]
+    assert len(blocks) == 2
+    for i, block in enumerate(blocks):
+        namespace: dict = {"__name__": "readme"}
+        exec(compile(block, f"README.md python block {i}", "exec"), namespace)
+    assert namespace["history"]["val_loss"][-1] < namespace["history"]["val_loss"][0]
+    docs = GUIDE.parent.glob("*.md")
+    assert [d.name for d in docs if "```python" in d.read_text()] == ["guide.md"]
+    capsys.readouterr()

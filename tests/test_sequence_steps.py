@@ -146,3 +146,23 @@ def test_wrong_model_messages_say_what_to_do():
             x[:1],
             jax.random.key(0),
         )
+
+
+@pytest.mark.parametrize(
+    "model, dataset", [("fcn1d", "segmentation1d"), ("transformer_lm", "tokens")]
+)
+def test_a_model_refused_on_the_default_dataset_names_one_it_trains_on(
+    model, dataset, tmp_path, capsys
+):
+    """Every built-in model trains on the default dataset or exits 2 in one line naming a
+    --dataset on which it then trains (the others take MNIST-1D: tests/test_models.py)."""
+    from jtricks.cli import main
+
+    args = ["train", "--model", model, "--steps", "1", "--batch-size", "16", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.endswith(
+        f"--model {model} trains on --dataset {dataset}"
+    )
+    assert not (tmp_path / "refused").exists()
+    assert main([*args, "--dataset", dataset, "--out", str(tmp_path / "trains")]) == 0

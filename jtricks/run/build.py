@@ -7,7 +7,9 @@ an augmentation that does not fit the examples, SWA after the last epoch are all
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -239,3 +241,23 @@ def add_callbacks(
         b.callbacks.append(SWA(config.swa, data.train[0]))
     if config.ensemble > 1 and resume is not None:
         raise ConfigError("ensemble runs cannot be resumed", param="resume")
+
+
+HOME_DATASETS = {"fcn1d": "segmentation1d", "transformer_lm": "tokens"}
+"""A dataset for each built-in model that does not take the default one (MNIST-1D)."""
+
+
+@contextlib.contextmanager
+def name_the_dataset(config: TrainConfig) -> Iterator[None]:
+    """Around a run: a refusal of the model or its outputs (``param`` model or task) for a
+    model that trains on a dataset of its own kind names that dataset, so the one line
+    says the way out: ``...; --model transformer_lm trains on --dataset tokens``."""
+    try:
+        yield
+    except ConfigError as e:
+        model = str(config.model).split("(")[0].strip()
+        home = HOME_DATASETS.get(model)
+        dataset = str(config.dataset).split("(")[0].strip()
+        if home is None or dataset == home or e.param not in ("model", "task"):
+            raise
+        raise ConfigError(f"{e}; --model {model} trains on --dataset {home}", param=e.param) from e

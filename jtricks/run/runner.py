@@ -23,7 +23,7 @@ import jax
 from jax.experimental.multihost_utils import sync_global_devices
 
 from jtricks.errors import ConfigError, Interrupted, StreamError
-from jtricks.run.build import Build, build
+from jtricks.run.build import Build, build, name_the_dataset
 from jtricks.run.config import TrainConfig, check_keys
 from jtricks.run.data import RunData, load_run_data, refuse_on_disk
 from jtricks.run.ensemble import train_ensemble
@@ -112,6 +112,7 @@ def train(
     t0 = time.perf_counter()
     with contextlib.ExitStack() as locks:  # the run folder's lock, held for the whole run
         config, out = resolve_config(config, out, resume, locks, overrides)
+        locks.enter_context(name_the_dataset(config))  # a model refused names its dataset
         data = load_run_data(config)
         refuse_on_disk(config, data)
         out = share_processes(config, data, out, resume)
