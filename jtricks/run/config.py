@@ -63,14 +63,19 @@ def optional(check: Check) -> Check:
     return lambda name, value: None if value is None else check(name, value)
 
 
-INT_LIMIT = 2**31 - 1
-"""The largest count a flag takes by default: steps and epochs are int32 on the device."""
+INT_LIMIT = 2**31 - 1  # the largest count a flag takes: the step counter is an int32
 
 
 def at_least(low: int, high: int = INT_LIMIT) -> Check:
     """An integer in ``[low, high]``."""
 
     def check(name: str, value: Any) -> None:
+        if isinstance(value, int) and value > high == INT_LIMIT:  # (a bool never is)
+            raise ConfigError(
+                f"{name} must satisfy {low} <= {name} <= {INT_LIMIT} (the step counter is an "
+                f"int32 on the device); got {value}",
+                param=name,
+            )
         check_int(name, value, low=low, high=high)
 
     return check
