@@ -55,28 +55,30 @@ def binary_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     ``(N,)`` labels (one binary label per example); any other mismatch is an error, never
     a broadcast.
     """
-    if labels.shape != logits.shape and (*labels.shape, 1) == logits.shape:
-        labels = labels[..., None]
-    if labels.shape != logits.shape:
-        raise ValueError(
-            f"binary_cross_entropy needs labels of the logits' shape {logits.shape} "
-            f"(or {logits.shape[:-1]} for one logit); got labels of shape {labels.shape}"
-        )
+    labels = shaped_like(labels, logits, "binary_cross_entropy needs labels of the logits'")
     loss = optax.sigmoid_binary_cross_entropy(logits, labels.astype(logits.dtype))
     return loss.reshape(loss.shape[0], -1).sum(axis=-1) if loss.ndim > 1 else loss
+
+
+def shaped_like(targets: jax.Array, outputs: jax.Array, needs: str) -> jax.Array:
+    """``targets`` of ``outputs``' shape: ``(N,)`` targets of ``(N, 1)`` outputs get their
+    trailing axis; any other mismatch is a one-line `ValueError` (``needs`` begins it),
+    never a broadcast."""
+    if targets.shape != outputs.shape and (*targets.shape, 1) == outputs.shape:
+        targets = targets[..., None]
+    if targets.shape != outputs.shape:
+        raise ValueError(
+            f"{needs} shape {outputs.shape} (or {outputs.shape[:-1]} for one output); got "
+            f"shape {targets.shape}"
+        )
+    return targets
 
 
 def mse(predictions: jax.Array, targets: jax.Array) -> jax.Array:
     """Mean squared error per example, ``mean_j (p_j - t_j)^2`` over trailing axes.
     ``(N, 1)`` predictions take ``(N,)`` targets; any other mismatch is an error, never a
     broadcast."""
-    if targets.shape != predictions.shape and (*targets.shape, 1) == predictions.shape:
-        targets = targets[..., None]
-    if targets.shape != predictions.shape:
-        raise ValueError(
-            f"mse needs targets of the predictions' shape {predictions.shape}; got targets "
-            f"of shape {targets.shape}"
-        )
+    targets = shaped_like(targets, predictions, "mse needs targets of the predictions'")
     err = jnp.square(predictions - targets.astype(predictions.dtype))
     return err.reshape(err.shape[0], -1).mean(axis=-1) if err.ndim > 1 else err
 

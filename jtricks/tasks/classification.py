@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jtricks.losses import accuracy, cross_entropy
+from jtricks.losses import accuracy, cross_entropy, shaped_like
 from jtricks.tasks.base import (
     Task,
     array_of,
@@ -125,15 +125,8 @@ class MultiLabel(Task):
     train_metrics: ClassVar[tuple[str, ...]] = ("label_accuracy",)
 
     def _targets(self, outputs, batch):
-        y = self.targets(batch)
-        if y.ndim == outputs.ndim - 1 and outputs.shape[-1] == 1:
-            y = y[..., None]
-        if y.shape != outputs.shape:  # a one-line error, never JAX's broadcasting one
-            raise ValueError(
-                f"binary_cross_entropy needs labels of the logits' shape {outputs.shape} "
-                f"(or {outputs.shape[:-1]} for one logit); got labels of shape {y.shape}"
-            )
-        return y.astype(outputs.dtype)
+        needs = "binary_cross_entropy needs labels of the logits'"
+        return shaped_like(self.targets(batch), outputs, needs).astype(outputs.dtype)
 
     def loss(self, outputs, batch):
         loss = optax.sigmoid_binary_cross_entropy(outputs, self._targets(outputs, batch))
