@@ -29,6 +29,7 @@ def test_train_writes_run_folder(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == [
         "checkpoints",
         "config.json",
+        "confusion.png",
         "curves.png",
         "metrics.jsonl",
         "summary.json",

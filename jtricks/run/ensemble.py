@@ -13,10 +13,11 @@ from jtricks.run.build import Build
 from jtricks.run.config import TrainConfig
 from jtricks.run.data import RunData
 from jtricks.run.options import fit_options
-from jtricks.run.outputs import RunResult, record_logs, write_summary
+from jtricks.run.outputs import RunResult, class_entries, record_logs, write_summary
 from jtricks.rundir import create_run_dir, environment, write_json
+from jtricks.training.class_report import evaluate_with_report
 from jtricks.training.data_checks import check_data
-from jtricks.training.ensemble import create_ensemble, evaluate_ensemble, fit_ensemble
+from jtricks.training.ensemble import create_ensemble, fit_ensemble
 from jtricks.training.fit import first_member
 from jtricks.training.tensorboard import writer_class
 
@@ -52,12 +53,13 @@ def train_ensemble(
         reporter=b.reporter,
         callbacks=logs,
     )
-    test = evaluate_ensemble(
+    test, report = evaluate_with_report(
         states, data.test, task=b.task, batch_size=config.eval_batch_size, params=config.eval_params
     )
     wall = time.perf_counter() - t0
     if run_dir is not None:
         members = {f"test_{k}": v for k, v in test.items() if k.startswith("member_")}
+        members.update(class_entries(report, run_dir))
         write_summary(
             run_dir, history, test, states.params, wall, **members, ensemble=config.ensemble
         )

@@ -18,6 +18,7 @@ from jtricks.plotting import pyplot, save_figure
 from jtricks.run.config import TrainConfig
 from jtricks.rundir import check_writable, write_json
 from jtricks.training import History, TrainState
+from jtricks.training.class_report import ClassReport, plot_confusion
 from jtricks.training.tensorboard import TensorBoard
 
 VARIANTS = ("ema_", "single_view_", "member_", "tta_", "val_ema_", "val_member_")
@@ -173,6 +174,17 @@ def plot_steps(history: History, ax_lr: Any, ax_grad: Any) -> None:
         if any(key in r for r in history.steps):
             ax.plot(*history.step_column(key))
         ax.set(xlabel="step", ylabel=key, title=f"{title} (per step)")
+
+
+def class_entries(report: ClassReport | None, run_dir: Path | None) -> dict[str, Any]:
+    """The summary's ``per_class`` entry of a classification run's test split (support,
+    recall, precision, F1 per class, and the confusion matrix), with its picture
+    ``confusion.png`` in the run folder; nothing for other tasks."""
+    if report is None:
+        return {}
+    if run_dir is not None:
+        plot_confusion(report, run_dir / "confusion.png")
+    return {"per_class": {**report.to_dict(), "confusion": report.confusion.tolist()}}
 
 
 def write_summary(

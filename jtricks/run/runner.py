@@ -30,6 +30,7 @@ from jtricks.run.ensemble import train_ensemble
 from jtricks.run.options import fit_options
 from jtricks.run.outputs import (
     RunResult,
+    class_entries,
     diverged_entries,
     floor_entries,
     huge_loss_warning,
@@ -61,6 +62,7 @@ from jtricks.training.checkpoint import (
     restore_latest,
 )
 from jtricks.training.checkpointer import Checkpointer
+from jtricks.training.class_report import evaluate_with_report
 from jtricks.training.data_checks import check_data
 from jtricks.training.distributed import is_sharded_mesh, parse_mesh
 from jtricks.training.options import FitOptions
@@ -420,7 +422,8 @@ def final_metrics(
     if history.diverged:  # the kept state's own validation metrics, not the stopping epoch's
         kept_val = evaluate(state, data.val, params=config.eval_params, **kw)
         extra = diverged_entries(history, kept_val, run_dir)
-    test = evaluate(state, data.test, params=config.eval_params, **kw)
+    test, report = evaluate_with_report(state, data.test, params=config.eval_params, **kw)
+    extra.update(class_entries(report, run_dir))
     if state.ema_params is not None and config.eval_params != "ema":
         ema = evaluate(state, data.test, params="ema", **kw)
         test.update({f"ema_{k}": v for k, v in ema.items()})

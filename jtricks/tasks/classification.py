@@ -20,6 +20,49 @@ from jtricks.tasks.base import (
     position_mean,
 )
 
+MAX_CLASS_STATS = 1024
+"""The most classes for which classification sums per-class statistics (three ``(N, C)``
+one-hots per evaluated batch; the confusion matrix is ``(N, C, C)``)."""
+
+
+def class_stats(outputs: jax.Array, labels: jax.Array, *, confusion: bool = False) -> dict:
+    """Per-example one-hots ``(N, C)`` whose sums over a split are each class's support
+    ``n_c`` (``class_count``), predictions ``p_c`` (``class_predicted``) and correct
+    predictions ``t_c`` (``class_hit``); with ``confusion``, ``onehot(y) onehot(pred)^T``
+    ``(N, C, C)``, whose sum is the confusion matrix. One-hot or soft labels count as
+    their argmax."""
+    num_classes = outputs.shape[-1]
+    y = jnp.argmax(labels, axis=-1) if labels.ndim == outputs.ndim else labels
+    true = jax.nn.one_hot(y, num_classes, dtype=jnp.float32)
+    pred = jax.nn.one_hot(jnp.argmax(outputs, axis=-1), num_classes, dtype=jnp.float32)
+    stats = {"class_count": true, "class_predicted": pred, "class_hit": true * pred}
+    if confusion:
+        stats["confusion"] = true[:, :, None] * pred[:, None, :]
+    return stats
+
+
+def balanced_metrics(sums: dict) -> dict:
+    """Balanced accuracy and macro-F1 from summed `class_stats`.
+
+    ``balanced_accuracy = mean_c t_c / n_c`` over the classes present (``n_c > 0``);
+    ``macro_f1 = mean_c 2 t_c / (n_c + p_c)`` (``F1 = 2PR / (P + R)`` with precision
+    ``t_c / p_c`` and recall ``t_c / n_c``) over the classes that are present or
+    predicted: scikit-learn's ``balanced_accuracy_score`` and
+    ``f1_score(average="macro")``.
+
+    References:
+      Brodersen et al., "The balanced accuracy and its posterior distribution" (2010),
+      https://doi.org/10.1109/ICPR.2010.764
+    """
+    n, p, t = sums["class_count"], sums["class_predicted"], sums["class_hit"]
+    present, seen = n > 0, (n + p) > 0
+    recall = jnp.where(present, t / jnp.maximum(n, 1.0), 0.0)
+    f1 = jnp.where(seen, 2 * t / jnp.maximum(n + p, 1.0), 0.0)
+    return {
+        "balanced_accuracy": recall.sum(-1) / jnp.maximum(present.sum(-1), 1),
+        "macro_f1": f1.sum(-1) / jnp.maximum(seen.sum(-1), 1),
+    }
+
 
 @dataclasses.dataclass(frozen=True)
 class Classification(Task):
@@ -29,7 +72,11 @@ class Classification(Task):
     distributions ``(N, C)`` (one-hot, mixed or soft). The loss is
     ``-sum_c q_c log softmax(z)_c`` with ``q = (1 - s) q + s / C`` under label
     smoothing ``s``; the metric is ``accuracy``, the fraction with
-    ``argmax z = argmax q``. Per-position targets ``(N, *S)`` with logits ``(N, *S, C)``
+    ``argmax z = argmax q``. With one label per example and at most `MAX_CLASS_STATS`
+    classes, evaluation also reports ``balanced_accuracy`` and ``macro_f1`` (see
+    `balanced_metrics`), and with ``confusion=True`` the split's confusion matrix
+    ``confusion[i, j]`` (examples of class i predicted as j; `jtricks.training.class_report`
+    turns it into per-class figures). Per-position targets ``(N, *S)`` with logits ``(N, *S, C)``
     (token sequences, pixels) give each example the mean over its positions (those
     where the batch's 0/1 ``mask`` of shape ``(N, *S)`` is 1, when it has one) of the
     loss and of the accuracy; the segmentation and language-model tasks weigh positions
@@ -41,6 +88,7 @@ class Classification(Task):
     """
 
     label_smoothing: float = 0.0
+    confusion: bool = False
 
     name: ClassVar[str] = "classification"
     train_metrics: ClassVar[tuple[str, ...]] = ("accuracy",)
@@ -51,11 +99,20 @@ class Classification(Task):
         return position_mean(ce, self.mask(batch))
 
     def stats(self, outputs, batch):
-        correct = accuracy(outputs, self.targets(batch))
-        return {"correct": position_mean(correct, self.mask(batch))}
+        y = self.targets(batch)
+        correct = accuracy(outputs, y)
+        stats = {"correct": position_mean(correct, self.mask(batch))}
+        if outputs.ndim == 2 and outputs.shape[-1] <= MAX_CLASS_STATS:
+            stats.update(class_stats(outputs, y, confusion=self.confusion))
+        return stats
 
     def finalize(self, sums):
-        return {"accuracy": sums["correct"] / sums["count"]}
+        metrics = {"accuracy": sums["correct"] / sums["count"]}
+        if "class_count" in sums:
+            metrics.update(balanced_metrics(sums))
+        if "confusion" in sums:
+            metrics["confusion"] = sums["confusion"]
+        return metrics
 
     def combine(self, outputs):
         return mean_softmax_logits(outputs)

@@ -2,6 +2,7 @@
 
 from jtricks.training.callbacks import EarlyStopping, ReduceLROnPlateau, StopTraining
 from jtricks.training.checkpointer import Checkpointer
+from jtricks.training.class_report import ClassReport, class_report
 from jtricks.training.compiled import clear_caches
 from jtricks.training.epoch import make_epoch_fn
 from jtricks.training.fit import Callback, History, evaluate, fit
@@ -14,12 +15,14 @@ from jtricks.training.tta import evaluate_tta, tta_log_probs
 __all__ = [
     "Callback",
     "Checkpointer",
+    "ClassReport",
     "EarlyStopping",
     "FitOptions",
     "History",
     "ReduceLROnPlateau",
     "StopTraining",
     "TrainState",
+    "class_report",
     "clear_caches",
     "create_train_state",
     "evaluate",

@@ -179,17 +179,22 @@ def evaluate(
                 param="eval_batch_size",
             )
         batch_size = eval_batch_size
+    metrics = split_metrics(state, data, as_task(task, loss_fn), batch_size, params)
+    loss = float(metrics.pop("loss"))
+    return {"loss": loss, **{k: record_value(k, v) for k, v in metrics.items()}}
+
+
+def split_metrics(
+    state: TrainState, data: Any, task: Task, batch_size: int, params: str
+) -> dict[str, Any]:
+    """`evaluate`'s metrics as the arrays the evaluation program returns (NumPy), before
+    they become a record's floats: array metrics (a confusion matrix) stay whole."""
     check_live(state)
-    task = as_task(task, loss_fn)
     check_eval_source(params, first_member(state))
     if is_stream(data):
-        metrics = evaluate_stream(compiled_steps(StepOptions(task=task))[1], state, data, params)
-        loss = float(metrics.pop("loss"))
-        return {"loss": loss, **{k: record_value(k, v) for k, v in metrics.items()}}
+        return evaluate_stream(compiled_steps(StepOptions(task=task))[1], state, data, params)
     data = check_data(first_member(state), task, data, "evaluation data")
     batch_size = check_int("batch_size", batch_size, low=1)
     _, evaluate_fn = programs.compiled_functions(StepOptions(task=task))
     batches = like_state(pad_batches(data, batch_size), state.params)
-    metrics = jax.device_get(evaluate_fn(state, *batches, params))
-    loss = float(metrics.pop("loss"))
-    return {"loss": loss, **{k: record_value(k, v) for k, v in metrics.items()}}
+    return jax.device_get(evaluate_fn(state, *batches, params))
