@@ -2,13 +2,8 @@
 shards on disk and streams of host batches."""
 
 from jtricks.data.batching import epoch_indices
-from jtricks.data.datasets import (
-    DATASETS,
-    Dataset,
-    mnist1d,
-    synthetic,
-    validate_arrays,
-)
+from jtricks.data.dataset import Dataset, validate_arrays
+from jtricks.data.datasets import DATASETS, mnist1d, synthetic
 from jtricks.data.preprocess import Scaler, select_classes, train_val_split
 from jtricks.data.registry import load_dataset
 from jtricks.data.shards import ShardedArrays, write_shards

@@ -15,114 +15,14 @@ import random
 import tempfile
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from jtricks.data.dataset import Dataset
+from jtricks.data.imbalance import degrade
 from jtricks.data.targets import TASK_NAMES, cast_targets, infer_task, outputs_for
 from jtricks.errors import ConfigError, check_int, check_range
-
-MAX_OUTPUTS = 2**20
-"""The largest output width (class count, vocabulary) a dataset may declare: beyond it a
-model's head would not fit in memory, and XLA would abort instead of erroring."""
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """A dataset with a fixed train / test split, for one task.
-
-    Attributes:
-      name: registry name it was loaded under.
-      x_train, y_train: training inputs ``(N, ...)`` and targets ``(N, ...)``: for
-        classification float32 features and int32 labels ``(N,)``.
-      x_test, y_test: test split, touched once for the final figure.
-      num_classes: the model's output width: the class count (labels lie in
-        ``[0, num_classes)``), the number of targets of a regression, the classes per
-        position of a segmentation, the vocabulary of a language model.
-      task: the task spec it is meant for (`jtricks.tasks.build_task`).
-      loss_floor: the lowest expected test loss any model can reach, where the generator
-        makes it known (see `jtricks.data.generated`); ``None`` otherwise.
-      mask_train, mask_test: 0/1 masks of the targets' shape (which positions count, for
-        the tasks that read one: segmentation, language model), or ``None``.
-    """
-
-    name: str
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    num_classes: int
-    task: str = "classification"
-    loss_floor: float | None = None
-    mask_train: np.ndarray | None = None
-    mask_test: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.num_classes <= MAX_OUTPUTS:
-            raise ConfigError(
-                f"{self.name}: {self.num_classes} outputs (classes, targets or vocabulary; for "
-                f"labels, the largest label + 1) is outside 1..{MAX_OUTPUTS:,} (2**20); "
-                "labels must be 0..C-1 for C classes",
-                param="dataset",
-            )
-        if self.task == "classification":
-            validate_arrays(
-                self.x_train, self.y_train, self.num_classes, where=f"{self.name} train split"
-            )
-            validate_arrays(
-                self.x_test, self.y_test, self.num_classes, where=f"{self.name} test split"
-            )
-        for split, x, y in (
-            ("train", self.x_train, self.y_train),
-            ("test", self.x_test, self.y_test),
-        ):
-            if len(x) != len(y) or len(x) == 0:
-                raise ConfigError(
-                    f"{self.name} {split} split: {len(x)} inputs but {len(y)} targets"
-                )
-        if self.x_train.shape[1:] != self.x_test.shape[1:]:
-            raise ConfigError(
-                f"{self.name}: train and test examples differ in shape: "
-                f"{self.x_train.shape[1:]} vs {self.x_test.shape[1:]}"
-            )
-
-
-def validate_arrays(x: Any, y: Any, num_classes: int | None, *, where: str) -> None:
-    """Check features and labels before any training: shapes, finiteness, label range.
-
-    Raises:
-      ConfigError: naming ``where`` and what is wrong (NaN count, bad label, shape mismatch).
-    """
-    x, y = np.asarray(x), np.asarray(y)
-    if x.ndim < 2:
-        raise ConfigError(
-            f"{where}: features must have shape (N, ...) with N examples; got shape {x.shape}"
-        )
-    if y.ndim != 1:
-        raise ConfigError(f"{where}: labels must have shape (N,); got shape {y.shape}")
-    if x.shape[0] != y.shape[0]:
-        raise ConfigError(f"{where}: {x.shape[0]} examples but {y.shape[0]} labels")
-    if x.shape[0] == 0:
-        raise ConfigError(f"{where}: no examples")
-    if not np.issubdtype(x.dtype, np.number):
-        raise ConfigError(f"{where}: features must be numeric; got dtype {x.dtype}")
-    if not np.issubdtype(y.dtype, np.integer):
-        raise ConfigError(f"{where}: labels must be integers; got dtype {y.dtype}")
-    bad = ~np.isfinite(x)
-    if bad.any():
-        first = np.argwhere(bad)[0]
-        raise ConfigError(
-            f"{where}: features contain {int(bad.sum())} non-finite values (NaN or inf), "
-            f"first at index {tuple(int(i) for i in first)}"
-        )
-    if num_classes is not None:
-        lo, hi = int(y.min()), int(y.max())
-        if lo < 0 or hi >= num_classes:
-            raise ConfigError(
-                f"{where}: labels must lie in [0, {num_classes - 1}]; got values in [{lo}, {hi}]"
-            )
 
 
 def cache_dir() -> Path:
@@ -146,8 +46,18 @@ def _atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
         raise
 
 
-def mnist1d(num_samples: int = 5000, train_split: float = 0.8, seed: int = 42) -> Dataset:
+def mnist1d(
+    num_samples: int = 5000,
+    train_split: float = 0.8,
+    seed: int = 42,
+    imbalance: float = 1.0,
+    label_noise: float = 0.0,
+) -> Dataset:
     """MNIST-1D (Greydanus 2020): 10 classes of length-40 signals, generated locally.
+
+    ``imbalance=R`` makes the training split long-tailed (class 0 ``R`` times class 9)
+    and ``label_noise=p`` flips a fraction ``p`` of its labels, with a clean balanced
+    validation split held out first (`jtricks.data.imbalance.degrade`).
 
     The defaults are the paper's: 5000 examples, 4000 train / 1000 test. The data
     are generated with the ``mnist1d`` package's own ``make_dataset`` (no download),
@@ -188,7 +98,7 @@ def mnist1d(num_samples: int = 5000, train_split: float = 0.8, seed: int = 42) -
             random.setstate(py_state)
         arrays = {k: np.asarray(raw[k]) for k in ("x", "y", "x_test", "y_test")}
         _atomic_save_npz(path, **arrays)
-    return Dataset(
+    data = Dataset(
         name="mnist1d",
         x_train=arrays["x"].astype(np.float32),
         y_train=arrays["y"].astype(np.int32),
@@ -196,6 +106,7 @@ def mnist1d(num_samples: int = 5000, train_split: float = 0.8, seed: int = 42) -
         y_test=arrays["y_test"].astype(np.int32),
         num_classes=10,
     )
+    return degrade(data, imbalance=imbalance, label_noise=label_noise, seed=seed)
 
 
 def synthetic(
@@ -205,12 +116,14 @@ def synthetic(
     num_classes: int = 10,
     noise: float = 1.0,
     seed: int = 0,
+    imbalance: float = 1.0,
+    label_noise: float = 0.0,
 ) -> Dataset:
     """Seeded Gaussian-blob classification data of any shape, for tests and throughput runs.
 
     Each class ``c`` has a mean ``mu_c ~ N(0, I)`` over the flattened features;
     an example is ``x = mu_y + noise * N(0, I)`` with ``y`` uniform over classes.
-    Same seed, same data.
+    Same seed, same data. ``imbalance`` and ``label_noise``: as for `mnist1d`.
     """
     num_train = check_int("num_train", num_train, low=1)
     num_test = check_int("num_test", num_test, low=1)
@@ -230,7 +143,8 @@ def synthetic(
 
     x_train, y_train = draw(num_train)
     x_test, y_test = draw(num_test)
-    return Dataset("synthetic", x_train, y_train, x_test, y_test, num_classes)
+    data = Dataset("synthetic", x_train, y_train, x_test, y_test, num_classes)
+    return degrade(data, imbalance=imbalance, label_noise=label_noise, seed=seed)
 
 
 def npz(path: str) -> Dataset:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jtricks.data.datasets import Dataset
+from jtricks.data.dataset import Dataset
 from jtricks.errors import ConfigError, check_int, check_range
 
 

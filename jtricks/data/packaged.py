@@ -18,14 +18,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from jtricks.data.datasets import Dataset
+from jtricks.data.dataset import Dataset
+from jtricks.data.imbalance import degrade
 from jtricks.data.preprocess import train_val_split
 from jtricks.errors import ConfigError, check_range
 
 
-def digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+def digits(
+    test_fraction: float = 0.2, seed: int = 0, imbalance: float = 1.0, label_noise: float = 0.0
+) -> Dataset:
     """scikit-learn's 8x8 digits as ``(N, 8, 8, 1)`` float32 images with values 0..16,
-    split into train and test (``test_fraction`` of each class, seeded).
+    split into train and test (``test_fraction`` of each class, seeded). ``imbalance``
+    and ``label_noise``: as for `jtricks.data.datasets.mnist1d`.
 
     Raises:
       ConfigError: scikit-learn is not installed, or ``test_fraction`` is not in (0, 1).
@@ -45,7 +49,7 @@ def digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     x = data.images.astype(np.float32)[..., None]
     y = data.target.astype(np.int32)
     x_tr, y_tr, x_te, y_te = train_val_split(x, y, test_fraction, seed=seed, stratify=True)
-    return Dataset(
+    data = Dataset(
         name=f"digits(test_fraction={test_fraction}, seed={seed})",
         x_train=x_tr,
         y_train=y_tr,
@@ -53,3 +57,4 @@ def digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
         y_test=y_te,
         num_classes=10,
     )
+    return degrade(data, imbalance=imbalance, label_noise=label_noise, seed=seed)

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from jtricks.data import generated, loaders, packaged
-from jtricks.data.datasets import DATASETS, Dataset
+from jtricks.data.dataset import Dataset
+from jtricks.data.datasets import DATASETS
 from jtricks.errors import ConfigError
 from jtricks.spec import build_from_registry
 

@@ -87,19 +87,15 @@ def load_run_data(config: Any) -> RunData:
     data = load_dataset(config.dataset)
     task = build_task(config.task or data.task)
     data = for_task(data, task.name)
-    rows, _, val_rows, _ = train_val_split(
-        np.arange(len(data.y_train)),
-        data.y_train,
-        config.val_fraction,
-        seed=config.seed,
-        stratify=config.stratify and isinstance(task, Classification),
-    )
-    x_tr, x_val, x_test = data.x_train[rows], data.x_train[val_rows], data.x_test
+    rows, val_rows = _split_rows(config, data, isinstance(task, Classification))
+    x_tr = data.x_train[rows]
+    own = data.val is not None  # a validation split the dataset brings
+    x_val, y_val = data.val if own else (data.x_train[val_rows], data.y_train[val_rows])
+    x_test = data.x_test
     if not np.issubdtype(x_tr.dtype, np.integer):  # token ids are never rescaled
         scaler = Scaler.fit(config.preprocess, x_tr)
         x_tr, x_val, x_test = scaler(x_tr), scaler(x_val), scaler(x_test)
-    train, val = (x_tr, data.y_train[rows]), (x_val, data.y_train[val_rows])
-    test = (x_test, data.y_test)
+    train, val, test = (x_tr, data.y_train[rows]), (x_val, y_val), (x_test, data.y_test)
     if data.mask_train is not None:  # (x, y, mask) batches: the tasks read index 2
         train, val = (*train, data.mask_train[rows]), (*val, data.mask_train[val_rows])
         test = (*test, data.mask_test)
@@ -113,6 +109,23 @@ def load_run_data(config: Any) -> RunData:
         len(rows),
         data.loss_floor,
     )
+
+
+def _split_rows(config: Any, data: Any, classes: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Training and validation rows of the training split: a seeded ``val_fraction``
+    (stratified by class for classification unless ``stratify`` is off), or every row
+    for training when the dataset brings its own validation split (``val_rows`` None)."""
+    every = np.arange(len(data.y_train))
+    if data.val is not None:
+        return every, None
+    rows, _, val_rows, _ = train_val_split(
+        every,
+        data.y_train,
+        config.val_fraction,
+        seed=config.seed,
+        stratify=config.stratify and classes,
+    )
+    return rows, val_rows
 
 
 def _shards_data(config: Any, splits: ShardSplits) -> RunData:

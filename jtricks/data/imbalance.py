@@ -1,0 +1,107 @@
+"""Long-tailed and noisy-label versions of a classification dataset (trick T29).
+
+`degrade` holds out a clean, class-balanced validation split first, then makes the rest
+of the training split long-tailed (`long_tail_counts`) and flips a fraction of its
+labels; the test split is left as it is. So a run trains on imbalanced or noisy labels
+but selects and reports on balanced, clean ones, the protocol of the long-tailed
+benchmarks. The dataset specs ``mnist1d``, ``digits`` and ``synthetic`` take
+``imbalance=R`` and ``label_noise=p`` (``jtricks train --dataset 'mnist1d(imbalance=100)'``).
+
+References:
+  Cui et al., "Class-Balanced Loss Based on Effective Number of Samples" (2019),
+  https://arxiv.org/abs/1901.05555 (the exponential profile of CIFAR-LT)
+  Cao et al., "Learning Imbalanced Datasets with Label-Distribution-Aware Margin Loss"
+  (2019), https://arxiv.org/abs/1906.07413
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from jtricks.data.dataset import Dataset
+from jtricks.errors import ConfigError, check_range
+
+VAL_FRACTION = 0.1
+"""The share of each class's training examples held out as the balanced validation split
+(of the smallest class's count, for every class alike)."""
+
+
+def long_tail_counts(n_max: int, num_classes: int, imbalance: float) -> np.ndarray:
+    """Examples kept per class under the exponential profile
+    ``n_c = floor(n_max * R^(-c / (C - 1)))`` (at least 1): class 0 keeps ``n_max``,
+    the last ``n_max / R``, so the largest class is ``R`` times the smallest."""
+    c = np.arange(num_classes)
+    counts = np.floor(n_max * float(imbalance) ** (-c / max(num_classes - 1, 1)) + 1e-9)
+    return np.maximum(counts, 1).astype(np.int64)
+
+
+def degrade(data: Dataset, *, imbalance: float = 1.0, label_noise: float = 0.0, seed: int = 0):
+    """``data`` with a long-tailed and/or noisy training split and a clean balanced
+    validation split (`Dataset.val`); unchanged when ``imbalance == 1`` and
+    ``label_noise == 0``.
+
+    Each class gives ``round(VAL_FRACTION * m)`` examples to validation (``m``: the
+    smallest class's training count). Then class ``c`` keeps the first
+    `long_tail_counts` ``(m', C, R)[c]`` of its remaining examples in a seeded order
+    (``m'``: the smallest remaining count), and ``round(p * n)`` of the ``n`` kept
+    examples, chosen at random, get a label drawn uniformly from the *other* ``C - 1``
+    classes (so exactly a fraction ``p`` is wrong; symmetric noise).
+
+    Raises:
+      ConfigError: ``imbalance < 1``, ``label_noise`` outside [0, 1), or a dataset that
+      is not single-label classification.
+    """
+    check_range("imbalance", imbalance, low=1.0)
+    check_range("label_noise", label_noise, low=0.0, high=1.0, high_inclusive=False)
+    if imbalance == 1 and label_noise == 0:
+        return data
+    if data.task != "classification" or data.y_train.ndim != 1:
+        raise ConfigError(
+            f"imbalance and label_noise apply to single-label classification; {data.name} "
+            f"is a {data.task} dataset",
+            param="dataset",
+        )
+    rng = np.random.default_rng([seed, 7])
+    x, y, val = _balanced_validation(data, seed)
+    keep = _long_tail_rows(y, data.num_classes, imbalance, rng)
+    x, y = x[keep], _flip(y[keep], data.num_classes, label_noise, rng)
+    name = f"{data.name}(imbalance={imbalance}, label_noise={label_noise})"
+    return dataclasses.replace(data, name=name, x_train=x, y_train=y, val=val)
+
+
+def _balanced_validation(data: Dataset, seed: int):
+    """The training split less a validation split with the same count of every class."""
+    counts = np.bincount(data.y_train, minlength=data.num_classes)
+    per_class = max(1, round(VAL_FRACTION * counts.min()))
+    if counts.min() <= per_class:
+        raise ConfigError(
+            f"{data.name}: a class has {counts.min()} training example(s), too few to hold "
+            "out a balanced validation split and keep some for training",
+            param="dataset",
+        )
+    rng = np.random.default_rng([seed, 11])
+    val = np.concatenate(
+        [rng.permutation(np.flatnonzero(data.y_train == c))[:per_class] for c in range(len(counts))]
+    )
+    val = np.sort(val)
+    rest = np.setdiff1d(np.arange(len(data.y_train)), val)
+    return data.x_train[rest], data.y_train[rest], (data.x_train[val], data.y_train[val])
+
+
+def _long_tail_rows(y: np.ndarray, num_classes: int, imbalance: float, rng) -> np.ndarray:
+    """Row indices (sorted) keeping `long_tail_counts` examples of each class."""
+    counts = np.bincount(y, minlength=num_classes)
+    quota = long_tail_counts(int(counts.min()), num_classes, imbalance)
+    rows = [rng.permutation(np.flatnonzero(y == c))[:q] for c, q in enumerate(quota)]
+    return np.sort(np.concatenate(rows))
+
+
+def _flip(y: np.ndarray, num_classes: int, fraction: float, rng) -> np.ndarray:
+    """``y`` with ``round(fraction * n)`` random labels moved to another class."""
+    flip = rng.choice(len(y), size=round(fraction * len(y)), replace=False)
+    shift = rng.integers(1, num_classes, size=len(flip))  # never 0: always another class
+    y = y.copy()
+    y[flip] = (y[flip] + shift) % num_classes
+    return y

@@ -1,0 +1,125 @@
+"""How a `TrainConfig` field is declared (`setting`: its flag, help and check) and the
+checks fields use, each naming the field, its value and what is allowed."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from jtricks.errors import ConfigError, check_int, check_range
+from jtricks.training.state import check_eval_source
+
+Check = Callable[[str, Any], None]
+
+
+def setting(
+    default: Any,
+    help: str,
+    check: Check | None = None,
+    *,
+    parse: type = str,
+    flag: str | None = None,
+    aliases: Sequence[str] = (),
+    metavar: str | None = None,
+    exclusive: str | None = None,
+) -> Any:
+    """A config field with its CLI flag (default ``--name-with-dashes``), the type the flag
+    parses (``bool``: a switch), its help line and its check ``check(name, value)``. Flags
+    with the same ``exclusive`` name cannot be given together."""
+    meta = dict(help=help, check=check, parse=parse, flag=flag, aliases=tuple(aliases))
+    meta.update(metavar=metavar, exclusive=exclusive)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def flag_of(field: dataclasses.Field) -> str:
+    """The CLI flag of a config field."""
+    return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
+
+
+# ----------------------------------------------------------------------------- field checks
+
+
+def string(name: str, value: Any) -> None:
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be a string; got {value!r}", param=name)
+
+
+def boolean(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false; got {value!r}", param=name)
+
+
+def optional(check: Check) -> Check:
+    """``check``, skipped for ``None``."""
+    return lambda name, value: None if value is None else check(name, value)
+
+
+INT_LIMIT = 2**31 - 1  # the largest count a flag takes: the step counter is an int32
+
+
+def at_least(low: int, high: int = INT_LIMIT) -> Check:
+    """An integer in ``[low, high]``."""
+
+    def check(name: str, value: Any) -> None:
+        if isinstance(value, int) and value > high == INT_LIMIT:  # (a bool never is)
+            raise ConfigError(
+                f"{name} must satisfy {low} <= {name} <= {INT_LIMIT} (the step counter is an "
+                f"int32 on the device); got {value}",
+                param=name,
+            )
+        check_int(name, value, low=low, high=high)
+
+    return check
+
+
+def number(low: float, high: float | None = None, *, closed: tuple[bool, bool] = (True, True)):
+    """A number in the interval from ``low`` to ``high`` (``closed`` says which ends count)."""
+
+    def check(name: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{name} must be a number; got {value!r}", param=name)
+        check_range(
+            name, value, low=low, high=high, low_inclusive=closed[0], high_inclusive=closed[1]
+        )
+
+    return check
+
+
+def one_of(names: Sequence[str]) -> Check:
+    def check(name: str, value: Any) -> None:
+        if value not in names:
+            raise ConfigError(
+                f"{name} must be one of {', '.join(names)}; got {value!r}", param=name
+            )
+
+    return check
+
+
+def profile_steps(name: str, value: Any) -> None:
+    """``A:B`` or ``A``: steps ``1 <= A <= B`` (`parse_steps`)."""
+    parse_steps(value, name)
+
+
+def parse_steps(value: Any, name: str = "profile") -> tuple[int, int]:
+    """``(A, B)`` of a step range ``"A:B"`` (inclusive) or ``"A"`` (one step).
+
+    Raises:
+      ConfigError: not of that form, or not ``1 <= A <= B``.
+    """
+    text = value if isinstance(value, str) else ""
+    first, colon, last = text.partition(":")
+    try:
+        a, b = int(first), int(last if colon else first)
+    except ValueError:
+        a = b = 0
+    if not 1 <= a <= b:
+        raise ConfigError(
+            f"{name} must be steps A:B with 1 <= A <= B (e.g. 10:15), or one step A; got {value!r}",
+            param=name,
+        )
+    return a, b
+
+
+def eval_source(name: str, value: Any) -> None:
+    check_eval_source(value)
