@@ -47,6 +47,39 @@ def cross_entropy(
     return optax.softmax_cross_entropy(logits, q)
 
 
+def focal_loss(
+    logits: jax.Array,
+    labels: jax.Array,
+    *,
+    gamma: float = 2.0,
+    label_smoothing: float | jax.Array = 0.0,
+) -> jax.Array:
+    """Softmax focal loss ``-sum_c q_c (1 - p_c)^gamma log p_c`` with ``p = softmax(z)``:
+    cross-entropy with each class's term scaled down where the model is already
+    confident, so rare, hard examples weigh more. ``gamma = 0`` is `cross_entropy`.
+    Labels and smoothing as for `cross_entropy`; ``log p`` from log-softmax and ``1 - p``
+    as ``-expm1(log p)``, so it stays finite for large logits. (optax has the sigmoid
+    form, ``optax.sigmoid_focal_loss``, which the multi-label task uses.)
+
+    References:
+      Lin et al., "Focal Loss for Dense Object Detection" (2017), https://arxiv.org/abs/1708.02002
+    """
+    if labels.shape not in (logits.shape[:-1], logits.shape):
+        raise ValueError(
+            f"focal_loss needs labels of shape {logits.shape[:-1]} (class indices) or "
+            f"{logits.shape} (distributions) for logits of shape {logits.shape}; got labels "
+            f"of shape {labels.shape}"
+        )
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    q = (
+        jax.nn.one_hot(labels, logits.shape[-1], dtype=logp.dtype)
+        if labels.ndim == logits.ndim - 1
+        else labels.astype(logp.dtype)
+    )
+    q = optax.smooth_labels(q, label_smoothing)
+    return -jnp.sum(q * (-jnp.expm1(logp)) ** gamma * logp, axis=-1)
+
+
 def binary_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """``-[y log sigmoid(z) + (1 - y) log(1 - sigmoid(z))]`` from logits, summed over any trailing
     axes; the stable form ``max(z, 0) - z y + log(1 + exp(-|z|))`` (optax).

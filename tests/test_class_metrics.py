@@ -75,7 +75,7 @@ def test_ensemble_report_is_the_combined_prediction():
     states = create_ensemble(
         Linear(), optax.sgd(0.1), x[:2], jax.random.split(jax.random.key(3), 3)
     )
-    test, report = evaluate_with_report(states, (x, y), batch_size=32)
+    test, report = evaluate_with_report(states, (x, y), None, 32, "auto")
     pred = np.argmax(np.asarray(predict_proba(states, x)), axis=-1)
     np.testing.assert_array_equal(report.confusion, confusion_matrix(y, pred, labels=range(C)))
     assert test["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred), abs=1e-6)

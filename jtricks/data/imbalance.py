@@ -17,6 +17,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 
@@ -105,3 +106,84 @@ def _flip(y: np.ndarray, num_classes: int, fraction: float, rng) -> np.ndarray:
     y = y.copy()
     y[flip] = (y[flip] + shift) % num_classes
     return y
+
+
+def class_counts(labels: np.ndarray, num_classes: int, what: str) -> np.ndarray:
+    """``n_c`` of every class of integer ``labels`` (one per example); a class with no
+    example is a `ConfigError` naming ``what`` and the missing classes."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ConfigError(
+            f"{what} counts class labels: it needs integer labels (N,); got {labels.dtype} "
+            f"{labels.shape}",
+            param=what,
+        )
+    counts = np.bincount(labels, minlength=num_classes)[:num_classes]
+    missing = np.flatnonzero(counts == 0)
+    if missing.size:
+        raise ConfigError(
+            f"{what}: class(es) {missing.tolist()[:10]} of {num_classes} have no training "
+            "example; give the weights explicitly",
+            param=what,
+        )
+    return counts
+
+
+def class_weights(spec: Any, labels: np.ndarray | None, num_classes: int) -> np.ndarray:
+    """Per-class loss weights ``(C,)`` from ``spec``: ``"balanced"`` (scikit-learn's
+    ``n / (C * n_c)`` from the training ``labels``, so a balanced set weighs 1 each), a
+    mapping ``{class: weight}`` (the others 1) or a sequence of ``C`` weights.
+
+    Raises:
+      ConfigError (``param="class_weight"``): another spec, a class outside ``[0, C)``, a
+      negative or non-finite weight, all zero, or (balanced) a class with no example.
+    """
+    what = "class_weight"
+    if isinstance(spec, str):
+        if spec != "balanced":
+            raise ConfigError(
+                f"class_weight must be 'balanced', {{class: weight}} or one weight per class; "
+                f"got {spec!r}",
+                param=what,
+            )
+        counts = class_counts(labels, num_classes, what)
+        return (counts.sum() / (num_classes * counts)).astype(np.float32)
+    if isinstance(spec, dict):
+        bad = [k for k in spec if isinstance(k, bool) or not isinstance(k, int | np.integer)]
+        bad += [k for k in spec if k not in bad and not 0 <= k < num_classes]
+        if bad:
+            raise ConfigError(
+                f"class_weight keys must be classes 0..{num_classes - 1}; got {bad[:5]}",
+                param=what,
+            )
+        weights = np.ones(num_classes, np.float64)
+        weights[list(spec)] = list(spec.values())
+    else:
+        weights = np.asarray(spec, np.float64)
+        if weights.shape != (num_classes,):
+            raise ConfigError(
+                f"class_weight needs one weight per class ({num_classes}); got shape "
+                f"{weights.shape}",
+                param=what,
+            )
+    if not np.isfinite(weights).all() or (weights < 0).any() or not weights.any():
+        raise ConfigError(
+            f"class weights must be finite, >= 0 and not all 0; got {weights.tolist()[:10]}",
+            param=what,
+        )
+    return weights.astype(np.float32)
+
+
+def logit_adjustment(labels: np.ndarray, num_classes: int, tau: float = 1.0) -> np.ndarray:
+    """The offsets ``tau * log(pi_c)`` ``(C,)`` that the logit-adjusted loss adds to the
+    logits in training, ``pi_c = n_c / n`` the training labels' class frequencies
+    (`jtricks.tasks.Classification`'s ``logit_adjust``). Trained that way, the plain
+    ``argmax f(x)`` at test time estimates the balanced-error Bayes classifier.
+
+    References:
+      Menon et al., "Long-tail learning via logit adjustment" (ICLR 2021),
+      https://arxiv.org/abs/2007.07314
+    """
+    check_range("logit_adjust", tau, low=0.0)
+    counts = class_counts(labels, num_classes, "logit_adjust")
+    return (tau * np.log(counts / counts.sum())).astype(np.float32)

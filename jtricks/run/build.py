@@ -17,13 +17,15 @@ import jax
 import jax.numpy as jnp
 
 from jtricks.data.augment import build_augment
+from jtricks.data.imbalance import class_weights, logit_adjustment
 from jtricks.errors import ConfigError
 from jtricks.nn import build_model
 from jtricks.optim import build_optimizer, build_schedule, fused
 from jtricks.optim.schedules import Plateau
 from jtricks.run.config import TrainConfig
 from jtricks.run.data import RunData
-from jtricks.tasks import Classification, Task, build_task
+from jtricks.run.settings import parse_class_weight, parse_loss
+from jtricks.tasks import Classification, MultiLabel, Task, build_task
 from jtricks.training import EarlyStopping, ReduceLROnPlateau, create_train_state
 from jtricks.training.averaging import SWA
 from jtricks.training.runs import MAX_STEP
@@ -65,7 +67,7 @@ class Build:
 
 def build(config: TrainConfig, data: RunData, resume: Any, reporter: Any, progress: bool) -> Build:
     """The run's task, model, optimizer (with its schedule), augmentation and callbacks."""
-    task = task_for(config, data.task_spec)
+    task = imbalance_options(config, task_for(config, data.task_spec), data)
     model = build_model(config.model, data.num_classes, seed=config.seed)
     if config.batch_size * config.accumulate > data.n_train:  # checked on the whole split
         raise ConfigError(
@@ -121,6 +123,40 @@ def task_for(config: TrainConfig, task_spec: str) -> Task:
         for name in ("mixup", "cutmix"):
             if getattr(config, name) is not None:
                 raise _not_for(task, name, getattr(config, name))
+    return task
+
+
+def imbalance_options(config: TrainConfig, task: Task, data: RunData) -> Task:
+    """``task`` with the run's ``loss`` (focal), ``class_weight`` and ``logit_adjust``
+    (weights and offsets from the training labels: `jtricks.data.imbalance`)."""
+    gamma = parse_loss(config.loss)
+    if gamma and not isinstance(task, Classification | MultiLabel):
+        raise _not_for(task, "loss", config.loss)
+    task = dataclasses.replace(task, focal_gamma=gamma) if gamma else task
+    wanted = {
+        name: getattr(config, name)
+        for name in ("class_weight", "logit_adjust")
+        if getattr(config, name) is not None
+    }
+    if not wanted:
+        return task
+    if not isinstance(task, Classification):
+        name, value = next(iter(wanted.items()))
+        raise _not_for(task, name, value)
+    if data.on_disk:
+        raise ConfigError(
+            f"{', '.join(wanted)} count the training labels, which a dataset on disk does "
+            "not hold in memory; give the class weights as {class: weight, ...}",
+            param=next(iter(wanted)),
+        )
+    labels, classes = data.train[1], data.num_classes
+    if config.class_weight is not None:
+        spec = parse_class_weight(config.class_weight)
+        weights = class_weights(spec, labels if spec == "balanced" else None, classes)
+        task = dataclasses.replace(task, class_weight=tuple(map(float, weights)))
+    if config.logit_adjust is not None:
+        offsets = logit_adjustment(labels, classes, config.logit_adjust)
+        task = dataclasses.replace(task, logit_adjust=tuple(map(float, offsets)))
     return task
 
 

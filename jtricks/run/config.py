@@ -19,8 +19,10 @@ from jtricks.run.settings import (
     INT_LIMIT,
     at_least,
     boolean,
+    class_weight_spec,
     eval_source,
     flag_of,
+    loss_spec,
     number,
     one_of,
     optional,
@@ -157,6 +159,28 @@ class TrainConfig:
         number(0.0, 1.0, closed=(True, False)),
         parse=float,
         metavar="S",
+    )
+    class_weight: str | None = setting(
+        None,
+        "weigh each class's training loss: balanced (n / (C * n_c) from the training labels, "
+        "scikit-learn's) or {0: 2.0, 3: 5.0} (the others 1)",
+        optional(class_weight_spec),
+        metavar="SPEC",
+    )
+    loss: str = setting(
+        "cross_entropy",
+        "training loss of classification: cross_entropy, or focal(gamma=2.0) (the softmax "
+        "focal loss; for multilabel optax's sigmoid one); evaluation reports the plain loss",
+        loss_spec,
+        metavar="SPEC",
+    )
+    logit_adjust: float | None = setting(
+        None,
+        "train on logits + TAU * log(training class frequency), the logit-adjusted loss for "
+        "long-tailed data (Menon et al. 2021; TAU = 1 is the paper's)",
+        optional(number(0.0, closed=(False, True))),
+        parse=float,
+        metavar="TAU",
     )
     tta: int = setting(
         1,

@@ -54,7 +54,7 @@ def train_ensemble(
         callbacks=logs,
     )
     test, report = evaluate_with_report(
-        states, data.test, task=b.task, batch_size=config.eval_batch_size, params=config.eval_params
+        states, data.test, b.task, config.eval_batch_size, config.eval_params
     )
     wall = time.perf_counter() - t0
     if run_dir is not None:

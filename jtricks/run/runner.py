@@ -422,7 +422,9 @@ def final_metrics(
     if history.diverged:  # the kept state's own validation metrics, not the stopping epoch's
         kept_val = evaluate(state, data.val, params=config.eval_params, **kw)
         extra = diverged_entries(history, kept_val, run_dir)
-    test, report = evaluate_with_report(state, data.test, params=config.eval_params, **kw)
+    test, report = evaluate_with_report(
+        state, data.test, b.task, config.eval_batch_size, config.eval_params
+    )
     extra.update(class_entries(report, run_dir))
     if state.ema_params is not None and config.eval_params != "ema":
         ema = evaluate(state, data.test, params="ema", **kw)

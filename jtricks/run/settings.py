@@ -3,11 +3,13 @@ checks fields use, each naming the field, its value and what is allowed."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from jtricks.errors import ConfigError, check_int, check_range
+from jtricks.spec import parse_spec
 from jtricks.training.state import check_eval_source
 
 Check = Callable[[str, Any], None]
@@ -123,3 +125,60 @@ def parse_steps(value: Any, name: str = "profile") -> tuple[int, int]:
 
 def eval_source(name: str, value: Any) -> None:
     check_eval_source(value)
+
+
+def class_weight_spec(name: str, value: Any) -> None:
+    """``balanced``, or a literal ``{class: weight}`` / list of weights (`parse_class_weight`)."""
+    parse_class_weight(value, name)
+
+
+def parse_class_weight(value: Any, name: str = "class_weight") -> Any:
+    """``"balanced"`` as it is; ``"{0: 2.0, 3: 5.0}"`` or ``"[1.0, 2.0, ...]"`` as the dict
+    or list it spells (`ast.literal_eval`: nothing is executed).
+
+    Raises:
+      ConfigError: anything else.
+    """
+    if value == "balanced":
+        return value
+    try:
+        parsed = ast.literal_eval(value) if isinstance(value, str) else None
+    except (ValueError, SyntaxError):
+        parsed = None
+    if not isinstance(parsed, dict | list | tuple):
+        raise ConfigError(
+            f"{name} must be balanced, {{class: weight, ...}} or [w0, w1, ...]; got {value!r}",
+            param=name,
+        )
+    return parsed
+
+
+LOSSES = ("cross_entropy", "focal")
+
+
+def loss_spec(name: str, value: Any) -> None:
+    """``cross_entropy`` or ``focal(gamma=G)`` with ``G >= 0`` (`parse_loss`)."""
+    parse_loss(value, name)
+
+
+def parse_loss(value: Any, name: str = "loss") -> float:
+    """The focal ``gamma`` of a loss spec (0 for ``cross_entropy``).
+
+    Raises:
+      ConfigError: another name or argument, or a negative ``gamma``.
+    """
+    string(name, value)
+    loss, args, kwargs = parse_spec(value, what=name)
+    if loss not in LOSSES or (loss == "cross_entropy" and (args or kwargs)):
+        raise ConfigError(
+            f"{name} must be cross_entropy or focal(gamma=2.0); got {value!r}", param=name
+        )
+    if loss == "cross_entropy":
+        return 0.0
+    if args or set(kwargs) - {"gamma"}:
+        raise ConfigError(
+            f"{name}: focal takes gamma only, e.g. focal(gamma=2.0); got {value!r}", param=name
+        )
+    gamma = kwargs.get("gamma", 2.0)
+    number(0.0)(f"{name} gamma", gamma)
+    return float(gamma)

@@ -5,7 +5,9 @@ tuple, ``(x, y, mask)``, or a dict such as ``{"image", "label", "mask"}``. A `Ta
 says where the model's input and the targets sit in it and defines three pure
 functions of the model's outputs and the batch, all traced inside the compiled step:
 
-* ``loss(outputs, batch) -> (N,)``: the per-example loss ``l_i``;
+* ``loss(outputs, batch) -> (N,)``: the per-example loss ``l_i``, which evaluation
+  reports; ``train_loss(outputs, batch)`` is what training minimises (by default the
+  same; classification's class weights, focal loss and logit adjustment change only it);
 * ``loss_weight(batch) -> (N,) | None``: its weight ``w_i`` (``None``: all 1). The
   training objective is ``sum_i w_i l_i / sum_i w_i``; a language model weighs an
   example by its number of real tokens, so the objective is the mean token loss;
@@ -162,6 +164,10 @@ class Task:
     # -- what a subclass defines --------------------------------------------------------
     def loss(self, outputs: jax.Array, batch: Batch) -> jax.Array:
         raise NotImplementedError
+
+    def train_loss(self, outputs: jax.Array, batch: Batch) -> jax.Array:
+        """The per-example objective training minimises; evaluation reports `loss`."""
+        return self.loss(outputs, batch)
 
     def loss_weight(self, batch: Batch) -> jax.Array | None:
         return None

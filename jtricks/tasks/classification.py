@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jtricks.losses import accuracy, cross_entropy, shaped_like
+from jtricks.losses import accuracy, cross_entropy, focal_loss, shaped_like
 from jtricks.tasks.base import (
     Task,
     array_of,
@@ -23,6 +23,15 @@ from jtricks.tasks.base import (
 MAX_CLASS_STATS = 1024
 """The most classes for which classification sums per-class statistics (three ``(N, C)``
 one-hots per evaluated batch; the confusion matrix is ``(N, C, C)``)."""
+
+
+def per_class(values: tuple[float, ...], outputs: jax.Array, name: str) -> jax.Array:
+    """``values`` (one per class) as an array, checked against the logits' class axis."""
+    if len(values) != outputs.shape[-1]:
+        raise ValueError(
+            f"{name} has {len(values)} values but the model has {outputs.shape[-1]} classes"
+        )
+    return jnp.asarray(values, jnp.float32)
 
 
 def class_stats(outputs: jax.Array, labels: jax.Array, *, confusion: bool = False) -> dict:
@@ -68,6 +77,14 @@ def balanced_metrics(sums: dict) -> dict:
 class Classification(Task):
     """Single-label classification with softmax cross-entropy.
 
+    Training-only changes to the objective (evaluation reports the plain loss):
+    ``class_weight`` ``(w_c)`` multiplies example ``i``'s loss by ``w_{y_i}`` (by
+    ``sum_c q_c w_c`` for soft labels; the batch mean stays a plain mean, as Keras' and
+    scikit-learn's ``class_weight``; `jtricks.data.imbalance.class_weights` makes them);
+    ``focal_gamma`` trains on `jtricks.losses.focal_loss`; ``logit_adjust`` ``(b_c)``
+    adds ``b_c = tau log pi_c`` to the logits (`jtricks.data.imbalance.logit_adjustment`,
+    Menon et al. 2021).
+
     Outputs are logits ``(N, C)``; targets are class indices ``(N,)`` or target
     distributions ``(N, C)`` (one-hot, mixed or soft). The loss is
     ``-sum_c q_c log softmax(z)_c`` with ``q = (1 - s) q + s / C`` under label
@@ -89,6 +106,9 @@ class Classification(Task):
 
     label_smoothing: float = 0.0
     confusion: bool = False
+    class_weight: tuple[float, ...] | None = None
+    focal_gamma: float = 0.0
+    logit_adjust: tuple[float, ...] | None = None
 
     name: ClassVar[str] = "classification"
     train_metrics: ClassVar[tuple[str, ...]] = ("accuracy",)
@@ -97,6 +117,21 @@ class Classification(Task):
         y = self.targets(batch)
         ce = cross_entropy(outputs, y, label_smoothing=self.label_smoothing)
         return position_mean(ce, self.mask(batch))
+
+    def train_loss(self, outputs, batch):
+        y = self.targets(batch)
+        if self.logit_adjust is not None:
+            outputs = outputs + per_class(self.logit_adjust, outputs, "logit_adjust")
+        if self.focal_gamma:
+            loss = focal_loss(
+                outputs, y, gamma=self.focal_gamma, label_smoothing=self.label_smoothing
+            )
+        else:
+            loss = cross_entropy(outputs, y, label_smoothing=self.label_smoothing)
+        if self.class_weight is not None:
+            w = per_class(self.class_weight, outputs, "class_weight")
+            loss = loss * (w[y] if y.ndim == outputs.ndim - 1 else y.astype(w.dtype) @ w)
+        return position_mean(loss, self.mask(batch))
 
     def stats(self, outputs, batch):
         y = self.targets(batch)
@@ -175,8 +210,12 @@ class MultiLabel(Task):
     or ``(N,)`` for one label. The per-example loss is the mean over labels of
     ``-[y log sigmoid(z) + (1 - y) log(1 - sigmoid(z))]`` (optax's stable form).
     Metrics: ``label_accuracy`` (fraction of labels with ``[z > 0] = [y >= 1/2]``) and
-    ``exact_match`` (fraction of examples with every label right).
+    ``exact_match`` (fraction of examples with every label right). ``focal_gamma > 0``
+    trains on optax's ``sigmoid_focal_loss`` (Lin et al. 2017) instead; evaluation
+    reports the plain loss.
     """
+
+    focal_gamma: float = 0.0
 
     name: ClassVar[str] = "multi-label"
     train_metrics: ClassVar[tuple[str, ...]] = ("label_accuracy",)
@@ -187,6 +226,13 @@ class MultiLabel(Task):
 
     def loss(self, outputs, batch):
         loss = optax.sigmoid_binary_cross_entropy(outputs, self._targets(outputs, batch))
+        return loss.reshape(loss.shape[0], -1).mean(axis=-1)
+
+    def train_loss(self, outputs, batch):
+        if not self.focal_gamma:
+            return self.loss(outputs, batch)
+        y = self._targets(outputs, batch)
+        loss = optax.sigmoid_focal_loss(outputs, y, alpha=None, gamma=self.focal_gamma)
         return loss.reshape(loss.shape[0], -1).mean(axis=-1)
 
     def stats(self, outputs, batch):

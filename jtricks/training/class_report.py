@@ -97,12 +97,7 @@ def class_report(
 
 
 def evaluate_with_report(
-    state: TrainState,
-    data: Any,
-    *,
-    task: Task | str | None = None,
-    batch_size: int = 1000,
-    params: str = "auto",
+    state: TrainState, data: Any, task: Task | str | None, batch_size: int, params: str
 ) -> tuple[dict[str, Any], ClassReport | None]:
     """`jtricks.training.evaluate`'s metrics and, in the same pass, the `ClassReport`
     where there is one (classification, one label per example, at most

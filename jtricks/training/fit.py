@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
+from jtricks.data.imbalance import class_weights
 from jtricks.data.stream import is_batch_sequence, is_stream, training_batches
 from jtricks.errors import ConfigError, check_int
 from jtricks.optim.fused import is_fused
-from jtricks.tasks import Task, as_task
+from jtricks.tasks import Classification, Task, as_task
 from jtricks.training import compiled as programs
 from jtricks.training.compiled import StepOptions, compiled_steps
-from jtricks.training.data_checks import check_data, pad_batches
+from jtricks.training.data_checks import check_data, model_outputs, pad_batches
 from jtricks.training.distributed import as_mesh, is_sharded_mesh, like_state, place_state
 from jtricks.training.history import Callback, History
 from jtricks.training.loop import LoopHooks, record_value, run_loop
@@ -92,6 +95,7 @@ def fit(
     options = FitOptions.build(options, settings)
     member = first_member(state)
     check_eval_source(options.eval_params, member)
+    options = _weigh_classes(options, train_data, member)
     mesh = _mesh(options.mesh, state)
     if stop is not None and jax.process_count() > 1:  # every process stops at one point
         stop = AgreedStop(stop)
@@ -122,6 +126,34 @@ def _run(train_data, options, member, mesh, length, data_key, data_state) -> Run
         return stream_run(train_data, options, member, mesh, length, data_state)
     _stream_only(data_state=data_state, steps_per_epoch=options.steps_per_epoch)
     return array_run(train_data, options, member, mesh, length, data_key)
+
+
+def _weigh_classes(options: FitOptions, train_data: Any, member: TrainState) -> FitOptions:
+    """``options`` with its ``class_weight`` made per-class weights (the number of
+    classes from the model's outputs, ``"balanced"`` from the training labels) and folded
+    into its classification task."""
+    spec, task = options.class_weight, options.task
+    if spec is None:
+        return options
+    if not isinstance(task, Classification):
+        raise ConfigError(
+            f"class_weight works with the classification task; this task is {task.name!r}",
+            param="class_weight",
+        )
+    if is_stream(train_data) or is_batch_sequence(train_data):
+        if isinstance(spec, str | dict):
+            raise ConfigError(
+                f"class_weight={spec!r} needs the labels in memory; for a stream give one "
+                "weight per class (jtricks.data.imbalance.class_weights(spec, labels, C))",
+                param="class_weight",
+            )
+        labels, num_classes = None, len(spec)
+    else:
+        labels = np.asarray(task.targets(train_data))
+        num_classes = model_outputs(member, task, train_data, "training data").shape[-1]
+    weights = tuple(float(w) for w in class_weights(spec, labels, num_classes))
+    task = dataclasses.replace(task, class_weight=weights)
+    return dataclasses.replace(options, task=task, class_weight=None)
 
 
 def _stream_only(**settings: Any) -> None:

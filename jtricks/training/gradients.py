@@ -27,10 +27,10 @@ def cast_floats(tree: Any, dtype: Any) -> Any:
 
 
 def objective(task: Task, outputs: Any, batch: Batch, total: jax.Array | None) -> jax.Array:
-    """``sum_i w_i l_i / W``: the task's weighted mean loss. ``W`` is ``total`` when given (the
+    """``sum_i w_i l_i / W``: the task's weighted mean training loss (`Task.train_loss`). ``W`` is ``total`` when given (the
     whole batch's weight, so that micro-batch objectives add up to the batch's), else this
     batch's own ``sum_i w_i``."""
-    loss = per_example(task, task.loss(outputs, batch), num_examples(batch))
+    loss = per_example(task, task.train_loss(outputs, batch), num_examples(batch))
     weight = task.loss_weight(batch)
     if weight is None:
         return jnp.mean(loss) if total is None else jnp.sum(loss) / total

@@ -96,6 +96,11 @@ class FitOptions:
     loss_fn: LossFn | None = None
     """A per-example loss ``(outputs, targets) -> (N,)`` instead of ``task``
     (`jtricks.tasks.as_task`); it becomes ``task``, and this field ``None``."""
+    class_weight: Any = None
+    """Per-class weights of the training loss (classification): ``"balanced"`` (``n /
+    (C n_c)`` from in-memory training labels), ``{class: weight}`` (the others 1) or one
+    weight per class (`jtricks.data.imbalance.class_weights`); `fit` folds them into
+    ``task`` (`Classification.class_weight`) and sets this field back to ``None``."""
     eval_batch_size: int = 1000
     """Batch size for evaluation (results do not depend on it)."""
     norms: bool = True
