@@ -188,7 +188,12 @@ SPEC = "synthetic(num_train=300, num_test=80, shape=(6,), num_classes=4, imbalan
 
 @pytest.mark.parametrize(
     "flags",
-    [["--class-weight", "balanced"], ["--loss", "focal(gamma=2)"], ["--logit-adjust", "1"]],
+    [
+        ["--class-weight", "balanced"],
+        ["--loss", "focal(gamma=2)"],
+        ["--logit-adjust", "1"],
+        ["--sampler", "balanced"],
+    ],
 )
 def test_cli_trains_with_each_tool(tmp_path, flags):
     out = tmp_path / "run"
@@ -208,6 +213,7 @@ def test_cli_trains_with_each_tool(tmp_path, flags):
         (["--loss", "focal(gamma=-1)"], "loss gamma"),
         (["--loss", "hinge"], "loss must be cross_entropy or focal"),
         (["--logit-adjust", "1", "--task", "regression"], "classification task only"),
+        (["--sampler", "balanced", "--stream"], "draws from in-memory data"),
     ],
 )
 def test_cli_refuses_bad_tools_in_one_line(tmp_path, capsys, flags, message):
@@ -226,3 +232,41 @@ def test_a_run_validates_on_the_datasets_own_split():
     run = load_run_data(dataclasses.replace(TrainConfig(), dataset=SPEC))
     np.testing.assert_array_equal(run.val[1], data.val[1])
     assert run.n_train == len(data.y_train)
+
+
+def test_balanced_sampler_draws_classes_within_binomial_bounds():
+    from jtricks.data.batching import class_balanced, sampled_indices
+
+    labels = np.repeat(np.arange(C), [500, 120, 30, 6]).astype(np.int32)
+    probs = class_balanced(labels)
+    assert probs.sum() == pytest.approx(1.0, rel=1e-5)
+    idx = sampled_indices(jax.random.key(4), jnp.asarray(probs), 50, 40)
+    counts = np.bincount(labels[np.asarray(idx).ravel()], minlength=C)
+    m = 50 * 40
+    bound = 4 * np.sqrt(m * (1 / C) * (1 - 1 / C))
+    assert np.all(np.abs(counts - m / C) <= bound), counts
+    with pytest.raises(ConfigError, match="integer labels"):
+        class_balanced(labels.astype(np.float32))
+
+
+def test_fit_with_the_sampler_equals_a_hand_loop_and_resumes_exactly(problem):
+    from jtricks.data.batching import class_balanced, sampled_indices
+
+    x, y = problem
+    make = lambda: create_train_state(Linear(), optax.sgd(0.1), x[:2], jax.random.key(5))  # noqa: E731
+    state, _ = fit(make(), (x, y), batch_size=16, epochs=2, sampler="balanced")
+    hand = make()
+    step = jax.jit(make_train_step())
+    data_key = jax.random.fold_in(hand.key, 1)
+    for epoch in range(2):
+        key = jax.random.fold_in(data_key, epoch)
+        for rows in np.asarray(sampled_indices(key, jnp.asarray(class_balanced(y)), 16, 4)):
+            hand, _ = step(hand, (x[rows], y[rows]))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), state.params, hand.params
+    )
+    half, _ = fit(make(), (x, y), batch_size=16, epochs=1, sampler="balanced")
+    resumed, _ = fit(half, (x, y), batch_size=16, epochs=1, sampler="balanced")
+    jax.tree.map(np.testing.assert_array_equal, resumed.params, state.params)
+    with pytest.raises(ConfigError, match="sampler must be None or one of balanced"):
+        fit(make(), (x, y), batch_size=16, epochs=1, sampler="uniform")

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from jtricks.data.batching import SAMPLERS
 from jtricks.data.stream import LOADERS
 from jtricks.errors import ConfigError
 from jtricks.run.settings import (
@@ -159,6 +160,13 @@ class TrainConfig:
         number(0.0, 1.0, closed=(True, False)),
         parse=float,
         metavar="S",
+    )
+    sampler: str | None = setting(
+        None,
+        "balanced: draw each training batch with every class equally likely (with "
+        "replacement, on the device, exact on resume; in-memory data)",
+        optional(one_of(SAMPLERS)),
+        metavar="NAME",
     )
     class_weight: str | None = setting(
         None,

@@ -28,6 +28,7 @@ def fit_options(config: TrainConfig, b: Build, run_dir: Path | None) -> FitOptio
     return FitOptions(
         batch_size=None if b.streaming else config.batch_size,
         task=b.task,
+        sampler=config.sampler,
         eval_batch_size=config.eval_batch_size,
         max_nonfinite=config.max_nonfinite,
         augment=b.augment,

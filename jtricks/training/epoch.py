@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jtricks.data.batching import epoch_indices
+from jtricks.data.batching import epoch_indices, sampled_indices
 from jtricks.optim.fused import is_fused
 from jtricks.training.data_checks import num_examples
 from jtricks.training.distributed import constrain_state, is_sharded_mesh
@@ -34,18 +34,24 @@ class ArrayFeed:
     """The batches of an in-memory epoch, as a program input: step ``j`` of the part takes
     batch ``offset + j`` of epoch ``epoch``'s shuffle (`epoch_indices` of
     ``fold_in(data_key, epoch)`` over ``N // batch_size`` batches), gathered on the device
-    from ``data`` (a pytree of device arrays, leading axis N)."""
+    from ``data`` (a pytree of device arrays, leading axis N). With ``sampling`` (per-example
+    probabilities, `jtricks.data.batching.class_balanced`) the batches are drawn with
+    replacement instead (`sampled_indices`), from the same key."""
 
     data: Any
     data_key: jax.Array
     epoch: jax.Array
     offset: jax.Array
     batch_size: int = struct.field(pytree_node=False)
+    sampling: Any = None
 
     def batch_at(self) -> Callable[[jax.Array], Batch]:
         n = num_examples(self.data)
         key = jax.random.fold_in(self.data_key, self.epoch)
-        idx = epoch_indices(key, n, self.batch_size, n // self.batch_size)
+        if self.sampling is None:
+            idx = epoch_indices(key, n, self.batch_size, n // self.batch_size)
+        else:
+            idx = sampled_indices(key, self.sampling, self.batch_size, n // self.batch_size)
 
         def batch(j):
             row = jnp.minimum(self.offset + j, idx.shape[0] - 1)  # masked steps run past

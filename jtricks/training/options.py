@@ -19,6 +19,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from jtricks.data.batching import SAMPLERS
 from jtricks.errors import ConfigError, check_int, did_you_mean
 from jtricks.tasks import Classification, Task, as_task
 from jtricks.training.state import check_eval_source
@@ -101,6 +102,11 @@ class FitOptions:
     (C n_c)`` from in-memory training labels), ``{class: weight}`` (the others 1) or one
     weight per class (`jtricks.data.imbalance.class_weights`); `fit` folds them into
     ``task`` (`Classification.class_weight`) and sets this field back to ``None``."""
+    sampler: str | None = None
+    """``"balanced"``: each step's batch is drawn with replacement, every class equally
+    likely (`jtricks.data.batching.class_balanced`), on the device from the epoch's key,
+    so a resumed run draws the same batches; an epoch is still ``N // batch_size`` steps.
+    ``None``: shuffled epochs, each example once. In-memory data only."""
     eval_batch_size: int = 1000
     """Batch size for evaluation (results do not depend on it)."""
     norms: bool = True
@@ -174,6 +180,11 @@ class FitOptions:
         check_eval_source(self.eval_params)
         if self.mix is not None:
             set_(self, "mix", _mix(self.mix))
+        if self.sampler not in (None, *SAMPLERS):
+            raise ConfigError(
+                f"sampler must be None or one of {', '.join(SAMPLERS)}; got {self.sampler!r}",
+                param="sampler",
+            )
 
     @classmethod
     def build(cls, options: FitOptions | None, overrides: Mapping[str, Any]) -> FitOptions:

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jtricks.data.batching import class_balanced
 from jtricks.data.stream import is_stream, stream_length
 from jtricks.errors import ConfigError, check_int
 from jtricks.training import compiled as programs
@@ -122,12 +123,29 @@ def array_run(
     total = _total_steps(length, steps_per_epoch, int(member.step))
     options = complete_options(options, member, mesh, data)
     k = part_length(steps_per_epoch, fit_options.chunk)
-    parts = ArrayParts(data_dev, data_key, batch_size, k, steps_per_epoch, fit_options.profile)
+    sampling = _sampling(fit_options, data, mesh)
+    profile = fit_options.profile
+    parts = ArrayParts(data_dev, data_key, batch_size, k, steps_per_epoch, profile, sampling)
     split = k < steps_per_epoch or fit_options.profile is not None
     eval_step = compiled_steps(options)[1]
     program = programs.part_program(options)
     source = options.eval_source
     return Run(steps_per_epoch, total, data, program, parts, eval_step, source, split=split)
+
+
+def _sampling(options: FitOptions, data: Any, mesh: Any) -> jax.Array | None:
+    """The sampler's per-example probabilities on the device (replicated over a mesh),
+    or ``None`` for shuffled epochs."""
+    if options.sampler is None:
+        return None
+    if jax.process_count() > 1:
+        raise ConfigError(
+            "sampler='balanced' counts the classes of the whole training set; with several "
+            "processes each holds a shard: use class_weight='balanced' instead",
+            param="sampler",
+        )
+    probabilities = class_balanced(options.task.targets(data))
+    return replicate(probabilities, mesh) if mesh is not None else jnp.asarray(probabilities)
 
 
 def _update_size(options: FitOptions, n: int, mesh: Any) -> int:
@@ -159,13 +177,16 @@ class ArrayParts:
     part_steps: int
     steps_per_epoch: int
     profile: Profile | None = None
+    sampling: Any = None
 
     def __call__(self, epoch: int, offset: int, num_steps: int) -> Iterator[Part]:
         start = epoch * self.steps_per_epoch + offset
         j = 0
         for n in cut(start, num_steps, self.part_steps, self.profile):
             at = np.int32(offset + j)
-            feed = ArrayFeed(self.data, self.data_key, np.int32(epoch), at, self.batch_size)
+            feed = ArrayFeed(
+                self.data, self.data_key, np.int32(epoch), at, self.batch_size, self.sampling
+            )
             yield Part(feed, n, program_length(n, self.part_steps))
             j += n
 
@@ -225,6 +246,12 @@ def stream_run(
 ) -> Run:
     """The stream source (`jtricks.training.streaming`): host batches read ahead by a
     `Feeder` into chunks of K steps; the first batch is checked as arrays are."""
+    if fit_options.sampler is not None:
+        raise ConfigError(
+            f"sampler={fit_options.sampler!r} draws from in-memory data; a stream's batches "
+            "are its own (use class_weight with one weight per class instead)",
+            param="sampler",
+        )
     options = fit_options.step_options()
     steps_per_epoch = _stream_epoch(stream, fit_options.steps_per_epoch, length)
     start_step = int(member.step)
