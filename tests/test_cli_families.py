@@ -75,6 +75,11 @@ def test_every_model_family_trains_from_the_cli(tmp_path, model):
             ],
             ("ratio_vs_first",),
         ),
+        (
+            "bench_imbalance.py",
+            ["--steps", "20", "--seeds", "1", "--model", "mlp(features=(8,))", "--imbalance", "10"],
+            ("gain_over_plain",),
+        ),
     ],
 )
 def test_small_benchmarks_print_json(tmp_path, script, args, keys):
