@@ -74,6 +74,7 @@ def create_run_dir(out: str | os.PathLike, stack: contextlib.ExitStack | None = 
     if not str(out).strip():
         raise ConfigError("out must name a folder; got an empty string", param="out")
     path = Path(out)
+    created = not path.exists()
     try:
         if path.exists() and not path.is_dir():
             raise ConfigError(
@@ -91,7 +92,38 @@ def create_run_dir(out: str | os.PathLike, stack: contextlib.ExitStack | None = 
     if stack is not None:
         stack.enter_context(locked(path, param="out"))
         _refuse_non_empty(path)  # another run may have written between the check and the lock
+        _NEW_RUNS[path] = created
+        stack.callback(_NEW_RUNS.pop, path, None)
     return path
+
+
+_NEW_RUNS: dict[Path, bool] = {}
+"""The folders of the new runs this process has in progress (each locked by
+`create_run_dir`, until its stack closes), and whether the run created the folder."""
+
+
+def undo_new_runs() -> list[Path]:
+    """Take back what each new run in progress made where nothing was trained yet
+    (`clear_untrained`): what a signal does before it ends the process. Returns the
+    folders kept because training wrote into them."""
+    return [path for path, created in list(_NEW_RUNS.items()) if not clear_untrained(path, created)]
+
+
+def clear_untrained(path: Path, created: bool) -> bool:
+    """Empty ``path`` (and remove it when the run ``created`` it) unless it holds
+    anything training made (a checkpoint or an epoch record); whether it was cleared."""
+    if not path.is_dir():
+        return True
+    if _trained(path):
+        return False
+    for entry in path.iterdir():
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    if created:
+        path.rmdir()
+    return True
 
 
 @contextlib.contextmanager
@@ -103,15 +135,8 @@ def refused_cleanly(out: str | os.PathLike | None, created: bool) -> Iterator[No
     try:
         yield
     except ConfigError:
-        path = None if out is None else Path(out)
-        if path is not None and path.is_dir() and not _trained(path):
-            for entry in path.iterdir():
-                if entry.is_dir():
-                    shutil.rmtree(entry)
-                else:
-                    entry.unlink()
-            if created:
-                path.rmdir()
+        if out is not None:
+            clear_untrained(Path(out), created)
         raise
 
 

@@ -12,12 +12,19 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from types import ModuleType
 
-from jtricks.cli import bench, diagnose, train
 from jtricks.cli.common import Parser, QuietThreadTracebacks, flags_of, install_quiet_stderr
+from jtricks.cli.interrupts import exit_on_signals
 from jtricks.errors import ConfigError, Interrupted, StreamError, WriteError
 
-COMMANDS = {"train": train, "diagnose": diagnose, "bench": bench}
+
+def commands() -> dict[str, ModuleType]:
+    """The command modules (imported here, after `main` has installed its signal
+    handlers: importing them loads JAX)."""
+    from jtricks.cli import bench, diagnose, train
+
+    return {"train": train, "diagnose": diagnose, "bench": bench}
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -27,7 +34,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     parser = Parser(prog="jtricks", description="JAX deep-learning training tricks.")
     parser.add_argument("--version", action="version", version=f"jtricks {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    return parser, {name: module.add_parser(sub) for name, module in COMMANDS.items()}
+    return parser, {name: module.add_parser(sub) for name, module in commands().items()}
 
 
 def enable_compilation_cache() -> str | None:
@@ -52,21 +59,28 @@ def enable_compilation_cache() -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``jtricks`` console script; returns the exit status."""
-    parser, commands = build_parser()
+    """Entry point of the ``jtricks`` console script; returns the exit status. SIGINT and
+    SIGTERM end it at any moment with one line (`jtricks.cli.interrupts`)."""
+    with exit_on_signals():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    parser, parsers = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.command != "bench":  # the benchmark times compilation: no cache of jtricks'
         enable_compilation_cache()
     install_quiet_stderr()
     # what orbax leaves behind after a failed write, reported by then as one line
     warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
-    flags = flags_of(commands[args.command])
+    flags = flags_of(parsers[args.command])
+    command = sys.modules[f"jtricks.cli.{args.command}"]
     import jax  # after parsing: --help answers without it
 
     try:
-        return COMMANDS[args.command].run(args, flags)
+        return command.run(args, flags)
     except ConfigError as e:
-        param = getattr(COMMANDS[args.command], "PARAMS", {}).get(e.param, e.param)
+        param = getattr(command, "PARAMS", {}).get(e.param, e.param)
         flag = flags.get(param or "")
         prefix = f"argument {flag}: " if flag else ""
         print(f"jtricks {args.command}: error: {prefix}{e}", file=sys.stderr)
@@ -92,4 +106,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-__all__ = ["QuietThreadTracebacks", "build_parser", "enable_compilation_cache", "main"]
+__all__ = ["QuietThreadTracebacks", "build_parser", "commands", "enable_compilation_cache", "main"]

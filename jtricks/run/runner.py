@@ -61,7 +61,7 @@ from jtricks.training.checkpoint import (
     restore,
     restore_latest,
 )
-from jtricks.training.checkpointer import Checkpointer
+from jtricks.training.checkpointer import Checkpointer, remove_leftovers
 from jtricks.training.class_report import evaluate_with_report
 from jtricks.training.data_checks import check_data
 from jtricks.training.distributed import is_sharded_mesh, parse_mesh
@@ -314,6 +314,13 @@ def restore_run(
     with its history and, for an interrupted checkpoint, where its epoch was cut
     (``partial_epoch``, a stream's ``data_state``), with the callbacks' saved states."""
     foreign = foreign_checker(run_identity(ckpt_dir.parent), settings)
+    cut_writes = remove_leftovers(ckpt_dir)
+    if cut_writes:
+        print(
+            f"jtricks: removed {len(cut_writes)} unfinished checkpoint write(s) a stopped run "
+            f"left: {', '.join(cut_writes)}",
+            file=sys.stderr,
+        )
     try:
         restored = restore_latest(ckpt_dir, state, required=RUN_META, foreign=foreign)
     except CheckpointError as e:

@@ -268,12 +268,16 @@ class Checkpointer:
         self._last_saved_epoch = record["epoch"]
 
 
-def remove_leftovers(directory: Path) -> None:
-    """Remove the temporary folders (``.tmp-*``) failed saves left in ``directory``, its
-    ``best/`` and ``interrupted/`` (committed checkpoints are never named so)."""
+def remove_leftovers(directory: Path) -> list[str]:
+    """Remove the temporary folders (``.tmp-*``) failed or cut saves left in
+    ``directory``, its ``best/`` and ``interrupted/`` (committed checkpoints are never
+    named so); returns their paths relative to ``directory``."""
+    removed = []
     for root in (directory, directory / "best", directory / INTERRUPTED):
-        for leftover in root.glob(f"{TMP}*") if root.is_dir() else ():
+        for leftover in sorted(root.glob(f"{TMP}*")) if root.is_dir() else ():
             shutil.rmtree(leftover, ignore_errors=True)
+            removed.append(str(leftover.relative_to(directory)))
+    return removed
 
 
 class _Reported:

@@ -1,0 +1,102 @@
+"""SIGINT and SIGTERM at any moment of ``jtricks train``: before training one line, the
+shell's status and nothing left behind; an ignored signal stays ignored; what a cut
+checkpoint write leaves is removed by the next ``--resume``, which says so."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jtricks.cli import main
+from jtricks.rundir import create_run_dir, undo_new_runs
+
+TINY = [
+    "--dataset",
+    "synthetic(num_train=120, num_test=60, shape=(8,), num_classes=3)",
+    "--model",
+    "mlp(features=(8,))",
+]
+
+
+def _start(args: list[str], *, ignore_sigint: bool = False) -> subprocess.Popen:
+    disposition = signal.SIG_IGN if ignore_sigint else signal.SIG_DFL
+    return subprocess.Popen(
+        [sys.executable, "-c", "import sys; from jtricks.cli import main; sys.exit(main())", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, disposition),  # not what we inherit
+    )
+
+
+@pytest.mark.parametrize(
+    ("signum", "delay"),
+    [
+        (signal.SIGINT, 0.5),
+        (signal.SIGINT, 1.0),
+        (signal.SIGINT, 1.5),
+        (signal.SIGINT, 2.0),
+        (signal.SIGTERM, 0.5),
+        (signal.SIGTERM, 1.5),
+    ],
+)
+def test_a_signal_early_ends_the_run_in_one_line(tmp_path, signum, delay):
+    out = tmp_path / "run"
+    proc = _start(["train", "--out", str(out)])  # the default CNN: seconds before training
+    time.sleep(delay)
+    sent = time.monotonic()
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 10
+    assert proc.returncode == 128 + signum
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jtricks"), err
+    assert signal.Signals(signum).name in lines[0]
+    if out.exists():  # the signal came once training had begun: the state reached is saved
+        assert (out / "checkpoints" / "interrupted").is_dir()
+
+
+def test_an_ignored_sigint_stays_ignored(tmp_path):
+    args = ["train", *TINY, "--steps", "200000", "--out", str(tmp_path / "run")]
+    proc = _start(args, ignore_sigint=True)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1.0)
+    assert proc.poll() is None  # a background job's Ctrl-C is not for it
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+
+
+def test_undo_new_runs_takes_back_an_untrained_folder_only(tmp_path):
+    with contextlib.ExitStack() as stack:
+        fresh = create_run_dir(tmp_path / "fresh", stack)
+        (fresh / "config.json").write_text("{}")
+        trained = create_run_dir(tmp_path / "trained", stack)
+        (trained / "checkpoints" / "epoch-000001").mkdir(parents=True)
+        assert undo_new_runs() == [trained]
+        assert not fresh.exists() and trained.is_dir()
+    assert undo_new_runs() == []  # the runs ended: nothing is registered
+
+
+def test_resume_removes_what_a_cut_checkpoint_write_left(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "2", "--batch-size", "20", "--out", str(out)]) == 0
+    cut = [out / "checkpoints" / ".tmp-epoch-000003", out / "checkpoints" / "interrupted"]
+    cut.append(cut[1] / ".tmp-epoch-000003")
+    for folder in (cut[0], cut[2]):
+        folder.mkdir(parents=True)
+        (folder / "half").write_bytes(b"\0" * 10)
+    (out / "summary.json").unlink()  # as if the run had been stopped before its end
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "removed 2 unfinished checkpoint write(s)" in err
+    assert not cut[0].exists() and not cut[2].exists()
+    assert not list(Path(out).rglob(".tmp-*"))
