@@ -394,7 +394,7 @@ def test_out_of_device_memory_is_one_line(monkeypatch, capsys):
             "BufferAssignment OOM Debugging."
         )
 
-    monkeypatch.setattr(cli.COMMANDS["train"], "run", exhausted)
+    monkeypatch.setattr(cli.commands()["train"], "run", exhausted)
     assert main(["train"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ran out of memory" in err[0] and "allocate 64.00GiB" in err[0]

@@ -47,4 +47,22 @@ def test_module_getattr_is_only_the_moved_tables():
                 isinstance(t, ast.Attribute) and t.attr == "__getattr__" for t in node.targets
             ):
                 own.append(str(path.relative_to(PACKAGE)))  # patching another module's
-    assert own == []
+    assert own == ["__init__.py"]  # the root's lazy names (PEP 562), not old names
+
+
+def test_the_roots_names_load_lazily_and_resolve():
+    """``import jtricks`` loads no JAX (the command installs its signal handlers first);
+    every public name and subpackage resolves on first use."""
+    import subprocess
+    import sys
+
+    code = "import sys, jtricks; print('jax' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    import jtricks
+
+    for name in jtricks.__all__:
+        assert getattr(jtricks, name) is not None
+    assert jtricks.training.fit is jtricks.fit
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        jtricks.nope  # noqa: B018
