@@ -40,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--model", default="cnn")
     p.add_argument("--steps", type=int, default=None, help="default: the config's 6000")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of: {', '.join(ARMS)}")
     p.add_argument("--json-out", default=None)
     return p.parse_args(argv)
 
@@ -65,7 +66,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     long_tailed = f"mnist1d(imbalance={args.imbalance})"
     t0 = time.perf_counter()
-    arms = {name: run_arm(long_tailed, kw, args) for name, kw in ARMS.items()}
+    names = args.arms.split(",")
+    unknown = sorted(set(names) - set(ARMS))
+    if unknown or "plain" not in names:
+        raise SystemExit(f"--arms: need plain and names among {', '.join(ARMS)}; got {unknown}")
+    arms = {name: run_arm(long_tailed, ARMS[name], args) for name in names}
     reference = run_arm("mnist1d", {}, args)
     plain = arms["plain"]["balanced_accuracy_mean"]
     result = {

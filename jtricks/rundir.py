@@ -74,8 +74,8 @@ def create_run_dir(out: str | os.PathLike, stack: contextlib.ExitStack | None = 
     if not str(out).strip():
         raise ConfigError("out must name a folder; got an empty string", param="out")
     path = Path(out)
-    created = not path.exists()
     try:
+        created = not path.exists()
         if path.exists() and not path.is_dir():
             raise ConfigError(
                 f"output folder {str(path)!r} is a file; give a folder that does not exist yet "

@@ -77,7 +77,10 @@ def test_every_model_family_trains_from_the_cli(tmp_path, model):
         ),
         (
             "bench_imbalance.py",
-            ["--steps", "20", "--seeds", "1", "--model", "mlp(features=(8,))", "--imbalance", "10"],
+            [
+                *("--steps", "20", "--seeds", "1", "--imbalance", "10"),
+                *("--model", "mlp(features=(8,))", "--arms", "plain,logit_adjust=1"),
+            ],
             ("gain_over_plain",),
         ),
     ],

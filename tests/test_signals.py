@@ -25,13 +25,19 @@ TINY = [
 
 
 def _start(args: list[str], *, ignore_sigint: bool = False) -> subprocess.Popen:
-    disposition = signal.SIG_IGN if ignore_sigint else signal.SIG_DFL
+    """``jtricks ARGS`` with SIGINT at the default (as a terminal starts it) or ignored,
+    whatever this process inherited; set in the child's first line (no ``preexec_fn``:
+    forking a process that runs JAX's threads is unsafe)."""
+    disposition = "SIG_IGN" if ignore_sigint else "SIG_DFL"
+    code = (
+        f"import signal, sys; signal.signal(signal.SIGINT, signal.{disposition}); "
+        "from jtricks.cli import main; sys.exit(main())"
+    )
     return subprocess.Popen(
-        [sys.executable, "-c", "import sys; from jtricks.cli import main; sys.exit(main())", *args],
+        [sys.executable, "-c", code, *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, disposition),  # not what we inherit
     )
 
 
@@ -42,8 +48,7 @@ def _start(args: list[str], *, ignore_sigint: bool = False) -> subprocess.Popen:
         (signal.SIGINT, 1.0),
         (signal.SIGINT, 1.5),
         (signal.SIGINT, 2.0),
-        (signal.SIGTERM, 0.5),
-        (signal.SIGTERM, 1.5),
+        (signal.SIGTERM, 1.0),
     ],
 )
 def test_a_signal_early_ends_the_run_in_one_line(tmp_path, signum, delay):
