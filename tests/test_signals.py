@@ -105,3 +105,33 @@ def test_resume_removes_what_a_cut_checkpoint_write_left(tmp_path, capsys):
     assert "removed 2 unfinished checkpoint write(s)" in err
     assert not cut[0].exists() and not cut[2].exists()
     assert not list(Path(out).rglob(".tmp-*"))
+
+
+@pytest.mark.parametrize("process_id", [0, 1])
+def test_a_process_nobody_joins_gives_up_in_one_line(tmp_path, process_id):
+    """Process 1 with no coordinator running, and process 0 alone: one line naming the
+    coordinator and what to check, exit 2, within the bound (JAX itself would abort with
+    a stack trace, after 5 minutes by default)."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    args = ["train", *TINY, "--epochs", "1", "--out", str(out), "--distributed-timeout", "2"]
+    args += ["--coordinator", f"localhost:{port}", "--num-processes", "2"]
+    started = time.monotonic()
+    proc = _start([*args, "--process-id", str(process_id)])
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - started < 2 + 15  # the bound, plus starting Python and JAX
+    assert proc.returncode == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert f"process {process_id} of 2 did not join the run within 2 s" in lines[0]
+    assert f"--coordinator localhost:{port}" in lines[0] and not out.exists()
+
+
+def test_a_bad_timeout_is_refused(capsys):
+    args = ["train", "--coordinator", "localhost:1", "--num-processes", "2", "--process-id", "1"]
+    assert main([*args, "--distributed-timeout", "0"]) == 2
+    assert "--distributed-timeout" in capsys.readouterr().err

@@ -69,6 +69,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     t.add_argument("--num-processes", type=int, default=None, help="with --coordinator")
     t.add_argument("--process-id", type=int, default=None, help="with --coordinator: 0 .. N-1")
     t.add_argument(
+        "--distributed-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="with --coordinator: give up with one line when the processes have not all "
+        "joined after SECONDS (default 60)",
+    )
+    t.add_argument(
         "--log-every",
         type=int,
         default=10,
@@ -153,7 +161,7 @@ def start_processes(args: argparse.Namespace) -> None:
         )
     from jtricks.training.distributed import initialize
 
-    initialize(args.coordinator, args.num_processes, args.process_id)
+    initialize(args.coordinator, args.num_processes, args.process_id, args.distributed_timeout)
 
 
 def report(result: Any) -> None:

@@ -178,6 +178,11 @@ class Task:
     def finalize(self, sums: Stats) -> dict[str, jax.Array]:
         return {}
 
+    def train_stats(self, outputs: jax.Array, batch: Batch) -> Stats:
+        """The statistics the training metrics (`train_metrics`) need: by default all of
+        `stats`; a task whose evaluation sums more (per-class counts) returns fewer."""
+        return self.stats(outputs, batch)
+
     def combine(self, outputs: jax.Array) -> jax.Array:
         """One prediction from an ensemble's stacked outputs ``(M, N, ...)``, scored like a
         single model's: here their mean (softmax and sigmoid tasks average probabilities)."""
@@ -375,9 +380,12 @@ _FRAMEWORK_SUMS = ("count", "loss_sum", "loss_weight")
 """Sums every evaluation keeps besides a task's own: examples, weighted loss, loss weight."""
 
 
-def batch_sums(task: Task, outputs: jax.Array, batch: Batch, weight: jax.Array) -> Stats:
-    """Sums over one batch of the task's statistics and the weighted loss; ``weight`` is
-    1 for real rows and 0 for padding (`jtricks.training.steps.pad_batches`)."""
+def batch_sums(
+    task: Task, outputs: jax.Array, batch: Batch, weight: jax.Array, training: bool = False
+) -> Stats:
+    """Sums over one batch of the task's statistics (``training``: those of
+    `Task.train_stats`) and the weighted loss; ``weight`` is 1 for real rows and 0 for
+    padding (`jtricks.training.steps.pad_batches`)."""
     loss = per_example(task, task.loss(outputs, batch), weight.shape[0])
     lw = task.loss_weight(batch)
     lw = weight if lw is None else weight * lw
@@ -386,7 +394,8 @@ def batch_sums(task: Task, outputs: jax.Array, batch: Batch, weight: jax.Array) 
         "loss_sum": jnp.sum(lw * loss),
         "loss_weight": jnp.sum(lw),
     }
-    for name, value in task.stats(outputs, batch).items():
+    stats = task.train_stats(outputs, batch) if training else task.stats(outputs, batch)
+    for name, value in stats.items():
         w = weight.reshape(weight.shape + (1,) * (value.ndim - 1))
         sums[name] = jnp.sum(w * value.astype(jnp.float32), axis=0)
     return sums
@@ -414,5 +423,5 @@ def train_metrics(task: Task, outputs: jax.Array, batch: Batch) -> dict[str, jax
     if not names:
         return {}
     ones = jnp.ones(jax.tree.leaves(batch)[0].shape[0], jnp.float32)
-    metrics = task.finalize(batch_sums(task, outputs, batch, ones))
+    metrics = task.finalize(batch_sums(task, outputs, batch, ones, training=True))
     return metrics if names == ("*",) else {k: metrics[k] for k in names}

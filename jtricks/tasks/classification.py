@@ -133,12 +133,14 @@ class Classification(Task):
             loss = loss * (w[y] if y.ndim == outputs.ndim - 1 else y.astype(w.dtype) @ w)
         return position_mean(loss, self.mask(batch))
 
+    def train_stats(self, outputs, batch):
+        correct = accuracy(outputs, self.targets(batch))
+        return {"correct": position_mean(correct, self.mask(batch))}
+
     def stats(self, outputs, batch):
-        y = self.targets(batch)
-        correct = accuracy(outputs, y)
-        stats = {"correct": position_mean(correct, self.mask(batch))}
+        stats = self.train_stats(outputs, batch)
         if outputs.ndim == 2 and outputs.shape[-1] <= MAX_CLASS_STATS:
-            stats.update(class_stats(outputs, y, confusion=self.confusion))
+            stats.update(class_stats(outputs, self.targets(batch), confusion=self.confusion))
         return stats
 
     def finalize(self, sums):

@@ -27,7 +27,11 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -35,7 +39,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jtricks.errors import ConfigError, check_int
+from jtricks.errors import ConfigError, check_int, check_range
 
 AXIS = "data"
 FSDP = "fsdp"
@@ -220,13 +224,42 @@ def check_batch(batch_size: int, mesh: Mesh | None) -> None:
         )
 
 
-def initialize(coordinator: str, num_processes: int, process_id: int) -> None:
+INIT_TIMEOUT = 60.0
+"""Seconds a process waits for the others to join a multi-process run
+(``--distributed-timeout``) before it gives up with one line."""
+
+
+@contextlib.contextmanager
+def within(seconds: float, why: str) -> Iterator[None]:
+    """End the process with ``jtricks: error: <why>`` and status 2 if the block has not
+    returned after ``seconds``. For `jax.distributed.initialize`: its own
+    ``initialization_timeout`` ends in a fatal abort with a C++ stack trace (and a
+    process 0 alone waits far longer), so jtricks bounds the wait itself, gives JAX a
+    later deadline, and ends first."""
+    done = threading.Event()
+
+    def watch() -> None:
+        if not done.wait(seconds):
+            os.write(2, f"jtricks: error: {why}\n".encode())
+            os._exit(2)
+
+    threading.Thread(target=watch, name="jtricks-join-timeout", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
+def initialize(
+    coordinator: str, num_processes: int, process_id: int, timeout: float = INIT_TIMEOUT
+) -> None:
     """`jax.distributed.initialize` for a multi-process run (one call per process, before
-    any other JAX work). On CPU, cross-process collectives use gloo.
+    any other JAX work), given up after ``timeout`` seconds with one line naming the
+    coordinator and what to check (`within`). On CPU, cross-process collectives use gloo.
 
     Raises:
-      ConfigError: a malformed ``HOST:PORT``, ``num_processes < 1`` or
-        ``process_id`` outside ``[0, num_processes)``.
+      ConfigError: a malformed ``HOST:PORT``, ``num_processes < 1``, ``process_id``
+        outside ``[0, num_processes)`` or ``timeout <= 0``.
     """
     host, _, port = str(coordinator).rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -236,10 +269,21 @@ def initialize(coordinator: str, num_processes: int, process_id: int) -> None:
         )
     check_int("num_processes", num_processes, low=1)
     check_int("process_id", process_id, low=0, high=num_processes - 1)
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+    check_range("distributed_timeout", timeout, low=0.0, low_inclusive=False)
+    why = (
+        f"process {process_id} of {num_processes} did not join the run within {timeout:g} s "
+        f"(--distributed-timeout): check that process 0 runs with --coordinator {coordinator}, "
+        "that this host reaches that address and port, and that every process has the same "
+        f"--num-processes and its own --process-id in 0..{num_processes - 1}"
     )
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    with within(timeout, why):
+        jax.distributed.initialize(
+            coordinator_address=coordinator,
+            num_processes=num_processes,
+            process_id=process_id,
+            initialization_timeout=int(timeout) + 60,
+        )
 
 
 CLUSTERS = {
