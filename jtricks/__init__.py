@@ -45,6 +45,7 @@ _SUBPACKAGES = (
     "nn",
     "optim",
     "run",
+    "search",
     "tasks",
     "training",
 )

@@ -45,6 +45,7 @@ LAYERS = {
     **dict.fromkeys(("data", "nn", "optim", "tasks"), 1),
     "training": 2,
     **dict.fromkeys(("run", "diagnostics", "bench"), 3),
+    "search": 3.5,  # trials of runs, drawn with the bench's quasi-random points
     "cli": 4,
 }
 MAX_FUNCTION_LINES = 80  # docstring included

@@ -1,0 +1,91 @@
+"""Search spaces and samplers (T21): the one-line spec, grid / quasi-random / TPE trial
+values against hand-computed points, and trial configs (optimizer arguments included)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from jtricks import TrainConfig
+from jtricks.bench.search import unit_points
+from jtricks.errors import ConfigError
+from jtricks.search import Choice, make_sampler, parse_space, trial_config
+
+SPEC = (
+    "lr=loguniform(1e-4, 1e-1), weight_decay=loguniform(1e-6, 1e-2), batch_size=choice(32, 64, 128)"
+)
+
+
+def test_the_spec_names_config_fields_and_optimizer_arguments():
+    space = parse_space(SPEC + ", label_smoothing=uniform(0, 0.2)")
+    assert list(space) == ["learning_rate", "weight_decay", "batch_size", "label_smoothing"]
+    assert space["batch_size"] == Choice((32, 64, 128))
+    assert (space["learning_rate"].low, space["learning_rate"].scale) == (1e-4, "log")
+    assert space["label_smoothing"].scale == "linear"
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("lr", "expected NAME=loguniform"),
+        ("lr=loguniform(1e-4, 1e-1), learning_rate=uniform(0, 1)", "twice"),
+        ("lr=normal(0, 1)", "the distributions are"),
+        ("lr=loguniform(0, 1)", "log-scale range needs low > 0"),
+        ("lr=uniform(1, 0)", "empty or inverted"),
+        ("", "space must be"),
+    ],
+)
+def test_bad_specs_are_one_line(spec, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_space(spec)
+
+
+def test_grid_is_every_combination_with_the_ends():
+    points = list(make_sampler("grid", parse_space(SPEC), 1000, points=3))
+    assert len(points) == 3 * 3 * 3
+    rates = sorted({p["learning_rate"] for p in points})
+    np.testing.assert_allclose(rates, [1e-4, np.sqrt(1e-4 * 1e-1), 1e-1])
+    assert {p["batch_size"] for p in points} == {32, 64, 128}
+    assert len(list(make_sampler("grid", parse_space(SPEC), 5))) == 5
+
+
+def test_random_points_are_the_halton_points_mapped():
+    space = parse_space(SPEC)
+    got = list(make_sampler("random", space, 6, seed=3))
+    u = unit_points(6, 3, seed=3)
+    np.testing.assert_allclose([p["learning_rate"] for p in got], 1e-4 * 1000 ** u[:, 0])
+    assert [p["batch_size"] for p in got] == [(32, 64, 128)[int(x * 3)] for x in u[:, 2]]
+    assert got == list(make_sampler("random", space, 6, seed=3))
+
+
+def test_tpe_asks_inside_the_space_and_learns_from_what_it_is_told():
+    pytest.importorskip("optuna")
+    space = parse_space("lr=loguniform(1e-4, 1e-1), batch_size=choice(32, 64)")
+    runs = []
+    for _ in range(2):
+        sampler = make_sampler("tpe", space, 30, seed=0)
+        seen = []
+        for values in sampler:
+            seen.append(values)
+            score = -abs(np.log10(values["learning_rate"]) + 2.0)  # best at 1e-2
+            sampler.tell(values, None if len(seen) == 3 else score)  # one failed trial
+        runs.append(seen)
+    assert runs[0] == runs[1]  # seeded
+    rates = np.array([v["learning_rate"] for v in runs[0]])
+    assert ((rates >= 1e-4) & (rates <= 1e-1)).all()
+    early, late = np.abs(np.log10(rates[:10]) + 2), np.abs(np.log10(rates[-10:]) + 2)
+    assert late.mean() < early.mean()  # it moved towards the optimum
+
+
+def test_trial_config_sets_fields_and_optimizer_arguments():
+    base = TrainConfig(optimizer="adamw | clip(1.0)")
+    config = trial_config(base, {"learning_rate": 0.01, "weight_decay": 1e-4, "batch_size": 64})
+    assert config.optimizer == "adamw(weight_decay=0.0001) | clip(1.0)"
+    assert (config.learning_rate, config.batch_size) == (0.01, 64)
+    config.validate()
+    with pytest.raises(ConfigError, match="spec string"):
+        trial_config(dataclasses.replace(base, optimizer={"name": "adam"}), {"b1": 0.8})
+    with pytest.raises(ConfigError, match="sampler must be one of grid, random, tpe"):
+        make_sampler("bayes", parse_space(SPEC), 3)
