@@ -314,7 +314,8 @@ def restore_run(
     with its history and, for an interrupted checkpoint, where its epoch was cut
     (``partial_epoch``, a stream's ``data_state``), with the callbacks' saved states."""
     foreign = foreign_checker(run_identity(ckpt_dir.parent), settings)
-    cut_writes = remove_leftovers(ckpt_dir)
+    # one process alone: with several, orbax's primary host cleans them as its manager starts
+    cut_writes = remove_leftovers(ckpt_dir) if jax.process_count() == 1 else []
     if cut_writes:
         print(
             f"jtricks: removed {len(cut_writes)} unfinished checkpoint write(s) a stopped run "
