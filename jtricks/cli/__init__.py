@@ -22,9 +22,9 @@ from jtricks.errors import ConfigError, Interrupted, StreamError, WriteError
 def commands() -> dict[str, ModuleType]:
     """The command modules (imported here, after `main` has installed its signal
     handlers: importing them loads JAX)."""
-    from jtricks.cli import bench, diagnose, train
+    from jtricks.cli import bench, diagnose, search, train
 
-    return {"train": train, "diagnose": diagnose, "bench": bench}
+    return {"train": train, "search": search, "diagnose": diagnose, "bench": bench}
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:

@@ -1,0 +1,289 @@
+"""`search`: a hyper-parameter search (trick T21) end to end, with its folder.
+
+The search draws trials in waves of ``parallel`` from its sampler, trains each wave's
+groups side by side (`jtricks.search.trials`), scores every trial by its last epoch's
+validation metric, tells the sampler, and keeps the best trial's state. Only when every
+trial is done is the test split evaluated, once, for the best trial: selection never
+reads it. A killed search continues with ``resume``: the finished trials (``trials.jsonl``)
+are kept, the sampler replays them, and the rest are trained.
+
+References:
+  Bergstra & Bengio, "Random Search for Hyper-Parameter Optimization" (JMLR 2012);
+  Akiba et al., "Optuna" (KDD 2019), https://arxiv.org/abs/1907.10902
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from jtricks.errors import ConfigError, check_int
+from jtricks.run.build import name_the_dataset
+from jtricks.run.config import TrainConfig
+from jtricks.run.data import RunData, load_run_data
+from jtricks.rundir import create_run_dir, environment, locked, write_json
+from jtricks.search import outputs
+from jtricks.search.space import SAMPLERS, make_sampler, parse_space, trial_config
+from jtricks.search.trials import (
+    GroupResult,
+    default_parallel,
+    group_trials,
+    plain_state,
+    train_group,
+)
+from jtricks.training import create_train_state
+from jtricks.training.checkpoint import restore_latest
+from jtricks.training.class_report import evaluate_with_report
+
+FIXED = ("dataset", "task", "preprocess", "stream", "stratify", "val_fraction", "seed")
+"""Fields a search cannot vary: they choose the data and its split, the same for all."""
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """What a search draws and how: saved as ``search.json`` and read back by ``resume``."""
+
+    space: str
+    trials: int = 20
+    method: str = "random"
+    parallel: int | None = None
+    metric: str | None = None
+    grid_points: int = 3
+
+    def check(self) -> None:
+        """Raises `ConfigError` naming the bad setting."""
+        check_int("trials", self.trials, low=1)
+        check_int("grid_points", self.grid_points, low=2)
+        if self.parallel is not None:
+            check_int("parallel", self.parallel, low=1)
+        if self.method not in SAMPLERS:
+            raise ConfigError(
+                f"method must be one of {', '.join(SAMPLERS)}; got {self.method!r}",
+                param="method",
+            )
+
+
+@dataclass
+class SearchResult:
+    """A finished search: every trial's record, the best one, its test metrics."""
+
+    records: list[dict[str, Any]]
+    metric: str
+    best: dict[str, Any] | None
+    test: dict[str, Any] = field(default_factory=dict)
+    out: Path | None = None
+    best_config: TrainConfig | None = None
+
+
+@dataclass
+class _Best:
+    record: dict[str, Any] | None = None
+    state: Any = None
+    config: TrainConfig | None = None
+
+
+def search(
+    config: TrainConfig | None = None,
+    settings: SearchSettings | None = None,
+    *,
+    out: str | os.PathLike | None = None,
+    resume: str | os.PathLike | None = None,
+    data: RunData | None = None,
+    reporter: Any = None,
+) -> SearchResult:
+    """Search ``settings.space`` around ``config`` and return the trials and the best.
+
+    Args:
+      config: the base `TrainConfig`; each trial replaces the space's fields
+        (`jtricks.search.trial_config`). Needs a validation split.
+      settings: the space, number of trials, sampler ``method``, ``parallel`` (members per program;
+        ``None``: as many as fit in memory, `jtricks.search.trials.default_parallel`),
+        ``metric`` (default ``accuracy`` where the task reports it, else ``loss``).
+      out: the search folder (new or empty): ``search.json``, ``trials.jsonl``,
+        ``best.json``, ``search.png`` and ``best/``. ``None`` writes nothing.
+      resume: a search folder to continue (``config`` and ``settings`` are its own).
+      data: the loaded data (`jtricks.run.data.load_run_data`), if already at hand.
+      reporter: a progress reporter for the groups' training.
+
+    Raises:
+      ConfigError: a bad space, setting or config, before anything is written.
+    """
+    with contextlib.ExitStack() as locks:
+        config, settings, out = _resolve(config, settings, out, resume, locks)
+        space = parse_space(settings.space)
+        fixed = sorted(set(space) & set(FIXED))
+        if fixed:
+            raise ConfigError(
+                f"a search cannot vary {fixed}: they choose the data and its split, the same "
+                "for every trial (each trial gets its own initialisation key)",
+                param="space",
+            )
+        locks.enter_context(name_the_dataset(config))
+        data = data if data is not None else load_run_data(config)
+        if data.val is None:
+            raise ConfigError(
+                "a search selects trials on the validation split: give val_fraction > 0",
+                param="val_fraction",
+            )
+        records = [] if out is None else outputs.read_trials(out / "trials.jsonl")
+        if out is not None and resume is None:
+            out = create_run_dir(out, locks)
+            write_json(
+                out / "search.json",
+                {
+                    "config": config.to_dict(),
+                    "search": dataclasses.asdict(settings),
+                    "environment": environment(),
+                },
+            )
+        return _run(config, settings, space, data, out, records, reporter)
+
+
+def _resolve(config, settings, out, resume, locks):
+    if resume is None:
+        if settings is None:
+            raise ConfigError("give settings (a SearchSettings with the space)", param="space")
+        config = config or TrainConfig()
+        config.validate()
+        settings.check()
+        return config, settings, None if out is None else Path(out)
+    if config is not None or settings is not None or out is not None:
+        raise ConfigError(
+            "resume takes the search's own search.json; give no other settings", param="resume"
+        )
+    path = Path(resume) / "search.json"
+    if not path.is_file():
+        raise ConfigError(f"cannot resume {str(resume)!r}: it has no search.json", param="resume")
+    locks.enter_context(locked(resume, param="resume"))
+    saved = json.loads(path.read_text())
+    return TrainConfig(**saved["config"]), SearchSettings(**saved["search"]), Path(resume)
+
+
+def _run(config, settings, space, data, out, records, reporter) -> SearchResult:
+    seed = config.seed
+    sampler = make_sampler(
+        settings.method, space, settings.trials, seed=seed, points=settings.grid_points
+    )
+    finished = {r["trial"]: r for r in records}
+    parallel = settings.parallel or _default_parallel(config, data, settings.trials)
+    metric = settings.metric
+    best = _Best()
+    for r in records:
+        metric = metric or r["metric"]
+        if best.record is None or outputs.better(metric, r["score"], best.record["score"]):
+            best.record = r
+    wave: list[tuple[int, dict[str, Any]]] = []
+    for number, values in enumerate(sampler):
+        wave.append((number, values))
+        if len(wave) == parallel:
+            metric = _wave(config, wave, data, finished, sampler, metric, best, out, reporter)
+            wave = []
+    if wave:
+        metric = _wave(config, wave, data, finished, sampler, metric, best, out, reporter)
+    records = sorted(finished.values(), key=lambda r: r["trial"])
+    metric = metric or "loss"
+    result = SearchResult(records, metric, best.record, out=out)
+    if best.record is not None:
+        result.best_config = trial_config(config, best.record["values"])
+        _test_best(result, best, data, out)
+    if out is not None and records:
+        outputs.plot_search(records, space, metric, out / "search.png")
+    return result
+
+
+def _default_parallel(config: TrainConfig, data: RunData, trials: int) -> int:
+    from jtricks.run.build import build
+
+    b = build(dataclasses.replace(config, ensemble=1), data, None, None, False)
+    return default_parallel(b, data, config.batch_size, trials)
+
+
+def _wave(config, wave, data, finished, sampler, metric, best, out, reporter) -> str | None:
+    """Train the wave's unfinished trials group by group; tell the sampler every score."""
+    todo = [(n, v) for n, v in wave if n not in finished]
+    configs = [trial_config(config, v) for _, v in todo]
+    for group in group_trials(configs, len(configs) or 1):
+        trials = [todo[i][0] for i in group]
+        result = train_group([configs[i] for i in group], trials, data, reporter)
+        metric = metric or ("accuracy" if "val_member_accuracy" in _first(result) else "loss")
+        for i, t in enumerate(trials):
+            record = _trial_record(result, i, t, todo[group[i]][1], metric)
+            finished[t] = record
+            if out is not None:
+                outputs.append_trial(out / "trials.jsonl", record)
+            if best.record is None or outputs.better(metric, record["score"], best.record["score"]):
+                _new_best(best, record, result, i, configs[group[i]], out)
+    for n, v in wave:
+        score = finished[n]["score"]
+        sign = -1.0 if metric in outputs.LOWER_IS_BETTER else 1.0
+        sampler.tell(v, None if score is None else sign * score)
+    return metric
+
+
+def _first(result: GroupResult) -> dict[str, Any]:
+    return result.history.records[0] if result.history.records else {}
+
+
+def _trial_record(result: GroupResult, i: int, trial: int, values, metric: str) -> dict:
+    """One line of ``trials.jsonl``: the values, the per-epoch validation curve, the
+    score (the last epoch's value) and the status (``failed``: non-finite)."""
+    curve = result.curve(metric, i) if result.history.records else []
+    loss = result.curve("loss", i) if result.history.records else []
+    ok = bool(curve) and math.isfinite(curve[-1]) and math.isfinite(loss[-1])
+    return {
+        "trial": trial,
+        "values": values,
+        "metric": metric,
+        f"val_{metric}": curve,
+        "score": curve[-1] if ok else None,
+        "status": "ok" if ok else "failed",
+        "init_key": f"fold_in(init_key, {trial})",
+    }
+
+
+def _new_best(best: _Best, record, result: GroupResult, i: int, config, out) -> None:
+    state = plain_state(result.member(i), config, result.length)
+    best.record, best.state, best.config = record, jax.device_get(state), config
+    if out is None:
+        return
+    own = outputs.member_records(result.history.records, i)
+    outputs.write_best_run(out / "best", config, state, own)
+    write_json(out / "best.json", {**record, "config": config.to_dict()})
+
+
+def _test_best(result: SearchResult, best: _Best, data: RunData, out) -> None:
+    """The best trial's test metrics: the one time the search reads the test split."""
+    config = result.best_config
+    state = best.state if best.record is result.best else None
+    if state is None:  # found before a resume: its checkpoint in best/
+        state = _restore_best(config, data, out)
+    from jtricks.run.build import build
+
+    b = build(config, data, None, None, False)
+    test, _ = evaluate_with_report(
+        state, data.test, b.task, config.eval_batch_size, config.eval_params
+    )
+    result.test = {k: v for k, v in test.items() if isinstance(v, float)}
+    if out is not None:
+        write_json(
+            out / "best.json", {**result.best, "config": config.to_dict(), "test": result.test}
+        )
+
+
+def _restore_best(config: TrainConfig, data: RunData, out: Path):
+    from jtricks.run.build import build
+
+    b = build(config, data, None, None, False)
+    template = create_train_state(b.model, b.tx, data.example, b.init_key, ema_decay=config.ema)
+    restored = restore_latest(out / "best" / "checkpoints", template)
+    if restored is None:
+        raise ConfigError(f"{out / 'best'} has no checkpoint to test", param="resume")
+    return restored[0]
