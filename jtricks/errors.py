@@ -75,8 +75,15 @@ def check_range(
 ) -> None:
     """Raise `ConfigError` unless ``low <= value <= high`` (bounds optional, inclusivity set).
 
-    NaN and infinities always fail.
+    NaN and infinities always fail. A scalar array is checked by its value; a traced one
+    (a hyper-parameter `optax.inject_hyperparams` puts in the state, as a search's trials
+    do) passes: its value was checked as a number when the trial was built.
     """
+    if getattr(value, "ndim", None) == 0 and getattr(value, "dtype", None) is not None:
+        try:
+            value = float(value)
+        except Exception:  # a tracer: no value to check while tracing
+            return
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{name} must be a number; got {value!r}", param=name)
     ok = math.isfinite(value)  # rejects NaN and +-inf

@@ -209,18 +209,18 @@ def _default_parallel(config: TrainConfig, data: RunData, trials: int) -> int:
 def _wave(config, wave, data, finished, sampler, metric, best, out, reporter) -> str | None:
     """Train the wave's unfinished trials group by group; tell the sampler every score."""
     todo = [(n, v) for n, v in wave if n not in finished]
-    configs = [trial_config(config, v) for _, v in todo]
-    for group in group_trials(configs, len(configs) or 1):
+    values = [v for _, v in todo]
+    for group in group_trials(config, values, len(todo) or 1):
         trials = [todo[i][0] for i in group]
-        result = train_group([configs[i] for i in group], trials, data, reporter)
+        result = train_group(config, trials, [values[i] for i in group], data, reporter)
         metric = metric or ("accuracy" if "val_member_accuracy" in _first(result) else "loss")
         for i, t in enumerate(trials):
-            record = _trial_record(result, i, t, todo[group[i]][1], metric)
+            record = _trial_record(result, i, t, values[group[i]], metric)
             finished[t] = record
             if out is not None:
                 outputs.append_trial(out / "trials.jsonl", record)
             if best.record is None or outputs.better(metric, record["score"], best.record["score"]):
-                _new_best(best, record, result, i, configs[group[i]], out)
+                _new_best(best, record, result, i, trial_config(config, record["values"]), out)
     for n, v in wave:
         score = finished[n]["score"]
         sign = -1.0 if metric in outputs.LOWER_IS_BETTER else 1.0

@@ -1,20 +1,22 @@
 """Trials side by side: the trials of a group train as one vmapped program of K members.
 
-A group is a set of trials whose configs differ only in the learning rate. Their states
-are stacked like an ensemble's (`jtricks.training.ensemble.create_ensemble`) and trained
+A group is a set of trials whose configs differ only in the learning rate and numeric
+arguments of the optimizer (weight decay, momentum, betas, ...). Their states are stacked like an ensemble's (`jtricks.training.ensemble.create_ensemble`) and trained
 by `fit` in one compiled program; what differs between members lives in the state:
 
 * the initialisation and dropout key: trial ``t`` starts from ``fold_in(init_key, t)``,
   its own seed (all trials of a search see the same batch order, the search's seed:
   a paired comparison);
-* the learning rate: the optimizer of a search is `scaled_optimizer`, the run's pipeline
-  and schedule with the base rate injected into the optimizer state as
-  ``base_learning_rate``; member ``i`` holds its trial's rate there. The schedule is
-  ``base_learning_rate * unit_schedule(step)``, so warm-up, cosine and one-cycle scale
-  with the trial's rate, and the update is the pipeline's own, for any optimizer.
+* the learning rate and the optimizer's arguments: the optimizer of a search is
+  `scaled_optimizer`, the run's pipeline and schedule with the base rate (as
+  ``base_learning_rate``) and the searched arguments injected into the optimizer state
+  (`optax.inject_hyperparams`); member ``i`` holds its trial's values there. The
+  schedule is ``base_learning_rate * unit_schedule(step)``, so warm-up, cosine and
+  one-cycle scale with the trial's rate, and the update is the pipeline's own, for any
+  optimizer.
 
-Trials that change anything else (batch size, widths, label smoothing, the optimizer's
-arguments, ...) form separate groups, each one program. A member that diverges has its
+Trials that change anything else (batch size, widths, label smoothing, dropout, ...)
+form separate groups, each one program. A member that diverges has its
 non-finite steps skipped (`fit`'s guard, per member) and never stops the others; its
 non-finite validation loss marks it failed.
 
@@ -25,6 +27,7 @@ run trials one after another.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 from collections.abc import Sequence
@@ -36,64 +39,107 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jtricks.errors import ConfigError
 from jtricks.optim import build_optimizer, build_schedule
-from jtricks.optim.sweep import Keyed, freeze
+from jtricks.optim.sweep import Keyed, freeze, is_injected
 from jtricks.run.build import Build, build, optimizer, run_length
 from jtricks.run.config import TrainConfig
 from jtricks.run.data import RunData
 from jtricks.run.options import fit_options
+from jtricks.search.space import trial_config
+from jtricks.spec import parse_spec, split_top_level
 from jtricks.training import History, TrainState
 from jtricks.training.ensemble import create_ensemble, fit_ensemble
-
-SIDE_BY_SIDE = ("learning_rate",)
-"""The config fields whose values may differ between the members of one program."""
 
 NEVER_STOP = 2**31 - 1
 """``max_nonfinite`` of a search: a diverging member is masked, the others go on."""
 
 
-def group_key(config: TrainConfig) -> str:
-    """What must be equal for two trials to share a program: the config without the
-    `SIDE_BY_SIDE` fields."""
-    settings = config.to_dict()
-    for name in SIDE_BY_SIDE:
-        settings.pop(name, None)
-    return json.dumps(settings, sort_keys=True, default=repr)
+def split_values(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A trial's values as ``(fixed, side)``: the config fields a program is built with,
+    and what its members may differ in, held in the optimizer state (the learning rate
+    and any numeric optimizer argument)."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    side = {
+        k: v
+        for k, v in values.items()
+        if (k == "learning_rate" or k not in fields) and is_injected(v)
+    }
+    return {k: v for k, v in values.items() if k not in side}, side
 
 
-def group_trials(configs: Sequence[TrainConfig], parallel: int) -> list[list[int]]:
-    """The indices of ``configs`` in groups of at most ``parallel`` that can share one
-    program (equal `group_key`), in order of their first trial."""
+def group_key(config: TrainConfig, values: dict[str, Any]) -> str:
+    """What must be equal for two trials to share a program: the config with the trial's
+    fixed values, and the names of its side-by-side values (`split_values`)."""
+    fixed, side = split_values(values)
+    settings = trial_config(config, fixed).to_dict()
+    return json.dumps([settings, sorted(side)], sort_keys=True, default=repr)
+
+
+def group_trials(
+    config: TrainConfig, values: Sequence[dict[str, Any]], parallel: int
+) -> list[list[int]]:
+    """The indices of the trials ``values`` in groups of at most ``parallel`` that can
+    share one program (equal `group_key`), in order of their first trial."""
     groups: dict[str, list[list[int]]] = {}
-    for i, config in enumerate(configs):
-        chunks = groups.setdefault(group_key(config), [[]])
+    for i, v in enumerate(values):
+        chunks = groups.setdefault(group_key(config, v), [[]])
         if len(chunks[-1]) == parallel:
             chunks.append([])
         chunks[-1].append(i)
     return sorted((c for chunks in groups.values() for c in chunks), key=lambda c: c[0])
 
 
-def scaled_optimizer(config: TrainConfig, steps_per_epoch: int, total_steps: int) -> Keyed:
-    """The run's optimizer (`jtricks.run.build.optimizer`) with its base learning rate in
-    the state: ``inject_hyperparams(make)(base_learning_rate=lr)`` where ``make(b)`` is
-    ``build_optimizer(config.optimizer, lambda step: b * unit(step))`` and ``unit`` the
-    config's schedule at rate 1. Two equal configs give equal optimizers whatever their
-    rates (`Keyed`), so every group of a search with equal settings reuses one program."""
-    length = dict(steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-    unit = build_schedule(config.schedule, 1.0, **length)
+def traced_arguments(spec: Any, arguments: dict[str, Any]) -> Any:
+    """The optimizer spec ``spec`` with ``arguments`` (maybe traced) on its first stage,
+    as a list spec whose first stage is a dict (a string cannot hold a traced value)."""
+    if not arguments:
+        return spec
+    first, *rest = split_top_level(spec, "|")
+    name, args, kwargs = parse_spec(first, what="optimizer")
+    if args:
+        raise ConfigError(
+            f"a search over optimizer arguments needs {first.strip()!r}'s arguments by name "
+            f"(e.g. momentum(gamma=0.9)); got positional {list(args)}",
+            param="optimizer",
+        )
+    return [{"name": name, **kwargs, **arguments}, *(part.strip() for part in rest)]
 
-    def make(base_learning_rate):
-        return build_optimizer(config.optimizer, lambda step: base_learning_rate * unit(step))
 
-    tx = optax.inject_hyperparams(make)(base_learning_rate=float(config.learning_rate))
-    key = ("search", freeze(config.optimizer), config.schedule, steps_per_epoch, total_steps)
+def scaled_optimizer(config: TrainConfig, length: tuple[int, int], side: dict[str, Any]) -> Keyed:
+    """The run's optimizer (`jtricks.run.build.optimizer`) with its base learning rate and
+    the optimizer arguments ``side`` in the state: ``inject_hyperparams(make)(
+    base_learning_rate=lr, **side)`` where ``make(b, **side)`` is
+    ``build_optimizer(<config.optimizer with side>, lambda step: b * unit(step))`` and
+    ``unit`` the config's schedule at rate 1. Two equal configs give equal optimizers
+    whatever the numbers (`Keyed`), so a search's groups with equal settings share one
+    program. ``length`` is ``(steps_per_epoch, total_steps)``."""
+    unit = build_schedule(config.schedule, 1.0, steps_per_epoch=length[0], total_steps=length[1])
+    arguments = {k: v for k, v in side.items() if k != "learning_rate"}
+
+    def make(base_learning_rate, **values):
+        spec = traced_arguments(config.optimizer, values)
+        return build_optimizer(spec, lambda step: base_learning_rate * unit(step))
+
+    names = ("base_learning_rate", *arguments)  # inject_hyperparams reads the signature
+    make.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
+    )
+
+    rate = float(side.get("learning_rate", config.learning_rate))
+    tx = optax.inject_hyperparams(make)(base_learning_rate=rate, **arguments)
+    key = ("search", freeze(config.optimizer), config.schedule, length, tuple(sorted(arguments)))
     return Keyed(tx, key)
 
 
-def with_rates(states: TrainState, rates: Sequence[float]) -> TrainState:
-    """Stacked ``states`` whose member ``i`` trains at base rate ``rates[i]``."""
+def with_values(states: TrainState, values: dict[str, Sequence[float]]) -> TrainState:
+    """Stacked ``states`` whose member ``i`` trains with ``values[name][i]`` for each
+    injected hyper-parameter ``name`` (``learning_rate`` is the base rate)."""
     opt = states.opt_state
-    hyper = {**opt.hyperparams, "base_learning_rate": jnp.asarray(rates, jnp.float32)}
+    hyper = dict(opt.hyperparams)
+    for name, column in values.items():
+        key = "base_learning_rate" if name == "learning_rate" else name
+        hyper[key] = jnp.asarray(column, hyper[key].dtype)
     return states.replace(opt_state=opt._replace(hyperparams=hyper))
 
 
@@ -127,18 +173,24 @@ class GroupResult:
 
 
 def train_group(
-    configs: Sequence[TrainConfig], trials: Sequence[int], data: RunData, reporter: Any = None
+    config: TrainConfig,
+    trials: Sequence[int],
+    values: Sequence[dict[str, Any]],
+    data: RunData,
+    reporter: Any = None,
 ) -> GroupResult:
-    """Train the trials ``trials`` (their ``configs``, equal but for `SIDE_BY_SIDE`) as the
-    members of one program: member ``i`` from ``fold_in(init_key, trials[i])`` at base rate
-    ``configs[i].learning_rate``."""
-    config = dataclasses.replace(configs[0], ensemble=1)
+    """Train ``trials`` (their ``values``, equal but for the side-by-side ones,
+    `split_values`) as the members of one program around ``config``: member ``i`` from
+    ``fold_in(init_key, trials[i])`` with its own learning rate and optimizer arguments."""
+    fixed, side = split_values(values[0])
+    config = dataclasses.replace(trial_config(config, fixed), ensemble=1)
+    config.validate()
     b = build(config, data, None, reporter, False)
-    steps_per_epoch, total_steps = run_length(config, data.n_train)
-    b.tx = scaled_optimizer(config, steps_per_epoch, total_steps)
+    length = run_length(config, data.n_train)
+    b.tx = scaled_optimizer(config, length, side)
     keys = jax.vmap(lambda t: jax.random.fold_in(b.init_key, t))(jnp.asarray(trials))
     states = create_ensemble(b.model, b.tx, data.train[0], keys, ema_decay=config.ema)
-    states = with_rates(states, [c.learning_rate for c in configs])
+    states = with_values(states, {k: [split_values(v)[1][k] for v in values] for k in side})
     options = dataclasses.replace(fit_options(config, b, None), mesh=None, max_nonfinite=NEVER_STOP)
     states, history = fit_ensemble(
         states,
@@ -150,7 +202,7 @@ def train_group(
         reporter=b.reporter,
         callbacks=list(b.callbacks),
     )
-    return GroupResult(list(trials), states, history, b, (steps_per_epoch, total_steps))
+    return GroupResult(list(trials), states, history, b, length)
 
 
 def state_bytes(b: Build, example: Any) -> int:
