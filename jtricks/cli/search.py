@@ -77,7 +77,7 @@ def run(args: argparse.Namespace, flags: dict[str, str]) -> int:
                 f"{', '.join(extra)}",
                 param="resume",
             )
-        result = search(resume=args.resume)
+        result = search(resume=args.resume, log=_log)
     else:
         if args.space is None:
             raise ConfigError(
@@ -92,8 +92,12 @@ def run(args: argparse.Namespace, flags: dict[str, str]) -> int:
             args.grid_points,
         )
         out = args.out if args.out is not None else default_out("search")
-        result = search(TrainConfig(**given), settings, out=out)
+        result = search(TrainConfig(**given), settings, out=out, log=_log)
     return report(result)
+
+
+def _log(line: str) -> None:
+    print(f"jtricks search: {line}", file=sys.stderr)
 
 
 def report(result: Any) -> int:

@@ -19,6 +19,8 @@ import dataclasses
 import json
 import math
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +100,7 @@ def search(
     resume: str | os.PathLike | None = None,
     data: RunData | None = None,
     reporter: Any = None,
+    log: Callable[[str], None] | None = None,
 ) -> SearchResult:
     """Search ``settings.space`` around ``config`` and return the trials and the best.
 
@@ -112,6 +115,7 @@ def search(
       resume: a search folder to continue (``config`` and ``settings`` are its own).
       data: the loaded data (`jtricks.run.data.load_run_data`), if already at hand.
       reporter: a progress reporter for the groups' training.
+      log: called with one line after each group (trials, time, best so far).
 
     Raises:
       ConfigError: a bad space, setting or config, before anything is written.
@@ -144,7 +148,7 @@ def search(
                     "environment": environment(),
                 },
             )
-        return _run(config, settings, space, data, out, records, reporter)
+        return _run(config, settings, space, data, out, records, reporter, log)
 
 
 def _resolve(config, settings, out, resume, locks):
@@ -167,7 +171,7 @@ def _resolve(config, settings, out, resume, locks):
     return TrainConfig(**saved["config"]), SearchSettings(**saved["search"]), Path(resume)
 
 
-def _run(config, settings, space, data, out, records, reporter) -> SearchResult:
+def _run(config, settings, space, data, out, records, reporter, log) -> SearchResult:
     seed = config.seed
     sampler = make_sampler(
         settings.method, space, settings.trials, seed=seed, points=settings.grid_points
@@ -184,10 +188,10 @@ def _run(config, settings, space, data, out, records, reporter) -> SearchResult:
     for number, values in enumerate(sampler):
         wave.append((number, values))
         if len(wave) == parallel:
-            metric = _wave(config, wave, data, finished, sampler, metric, best, out, reporter)
+            metric = _wave(config, wave, data, finished, sampler, metric, best, out, reporter, log)
             wave = []
     if wave:
-        metric = _wave(config, wave, data, finished, sampler, metric, best, out, reporter)
+        metric = _wave(config, wave, data, finished, sampler, metric, best, out, reporter, log)
     records = sorted(finished.values(), key=lambda r: r["trial"])
     metric = metric or "loss"
     result = SearchResult(records, metric, best.record, out=out)
@@ -206,26 +210,37 @@ def _default_parallel(config: TrainConfig, data: RunData, trials: int) -> int:
     return default_parallel(b, data, config.batch_size, trials)
 
 
-def _wave(config, wave, data, finished, sampler, metric, best, out, reporter) -> str | None:
+def _wave(config, wave, data, finished, sampler, metric, best, out, reporter, log) -> str | None:
     """Train the wave's unfinished trials group by group; tell the sampler every score."""
     todo = [(n, v) for n, v in wave if n not in finished]
     values = [v for _, v in todo]
     for group in group_trials(config, values, len(todo) or 1):
         trials = [todo[i][0] for i in group]
+        t0 = time.perf_counter()
         result = train_group(config, trials, [values[i] for i in group], data, reporter)
+        took = time.perf_counter() - t0
         metric = metric or ("accuracy" if "val_member_accuracy" in _first(result) else "loss")
         for i, t in enumerate(trials):
             record = _trial_record(result, i, t, values[group[i]], metric)
             finished[t] = record
-            if out is not None:
-                outputs.append_trial(out / "trials.jsonl", record)
             if best.record is None or outputs.better(metric, record["score"], best.record["score"]):
                 _new_best(best, record, result, i, trial_config(config, record["values"]), out)
+            if out is not None:  # after best/: a kill in between trains this trial again
+                outputs.append_trial(out / "trials.jsonl", record)
+        if log is not None:
+            log(_progress(trials, took, metric, best.record))
     for n, v in wave:
         score = finished[n]["score"]
         sign = -1.0 if metric in outputs.LOWER_IS_BETTER else 1.0
         sampler.tell(v, None if score is None else sign * score)
     return metric
+
+
+def _progress(trials: list[int], took: float, metric: str, best: dict[str, Any] | None) -> str:
+    line = f"trials {', '.join(map(str, trials))} ({len(trials)} side by side) in {took:.1f} s"
+    if best is not None:
+        line += f"; best so far: trial {best['trial']}, val_{metric} {best['score']:.4f}"
+    return line
 
 
 def _first(result: GroupResult) -> dict[str, Any]:
@@ -262,8 +277,15 @@ def _new_best(best: _Best, record, result: GroupResult, i: int, config, out) -> 
 def _test_best(result: SearchResult, best: _Best, data: RunData, out) -> None:
     """The best trial's test metrics: the one time the search reads the test split."""
     config = result.best_config
-    state = best.state if best.record is result.best else None
+    state = best.state
     if state is None:  # found before a resume: its checkpoint in best/
+        saved = json.loads((out / "best.json").read_text())
+        if saved["trial"] != result.best["trial"]:
+            raise ConfigError(
+                f"cannot resume {str(out)!r}: best/ holds trial {saved['trial']}, "
+                f"trials.jsonl's best is trial {result.best['trial']}",
+                param="resume",
+            )
         state = _restore_best(config, data, out)
     from jtricks.run.build import build
 
