@@ -221,7 +221,7 @@ def _wave(config, wave, data, finished, sampler, metric, best, out, reporter, lo
         took = time.perf_counter() - t0
         metric = metric or ("accuracy" if "val_member_accuracy" in _first(result) else "loss")
         for i, t in enumerate(trials):
-            record = _trial_record(result, i, t, values[group[i]], metric)
+            record = _trial_record(result, i, t, values[group[i]], metric, config.max_nonfinite)
             finished[t] = record
             if best.record is None or outputs.better(metric, record["score"], best.record["score"]):
                 _new_best(best, record, result, i, trial_config(config, record["values"]), out)
@@ -247,19 +247,24 @@ def _first(result: GroupResult) -> dict[str, Any]:
     return result.history.records[0] if result.history.records else {}
 
 
-def _trial_record(result: GroupResult, i: int, trial: int, values, metric: str) -> dict:
-    """One line of ``trials.jsonl``: the values, the per-epoch validation curve, the
-    score (the last epoch's value) and the status (``failed``: non-finite)."""
+def _trial_record(result: GroupResult, i: int, trial: int, values, metric: str, limit: int):
+    """One line of ``trials.jsonl``: the values, the per-epoch validation curves, the
+    score (the last epoch's value), the skipped steps and the status (``failed``: a
+    non-finite validation value, or ``limit`` skipped steps, or all of them)."""
     curve = result.curve(metric, i) if result.history.records else []
     loss = result.curve("loss", i) if result.history.records else []
+    skipped = result.skipped(i)
     ok = bool(curve) and math.isfinite(curve[-1]) and math.isfinite(loss[-1])
+    ok = ok and skipped < min(limit, int(result.states.step[i]))
     return {
         "trial": trial,
         "values": values,
         "metric": metric,
         f"val_{metric}": curve,
+        "val_loss": loss,
         "score": curve[-1] if ok else None,
         "status": "ok" if ok else "failed",
+        "skipped_steps": skipped,
         "init_key": f"fold_in(init_key, {trial})",
     }
 

@@ -17,8 +17,10 @@ by `fit` in one compiled program; what differs between members lives in the stat
 
 Trials that change anything else (batch size, widths, label smoothing, dropout, ...)
 form separate groups, each one program. A member that diverges has its
-non-finite steps skipped (`fit`'s guard, per member) and never stops the others; its
-non-finite validation loss marks it failed.
+non-finite steps skipped (`fit`'s guard, per member) and never stops the others; a
+non-finite validation loss, or as many skipped steps as the config's ``max_nonfinite``
+(where a run of its own would have stopped as diverged) or all its steps skipped, marks
+it failed.
 
 What is new here: K hyper-parameter trials as one XLA program. Keras Tuner and Optuna
 run trials one after another.
@@ -166,6 +168,11 @@ class GroupResult:
     def curve(self, metric: str, i: int) -> list[float]:
         """Member ``i``'s validation ``metric`` at each epoch."""
         return [float(r[f"val_member_{metric}"][i]) for r in self.history.records]
+
+    def skipped(self, i: int) -> int:
+        """Member ``i``'s skipped (non-finite) steps: its steps less its optimizer's count
+        (`fit`'s guard keeps the optimizer state of a skipped step)."""
+        return int(self.states.step[i]) - int(self.states.opt_state.count[i])
 
     def member(self, i: int) -> TrainState:
         """Member ``i``'s state (no leading axis)."""

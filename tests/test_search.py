@@ -1,0 +1,163 @@
+"""Hyper-parameter search (T21): trials side by side equal to separate `fit` runs,
+selection on the validation split only, the folder's files, a resumed search, a
+diverging trial, and the CLI's one-line refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jtricks import TrainConfig
+from jtricks.cli import main
+from jtricks.errors import ConfigError
+from jtricks.run import train
+from jtricks.run.build import build
+from jtricks.run.data import load_run_data
+from jtricks.run.options import fit_options
+from jtricks.search import runner as search_runner
+from jtricks.search.runner import SearchSettings, search
+from jtricks.search.space import trial_config
+from jtricks.training import create_train_state, fit
+
+DATASET = "synthetic(num_train=300, num_test=60, shape=(16,), num_classes=3, noise=2.0)"
+CONFIG = TrainConfig(
+    dataset=DATASET, model="mlp", epochs=2, batch_size=50, optimizer="momentum(gamma=0.9)"
+)
+SPACE = "lr=loguniform(1e-3, 3e-1), gamma=uniform(0.5, 0.95)"
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_run_data(CONFIG)
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, data):
+    out = tmp_path_factory.mktemp("search") / "s"
+    result = search(CONFIG, SearchSettings(SPACE, 4, "random", 4), out=out, data=data)
+    return result, out
+
+
+def test_every_trial_is_recorded_and_the_best_is_the_argmax(searched):
+    result, out = searched
+    lines = [json.loads(x) for x in (out / "trials.jsonl").read_text().splitlines()]
+    assert sorted(r["trial"] for r in lines) == [0, 1, 2, 3]
+    scores = [r["score"] for r in sorted(lines, key=lambda r: r["trial"])]
+    assert all(r["status"] == "ok" and r["score"] == r["val_accuracy"][-1] for r in lines)
+    best = json.loads((out / "best.json").read_text())
+    assert best["trial"] == int(np.argmax(scores)) == result.best["trial"]
+    assert best["test"] == result.test and set(result.test) >= {"loss", "accuracy"}
+    assert (out / "search.png").stat().st_size > 0
+    assert json.loads((out / "search.json").read_text())["search"]["space"] == SPACE
+
+
+def test_each_trial_equals_a_separate_fit_of_its_own_config(searched, data):
+    """The independent path: the trial's config built as `jtricks train` builds it (the
+    plain optimizer with its numbers, no injection, no vmap), `fit` from the trial's key."""
+    result, _ = searched
+    for record in result.records[:2]:
+        config = trial_config(CONFIG, record["values"])
+        b = build(config, data, None, None, False)
+        key = jax.random.fold_in(b.init_key, record["trial"])
+        state = create_train_state(b.model, b.tx, data.example, key)
+        options = dataclasses.replace(fit_options(config, b, None), mesh=None)
+        run = dict(val_data=data.val, steps=b.total_steps, data_key=b.data_key)
+        _, history = fit(state, data.train, options, **run)
+        np.testing.assert_allclose(history["val_loss"], record["val_loss"], rtol=1e-4)
+
+
+def test_the_best_folder_is_a_run_that_resumes_and_tests_the_same(searched):
+    result, out = searched
+    resumed = train(resume=out / "best")
+    assert resumed.config == result.best_config
+    for name, value in result.test.items():
+        assert resumed.test[name] == pytest.approx(value, rel=1e-5), name
+
+
+def test_selection_never_reads_the_test_split(searched, data):
+    """Poisoned test labels change the best trial's test metrics, never the choice."""
+    result, _ = searched
+    x, y = data.test
+    poisoned = dataclasses.replace(data, test=(x, (np.asarray(y) + 1) % 3))
+    other = search(CONFIG, SearchSettings(SPACE, 4, "random", 4), data=poisoned)
+    assert [r["val_loss"] for r in other.records] == [r["val_loss"] for r in result.records]
+    assert other.best["trial"] == result.best["trial"]
+    assert other.test["accuracy"] != result.test["accuracy"]
+
+
+def test_a_killed_search_resumes_with_its_finished_trials(tmp_path, searched, data, monkeypatch):
+    result, _ = searched
+    out, calls = tmp_path / "s", []
+    real = search_runner.train_group
+
+    def killed_at_second(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(search_runner, "train_group", killed_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        search(CONFIG, SearchSettings(SPACE, 4, "random", 2), out=out, data=data)
+    assert len((out / "trials.jsonl").read_text().splitlines()) == 2
+    calls.clear()
+    monkeypatch.setattr(search_runner, "train_group", real)
+    resumed = search(resume=out, data=data)
+    assert [r["trial"] for r in resumed.records] == [0, 1, 2, 3]
+    for a, b in zip(resumed.records, result.records, strict=True):  # 2 members, not 4
+        np.testing.assert_allclose(a["val_loss"], b["val_loss"], rtol=1e-4)
+    assert resumed.best["trial"] == result.best["trial"]
+
+
+def test_a_diverging_trial_fails_alone(data):
+    result = search(CONFIG, SearchSettings("lr=choice(0.05, 1e30)", 2, "grid", 2), data=data)
+    ok, failed = result.records
+    assert (ok["status"], failed["status"], failed["score"]) == ("ok", "failed", None)
+    assert failed["skipped_steps"] == 10 and ok["skipped_steps"] == 0
+    assert result.best["trial"] == 0
+
+
+def test_tpe_asks_optuna_and_gets_told_every_score(data):
+    pytest.importorskip("optuna")
+    result = search(CONFIG, SearchSettings("lr=loguniform(1e-3, 3e-1)", 3, "tpe", 3), data=data)
+    assert [r["status"] for r in result.records] == ["ok"] * 3
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--space", "seed=choice(1, 2)"], "cannot vary"),
+        (["--space", "lr=loguniform(1e-3, 1e-1)", "--method", "bayes"], "--method"),
+        (["--space", "lr=loguniform(1e-3, 1e-1)", "--parallel", "0"], "--parallel"),
+        (["--trials", "2"], "--space"),
+    ],
+)
+def test_cli_refusals_are_one_line_and_write_nothing(tmp_path, capsys, extra, match):
+    out = tmp_path / "s"
+    status = main(["search", "--dataset", DATASET, "--model", "mlp", "--out", str(out), *extra])
+    err = capsys.readouterr().err
+    assert status == 2 and match in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_cli_prints_the_table_and_the_best_trial(tmp_path, capsys):
+    out = tmp_path / "s"
+    argv = ["search", "--dataset", DATASET, "--model", "mlp", "--epochs", "1"]
+    argv += ["--batch-size", "50", "--trials", "3", "--space", "lr=loguniform(1e-3, 1e-1)"]
+    assert main([*argv, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    best = json.loads((out / "best.json").read_text())
+    assert printed.splitlines()[0].split() == ["trial", "learning_rate", "val_accuracy", "status"]
+    assert printed.splitlines()[1].split()[0] == str(best["trial"])
+    assert f"best trial {best['trial']}" in printed
+
+
+def test_settings_are_checked():
+    with pytest.raises(ConfigError, match="trials"):
+        SearchSettings(SPACE, 0).check()
+    with pytest.raises(ConfigError, match="give no other settings"):
+        search(CONFIG, resume="somewhere")
