@@ -28,6 +28,7 @@ from typing import Any
 import jax
 
 from jtricks.errors import ConfigError, check_int
+from jtricks.optim import build_optimizer
 from jtricks.run.build import name_the_dataset
 from jtricks.run.config import TrainConfig
 from jtricks.run.data import RunData, load_run_data
@@ -123,6 +124,7 @@ def search(
     with contextlib.ExitStack() as locks:
         config, settings, out = _resolve(config, settings, out, resume, locks)
         space = parse_space(settings.space)
+        check_space(config, space)
         fixed = sorted(set(space) & set(FIXED))
         if fixed:
             raise ConfigError(
@@ -132,11 +134,6 @@ def search(
             )
         locks.enter_context(name_the_dataset(config))
         data = data if data is not None else load_run_data(config)
-        if data.val is None:
-            raise ConfigError(
-                "a search selects trials on the validation split: give val_fraction > 0",
-                param="val_fraction",
-            )
         records = [] if out is None else outputs.read_trials(out / "trials.jsonl")
         if out is not None and resume is None:
             out = create_run_dir(out, locks)
@@ -158,6 +155,7 @@ def _resolve(config, settings, out, resume, locks):
         config = config or TrainConfig()
         config.validate()
         settings.check()
+        stacked(config)
         return config, settings, None if out is None else Path(out)
     if config is not None or settings is not None or out is not None:
         raise ConfigError(
@@ -169,6 +167,44 @@ def _resolve(config, settings, out, resume, locks):
     locks.enter_context(locked(resume, param="resume"))
     saved = json.loads(path.read_text())
     return TrainConfig(**saved["config"]), SearchSettings(**saved["search"]), Path(resume)
+
+
+def stacked(config: TrainConfig) -> None:
+    """Refuse what trials stacked like an ensemble's cannot do (`TrainConfig`'s ensemble
+    rules), in the search's words.
+
+    Raises:
+      ConfigError: naming the setting.
+    """
+    if config.ensemble != 1:
+        raise ConfigError(
+            f"a search trains its trials stacked, one model each; got ensemble={config.ensemble}",
+            param="ensemble",
+        )
+    try:
+        dataclasses.replace(config, ensemble=2).validate()
+    except ConfigError as e:
+        what = str(e).replace("ensemble runs do", "a search's stacked trials do")
+        raise ConfigError(what, param=None if "stacked" in what else e.param) from None
+
+
+def check_space(config: TrainConfig, space: dict[str, Any]) -> None:
+    """Each dimension's ends (a range's bounds, a choice's values) as trial configs, checked
+    as `TrainConfig` and by `stacked`, before anything trains.
+
+    Raises:
+      ConfigError: naming the dimension and the value.
+    """
+    for name, dim in space.items():
+        ends = dim.values if hasattr(dim, "values") else (dim.low, dim.high)
+        for value in ends:
+            try:
+                trial = trial_config(config, {name: value})
+                trial.validate()
+                stacked(trial)
+                build_optimizer(trial.optimizer, trial.learning_rate)  # its arguments
+            except ConfigError as e:
+                raise ConfigError(f"space {name}={value!r}: {e}", param="space") from None
 
 
 def _run(config, settings, space, data, out, records, reporter, log) -> SearchResult:
