@@ -176,7 +176,13 @@ class GroupResult:
 
     def member(self, i: int) -> TrainState:
         """Member ``i``'s state (no leading axis)."""
-        return jax.tree.map(lambda a: a[i], self.states)
+        return _take(self.states, i)
+
+
+@jax.jit
+def _take(states: TrainState, i: jax.Array) -> TrainState:
+    """Member ``i`` of stacked states: one program for every member and leaf."""
+    return jax.tree.map(lambda a: a[i], states)
 
 
 def train_group(

@@ -45,11 +45,22 @@ def create_ensemble(
     ema_decay: float | None = None,
 ) -> TrainState:
     """``len(keys)`` states stacked on a leading axis: member ``i`` is
-    ``create_train_state(model, tx, sample_x, keys[i])``."""
+    ``create_train_state(model, tx, sample_x, keys[i])``.
+
+    The members are initialised one by one by the model's one compiled ``init`` (the
+    program a single run compiles too) and stacked by one small program: a vmapped
+    ``init`` is a second, larger program, and compiling it cost 3.6 s for 8 members of
+    the MNIST-1D MLP on a 2-core CPU, where the 8 calls take milliseconds."""
     if keys.ndim != 1 or keys.shape[0] < 1:
         raise ConfigError(f"keys must be a 1-D array of N >= 1 keys; got shape {keys.shape}")
     sample = jax.tree.map(lambda a: jnp.asarray(a)[:1], sample_x)
-    return jax.vmap(lambda k: create_train_state(model, tx, sample, k, ema_decay=ema_decay))(keys)
+    members = [create_train_state(model, tx, sample, k, ema_decay=ema_decay) for k in keys]
+    return _stack(members)
+
+
+@jax.jit
+def _stack(members: list[TrainState]) -> TrainState:
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *members)
 
 
 def _member_logits(states: TrainState, x: jax.Array) -> jax.Array:
