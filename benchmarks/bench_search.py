@@ -13,7 +13,7 @@ trial's validation losses must agree (checked: allclose, rtol 1e-3). The default
 optimizer is momentum SGD: with Adam the last-bit differences between the vmapped and
 the single matrix products flip the sign of updates where a gradient is near zero
 (``m / sqrt(v)`` is about +-1 there), and a few trials then drift apart by 1-4 %.
-The figures: each arm's wall time, ``ratio_parallel_over_sequential`` (side by side over
+The figures: each arm's median wall time over ``--repeats`` rounds (arms in turn), ``ratio_parallel_over_sequential`` (side by side over
 the training loop) and ``ratio_parallel_over_one_by_one``.
 
     JTRICKS_COMPILATION_CACHE=0 python benchmarks/bench_search.py   # 8 MLP trials, mnist1d
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import numpy as np
@@ -43,8 +44,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--model", default="mlp")
+    p.add_argument("--dataset", default="mnist1d")
     p.add_argument("--optimizer", default="momentum")
-    p.add_argument("--space", default="lr=loguniform(1e-3, 3e-1)")
+    p.add_argument("--space", default="lr=loguniform(1e-3, 1e-1)")
+    p.add_argument("--repeats", type=int, default=3, help="rounds of the three arms, in turn")
     p.add_argument("--json-out", default=None)
     return p.parse_args(argv)
 
@@ -73,11 +76,18 @@ def run_loop(config: TrainConfig, space: str, trials: int) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    config = TrainConfig(model=args.model, epochs=args.epochs, optimizer=args.optimizer)
+    config = TrainConfig(
+        dataset=args.dataset, model=args.model, epochs=args.epochs, optimizer=args.optimizer
+    )
     data = load_run_data(config)  # loaded once, outside the search arms
-    loop_s = run_loop(config, args.space, args.trials)
-    one_s, one, _ = run_search(config, args.space, args.trials, 1, data)
-    par_s, par, best = run_search(config, args.space, args.trials, args.trials, data)
+    times: dict[str, list[float]] = {"sequential": [], "one_by_one": [], "parallel": []}
+    for _ in range(args.repeats):  # A B C A B C: the machine's drift falls on every arm
+        times["sequential"].append(run_loop(config, args.space, args.trials))
+        wall, one, _ = run_search(config, args.space, args.trials, 1, data)
+        times["one_by_one"].append(wall)
+        wall, par, best = run_search(config, args.space, args.trials, args.trials, data)
+        times["parallel"].append(wall)
+    loop_s, one_s, par_s = (statistics.median(times[k]) for k in times)
     equal = sorted(one) == sorted(par) and all(np.allclose(one[t], par[t], rtol=1e-3) for t in one)
     worst = max(float(np.max(np.abs(np.subtract(one[t], par[t])) / np.abs(one[t]))) for t in one)
     result = {
@@ -87,9 +97,11 @@ def main(argv: list[str] | None = None) -> dict:
         "trials": args.trials,
         "optimizer": args.optimizer,
         "space": args.space,
+        "repeats": args.repeats,
         "sequential_s": loop_s,
         "one_by_one_s": one_s,
         "parallel_s": par_s,
+        "times_s": times,
         "ratio_parallel_over_sequential": par_s / loop_s,
         "ratio_parallel_over_one_by_one": par_s / one_s,
         "equal_results": bool(equal),
@@ -98,7 +110,10 @@ def main(argv: list[str] | None = None) -> dict:
         "environment": environment(),
     }
     print(json.dumps(result))
-    print(f"\n{args.trials} trials, {args.model}, {args.epochs} epochs (wall, from empty caches)")
+    print(
+        f"\n{args.trials} trials, {args.model}, {args.epochs} epochs: median wall of "
+        f"{args.repeats}, each from empty caches"
+    )
     print(f"  jtricks.train, one after another  {loop_s:7.2f} s")
     print(f"  search, parallel=1                {one_s:7.2f} s")
     print(f"  search, side by side              {par_s:7.2f} s")

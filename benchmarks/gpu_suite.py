@@ -22,7 +22,9 @@ run (the headline figures first):
    512 leaves, optax and the fused Adam update, per call and inside `lax.scan`, compile
    times;
 7. ``sweep``: `bench_sweep.py`, 8 learning rates with `fit`, a new ``optax.adam`` per
-   rate against optimizers equal up to their rate (one compilation);
+   rate against optimizers equal up to their rate (one compilation); then
+   `bench_search.py`, 8 search trials side by side against `jtricks.train` one after
+   another and against ``--parallel 1``;
 8. ``step_records``: `bench_step_records.py`, what ``fit(log_every_steps=N)`` (N = 100
    and 1) and epochs run in four parts cost against plain `fit` (paper CNN);
 9. ``bench``: ``jtricks bench --suite quick`` with the rest of the budget, its
@@ -37,7 +39,7 @@ jax / jaxlib / flax / optax / torch versions, ``XLA_FLAGS``) goes into every par
 and into the summary, which also checks the standing targets (`suite_summary.py`).
 
 The shares were sized from the first H200 run (2026-12-04, where a 480 s budget left
-three parts timed out and the bench unstarted) so that the default budget of 420 s
+three parts timed out and the bench unstarted) so that the default budget of 440 s
 finishes every part on one H200.
 
 On the GPU machine (Python 3.12, jax with CUDA, flax, optax, orbax-checkpoint, chex,
@@ -50,7 +52,7 @@ rich, matplotlib, torch and scikit-learn installed, no package registry), from a
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
     PYTHONPATH=/tmp/site:. python3 benchmarks/gpu_suite.py --out benchmarks/results/gpu-suite-h200
 
-The budget (``--budget``, default 420 s) is the suite's whole wall time, compilation
+The budget (``--budget``, default 440 s) is the suite's whole wall time, compilation
 included; each part gets its share, and a part that would start with less than 15 s
 left is skipped with a line saying so. ``--tiny`` runs the same code paths at toy
 sizes on the CPU in under a minute (a test does, so the suite cannot rot).
@@ -191,13 +193,19 @@ PARTS = (  # the headline figures first; bench last, with whatever the budget ha
     ),
     Part(
         "sweep",
-        0.05,
+        0.1,
         (
             Run(
                 "mlp",
                 "bench_sweep.py",
                 "--model mlp --repeats 2",
                 f"{_MLP} --rates 2 --epochs 1 --repeats 1 {_TINY_DATA}",
+            ),
+            Run(
+                "search",
+                "bench_search.py",
+                "--model mlp --trials 8 --repeats 1",
+                f"{_MLP} --trials 2 --epochs 1 --repeats 1 {_TINY_DATA}",
             ),
         ),
     ),
@@ -409,7 +417,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--budget",
         type=float,
         default=None,
-        help="whole wall time, seconds (default 420; 1200 with --tiny, whose CPU may be shared)",
+        help="whole wall time, seconds (default 440; 1200 with --tiny, whose CPU may be shared)",
     )
     p.add_argument("--parts", default=",".join(pt.name for pt in PARTS))
     p.add_argument("--tiny", action="store_true", help="toy sizes on the CPU, under a minute")
@@ -430,7 +438,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if args.jobs is None:
         args.jobs = 2 if args.tiny else 1
     if args.budget is None:
-        args.budget = 1200.0 if args.tiny else 420.0
+        args.budget = 1200.0 if args.tiny else 440.0
     if args.jobs < 1:
         p.error(f"--jobs: must be at least 1, got {args.jobs}")
     if not args.budget > 0:

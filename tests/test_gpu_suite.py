@@ -88,6 +88,11 @@ def test_tiny_suite_figures_are_consistent(suite_run):
     fresh, build = sweep["arms"]["fresh"], sweep["arms"]["build"]
     assert build["ratio_vs_fresh"] == pytest.approx(build["median_s"] / fresh["median_s"])
     assert build["epoch_compiles"] == 1 and fresh["epoch_compiles"] == sweep["args"]["rates"]
+    search = _result(parts, "sweep", "search")
+    assert search["ratio_parallel_over_sequential"] == pytest.approx(
+        search["parallel_s"] / search["sequential_s"]
+    )
+    assert search["equal_results"] and search["parallel_s"] == search["times_s"]["parallel"][0]
     ens = _result(parts, "ensemble")
     assert ens["ratio"] == pytest.approx(ens["ensemble_s_median"] / ens["one_model_s_median"])
     fit = _result(parts, "fit")
