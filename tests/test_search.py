@@ -114,7 +114,8 @@ def test_a_killed_search_resumes_with_its_finished_trials(tmp_path, searched, da
 
 
 def test_a_diverging_trial_fails_alone(data):
-    result = search(CONFIG, SearchSettings("lr=choice(0.05, 1e30)", 2, "grid", 2), data=data)
+    space = "lr=choice(0.05, 1e30), gamma=choice(0.9)"  # the program of the resumed search
+    result = search(CONFIG, SearchSettings(space, 2, "grid", 2), data=data)
     ok, failed = result.records
     assert (ok["status"], failed["status"], failed["score"]) == ("ok", "failed", None)
     assert failed["skipped_steps"] == 10 and ok["skipped_steps"] == 0
@@ -123,8 +124,9 @@ def test_a_diverging_trial_fails_alone(data):
 
 def test_tpe_asks_optuna_and_gets_told_every_score(data):
     pytest.importorskip("optuna")
-    result = search(CONFIG, SearchSettings("lr=loguniform(1e-3, 3e-1)", 3, "tpe", 3), data=data)
-    assert [r["status"] for r in result.records] == ["ok"] * 3
+    result = search(CONFIG, SearchSettings(SPACE, 4, "tpe", 2), data=data)
+    assert [r["status"] for r in result.records] == ["ok"] * 4
+    assert len({r["values"]["learning_rate"] for r in result.records}) == 4
 
 
 @pytest.mark.parametrize(
@@ -149,12 +151,14 @@ def test_cli_refusals_are_one_line_and_write_nothing(tmp_path, capsys, extra, ma
 
 def test_cli_prints_the_table_and_the_best_trial(tmp_path, capsys):
     out = tmp_path / "s"
-    argv = ["search", "--dataset", DATASET, "--model", "mlp", "--epochs", "1"]
-    argv += ["--batch-size", "50", "--trials", "3", "--space", "lr=loguniform(1e-3, 1e-1)"]
+    argv = ["search", "--dataset", DATASET, "--model", "mlp", "--epochs", "2", "--batch-size"]
+    argv += ["50", "--optimizer", CONFIG.optimizer, "--trials", "2", "--parallel", "2"]
+    argv += ["--space", SPACE]
     assert main([*argv, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     best = json.loads((out / "best.json").read_text())
-    assert printed.splitlines()[0].split() == ["trial", "learning_rate", "val_accuracy", "status"]
+    head = ["trial", "learning_rate", "gamma", "val_accuracy", "status"]
+    assert printed.splitlines()[0].split() == head
     assert printed.splitlines()[1].split()[0] == str(best["trial"])
     assert f"best trial {best['trial']}" in printed
 
