@@ -27,7 +27,7 @@ DATASET = "synthetic(num_train=300, num_test=60, shape=(16,), num_classes=3, noi
 CONFIG = TrainConfig(
     dataset=DATASET, model="mlp", epochs=2, batch_size=50, optimizer="momentum(gamma=0.9)"
 )
-SPACE = "lr=loguniform(1e-3, 3e-1), gamma=uniform(0.5, 0.95)"
+SPACE = "lr=loguniform(1e-3, 3e-1), gamma=uniform(0.5, 0.95), label_smoothing=uniform(0, 0.2)"
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,8 @@ def test_every_trial_is_recorded_and_the_best_is_the_argmax(searched):
 
 def test_each_trial_equals_a_separate_fit_of_its_own_config(searched, data):
     """The independent path: the trial's config built as `jtricks train` builds it (the
-    plain optimizer with its numbers, no injection, no vmap), `fit` from the trial's key."""
+    plain optimizer with its numbers, the task with its label smoothing; no injection,
+    no vmap), `fit` from the trial's key."""
     result, _ = searched
     for record in result.records[:2]:
         config = trial_config(CONFIG, record["values"])
@@ -114,7 +115,7 @@ def test_a_killed_search_resumes_with_its_finished_trials(tmp_path, searched, da
 
 
 def test_a_diverging_trial_fails_alone(data):
-    space = "lr=choice(0.05, 1e30), gamma=choice(0.9)"  # the program of the resumed search
+    space = "lr=choice(0.05, 1e30), gamma=choice(0.9), label_smoothing=choice(0.1)"
     result = search(CONFIG, SearchSettings(space, 2, "grid", 2), data=data)
     ok, failed = result.records
     assert (ok["status"], failed["status"], failed["score"]) == ("ok", "failed", None)
@@ -157,7 +158,7 @@ def test_cli_prints_the_table_and_the_best_trial(tmp_path, capsys):
     assert main([*argv, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     best = json.loads((out / "best.json").read_text())
-    head = ["trial", "learning_rate", "gamma", "val_accuracy", "status"]
+    head = ["trial", "learning_rate", "gamma", "label_smoothing", "val_accuracy", "status"]
     assert printed.splitlines()[0].split() == head
     assert printed.splitlines()[1].split()[0] == str(best["trial"])
     assert f"best trial {best['trial']}" in printed

@@ -17,7 +17,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "search",
         help="search hyper-parameters, trials side by side in one program",
         description="Hyper-parameter search: trials drawn from --space train side by side "
-        "(those differing only in the learning rate as one vmapped program), are selected "
+        "(those differing only in learning rate, optimizer arguments and label smoothing as one "
+        "vmapped program), are selected "
         "on the validation split, and the best one is evaluated once on the test split. "
         "Writes search.json, trials.jsonl, best.json, search.png and best/ (a run folder "
         "for jtricks train --pretrained or --resume) to --out.",

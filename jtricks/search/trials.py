@@ -1,8 +1,10 @@
 """Trials side by side: the trials of a group train as one vmapped program of K members.
 
-A group is a set of trials whose configs differ only in the learning rate and numeric
-arguments of the optimizer (weight decay, momentum, betas, ...). Their states are stacked like an ensemble's (`jtricks.training.ensemble.create_ensemble`) and trained
-by `fit` in one compiled program; what differs between members lives in the state:
+A group is a set of trials whose configs differ only in the learning rate, numeric
+arguments of the optimizer (weight decay, momentum, betas, ...) and label smoothing.
+Their states are stacked like an ensemble's (`jtricks.training.ensemble.create_ensemble`)
+and trained by `fit` in one compiled program; what differs between members lives in the
+state:
 
 * the initialisation and dropout key: trial ``t`` starts from ``fold_in(init_key, t)``,
   its own seed (all trials of a search see the same batch order, the search's seed:
@@ -13,11 +15,12 @@ by `fit` in one compiled program; what differs between members lives in the stat
   (`optax.inject_hyperparams`); member ``i`` holds its trial's values there. The
   schedule is ``base_learning_rate * unit_schedule(step)``, so warm-up, cosine and
   one-cycle scale with the trial's rate, and the update is the pipeline's own, for any
-  optimizer.
+  optimizer;
+* label smoothing: in the state's ``hparams``, which the train and evaluation steps
+  set on the task (`jtricks.tasks.Task.using`).
 
-Trials that change anything else (batch size, widths, label smoothing, dropout, ...)
-form separate groups, each one program. A member that diverges has its
-non-finite steps skipped (`fit`'s guard, per member) and never stops the others; a
+Trials that change anything else (batch size, widths, dropout, ...) form separate
+groups, each one program. A member that diverges has its non-finite steps skipped (`fit`'s guard, per member) and never stops the others; a
 non-finite validation loss, or as many skipped steps as the config's ``max_nonfinite``
 (where a run of its own would have stopped as diverged) or all its steps skipped, marks
 it failed.
@@ -57,15 +60,19 @@ NEVER_STOP = 2**31 - 1
 """``max_nonfinite`` of a search: a diverging member is masked, the others go on."""
 
 
+TASK_SIDE = ("label_smoothing",)
+"""Task fields a member may have of its own (`jtricks.training.TrainState.hparams`)."""
+
+
 def split_values(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """A trial's values as ``(fixed, side)``: the config fields a program is built with,
-    and what its members may differ in, held in the optimizer state (the learning rate
-    and any numeric optimizer argument)."""
+    and what its members may differ in, held in the state (the learning rate, any numeric
+    optimizer argument, the `TASK_SIDE` fields)."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     side = {
         k: v
         for k, v in values.items()
-        if (k == "learning_rate" or k not in fields) and is_injected(v)
+        if (k in ("learning_rate", *TASK_SIDE) or k not in fields) and is_injected(v)
     }
     return {k: v for k, v in values.items() if k not in side}, side
 
@@ -117,7 +124,7 @@ def scaled_optimizer(config: TrainConfig, length: tuple[int, int], side: dict[st
     whatever the numbers (`Keyed`), so a search's groups with equal settings share one
     program. ``length`` is ``(steps_per_epoch, total_steps)``."""
     unit = build_schedule(config.schedule, 1.0, steps_per_epoch=length[0], total_steps=length[1])
-    arguments = {k: v for k, v in side.items() if k != "learning_rate"}
+    arguments = {k: v for k, v in side.items() if k not in ("learning_rate", *TASK_SIDE)}
 
     def make(base_learning_rate, **values):
         spec = traced_arguments(config.optimizer, values)
@@ -136,13 +143,17 @@ def scaled_optimizer(config: TrainConfig, length: tuple[int, int], side: dict[st
 
 def with_values(states: TrainState, values: dict[str, Sequence[float]]) -> TrainState:
     """Stacked ``states`` whose member ``i`` trains with ``values[name][i]`` for each
-    injected hyper-parameter ``name`` (``learning_rate`` is the base rate)."""
+    hyper-parameter ``name``: the `TASK_SIDE` ones in ``hparams``, the others injected
+    into the optimizer state (``learning_rate`` as the base rate)."""
     opt = states.opt_state
-    hyper = dict(opt.hyperparams)
+    hyper, task = dict(opt.hyperparams), {}
     for name, column in values.items():
+        if name in TASK_SIDE:
+            task[name] = jnp.asarray(column, jnp.float32)
+            continue
         key = "base_learning_rate" if name == "learning_rate" else name
         hyper[key] = jnp.asarray(column, hyper[key].dtype)
-    return states.replace(opt_state=opt._replace(hyperparams=hyper))
+    return states.replace(opt_state=opt._replace(hyperparams=hyper), hparams=task or None)
 
 
 def plain_state(state: TrainState, config: TrainConfig, length: tuple[int, int]) -> TrainState:

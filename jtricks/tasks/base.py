@@ -105,6 +105,11 @@ class Task:
     """Targets sit on the input's positions: geometric augmentation moves them (and a mask)
     with the input (`jtricks.data.augment.augment_jointly`)."""
 
+    def using(self, hparams: dict[str, Any] | None) -> Task:
+        """This task with the fields named in ``hparams`` set to their (maybe traced)
+        values: a state's own hyper-parameters (`jtricks.training.TrainState.hparams`)."""
+        return dataclasses.replace(self, **hparams) if hparams else self
+
     # -- where things sit in a batch -------------------------------------------------
     def inputs(self, batch: Batch) -> Any:
         if self.input_key == WHOLE_BATCH:

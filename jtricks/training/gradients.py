@@ -51,6 +51,7 @@ def forward(task: Task, compute_dtype: Any, state, params, batch, key, total):
     """Objective, outputs and new BatchNorm statistics of one (micro-)batch; with
     ``compute_dtype`` the parameters and inputs are cast to it, the outputs back to
     float32, and the statistics keep their own dtype."""
+    task = task.using(state.hparams)
     inputs = task.inputs(batch)
     if compute_dtype is not None:
         params, inputs = cast_floats(params, compute_dtype), cast_floats(inputs, compute_dtype)

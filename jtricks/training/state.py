@@ -35,6 +35,10 @@ class TrainState(train_state.TrainState):
         ``ema <- d ema + (1 - d) params`` (`optax.incremental_update`), starting from the
         initial parameters. ``None`` when off. BatchNorm statistics are not averaged.
       ema_decay: ``d`` (static), or ``None``.
+      hparams: values of the task's hyper-parameters that override its fields inside the
+        train and evaluation steps (``{"label_smoothing": 0.1}``: `jtricks.tasks.Task.using`),
+        or ``None``. Arrays in the state, so stacked states (a search's trials) each train
+        and evaluate with their own; not saved with checkpoints.
       frozen_stats: glob patterns over ``batch_stats`` paths (static; e.g.
         ``("backbone/*",)``) whose running statistics the train step keeps as they are,
         as Keras does for a frozen layer; set by
@@ -50,6 +54,7 @@ class TrainState(train_state.TrainState):
     batch_stats: Any = None
     key: jax.Array | None = None
     ema_params: Any = None
+    hparams: Any = None
     ema_decay: float | None = struct.field(pytree_node=False, default=None)
     frozen_stats: tuple[str, ...] = struct.field(pytree_node=False, default=())
 

@@ -214,7 +214,8 @@ class EvalStep:
         outputs, _ = apply_model(
             state, state.params, self.task.inputs(batch), train=False, key=None
         )
-        return batch_sums(self.task, cast_floats(outputs, jnp.float32), batch, weight)
+        task = self.task.using(state.hparams)
+        return batch_sums(task, cast_floats(outputs, jnp.float32), batch, weight)
 
     def metrics(self, sums: Metrics) -> Metrics:
         return finalize(self.task, sums)
@@ -238,7 +239,9 @@ class EnsembleEvalStep:
             )
 
         members = jax.vmap(outputs)(states)
-        per_member = jax.vmap(lambda o: batch_sums(self.task, o, batch, weight))(members)
+        per_member = jax.vmap(lambda o, h: batch_sums(self.task.using(h), o, batch, weight))(
+            members, states.hparams
+        )
         combined = batch_sums(self.task, self.task.combine(members), batch, weight)
         return {"ensemble": combined, "member": per_member}
 
