@@ -182,6 +182,33 @@ def _table(title: str, header: str, results: list, row) -> list[str]:
     return lines + [row(r) for _, r in results]
 
 
+def _sweeps(records: dict) -> list[str]:
+    """The sweep part's two tables: K rates with `fit`, and K search trials side by side."""
+    runs = _results(records.get("sweep"))
+    sweep = _table(
+        "sweep: K learning rates with `fit`",
+        "| model | rates | fresh optax.adam s | build_optimizer s | ratio | epoch compilations |",
+        [(label, r) for label, r in runs if label != "search"],
+        lambda r: (
+            f"| {r['args']['model']} | {r['args']['rates']} "
+            f"| {r['arms']['fresh']['median_s']:.2f} | {r['arms']['build']['median_s']:.2f} "
+            f"| {r['arms']['build']['ratio_vs_fresh']:.2f} "
+            f"| {r['arms']['fresh']['epoch_compiles']} vs {r['arms']['build']['epoch_compiles']} |"
+        ),
+    )
+    search = _table(
+        "search: K trials side by side",
+        "| model | trials | train loop s | parallel=1 s | side by side s | over loop | over parallel=1 |",
+        [(label, r) for label, r in runs if label == "search"],
+        lambda r: (
+            f"| {r['model']} | {r['trials']} | {r['sequential_s']:.2f} | {r['one_by_one_s']:.2f} "
+            f"| {r['parallel_s']:.2f} | {r['ratio_parallel_over_sequential']:.3f} "
+            f"| {r['ratio_parallel_over_one_by_one']:.3f} |"
+        ),
+    )
+    return sweep + search
+
+
 def _simple(records: dict) -> list[str]:
     ens = _table(
         "ensemble",
@@ -219,17 +246,6 @@ def _simple(records: dict) -> list[str]:
             f"| {r['train_s']:.1f} | {r['test_accuracy']} |"
         ),
     )
-    sweep = _table(
-        "sweep: K learning rates with `fit`",
-        "| model | rates | fresh optax.adam s | build_optimizer s | ratio | epoch compilations |",
-        _results(records.get("sweep")),
-        lambda r: (
-            f"| {r['args']['model']} | {r['args']['rates']} "
-            f"| {r['arms']['fresh']['median_s']:.2f} | {r['arms']['build']['median_s']:.2f} "
-            f"| {r['arms']['build']['ratio_vs_fresh']:.2f} "
-            f"| {r['arms']['fresh']['epoch_compiles']} vs {r['arms']['build']['epoch_compiles']} |"
-        ),
-    )
     steps = _table(
         "step_records: what per-step records and epochs in parts cost `fit`",
         "| model | every 100 steps | every step | 4 parts an epoch | ms per part boundary |",
@@ -241,7 +257,7 @@ def _simple(records: dict) -> list[str]:
             f"| {r['parts_overhead_ms_per_boundary']:.2f} |"
         ),
     )
-    return fit + train + ens + lrf + sweep + steps
+    return fit + train + ens + lrf + _sweeps(records) + steps
 
 
 def _bench(records: dict) -> list[str]:

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jtricks.caches import jitted
 from jtricks.errors import ConfigError
 from jtricks.optim import build_optimizer, build_schedule
 from jtricks.optim.sweep import Keyed, freeze, is_injected
@@ -190,7 +191,7 @@ class GroupResult:
         return _take(self.states, i)
 
 
-@jax.jit
+@jitted
 def _take(states: TrainState, i: jax.Array) -> TrainState:
     """Member ``i`` of stacked states: one program for every member and leaf."""
     return jax.tree.map(lambda a: a[i], states)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jtricks.caches import jitted
 from jtricks.errors import ConfigError
 from jtricks.tasks import Task
 from jtricks.training.fit import History, evaluate, fit
@@ -58,7 +59,7 @@ def create_ensemble(
     return _stack(members)
 
 
-@jax.jit
+@jitted
 def _stack(members: list[TrainState]) -> TrainState:
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *members)
 
