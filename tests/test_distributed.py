@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -25,7 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _env(**extra):
-    env = {**os.environ, **extra}
+    """This process's environment with ``extra``; ``XLA_FLAGS`` are added to this
+    process's (the tests' light optimisation level, `tests/conftest.py`), not replaced."""
+    flags = " ".join([os.environ.get("XLA_FLAGS", ""), extra.pop("XLA_FLAGS", "")]).strip()
+    env = {**os.environ, **extra, "XLA_FLAGS": flags}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     return env
 
@@ -321,13 +325,23 @@ def _two_processes(tmp_path, out, *, fault=None, resume=False, extra=(), base=MP
     return [(p.returncode, *o) for p, o in zip(procs, outputs, strict=True)]
 
 
-def test_two_processes_checkpoint_and_resume_bit_identically(tmp_path):
-    import jtricks
+CHUNK = ("--chunk", "4")  # 9 steps an epoch, in parts of 3
+
+
+@pytest.fixture(scope="module")
+def mp_reference(tmp_path_factory):
+    """One uninterrupted two-process run, epochs in parts: what the killed and the stopped
+    runs below must end equal to (parts change where the host looks, not the numbers)."""
+    root = tmp_path_factory.mktemp("mp")
+    for code, _, stderr in _two_processes(root, root / "ref", extra=CHUNK):
+        assert code == 0, stderr[-3000:]
+    return root / "ref"
+
+
+def test_two_processes_checkpoint_and_resume_bit_identically(tmp_path, mp_reference):
     from jtricks.training.checkpoint import list_checkpoints, restore
 
-    ref = tmp_path / "ref"
-    for code, _, stderr in _two_processes(tmp_path, ref):
-        assert code == 0, stderr[-3000:]
+    ref = mp_reference
     # the epochs' and best/'s background writers both wrote epoch 6 at once (their
     # barriers across the processes must not meet)
     assert [p.name for p in list_checkpoints(ref / "checkpoints" / "best")] == ["epoch-000006"]
@@ -351,23 +365,20 @@ def test_two_processes_checkpoint_and_resume_bit_identically(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5, 6]
     # both checkpoints restore in one process (this one, one device), bit-identical
-    template = jtricks.train(**{**_settings(MP_ARGS), "epochs": 1}).state
-    a, meta_a = restore(ref / "checkpoints", template)
-    b, meta_b = restore(out / "checkpoints", template)
+    a, meta_a = restore(ref / "checkpoints", _template())
+    b, meta_b = restore(out / "checkpoints", _template())
     assert meta_a["epoch"] == meta_b["epoch"] == 6 and int(a.step) == int(b.step) == meta_a["step"]
     left, right = jax.tree.leaves((a.params, a.opt_state)), jax.tree.leaves((b.params, b.opt_state))
     for x, y in zip(left, right, strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_two_processes_stop_together_on_sigterm_and_resume_bit_identically(tmp_path):
+def test_two_processes_stop_together_on_sigterm_and_resume_bit_identically(tmp_path, mp_reference):
     from jtricks.training.checkpoint import list_checkpoints
 
-    ref, out = tmp_path / "ref", tmp_path / "run"
-    for code, _, stderr in _two_processes(tmp_path, ref, extra=("--chunk", "4")):
-        assert code == 0, stderr[-3000:]
-    # 9 steps an epoch in parts of 3; process 1 alone gets SIGTERM after its 5th part
-    results = _two_processes(tmp_path, out, fault=("term", "5"), extra=("--chunk", "4"))
+    ref, out = mp_reference, tmp_path / "run"
+    # process 1 alone gets SIGTERM after its 5th part
+    results = _two_processes(tmp_path, out, fault=("term", "5"), extra=CHUNK)
     assert [r[0] for r in results] == [143, 143], [r[2][-2000:] for r in results]
     assert all("interrupted by" in r[2] for r in results)
     assert [p.name for p in list_checkpoints(out / "checkpoints" / "interrupted")] == [
@@ -384,12 +395,18 @@ def test_two_processes_stop_together_on_sigterm_and_resume_bit_identically(tmp_p
         np.testing.assert_allclose(*[[r[name] for r in rs] for rs in rows], rtol=1e-5)
 
 
-def _final_arrays(run):
+@functools.cache
+def _template():
+    """A state of the two-process runs' shape, on this process's one device."""
     import jtricks
+
+    return jtricks.train(**{**_settings(MP_ARGS), "epochs": 1}).state
+
+
+def _final_arrays(run):
     from jtricks.training.checkpoint import restore
 
-    template = jtricks.train(**{**_settings(MP_ARGS), "epochs": 1}).state
-    state, meta = restore(run / "checkpoints", template)
+    state, meta = restore(run / "checkpoints", _template())
     assert meta["epoch"] == 6
     return [np.asarray(a) for a in jax.tree.leaves((state.params, state.opt_state, state.step))]
 
