@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     worst = max(float(np.max(np.abs(np.subtract(one[t], par[t])) / np.abs(one[t]))) for t in one)
     result = {
         "benchmark": "search",
+        "dataset": args.dataset,
         "model": args.model,
         "epochs": args.epochs,
         "trials": args.trials,
