@@ -141,10 +141,11 @@ def refused_cleanly(out: str | os.PathLike | None, created: bool) -> Iterator[No
 
 
 def _trained(path: Path) -> bool:
-    """Whether a run folder holds anything training made: a checkpoint or an epoch record."""
-    records = path / "metrics.jsonl"
+    """Whether a run folder holds anything training made: a checkpoint, an epoch record,
+    or a search's finished trial."""
+    records = [path / "metrics.jsonl", path / "trials.jsonl"]
     checkpoints = path / "checkpoints"
-    has_records = records.is_file() and records.stat().st_size > 0
+    has_records = any(r.is_file() and r.stat().st_size > 0 for r in records)
     return has_records or (checkpoints.is_dir() and any(checkpoints.iterdir()))
 
 

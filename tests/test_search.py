@@ -169,3 +169,17 @@ def test_settings_are_checked():
         SearchSettings(SPACE, 0).check()
     with pytest.raises(ConfigError, match="give no other settings"):
         search(CONFIG, resume="somewhere")
+
+
+def test_a_signal_keeps_a_search_folder_with_finished_trials(tmp_path):
+    """What SIGINT / SIGTERM do before they end the command (`undo_new_runs`): a search
+    folder with a finished trial stays, one without goes."""
+    from jtricks.rundir import clear_untrained
+
+    kept, gone = tmp_path / "kept", tmp_path / "gone"
+    for folder in (kept, gone):
+        folder.mkdir()
+        (folder / "search.json").write_text("{}")
+    (kept / "trials.jsonl").write_text('{"trial": 0}\n')
+    assert not clear_untrained(kept, created=True) and (kept / "trials.jsonl").exists()
+    assert clear_untrained(gone, created=True) and not gone.exists()

@@ -36,9 +36,11 @@ def _exit_now(signum: int, frame: FrameType | None) -> None:
     kept = undo_new_runs()
     line = f"jtricks: interrupted ({signal.Signals(signum).name})"
     if kept:
+        search = (kept[0] / "search.json").is_file()
+        what = "its finished trials" if search else "its newest checkpoint"
         line += (
-            f"; {kept[0]} keeps what was trained (its newest checkpoint): "
-            f"jtricks train --resume {kept[0]}"
+            f"; {kept[0]} keeps what was trained ({what}): "
+            f"jtricks {'search' if search else 'train'} --resume {kept[0]}"
         )
     else:
         line += "; nothing was written"

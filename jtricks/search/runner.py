@@ -273,7 +273,9 @@ def _wave(config, wave, data, finished, sampler, metric, best, out, reporter, lo
 
 
 def _progress(trials: list[int], took: float, metric: str, best: dict[str, Any] | None) -> str:
-    line = f"trials {', '.join(map(str, trials))} ({len(trials)} side by side) in {took:.1f} s"
+    line = f"trial {trials[0]} in {took:.1f} s"
+    if len(trials) > 1:
+        line = f"trials {', '.join(map(str, trials))} side by side in {took:.1f} s"
     if best is not None:
         line += f"; best so far: trial {best['trial']}, val_{metric} {best['score']:.4f}"
     return line
