@@ -56,6 +56,22 @@ class QuietThreadTracebacks:
         return getattr(self._stream, name)
 
 
+def refuse_beside_resume(own: str, typed: list[str]) -> None:
+    """``--resume`` continues with the folder's ``own`` file; ``typed`` are the other
+    flags given with it (refused, named).
+
+    Raises:
+      ConfigError (``param="resume"``).
+    """
+    if typed:
+        from jtricks.errors import ConfigError
+
+        raise ConfigError(
+            f"--resume continues with the {own}; do not also give {', '.join(typed)}",
+            param="resume",
+        )
+
+
 def install_quiet_stderr() -> None:
     """Wrap ``sys.stderr`` in `QuietThreadTracebacks` (once)."""
     if not isinstance(sys.stderr, QuietThreadTracebacks):

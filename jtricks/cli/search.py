@@ -7,6 +7,7 @@ import argparse
 import sys
 from typing import Any
 
+from jtricks.cli.common import refuse_beside_resume
 from jtricks.cli.train import add_config_flags, metrics_line, typed_settings
 from jtricks.errors import ConfigError
 from jtricks.rundir import default_out
@@ -49,7 +50,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         help="the validation metric that ranks trials (default accuracy where the task "
         "reports it, else loss; loss-like metrics are minimised)",
     )
-    s.add_argument("--grid-points", type=int, default=3, help="values per range for --sampler grid")
+    s.add_argument("--grid-points", type=int, default=3, help="values per range for --method grid")
     add_config_flags(s)
     s.add_argument(
         "--out", default=None, help="search folder (default runs/search-<time>); new or empty"
@@ -71,13 +72,7 @@ def run(args: argparse.Namespace, flags: dict[str, str]) -> int:
     given = typed_settings(args)
     if args.resume is not None:
         extra = [flags[name] for name in given] + (["--out"] if args.out else [])
-        extra += ["--space"] if args.space is not None else []
-        if extra:
-            raise ConfigError(
-                "--resume continues with the search's own search.json; do not also give "
-                f"{', '.join(extra)}",
-                param="resume",
-            )
+        refuse_beside_resume("search's own search.json", extra + ["--space"] * bool(args.space))
         result = search(resume=args.resume, log=_log)
     else:
         if args.space is None:

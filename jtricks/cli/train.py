@@ -8,6 +8,7 @@ import dataclasses
 import sys
 from typing import Any
 
+from jtricks.cli.common import refuse_beside_resume
 from jtricks.errors import ConfigError
 from jtricks.run import TrainConfig, recipe
 from jtricks.run.config import flag_of
@@ -113,13 +114,7 @@ def run(args: argparse.Namespace, flags: dict[str, str]) -> int:
     reporter = RichReporter(every=args.log_every) if args.progress else None
     if args.resume is not None:
         extra = [flags[name] for name in given] + (["--out"] if args.out else [])
-        extra += ["--recipe"] if args.recipe is not None else []
-        if extra:
-            raise ConfigError(
-                "--resume continues with the run's own config.json; do not also give "
-                f"{', '.join(extra)}",
-                param="resume",
-            )
+        refuse_beside_resume("run's own config.json", extra + ["--recipe"] * bool(args.recipe))
         result = jtricks.run.train(resume=args.resume, reporter=reporter, stop=stop_signals())
     else:
         config = recipe(args.recipe, **given) if args.recipe else TrainConfig(**given)
