@@ -50,6 +50,10 @@ FIXED = ("dataset", "task", "preprocess", "stream", "stratify", "val_fraction", 
 """Fields a search cannot vary: they choose the data and its split, the same for all."""
 
 
+NOT_IN_SEARCH = ("fused", "mesh", "tensorboard", "profile", "log_every_steps")
+"""Run settings a search refuses rather than ignore."""
+
+
 @dataclass(frozen=True)
 class SearchSettings:
     """What a search draws and how: saved as ``search.json`` and read back by ``resume``."""
@@ -181,6 +185,13 @@ def stacked(config: TrainConfig) -> None:
             f"a search trains its trials stacked, one model each; got ensemble={config.ensemble}",
             param="ensemble",
         )
+    for name in NOT_IN_SEARCH:
+        if getattr(config, name) not in (None, False):
+            raise ConfigError(
+                f"a search does not support {name} (its trials train stacked on one device "
+                f"and write no run folders of their own); got {name}={getattr(config, name)!r}",
+                param=name,
+            )
     try:
         dataclasses.replace(config, ensemble=2).validate()
     except ConfigError as e:
