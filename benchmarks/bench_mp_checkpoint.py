@@ -36,7 +36,7 @@ def worker(pid: int, port: int, arm: str, out: str, args: argparse.Namespace) ->
     """One process of the run: warm up, then time `fit` with the arm's `Checkpointer`."""
     import jax
 
-    from jtricks.training.distributed import initialize
+    from jtricks.training.processes import initialize
 
     initialize(f"localhost:{port}", 2, pid)
     import numpy as np

@@ -21,6 +21,31 @@ MOVED: dict[tuple[str, str], tuple[str, str, str]] = {
         "Checkpointer",
         "2026-12-02",
     ),
+    ("jtricks.training.distributed", "INIT_TIMEOUT"): (
+        "jtricks.training.processes",
+        "INIT_TIMEOUT",
+        "2026-12-06",
+    ),
+    ("jtricks.training.distributed", "within"): (
+        "jtricks.training.processes",
+        "within",
+        "2026-12-06",
+    ),
+    ("jtricks.training.distributed", "initialize"): (
+        "jtricks.training.processes",
+        "initialize",
+        "2026-12-06",
+    ),
+    ("jtricks.training.distributed", "detect_cluster"): (
+        "jtricks.training.processes",
+        "detect_cluster",
+        "2026-12-06",
+    ),
+    ("jtricks.training.distributed", "initialize_from_cluster"): (
+        "jtricks.training.processes",
+        "initialize_from_cluster",
+        "2026-12-06",
+    ),
 }
 """``{(old module, old name): (new module, new name, moved on)}``."""
 

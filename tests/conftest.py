@@ -28,11 +28,35 @@ from jtricks.data import synthetic
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
-    """Keep generated datasets out of the user's cache directory."""
+    """Keep generated datasets out of the user's cache directory, and share compiled
+    programs through one persistent XLA cache (`_shared_xla_cache`)."""
     mp = pytest.MonkeyPatch()
     mp.setenv("JTRICKS_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    _shared_xla_cache(mp, tmp_path_factory)
     yield
     mp.undo()
+
+
+def _shared_xla_cache(mp: pytest.MonkeyPatch, tmp_path_factory) -> None:
+    """One persistent XLA compilation cache for this test run: its workers and every
+    process they start (CLI runs, examples, benchmarks) compile the same small programs
+    again and again; from the second time on they load them from disk. Programs that
+    compile in under 0.2 s are not worth the file. ``JTRICKS_TEST_XLA_CACHE=0`` turns it
+    off; a ``JAX_COMPILATION_CACHE_DIR`` of your own wins."""
+    if os.environ.get("JTRICKS_TEST_XLA_CACHE") == "0" or os.environ.get(
+        "JAX_COMPILATION_CACHE_DIR"
+    ):
+        return
+    root = tmp_path_factory.getbasetemp()
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # the same in every worker of a run
+    path = str((root.parent if run else root) / "xla-cache")
+    for name, value in (
+        ("JAX_COMPILATION_CACHE_DIR", path),
+        ("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2"),
+    ):
+        mp.setenv(name, value)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -30,7 +30,7 @@ def main() -> None:
     importlib.import_module("jtricks.cli.train")  # every module bound as a run binds it
     # (import jtricks is lazy: a module first imported after a patch below would bind
     # the patched function and count its own calls too)
-    ckpt = importlib.import_module("jtricks.training.checkpoint")
+    manifest = importlib.import_module("jtricks.training.manifest")
 
     def die():
         sys.stdout.flush()
@@ -43,14 +43,14 @@ def main() -> None:
 
         _patch_program(at_epoch, die)
     elif mode == "save":
-        original_write = ckpt._write_json
+        original_write = manifest._write_json
 
         def write(path, obj):
             if path.name == "manifest.json" and path.parent.name == f".tmp-epoch-{epoch:06d}":
                 die()
             return original_write(path, obj)
 
-        ckpt._write_json = write
+        manifest._write_json = write
     elif mode == "chunk":
         calls = [0]
 

@@ -15,7 +15,7 @@ def main() -> None:
     pid, nproc, port, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     import jax
 
-    from jtricks.training.distributed import initialize
+    from jtricks.training.processes import initialize
 
     if nproc > 0:
         initialize(f"localhost:{port}", nproc, pid)

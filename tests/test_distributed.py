@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -241,7 +242,7 @@ SLURM = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_NTASKS
     ],
 )
 def test_the_launchers_environment_is_read(environ, found):
-    from jtricks.training.distributed import detect_cluster
+    from jtricks.training.processes import detect_cluster
 
     assert detect_cluster(environ) == found
 
@@ -257,7 +258,10 @@ def test_cli_start_up_calls_initialize_without_arguments_under_slurm(monkeypatch
     for name, value in SLURM.items():
         monkeypatch.setenv(name, value)
     start_processes(argparse.Namespace(coordinator=None, num_processes=None, process_id=None))
-    assert calls == [("jax_cpu_collectives_implementation", "gloo"), ((), {})]
+    assert calls == [
+        ("jax_cpu_collectives_implementation", "gloo"),
+        ((), {"heartbeat_timeout_seconds": 90}),
+    ]
     assert "SLURM started this process (process 2 of 4)" in capsys.readouterr().err
     monkeypatch.setenv("SLURM_NTASKS", "1")
     calls.clear()
@@ -300,19 +304,20 @@ MP_ARGS += ["--model", "mlp(features=(16,), dropout=0.2)", "--epochs", "6", "--b
 MP_ARGS += ["--checkpoint-every", "2", "--no-progress"]
 
 
-def _two_processes(tmp_path, out, *, fault=None, resume=False, extra=(), base=MP_ARGS):
+def _two_processes(
+    tmp_path, out, *, fault=None, faulty=(0, 1), resume=False, extra=(), base=MP_ARGS
+):
     """Both processes of a localhost run of ``base`` + ``extra`` arguments (``fault``:
-    fault_driver's MODE and EPOCH); ``(returncode, stdout, stderr)`` of each."""
+    fault_driver's MODE and EPOCH, in the ``faulty`` processes); ``(returncode, stdout,
+    stderr, seconds)`` of each."""
     port = _free_port()
     args = ["--resume", str(out)] if resume else [*base, *extra, "--out", str(out)]
-    if fault:
-        head = [str(ROOT / "tests" / "fault_driver.py"), *fault, "--"]
-    else:
-        head = ["-m", "jtricks.cli", "train"]
+    faulted = [str(ROOT / "tests" / "fault_driver.py"), *(fault or ()), "--"]
+    heads = [faulted if fault and i in faulty else ["-m", "jtricks.cli", "train"] for i in (0, 1)]
     multi = ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id"]
     procs = [
         subprocess.Popen(
-            [sys.executable, *head, *args, *multi, str(i)],
+            [sys.executable, *heads[i], *args, *multi, str(i)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -321,8 +326,11 @@ def _two_processes(tmp_path, out, *, fault=None, resume=False, extra=(), base=MP
         )
         for i in range(2)
     ]
-    outputs = [p.communicate(timeout=300) for p in procs]
-    return [(p.returncode, *o) for p, o in zip(procs, outputs, strict=True)]
+    started, results = time.monotonic(), []
+    for p in procs:
+        out_err = p.communicate(timeout=300)
+        results.append((p.returncode, *out_err, time.monotonic() - started))
+    return results
 
 
 CHUNK = ("--chunk", "4")  # 9 steps an epoch, in parts of 3
@@ -333,7 +341,7 @@ def mp_reference(tmp_path_factory):
     """One uninterrupted two-process run, epochs in parts: what the killed and the stopped
     runs below must end equal to (parts change where the host looks, not the numbers)."""
     root = tmp_path_factory.mktemp("mp")
-    for code, _, stderr in _two_processes(root, root / "ref", extra=CHUNK):
+    for code, _, stderr, _ in _two_processes(root, root / "ref", extra=CHUNK):
         assert code == 0, stderr[-3000:]
     return root / "ref"
 
@@ -346,8 +354,15 @@ def test_two_processes_checkpoint_and_resume_bit_identically(tmp_path, mp_refere
     # barriers across the processes must not meet)
     assert [p.name for p in list_checkpoints(ref / "checkpoints" / "best")] == ["epoch-000006"]
     out = tmp_path / "run"
-    for code, _, stderr in _two_processes(tmp_path, out, fault=("epoch", "5")):
-        assert code == -signal.SIGKILL, stderr[-3000:]
+    # process 1 dies (SIGKILL) in epoch 5; process 0 stops with one line: at once when it
+    # is in a collective (gloo sees the closed connection), else within the bound
+    # (`watch_peers`: here it waits for a checkpoint's barrier)
+    (code0, _, err0, _), (code1, *_) = _two_processes(
+        tmp_path, out, fault=("epoch", "5"), faulty=(1,), extra=("--distributed-timeout", "20")
+    )
+    assert code1 == -signal.SIGKILL and code0 == 1, err0[-3000:]
+    assert len(err0.strip().splitlines()) == 1, err0[-3000:]
+    assert "stopped" in err0 and "--resume RUN_DIR" in err0
     assert not (out / "summary.json").exists()
     # written in the background: epoch 4's (and 3's) may still have been in flight
     newest = [p.name for p in list_checkpoints(out / "checkpoints")][-1]
@@ -360,7 +375,7 @@ def test_two_processes_checkpoint_and_resume_bit_identically(tmp_path, mp_refere
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "was saved from 2 device(s) in 2 process(es); restored onto 1" in proc.stderr
-    for code, _, stderr in _two_processes(tmp_path, out, resume=True):
+    for code, _, stderr, _ in _two_processes(tmp_path, out, resume=True):
         assert code == 0, stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5, 6]
@@ -384,7 +399,7 @@ def test_two_processes_stop_together_on_sigterm_and_resume_bit_identically(tmp_p
     assert [p.name for p in list_checkpoints(out / "checkpoints" / "interrupted")] == [
         "epoch-000002"
     ]
-    for code, _, stderr in _two_processes(tmp_path, out, resume=True):
+    for code, _, stderr, _ in _two_processes(tmp_path, out, resume=True):
         assert code == 0, stderr[-3000:]
     for a, b in zip(_final_arrays(ref), _final_arrays(out), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -460,7 +475,7 @@ def test_two_processes_stream_their_blocks_of_every_batch_like_one_process(tmp_p
         capture_output=True, text=True, timeout=300, env=_env(),
     )  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
-    for code, _, stderr in _two_processes(tmp_path, tmp_path / "two", base=args):
+    for code, _, stderr, _ in _two_processes(tmp_path, tmp_path / "two", base=args):
         assert code == 0, stderr[-3000:]
     rows = [[json.loads(r) for r in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
             for run in ("one", "two")]  # fmt: skip
@@ -478,9 +493,9 @@ def test_two_processes_stream_their_blocks_of_every_batch_like_one_process(tmp_p
         return
     # both processes killed at their 5th chunk (epoch 2), resumed: bit-identical
     killed = tmp_path / "killed"
-    for code, _, stderr in _two_processes(tmp_path, killed, base=args, fault=("chunk", "5")):
+    for code, _, stderr, _ in _two_processes(tmp_path, killed, base=args, fault=("chunk", "5")):
         assert code == -signal.SIGKILL, stderr[-3000:]
-    for code, _, stderr in _two_processes(tmp_path, killed, resume=True):
+    for code, _, stderr, _ in _two_processes(tmp_path, killed, resume=True):
         assert code == 0, stderr[-3000:]
     c = restore_latest(killed / "checkpoints", template)[0]
     left, right = ((s.params, s.opt_state, s.step) for s in (b, c))

@@ -131,6 +131,30 @@ def test_a_process_nobody_joins_gives_up_in_one_line(tmp_path, process_id):
     assert f"--coordinator localhost:{port}" in lines[0] and not out.exists()
 
 
+def test_processes_started_with_different_counts_are_refused_in_one_line(tmp_path):
+    """Process 1 started with ``--num-processes 3`` beside a process 0 started for 2:
+    both end with one line naming the counts, exit 2, and no run folder."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    args = ["train", *TINY, "--epochs", "1", "--out", str(out), "--distributed-timeout", "20"]
+    args += ["--coordinator", f"localhost:{port}"]
+    procs = [
+        _start([*args, "--num-processes", str(n), "--process-id", str(i)])
+        for i, n in ((0, 2), (1, 3))
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 2, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1, err
+        assert "different --num-processes (process 0: 2, process 1: 3" in lines[0]
+    assert not out.exists()
+
+
 def test_a_bad_timeout_is_refused(capsys):
     args = ["train", "--coordinator", "localhost:1", "--num-processes", "2", "--process-id", "1"]
     assert main([*args, "--distributed-timeout", "0"]) == 2

@@ -89,6 +89,7 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"jtricks {args.command}: error: {e}", file=sys.stderr)
         return 1
     except jax.errors.JaxRuntimeError as e:
+        lost_peer(args.command, e)
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         first = str(e).strip().splitlines()[0]
@@ -104,6 +105,22 @@ def _main(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt:
         print("jtricks: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        lost_peer(args.command, e)
+        raise
+
+
+def lost_peer(command: str, error: Exception) -> None:
+    """End a process of a multi-process run whose peer went away with one line, at once
+    (`jtricks.training.processes.leave`); any other error goes on."""
+    from jtricks.training.processes import leave, lost_process
+
+    if lost_process(error):
+        first = str(error).strip().splitlines()[0]
+        leave(
+            f"jtricks {command}: error: another process of this run stopped ({first}); the "
+            "last checkpoint is intact: start every process again with --resume RUN_DIR"
+        )
 
 
 __all__ = ["QuietThreadTracebacks", "build_parser", "commands", "enable_compilation_cache", "main"]

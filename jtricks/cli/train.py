@@ -75,7 +75,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         default=60.0,
         metavar="SECONDS",
         help="with --coordinator: give up with one line when the processes have not all "
-        "joined after SECONDS (default 60)",
+        "joined after SECONDS, or when they wait that long for a process that stopped "
+        "(default 60)",
     )
     t.add_argument(
         "--log-every",
@@ -140,7 +141,7 @@ def start_processes(args: argparse.Namespace) -> None:
     indexed Kubernetes Job: `initialize_from_cluster`)."""
     multi = (args.coordinator, args.num_processes, args.process_id)
     if all(v is None for v in multi):
-        from jtricks.training.distributed import initialize_from_cluster
+        from jtricks.training.processes import initialize_from_cluster
 
         found = initialize_from_cluster()
         if found is not None:
@@ -154,7 +155,7 @@ def start_processes(args: argparse.Namespace) -> None:
             f"{args.coordinator!r}, {args.num_processes!r}, {args.process_id!r}",
             param="coordinator",
         )
-    from jtricks.training.distributed import initialize
+    from jtricks.training.processes import initialize
 
     initialize(args.coordinator, args.num_processes, args.process_id, args.distributed_timeout)
 

@@ -67,6 +67,7 @@ from jtricks.training.data_checks import check_data
 from jtricks.training.distributed import is_sharded_mesh, parse_mesh
 from jtricks.training.options import FitOptions
 from jtricks.training.preemption import status_of
+from jtricks.training.processes import bounded
 from jtricks.training.tensorboard import writer_class
 from jtricks.training.transfer import describe_loaded, freeze_batch_stats, load_pretrained
 
@@ -314,18 +315,13 @@ def restore_run(
     with its history and, for an interrupted checkpoint, where its epoch was cut
     (``partial_epoch``, a stream's ``data_state``), with the callbacks' saved states."""
     foreign = foreign_checker(run_identity(ckpt_dir.parent), settings)
-    # one process alone: with several, orbax's primary host cleans them as its manager starts
-    cut_writes = remove_leftovers(ckpt_dir) if jax.process_count() == 1 else []
-    if cut_writes:
-        print(
-            f"jtricks: removed {len(cut_writes)} unfinished checkpoint write(s) a stopped run "
-            f"left: {', '.join(cut_writes)}",
-            file=sys.stderr,
-        )
-    try:
-        restored = restore_latest(ckpt_dir, state, required=RUN_META, foreign=foreign)
-    except CheckpointError as e:
-        raise ConfigError(f"cannot resume {str(ckpt_dir.parent)!r}: {e}", param="resume") from None
+    with bounded("restoring the newest checkpoint"):
+        _remove_cut_writes(ckpt_dir)
+        try:
+            restored = restore_latest(ckpt_dir, state, required=RUN_META, foreign=foreign)
+        except CheckpointError as e:
+            why = f"cannot resume {str(ckpt_dir.parent)!r}: {e}"
+            raise ConfigError(why, param="resume") from None
     if restored is None:
         return state, [], {}
     state, meta = restored
@@ -346,6 +342,20 @@ def restore_run(
         b.early.load_state_dict(saved["early_stopping"], best)
     cut = {k: meta[k] for k in ("data_state", "partial_epoch") if meta.get(k) is not None}
     return state, meta["history"], cut
+
+
+def _remove_cut_writes(ckpt_dir: Path) -> None:
+    """Process 0 removes what a cut checkpoint write left, saying so, while the other
+    processes wait (none may list the checkpoints while it does)."""
+    cut_writes = remove_leftovers(ckpt_dir) if jax.process_index() == 0 else []
+    if cut_writes:
+        print(
+            f"jtricks: removed {len(cut_writes)} unfinished checkpoint write(s) a stopped run "
+            f"left: {', '.join(cut_writes)}",
+            file=sys.stderr,
+        )
+    if jax.process_count() > 1:
+        sync_global_devices("jtricks: cut checkpoint writes removed")
 
 
 def fit_run(

@@ -11,15 +11,15 @@ Layout of a checkpoint directory (orbax's, so plain orbax can read it)::
 
 orbax writes the items into a hidden ``.tmp-epoch-000012`` folder and commits it by a
 rename (`ManifestRename`, an orbax ``TemporaryPath``), so a crash leaves the previous
-checkpoints or a complete new one. New here: the manifest, written just before the
-rename and checked by `restore`, names a corrupt or truncated file; `restore_latest`
-falls back to the newest intact checkpoint (orbax restores whatever bytes it finds).
+checkpoints or a complete new one. New here: the manifest (`jtricks.training.manifest`),
+written just before the rename and checked by `restore`, names a corrupt or truncated
+file; `restore_latest` falls back to the newest intact checkpoint, the same one in every
+process of a multi-process run (orbax restores whatever bytes it finds).
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -35,21 +35,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import path as ocp_path
 
-from jtricks.errors import ConfigError, WriteError
+from jtricks.errors import WriteError
 from jtricks.moved import module_getattr
+from jtricks.training.manifest import CheckpointError, verify, write_manifest
+from jtricks.training.processes import all_agree
 from jtricks.training.state import TrainState
 from jtricks.trees import key_data, leaf_path, wrap_keys
 
 PREFIX = "epoch-"
 TMP = ".tmp-"
 INTERRUPTED = "interrupted"  # the state a stopped run reached (`Checkpointer.on_interrupt`)
-BOOKKEEPING = {"manifest.json", "_CHECKPOINT_METADATA", "commit_success.txt"}
 
 __getattr__ = module_getattr(__name__)  # Checkpointer moved (jtricks.moved)
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint that cannot be used: corrupt, truncated, or not matching the model."""
 
 
 def _arrays(state: TrainState) -> dict[str, Any]:
@@ -63,35 +60,6 @@ def items(state: TrainState, meta: dict[str, Any]) -> ocp.args.Composite:
     return ocp.args.Composite(
         state=ocp.args.StandardSave(_arrays(state)), meta=ocp.args.JsonSave(meta)
     )
-
-
-def _files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.name not in BOOKKEEPING)
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_manifest(folder: Path) -> None:
-    """Record the SHA-256 and size of every data file under ``folder`` (orbax's
-    bookkeeping files excluded: it rewrites them after the commit)."""
-    manifest = {
-        str(p.relative_to(folder)): {"sha256": _digest(p), "size": p.stat().st_size}
-        for p in _files(folder)
-    }
-    _write_json(folder / "manifest.json", manifest)
 
 
 class ManifestRename(ocp_path.atomicity.AtomicRenameTemporaryPath):
@@ -225,74 +193,6 @@ def quiet_writer_failures() -> None:
     logging.getLogger("absl").addFilter(_Filter())
 
 
-def verify(path: str | os.PathLike) -> None:
-    """Check a checkpoint against its manifest, before any array is read.
-
-    The manifest must be complete: a JSON object with an entry ``{"sha256", "size"}`` for
-    every data file under the checkpoint (orbax's bookkeeping files aside), its metadata
-    and state among them; a file it does not list, an empty or malformed manifest, and a
-    listed file that is missing, truncated or altered all mean "damaged".
-
-    Raises:
-      CheckpointError: naming the checkpoint and the first problem found.
-    """
-    path = Path(path)
-    manifest = _read_manifest(path)
-    on_disk = {str(p.relative_to(path)) for p in _files(path)}
-    unlisted = sorted(on_disk - set(manifest))
-    if unlisted:
-        raise CheckpointError(
-            f"checkpoint {path}: file {path / unlisted[0]} is not in its manifest "
-            f"({len(unlisted)} unlisted)"
-        )
-    for rel, info in manifest.items():
-        f = path / rel
-        if not f.is_file():
-            raise CheckpointError(f"checkpoint {path}: file {f} is missing")
-        if f.stat().st_size != info["size"]:
-            raise CheckpointError(
-                f"checkpoint {path}: file {f} is truncated ({f.stat().st_size} of {info['size']} bytes)"
-            )
-        if _digest(f) != info["sha256"]:
-            raise CheckpointError(f"checkpoint {path}: file {f} is corrupt (checksum mismatch)")
-
-
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-def _read_manifest(path: Path) -> dict[str, dict[str, Any]]:
-    """The checked manifest of a checkpoint (see `verify`)."""
-    manifest_path = path / "manifest.json"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as e:
-        why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}"
-        raise CheckpointError(f"checkpoint {path}: cannot read {manifest_path}: {why}") from None
-
-    def entry_ok(rel: Any, info: Any) -> bool:
-        return (
-            isinstance(info, dict)
-            and isinstance(info.get("size"), int)
-            and info["size"] >= 0
-            and isinstance(info.get("sha256"), str)
-            and _SHA256.fullmatch(info["sha256"]) is not None
-            and not Path(rel).is_absolute()
-            and ".." not in Path(rel).parts
-        )
-
-    damaged = not isinstance(manifest, dict) or not all(entry_ok(k, v) for k, v in manifest.items())
-    if not damaged:
-        damaged = "meta/metadata" not in manifest or not any(
-            k.startswith("state/") for k in manifest
-        )
-    if damaged:
-        raise CheckpointError(
-            f"checkpoint {path}: its manifest {manifest_path} is damaged (not a list of every "
-            "file of the checkpoint with its SHA-256 and size)"
-        )
-    return manifest
-
-
 RUN_META = ("epoch", "step", "history")
 """The metadata keys a `Checkpointer`'s checkpoints hold and a resumed run needs."""
 
@@ -364,20 +264,40 @@ def restore(
     path = Path(path).absolute()
     inside = [] if (path / "manifest.json").exists() else list_checkpoints(path)
     path = inside[-1] if inside else path  # a folder of checkpoints: its newest
+    return _load(path, target, _check(path, target, required, foreign))
+
+
+def _check(
+    path: Path, target: TrainState, required: tuple[str, ...], foreign: Callable | None
+) -> dict[str, Any]:
+    """The checkpoint's metadata once its files, its run and its array layout are checked
+    (`restore`'s errors), before anything is read into memory."""
     verify(path)
     meta = read_meta(path, required)
     if foreign is not None and (why := foreign(meta)):
         raise CheckpointError(f"{path.name} is another run's checkpoint ({why})")
-    abstract = jax.tree.map(_placed_like, _arrays(target))
     ckptr = ocp.StandardCheckpointer()
     try:
         saved = ckptr.metadata(path / "state")
         saved_tree = getattr(saved, "item_metadata", saved)
         saved_tree = getattr(saved_tree, "tree", saved_tree)
-        _check_match(saved_tree, abstract, path)
-        arrays = ckptr.restore(path / "state", abstract)
+        _check_match(saved_tree, jax.tree.map(_placed_like, _arrays(target)), path)
     except CheckpointError:
         raise
+    except Exception as e:  # orbax / tensorstore errors on damaged data
+        raise CheckpointError(
+            f"checkpoint {path}: cannot restore arrays: {type(e).__name__}: {e}"
+        ) from None
+    finally:
+        ckptr.close()
+    return meta
+
+
+def _load(path: Path, target: TrainState, meta: dict[str, Any]) -> tuple[TrainState, dict]:
+    """Read a checked checkpoint's arrays into the structure of ``target``."""
+    ckptr = ocp.StandardCheckpointer()
+    try:
+        arrays = ckptr.restore(path / "state", jax.tree.map(_placed_like, _arrays(target)))
     except Exception as e:  # orbax / tensorstore errors on damaged data
         raise CheckpointError(
             f"checkpoint {path}: cannot restore arrays: {type(e).__name__}: {e}"
@@ -454,6 +374,8 @@ def restore_latest(
     """Restore the newest intact checkpoint (`newest_last`: an interrupted run's state
     counts), falling back past damaged ones and another run's (``foreign``, as `restore`
     takes it), each named with its problem in one warning once a checkpoint restores.
+    The processes of a multi-process run restore the same one: the newest that every
+    process finds intact (`all_agree`).
 
     Returns ``None`` if there is no checkpoint at all.
 
@@ -468,10 +390,17 @@ def restore_latest(
     errors = []
     for path in reversed(newest_last(directory)):
         try:
-            restored = restore(path, target, required=required, foreign=foreign)
+            meta, problem = _check(path, target, required, foreign), None
         except CheckpointError as e:
             if "does not match" in str(e):
                 raise
+            meta, problem = None, str(e)
+        if not all_agree(problem is None):  # every process restores the same checkpoint
+            errors.append(problem or f"{path.name} is damaged in another process's view")
+            continue
+        try:
+            restored = _load(path, target, meta)
+        except CheckpointError as e:
             errors.append(str(e))
             continue
         if errors:

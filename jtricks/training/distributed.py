@@ -13,7 +13,7 @@ trains data-parallel with no change to user code:
   ``jax_threefry_partitionable`` (the default) each device draws only its slice, so
   devices get different masks and a seed gives the same masks on any device count.
 
-Across processes (`initialize`, i.e. `jax.distributed.initialize`), each process
+Across processes (`jtricks.training.processes.initialize`), each process
 passes only its own shard of the training data; `global_batch_array` assembles the
 global array (process 0's examples first) with
 `jax.make_array_from_process_local_data`, and the epoch's shuffle indexes it
@@ -27,11 +27,6 @@ References:
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import os
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -39,7 +34,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jtricks.errors import ConfigError, check_int, check_range
+from jtricks.errors import ConfigError
+from jtricks.moved import module_getattr
 
 AXIS = "data"
 FSDP = "fsdp"
@@ -224,117 +220,4 @@ def check_batch(batch_size: int, mesh: Mesh | None) -> None:
         )
 
 
-INIT_TIMEOUT = 60.0
-"""Seconds a process waits for the others to join a multi-process run
-(``--distributed-timeout``) before it gives up with one line."""
-
-
-@contextlib.contextmanager
-def within(seconds: float, why: str) -> Iterator[None]:
-    """End the process with ``jtricks: error: <why>`` and status 2 if the block has not
-    returned after ``seconds``. For `jax.distributed.initialize`: its own
-    ``initialization_timeout`` ends in a fatal abort with a C++ stack trace (and a
-    process 0 alone waits far longer), so jtricks bounds the wait itself, gives JAX a
-    later deadline, and ends first."""
-    done = threading.Event()
-
-    def watch() -> None:
-        if not done.wait(seconds):
-            os.write(2, f"jtricks: error: {why}\n".encode())
-            os._exit(2)
-
-    threading.Thread(target=watch, name="jtricks-join-timeout", daemon=True).start()
-    try:
-        yield
-    finally:
-        done.set()
-
-
-def initialize(
-    coordinator: str, num_processes: int, process_id: int, timeout: float = INIT_TIMEOUT
-) -> None:
-    """`jax.distributed.initialize` for a multi-process run (one call per process, before
-    any other JAX work), given up after ``timeout`` seconds with one line naming the
-    coordinator and what to check (`within`). On CPU, cross-process collectives use gloo.
-
-    Raises:
-      ConfigError: a malformed ``HOST:PORT``, ``num_processes < 1``, ``process_id``
-        outside ``[0, num_processes)`` or ``timeout <= 0``.
-    """
-    host, _, port = str(coordinator).rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(
-            f"coordinator must be HOST:PORT (e.g. localhost:12355); got {coordinator!r}",
-            param="coordinator",
-        )
-    check_int("num_processes", num_processes, low=1)
-    check_int("process_id", process_id, low=0, high=num_processes - 1)
-    check_range("distributed_timeout", timeout, low=0.0, low_inclusive=False)
-    why = (
-        f"process {process_id} of {num_processes} did not join the run within {timeout:g} s "
-        f"(--distributed-timeout): check that process 0 runs with --coordinator {coordinator}, "
-        "that this host reaches that address and port, and that every process has the same "
-        f"--num-processes and its own --process-id in 0..{num_processes - 1}"
-    )
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    with within(timeout, why):
-        jax.distributed.initialize(
-            coordinator_address=coordinator,
-            num_processes=num_processes,
-            process_id=process_id,
-            initialization_timeout=int(timeout) + 60,
-        )
-
-
-CLUSTERS = {
-    "SLURM": (
-        "SLURM_JOB_ID",
-        "SLURM_STEP_NODELIST",
-        "SLURM_NTASKS",
-        "SLURM_PROCID",
-        "SLURM_LOCALID",
-    ),
-    "Open MPI": ("OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
-    "Kubernetes": ("KUBERNETES_SERVICE_HOST", "JOB_COMPLETION_INDEX"),
-}
-"""The launchers whose environment `jax.distributed.initialize` reads by itself, and the
-variables that show one started this process (the ones JAX's own detection reads)."""
-
-SIZES = {"SLURM": "SLURM_NTASKS", "Open MPI": "OMPI_COMM_WORLD_SIZE"}
-RANKS = {"SLURM": "SLURM_PROCID", "Open MPI": "OMPI_COMM_WORLD_RANK"}
-
-
-def detect_cluster(environ: Any = None) -> tuple[str, int | None, int | None] | None:
-    """``(launcher, processes, this process's rank)`` when a multi-process launcher
-    started this process (SLURM with ``SLURM_NTASKS > 1``, Open MPI's ``mpirun`` with
-    ``OMPI_COMM_WORLD_SIZE > 1``, an indexed Kubernetes Job with the ``kubernetes``
-    package installed, whose size JAX asks the Kubernetes API for: ``None``), else
-    ``None``. ``JTRICKS_AUTO_DISTRIBUTED=0`` turns
-    the detection off."""
-    import os
-
-    env = os.environ if environ is None else environ
-    if env.get("JTRICKS_AUTO_DISTRIBUTED", "1") == "0":
-        return None
-    for name, names in CLUSTERS.items():
-        if not all(v in env for v in names):
-            continue
-        if name not in SIZES:  # JAX asks the Kubernetes API, through its client package
-            if importlib.util.find_spec("kubernetes") is not None:
-                return name, None, None
-            continue
-        size, rank = int(env[SIZES[name]]), int(env[RANKS[name]])
-        if size > 1:
-            return name, size, rank
-    return None
-
-
-def initialize_from_cluster(environ: Any = None) -> tuple[str, int | None, int | None] | None:
-    """`jax.distributed.initialize()` with no arguments (JAX reads the coordinator, the
-    process count and this process's rank from the launcher) when `detect_cluster` finds
-    one; returns what it found. CPU collectives use gloo."""
-    found = detect_cluster(environ)
-    if found is not None:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize()
-    return found
+__getattr__ = module_getattr(__name__)  # the joining of processes moved (jtricks.moved)
