@@ -19,6 +19,7 @@ process of a multi-process run (orbax restores whatever bytes it finds).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -26,7 +27,7 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -276,34 +277,18 @@ def _check(
     meta = read_meta(path, required)
     if foreign is not None and (why := foreign(meta)):
         raise CheckpointError(f"{path.name} is another run's checkpoint ({why})")
-    ckptr = ocp.StandardCheckpointer()
-    try:
+    with _orbax(path) as ckptr:
         saved = ckptr.metadata(path / "state")
         saved_tree = getattr(saved, "item_metadata", saved)
         saved_tree = getattr(saved_tree, "tree", saved_tree)
         _check_match(saved_tree, jax.tree.map(_placed_like, _arrays(target)), path)
-    except CheckpointError:
-        raise
-    except Exception as e:  # orbax / tensorstore errors on damaged data
-        raise CheckpointError(
-            f"checkpoint {path}: cannot restore arrays: {type(e).__name__}: {e}"
-        ) from None
-    finally:
-        ckptr.close()
     return meta
 
 
 def _load(path: Path, target: TrainState, meta: dict[str, Any]) -> tuple[TrainState, dict]:
     """Read a checked checkpoint's arrays into the structure of ``target``."""
-    ckptr = ocp.StandardCheckpointer()
-    try:
+    with _orbax(path) as ckptr:
         arrays = ckptr.restore(path / "state", jax.tree.map(_placed_like, _arrays(target)))
-    except Exception as e:  # orbax / tensorstore errors on damaged data
-        raise CheckpointError(
-            f"checkpoint {path}: cannot restore arrays: {type(e).__name__}: {e}"
-        ) from None
-    finally:
-        ckptr.close()
     batch_stats = wrap_keys(arrays["batch_stats"], target.batch_stats)
     state = target.replace(
         step=arrays["step"],
@@ -314,6 +299,23 @@ def _load(path: Path, target: TrainState, meta: dict[str, Any]) -> tuple[TrainSt
         ema_params=arrays.get("ema_params"),
     )
     return state, meta
+
+
+@contextlib.contextmanager
+def _orbax(path: Path) -> Iterator[ocp.StandardCheckpointer]:
+    """An orbax checkpointer for reading ``path``, closed after; what orbax or tensorstore
+    raise on damaged data becomes a `CheckpointError` naming the checkpoint."""
+    ckptr = ocp.StandardCheckpointer()
+    try:
+        yield ckptr
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(
+            f"checkpoint {path}: cannot restore arrays: {type(e).__name__}: {e}"
+        ) from None
+    finally:
+        ckptr.close()
 
 
 def _placed_like(a: Any) -> jax.ShapeDtypeStruct:
