@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -242,6 +242,74 @@ def segment_sums(group: Group, x: jax.Array) -> jax.Array:
     if len(group.leaves) == 1:
         return jnp.sum(x)[None]
     return jnp.stack([jnp.sum(part) for part in jax.lax.split(x, group.sizes)])
+
+
+# ----------------------------------------------------------------------------- rules on buffers
+
+
+def on_flat(
+    tree_tx: optax.GradientTransformation, flat_tx: optax.GradientTransformation
+) -> optax.GradientTransformation:
+    """``tree_tx`` on parameter trees and ``flat_tx`` on `Flat` buffers: how a transform
+    whose rule depends on the leaves (a mask, a per-leaf norm) keeps its buffer form in
+    this module, out of generic code."""
+
+    def init_fn(params):
+        return (flat_tx if isinstance(params, Flat) else tree_tx).init(params)
+
+    def update_fn(updates, state, params=None):
+        return (flat_tx if isinstance(updates, Flat) else tree_tx).update(updates, state, params)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class FlatMaskedState(NamedTuple):
+    inner_state: Any
+
+
+def masked_buffers(inner: optax.GradientTransformation, mask: Any) -> optax.GradientTransformation:
+    """`optax.masked` on `Flat` buffers: ``mask`` (a tree of bools or a function of the
+    parameter tree) is evaluated on the tree the buffers describe and selected per buffer
+    (nothing when a buffer is uniformly in or out, one ``where`` otherwise); ``inner``
+    keeps state for every entry."""
+
+    def update_fn(updates, state, params=None):
+        new, inner_state = inner.update(updates, state.inner_state, params)
+        out = []
+        for m, n, o in zip(
+            buffer_masks(updates.layout, mask), new.buffers, updates.buffers, strict=True
+        ):
+            out.append(n if m is True else o if m is False else jnp.where(m, n, o))
+        return Flat(out, updates.layout), FlatMaskedState(inner_state)
+
+    return optax.GradientTransformation(lambda p: FlatMaskedState(inner.init(p)), update_fn)
+
+
+def per_leaf_buffers(
+    scale: Callable[[jax.Array], jax.Array],
+) -> optax.GradientTransformation:
+    """A per-leaf rescaling ``g_l <- g_l * scale(||g_l||)`` on `Flat` buffers: the leaves'
+    norms from their segments' sums of squares (float32 for bfloat16 gradients)."""
+
+    def rescale(group, g):
+        sq = jnp.square(g.astype(jnp.float32 if g.dtype == jnp.bfloat16 else g.dtype))
+        factor = scale(jnp.sqrt(segment_sums(group, sq))).astype(g.dtype)
+        return (g * segment_values(group, factor)).astype(g.dtype)
+
+    def update_fn(updates, state, params=None):
+        del params
+        groups = updates.layout.groups
+        buffers = [rescale(gr, g) for gr, g in zip(groups, updates.buffers, strict=True)]
+        return Flat(buffers, updates.layout), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def refuse_buffers(params: Any, why: str, param: str) -> None:
+    """Raise `ConfigError` (``why``, naming ``param``) when ``params`` are `Flat` buffers:
+    for what needs the parameter tree itself."""
+    if isinstance(params, Flat):
+        raise ConfigError(why, param=param)
 
 
 # ----------------------------------------------------------------------------- the wrapper

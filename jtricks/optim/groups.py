@@ -40,7 +40,7 @@ import jax
 import optax
 
 from jtricks.errors import ConfigError
-from jtricks.optim.fused import Flat
+from jtricks.optim.fused import refuse_buffers
 from jtricks.trees import leaf_path
 
 RANK_PATTERNS: dict[str, Callable[[Any], bool]] = {
@@ -93,13 +93,13 @@ def assign(params: Any, patterns: Sequence[str]) -> Any:
       ConfigError: a leaf that no pattern matches, or (when no leaf is masked out by an
         enclosing `optax.masked`) a pattern that matches no leaf.
     """
-    if isinstance(params, Flat):
-        raise ConfigError(
-            "parameter groups route leaves of the parameter tree, and fused(tx) (--fused) "
-            "keeps the parameters as flat buffers: parameter groups cannot be fused; drop "
-            "fused, or use the mask= argument of jtricks transforms, which works on both",
-            param="optimizer",
-        )
+    refuse_buffers(
+        params,
+        "parameter groups route leaves of the parameter tree, and fused(tx) (--fused) "
+        "keeps the parameters as flat buffers: parameter groups cannot be fused; drop "
+        "fused, or use the mask= argument of jtricks transforms, which works on both",
+        param="optimizer",
+    )
     used: set[int] = set()
     masked = False
 

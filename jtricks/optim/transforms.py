@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from jtricks.errors import ConfigError, check_range
-from jtricks.optim.fused import Flat, buffer_masks, segment_sums, segment_values
+from jtricks.optim.fused import masked_buffers, on_flat, per_leaf_buffers
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -55,38 +55,15 @@ def resolve_mask(mask: MaskSpec) -> Any:
     return mask
 
 
-class FlatMaskedState(NamedTuple):
-    inner_state: Any
-
-
 def masked(inner: optax.GradientTransformation, mask: MaskSpec) -> optax.GradientTransformation:
     """Apply ``inner`` only where ``mask`` is True; elsewhere the update passes unchanged.
 
     On parameter trees this is exactly `optax.masked` (with `resolve_mask`'s defaults).
-    New here: on the flat buffers of `jtricks.optim.fused` the mask is evaluated on the
-    tree the buffers describe, and selected per buffer (no cost when a buffer is uniformly
-    in or out, one ``where`` otherwise); ``inner`` then keeps state for every entry.
+    New here: it also works on the flat buffers of `jtricks.optim.fused`, where the mask
+    is selected per buffer (`jtricks.optim.fused.masked_buffers`).
     """
     mask_fn = resolve_mask(mask)
-    tree_tx = optax.masked(inner, mask_fn)
-
-    def init_fn(params):
-        if isinstance(params, Flat):
-            return FlatMaskedState(inner.init(params))
-        return tree_tx.init(params)
-
-    def update_fn(updates, state, params=None):
-        if not isinstance(updates, Flat):
-            return tree_tx.update(updates, state, params)
-        new, inner_state = inner.update(updates, state.inner_state, params)
-        out = []
-        for m, n, o in zip(
-            buffer_masks(updates.layout, mask_fn), new.buffers, updates.buffers, strict=True
-        ):
-            out.append(n if m is True else o if m is False else jnp.where(m, n, o))
-        return Flat(out, updates.layout), FlatMaskedState(inner_state)
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return on_flat(optax.masked(inner, mask_fn), masked_buffers(inner, mask_fn))
 
 
 # ----------------------------------------------------------------------------- momentum
@@ -266,30 +243,19 @@ def clip_per_leaf_norm(max_norm: float) -> optax.GradientTransformation:
     gradient has norm at most theta (the global form lets one layer dominate)."""
     check_range("max_norm", max_norm, low=0.0, low_inclusive=False)
 
-    def clip(g):
-        norm = jnp.sqrt(
-            jnp.sum(jnp.square(g.astype(jnp.float32 if g.dtype == jnp.bfloat16 else g.dtype)))
-        )
-        scale = jnp.where(norm > max_norm, max_norm / jnp.where(norm > 0, norm, 1.0), 1.0)
-        return (g * scale.astype(g.dtype)).astype(g.dtype)
+    def scale(norm):
+        return jnp.where(norm > max_norm, max_norm / jnp.where(norm > 0, norm, 1.0), 1.0)
 
-    def clip_flat(group, g):  # the same rule on a fused buffer: per-leaf norms of its segments
+    def clip(g):
         sq = jnp.square(g.astype(jnp.float32 if g.dtype == jnp.bfloat16 else g.dtype))
-        norm = jnp.sqrt(segment_sums(group, sq))
-        scale = jnp.where(norm > max_norm, max_norm / jnp.where(norm > 0, norm, 1.0), 1.0)
-        return (g * segment_values(group, scale.astype(g.dtype))).astype(g.dtype)
+        return (g * scale(jnp.sqrt(jnp.sum(sq))).astype(g.dtype)).astype(g.dtype)
 
     def update_fn(updates, state, params=None):
         del params
-        if isinstance(updates, Flat):
-            groups = updates.layout.groups
-            return Flat(
-                [clip_flat(gr, g) for gr, g in zip(groups, updates.buffers, strict=True)],
-                updates.layout,
-            ), state
         return jax.tree.map(clip, updates), state
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+    tree_tx = optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+    return on_flat(tree_tx, per_leaf_buffers(scale))
 
 
 # ----------------------------------------------------------------------------- penalties
