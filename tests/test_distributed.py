@@ -253,6 +253,7 @@ def test_cli_start_up_calls_initialize_without_arguments_under_slurm(monkeypatch
     from jtricks.cli.train import start_processes
 
     calls = []
+    monkeypatch.setenv("JTRICKS_FATAL_FILTER", "0")  # not in the test worker
     monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
     monkeypatch.setattr(jax.config, "update", lambda *a: calls.append(a))
     for name, value in SLURM.items():

@@ -155,6 +155,27 @@ def test_processes_started_with_different_counts_are_refused_in_one_line(tmp_pat
     assert not out.exists()
 
 
+def test_two_processes_with_one_id_are_named_in_one_line(tmp_path):
+    """Processes 0, 1 and 1 again: JAX's coordination service aborts them from C++; each
+    prints one line (the command's filter, `jtricks.cli.fatal`) instead of a stack
+    trace, process 0's naming the repeated id; nothing is left behind."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    args = ["train", *TINY, "--epochs", "1", "--distributed-timeout", "5"]
+    args += ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id"]
+    procs = []
+    for i, pid in enumerate((0, 1, 1)):
+        procs.append(_start([*args, str(pid), "--out", str(tmp_path / f"run{i}")]))
+        time.sleep(0.3)
+    errs = [proc.communicate(timeout=60)[1] for proc in procs]
+    assert all(len(err.strip().splitlines()) == 1 for err in errs), errs
+    assert "two processes were started with --process-id 1" in errs[0]
+    assert procs[0].returncode != 0 and not list(tmp_path.iterdir())
+
+
 def test_a_bad_timeout_is_refused(capsys):
     args = ["train", "--coordinator", "localhost:1", "--num-processes", "2", "--process-id", "1"]
     assert main([*args, "--distributed-timeout", "0"]) == 2

@@ -140,9 +140,13 @@ def start_processes(args: argparse.Namespace) -> None:
     with no arguments when a launcher started several processes (SLURM, Open MPI, an
     indexed Kubernetes Job: `initialize_from_cluster`)."""
     multi = (args.coordinator, args.num_processes, args.process_id)
-    if all(v is None for v in multi):
-        from jtricks.training.processes import initialize_from_cluster
+    from jtricks.cli.fatal import one_line_fatal
 
+    if all(v is None for v in multi):
+        from jtricks.training.processes import detect_cluster, initialize_from_cluster
+
+        if detect_cluster() is not None:
+            one_line_fatal()
         found = initialize_from_cluster()
         if found is not None:
             name, size, rank = found
@@ -157,6 +161,7 @@ def start_processes(args: argparse.Namespace) -> None:
         )
     from jtricks.training.processes import initialize
 
+    one_line_fatal()
     initialize(args.coordinator, args.num_processes, args.process_id, args.distributed_timeout)
 
 
