@@ -67,7 +67,6 @@ from jtricks.training.data_checks import check_data
 from jtricks.training.distributed import is_sharded_mesh, parse_mesh
 from jtricks.training.options import FitOptions
 from jtricks.training.preemption import status_of
-from jtricks.training.processes import bounded
 from jtricks.training.tensorboard import writer_class
 from jtricks.training.transfer import describe_loaded, freeze_batch_stats, load_pretrained
 
@@ -315,13 +314,11 @@ def restore_run(
     with its history and, for an interrupted checkpoint, where its epoch was cut
     (``partial_epoch``, a stream's ``data_state``), with the callbacks' saved states."""
     foreign = foreign_checker(run_identity(ckpt_dir.parent), settings)
-    with bounded("restoring the newest checkpoint"):
-        _remove_cut_writes(ckpt_dir)
-        try:
-            restored = restore_latest(ckpt_dir, state, required=RUN_META, foreign=foreign)
-        except CheckpointError as e:
-            why = f"cannot resume {str(ckpt_dir.parent)!r}: {e}"
-            raise ConfigError(why, param="resume") from None
+    _remove_cut_writes(ckpt_dir)
+    try:
+        restored = restore_latest(ckpt_dir, state, required=RUN_META, foreign=foreign)
+    except CheckpointError as e:
+        raise ConfigError(f"cannot resume {str(ckpt_dir.parent)!r}: {e}", param="resume") from None
     if restored is None:
         return state, [], {}
     state, meta = restored

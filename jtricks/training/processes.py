@@ -43,8 +43,6 @@ INIT_TIMEOUT = 60.0
 """Seconds a process waits for the others to join a multi-process run, and for a silent
 peer before the run stops (``--distributed-timeout``)."""
 
-_timeout = [INIT_TIMEOUT]  # the bound this process joined with (`bounded`)
-
 
 @contextlib.contextmanager
 def within(seconds: float, why: str) -> Iterator[None]:
@@ -65,19 +63,6 @@ def within(seconds: float, why: str) -> Iterator[None]:
         yield
     finally:
         done.set()
-
-
-def bounded(what: str) -> contextlib.AbstractContextManager:
-    """`within` the bound this process joined with, for a step every process must take
-    together (``what``: what they were doing); nothing to bound with one process."""
-    if jax.process_count() == 1:
-        return contextlib.nullcontext()
-    why = (
-        f"process {jax.process_index()} of {jax.process_count()} waited "
-        f"{_timeout[0]:g} s (--distributed-timeout) for the others while {what}: a "
-        "process stopped or cannot read the run folder; start every process again"
-    )
-    return within(_timeout[0], why)
 
 
 def initialize(
@@ -110,7 +95,6 @@ def initialize(
         f"--num-processes and its own --process-id in 0..{num_processes - 1}"
     )
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    _timeout[0] = float(timeout)
     with within(timeout, why):
         jax.distributed.initialize(
             coordinator_address=coordinator,
