@@ -279,9 +279,9 @@ def _fail_second_checkpoint(monkeypatch):
     """ENOSPC from the checkpoint writer (the background thread) at the second save."""
     import errno
 
-    import jtricks.training.checkpoint as ckpt
+    import jtricks.training.manifest as manifest
 
-    real, calls = ckpt._write_json, []
+    real, calls = manifest._write_json, []
 
     def write_json(path, obj):
         if path.name == "manifest.json":
@@ -290,7 +290,7 @@ def _fail_second_checkpoint(monkeypatch):
                 raise OSError(errno.ENOSPC, "No space left on device")
         real(path, obj)
 
-    monkeypatch.setattr(ckpt, "_write_json", write_json)
+    monkeypatch.setattr(manifest, "_write_json", write_json)
 
 
 # tensorstore callbacks that arrive after orbax closed its event loop raise "Event loop is

@@ -159,8 +159,9 @@ def start_processes(args: argparse.Namespace) -> None:
             f"{args.coordinator!r}, {args.num_processes!r}, {args.process_id!r}",
             param="coordinator",
         )
-    from jtricks.training.processes import initialize
+    from jtricks.training.processes import check_join, initialize
 
+    check_join(args.coordinator, args.num_processes, args.process_id, args.distributed_timeout)
     one_line_fatal()
     initialize(args.coordinator, args.num_processes, args.process_id, args.distributed_timeout)
 

@@ -25,6 +25,7 @@ coordination service's heartbeat (``heartbeat_timeout_seconds`` of
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib.util
 import os
@@ -79,15 +80,7 @@ def initialize(
         outside ``[0, num_processes)``, ``timeout <= 0``, or (`check_joined`) processes
         started with different ``--num-processes``.
     """
-    host, _, port = str(coordinator).rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(
-            f"coordinator must be HOST:PORT (e.g. localhost:12355); got {coordinator!r}",
-            param="coordinator",
-        )
-    check_int("num_processes", num_processes, low=1)
-    check_int("process_id", process_id, low=0, high=num_processes - 1)
-    check_range("distributed_timeout", timeout, low=0.0, low_inclusive=False)
+    check_join(coordinator, num_processes, process_id, timeout)
     why = (
         f"process {process_id} of {num_processes} did not join the run within {timeout:g} s "
         f"(--distributed-timeout): check that process 0 runs with --coordinator {coordinator}, "
@@ -105,6 +98,19 @@ def initialize(
         )
         check_joined(num_processes, process_id)
     watch_peers(timeout)
+
+
+def check_join(coordinator: str, num_processes: int, process_id: int, timeout: float) -> None:
+    """`initialize`'s arguments, checked before anything is started (`ConfigError`)."""
+    host, _, port = str(coordinator).rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"coordinator must be HOST:PORT (e.g. localhost:12355); got {coordinator!r}",
+            param="coordinator",
+        )
+    check_int("num_processes", num_processes, low=1)
+    check_int("process_id", process_id, low=0, high=num_processes - 1)
+    check_range("distributed_timeout", timeout, low=0.0, low_inclusive=False)
 
 
 def check_joined(num_processes: int, process_id: int) -> None:
@@ -158,35 +164,53 @@ def watch_peers(timeout: float, every: float = 1.0) -> threading.Thread | None:
     client = getattr(jax_distributed.global_state, "client", None)
     if jax.process_count() == 1 or client is None:
         return None
-    thread = threading.Thread(
-        target=_beat, args=(client, timeout, every), name="jtricks-peers", daemon=True
-    )
+    ending, lock = threading.Event(), threading.Lock()
+    atexit.register(_ending, client, ending, lock)  # before JAX's exit handler (LIFO)
+    args = (client, timeout, every, ending, lock)
+    thread = threading.Thread(target=_beat, args=args, name="jtricks-peers", daemon=True)
     thread.start()
     return thread
 
 
-def _beat(client: Any, timeout: float, every: float) -> None:
+DONE = "done"
+
+
+def _ending(client: Any, ending: threading.Event, lock: threading.Lock) -> None:
+    """At exit: stop beating and tell the others this process is done, not gone (it waits
+    in JAX's shutdown barrier, which bounds the rest)."""
+    with lock, contextlib.suppress(Exception):
+        ending.set()
+        client.key_value_set(f"{BEAT}{jax.process_index()}", DONE, allow_overwrite=True)
+
+
+def _beat(
+    client: Any, timeout: float, every: float, ending: threading.Event, lock: threading.Lock
+) -> None:
     me, seen, beat = jax.process_index(), {}, 0
     stop = "the last checkpoint is intact: start every process again with --resume RUN_DIR"
-    while True:
+    while not ending.wait(every):
         beat += 1
         try:
-            client.key_value_set(f"{BEAT}{me}", str(beat), allow_overwrite=True)
+            with lock:  # never after `_ending`'s DONE
+                if ending.is_set():
+                    return
+                client.key_value_set(f"{BEAT}{me}", str(beat), allow_overwrite=True)
             values = {k.rsplit("/", 1)[-1]: v for k, v in client.key_value_dir_get(BEAT)}
         except Exception as e:  # the coordination service (process 0) is gone
+            if ending.is_set():  # this process is ending: the service may go first
+                return
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             leave(f"jtricks: error: lost the coordinator, process 0 ({first}); {stop}")
         now = time.monotonic()
         for peer in range(jax.process_count()):
             value = values.get(str(peer))
-            if peer == me or seen.get(peer, (object(),))[0] != value:
+            if peer == me or value == DONE or seen.get(peer, (object(),))[0] != value:
                 seen[peer] = (value, now)
             elif now - seen[peer][1] > timeout:
                 leave(
                     f"jtricks: error: process {peer} of {jax.process_count()} stopped "
                     f"answering for {timeout:g} s (--distributed-timeout); {stop}"
                 )
-        time.sleep(every)
 
 
 LOST = ("Connection closed by peer", "Connection reset by peer", "heartbeat timeout")
