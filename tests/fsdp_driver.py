@@ -15,7 +15,7 @@ from jtricks.data.stream import BatchStream, EpochBatches
 from jtricks.nn import build_model
 from jtricks.training import create_train_state, fit
 from jtricks.training.checkpoint import list_checkpoints, restore
-from jtricks.training.distributed import parse_mesh, place_state, shard_spec
+from jtricks.training.distributed import MIN_SHARDED, parse_mesh, place_state, shard_spec
 
 rng = np.random.default_rng(0)
 X = rng.normal(size=(160, 64)).astype(np.float32)
@@ -62,20 +62,23 @@ def bytes_per_device(tree) -> int:
 
 def main() -> None:
     out = {"devices": jax.device_count(), "cases": {}}
-    cases = [
-        ("sgd", "mlp(features=(256, 256))", optax.sgd(0.1)),
-        ("adam", "mlp(features=(256, 256))", optax.adam(1e-2)),
+    wide = "mlp(features=(256, 256))"
+    cases = [  # each mesh once: a 2-D mesh and a pure FSDP one
+        ("sgd", wide, optax.sgd(0.1), ("fsdp=8",)),
+        ("adam", wide, optax.adam(1e-2), ("data=4,fsdp=2", "fsdp=8")),
         (
             "batchnorm_dropout",
             "mlp(features=(256, 256), norm='batch', dropout=0.2)",
             optax.sgd(0.1),
+            ("data=4,fsdp=2",),
         ),
     ]
-    for name, spec, tx in cases:
+    states = {}
+    for name, spec, tx, meshes in cases:
         one, h1 = run(spec, tx, None)
-        for axes in ("data=4,fsdp=2", "fsdp=8"):
+        for axes in meshes:
             mesh = parse_mesh(axes)
-            state, h = run(spec, tx, axes)
+            state, h = states[name, axes] = run(spec, tx, axes)
             out["cases"][f"{name} {axes}"] = {
                 "max_abs_diff": max_diff(one.params, state.params),
                 "stats_diff": max_diff(one.batch_stats, state.batch_stats) if one.batch_stats else 0.0,
@@ -85,13 +88,18 @@ def main() -> None:
                     a.sharding.spec != jax.sharding.PartitionSpec() for a in jax.tree.leaves(state.params)
                 ),
             }  # fmt: skip
-    one, _ = run("mlp(features=(256, 256))", optax.adam(1e-2), None, stream=True)
-    streamed, _ = run("mlp(features=(256, 256))", optax.adam(1e-2), "data=2,fsdp=4", stream=True)
+    one, _ = run(wide, optax.adam(1e-2), None, stream=True)
+    streamed, _ = run(wide, optax.adam(1e-2), "data=2,fsdp=4", stream=True)
     out["stream_max_abs_diff"] = max_diff(one.params, streamed.params)
-    replicated, _ = run("mlp(features=(512, 512))", optax.adam(1e-2), "data=8")
-    sharded, _ = run("mlp(features=(512, 512))", optax.adam(1e-2), "fsdp=8")
+    replicated, _ = run(wide, optax.adam(1e-2), "data=8")
+    sharded = states["adam", "fsdp=8"][0]
     out["bytes_replicated"] = bytes_per_device((replicated.params, replicated.opt_state))
     out["bytes_sharded"] = bytes_per_device((sharded.params, sharded.opt_state))
+    out["bytes_kept_whole"] = sum(  # leaves too small for the rule to shard
+        a.nbytes
+        for a in jax.tree.leaves((replicated.params, replicated.opt_state))
+        if isinstance(a, jax.Array) and a.size < MIN_SHARDED
+    )
     out["cli"] = cli()
     print(json.dumps(out))
 

@@ -288,8 +288,11 @@ def test_fsdp_on_eight_simulated_devices_matches_one_device_and_shards_by_the_ru
         assert case["max_abs_diff"] < tol and case["stats_diff"] < 1e-6, (name, case)
         assert case["val_loss"][1] == pytest.approx(case["val_loss"][0], rel=1e-5)
     assert out["stream_max_abs_diff"] < 1e-5
-    # memory: each device holds about 1/8 of the parameters and Adam's two moments
-    assert out["bytes_sharded"] <= (1 / 8) * 1.1 * out["bytes_replicated"], out
+    # memory: each device holds 1/8 of the parameters and Adam's two moments, but for the
+    # leaves too small to shard
+    whole = out["bytes_kept_whole"]
+    assert out["bytes_sharded"] <= (out["bytes_replicated"] - whole) / 8 + whole, out
+    assert out["bytes_sharded"] <= 0.15 * out["bytes_replicated"], out
     cli = out["cli"]  # the CLI's --mesh, and its checkpoint restored onto one device
     assert cli["checkpoint"] == "epoch-000003" and cli["restored_diff"] == 0.0
     assert cli["restored_devices"] == 1
@@ -359,7 +362,7 @@ def test_two_processes_checkpoint_and_resume_bit_identically(tmp_path, mp_refere
     # is in a collective (gloo sees the closed connection), else within the bound
     # (`watch_peers`: here it waits for a checkpoint's barrier)
     (code0, _, err0, _), (code1, *_) = _two_processes(
-        tmp_path, out, fault=("epoch", "5"), faulty=(1,), extra=("--distributed-timeout", "20")
+        tmp_path, out, fault=("epoch", "5"), faulty=(1,), extra=("--distributed-timeout", "10")
     )
     assert code1 == -signal.SIGKILL and code0 == 1, err0[-3000:]
     assert len(err0.strip().splitlines()) == 1, err0[-3000:]
