@@ -177,6 +177,7 @@ def test_save_and_restore_roundtrip(tmp_path, key):
     ("setup", "args", "match"),
     [
         (None, ["--resume", "{tmp}/nothing"], "not a jtricks run folder"),
+        ("file", ["--resume", "{tmp}/a-file"], "it is a file, not a run folder"),
         ("finished", ["--resume", "{run}"], "already finished"),
         ("badjson", ["--resume", "{run}"], "not a valid run config"),
         ("partial", ["--resume", "{run}", "--model", "mlp"], "do not also give --model"),
@@ -184,7 +185,8 @@ def test_save_and_restore_roundtrip(tmp_path, key):
 )
 def test_bad_resume_requests(tmp_path, reference, capsys, setup, args, match):
     run = tmp_path / "run"
-    if setup:
+    (tmp_path / "a-file").write_text("not a run")
+    if setup and setup != "file":
         shutil.copytree(reference, run)
         if setup != "finished":
             (run / "summary.json").unlink()

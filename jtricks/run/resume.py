@@ -46,7 +46,9 @@ def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
     """
     path = Path(run_dir) / "config.json"
     why = None
-    if not path.is_file():
+    if Path(run_dir).exists() and not Path(run_dir).is_dir():
+        why = "it is a file, not a run folder"
+    elif not path.is_file():
         why = f"{path} does not exist (not a jtricks run folder)"
     elif (Path(run_dir) / "summary.json").exists():
         why = "the run already finished (summary.json exists)"
