@@ -285,6 +285,11 @@ def masked_buffers(inner: optax.GradientTransformation, mask: Any) -> optax.Grad
     return optax.GradientTransformation(lambda p: FlatMaskedState(inner.init(p)), update_fn)
 
 
+def squares(g: jax.Array) -> jax.Array:
+    """``g ** 2``, in float32 for a bfloat16 ``g`` (its norms would lose their digits)."""
+    return jnp.square(g.astype(jnp.float32 if g.dtype == jnp.bfloat16 else g.dtype))
+
+
 def per_leaf_buffers(
     scale: Callable[[jax.Array], jax.Array],
 ) -> optax.GradientTransformation:
@@ -292,8 +297,7 @@ def per_leaf_buffers(
     norms from their segments' sums of squares (float32 for bfloat16 gradients)."""
 
     def rescale(group, g):
-        sq = jnp.square(g.astype(jnp.float32 if g.dtype == jnp.bfloat16 else g.dtype))
-        factor = scale(jnp.sqrt(segment_sums(group, sq))).astype(g.dtype)
+        factor = scale(jnp.sqrt(segment_sums(group, squares(g)))).astype(g.dtype)
         return (g * segment_values(group, factor)).astype(g.dtype)
 
     def update_fn(updates, state, params=None):

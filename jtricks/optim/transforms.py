@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from jtricks.errors import ConfigError, check_range
-from jtricks.optim.fused import masked_buffers, on_flat, per_leaf_buffers
+from jtricks.optim.fused import masked_buffers, on_flat, per_leaf_buffers, squares
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -247,8 +247,7 @@ def clip_per_leaf_norm(max_norm: float) -> optax.GradientTransformation:
         return jnp.where(norm > max_norm, max_norm / jnp.where(norm > 0, norm, 1.0), 1.0)
 
     def clip(g):
-        sq = jnp.square(g.astype(jnp.float32 if g.dtype == jnp.bfloat16 else g.dtype))
-        return (g * scale(jnp.sqrt(jnp.sum(sq))).astype(g.dtype)).astype(g.dtype)
+        return (g * scale(jnp.sqrt(jnp.sum(squares(g)))).astype(g.dtype)).astype(g.dtype)
 
     def update_fn(updates, state, params=None):
         del params
