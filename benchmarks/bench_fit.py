@@ -6,7 +6,11 @@ index arrays), one compiled scan per epoch. `fit` additionally evaluates the
 validation split after every epoch, logs the per-step norms, and returns
 its history: that is the overhead measured here. Compilation is excluded
 (one warm-up call each); each repeat times ``--epochs`` epochs; medians over
-``--repeats``. Runs alternate between the two so drift hits both alike.
+``--repeats``. Runs alternate between the two, and which goes first alternates too
+(fit, hand, hand, fit, ...), so drift and any after-effect of the other loop hit both
+alike; besides the ratio of the medians, the median of the paired ratios (each fit
+run against the hand run beside it) is reported, the steadier figure on a shared
+machine.
 
     python benchmarks/bench_fit.py                 # CPU, CNN
     python benchmarks/bench_fit.py --model mlp --json-out results.json
@@ -145,9 +149,14 @@ def main() -> None:
 
     time_fit(), time_hand()  # compile both
     fit_times, hand_times = [], []
-    for _ in range(args.repeats):
-        fit_times.append(time_fit())
-        hand_times.append(time_hand())
+    for i in range(args.repeats):
+        if i % 2:
+            hand_times.append(time_hand())
+            fit_times.append(time_fit())
+        else:
+            fit_times.append(time_fit())
+            hand_times.append(time_hand())
+    paired = [h / f for f, h in zip(fit_times, hand_times, strict=True)]
     fit_sps = steps / statistics.median(fit_times)
     hand_sps = steps / statistics.median(hand_times)
     result = {
@@ -163,6 +172,7 @@ def main() -> None:
         "fit_steps_per_s_median": fit_sps,
         "hand_scan_steps_per_s_median": hand_sps,
         "ratio_fit_over_hand": fit_sps / hand_sps,
+        "paired_ratio_median": statistics.median(paired),
         "fit_times_s": fit_times,
         "hand_times_s": hand_times,
         "environment": environment(),
@@ -178,7 +188,8 @@ def report(result: dict, json_out: str | None) -> None:
     print(f"{'hand-written scan':<22}{hand_sps:>18,.0f}")
     print(f"{'jtricks.fit':<22}{fit_sps:>18,.0f}")
     print(
-        f"ratio fit / hand = {fit_sps / hand_sps:.3f}   device: {result['environment']['device_kind']}"
+        f"ratio fit / hand = {fit_sps / hand_sps:.3f} (paired: "
+        f"{result['paired_ratio_median']:.3f})   device: {result['environment']['device_kind']}"
     )
     if json_out:
         with open(json_out, "w") as f:

@@ -80,7 +80,31 @@ def test_clear_caches_empties_every_cache_that_a_run_filled():
         "jtricks.training.state._compiled_init",
         "jtricks.training.state._copy_arrays",
         "jtricks.tasks._task_of_loss",
+        "jtricks.training.data_checks._traced_outputs",
     ):
         assert name in filled, (name, sorted(filled))
     jtricks.clear_caches()
     assert {name: _size(obj) for name, obj in caches.items() if _size(obj)} == {}
+
+
+def test_the_models_output_shape_is_traced_once_per_model_and_shapes():
+    """`model_outputs` keys its trace on the state's and the inputs' shapes: a new state
+    of the same model, or more examples, trace nothing; other feature shapes are refused
+    with the shapes named (the cache never hides the check)."""
+    import pytest
+
+    from jtricks.errors import ConfigError
+    from jtricks.tasks import as_task
+    from jtricks.training.data_checks import _traced_outputs, model_outputs
+
+    task, model = as_task("classification"), build_model("mlp(features=(8,))", 3)
+    x = np.zeros((6, 5), np.float32)
+    states = [create_train_state(model, optax.sgd(0.1), x, jax.random.key(i)) for i in (0, 1)]
+    out = model_outputs(states[0], task, (x, np.zeros(6, int)), "training data")
+    before = _traced_outputs.cache_info()
+    again = model_outputs(states[1], task, (np.ones((60, 5), np.float32), np.zeros(60, int)), "x")
+    after = _traced_outputs.cache_info()
+    assert (out.shape, out.dtype) == (again.shape, again.dtype) == ((1, 3), np.float32)
+    assert after.currsize == before.currsize and after.hits == before.hits + 1
+    with pytest.raises(ConfigError, match=r"examples of shape \(7,\) do not fit"):
+        model_outputs(states[1], task, (np.ones((6, 7), np.float32), np.zeros(6, int)), "data")

@@ -38,8 +38,10 @@ TASKS: dict[str, Callable[..., Task]] = {
 }
 
 
+@cached(maxsize=256)
 def build_task(spec: str) -> Task:
-    """A registered task from a spec such as ``"classification(label_smoothing=0.1)"``.
+    """A registered task from a spec such as ``"classification(label_smoothing=0.1)"``
+    (tasks are frozen: one object per spec, cached).
 
     Raises:
       ConfigError: unknown name (listing the valid ones) or a bad argument.

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtricks.caches import jitted
+from jtricks.caches import cached, jitted
 from jtricks.errors import ConfigError
 from jtricks.tasks import Classification, LossTask, Task
 from jtricks.tasks.base import array_of, nonfinite
@@ -79,33 +79,75 @@ def _forward(state: Any, inputs: Any) -> Any:
 def model_outputs(state: Any, task: Task, data: Any, where: str) -> jax.ShapeDtypeStruct:
     """The shape of the model's outputs for the first example of ``data`` (not computed).
 
-    Traced once per model, parameter shapes and input shape: the optimizer is left out of
-    the traced state, so a new state of the same model costs nothing here.
+    Traced once per model, parameter shapes and input shape (`_abstract` is the key): the
+    optimizer is left out of the traced state, so a new state of the same model costs
+    nothing here, and a repeated `fit` call only flattens the state to find its key.
     """
-    first = jax.tree.map(lambda a: a[:1], task.inputs(data))
+    first = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct((1, *a.shape[1:]), a.dtype), task.inputs(data)
+    )
     model_only = state.replace(tx=None, opt_state=None, ema_params=None)
     try:
-        out = _forward.eval_shape(model_only, first)
+        out = _traced_outputs(_abstract(model_only), _abstract(first))
     except Exception as e:  # a shape mismatch deep inside the user's model
-        shapes = jax.tree.map(lambda a: a.shape[1:], first)
-        mismatch = _PARAM_SHAPE.search(str(e))
-        if mismatch:
-            leaf, scope, needed, existing = mismatch.groups()
-            raise ConfigError(
-                f"{where}: examples of shape {shapes} do not fit the model: its parameter "
-                f"{scope.strip('/')}/{leaf} has shape {existing} (the inputs it was "
-                f"initialised on), these inputs need {needed}"
-            ) from None
-        raise ConfigError(
-            f"{where}: the model cannot take inputs of shape {shapes} per example: "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        ) from None
+        raise _mismatch(where, e, jax.tree.map(lambda a: a.shape[1:], first)) from None
     if not isinstance(out, jax.ShapeDtypeStruct):
         raise ConfigError(
             f"{where}: the {task.name} task needs the model to return one array; "
             f"it returns {jax.tree.structure(out)}"
         )
     return out
+
+
+class _Abstract:
+    """A pytree's structure and leaf shapes and dtypes: hashable, the key of
+    `_traced_outputs`; ``value`` is the tree of `jax.ShapeDtypeStruct` it stands for."""
+
+    def __init__(self, tree: Any) -> None:
+        leaves, self.treedef = jax.tree.flatten(tree)
+        self.leaves = tuple(
+            (a.shape, a.dtype) if hasattr(a, "dtype") else (np.shape(a), np.result_type(a))
+            for a in leaves
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.treedef, self.leaves))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Abstract) and (self.treedef, self.leaves) == (
+            other.treedef,
+            other.leaves,
+        )
+
+    @property
+    def value(self) -> Any:
+        structs = [jax.ShapeDtypeStruct(s, d) for s, d in self.leaves]
+        return jax.tree.unflatten(self.treedef, structs)
+
+
+def _abstract(tree: Any) -> _Abstract:
+    return _Abstract(tree)
+
+
+@cached(maxsize=256)
+def _traced_outputs(state: _Abstract, inputs: _Abstract) -> Any:
+    return _forward.eval_shape(state.value, inputs.value)
+
+
+def _mismatch(where: str, e: Exception, shapes: Any) -> ConfigError:
+    """The error of a model that cannot take inputs of per-example ``shapes``."""
+    mismatch = _PARAM_SHAPE.search(str(e))
+    if mismatch:
+        leaf, scope, needed, existing = mismatch.groups()
+        return ConfigError(
+            f"{where}: examples of shape {shapes} do not fit the model: its parameter "
+            f"{scope.strip('/')}/{leaf} has shape {existing} (the inputs it was "
+            f"initialised on), these inputs need {needed}"
+        )
+    return ConfigError(
+        f"{where}: the model cannot take inputs of shape {shapes} per example: "
+        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    )
 
 
 def check_data(state: Any, task: Task, data: Any, where: str) -> Any:
