@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -14,12 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jtricks.data.batching import epoch_indices
 from jtricks.errors import ConfigError, check_int, check_range
 from jtricks.losses import cross_entropy
 from jtricks.optim.pipeline import set_learning_rate
 from jtricks.plotting import pyplot, save_figure
-from jtricks.training.state import create_train_state
+from jtricks.training.data_checks import num_examples
+from jtricks.training.epoch import ArrayFeed, make_part_program
+from jtricks.training.options import StepLog
+from jtricks.training.state import TrainState, create_train_state, device_copy
 from jtricks.training.steps import LossFn, make_train_step
 
 
@@ -91,8 +93,9 @@ def lr_finder(
 
     ``make_tx(learning_rate)`` builds the optimizer: any optax one (``optax.adam``), whose
     rate becomes a value in the optimizer state (`rate_varied`: injected, or a multiplier
-    of its updates), so the K states are stacked, one train step is `jax.vmap`-ed over them, and a `lax.scan` runs the steps (`make_lr_sweep`). All
-    copies start from the same parameters. A copy that diverges keeps its last finite
+    of its updates), so the K states are stacked and `fit`'s part program trains them
+    together, the step vmapped over them (`make_lr_sweep`). All copies start from the
+    same parameters. A copy that diverges keeps its last finite
     parameters and its loss reads NaN from then on.
 
     Unlike Smith's single run with a rising rate, each rate is trained for the whole
@@ -249,56 +252,55 @@ def make_lr_sweep(
     """The compiled core of `lr_finder` and `lr_range_test`: ``run(lrs) -> losses (K, steps)``.
 
     ``lrs`` is ``(K,)``, one fixed rate per copy, or ``(K, steps)``, a rate per copy and
-    step (copy k takes step i at ``lrs[k, i]``). Compiles once per shape of ``lrs``; every
-    call trains K fresh copies from the same initialisation on the same batches. Loss i of
-    a copy is the batch loss before its update i. Exposed so a benchmark can time
-    compilation and the run separately.
+    step (copy k takes step i at ``lrs[k, i]``). The K copies are stacked states trained
+    by `fit`'s own part program (`jtricks.training.epoch.make_part_program`: the step
+    vmapped over them, every step recorded on the device, `StepLog`), one call per epoch
+    of the same batches as ``fit(data_key=fold_in(key, 1))``; each copy's rates ride in
+    its optimizer state (`rate_table`), so the program compiles once per K. Every call
+    trains K fresh copies from the same initialisation. Loss i of a copy is the batch loss
+    before its update i, NaN for a skipped (non-finite) step.
     """
     steps = check_int("steps", steps, low=1)
     x, y = (jnp.asarray(a) for a in train_data)
     batch_size = check_int("batch_size", batch_size, low=1, high=x.shape[0])
-    state = create_train_state(model, make_tx(1.0), x, key)
-    if not _injected_rate(state.opt_state):
-        state = create_train_state(model, rate_varied(state.tx), x, key)
+    tx = make_tx(1.0)
+    state = create_train_state(model, rate_table(tx, steps), x, key)
+    if not _injected_rate(state.opt_state.inner):
+        table = rate_table(rate_varied(tx), steps)
+        state = state.replace(tx=table, opt_state=table.init(state.params))
+    program = make_part_program(make_train_step(loss_fn, norms=False), log=StepLog(1))
+    feed = ArrayFeed((x, y), jax.random.fold_in(key, 1), 0, 0, batch_size)
+    return LRSweep(program, state, feed, steps)
 
-    def with_lr(s, lr):
-        return s.replace(opt_state=set_learning_rate(s.opt_state, lr))
 
-    train_step = make_train_step(loss_fn, norms=False)
-    steps_per_epoch = x.shape[0] // batch_size
-    data_key = jax.random.fold_in(key, 1)
-    epochs = -(-steps // steps_per_epoch)
+class RateTableState(NamedTuple):
+    """`rate_table`'s state: the optimizer's own, the ``rates`` of its updates, the
+    ``count`` of updates made."""
 
-    @jax.jit
-    def sweep(lrs, state, x, y):
-        if lrs.ndim not in (1, 2) or (lrs.ndim == 2 and lrs.shape[1] != steps):
-            raise ConfigError(
-                f"lrs must have shape (K,) or (K, {steps}) (one rate per copy and step); "
-                f"got {lrs.shape}",
-                param="lrs",
-            )
-        per_step = lrs.ndim == 2
-        states = jax.vmap(with_lr, in_axes=(None, 0))(state, lrs[:, 0] if per_step else lrs)
-        idx = jnp.concatenate(
-            [
-                epoch_indices(
-                    jax.random.fold_in(data_key, e), x.shape[0], batch_size, steps_per_epoch
-                )
-                for e in range(epochs)
-            ]
-        )[:steps]
+    inner: Any
+    rates: jax.Array
+    count: jax.Array
 
-        def body(states, inputs):
-            i, lr = inputs
-            if per_step:
-                states = jax.vmap(with_lr)(states, lr)
-            states, m = jax.vmap(train_step, in_axes=(0, None))(states, (x[i], y[i]))
-            return states, jnp.where(m["nonfinite"] > 0, jnp.nan, m["loss"])
 
-        rates = lrs.T if per_step else jnp.zeros((steps, 0))
-        return jax.lax.scan(body, states, (idx, rates))[1].T
+def rate_table(tx: optax.GradientTransformation, steps: int) -> optax.GradientTransformation:
+    """``tx`` (its ``learning_rate`` injected, `optax.inject_hyperparams`) with update i at
+    ``rates[i]``, a table of ``steps`` rates in the state (ones at ``init``; replace it
+    per copy). A skipped update keeps the state, so its count too: the next one takes
+    the same rate. New here: optax schedules are functions fixed at build time; a table
+    in the state lets K copies with their own rates share one compiled program."""
+    tx = optax.with_extra_args_support(tx)
 
-    return LRSweep(sweep, (state, x, y))
+    def init(params: Any) -> RateTableState:
+        rates = jnp.ones((steps,), jnp.float32)
+        return RateTableState(tx.init(params), rates, jnp.zeros([], jnp.int32))
+
+    def update(updates, state: RateTableState, params=None, **extra):
+        rate = state.rates[jnp.minimum(state.count, steps - 1)]
+        inner = set_learning_rate(state.inner, rate)
+        updates, inner = tx.update(updates, inner, params, **extra)
+        return updates, RateTableState(inner, state.rates, state.count + 1)
+
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def _injected_rate(opt_state: Any) -> bool:
@@ -329,18 +331,54 @@ def rate_varied(tx: optax.GradientTransformation) -> optax.GradientTransformatio
 
 @dataclass(frozen=True)
 class LRSweep:
-    """`make_lr_sweep`'s program: ``run(lrs)`` trains and returns the losses;
-    ``run.lower(lrs)`` is the lowered program (``.compile().cost_analysis()``...).
+    """`make_lr_sweep`'s program: ``run(lrs)`` trains and returns the losses (NumPy,
+    ``(K, steps)``); ``run.lower(lrs)`` is the lowered program of its first call
+    (``.compile().cost_analysis()``...).
 
     The training data and the initial state are arguments of the compiled program, not
     constants folded into it, so a large dataset does not bloat compilation.
     """
 
-    fn: Callable[..., jax.Array]
-    args: tuple[Any, ...]
+    program: Any
+    state: TrainState
+    feed: ArrayFeed
+    steps: int
 
-    def __call__(self, lrs: jax.Array) -> jax.Array:
-        return self.fn(lrs, *self.args)
+    def __call__(self, lrs: jax.Array) -> np.ndarray:
+        states, losses, done = self.copies(lrs), [], 0
+        epoch_steps = num_examples(self.feed.data) // self.feed.batch_size
+        while done < self.steps:
+            n = min(epoch_steps, self.steps - done)
+            states, acc = self._call(states, done // epoch_steps, n)
+            losses.append((acc["rows"], n))
+            done += n
+        rows = jax.device_get(losses)
+        return np.concatenate(
+            [np.where(r["nonfinite"][:n] > 0, np.nan, r["loss"][:n]) for r, n in rows]
+        ).T
 
     def lower(self, lrs: jax.Array) -> Any:
-        return self.fn.lower(lrs, *self.args)
+        n = min(self.steps, num_examples(self.feed.data) // self.feed.batch_size)
+        return self._call(self.copies(lrs), 0, n, lower=True)
+
+    def copies(self, lrs: jax.Array) -> TrainState:
+        """K fresh copies of the initial state, copy k's rate table from ``lrs[k]``."""
+        lrs = jnp.asarray(lrs, jnp.float32)
+        if lrs.ndim not in (1, 2) or (lrs.ndim == 2 and lrs.shape[1] != self.steps):
+            raise ConfigError(
+                f"lrs must have shape (K,) or (K, {self.steps}) (one rate per copy and "
+                f"step); got {lrs.shape}",
+                param="lrs",
+            )
+        table = jnp.broadcast_to(lrs.reshape(lrs.shape[0], -1), (lrs.shape[0], self.steps))
+        stacked = jax.vmap(
+            lambda r: self.state.replace(opt_state=self.state.opt_state._replace(rates=r))
+        )(table)
+        return device_copy(stacked)  # a copy of one may share the state's buffers: it is donated
+
+    def _call(self, states: TrainState, epoch: int, n: int, lower: bool = False) -> Any:
+        length = min(self.steps, num_examples(self.feed.data) // self.feed.batch_size)
+        feed = self.feed.replace(epoch=jnp.int32(epoch), offset=jnp.int32(0))
+        args = (states, jnp.int32(0), feed, jnp.int32(n), jnp.int32(2**31 - 1))
+        call = self.program.lower if lower else self.program
+        return call(*args, length=length, finish=False)
