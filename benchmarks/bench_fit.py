@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from baselines import flax_step
 from jtricks.data import Scaler, epoch_indices, load_dataset, train_val_split
 from jtricks.nn import build_model
 from jtricks.run import environment
@@ -45,26 +46,17 @@ from jtricks.training import create_train_state, fit
 
 
 def hand_written(model, tx, x, y, batch_size: int, data_key):
-    """The loop a user would write by hand: loss, grad, optax update, scanned over one epoch."""
+    """The loop a user would write by hand (`baselines.flax_step`: loss, grad, optax
+    update), scanned over one epoch of the batches `fit` draws."""
     steps = x.shape[0] // batch_size
-
-    def loss_fn(params, xb, yb):
-        logits = model.apply({"params": params}, xb, train=True)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
-
-    def step(carry, i):
-        params, opt_state = carry
-        loss, grads = jax.value_and_grad(loss_fn)(params, x[i], y[i])
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), loss
+    step = flax_step.make_step(model, tx, x, y)
 
     @partial(jax.jit, donate_argnums=0)
     def epoch(carry, key):
-        idx = epoch_indices(key, x.shape[0], batch_size, steps)
-        return jax.lax.scan(step, carry, idx)
+        return jax.lax.scan(step, carry, epoch_indices(key, x.shape[0], batch_size, steps))
 
     def run(params, opt_state, first_epoch: int, epochs: int):
-        carry = (params, opt_state)
+        carry = (params, {}, opt_state)
         for e in range(first_epoch, first_epoch + epochs):
             carry, _ = epoch(carry, jax.random.fold_in(data_key, e))
         jax.block_until_ready(carry)
