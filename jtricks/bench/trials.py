@@ -24,6 +24,9 @@ import optax
 from jtricks.bench.algorithms import DEFAULT_HPARAMS, build_algorithm, eval_params
 from jtricks.bench.protocol import timed_trial
 from jtricks.bench.workloads import Instance, Workload
+from jtricks.training.epoch import ChunkFeed, make_part_program
+from jtricks.training.state import TrainState
+from jtricks.training.steps import select_tree
 
 
 def as_hparams(point: Mapping[str, float]) -> dict[str, jax.Array]:
@@ -33,56 +36,78 @@ def as_hparams(point: Mapping[str, float]) -> dict[str, jax.Array]:
 
 @dataclass
 class Program:
-    """The compiled functions of one algorithm on one workload."""
+    """The compiled functions of one algorithm on one workload: ``init(key, hp)`` a
+    trial's `TrainState`, ``chunk(state)`` its next ``eval_period`` steps (`fit`'s part
+    program, compiled ahead of time), ``evaluate(state)`` its (validation, test) metric."""
 
     algorithm: str
     total_steps: int
     eval_period: int
-    init: Callable[[jax.Array, Any], tuple[Any, Any]]
-    chunk: Any
-    evaluate: Callable[[Any, Any], tuple[jax.Array, jax.Array]]
+    init: Callable[[jax.Array, Any], TrainState]
+    chunk: Callable[[TrainState], TrainState]
+    evaluate: Callable[[TrainState], tuple[jax.Array, jax.Array]]
     compile_s: float
 
 
 def compile_program(w: Workload, inst: Instance, algorithm: str, total_steps: int) -> Program:
-    """Build and compile ``algorithm``'s training chunk (``eval_period`` steps in a
-    `jax.lax.scan`) on ``w``; the compile time is measured here."""
+    """Build and compile ``algorithm``'s training chunk on ``w``: ``eval_period`` steps of
+    `bench_step` in `fit`'s part program (`make_part_program`, every step run unmasked);
+    the compile time is measured here."""
     if total_steps % w.eval_period:
         raise ValueError(f"{w.name}: {total_steps} steps are not whole evaluation periods")
 
     def init(key, hp):
         params = inst.init(key)
-        return params, build_algorithm(algorithm, hp, total_steps).init(params)
+        opt_state = build_algorithm(algorithm, hp, total_steps).init(params)
+        return TrainState(
+            step=jnp.int32(0),
+            apply_fn=None,
+            params=params,
+            tx=None,
+            opt_state=opt_state,
+            key=key,
+            hparams=hp,
+        )
 
-    def chunk(params, opt_state, key, start, hp):
-        tx = build_algorithm(algorithm, hp, total_steps)
-
-        def step(carry, t):
-            params, opt_state = carry
-            loss, grads = jax.value_and_grad(inst.loss)(params, key, t, hp["label_smoothing"])
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), loss
-
-        steps = start + jnp.arange(w.eval_period)
-        (params, opt_state), _ = jax.lax.scan(step, (params, opt_state), steps)
-        return params, opt_state
-
-    def evaluate(params, opt_state):
-        return inst.evaluate(eval_params(algorithm, params, opt_state))
-
-    hp = as_hparams({})
+    run_part = make_part_program(bench_step(inst.loss, algorithm, total_steps))
+    feed = ChunkFeed(jnp.zeros((w.eval_period,), jnp.int32))  # the step reads its own count
     init = jax.jit(init)
-    params, opt_state = init(jax.random.key(0), hp)
+    state = init(jax.random.key(0), as_hparams({}))
+    args = (jnp.int32(0), feed, None, None)
     start = time.perf_counter()
-    compiled = (
-        jax.jit(chunk, donate_argnums=(0, 1))
-        .lower(params, opt_state, jax.random.key(0), jnp.int32(0), hp)
-        .compile()
-    )
+    compiled = run_part.lower(state, *args, length=w.eval_period, finish=False).compile()
     compile_s = time.perf_counter() - start
-    return Program(
-        algorithm, total_steps, w.eval_period, init, compiled, jax.jit(evaluate), compile_s
-    )
+
+    def chunk(state: TrainState) -> TrainState:
+        return compiled(state, *args)[0]
+
+    @jax.jit
+    def evaluate(state):
+        return inst.evaluate(eval_params(algorithm, state.params, state.opt_state))
+
+    return Program(algorithm, total_steps, w.eval_period, init, chunk, evaluate, compile_s)
+
+
+def bench_step(loss: Callable, algorithm: str, total_steps: int) -> Callable:
+    """``step(state, batch, active) -> (state, {"loss"})``: a workload's step ``t =
+    state.step`` (its batch drawn from ``fold_in(state.key, t)`` inside ``loss``), the
+    optimizer built from the trial's hyper-parameters ``state.hparams`` (traced, so every
+    trial of an algorithm shares the program)."""
+
+    def step(state: TrainState, batch: Any, active: Any = True):
+        hp = state.hparams
+        value, grads = jax.value_and_grad(loss)(
+            state.params, state.key, state.step, hp["label_smoothing"]
+        )
+        tx = build_algorithm(algorithm, hp, total_steps)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new = (optax.apply_updates(state.params, updates), opt_state)
+        params, opt_state = select_tree(active, new, (state.params, state.opt_state))
+        count = state.step + jnp.asarray(active, jnp.int32)
+        return state.replace(step=count, params=params, opt_state=opt_state), {"loss": value}
+
+    step.takes_active = True
+    return step
 
 
 def run_trial(
@@ -97,16 +122,15 @@ def run_trial(
     validation metric ``reached`` the target or the budget ends. Returns its record."""
     hp = as_hparams(point)
     key = jax.random.fold_in(jax.random.key(seed % 2**32), seed // 2**32)  # 64-bit seeds
-    state = list(program.init(key, hp))
+    state = [program.init(key, hp)]
     tests: list[float] = []
 
     def train(n: int) -> None:
-        start = jnp.int32(len(tests) * program.eval_period)
-        state[:] = program.chunk(state[0], state[1], key, start, hp)
-        jax.block_until_ready(state[0])
+        state[0] = program.chunk(state[0])
+        jax.block_until_ready(state[0].params)
 
     def evaluate() -> float:
-        val, test = program.evaluate(*state)
+        val, test = program.evaluate(state[0])
         tests.append(float(test))
         return float(val)
 

@@ -280,7 +280,8 @@ def run_steps(
 
     A step is *active* while ``j < num_steps`` and fewer than ``max_streak`` consecutive
     steps were skipped as non-finite (in any member); an inactive step leaves the state
-    as it was (`masked_step`) and its metrics are discarded. So the loop has a static
+    as it was (`masked_step`) and its metrics are discarded. ``num_steps=None`` runs
+    every step unmasked (``active`` is a constant, so the masking selects fold away). So the loop has a static
     trip count (no host round trip per step on an accelerator) and still stops where a
     while loop would. A `jtricks.optim.fused` optimizer sees flat parameters inside the
     loop, one copy each way.
@@ -296,7 +297,9 @@ def run_steps(
 
     def body(carry, j):
         state, acc = carry
-        active = (j < num_steps) & (acc["streak"] < max_streak)
+        active = jnp.bool_(True)
+        if num_steps is not None:
+            active = (j < num_steps) & (acc["streak"] < max_streak)
         number = jnp.ravel(state.step)[0] + 1  # the step's number once it ran
         state, m = step_at(state, j, active)
         row = (
