@@ -3,8 +3,10 @@
 Both train the same model (default: the MNIST-1D paper's CNN) with the same
 optax Adam and the same shuffled batches (gathered on device from the same
 index arrays), one compiled scan per epoch. `fit` additionally evaluates the
-validation split after every epoch, logs the per-step norms, and returns
-its history: that is the overhead measured here. Compilation is excluded
+validation split after every epoch (``--no-val``: not), logs the per-step norms, and
+returns its history: that is the overhead measured here. Validation is work the
+hand-written loop does not do: ``validation_flop_share`` in the JSON is its FLOPs over an
+epoch's training FLOPs (XLA's cost analysis of both programs). Compilation is excluded
 (one warm-up call each); each repeat times ``--epochs`` epochs; medians over
 ``--repeats``. Runs alternate between the two, and which goes first alternates too
 (fit, hand, hand, fit, ...), so drift and any after-effect of the other loop hit both
@@ -39,6 +41,7 @@ import numpy as np
 import optax
 
 from baselines import flax_step
+from jtricks.bench.device import lowered_flops
 from jtricks.data import Scaler, epoch_indices, load_dataset, train_val_split
 from jtricks.nn import build_model
 from jtricks.run import environment
@@ -65,6 +68,18 @@ def hand_written(model, tx, x, y, batch_size: int, data_key):
     return run, steps
 
 
+def validation_share(model, params, tx, x, y, x_val, batch_size: int) -> float:
+    """FLOPs of one pass over the validation inputs over those of an epoch of training
+    steps (`lowered_flops` of the hand-written step and of the forward pass)."""
+    step = flax_step.make_step(model, tx, jnp.asarray(x), jnp.asarray(y))
+    carry = (params, {}, tx.init(params))
+    idx = jnp.arange(batch_size)
+    step_flops = lowered_flops(jax.jit(step).lower(carry, idx)) or float("nan")
+    forward = jax.jit(lambda p, xv: model.apply({"params": p}, xv, train=False))
+    val_flops = lowered_flops(forward.lower(params, jnp.asarray(x_val))) or float("nan")
+    return val_flops / (step_flops * (x.shape[0] // batch_size))
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="cnn")
@@ -72,6 +87,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--epochs", type=int, default=10, help="epochs per timed repeat")
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument(
+        "--no-val",
+        dest="val",
+        action="store_false",
+        help="fit without the validation split (the engine's own overhead, no extra work)",
+    )
     p.add_argument(
         "--no-norms",
         dest="norms",
@@ -121,7 +142,7 @@ def main() -> None:
         s, _ = fit(
             s,
             (x_tr, y_tr),
-            val_data=(x_val, y_val),
+            val_data=(x_val, y_val) if args.val else None,
             batch_size=args.batch_size,
             epochs=args.epochs,
             data_key=data_key,
@@ -132,6 +153,8 @@ def main() -> None:
         )
         jax.block_until_ready(s)
         return time.perf_counter() - t
+
+    share = validation_share(model, state.params, tx, x_tr, y_tr, x_val, args.batch_size)
 
     def time_hand() -> float:
         params = jax.tree.map(jnp.copy, state.params)
@@ -156,6 +179,7 @@ def main() -> None:
         "model": args.model,
         "dataset": args.dataset,
         "batch_size": args.batch_size,
+        "fit_validation": args.val,
         "fit_norms": args.norms,
         "fit_update_norm": args.update_norm,
         "fit_unroll": args.unroll,
@@ -164,6 +188,7 @@ def main() -> None:
         "fit_steps_per_s_median": fit_sps,
         "hand_scan_steps_per_s_median": hand_sps,
         "ratio_fit_over_hand": fit_sps / hand_sps,
+        "validation_flop_share": share if args.val else 0.0,
         "paired_ratio_median": statistics.median(paired),
         "fit_times_s": fit_times,
         "hand_times_s": hand_times,
@@ -179,6 +204,8 @@ def report(result: dict, json_out: str | None) -> None:
     print(f"\n{'loop':<22}{'steps/s (median)':>18}")
     print(f"{'hand-written scan':<22}{hand_sps:>18,.0f}")
     print(f"{'jtricks.fit':<22}{fit_sps:>18,.0f}")
+    share = result["validation_flop_share"]
+    print(f"fit's validation adds {share:.1%} to an epoch's FLOPs (the hand loop has none)")
     print(
         f"ratio fit / hand = {fit_sps / hand_sps:.3f} (paired: "
         f"{result['paired_ratio_median']:.3f})   device: {result['environment']['device_kind']}"

@@ -90,10 +90,14 @@ def _calls_of(name: str) -> list[str]:
 
 
 def test_one_part_program_factory_and_one_host_part_loop():
-    """The step loop (`run_steps`) is compiled in one place, the part program; the host
-    loop over parts (`run_epoch`) is called from the epoch loop only."""
+    """The step loop (`run_steps`) is compiled in one place, the part program; `fit`
+    (through `compiled.part_program`, which ensembles and search trials share), the LR
+    finders and the bench's trials build it with the one factory; the host loop over
+    parts (`run_epoch`) is called from the epoch loop only."""
     assert [c.split(":")[0] for c in _calls_of("run_steps")] == ["training/epoch.py"]
-    assert [c.split(":")[0] for c in _calls_of("make_part_program")] == [
+    assert sorted({c.split(":")[0] for c in _calls_of("make_part_program")}) == [
+        "bench/trials.py",
+        "diagnostics/lr_finder.py",
         "training/compiled.py",
         "training/epoch.py",
     ]
