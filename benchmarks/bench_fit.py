@@ -204,8 +204,9 @@ def report(result: dict, json_out: str | None) -> None:
     print(f"\n{'loop':<22}{'steps/s (median)':>18}")
     print(f"{'hand-written scan':<22}{hand_sps:>18,.0f}")
     print(f"{'jtricks.fit':<22}{fit_sps:>18,.0f}")
-    share = result["validation_flop_share"]
-    print(f"fit's validation adds {share:.1%} to an epoch's FLOPs (the hand loop has none)")
+    if result["fit_validation"]:
+        share = result["validation_flop_share"]
+        print(f"fit's validation adds {share:.1%} to an epoch's FLOPs (the hand loop has none)")
     print(
         f"ratio fit / hand = {fit_sps / hand_sps:.3f} (paired: "
         f"{result['paired_ratio_median']:.3f})   device: {result['environment']['device_kind']}"
