@@ -87,7 +87,8 @@ def make_part_program(
     It runs the first ``num_steps`` (traced) steps of ``feed`` (an `ArrayFeed` or a
     `ChunkFeed`) in a `lax.scan` of static ``length >= num_steps`` steps (`run_steps`),
     adding their metrics into ``acc``; steps past ``num_steps`` are masked (they leave
-    the state as it is). The loop's trip count is static, so XLA knows it
+    the state as it is; ``num_steps=None`` with ``max_streak=None``: every step runs,
+    nothing masked, as `jtricks.bench.trials` calls it). The loop's trip count is static, so XLA knows it
     (``known_trip_count``) and an accelerator runs the whole part without asking the
     host after each step. ``acc`` is the epoch's accumulator so far (`init_accumulator`),
     or the skipped-step streak carried in, which starts a fresh one. With ``finish`` the
