@@ -284,8 +284,8 @@ class RateTableState(NamedTuple):
 
 def rate_table(tx: optax.GradientTransformation, steps: int) -> optax.GradientTransformation:
     """``tx`` (its ``learning_rate`` injected, `optax.inject_hyperparams`) with update i at
-    ``rates[i]``, a table of ``steps`` rates in the state (ones at ``init``; replace it
-    per copy). A skipped update keeps the state, so its count too: the next one takes
+    ``rates[min(i, steps - 1)]``, a table of ``steps`` rates in the state (ones at
+    ``init``; replace it per copy). A skipped update keeps the state, so its count too: the next one takes
     the same rate. New here: optax schedules are functions fixed at build time; a table
     in the state lets K copies with their own rates share one compiled program."""
     tx = optax.with_extra_args_support(tx)
