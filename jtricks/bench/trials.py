@@ -26,7 +26,6 @@ from jtricks.bench.protocol import timed_trial
 from jtricks.bench.workloads import Instance, Workload
 from jtricks.training.epoch import ChunkFeed, make_part_program
 from jtricks.training.state import TrainState
-from jtricks.training.steps import select_tree
 
 
 def as_hparams(point: Mapping[str, float]) -> dict[str, jax.Array]:
@@ -89,24 +88,23 @@ def compile_program(w: Workload, inst: Instance, algorithm: str, total_steps: in
 
 
 def bench_step(loss: Callable, algorithm: str, total_steps: int) -> Callable:
-    """``step(state, batch, active) -> (state, {"loss"})``: a workload's step ``t =
-    state.step`` (its batch drawn from ``fold_in(state.key, t)`` inside ``loss``), the
-    optimizer built from the trial's hyper-parameters ``state.hparams`` (traced, so every
-    trial of an algorithm shares the program)."""
+    """``step(state, batch) -> (state, {"loss"})``: a workload's step ``t = state.step``
+    (its batch drawn from ``fold_in(state.key, t)`` inside ``loss``; ``batch`` unused),
+    the optimizer built from the trial's hyper-parameters ``state.hparams`` (traced, so
+    every trial of an algorithm shares the program)."""
 
-    def step(state: TrainState, batch: Any, active: Any = True):
+    def step(state: TrainState, batch: Any):
         hp = state.hparams
         value, grads = jax.value_and_grad(loss)(
             state.params, state.key, state.step, hp["label_smoothing"]
         )
         tx = build_algorithm(algorithm, hp, total_steps)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new = (optax.apply_updates(state.params, updates), opt_state)
-        params, opt_state = select_tree(active, new, (state.params, state.opt_state))
-        count = state.step + jnp.asarray(active, jnp.int32)
-        return state.replace(step=count, params=params, opt_state=opt_state), {"loss": value}
+        params = optax.apply_updates(state.params, updates)
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), {
+            "loss": value
+        }
 
-    step.takes_active = True
     return step
 
 

@@ -285,9 +285,10 @@ class RateTableState(NamedTuple):
 def rate_table(tx: optax.GradientTransformation, steps: int) -> optax.GradientTransformation:
     """``tx`` (its ``learning_rate`` injected, `optax.inject_hyperparams`) with update i at
     ``rates[min(i, steps - 1)]``, a table of ``steps`` rates in the state (ones at
-    ``init``; replace it per copy). A skipped update keeps the state, so its count too: the next one takes
-    the same rate. New here: optax schedules are functions fixed at build time; a table
-    in the state lets K copies with their own rates share one compiled program."""
+    ``init``; replace it per copy). A skipped update keeps the state, so its count too:
+    the next one takes the same rate. New here: optax schedules are functions fixed at
+    build time; a table in the state lets K copies with their own rates share one
+    compiled program."""
     tx = optax.with_extra_args_support(tx)
 
     def init(params: Any) -> RateTableState:
@@ -344,12 +345,16 @@ class LRSweep:
     feed: ArrayFeed
     steps: int
 
+    @property
+    def length(self) -> int:
+        """Steps per program call: an epoch's, or all of them when fewer."""
+        return min(self.steps, num_examples(self.feed.data) // self.feed.batch_size)
+
     def __call__(self, lrs: jax.Array) -> np.ndarray:
         states, losses, done = self.copies(lrs), [], 0
-        epoch_steps = num_examples(self.feed.data) // self.feed.batch_size
         while done < self.steps:
-            n = min(epoch_steps, self.steps - done)
-            states, acc = self._call(states, done // epoch_steps, n)
+            n = min(self.length, self.steps - done)
+            states, acc = self._call(states, done // self.length, n)
             losses.append((acc["rows"], n))
             done += n
         rows = jax.device_get(losses)
@@ -358,8 +363,7 @@ class LRSweep:
         ).T
 
     def lower(self, lrs: jax.Array) -> Any:
-        n = min(self.steps, num_examples(self.feed.data) // self.feed.batch_size)
-        return self._call(self.copies(lrs), 0, n, lower=True)
+        return self._call(self.copies(lrs), 0, self.length, lower=True)
 
     def copies(self, lrs: jax.Array) -> TrainState:
         """K fresh copies of the initial state, copy k's rate table from ``lrs[k]``."""
@@ -377,8 +381,7 @@ class LRSweep:
         return device_copy(stacked)  # a copy of one may share the state's buffers: it is donated
 
     def _call(self, states: TrainState, epoch: int, n: int, lower: bool = False) -> Any:
-        length = min(self.steps, num_examples(self.feed.data) // self.feed.batch_size)
         feed = self.feed.replace(epoch=jnp.int32(epoch), offset=jnp.int32(0))
         args = (states, jnp.int32(0), feed, jnp.int32(n), jnp.int32(2**31 - 1))
         call = self.program.lower if lower else self.program
-        return call(*args, length=length, finish=False)
+        return call(*args, length=self.length, finish=False)

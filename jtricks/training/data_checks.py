@@ -79,7 +79,7 @@ def _forward(state: Any, inputs: Any) -> Any:
 def model_outputs(state: Any, task: Task, data: Any, where: str) -> jax.ShapeDtypeStruct:
     """The shape of the model's outputs for the first example of ``data`` (not computed).
 
-    Traced once per model, parameter shapes and input shape (`_abstract` is the key): the
+    Traced once per model, parameter shapes and input shape (`_signature` is the key): the
     optimizer is left out of the traced state, so a new state of the same model costs
     nothing here, and a repeated `fit` call only flattens the state to find its key.
     """
@@ -88,7 +88,7 @@ def model_outputs(state: Any, task: Task, data: Any, where: str) -> jax.ShapeDty
     )
     model_only = state.replace(tx=None, opt_state=None, ema_params=None)
     try:
-        out = _traced_outputs(_abstract(model_only), _abstract(first))
+        out = _traced_outputs(_signature(model_only), _signature(first))
     except Exception as e:  # a shape mismatch deep inside the user's model
         raise _mismatch(where, e, jax.tree.map(lambda a: a.shape[1:], first)) from None
     if not isinstance(out, jax.ShapeDtypeStruct):
@@ -99,39 +99,23 @@ def model_outputs(state: Any, task: Task, data: Any, where: str) -> jax.ShapeDty
     return out
 
 
-class _Abstract:
-    """A pytree's structure and leaf shapes and dtypes: hashable, the key of
-    `_traced_outputs`; ``value`` is the tree of `jax.ShapeDtypeStruct` it stands for."""
-
-    def __init__(self, tree: Any) -> None:
-        leaves, self.treedef = jax.tree.flatten(tree)
-        self.leaves = tuple(
-            (a.shape, a.dtype) if hasattr(a, "dtype") else (np.shape(a), np.result_type(a))
-            for a in leaves
-        )
-
-    def __hash__(self) -> int:
-        return hash((self.treedef, self.leaves))
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Abstract) and (self.treedef, self.leaves) == (
-            other.treedef,
-            other.leaves,
-        )
-
-    @property
-    def value(self) -> Any:
-        structs = [jax.ShapeDtypeStruct(s, d) for s, d in self.leaves]
-        return jax.tree.unflatten(self.treedef, structs)
-
-
-def _abstract(tree: Any) -> _Abstract:
-    return _Abstract(tree)
+def _signature(tree: Any) -> tuple[Any, tuple[Any, ...]]:
+    """A pytree's structure and its leaves' shapes and dtypes: hashable, the key of
+    `_traced_outputs`."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple(
+        (a.shape, a.dtype) if hasattr(a, "dtype") else (np.shape(a), np.result_type(a))
+        for a in leaves
+    )
 
 
 @cached(maxsize=256)
-def _traced_outputs(state: _Abstract, inputs: _Abstract) -> Any:
-    return _forward.eval_shape(state.value, inputs.value)
+def _traced_outputs(state: tuple, inputs: tuple) -> Any:
+    def value(signature: tuple) -> Any:
+        treedef, leaves = signature
+        return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in leaves])
+
+    return _forward.eval_shape(value(state), value(inputs))
 
 
 def _mismatch(where: str, e: Exception, shapes: Any) -> ConfigError:

@@ -88,7 +88,7 @@ def make_part_program(
     `ChunkFeed`) in a `lax.scan` of static ``length >= num_steps`` steps (`run_steps`),
     adding their metrics into ``acc``; steps past ``num_steps`` are masked (they leave
     the state as it is; ``num_steps=None`` with ``max_streak=None``: every step runs,
-    nothing masked, as `jtricks.bench.trials` calls it). The loop's trip count is static, so XLA knows it
+    nothing masked). The loop's trip count is static, so XLA knows it
     (``known_trip_count``) and an accelerator runs the whole part without asking the
     host after each step. ``acc`` is the epoch's accumulator so far (`init_accumulator`),
     or the skipped-step streak carried in, which starts a fresh one. With ``finish`` the
@@ -282,10 +282,10 @@ def run_steps(
     A step is *active* while ``j < num_steps`` and fewer than ``max_streak`` consecutive
     steps were skipped as non-finite (in any member); an inactive step leaves the state
     as it was (`masked_step`) and its metrics are discarded. ``num_steps=None`` runs
-    every step unmasked (``active`` is a constant, so the masking selects fold away). So the loop has a static
-    trip count (no host round trip per step on an accelerator) and still stops where a
-    while loop would. A `jtricks.optim.fused` optimizer sees flat parameters inside the
-    loop, one copy each way.
+    every step unmasked (``active`` is a constant, so the masking selects fold away). So
+    the loop has a static trip count (no host round trip per step on an accelerator)
+    and still stops where a while loop would. A `jtricks.optim.fused` optimizer sees
+    flat parameters inside the loop, one copy each way.
 
     With ``log`` every step's metrics are also the scan's outputs, and ``acc["rows"]``
     holds those of the logged active steps (`StepLog`), compacted on the device into
