@@ -12,6 +12,7 @@ weights, the loss and the optimizer stay float32.
     step = make_step(model, tx, x, y, compute=None)   # (carry, idx) -> (carry, loss)
     one = jax.jit(step, donate_argnums=0)              # one call per batch
     epoch = jax.jit(lambda c, idxs: jax.lax.scan(step, c, idxs), donate_argnums=0)
+    evaluate = make_eval(model, x_val, y_val)         # (params, batch_stats) -> metrics
 """
 
 from __future__ import annotations
@@ -61,3 +62,17 @@ def make_step(
         return (optax.apply_updates(params, u), bs, opt), loss
 
     return step
+
+
+def make_eval(model: Any, x: jax.Array, y: jax.Array) -> Callable:
+    """``evaluate(params, batch_stats) -> {"loss", "accuracy"}`` on all of ``x, y`` in one
+    forward pass (inference mode), as the Flax examples evaluate their test split:
+    ``loss = mean_i CE(f(x_i), y_i)``, ``accuracy = mean_i [argmax f(x_i) = y_i]``."""
+
+    def evaluate(params, bs):
+        logits = model.apply({"params": params, "batch_stats": bs}, x, train=False)
+        logits = logits.astype(jnp.float32)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return {"loss": loss, "accuracy": (logits.argmax(-1) == y).mean()}
+
+    return evaluate

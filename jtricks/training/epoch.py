@@ -97,7 +97,9 @@ def make_part_program(
     weights)`` from `pad_batches`, on ``state.evaluation_state(eval_source)``); with
     ``log`` (a `StepLog`) the records of the logged steps come back too, as
     ``acc["rows"]`` or ``metrics["step_rows"]``. The state is donated (its buffers
-    reused in place).
+    reused in place); ``keep=True`` (static) also returns a copy of the state the call
+    started from, ``(state, acc | metrics, start)``: made inside the program, it costs
+    no dispatch of its own (`fit` keeps it to return on divergence).
 
     Its calls (static ``length`` and ``finish`` choose the program): a whole epoch is
     ``(streak, length=L, finish=True)``; an epoch in parts starts with ``(streak,
@@ -128,8 +130,7 @@ def make_part_program(
 
         return step_at
 
-    @partial(jax.jit, static_argnames=("length", "finish"), donate_argnums=0)
-    def run_part(state, acc, feed, num_steps, max_streak, val=None, *, length, finish):
+    def part(state, acc, feed, num_steps, max_streak, val, length, finish):
         if not isinstance(acc, dict):  # the streak carried in: a fresh epoch
             shapes = step_metric_shapes(steps_of(feed), state)
             acc = init_accumulator(shapes, acc, private_of(log))
@@ -143,6 +144,11 @@ def make_part_program(
         rows = acc.pop("rows", None)
         metrics = epoch_metrics(state, acc, val, eval_step, eval_source)
         return state, metrics if rows is None else {**metrics, "step_rows": rows}
+
+    @partial(jax.jit, static_argnames=("length", "finish", "keep"), donate_argnums=0)
+    def run_part(state, acc, feed, num_steps, max_streak, val=None, *, length, finish, keep=False):
+        out = part(state, acc, feed, num_steps, max_streak, val, length, finish)
+        return (*out, jax.tree.map(jnp.copy, state)) if keep else out
 
     return run_part
 

@@ -26,7 +26,6 @@ from jtricks.training.preemption import stop_requested as _stop_requested
 from jtricks.training.profile import Profile
 from jtricks.training.runs import Run
 from jtricks.training.state import TrainState, first_member
-from jtricks.training.state import device_copy as _device_copy
 from jtricks.training.streaming import evaluate_stream
 
 
@@ -53,14 +52,16 @@ class EpochResult:
     """What one epoch's programs hand the loop, device arrays until read: the epoch's
     ``metrics`` (`jtricks.training.epoch.epoch_metrics`; ``None`` for an epoch that did
     not end), the step ``rows`` not yet handed out, a stream's ``data_state`` after the
-    epoch's last batch, whether the stream ``ended`` (ran out), and, for an epoch cut by
-    a stop between its parts, the ``partial`` accumulator."""
+    epoch's last batch, whether the stream ``ended`` (ran out), for an epoch cut by a stop
+    between its parts, the ``partial`` accumulator, and the ``start`` state kept for
+    divergence (`_FiniteKeeper`) when it was asked for."""
 
     metrics: dict[str, Any] | None = None
     rows: Any = None
     data_state: Any = None
     ended: bool = False
     partial: dict[str, Any] | None = None
+    start: TrainState | None = None
 
     @property
     def interrupted(self) -> bool:
@@ -72,30 +73,35 @@ class EpochResult:
         return (self.metrics or self.partial)["streak"]
 
 
-def run_epoch(state, streak, run: Run, val, start: int, num_steps: int, options, stop, on_part):
+def run_epoch(
+    state, streak, run: Run, val, start: int, num_steps: int, options, stop, on_part, keep=False
+):
     """Run ``num_steps`` steps of the epoch that ``start`` (global steps done) falls in:
     its parts (``run.parts``) through the run's program, then the epoch's end, with
     validation. One part covering the epoch is one program, end included; otherwise each
     finished part goes to ``on_part(acc, rows)`` once the next one is dispatched (so the
     device never waits for the host), the loop stops early once a part's streak of
     non-finite steps ends training, and a stop (``stop``) between parts returns an
-    interrupted `EpochResult`."""
+    interrupted `EpochResult`. With ``keep`` the result's ``start`` is a copy of the
+    state the epoch began from, made by the epoch's first program."""
     profile, max_streak = options.profile, np.int32(options.max_nonfinite)
     array_val = val if isinstance(val, tuple) else None
     epoch, offset = divmod(start, run.steps_per_epoch)
     parts = run.parts(epoch, offset, num_steps)
-    acc, pending, done, last, ended = streak, None, 0, None, False
+    acc, pending, done, last, ended, kept = streak, None, 0, None, False, None
     while (part := _next_part(parts, state)) is not None:
         last, n = part, np.int32(part.steps)
         with traced(profile, start + done, part.steps):
             if not run.split and part.steps == num_steps:  # the whole epoch in one program
-                state, metrics = run.program(
-                    state, acc, part.feed, n, max_streak, array_val, length=part.length, finish=True
+                whole = dict(length=part.length, finish=True, keep=keep)
+                state, metrics, *kept = run.program(
+                    state, acc, part.feed, n, max_streak, array_val, **whole
                 )
-                return state, _ended(metrics, run, state, val, part.data_state)
+                result = _ended(metrics, run, state, val, part.data_state)
+                return state, _kept(result, kept)
             if not isinstance(acc, dict):  # the epoch's zeroed accumulator
-                state, acc = run.program(
-                    state, acc, part.feed, n, max_streak, length=0, finish=False
+                state, acc, *kept = run.program(
+                    state, acc, part.feed, n, max_streak, length=0, finish=False, keep=keep
                 )
             state, acc = run.program(
                 state, acc, part.feed, n, max_streak, length=part.length, finish=False
@@ -107,17 +113,25 @@ def run_epoch(state, streak, run: Run, val, start: int, num_steps: int, options,
         if previous is not None and part_done(previous, on_part, max_streak):
             break  # diverged: every later step would be masked
         if done < num_steps and stop_requested(stop):
-            return state, EpochResult(rows=pending[1], data_state=part.data_state, partial=acc)
+            cut = EpochResult(rows=pending[1], data_state=part.data_state, partial=acc)
+            return state, _kept(cut, kept)
     else:
         ended = done < num_steps  # a one-shot stream ran out
-    if pending is None:  # nothing came: the stream was already exhausted
-        return state, EpochResult(ended=True)
+    if pending is None:  # nothing came: the stream was already exhausted (nothing donated)
+        return state, EpochResult(ended=True, start=state if keep else None)
     state, metrics = run.program(
         state, acc, None, np.int32(0), max_streak, array_val, length=0, finish=True
     )
     result = _ended({**metrics, "step_rows": pending[1]}, run, state, val, last.data_state)
     result.ended = ended
-    return state, result
+    return state, _kept(result, kept)
+
+
+def _kept(result: EpochResult, kept: list[Any]) -> EpochResult:
+    """``result`` with its ``start``: the state copy the epoch's first program returned
+    (``kept``, empty when none was asked)."""
+    result.start = kept[0] if kept else None
+    return result
 
 
 def _next_part(parts: Iterator[Any], state) -> Any:
@@ -176,13 +190,12 @@ def run_loop(
         step = start_step + done
         epoch, offset = divmod(step, steps_per_epoch)
         num_steps = min(steps_per_epoch - offset, total_steps - done)
-        keeper.starting(state)
         on_part = part_listener(history, callbacks, reporter, epoch, step, done)
         state, result = run_epoch(
-            state, streak, run, val, step, num_steps, options, interrupt, on_part
+            state, streak, run, val, step, num_steps, options, interrupt, on_part, keeper.wanted()
         )
         before = partial if partial is not None and step == partial["step"] else None
-        return state, Dispatched(result, epoch, step, num_steps, done, keeper.take_start(), before)
+        return state, Dispatched(result, epoch, step, num_steps, done, result.start, before)
 
     cut: EpochResult | None = None
     try:
@@ -385,24 +398,20 @@ def _run_callbacks(callbacks, record, state, history, pipelined):
 
 class _FiniteKeeper:
     """Keeps on device the newest state that evaluated finite: the initial one, then the
-    end of every epoch whose record is finite and sane (`_finite_record`). A state is copied before
-    the epoch that would donate it only when it may be needed (always when epochs are
-    pipelined, since the next one is dispatched before this one's record is read)."""
+    end of every epoch whose record is finite and sane (`_finite_record`). The epoch that
+    would donate a state copies it first, inside its own program (`run_epoch`'s
+    ``keep``), only when it may be needed (always when epochs are pipelined, since the
+    next one is dispatched before this one's record is read)."""
 
     def __init__(self, *, enabled: bool, always_copy: bool) -> None:
         self.enabled, self.always_copy = enabled, always_copy
         self.good: TrainState | None = None
         self.initial_loss: float | None = None
         self._promote_next = False
-        self._start: TrainState | None = None
 
-    def starting(self, state: TrainState) -> None:
-        wanted = self.always_copy or self._promote_next or self.good is None
-        self._start = _device_copy(state) if self.enabled and wanted else None
-
-    def take_start(self) -> TrainState | None:
-        start, self._start = self._start, None
-        return start
+    def wanted(self) -> bool:
+        """Whether the next epoch should keep a copy of the state it starts from."""
+        return self.enabled and (self.always_copy or self._promote_next or self.good is None)
 
     def started(self, start: TrainState | None) -> None:
         if start is not None and (self.good is None or self._promote_next):
