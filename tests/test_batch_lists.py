@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from jtricks.data.stream import is_batch_sequence
-from jtricks.errors import ConfigError
+from jtricks.errors import ConfigError, StreamError
 from jtricks.nn import build_model
 from jtricks.training import create_train_state, evaluate, fit, make_train_step
 
@@ -40,6 +40,14 @@ class Loader:
         if not self.sized:
             raise TypeError("no len")
         return len(self.batches)
+
+
+class TorchLoader(Loader):
+    """A loader with `torch.utils.data.DataLoader`'s attributes (``drop_last=False``)."""
+
+    def __init__(self, batches, batch_size, num_examples):
+        super().__init__(batches)
+        self.batch_size, self.drop_last, self.dataset = batch_size, False, range(num_examples)
 
 
 def _equal(a, b):
@@ -85,6 +93,20 @@ def test_arrays_stay_arrays_and_lists_of_batches_are_told_apart():
     assert not is_batch_sequence([(X, Y), (X[:, :3], Y)])  # unlike batches: not a list of them
     state, _ = fit(fresh(), (X, Y), batch_size=32, epochs=1)
     assert int(state.step) == 230 // 32
+
+
+def test_a_loaders_shorter_last_batch_is_left_out_of_training_as_a_lists_is():
+    listed, history = fit(fresh(), BATCHES, epochs=3)
+    torch_like, t_history = fit(fresh(), TorchLoader(BATCHES, 32, 230), epochs=3)
+    _equal(torch_like.params, listed.params)  # its len() 8 less the short batch: 7 a pass
+    assert [r["step"] for r in t_history.records] == [r["step"] for r in history.records]
+    with pytest.warns(UserWarning, match=r"left out of training.*give steps_per_epoch=7"):
+        fit(fresh(), Loader(BATCHES), epochs=2)  # an epoch of len() = 8 runs into the next pass
+    told, _ = fit(fresh(), Loader(BATCHES), epochs=3, steps_per_epoch=7)
+    _equal(told.params, listed.params)
+    middle = Loader([BATCHES[0], (X[:10], Y[:10]), BATCHES[1]])
+    with pytest.raises(StreamError, match="batch 2 of its pass holds 10 examples, the first 32"):
+        fit(fresh(), middle, epochs=1)
 
 
 def test_a_batch_in_the_middle_of_another_size_is_refused_by_index():

@@ -173,12 +173,23 @@ def test_a_failing_stream_raises_with_the_state_reached(data):
         fit(_state(), flaky(), steps=20, steps_per_epoch=5, chunk=2)
     assert int(err.value.state.step) == 9  # every batch read before the failure was trained
 
-    def ragged():
+    def ragged(last=True):
         yield train[0][:20], train[1][:20]
         yield train[0][:10], train[1][:10]
+        if not last:
+            yield train[0][:20], train[1][:20]
+
+    with pytest.raises(StreamError, match=r"batch 2 of its pass holds 10 examples, the first 20"):
+        fit(_state(), ragged(last=False), steps=3, chunk=3)
+    state, history = fit(_state(), ragged(), steps=2, chunk=2)  # a shorter last batch: left out
+    assert int(state.step) == 1 and history.stopped is not None
+
+    def unlike():
+        yield train[0][:20], train[1][:20]
+        yield train[0][:20, :5], train[1][:20]
 
     with pytest.raises(StreamError, match=r"batch 2 has .* shapes"):
-        fit(_state(), ragged(), steps=2, chunk=2)
+        fit(_state(), unlike(), steps=2, chunk=2)
 
 
 def test_evaluate_on_a_stream_equals_arrays(data):

@@ -99,6 +99,20 @@ def training_batches(batches: list | tuple) -> tuple:
     return tuple(b for b, n in zip(batches, sizes, strict=True) if n == sizes[0])
 
 
+def short_last_batch(loader: Any) -> bool:
+    """Whether a PyTorch-style loader says its passes end with a shorter batch: its
+    ``drop_last`` is ``False`` and ``len(loader.dataset)`` is not a multiple of its
+    ``batch_size`` (`torch.utils.data.DataLoader`'s attributes; ``False`` for anything
+    that does not have them)."""
+    size, dataset = getattr(loader, "batch_size", None), getattr(loader, "dataset", None)
+    if getattr(loader, "drop_last", None) is not False or not isinstance(size, int) or size < 1:
+        return False
+    try:
+        return len(dataset) % size != 0
+    except TypeError:
+        return False
+
+
 def stream_length(stream: Any) -> int | None:
     """Batches in one pass of ``stream`` (its ``len``), or ``None`` for an endless or
     unsized one."""

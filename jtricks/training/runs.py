@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtricks.data.batching import class_balanced
-from jtricks.data.stream import is_stream, stream_length
+from jtricks.data.stream import is_stream, short_last_batch, stream_length
 from jtricks.errors import ConfigError, check_int
 from jtricks.training import compiled as programs
 from jtricks.training.compiled import compiled_steps
@@ -272,7 +272,9 @@ def stream_run(
         raise
     plan = chunk_plan(start_step, steps_per_epoch, total, k)
     task = options.task
-    feeder.start(plan, k, chunk_sharding(mesh), lambda b, where: check_data(member, task, b, where))
+    check = partial(check_data, member, task)
+    counted = fit_options.steps_per_epoch is None and stream_length(stream) == steps_per_epoch
+    feeder.start(plan, k, chunk_sharding(mesh), check, steps_per_epoch if counted else None)
     split = k < steps_per_epoch or fit_options.profile is not None
     eval_step = compiled_steps(options)[1]
     program = programs.part_program(options)
@@ -284,10 +286,13 @@ def stream_run(
 
 
 def _stream_epoch(stream: Any, steps_per_epoch: int | None, length: Length) -> int:
-    """A stream's epoch: ``steps_per_epoch``, else its ``len``, else (with ``steps``) the
-    whole call."""
+    """A stream's epoch: ``steps_per_epoch``, else its ``len`` (less the shorter last batch
+    a PyTorch-style loader announces, `short_last_batch`: it is not trained on), else
+    (with ``steps``) the whole call."""
     if steps_per_epoch is None:
         steps_per_epoch = stream_length(stream)
+        if steps_per_epoch is not None and steps_per_epoch > 1 and short_last_batch(stream):
+            steps_per_epoch -= 1
     if steps_per_epoch is None and length.steps is None:
         if isinstance(stream, Iterator):
             fix = (

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import warnings
 from collections.abc import Iterator
 from functools import partial
 from typing import Any
@@ -102,12 +103,16 @@ class Feeder:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self, plan: Iterator[int], chunk: int, sharding: Any = None, check=None) -> None:
+    def start(
+        self, plan: Iterator[int], chunk: int, sharding: Any = None, check=None, epoch_steps=None
+    ) -> None:
         """Start reading: chunks of the sizes in ``plan`` (each padded to ``chunk``), each
         chunk's real batches given to ``check(batch, where)`` as one batch first (the data
         checks of arrays, on the chunks as they are read: a full pass first would cost a
-        second read of the data)."""
+        second read of the data). ``epoch_steps``: the batches per epoch when they were
+        counted by ``len(stream)`` (for the warning of `_note_short`)."""
         self.chunk, self.sharding, self.check, self.checked = chunk, sharding, check, 0
+        self.epoch_steps, self.note, self.warned = epoch_steps, None, False
         self._thread = threading.Thread(target=self._run, args=(plan,), daemon=True)
         self._thread.start()
 
@@ -163,7 +168,8 @@ class Feeder:
             batch = self._next_batch()
             if batch is None:
                 break
-            batches.append(self._checked(batch))
+            if not self._last_short(batch):
+                batches.append(self._checked(batch))
         if not batches:
             return None, 0
         host = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *batches)
@@ -177,15 +183,50 @@ class Feeder:
             lambda a: np.concatenate([a, np.repeat(a[-1:], self.chunk - n, axis=0)]), host
         )
 
+    def _last_short(self, batch: Any) -> bool:
+        """Whether ``batch`` is a pass's shorter last batch (the first batch's structure
+        and per-example shapes, fewer examples, nothing after it in the pass): left out of
+        training, as in-memory arrays leave out the rows that fill no batch and as a list
+        of batches leaves out its shorter last one. A shorter batch with more after it is
+        refused. Peeking ends nothing: a finished iterator stays finished."""
+        shapes = [np.shape(a) for a in jax.tree.leaves(batch)]
+        alike = jax.tree.structure(batch) == self._treedef and len(shapes) == len(self._shapes)
+        if not alike or not all(
+            s[1:] == f[1:] and 0 < s[0] < f[0] for s, f in zip(shapes, self._shapes, strict=True)
+        ):
+            return False
+        full, n = self.read - 1, shapes[0][0]
+        try:
+            next(self.iterator)
+        except StopIteration:
+            self._note_short(full, n)
+            return True
+        raise StreamError(
+            f"the training stream's batch {self.read} of its pass holds {n} examples, the "
+            f"first {self._shapes[0][0]}; only a pass's last batch may be shorter (it is left "
+            "out of training)"
+        )
+
+    def _note_short(self, full: int, n: int) -> None:
+        """Note (once; `next` warns in the caller's thread) when an epoch counted from
+        ``len(stream)`` included the shorter last batch: epochs no longer line up with
+        passes."""
+        if self.note is None and self.epoch_steps == full + 1:
+            self.note = (
+                f"the training stream's last batch of a pass holds {n} examples, fewer than "
+                f"the others: it is left out of training, so an epoch of {full + 1} batches "
+                f"(its len()) runs into the next pass; give steps_per_epoch={full} for epochs "
+                "of one pass"
+            )
+
     def _checked(self, batch: Any) -> Any:
         shapes = [np.shape(a) for a in jax.tree.leaves(batch)]
         if jax.tree.structure(batch) != self._treedef or shapes != self._shapes:
             raise StreamError(
                 f"the training stream's batch {self.read} has structure "
                 f"{jax.tree.structure(batch)} and shapes {shapes}; its first batch had "
-                f"{self._treedef} and {self._shapes} (every batch must be alike: a list or "
-                "tuple of batches may end with a shorter one, left out of training; a "
-                "PyTorch DataLoader drops it with drop_last=True)"
+                f"{self._treedef} and {self._shapes} (every batch must be alike; a pass may "
+                "end with a shorter one, left out of training)"
             )
         return batch
 
@@ -209,6 +250,9 @@ class Feeder:
 
     def next(self) -> tuple[Any, int, Any] | None:
         item = self._queue.get()
+        if self.note is not None and not self.warned:
+            self.warned = True
+            warnings.warn(self.note, stacklevel=2)
         if item is _END:
             self._queue.put(_END)  # every later call sees the end too
             return None
