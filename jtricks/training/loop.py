@@ -195,7 +195,7 @@ def run_loop(
             state, streak, run, val, step, num_steps, options, interrupt, on_part, keeper.wanted()
         )
         before = partial if partial is not None and step == partial["step"] else None
-        return state, Dispatched(result, epoch, step, num_steps, done, result.start, before)
+        return state, Dispatched(result, epoch, step, num_steps, done, before)
 
     cut: EpochResult | None = None
     try:
@@ -205,7 +205,7 @@ def run_loop(
             upcoming = None
             if pipelined and pending.done_after < total_steps and not stop_requested(interrupt):
                 state, upcoming = dispatch(state, pending.done_after, pending.result.streak)
-            keeper.started(pending.start)
+            keeper.started(pending.result.start)
             deliver_steps(pending.result.rows, history, callbacks)
             if pending.result.metrics is None:  # stopped between parts, or a stream ran out
                 cut = pending.result
@@ -221,7 +221,7 @@ def run_loop(
                 state = endings.diverged(history, record, keeper, state, streak, record["step"])
                 endings.end_diverged(record, state, upcoming, callbacks, pipelined)
                 break
-            keeper.epoch_end(record, upcoming.start if upcoming is not None else None)
+            keeper.epoch_end(record, upcoming.result.start if upcoming is not None else None)
             state, stop = _run_callbacks(callbacks, record, state, history, pipelined)
             if ended and not stop:
                 history.stopped = record["stopped"] = endings.ran_out(record["step"])
@@ -334,15 +334,13 @@ def step_records(rows: Any) -> list[dict[str, Any]]:
 class Dispatched:
     """An epoch in flight: its ``result`` (device arrays until read), its ``epoch``, the
     global ``step`` it starts at, its ``num_steps``, the steps of this call ``done``
-    before it, the ``start`` state kept for divergence (`_FiniteKeeper`) and the
-    ``partial`` epoch it continues."""
+    before it and the ``partial`` epoch it continues."""
 
     result: EpochResult
     epoch: int
     step: int
     num_steps: int
     done: int
-    start: TrainState | None
     partial: dict[str, Any] | None = None
     """The steps of this epoch before a stop (`jtricks.training.partial`), if it resumes
     one."""
