@@ -346,6 +346,26 @@ def test_lr_range_test_cuts_a_diverging_run(tiny_data, tmp_path):
     assert not [ln for ln in text.splitlines() if "constant" in ln and "tensor<200x16xf32>" in ln]
 
 
+def test_the_range_suggestion_skips_the_warm_up_and_the_last_steps_as_fastai_does():
+    # 40 steps: a noisy drop in the first tenth (the smoothing's start), flat, a real
+    # descent around lr 1e-1, then a rise over the last five steps
+    lrs = np.geomspace(1e-7, 10.0, 40)
+    curve = np.full(40, 0.67)
+    curve[0], curve[1], curve[2] = 0.70, 0.62, 0.64
+    curve[24:33] = 0.67 - 0.02 * np.arange(1, 10)
+    curve[33:] = curve[32] + 0.01 * np.arange(1, 8)
+    window = slice(4, 35)  # 40 // 10 ... 40 - 5
+    slope = np.gradient(
+        curve[window][: int(np.argmin(curve[window])) + 1],
+        np.log(lrs[window])[: int(np.argmin(curve[window])) + 1],
+    )
+    expected = lrs[window][int(np.argmin(slope))]
+    assert D.range_suggestion(lrs, curve) == expected
+    assert 1e-3 < expected < 10 and D.steepest_descent(lrs, curve) < 1e-6  # the noise
+    short = np.array([1.0, 0.5, 0.4, 0.45])  # too short to leave anything out
+    assert D.range_suggestion(lrs[:4], short) == D.steepest_descent(lrs[:4], short)
+
+
 def test_steepest_descent_on_a_hand_made_curve():
     lrs = np.array([1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0])
     final = np.array([2.0, 1.9, 1.0, 0.8, 0.7, np.nan])

@@ -36,6 +36,7 @@ from jtricks.diagnostics.lr_finder import (
     lr_finder,
     lr_range_test,
     make_lr_sweep,
+    range_suggestion,
     smooth_losses,
     steepest_descent,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "lr_range_test",
     "make_lr_sweep",
     "overfit_one_batch",
+    "range_suggestion",
     "signal_propagation",
     "smooth_losses",
     "steepest_descent",

@@ -130,8 +130,8 @@ class LRRangeTestResult:
     ``lrs`` (steps,) the rate of each step, ``losses`` (steps,) the batch losses,
     ``smoothed`` (steps,) their bias-corrected moving average (NaN from the divergence
     on), ``diverged_at`` the first step cut off as diverged (``None`` if none was),
-    ``suggestion`` the rate of steepest descent of ``smoothed``, ``best`` the rate at its
-    minimum (the older fastai rule suggests ``best / 10``).
+    ``suggestion`` the rate of steepest descent of ``smoothed`` (`range_suggestion`),
+    ``best`` the rate at its minimum (the older fastai rule suggests ``best / 10``).
     """
 
     lrs: np.ndarray
@@ -189,6 +189,22 @@ def smooth_losses(
     return smoothed, None
 
 
+def range_suggestion(lrs: np.ndarray, smoothed: np.ndarray) -> float:
+    """The range test's suggestion: `steepest_descent` of the smoothed losses, leaving
+    out the first tenth of the steps (the moving average still leans on a few noisy
+    batches there: its bias-corrected start is the first batch's loss) and the last five,
+    as fastai's ``lr_find`` does before it suggests; the whole curve when fewer than three
+    points would remain.
+
+    References:
+      fastai ``Learner.lr_find`` (``lrs[num_it//10:-5]``)."""
+    lrs, smoothed = np.asarray(lrs), np.asarray(smoothed)
+    lo, hi = len(lrs) // 10, len(lrs) - 5
+    if hi - lo < 3 or not np.isfinite(smoothed[lo:hi]).any():
+        return steepest_descent(lrs, smoothed)
+    return steepest_descent(lrs[lo:hi], smoothed[lo:hi])
+
+
 def lr_range_test(
     model: nn.Module,
     make_tx: Callable[[float], optax.GradientTransformation],
@@ -213,7 +229,8 @@ def lr_range_test(
     depends on the rates before it), so ramp slowly enough that the loss can follow.
     Losses are smoothed and cut at divergence by `smooth_losses` (fastai's defaults:
     ``beta=0.98``, divergence at 4x the lowest smoothed loss); the suggestion is
-    `steepest_descent` of the smoothed curve, as fastai's "steep" suggestion.
+    `steepest_descent` of the smoothed curve past its first tenth and before its last five
+    steps (`range_suggestion`), as fastai's "steep" suggestion.
     ``make_tx`` is as in `lr_finder` (any optax optimizer, see `rate_varied`).
 
     References:
@@ -235,7 +252,7 @@ def lr_range_test(
         raise ValueError("the loss was not finite at the first step; lower lr_min")
     best = float(lrs[np.nanargmin(smoothed)])
     return LRRangeTestResult(
-        lrs, losses, smoothed, diverged_at, steepest_descent(lrs, smoothed), best
+        lrs, losses, smoothed, diverged_at, range_suggestion(lrs, smoothed), best
     )
 
 
