@@ -157,6 +157,16 @@ def test_pipeline_spec_and_errors():
             A.build_augment(spec)
 
 
+def test_compose_takes_arguments_or_one_list_and_keys_each_part():
+    x, key = jnp.linspace(-1.0, 1.0, 16).reshape(16, 1), jax.random.key(3)
+    parts = [A.shift(2), A.noise(0.1)]
+    hand = parts[1](jax.random.fold_in(key, 1), parts[0](jax.random.fold_in(key, 0), x))
+    np.testing.assert_array_equal(A.compose(*parts)(key, x), hand)
+    np.testing.assert_array_equal(A.compose(parts)(key, x), hand)
+    with pytest.raises(TypeError, match="augmentation 1 is 'noise', not a callable"):
+        A.compose(A.shift(2), "noise")
+
+
 def test_augmentation_is_training_only(tiny_data, adam, key):
     d = tiny_data
     state = create_train_state(MLP(num_classes=4, features=(16,)), adam, d.x_train, key)

@@ -252,9 +252,22 @@ def trend(strength: float = 0.5) -> Augment:
 # ----------------------------------------------------------------------------- composition
 
 
-def compose(augments: Sequence[Augment]) -> Augment:
-    """Apply ``augments`` in order, each with its own key ``fold_in(key, i)``."""
+def compose(*augments: Augment | Sequence[Augment]) -> Augment:
+    """Apply ``augments`` in order, each with its own key ``fold_in(key, i)``: given as
+    arguments, ``compose(shift(2), noise(0.1))`` (as `optax.chain`), or as one list
+    (as torchvision's ``Compose``).
+
+    Raises:
+      TypeError: an augmentation that is not a callable ``(key, x) -> x``."""
+    if len(augments) == 1 and isinstance(augments[0], list | tuple):
+        augments = augments[0]
     augments = list(augments)
+    for i, aug in enumerate(augments):
+        if not callable(aug):
+            raise TypeError(
+                f"compose: augmentation {i} is {aug!r}, not a callable (key, x) -> x such "
+                "as jtricks.data.augment.shift(2)"
+            )
 
     def fn(key, x):
         for i, aug in enumerate(augments):
