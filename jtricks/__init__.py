@@ -33,6 +33,7 @@ _HOMES = {
     "create_train_state": "jtricks.training",
     "evaluate": "jtricks.training",
     "fit": "jtricks.training",
+    "predict": "jtricks.training",
 }
 
 _SUBPACKAGES = (

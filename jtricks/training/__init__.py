@@ -8,6 +8,7 @@ from jtricks.training.epoch import make_epoch_fn
 from jtricks.training.fit import Callback, History, evaluate, fit
 from jtricks.training.model import nnx_module
 from jtricks.training.options import FitOptions
+from jtricks.training.predict import predict
 from jtricks.training.state import TrainState, create_train_state
 from jtricks.training.steps import make_eval_step, make_evaluate_fn, make_train_step
 from jtricks.training.tta import evaluate_tta, tta_log_probs
@@ -33,5 +34,6 @@ __all__ = [
     "make_evaluate_fn",
     "make_train_step",
     "nnx_module",
+    "predict",
     "tta_log_probs",
 ]

@@ -83,20 +83,25 @@ def model_outputs(state: Any, task: Task, data: Any, where: str) -> jax.ShapeDty
     optimizer is left out of the traced state, so a new state of the same model costs
     nothing here, and a repeated `fit` call only flattens the state to find its key.
     """
-    first = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct((1, *a.shape[1:]), a.dtype), task.inputs(data)
-    )
-    model_only = state.replace(tx=None, opt_state=None, ema_params=None)
-    try:
-        out = _traced_outputs(_signature(model_only), _signature(first))
-    except Exception as e:  # a shape mismatch deep inside the user's model
-        raise _mismatch(where, e, jax.tree.map(lambda a: a.shape[1:], first)) from None
+    out = input_outputs(state, task.inputs(data), where)
     if not isinstance(out, jax.ShapeDtypeStruct):
         raise ConfigError(
             f"{where}: the {task.name} task needs the model to return one array; "
             f"it returns {jax.tree.structure(out)}"
         )
     return out
+
+
+def input_outputs(state: Any, inputs: Any, where: str) -> Any:
+    """The shapes of the model's outputs for the first example of ``inputs`` (the model's
+    input pytree), traced once per model and input shape; a model that cannot take them
+    is a `ConfigError` naming the per-example shapes."""
+    first = jax.tree.map(lambda a: jax.ShapeDtypeStruct((1, *a.shape[1:]), a.dtype), inputs)
+    model_only = state.replace(tx=None, opt_state=None, ema_params=None)
+    try:
+        return _traced_outputs(_signature(model_only), _signature(first))
+    except Exception as e:  # a shape mismatch deep inside the user's model
+        raise _mismatch(where, e, jax.tree.map(lambda a: a.shape[1:], first)) from None
 
 
 def _signature(tree: Any) -> tuple[Any, tuple[Any, ...]]:
