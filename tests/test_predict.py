@@ -36,6 +36,8 @@ def test_predict_equals_apply_on_the_whole_set_in_evaluation_mode(trained):
     np.testing.assert_array_equal(predict(trained, X, batch_size=64), got)  # no dropout
     with pytest.raises(ConfigError, match=r"predict inputs.*shape"):
         predict(trained, X[:, :4])
+    with pytest.raises(ConfigError, match=r"predict takes what the model reads, x, not a batch"):
+        predict(trained, (X, Y))
     with pytest.raises(ConfigError, match="batch_size"):
         predict(trained, X, batch_size=0)
 

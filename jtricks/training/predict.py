@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from jtricks.caches import jitted
-from jtricks.errors import check_int
+from jtricks.errors import ConfigError, check_int
 from jtricks.training.data_checks import as_arrays, input_outputs, num_examples, pad_batches
 from jtricks.training.distributed import like_state
 from jtricks.training.model import apply_model
@@ -44,7 +44,14 @@ def predict(
     batch_size = check_int("batch_size", batch_size, low=1)
     source = check_eval_source(params, first_member(state))
     inputs = as_arrays(inputs, "predict inputs")
-    input_outputs(first_member(state), inputs, "predict inputs")
+    try:
+        input_outputs(first_member(state), inputs, "predict inputs")
+    except ConfigError as e:
+        if isinstance(inputs, tuple | list):  # a batch (x, y) where the inputs x belong
+            raise ConfigError(
+                f"{e} (predict takes what the model reads, x, not a batch (x, y))"
+            ) from None
+        raise
     n = num_examples(inputs)
     batches, _ = like_state(pad_batches(inputs, batch_size), state.params)
     out = _outputs(state, batches, source, is_ensemble(state))
