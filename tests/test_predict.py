@@ -67,3 +67,23 @@ def test_predict_on_an_ensemble_gives_every_member():
         np.testing.assert_allclose(got[i], predict(member, X), rtol=1e-5, atol=1e-6)
     mean = np.asarray(jax.nn.softmax(got)).mean(axis=0)
     np.testing.assert_allclose(mean, predict_proba(members, X), rtol=1e-5, atol=1e-6)
+
+
+def test_predict_on_an_nnx_model_equals_the_module_in_evaluation_mode():
+    from flax import nnx
+
+    from jtricks.training import nnx_module
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.dense, self.norm = nnx.Linear(6, 8, rngs=rngs), nnx.BatchNorm(8, rngs=rngs)
+            self.drop, self.head = nnx.Dropout(0.3, rngs=rngs), nnx.Linear(8, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(self.drop(jax.nn.relu(self.norm(self.dense(x)))))
+
+    state = create_train_state(Net(nnx.Rngs(0)), optax.adam(1e-2), X, jax.random.key(0))
+    state, _ = fit(state, (X, Y), batch_size=32, epochs=1)
+    module = nnx_module(state)
+    module.eval()
+    np.testing.assert_allclose(predict(state, X, batch_size=100), module(X), rtol=1e-5, atol=1e-6)
