@@ -374,6 +374,16 @@ def test_bf16_and_the_divergence_guard_on_a_stream(data):
     _same(a.params, b.params)
 
 
+def test_a_batch_stream_of_anything_but_epoch_batches_is_refused_in_one_line(data):
+    from jtricks.data.stream import SequentialBatches
+
+    train, _ = data
+    with pytest.raises(ConfigError, match="got SequentialBatches: it is a stream already"):
+        BatchStream(SequentialBatches(train, 40))
+    with pytest.raises(ConfigError, match="BatchStream reads EpochBatches"):
+        BatchStream([train])
+
+
 def test_a_one_shot_validation_iterator_is_refused_before_training(data):
     train, test = data
     batches = (tuple(a[i : i + 30] for a in test) for i in range(0, 60, 30))

@@ -335,6 +335,17 @@ class BatchStream:
             raise ConfigError(
                 f"loader must be one of {', '.join(LOADERS)}; got {loader!r}", param="loader"
             )
+        if not isinstance(batches, EpochBatches):
+            hint = (
+                ": it is a stream already (one pass in order, for evaluation): give it as it is"
+                if isinstance(batches, SequentialBatches)
+                else ""
+            )
+            raise ConfigError(
+                f"BatchStream reads EpochBatches (shuffled training batches); got "
+                f"{type(batches).__name__}{hint}",
+                param="batches",
+            )
         if loader == "grain":
             _import_grain()
         self.batches, self.loader = batches, loader
