@@ -168,8 +168,9 @@ class Feeder:
             batch = self._next_batch()
             if batch is None:
                 break
-            if not self._last_short(batch):
-                batches.append(self._checked(batch))
+            batch = self._checked(batch)
+            if batch is not None:  # None: a pass's shorter last batch, left out
+                batches.append(batch)
         if not batches:
             return None, 0
         host = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *batches)
@@ -183,13 +184,13 @@ class Feeder:
             lambda a: np.concatenate([a, np.repeat(a[-1:], self.chunk - n, axis=0)]), host
         )
 
-    def _last_short(self, batch: Any) -> bool:
-        """Whether ``batch`` is a pass's shorter last batch (the first batch's structure
-        and per-example shapes, fewer examples, nothing after it in the pass): left out of
-        training, as in-memory arrays leave out the rows that fill no batch and as a list
-        of batches leaves out its shorter last one. A shorter batch with more after it is
-        refused. Peeking ends nothing: a finished iterator stays finished."""
-        shapes = [np.shape(a) for a in jax.tree.leaves(batch)]
+    def _last_short(self, batch: Any, shapes: list[tuple[int, ...]]) -> bool:
+        """Whether ``batch`` (its leaves' ``shapes``) is a pass's shorter last batch (the
+        first batch's structure and per-example shapes, fewer examples, nothing after it
+        in the pass): left out of training, as in-memory arrays leave out the rows that
+        fill no batch and as a list of batches leaves out its shorter last one. A shorter
+        batch with more after it is refused. Peeking ends nothing: a finished iterator
+        stays finished."""
         alike = jax.tree.structure(batch) == self._treedef and len(shapes) == len(self._shapes)
         if not alike or not all(
             s[1:] == f[1:] and 0 < s[0] < f[0] for s, f in zip(shapes, self._shapes, strict=True)
@@ -220,15 +221,19 @@ class Feeder:
             )
 
     def _checked(self, batch: Any) -> Any:
+        """``batch`` when it is like the first; ``None`` for a pass's shorter last batch
+        (`_last_short`); any other batch is refused."""
         shapes = [np.shape(a) for a in jax.tree.leaves(batch)]
-        if jax.tree.structure(batch) != self._treedef or shapes != self._shapes:
-            raise StreamError(
-                f"the training stream's batch {self.read} has structure "
-                f"{jax.tree.structure(batch)} and shapes {shapes}; its first batch had "
-                f"{self._treedef} and {self._shapes} (every batch must be alike; a pass may "
-                "end with a shorter one, left out of training)"
-            )
-        return batch
+        if jax.tree.structure(batch) == self._treedef and shapes == self._shapes:
+            return batch
+        if self._last_short(batch, shapes):
+            return None
+        raise StreamError(
+            f"the training stream's batch {self.read} has structure "
+            f"{jax.tree.structure(batch)} and shapes {shapes}; its first batch had "
+            f"{self._treedef} and {self._shapes} (every batch must be alike; a pass may "
+            "end with a shorter one, left out of training)"
+        )
 
     def _put(self, host: Any) -> Any:
         """Start the chunk's transfer (asynchronous), onto the sharding when there is one;
