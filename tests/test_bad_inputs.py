@@ -202,6 +202,21 @@ API_CASES = [
     ("train-unknown-key", lambda s: jtricks.train(lr=0.1), "unknown config key"),
     ("train-string-seed", lambda s: jtricks.train(seed="0"), "seed"),
     (
+        "train-module-object",
+        lambda s: jtricks.train(model=MLP(num_classes=3)),
+        r"model must be a spec string; got an object of type MLP: .*import path \('mymodels:Net",
+    ),
+    (
+        "train-arrays-as-dataset",
+        lambda s: jtricks.train(dataset=np.zeros((3000, 4))),
+        "dataset must be a spec string; got an object of type ndarray: .*call fit",
+    ),
+    (
+        "optimizer-built-transform",
+        lambda s: jtricks.train(optimizer=optax.adamw(1e-3)),
+        "optimizer is an optax GradientTransformation, already built .*lambda learning_rate",
+    ),
+    (
         "optimizer-nonfinite",
         lambda s: jtricks.build_optimizer("sgd", float("inf")),
         "learning_rate",
@@ -223,6 +238,13 @@ API_CASES = [
 def test_api_bad_input(state, case, call, match):
     with pytest.raises(ConfigError, match=match):
         call(state)
+
+
+def test_a_function_optimizer_is_refused_with_a_folder_before_the_folder_exists(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"optimizer=<function .* config.json.*'mymodule:make'"):
+        jtricks.train(optimizer=lambda learning_rate: optax.sgd(learning_rate), out=out)
+    assert not out.exists()
 
 
 def test_api_checkpoint_for_another_model(tmp_path):

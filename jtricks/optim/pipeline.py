@@ -97,6 +97,15 @@ def _stages(spec: Any) -> list[tuple[str, tuple, dict]]:
             )
         kwargs = {k: v for k, v in spec.items() if k != "name"}
         return [(spec["name"], (), kwargs)]
+    if isinstance(spec, optax.GradientTransformation):
+        raise ConfigError(
+            "optimizer is an optax GradientTransformation, already built with its learning "
+            "rate; a spec names the optimizer so that the learning rate and schedule are "
+            "injected: give a factory (lambda learning_rate: optax.adamw(learning_rate)) or "
+            "a string ('optax.adamw(weight_decay=0.01)'), or pass the transform itself to "
+            "create_train_state and fit",
+            param="optimizer",
+        )
     if isinstance(spec, list | tuple) and spec:
         return [stage for part in spec for stage in _stages(part)]
     raise ConfigError(

@@ -9,6 +9,7 @@ own check, then the rules that tie fields together (`RULES`), once each.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,11 +31,20 @@ from jtricks.run.settings import (
     parse_steps,
     profile_steps,
     setting,
+    spec_string,
     string,
 )
 from jtricks.training.steps import PRECISIONS
 
-__all__ = ["INT_LIMIT", "RULES", "TrainConfig", "check_keys", "flag_of", "parse_steps"]
+__all__ = [
+    "INT_LIMIT",
+    "RULES",
+    "TrainConfig",
+    "check_keys",
+    "check_recordable",
+    "flag_of",
+    "parse_steps",
+]
 
 # ----------------------------------------------------------------------------- the config
 
@@ -68,7 +78,10 @@ class TrainConfig:
         "dataset spec: mnist1d, digits (scikit-learn's 8x8), synthetic(shape=(8, 8, 3), ...), "
         "regression, segmentation1d, "
         "tokens, text:PATH, npz:PATH, shards:DIR (.npy shards on disk, streamed), ...",
-        string,
+        spec_string(
+            "name a dataset or a file ('npz:PATH' holding x, y, x_test, y_test); "
+            "to train on arrays in memory, call fit"
+        ),
     )
     task: str | None = setting(
         None,
@@ -77,7 +90,12 @@ class TrainConfig:
         optional(string),
     )
     model: str = setting(
-        "cnn", "model spec: cnn, mlp, mlp(features=(256, 256), dropout=0.2), ...", string
+        "cnn",
+        "model spec: cnn, mlp, mlp(features=(256, 256), dropout=0.2), ...",
+        spec_string(
+            "name your own Linen or NNX class by import path ('mymodels:Net(width=64)'), "
+            "or pass a module object to create_train_state and fit"
+        ),
     )
     optimizer: Any = setting(
         "adam", "optimizer spec: sgd, momentum, adam, adamw, optax.lion, 'adam | clip(1.0)', ..."
@@ -353,6 +371,22 @@ def check_keys(settings: dict[str, Any]) -> None:
         raise ConfigError(
             f"unknown config key(s) {sorted(unknown)}; valid keys are: {', '.join(sorted(fields))}"
         )
+
+
+def check_recordable(settings: dict[str, Any]) -> None:
+    """Raise `ConfigError` for a setting JSON cannot hold, such as a Python function given
+    as the optimizer: a run folder records its config as JSON, from which ``--resume``
+    rebuilds the run."""
+    for name, value in settings.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"{name}={value!r} cannot be recorded in the run folder's config.json, from "
+                "which --resume rebuilds the run: name it by a spec string (a factory of your "
+                "own by its import path, 'mymodule:make'), or train without out",
+                param=name,
+            ) from None
 
 
 # ----------------------------------------------------------------------------- cross-field rules

@@ -24,7 +24,7 @@ from jax.experimental.multihost_utils import sync_global_devices
 
 from jtricks.errors import ConfigError, Interrupted, StreamError
 from jtricks.run.build import Build, build, name_the_dataset
-from jtricks.run.config import TrainConfig, check_keys
+from jtricks.run.config import TrainConfig, check_keys, check_recordable
 from jtricks.run.data import RunData, load_run_data, refuse_on_disk
 from jtricks.run.ensemble import train_ensemble
 from jtricks.run.options import fit_options
@@ -155,6 +155,8 @@ def resolve_config(
     check_keys(overrides)
     config = dataclasses.replace(config or TrainConfig(), **overrides)
     config.validate()
+    if out is not None:
+        check_recordable(config.to_dict())
     return config, out
 
 

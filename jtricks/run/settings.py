@@ -47,6 +47,20 @@ def string(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be a string; got {value!r}", param=name)
 
 
+def spec_string(instead: str) -> Check:
+    """A spec string; another object (a module, arrays) is refused, saying what to give
+    ``instead``: a config is recorded as JSON, so it names what it builds."""
+
+    def check(name: str, value: Any) -> None:
+        if not isinstance(value, str):
+            shown = repr(value)
+            if len(shown) > 80 or "\n" in shown:
+                shown = f"an object of type {type(value).__name__}"
+            raise ConfigError(f"{name} must be a spec string; got {shown}: {instead}", param=name)
+
+    return check
+
+
 def boolean(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ConfigError(f"{name} must be true or false; got {value!r}", param=name)
