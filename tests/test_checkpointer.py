@@ -18,6 +18,7 @@ from jtricks.training.checkpoint import (
     list_checkpoints,
     read_meta,
     restore,
+    restore_latest,
     verify,
 )
 
@@ -83,6 +84,21 @@ def test_keeps_the_last_n_and_the_best_in_an_orbax_layout(tmp_path, states, capl
     options = ocp.CheckpointManagerOptions(step_name_format=EpochNames(), read_only=True)
     with ocp.CheckpointManager(tmp_path.absolute(), options=options) as manager:
         assert list(manager.all_steps()) == [4, 5]
+
+
+def test_relative_paths_restore_as_absolute_ones(tmp_path, states, monkeypatch):
+    """``jtricks train --resume runs/a``: orbax reads no array metadata from a relative
+    path, which once made every checkpoint "not match the model"."""
+    _run(Checkpointer(tmp_path / "runs" / "a", background=False), states, {1: 1.0, 2: 0.5})
+    monkeypatch.chdir(tmp_path)
+    for restored, _ in [
+        restore_latest("runs/a", states[0]),
+        restore("runs/a/epoch-000002", states[0]),
+        restore("runs/a/best", states[0]),
+    ]:
+        np.testing.assert_array_equal(
+            _kernel({"params": restored.params}), _kernel({"params": states[2].params})
+        )
 
 
 def test_the_manifest_names_an_altered_metadata_file(tmp_path, states):

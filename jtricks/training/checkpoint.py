@@ -278,9 +278,11 @@ def _check(
     if foreign is not None and (why := foreign(meta)):
         raise CheckpointError(f"{path.name} is another run's checkpoint ({why})")
     with _orbax(path) as ckptr:
-        saved = ckptr.metadata(path / "state")
+        saved = ckptr.metadata((path / "state").absolute())  # orbax: no tree for a relative one
         saved_tree = getattr(saved, "item_metadata", saved)
         saved_tree = getattr(saved_tree, "tree", saved_tree)
+        if saved_tree is None:
+            raise CheckpointError(f"checkpoint {path}: orbax finds no array metadata in state/")
         _check_match(saved_tree, jax.tree.map(_placed_like, _arrays(target)), path)
     return meta
 
@@ -288,7 +290,8 @@ def _check(
 def _load(path: Path, target: TrainState, meta: dict[str, Any]) -> tuple[TrainState, dict]:
     """Read a checked checkpoint's arrays into the structure of ``target``."""
     with _orbax(path) as ckptr:
-        arrays = ckptr.restore(path / "state", jax.tree.map(_placed_like, _arrays(target)))
+        abstract = jax.tree.map(_placed_like, _arrays(target))
+        arrays = ckptr.restore((path / "state").absolute(), abstract)
     batch_stats = wrap_keys(arrays["batch_stats"], target.batch_stats)
     state = target.replace(
         step=arrays["step"],
