@@ -344,3 +344,6 @@ def test_a_missing_history_key_lists_the_keys_there_are(state, tiny_data):
     ):
         hist["initial_loss"]
     assert hist["train_loss"].shape == (2,)
+    assert "train_loss" in hist and "val_loss" not in hist and "initial_loss" not in hist
+    assert hist[0] in hist
+    assert hist.keys() == list(hist[0]) and "initial_loss" in hist.keys()

@@ -93,6 +93,17 @@ class History:
             raise KeyError(f"the step records have no {key!r}; their keys are: {', '.join(keys)}")
         return np.asarray([r["step"] for r in rows]), np.asarray([r[key] for r in rows])
 
+    def keys(self) -> list[str]:
+        """The keys the records hold, in the order they first appear (as a dict's)."""
+        return list(dict.fromkeys(k for r in self.records for k in r))
+
+    def __contains__(self, key: object) -> bool:
+        """``"val_loss" in history``: whether ``history[key]`` is a column (every record
+        holds it); a record given whole is looked for among the records."""
+        if isinstance(key, dict):
+            return key in self.records
+        return bool(self.records) and all(key in r for r in self.records)
+
     def __len__(self) -> int:
         return len(self.records)
 
