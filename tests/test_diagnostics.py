@@ -12,6 +12,7 @@ import optax
 import pytest
 
 from jtricks import diagnostics as D
+from jtricks.errors import ConfigError
 from jtricks.nn import build_model
 from jtricks.optim import build_optimizer
 from jtricks.training import create_train_state, make_train_step
@@ -245,6 +246,48 @@ def test_lr_finder_equals_separate_runs_and_suggests_a_rate(tiny_data):
     np.testing.assert_allclose(res.losses[k], losses, rtol=2e-4, atol=1e-6)
 
 
+def test_lr_finder_takes_a_task_and_a_dict_batch():
+    """Regression on a dict batch: each rate's losses equal a hand-written SGD loop on the
+    mean squared error, over the batches `fit` draws."""
+    from jtricks.data.batching import epoch_indices
+    from jtricks.tasks import Regression
+
+    rng = np.random.default_rng(0)
+    inp = rng.normal(size=(100, 3)).astype(np.float32)
+    out = (inp @ np.array([[1.0], [-2.0], [0.5]], np.float32)).astype(np.float32)
+    model, lrs = nn.Dense(1), [0.01, 0.1]
+    res = D.lr_finder(
+        model,
+        optax.sgd,
+        {"inp": inp, "out": out},
+        task=Regression(input_key="inp", target_key="out"),
+        key=jax.random.key(0),
+        lrs=lrs,
+        steps=8,
+        batch_size=20,
+    )
+    params0 = create_train_state(model, optax.sgd(1.0), inp, jax.random.key(0)).params
+    mse = lambda p, i: jnp.mean((model.apply({"params": p}, inp[i]) - out[i]) ** 2)  # noqa: E731
+    for k, lr in enumerate(lrs):
+        params, losses = params0, []
+        for e in range(2):
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 1), e)
+            for i in np.asarray(epoch_indices(key, 100, 20, 5))[: 8 - 5 * e]:
+                loss, grads = jax.value_and_grad(mse)(params, i)
+                params = jax.tree.map(lambda p, g, lr=lr: p - lr * g, params, grads)
+                losses.append(float(loss))
+        np.testing.assert_allclose(res.losses[k], losses, rtol=1e-5)
+    with pytest.raises(ConfigError, match="give task or loss_fn, not both"):
+        D.lr_range_test(
+            model,
+            optax.sgd,
+            {"inp": inp, "out": out},
+            key=jax.random.key(0),
+            task="regression",
+            loss_fn=mse,
+        )
+
+
 def test_lr_range_test_equals_a_hand_written_adam_loop(tiny_data):
     x, y = tiny_data.x_train, tiny_data.y_train
     model = build_model("mlp(features=(8,))", 4)
@@ -303,7 +346,6 @@ def test_smooth_losses_is_the_bias_corrected_average_cut_at_divergence():
 
 
 def test_lr_range_test_cuts_a_diverging_run(tiny_data, tmp_path):
-    from jtricks.errors import ConfigError
 
     model = build_model("mlp(features=(8,))", 4)
     data = (tiny_data.x_train, tiny_data.y_train)
@@ -491,3 +533,13 @@ def test_cli_diagnose_unknown_lr_method_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--lr-method" in err and "bogus" in err and "range" in err
     assert not out.exists()
+
+
+def test_cli_diagnose_refuses_a_dataset_of_another_task_in_one_line(tmp_path, capsys):
+    from jtricks.cli import main
+
+    out = tmp_path / "diag"
+    assert main(["diagnose", "--dataset", "regression", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--dataset" in err and "'regression' is a regression task" in err
+    assert "lr_finder" in err and "Traceback" not in err and not out.exists()

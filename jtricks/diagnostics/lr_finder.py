@@ -15,10 +15,10 @@ import numpy as np
 import optax
 
 from jtricks.errors import ConfigError, check_int, check_range
-from jtricks.losses import cross_entropy
 from jtricks.optim.pipeline import set_learning_rate
 from jtricks.plotting import pyplot, save_figure
-from jtricks.training.data_checks import num_examples
+from jtricks.tasks import Task, as_task
+from jtricks.training.data_checks import as_arrays, check_data, num_examples
 from jtricks.training.epoch import ArrayFeed, make_part_program
 from jtricks.training.options import StepLog
 from jtricks.training.state import TrainState, create_train_state, device_copy
@@ -75,7 +75,7 @@ def steepest_descent(lrs: np.ndarray, final: np.ndarray) -> float:
 def lr_finder(
     model: nn.Module,
     make_tx: Callable[[float], optax.GradientTransformation],
-    train_data: tuple[Any, Any],
+    train_data: Any,
     *,
     key: jax.Array,
     lr_min: float = 1e-5,
@@ -84,7 +84,8 @@ def lr_finder(
     lrs: Sequence[float] | None = None,
     steps: int = 100,
     batch_size: int = 100,
-    loss_fn: LossFn = cross_entropy,
+    loss_fn: LossFn | None = None,
+    task: Task | str | None = None,
 ) -> LRFinderResult:
     """Train ``num`` copies of a model side by side, each at its own fixed learning rate
     ``lr_k = lr_min (lr_max / lr_min)^(k / (num - 1))`` (or the given ``lrs``), for
@@ -100,6 +101,10 @@ def lr_finder(
 
     Unlike Smith's single run with a rising rate, each rate is trained for the whole
     budget, so the curve does not depend on how fast the rate ramps.
+
+    ``train_data`` is any batch pytree, checked as `fit` checks it; the loss is ``task``'s
+    (a `jtricks.tasks.Task` or its name: regression, a dict batch with a mask, ...) or
+    ``loss_fn``'s, as in `fit` (neither: classification).
     """
     if lrs is None:
         check_range("lr_min", lr_min, low=0.0, low_inclusive=False)
@@ -112,7 +117,14 @@ def lr_finder(
                 f"lrs must be a non-empty sequence of positive numbers; got {lrs!r}", param="lrs"
             )
     run = make_lr_sweep(
-        model, make_tx, train_data, key=key, steps=steps, batch_size=batch_size, loss_fn=loss_fn
+        model,
+        make_tx,
+        train_data,
+        key=key,
+        steps=steps,
+        batch_size=batch_size,
+        loss_fn=loss_fn,
+        task=task,
     )
     losses = np.asarray(run(jnp.asarray(lrs, jnp.float32)), np.float64)
     losses[np.cumsum(~np.isfinite(losses), axis=1) > 0] = np.nan  # diverged stays diverged
@@ -208,7 +220,7 @@ def range_suggestion(lrs: np.ndarray, smoothed: np.ndarray) -> float:
 def lr_range_test(
     model: nn.Module,
     make_tx: Callable[[float], optax.GradientTransformation],
-    train_data: tuple[Any, Any],
+    train_data: Any,
     *,
     steps: int = 100,
     batch_size: int = 100,
@@ -217,7 +229,8 @@ def lr_range_test(
     lr_max: float = 10.0,
     beta: float = 0.98,
     diverge: float = 4.0,
-    loss_fn: LossFn = cross_entropy,
+    loss_fn: LossFn | None = None,
+    task: Task | str | None = None,
 ) -> LRRangeTestResult:
     """Smith's LR range test: ONE run whose rate rises exponentially, step i at
     ``lr_i = lr_min (lr_max / lr_min)^(i / (steps - 1))``; suggest the rate where the
@@ -231,7 +244,7 @@ def lr_range_test(
     ``beta=0.98``, divergence at 4x the lowest smoothed loss); the suggestion is
     `steepest_descent` of the smoothed curve past its first tenth and before its last five
     steps (`range_suggestion`), as fastai's "steep" suggestion.
-    ``make_tx`` is as in `lr_finder` (any optax optimizer, see `rate_varied`).
+    ``make_tx``, ``train_data``, ``task`` and ``loss_fn`` are as in `lr_finder`.
 
     References:
       Smith, "Cyclical Learning Rates for Training Neural Networks" (2017), section 3.3,
@@ -244,7 +257,14 @@ def lr_range_test(
     check_range("diverge", diverge, low=1.0, low_inclusive=False)
     lrs = np.geomspace(lr_min, lr_max, steps)
     run = make_lr_sweep(
-        model, make_tx, train_data, key=key, steps=steps, batch_size=batch_size, loss_fn=loss_fn
+        model,
+        make_tx,
+        train_data,
+        key=key,
+        steps=steps,
+        batch_size=batch_size,
+        loss_fn=loss_fn,
+        task=task,
     )
     losses = np.asarray(run(jnp.asarray(lrs[None, :], jnp.float32))[0], np.float64)
     smoothed, diverged_at = smooth_losses(losses, beta=beta, diverge=diverge)
@@ -259,12 +279,13 @@ def lr_range_test(
 def make_lr_sweep(
     model: nn.Module,
     make_tx: Callable[[float], optax.GradientTransformation],
-    train_data: tuple[Any, Any],
+    train_data: Any,
     *,
     key: jax.Array,
     steps: int,
     batch_size: int,
-    loss_fn: LossFn = cross_entropy,
+    loss_fn: LossFn | None = None,
+    task: Task | str | None = None,
 ) -> LRSweep:
     """The compiled core of `lr_finder` and `lr_range_test`: ``run(lrs) -> losses (K, steps)``.
 
@@ -278,15 +299,17 @@ def make_lr_sweep(
     before its update i, NaN for a skipped (non-finite) step.
     """
     steps = check_int("steps", steps, low=1)
-    x, y = (jnp.asarray(a) for a in train_data)
-    batch_size = check_int("batch_size", batch_size, low=1, high=x.shape[0])
+    task = as_task(task, loss_fn)
+    data = as_arrays(train_data, "training data")
+    batch_size = check_int("batch_size", batch_size, low=1, high=num_examples(data))
     tx = make_tx(1.0)
-    state = create_train_state(model, rate_table(tx, steps), x, key)
+    state = create_train_state(model, rate_table(tx, steps), task.inputs(data), key)
+    data = jax.tree.map(jnp.asarray, check_data(state, task, data, "training data"))
     if not _injected_rate(state.opt_state.inner):
         table = rate_table(rate_varied(tx), steps)
         state = state.replace(tx=table, opt_state=table.init(state.params))
-    program = make_part_program(make_train_step(loss_fn, norms=False), log=StepLog(1))
-    feed = ArrayFeed((x, y), jax.random.fold_in(key, 1), 0, 0, batch_size)
+    program = make_part_program(make_train_step(task=task, norms=False), log=StepLog(1))
+    feed = ArrayFeed(data, jax.random.fold_in(key, 1), 0, 0, batch_size)
     return LRSweep(program, state, feed, steps)
 
 

@@ -61,6 +61,14 @@ def diagnose(
     _check_numbers(overfit_steps, overfit_epsilon, signal_steps, seed)  # before anything on disk
     _check_finder(lr_min, lr_max, lr_num, lr_steps, lr_method)
     data = load_dataset(dataset)
+    if data.task != "classification":
+        raise ConfigError(
+            f"jtricks diagnose checks classifiers (the initial loss against log C, the "
+            f"cross-entropy throughout); dataset {dataset!r} is a {data.task} task: from "
+            "Python, lr_finder, lr_range_test (task=...), overfit_one_batch, check_gradients "
+            "and track_signal (loss_fn=...) take it",
+            param="dataset",
+        )
     net = build_model(model, data.num_classes)
     tx = build_optimizer(optimizer, learning_rate)
     check_int("batch_size", batch_size, low=1, high=len(data.y_train))
