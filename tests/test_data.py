@@ -120,6 +120,21 @@ def test_stratified_split_keeps_class_proportions():
     np.testing.assert_array_equal(np.bincount(y_tr), [36, 18, 90, 36])
 
 
+@pytest.mark.parametrize(
+    ("y", "stratify", "match"),
+    [
+        (np.linspace(0, 1, 40, dtype=np.float32)[:, None], True, "float32 of shape \\(40, 1\\)"),
+        (np.arange(50) % 3, True, "same examples; got 40 and 50"),
+        (np.arange(40), True, "stratified: each class gives round"),
+    ],
+)
+def test_split_refuses_targets_it_cannot_split(y, stratify, match):
+    """Real-valued targets cannot be stratified (they were compared value by value); x and
+    y of different lengths were split apart; classes of one example each leave none."""
+    with pytest.raises(ConfigError, match=match):
+        train_val_split(np.zeros((40, 2)), y, 0.2, seed=0, stratify=stratify)
+
+
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5, float("nan")])
 def test_split_rejects_bad_fraction(tiny_data, fraction):
     with pytest.raises(ConfigError, match="val_fraction"):

@@ -134,6 +134,14 @@ def train_val_split(
     )
     x, y = np.asarray(x), np.asarray(y)
     n = len(y)
+    if len(x) != n:
+        raise ConfigError(f"x and y must hold the same examples; got {len(x)} and {n}", param="y")
+    if stratify and (y.ndim != 1 or y.dtype.kind not in "iub"):
+        raise ConfigError(
+            f"stratify=True keeps each class's share, so y must be class labels, integers of "
+            f"shape (N,); got {y.dtype} of shape {y.shape}: give stratify=False",
+            param="stratify",
+        )
     rng = np.random.default_rng(seed)
     if stratify:
         val_idx = []
@@ -148,8 +156,14 @@ def train_val_split(
     is_val[val_idx] = True
     if is_val.all() or not is_val.any():
         raise ConfigError(
-            f"val_fraction={val_fraction} leaves an empty split of {n} examples; "
-            "use a fraction that keeps at least one example on each side"
+            f"val_fraction={val_fraction} leaves an empty split of {n} examples"
+            + (
+                " (stratified: each class gives round(val_fraction * its count))"
+                if stratify
+                else ""
+            )
+            + "; use a fraction that keeps at least one example on each side",
+            param="val_fraction",
         )
     return x[~is_val], y[~is_val], x[is_val], y[is_val]
 
