@@ -146,6 +146,10 @@ def test_wrong_model_messages_say_what_to_do():
             x[:1],
             jax.random.key(0),
         )
+    with pytest.raises(ConfigError, match=r"CNN1D is a 1-D model: .*for images \(H, W, C\)"):
+        create_train_state(
+            build_model("cnn", 3), optax.sgd(0.1), np.zeros((1, 8, 8, 3)), jax.random.key(0)
+        )
 
 
 @pytest.mark.parametrize(

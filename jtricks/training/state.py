@@ -173,21 +173,31 @@ def init_variables(apply_fn: Any, key: jax.Array, sample: Any) -> Any:
     except (TypeError, ValueError) as e:
         shapes = jax.tree.map(lambda a: f"{jnp.shape(a)[1:]} {jnp.result_type(a)}", sample)
         first = str(e).splitlines()[0] if str(e) else ""
-        hint = ""
-        if "integer" in first and not _integer_inputs(sample):
-            hint = (
-                " (the model embeds integer token ids and these inputs are real-valued: "
-                "train it on token data, such as the tokens(...) or text:PATH datasets)"
-            )
         raise ConfigError(
             f"the model cannot be initialised on examples of shape and dtype {shapes}: "
-            f"{type(e).__name__}: {first}{hint}",
+            f"{type(e).__name__}: {first}{_init_hint(apply_fn, sample, first)}",
             param="model",
         ) from e
 
 
-def _integer_inputs(sample: Any) -> bool:
-    return all(jnp.issubdtype(jnp.result_type(a), jnp.integer) for a in jax.tree.leaves(sample))
+def _init_hint(model: Any, sample: Any, error: str) -> str:
+    """What a model that failed to initialise on ``sample`` likely needs: token ids for an
+    embedding, sequences for a 1-D model given images."""
+    leaves, name = jax.tree.leaves(sample), type(getattr(model, "module", model)).__name__
+    if "integer" in error and not all(
+        jnp.issubdtype(jnp.result_type(a), jnp.integer) for a in leaves
+    ):
+        return (
+            " (the model embeds integer token ids and these inputs are real-valued: "
+            "train it on token data, such as the tokens(...) or text:PATH datasets)"
+        )
+    if name.endswith("1D") and any(jnp.ndim(a) > 3 for a in leaves):
+        return (
+            f" ({name} is a 1-D model: it takes (L,) or (L, C) per example; "
+            "for images (H, W, C) use resnet20, resnet18, inception, densenet or a model "
+            "of your own)"
+        )
+    return ""
 
 
 TRAINING_COPIES = 4
