@@ -187,6 +187,26 @@ def test_optimizers_that_need_more_train_in_fit(tx, data):
     assert np.isfinite(after) and after < before
 
 
+@pytest.mark.parametrize("opaque", [False, True])
+def test_sam_takes_only_the_keywords_it_names_and_its_gradients(opaque):
+    """`optax.contrib.sam` names its one keyword (``grad_fn``, and no ``**kwargs``): the
+    contract passes only that, the loss's gradient, so SAM equals its hand-written use."""
+    tx = optax.contrib.sam(optax.sgd(0.1), optax.sgd(0.05), sync_period=2, opaque_mode=opaque)
+    params, state, want = PARAMS, tx.init(PARAMS), PARAMS
+    want_state = tx.init(PARAMS)
+    grad_fn = lambda p, i: jax.grad(loss)(p)  # noqa: E731
+    for _ in range(4):
+        value, grads = _value_and_grad(params)
+        updates, state = contract.update(tx, grads, state, params, value=value, value_fn=loss)
+        params = optax.apply_updates(params, updates)
+        extra = {"grad_fn": grad_fn} if opaque else {}
+        updates, want_state = tx.update(jax.grad(loss)(want), want_state, want, **extra)
+        want = optax.apply_updates(want, updates)
+    for got, ref in zip(jax.tree.leaves(params), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(got, ref, rtol=1e-6)
+    assert not np.allclose(params["w"], PARAMS["w"])
+
+
 def test_prodigy_state_that_aliases_the_params_trains_as_an_ensemble(data):
     from jtricks.nn import build_model
     from jtricks.training.ensemble import create_ensemble, fit_ensemble

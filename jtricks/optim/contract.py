@@ -12,17 +12,23 @@ gets the keywords those optimizers name:
   line search; `build_optimizer` hands it to `optax.contrib.sophia` under the name that
   one reads, ``obj_fn``).
 
+* ``grad_fn``: ``(params, i) -> gradient`` of that loss, to an update that names it
+  (`optax.contrib.sam` with ``opaque_mode=True``: its adversarial steps).
+
 Transformations that do not read them ignore them (optax's chains pass keywords on; XLA
-drops an unused ``value_fn``). No other name is passed: optax's zoom line search refuses
-keywords its ``value_fn`` does not take. New here: one call site for the contract, shared by
+drops an unused ``value_fn``); an update whose signature names its keywords and takes no
+``**kwargs`` (`optax.contrib.sam`'s) gets only those. No other name is passed: optax's
+zoom line search refuses keywords its ``value_fn`` does not take. New here: one call site for the contract, shared by
 `fit`, the fused path and ``jtricks bench``.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import optax
 
 
@@ -43,4 +49,23 @@ def update(
         extra["value"] = value
     if value_fn is not None:
         extra["value_fn"] = value_fn
+        extra["grad_fn"] = lambda p, i: jax.grad(value_fn)(p)
+    named = _keywords(tx.update)
+    if named is None:  # **extra_args: everything but grad_fn, which only SAM's names
+        extra.pop("grad_fn", None)
+    else:
+        extra = {k: v for k, v in extra.items() if k in named}
     return tx.update(grads, opt_state, params, **extra)
+
+
+def _keywords(update: Callable) -> frozenset[str] | None:
+    """The keywords ``update`` names; ``None`` when it takes any (``**extra_args``)."""
+    try:
+        parameters = inspect.signature(update).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    return frozenset(
+        p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    )
