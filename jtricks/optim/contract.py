@@ -10,16 +10,15 @@ gets the keywords those optimizers name:
 * ``grad``: the gradient again (L-BFGS's zoom line search);
 * ``value_fn``: ``params -> loss`` on the same batch with the same randomness (L-BFGS's
   line search; `build_optimizer` hands it to `optax.contrib.sophia` under the name that
-  one reads, ``obj_fn``).
-
+  one reads, ``obj_fn``);
 * ``grad_fn``: ``(params, i) -> gradient`` of that loss, to an update that names it
   (`optax.contrib.sam` with ``opaque_mode=True``: its adversarial steps).
 
 Transformations that do not read them ignore them (optax's chains pass keywords on; XLA
 drops an unused ``value_fn``); an update whose signature names its keywords and takes no
 ``**kwargs`` (`optax.contrib.sam`'s) gets only those. No other name is passed: optax's
-zoom line search refuses keywords its ``value_fn`` does not take. New here: one call site for the contract, shared by
-`fit`, the fused path and ``jtricks bench``.
+zoom line search refuses keywords its ``value_fn`` does not take. New here: one call site
+for the contract, shared by `fit`, the fused path and ``jtricks bench``.
 """
 
 from __future__ import annotations
