@@ -98,6 +98,7 @@ def test_program_length_reuses_the_epoch_program_for_long_partial_epochs():
     assert program_length(19, 36) == 36
     assert program_length(18, 36) == 18  # half an epoch or less: its own length
     assert program_length(1, 36) == 1
+    assert program_length(4, 36, whole=True) == 36  # a call that runs whole epochs too
 
 
 def test_masked_steps_change_nothing(data):
@@ -136,7 +137,9 @@ def test_clear_caches_forgets_the_programs(data):
 
 def test_a_short_last_epoch_reuses_the_epoch_program(data, caplog):
     """6 steps per epoch: 10 steps are a full epoch and 4 masked in its program (one XLA
-    compilation of the epoch); a later call of 1 step compiles its own length."""
+    compilation of the epoch); a later call of 1 step compiles its own length; a call of
+    whole epochs runs its short first and last parts (1 and 2 steps) masked in the
+    epoch's program, compiling nothing."""
     x, y = data
     clear_caches()
     state = create_train_state(MODEL, optax.adam(1e-2), x, jax.random.key(0))
@@ -150,6 +153,8 @@ def test_a_short_last_epoch_reuses_the_epoch_program(data, caplog):
         assert [r["step"] for r in hist.records] == [6, 10] and epoch_compiles() == 1
         state, hist = fit(state, (x, y), batch_size=10, steps=1)
         assert hist.records[-1]["step"] == 11 and epoch_compiles() == 2
+        state, hist = fit(state, (x, y), batch_size=10, steps=15)
+        assert [r["step"] for r in hist.records] == [12, 18, 24, 26] and epoch_compiles() == 2
 
 
 def test_a_users_own_step_is_masked_by_a_select(data):

@@ -200,12 +200,15 @@ def epoch_fn(program):
     return run_epoch
 
 
-def program_length(num_steps: int, steps_per_epoch: int) -> int:
+def program_length(num_steps: int, steps_per_epoch: int, whole: bool = False) -> int:
     """The static step count of the program that runs ``num_steps`` steps of an epoch of
-    ``steps_per_epoch``: the whole epoch's (the rest masked) when that wastes at most
-    half an epoch, so a short last epoch or a resumed one compiles nothing new; else
-    ``num_steps`` itself (a short call, e.g. ``fit(steps=1)`` in a Python loop)."""
-    return steps_per_epoch if 2 * num_steps > steps_per_epoch else num_steps
+    ``steps_per_epoch``: the whole epoch's (the rest masked) when the call runs whole
+    epochs anyway (``whole``: that program is compiled for them, and masking wastes at
+    most one epoch's steps once, where compiling another program costs seconds) or when
+    masking wastes at most half an epoch, so a short last epoch or a resumed one
+    compiles nothing new; else ``num_steps`` itself (a short call, e.g. ``fit(steps=1)``
+    in a Python loop)."""
+    return steps_per_epoch if whole or 2 * num_steps > steps_per_epoch else num_steps
 
 
 def dispatch_step(train_step, ensemble_step, sharding, state, batch, active=True):

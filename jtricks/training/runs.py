@@ -125,7 +125,9 @@ def array_run(
     k = part_length(steps_per_epoch, fit_options.chunk)
     sampling = _sampling(fit_options, data, mesh)
     profile = fit_options.profile
-    parts = ArrayParts(data_dev, data_key, batch_size, k, steps_per_epoch, profile, sampling)
+    parts = ArrayParts(
+        data_dev, data_key, batch_size, k, steps_per_epoch, profile, sampling, whole=total >= k
+    )
     split = k < steps_per_epoch or fit_options.profile is not None
     eval_step = compiled_steps(options)[1]
     program = programs.part_program(options)
@@ -169,7 +171,7 @@ def _update_size(options: FitOptions, n: int, mesh: Any) -> int:
 class ArrayParts:
     """``parts(epoch, offset, num_steps)`` of in-memory data: `ArrayFeed` s of at most
     ``part_steps`` steps each (one step each around a profiled range, `cut`), each run
-    by the program of `program_length` steps."""
+    by the program of `program_length` steps (``whole``: the call runs whole parts)."""
 
     data: Any
     data_key: jax.Array
@@ -178,6 +180,7 @@ class ArrayParts:
     steps_per_epoch: int
     profile: Profile | None = None
     sampling: Any = None
+    whole: bool = False
 
     def __call__(self, epoch: int, offset: int, num_steps: int) -> Iterator[Part]:
         start = epoch * self.steps_per_epoch + offset
@@ -187,7 +190,7 @@ class ArrayParts:
             feed = ArrayFeed(
                 self.data, self.data_key, np.int32(epoch), at, self.batch_size, self.sampling
             )
-            yield Part(feed, n, program_length(n, self.part_steps))
+            yield Part(feed, n, program_length(n, self.part_steps, self.whole))
             j += n
 
 
