@@ -116,15 +116,9 @@ def lr_finder(
             raise ConfigError(
                 f"lrs must be a non-empty sequence of positive numbers; got {lrs!r}", param="lrs"
             )
+    task = as_task(task, loss_fn)
     run = make_lr_sweep(
-        model,
-        make_tx,
-        train_data,
-        key=key,
-        steps=steps,
-        batch_size=batch_size,
-        loss_fn=loss_fn,
-        task=task,
+        model, make_tx, train_data, key=key, steps=steps, batch_size=batch_size, task=task
     )
     losses = np.asarray(run(jnp.asarray(lrs, jnp.float32)), np.float64)
     losses[np.cumsum(~np.isfinite(losses), axis=1) > 0] = np.nan  # diverged stays diverged
@@ -256,15 +250,9 @@ def lr_range_test(
     check_range("beta", beta, low=0.0, high=1.0, high_inclusive=False)
     check_range("diverge", diverge, low=1.0, low_inclusive=False)
     lrs = np.geomspace(lr_min, lr_max, steps)
+    task = as_task(task, loss_fn)
     run = make_lr_sweep(
-        model,
-        make_tx,
-        train_data,
-        key=key,
-        steps=steps,
-        batch_size=batch_size,
-        loss_fn=loss_fn,
-        task=task,
+        model, make_tx, train_data, key=key, steps=steps, batch_size=batch_size, task=task
     )
     losses = np.asarray(run(jnp.asarray(lrs[None, :], jnp.float32))[0], np.float64)
     smoothed, diverged_at = smooth_losses(losses, beta=beta, diverge=diverge)
