@@ -59,6 +59,20 @@ def test_a_loss_becomes_the_task_and_a_new_loss_replaces_it():
     )
 
 
+def test_an_augmentation_spec_trains_as_the_pipeline_it_names(data):
+    """``augment="shift(1) | noise(0.1)"`` (as the CLI's ``--augment``) equals the built
+    pipeline, and one spec is one object: repeated calls share their programs."""
+    from jtricks.data.augment import compose, noise, shift
+
+    state = _state(data[0])
+    spec = "shift(1) | noise(0.1)"
+    a, _ = fit(device_copy(state), data, batch_size=10, epochs=2, augment=spec)
+    b, _ = fit(state, data, batch_size=10, epochs=2, augment=compose(shift(1), noise(0.1)))
+    for u, v in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+    assert FitOptions(augment=spec).augment is FitOptions(augment=spec).augment
+
+
 @pytest.mark.parametrize(
     ("settings", "param", "words"),
     [
@@ -68,6 +82,8 @@ def test_a_loss_becomes_the_task_and_a_new_loss_replaces_it():
         ({"precision": "fp8"}, "precision", "float32, bf16"),
         ({"eval_params": "best"}, "eval_params", "auto, train, ema"),
         ({"mix": ("mixdown", 0.2)}, "mix", "'mixup' | 'cutmix'"),
+        ({"augment": 3}, "augment", "a function \\(key, x\\) -> x or a spec"),
+        ({"augment": "shfit(1)"}, "augment", "did you mean: shift"),
     ],
 )
 def test_bad_options_name_the_argument_and_what_is_allowed(data, settings, param, words):

@@ -19,6 +19,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from jtricks.caches import cached
+from jtricks.data.augment import build_augment
 from jtricks.data.batching import SAMPLERS
 from jtricks.errors import ConfigError, check_int, did_you_mean
 from jtricks.tasks import Classification, Task, as_task
@@ -127,7 +129,9 @@ class FitOptions:
     a loss at most 10x ``initial_loss``) to return after divergence; ``False`` saves that
     memory and returns the state where training stopped."""
     augment: Any = None
-    """Per-example augmentation ``(key, x) -> x`` of training inputs (`jtricks.data.augment`)."""
+    """Per-example augmentation ``(key, x) -> x`` of training inputs (`jtricks.data.augment`),
+    or its spec as the CLI takes it, ``"shift(3) | noise(0.05)"`` (one pipeline per spec, so
+    repeated calls compile once)."""
     mix: tuple[str, float] | None = None
     """``("mixup" | "cutmix", alpha)``: mix training batches and their labels."""
     accumulate: int = 1
@@ -178,6 +182,14 @@ class FitOptions:
         if self.precision not in PRECISIONS:
             compute_dtype(self.precision)  # the step's own check, with its message
         check_eval_source(self.eval_params)
+        if isinstance(self.augment, str):
+            set_(self, "augment", _augment_of(self.augment))
+        elif self.augment is not None and not callable(self.augment):
+            raise ConfigError(
+                "augment must be a function (key, x) -> x or a spec such as "
+                f"'shift(3) | noise(0.05)'; got {self.augment!r}",
+                param="augment",
+            )
         if self.mix is not None:
             set_(self, "mix", _mix(self.mix))
         if self.sampler not in (None, *SAMPLERS):
@@ -222,6 +234,10 @@ class FitOptions:
             unroll=self.unroll,
             log_every=self.log_every_steps,
         )
+
+
+_augment_of = cached(build_augment)
+"""One pipeline per spec string: the same object, so the same compiled programs."""
 
 
 def _mix(mix: Any) -> tuple[str, float]:
