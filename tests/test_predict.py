@@ -40,6 +40,8 @@ def test_predict_equals_apply_on_the_whole_set_in_evaluation_mode(trained):
         predict(trained, (X, Y))
     with pytest.raises(ConfigError, match="batch_size"):
         predict(trained, X, batch_size=0)
+    with pytest.raises(ConfigError, match=r"a list of examples .* np\.asarray"):
+        predict(trained, X[:5].tolist())
 
 
 def test_predict_reads_the_evaluation_parameters_of_schedule_free():

@@ -40,7 +40,7 @@ def as_arrays(data: Any, where: str) -> Any:
         if a.ndim == 0:
             raise ConfigError(
                 f"{where}: features must have shape (N, ...) with N examples; "
-                f"entry {name} has shape ()"
+                f"entry {name} has shape (){_listed_hint(path)}"
             )
         sizes[name] = a.shape[0]
     if len(set(sizes.values())) > 1:
@@ -49,6 +49,13 @@ def as_arrays(data: Any, where: str) -> Any:
     if next(iter(sizes.values())) == 0:
         raise ConfigError(f"{where}: no examples")
     return data
+
+
+def _listed_hint(path: tuple) -> str:
+    """A scalar leaf two or more sequence levels deep: the examples came as nested lists."""
+    if sum(isinstance(k, jax.tree_util.SequenceKey) for k in path) < 2:
+        return ""
+    return " (a list of examples is a pytree of its numbers: give one array, np.asarray(...))"
 
 
 def check_inputs(task: Task, data: Any, where: str) -> None:
