@@ -25,6 +25,7 @@ _HOMES = {
     "build_optimizer": "jtricks.optim",
     "RunResult": "jtricks.run",
     "TrainConfig": "jtricks.run",
+    "load_run": "jtricks.run",
     "train": "jtricks.run",
     "FitOptions": "jtricks.training",
     "History": "jtricks.training",

@@ -13,6 +13,7 @@ from typing import Any
 from jtricks.configs import NAMES, get_config
 from jtricks.errors import unknown_name
 from jtricks.run.config import TrainConfig
+from jtricks.run.load import LoadedRun, load_run
 from jtricks.run.outputs import MetricsLog, RunResult, main_metric, plot_curves
 from jtricks.run.runner import train
 from jtricks.rundir import environment, write_json
@@ -38,10 +39,12 @@ def recipe(name: str, **overrides: Any) -> TrainConfig:
 
 __all__ = [
     "RECIPES",
+    "LoadedRun",
     "MetricsLog",
     "RunResult",
     "TrainConfig",
     "environment",
+    "load_run",
     "main_metric",
     "plot_curves",
     "recipe",

@@ -42,6 +42,8 @@ class RunData:
       loss_floor: the dataset's lowest reachable test loss, where known.
       source, rows, transform: where `train_stream` reads (in-memory arrays or shards,
         their training rows, the preprocessing of a batch).
+      scaler: the inputs' preprocessing, fitted on the training rows (``None`` for token
+        ids, which are never rescaled).
     """
 
     task_spec: str
@@ -55,6 +57,7 @@ class RunData:
     source: Any = None
     rows: np.ndarray | None = None
     transform: Any = None
+    scaler: Scaler | None = None
 
     @property
     def on_disk(self) -> bool:
@@ -91,7 +94,7 @@ def load_run_data(config: Any) -> RunData:
     x_tr = data.x_train[rows]
     own = data.val is not None  # a validation split the dataset brings
     x_val, y_val = data.val if own else (data.x_train[val_rows], data.y_train[val_rows])
-    x_test = data.x_test
+    x_test, scaler = data.x_test, None
     if not np.issubdtype(x_tr.dtype, np.integer):  # token ids are never rescaled
         scaler = Scaler.fit(config.preprocess, x_tr)
         x_tr, x_val, x_test = scaler(x_tr), scaler(x_val), scaler(x_test)
@@ -108,6 +111,7 @@ def load_run_data(config: Any) -> RunData:
         x_tr[:64],
         len(rows),
         data.loss_floor,
+        scaler=scaler,
     )
 
 
@@ -169,6 +173,7 @@ def _shards_data(config: Any, splits: ShardSplits) -> RunData:
         source=splits.train,
         rows=rows,
         transform=transform,
+        scaler=scaler,
     )
 
 

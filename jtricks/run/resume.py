@@ -36,38 +36,39 @@ def config_digest(config: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def load_run_config(run_dir: str | os.PathLike) -> TrainConfig:
-    """The config saved in an unfinished run folder (for ``--resume``), checked against
-    the digest recorded when the run started.
+def load_run_config(run_dir: str | os.PathLike, *, param: str = "resume") -> TrainConfig:
+    """The config saved in a run folder, checked against the digest recorded when the run
+    started: an unfinished run's for ``--resume`` (``param="resume"``), any run's for
+    `jtricks.run.load_run` (``param="run"``).
 
     Raises:
-      ConfigError (``param="resume"``): not a run folder, a finished run, a config that is
-        not valid, or one edited since the run started (the changed fields named).
+      ConfigError (``param``): not a run folder, a finished run (to resume), a config
+        that is not valid, or one edited since the run started (the changed fields named).
     """
-    path = Path(run_dir) / "config.json"
+    path, verb = Path(run_dir) / "config.json", "resume" if param == "resume" else "load"
     why = None
     if Path(run_dir).exists() and not Path(run_dir).is_dir():
         why = "it is a file, not a run folder"
     elif not path.is_file():
         why = f"{path} does not exist (not a jtricks run folder)"
-    elif (Path(run_dir) / "summary.json").exists():
+    elif param == "resume" and (Path(run_dir) / "summary.json").exists():
         why = "the run already finished (summary.json exists)"
     if why is not None:
-        raise ConfigError(f"cannot resume {str(run_dir)!r}: {why}", param="resume")
+        raise ConfigError(f"cannot {verb} {str(run_dir)!r}: {why}", param=param)
     try:
         saved = json.loads(path.read_text())
         config = TrainConfig.from_dict(saved["config"])
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(
-            f"cannot resume {str(run_dir)!r}: {path} is not a valid run config: {e}", param="resume"
+            f"cannot {verb} {str(run_dir)!r}: {path} is not a valid run config: {e}", param=param
         ) from None
     recorded = saved.get("config_sha256")
     if recorded is not None and recorded != config_digest(saved["config"]):
         raise ConfigError(
-            f"cannot resume {str(run_dir)!r}: {path} was edited after the run started "
-            f"({_changes(Path(run_dir), saved['config'])}); a resume continues the run as "
-            "it started: undo the edit, or start a new run (--out) with the new settings",
-            param="resume",
+            f"cannot {verb} {str(run_dir)!r}: {path} was edited after the run started "
+            f"({_changes(Path(run_dir), saved['config'])}); the run is rebuilt as it "
+            "started: undo the edit, or start a new run (--out) with the new settings",
+            param=param,
         )
     return config
 

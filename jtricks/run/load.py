@@ -1,0 +1,88 @@
+"""`load_run`: the model a run folder trained, back in Python with the preprocessing it
+trained on, to evaluate it or predict on new inputs.
+
+New here: orbax restores arrays into a given structure, and `jtricks.training.transfer`
+copies matching layers into another model; this rebuilds the run's own model, optimizer
+and input scaling from its ``config.json`` (the dataset is loaded again and split with the
+run's seed, so the scaler's statistics are the training rows' own) and restores its last
+or best checkpoint, the run identity checked as ``--resume`` checks it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jtricks.data import Scaler
+from jtricks.errors import ConfigError
+from jtricks.run.build import build
+from jtricks.run.config import TrainConfig
+from jtricks.run.data import load_run_data
+from jtricks.run.resume import foreign_checker, load_run_config, run_identity
+from jtricks.training.checkpoint import CheckpointError, restore_latest
+from jtricks.training.ensemble import create_ensemble
+from jtricks.training.predict import predict
+from jtricks.training.state import TrainState, create_train_state
+
+
+@dataclass
+class LoadedRun:
+    """A trained run: its ``config``, the restored ``state`` (a stacked one for
+    ``--ensemble``), the ``scaler`` its inputs went through (``None``: token ids, as they
+    are) and the ``epoch`` and ``step`` of the checkpoint read."""
+
+    config: TrainConfig
+    state: TrainState
+    scaler: Scaler | None
+    epoch: int
+    step: int
+
+    def inputs(self, x: Any) -> np.ndarray:
+        """Raw inputs as the model read them in training: scaled with the training rows'
+        statistics (``--preprocess``), or token ids as int32."""
+        x = np.asarray(x)
+        return np.asarray(x, np.int32) if self.scaler is None else self.scaler(x)
+
+    def predict(self, x: Any, **kwargs: Any) -> np.ndarray:
+        """`jtricks.predict` on raw inputs (``inputs(x)``); keywords as `predict`'s."""
+        return predict(self.state, self.inputs(x), **kwargs)
+
+
+def load_run(run_dir: str | os.PathLike, *, best: bool = False) -> LoadedRun:
+    """The model run folder ``run_dir`` trained: its newest checkpoint (the end of a
+    finished run, or the newest intact one of a stopped run), or with ``best`` the epoch of
+    the lowest validation loss (``checkpoints/best``).
+
+    Raises:
+      ConfigError (``param="run"``): not a run folder, an edited ``config.json``, no
+        checkpoint there, or none of this run's that restores.
+
+    Example:
+      >>> run = load_run("runs/a")
+      >>> run.predict(new_x).argmax(-1)   # raw inputs: the run's scaling is applied
+    """
+    run_dir = Path(run_dir)
+    config = load_run_config(run_dir, param="run")
+    data = load_run_data(config)
+    b = build(config, data, None, None, False)
+    if config.ensemble > 1:
+        keys = jax.vmap(lambda i: jax.random.fold_in(b.init_key, i))(jnp.arange(config.ensemble))
+        state = create_ensemble(b.model, b.tx, data.example, keys)
+    else:
+        state = create_train_state(b.model, b.tx, data.example, b.init_key, ema_decay=config.ema)
+    folder = run_dir / "checkpoints" / ("best" if best else "")
+    foreign = foreign_checker(run_identity(run_dir), config.to_dict())
+    try:
+        restored = restore_latest(folder, state, foreign=foreign)
+    except CheckpointError as e:
+        raise ConfigError(f"cannot load {str(run_dir)!r}: {e}", param="run") from None
+    if restored is None:
+        raise ConfigError(f"cannot load {str(run_dir)!r}: no checkpoint in {folder}", param="run")
+    state, meta = restored
+    return LoadedRun(config, state, data.scaler, int(meta["epoch"]), int(meta["step"]))

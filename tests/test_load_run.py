@@ -1,0 +1,54 @@
+"""`jtricks.load_run`: a run folder's model back in Python, with its input scaling."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import jtricks
+from jtricks import ConfigError, evaluate, load_dataset, predict
+
+SPEC = "synthetic(num_train=160, num_test=60, shape=(8,), num_classes=3, noise=0.5)"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("load") / "run"
+    result = jtricks.train(
+        dataset=SPEC, model="mlp(features=(8,))", epochs=4, batch_size=16, ema=0.9, out=out
+    )
+    return out, result
+
+
+def test_a_finished_run_loads_as_it_ended(trained):
+    """The loaded state is the run's last: its test metrics are the ones summary.json
+    holds, and predict on raw inputs applies the run's scaler (fitted on its training rows:
+    the raw test inputs' mean is far from 0)."""
+    out, result = trained
+    run = jtricks.load_run(out)
+    data = load_dataset(SPEC)
+    assert (run.epoch, run.step) == (4, int(result.state.step))
+    summary = json.loads((out / "summary.json").read_text())
+    got = evaluate(run.state, (run.inputs(data.x_test), data.y_test))
+    assert got["accuracy"] == summary["test_accuracy"] == result.test["accuracy"]
+    np.testing.assert_allclose(got["loss"], summary["test_loss"], rtol=1e-6)
+    jax.tree.map(np.testing.assert_array_equal, run.state.params, result.state.params)
+    scaled = run.scaler(data.x_test)
+    np.testing.assert_array_equal(run.predict(data.x_test), predict(result.state, scaled))
+    assert not np.allclose(scaled, data.x_test)
+
+
+def test_best_reads_the_epoch_of_the_lowest_validation_loss(trained):
+    out, _ = trained
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    best = min(records, key=lambda r: r["val_loss"])
+    assert jtricks.load_run(out, best=True).epoch == best["epoch"]
+
+
+def test_what_is_not_a_run_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"cannot load .* does not exist") as e:
+        jtricks.load_run(tmp_path)
+    assert e.value.param == "run"
