@@ -48,12 +48,12 @@ def update(
         extra["value"] = value
     if value_fn is not None:
         extra["value_fn"] = value_fn
-        extra["grad_fn"] = lambda p, i: jax.grad(value_fn)(p)
     named = _keywords(tx.update)
-    if named is None:  # **extra_args: everything but grad_fn, which only SAM's names
-        extra.pop("grad_fn", None)
-    else:
-        extra = {k: v for k, v in extra.items() if k in named}
+    if named is None:  # **extra_args: every keyword above
+        return tx.update(grads, opt_state, params, **extra)
+    if value_fn is not None and "grad_fn" in named:
+        extra["grad_fn"] = lambda p, i: jax.grad(value_fn)(p)
+    extra = {k: v for k, v in extra.items() if k in named}
     return tx.update(grads, opt_state, params, **extra)
 
 

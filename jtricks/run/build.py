@@ -26,8 +26,9 @@ from jtricks.run.config import TrainConfig
 from jtricks.run.data import RunData
 from jtricks.run.settings import parse_class_weight, parse_loss
 from jtricks.tasks import Classification, MultiLabel, Task, build_task
-from jtricks.training import EarlyStopping, ReduceLROnPlateau, create_train_state
+from jtricks.training import EarlyStopping, ReduceLROnPlateau, TrainState, create_train_state
 from jtricks.training.averaging import SWA
+from jtricks.training.ensemble import create_ensemble
 from jtricks.training.runs import MAX_STEP
 from jtricks.training.transfer import forward_layers, freeze, preset_patterns
 
@@ -247,6 +248,16 @@ def fitted_augment(name: str, spec: str | None, example: Any) -> Any:
             f"{name} {spec!r} does not fit examples of shape {example.shape[1:]}: {e}", param=name
         ) from None
     return fn
+
+
+def initial_state(config: TrainConfig, b: Build, example: Any) -> TrainState:
+    """The run's fresh state: the model's (with its EMA when ``config.ema`` asks), or with
+    ``config.ensemble`` N members stacked, member ``i`` from init key ``fold_in(init_key,
+    i)`` (as `fit_ensemble` numbers them)."""
+    if config.ensemble > 1:
+        keys = jax.vmap(lambda i: jax.random.fold_in(b.init_key, i))(jnp.arange(config.ensemble))
+        return create_ensemble(b.model, b.tx, example, keys)
+    return create_train_state(b.model, b.tx, example, b.init_key, ema_decay=config.ema)
 
 
 def add_callbacks(

@@ -5,11 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-
 from jtricks.errors import ConfigError
-from jtricks.run.build import Build
+from jtricks.run.build import Build, initial_state
 from jtricks.run.config import TrainConfig
 from jtricks.run.data import RunData
 from jtricks.run.options import fit_options
@@ -17,7 +14,7 @@ from jtricks.run.outputs import RunResult, class_entries, record_logs, write_sum
 from jtricks.rundir import create_run_dir, environment, write_json
 from jtricks.training.class_report import evaluate_with_report
 from jtricks.training.data_checks import check_data
-from jtricks.training.ensemble import create_ensemble, fit_ensemble
+from jtricks.training.ensemble import fit_ensemble
 from jtricks.training.fit import first_member
 from jtricks.training.tensorboard import writer_class
 
@@ -28,8 +25,7 @@ def train_ensemble(
     """Member ``i`` uses init key ``fold_in(init_key, i)`` (`fit_ensemble`). Writes config,
     metrics, curves and a summary with every member's test metrics and the ensemble's;
     no intermediate checkpoints. Returns a `RunResult`."""
-    keys = jax.vmap(lambda i: jax.random.fold_in(b.init_key, i))(jnp.arange(config.ensemble))
-    states = create_ensemble(b.model, b.tx, data.train[0], keys)
+    states = initial_state(config, b, data.train[0])
     check_data(first_member(states), b.task, data.train, "training data")  # before any folder
     if config.tensorboard:
         writer_class()  # installed? (before the folder exists)

@@ -15,20 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jtricks.data import Scaler
 from jtricks.errors import ConfigError
-from jtricks.run.build import build
+from jtricks.run.build import build, initial_state
 from jtricks.run.config import TrainConfig
 from jtricks.run.data import load_run_data
 from jtricks.run.resume import foreign_checker, load_run_config, run_identity
 from jtricks.training.checkpoint import CheckpointError, restore_latest
-from jtricks.training.ensemble import create_ensemble
 from jtricks.training.predict import predict
-from jtricks.training.state import TrainState, create_train_state
+from jtricks.training.state import TrainState
 
 
 @dataclass
@@ -71,11 +68,7 @@ def load_run(run_dir: str | os.PathLike, *, best: bool = False) -> LoadedRun:
     config = load_run_config(run_dir, param="run")
     data = load_run_data(config)
     b = build(config, data, None, None, False)
-    if config.ensemble > 1:
-        keys = jax.vmap(lambda i: jax.random.fold_in(b.init_key, i))(jnp.arange(config.ensemble))
-        state = create_ensemble(b.model, b.tx, data.example, keys)
-    else:
-        state = create_train_state(b.model, b.tx, data.example, b.init_key, ema_decay=config.ema)
+    state = initial_state(config, b, data.example)
     folder = run_dir / "checkpoints" / ("best" if best else "")
     foreign = foreign_checker(run_identity(run_dir), config.to_dict())
     try:

@@ -23,7 +23,7 @@ import jax
 from jax.experimental.multihost_utils import sync_global_devices
 
 from jtricks.errors import ConfigError, Interrupted, StreamError
-from jtricks.run.build import Build, build, name_the_dataset
+from jtricks.run.build import Build, build, initial_state, name_the_dataset
 from jtricks.run.config import TrainConfig, check_keys, check_recordable
 from jtricks.run.data import RunData, load_run_data, refuse_on_disk
 from jtricks.run.ensemble import train_ensemble
@@ -53,7 +53,7 @@ from jtricks.rundir import (
     write_json,
     write_jsonl,
 )
-from jtricks.training import History, TrainState, create_train_state, evaluate, fit
+from jtricks.training import History, TrainState, evaluate, fit
 from jtricks.training.checkpoint import (
     RUN_META,
     CheckpointError,
@@ -228,7 +228,7 @@ def start(
 ) -> tuple[TrainState, Run]:
     """Create the state (checked against the task before any folder exists), then the run
     folder, or restore both from ``resume``'s newest intact checkpoint."""
-    state = create_train_state(b.model, b.tx, data.example, b.init_key, ema_decay=config.ema)
+    state = initial_state(config, b, data.example)
     if not data.on_disk:  # a mismatch leaves nothing behind
         check_data(state, b.task, data.train, "training data")
         check_data(state, b.task, data.test, "test data")
