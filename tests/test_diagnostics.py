@@ -11,11 +11,15 @@ import numpy as np
 import optax
 import pytest
 
+import jtricks
 from jtricks import diagnostics as D
 from jtricks.errors import ConfigError
 from jtricks.nn import build_model
 from jtricks.optim import build_optimizer
+from jtricks.tasks import LanguageModel
 from jtricks.training import create_train_state, make_train_step
+
+KEY = jax.random.key(0)
 
 # ----------------------------------------------------------------------------- gradient check
 
@@ -535,11 +539,77 @@ def test_cli_diagnose_unknown_lr_method_exits_2(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_cli_diagnose_refuses_a_dataset_of_another_task_in_one_line(tmp_path, capsys):
+def test_cli_diagnose_checks_a_language_model_against_its_own_references(tmp_path, capsys):
+    import json
+
     from jtricks.cli import main
 
     out = tmp_path / "diag"
-    assert main(["diagnose", "--dataset", "regression", "--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert "--dataset" in err and "'regression' is a regression task" in err
-    assert "lr_finder" in err and "Traceback" not in err and not out.exists()
+    args = ["--dataset", "tokens(num_train=64, num_test=8, seq_len=8, vocab=8)"]
+    args += ["--model", "transformer_lm(d_model=16, heads=2, layers=1)", "--batch-size", "16"]
+    args += ["--overfit-steps", "3", "--signal-steps", "0"]
+    args += ["--lr-num", "2", "--lr-steps", "2", "--out", str(out)]
+    main(["diagnose", *args])
+    assert "gradient check" in capsys.readouterr().out
+    reports = json.loads((out / "diagnose.json").read_text())["reports"]
+    assert reports["initial_loss"]["expected"] == pytest.approx(math.log(8), rel=1e-6)
+    assert reports["gradient_check"]["passed"]  # the float64 token cross-entropy
+    data = jtricks.load_dataset("tokens(num_train=64, num_test=8, seq_len=8, vocab=8)")
+    floor = D.memorisation_floor(LanguageModel(), (data.x_train[:32], data.y_train[:32]))
+    assert reports["overfit"]["floor"] == pytest.approx(floor) and floor > 0
+
+
+# ----------------------------------------------------------------------------- other tasks
+
+
+def test_initial_loss_of_a_regression_is_the_zero_outputs_mean_square(tiny_data):
+    x = tiny_data.x_train[:64]
+    y = np.stack([x[:, 0] + 1.0, x[:, 1] - 0.5], axis=1)  # off-centre targets
+    state = create_train_state(build_model("mlp(features=(16,))", 2), optax.sgd(0.1), x, KEY)
+    rep = D.initial_loss(state, x, y, task="regression")
+    out = state.apply_fn({"params": state.params}, x, train=False)
+    assert rep.loss == pytest.approx(float(np.mean((np.asarray(out) - y) ** 2)), rel=1e-5)
+    assert rep.expected == pytest.approx(float(np.mean(y**2)), rel=1e-6)
+    assert rep.ratio == pytest.approx(rep.loss / rep.expected)
+    with pytest.raises(ConfigError, match="num_classes=3 but the model gives 2 outputs"):
+        D.initial_loss(state, x, y, task="regression", num_classes=3)
+
+
+def test_gradient_check_and_signal_take_a_task_and_a_dict_batch(tiny_data):
+    x = tiny_data.x_train[:8]
+    batch = {"x": x, "y": x[:, :2] * 2.0}
+    state = create_train_state(build_model("mlp(features=(8,))", 2), optax.sgd(0.1), x, KEY)
+    assert D.check_gradients(state, batch, task="regression").passed
+    rep = D.signal_propagation(state, batch, task="regression")
+
+    def loss(p):  # the mean squared error, written out
+        return jnp.mean((state.apply_fn({"params": p}, x, train=True) - batch["y"]) ** 2)
+
+    grads = jax.grad(loss)(state.params)
+    norm = float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads["Dense_0"]))))
+    assert rep.rows[0]["layer"] == "Dense_0"
+    assert rep.rows[0]["grad_norm"] == pytest.approx(norm, rel=1e-5)
+
+
+def test_memorisation_floor_of_a_language_model_batch_by_hand():
+    x = np.array([[1, 2, 4], [1, 3, 4], [1, 2, 4]])
+    y = np.array([[2, 4, 5], [3, 4, 6], [2, 4, 7]])
+    # position 0: prefix (1,) is followed by 2, 3, 2: -(2 log 2/3 + log 1/3);
+    # position 2: prefix (1, 2, 4) twice, followed by 5 and 7: 2 log 2; the rest is unique
+    by_hand = -(2 * math.log(2 / 3) + math.log(1 / 3)) + 2 * math.log(2)
+    assert D.memorisation_floor(LanguageModel(), (x, y)) == pytest.approx(by_hand / 9)
+    mask = np.array([[1, 1, 0], [1, 1, 1], [1, 1, 1]])
+    by_hand = -(2 * math.log(2 / 3) + math.log(1 / 3))  # position 2 of row 0 masked
+    assert D.memorisation_floor(LanguageModel(), (x, y, mask)) == pytest.approx(by_hand / 8)
+    assert D.memorisation_floor(jtricks.tasks.build_task("classification"), (x, y)) == 0.0
+
+
+def test_overfit_one_batch_of_a_language_model_aims_above_its_floor(adam_1e2):
+    data = jtricks.load_dataset("tokens(num_train=16, num_test=4, seq_len=6, vocab=6)")
+    batch = {"tokens": data.x_train, "targets": data.y_train}
+    model = build_model("transformer_lm(d_model=16, heads=2, layers=1)", 6)
+    rep = D.overfit_one_batch(model, adam_1e2, batch, key=KEY, steps=4, task="lm", epsilon=5.0)
+    floor = D.memorisation_floor(LanguageModel(), batch)
+    assert rep.floor == pytest.approx(floor) and floor > 0
+    first = int(np.flatnonzero(rep.losses < floor + 5.0)[0]) + 1
+    assert rep.passed and rep.steps_to_epsilon == first

@@ -3,8 +3,10 @@
 * `check_gradients`: central differences in float64 against `jax.grad`,
   coordinates sampled in every layer, a per-layer table and a verdict.
 * `overfit_one_batch`: can the model and optimizer drive the loss on one
-  small batch to ~0? If not, something between data, model and update is broken.
-* `initial_loss` : at initialisation the cross-entropy should be about ``log C``.
+  small batch to ~0 (a language model's: to the `memorisation_floor` of its prefixes)?
+  If not, something between data, model and update is broken.
+* `initial_loss` : at initialisation the loss should be about an all-zero output's
+  (``log C`` for a classifier).
 * `signal_propagation`: per-layer activation mean / std and gradient norm,
   with flags for vanishing and exploding signals; `track_signal` records it at
   chosen steps of a real run.
@@ -40,7 +42,7 @@ from jtricks.diagnostics.lr_finder import (
     smooth_losses,
     steepest_descent,
 )
-from jtricks.diagnostics.overfit import OverfitReport, overfit_one_batch
+from jtricks.diagnostics.overfit import OverfitReport, memorisation_floor, overfit_one_batch
 from jtricks.diagnostics.report import diagnose, verdict_table
 from jtricks.diagnostics.signal import SignalReport, signal_propagation, track_signal
 
@@ -58,6 +60,7 @@ __all__ = [
     "lr_finder",
     "lr_range_test",
     "make_lr_sweep",
+    "memorisation_floor",
     "overfit_one_batch",
     "range_suggestion",
     "signal_propagation",

@@ -1,13 +1,26 @@
-"""What the checks share: parameters grouped by layer, BatchNorm forced to its running
-averages, plain-text tables."""
+"""What the checks share: their batch and task, parameters grouped by layer, BatchNorm
+forced to its running averages, plain-text tables."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 from flax import traverse_util
+
+from jtricks.tasks import Task, as_task
+
+
+def diagnostic_batch(
+    x: Any, y: Any, task: Task | str | None, loss_fn: Callable | None
+) -> tuple[Task, Any]:
+    """``(task, batch)`` of a diagnostic's arguments: ``(x, y)``, or ``x`` a whole batch
+    pytree when ``y`` is ``None``; the task as `fit` takes it (`jtricks.tasks.as_task`)."""
+    batch = x if y is None else (x, y)
+    return as_task(task, loss_fn), jax.tree.map(jnp.asarray, batch)
 
 
 def layer_of(path: tuple[str, ...]) -> str:

@@ -11,9 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from jtricks.diagnostics.common import bn_eval_interceptor, group_by_layer, text_table
+from jtricks.diagnostics.common import (
+    bn_eval_interceptor,
+    diagnostic_batch,
+    group_by_layer,
+    text_table,
+)
 from jtricks.errors import check_int, check_range
-from jtricks.losses import cross_entropy
+from jtricks.tasks import Task
+from jtricks.training.gradients import objective
 from jtricks.training.state import TrainState
 from jtricks.training.steps import LossFn
 from jtricks.training.transfer import forward_layers
@@ -50,9 +56,10 @@ class GradCheckReport:
 def check_gradients(
     state: TrainState,
     x: Any,
-    y: Any,
+    y: Any = None,
     *,
-    loss_fn: LossFn = cross_entropy,
+    task: Task | str | None = None,
+    loss_fn: LossFn | None = None,
     coords_per_layer: int = 10,
     eps: float = 1e-5,
     tolerance: float = 1e-4,
@@ -79,7 +86,10 @@ def check_gradients(
 
     Args:
       state: the model and parameters to check (its ``key`` fixes the dropout masks).
-      x, y: a small batch (a few examples suffice; each coordinate costs two forward passes).
+      x, y: a small batch (a few examples suffice; each coordinate costs two forward
+        passes), or ``x`` any batch pytree with ``y=None``.
+      task, loss_fn: the loss, as in `fit` (neither: classification); ``L`` is the
+        task's weighted mean training loss over the batch.
       coords_per_layer: coordinates sampled per layer (all of a layer's if it has fewer).
       seed: picks the coordinates.
 
@@ -90,17 +100,10 @@ def check_gradients(
     check_range("eps", eps, low=0.0, low_inclusive=False)
     check_range("tolerance", tolerance, low=0.0, low_inclusive=False)
     rng = np.random.default_rng(seed)
+    task, batch = diagnostic_batch(x, y, task, loss_fn)
+    order = forward_layers(state, task.inputs(batch))
     with jax.enable_x64(True):
-        to64 = lambda t: jax.tree.map(  # noqa: E731
-            lambda a: (
-                jnp.asarray(a, jnp.float64)
-                if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating)
-                else a
-            ),
-            t,
-        )
-        params, batch_stats = to64(state.params), to64(state.batch_stats)
-        x64, y = to64(jnp.asarray(x)), jnp.asarray(y)
+        params, batch_stats, batch = _to64((state.params, state.batch_stats, batch))
         flat, unravel = ravel_pytree(params)
         variables_extra = {"batch_stats": batch_stats} if batch_stats else {}
         rngs = {"dropout": state.key} if train and state.key is not None else None
@@ -108,10 +111,10 @@ def check_gradients(
         def loss(theta):
             variables = {"params": unravel(theta), **variables_extra}
             with nn.intercept_methods(bn_eval_interceptor):
-                logits = state.apply_fn(variables, x64, train=train, rngs=rngs)
-            return jnp.mean(loss_fn(logits, y))
+                outputs = state.apply_fn(variables, task.inputs(batch), train=train, rngs=rngs)
+            return objective(task, outputs, batch, None)
 
-        sampled = _sample(params, forward_layers(state, x), coords_per_layer, rng)
+        sampled = _sample(params, order, coords_per_layer, rng)
         all_idx = jnp.asarray(np.concatenate(list(sampled.values())))
 
         @jax.jit
@@ -127,6 +130,16 @@ def check_gradients(
         analytic, numeric = (np.asarray(a) for a in both(flat, all_idx))
     rows = _layer_rows(sampled, analytic, numeric, floor, tolerance)
     return GradCheckReport(rows, tolerance, all(r["passed"] for r in rows))
+
+
+def _to64(tree: Any) -> Any:
+    """Floating leaves of ``tree`` in float64 (inside `jax.enable_x64`), others as they are."""
+    return jax.tree.map(
+        lambda a: (
+            jnp.asarray(a, jnp.float64) if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else a
+        ),
+        tree,
+    )
 
 
 def _sample(params: Any, order: Any, per_layer: int, rng: np.random.Generator) -> dict:

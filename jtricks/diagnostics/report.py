@@ -46,50 +46,50 @@ def diagnose(
     ``signal_steps`` of an ordinary run with ``optimizer`` at ``learning_rate``, and the LR
     finder: ``lr_method="sweep"`` is `lr_finder` (``lr_num`` rates, ``lr_steps`` steps
     each), ``"range"`` is `lr_range_test` (one run of ``lr_steps`` steps, the rate rising
-    from ``lr_min`` to ``lr_max``). The data is the training split, standardised on itself; the test split is not
-    touched. With ``out``, writes ``diagnose.json``, ``lr_finder.png``, ``signal.png`` and
+    from ``lr_min`` to ``lr_max``). Any dataset's task: every check uses its loss, and
+    the initial loss is compared with an all-zero output's (``log C`` for a classifier,
+    `initial_loss`). The data is the training split, standardised on itself (token ids as
+    they are); the test split is not touched. With ``out``, writes ``diagnose.json``, ``lr_finder.png``, ``signal.png`` and
     ``overfit.png`` there (the folder must be new or empty).
 
     Returns:
       ``{"checks": [{"check", "passed", "detail"}, ...], "passed": bool, "reports": {...}}``.
     """
-    from jtricks.data import Scaler, load_dataset
-    from jtricks.nn import build_model
     from jtricks.optim import build_optimizer
     from jtricks.rundir import create_run_dir
 
     _check_numbers(overfit_steps, overfit_epsilon, signal_steps, seed)  # before anything on disk
     _check_finder(lr_min, lr_max, lr_num, lr_steps, lr_method)
-    data = load_dataset(dataset)
-    if data.task != "classification":
-        raise ConfigError(
-            f"jtricks diagnose checks classifiers (the initial loss against log C, the "
-            f"cross-entropy throughout); dataset {dataset!r} is a {data.task} task: from "
-            "Python, lr_finder, lr_range_test (task=...), overfit_one_batch, check_gradients "
-            "and track_signal (loss_fn=...) take it",
-            param="dataset",
-        )
-    net = build_model(model, data.num_classes)
+    task, net, x, y = _problem(dataset, model, preprocess)
     tx = build_optimizer(optimizer, learning_rate)
-    check_int("batch_size", batch_size, low=1, high=len(data.y_train))
-    check_int("overfit_batch", overfit_batch, low=1, high=len(data.y_train))
-    x = Scaler.fit(preprocess, data.x_train)(data.x_train)
-    y = data.y_train
+    check_int("batch_size", batch_size, low=1, high=len(y))
+    check_int("overfit_batch", overfit_batch, low=1, high=len(y))
     run_dir = create_run_dir(out) if out is not None else None
     key = jax.random.key(seed)
     state = create_train_state(net, tx, x, key)
     checks, reports = [], {}
-    _model_checks(state, x, y, data.num_classes, checks, reports)
+    _model_checks(state, x, y, task, checks, reports)
     batch = (x[:overfit_batch], y[:overfit_batch])
-    over = _overfit_check(net, tx, *batch, key, checks, reports, overfit_steps, overfit_epsilon)
+    over = _overfit_check(
+        net, tx, batch, key, task, checks, reports, overfit_steps, overfit_epsilon
+    )
     _, signals = track_signal(
-        create_train_state(net, tx, x, key), (x, y), at_steps=signal_steps, batch_size=batch_size
+        create_train_state(net, tx, x, key),
+        (x, y),
+        at_steps=signal_steps,
+        batch_size=batch_size,
+        task=task,
     )
     checks.extend(_signal_check(rep) for rep in signals)
     reports["signal"] = [dataclasses.asdict(r) for r in signals]
     finder_args = dict(key=key, lr_min=lr_min, lr_max=lr_max, steps=lr_steps, batch_size=batch_size)
     finder, check, reports["lr_finder"] = _find_lr(
-        net, lambda lr: build_optimizer(optimizer, lr), (x, y), lr_method, lr_num, finder_args
+        net,
+        lambda lr: build_optimizer(optimizer, lr),
+        (x, y),
+        lr_method,
+        lr_num,
+        {**finder_args, "task": task},
     )
     check["detail"] += f"; given {learning_rate:g})"
     checks.append(check)
@@ -99,6 +99,20 @@ def diagnose(
         settings.update(learning_rate=learning_rate, batch_size=batch_size, lr_method=lr_method)
         _write(run_dir, result, settings, finder, signals, over)
     return result
+
+
+def _problem(dataset: str, model: str, preprocess: str):
+    """``(task, model, x, y)``: the dataset's task, the model built for it, and its
+    training split (inputs standardised on themselves; token ids as they are)."""
+    from jtricks.data import Scaler, load_dataset
+    from jtricks.nn import build_model
+    from jtricks.tasks import build_task
+
+    data = load_dataset(dataset)
+    x, y = data.x_train, data.y_train
+    if not np.issubdtype(x.dtype, np.integer):
+        x = Scaler.fit(preprocess, x)(x)
+    return build_task(data.task), build_model(model, data.num_classes), x, y
 
 
 def _check_numbers(overfit_steps, overfit_epsilon, signal_steps, seed) -> None:
@@ -124,13 +138,13 @@ def _check_finder(lr_min, lr_max, lr_num, lr_steps, lr_method) -> None:
         )
 
 
-def _model_checks(state, x, y, num_classes: int, checks: list, reports: dict) -> None:
+def _model_checks(state, x, y, task, checks: list, reports: dict) -> None:
     """The initial loss and the gradient check, appended to ``checks`` and ``reports``."""
-    init = initial_loss(state, x[:1000], y[:1000], num_classes=num_classes)
-    detail = f"{init.loss:.3f} vs log C = {init.expected:.3f} (ratio {init.ratio:.2f})"
+    init = initial_loss(state, x[:1000], y[:1000], task=task)
+    detail = f"{init.loss:.3f} vs {init.expected:.3f} of zero outputs (ratio {init.ratio:.2f})"
     checks.append({"check": "initial loss", "passed": init.passed, "detail": detail})
     reports["initial_loss"] = dataclasses.asdict(init)
-    grad = check_gradients(state, x[:8], y[:8])
+    grad = check_gradients(state, x[:8], y[:8], task=task)
     worst = max(grad.rows, key=lambda r: r["max_rel_error"])
     detail = (
         f"max rel error {worst['max_rel_error']:.1e} ({worst['layer']}), tol {grad.tolerance:g}"
@@ -139,9 +153,9 @@ def _model_checks(state, x, y, num_classes: int, checks: list, reports: dict) ->
     reports["gradient_check"] = dataclasses.asdict(grad)
 
 
-def _overfit_check(net, tx, x, y, key, checks: list, reports: dict, steps: int, epsilon: float):
+def _overfit_check(net, tx, batch, key, task, checks: list, reports: dict, steps, epsilon):
     """Overfit one batch, appended to ``checks`` and ``reports``; returns its report."""
-    over = overfit_one_batch(net, tx, x, y, key=key, steps=steps, epsilon=epsilon)
+    over = overfit_one_batch(net, tx, *batch, key=key, steps=steps, epsilon=epsilon, task=task)
     checks.append(
         {"check": "overfit one batch", "passed": over.passed, "detail": _overfit_detail(over)}
     )
@@ -150,9 +164,10 @@ def _overfit_check(net, tx, x, y, key, checks: list, reports: dict, steps: int, 
 
 
 def _overfit_detail(over) -> str:
+    goal = f"epsilon {over.epsilon:g}" + (f" above floor {over.floor:.3g}" if over.floor else "")
     if over.passed:
-        return f"loss < {over.epsilon:g} at step {over.steps_to_epsilon}"
-    return f"final loss {over.final_loss:.3g} after {len(over.losses)} steps (epsilon {over.epsilon:g})"
+        return f"loss < {over.floor + over.epsilon:.3g} ({goal}) at step {over.steps_to_epsilon}"
+    return f"final loss {over.final_loss:.3g} after {len(over.losses)} steps ({goal})"
 
 
 def _signal_check(rep) -> dict[str, Any]:

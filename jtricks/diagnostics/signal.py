@@ -9,14 +9,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jtricks.diagnostics.common import group_by_layer, text_table
+from jtricks.diagnostics.common import diagnostic_batch, group_by_layer, text_table
 from jtricks.errors import check_int, check_range
-from jtricks.losses import cross_entropy
 from jtricks.plotting import pyplot, save_figure
+from jtricks.tasks import Task
+from jtricks.training.gradients import objective
 from jtricks.training.state import TrainState
 from jtricks.training.steps import LossFn
 from jtricks.training.transfer import forward_layers
@@ -25,10 +25,11 @@ from jtricks.training.transfer import forward_layers
 def signal_propagation(
     state: TrainState,
     x: Any,
-    y: Any,
+    y: Any = None,
     *,
     threshold: float = 1e3,
-    loss_fn: LossFn = cross_entropy,
+    task: Task | str | None = None,
+    loss_fn: LossFn | None = None,
 ) -> SignalReport:
     """Activation mean / std and parameter-gradient norm of every layer, on one batch.
 
@@ -41,11 +42,14 @@ def signal_propagation(
     * ``exploding activations`` / ``vanishing activations``: last layer's output std /
       first layer's beyond ``threshold`` either way, or non-finite activations.
 
-    ``threshold`` is 1e3 by default (three orders of magnitude across the depth).
+    ``threshold`` is 1e3 by default (three orders of magnitude across the depth). The
+    batch is ``(x, y)`` (or ``x`` any batch pytree with ``y=None``), the loss ``task``'s
+    or ``loss_fn``'s as in `fit` (neither: classification).
     References: Glorot & Bengio (2010); He et al., "Delving Deep into Rectifiers" (2015).
     """
     check_range("threshold", threshold, low=1.0, low_inclusive=False)
-    x, y = jnp.asarray(x), jnp.asarray(y)
+    task, batch = diagnostic_batch(x, y, task, loss_fn)
+    x = task.inputs(batch)
     rngs = {"dropout": jax.random.fold_in(state.key, state.step)} if state.key is not None else None
 
     def loss(params):
@@ -54,10 +58,10 @@ def signal_propagation(
         if state.batch_stats:
             variables["batch_stats"] = state.batch_stats
             mutable.append("batch_stats")
-        logits, coll = state.apply_fn(
+        outputs, coll = state.apply_fn(
             variables, x, train=True, rngs=rngs, mutable=mutable, capture_intermediates=True
         )
-        return jnp.mean(loss_fn(logits, y)), coll["intermediates"]
+        return objective(task, outputs, batch, None), coll["intermediates"]
 
     grads, inter = jax.jit(jax.grad(loss, has_aux=True))(state.params)
     layers = group_by_layer(state.params, forward_layers(state, x))
@@ -82,7 +86,8 @@ def signal_propagation(
         )
     first, last = rows[0], rows[-1]
     grad_ratio = first["grad_norm"] / last["grad_norm"] if last["grad_norm"] > 0 else math.inf
-    act_ratio = last["act_std"] / first["act_std"] if first["act_std"] > 0 else math.inf
+    acts = [r["act_std"] for r in rows if not math.isnan(r["act_std"])] or [math.nan]
+    act_ratio = acts[-1] / acts[0] if acts[0] > 0 else math.inf  # layers that output
     flags = signal_flags(rows, grad_ratio, act_ratio, threshold)
     return SignalReport(int(state.step), rows, grad_ratio, act_ratio, flags)
 
@@ -94,7 +99,8 @@ class SignalReport:
     ``rows``: per layer, in forward order: ``layer``, ``act_mean``, ``act_std`` (of the
     layer's output), ``grad_norm`` (L2 norm of the gradient of its parameters).
     ``grad_ratio`` = first layer's gradient norm / last layer's; ``act_ratio`` = last
-    layer's output std / first layer's. ``flags`` names what is wrong (empty: healthy).
+    layer's output std / first layer's (of the layers whose ``__call__`` gave an output:
+    a head that reuses an embedding's ``attend`` has none). ``flags`` names what is wrong (empty: healthy).
     """
 
     step: int
@@ -144,7 +150,7 @@ def signal_flags(
 
 def track_signal(
     state: TrainState,
-    train_data: tuple[Any, Any],
+    train_data: Any,
     *,
     at_steps: Sequence[int],
     batch_size: int,
@@ -153,7 +159,9 @@ def track_signal(
     **fit_kwargs: Any,
 ) -> tuple[TrainState, list[SignalReport]]:
     """Train with `jtricks.training.fit` and take a `signal_propagation` report at each of
-    ``at_steps`` (0 = at initialisation), on the first ``probe_size`` training examples.
+    ``at_steps`` (0 = at initialisation), on the first ``probe_size`` training examples
+    (``train_data`` is any batch pytree; ``task`` or ``loss_fn`` in ``fit_kwargs`` is
+    also the probe's loss).
 
     Training is split into `fit` calls at the requested steps; split calls continue
     exactly, so the run is the same as one uninterrupted call.
@@ -161,8 +169,8 @@ def track_signal(
     from jtricks.training.fit import fit
 
     at = sorted({check_int("at_steps", int(s), low=0) for s in at_steps})
-    x, y = (np.asarray(a) for a in train_data)
-    probe = (x[:probe_size], y[:probe_size])
+    probe = jax.tree.map(lambda a: a[:probe_size], train_data)
+    loss = {k: fit_kwargs[k] for k in ("task", "loss_fn") if k in fit_kwargs}
     if data_key is None:
         data_key = jax.random.fold_in(state.key, 1)
     reports = []
@@ -176,7 +184,7 @@ def track_signal(
                 data_key=data_key,
                 **fit_kwargs,
             )
-        reports.append(signal_propagation(state, *probe))
+        reports.append(signal_propagation(state, probe, **loss))
     return state, reports
 
 

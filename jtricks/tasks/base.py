@@ -232,6 +232,12 @@ def array_of(values: Any) -> Any:
     return values if isinstance(values, jax.Array) else np.asarray(values)
 
 
+def at_least_f32(a: jax.Array) -> jax.Array:
+    """``a`` in float32, or kept in float64 (a loss in float64 under `jax.enable_x64`,
+    as `jtricks.diagnostics.check_gradients` computes it)."""
+    return a.astype(jnp.promote_types(a.dtype, jnp.float32))
+
+
 def nonfinite(values: Any) -> tuple[int, tuple[int, ...]] | None:
     """``(count, index of the first)`` of the NaN and inf entries of a float array (NumPy,
     or JAX reduced on its device: only the two numbers reach the host); ``None`` when

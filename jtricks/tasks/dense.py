@@ -10,7 +10,13 @@ import jax.numpy as jnp
 import optax
 
 from jtricks.errors import check_range
-from jtricks.tasks.base import Task, array_of, check_integer_labels, mean_softmax_logits
+from jtricks.tasks.base import (
+    Task,
+    array_of,
+    at_least_f32,
+    check_integer_labels,
+    mean_softmax_logits,
+)
 
 
 def _positions(x: jax.Array) -> tuple[int, ...]:
@@ -29,7 +35,7 @@ class _Dense(Task):
     def position_ce(self, outputs, batch) -> jax.Array:
         """Per-example mean cross-entropy over valid positions (0 where none is valid)."""
         y, m = self.targets(batch), self.valid(batch)
-        ce = optax.softmax_cross_entropy_with_integer_labels(outputs.astype(jnp.float32), y)
+        ce = optax.softmax_cross_entropy_with_integer_labels(at_least_f32(outputs), y)
         axes = _positions(y)
         return jnp.sum(ce * m, axis=axes) / jnp.maximum(jnp.sum(m, axis=axes), 1.0)
 

@@ -8,7 +8,7 @@ from typing import ClassVar
 import jax.numpy as jnp
 import numpy as np
 
-from jtricks.tasks.base import Task, array_of, check_finite
+from jtricks.tasks.base import Task, array_of, at_least_f32, check_finite
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,9 +29,9 @@ class Regression(Task):
     train_metrics: ClassVar[tuple[str, ...]] = ("mae",)
 
     def _pair(self, outputs, batch):
-        p = outputs.reshape(outputs.shape[0], -1).astype(jnp.float32)
+        p = at_least_f32(outputs.reshape(outputs.shape[0], -1))
         y = self.targets(batch)
-        t = y.reshape(y.shape[0], -1).astype(jnp.float32)
+        t = y.reshape(y.shape[0], -1).astype(p.dtype)
         if t.shape != p.shape:  # a one-line error, never JAX's broadcasting one
             raise ValueError(
                 f"regression needs one target per model output: outputs of shape "
