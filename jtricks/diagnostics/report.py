@@ -164,9 +164,11 @@ def _overfit_check(net, tx, batch, key, task, checks: list, reports: dict, steps
 
 
 def _overfit_detail(over) -> str:
-    goal = f"epsilon {over.epsilon:g}" + (f" above floor {over.floor:.3g}" if over.floor else "")
+    goal = f"floor {over.floor:.3g} + epsilon {over.epsilon:g}" if over.floor else ""
     if over.passed:
-        return f"loss < {over.floor + over.epsilon:.3g} ({goal}) at step {over.steps_to_epsilon}"
+        aim = f"{over.floor + over.epsilon:.3g} ({goal})" if goal else f"{over.epsilon:g}"
+        return f"loss < {aim} at step {over.steps_to_epsilon}"
+    goal = goal or f"epsilon {over.epsilon:g}"
     return f"final loss {over.final_loss:.3g} after {len(over.losses)} steps ({goal})"
 
 
