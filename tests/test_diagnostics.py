@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -613,3 +614,41 @@ def test_overfit_one_batch_of_a_language_model_aims_above_its_floor(adam_1e2):
     assert rep.floor == pytest.approx(floor) and floor > 0
     first = int(np.flatnonzero(rep.losses < floor + 5.0)[0]) + 1
     assert rep.passed and rep.steps_to_epsilon == first
+
+
+class _TwoHeads(nn.Module):
+    """A user's own model: reads a dict of arrays, gives 2 outputs."""
+
+    @nn.compact
+    def __call__(self, batch, *, train=False):
+        h = nn.tanh(nn.Dense(8)(jnp.concatenate([batch["a"], batch["b"]], axis=-1)))
+        return nn.Dense(2, kernel_init=nn.initializers.zeros)(h)
+
+
+def test_check_model_takes_a_users_model_optimizer_and_dict_batch(tmp_path):
+    import json
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(64, 3)).astype(np.float32), rng.normal(size=(64, 2)).astype(np.float32)
+    data = {"a": a, "b": b, "y": np.stack([a[:, 0] + 2.0, b[:, 1]], axis=1)}
+    task = jtricks.tasks.Regression(input_key="*")  # the model reads the whole batch
+    settings = D.CheckSettings(batch_size=16, overfit_batch=16, overfit_steps=3)
+    settings = dataclasses.replace(settings, signal_steps=(0,), lr_num=2, lr_steps=2)
+    out = tmp_path / "diag"
+    result = D.check_model(
+        _TwoHeads(), optax.adam, data, task=task, settings=settings, learning_rate=1e-3, out=out
+    )
+    assert [c["check"] for c in result["checks"]][:3] == [
+        "initial loss",
+        "gradient check",
+        "overfit one batch",
+    ]
+    init = result["reports"]["initial_loss"]  # a zero-initialised head outputs exactly zero
+    assert init["loss"] == pytest.approx(init["expected"]) and init["ratio"] == pytest.approx(1.0)
+    assert init["expected"] == pytest.approx(float(np.mean(data["y"] ** 2)), rel=1e-6)
+    assert result["checks"][1]["passed"]  # the gradient check of the user's model
+    saved = json.loads((out / "diagnose.json").read_text())["settings"]
+    assert saved["learning_rate"] == 1e-3 and saved["lr_num"] == 2 and saved["signal_steps"] == [0]
+    too_big = dataclasses.replace(settings, overfit_batch=65)  # of 64 examples
+    with pytest.raises(ConfigError, match=r"overfit_batch.*65"):
+        D.check_model(_TwoHeads(), optax.adam, data, task=task, settings=too_big)

@@ -15,6 +15,8 @@
   optimizer's injected learning rate, `lax.scan` over steps); suggests the rate
   of steepest descent of the loss against log learning rate. `lr_range_test` is
   Smith's single run with a rising rate, at the cost of one run.
+* `check_model`: all of the above on a model, an optimizer and data, with a verdict
+  table (`diagnose`: the same on names, what ``jtricks diagnose`` runs).
 
 Everything works on a `jtricks.training.TrainState`, so any Flax Linen model
 with the ``(x, *, train)`` signature can be diagnosed. What is new relative to
@@ -43,10 +45,11 @@ from jtricks.diagnostics.lr_finder import (
     steepest_descent,
 )
 from jtricks.diagnostics.overfit import OverfitReport, memorisation_floor, overfit_one_batch
-from jtricks.diagnostics.report import diagnose, verdict_table
+from jtricks.diagnostics.report import CheckSettings, check_model, diagnose, verdict_table
 from jtricks.diagnostics.signal import SignalReport, signal_propagation, track_signal
 
 __all__ = [
+    "CheckSettings",
     "GradCheckReport",
     "InitialLossReport",
     "LRFinderResult",
@@ -55,6 +58,7 @@ __all__ = [
     "OverfitReport",
     "SignalReport",
     "check_gradients",
+    "check_model",
     "diagnose",
     "initial_loss",
     "lr_finder",

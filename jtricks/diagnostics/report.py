@@ -1,22 +1,66 @@
-"""`diagnose`: every check on a model and dataset given by name (``jtricks diagnose``)."""
+"""`check_model`: every check on a model, an optimizer and data; `diagnose`: the same on
+a model and dataset given by name (``jtricks diagnose``)."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
+import optax
 
-from jtricks.diagnostics.common import text_table
+from jtricks.diagnostics.common import diagnostic_batch, text_table
 from jtricks.diagnostics.gradcheck import check_gradients
 from jtricks.diagnostics.initial_loss import initial_loss
 from jtricks.diagnostics.lr_finder import lr_finder, lr_range_test
 from jtricks.diagnostics.overfit import overfit_one_batch, plot_overfit
 from jtricks.diagnostics.signal import plot_signal, track_signal
 from jtricks.errors import ConfigError, check_int, check_range
+from jtricks.tasks import Task
+from jtricks.training.data_checks import num_examples
 from jtricks.training.state import create_train_state
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckSettings:
+    """How much each check of `check_model` runs; checked when built (`ConfigError`).
+
+    Attributes:
+      batch_size: the batch of the signal run and the LR finder.
+      overfit_batch, overfit_steps, overfit_epsilon: `overfit_one_batch` on the first
+        ``overfit_batch`` examples.
+      signal_steps: the steps of an ordinary run at which `track_signal` reports.
+      lr_min, lr_max, lr_num, lr_steps, lr_method: ``"sweep"`` is `lr_finder` (``lr_num``
+        rates, ``lr_steps`` steps each), ``"range"`` `lr_range_test` (one run of
+        ``lr_steps`` steps, the rate rising from ``lr_min`` to ``lr_max``).
+    """
+
+    batch_size: int = 100
+    overfit_batch: int = 32
+    overfit_steps: int = 300
+    overfit_epsilon: float = 0.01
+    signal_steps: Sequence[int] = (0, 100, 500)
+    lr_min: float = 1e-5
+    lr_max: float = 1.0
+    lr_num: int = 32
+    lr_steps: int = 100
+    lr_method: str = "sweep"
+
+    def __post_init__(self) -> None:
+        check_int("batch_size", self.batch_size, low=1)
+        check_int("overfit_batch", self.overfit_batch, low=1)
+        check_int("overfit_steps", self.overfit_steps, low=1)
+        check_range("overfit_epsilon", self.overfit_epsilon, low=0.0, low_inclusive=False)
+        for step in self.signal_steps:
+            check_int("signal_steps", step, low=0)
+        if not self.signal_steps:
+            raise ConfigError(
+                "signal_steps must list at least one step, e.g. (0, 100)", param="signal_steps"
+            )
+        _check_finder(self.lr_min, self.lr_max, self.lr_num, self.lr_steps, self.lr_method)
 
 
 def diagnose(
@@ -25,79 +69,94 @@ def diagnose(
     model: str = "cnn",
     optimizer: str = "adam",
     learning_rate: float = 1e-2,
-    batch_size: int = 100,
     preprocess: str = "standardize",
     seed: int = 0,
-    overfit_batch: int = 32,
-    overfit_steps: int = 300,
-    overfit_epsilon: float = 0.01,
-    signal_steps: Sequence[int] = (0, 100, 500),
-    lr_min: float = 1e-5,
-    lr_max: float = 1.0,
-    lr_num: int = 32,
-    lr_steps: int = 100,
-    lr_method: str = "sweep",
     out: Any = None,
+    **settings: Any,
 ) -> dict[str, Any]:
-    """Run every check on a model and dataset given by name; what ``jtricks diagnose`` runs.
+    """`check_model` on a model, optimizer and dataset given by name: what ``jtricks
+    diagnose`` runs. The data is the dataset's training split, standardised on itself
+    (token ids as they are; the test split is not touched), the loss its task's.
+    ``settings`` are `CheckSettings`' fields."""
+    from jtricks.optim import build_optimizer
 
-    Checks, in order: initial loss, gradient check (on 8 examples), overfit one batch
-    (``overfit_batch`` examples, ``overfit_steps`` steps), signal propagation at
-    ``signal_steps`` of an ordinary run with ``optimizer`` at ``learning_rate``, and the LR
-    finder: ``lr_method="sweep"`` is `lr_finder` (``lr_num`` rates, ``lr_steps`` steps
-    each), ``"range"`` is `lr_range_test` (one run of ``lr_steps`` steps, the rate rising
-    from ``lr_min`` to ``lr_max``). Any dataset's task: every check uses its loss, and
-    the initial loss is compared with an all-zero output's (``log C`` for a classifier,
-    `initial_loss`). The data is the training split, standardised on itself (token ids as
-    they are); the test split is not touched. With ``out``, writes ``diagnose.json``, ``lr_finder.png``, ``signal.png`` and
-    ``overfit.png`` there (the folder must be new or empty).
+    checked = CheckSettings(**settings)  # before anything is loaded or written
+    task, net, x, y = _problem(dataset, model, preprocess)
+    names = dict(dataset=dataset, model=model, optimizer=optimizer)
+    return check_model(
+        net,
+        lambda lr: build_optimizer(optimizer, lr),
+        (x, y),
+        task=task,
+        learning_rate=learning_rate,
+        settings=checked,
+        seed=seed,
+        out=out,
+        names=names,
+    )
+
+
+def check_model(
+    model: nn.Module,
+    make_tx: Callable[[float], optax.GradientTransformation],
+    data: Any,
+    *,
+    task: Task | str | None = None,
+    loss_fn: Callable | None = None,
+    learning_rate: float = 1e-2,
+    settings: CheckSettings | None = None,
+    seed: int = 0,
+    out: Any = None,
+    names: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Run every check on a model, an optimizer and training data (any Flax model, any
+    ``make_tx(learning_rate)``, ``data`` an ``(x, y)`` pair or any batch pytree in memory,
+    the loss ``task``'s or ``loss_fn``'s as in `fit`).
+
+    Checks, in order: `initial_loss` (on up to 1000 examples: against an all-zero
+    output's loss, ``log C`` for a classifier), `check_gradients` (8 examples),
+    `overfit_one_batch`, `track_signal` of an ordinary run of ``make_tx(learning_rate)``,
+    and the LR finder; ``settings`` (`CheckSettings`) say how much each runs. With
+    ``out``, writes ``diagnose.json`` (``names`` among its settings), ``lr_finder.png``,
+    ``signal.png`` and ``overfit.png`` there (the folder must be new or empty).
 
     Returns:
       ``{"checks": [{"check", "passed", "detail"}, ...], "passed": bool, "reports": {...}}``.
     """
-    from jtricks.optim import build_optimizer
     from jtricks.rundir import create_run_dir
 
-    _check_numbers(overfit_steps, overfit_epsilon, signal_steps, seed)  # before anything on disk
-    _check_finder(lr_min, lr_max, lr_num, lr_steps, lr_method)
-    task, net, x, y = _problem(dataset, model, preprocess)
-    tx = build_optimizer(optimizer, learning_rate)
-    check_int("batch_size", batch_size, low=1, high=len(y))
-    check_int("overfit_batch", overfit_batch, low=1, high=len(y))
+    settings = settings or CheckSettings()
+    check_int("seed", seed, low=0, high=2**63 - 1)
+    task, data = diagnostic_batch(data, None, task, loss_fn)
+    n = num_examples(data)
+    check_int("batch_size", settings.batch_size, high=n)
+    check_int("overfit_batch", settings.overfit_batch, high=n)
     run_dir = create_run_dir(out) if out is not None else None
-    key = jax.random.key(seed)
-    state = create_train_state(net, tx, x, key)
+    key, tx = jax.random.key(seed), make_tx(learning_rate)
+    head = lambda k: jax.tree.map(lambda a: a[:k], data)  # noqa: E731
     checks, reports = [], {}
-    _model_checks(state, x, y, task, checks, reports)
-    batch = (x[:overfit_batch], y[:overfit_batch])
+    _model_checks(
+        create_train_state(model, tx, task.inputs(data), key), head, task, checks, reports
+    )
     over = _overfit_check(
-        net, tx, batch, key, task, checks, reports, overfit_steps, overfit_epsilon
+        model, tx, head(settings.overfit_batch), key, task, settings, checks, reports
     )
     _, signals = track_signal(
-        create_train_state(net, tx, x, key),
-        (x, y),
-        at_steps=signal_steps,
-        batch_size=batch_size,
+        create_train_state(model, tx, task.inputs(data), key),
+        data,
+        at_steps=settings.signal_steps,
+        batch_size=settings.batch_size,
         task=task,
     )
     checks.extend(_signal_check(rep) for rep in signals)
     reports["signal"] = [dataclasses.asdict(r) for r in signals]
-    finder_args = dict(key=key, lr_min=lr_min, lr_max=lr_max, steps=lr_steps, batch_size=batch_size)
-    finder, check, reports["lr_finder"] = _find_lr(
-        net,
-        lambda lr: build_optimizer(optimizer, lr),
-        (x, y),
-        lr_method,
-        lr_num,
-        {**finder_args, "task": task},
-    )
+    finder, check, reports["lr_finder"] = _find_lr(model, make_tx, data, key, task, settings)
     check["detail"] += f"; given {learning_rate:g})"
     checks.append(check)
     result = {"checks": checks, "passed": all(c["passed"] for c in checks), "reports": reports}
     if run_dir is not None:
-        settings = dict(dataset=dataset, model=model, optimizer=optimizer, seed=seed)
-        settings.update(learning_rate=learning_rate, batch_size=batch_size, lr_method=lr_method)
-        _write(run_dir, result, settings, finder, signals, over)
+        about = {**(names or {}), "seed": seed, "learning_rate": learning_rate}
+        _write(run_dir, result, {**about, **dataclasses.asdict(settings)}, finder, signals, over)
     return result
 
 
@@ -115,18 +174,6 @@ def _problem(dataset: str, model: str, preprocess: str):
     return build_task(data.task), build_model(model, data.num_classes), x, y
 
 
-def _check_numbers(overfit_steps, overfit_epsilon, signal_steps, seed) -> None:
-    check_int("overfit_steps", overfit_steps, low=1)
-    check_range("overfit_epsilon", overfit_epsilon, low=0.0, low_inclusive=False)
-    for s in signal_steps:
-        check_int("signal_steps", s, low=0)
-    if not signal_steps:
-        raise ConfigError(
-            "signal_steps must list at least one step, e.g. (0, 100)", param="signal_steps"
-        )
-    check_int("seed", seed, low=0, high=2**63 - 1)
-
-
 def _check_finder(lr_min, lr_max, lr_num, lr_steps, lr_method) -> None:
     check_range("lr_min", lr_min, low=0.0, low_inclusive=False)
     check_range("lr_max", lr_max, low=lr_min, low_inclusive=False)
@@ -138,13 +185,13 @@ def _check_finder(lr_min, lr_max, lr_num, lr_steps, lr_method) -> None:
         )
 
 
-def _model_checks(state, x, y, task, checks: list, reports: dict) -> None:
+def _model_checks(state, head, task, checks: list, reports: dict) -> None:
     """The initial loss and the gradient check, appended to ``checks`` and ``reports``."""
-    init = initial_loss(state, x[:1000], y[:1000], task=task)
+    init = initial_loss(state, head(1000), task=task)
     detail = f"{init.loss:.3f} vs {init.expected:.3f} of zero outputs (ratio {init.ratio:.2f})"
     checks.append({"check": "initial loss", "passed": init.passed, "detail": detail})
     reports["initial_loss"] = dataclasses.asdict(init)
-    grad = check_gradients(state, x[:8], y[:8], task=task)
+    grad = check_gradients(state, head(8), task=task)
     worst = max(grad.rows, key=lambda r: r["max_rel_error"])
     detail = (
         f"max rel error {worst['max_rel_error']:.1e} ({worst['layer']}), tol {grad.tolerance:g}"
@@ -153,9 +200,10 @@ def _model_checks(state, x, y, task, checks: list, reports: dict) -> None:
     reports["gradient_check"] = dataclasses.asdict(grad)
 
 
-def _overfit_check(net, tx, batch, key, task, checks: list, reports: dict, steps, epsilon):
+def _overfit_check(net, tx, batch, key, task, settings, checks: list, reports: dict):
     """Overfit one batch, appended to ``checks`` and ``reports``; returns its report."""
-    over = overfit_one_batch(net, tx, *batch, key=key, steps=steps, epsilon=epsilon, task=task)
+    steps, epsilon = settings.overfit_steps, settings.overfit_epsilon
+    over = overfit_one_batch(net, tx, batch, key=key, steps=steps, epsilon=epsilon, task=task)
     checks.append(
         {"check": "overfit one batch", "passed": over.passed, "detail": _overfit_detail(over)}
     )
@@ -183,8 +231,11 @@ def _listed(a: np.ndarray) -> list[float | None]:
     return [float(v) if np.isfinite(v) else None for v in a]
 
 
-def _find_lr(net, make_tx, data, method: str, num: int, finder_args: dict):
+def _find_lr(net, make_tx, data, key, task, settings: CheckSettings):
     """The LR finder's result, its check (detail left open for the given rate) and report."""
+    method, num = settings.lr_method, settings.lr_num
+    finder_args = dict(key=key, lr_min=settings.lr_min, lr_max=settings.lr_max, task=task)
+    finder_args.update(steps=settings.lr_steps, batch_size=settings.batch_size)
     if method == "range":
         finder = lr_range_test(net, make_tx, data, **finder_args)
         lowest = "smoothed loss lowest"

@@ -66,9 +66,8 @@ def forward_layers(state: TrainState, x: Any) -> list[str]:
     if state.batch_stats:
         variables["batch_stats"] = state.batch_stats
     with nn.intercept_methods(record):
-        jax.eval_shape(
-            lambda v, xb: state.apply_fn(v, xb, train=False), variables, jnp.asarray(x)[:1]
-        )
+        first = jax.tree.map(lambda a: jnp.asarray(a)[:1], x)  # an array or any pytree
+        jax.eval_shape(lambda v, xb: state.apply_fn(v, xb, train=False), variables, first)
     owners = {p.rsplit("/", 1)[0] for p in param_paths(state.params)}
     ranked = [name for name in order if name in owners]
     return ranked + sorted(owners - set(ranked))
