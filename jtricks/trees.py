@@ -14,6 +14,26 @@ def leaf_path(path: Any) -> str:
     return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
+def named_leaves(tree: Any) -> dict[tuple[str, ...], Any]:
+    """The leaves of ``tree`` in flattening order, keyed by their path of names (dict keys,
+    attributes and indices as strings). An NNX variable's trailing ``value`` is left out,
+    so a Linen tree and an NNX state name a leaf alike: ``("Dense_0", "kernel")``,
+    ``("layers", "0", "kernel")``."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        names = tuple(
+            str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path
+        )
+        if (
+            len(names) > 1
+            and isinstance(path[-1], jax.tree_util.GetAttrKey)
+            and names[-1] == "value"
+        ):
+            names = names[:-1]
+        out[names] = leaf
+    return out
+
+
 ONE_REDUCTION = 2**20
 """Trees of at most this many elements are reduced in one pass by `tree_norm`."""
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 import jtricks
 from jtricks import diagnostics as D
@@ -652,3 +653,37 @@ def test_check_model_takes_a_users_model_optimizer_and_dict_batch(tmp_path):
     too_big = dataclasses.replace(settings, overfit_batch=65)  # of 64 examples
     with pytest.raises(ConfigError, match=r"overfit_batch.*65"):
         D.check_model(_TwoHeads(), optax.adam, data, task=task, settings=too_big)
+
+
+class _NNXNet(nnx.Module):
+    def __init__(self, rngs, bad=False):
+        self.hidden = nnx.Linear(16, 8, rngs=rngs)
+        self.norm = nnx.BatchNorm(8, rngs=rngs)
+        self.head = nnx.Linear(8, 4, rngs=rngs)
+        self.bad = bad
+
+    def __call__(self, x):
+        h = self.norm(self.hidden(x))
+        return self.head(_tanh_bad_grad(h) if self.bad else jnp.tanh(h))
+
+
+def test_gradient_check_and_signal_on_an_nnx_model(tiny_data):
+    x, y = tiny_data.x_train[:8], tiny_data.y_train[:8]
+    state = create_train_state(_NNXNet(nnx.Rngs(0)), optax.sgd(0.1), x, KEY)
+    report = D.check_gradients(state, x, y)
+    assert report.passed and {r["layer"] for r in report.rows} == {"hidden", "norm", "head"}
+    bad = create_train_state(_NNXNet(nnx.Rngs(0), bad=True), optax.sgd(0.1), x, KEY)
+    rows = {r["layer"]: r for r in D.check_gradients(bad, x, y).rows}
+    assert not rows["hidden"]["passed"] and rows["head"]["passed"]  # below the planted bug
+    rep = D.signal_propagation(state, x, y)
+
+    def loss(params):  # the NNX module's own forward pass in training mode, by hand
+        rest = jax.tree.map(lambda a: a, state.batch_stats)  # variables of this trace
+        model = nnx.merge(state.apply_fn.train_graph, params, rest)
+        return optax.softmax_cross_entropy_with_integer_labels(model(jnp.asarray(x)), y).mean()
+
+    grads = jax.grad(loss)(state.params)
+    head = float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads["head"]))))
+    by_layer = {r["layer"]: r["grad_norm"] for r in rep.rows}
+    assert by_layer["head"] == pytest.approx(head, rel=1e-5)
+    assert math.isnan(rep.grad_ratio) and math.isnan(rep.act_ratio) and rep.passed

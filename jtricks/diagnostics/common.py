@@ -9,9 +9,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
 
 from jtricks.tasks import Task, as_task
+from jtricks.trees import named_leaves
 
 
 def diagnostic_batch(
@@ -32,7 +32,7 @@ def group_by_layer(params: Any, order: Sequence[str] = ()) -> dict[str, list[tup
     """Leaves of ``params`` grouped by layer, layers sorted by their position in ``order``
     (the forward call order from `forward_layers`; unknown layers go last)."""
     out: dict[str, list[tuple[str, ...]]] = {}
-    for path in traverse_util.flatten_dict(params):
+    for path in named_leaves(params):
         out.setdefault(layer_of(path), []).append(path)
     rank = {name: i for i, name in enumerate(order)}
     return dict(sorted(out.items(), key=lambda kv: rank.get(kv[0], len(rank))))

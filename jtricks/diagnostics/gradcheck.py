@@ -23,6 +23,7 @@ from jtricks.training.gradients import objective
 from jtricks.training.state import TrainState
 from jtricks.training.steps import LossFn
 from jtricks.training.transfer import forward_layers
+from jtricks.trees import named_leaves
 
 
 @dataclass
@@ -146,8 +147,7 @@ def _sample(params: Any, order: Any, per_layer: int, rng: np.random.Generator) -
     """Up to ``per_layer`` flat indices (in `ravel_pytree`'s order) of each layer's
     parameters, layers in forward order."""
     offsets, start = {}, 0  # the flat index range of every leaf
-    for keypath, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        path = tuple(str(getattr(k, "key", k)) for k in keypath)
+    for path, leaf in named_leaves(params).items():
         offsets[path] = (start, int(np.size(leaf)))
         start += int(np.size(leaf))
     sampled: dict[str, np.ndarray] = {}

@@ -17,9 +17,11 @@ from jtricks.errors import check_int, check_range
 from jtricks.plotting import pyplot, save_figure
 from jtricks.tasks import Task
 from jtricks.training.gradients import objective
+from jtricks.training.model import NNXApply, apply_model
 from jtricks.training.state import TrainState
 from jtricks.training.steps import LossFn
 from jtricks.training.transfer import forward_layers
+from jtricks.trees import named_leaves
 
 
 def signal_propagation(
@@ -42,6 +44,10 @@ def signal_propagation(
     * ``exploding activations`` / ``vanishing activations``: last layer's output std /
       first layer's beyond ``threshold`` either way, or non-finite activations.
 
+    An NNX model's layers come in name order with their gradient norms only (NNX has no
+    method interception to record the forward order or the outputs): its ratios are
+    NaN and only non-finite gradients are flagged.
+
     ``threshold`` is 1e3 by default (three orders of magnitude across the depth). The
     batch is ``(x, y)`` (or ``x`` any batch pytree with ``y=None``), the loss ``task``'s
     or ``loss_fn``'s as in `fit` (neither: classification).
@@ -54,10 +60,13 @@ def signal_propagation(
 
     def loss(params):
         variables = {"params": params}
-        mutable = ["intermediates"]
         if state.batch_stats:
             variables["batch_stats"] = state.batch_stats
-            mutable.append("batch_stats")
+        if isinstance(state.apply_fn, NNXApply):  # no interception: gradients only
+            return objective(
+                task, apply_model(state, params, x, train=True, key=None)[0], batch, None
+            ), {}
+        mutable = ["intermediates", *(["batch_stats"] if state.batch_stats else [])]
         outputs, coll = state.apply_fn(
             variables, x, train=True, rngs=rngs, mutable=mutable, capture_intermediates=True
         )
@@ -65,8 +74,8 @@ def signal_propagation(
 
     grads, inter = jax.jit(jax.grad(loss, has_aux=True))(state.params)
     layers = group_by_layer(state.params, forward_layers(state, x))
-    flat_inter = traverse_util.flatten_dict(jax.device_get(inter))
-    flat_grads = traverse_util.flatten_dict(jax.device_get(grads))
+    flat_inter = traverse_util.flatten_dict(jax.device_get(inter))  # Linen: {path: (out,)}
+    flat_grads = named_leaves(jax.device_get(grads))
     rows = []
     for layer, paths in layers.items():
         outs = [
@@ -86,8 +95,10 @@ def signal_propagation(
         )
     first, last = rows[0], rows[-1]
     grad_ratio = first["grad_norm"] / last["grad_norm"] if last["grad_norm"] > 0 else math.inf
-    acts = [r["act_std"] for r in rows if not math.isnan(r["act_std"])] or [math.nan]
-    act_ratio = acts[-1] / acts[0] if acts[0] > 0 else math.inf  # layers that output
+    acts = [r["act_std"] for r in rows if not math.isnan(r["act_std"])]  # layers that output
+    act_ratio = (acts[-1] / acts[0] if acts[0] > 0 else math.inf) if acts else math.nan
+    if isinstance(state.apply_fn, NNXApply):  # layers in name order: no first or last
+        grad_ratio = math.nan
     flags = signal_flags(rows, grad_ratio, act_ratio, threshold)
     return SignalReport(int(state.step), rows, grad_ratio, act_ratio, flags)
 

@@ -39,11 +39,12 @@ from flax import traverse_util
 
 from jtricks.errors import ConfigError
 from jtricks.training.state import TrainState
+from jtricks.trees import named_leaves
 
 
 def param_paths(params: Any) -> list[str]:
     """Every parameter leaf's ``"layer/leaf"`` path."""
-    return ["/".join(p) for p in traverse_util.flatten_dict(params)]
+    return ["/".join(p) for p in named_leaves(params)]
 
 
 def forward_layers(state: TrainState, x: Any) -> list[str]:
