@@ -19,19 +19,15 @@ def named_leaves(tree: Any) -> dict[tuple[str, ...], Any]:
     attributes and indices as strings). An NNX variable's trailing ``value`` is left out,
     so a Linen tree and an NNX state name a leaf alike: ``("Dense_0", "kernel")``,
     ``("layers", "0", "kernel")``."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        names = tuple(
-            str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path
-        )
-        if (
-            len(names) > 1
-            and isinstance(path[-1], jax.tree_util.GetAttrKey)
-            and names[-1] == "value"
-        ):
-            names = names[:-1]
-        out[names] = leaf
-    return out
+    return {path_names(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def path_names(path: Any) -> tuple[str, ...]:
+    """A key path's names, as `named_leaves` keys its leaves."""
+    names = tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+    if len(names) > 1 and isinstance(path[-1], jax.tree_util.GetAttrKey) and names[-1] == "value":
+        return names[:-1]
+    return names
 
 
 ONE_REDUCTION = 2**20

@@ -157,3 +157,17 @@ def test_a_module_bridged_to_linen_gets_its_dropout_stream_and_its_mode():
     a, _ = apply_model(state, p, x, train=True, key=jax.random.key(1))
     b, _ = apply_model(state, p, x, train=True, key=jax.random.key(2))
     assert not np.allclose(a, b)
+
+
+def test_freeze_trains_only_the_unfrozen_layers_of_an_nnx_model(tiny_data):
+    from jtricks.training.transfer import freeze
+    from jtricks.trees import named_leaves
+
+    tx = freeze(optax.adam(1e-2), trainable=["out/*"])  # patterns over "layer/leaf" paths
+    state = create_train_state(_net(), tx, tiny_data.x_train, jax.random.key(0))
+    before = {k: np.asarray(v) for k, v in named_leaves(state.params).items()}
+    state, _ = fit(state, (tiny_data.x_train, tiny_data.y_train), batch_size=BATCH, epochs=1)
+    after = {k: np.asarray(v) for k, v in named_leaves(state.params).items()}
+    for frozen in [("hidden", "kernel"), ("norm", "scale"), ("norm", "bias")]:
+        np.testing.assert_array_equal(after[frozen], before[frozen])
+    assert not np.allclose(after[("out", "kernel")], before[("out", "kernel")])

@@ -39,7 +39,7 @@ from flax import traverse_util
 
 from jtricks.errors import ConfigError
 from jtricks.training.state import TrainState
-from jtricks.trees import named_leaves
+from jtricks.trees import named_leaves, path_names
 
 
 def param_paths(params: Any) -> list[str]:
@@ -124,10 +124,9 @@ def freeze(
             return not any(fnmatch.fnmatchcase(path, p) for p in trainable)
         return any(fnmatch.fnmatchcase(path, p) for p in frozen)
 
-    def labels(params):
-        flat = traverse_util.flatten_dict(params)
-        return traverse_util.unflatten_dict(
-            {k: "frozen" if is_frozen("/".join(k)) else "train" for k in flat}
+    def labels(params):  # any tree: a Linen dict, an NNX state
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "frozen" if is_frozen("/".join(path_names(path))) else "train", params
         )
 
     return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
