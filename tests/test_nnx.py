@@ -171,3 +171,18 @@ def test_freeze_trains_only_the_unfrozen_layers_of_an_nnx_model(tiny_data):
     for frozen in [("hidden", "kernel"), ("norm", "scale"), ("norm", "bias")]:
         np.testing.assert_array_equal(after[frozen], before[frozen])
     assert not np.allclose(after[("out", "kernel")], before[("out", "kernel")])
+
+
+def test_load_pretrained_copies_an_nnx_checkpoint_into_a_new_nnx_model(
+    nnx_run, tiny_data, tmp_path
+):
+    from jtricks.training.transfer import load_pretrained
+
+    trained = nnx_run[0]
+    path = save(tmp_path, "epoch-000003", trained, {"epoch": 3, "step": 1})
+    fresh = create_train_state(_net(), optax.adam(1e-2), tiny_data.x_train, jax.random.key(5))
+    state, info = load_pretrained(fresh, path)
+    names = {"hidden/kernel", "norm/scale", "norm/bias", "out/kernel", "out/bias"}
+    assert set(info["loaded"]) == names and {"norm/mean", "norm/var"} <= set(info["stats_loaded"])
+    test = (tiny_data.x_test, tiny_data.y_test)
+    assert evaluate(state, test) == evaluate(trained, test)  # statistics came with the layers

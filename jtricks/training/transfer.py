@@ -35,7 +35,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import traverse_util
 
 from jtricks.errors import ConfigError
 from jtricks.training.state import TrainState
@@ -241,22 +240,34 @@ def load_pretrained(
 
 
 def _matching(saved: Any, target: Any) -> tuple[Any, list[str], list[str]]:
-    """``target`` with every leaf whose path and shape ``saved`` shares replaced by the saved
-    one (in the target's dtype); the paths loaded and the paths kept."""
+    """``target`` (a Linen dict or an NNX state) with every leaf whose path and shape
+    ``saved`` shares replaced by the saved one (in the target's dtype; PRNG keys stay
+    fresh); the paths loaded and the paths kept."""
     if not target:
         return target, [], []
-    saved_flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(saved).items()}
-    loaded, kept, new = [], [], {}
-    for k, v in traverse_util.flatten_dict(target).items():
-        name = "/".join(k)
-        src = saved_flat.get(name)
+    saved_flat = _saved_names(saved)
+    loaded, kept = [], []
+
+    def pick(path, v):
+        name, src = "/".join(path_names(path)), None
+        if not jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key):
+            src = saved_flat.get(name)
         if src is not None and np.shape(src) == v.shape:
-            new[k] = jnp.asarray(src, v.dtype)
             loaded.append(name)
-        else:
-            new[k] = v
-            kept.append(name)
-    return traverse_util.unflatten_dict(new), loaded, kept
+            return jnp.asarray(src, v.dtype)
+        kept.append(name)
+        return v
+
+    return jax.tree_util.tree_map_with_path(pick, target), loaded, kept
+
+
+def _saved_names(saved: Any) -> dict[str, Any]:
+    """A restored checkpoint tree's leaves by ``"layer/leaf"`` path; an NNX state's dump
+    (every path ending in its variables' ``value``) without that last part."""
+    flat = {"/".join(k): v for k, v in named_leaves(saved).items()}
+    if flat and all(k.endswith("/value") for k in flat):
+        return {k.removesuffix("/value"): v for k, v in flat.items()}
+    return flat
 
 
 def describe_loaded(info: dict[str, list[str]]) -> str:
