@@ -111,7 +111,8 @@ class SignalReport:
     layer's output), ``grad_norm`` (L2 norm of the gradient of its parameters).
     ``grad_ratio`` = first layer's gradient norm / last layer's; ``act_ratio`` = last
     layer's output std / first layer's (of the layers whose ``__call__`` gave an output:
-    a head that reuses an embedding's ``attend`` has none). ``flags`` names what is wrong (empty: healthy).
+    a head that reuses an embedding's ``attend`` has none). ``flags`` names what is wrong
+    (empty: healthy).
     """
 
     step: int
