@@ -43,10 +43,13 @@ _tanh_bad_grad.defvjp(_fwd, _bwd)
 
 
 class _BadGradMLP(nn.Module):
+    zero_head: bool = False
+
     @nn.compact
     def __call__(self, x, *, train=False):
         h = _tanh_bad_grad(nn.Dense(8, name="hidden")(x))
-        return nn.Dense(4, name="head")(h)
+        zeros = {"kernel_init": nn.initializers.zeros} if self.zero_head else {}
+        return nn.Dense(4, name="head", **zeros)(h)
 
 
 def test_gradient_check_passes_on_correct_models_with_bn_and_dropout(tiny_data):
@@ -65,9 +68,13 @@ def test_gradient_check_passes_on_correct_models_with_bn_and_dropout(tiny_data):
     assert "pass" in report.table()
 
 
-def test_gradient_check_catches_a_wrong_custom_vjp(tiny_data):
+@pytest.mark.parametrize("zero_head", [False, True])
+def test_gradient_check_catches_a_wrong_custom_vjp(tiny_data, zero_head):
+    """Also below a head started at zero, which passes no gradient down: the check moves
+    that kernel to a random point first."""
     x, y = tiny_data.x_train[:8], tiny_data.y_train[:8]
-    state = create_train_state(_BadGradMLP(), optax.sgd(0.1), x, jax.random.key(0))
+    model = _BadGradMLP(zero_head=zero_head)
+    state = create_train_state(model, optax.sgd(0.1), x, jax.random.key(0))
     report = D.check_gradients(state, x, y)
     rows = {r["layer"]: r for r in report.rows}
     assert not report.passed
@@ -177,6 +184,22 @@ def test_signal_propagation_flags_standard_normal_and_passes_he(tiny_data):
     head = math.sqrt(sum(float(jnp.sum(g**2)) for g in jax.tree.leaves(grads["head"])))
     assert good.rows[-1]["grad_norm"] == pytest.approx(head, rel=1e-5)
     assert good.grad_ratio == pytest.approx(good.rows[0]["grad_norm"] / head, rel=1e-5)
+
+
+def test_a_zero_head_is_left_out_of_the_signal_ratios(tiny_data):
+    """A head at zero outputs 0 and passes no gradient down: no false "vanishing" flag; the
+    output ratio is the body's (by hand from the rows), and a bad body is still flagged."""
+    x, y = tiny_data.x_train[:64], tiny_data.y_train[:64]
+    reports = {}
+    for init in ("standard_normal", "he_normal"):
+        spec = DEEP.format(init=init)[:-1] + ", zero_head=True)"
+        state = create_train_state(build_model(spec, 4), optax.sgd(0.1), x, jax.random.key(0))
+        reports[init] = D.signal_propagation(state, x, y)
+    good, bad = reports["he_normal"], reports["standard_normal"]
+    assert good.passed and good.zero_head and math.isnan(good.grad_ratio), good.flags
+    assert good.rows[-1]["act_std"] == 0 and good.rows[-2]["grad_norm"] == 0
+    assert good.act_ratio == pytest.approx(good.rows[-2]["act_std"] / good.rows[0]["act_std"])
+    assert any("exploding activations" in f for f in bad.flags)
 
 
 def test_signal_flags_vanishing_gradients_by_ratio():

@@ -138,3 +138,28 @@ def test_bad_sources(schedule_free_run, data):
     no_ema = state.replace(ema_params=None)
     with pytest.raises(ConfigError, match="needs an EMA"):
         fit(no_ema, (data.x_train, data.y_train), batch_size=40, epochs=1, eval_params="ema")
+
+
+def test_lookahead_trains_in_fit_and_validates_on_its_slow_weights(data):
+    """`jtricks.optim.lookahead` in `fit`: 6 steps with sync_period 4 leave the fast weights
+    2 steps past the slow ones; validation and `evaluate` use the slow ones (the paper's
+    evaluation), ``params="train"`` the fast ones; `optax.lookahead`, whose slow weights
+    would sit in the parameters, is refused by name."""
+    from jtricks.nn import build_model
+    from jtricks.optim import LookaheadState, lookahead
+
+    model = build_model("mlp(features=(8,))", 3)
+    tx = lookahead(optax.adam(1e-2), sync_period=4, alpha=0.5)
+    state = create_train_state(model, tx, data.x_train, jax.random.key(0))
+    val = (data.x_test, data.y_test)
+    state, history = fit(state, (data.x_train, data.y_train), val_data=val, batch_size=40, epochs=2)
+    node = state.opt_state
+    assert isinstance(node, LookaheadState) and int(node.count) == 6
+    expected = evaluate(state.replace(params=node.slow), val, params="train")
+    np.testing.assert_allclose(history.records[-1]["val_loss"], expected["loss"], rtol=1e-5)
+    assert evaluate(state, val)["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+    assert abs(evaluate(state, val, params="train")["loss"] - expected["loss"]) > 1e-5
+    with pytest.raises(ConfigError, match=r"optax\.lookahead keeps its slow weights"):
+        create_train_state(
+            model, optax.lookahead(optax.adam(1e-2), 4, 0.5), data.x_train, jax.random.key(0)
+        )

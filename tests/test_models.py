@@ -190,6 +190,8 @@ def test_initializer_variance(name):
         ("transformer(d_model=30, heads=4)", "divisible"),
         ("lstm(hidden=0)", "hidden"),
         ("mlp(", "cannot parse"),
+        ("mlp(zero_head='yes')", "zero_head must be True or False; got 'yes'"),
+        ("mlp(residual=1)", "residual must be True or False; got 1"),
     ],
 )
 def test_bad_model_specs(spec, match):
@@ -283,6 +285,28 @@ def test_fcn1d_counts_shapes_and_determinism():
     a = model.apply(v, SEQ)
     assert a.shape == (4, 40, 3)
     np.testing.assert_array_equal(a, model.apply(v, SEQ))
+
+
+@pytest.mark.parametrize("spec", ["mlp(zero_head=True)", "cnn(zero_head=True)", "fcn1d"])
+def test_a_zero_head_starts_at_log_c_and_its_first_gradient_is_the_head_s_alone(spec):
+    """``zero_head``: every initial logit is 0, so the cross-entropy is ``log C``; the first
+    gradient reaches the head only, its bias's gradient ``mean_n(1/C - onehot(y_n))`` written
+    out by hand (``fcn1d`` starts so by default: its random head gave loss 2.5 on 3 classes)."""
+    c, y = 3, jnp.asarray(np.random.default_rng(3).integers(0, 3, size=(4, 40)))
+    y = y if spec == "fcn1d" else y[:, 0]
+    model = build_model(spec, c)
+    params = model.init(jax.random.key(0), SEQ)["params"]
+
+    def loss(p):
+        return cross_entropy(model.apply({"params": p}, SEQ), y).mean()
+
+    assert float(loss(params)) == pytest.approx(np.log(c), rel=1e-6)
+    g = jax.grad(loss)(params)
+    onehot = np.eye(c)[np.asarray(y)].reshape(-1, c)
+    np.testing.assert_allclose(g["head"]["bias"], (1 / c - onehot).mean(0), rtol=1e-5, atol=1e-7)
+    assert float(jnp.abs(g["head"]["kernel"]).max()) > 0
+    body = {k: v for k, v in g.items() if k != "head"}
+    assert all(float(jnp.abs(leaf).max()) == 0 for leaf in jax.tree.leaves(body))
 
 
 def test_transformer_lm_counts_and_is_causal():

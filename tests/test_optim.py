@@ -30,6 +30,7 @@ from jtricks.optim import (
     l1,
     l1_prox,
     l2,
+    lookahead,
     momentum,
     normalized_sgd,
     rmsprop,
@@ -172,6 +173,18 @@ def ref_soft_threshold(k, w, g, s, t, G):
     if k == "w":
         w = np.sign(w) * np.maximum(np.abs(w) - ETA * LAM, 0.0)
     return w, s
+
+
+def ref_lookahead(k, w, g, s, t, G):
+    """Zhang et al. 2019 around PyTorch's momentum: 2 fast steps, then the slow weights
+    move halfway to the fast ones and the fast ones restart there; momentum carries on."""
+    v, phi = s
+    v = GAMMA * v + g
+    w = w - ETA * v
+    if t % 2 == 0:
+        phi = phi + 0.5 * (w - phi)
+        w = phi.copy()
+    return w, [v, phi]
 
 
 @dataclass(frozen=True)
@@ -345,6 +358,13 @@ CASES = [
         lambda: optax.chain(sgd(ETA), decoupled_weight_decay(LAM, ETA)),
         "sgd(lr=0.1) | weight_decay(0.05)",
         ref_grad_then_sgd(lambda k, w, g, G: g + _kern(k, LAM * w)),
+    ),
+    Case(
+        "lookahead",
+        lambda: lookahead(momentum(ETA, GAMMA, form="torch"), sync_period=2, alpha=0.5),
+        "momentum(lr=0.1, form='torch') | lookahead(sync_period=2, alpha=0.5)",
+        ref_lookahead,
+        lambda w: [np.zeros_like(w), w.copy()],
     ),
     Case(
         "l1_proximal",
@@ -580,6 +600,8 @@ def _check_jit_and_bf16(tx, params, grads, name):
         ("l1(0.1, form='lasso') | sgd", "subgradient"),
         ("adam | l2(0.1, mask='biases')", "mask"),
         ("adam(", "cannot parse"),
+        ("adam | lookahead(sync_period=0)", "sync_period must satisfy 1 <= sync_period; got 0"),
+        ("adam | lookahead(alpha=1.5)", "alpha"),
     ],
 )
 def test_bad_specs(spec, match):

@@ -78,7 +78,9 @@ def check_gradients(
     truncation error (``O(eps^2)``) both sit far below the tolerance, and a wrong
     backward pass (a bad `jax.custom_vjp`, a misplaced `stop_gradient`) stands out by
     orders of magnitude. ``floor`` keeps coordinates whose true gradient is ~0 (dead
-    ReLUs) from dividing rounding noise by zero.
+    ReLUs) from dividing rounding noise by zero. An all-zero kernel (``zero_head=True``)
+    passes no gradient below it, so the check moves it to a random point (any point checks
+    the backward pass): ``N(0, 1 / fan_in)``, seeded by ``seed``.
 
     With ``train=True`` (the default) the model runs in training mode with a fixed
     dropout key, and every BatchNorm is forced to its running averages, so the loss is
@@ -105,6 +107,7 @@ def check_gradients(
     order = forward_layers(state, task.inputs(batch))
     with jax.enable_x64(True):
         params, batch_stats, batch = _to64((state.params, state.batch_stats, batch))
+        params = _unblocked(params, np.random.default_rng([seed, 1]))
         flat, unravel = ravel_pytree(params)
         variables_extra = {"batch_stats": batch_stats} if batch_stats else {}
         rngs = {"dropout": state.key} if train and state.key is not None else None
@@ -141,6 +144,19 @@ def _to64(tree: Any) -> Any:
         ),
         tree,
     )
+
+
+def _unblocked(params: Any, rng: np.random.Generator) -> Any:
+    """``params`` with every all-zero kernel (2 or more dimensions) drawn from
+    ``N(0, 1 / fan_in)``, ``fan_in`` the product of all but its last dimension."""
+
+    def draw(a):
+        if a.ndim < 2 or bool(jnp.any(a != 0)):
+            return a
+        std = 1.0 / np.sqrt(np.prod(a.shape[:-1]))
+        return jnp.asarray(rng.normal(0.0, std, a.shape), a.dtype)
+
+    return jax.tree.map(draw, params)
 
 
 def _sample(params: Any, order: Any, per_layer: int, rng: np.random.Generator) -> dict:

@@ -221,9 +221,10 @@ def _overfit_detail(over) -> str:
 
 
 def _signal_check(rep) -> dict[str, Any]:
-    detail = "; ".join(rep.flags) or (
-        f"grad ratio first/last {rep.grad_ratio:.2g}, act std ratio last/first {rep.act_ratio:.2g}"
-    )
+    grads = f"grad ratio first/last {rep.grad_ratio:.2g}"
+    if rep.zero_head:
+        grads = "head at zero (no gradient below it yet)"
+    detail = "; ".join(rep.flags) or f"{grads}, act std ratio last/first {rep.act_ratio:.2g}"
     return {"check": f"signal propagation, step {rep.step}", "passed": rep.passed, "detail": detail}
 
 

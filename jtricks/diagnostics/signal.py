@@ -44,7 +44,9 @@ def signal_propagation(
     * ``exploding activations`` / ``vanishing activations``: last layer's output std /
       first layer's beyond ``threshold`` either way, or non-finite activations.
 
-    An NNX model's layers come in name order with their gradient norms only (NNX has no
+    A head at zero (all its parameters exactly 0: ``zero_head=True`` at initialisation)
+    outputs 0 and passes no gradient below it: the gradient ratio is then NaN and the
+    output ratio is over the layers below it. An NNX model's layers come in name order with their gradient norms only (NNX has no
     method interception to record the forward order or the outputs): its ratios are
     NaN and only non-finite gradients are flagged.
 
@@ -93,14 +95,24 @@ def signal_propagation(
                 "grad_norm": gnorm,
             }
         )
-    first, last = rows[0], rows[-1]
-    grad_ratio = first["grad_norm"] / last["grad_norm"] if last["grad_norm"] > 0 else math.inf
-    acts = [r["act_std"] for r in rows if not math.isnan(r["act_std"])]  # layers that output
-    act_ratio = (acts[-1] / acts[0] if acts[0] > 0 else math.inf) if acts else math.nan
-    if isinstance(state.apply_fn, NNXApply):  # layers in name order: no first or last
-        grad_ratio = math.nan
+    flat_params = named_leaves(jax.device_get(state.params))
+    zero_head = not any(np.any(flat_params[p]) for p in layers[rows[-1]["layer"]])
+    nnx = isinstance(state.apply_fn, NNXApply)  # layers in name order: no first or last
+    grad_ratio, act_ratio = _ratios(rows, zero_head=zero_head and len(rows) > 1, nnx=nnx)
     flags = signal_flags(rows, grad_ratio, act_ratio, threshold)
-    return SignalReport(int(state.step), rows, grad_ratio, act_ratio, flags)
+    return SignalReport(int(state.step), rows, grad_ratio, act_ratio, flags, zero_head)
+
+
+def _ratios(rows: list[dict[str, Any]], *, zero_head: bool, nnx: bool) -> tuple[float, float]:
+    """``(first/last gradient norm, last/first output std)`` over ``rows``; the output stds
+    of the layers that give one. Without the zero head's row, whose outputs are 0 and
+    below which no gradient flows; the gradient ratio is then NaN, as for NNX."""
+    body = rows[:-1] if zero_head else rows
+    first, last = body[0], body[-1]
+    grad_ratio = first["grad_norm"] / last["grad_norm"] if last["grad_norm"] > 0 else math.inf
+    acts = [r["act_std"] for r in body if not math.isnan(r["act_std"])]
+    act_ratio = (acts[-1] / acts[0] if acts[0] > 0 else math.inf) if acts else math.nan
+    return (math.nan if nnx or zero_head else grad_ratio), act_ratio
 
 
 @dataclass
@@ -112,7 +124,8 @@ class SignalReport:
     ``grad_ratio`` = first layer's gradient norm / last layer's; ``act_ratio`` = last
     layer's output std / first layer's (of the layers whose ``__call__`` gave an output:
     a head that reuses an embedding's ``attend`` has none). ``flags`` names what is wrong
-    (empty: healthy).
+    (empty: healthy). ``zero_head``: the last layer's parameters are all 0 (both ratios
+    then leave it out, see `signal_propagation`).
     """
 
     step: int
@@ -120,6 +133,7 @@ class SignalReport:
     grad_ratio: float
     act_ratio: float
     flags: list[str] = field(default_factory=list)
+    zero_head: bool = False
 
     @property
     def passed(self) -> bool:

@@ -13,7 +13,11 @@ averages in evaluation) and Dropout. Shared options on every model:
 * ``dropout``: the *drop* probability (Flax's convention; keep = 1 - rate),
   applied only with ``train=True``, which then requires a ``"dropout"`` key;
 * ``initializer``: a name from `jtricks.nn.initializers`;
-* ``activation``: a name from `ACTIVATIONS`.
+* ``activation``: a name from `ACTIVATIONS`;
+* ``zero_head``: the output layer starts at zero, so the initial loss is the task's
+  zero-output reference (``log C``: `jtricks.diagnostics.initial_loss`) whatever the
+  scale of the features; the body learns from the second step (big_vision's
+  ``head_zeroinit``).
 
 Every model accepts MNIST-1D sequences ``(N, 40)``; the ResNets also take images
 ``(N, H, W, C)``.
@@ -21,6 +25,7 @@ Every model accepts MNIST-1D sequences ``(N, 40)``; the ResNets also take images
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -86,6 +91,7 @@ class ModelBase(nn.Module):
     dropout: float = 0.0
     initializer: str = "lecun_normal"
     norm: str | None = None
+    zero_head: bool = False
 
     def __post_init__(self) -> None:
         if (
@@ -101,16 +107,20 @@ class ModelBase(nn.Module):
         get_activation(self.activation)
         get_initializer(self.initializer)
         check_norm(self.norm)
+        for f in dataclasses.fields(self):
+            if f.type == "bool" and not isinstance(value := getattr(self, f.name), bool):
+                raise ConfigError(f"{f.name} must be True or False; got {value!r}", param=f.name)
         super().__post_init__()
 
     def _drop(self, x: jax.Array, train: bool) -> jax.Array:
         return nn.Dropout(self.dropout, deterministic=not train)(x) if self.dropout > 0 else x
 
     def _head(self, x: jax.Array) -> jax.Array:
+        zeros = nn.initializers.zeros_init() if self.zero_head else None
         return nn.Dense(
             self.num_classes,
-            kernel_init=get_initializer(self.initializer),
-            bias_init=bias_init_for(self.initializer, x.shape[-1]),
+            kernel_init=zeros or get_initializer(self.initializer),
+            bias_init=zeros or bias_init_for(self.initializer, x.shape[-1]),
             name="head",
         )(x)
 

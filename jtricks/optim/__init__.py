@@ -10,6 +10,7 @@
 * `sweep`: `sweepable(factory)`, optimizers equal up to their injected numbers, so a
   hyper-parameter sweep compiles once (`build_optimizer` does the same for its specs).
 * `eval_params`: the evaluation parameters an optimizer state declares (schedule-free).
+* `lookahead`: `lookahead(tx, sync_period, alpha)`, slow weights in the optimizer state.
 """
 
 from jtricks.optim.alias import (
@@ -31,6 +32,7 @@ from jtricks.optim.fused import (
     fused,
     unflatten_params,
 )
+from jtricks.optim.lookahead import LookaheadState, lookahead
 from jtricks.optim.pipeline import (
     OPTIMIZERS,
     TRANSFORMS,
@@ -68,6 +70,7 @@ __all__ = [
     "FusedState",
     "Keyed",
     "Layout",
+    "LookaheadState",
     "adadelta",
     "adagrad",
     "adam",
@@ -86,6 +89,7 @@ __all__ = [
     "l1",
     "l1_prox",
     "l2",
+    "lookahead",
     "masked",
     "momentum",
     "momentum_chain",

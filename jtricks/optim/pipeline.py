@@ -7,6 +7,7 @@ the order written, they are assembled as
     -> optimizer (its chain ends in the learning-rate scale)
     -> update transforms (weight_decay, l1 with form='proximal'; in written order)
     -> plateau scale (only for reduce-on-plateau)
+    wrapped in lookahead when the spec has a ``lookahead(sync_period, alpha)`` stage
 
 so ``adam | clip_global_norm(1.0)`` clips the gradient, as a reader expects.
 The learning rate is injected with `optax.inject_hyperparams`, so the
@@ -35,6 +36,7 @@ from jtricks.errors import ConfigError, check_range
 from jtricks.imports import call_user
 from jtricks.optim import alias, external, transforms
 from jtricks.optim import groups as groups_lib
+from jtricks.optim.lookahead import lookahead
 from jtricks.optim.sweep import Keyed, freeze
 from jtricks.spec import call_with_checked_args, parse_spec, split_pipeline, split_top_level
 
@@ -73,6 +75,11 @@ def _weight_decay_stage(weight_decay: float, *, mask: Any = None):
     return "update", lambda lr: transforms.decoupled_weight_decay(weight_decay, lr, mask=mask)
 
 
+def _lookahead_stage(sync_period: int = 5, alpha: float = 0.5):
+    lookahead(optax.identity(), sync_period, alpha)  # validate now
+    return "wrap", lambda tx: lookahead(tx, sync_period, alpha)
+
+
 TRANSFORMS: dict[str, Callable[..., tuple[str, Callable]]] = {
     "clip_by_value": _grad(transforms.clip_by_value),
     "clip_global_norm": _grad(transforms.clip_global_norm),
@@ -82,6 +89,7 @@ TRANSFORMS: dict[str, Callable[..., tuple[str, Callable]]] = {
     "l1": _l1_stage,
     "elastic_net": _grad(transforms.elastic_net),
     "weight_decay": _weight_decay_stage,
+    "lookahead": _lookahead_stage,
 }
 
 
@@ -278,7 +286,7 @@ def _pipeline(
         stages = [(getattr(spec, "__name__", "callable"), (), {"_factory": spec})]
     else:
         stages = _stages(spec)
-    opt, grad_parts, update_parts = None, [], []
+    opt, parts = None, {"grad": [], "update": [], "wrap": []}
     for name, args, kwargs in stages:
         if name in OPTIMIZERS or external.is_external(name) or "_factory" in kwargs:
             if opt is not None:
@@ -291,7 +299,7 @@ def _pipeline(
             opt = (name, args, kwargs)
         elif name in TRANSFORMS:
             kind, make = _call(TRANSFORMS[name], args, kwargs, name)
-            (grad_parts if kind == "grad" else update_parts).append(make)
+            parts[kind].append(make)
         else:
             raise ConfigError(
                 f"unknown optimizer or transform {name!r}{external.prefixed_hint(name)}; "
@@ -312,14 +320,16 @@ def _pipeline(
 
     def make(learning_rate):
         opt_tx = _optimizer(factory, name, learning_rate, args, kwargs)
-        parts = (
-            [m(learning_rate) for m in grad_parts]
+        chain = (
+            [m(learning_rate) for m in parts["grad"]]
             + [opt_tx]
-            + [m(learning_rate) for m in update_parts]
+            + [m(learning_rate) for m in parts["update"]]
+            + ([transforms.scale_by_plateau()] if plateau else [])
         )
-        if plateau:
-            parts.append(transforms.scale_by_plateau())
-        return optax.chain(*parts)
+        tx = optax.chain(*chain)
+        for wrap in parts["wrap"]:
+            tx = wrap(tx)
+        return tx
 
     return make, name, lr
 

@@ -16,6 +16,7 @@ from flax.training import train_state
 from jtricks.caches import cached, jitted
 from jtricks.errors import ConfigError
 from jtricks.optim.eval_params import optimizer_eval_params
+from jtricks.optim.lookahead import refuse_optax_lookahead
 from jtricks.training.model import linen_apply, nnx_state
 
 EVAL_SOURCES = ("auto", "train", "ema")
@@ -333,4 +334,5 @@ def create_train_state(
         batch_stats=batch_stats,
         key=dropout_key,
     )
+    refuse_optax_lookahead(state.opt_state)
     return unalias(state)
