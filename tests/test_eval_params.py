@@ -163,3 +163,5 @@ def test_lookahead_trains_in_fit_and_validates_on_its_slow_weights(data):
         create_train_state(
             model, optax.lookahead(optax.adam(1e-2), 4, 0.5), data.x_train, jax.random.key(0)
         )
+    with pytest.raises(ConfigError, match=r"inner must be an optax GradientTransformation"):
+        lookahead("adam")

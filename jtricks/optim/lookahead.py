@@ -61,6 +61,11 @@ def lookahead(
     Example:
       >>> tx = lookahead(optax.adam(1e-3), sync_period=5, alpha=0.5)
     """
+    if not isinstance(inner, optax.GradientTransformation):
+        raise ConfigError(
+            f"inner must be an optax GradientTransformation (e.g. optax.adam(1e-3)); got {inner!r}",
+            param="inner",
+        )
     check_int("sync_period", sync_period, low=1)
     check_range("alpha", alpha, low=0.0, high=1.0, low_inclusive=False)
 
