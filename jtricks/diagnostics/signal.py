@@ -46,9 +46,9 @@ def signal_propagation(
 
     A head at zero (all its parameters exactly 0: ``zero_head=True`` at initialisation)
     outputs 0 and passes no gradient below it: the gradient ratio is then NaN and the
-    output ratio is over the layers below it. An NNX model's layers come in name order with their gradient norms only (NNX has no
-    method interception to record the forward order or the outputs): its ratios are
-    NaN and only non-finite gradients are flagged.
+    output ratio is over the layers below it. An NNX model's layers come in name order
+    with their gradient norms only (NNX has no method interception to record the
+    forward order): its ratios are NaN and only non-finite gradients are flagged.
 
     ``threshold`` is 1e3 by default (three orders of magnitude across the depth). The
     batch is ``(x, y)`` (or ``x`` any batch pytree with ``y=None``), the loss ``task``'s
