@@ -127,16 +127,20 @@ def clear_untrained(path: Path, created: bool) -> bool:
 
 
 @contextlib.contextmanager
-def refused_cleanly(out: str | os.PathLike | None, created: bool) -> Iterator[None]:
+def refused_cleanly(out: str | os.PathLike | None) -> Iterator[None]:
     """Around a new run: a `ConfigError` raised before anything was trained (no
     checkpoint, no epoch record) takes the run folder's files with it, and the folder when
-    this run ``created`` it, so a refusal that comes after the folder exists (a mesh that
-    does not divide the batch, a data file refused as it is read) leaves what was there."""
+    this run created it, so a refusal that comes after the folder exists (a mesh that
+    does not divide the batch, a data file refused as it is read) leaves what was there.
+    Only a folder this process claimed for a new run (`create_run_dir`, checked empty
+    under its lock) is ever touched: ``out`` given as a folder that holds anything is
+    refused and left exactly as it was."""
     try:
         yield
     except ConfigError:
-        if out is not None:
-            clear_untrained(Path(out), created)
+        path = None if out is None else Path(out)
+        if path in _NEW_RUNS:
+            clear_untrained(path, _NEW_RUNS[path])
         raise
 
 

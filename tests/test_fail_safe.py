@@ -377,6 +377,29 @@ def test_quiet_thread_tracebacks_drops_only_the_closed_loop_noise():
     )
 
 
+def test_an_out_folder_that_holds_anything_is_refused_and_left_as_it_was(tmp_path, capsys):
+    """--out naming a folder of the user's files, or a dead run's leftovers, is refused in
+    one line and every file stays, byte for byte (the refusal's clean-up emptied it,
+    subfolders included, while saying it would not overwrite it), for a run, an ensemble
+    and `jtricks.train`."""
+    import jtricks
+
+    folder = tmp_path / "mine"
+    (folder / "sub").mkdir(parents=True)
+    files = {"thesis.txt": b"precious", "sub/data.bin": bytes(range(7)), "config.json": b"{}"}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    args = ["train", *_npz(tmp_path), "--epochs", "1", "--no-progress", "--out", str(folder)]
+    for extra in ([], ["--ensemble", "2"]):
+        assert main([*args, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "already exists and is not empty" in err
+    with pytest.raises(ConfigError, match="already exists and is not empty"):
+        jtricks.train(model="mlp(features=(4,))", steps=1, out=str(folder))
+    left = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert left == files
+
+
 def test_a_refusal_after_the_run_folder_exists_leaves_nothing(tmp_path, capsys):
     """A shards mask of the wrong shape is refused as the stream's first batch is read,
     after the run folder was made: the folder goes again (and an empty folder given as

@@ -120,8 +120,7 @@ def train(
         out = share_processes(config, data, out, resume)
         b = build(config, data, resume, reporter, progress)
         check_mesh(config)  # before any folder exists
-        new_folder = out is not None and resume is None and not Path(out).exists()
-        with refused_cleanly(out if resume is None else None, new_folder):
+        with refused_cleanly(out if resume is None else None):
             if config.ensemble > 1:
                 return train_ensemble(config, data, b, out, t0, locks)
             state, run = start(config, data, b, out, resume, locks)
