@@ -553,6 +553,28 @@ def test_cli_diagnose_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, fla
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--dataset", "tokens(num_train=64, num_test=8, seq_len=8, vocab=8)"], "outputs of shape"),
+        (["--model", "transformer_lm(d_model=8, heads=2, layers=1)"], "cannot be initialised"),
+    ],
+)
+def test_cli_diagnose_refuses_a_model_that_does_not_fit_the_data_before_any_folder(
+    tmp_path, capsys, args, needle
+):
+    """A classifier on token sequences (its outputs do not fit the targets) was a NumPy
+    traceback after the run folder existed; a token model on real inputs left an empty
+    folder. Both are one line now, checked as `fit` checks its data, with no folder."""
+    from jtricks.cli import main
+
+    out = tmp_path / "diag"
+    assert main(["diagnose", *TINY, *args, "--out", str(out)]) == 2  # later flags win
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_cli_diagnose_unknown_lr_method_exits_2(tmp_path, capsys):
     from jtricks.cli import main
 

@@ -3,6 +3,7 @@ a model and dataset given by name (``jtricks diagnose``)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,7 +21,7 @@ from jtricks.diagnostics.overfit import overfit_one_batch, plot_overfit
 from jtricks.diagnostics.signal import plot_signal, track_signal
 from jtricks.errors import ConfigError, check_int, check_range
 from jtricks.tasks import Task
-from jtricks.training.data_checks import num_examples
+from jtricks.training.data_checks import check_data, num_examples
 from jtricks.training.state import create_train_state
 
 
@@ -123,7 +124,7 @@ def check_model(
     Returns:
       ``{"checks": [{"check", "passed", "detail"}, ...], "passed": bool, "reports": {...}}``.
     """
-    from jtricks.rundir import create_run_dir
+    from jtricks.rundir import create_run_dir, refused_cleanly
 
     settings = settings or CheckSettings()
     check_int("seed", seed, low=0, high=2**63 - 1)
@@ -131,13 +132,25 @@ def check_model(
     n = num_examples(data)
     check_int("batch_size", settings.batch_size, high=n)
     check_int("overfit_batch", settings.overfit_batch, high=n)
-    run_dir = create_run_dir(out) if out is not None else None
     key, tx = jax.random.key(seed), make_tx(learning_rate)
+    state = create_train_state(model, tx, task.inputs(data), key)
+    check_data(state, task, data, "training data")  # as fit checks it: before any folder
+    with contextlib.ExitStack() as stack, refused_cleanly(out):
+        run_dir = create_run_dir(out, stack) if out is not None else None
+        result, written = _run_checks(model, make_tx, data, key, state, task, settings)
+        result["checks"][-1]["detail"] += f"; given {learning_rate:g})"  # the LR check's
+        if run_dir is not None:
+            about = {**(names or {}), "seed": seed, "learning_rate": learning_rate}
+            _write(run_dir, result, {**about, **dataclasses.asdict(settings)}, *written)
+    return result
+
+
+def _run_checks(model, make_tx, data, key, state, task, settings):
+    """`check_model`'s checks in order: ``(result, (finder, signals, overfit))``."""
+    tx = state.tx
     head = lambda k: jax.tree.map(lambda a: a[:k], data)  # noqa: E731
     checks, reports = [], {}
-    _model_checks(
-        create_train_state(model, tx, task.inputs(data), key), head, task, checks, reports
-    )
+    _model_checks(state, head, task, checks, reports)
     over = _overfit_check(
         model, tx, head(settings.overfit_batch), key, task, settings, checks, reports
     )
@@ -151,13 +164,9 @@ def check_model(
     checks.extend(_signal_check(rep) for rep in signals)
     reports["signal"] = [dataclasses.asdict(r) for r in signals]
     finder, check, reports["lr_finder"] = _find_lr(model, make_tx, data, key, task, settings)
-    check["detail"] += f"; given {learning_rate:g})"
     checks.append(check)
     result = {"checks": checks, "passed": all(c["passed"] for c in checks), "reports": reports}
-    if run_dir is not None:
-        about = {**(names or {}), "seed": seed, "learning_rate": learning_rate}
-        _write(run_dir, result, {**about, **dataclasses.asdict(settings)}, finder, signals, over)
-    return result
+    return result, (finder, signals, over)
 
 
 def _problem(dataset: str, model: str, preprocess: str):
