@@ -25,9 +25,16 @@ from jtricks.training import create_train_state, fit
 
 DATASET = "synthetic(num_train=300, num_test=60, shape=(16,), num_classes=3, noise=2.0)"
 CONFIG = TrainConfig(
-    dataset=DATASET, model="mlp", epochs=2, batch_size=50, optimizer="momentum(gamma=0.9)"
+    dataset=DATASET,
+    model="mlp",
+    epochs=2,
+    batch_size=50,
+    optimizer="momentum(gamma=0.9) | l2(lam=1e-4)",
 )
-SPACE = "lr=loguniform(1e-3, 3e-1), gamma=uniform(0.5, 0.95), label_smoothing=uniform(0, 0.2)"
+SPACE = (
+    "lr=loguniform(1e-3, 3e-1), gamma=uniform(0.5, 0.95), label_smoothing=uniform(0, 0.2), "
+    "l2.lam=loguniform(1e-5, 1e-1)"  # another stage's argument, side by side too
+)
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +166,8 @@ def test_cli_prints_the_table_and_the_best_trial(tmp_path, capsys):
     assert main([*argv, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     best = json.loads((out / "best.json").read_text())
-    head = ["trial", "learning_rate", "gamma", "label_smoothing", "val_accuracy", "status"]
+    head = ["trial", "learning_rate", "gamma", "label_smoothing", "l2.lam", "val_accuracy"]
+    head += ["status"]
     assert printed.splitlines()[0].split() == head
     assert printed.splitlines()[1].split()[0] == str(best["trial"])
     assert f"best trial {best['trial']}" in printed

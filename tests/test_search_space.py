@@ -87,5 +87,14 @@ def test_trial_config_sets_fields_and_optimizer_arguments():
     config.validate()
     with pytest.raises(ConfigError, match="spec string"):
         trial_config(dataclasses.replace(base, optimizer={"name": "adam"}), {"b1": 0.8})
+    base = TrainConfig(optimizer="optax.lion(b1=0.9) | l2(lam=1e-4) | lookahead")
+    values = {"l2.lam": 1e-3, "lookahead.alpha": 0.7, "optax.lion.b2": 0.98, "b1": 0.8}
+    config = trial_config(base, values)
+    assert config.optimizer == "optax.lion(b1=0.8, b2=0.98) | l2(lam=0.001) | lookahead(alpha=0.7)"
+    assert parse_space("l2.lam=loguniform(1e-5, 1e-2)")["l2.lam"].scale == "log"
+    twice = dataclasses.replace(base, optimizer="adam | l2(lam=1e-4) | l2(lam=1e-3)")
+    for name, stage, count in (("clip.max_norm", "clip", "no"), ("l2.lam", "l2", "2")):
+        with pytest.raises(ConfigError, match=rf"has {count} stage\(s\) named '{stage}'"):
+            trial_config(twice, {name: 0.1})
     with pytest.raises(ConfigError, match="sampler must be one of grid, random, tpe"):
         make_sampler("bayes", parse_space(SPEC), 3)

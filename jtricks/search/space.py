@@ -2,8 +2,9 @@
 
 ``"lr=loguniform(1e-4, 1e-1), weight_decay=loguniform(1e-6, 1e-2), batch_size=choice(32,
 64, 128), label_smoothing=uniform(0, 0.2)"`` names `jtricks.TrainConfig` fields (``lr``
-is ``learning_rate``'s flag) or arguments of the optimizer (`trial_config`) and a
-distribution each: ``loguniform(low, high)``, ``uniform(low, high)`` (the bench's
+is ``learning_rate``'s flag), arguments of the optimizer, or ``STAGE.ARG``, the argument
+of another stage of the pipeline (``l2.lam``, ``clip_global_norm.max_norm``,
+``lookahead.alpha``: `trial_config`), and a distribution each: ``loguniform(low, high)``, ``uniform(low, high)`` (the bench's
 `jtricks.bench.search.Range`) or ``choice(v1, v2, ...)`` (any literals). Samplers
 (`make_sampler`): ``grid`` (every combination; a range gives ``points`` values, evenly
 spaced on its scale), ``random`` (scrambled Halton points, `jtricks.bench.search.unit_points`:
@@ -75,11 +76,12 @@ def parse_space(spec: str) -> dict[str, Dimension]:
     for entry in split_top_level(spec, ","):
         name, eq, dist = entry.partition("=")
         name = name.strip()
-        if not eq or not name.isidentifier():
+        if not eq or not all(part.isidentifier() for part in name.split(".")):
             raise ConfigError(
                 f"space entry {entry!r}: expected NAME=loguniform(a, b) | uniform(a, b) | "
                 "choice(v, ...) with NAME a train setting (lr, batch_size, "
-                "label_smoothing, ...) or an argument of the optimizer (weight_decay, b1, ...)",
+                "label_smoothing, ...), an argument of the optimizer (weight_decay, b1, ...) "
+                "or STAGE.ARG, one of another stage of the pipeline (l2.lam, lookahead.alpha)",
                 param="space",
             )
         field = fields.get(name, name)
@@ -92,7 +94,9 @@ def parse_space(spec: str) -> dict[str, Dimension]:
 def trial_config(base: TrainConfig, values: dict[str, Any]) -> TrainConfig:
     """``base`` with a trial's values: config fields replaced, any other name given to
     the optimizer spec's first stage as a keyword (``adamw`` + ``weight_decay=1e-4`` is
-    ``adamw(weight_decay=0.0001)``; the optimizer checks it when it is built).
+    ``adamw(weight_decay=0.0001)``; the optimizer checks it when it is built), and
+    ``STAGE.ARG`` to the stage named ``STAGE`` (``adam | l2(lam=1e-4)`` + ``l2.lam=1e-3``
+    is ``adam | l2(lam=0.001)``).
 
     Raises:
       ConfigError (``param="space"``): optimizer arguments for an optimizer given as a
@@ -107,18 +111,42 @@ def trial_config(base: TrainConfig, values: dict[str, Any]) -> TrainConfig:
 
 
 def with_arguments(spec: Any, arguments: dict[str, Any]) -> str:
-    """The optimizer spec ``spec`` with ``arguments`` set on its first stage."""
+    """The optimizer spec ``spec`` with ``arguments`` set on their stages (`stage_arguments`)."""
+    parts = []
+    for text, name, args, kwargs, given in stage_arguments(spec, arguments):
+        kwargs = {**kwargs, **given}
+        inside = ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())])
+        parts.append(f"{name}({inside})" if given else text)
+    return " | ".join(parts)
+
+
+def stage_arguments(spec: Any, arguments: dict[str, Any]) -> list[tuple]:
+    """The stages of the pipeline string ``spec``, each ``(text, name, args, kwargs,
+    given)``: ``given`` the arguments that go to it, a bare name to the first stage,
+    ``STAGE.ARG`` to the one stage named ``STAGE`` (``optax.lion.b1``: ``optax.lion``'s).
+
+    Raises:
+      ConfigError (``param="space"``): ``spec`` not a string, or ``STAGE`` naming no stage
+        or more than one.
+    """
     if not isinstance(spec, str):
         raise ConfigError(
             f"space names optimizer argument(s) {sorted(arguments)}: give the optimizer as a "
             f"spec string such as 'adamw'; got {spec!r}",
             param="space",
         )
-    first, *rest = split_top_level(spec, "|")
-    name, args, kwargs = parse_spec(first, what="optimizer")
-    kwargs = {**kwargs, **arguments}
-    inside = ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())])
-    return " | ".join([f"{name}({inside})", *rest])
+    stages = [(t.strip(), *parse_spec(t, what="optimizer"), {}) for t in split_top_level(spec, "|")]
+    names = [stage[1] for stage in stages]
+    for key, value in arguments.items():
+        stage, _, arg = key.rpartition(".")
+        if stage and names.count(stage) != 1:
+            raise ConfigError(
+                f"space {key}: the optimizer {spec!r} has {names.count(stage) or 'no'} stage(s) "
+                f"named {stage!r}; its stages are {', '.join(names)}",
+                param="space",
+            )
+        stages[names.index(stage) if stage else 0][4][arg] = value
+    return stages
 
 
 def _dimension(field: str, text: str) -> Dimension:

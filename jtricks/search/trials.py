@@ -52,8 +52,7 @@ from jtricks.run.build import Build, build, optimizer, run_length
 from jtricks.run.config import TrainConfig
 from jtricks.run.data import RunData
 from jtricks.run.options import fit_options
-from jtricks.search.space import trial_config
-from jtricks.spec import parse_spec, split_top_level
+from jtricks.search.space import stage_arguments, trial_config
 from jtricks.training import History, TrainState
 from jtricks.training.ensemble import create_ensemble, fit_ensemble
 
@@ -101,19 +100,26 @@ def group_trials(
 
 
 def traced_arguments(spec: Any, arguments: dict[str, Any]) -> Any:
-    """The optimizer spec ``spec`` with ``arguments`` (maybe traced) on its first stage,
-    as a list spec whose first stage is a dict (a string cannot hold a traced value)."""
+    """The optimizer spec ``spec`` with ``arguments`` (maybe traced) on their stages
+    (`jtricks.search.space.stage_arguments`), as a list spec whose stages with arguments
+    are dicts (a string cannot hold a traced value)."""
     if not arguments:
         return spec
-    first, *rest = split_top_level(spec, "|")
-    name, args, kwargs = parse_spec(first, what="optimizer")
-    if args:
-        raise ConfigError(
-            f"a search over optimizer arguments needs {first.strip()!r}'s arguments by name "
-            f"(e.g. momentum(gamma=0.9)); got positional {list(args)}",
-            param="optimizer",
-        )
-    return [{"name": name, **kwargs, **arguments}, *(part.strip() for part in rest)]
+    parts = []
+    for text, name, args, kwargs, given in stage_arguments(spec, arguments):
+        if given and args:
+            raise ConfigError(
+                f"a search over optimizer arguments needs {text!r}'s arguments by name "
+                f"(e.g. momentum(gamma=0.9), l2(lam=1e-4)); got positional {list(args)}",
+                param="optimizer",
+            )
+        parts.append({"name": name, **kwargs, **given} if given else text)
+    return parts
+
+
+def _injectable(name: str) -> str:
+    """A search name as `optax.inject_hyperparams` can hold it (``l2.lam`` -> ``l2__lam``)."""
+    return name.replace(".", "__")
 
 
 def scaled_optimizer(config: TrainConfig, length: tuple[int, int], side: dict[str, Any]) -> Keyed:
@@ -128,16 +134,18 @@ def scaled_optimizer(config: TrainConfig, length: tuple[int, int], side: dict[st
     arguments = {k: v for k, v in side.items() if k not in ("learning_rate", *TASK_SIDE)}
 
     def make(base_learning_rate, **values):
+        values = {name: values[_injectable(name)] for name in arguments}
         spec = traced_arguments(config.optimizer, values)
         return build_optimizer(spec, lambda step: base_learning_rate * unit(step))
 
-    names = ("base_learning_rate", *arguments)  # inject_hyperparams reads the signature
+    names = ("base_learning_rate", *map(_injectable, arguments))  # read by inject_hyperparams
     make.__signature__ = inspect.Signature(
         [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
     )
 
     rate = float(side.get("learning_rate", config.learning_rate))
-    tx = optax.inject_hyperparams(make)(base_learning_rate=rate, **arguments)
+    injected = {_injectable(k): v for k, v in arguments.items()}
+    tx = optax.inject_hyperparams(make)(base_learning_rate=rate, **injected)
     key = ("search", freeze(config.optimizer), config.schedule, length, tuple(sorted(arguments)))
     return Keyed(tx, key)
 
@@ -152,7 +160,7 @@ def with_values(states: TrainState, values: dict[str, Sequence[float]]) -> Train
         if name in TASK_SIDE:
             task[name] = jnp.asarray(column, jnp.float32)
             continue
-        key = "base_learning_rate" if name == "learning_rate" else name
+        key = "base_learning_rate" if name == "learning_rate" else _injectable(name)
         hyper[key] = jnp.asarray(column, hyper[key].dtype)
     return states.replace(opt_state=opt._replace(hyperparams=hyper), hparams=task or None)
 
