@@ -142,8 +142,7 @@ def test_bad_sources(schedule_free_run, data):
 
 def test_lookahead_trains_in_fit_and_validates_on_its_slow_weights(data):
     """`jtricks.optim.lookahead` in `fit`: 6 steps with sync_period 4 leave the fast weights
-    2 steps past the slow ones; validation and `evaluate` use the slow ones (the paper's
-    evaluation), ``params="train"`` the fast ones; `optax.lookahead`, whose slow weights
+    2 steps past the slow ones; validation and `evaluate` use the slow ones, ``params="train"`` the fast ones; `optax.lookahead`, whose slow weights
     would sit in the parameters, is refused by name."""
     from jtricks.nn import build_model
     from jtricks.optim import LookaheadState, lookahead

@@ -4,17 +4,17 @@ the way to where it went.
     theta_{t+1} = theta_t + u_t                       (u_t: the inner optimizer's update)
     every k-th step:  phi <- phi + alpha (theta_{t+1} - phi) ;  theta_{t+1} <- phi
 
-with ``phi_0 = theta_0``. The inner optimizer's state carries on across the resets (the
-paper's default). ``k = 5, alpha = 0.5`` are the paper's and PyTorch ``torch-optimizer``'s
-defaults; ``alpha = 1`` is the inner optimizer itself.
+with ``phi_0 = theta_0``. The inner optimizer's state carries on across the resets (as in
+`optax.lookahead` by default). ``k = 5, alpha = 0.5`` are the defaults here, as in PyTorch's
+``torch-optimizer``; ``alpha = 1`` is the inner optimizer itself.
 
 New here: `optax.lookahead` keeps ``phi`` in the *parameters* (``LookaheadParams(fast,
 slow)``), which a model cannot apply, so it does not train in `fit`, checkpoints or
 transfer learning; here ``phi`` lives in the optimizer state and the update moves the
 model's own parameters, so lookahead wraps any optimizer (``"adam | lookahead"`` in a
 spec, `optax`'s and a user's) and chains like any transformation. The slow weights are
-the optimizer's evaluation parameters (`jtricks.optim.eval_params`), as the paper
-evaluates them: ``--eval-params train`` evaluates the fast ones.
+the optimizer's evaluation parameters (`jtricks.optim.eval_params`), as optax advises
+for its own: ``--eval-params train`` evaluates the fast ones.
 
 References:
   Zhang, Lucas, Hinton & Ba, "Lookahead Optimizer: k steps forward, 1 step back" (2019),
