@@ -657,3 +657,25 @@ def test_learning_rate_is_injected_and_readable():
     s = optax.tree_utils.tree_set(tx.init(params), plateau_scale=jnp.float32(0.25))
     np.testing.assert_allclose(current_learning_rate(s), 0.125, rtol=1e-6)
     assert current_learning_rate(optax.adam(0.1).init(params)) is None
+
+
+def test_lookahead_follows_optax_lookahead_on_the_model_s_own_parameters():
+    """The second code path: `optax.lookahead` (slow weights in `LookaheadParams`) takes the
+    same fast steps; ours, with the slow weights in its state, keeps the model's
+    parameters equal to optax's fast ones and its state's ``slow`` to optax's slow ones."""
+    from jtricks.optim import lookahead
+
+    with jax.enable_x64(True):
+        params = jax.tree.map(jnp.asarray, _params0())
+        ours, theirs = lookahead(optax.adam(0.1), 3, 0.4), optax.lookahead(optax.adam(0.1), 3, 0.4)
+        pair = optax.LookaheadParams.init_synced(params)
+        s_ours, s_theirs = ours.init(params), theirs.init(pair)
+        for g in _grads() + _grads():
+            g = jax.tree.map(jnp.asarray, g)
+            u, s_ours = ours.update(g, s_ours, params)
+            params = optax.apply_updates(params, u)
+            u, s_theirs = theirs.update(g, s_theirs, pair)
+            pair = optax.apply_updates(pair, u)
+            for a, b in ((params, pair.fast), (s_ours.slow, pair.slow)):
+                for k in a:
+                    np.testing.assert_allclose(a[k], b[k], rtol=1e-12, atol=1e-12)
