@@ -38,6 +38,9 @@ def test_predict_equals_apply_on_the_whole_set_in_evaluation_mode(trained):
         predict(trained, X[:, :4])
     with pytest.raises(ConfigError, match=r"predict takes what the model reads, x, not a batch"):
         predict(trained, (X, Y))
+    with pytest.raises(ConfigError, match=r"one example\? give it a leading axis: x\[None\]"):
+        predict(trained, X[0])
+    assert predict(trained, X[0][None]).shape == (1, 3)
     with pytest.raises(ConfigError, match="batch_size"):
         predict(trained, X, batch_size=0)
     with pytest.raises(ConfigError, match=r"a list of examples .* np\.asarray"):

@@ -51,11 +51,22 @@ def predict(
             raise ConfigError(
                 f"{e} (predict takes what the model reads, x, not a batch (x, y))"
             ) from None
+        if _takes_one(first_member(state), inputs):
+            raise ConfigError(f"{e} (one example? give it a leading axis: x[None])") from None
         raise
     n = num_examples(inputs)
     batches, _ = like_state(pad_batches(inputs, batch_size), state.params)
     out = _outputs(state, batches, source, is_ensemble(state))
     return jax.tree.map(lambda a: _examples(np.asarray(a), n, is_ensemble(state)), out)
+
+
+def _takes_one(state: TrainState, inputs: Any) -> bool:
+    """Whether the model takes ``inputs`` as one example (``inputs[None]``)."""
+    try:
+        input_outputs(state, jax.tree.map(lambda a: a[None], inputs), "predict inputs")
+    except ConfigError:
+        return False
+    return True
 
 
 def _examples(a: np.ndarray, n: int, stacked: bool) -> np.ndarray:
