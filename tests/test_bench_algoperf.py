@@ -207,16 +207,22 @@ def test_cli_writes_the_results_and_compares_them(tmp_path, capsys):
     entry = {"metric": "mse", "validation": 0.05, "test": 0.05}
     targets.write_text(json.dumps({"schema": SCHEMA, "workloads": {"regression_mlp": entry}}))
     out = tmp_path / "run"
-    argv = ["bench", "--workloads", "regression_mlp", "--algorithms", "nadamw", "--trials", "1"]
-    argv += ["--studies", "1", "--targets", str(targets), "--no-progress", "--out", str(out)]
+    algorithms = "nadamw,sgd | lookahead(sync_period=2)"  # a pipeline's | in the tables
+    argv = ["bench", "--workloads", "regression_mlp", "--algorithms", algorithms, "--trials"]
+    argv += ["1", "--studies", "1", "--targets", str(targets), "--no-progress", "--out", str(out)]
     assert main(argv) == 0
     for name in ("results.json", "results.md", "profile.png", "speedup.png", "lr_sensitivity.png"):
         assert (out / name).stat().st_size > 0
     results = json.loads((out / "results.json").read_text())
-    assert results["schema"] == "jtricks.bench/2" and len(results["trials"]) == 1
+    assert results["schema"] == "jtricks.bench/2" and len(results["trials"]) == 2
+    for table in (out / "results.md").read_text().split("\n\n"):
+        rows = [r.replace("\\|", "") for r in table.splitlines() if r.startswith("|")]
+        assert len({r.count("|") for r in rows}) <= 1, table  # every row as many cells
     capsys.readouterr()
     assert main(["bench", "compare", str(out / "results.json"), str(out / "results.json")]) == 0
-    assert "regression_mlp | nadamw" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "regression_mlp | nadamw" in printed
+    assert "regression_mlp | sgd \\| lookahead(sync_period=2) |" in printed
 
 
 @pytest.mark.parametrize(

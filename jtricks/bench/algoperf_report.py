@@ -15,6 +15,11 @@ def _t(v: float | None) -> str:
     return "—" if v is None or not math.isfinite(v) else f"{v:.3g}"
 
 
+def cell(text: Any) -> str:
+    """``text`` as a Markdown table cell: a pipeline's ``|`` escaped (``adam \\| lookahead``)."""
+    return str(text).replace("|", "\\|")
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The workload times, scores and speedups as Markdown tables."""
     algs, times, scores = results["algorithms"], results["workload_times"], results["scores"]
@@ -30,7 +35,7 @@ def markdown(results: dict[str, Any]) -> str:
         "validation target, in seconds, compilation included, evaluation excluded "
         "(— : not reached).",
         "",
-        "| workload | target | " + " | ".join(algs) + " |",
+        "| workload | target | " + " | ".join(map(cell, algs)) + " |",
         "| --- | ---: | " + " | ".join("---:" for _ in algs) + " |",
     ]
     for w in results["workloads"]:
@@ -51,7 +56,7 @@ def markdown(results: dict[str, Any]) -> str:
         n = s.get("workloads", 0)
         sp = _t(s.get("speedup")) + (f" ({n} workload{'s' * (n != 1)})" if s else "")
         lines.append(
-            f"| {a} | {scores['score'].get(a, 0.0):.3f} | {scores['reached'][a]}/"
+            f"| {cell(a)} | {scores['score'].get(a, 0.0):.3f} | {scores['reached'][a]}/"
             f"{len(results['workloads'])} | {sp} |"
         )
     return "\n".join(lines) + "\n"

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from jtricks.bench.algoperf import SCHEMA
-from jtricks.bench.algoperf_report import compare_rows
+from jtricks.bench.algoperf_report import cell, compare_rows
 from jtricks.errors import ConfigError
 
 
@@ -57,7 +57,7 @@ def _table(labels: list[str], title: str, rows: list, maps: list[dict], head: st
         vals = [m.get(k) for m in maps]
         cells = [("—" if v is None or not math.isfinite(v) else f"{v:,.2f}") for v in vals]
         speed = [_speedup(v, vals[0], rate) for v in vals[1:]]
-        lines.append(f"| {k[0]} | {k[1]} | " + " | ".join(cells + speed) + " |")
+        lines.append(f"| {cell(k[0])} | {cell(k[1])} | " + " | ".join(cells + speed) + " |")
     return [*lines, ""]
 
 
