@@ -192,3 +192,19 @@ def test_a_signal_keeps_a_search_folder_with_finished_trials(tmp_path):
     (kept / "trials.jsonl").write_text('{"trial": 0}\n')
     assert not clear_untrained(kept, created=True) and (kept / "trials.jsonl").exists()
     assert clear_untrained(gone, created=True) and not gone.exists()
+
+
+def test_integer_optimizer_arguments_are_fixed_per_program():
+    """Real values train side by side (in the state); an integer argument may shape the
+    program (Muon's ``ns_steps``, Lookahead's ``sync_period``: traced, `%` or a loop of
+    that length fails), so trials that differ in one form separate groups."""
+    from jtricks.search.trials import group_trials, split_values
+
+    values = {"learning_rate": 0.1, "l2.lam": 1e-3, "lookahead.sync_period": 5, "batch_size": 32}
+    fixed, side = split_values(values)
+    assert side == {"learning_rate": 0.1, "l2.lam": 1e-3}
+    assert fixed == {"lookahead.sync_period": 5, "batch_size": 32}
+    config = dataclasses.replace(CONFIG, optimizer="adam | lookahead")
+    trials = [{"learning_rate": lr, "lookahead.sync_period": k} for lr, k in ((0.1, 2), (0.2, 5))]
+    trials += [{"learning_rate": 0.3, "lookahead.sync_period": 2}]
+    assert group_trials(config, trials, parallel=4) == [[0, 2], [1]]

@@ -66,13 +66,15 @@ TASK_SIDE = ("label_smoothing",)
 
 def split_values(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """A trial's values as ``(fixed, side)``: the config fields a program is built with,
-    and what its members may differ in, held in the state (the learning rate, any numeric
-    optimizer argument, the `TASK_SIDE` fields)."""
+    and what its members may differ in, held in the state (the learning rate, any real
+    optimizer argument, the `TASK_SIDE` fields). An integer argument is fixed: it may
+    shape the program (Muon's ``ns_steps`` iterations, Lookahead's ``sync_period``)."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     side = {
         k: v
         for k, v in values.items()
-        if (k in ("learning_rate", *TASK_SIDE) or k not in fields) and is_injected(v)
+        if (k in ("learning_rate", *TASK_SIDE) or (k not in fields and not isinstance(v, int)))
+        and is_injected(v)
     }
     return {k: v for k, v in values.items() if k not in side}, side
 
