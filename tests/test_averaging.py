@@ -78,6 +78,25 @@ def test_ema_is_validated_and_checkpointed(data, adam, tmp_path):
         create_train_state(build_model(MLP, 4), adam, x, jax.random.key(0), ema_decay=1.0)
 
 
+@pytest.mark.parametrize("spec", ["adam | lookahead", "contrib.schedule_free_adamw"])
+def test_swa_refuses_an_optimizer_that_evaluates_on_its_own(data, spec, tmp_path, capsys):
+    """Evaluation would read the optimizer's own parameters (the slow weights, schedule-free's
+    x), never SWA's average: refused in `fit` at the first averaged epoch, and by the CLI
+    before anything trains or is written."""
+    from jtricks.cli import main
+    from jtricks.optim import build_optimizer
+
+    x, y = data
+    tx = build_optimizer(spec, 1e-2)
+    state = create_train_state(build_model(MLP, 4), tx, x, jax.random.key(0))
+    with pytest.raises(ConfigError, match=r"swa averages the training parameters.*evaluates on"):
+        fit(state, (x, y), batch_size=20, epochs=2, callbacks=[SWA(1)])
+    out = tmp_path / "run"
+    argv = ["train", "--model", MLP, "--optimizer", spec, "--swa", "1", "--epochs", "2"]
+    assert main([*argv, "--no-progress", "--out", str(out)]) == 2
+    assert "--swa: swa averages" in capsys.readouterr().err and not out.exists()
+
+
 def test_swa_averages_epoch_ends_and_recomputes_batchnorm(data, adam):
     x, y = data
     model = build_model("mlp(features=(16,), norm='batch')", 4)

@@ -63,7 +63,7 @@ def optimizer_eval_params(opt_state: Any, params: Any) -> Any:
       ConfigError: when more than one node of the state declares a rule (e.g. two
         schedule-free groups), since their evaluation parameters would conflict.
     """
-    nodes = _declaring_nodes(opt_state)
+    nodes = declaring_nodes(opt_state)
     if not nodes:
         return params
     if len(nodes) > 1:
@@ -80,7 +80,9 @@ def optimizer_eval_params(opt_state: Any, params: Any) -> Any:
     return _apply(node, params)
 
 
-def _declaring_nodes(opt_state: Any) -> list[Any]:
+def declaring_nodes(opt_state: Any) -> list[Any]:
+    """The nodes of ``opt_state`` whose type has an evaluation rule (`register_eval_params`)."""
+
     def is_node(x: Any) -> bool:
         return type(x) in _RULES
 

@@ -285,6 +285,8 @@ def add_callbacks(
                 "runs with swa cannot be resumed: the running average is not checkpointed",
                 param="resume",
             )
+        probe = lambda: create_train_state(b.model, b.tx, data.example, b.init_key)  # noqa: E731
+        SWA.check(jax.eval_shape(probe))  # shapes only: nothing is initialised
         b.callbacks.append(SWA(config.swa, data.train[0]))
     if config.ensemble > 1 and resume is not None:
         raise ConfigError("ensemble runs cannot be resumed", param="resume")

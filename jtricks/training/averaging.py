@@ -25,8 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtricks.caches import jitted
-from jtricks.errors import check_int
-from jtricks.training.state import TrainState
+from jtricks.errors import ConfigError, check_int
+from jtricks.optim.eval_params import declaring_nodes
+from jtricks.training.state import TrainState, first_member
 
 
 def recompute_batch_stats(
@@ -88,6 +89,9 @@ class SWA:
     training the state's parameters are replaced by the average and, when the model has
     BatchNorm, its statistics are re-estimated on ``train_x`` (`recompute_batch_stats`).
     The optimizer state is left as it was. ``self.count`` is the number of averaged epochs.
+    An optimizer that evaluates on parameters of its own (schedule-free's ``x``,
+    Lookahead's slow weights: `jtricks.optim.eval_params`) is refused at the first
+    averaged epoch: evaluation would read those, not the average.
     """
 
     needs_state = True
@@ -103,11 +107,25 @@ class SWA:
         if record["epoch"] < self.start_epoch:
             return None
         if self.average is None:
+            self.check(state)
             self.average = jax.tree.map(jnp.copy, state.params)  # the state is donated next
         else:
             self.average = _running_mean(self.average, state.params, jnp.float32(self.count))
         self.count += 1
         return None
+
+    @staticmethod
+    def check(state: TrainState) -> None:
+        """Refuse (`ConfigError`) a state whose optimizer declares evaluation parameters;
+        a state of `jax.ShapeDtypeStruct` s will do (`jax.eval_shape`)."""
+        nodes = declaring_nodes(first_member(state).opt_state)
+        if nodes:
+            raise ConfigError(
+                f"swa averages the training parameters, but the optimizer evaluates on its "
+                f"own ({type(nodes[0]).__name__}), so the average would never be evaluated: "
+                "drop swa or use an optimizer without evaluation parameters",
+                param="swa",
+            )
 
     def on_train_end(self, state: TrainState) -> TrainState:
         if self.average is None:
