@@ -295,7 +295,7 @@ def test_data_dir_adds_cifar10_which_needs_its_own_targets(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_the_targets_command_writes_a_file_the_runner_accepts(tmp_path, capsys):
+def test_the_targets_command_writes_a_file_the_runner_accepts(tmp_path, capsys, monkeypatch):
     out = tmp_path / "targets.json"
     argv = ["bench", "targets", "--workloads", "regression_mlp", "--trials", "1"]
     assert main([*argv, "--reruns", "1", "--no-progress", "--out", str(out)]) == 0
@@ -308,3 +308,11 @@ def test_the_targets_command_writes_a_file_the_runner_accepts(tmp_path, capsys):
     capsys.readouterr()
     assert main(["bench", "targets", "--workloads", "regression_mlp"]) == 2
     assert "bench targets needs --out FILE.json" in capsys.readouterr().err
+    # a folder, or a file that cannot be written, is refused before the tuning (not after)
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    monkeypatch.setattr("jtricks.bench.targets.set_targets", lambda *a, **k: 1 / 0)  # never
+    for bad, words in ((tmp_path, "is a folder"), (blocked / "t.json", "cannot write")):
+        assert main([*argv, "--no-progress", "--out", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from jtricks.errors import ConfigError
-from jtricks.rundir import create_run_dir, default_out, write_json, write_text
+from jtricks.rundir import check_writable, create_run_dir, default_out, write_json, write_text
 from jtricks.spec import split_top_level
 
 ACTIONS = ("compare", "targets")
@@ -144,6 +144,11 @@ def _set_targets(args: argparse.Namespace) -> int:
 
     if args.out is None:
         raise ConfigError("bench targets needs --out FILE.json", param="out")
+    if Path(args.out).is_dir():
+        raise ConfigError(
+            f"bench targets writes one file; --out {args.out} is a folder", param="out"
+        )
+    check_writable(Path(args.out).parent, "out")  # before the tuning, not after it
     settings = check_v2(args, need_targets=False)
     with _Bar(args.progress) as bar:
         targets = set_targets(
