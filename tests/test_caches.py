@@ -108,3 +108,32 @@ def test_the_models_output_shape_is_traced_once_per_model_and_shapes():
     assert after.currsize == before.currsize and after.hits == before.hits + 1
     with pytest.raises(ConfigError, match=r"examples of shape \(7,\) do not fit"):
         model_outputs(states[1], task, (np.ones((6, 7), np.float32), np.zeros(6, int)), "data")
+
+
+def test_a_jax_array_found_finite_is_not_scanned_again(monkeypatch):
+    """A dataset passed to `fit` call after call as JAX arrays is scanned for NaN and inf
+    once (a JAX array is immutable; the scan of a 157 MB set took 80 ms per call); NumPy
+    arrays, which can change in place, and arrays with NaN are scanned every time; the
+    entry goes with its array and with `clear_caches`."""
+    import gc
+
+    import jax.numpy as jnp
+
+    from jtricks.tasks import base
+
+    scans = []
+    real = jnp.isfinite
+    monkeypatch.setattr(base.jnp, "isfinite", lambda a: scans.append(a.shape) or real(a))
+    ok, bad = jnp.ones((4, 3)), jnp.ones((4, 3)).at[1, 2].set(jnp.nan)
+    assert base.nonfinite(ok) is None and base.nonfinite(ok) is None and len(scans) == 1
+    assert base.nonfinite(bad) == (1, (1, 2)) == base.nonfinite(bad) and len(scans) == 3
+    host = np.ones((4, 3), np.float32)
+    assert base.nonfinite(host) is None
+    host[0, 0] = np.inf  # changed in place: found
+    assert base.nonfinite(host) == (1, (0, 0))
+    jtricks.clear_caches()
+    assert base.nonfinite(ok) is None and len(scans) == 4
+    n = len(base._FINITE)
+    del ok
+    gc.collect()
+    assert len(base._FINITE) == n - 1

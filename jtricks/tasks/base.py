@@ -26,6 +26,7 @@ metrics and input checks to any batch layout the way `fit` needs.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -33,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jtricks.caches import register
 from jtricks.errors import ConfigError
 
 Batch = Any
@@ -238,15 +240,27 @@ def at_least_f32(a: jax.Array) -> jax.Array:
     return a.astype(jnp.promote_types(a.dtype, jnp.float32))
 
 
+_FINITE: weakref.WeakValueDictionary[int, jax.Array] = weakref.WeakValueDictionary()
+"""The JAX arrays `nonfinite` found finite, by ``id`` (a JAX array is immutable, so a
+dataset passed to `fit` call after call is scanned once; an entry goes with its array)."""
+register(_FINITE.clear)
+
+
 def nonfinite(values: Any) -> tuple[int, tuple[int, ...]] | None:
     """``(count, index of the first)`` of the NaN and inf entries of a float array (NumPy,
-    or JAX reduced on its device: only the two numbers reach the host); ``None`` when
-    there are none or the array is not floating."""
+    or JAX reduced on its device: only the two numbers reach the host; a JAX array found
+    finite once is not scanned again); ``None`` when there are none or the array is not
+    floating."""
     if not jnp.issubdtype(values.dtype, jnp.floating):
         return None
-    bad = ~(jnp if isinstance(values, jax.Array) else np).isfinite(values)
+    device = isinstance(values, jax.Array)
+    if device and _FINITE.get(id(values)) is values:
+        return None
+    bad = ~(jnp if device else np).isfinite(values)
     count = int(bad.sum())
     if not count:
+        if device:
+            _FINITE[id(values)] = values
         return None
     flat = int(bad.reshape(-1).argmax())
     return count, tuple(int(i) for i in np.unravel_index(flat, values.shape))
