@@ -83,6 +83,11 @@ def test_every_model_family_trains_from_the_cli(tmp_path, model):
             ],
             ("gain_over_plain",),
         ),
+        (
+            "bench_fit_calls.py",
+            ["--examples", "400", "--features", "8", "--steps", "2", "--repeats", "1"],
+            ("ratio_to_hand_written", "median_ms"),
+        ),
     ],
 )
 def test_small_benchmarks_print_json(tmp_path, script, args, keys):
