@@ -4,8 +4,9 @@
 64, 128), label_smoothing=uniform(0, 0.2)"`` names `jtricks.TrainConfig` fields (``lr``
 is ``learning_rate``'s flag), arguments of the optimizer, or ``STAGE.ARG``, the argument
 of another stage of the pipeline (``l2.lam``, ``clip_global_norm.max_norm``,
-``lookahead.alpha``: `trial_config`), and a distribution each: ``loguniform(low, high)``, ``uniform(low, high)`` (the bench's
-`jtricks.bench.search.Range`) or ``choice(v1, v2, ...)`` (any literals). Samplers
+``lookahead.alpha``: `trial_config`), and a distribution each: ``loguniform(low,
+high)``, ``uniform(low, high)`` (the bench's `jtricks.bench.search.Range`) or
+``choice(v1, v2, ...)`` (any literals). Samplers
 (`make_sampler`): ``grid`` (every combination; a range gives ``points`` values, evenly
 spaced on its scale), ``random`` (scrambled Halton points, `jtricks.bench.search.unit_points`:
 quasi-random search) and ``tpe`` (Optuna's tree-structured Parzen estimator through its
