@@ -90,6 +90,26 @@ def test_a_registered_rule_and_conflicting_declarations():
         register_eval_params(Marker, 3)
 
 
+def test_lookahead_in_two_groups_evaluates_each_group_on_its_slow_weights():
+    """Declaring nodes in disjoint groups each map their own leaves (the kernels' slow
+    weights from the first group's state, the biases' from the second's, found by hand);
+    nodes over the same leaves (Lookahead around schedule-free) conflict."""
+    from jtricks.optim import LookaheadState
+
+    tx = build_optimizer("matrices -> sgd | lookahead(2) ; rest -> sgd | lookahead(3)", 0.1)
+    params, state = _run(tx, steps=5)  # synced at step 4 (matrices) and 3 (rest)
+    nodes = jax.tree.leaves(state, is_leaf=lambda n: isinstance(n, LookaheadState))
+    nodes = [n for n in nodes if isinstance(n, LookaheadState)]
+    got = optimizer_eval_params(state, params)
+    for layer in PARAMS:
+        for leaf, group in (("kernel", 0), ("bias", 1)):
+            np.testing.assert_array_equal(got[layer][leaf], nodes[group].slow[layer][leaf])
+            assert not np.allclose(got[layer][leaf], params[layer][leaf])  # 5 is no sync
+    nested = build_optimizer("contrib.schedule_free_sgd | lookahead", 0.1)
+    with pytest.raises(ConfigError, match=r"2 times .* for the same parameters"):
+        optimizer_eval_params(_run(nested)[1], PARAMS)
+
+
 @pytest.fixture(scope="module")
 def data():
     from jtricks.data import synthetic

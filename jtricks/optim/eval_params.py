@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 import optax
 from optax.contrib import ScheduleFreeState, schedule_free_eval_params
 
@@ -57,36 +58,60 @@ def optimizer_eval_params(opt_state: Any, params: Any) -> Any:
     """The evaluation parameters the optimizer state declares, or ``params`` if none does.
 
     Leaves of ``params`` outside the declaring state's parameter group (an `optax.masked`
-    or `optax.multi_transform` group) keep their training values.
+    or `optax.multi_transform` group) keep their training values; several declaring
+    nodes in disjoint groups (Lookahead in two groups) each map their own leaves.
 
     Raises:
-      ConfigError: when more than one node of the state declares a rule (e.g. two
-        schedule-free groups), since their evaluation parameters would conflict.
+      ConfigError: when two declaring nodes cover one leaf (Lookahead around
+        schedule-free, or two of them over the same parameters): their evaluation
+        parameters would conflict.
     """
     nodes = declaring_nodes(opt_state)
     if not nodes:
         return params
+    if is_fused(opt_state):  # the node's trees are the fused buffers
+        _one_node(nodes)
+        flat = flatten_params(params, group_by=opt_state.group_by)
+        return unflatten_params(_apply(nodes[0], flat))
+    if _overlap(nodes, params):
+        _one_node(nodes)
+    for node in nodes:
+        params = _apply(node, params)
+    return params
+
+
+def _overlap(nodes: list[Any], params: Any) -> bool:
+    """Whether two of ``nodes`` cover one leaf of ``params`` (a node outside any parameter
+    group covers them all)."""
+    counts = np.zeros(len(jax.tree.leaves(params)), int)
+    for node in nodes:
+        masked = _masked_leaves(node, params)
+        counts += 1 if masked is None else ~np.asarray(jax.tree.leaves(masked), bool)
+    return bool(counts.max() > 1)
+
+
+def _one_node(nodes: list[Any]) -> None:
     if len(nodes) > 1:
         names = ", ".join(type(n).__name__ for n in nodes)
         raise ConfigError(
-            f"the optimizer state declares evaluation parameters {len(nodes)} times ({names}); "
-            "at most one part of an optimizer may",
+            f"the optimizer state declares evaluation parameters {len(nodes)} times ({names}) "
+            "for the same parameters; at most one part of an optimizer may",
             param="optimizer",
         )
-    node = nodes[0]
-    if is_fused(opt_state):  # the node's trees are the fused buffers
-        flat = flatten_params(params, group_by=opt_state.group_by)
-        return unflatten_params(_apply(node, flat))
-    return _apply(node, params)
 
 
 def declaring_nodes(opt_state: Any) -> list[Any]:
-    """The nodes of ``opt_state`` whose type has an evaluation rule (`register_eval_params`)."""
+    """The nodes of ``opt_state`` whose type has an evaluation rule (`register_eval_params`),
+    nested ones too (schedule-free inside Lookahead)."""
+    found: list[Any] = []
 
-    def is_node(x: Any) -> bool:
-        return type(x) in _RULES
+    def visit(x: Any) -> bool:  # called on every subtree; never stops the descent
+        if type(x) in _RULES:
+            found.append(x)
+        return False
 
-    return [n for n in jax.tree.leaves(opt_state, is_leaf=is_node) if is_node(n)]
+    jax.tree.leaves(opt_state, is_leaf=visit)
+    return found
 
 
 def _apply(node: Any, params: Any) -> Any:
