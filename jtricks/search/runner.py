@@ -215,7 +215,10 @@ def check_space(config: TrainConfig, space: dict[str, Any]) -> None:
                 stacked(trial)
                 build_optimizer(trial.optimizer, trial.learning_rate)  # its arguments
             except ConfigError as e:
-                raise ConfigError(f"space {name}={value!r}: {e}", param="space") from None
+                said = str(e)  # a message that names the entry already is not prefixed again
+                if not said.startswith(f"space {name}"):
+                    said = f"space {name}={value!r}: {said}"
+                raise ConfigError(said, param="space") from None
 
 
 def _run(config, settings, space, data, out, records, reporter, log) -> SearchResult:
