@@ -148,6 +148,7 @@ def test_tpe_asks_optuna_and_gets_told_every_score(data):
         (["--space", "lr=loguniform(1e-3, 1e-1)", "--mixup", "0.2"], "do not support mixup"),
         (["--space", "weight_decay=uniform(0, 0.1)"], "unexpected keyword argument"),
         (["--space", "lr=loguniform(1e-3, 1e-1)", "--tensorboard"], "does not support tensorboard"),
+        (["--space", "lr=loguniform(1e-3, 1e-1)", "--dataset", "tokens"], "need model outputs"),
         (["--space", "clip.max_norm=uniform(1, 2)"], "--space: space clip.max_norm: the optimizer"),
         (
             ["--space", "b1=uniform(0.8, 1.5)"],

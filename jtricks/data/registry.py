@@ -40,6 +40,13 @@ def load_dataset(spec: str) -> Dataset:
     registry = {**DATASETS, **FILES_AND_TASKS}
     if isinstance(spec, str) and ":" in spec and "(" not in spec:
         name, _, path = spec.partition(":")
+        if name == "shards":
+            raise ConfigError(
+                f"{spec!r} is a folder of shards read from disk, which jtricks train and "
+                "search stream (jtricks.data.shards.load_shards); this needs a dataset in "
+                "memory, such as npz:PATH",
+                param="dataset",
+            )
         if name not in registry:
             raise ConfigError(
                 f"unknown dataset {name!r}; valid datasets are: {', '.join(sorted(registry))}",

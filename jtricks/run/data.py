@@ -67,6 +67,17 @@ class RunData:
         """Whether training reads a stream: asked for (``stream``) or on disk."""
         return bool(config.stream) or self.on_disk
 
+    def fit_input(
+        self, config: Any, streaming: bool, key: jax.Array, at: int = 0, saved: Any = None
+    ) -> tuple[Any, dict[str, Any]]:
+        """What `fit` trains on and its stream keyword: the training arrays and ``{}``, or
+        (``streaming``) the same batches as a stream (`train_stream`, data key ``key``)
+        and ``{"data_state": ...}``, ``saved`` or the stream's position before step ``at``."""
+        if not streaming:
+            return self.train, {}
+        stream = self.train_stream(config.batch_size * config.accumulate, key, config.loader)
+        return stream, {"data_state": saved or stream.state_at(at)}
+
     def train_stream(self, batch_size: int, key: jax.Array, loader: str) -> BatchStream:
         """The training batches as a stream: exactly the in-memory path's batches
         (`EpochBatches` with the run's data key); with several processes, this process's
@@ -219,7 +230,6 @@ def refuse_on_disk(config: Any, data: RunData) -> None:
     needs_memory = {
         "swa": config.swa is not None,
         "tta": config.tta > 1,
-        "ensemble": config.ensemble > 1,
     }
     for name, used in needs_memory.items():
         if used:

@@ -25,8 +25,10 @@ def train_ensemble(
     """Member ``i`` uses init key ``fold_in(init_key, i)`` (`fit_ensemble`). Writes config,
     metrics, curves and a summary with every member's test metrics and the ensemble's;
     no intermediate checkpoints. Returns a `RunResult`."""
-    states = initial_state(config, b, data.train[0])
-    check_data(first_member(states), b.task, data.train, "training data")  # before any folder
+    states = initial_state(config, b, data.example)
+    if not data.on_disk:  # checked before any folder exists, as a single run's
+        check_data(first_member(states), b.task, data.train, "training data")
+        check_data(first_member(states), b.task, data.test, "test data")
     if config.tensorboard:
         writer_class()  # installed? (before the folder exists)
     for name in ("tensorboard", "profile"):
@@ -39,11 +41,13 @@ def train_ensemble(
             run_dir / "config.json", {"config": config.to_dict(), "environment": environment()}
         )
         logs = record_logs(run_dir, config, locks)
+    train_data, stream_kw = data.fit_input(config, b.streaming, b.data_key)
     states, history = fit_ensemble(
         states,
-        data.train,
+        train_data,
         fit_options(config, b, run_dir),
         val_data=data.val,
+        **stream_kw,
         steps=b.total_steps,
         data_key=b.data_key,
         reporter=b.reporter,

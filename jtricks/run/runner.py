@@ -364,14 +364,11 @@ def fit_run(
     remaining = b.total_steps - int(state.step)
     if remaining <= 0:
         return state, history
-    train_data, stream_kw = data.train, {}
-    if b.streaming:
-        train_data = data.train_stream(
-            config.batch_size * config.accumulate, b.data_key, config.loader
-        )
-        saved = run.records[-1].get("data_state") if run.records else None
-        saved = run.data_state or saved  # an interrupted checkpoint's, mid-epoch
-        stream_kw = dict(data_state=saved or train_data.state_at(int(state.step)))
+    saved = run.records[-1].get("data_state") if run.records else None
+    saved = run.data_state or saved  # an interrupted checkpoint's, mid-epoch
+    train_data, stream_kw = data.fit_input(
+        config, b.streaming, b.data_key, at=int(state.step), saved=saved
+    )
     state, new = fit_or_explain(
         run,
         state,

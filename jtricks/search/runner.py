@@ -32,7 +32,7 @@ from jtricks.optim import build_optimizer
 from jtricks.run.build import name_the_dataset
 from jtricks.run.config import TrainConfig
 from jtricks.run.data import RunData, load_run_data
-from jtricks.rundir import create_run_dir, environment, locked, write_json
+from jtricks.rundir import create_run_dir, environment, locked, refused_cleanly, write_json
 from jtricks.search import outputs
 from jtricks.search.space import SAMPLERS, make_sampler, parse_space, trial_config
 from jtricks.search.trials import (
@@ -149,7 +149,8 @@ def search(
                     "environment": environment(),
                 },
             )
-        return _run(config, settings, space, data, out, records, reporter, log)
+        with refused_cleanly(out if resume is None else None):  # a refusal before a trial
+            return _run(config, settings, space, data, out, records, reporter, log)
 
 
 def _resolve(config, settings, out, resume, locks):

@@ -224,14 +224,16 @@ def train_group(
     length = run_length(config, data.n_train)
     b.tx = scaled_optimizer(config, length, side)
     keys = jax.vmap(lambda t: jax.random.fold_in(b.init_key, t))(jnp.asarray(trials))
-    states = create_ensemble(b.model, b.tx, data.train[0], keys, ema_decay=config.ema)
+    states = create_ensemble(b.model, b.tx, data.example, keys, ema_decay=config.ema)
     states = with_values(states, {k: [split_values(v)[1][k] for v in values] for k in side})
     options = dataclasses.replace(fit_options(config, b, None), mesh=None, max_nonfinite=NEVER_STOP)
+    train_data, stream_kw = data.fit_input(config, b.streaming, b.data_key)
     states, history = fit_ensemble(
         states,
-        data.train,
+        train_data,
         options,
         val_data=data.val,
+        **stream_kw,
         steps=b.total_steps,
         data_key=b.data_key,
         reporter=b.reporter,
@@ -255,7 +257,7 @@ def default_parallel(b: Build, data: RunData, batch_size: int, trials: int) -> i
     over 4 on a CPU): each member needs its state four times over (state, gradients,
     updates, the donated copy) and its batch's activations, taken as 64 copies of the
     batch. At least 1, at most ``trials``."""
-    example = data.train[0]
+    example = data.example
     per_member = 4 * state_bytes(b, example)
     per_member += 64 * batch_size * int(np.prod(example.shape[1:])) * example.dtype.itemsize
     return max(1, min(trials, device_budget() // max(per_member, 1)))
