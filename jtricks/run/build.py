@@ -256,7 +256,7 @@ def initial_state(config: TrainConfig, b: Build, example: Any) -> TrainState:
     i)`` (as `fit_ensemble` numbers them)."""
     if config.ensemble > 1:
         keys = jax.vmap(lambda i: jax.random.fold_in(b.init_key, i))(jnp.arange(config.ensemble))
-        return create_ensemble(b.model, b.tx, example, keys)
+        return create_ensemble(b.model, b.tx, example, keys, ema_decay=config.ema)
     return create_train_state(b.model, b.tx, example, b.init_key, ema_decay=config.ema)
 
 
@@ -264,7 +264,7 @@ def add_callbacks(
     b: Build, config: TrainConfig, data: RunData, plateau: Plateau | None, resume: Any
 ) -> None:
     """Reduce-on-plateau, early stopping and SWA, as the config asks; refuses to resume
-    what is not checkpointed (SWA's running average, ensembles)."""
+    what is not checkpointed (SWA's running average)."""
     if plateau is not None:
         b.plateau = ReduceLROnPlateau(
             plateau.factor,
@@ -288,8 +288,6 @@ def add_callbacks(
         probe = lambda: create_train_state(b.model, b.tx, data.example, b.init_key)  # noqa: E731
         SWA.check(jax.eval_shape(probe))  # shapes only: nothing is initialised
         b.callbacks.append(SWA(config.swa, data.train[0]))
-    if config.ensemble > 1 and resume is not None:
-        raise ConfigError("ensemble runs cannot be resumed", param="resume")
 
 
 HOME_DATASETS = {"fcn1d": "segmentation1d", "transformer_lm": "tokens"}

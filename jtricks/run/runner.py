@@ -3,8 +3,8 @@
 ``train`` reads as the run does: resolve the config, load the data
 (`jtricks.run.data`), build the task, model, optimizer, augmentation and callbacks
 (`build`), create or restore the state and the run folder (`start`), `fit`, evaluate
-(`final_metrics`), and write the summary. An ensemble takes its own path after
-`build` (`jtricks.run.ensemble`). The CLI's ``jtricks train`` calls `train`.
+(`final_metrics`), and write the summary. An ensemble (``ensemble`` N) takes the same
+path with its N members stacked in one state. The CLI's ``jtricks train`` calls `train`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from jtricks.errors import ConfigError, Interrupted, StreamError
 from jtricks.run.build import Build, build, initial_state, name_the_dataset
 from jtricks.run.config import TrainConfig, check_keys, check_recordable
 from jtricks.run.data import RunData, load_run_data, refuse_on_disk
-from jtricks.run.ensemble import train_ensemble
 from jtricks.run.options import fit_options
 from jtricks.run.outputs import (
     RunResult,
@@ -67,6 +66,7 @@ from jtricks.training.data_checks import check_data
 from jtricks.training.distributed import is_sharded_mesh, parse_mesh
 from jtricks.training.options import FitOptions
 from jtricks.training.preemption import status_of
+from jtricks.training.state import first_member
 from jtricks.training.tensorboard import writer_class
 from jtricks.training.transfer import describe_loaded, freeze_batch_stats, load_pretrained
 
@@ -121,8 +121,6 @@ def train(
         b = build(config, data, resume, reporter, progress)
         check_mesh(config)  # before any folder exists
         with refused_cleanly(out if resume is None else None):
-            if config.ensemble > 1:
-                return train_ensemble(config, data, b, out, t0, locks)
             state, run = start(config, data, b, out, resume, locks)
             with stop if hasattr(stop, "__enter__") else contextlib.nullcontext():
                 state, history = fit_run(config, data, b, state, run, stop)
@@ -229,8 +227,9 @@ def start(
     folder, or restore both from ``resume``'s newest intact checkpoint."""
     state = initial_state(config, b, data.example)
     if not data.on_disk:  # a mismatch leaves nothing behind
-        check_data(state, b.task, data.train, "training data")
-        check_data(state, b.task, data.test, "test data")
+        one = first_member(state) if config.ensemble > 1 else state
+        check_data(one, b.task, data.train, "training data")
+        check_data(one, b.task, data.test, "test data")
     if config.pretrained is not None and resume is None:
         state, loaded = load_pretrained(state, config.pretrained)
         if jax.process_index() == 0:
@@ -255,7 +254,8 @@ def start(
         state, records, cut = restore_run(run_dir / "checkpoints", state, b, settings)
         write_jsonl(run_dir / "metrics.jsonl", records)  # drop epochs after the checkpoint
         if config.log_every_steps is not None:  # and the steps after it: they run again
-            steps = read_steps(run_dir / "steps.jsonl", int(state.step), config.log_every_steps)
+            done = int(first_member(state).step)
+            steps = read_steps(run_dir / "steps.jsonl", done, config.log_every_steps)
             write_jsonl(run_dir / "steps.jsonl", steps)
     else:
         write_json(
@@ -361,14 +361,13 @@ def fit_run(
 ) -> tuple[TrainState, History]:
     """`fit` for the steps still to go, from arrays or from a stream of the same batches."""
     history = History(list(run.records), steps=list(run.steps))
-    remaining = b.total_steps - int(state.step)
+    done = int(first_member(state).step)  # an ensemble's members step together
+    remaining = b.total_steps - done
     if remaining <= 0:
         return state, history
     saved = run.records[-1].get("data_state") if run.records else None
     saved = run.data_state or saved  # an interrupted checkpoint's, mid-epoch
-    train_data, stream_kw = data.fit_input(
-        config, b.streaming, b.data_key, at=int(state.step), saved=saved
-    )
+    train_data, stream_kw = data.fit_input(config, b.streaming, b.data_key, at=done, saved=saved)
     state, new = fit_or_explain(
         run,
         state,
@@ -439,6 +438,9 @@ def final_metrics(
         state, data.test, b.task, config.eval_batch_size, config.eval_params
     )
     extra.update(class_entries(report, run_dir))
+    if config.ensemble > 1:  # every member's test metrics beside the ensemble's
+        extra.update({f"test_{k}": v for k, v in test.items() if k.startswith("member_")})
+        extra["ensemble"] = config.ensemble
     if state.ema_params is not None and config.eval_params != "ema":
         ema = evaluate(state, data.test, params="ema", **kw)
         test.update({f"ema_{k}": v for k, v in ema.items()})
