@@ -20,6 +20,7 @@ from jtricks.nn import build_model
 from jtricks.optim import build_optimizer
 from jtricks.tasks import LanguageModel
 from jtricks.training import create_train_state, make_train_step
+from jtricks.training.transfer import finetune_labels, forward_layers
 
 KEY = jax.random.key(0)
 
@@ -728,7 +729,21 @@ def test_gradient_check_and_signal_on_an_nnx_model(tiny_data):
         return optax.softmax_cross_entropy_with_integer_labels(model(jnp.asarray(x)), y).mean()
 
     grads = jax.grad(loss)(state.params)
-    head = float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads["head"]))))
-    by_layer = {r["layer"]: r["grad_norm"] for r in rep.rows}
-    assert by_layer["head"] == pytest.approx(head, rel=1e-5)
-    assert math.isnan(rep.grad_ratio) and math.isnan(rep.act_ratio) and rep.passed
+
+    def norm(layer):
+        return float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads[layer]))))
+
+    # forward order, not name order ("head" sorts first): the first reads of each layer
+    assert [r["layer"] for r in rep.rows] == ["hidden", "norm", "head"]
+    assert [r["grad_norm"] for r in rep.rows] == pytest.approx(
+        [norm("hidden"), norm("norm"), norm("head")], rel=1e-5
+    )
+    assert rep.grad_ratio == pytest.approx(norm("hidden") / norm("head"), rel=1e-5)
+    model = nnx.merge(state.apply_fn.train_graph, state.params, state.batch_stats)
+    hidden = model.hidden(jnp.asarray(x))  # the outputs by hand
+    logits = model.head(jnp.tanh(model.norm(hidden)))
+    assert rep.rows[0]["act_std"] == pytest.approx(float(hidden.std()), rel=1e-5)
+    assert rep.act_ratio == pytest.approx(float(logits.std() / hidden.std()), rel=1e-5)
+    assert rep.passed
+    head_only = {"hidden": False, "norm": False, "head": True}  # --finetune head
+    assert finetune_labels("head", forward_layers(state, x)) == head_only

@@ -17,7 +17,7 @@ from jtricks.errors import check_int, check_range
 from jtricks.plotting import pyplot, save_figure
 from jtricks.tasks import Task
 from jtricks.training.gradients import objective
-from jtricks.training.model import NNXApply, apply_model
+from jtricks.training.model import NNXApply
 from jtricks.training.state import TrainState
 from jtricks.training.steps import LossFn
 from jtricks.training.transfer import forward_layers
@@ -46,9 +46,9 @@ def signal_propagation(
 
     A head at zero (all its parameters exactly 0: ``zero_head=True`` at initialisation)
     outputs 0 and passes no gradient below it: the gradient ratio is then NaN and the
-    output ratio is over the layers below it. An NNX model's layers come in name order
-    with their gradient norms only (NNX has no method interception to record the
-    forward order): its ratios are NaN and only non-finite gradients are flagged.
+    output ratio is over the layers below it. An NNX model's outputs are captured with
+    `flax.nnx.capture` and its layers ordered by the forward pass's first reads of their
+    parameters (`jtricks.training.transfer.first_reads`).
 
     ``threshold`` is 1e3 by default (three orders of magnitude across the depth). The
     batch is ``(x, y)`` (or ``x`` any batch pytree with ``y=None``), the loss ``task``'s
@@ -64,26 +64,24 @@ def signal_propagation(
         variables = {"params": params}
         if state.batch_stats:
             variables["batch_stats"] = state.batch_stats
-        if isinstance(state.apply_fn, NNXApply):  # no interception: gradients only
-            return objective(
-                task, apply_model(state, params, x, train=True, key=None)[0], batch, None
-            ), {}
+        if isinstance(state.apply_fn, NNXApply):  # dropout from the module's own streams
+            outputs, acts = state.apply_fn.layer_outputs(variables, x, train=True)
+            return objective(task, outputs, batch, None), acts
         mutable = ["intermediates", *(["batch_stats"] if state.batch_stats else [])]
         outputs, coll = state.apply_fn(
             variables, x, train=True, rngs=rngs, mutable=mutable, capture_intermediates=True
         )
-        return objective(task, outputs, batch, None), coll["intermediates"]
+        flat = traverse_util.flatten_dict(coll["intermediates"])  # {(*path, "__call__"): (out,)}
+        acts = {"/".join(p[:-1]): v[0] for p, v in flat.items() if p[-1] == "__call__"}
+        return objective(task, outputs, batch, None), acts
 
-    grads, inter = jax.jit(jax.grad(loss, has_aux=True))(state.params)
+    grads, acts = jax.jit(jax.grad(loss, has_aux=True))(state.params)
     layers = group_by_layer(state.params, forward_layers(state, x))
-    flat_inter = traverse_util.flatten_dict(jax.device_get(inter))  # Linen: {path: (out,)}
+    acts = jax.device_get(acts)
     flat_grads = named_leaves(jax.device_get(grads))
     rows = []
     for layer, paths in layers.items():
-        outs = [
-            v for p, v in flat_inter.items() if "/".join(p[:-1]) == layer and p[-1] == "__call__"
-        ]
-        act = np.asarray(outs[0][0], np.float64) if outs else None
+        act = np.asarray(acts[layer], np.float64) if layer in acts else None
         gnorm = math.sqrt(
             sum(float(np.sum(np.square(flat_grads[p], dtype=np.float64))) for p in paths)
         )
@@ -97,22 +95,21 @@ def signal_propagation(
         )
     flat_params = named_leaves(jax.device_get(state.params))
     zero_head = not any(np.any(flat_params[p]) for p in layers[rows[-1]["layer"]])
-    nnx = isinstance(state.apply_fn, NNXApply)  # layers in name order: no first or last
-    grad_ratio, act_ratio = _ratios(rows, zero_head=zero_head and len(rows) > 1, nnx=nnx)
+    grad_ratio, act_ratio = _ratios(rows, zero_head=zero_head and len(rows) > 1)
     flags = signal_flags(rows, grad_ratio, act_ratio, threshold)
     return SignalReport(int(state.step), rows, grad_ratio, act_ratio, flags, zero_head)
 
 
-def _ratios(rows: list[dict[str, Any]], *, zero_head: bool, nnx: bool) -> tuple[float, float]:
+def _ratios(rows: list[dict[str, Any]], *, zero_head: bool) -> tuple[float, float]:
     """``(first/last gradient norm, last/first output std)`` over ``rows``; the output stds
     of the layers that give one. Without the zero head's row, whose outputs are 0 and
-    below which no gradient flows; the gradient ratio is then NaN, as for NNX."""
+    below which no gradient flows; the gradient ratio is then NaN."""
     body = rows[:-1] if zero_head else rows
     first, last = body[0], body[-1]
     grad_ratio = first["grad_norm"] / last["grad_norm"] if last["grad_norm"] > 0 else math.inf
     acts = [r["act_std"] for r in body if not math.isnan(r["act_std"])]
     act_ratio = (acts[-1] / acts[0] if acts[0] > 0 else math.inf) if acts else math.nan
-    return (math.nan if nnx or zero_head else grad_ratio), act_ratio
+    return (math.nan if zero_head else grad_ratio), act_ratio
 
 
 @dataclass

@@ -29,6 +29,7 @@ from flax import nnx
 
 from jtricks.errors import ConfigError
 from jtricks.optim.fused import unflatten_params
+from jtricks.trees import named_leaves
 
 TRAIN_ARGS = ("train", "training", "is_training", "deterministic")
 AUTO = "auto"
@@ -135,6 +136,21 @@ class NNXApply:
         if mutable:
             return out, {"batch_stats": nnx.split(model, nnx.Param, ...)[2]}
         return out
+
+    def layer_outputs(self, variables, inputs, *, train: bool) -> tuple[Any, dict[str, Any]]:
+        """The module's output and every submodule's ``__call__`` output by its path
+        (``"block/dense"``), captured with `flax.nnx.capture` (``method_outputs``)."""
+        graph = self.train_graph if train else self.eval_graph
+        states = jax.tree.map(lambda a: a, (variables["params"], variables.get("batch_stats")))
+        model = nnx.merge(graph, *[s for s in states if s is not None])
+        out, captured = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)(
+            inputs
+        )
+        layers = {}
+        for path, value in named_leaves(captured).items():  # (*module, "__call__", ..., "0")
+            if "__call__" in path[1:] and path[-1] == "0":  # a submodule's first call
+                layers.setdefault("/".join(path[: path.index("__call__")]), value)
+        return out, layers
 
 
 def nnx_state(model: nnx.Module) -> tuple[NNXApply, Any, Any]:

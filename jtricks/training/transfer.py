@@ -35,8 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.extend import core as jex_core
 
 from jtricks.errors import ConfigError
+from jtricks.training.model import NNXApply, apply_model
 from jtricks.training.state import TrainState
 from jtricks.trees import named_leaves, path_names
 
@@ -50,27 +52,62 @@ def forward_layers(state: TrainState, x: Any) -> list[str]:
     """Layers that own parameters, in the order the forward pass first calls them.
 
     (Parameter dicts come back from jax transforms with sorted keys, which is not the
-    order of the layers: ``"stage1..."`` sorts before ``"stem"``.) Traced abstractly
-    with `flax.linen.intercept_methods`; nothing is computed.
+    order of the layers: ``"stage1..."`` sorts before ``"stem"``.) Traced abstractly,
+    nothing is computed: a Linen model with `flax.linen.intercept_methods`; an NNX
+    model, which has no method interception, by the order in which the traced forward
+    pass first reads each layer's parameters (`first_reads`).
     """
+    first = jax.tree.map(lambda a: jnp.asarray(a)[:1], x)  # an array or any pytree
+    owners = {p.rsplit("/", 1)[0] for p in param_paths(state.params)}
+    if isinstance(state.apply_fn, NNXApply):
+        order = [p.rsplit("/", 1)[0] for p in first_reads(state, first)]
+    else:
+        order = _called_layers(state, first)
+    ranked = list(dict.fromkeys(name for name in order if name in owners))
+    return ranked + sorted(owners - set(ranked))
+
+
+def _called_layers(state: TrainState, first: Any) -> list[str]:
     order: list[str] = []
 
     def record(next_fun, args, kwargs, context):
         if context.method_name == "__call__":
-            name = "/".join(context.module.path)
-            if name not in order:
-                order.append(name)
+            order.append("/".join(context.module.path))
         return next_fun(*args, **kwargs)
 
     variables = {"params": state.params}
     if state.batch_stats:
         variables["batch_stats"] = state.batch_stats
     with nn.intercept_methods(record):
-        first = jax.tree.map(lambda a: jnp.asarray(a)[:1], x)  # an array or any pytree
         jax.eval_shape(lambda v, xb: state.apply_fn(v, xb, train=False), variables, first)
-    owners = {p.rsplit("/", 1)[0] for p in param_paths(state.params)}
-    ranked = [name for name in order if name in owners]
-    return ranked + sorted(owners - set(ranked))
+    return order
+
+
+def first_reads(state: TrainState, x: Any) -> list[str]:
+    """Parameter paths in the order the forward pass on ``x`` first reads them: the
+    equations of its jaxpr (`jax.make_jaxpr`) in order, descending into nested ones (a
+    jit, remat, scan or cond body) and following each parameter into them. A parameter
+    the pass never reads is not listed."""
+
+    def forward(params):
+        return apply_model(state, params, x, train=False, key=None)[0]
+
+    closed = jax.make_jaxpr(forward)(state.params)
+    names = dict(zip(closed.jaxpr.invars, param_paths(state.params), strict=True))
+    order: list[str] = []
+    _read_order(closed.jaxpr, names, order)
+    return order
+
+
+def _read_order(jaxpr: Any, names: dict, order: list[str]) -> None:
+    for eqn in jaxpr.eqns:
+        named = [names.get(v) if isinstance(v, jex_core.Var) else None for v in eqn.invars]
+        for sub in jex_core.jaxprs_in_params(eqn.params):
+            skip = len(eqn.invars) - len(sub.invars)  # a cond's index, a while's none
+            if skip >= 0:  # the body's inputs are the equation's last ones, in order
+                inner = {v: n for v, n in zip(sub.invars, named[skip:], strict=True) if n}
+                _read_order(sub, inner, order)
+        order.extend(n for n in named if n is not None and n not in order)
 
 
 def finetune_labels(preset: str, layers: Sequence[str]) -> dict[str, bool]:
