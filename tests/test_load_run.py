@@ -41,6 +41,20 @@ def test_a_finished_run_loads_as_it_ended(trained):
     assert not np.allclose(scaled, data.x_test)
 
 
+def test_predict_uses_the_parameters_the_run_evaluated(tmp_path):
+    """A run with ``eval_params="ema"`` reported its EMA's figures: ``run.predict`` gives the
+    EMA's outputs (it gave the training parameters'), ``params=`` still chooses."""
+    out = tmp_path / "run"
+    settings = dict(model="mlp(features=(8,))", epochs=2, batch_size=16, ema=0.5)
+    jtricks.train(dataset=SPEC, **settings, eval_params="ema", out=out)
+    run, x = jtricks.load_run(out), load_dataset(SPEC).x_test
+    scaled = run.inputs(x)
+    ema, train = (predict(run.state, scaled, params=p) for p in ("ema", "train"))
+    assert not np.allclose(ema, train)
+    np.testing.assert_array_equal(run.predict(x), ema)
+    np.testing.assert_array_equal(run.predict(x, params="train"), train)
+
+
 def test_best_reads_the_epoch_of_the_lowest_validation_loss(trained):
     out, _ = trained
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -47,7 +47,10 @@ class LoadedRun:
         return np.asarray(x, np.int32) if self.scaler is None else self.scaler(x)
 
     def predict(self, x: Any, **kwargs: Any) -> np.ndarray:
-        """`jtricks.predict` on raw inputs (``inputs(x)``); keywords as `predict`'s."""
+        """`jtricks.predict` on raw inputs (``inputs(x)``) with the parameters the run
+        evaluated (its ``eval_params``: the EMA's for ``--eval-params ema``) unless
+        ``params`` says otherwise; keywords as `predict`'s."""
+        kwargs.setdefault("params", self.config.eval_params)
         return predict(self.state, self.inputs(x), **kwargs)
 
 
