@@ -170,7 +170,12 @@ def test_cli_prints_the_table_and_the_best_trial(tmp_path, capsys):
     argv += ["50", "--optimizer", CONFIG.optimizer, "--trials", "2", "--parallel", "2"]
     argv += ["--space", SPACE]
     assert main([*argv, "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "jtricks search: trials 0, 1 side by side in" in captured.err  # the group's line
+    assert main([*argv, "--out", str(tmp_path / "quiet"), "--no-progress"]) == 0
+    quiet = capsys.readouterr()
+    assert quiet.out.splitlines()[:3] == printed.splitlines()[:3] and quiet.err == ""
     best = json.loads((out / "best.json").read_text())
     head = ["trial", "learning_rate", "gamma", "label_smoothing", "l2.lam", "val_accuracy"]
     head += ["status"]

@@ -61,6 +61,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         metavar="SEARCH_DIR",
         help="continue the search in SEARCH_DIR: finished trials are kept",
     )
+    s.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no line after each group of trials (as jtricks train and bench take it)",
+    )
     return s
 
 
@@ -73,7 +79,7 @@ def run(args: argparse.Namespace, flags: dict[str, str]) -> int:
     if args.resume is not None:
         extra = [flags[name] for name in given] + (["--out"] if args.out else [])
         refuse_beside_resume("search's own search.json", extra + ["--space"] * bool(args.space))
-        result = search(resume=args.resume, log=_log)
+        result = search(resume=args.resume, log=_log if args.progress else None)
     else:
         if args.space is None:
             raise ConfigError(
@@ -88,7 +94,8 @@ def run(args: argparse.Namespace, flags: dict[str, str]) -> int:
             args.grid_points,
         )
         out = args.out if args.out is not None else default_out("search")
-        result = search(TrainConfig(**given), settings, out=out, log=_log)
+        log = _log if args.progress else None
+        result = search(TrainConfig(**given), settings, out=out, log=log)
     return report(result)
 
 
