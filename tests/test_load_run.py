@@ -66,3 +66,23 @@ def test_what_is_not_a_run_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"cannot load .* does not exist") as e:
         jtricks.load_run(tmp_path)
     assert e.value.param == "run"
+
+
+def test_early_stopping_reports_the_state_it_kept(tmp_path):
+    """Stopped early, a run evaluates the best epoch's state: the summary's validation
+    metrics are that epoch's (they were the last epoch's, beside test metrics of another
+    state), ``restored_epoch`` names it, and the loaded state gives the test metrics."""
+    out = tmp_path / "run"
+    noisy = SPEC.replace("noise=0.5", "noise=2.0")
+    settings = dict(model="mlp(features=(32,))", epochs=40, batch_size=16, learning_rate=0.05)
+    result = jtricks.train(dataset=noisy, **settings, early_stopping=2, out=out)
+    summary = json.loads((out / "summary.json").read_text())
+    records = result.history.records
+    best = min(records, key=lambda r: r["val_loss"])
+    assert summary["restored_epoch"] == best["epoch"] < records[-1]["epoch"]
+    assert summary["val_loss"] == best["val_loss"] != records[-1]["val_loss"]
+    assert summary["val_accuracy"] == best["val_accuracy"]
+    assert f"kept epoch {best['epoch']}'s state" in summary["stopped"]
+    run, data = jtricks.load_run(out), load_dataset(noisy)
+    got = evaluate(run.state, (run.inputs(data.x_test), data.y_test))
+    assert got["accuracy"] == summary["test_accuracy"]

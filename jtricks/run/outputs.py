@@ -209,6 +209,18 @@ def write_summary(
     )
 
 
+def restored_entries(history: History, early: Any) -> dict[str, Any]:
+    """Summary entries of a run whose early stopping returned an earlier epoch's state
+    (``restore_best``): that epoch's validation metrics (they replace the last epoch's:
+    the test metrics are that state's too) and ``restored_epoch``; nothing otherwise."""
+    best = getattr(early, "best_epoch", None)
+    if best is None or not early.restore_best or best == history.records[-1]["epoch"]:
+        return {}
+    record = next(r for r in history.records if r["epoch"] == best)
+    val = {k: v for k, v in record.items() if k.startswith("val_") and is_split_metric(k, v)}
+    return {**val, "restored_epoch": best}
+
+
 def diverged_entries(
     history: History, kept_val: dict[str, Any], run_dir: Path | None
 ) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from jtricks.run.outputs import (
     huge_loss_warning,
     read_steps,
     record_logs,
+    restored_entries,
     write_summary,
 )
 from jtricks.run.resume import (
@@ -430,7 +431,7 @@ def final_metrics(
     """Test metrics (with the EMA's and test-time augmentation's), and the summary's extra
     entries: a diverged run's kept state, the loss floor, a warning."""
     kw = dict(task=b.task, batch_size=config.eval_batch_size)
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = restored_entries(history, b.early)
     if history.diverged:  # the kept state's own validation metrics, not the stopping epoch's
         kept_val = evaluate(state, data.val, params=config.eval_params, **kw)
         extra = diverged_entries(history, kept_val, run_dir)

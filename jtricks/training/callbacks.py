@@ -174,7 +174,10 @@ class EarlyStopping:
         if self.wait >= max(self.patience, 1):
             self.stopped_epoch = record["epoch"]
             keep = self.best_state if self.restore_best else None
-            return StopTraining(keep, f"{self.monitor} did not improve for {self.wait} epochs")
+            reason = f"{self.monitor} did not improve for {self.wait} epochs"
+            if keep is not None:
+                reason += f"; kept epoch {self.best_epoch}'s state ({self.monitor} {self.best:.4g})"
+            return StopTraining(keep, reason)
         return None
 
     def on_train_end(self, state: TrainState) -> TrainState | None:
