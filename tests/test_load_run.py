@@ -84,5 +84,6 @@ def test_early_stopping_reports_the_state_it_kept(tmp_path):
     assert summary["val_accuracy"] == best["val_accuracy"]
     assert f"kept epoch {best['epoch']}'s state" in summary["stopped"]
     run, data = jtricks.load_run(out), load_dataset(noisy)
+    assert (run.epoch, run.step) == (best["epoch"], best["step"])  # the state's, not the stop's
     got = evaluate(run.state, (run.inputs(data.x_test), data.y_test))
     assert got["accuracy"] == summary["test_accuracy"]

@@ -25,14 +25,15 @@ from jtricks.run.data import load_run_data
 from jtricks.run.resume import foreign_checker, load_run_config, run_identity
 from jtricks.training.checkpoint import CheckpointError, restore_latest
 from jtricks.training.predict import predict
-from jtricks.training.state import TrainState
+from jtricks.training.state import TrainState, first_member
 
 
 @dataclass
 class LoadedRun:
     """A trained run: its ``config``, the restored ``state`` (a stacked one for
     ``--ensemble``), the ``scaler`` its inputs went through (``None``: token ids, as they
-    are) and the ``epoch`` and ``step`` of the checkpoint read."""
+    are) and the ``epoch`` and ``step`` of the state read (a run stopped early saves the
+    best epoch's state last: its epoch and step, not the stopping epoch's)."""
 
     config: TrainConfig
     state: TrainState
@@ -81,4 +82,7 @@ def load_run(run_dir: str | os.PathLike, *, best: bool = False) -> LoadedRun:
     if restored is None:
         raise ConfigError(f"cannot load {str(run_dir)!r}: no checkpoint in {folder}", param="run")
     state, meta = restored
-    return LoadedRun(config, state, data.scaler, int(meta["epoch"]), int(meta["step"]))
+    step = int(first_member(state).step)  # early stopping saves the kept state last
+    kept = [r["epoch"] for r in meta.get("history", ()) if r.get("step") == step]
+    epoch = kept[-1] if kept and step != int(meta["step"]) else int(meta["epoch"])
+    return LoadedRun(config, state, data.scaler, epoch, step)
