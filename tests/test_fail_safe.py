@@ -322,6 +322,36 @@ def test_a_full_disk_in_the_checkpoint_writer_stops_with_one_line(tmp_path, caps
     assert (run / "summary.json").exists()
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_failed_best_write_leaves_the_epochs_write_in_flight_alone(tmp_path, monkeypatch):
+    """best/'s writer fails while the epochs' writer is still finishing its checkpoint: the
+    failure waits for it before removing temporary folders (it once removed the other
+    writer's folder mid-write: a committed checkpoint without its manifest)."""
+    import errno
+    import time
+
+    import jtricks.training.manifest as manifest
+    from jtricks.training.checkpoint import list_checkpoints, verify
+
+    real = manifest._write_json
+
+    def write_json(path, obj):
+        if path.name == "manifest.json" and path.parent.parent.name == "best":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        if path.name == "manifest.json":
+            time.sleep(1.0)  # the epochs' write is still in flight when best/'s fails
+        real(path, obj)
+
+    run = tmp_path / "run"
+    args = ["train", *_npz(tmp_path), "--epochs", "4", "--checkpoint-every", "1", "--no-progress"]
+    monkeypatch.setattr(manifest, "_write_json", write_json)
+    assert main([*args, "--out", str(run)]) == 1
+    committed = list_checkpoints(run / "checkpoints")
+    assert committed and not list((run / "checkpoints").glob(".tmp*"))
+    for ckpt in committed:
+        verify(ckpt)
+
+
 def test_a_full_disk_for_the_plot_and_the_space_check(tmp_path, capsys, monkeypatch):
     import errno
     from collections import namedtuple

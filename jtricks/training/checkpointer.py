@@ -154,8 +154,18 @@ class Checkpointer:
                 self._managers[which].wait_until_finished()
         self._in_flight.pop(which, None)
 
-    def _reported(self, which: str):
-        return _Reported(self._in_flight.get(which), self.directory)
+    def _reported(self, which: str | None):
+        return _Reported(self._in_flight.get(which), self.directory, lambda: self._settle(which))
+
+    def _settle(self, failed: str | None) -> None:
+        """Let every writer but ``failed`` finish its save in flight (their own failures
+        are not reported: the first one is), so no temporary folder is removed mid-write."""
+        for which, manager in self._managers.items():
+            if which != failed:
+                try:
+                    manager.wait_until_finished()
+                except Exception:  # the run stops with the first failure
+                    pass
 
     def wait(self) -> None:
         """Block until every checkpoint handed to orbax is on disk (every writer waited
@@ -257,9 +267,8 @@ class Checkpointer:
 
     def _save(self, record: dict[str, Any], state: TrainState) -> None:
         if self._pending_best is not None:  # two saves at once: room for both, first
-            with _Reported(
-                self.directory / EpochNames().build_name(record["epoch"]), self.directory
-            ):
+            path = self.directory / EpochNames().build_name(record["epoch"])
+            with _Reported(path, self.directory, lambda: self._settle(None)):
                 check_space(self.directory, state, copies=2)
         self._flush_best()  # the best so far goes to disk with every checkpoint
         if self.background:  # the next epoch donates ``state``: orbax gets a device copy
@@ -281,11 +290,14 @@ def remove_leftovers(directory: Path) -> list[str]:
 
 
 class _Reported:
-    """Turn an orbax failure into one `WriteError` naming the checkpoint, after removing
-    the temporary folders it left (the committed checkpoints are untouched)."""
+    """Turn an orbax failure into one `WriteError` naming the checkpoint, after the other
+    writers have finished (``settle``: the best state's writer and the epochs' run side
+    by side, and removing a temporary folder another is still writing would leave a
+    committed checkpoint without its files) and the temporary folders are removed (the
+    committed checkpoints are untouched)."""
 
-    def __init__(self, path: Path | None, directory: Path) -> None:
-        self.path, self.directory = path, directory
+    def __init__(self, path: Path | None, directory: Path, settle: Any) -> None:
+        self.path, self.directory, self.settle = path, directory, settle
 
     def __enter__(self) -> None:
         return None
@@ -293,5 +305,6 @@ class _Reported:
     def __exit__(self, kind, error, tb) -> bool:
         if error is None or not isinstance(error, Exception):
             return False
+        self.settle()
         remove_leftovers(self.directory)
         raise WriteError(f"checkpoint {self.path or self.directory}", error) from None
