@@ -186,3 +186,29 @@ def test_load_pretrained_copies_an_nnx_checkpoint_into_a_new_nnx_model(
     assert set(info["loaded"]) == names and {"norm/mean", "norm/var"} <= set(info["stats_loaded"])
     test = (tiny_data.x_test, tiny_data.y_test)
     assert evaluate(state, test) == evaluate(trained, test)  # statistics came with the layers
+
+
+def test_an_nnx_ensemble_gets_one_initialisation_per_member(tiny_data):
+    """An NNX module comes initialised, so one module for several members is refused (its
+    members were identical copies); a factory builds member ``i`` from ``keys[i]``, as
+    ``create_train_state`` of that module does, and N modules are taken as they are."""
+    from jtricks.errors import ConfigError
+    from jtricks.training.ensemble import create_ensemble
+    from jtricks.training.state import first_member
+
+    x, tx = tiny_data.x_train, optax.adam(1e-2)
+    keys = jax.random.split(jax.random.key(0), 2)
+    with pytest.raises(ConfigError, match="its 2 members would be identical; give a factory"):
+        create_ensemble(_net(), tx, x, keys)
+
+    def make(k):
+        return Net(nnx.Rngs(k))
+
+    states = create_ensemble(make, tx, x, keys)
+    kernels = states.params["hidden"]["kernel"]
+    assert not np.allclose(kernels[0], kernels[1])
+    alone = create_train_state(make(keys[0]), tx, x, keys[0])
+    jax.tree.map(np.testing.assert_array_equal, first_member(states).params, alone.params)
+    listed = create_ensemble([make(k) for k in keys], tx, x, keys)
+    jax.tree.map(np.testing.assert_array_equal, listed.params, states.params)
+    assert create_ensemble(_net(), tx, x, keys[:1]).params["hidden"]["kernel"].shape[0] == 1

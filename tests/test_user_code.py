@@ -5,6 +5,7 @@ one line with exit status 2 and no run folder (`jtricks.imports`)."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -82,6 +83,21 @@ def test_a_users_model_trains_from_the_cli(user_dir, model, optimizer, num_param
     assert records[0]["lr"] == pytest.approx(lr)
     assert records[-1]["train_loss"] < records[0]["initial_loss"]  # it trained
     assert model in (out / "config.json").read_text()
+
+
+def test_an_nnx_users_model_trains_an_ensemble_and_a_search(user_dir, capsys):
+    """Members and trials of an NNX model each get their own initialisation (the members
+    were identical copies of the one built module; a search was an AssertionError)."""
+    import jtricks
+    from jtricks.search import SearchSettings, search
+
+    settings = dict(dataset=TINY[1], model="user_models:NNXNet", epochs=2)
+    result = jtricks.train(**settings, ensemble=2)
+    assert result.test["member_loss"][0] != result.test["member_loss"][1]
+    config = jtricks.TrainConfig(**settings)
+    found = search(config, SearchSettings("lr=choice(0.01, 0.01)", 2, "grid", 2, "loss"))
+    first, second = (r["score"] for r in found.records)  # one rate: the inits differ
+    assert first != second and math.isfinite(first)
 
 
 @pytest.mark.parametrize(

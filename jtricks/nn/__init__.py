@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 
 from jtricks.nn.densenet import DenseLayer, DenseNet, densenet, densenet1d
 from jtricks.nn.inception import Inception, InceptionBlock, inception, inception1d
@@ -40,7 +41,7 @@ MODELS.update(
 )
 
 
-def build_model(spec: str, num_classes: int, *, seed: int = 0) -> nn.Module:
+def build_model(spec: str, num_classes: int, *, seed: int | jax.Array = 0) -> nn.Module:
     """Build a registered model from a spec such as ``"cnn"`` or ``"mlp(features=(256, 256), dropout=0.2)"``,
     or a user's by import path, ``"mymodels:Net(width=64)"`` (a Linen or NNX module class,
     or a function returning one; see `jtricks.nn.user`, where ``seed`` seeds NNX's ``rngs``).

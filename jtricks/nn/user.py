@@ -3,7 +3,7 @@
 The path names a Linen module class, an NNX module class, or a function returning either;
 the spec's literal arguments are passed to it, with two filled in when it takes them and
 the spec leaves them out: ``num_classes`` (the dataset's) and, for NNX, ``rngs``
-(``nnx.Rngs(seed)``, the run's seed). New here: the same ``module:factory(args)``
+(``nnx.Rngs(seed)``, the run's seed, or a member's key). New here: the same ``module:factory(args)``
 spec the optimizers take, checked before anything is written (see `jtricks.imports`).
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 from flax import nnx
 
 from jtricks.errors import ConfigError
@@ -24,7 +25,7 @@ def is_import_path(spec: Any) -> bool:
     return isinstance(spec, str) and ":" in spec.split("(", 1)[0]
 
 
-def user_model(spec: str, num_classes: int, *, seed: int = 0) -> nn.Module | nnx.Module:
+def user_model(spec: str, num_classes: int, *, seed: int | jax.Array = 0) -> nn.Module | nnx.Module:
     """Build the model ``spec`` (``"module:factory(args)"``) names.
 
     Raises:

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from jtricks.data.augment import build_augment
 from jtricks.data.imbalance import class_weights, logit_adjustment
@@ -55,6 +56,9 @@ class Build:
     trainable: list[str] | None = None
     """With ``finetune``: the patterns of the layers that train (the others are frozen,
     their BatchNorm statistics too)."""
+    members: Any = None
+    """What `create_ensemble` takes for stacked members: the model, or for an NNX model
+    (built initialised) a factory that builds it again from each member's key."""
 
     def callback_states(self) -> dict[str, Any]:
         """The stateful callbacks' states, saved with each checkpoint."""
@@ -93,6 +97,9 @@ def build(config: TrainConfig, data: RunData, resume: Any, reporter: Any, progre
         reporter=reporter,
     )
     b.augment, b.tta_augment = augmentations(config, data.example)
+    b.members = model
+    if isinstance(model, nnx.Module):  # member i from its own key, as a Linen member
+        b.members = lambda k: build_model(config.model, data.num_classes, seed=k)
     add_callbacks(b, config, data, plateau, resume)
     if reporter is None and progress:
         from jtricks.training.progress import RichReporter
@@ -256,7 +263,7 @@ def initial_state(config: TrainConfig, b: Build, example: Any) -> TrainState:
     i)`` (as `fit_ensemble` numbers them)."""
     if config.ensemble > 1:
         keys = jax.vmap(lambda i: jax.random.fold_in(b.init_key, i))(jnp.arange(config.ensemble))
-        return create_ensemble(b.model, b.tx, example, keys, ema_decay=config.ema)
+        return create_ensemble(b.members, b.tx, example, keys, ema_decay=config.ema)
     return create_train_state(b.model, b.tx, example, b.init_key, ema_decay=config.ema)
 
 

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from jtricks.caches import jitted
 from jtricks.errors import ConfigError
@@ -224,7 +225,7 @@ def train_group(
     length = run_length(config, data.n_train)
     b.tx = scaled_optimizer(config, length, side)
     keys = jax.vmap(lambda t: jax.random.fold_in(b.init_key, t))(jnp.asarray(trials))
-    states = create_ensemble(b.model, b.tx, data.example, keys, ema_decay=config.ema)
+    states = create_ensemble(b.members, b.tx, data.example, keys, ema_decay=config.ema)
     states = with_values(states, {k: [split_values(v)[1][k] for v in values] for k in side})
     options = dataclasses.replace(fit_options(config, b, None), mesh=None, max_nonfinite=NEVER_STOP)
     train_data, stream_kw = data.fit_input(config, b.streaming, b.data_key)
@@ -246,9 +247,11 @@ def state_bytes(b: Build, example: Any) -> int:
     """Bytes of one member's state, from `jax.eval_shape` (nothing is allocated)."""
     from jtricks.training import create_train_state
 
-    shapes = jax.eval_shape(
-        lambda k: create_train_state(b.model, b.tx, example[:1], k), jax.random.key(0)
-    )
+    make = lambda k: create_train_state(b.model, b.tx, example[:1], k)  # noqa: E731
+    if isinstance(b.model, nnx.Module):  # built already (its RNG keys cannot be traced)
+        shapes = make(jax.random.key(0))
+    else:
+        shapes = jax.eval_shape(make, jax.random.key(0))
     return sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in jax.tree.leaves(shapes))
 
 

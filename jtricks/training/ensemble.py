@@ -19,13 +19,14 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from jtricks.caches import jitted
 from jtricks.errors import ConfigError
@@ -38,7 +39,7 @@ from jtricks.training.steps import LossFn
 
 
 def create_ensemble(
-    model: nn.Module,
+    model: nn.Module | Callable[[jax.Array], nnx.Module] | Sequence[nnx.Module],
     tx: optax.GradientTransformation,
     sample_x: Any,
     keys: jax.Array,
@@ -48,15 +49,43 @@ def create_ensemble(
     """``len(keys)`` states stacked on a leading axis: member ``i`` is
     ``create_train_state(model, tx, sample_x, keys[i])``.
 
-    The members are initialised one by one by the model's one compiled ``init`` (the
-    program a single run compiles too) and stacked by one small program: a vmapped
-    ``init`` is a second, larger program, and compiling it cost 3.6 s for 8 members of
-    the MNIST-1D MLP on a 2-core CPU, where the 8 calls take milliseconds."""
+    An NNX module comes initialised, so one module would give N identical members: pass a
+    factory ``lambda key: Net(rngs=nnx.Rngs(key))`` (member ``i`` is ``model(keys[i])``)
+    or N modules. The members are initialised one by one by the model's one compiled
+    ``init`` (the program a single run compiles too) and stacked by one small program: a
+    vmapped ``init`` is a second, larger program, and compiling it cost 3.6 s for 8
+    members of the MNIST-1D MLP on a 2-core CPU, where the 8 calls take milliseconds.
+
+    Raises:
+      ConfigError: ``keys`` not a 1-D array of keys, one NNX module for several members,
+        or as many NNX modules as keys.
+    """
     if keys.ndim != 1 or keys.shape[0] < 1:
         raise ConfigError(f"keys must be a 1-D array of N >= 1 keys; got shape {keys.shape}")
     sample = jax.tree.map(lambda a: jnp.asarray(a)[:1], sample_x)
-    members = [create_train_state(model, tx, sample, k, ema_decay=ema_decay) for k in keys]
+    models = _member_models(model, keys)
+    members = [
+        create_train_state(m, tx, sample, k, ema_decay=ema_decay)
+        for m, k in zip(models, keys, strict=True)
+    ]
     return _stack(members)
+
+
+def _member_models(model: Any, keys: jax.Array) -> list[Any]:
+    n = keys.shape[0]
+    if isinstance(model, nnx.Module) and n > 1:
+        raise ConfigError(
+            f"an NNX module comes initialised: its {n} members would be identical; give a "
+            "factory (lambda key: Net(rngs=nnx.Rngs(key))) or one module per key",
+            param="model",
+        )
+    if isinstance(model, Sequence):
+        if len(model) != n:
+            raise ConfigError(f"{len(model)} models for {n} keys", param="model")
+        return list(model)
+    if callable(model) and not isinstance(model, nn.Module | nnx.Module):
+        return [model(k) for k in keys]
+    return [model] * n
 
 
 @jitted
