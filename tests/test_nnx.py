@@ -212,3 +212,33 @@ def test_an_nnx_ensemble_gets_one_initialisation_per_member(tiny_data):
     listed = create_ensemble([make(k) for k in keys], tx, x, keys)
     jax.tree.map(np.testing.assert_array_equal, listed.params, states.params)
     assert create_ensemble(_net(), tx, x, keys[:1]).params["hidden"]["kernel"].shape[0] == 1
+
+
+def test_swa_recomputes_an_nnx_models_batchnorm_statistics(tiny_data):
+    """`recompute_batch_stats` on an NNX model: the BatchNorm mean and variance equal the
+    batches' own averaged by hand; the module's other variables (its RNG streams) are
+    left as they were (recomputing once failed on their keys, as did ``--swa``'s probe)."""
+    from jtricks.training.averaging import recompute_batch_stats
+    from jtricks.trees import named_leaves
+
+    x = np.asarray(tiny_data.x_train[:60], np.float32)
+    state = create_train_state(_net(), optax.adam(1e-2), x, jax.random.key(0))
+    stats = recompute_batch_stats(state, x, batch_size=20)
+    built = _net()  # as a run builds it, before the probe --swa and a search's sizing take
+    shapes = jax.eval_shape(
+        lambda k: create_train_state(built, optax.adam(1e-2), x, k), jax.random.key(0)
+    )
+    assert shapes.params["hidden"]["kernel"].shape == state.params["hidden"]["kernel"].shape
+    h = (x @ np.asarray(state.params["hidden"]["kernel"], np.float64)).reshape(3, 20, -1)
+    got = named_leaves(stats)
+    np.testing.assert_allclose(got[("norm", "mean")], h.mean(1).mean(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got[("norm", "var")], h.var(1).mean(0), rtol=1e-4, atol=1e-6)
+
+    def raw(a):  # a key's bits, or the array
+        return jax.random.key_data(a) if jnp.issubdtype(a.dtype, jax.dtypes.prng_key) else a
+
+    others = [p for p in named_leaves(state.batch_stats) if p[0] != "norm"]
+    assert others  # the dropout stream's key and count
+    for path in others:
+        before = named_leaves(state.batch_stats)[path]
+        np.testing.assert_array_equal(raw(got[path]), raw(before))

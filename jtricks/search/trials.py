@@ -43,7 +43,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 from jtricks.caches import jitted
 from jtricks.errors import ConfigError
@@ -247,11 +246,9 @@ def state_bytes(b: Build, example: Any) -> int:
     """Bytes of one member's state, from `jax.eval_shape` (nothing is allocated)."""
     from jtricks.training import create_train_state
 
-    make = lambda k: create_train_state(b.model, b.tx, example[:1], k)  # noqa: E731
-    if isinstance(b.model, nnx.Module):  # built already (its RNG keys cannot be traced)
-        shapes = make(jax.random.key(0))
-    else:
-        shapes = jax.eval_shape(make, jax.random.key(0))
+    shapes = jax.eval_shape(
+        lambda k: create_train_state(b.model, b.tx, example[:1], k), jax.random.key(0)
+    )
     return sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in jax.tree.leaves(shapes))
 
 

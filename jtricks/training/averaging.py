@@ -66,19 +66,34 @@ def recompute_batch_stats(
             )
             return upd["batch_stats"]
 
-        zeros = jax.tree.map(jnp.zeros_like, state.batch_stats)
-        ones = jax.tree.map(jnp.ones_like, state.batch_stats)
+        zeros, ones = _filled(state.batch_stats, 0.0), _filled(state.batch_stats, 1.0)
         from_zero = stats(zeros, xb[0], key)
-        momentum = jax.tree.map(jnp.subtract, stats(ones, xb[0], key), from_zero)
+        momentum = _on_stats(jnp.subtract, stats(ones, xb[0], key), from_zero)
 
         def body(total, i):
             s = stats(zeros, xb[i], jax.random.fold_in(key, i))
-            return jax.tree.map(jnp.add, total, s), None
+            return _on_stats(jnp.add, total, s), None
 
         total, _ = jax.lax.scan(body, zeros, jnp.arange(nb))
-        return jax.tree.map(lambda t, m: t / nb / (1.0 - m), total, momentum)
+        mean = _on_stats(lambda t, m: t / nb / (1.0 - m), total, momentum)
+        return _on_stats(lambda new, old: new, mean, state.batch_stats)
 
     return run(state.params, xb)
+
+
+def _is_stat(a: Any) -> bool:
+    """A statistic (floating point) rather than another variable an NNX model keeps with
+    them (its RNG streams' keys and counts), which recomputing leaves as it was."""
+    return jnp.issubdtype(a.dtype, jnp.floating)
+
+
+def _filled(tree: Any, value: float) -> Any:
+    return jax.tree.map(lambda a: jnp.full_like(a, value) if _is_stat(a) else a, tree)
+
+
+def _on_stats(fn: Any, a: Any, b: Any) -> Any:
+    """``fn`` on the statistics of ``a`` and ``b``; ``b``'s other variables."""
+    return jax.tree.map(lambda u, v: fn(u, v) if _is_stat(v) else v, a, b)
 
 
 class SWA:

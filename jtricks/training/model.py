@@ -25,6 +25,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jtricks.errors import ConfigError
@@ -162,7 +163,7 @@ def nnx_state(model: nnx.Module) -> tuple[NNXApply, Any, Any]:
     eval_graph = nnx.split(model, nnx.Param, ...)[0]
     model.train()
     train_graph, params, rest = nnx.split(model, nnx.Param, ...)
-    copy = lambda tree: jax.tree.map(lambda a: a.copy(), tree)  # noqa: E731
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731 - traceable (keys too)
     return NNXApply(train_graph, eval_graph), copy(params), copy(rest)
 
 
@@ -184,7 +185,7 @@ def nnx_module(state: Any, *, train: bool = False) -> nnx.Module:
             param="state",
         )
     graph = state.apply_fn.train_graph if train else state.apply_fn.eval_graph
-    copy = lambda tree: jax.tree.map(lambda a: a.copy(), tree)  # noqa: E731
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731 - traceable (keys too)
     return nnx.merge(graph, copy(state.params), copy(state.batch_stats))
 
 
