@@ -80,6 +80,34 @@ def focal_loss(
     return -jnp.sum(q * (-jnp.expm1(logp)) ** gamma * logp, axis=-1)
 
 
+def generalized_cross_entropy(
+    logits: jax.Array,
+    labels: jax.Array,
+    *,
+    q: float = 0.7,
+    label_smoothing: float | jax.Array = 0.0,
+) -> jax.Array:
+    """Generalized cross-entropy ``sum_c t_c (1 - p_c^q) / q`` with ``p = softmax(z)``
+    (``(1 - p_y^q) / q`` for a class index ``y``): the negative Box-Cox transform of the
+    predicted probability, a loss robust to wrong labels. ``q -> 0`` is cross-entropy;
+    ``q = 1`` is the mean absolute error ``1 - p_y``, which bounds the pull of a wrong
+    label. Labels and smoothing as for `cross_entropy`; ``p^q`` as ``exp(q log p)``
+    from log-softmax.
+
+    References:
+      Zhang & Sabuncu, "Generalized Cross Entropy Loss for Training Deep Neural Networks
+      with Noisy Labels" (2018), https://arxiv.org/abs/1805.07836
+    """
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    t = (
+        jax.nn.one_hot(labels, logits.shape[-1], dtype=logp.dtype)
+        if labels.ndim == logits.ndim - 1
+        else labels.astype(logp.dtype)
+    )
+    t = optax.smooth_labels(t, label_smoothing)
+    return jnp.sum(t * -jnp.expm1(q * logp), axis=-1) / q
+
+
 def binary_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """``-[y log sigmoid(z) + (1 - y) log(1 - sigmoid(z))]`` from logits, summed over any trailing
     axes; the stable form ``max(z, 0) - z y + log(1 + exp(-|z|))`` (optax).

@@ -25,7 +25,7 @@ from jtricks.data.imbalance import (
     long_tail_counts,
 )
 from jtricks.errors import ConfigError
-from jtricks.losses import cross_entropy, focal_loss
+from jtricks.losses import cross_entropy, focal_loss, generalized_cross_entropy
 from jtricks.tasks import Classification, MultiLabel
 from jtricks.training import create_train_state, evaluate, fit, make_train_step
 
@@ -110,6 +110,31 @@ def test_focal_loss_equals_the_float64_formula():
     assert np.isfinite(focal_loss(jnp.array([[1e4, -1e4]]), jnp.array([1]))).all()
 
 
+def test_generalized_cross_entropy_equals_its_formula_and_its_limits():
+    """``(1 - p_y^q) / q`` in float64 by hand; soft targets weigh each class's term; q -> 0
+    is cross-entropy, q = 1 the mean absolute error ``1 - p_y``; finite for huge logits;
+    the classification task trains on it (evaluation keeps the plain cross-entropy)."""
+    rng = np.random.default_rng(2)
+    z, y = rng.normal(size=(6, C)) * 3, rng.integers(0, C, 6)
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    py = p[np.arange(6), y]
+    zf, yf = jnp.asarray(z, jnp.float32), jnp.asarray(y)
+    for q in (0.3, 0.7, 1.0):
+        got = generalized_cross_entropy(zf, yf, q=q)
+        np.testing.assert_allclose(got, (1 - py**q) / q, rtol=1e-5)
+    soft = rng.dirichlet(np.ones(C), 6)
+    expected = (soft * (1 - p**0.7) / 0.7).sum(1)
+    got = generalized_cross_entropy(zf, jnp.asarray(soft, jnp.float32), q=0.7)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    tiny_q = generalized_cross_entropy(zf, yf, q=1e-4)
+    np.testing.assert_allclose(tiny_q, cross_entropy(zf, yf), rtol=1e-3)
+    assert np.isfinite(generalized_cross_entropy(jnp.array([[1e4, -1e4]]), jnp.array([1]))).all()
+    task, batch = Classification(gce_q=0.7), (None, yf)
+    np.testing.assert_allclose(task.train_loss(zf, batch), (1 - py**0.7) / 0.7, rtol=1e-5)
+    np.testing.assert_allclose(task.loss(zf, batch), cross_entropy(zf, yf), rtol=1e-6)
+
+
 def test_multilabel_focal_objective_equals_the_sigmoid_formula():
     rng = np.random.default_rng(1)
     z = rng.normal(size=(5, 3))
@@ -191,6 +216,7 @@ SPEC = "synthetic(num_train=300, num_test=80, shape=(6,), num_classes=4, imbalan
     [
         ["--class-weight", "balanced"],
         ["--loss", "focal(gamma=2)"],
+        ["--loss", "gce(q=0.7)"],
         ["--logit-adjust", "1"],
         ["--sampler", "balanced"],
     ],
@@ -210,8 +236,10 @@ def test_cli_trains_with_each_tool(tmp_path, flags):
     ("flags", "message"),
     [
         (["--class-weight", "median"], "class_weight must be balanced"),
-        (["--loss", "focal(gamma=-1)"], "loss gamma"),
-        (["--loss", "hinge"], "loss must be cross_entropy or focal"),
+        (["--loss", "focal(gamma=-1)"], "loss 'focal(gamma=-1)': gamma must satisfy"),
+        (["--loss", "gce(q=0)"], "--loss: loss 'gce(q=0)': q must satisfy 0.0 < q <= 1.0"),
+        (["--loss", "gce", "--task", "regression"], "works with the classification task only"),
+        (["--loss", "hinge"], "loss must be cross_entropy, focal(gamma=2.0) or gce(q=0.7)"),
         (["--logit-adjust", "1", "--task", "regression"], "classification task only"),
         (["--sampler", "balanced", "--stream"], "draws from in-memory data"),
     ],

@@ -135,12 +135,13 @@ def task_for(config: TrainConfig, task_spec: str) -> Task:
 
 
 def imbalance_options(config: TrainConfig, task: Task, data: RunData) -> Task:
-    """``task`` with the run's ``loss`` (focal), ``class_weight`` and ``logit_adjust``
+    """``task`` with the run's ``loss`` (focal, gce), ``class_weight`` and ``logit_adjust``
     (weights and offsets from the training labels: `jtricks.data.imbalance`)."""
-    gamma = parse_loss(config.loss)
-    if gamma and not isinstance(task, Classification | MultiLabel):
+    fields = parse_loss(config.loss)  # focal: classification or multilabel; gce: classification
+    takes = Classification if "gce_q" in fields else Classification | MultiLabel
+    if fields and not isinstance(task, takes):
         raise _not_for(task, "loss", config.loss)
-    task = dataclasses.replace(task, focal_gamma=gamma) if gamma else task
+    task = dataclasses.replace(task, **fields)
     wanted = {
         name: getattr(config, name)
         for name in ("class_weight", "logit_adjust")

@@ -167,32 +167,46 @@ def parse_class_weight(value: Any, name: str = "class_weight") -> Any:
     return parsed
 
 
-LOSSES = ("cross_entropy", "focal")
+LOSSES = {
+    "cross_entropy": None,
+    "focal": ("gamma", 2.0, "focal_gamma", (0.0, None, True)),
+    "gce": ("q", 0.7, "gce_q", (0.0, 1.0, False)),
+}
+"""Each training loss: ``(its argument, default, the task field it sets, (low, high,
+low included))``; ``None`` for the plain cross-entropy."""
 
 
 def loss_spec(name: str, value: Any) -> None:
-    """``cross_entropy`` or ``focal(gamma=G)`` with ``G >= 0`` (`parse_loss`)."""
+    """``cross_entropy``, ``focal(gamma=G)`` with ``G >= 0`` or ``gce(q=Q)`` with
+    ``0 < Q <= 1`` (`parse_loss`)."""
     parse_loss(value, name)
 
 
-def parse_loss(value: Any, name: str = "loss") -> float:
-    """The focal ``gamma`` of a loss spec (0 for ``cross_entropy``).
+def parse_loss(value: Any, name: str = "loss") -> dict[str, float]:
+    """The classification task's fields a loss spec sets: ``{}`` for ``cross_entropy``,
+    ``{"focal_gamma": G}`` or ``{"gce_q": Q}``.
 
     Raises:
-      ConfigError: another name or argument, or a negative ``gamma``.
+      ConfigError: another name or argument, or one out of its range.
     """
     string(name, value)
     loss, args, kwargs = parse_spec(value, what=name)
     if loss not in LOSSES or (loss == "cross_entropy" and (args or kwargs)):
         raise ConfigError(
-            f"{name} must be cross_entropy or focal(gamma=2.0); got {value!r}", param=name
+            f"{name} must be cross_entropy, focal(gamma=2.0) or gce(q=0.7); got {value!r}",
+            param=name,
         )
-    if loss == "cross_entropy":
-        return 0.0
-    if args or set(kwargs) - {"gamma"}:
+    if LOSSES[loss] is None:
+        return {}
+    arg, default, field, (low, high, low_in) = LOSSES[loss]
+    if args or set(kwargs) - {arg}:
         raise ConfigError(
-            f"{name}: focal takes gamma only, e.g. focal(gamma=2.0); got {value!r}", param=name
+            f"{name}: {loss} takes {arg} only, e.g. {loss}({arg}={default}); got {value!r}",
+            param=name,
         )
-    gamma = kwargs.get("gamma", 2.0)
-    number(0.0)(f"{name} gamma", gamma)
-    return float(gamma)
+    given = kwargs.get(arg, default)
+    try:
+        number(low, high, closed=(low_in, True))(arg, given)
+    except ConfigError as e:
+        raise ConfigError(f"{name} {value!r}: {e}", param=name) from None
+    return {field: float(given)}

@@ -10,7 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jtricks.losses import accuracy, cross_entropy, focal_loss, shaped_like
+from jtricks.losses import (
+    accuracy,
+    cross_entropy,
+    focal_loss,
+    generalized_cross_entropy,
+    shaped_like,
+)
 from jtricks.tasks.base import (
     Task,
     array_of,
@@ -81,7 +87,8 @@ class Classification(Task):
     ``class_weight`` ``(w_c)`` multiplies example ``i``'s loss by ``w_{y_i}`` (by
     ``sum_c q_c w_c`` for soft labels; the batch mean stays a plain mean, as Keras' and
     scikit-learn's ``class_weight``; `jtricks.data.imbalance.class_weights` makes them);
-    ``focal_gamma`` trains on `jtricks.losses.focal_loss`; ``logit_adjust`` ``(b_c)``
+    ``focal_gamma`` trains on `jtricks.losses.focal_loss`, ``gce_q`` on
+    `jtricks.losses.generalized_cross_entropy` (for noisy labels); ``logit_adjust`` ``(b_c)``
     adds ``b_c = tau log pi_c`` to the logits (`jtricks.data.imbalance.logit_adjustment`,
     Menon et al. 2021).
 
@@ -108,6 +115,7 @@ class Classification(Task):
     confusion: bool = False
     class_weight: tuple[float, ...] | None = None
     focal_gamma: float = 0.0
+    gce_q: float = 0.0
     logit_adjust: tuple[float, ...] | None = None
 
     name: ClassVar[str] = "classification"
@@ -125,6 +133,10 @@ class Classification(Task):
         if self.focal_gamma:
             loss = focal_loss(
                 outputs, y, gamma=self.focal_gamma, label_smoothing=self.label_smoothing
+            )
+        elif self.gce_q:
+            loss = generalized_cross_entropy(
+                outputs, y, q=self.gce_q, label_smoothing=self.label_smoothing
             )
         else:
             loss = cross_entropy(outputs, y, label_smoothing=self.label_smoothing)
