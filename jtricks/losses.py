@@ -70,13 +70,7 @@ def focal_loss(
             f"{logits.shape} (distributions) for logits of shape {logits.shape}; got labels "
             f"of shape {labels.shape}"
         )
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    q = (
-        jax.nn.one_hot(labels, logits.shape[-1], dtype=logp.dtype)
-        if labels.ndim == logits.ndim - 1
-        else labels.astype(logp.dtype)
-    )
-    q = optax.smooth_labels(q, label_smoothing)
+    logp, q = _log_probs_and_targets(logits, labels, label_smoothing)
     return -jnp.sum(q * (-jnp.expm1(logp)) ** gamma * logp, axis=-1)
 
 
@@ -98,14 +92,22 @@ def generalized_cross_entropy(
       Zhang & Sabuncu, "Generalized Cross Entropy Loss for Training Deep Neural Networks
       with Noisy Labels" (2018), https://arxiv.org/abs/1805.07836
     """
+    logp, t = _log_probs_and_targets(logits, labels, label_smoothing)
+    return jnp.sum(t * -jnp.expm1(q * logp), axis=-1) / q
+
+
+def _log_probs_and_targets(
+    logits: jax.Array, labels: jax.Array, label_smoothing: float | jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """``log softmax(z)`` and the (smoothed) target distribution of class indices or of
+    given distributions."""
     logp = jax.nn.log_softmax(logits, axis=-1)
     t = (
         jax.nn.one_hot(labels, logits.shape[-1], dtype=logp.dtype)
         if labels.ndim == logits.ndim - 1
         else labels.astype(logp.dtype)
     )
-    t = optax.smooth_labels(t, label_smoothing)
-    return jnp.sum(t * -jnp.expm1(q * logp), axis=-1) / q
+    return logp, optax.smooth_labels(t, label_smoothing)
 
 
 def binary_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
