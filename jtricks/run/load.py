@@ -84,5 +84,5 @@ def load_run(run_dir: str | os.PathLike, *, best: bool = False) -> LoadedRun:
     state, meta = restored
     step = int(first_member(state).step)  # early stopping saves the kept state last
     kept = [r["epoch"] for r in meta.get("history", ()) if r.get("step") == step]
-    epoch = kept[-1] if kept and step != int(meta["step"]) else int(meta["epoch"])
+    epoch = kept[-1] if kept else int(meta["epoch"])  # mid-epoch (interrupted): no record
     return LoadedRun(config, state, data.scaler, epoch, step)

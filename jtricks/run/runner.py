@@ -228,7 +228,7 @@ def start(
     folder, or restore both from ``resume``'s newest intact checkpoint."""
     state = initial_state(config, b, data.example)
     if not data.on_disk:  # a mismatch leaves nothing behind
-        one = first_member(state) if config.ensemble > 1 else state
+        one = first_member(state)  # an ensemble's member 0; a single state itself
         check_data(one, b.task, data.train, "training data")
         check_data(one, b.task, data.test, "test data")
     if config.pretrained is not None and resume is None:

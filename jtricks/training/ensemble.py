@@ -58,7 +58,7 @@ def create_ensemble(
 
     Raises:
       ConfigError: ``keys`` not a 1-D array of keys, one NNX module for several members,
-        or as many NNX modules as keys.
+        or a sequence of modules not one per key.
     """
     if keys.ndim != 1 or keys.shape[0] < 1:
         raise ConfigError(f"keys must be a 1-D array of N >= 1 keys; got shape {keys.shape}")

@@ -128,22 +128,24 @@ class NNXApply:
         """The module's output (and ``{"batch_stats": new_state}`` with ``mutable``); ``rngs``
         is ignored: dropout draws from the module's own streams, kept in the state."""
         del rngs
-        graph = self.train_graph if train else self.eval_graph
-        # rebuilt here, so the module's variables belong to the current trace (e.g. that of
-        # the gradient) and BatchNorm may update them
-        states = jax.tree.map(lambda a: a, (variables["params"], variables.get("batch_stats")))
-        model = nnx.merge(graph, *[s for s in states if s is not None])
+        model = self.module(variables, train=bool(train))
         out = model(inputs, **kwargs)
         if mutable:
             return out, {"batch_stats": nnx.split(model, nnx.Param, ...)[2]}
         return out
 
+    def module(self, variables, *, train: bool) -> nnx.Module:
+        """The module with ``variables``, in training or evaluation mode. Rebuilt on each
+        call, so its variables belong to the current trace (e.g. that of the gradient) and
+        BatchNorm may update them."""
+        graph = self.train_graph if train else self.eval_graph
+        states = jax.tree.map(lambda a: a, (variables["params"], variables.get("batch_stats")))
+        return nnx.merge(graph, *[s for s in states if s is not None])
+
     def layer_outputs(self, variables, inputs, *, train: bool) -> tuple[Any, dict[str, Any]]:
         """The module's output and every submodule's ``__call__`` output by its path
         (``"block/dense"``), captured with `flax.nnx.capture` (``method_outputs``)."""
-        graph = self.train_graph if train else self.eval_graph
-        states = jax.tree.map(lambda a: a, (variables["params"], variables.get("batch_stats")))
-        model = nnx.merge(graph, *[s for s in states if s is not None])
+        model = self.module(variables, train=train)
         out, captured = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)(
             inputs
         )
