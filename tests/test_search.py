@@ -67,15 +67,28 @@ def test_each_trial_equals_a_separate_fit_of_its_own_config(searched, data):
     plain optimizer with its numbers, the task with its label smoothing; no injection,
     no vmap), `fit` from the trial's key."""
     result, _ = searched
-    for record in result.records[:2]:
-        config = trial_config(CONFIG, record["values"])
+    _assert_trials_equal_separate_fits(CONFIG, result.records[:2], data, rtol=1e-4)
+
+
+def _assert_trials_equal_separate_fits(base, records, data, rtol):
+    for record in records:
+        config = trial_config(base, record["values"])
         b = build(config, data, None, None, False)
         key = jax.random.fold_in(b.init_key, record["trial"])
         state = create_train_state(b.model, b.tx, data.example, key)
         options = dataclasses.replace(fit_options(config, b, None), mesh=None)
         run = dict(val_data=data.val, steps=b.total_steps, data_key=b.data_key)
         _, history = fit(state, data.train, options, **run)
-        np.testing.assert_allclose(history["val_loss"], record["val_loss"], rtol=1e-4)
+        np.testing.assert_allclose(history["val_loss"], record["val_loss"], rtol=rtol)
+
+
+def test_trials_mix_accumulate_and_compute_in_bf16_like_separate_fits(data):
+    """Mixup, gradient accumulation and bf16 compute run in stacked trials as in a
+    single run (each trial mixes with its own key)."""
+    config = dataclasses.replace(CONFIG, mixup=0.4, accumulate=2, precision="bf16", epochs=1)
+    result = search(config, SearchSettings("lr=loguniform(1e-3, 3e-1)", 2, "random", 2), data=data)
+    assert [r["status"] for r in result.records] == ["ok", "ok"]
+    _assert_trials_equal_separate_fits(config, result.records, data, rtol=1e-3)
 
 
 def test_the_best_folder_is_a_run_that_resumes_and_tests_the_same(searched):
@@ -145,7 +158,7 @@ def test_tpe_asks_optuna_and_gets_told_every_score(data):
         (["--space", "lr=loguniform(1e-3, 1e-1)", "--parallel", "0"], "--parallel"),
         (["--trials", "2"], "--space"),
         (["--space", "lr=loguniform(1e-3, 1e-1)", "--ensemble", "2"], "stacked"),
-        (["--space", "lr=loguniform(1e-3, 1e-1)", "--mixup", "0.2"], "do not support mixup"),
+        (["--space", "lr=loguniform(1e-3, 1e-1)", "--swa", "2"], "do not support swa"),
         (["--space", "weight_decay=uniform(0, 0.1)"], "unexpected keyword argument"),
         (["--space", "lr=loguniform(1e-3, 1e-1)", "--tensorboard"], "does not support tensorboard"),
         (["--space", "lr=loguniform(1e-3, 1e-1)", "--dataset", "tokens"], "need model outputs"),

@@ -423,8 +423,6 @@ def _ema_source(c: TrainConfig) -> None:
 def _ensemble(c: TrainConfig) -> None:
     if c.ensemble == 1:
         return
-    if c.accumulate > 1 or c.precision != "float32":
-        raise ConfigError("ensemble runs do not support accumulate or precision", param="ensemble")
     for name in ("early_stopping", "swa", "pretrained"):
         if getattr(c, name) is not None:
             raise ConfigError(
@@ -436,8 +434,6 @@ def _ensemble(c: TrainConfig) -> None:
         raise ConfigError("ensemble runs do not support the plateau schedule", param="ensemble")
     if c.tta > 1:
         raise ConfigError("ensemble runs do not support tta", param="ensemble")
-    if c.mixup is not None or c.cutmix is not None:
-        raise ConfigError("ensemble runs do not support mixup or cutmix", param="ensemble")
 
 
 def _finetune(c: TrainConfig) -> None:
