@@ -15,7 +15,7 @@ from jtricks import TrainConfig
 from jtricks.cli import main
 from jtricks.errors import ConfigError
 from jtricks.run import train
-from jtricks.run.build import build
+from jtricks.run.build import build, with_pretrained
 from jtricks.run.data import load_run_data
 from jtricks.run.options import fit_options
 from jtricks.search import runner as search_runner
@@ -76,6 +76,7 @@ def _assert_trials_equal_separate_fits(base, records, data, rtol):
         b = build(config, data, None, None, False)
         key = jax.random.fold_in(b.init_key, record["trial"])
         state = create_train_state(b.model, b.tx, data.example, key)
+        state, _ = with_pretrained(config, b, state)  # as jtricks train loads it
         options = dataclasses.replace(fit_options(config, b, None), mesh=None)
         run = dict(val_data=data.val, steps=b.total_steps, data_key=b.data_key)
         _, history = fit(state, data.train, options, **run)
@@ -89,6 +90,22 @@ def test_trials_mix_accumulate_and_compute_in_bf16_like_separate_fits(data):
     result = search(config, SearchSettings("lr=loguniform(1e-3, 3e-1)", 2, "random", 2), data=data)
     assert [r["status"] for r in result.records] == ["ok", "ok"]
     _assert_trials_equal_separate_fits(config, result.records, data, rtol=1e-3)
+
+
+def test_trials_fine_tune_pretrained_weights_like_separate_fits(tmp_path, data):
+    """``--pretrained RUN --finetune head``: every trial starts from the run's weights and
+    trains only the head (frozen layers bit-identical in best/), as a single run does."""
+    from jtricks.run import load_run
+
+    trained = train(dataclasses.replace(CONFIG, epochs=1), out=tmp_path / "pre")
+    config = dataclasses.replace(CONFIG, epochs=1, pretrained=str(tmp_path / "pre"))
+    config = dataclasses.replace(config, finetune="head")
+    settings = SearchSettings("lr=loguniform(1e-3, 3e-1)", 2, "random", 2)
+    result = search(config, settings, out=tmp_path / "s", data=data)
+    _assert_trials_equal_separate_fits(config, result.records, data, rtol=1e-4)
+    pre, tuned = trained.state.params, load_run(tmp_path / "s" / "best").state.params
+    head = list(pre)[-1]
+    assert [k for k in pre if not np.array_equal(pre[k]["kernel"], tuned[k]["kernel"])] == [head]
 
 
 def test_the_best_folder_is_a_run_that_resumes_and_tests_the_same(searched):

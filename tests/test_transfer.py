@@ -18,6 +18,7 @@ from jtricks.cli import main
 from jtricks.nn import build_model
 from jtricks.training import create_train_state, evaluate, fit
 from jtricks.training.checkpoint import list_checkpoints, save
+from jtricks.training.ensemble import create_ensemble
 from jtricks.training.transfer import (
     describe_loaded,
     freeze,
@@ -73,6 +74,32 @@ def test_a_new_head_keeps_its_initialisation_and_is_named_new(pretrained):
     )
     line = describe_loaded(info)
     assert line.endswith("; new: head") and "batch_stats of 2 (Norm_0, Norm_1)" in line
+
+
+def test_every_member_of_stacked_states_loads_and_the_ema_starts_from_the_loaded(pretrained):
+    """Stacked states (an ensemble, a search's trials): the checkpoint goes to every member,
+    each keeps its own new head; the optimizer state is each member's fresh one; an EMA
+    starts from the loaded parameters, not from the random ones it was created with."""
+    src, folder, (x, _) = pretrained
+    keys = jax.random.split(jax.random.key(7), 3)
+    model, tx = build_model(BN_MLP, 7), optax.adam(1e-2)
+    states = create_ensemble(model, tx, x, keys, ema_decay=0.9)
+    new, info = load_pretrained(states, folder)
+    assert sorted(info["kept"]) == ["head/bias", "head/kernel"] and len(info["loaded"]) == 8
+    for i in range(3):
+        member = jax.tree.map(lambda a, i=i: a[i], new)
+        one = create_train_state(model, tx, x, keys[i])
+        np.testing.assert_array_equal(member.params["head"]["kernel"], one.params["head"]["kernel"])
+        np.testing.assert_array_equal(
+            member.params["Dense_1"]["kernel"], src.params["Dense_1"]["kernel"]
+        )
+        np.testing.assert_array_equal(
+            member.batch_stats["Norm_0"]["mean"], src.batch_stats["Norm_0"]["mean"]
+        )
+        jax.tree.map(np.testing.assert_array_equal, member.ema_params, member.params)
+        jax.tree.map(np.testing.assert_array_equal, member.opt_state, tx.init(member.params))
+    single, _ = load_pretrained(create_train_state(model, tx, x, keys[0], ema_decay=0.9), folder)
+    jax.tree.map(np.testing.assert_array_equal, single.ema_params, single.params)
 
 
 def test_freeze_and_freeze_batch_stats_keep_the_loaded_backbone_bit_identical(pretrained):

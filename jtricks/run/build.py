@@ -31,7 +31,14 @@ from jtricks.training import EarlyStopping, ReduceLROnPlateau, TrainState, creat
 from jtricks.training.averaging import SWA
 from jtricks.training.ensemble import create_ensemble
 from jtricks.training.runs import MAX_STEP
-from jtricks.training.transfer import forward_layers, freeze, preset_patterns
+from jtricks.training.transfer import (
+    describe_loaded,
+    forward_layers,
+    freeze,
+    freeze_batch_stats,
+    load_pretrained,
+    preset_patterns,
+)
 
 
 @dataclass
@@ -266,6 +273,22 @@ def initial_state(config: TrainConfig, b: Build, example: Any) -> TrainState:
         keys = jax.vmap(lambda i: jax.random.fold_in(b.init_key, i))(jnp.arange(config.ensemble))
         return create_ensemble(b.members, b.tx, example, keys, ema_decay=config.ema)
     return create_train_state(b.model, b.tx, example, b.init_key, ema_decay=config.ema)
+
+
+def with_pretrained(
+    config: TrainConfig, b: Build, state: TrainState, load: bool = True
+) -> tuple[TrainState, str | None]:
+    """``state`` with ``config.pretrained``'s weights loaded when ``load`` (into every
+    member of stacked states, `load_pretrained`) and, with ``finetune``, the frozen
+    layers' BatchNorm statistics kept; and the line that says what was loaded (``None``
+    when nothing was)."""
+    said = None
+    if load and config.pretrained is not None:
+        state, loaded = load_pretrained(state, config.pretrained)
+        said = describe_loaded(loaded)
+    if b.trainable is not None and state.batch_stats:  # frozen layers keep their statistics
+        state = freeze_batch_stats(state, trainable=b.trainable)
+    return state, said
 
 
 def add_callbacks(

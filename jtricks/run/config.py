@@ -423,7 +423,7 @@ def _ema_source(c: TrainConfig) -> None:
 def _ensemble(c: TrainConfig) -> None:
     if c.ensemble == 1:
         return
-    for name in ("early_stopping", "swa", "pretrained"):
+    for name in ("early_stopping", "swa"):
         if getattr(c, name) is not None:
             raise ConfigError(
                 f"ensemble runs do not support {name}; got ensemble={c.ensemble}, "

@@ -23,7 +23,7 @@ import jax
 from jax.experimental.multihost_utils import sync_global_devices
 
 from jtricks.errors import ConfigError, Interrupted, StreamError
-from jtricks.run.build import Build, build, initial_state, name_the_dataset
+from jtricks.run.build import Build, build, initial_state, name_the_dataset, with_pretrained
 from jtricks.run.config import TrainConfig, check_keys, check_recordable
 from jtricks.run.data import RunData, load_run_data, refuse_on_disk
 from jtricks.run.options import fit_options
@@ -69,7 +69,6 @@ from jtricks.training.options import FitOptions
 from jtricks.training.preemption import status_of
 from jtricks.training.state import first_member
 from jtricks.training.tensorboard import writer_class
-from jtricks.training.transfer import describe_loaded, freeze_batch_stats, load_pretrained
 
 
 def train(
@@ -231,12 +230,9 @@ def start(
         one = first_member(state)  # an ensemble's member 0; a single state itself
         check_data(one, b.task, data.train, "training data")
         check_data(one, b.task, data.test, "test data")
-    if config.pretrained is not None and resume is None:
-        state, loaded = load_pretrained(state, config.pretrained)
-        if jax.process_index() == 0:
-            print(f"jtricks: {describe_loaded(loaded)}", file=sys.stderr)
-    if b.trainable is not None and state.batch_stats:  # frozen layers keep their statistics
-        state = freeze_batch_stats(state, trainable=b.trainable)
+    state, said = with_pretrained(config, b, state, load=resume is None)
+    if said is not None and jax.process_index() == 0:
+        print(f"jtricks: {said}", file=sys.stderr)
     if out is None:
         for name in ("tensorboard", "profile"):
             if getattr(config, name):

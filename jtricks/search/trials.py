@@ -48,12 +48,12 @@ from jtricks.caches import jitted
 from jtricks.errors import ConfigError
 from jtricks.optim import build_optimizer, build_schedule
 from jtricks.optim.sweep import Keyed, freeze, is_injected
-from jtricks.run.build import Build, build, optimizer, run_length
+from jtricks.run.build import Build, build, optimizer, run_length, with_pretrained
 from jtricks.run.config import TrainConfig
 from jtricks.run.data import RunData
 from jtricks.run.options import fit_options
 from jtricks.search.space import stage_arguments, trial_config
-from jtricks.training import History, TrainState
+from jtricks.training import History, TrainState, transfer
 from jtricks.training.ensemble import create_ensemble, fit_ensemble
 
 NEVER_STOP = 2**31 - 1
@@ -124,7 +124,12 @@ def _injectable(name: str) -> str:
     return name.replace(".", "__")
 
 
-def scaled_optimizer(config: TrainConfig, length: tuple[int, int], side: dict[str, Any]) -> Keyed:
+def scaled_optimizer(
+    config: TrainConfig,
+    length: tuple[int, int],
+    side: dict[str, Any],
+    trainable: Sequence[str] | None = None,
+) -> Keyed:
     """The run's optimizer (`jtricks.run.build.optimizer`) with its base learning rate and
     the optimizer arguments ``side`` in the state: ``inject_hyperparams(make)(
     base_learning_rate=lr, **side)`` where ``make(b, **side)`` is
@@ -138,7 +143,8 @@ def scaled_optimizer(config: TrainConfig, length: tuple[int, int], side: dict[st
     def make(base_learning_rate, **values):
         values = {name: values[_injectable(name)] for name in arguments}
         spec = traced_arguments(config.optimizer, values)
-        return build_optimizer(spec, lambda step: base_learning_rate * unit(step))
+        tx = build_optimizer(spec, lambda step: base_learning_rate * unit(step))
+        return tx if trainable is None else transfer.freeze(tx, trainable=trainable)
 
     names = ("base_learning_rate", *map(_injectable, arguments))  # read by inject_hyperparams
     make.__signature__ = inspect.Signature(
@@ -149,6 +155,7 @@ def scaled_optimizer(config: TrainConfig, length: tuple[int, int], side: dict[st
     injected = {_injectable(k): v for k, v in arguments.items()}
     tx = optax.inject_hyperparams(make)(base_learning_rate=rate, **injected)
     key = ("search", freeze(config.optimizer), config.schedule, length, tuple(sorted(arguments)))
+    key += (None if trainable is None else tuple(trainable),)
     return Keyed(tx, key)
 
 
@@ -167,12 +174,17 @@ def with_values(states: TrainState, values: dict[str, Sequence[float]]) -> Train
     return states.replace(opt_state=opt._replace(hyperparams=hyper), hparams=task or None)
 
 
-def plain_state(state: TrainState, config: TrainConfig, length: tuple[int, int]) -> TrainState:
+def plain_state(
+    state: TrainState, config: TrainConfig, b: Build, length: tuple[int, int]
+) -> TrainState:
     """A member of a search as the state `jtricks train` makes for its config: the plain
-    optimizer (`jtricks.run.build.optimizer`; ``length`` is ``(steps_per_epoch,
-    total_steps)``) and its state (the scaled optimizer's inner one, of the same
-    structure), so ``--resume`` and ``--pretrained`` take it."""
+    optimizer (`jtricks.run.build.optimizer`, with ``finetune``'s frozen layers;
+    ``length`` is ``(steps_per_epoch, total_steps)``) and its state (the scaled
+    optimizer's inner one, of the same structure), so ``--resume`` and ``--pretrained``
+    take it."""
     tx, _ = optimizer(config, *length)
+    if b.trainable is not None:
+        tx = transfer.freeze(tx, trainable=b.trainable)
     return state.replace(tx=tx, opt_state=state.opt_state.inner_state)
 
 
@@ -222,9 +234,10 @@ def train_group(
     config.validate()
     b = build(config, data, None, reporter, False)
     length = run_length(config, data.n_train)
-    b.tx = scaled_optimizer(config, length, side)
+    b.tx = scaled_optimizer(config, length, side, b.trainable)
     keys = jax.vmap(lambda t: jax.random.fold_in(b.init_key, t))(jnp.asarray(trials))
     states = create_ensemble(b.members, b.tx, data.example, keys, ema_decay=config.ema)
+    states, _ = with_pretrained(config, b, states)
     states = with_values(states, {k: [split_values(v)[1][k] for v in values] for k in side})
     options = dataclasses.replace(fit_options(config, b, None), mesh=None, max_nonfinite=NEVER_STOP)
     train_data, stream_kw = data.fit_input(config, b.streaming, b.data_key)

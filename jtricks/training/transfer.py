@@ -39,7 +39,7 @@ from jax.extend import core as jex_core
 
 from jtricks.errors import ConfigError
 from jtricks.training.model import NNXApply, apply_model
-from jtricks.training.state import TrainState
+from jtricks.training.state import TrainState, is_ensemble
 from jtricks.trees import named_leaves, path_names
 
 
@@ -234,7 +234,10 @@ def load_pretrained(
     newest). The checkpoint's integrity is verified first. The ``batch_stats`` of matched
     layers come with their parameters, so a same-architecture reload evaluates exactly as
     the saved model does (a BatchNorm network with fresh statistics, mean 0 and variance 1,
-    does not). The optimizer state is re-initialised for the new parameters.
+    does not). The optimizer state is re-initialised for the new parameters, and an EMA
+    of the parameters (``ema_params``) starts from them. Stacked states (an ensemble, a
+    search's trials: `is_ensemble`) load the one checkpoint into every member; the
+    members keep their own fresh layers (a new head).
 
     Returns:
       The new state and ``{"loaded": [...], "kept": [...], "stats_loaded": [...],
@@ -260,14 +263,19 @@ def load_pretrained(
         ) from None
     finally:
         ckptr.close()
-    params, loaded, kept = _matching(saved["params"], state.params)
+    stacked = is_ensemble(state)
+    params, loaded, kept = _matching(saved["params"], state.params, stacked)
     if not loaded:
         raise ConfigError(
             f"checkpoint {path} shares no parameter (same path and shape) with this model",
             param="pretrained",
         )
-    stats, stats_loaded, stats_kept = _matching(saved.get("batch_stats") or {}, state.batch_stats)
-    state = state.replace(params=params, opt_state=state.tx.init(params), batch_stats=stats)
+    saved_stats = saved.get("batch_stats") or {}
+    stats, stats_loaded, stats_kept = _matching(saved_stats, state.batch_stats, stacked)
+    init = jax.vmap(state.tx.init) if stacked else state.tx.init
+    state = state.replace(params=params, opt_state=init(params), batch_stats=stats)
+    if state.ema_params is not None:  # the average starts from the initial parameters
+        state = state.replace(ema_params=jax.tree.map(jnp.copy, params))
     return state, {
         "loaded": loaded,
         "kept": kept,
@@ -276,10 +284,11 @@ def load_pretrained(
     }
 
 
-def _matching(saved: Any, target: Any) -> tuple[Any, list[str], list[str]]:
+def _matching(saved: Any, target: Any, stacked: bool = False) -> tuple[Any, list[str], list[str]]:
     """``target`` (a Linen dict or an NNX state) with every leaf whose path and shape
     ``saved`` shares replaced by the saved one (in the target's dtype; PRNG keys stay
-    fresh); the paths loaded and the paths kept."""
+    fresh); the paths loaded and the paths kept. ``stacked``: the target's leaves have a
+    leading member axis, and a saved leaf goes to every member."""
     if not target:
         return target, [], []
     saved_flat = _saved_names(saved)
@@ -289,9 +298,9 @@ def _matching(saved: Any, target: Any) -> tuple[Any, list[str], list[str]]:
         name, src = "/".join(path_names(path)), None
         if not jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key):
             src = saved_flat.get(name)
-        if src is not None and np.shape(src) == v.shape:
+        if src is not None and np.shape(src) == (v.shape[1:] if stacked else v.shape):
             loaded.append(name)
-            return jnp.asarray(src, v.dtype)
+            return jnp.broadcast_to(jnp.asarray(src, v.dtype), v.shape)
         kept.append(name)
         return v
 
