@@ -198,6 +198,8 @@ def test_fit_class_weight_balanced_equals_the_explicit_task(problem):
     kw = dict(task="regression", batch_size=16, epochs=1, class_weight="balanced")
     with pytest.raises(ConfigError, match="classification task"):
         fit(state, (x, targets), **kw)
+    with pytest.raises(ConfigError, match="both undo the class imbalance"):
+        fit(state, (x, y), batch_size=16, class_weight="balanced", sampler="balanced")
 
 
 def test_a_weight_vector_of_the_wrong_length_is_one_line(problem):
@@ -242,6 +244,7 @@ def test_cli_trains_with_each_tool(tmp_path, flags):
         (["--loss", "hinge"], "loss must be cross_entropy, focal(gamma=2.0) or gce(q=0.7)"),
         (["--logit-adjust", "1", "--task", "regression"], "classification task only"),
         (["--sampler", "balanced", "--stream"], "draws from in-memory data"),
+        (["--sampler", "balanced", "--class-weight", "balanced"], "weighs (n / (C n_c))^2"),
     ],
 )
 def test_cli_refuses_bad_tools_in_one_line(tmp_path, capsys, flags, message):

@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jtricks.cli import main
+from jtricks.errors import ConfigError
 from jtricks.nn import build_model
 from jtricks.training import create_train_state, evaluate, fit
 from jtricks.training.checkpoint import list_checkpoints, save
@@ -100,6 +101,25 @@ def test_every_member_of_stacked_states_loads_and_the_ema_starts_from_the_loaded
         jax.tree.map(np.testing.assert_array_equal, member.opt_state, tx.init(member.params))
     single, _ = load_pretrained(create_train_state(model, tx, x, keys[0], ema_decay=0.9), folder)
     jax.tree.map(np.testing.assert_array_equal, single.ema_params, single.params)
+
+
+def test_an_ensembles_checkpoint_loads_member_by_member_or_is_refused(pretrained, tmp_path):
+    _, _, (x, _) = pretrained
+    model, tx = build_model(BN_MLP, 4), optax.sgd(0.1)
+    saved = create_ensemble(model, tx, x, jax.random.split(jax.random.key(1), 2))
+    save(tmp_path / "checkpoints", "epoch-000001", saved, {"epoch": 1})
+    into = create_ensemble(model, tx, x, jax.random.split(jax.random.key(2), 2))
+    new, info = load_pretrained(into, tmp_path)
+    assert info["kept"] == [] and np.shape(new.step) == (2,)
+    jax.tree.map(np.testing.assert_array_equal, new.params, saved.params)
+    for other in (
+        create_train_state(model, tx, x, jax.random.key(0)),
+        create_ensemble(model, tx, x, jax.random.split(jax.random.key(2), 3)),
+    ):
+        with pytest.raises(
+            ConfigError, match="holds an ensemble of 2 members; it loads into --ensemble 2"
+        ):
+            load_pretrained(other, tmp_path)
 
 
 def test_freeze_and_freeze_batch_stats_keep_the_loaded_backbone_bit_identical(pretrained):

@@ -187,3 +187,21 @@ def logit_adjustment(labels: np.ndarray, num_classes: int, tau: float = 1.0) -> 
     check_range("logit_adjust", tau, low=0.0)
     counts = class_counts(labels, num_classes, "logit_adjust")
     return (tau * np.log(counts / counts.sum())).astype(np.float32)
+
+
+def one_balancing(class_weight: Any, sampler: str | None) -> None:
+    """Refuse ``class_weight="balanced"`` with ``sampler="balanced"``: each undoes the
+    imbalance (the sampler draws every class equally often, the weights ``n / (C n_c)``
+    scale each class's loss by the inverse of its share), so together a rare class
+    counts ``(n / (C n_c))^2`` times as much as under either one.
+
+    Raises:
+      ConfigError: both given as ``"balanced"``.
+    """
+    if class_weight == "balanced" and sampler == "balanced":
+        raise ConfigError(
+            "class_weight='balanced' and sampler='balanced' both undo the class imbalance: "
+            "together a class of n_c examples weighs (n / (C n_c))^2; give one of them "
+            "(or weights of your own with the sampler)",
+            param="class_weight",
+        )

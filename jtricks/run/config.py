@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jtricks.data.batching import SAMPLERS
+from jtricks.data.imbalance import one_balancing
 from jtricks.data.stream import LOADERS
 from jtricks.errors import ConfigError
 from jtricks.run.settings import (
@@ -398,6 +399,10 @@ def _one_mix(c: TrainConfig) -> None:
         raise ConfigError("give mixup or cutmix, not both", param="mixup")
 
 
+def _one_balancing(c: TrainConfig) -> None:
+    one_balancing(c.class_weight, c.sampler)
+
+
 def _tta_views(c: TrainConfig) -> None:
     if c.tta > 1 and c.augment is None and c.tta_augment is None:
         raise ConfigError(
@@ -454,6 +459,7 @@ def _length(c: TrainConfig) -> None:
 
 RULES: tuple[Callable[[TrainConfig], None], ...] = (
     _one_mix,
+    _one_balancing,
     _tta_views,
     _ema_source,
     _ensemble,

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jtricks.data.imbalance import class_weights
+from jtricks.data.imbalance import class_weights, one_balancing
 from jtricks.data.stream import is_batch_sequence, is_stream, training_batches
 from jtricks.errors import ConfigError, check_int
 from jtricks.optim.fused import is_fused
@@ -135,6 +135,7 @@ def _weigh_classes(options: FitOptions, train_data: Any, member: TrainState) -> 
     spec, task = options.class_weight, options.task
     if spec is None:
         return options
+    one_balancing(spec, options.sampler)
     if not isinstance(task, Classification):
         raise ConfigError(
             f"class_weight works with the classification task; this task is {task.name!r}",

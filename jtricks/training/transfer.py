@@ -237,7 +237,8 @@ def load_pretrained(
     does not). The optimizer state is re-initialised for the new parameters, and an EMA
     of the parameters (``ema_params``) starts from them. Stacked states (an ensemble, a
     search's trials: `is_ensemble`) load the one checkpoint into every member; the
-    members keep their own fresh layers (a new head).
+    members keep their own fresh layers (a new head). An ensemble's checkpoint loads
+    member by member into as many members.
 
     Returns:
       The new state and ``{"loaded": [...], "kept": [...], "stats_loaded": [...],
@@ -263,16 +264,16 @@ def load_pretrained(
         ) from None
     finally:
         ckptr.close()
-    stacked = is_ensemble(state)
-    params, loaded, kept = _matching(saved["params"], state.params, stacked)
+    broadcast = _broadcast(state, saved, path)
+    params, loaded, kept = _matching(saved["params"], state.params, broadcast)
     if not loaded:
         raise ConfigError(
             f"checkpoint {path} shares no parameter (same path and shape) with this model",
             param="pretrained",
         )
     saved_stats = saved.get("batch_stats") or {}
-    stats, stats_loaded, stats_kept = _matching(saved_stats, state.batch_stats, stacked)
-    init = jax.vmap(state.tx.init) if stacked else state.tx.init
+    stats, stats_loaded, stats_kept = _matching(saved_stats, state.batch_stats, broadcast)
+    init = jax.vmap(state.tx.init) if is_ensemble(state) else state.tx.init
     state = state.replace(params=params, opt_state=init(params), batch_stats=stats)
     if state.ema_params is not None:  # the average starts from the initial parameters
         state = state.replace(ema_params=jax.tree.map(jnp.copy, params))
@@ -282,6 +283,24 @@ def load_pretrained(
         "stats_loaded": stats_loaded,
         "stats_kept": stats_kept,
     }
+
+
+def _broadcast(state: TrainState, saved: Any, path: Path) -> bool:
+    """Whether ``saved`` (one model) goes to every member of stacked ``state``; an
+    ensemble's checkpoint loads member by member into as many members, else it is refused.
+    """
+    members = np.shape(saved.get("step", 0))
+    if not members:
+        return is_ensemble(state)
+    have = tuple(np.shape(state.step))
+    if have != members:
+        into = f"an ensemble of {have[0]}" if have else "a single model"
+        raise ConfigError(
+            f"checkpoint {path} holds an ensemble of {members[0]} members; it loads into "
+            f"--ensemble {members[0]} (member by member), not into {into}",
+            param="pretrained",
+        )
+    return False
 
 
 def _matching(saved: Any, target: Any, stacked: bool = False) -> tuple[Any, list[str], list[str]]:
