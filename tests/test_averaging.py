@@ -275,7 +275,7 @@ def test_cli_ensemble_ema_swa_and_finetune(tmp_path, capsys):
     "extra, needle",
     [
         (["--ensemble", "0"], "--ensemble"),
-        (["--ensemble", "2", "--early-stopping", "3"], "--ensemble"),
+        (["--ensemble", "2", "--swa", "2"], "--ensemble"),
         (["--ema", "1.5"], "--ema"),
         (["--swa", "0"], "--swa"),
         (["--finetune", "head"], "--finetune"),

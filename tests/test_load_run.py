@@ -68,13 +68,16 @@ def test_what_is_not_a_run_is_one_line(tmp_path):
     assert e.value.param == "run"
 
 
-def test_early_stopping_reports_the_state_it_kept(tmp_path):
+@pytest.mark.parametrize("ensemble", [1, 2])
+def test_early_stopping_reports_the_state_it_kept(tmp_path, ensemble):
     """Stopped early, a run evaluates the best epoch's state: the summary's validation
     metrics are that epoch's (they were the last epoch's, beside test metrics of another
-    state), ``restored_epoch`` names it, and the loaded state gives the test metrics."""
+    state), ``restored_epoch`` names it, and the loaded state gives the test metrics. An
+    ensemble is one model: it stops on the ensemble's validation loss."""
     out = tmp_path / "run"
     noisy = SPEC.replace("noise=0.5", "noise=2.0")
     settings = dict(model="mlp(features=(32,))", epochs=40, batch_size=16, learning_rate=0.05)
+    settings["ensemble"] = ensemble
     result = jtricks.train(dataset=noisy, **settings, early_stopping=2, out=out)
     summary = json.loads((out / "summary.json").read_text())
     records = result.history.records

@@ -428,13 +428,11 @@ def _ema_source(c: TrainConfig) -> None:
 def _ensemble(c: TrainConfig) -> None:
     if c.ensemble == 1:
         return
-    for name in ("early_stopping", "swa"):
-        if getattr(c, name) is not None:
-            raise ConfigError(
-                f"ensemble runs do not support {name}; got ensemble={c.ensemble}, "
-                f"{name}={getattr(c, name)!r}",
-                param="ensemble",
-            )
+    if c.swa is not None:
+        raise ConfigError(
+            f"ensemble runs do not support swa; got swa={c.swa!r}",
+            param="ensemble",
+        )
     if c.schedule.startswith("plateau"):
         raise ConfigError("ensemble runs do not support the plateau schedule", param="ensemble")
     if c.tta > 1:

@@ -193,6 +193,12 @@ def stacked(config: TrainConfig) -> None:
                 f"and write no run folders of their own); got {name}={getattr(config, name)!r}",
                 param=name,
             )
+    if config.early_stopping is not None:
+        raise ConfigError(
+            "a search's trials do not stop early: each trains its epochs and is scored on "
+            f"the last (search the number of epochs instead); got early_stopping={config.early_stopping}",
+            param="early_stopping",
+        )
     try:
         dataclasses.replace(config, ensemble=2).validate()
     except ConfigError as e:
