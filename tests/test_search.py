@@ -83,13 +83,21 @@ def _assert_trials_equal_separate_fits(base, records, data, rtol):
         np.testing.assert_allclose(history["val_loss"], record["val_loss"], rtol=rtol)
 
 
-def test_trials_mix_accumulate_and_compute_in_bf16_like_separate_fits(data):
+def test_trials_mix_accumulate_and_compute_in_bf16_like_separate_fits(tmp_path, data):
     """Mixup, gradient accumulation and bf16 compute run in stacked trials as in a
-    single run (each trial mixes with its own key)."""
+    single run (each trial mixes with its own key); the best trial's test metrics are
+    test-time augmented as its own run's are."""
     config = dataclasses.replace(CONFIG, mixup=0.4, accumulate=2, precision="bf16", epochs=1)
-    result = search(config, SearchSettings("lr=loguniform(1e-3, 3e-1)", 2, "random", 2), data=data)
+    config = dataclasses.replace(config, tta=3, augment="noise(0.1)")
+    settings = SearchSettings("lr=loguniform(1e-3, 3e-1)", 2, "random", 2)
+    result = search(config, settings, out=tmp_path / "s", data=data)
     assert [r["status"] for r in result.records] == ["ok", "ok"]
     _assert_trials_equal_separate_fits(config, result.records, data, rtol=1e-3)
+    resumed = train(resume=tmp_path / "s" / "best").test
+    assert set(result.test) == {k for k in resumed if k != "tta_views"}
+    assert result.test["loss"] != result.test["single_view_loss"]
+    for name, value in result.test.items():
+        assert resumed[name] == pytest.approx(value, rel=1e-5), name
 
 
 def test_trials_fine_tune_pretrained_weights_like_separate_fits(tmp_path, data):

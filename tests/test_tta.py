@@ -4,6 +4,7 @@ one view equals plain evaluation, batch-size independence, config errors."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -60,6 +61,23 @@ def test_tta_matches_numpy_reference_and_is_batch_size_independent(trained, tiny
     assert other["loss"] != got["loss"]  # the views depend on the key
 
 
+def test_an_ensembles_tta_averages_each_members_views_then_the_members(trained, tiny_data):
+    """Stacked states (``--ensemble``): each member's TTA prediction (its mean softmax over
+    the views), then the ensemble's mean of the members' probabilities; every member's
+    metrics beside it. Against the float64 reference of each member."""
+    x, y = tiny_data.x_test[:21], tiny_data.y_test[:21]
+    key = jax.random.key(5)
+    other = trained.replace(params=jax.tree.map(lambda p: 0.7 * p, trained.params))
+    stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), trained, other)
+    refs = [_reference(s, x, y, 3, key) for s in (trained, other)]
+    p = np.mean([np.exp(r[2]) for r in refs], axis=0)
+    got = evaluate_tta(stacked, (x, y), AUG, views=3, key=key, batch_size=8)
+    np.testing.assert_allclose(got["loss"], -np.log(p[np.arange(len(y)), y]).mean(), rtol=1e-5)
+    np.testing.assert_allclose(got["accuracy"], (p.argmax(1) == y).mean())
+    np.testing.assert_allclose(got["member_loss"], [r[0] for r in refs], rtol=1e-5)
+    np.testing.assert_allclose(got["member_accuracy"], [r[1] for r in refs])
+
+
 def test_one_view_is_plain_evaluation(trained, tiny_data):
     data = (tiny_data.x_test, tiny_data.y_test)
     plain = evaluate(trained, data)
@@ -89,7 +107,6 @@ def test_train_reports_tta_and_single_view(tmp_path):
         ({"tta": 0}, "tta"),
         ({"tta": 3}, "give augment"),
         ({"tta_augment": "noise(0.1)"}, "needs tta > 1"),
-        ({"tta": 3, "augment": "shift(1)", "ensemble": 2}, "do not support tta"),
     ],
 )
 def test_bad_tta_config(kwargs, match):

@@ -435,8 +435,6 @@ def _ensemble(c: TrainConfig) -> None:
         )
     if c.schedule.startswith("plateau"):
         raise ConfigError("ensemble runs do not support the plateau schedule", param="ensemble")
-    if c.tta > 1:
-        raise ConfigError("ensemble runs do not support tta", param="ensemble")
 
 
 def _finetune(c: TrainConfig) -> None:

@@ -435,15 +435,15 @@ def final_metrics(
         state, data.test, b.task, config.eval_batch_size, config.eval_params
     )
     extra.update(class_entries(report, run_dir))
-    if config.ensemble > 1:  # every member's test metrics beside the ensemble's
-        extra.update({f"test_{k}": v for k, v in test.items() if k.startswith("member_")})
-        extra["ensemble"] = config.ensemble
     if state.ema_params is not None and config.eval_params != "ema":
         ema = evaluate(state, data.test, params="ema", **kw)
         test.update({f"ema_{k}": v for k, v in ema.items()})
         extra.update({f"test_ema_{k}": v for k, v in ema.items()})
     if b.tta_augment is not None:
         extra.update(tta_metrics(config, data, b, state, test))
+    if config.ensemble > 1:  # every member's test metrics beside the ensemble's
+        extra.update({f"test_{k}": v for k, v in test.items() if k.startswith("member_")})
+        extra["ensemble"] = config.ensemble
     warning = huge_loss_warning(history, test["loss"])
     if warning:
         extra["warning"] = warning

@@ -32,6 +32,7 @@ from jtricks.optim import build_optimizer
 from jtricks.run.build import name_the_dataset
 from jtricks.run.config import TrainConfig
 from jtricks.run.data import RunData, load_run_data
+from jtricks.run.runner import tta_metrics
 from jtricks.rundir import create_run_dir, environment, locked, refused_cleanly, write_json
 from jtricks.search import outputs
 from jtricks.search.space import SAMPLERS, make_sampler, parse_space, trial_config
@@ -357,6 +358,8 @@ def _test_best(result: SearchResult, best: _Best, data: RunData, out) -> None:
     test, _ = evaluate_with_report(
         state, data.test, b.task, config.eval_batch_size, config.eval_params
     )
+    if b.tta_augment is not None:  # as the best trial's own run would report it
+        tta_metrics(config, data, b, state, test)
     result.test = {k: v for k, v in test.items() if isinstance(v, float)}
     if out is not None:
         write_json(

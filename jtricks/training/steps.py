@@ -238,19 +238,26 @@ class EnsembleEvalStep:
                 apply_model(s, s.params, inputs, train=False, key=None)[0], jnp.float32
             )
 
-        members = jax.vmap(outputs)(states)
-        per_member = jax.vmap(lambda o, h: batch_sums(self.task.using(h), o, batch, weight))(
-            members, states.hparams
-        )
-        combined = batch_sums(self.task, self.task.combine(members), batch, weight)
-        return {"ensemble": combined, "member": per_member}
+        return ensemble_sums(self.task, jax.vmap(outputs)(states), states.hparams, batch, weight)
 
     def metrics(self, sums: Metrics) -> Metrics:
-        members = jax.vmap(lambda m: finalize(self.task, m))(sums["member"])
-        return {
-            **finalize(self.task, sums["ensemble"]),
-            **{f"member_{k}": v for k, v in members.items()},
-        }
+        return ensemble_metrics(self.task, sums)
+
+
+def ensemble_sums(task: Task, members: Any, hparams: Any, batch: Batch, weight: jax.Array):
+    """The batch's sums of every member (its outputs ``members[i]``, its task
+    hyper-parameters ``hparams``) and of the ensemble's prediction ``task.combine``."""
+    per_member = jax.vmap(lambda o, h: batch_sums(task.using(h), o, batch, weight))(
+        members, hparams
+    )
+    combined = batch_sums(task, task.combine(members), batch, weight)
+    return {"ensemble": combined, "member": per_member}
+
+
+def ensemble_metrics(task: Task, sums: Metrics) -> Metrics:
+    """The ensemble's metrics and every member's as ``member_<metric>`` arrays ``(M,)``."""
+    members = jax.vmap(lambda m: finalize(task, m))(sums["member"])
+    return {**finalize(task, sums["ensemble"]), **{f"member_{k}": v for k, v in members.items()}}
 
 
 def make_eval_step(loss_fn: LossFn | None = None, *, task: Task | str | None = None) -> EvalStep:

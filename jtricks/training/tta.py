@@ -36,9 +36,10 @@ from jtricks.errors import ConfigError, check_int
 from jtricks.tasks import Classification, LanguageModel, Task, as_task, batch_sums, finalize
 from jtricks.training.data_checks import check_data
 from jtricks.training.distributed import like_state
+from jtricks.training.loop import record_value
 from jtricks.training.model import apply_model
-from jtricks.training.state import TrainState, check_eval_source
-from jtricks.training.steps import pad_batches
+from jtricks.training.state import TrainState, check_eval_source, first_member, is_ensemble
+from jtricks.training.steps import ensemble_metrics, ensemble_sums, pad_batches
 
 __all__ = ["evaluate_tta", "tta_log_probs"]
 
@@ -62,43 +63,50 @@ def _combined_outputs(state: TrainState, task: Task, x, ids, key, augment, views
 
 
 @cached
-def _compiled(task: Task, augment: Callable, views: int):
+def _compiled(task: Task, augment: Callable, views: int, stacked: bool):
+    def sums(state, batch, w, ids, key):
+        """The batch's sums and the prediction (stacked: every member's views, then the
+        ensemble's `task.combine` of the members, as `EnsembleEvalStep`)."""
+        x = task.inputs(batch)
+        if not stacked:
+            out = _combined_outputs(state, task, x, ids, key, augment, views)
+            return batch_sums(task, out, batch, w), out
+        members = jax.vmap(lambda s: _combined_outputs(s, task, x, ids, key, augment, views))
+        out = members(state)
+        return ensemble_sums(task, out, state.hparams, batch, w), task.combine(out)
+
     @jax.jit
     def run(state, batches, wb, key):
         nb, bs = wb.shape
         ids = jnp.arange(nb * bs, dtype=jnp.uint32).reshape(nb, bs)
 
         def body(carry, inp):
-            batch, w, i = inp
-            out = _combined_outputs(state, task, task.inputs(batch), i, key, augment, views)
-            return jax.tree.map(jnp.add, carry, batch_sums(task, out, batch, w)), out
+            batch_sums_, out = sums(state, *inp, key)
+            return jax.tree.map(jnp.add, carry, batch_sums_), out
 
         first = jax.tree.map(lambda a: a[0], (batches, wb, ids))
-        zero = jax.tree.map(
-            lambda s: jnp.zeros(s.shape, jnp.float32),
-            jax.eval_shape(
-                lambda b, w, i: batch_sums(
-                    task,
-                    _combined_outputs(state, task, task.inputs(b), i, key, augment, views),
-                    b,
-                    w,
-                ),
-                *first,
-            ),
-        )
-        sums, out = jax.lax.scan(body, zero, (batches, wb, ids))
-        return finalize(task, sums), out.reshape(nb * bs, *out.shape[2:])
+        shapes = jax.eval_shape(lambda *a: sums(state, *a, key)[0], *first)
+        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+        total, out = jax.lax.scan(body, zero, (batches, wb, ids))
+        metrics = ensemble_metrics(task, total) if stacked else finalize(task, total)
+        return metrics, out.reshape(nb * bs, *out.shape[2:])
 
     return run
 
 
 def _run(state, data, augment, views, key, task, batch_size, params="auto"):
-    state = state.evaluation_state(check_eval_source(params, state))
-    data = check_data(state, task, data, "evaluation data")
+    source = check_eval_source(params, first_member(state))
+    stacked = is_ensemble(state)
+    state = (
+        jax.vmap(lambda s: s.evaluation_state(source))(state)
+        if stacked
+        else state.evaluation_state(source)
+    )
+    data = check_data(first_member(state), task, data, "evaluation data")
     views = check_int("views", views, low=1)
     batch_size = check_int("batch_size", batch_size, low=1)
     (batches, wb), key = like_state((pad_batches(data, batch_size), key), state.params)
-    return _compiled(task, augment, views)(state, batches, wb, key)
+    return _compiled(task, augment, views, stacked)(state, batches, wb, key)
 
 
 def evaluate_tta(
@@ -133,8 +141,9 @@ def evaluate_tta(
             param="tta",
         )
     metrics, _ = _run(state, data, augment, views, key, task, batch_size, params)
+    metrics = jax.device_get(metrics)
     loss = float(metrics.pop("loss"))
-    return {"loss": loss, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+    return {"loss": loss, **{k: record_value(k, v) for k, v in metrics.items()}}
 
 
 def tta_log_probs(
