@@ -131,6 +131,46 @@ def test_swa_averages_epoch_ends_and_recomputes_batchnorm(data, adam):
     np.testing.assert_allclose(again["Norm_0"]["var"], out.batch_stats["Norm_0"]["var"], rtol=1e-6)
 
 
+def test_an_ensembles_swa_equals_each_members_own_and_plateau_scales_every_member(data):
+    """Stacked states: SWA averages and re-estimates BatchNorm per member, as separate runs
+    do; reduce-on-plateau (monitoring the ensemble) scales every member's rate, replayed
+    by hand from the records with the Keras rule."""
+    from jtricks.optim import build_optimizer
+    from jtricks.training import ReduceLROnPlateau
+
+    x, y = data
+    model = build_model("mlp(features=(16,), norm='batch')", 4)
+    keys = jax.random.split(jax.random.key(0), 2)
+    run = dict(batch_size=20, epochs=4, data_key=jax.random.key(3), val_data=(x[:60], y[:60]))
+    # SGD: the gradient of a bias before BatchNorm is float noise, which Adam would scale
+    # to full steps (and vmapped and plain programs round differently)
+    swa, sgd = SWA(2, x, batch_size=50), optax.sgd(0.1)
+    states, _ = fit_ensemble(create_ensemble(model, sgd, x, keys), (x, y), **run, callbacks=[swa])
+    for i in range(2):
+        own = SWA(2, x, batch_size=50)
+        one, _ = fit(create_train_state(model, sgd, x, keys[i]), (x, y), **run, callbacks=[own])
+        for a, b in zip(
+            _leaves((one.params, one.batch_stats)),
+            _leaves((states.params, states.batch_stats)),
+            strict=True,
+        ):
+            np.testing.assert_allclose(b[i], a, rtol=1e-5, atol=1e-6)
+    tx = build_optimizer("adam", 0.3, plateau=True)  # large enough to stall
+    plateau = ReduceLROnPlateau(0.5, 1)
+    states, hist = fit_ensemble(
+        create_ensemble(model, tx, x, keys), (x, y), **run, callbacks=[plateau]
+    )
+    best, wait, scale = np.inf, 0, 1.0
+    for r in hist.records:
+        if r["val_loss"] < best:
+            best, wait = r["val_loss"], 0
+        elif (wait := wait + 1) >= 1:
+            wait, scale = 0, scale * 0.5
+    assert scale < 1.0  # the rate dropped at least once
+    got = optax.tree_utils.tree_get(states.opt_state, "plateau_scale")
+    np.testing.assert_allclose(got, [scale, scale])
+
+
 def test_vmapped_ensemble_equals_separate_runs(data):
     x, y = data
     model = build_model("mlp(features=(16,), dropout=0.2)", 4)
@@ -275,7 +315,6 @@ def test_cli_ensemble_ema_swa_and_finetune(tmp_path, capsys):
     "extra, needle",
     [
         (["--ensemble", "0"], "--ensemble"),
-        (["--ensemble", "2", "--swa", "2"], "--ensemble"),
         (["--ema", "1.5"], "--ema"),
         (["--swa", "0"], "--swa"),
         (["--finetune", "head"], "--finetune"),

@@ -319,9 +319,9 @@ def test_recipe_sets_its_fields_and_flags_override_them(tmp_path, capsys):
     config = recipe("tricks", seed=3)
     assert {k: getattr(config, k) for k in RECIPES["tricks"]} == RECIPES["tricks"]
     assert config.seed == 3 and recipe("tricks", epochs=2).steps is None
-    with pytest.raises(ConfigError, match=r"support tta \(tta=33 set by recipe 'tricks'; give"):
-        recipe("tricks", ensemble=2)  # a refusal names what the recipe set
-    assert recipe("tricks", ensemble=2, tta=1).ensemble == 2
+    with pytest.raises(ConfigError, match=r"or tta_augment \(tta=33 set by recipe 'tricks'; give"):
+        recipe("tricks", augment=None)  # a refusal names what the recipe set
+    assert recipe("tricks", augment=None, tta=1).augment is None
     out = tmp_path / "run"
     args = ["train", "--recipe", "tricks", "--steps", "40", "--tta", "3", "--no-progress"]
     assert main([*args, "--out", str(out)]) == 0

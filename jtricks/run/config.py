@@ -425,18 +425,6 @@ def _ema_source(c: TrainConfig) -> None:
         )
 
 
-def _ensemble(c: TrainConfig) -> None:
-    if c.ensemble == 1:
-        return
-    if c.swa is not None:
-        raise ConfigError(
-            f"ensemble runs do not support swa; got swa={c.swa!r}",
-            param="ensemble",
-        )
-    if c.schedule.startswith("plateau"):
-        raise ConfigError("ensemble runs do not support the plateau schedule", param="ensemble")
-
-
 def _finetune(c: TrainConfig) -> None:
     if c.finetune is not None and c.pretrained is None:
         raise ConfigError(
@@ -458,7 +446,6 @@ RULES: tuple[Callable[[TrainConfig], None], ...] = (
     _one_balancing,
     _tta_views,
     _ema_source,
-    _ensemble,
     _finetune,
     _length,
 )

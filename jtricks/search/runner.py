@@ -176,8 +176,8 @@ def _resolve(config, settings, out, resume, locks):
 
 
 def stacked(config: TrainConfig) -> None:
-    """Refuse what trials stacked like an ensemble's cannot do (`TrainConfig`'s ensemble
-    rules), in the search's words.
+    """Refuse what trials trained side by side and scored on their last epoch's
+    validation metric cannot do, in the search's words.
 
     Raises:
       ConfigError: naming the setting.
@@ -194,17 +194,22 @@ def stacked(config: TrainConfig) -> None:
                 f"and write no run folders of their own); got {name}={getattr(config, name)!r}",
                 param=name,
             )
-    if config.early_stopping is not None:
-        raise ConfigError(
-            "a search's trials do not stop early: each trains its epochs and is scored on "
-            f"the last (search the number of epochs instead); got early_stopping={config.early_stopping}",
-            param="early_stopping",
-        )
-    try:
-        dataclasses.replace(config, ensemble=2).validate()
-    except ConfigError as e:
-        what = str(e).replace("ensemble runs do", "a search's stacked trials do")
-        raise ConfigError(what, param=None if "stacked" in what else e.param) from None
+    own = {  # what each trial would have to do on its own validation metrics
+        "early_stopping": (config.early_stopping, "keep an earlier epoch than the one scored"),
+        "swa": (config.swa, "be tested on an average that was never scored"),
+        "schedule": (
+            config.schedule if config.schedule.startswith("plateau") else None,
+            "lower its learning rate on its own validation loss",
+        ),
+    }
+    for name, (value, would) in own.items():
+        if value is not None:
+            raise ConfigError(
+                f"a search does not support {name}={value!r}: it scores every trial on its "
+                f"last epoch's validation metric, and each trial would {would}; search the "
+                "number of epochs or the schedule instead",
+                param=name,
+            )
 
 
 def check_space(config: TrainConfig, space: dict[str, Any]) -> None:

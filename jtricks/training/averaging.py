@@ -27,7 +27,7 @@ import numpy as np
 from jtricks.caches import jitted
 from jtricks.errors import ConfigError, check_int
 from jtricks.optim.eval_params import declaring_nodes
-from jtricks.training.state import TrainState, first_member
+from jtricks.training.state import TrainState, first_member, is_ensemble
 
 
 def recompute_batch_stats(
@@ -43,6 +43,9 @@ def recompute_batch_stats(
     exactly, whatever the momentum. The model runs in training mode (dropout on, with
     ``key``, as PyTorch does).
 
+    Stacked states (an ensemble, `is_ensemble`) get every member's statistics, each
+    measured on the same batches.
+
     Returns:
       A new ``batch_stats`` collection (the state's own if it has none).
     """
@@ -54,8 +57,7 @@ def recompute_batch_stats(
     xb = x[: nb * batch_size].reshape(nb, batch_size, *x.shape[1:])
     key = jax.random.key(0) if key is None else key
 
-    @jax.jit
-    def run(params, xb):
+    def one(params, batch_stats, xb):
         def stats(init, xi, k):
             _, upd = state.apply_fn(
                 {"params": params, "batch_stats": init},
@@ -66,7 +68,7 @@ def recompute_batch_stats(
             )
             return upd["batch_stats"]
 
-        zeros, ones = _filled(state.batch_stats, 0.0), _filled(state.batch_stats, 1.0)
+        zeros, ones = _filled(batch_stats, 0.0), _filled(batch_stats, 1.0)
         from_zero = stats(zeros, xb[0], key)
         momentum = _on_stats(jnp.subtract, stats(ones, xb[0], key), from_zero)
 
@@ -76,9 +78,10 @@ def recompute_batch_stats(
 
         total, _ = jax.lax.scan(body, zeros, jnp.arange(nb))
         mean = _on_stats(lambda t, m: t / nb / (1.0 - m), total, momentum)
-        return _on_stats(lambda new, old: new, mean, state.batch_stats)
+        return _on_stats(lambda new, old: new, mean, batch_stats)
 
-    return run(state.params, xb)
+    run = jax.vmap(one, in_axes=(0, 0, None)) if is_ensemble(state) else one
+    return jax.jit(run)(state.params, state.batch_stats, xb)
 
 
 def _is_stat(a: Any) -> bool:

@@ -108,8 +108,8 @@ class ReduceLROnPlateau:
                 "ReduceLROnPlateau needs an optimizer built with plateau=True (jtricks.optim.scale_by_plateau)"
             )
         current = optax.tree_utils.tree_get(state.opt_state, "plateau_scale")
-        opt_state = optax.tree_utils.tree_set(
-            state.opt_state, plateau_scale=jnp.asarray(self.scale, current.dtype)
+        opt_state = optax.tree_utils.tree_set(  # stacked states: every member's scale
+            state.opt_state, plateau_scale=jnp.full_like(current, self.scale)
         )
         return state.replace(opt_state=opt_state)
 
