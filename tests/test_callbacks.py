@@ -69,6 +69,46 @@ def test_early_stopping_max_mode_and_restore_at_end(tiny_data, adam, key):
     assert int(state.step) == 20  # restored to the best epoch when training ended
 
 
+def test_member_early_stopping_is_each_members_own_early_stopping():
+    """Per member: the epochs `EarlyStopping` would keep and stop at on that member's values
+    alone (a later improvement of a stopped member does not count), the state of each
+    member's kept epoch, and the stop when the last member stops."""
+    from jtricks.training.callbacks import MemberEarlyStopping, StopTraining
+
+    curves = np.array(
+        [
+            [1.0, 0.9, 0.95, 0.97, 0.5, 0.4],
+            [1.0, 0.8, 0.7, 0.75, 0.6, 0.9],
+            [np.nan, 1.0, 0.9, 0.8, 0.7, 0.6],
+        ]
+    )
+    members = MemberEarlyStopping(patience=2)
+    state = None
+    for epoch in range(1, 7):
+        state = {"w": jnp.full((3, 2), float(epoch))}  # each member's state names its epoch
+        out = members.on_epoch_end(
+            {"epoch": epoch, "val_member_loss": list(curves[:, epoch - 1])}, state
+        )
+        if out is not None:
+            break
+    for i, curve in enumerate(curves):
+        own = EarlyStopping(patience=2)
+        for epoch, value in enumerate(curve, 1):
+            if own.on_epoch_end({"epoch": epoch, "val_loss": value}, state) is not None:
+                break
+        assert (members.best_epoch[i], members.stopped_epoch[i]) == (
+            own.best_epoch,
+            own.stopped_epoch,
+        )
+    assert members.best_epoch == [2, 5, 6] and members.stopped_epoch == [4, None, None]
+    np.testing.assert_array_equal(members.on_train_end(state)["w"][:, 0], [2.0, 5.0, 6.0])
+    stopping, two = MemberEarlyStopping(patience=1), {"w": jnp.zeros((2, 1))}
+    stops = [
+        stopping.on_epoch_end({"epoch": e, "val_member_loss": [1.0, 1.0]}, two) for e in (1, 2)
+    ]
+    assert stops[0] is None and isinstance(stops[1], StopTraining)
+
+
 def test_early_stopping_errors():
     with pytest.raises(ConfigError, match="patience"):
         EarlyStopping(patience=-1)

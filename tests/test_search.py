@@ -72,15 +72,49 @@ def test_each_trial_equals_a_separate_fit_of_its_own_config(searched, data):
 
 def _assert_trials_equal_separate_fits(base, records, data, rtol):
     for record in records:
-        config = trial_config(base, record["values"])
-        b = build(config, data, None, None, False)
-        key = jax.random.fold_in(b.init_key, record["trial"])
-        state = create_train_state(b.model, b.tx, data.example, key)
-        state, _ = with_pretrained(config, b, state)  # as jtricks train loads it
-        options = dataclasses.replace(fit_options(config, b, None), mesh=None)
-        run = dict(val_data=data.val, steps=b.total_steps, data_key=b.data_key)
-        _, history = fit(state, data.train, options, **run)
+        _, history = _separate_fit(base, record, data)
         np.testing.assert_allclose(history["val_loss"], record["val_loss"], rtol=rtol)
+
+
+def _separate_fit(base, record, data, callbacks=()):
+    """The trial's own run: its config built as `jtricks train` builds it, `fit` from the
+    trial's key (no vmap, no injected hyper-parameters)."""
+    config = trial_config(base, record["values"])
+    b = build(config, data, None, None, False)
+    key = jax.random.fold_in(b.init_key, record["trial"])
+    state = create_train_state(b.model, b.tx, data.example, key)
+    state, _ = with_pretrained(config, b, state)  # as jtricks train loads it
+    options = dataclasses.replace(fit_options(config, b, None), mesh=None)
+    run = dict(val_data=data.val, steps=b.total_steps, data_key=b.data_key)
+    return fit(state, data.train, options, **run, callbacks=list(callbacks))
+
+
+def test_trials_stop_early_each_on_its_own_like_separate_runs(tmp_path, data):
+    """``early_stopping``: every trial stops and keeps its best epoch as its own run would
+    (curves up to its stop, scored on the kept epoch); best/ is that finished run."""
+    from jtricks.run import load_run
+    from jtricks.training import EarlyStopping
+
+    config = dataclasses.replace(CONFIG, epochs=6, early_stopping=1)
+    settings = SearchSettings("lr=loguniform(1e-2, 1.0)", 3, "random", 3)
+    result = search(config, settings, out=tmp_path / "s", data=data)
+    lengths = set()
+    for record in result.records:
+        early = EarlyStopping(1)
+        kept, history = _separate_fit(config, record, data, [early])
+        np.testing.assert_allclose(history["val_loss"], record["val_loss"], rtol=1e-4)
+        assert record["kept_epoch"] == early.best_epoch
+        assert record["score"] == pytest.approx(history["val_accuracy"][early.best_epoch - 1])
+        lengths.add(len(record["val_loss"]))
+        if record["trial"] == result.best["trial"]:
+            loaded = load_run(tmp_path / "s" / "best")
+            assert loaded.epoch == early.best_epoch
+            close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # noqa: E731
+            jax.tree.map(close, kept.params, loaded.state.params)
+    assert len(lengths) > 1 and min(lengths) < 6  # each stopped on its own
+    summary = json.loads((tmp_path / "s" / "best" / "summary.json").read_text())
+    assert summary["restored_epoch"] == result.best["kept_epoch"]
+    assert summary["test_loss"] == result.test["loss"]
 
 
 def test_trials_mix_accumulate_and_compute_in_bf16_like_separate_fits(tmp_path, data):
@@ -184,7 +218,6 @@ def test_tpe_asks_optuna_and_gets_told_every_score(data):
         (["--trials", "2"], "--space"),
         (["--space", "lr=loguniform(1e-3, 1e-1)", "--ensemble", "2"], "stacked"),
         (["--space", "lr=loguniform(1e-3, 1e-1)", "--swa", "2"], "does not support swa=2"),
-        (["--space", "lr=loguniform(1e-3, 1e-1)", "--early-stopping", "2"], "earlier epoch"),
         (["--space", "weight_decay=uniform(0, 0.1)"], "unexpected keyword argument"),
         (["--space", "lr=loguniform(1e-3, 1e-1)", "--tensorboard"], "does not support tensorboard"),
         (["--space", "lr=loguniform(1e-3, 1e-1)", "--dataset", "tokens"], "need model outputs"),

@@ -140,3 +140,23 @@ def write_best_run(folder: Path, config: TrainConfig, state: TrainState, records
         folder.rename(old)
     tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_stopped_summary(folder: Path, kept_epoch: int, test: dict[str, float]) -> None:
+    """``summary.json`` of a best trial that stopped early, as `jtricks train` writes one
+    for such a run: the test metrics of the kept state, its epoch's validation metrics and
+    step, ``restored_epoch``. The folder is then a finished run (``--pretrained`` and
+    `jtricks.load_run` take it; ``--resume`` says it finished)."""
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    kept = next(r for r in rows if r["epoch"] == kept_epoch)
+    write_json(
+        folder / "summary.json",
+        {
+            **{f"test_{k}": v for k, v in test.items()},
+            **{k: v for k, v in kept.items() if k.startswith("val_")},
+            "steps": kept["step"],
+            "epochs": rows[-1]["epoch"],
+            "stopped": f"val_loss stopped improving; kept epoch {kept_epoch}'s state",
+            "restored_epoch": kept_epoch,
+        },
+    )

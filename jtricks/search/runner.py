@@ -195,7 +195,6 @@ def stacked(config: TrainConfig) -> None:
                 param=name,
             )
     own = {  # what each trial would have to do on its own validation metrics
-        "early_stopping": (config.early_stopping, "keep an earlier epoch than the one scored"),
         "swa": (config.swa, "be tested on an average that was never scored"),
         "schedule": (
             config.schedule if config.schedule.startswith("plateau") else None,
@@ -315,23 +314,29 @@ def _first(result: GroupResult) -> dict[str, Any]:
 def _trial_record(result: GroupResult, i: int, trial: int, values, metric: str, limit: int):
     """One line of ``trials.jsonl``: the values, the per-epoch validation curves, the
     score (the last epoch's value), the skipped steps and the status (``failed``: a
-    non-finite validation value, or ``limit`` skipped steps, or all of them)."""
+    non-finite validation value, or ``limit`` skipped steps, or all of them). Under
+    early stopping the curves end at the trial's stop and it is scored on the epoch whose
+    state it keeps (``kept_epoch``)."""
     curve = result.curve(metric, i) if result.history.records else []
     loss = result.curve("loss", i) if result.history.records else []
+    kept = result.kept(i) if curve else 0
     skipped = result.skipped(i)
-    ok = bool(curve) and math.isfinite(curve[-1]) and math.isfinite(loss[-1])
+    ok = bool(curve) and math.isfinite(curve[kept - 1]) and math.isfinite(loss[kept - 1])
     ok = ok and skipped < min(limit, int(result.states.step[i]))
-    return {
+    record = {
         "trial": trial,
         "values": values,
         "metric": metric,
         f"val_{metric}": curve,
         "val_loss": loss,
-        "score": curve[-1] if ok else None,
+        "score": curve[kept - 1] if ok else None,
         "status": "ok" if ok else "failed",
         "skipped_steps": skipped,
         "init_key": f"fold_in(init_key, {trial})",
     }
+    if result.early is not None and curve:
+        record["kept_epoch"] = result.records(i)[kept - 1]["epoch"]
+    return record
 
 
 def _new_best(best: _Best, record, result: GroupResult, i: int, config, out) -> None:
@@ -339,7 +344,7 @@ def _new_best(best: _Best, record, result: GroupResult, i: int, config, out) -> 
     best.record, best.state, best.config = record, jax.device_get(state), config
     if out is None:
         return
-    own = outputs.member_records(result.history.records, i)
+    own = outputs.member_records(result.records(i), i)
     outputs.write_best_run(out / "best", config, state, own)
     write_json(out / "best.json", {**record, "config": config.to_dict()})
 
@@ -370,6 +375,8 @@ def _test_best(result: SearchResult, best: _Best, data: RunData, out) -> None:
         write_json(
             out / "best.json", {**result.best, "config": config.to_dict(), "test": result.test}
         )
+        if result.best.get("kept_epoch") is not None:  # stopped early: a finished run
+            outputs.write_stopped_summary(out / "best", result.best["kept_epoch"], result.test)
 
 
 def _restore_best(config: TrainConfig, data: RunData, out: Path):

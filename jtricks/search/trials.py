@@ -54,6 +54,7 @@ from jtricks.run.data import RunData
 from jtricks.run.options import fit_options
 from jtricks.search.space import stage_arguments, trial_config
 from jtricks.training import History, TrainState, transfer
+from jtricks.training.callbacks import MemberEarlyStopping
 from jtricks.training.ensemble import create_ensemble, fit_ensemble
 
 NEVER_STOP = 2**31 - 1
@@ -198,10 +199,25 @@ class GroupResult:
     build: Build
     length: tuple[int, int]
     """``(steps_per_epoch, total_steps)``."""
+    early: MemberEarlyStopping | None = None
+    """With ``early_stopping``: each member's best and stopping epochs."""
+
+    def records(self, i: int) -> list[dict[str, Any]]:
+        """The group's epoch records up to member ``i``'s last: the epoch it stopped at
+        (early stopping), else the last one."""
+        stopped = self.early.stopped_epoch[i] if self.early is not None else None
+        return [r for r in self.history.records if stopped is None or r["epoch"] <= stopped]
+
+    def kept(self, i: int) -> int:
+        """How many of `records` lead to member ``i``'s state: its best epoch under early
+        stopping (whose state it keeps), else all of them."""
+        if self.early is not None and self.early.best_epoch[i] is not None:
+            return self.early.best_epoch[i] - self.history.records[0]["epoch"] + 1
+        return len(self.records(i))
 
     def curve(self, metric: str, i: int) -> list[float]:
-        """Member ``i``'s validation ``metric`` at each epoch."""
-        return [float(r[f"val_member_{metric}"][i]) for r in self.history.records]
+        """Member ``i``'s validation ``metric`` at each of its epochs (`records`)."""
+        return [float(r[f"val_member_{metric}"][i]) for r in self.records(i)]
 
     def skipped(self, i: int) -> int:
         """Member ``i``'s skipped (non-finite) steps: its steps less its optimizer's count
@@ -241,6 +257,8 @@ def train_group(
     states = with_values(states, {k: [split_values(v)[1][k] for v in values] for k in side})
     options = dataclasses.replace(fit_options(config, b, None), mesh=None, max_nonfinite=NEVER_STOP)
     train_data, stream_kw = data.fit_input(config, b.streaming, b.data_key)
+    early = None if b.early is None else MemberEarlyStopping(config.early_stopping)
+    callbacks = [early if cb is b.early else cb for cb in b.callbacks]
     states, history = fit_ensemble(
         states,
         train_data,
@@ -250,9 +268,9 @@ def train_group(
         steps=b.total_steps,
         data_key=b.data_key,
         reporter=b.reporter,
-        callbacks=list(b.callbacks),
+        callbacks=callbacks,
     )
-    return GroupResult(list(trials), states, history, b, length)
+    return GroupResult(list(trials), states, history, b, length, early)
 
 
 def state_bytes(b: Build, example: Any) -> int:

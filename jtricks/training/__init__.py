@@ -1,6 +1,11 @@
 """Training core: `TrainState`, pure steps, and the `fit` loop."""
 
-from jtricks.training.callbacks import EarlyStopping, ReduceLROnPlateau, StopTraining
+from jtricks.training.callbacks import (
+    EarlyStopping,
+    MemberEarlyStopping,
+    ReduceLROnPlateau,
+    StopTraining,
+)
 from jtricks.training.checkpointer import Checkpointer
 from jtricks.training.class_report import ClassReport, class_report
 from jtricks.training.compiled import clear_caches
@@ -20,6 +25,7 @@ __all__ = [
     "EarlyStopping",
     "FitOptions",
     "History",
+    "MemberEarlyStopping",
     "ReduceLROnPlateau",
     "StopTraining",
     "TrainState",

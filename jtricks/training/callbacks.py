@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jtricks.caches import jitted
 from jtricks.errors import ConfigError, check_int, check_range
 from jtricks.optim.schedules import Plateau
 from jtricks.training.state import TrainState
@@ -184,3 +185,79 @@ class EarlyStopping:
         if self.restore_best and self.best_state is not None and self.stopped_epoch is None:
             return self.best_state
         return None
+
+
+class MemberEarlyStopping:
+    """`EarlyStopping` for each member of stacked states (a search's trials): member ``i``
+    monitors its own value, entry ``i`` of the record's ``val_member_<name>`` for a
+    ``monitor`` of ``val_<name>``, keeps the state of its own best epoch and stops
+    counting once its patience has run out, so each member ends as a run of its own
+    would (it trains on inside the program, unseen). Training stops when every member has
+    stopped; the state returned is every member's best epoch's.
+
+    New here: Keras's and the Flax examples' early stopping watch one model.
+
+    Attributes after training: ``best_epoch`` and ``stopped_epoch`` (``None``: it never
+    stopped), one entry per member.
+    """
+
+    def __init__(
+        self,
+        patience: int = 5,
+        min_delta: float = 0.0,
+        *,
+        monitor: str = "val_loss",
+        mode: str = "min",
+    ) -> None:
+        self.patience = check_int("patience", patience, low=0)
+        self.monitor, self.mode, self.min_delta = monitor, mode, min_delta
+        _Monitor("EarlyStopping", monitor, mode, min_delta)  # checks the arguments
+        self._monitors: list[_Monitor] = []
+        self.best_epoch: list[int | None] = []
+        self.stopped_epoch: list[int | None] = []
+        self.wait: list[int] = []
+        self.best_state: TrainState | None = None
+
+    def _values(self, record: dict[str, Any]) -> list[float]:
+        name = "val_member_" + self.monitor.removeprefix("val_")
+        values = _Monitor("EarlyStopping", name, self.mode, self.min_delta).value(record)
+        if not self._monitors:
+            self._monitors = [
+                _Monitor("EarlyStopping", name, self.mode, self.min_delta) for _ in values
+            ]
+            self.best_epoch, self.stopped_epoch = [None] * len(values), [None] * len(values)
+            self.wait = [0] * len(values)
+        return [float(v) for v in values]
+
+    def on_epoch_end(self, record: dict[str, Any], state: TrainState) -> StopTraining | None:
+        improved = []
+        for i, value in enumerate(self._values(record)):
+            better = self.stopped_epoch[i] is None and self._monitors[i].improved(value)
+            if better:
+                self._monitors[i].best, self.best_epoch[i], self.wait[i] = value, record["epoch"], 0
+            elif self.stopped_epoch[i] is None:
+                self.wait[i] += 1
+                if self.wait[i] >= max(self.patience, 1):
+                    self.stopped_epoch[i] = record["epoch"]
+            improved.append(better)
+        first = self.best_state is None
+        self.best_state = _keep(self.best_state, state, jnp.asarray(improved) | first)
+        if all(epoch is not None for epoch in self.stopped_epoch):
+            return StopTraining(self.best_state, f"every member's {self.monitor} stopped improving")
+        return None
+
+    def on_train_end(self, state: TrainState) -> TrainState | None:
+        return self.best_state
+
+
+@jitted
+def _keep(best: Any, state: TrainState, improved: jax.Array) -> TrainState:
+    """Member ``i`` of ``state`` where ``improved[i]``, else of ``best`` (a copy: the state
+    is donated next)."""
+    if best is None:
+        return jax.tree.map(jnp.copy, state)
+
+    def pick(b, s):
+        return jnp.where(improved.reshape((-1,) + (1,) * (jnp.ndim(s) - 1)), s, b)
+
+    return jax.tree.map(pick, best, state)
