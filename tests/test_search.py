@@ -117,37 +117,30 @@ def test_trials_stop_early_each_on_its_own_like_separate_runs(tmp_path, data):
     assert summary["test_loss"] == result.test["loss"]
 
 
-def test_trials_mix_accumulate_and_compute_in_bf16_like_separate_fits(tmp_path, data):
-    """Mixup, gradient accumulation and bf16 compute run in stacked trials as in a
-    single run (each trial mixes with its own key); the best trial's test metrics are
-    test-time augmented as its own run's are."""
+def test_trials_take_what_a_single_run_takes_like_separate_fits(tmp_path, data):
+    """Stacked trials with mixup (each with its own key), gradient accumulation, bf16
+    compute and ``--pretrained RUN --finetune head`` (every trial from the run's weights,
+    only the head trains: the other layers bit-identical in best/) equal separate fits of
+    their configs; the best trial's test metrics are test-time augmented as its own
+    run's are."""
+    from jtricks.run import load_run
+
+    trained = train(dataclasses.replace(CONFIG, epochs=1), out=tmp_path / "pre")
     config = dataclasses.replace(CONFIG, mixup=0.4, accumulate=2, precision="bf16", epochs=1)
     config = dataclasses.replace(config, tta=3, augment="noise(0.1)")
+    config = dataclasses.replace(config, pretrained=str(tmp_path / "pre"), finetune="head")
     settings = SearchSettings("lr=loguniform(1e-3, 3e-1)", 2, "random", 2)
     result = search(config, settings, out=tmp_path / "s", data=data)
     assert [r["status"] for r in result.records] == ["ok", "ok"]
-    _assert_trials_equal_separate_fits(config, result.records, data, rtol=1e-3)
+    _assert_trials_equal_separate_fits(config, result.records, data, rtol=1e-5)
+    pre, tuned = trained.state.params, load_run(tmp_path / "s" / "best").state.params
+    head = list(pre)[-1]
+    assert [k for k in pre if not np.array_equal(pre[k]["kernel"], tuned[k]["kernel"])] == [head]
     resumed = train(resume=tmp_path / "s" / "best").test
     assert set(result.test) == {k for k in resumed if k != "tta_views"}
     assert result.test["loss"] != result.test["single_view_loss"]
     for name, value in result.test.items():
         assert resumed[name] == pytest.approx(value, rel=1e-5), name
-
-
-def test_trials_fine_tune_pretrained_weights_like_separate_fits(tmp_path, data):
-    """``--pretrained RUN --finetune head``: every trial starts from the run's weights and
-    trains only the head (frozen layers bit-identical in best/), as a single run does."""
-    from jtricks.run import load_run
-
-    trained = train(dataclasses.replace(CONFIG, epochs=1), out=tmp_path / "pre")
-    config = dataclasses.replace(CONFIG, epochs=1, pretrained=str(tmp_path / "pre"))
-    config = dataclasses.replace(config, finetune="head")
-    settings = SearchSettings("lr=loguniform(1e-3, 3e-1)", 2, "random", 2)
-    result = search(config, settings, out=tmp_path / "s", data=data)
-    _assert_trials_equal_separate_fits(config, result.records, data, rtol=1e-4)
-    pre, tuned = trained.state.params, load_run(tmp_path / "s" / "best").state.params
-    head = list(pre)[-1]
-    assert [k for k in pre if not np.array_equal(pre[k]["kernel"], tuned[k]["kernel"])] == [head]
 
 
 def test_the_best_folder_is_a_run_that_resumes_and_tests_the_same(searched):
