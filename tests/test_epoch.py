@@ -63,11 +63,13 @@ def _check_static(text: str, steps: str) -> None:
     assert steps in [n for _, n in loops], f"no loop of {steps} steps in {loops}"
 
 
-@pytest.mark.parametrize("kind", ["plain", "ensemble", "accumulate", "fused"])
+@pytest.mark.parametrize("kind", ["plain", "ensemble", "accumulate", "fused", "mixup"])
 def test_the_epoch_loop_has_a_static_trip_count(data, kind):
     x, _ = data
     tx = fused(optax.adam(1e-2)) if kind == "fused" else optax.adam(1e-2)
     options = StepOptions(accumulate=2 if kind == "accumulate" else 1)
+    if kind == "mixup":  # its Beta draw: no rejection loop (`jtricks.data.augment.beta`)
+        options = StepOptions(mix=("mixup", 0.2), num_classes=3)
     if kind == "ensemble":
         state = create_ensemble(MODEL, tx, x, jax.random.split(jax.random.key(0), 2))
     else:
