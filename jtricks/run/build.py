@@ -286,6 +286,11 @@ def with_pretrained(
     if load and config.pretrained is not None:
         state, loaded = load_pretrained(state, config.pretrained)
         said = describe_loaded(loaded)
+        if config.ensemble > 1 and not loaded["kept"]:
+            said += (
+                f"; all {config.ensemble} members start from these weights and see the "
+                "same batches: they differ only where dropout draws"
+            )
     if b.trainable is not None and state.batch_stats:  # frozen layers keep their statistics
         state = freeze_batch_stats(state, trainable=b.trainable)
     return state, said
