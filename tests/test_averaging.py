@@ -317,6 +317,8 @@ def test_cli_ensemble_ema_swa_and_finetune(tmp_path, capsys):
         (["--ensemble", "0"], "--ensemble"),
         (["--ema", "1.5"], "--ema"),
         (["--swa", "0"], "--swa"),
+        (["--swa", "2", "--early-stopping", "2"], "keeps its best epoch's state: give one"),
+        (["--swa", "2", "--ema", "0.9", "--eval-params", "ema"], "would never be evaluated"),
         (["--finetune", "head"], "--finetune"),
         (["--pretrained", "/nonexistent/run"], "--pretrained"),
     ],

@@ -425,6 +425,25 @@ def _ema_source(c: TrainConfig) -> None:
         )
 
 
+def _swa_evaluated(c: TrainConfig) -> None:
+    """SWA makes its average the parameters at the end: nothing may evaluate others."""
+    if c.swa is None:
+        return
+    if c.early_stopping is not None:
+        raise ConfigError(
+            f"swa={c.swa} makes the average of the epochs' parameters the final state, and "
+            f"early_stopping={c.early_stopping} keeps its best epoch's state: give one of them",
+            param="swa",
+        )
+    if c.eval_params == "ema":
+        raise ConfigError(
+            f"swa={c.swa} replaces the training parameters by their average, but "
+            "eval_params='ema' evaluates the EMA, so the average would never be evaluated: "
+            "drop one of them",
+            param="swa",
+        )
+
+
 def _finetune(c: TrainConfig) -> None:
     if c.finetune is not None and c.pretrained is None:
         raise ConfigError(
@@ -446,6 +465,7 @@ RULES: tuple[Callable[[TrainConfig], None], ...] = (
     _one_balancing,
     _tta_views,
     _ema_source,
+    _swa_evaluated,
     _finetune,
     _length,
 )
