@@ -224,7 +224,7 @@ def test_no_six_code_lines_are_repeated():
     assert not repeated, "repeated blocks:\n" + "\n".join(repeated)
 
 
-IMPORT_TO_DIST = {"orbax": "orbax-checkpoint", "sklearn": "scikit-learn"}
+IMPORT_TO_DIST = {"orbax": "orbax-checkpoint", "sklearn": "scikit-learn", "PIL": "pillow"}
 
 
 def test_every_imported_package_is_declared():

@@ -34,7 +34,9 @@ def cache_dir() -> Path:
     return Path(base) / "jtricks"
 
 
-def _atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
+def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """Write ``arrays`` to ``path`` (``.npz``) through a temporary file renamed over it, so a
+    reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
@@ -97,7 +99,7 @@ def mnist1d(
             np.random.set_state(np_state)  # noqa: NPY002
             random.setstate(py_state)
         arrays = {k: np.asarray(raw[k]) for k in ("x", "y", "x_test", "y_test")}
-        _atomic_save_npz(path, **arrays)
+        atomic_save_npz(path, **arrays)
     data = Dataset(
         name="mnist1d",
         x_train=arrays["x"].astype(np.float32),

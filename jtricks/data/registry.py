@@ -1,15 +1,16 @@
 """The dataset registry: every name ``--dataset`` and `load_dataset` accept.
 
 It sits above the loaders (`jtricks.data.datasets` for MNIST-1D, synthetic data and
-``.npz`` files, `jtricks.data.loaders` for image files, `jtricks.data.generated` for the
-other tasks' data), so none of them imports another.
+``.npz`` files, `jtricks.data.loaders` for MNIST and CIFAR files,
+`jtricks.data.image_folder` for class folders of images, `jtricks.data.generated` for
+the other tasks' data).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from jtricks.data import generated, loaders, packaged
+from jtricks.data import generated, image_folder, loaders, packaged
 from jtricks.data.dataset import Dataset
 from jtricks.data.datasets import DATASETS
 from jtricks.errors import ConfigError
@@ -20,6 +21,7 @@ FILES_AND_TASKS: dict[str, Callable[..., Dataset]] = {
     "fashion_mnist": loaders.fashion_mnist,
     "cifar10": loaders.cifar10,
     "cifar100": loaders.cifar100,
+    "imagefolder": image_folder.imagefolder,
     "regression": generated.regression,
     "segmentation1d": generated.segmentation1d,
     "tokens": generated.tokens,
