@@ -275,6 +275,13 @@ def is_ensemble(state: TrainState) -> bool:
     return jnp.ndim(state.step) == 1
 
 
+def evaluation_states(state: TrainState, source: str = "auto") -> TrainState:
+    """``state.evaluation_state(source)``; for stacked states, member by member."""
+    if is_ensemble(state):
+        return jax.vmap(lambda s: s.evaluation_state(source))(state)
+    return state.evaluation_state(source)
+
+
 def first_member(state: TrainState) -> TrainState:
     """Member 0 of stacked (ensemble) states; a single state itself."""
     return jax.tree.map(lambda a: a[0], state) if is_ensemble(state) else state

@@ -21,7 +21,7 @@ from jtricks.training.data_checks import num_examples
 from jtricks.training.data_checks import pad_batches as pad_batches  # its old home
 from jtricks.training.gradients import Batch, cast_floats
 from jtricks.training.model import apply_model
-from jtricks.training.state import TrainState, is_ensemble, keep_frozen_stats
+from jtricks.training.state import TrainState, evaluation_states, is_ensemble, keep_frozen_stats
 from jtricks.trees import tree_norm
 
 PRECISIONS = {"float32": None, "bf16": jnp.bfloat16}
@@ -271,12 +271,9 @@ def evaluation_step(
     """The step and state that evaluate ``state`` on the parameters
     ``state.evaluation_state(source)``: for stacked states, every member's and the
     ensemble's (`EnsembleEvalStep`)."""
-    if is_ensemble(state):
-        state = jax.vmap(lambda s: s.evaluation_state(source))(state)
-        if isinstance(eval_step, EvalStep):
-            eval_step = EnsembleEvalStep(eval_step.task)
-        return eval_step, state
-    return eval_step, state.evaluation_state(source)
+    if is_ensemble(state) and isinstance(eval_step, EvalStep):
+        eval_step = EnsembleEvalStep(eval_step.task)
+    return eval_step, evaluation_states(state, source)
 
 
 def evaluate_batches(

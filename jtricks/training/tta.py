@@ -38,7 +38,13 @@ from jtricks.training.data_checks import check_data
 from jtricks.training.distributed import like_state
 from jtricks.training.loop import record_value
 from jtricks.training.model import apply_model
-from jtricks.training.state import TrainState, check_eval_source, first_member, is_ensemble
+from jtricks.training.state import (
+    TrainState,
+    check_eval_source,
+    evaluation_states,
+    first_member,
+    is_ensemble,
+)
 from jtricks.training.steps import ensemble_metrics, ensemble_sums, pad_batches
 
 __all__ = ["evaluate_tta", "tta_log_probs"]
@@ -97,11 +103,7 @@ def _compiled(task: Task, augment: Callable, views: int, stacked: bool):
 def _run(state, data, augment, views, key, task, batch_size, params="auto"):
     source = check_eval_source(params, first_member(state))
     stacked = is_ensemble(state)
-    state = (
-        jax.vmap(lambda s: s.evaluation_state(source))(state)
-        if stacked
-        else state.evaluation_state(source)
-    )
+    state = evaluation_states(state, source)
     data = check_data(first_member(state), task, data, "evaluation data")
     views = check_int("views", views, low=1)
     batch_size = check_int("batch_size", batch_size, low=1)
