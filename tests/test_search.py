@@ -130,8 +130,10 @@ def test_trials_take_what_a_single_run_takes_like_separate_fits(tmp_path, data):
     config = dataclasses.replace(config, tta=3, augment="noise(0.1)")
     config = dataclasses.replace(config, pretrained=str(tmp_path / "pre"), finetune="head")
     settings = SearchSettings("lr=loguniform(1e-3, 3e-1)", 2, "random", 2)
-    result = search(config, settings, out=tmp_path / "s", data=data)
+    lines: list[str] = []
+    result = search(config, settings, out=tmp_path / "s", data=data, log=lines.append)
     assert [r["status"] for r in result.records] == ["ok", "ok"]
+    assert [x for x in lines if x.startswith("pretrained: parameters of")] == lines[:1]
     _assert_trials_equal_separate_fits(config, result.records, data, rtol=1e-5)
     pre, tuned = trained.state.params, load_run(tmp_path / "s" / "best").state.params
     head = list(pre)[-1]

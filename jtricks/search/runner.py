@@ -281,6 +281,8 @@ def _wave(config, wave, data, finished, sampler, metric, best, out, reporter, lo
         t0 = time.perf_counter()
         result = train_group(config, trials, [values[i] for i in group], data, reporter)
         took = time.perf_counter() - t0
+        if log is not None and result.loaded and trials[0] == 0:  # said once, as train does
+            log(result.loaded)
         metric = metric or ("accuracy" if "val_member_accuracy" in _first(result) else "loss")
         for i, t in enumerate(trials):
             record = _trial_record(result, i, t, values[group[i]], metric, config.max_nonfinite)

@@ -201,6 +201,8 @@ class GroupResult:
     """``(steps_per_epoch, total_steps)``."""
     early: MemberEarlyStopping | None = None
     """With ``early_stopping``: each member's best and stopping epochs."""
+    loaded: str | None = None
+    """With ``pretrained``: the line that says which layers were loaded."""
 
     def records(self, i: int) -> list[dict[str, Any]]:
         """The group's epoch records up to member ``i``'s last: the epoch it stopped at
@@ -253,7 +255,7 @@ def train_group(
     b.tx = scaled_optimizer(config, length, side, b.trainable)
     keys = jax.vmap(lambda t: jax.random.fold_in(b.init_key, t))(jnp.asarray(trials))
     states = create_ensemble(b.members, b.tx, data.example, keys, ema_decay=config.ema)
-    states, _ = with_pretrained(config, b, states)
+    states, loaded = with_pretrained(config, b, states)
     states = with_values(states, {k: [split_values(v)[1][k] for v in values] for k in side})
     options = dataclasses.replace(fit_options(config, b, None), mesh=None, max_nonfinite=NEVER_STOP)
     train_data, stream_kw = data.fit_input(config, b.streaming, b.data_key)
@@ -270,7 +272,7 @@ def train_group(
         reporter=b.reporter,
         callbacks=callbacks,
     )
-    return GroupResult(list(trials), states, history, b, length, early)
+    return GroupResult(list(trials), states, history, b, length, early, loaded)
 
 
 def state_bytes(b: Build, example: Any) -> int:
