@@ -342,7 +342,7 @@ def _trial_record(result: GroupResult, i: int, trial: int, values, metric: str, 
 
 
 def _new_best(best: _Best, record, result: GroupResult, i: int, config, out) -> None:
-    state = plain_state(result.member(i), config, result.build, result.length)
+    state = plain_state(result.member(i), result.build)
     best.record, best.state, best.config = record, jax.device_get(state), config
     if out is None:
         return

@@ -48,7 +48,7 @@ from jtricks.caches import jitted
 from jtricks.errors import ConfigError
 from jtricks.optim import build_optimizer, build_schedule
 from jtricks.optim.sweep import Keyed, freeze, is_injected
-from jtricks.run.build import Build, build, optimizer, run_length, with_pretrained
+from jtricks.run.build import Build, build, run_length, with_pretrained
 from jtricks.run.config import TrainConfig
 from jtricks.run.data import RunData
 from jtricks.run.options import fit_options
@@ -175,18 +175,12 @@ def with_values(states: TrainState, values: dict[str, Sequence[float]]) -> Train
     return states.replace(opt_state=opt._replace(hyperparams=hyper), hparams=task or None)
 
 
-def plain_state(
-    state: TrainState, config: TrainConfig, b: Build, length: tuple[int, int]
-) -> TrainState:
-    """A member of a search as the state `jtricks train` makes for its config: the plain
-    optimizer (`jtricks.run.build.optimizer`, with ``finetune``'s frozen layers;
-    ``length`` is ``(steps_per_epoch, total_steps)``) and its state (the scaled
+def plain_state(state: TrainState, b: Build) -> TrainState:
+    """A member of a search as the state `jtricks train` makes for its config: the run's
+    own optimizer (``b.tx``, with ``finetune``'s frozen layers) and its state (the scaled
     optimizer's inner one, of the same structure), so ``--resume`` and ``--pretrained``
     take it."""
-    tx, _ = optimizer(config, *length)
-    if b.trainable is not None:
-        tx = transfer.freeze(tx, trainable=b.trainable)
-    return state.replace(tx=tx, opt_state=state.opt_state.inner_state)
+    return state.replace(tx=b.tx, opt_state=state.opt_state.inner_state)
 
 
 @dataclass
@@ -197,8 +191,7 @@ class GroupResult:
     states: TrainState
     history: History
     build: Build
-    length: tuple[int, int]
-    """``(steps_per_epoch, total_steps)``."""
+    """The group's run as `jtricks train` builds it (its plain optimizer: `plain_state`)."""
     early: MemberEarlyStopping | None = None
     """With ``early_stopping``: each member's best and stopping epochs."""
     loaded: str | None = None
@@ -252,9 +245,9 @@ def train_group(
     config.validate()
     b = build(config, data, None, reporter, False)
     length = run_length(config, data.n_train)
-    b.tx = scaled_optimizer(config, length, side, b.trainable)
+    tx = scaled_optimizer(config, length, side, b.trainable)
     keys = jax.vmap(lambda t: jax.random.fold_in(b.init_key, t))(jnp.asarray(trials))
-    states = create_ensemble(b.members, b.tx, data.example, keys, ema_decay=config.ema)
+    states = create_ensemble(b.members, tx, data.example, keys, ema_decay=config.ema)
     states, loaded = with_pretrained(config, b, states)
     states = with_values(states, {k: [split_values(v)[1][k] for v in values] for k in side})
     options = dataclasses.replace(fit_options(config, b, None), mesh=None, max_nonfinite=NEVER_STOP)
@@ -272,7 +265,7 @@ def train_group(
         reporter=b.reporter,
         callbacks=callbacks,
     )
-    return GroupResult(list(trials), states, history, b, length, early, loaded)
+    return GroupResult(list(trials), states, history, b, early, loaded)
 
 
 def state_bytes(b: Build, example: Any) -> int:
