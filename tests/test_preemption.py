@@ -310,3 +310,35 @@ def test_an_ensemble_checkpoints_stops_and_resumes_exactly_with_its_ema(tmp_path
     assert resumed.test == reference.test and "ema_member_accuracy" in reference.test
     assert np.ndim(reference.state.ema_params["Dense_0"]["kernel"]) == 3  # per member
     _same(jtricks.load_run(out).state.params, reference.state.params)
+
+
+def test_swa_resumes_exactly_from_an_interrupted_or_an_epoch_checkpoint(tmp_path):
+    """SWA's running average is saved beside the state (``arrays/``) with its count, so a
+    stopped SWA run (here an ensemble: each member's average) continues to the bit from
+    its interrupted checkpoint and from the epoch checkpoint before it (it was refused)."""
+    import shutil
+
+    import jtricks
+    from jtricks.errors import Interrupted
+
+    config = dict(
+        dataset="synthetic(num_train=300, num_test=50, shape=(8,), num_classes=3)",
+        model="mlp(features=(16,), dropout=0.2)", optimizer="momentum", learning_rate=0.05,
+        batch_size=15, epochs=4, chunk=10, checkpoint_every=2, ensemble=2, swa=2,
+    )  # parts of 9 steps, 2 an epoch; epochs 2, 3 and 4 averaged  # fmt: skip
+    reference = jtricks.train(**config, out=tmp_path / "ref")
+    stop, out, again = threading.Event(), tmp_path / "run", tmp_path / "again"
+    with pytest.raises(Interrupted):  # after epoch 3's first part: epoch 2 averaged
+        jtricks.train(**config, out=out, stop=stop, reporter=StopAfterParts(stop, 3))
+    (cut,) = list_checkpoints(out / "checkpoints" / "interrupted")
+    assert (cut / "arrays").is_dir() and (out / "checkpoints/epoch-000002/arrays").is_dir()
+    shutil.copytree(out, again)
+    shutil.rmtree(again / "checkpoints" / "interrupted")  # resumes from epoch 2's
+    for run in (out, again):
+        resumed = jtricks.train(resume=run)
+        _same((resumed.state.params, resumed.state.opt_state), (reference.state.params,
+              reference.state.opt_state))  # fmt: skip
+        assert resumed.test == reference.test
+    swa = jtricks.training.averaging.SWA(1)
+    with pytest.raises(ConfigError, match="holds no SWA average"):
+        swa.load_state_dict({"count": 2}, {})

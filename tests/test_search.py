@@ -80,7 +80,7 @@ def _separate_fit(base, record, data, callbacks=()):
     """The trial's own run: its config built as `jtricks train` builds it, `fit` from the
     trial's key (no vmap, no injected hyper-parameters)."""
     config = trial_config(base, record["values"])
-    b = build(config, data, None, None, False)
+    b = build(config, data, None, False)
     key = jax.random.fold_in(b.init_key, record["trial"])
     state = create_train_state(b.model, b.tx, data.example, key)
     state, _ = with_pretrained(config, b, state)  # as jtricks train loads it

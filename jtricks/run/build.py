@@ -58,6 +58,7 @@ class Build:
     mix: tuple[str, float] | None = None
     plateau: ReduceLROnPlateau | None = None
     early: EarlyStopping | None = None
+    swa: SWA | None = None
     callbacks: list[Any] = field(default_factory=list)
     reporter: Any = None
     trainable: list[str] | None = None
@@ -74,10 +75,16 @@ class Build:
             states["plateau"] = self.plateau.state_dict()
         if self.early is not None:
             states["early_stopping"] = self.early.state_dict()
+        if self.swa is not None:
+            states["swa"] = self.swa.state_dict()
         return states
 
+    def callback_arrays(self) -> dict[str, Any]:
+        """The stateful callbacks' arrays (SWA's average), saved beside each checkpoint."""
+        return {} if self.swa is None else self.swa.arrays()
 
-def build(config: TrainConfig, data: RunData, resume: Any, reporter: Any, progress: bool) -> Build:
+
+def build(config: TrainConfig, data: RunData, reporter: Any, progress: bool) -> Build:
     """The run's task, model, optimizer (with its schedule), augmentation and callbacks."""
     task = imbalance_options(config, task_for(config, data.task_spec), data)
     model = build_model(config.model, data.num_classes, seed=config.seed)
@@ -107,7 +114,7 @@ def build(config: TrainConfig, data: RunData, resume: Any, reporter: Any, progre
     b.members = model
     if isinstance(model, nnx.Module):  # member i from its own key, as a Linen member
         b.members = lambda k: build_model(config.model, data.num_classes, seed=k)
-    add_callbacks(b, config, data, plateau, resume)
+    add_callbacks(b, config, data, plateau)
     if reporter is None and progress:
         from jtricks.training.progress import RichReporter
 
@@ -296,11 +303,8 @@ def with_pretrained(
     return state, said
 
 
-def add_callbacks(
-    b: Build, config: TrainConfig, data: RunData, plateau: Plateau | None, resume: Any
-) -> None:
-    """Reduce-on-plateau, early stopping and SWA, as the config asks; refuses to resume
-    what is not checkpointed (SWA's running average)."""
+def add_callbacks(b: Build, config: TrainConfig, data: RunData, plateau: Plateau | None) -> None:
+    """Reduce-on-plateau, early stopping and SWA, as the config asks."""
     if plateau is not None:
         b.plateau = ReduceLROnPlateau(
             plateau.factor,
@@ -316,14 +320,10 @@ def add_callbacks(
         b.early = EarlyStopping(config.early_stopping)
         b.callbacks.append(b.early)
     if config.swa is not None:
-        if resume is not None:
-            raise ConfigError(
-                "runs with swa cannot be resumed: the running average is not checkpointed",
-                param="resume",
-            )
         probe = lambda: create_train_state(b.model, b.tx, data.example, b.init_key)  # noqa: E731
         SWA.check(jax.eval_shape(probe))  # shapes only: nothing is initialised
-        b.callbacks.append(SWA(config.swa, data.train[0]))
+        b.swa = SWA(config.swa, data.train[0])
+        b.callbacks.append(b.swa)
 
 
 HOME_DATASETS = {"fcn1d": "segmentation1d", "transformer_lm": "tokens"}

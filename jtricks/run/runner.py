@@ -118,7 +118,7 @@ def train(
         data = load_run_data(config)
         refuse_on_disk(config, data)
         out = share_processes(config, data, out, resume)
-        b = build(config, data, resume, reporter, progress)
+        b = build(config, data, reporter, progress)
         check_mesh(config)  # before any folder exists
         with refused_cleanly(out if resume is None else None):
             state, run = start(config, data, b, out, resume, locks)
@@ -285,6 +285,7 @@ def checkpointer(run_dir: Path, config: TrainConfig, b: Build, records: list) ->
         every=config.checkpoint_every,
         keep=config.keep_checkpoints,
         meta_fn=meta,
+        arrays_fn=b.callback_arrays,
     )
     ckpt.records = list(records)
     ckpt.best = min((r["val_loss"] for r in records), default=None)
@@ -313,8 +314,11 @@ def restore_run(
     (``partial_epoch``, a stream's ``data_state``), with the callbacks' saved states."""
     foreign = foreign_checker(run_identity(ckpt_dir.parent), settings)
     _remove_cut_writes(ckpt_dir)
+    like = {"swa": state.params} if b.swa is not None else None  # SWA's average
     try:
-        restored = restore_latest(ckpt_dir, state, required=RUN_META, foreign=foreign)
+        restored = restore_latest(
+            ckpt_dir, state, required=RUN_META, foreign=foreign, arrays_like=like
+        )
     except CheckpointError as e:
         raise ConfigError(f"cannot resume {str(ckpt_dir.parent)!r}: {e}", param="resume") from None
     if restored is None:
@@ -335,6 +339,8 @@ def restore_run(
         best_path = best_checkpoint(ckpt_dir)
         best = restore(best_path, state)[0] if best_path is not None else None
         b.early.load_state_dict(saved["early_stopping"], best)
+    if b.swa is not None and "swa" in saved:
+        b.swa.load_state_dict(saved["swa"], meta.get("arrays"))
     cut = {k: meta[k] for k in ("data_state", "partial_epoch") if meta.get(k) is not None}
     return state, meta["history"], cut
 

@@ -268,7 +268,7 @@ def _run(config, settings, space, data, out, records, reporter, log) -> SearchRe
 def _default_parallel(config: TrainConfig, data: RunData, trials: int) -> int:
     from jtricks.run.build import build
 
-    b = build(dataclasses.replace(config, ensemble=1), data, None, None, False)
+    b = build(dataclasses.replace(config, ensemble=1), data, None, False)
     return default_parallel(b, data, config.batch_size, trials)
 
 
@@ -366,7 +366,7 @@ def _test_best(result: SearchResult, best: _Best, data: RunData, out) -> None:
         state = _restore_best(config, data, out)
     from jtricks.run.build import build
 
-    b = build(config, data, None, None, False)
+    b = build(config, data, None, False)
     test, _ = evaluate_with_report(
         state, data.test, b.task, config.eval_batch_size, config.eval_params
     )
@@ -384,7 +384,7 @@ def _test_best(result: SearchResult, best: _Best, data: RunData, out) -> None:
 def _restore_best(config: TrainConfig, data: RunData, out: Path):
     from jtricks.run.build import build
 
-    b = build(config, data, None, None, False)
+    b = build(config, data, None, False)
     template = create_train_state(b.model, b.tx, data.example, b.init_key, ema_decay=config.ema)
     restored = restore_latest(out / "best" / "checkpoints", template)
     if restored is None:

@@ -243,7 +243,7 @@ def train_group(
     fixed, side = split_values(values[0])
     config = dataclasses.replace(trial_config(config, fixed), ensemble=1)
     config.validate()
-    b = build(config, data, None, reporter, False)
+    b = build(config, data, reporter, False)
     length = run_length(config, data.n_train)
     tx = scaled_optimizer(config, length, side, b.trainable)
     keys = jax.vmap(lambda t: jax.random.fold_in(b.init_key, t))(jnp.asarray(trials))

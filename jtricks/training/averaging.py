@@ -110,6 +110,11 @@ class SWA:
     An optimizer that evaluates on parameters of its own (schedule-free's ``x``,
     Lookahead's slow weights: `jtricks.optim.eval_params`) is refused at the first
     averaged epoch: evaluation would read those, not the average.
+
+    A run resumes exactly with SWA: `state_dict` (the count) goes into a checkpoint's
+    metadata and `arrays` (the average) beside its state (`Checkpointer`'s ``meta_fn`` and
+    ``arrays_fn``); `load_state_dict` takes both back. New relative to PyTorch's
+    ``AveragedModel``, whose average a resume must save and load by hand.
     """
 
     needs_state = True
@@ -131,6 +136,26 @@ class SWA:
             self.average = _running_mean(self.average, state.params, jnp.float32(self.count))
         self.count += 1
         return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": self.count}
+
+    def arrays(self) -> dict[str, Any]:
+        """The average as a checkpoint's named arrays (none before the first epoch averaged)."""
+        return {} if self.average is None else {"swa": self.average}
+
+    def load_state_dict(self, d: dict[str, Any], arrays: dict[str, Any] | None = None) -> None:
+        """Continue from a checkpoint's `state_dict` and `arrays`; a count without its
+        average is a `ConfigError` (the checkpoint was not written with ``arrays_fn``)."""
+        count = int(d["count"])
+        average = (arrays or {}).get("swa")
+        if count and average is None:
+            raise ConfigError(
+                f"the checkpoint says {count} epoch(s) were averaged but holds no SWA average; "
+                "write checkpoints with Checkpointer(arrays_fn=swa.arrays) to resume SWA",
+                param="resume",
+            )
+        self.count, self.average = count, average if count else None
 
     @staticmethod
     def check(state: TrainState) -> None:

@@ -5,6 +5,8 @@ Layout of a checkpoint directory (orbax's, so plain orbax can read it)::
     ckpt/epoch-000012/            one committed checkpoint (an orbax step)
         state/                    the TrainState arrays (orbax's StandardSave, no pickle)
         meta/metadata             epoch, step, history records, callback states (JsonSave)
+        arrays/                   arrays a callback keeps beside the state, when one does
+                                  (SWA's running average), by name (StandardSave)
         _CHECKPOINT_METADATA      orbax's bookkeeping (commit time)
         manifest.json             SHA-256 and size of every file of state/ and meta/
     ckpt/best/epoch-000009/       the best epoch so far (same layout)
@@ -56,11 +58,13 @@ def _arrays(state: TrainState) -> dict[str, Any]:
     return key_data(arrays)
 
 
-def items(state: TrainState, meta: dict[str, Any]) -> ocp.args.Composite:
-    """The orbax items of one checkpoint: the arrays and the JSON metadata."""
-    return ocp.args.Composite(
-        state=ocp.args.StandardSave(_arrays(state)), meta=ocp.args.JsonSave(meta)
-    )
+def items(state: TrainState, meta: dict[str, Any], arrays: Any = None) -> ocp.args.Composite:
+    """The orbax items of one checkpoint: the state's arrays, the JSON metadata and, when
+    given (a dict of named trees), the callbacks' ``arrays``."""
+    found = {"state": ocp.args.StandardSave(_arrays(state)), "meta": ocp.args.JsonSave(meta)}
+    if arrays:
+        found["arrays"] = ocp.args.StandardSave(arrays)
+    return ocp.args.Composite(**found)
 
 
 class ManifestRename(ocp_path.atomicity.AtomicRenameTemporaryPath):
@@ -127,9 +131,16 @@ def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and pattern.fullmatch(p.name))
 
 
-def save(directory: str | os.PathLike, name: str, state: TrainState, meta: dict[str, Any]) -> Path:
-    """Write ``state`` and ``meta`` as checkpoint ``directory/name``, atomically, and wait
-    for it. A checkpoint already there is replaced only once the new one is complete.
+def save(
+    directory: str | os.PathLike,
+    name: str,
+    state: TrainState,
+    meta: dict[str, Any],
+    arrays: Any = None,
+) -> Path:
+    """Write ``state``, ``meta`` (and the callbacks' named ``arrays``, `items`) as checkpoint
+    ``directory/name``, atomically, and wait for it. A checkpoint already there is replaced
+    only once the new one is complete.
 
     Returns the committed checkpoint's path.
     """
@@ -138,7 +149,7 @@ def save(directory: str | os.PathLike, name: str, state: TrainState, meta: dict[
     quiet_writer_failures()
     try:
         root.mkdir(parents=True, exist_ok=True)
-        check_space(root, state)
+        check_space(root, state, arrays=arrays)
         for leftover in root.glob(f"{TMP}*"):
             shutil.rmtree(leftover, ignore_errors=True)
         if final.exists():
@@ -146,7 +157,7 @@ def save(directory: str | os.PathLike, name: str, state: TrainState, meta: dict[
         with ocp.Checkpointer(
             ocp.CompositeCheckpointHandler(), temporary_path_class=ManifestRename
         ) as ckptr:
-            ckptr.save(final, args=items(state, meta))
+            ckptr.save(final, args=items(state, meta, arrays))
         shutil.rmtree(aside, ignore_errors=True)
     except Exception as e:  # no space, no permission, or orbax's writer failing for them
         shutil.rmtree(root / f"{TMP}{name}", ignore_errors=True)
@@ -156,11 +167,12 @@ def save(directory: str | os.PathLike, name: str, state: TrainState, meta: dict[
     return final
 
 
-def check_space(root: Path, state: TrainState, copies: int = 1) -> None:
-    """Refuse a save (of ``copies`` checkpoints of ``state`` at once) that cannot fit before
-    orbax starts writing (ENOSPC in its writer threads otherwise surfaces as a storm of
-    errors, and may leave a temporary folder a writer was still filling)."""
-    size = sum(int(getattr(a, "nbytes", 0)) for a in jax.tree.leaves(_arrays(state)))
+def check_space(root: Path, state: TrainState, copies: int = 1, arrays: Any = None) -> None:
+    """Refuse a save (of ``copies`` checkpoints of ``state`` and ``arrays`` at once) that
+    cannot fit before orbax starts writing (ENOSPC in its writer threads otherwise surfaces
+    as a storm of errors, and may leave a temporary folder a writer was still filling)."""
+    leaves = jax.tree.leaves((_arrays(state), arrays))
+    size = sum(int(getattr(a, "nbytes", 0)) for a in leaves)
     need = copies * size + 2**20
     root = next(p for p in (root, *root.parents) if p.exists())  # the folder may be new
     free = shutil.disk_usage(root).free
@@ -251,11 +263,15 @@ def restore(
     *,
     required: tuple[str, ...] = (),
     foreign: Callable[[dict], str | None] | None = None,
+    arrays_like: dict[str, Any] | None = None,
 ) -> tuple[TrainState, dict[str, Any]]:
     """Restore a checkpoint into the structure of ``target`` (a freshly created state).
 
     ``path`` is a checkpoint (``.../epoch-NNNNNN``) or a folder of them (a run's
     ``checkpoints/`` or its ``checkpoints/best/``), which restores the newest one there.
+    With ``arrays_like`` (named trees with the shapes, dtypes and placement of the
+    callbacks' saved ``arrays``), a checkpoint that holds them returns them in the
+    metadata's ``"arrays"``.
 
     Raises:
       CheckpointError: if a file is corrupt or truncated (named), ``foreign(meta)`` says
@@ -265,7 +281,7 @@ def restore(
     path = Path(path).absolute()
     inside = [] if (path / "manifest.json").exists() else list_checkpoints(path)
     path = inside[-1] if inside else path  # a folder of checkpoints: its newest
-    return _load(path, target, _check(path, target, required, foreign))
+    return _load(path, target, _check(path, target, required, foreign), arrays_like)
 
 
 def _check(
@@ -287,11 +303,17 @@ def _check(
     return meta
 
 
-def _load(path: Path, target: TrainState, meta: dict[str, Any]) -> tuple[TrainState, dict]:
-    """Read a checked checkpoint's arrays into the structure of ``target``."""
+def _load(
+    path: Path, target: TrainState, meta: dict[str, Any], arrays_like: Any = None
+) -> tuple[TrainState, dict]:
+    """Read a checked checkpoint's arrays into the structure of ``target`` (and the
+    callbacks' arrays into that of ``arrays_like``, when it and the checkpoint have them)."""
     with _orbax(path) as ckptr:
         abstract = jax.tree.map(_placed_like, _arrays(target))
         arrays = ckptr.restore((path / "state").absolute(), abstract)
+        if arrays_like and (path / "arrays").is_dir():
+            like = jax.tree.map(_placed_like, arrays_like)
+            meta = {**meta, "arrays": ckptr.restore((path / "arrays").absolute(), like)}
     batch_stats = wrap_keys(arrays["batch_stats"], target.batch_stats)
     state = target.replace(
         step=arrays["step"],
@@ -375,10 +397,12 @@ def restore_latest(
     log=None,
     required: tuple[str, ...] = (),
     foreign: Callable[[dict], str | None] | None = None,
+    arrays_like: dict[str, Any] | None = None,
 ) -> tuple[TrainState, dict] | None:
     """Restore the newest intact checkpoint (`newest_last`: an interrupted run's state
-    counts), falling back past damaged ones and another run's (``foreign``, as `restore`
-    takes it), each named with its problem in one warning once a checkpoint restores.
+    counts), falling back past damaged ones and another run's (``foreign`` and
+    ``arrays_like`` as `restore` takes them), each named with its problem in one warning
+    once a checkpoint restores.
     The processes of a multi-process run restore the same one: the newest that every
     process finds intact (`all_agree`).
 
@@ -404,7 +428,7 @@ def restore_latest(
             errors.append(problem or f"{path.name} is damaged in another process's view")
             continue
         try:
-            restored = _load(path, target, meta)
+            restored = _load(path, target, meta, arrays_like)
         except CheckpointError as e:
             errors.append(str(e))
             continue

@@ -57,7 +57,7 @@ def epoch_manager(
         save_root_metadata=False,
     )
     return ocp.CheckpointManager(
-        directory.absolute(), options=options, item_names=("state", "meta")
+        directory.absolute(), options=options, item_names=("state", "meta", "arrays")
     )
 
 
@@ -71,7 +71,9 @@ class Checkpointer:
     periodic checkpoint's view of the run, which is what a resume continues from.
 
     ``meta_fn(record, state)`` may add JSON-able data (e.g. callback states) to each
-    checkpoint's metadata; the fit history so far is always included.
+    checkpoint's metadata; the fit history so far is always included. ``arrays_fn()`` may
+    return named array trees a callback keeps beside the state (`SWA`'s average: its
+    ``arrays()``), written with each epoch's and an interrupted checkpoint (`items`).
 
     With ``background=True`` (the default) orbax writes a checkpoint while training goes
     on: the callback hands it a device copy of the state (the next epoch donates its
@@ -100,6 +102,7 @@ class Checkpointer:
         monitor: str | None = "val_loss",
         mode: str = "min",
         meta_fn=None,
+        arrays_fn=None,
         background: bool = True,
     ) -> None:
         if every < 1 or keep < 1:
@@ -110,7 +113,7 @@ class Checkpointer:
             raise ConfigError(f"mode must be 'min' or 'max'; got {mode!r}", param="mode")
         self.directory = Path(directory)
         self.every, self.keep, self.monitor, self.mode = every, keep, monitor, mode
-        self.meta_fn, self.background = meta_fn, background
+        self.meta_fn, self.arrays_fn, self.background = meta_fn, arrays_fn, background
         self.records: list[dict[str, Any]] = []
         self.best: float | None = None
         self._last_saved_epoch: int | None = None
@@ -127,8 +130,11 @@ class Checkpointer:
             )
         return self._managers[which]
 
-    def _write(self, which: str, epoch: int, state: TrainState, meta: dict[str, Any]) -> None:
-        """Hand checkpoint ``epoch`` to the ``which`` manager ("epochs" or "best")."""
+    def _write(
+        self, which: str, epoch: int, state: TrainState, meta: dict[str, Any], arrays=None
+    ) -> None:
+        """Hand checkpoint ``epoch`` (with the callbacks' ``arrays``) to the ``which``
+        manager ("epochs" or "best")."""
         quiet_writer_failures()
         self._finish(which)
         manager = self._manager(which)
@@ -142,8 +148,8 @@ class Checkpointer:
                 for old in list_checkpoints(self.directory / INTERRUPTED):
                     if int(old.name.removeprefix(PREFIX)) <= epoch:
                         shutil.rmtree(old, ignore_errors=True)
-            check_space(Path(manager.directory), state)
-            manager.save(epoch, args=items(state, meta), force=True)
+            check_space(Path(manager.directory), state, arrays=arrays)
+            manager.save(epoch, args=items(state, meta, arrays), force=True)
         if not self.background:
             self._finish(which)
 
@@ -257,7 +263,7 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
         if jax.process_count() > 1:
             sync_global_devices("jtricks: interrupted checkpoint")
-        save(folder, EpochNames().build_name(info["epoch"]), state, meta)
+        save(folder, EpochNames().build_name(info["epoch"]), state, meta, self._arrays())
         self.close()
 
     def _flush_best(self) -> None:
@@ -273,8 +279,14 @@ class Checkpointer:
         self._flush_best()  # the best so far goes to disk with every checkpoint
         if self.background:  # the next epoch donates ``state``: orbax gets a device copy
             state = _device_copy(state)
-        self._write("epochs", record["epoch"], state, self._meta(record, state))
+        meta = self._meta(record, state)
+        self._write("epochs", record["epoch"], state, meta, self._arrays())
         self._last_saved_epoch = record["epoch"]
+
+    def _arrays(self) -> dict[str, Any] | None:
+        """The callbacks' arrays (``arrays_fn``); a callback replaces its arrays rather than
+        writing into them, so a background write may read them while training goes on."""
+        return None if self.arrays_fn is None else self.arrays_fn()
 
 
 def remove_leftovers(directory: Path) -> list[str]:
