@@ -201,3 +201,31 @@ def test_bad_resume_requests(tmp_path, reference, capsys, setup, args, match):
 def test_python_api_resume_rejects_extra_settings(reference):
     with pytest.raises(ConfigError, match="give no other settings"):
         jtricks.train(resume=reference, model="cnn")
+
+
+def test_resume_refuses_data_that_changed_since_the_run_started(tmp_path, capsys):
+    """A run records the digest of its data; ``--resume`` after one training label changed
+    is refused in one line (it once went on training on the new data without a word),
+    and goes on once the data are restored (a copy of the file: content, not time)."""
+    rng = np.random.default_rng(0)
+    arrays = dict(
+        x=rng.normal(size=(60, 4)).astype(np.float32), y=rng.integers(0, 3, 60),
+        x_test=rng.normal(size=(12, 4)).astype(np.float32), y_test=rng.integers(0, 3, 12),
+    )  # fmt: skip
+    data, kept = tmp_path / "data.npz", tmp_path / "kept.npz"
+    np.savez(data, **arrays)
+    shutil.copy(data, kept)
+    run = tmp_path / "run"
+    config = dict(dataset=f"npz:{data}", model="mlp(features=(8,))", batch_size=18, epochs=1)
+    jtricks.train(**config, out=run)
+    recorded = json.loads((run / "config.json").read_text())["data_sha256"]
+    (run / "summary.json").unlink()  # as if stopped after its last checkpoint
+    np.savez(
+        data, **{**arrays, "y": np.where(np.arange(60) == 7, (arrays["y"] + 1) % 3, arrays["y"])}
+    )
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"the data of dataset 'npz:{data}' differ from those it started with" in err
+    assert f"SHA-256 {recorded[:12]}... then" in err and "Traceback" not in err
+    shutil.copy(kept, data)
+    assert jtricks.train(resume=run).history.records[-1]["epoch"] == 1

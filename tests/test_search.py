@@ -186,6 +186,9 @@ def test_a_killed_search_resumes_with_its_finished_trials(tmp_path, searched, da
     for a, b in zip(resumed.records, result.records, strict=True):  # 2 members, not 4
         np.testing.assert_allclose(a["val_loss"], b["val_loss"], rtol=1e-4)
     assert resumed.best["trial"] == result.best["trial"]
+    other = dataclasses.replace(data, digest="0" * 64)  # data changed since the start
+    with pytest.raises(ConfigError, match="differ from those it started with"):
+        search(resume=out, data=other)
 
 
 def test_a_diverging_trial_fails_alone(data):

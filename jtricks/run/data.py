@@ -10,6 +10,7 @@ host (by a Python thread or by Grain) and fed to the device ahead of use; a
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,8 @@ class RunData:
         their training rows, the preprocessing of a batch).
       scaler: the inputs' preprocessing, fitted on the training rows (``None`` for token
         ids, which are never rescaled).
+      digest: `data_digest` of the dataset as loaded, recorded in a run's ``config.json``
+        so that ``--resume`` refuses data that changed since the run started.
     """
 
     task_spec: str
@@ -58,6 +61,7 @@ class RunData:
     rows: np.ndarray | None = None
     transform: Any = None
     scaler: Scaler | None = None
+    digest: str = ""
 
     @property
     def on_disk(self) -> bool:
@@ -123,7 +127,32 @@ def load_run_data(config: Any) -> RunData:
         len(rows),
         data.loss_floor,
         scaler=scaler,
+        digest=data_digest(
+            data.x_train,
+            data.y_train,
+            data.x_test,
+            data.y_test,
+            data.mask_train,
+            data.mask_test,
+            *(data.val or ()),
+        ),
     )
+
+
+def data_digest(*arrays: Any) -> str:
+    """SHA-256 over the arrays' dtypes, shapes and bytes (``None`` s skipped, their places
+    kept): about 2 GB/s on a CPU core, 0.4 s for CIFAR-10's arrays. A dataset on disk
+    (``shards:DIR``) is digested by its targets and the layout of its shards (counts,
+    lengths, shapes, dtypes), not by every input byte."""
+    h = hashlib.sha256()
+    for a in arrays:
+        if a is None:
+            h.update(b"none;")
+            continue
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape};".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
 
 
 def _split_rows(config: Any, data: Any, classes: bool) -> tuple[np.ndarray, np.ndarray | None]:
@@ -185,7 +214,21 @@ def _shards_data(config: Any, splits: ShardSplits) -> RunData:
         rows=rows,
         transform=transform,
         scaler=scaler,
+        digest=data_digest(labels, _layout(splits)),
     )
+
+
+def _layout(splits: ShardSplits) -> np.ndarray:
+    """The shards' layout as bytes: each split's fields, dtypes and shard shapes."""
+    sources = [x for x in (splits.train, splits.val, splits.test) if x is not None]
+    text = repr(
+        [
+            (field, shards[0].dtype.str, [a.shape for a in shards])
+            for source in sources
+            for field, shards in sorted(source.arrays.items())
+        ]
+    )
+    return np.frombuffer(text.encode(), np.uint8)
 
 
 def check_finite_rows(source: Any, rows: np.ndarray, split: str) -> None:

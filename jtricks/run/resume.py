@@ -73,6 +73,28 @@ def load_run_config(run_dir: str | os.PathLike, *, param: str = "resume") -> Tra
     return config
 
 
+def check_same_data(record: Path, dataset: str, digest: str, hint: str = "") -> None:
+    """Refuse to resume a run or search whose data changed since it started: ``digest``
+    (`jtricks.run.data.data_digest` of the data loaded now) against the ``data_sha256``
+    recorded in ``record`` (its ``config.json`` or ``search.json``; folders written
+    before there was one are not checked). ``hint`` ends the message.
+
+    Raises:
+      ConfigError (``param="resume"``).
+    """
+    try:
+        recorded = json.loads(record.read_text()).get("data_sha256")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(recorded, str) and recorded != digest:
+        raise ConfigError(
+            f"cannot resume {str(record.parent)!r}: the data of dataset {dataset!r} differ "
+            f"from those it started with (SHA-256 {recorded[:12]}... then, {digest[:12]}... "
+            f"now), so it would go on with other data: restore the data, or start anew{hint}",
+            param="resume",
+        )
+
+
 def _changes(run_dir: Path, config: dict[str, Any]) -> str:
     """``"batch_size: 100 -> 50, ..."`` against the newest checkpoint's copy of the config,
     or a sentence saying the digest differs when no copy can be read."""
@@ -139,4 +161,11 @@ def _plain(settings: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(settings))
 
 
-__all__ = ["config_digest", "foreign_checker", "load_run_config", "new_identity", "run_identity"]
+__all__ = [
+    "check_same_data",
+    "config_digest",
+    "foreign_checker",
+    "load_run_config",
+    "new_identity",
+    "run_identity",
+]

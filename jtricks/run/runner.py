@@ -39,6 +39,7 @@ from jtricks.run.outputs import (
     write_summary,
 )
 from jtricks.run.resume import (
+    check_same_data,
     config_digest,
     foreign_checker,
     load_run_config,
@@ -116,6 +117,9 @@ def train(
         config, out = resolve_config(config, out, resume, locks, overrides)
         locks.enter_context(name_the_dataset(config))  # a model refused names its dataset
         data = load_run_data(config)
+        if resume is not None:
+            hint = f" (--pretrained {resume} starts a run from its weights)"
+            check_same_data(Path(resume) / "config.json", config.dataset, data.digest, hint)
         refuse_on_disk(config, data)
         out = share_processes(config, data, out, resume)
         b = build(config, data, reporter, progress)
@@ -260,6 +264,7 @@ def start(
             {
                 "config": settings,
                 "config_sha256": config_digest(json.loads(json.dumps(settings))),
+                "data_sha256": data.digest,
                 "run": new_identity(settings),
                 "environment": environment(),
             },

@@ -32,6 +32,7 @@ from jtricks.optim import build_optimizer
 from jtricks.run.build import name_the_dataset
 from jtricks.run.config import TrainConfig
 from jtricks.run.data import RunData, load_run_data
+from jtricks.run.resume import check_same_data
 from jtricks.run.runner import tta_metrics
 from jtricks.rundir import create_run_dir, environment, locked, refused_cleanly, write_json
 from jtricks.search import outputs
@@ -139,6 +140,8 @@ def search(
             )
         locks.enter_context(name_the_dataset(config))
         data = data if data is not None else load_run_data(config)
+        if resume is not None:
+            check_same_data(Path(resume) / "search.json", config.dataset, data.digest)
         records = [] if out is None else outputs.read_trials(out / "trials.jsonl")
         if out is not None and resume is None:
             out = create_run_dir(out, locks)
@@ -147,6 +150,7 @@ def search(
                 {
                     "config": config.to_dict(),
                     "search": dataclasses.asdict(settings),
+                    "data_sha256": data.digest or None,
                     "environment": environment(),
                 },
             )
