@@ -90,3 +90,28 @@ def test_early_stopping_reports_the_state_it_kept(tmp_path, ensemble):
     assert (run.epoch, run.step) == (best["epoch"], best["step"])  # the state's, not the stop's
     got = evaluate(run.state, (run.inputs(data.x_test), data.y_test))
     assert got["accuracy"] == summary["test_accuracy"]
+
+
+@pytest.mark.parametrize("extra", [dict(swa=2), dict(early_stopping=20)])
+def test_the_newest_checkpoint_is_the_state_the_run_tested(tmp_path, extra):
+    """A callback that replaces the state at the end (SWA's average, its BatchNorm
+    statistics re-estimated; early stopping's best epoch when patience never ran out) has
+    it written over the last epoch's checkpoint: `load_run` and ``--pretrained`` took the
+    last epoch's parameters, not those of the summary's test metrics."""
+    out = tmp_path / "run"
+    noisy = SPEC.replace("noise=0.5", "noise=2.0")
+    settings = dict(model="mlp(features=(32,), norm='batch')", epochs=6, batch_size=16)
+    settings["checkpoint_every"] = 2  # the last epoch is written before the end
+    result = jtricks.train(dataset=noisy, **settings, learning_rate=0.3, out=out, **extra)
+    summary = json.loads((out / "summary.json").read_text())
+    if "early_stopping" in extra:  # the best epoch is not the last
+        assert summary["restored_epoch"] < 6 and result.history.stopped is None
+    run, data = jtricks.load_run(out), load_dataset(noisy)
+    for a, b in zip(
+        jax.tree.leaves((run.state.params, run.state.batch_stats)),
+        jax.tree.leaves((result.state.params, result.state.batch_stats)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+    got = evaluate(run.state, (run.inputs(data.x_test), data.y_test))
+    assert got["accuracy"] == summary["test_accuracy"]

@@ -117,6 +117,7 @@ class Checkpointer:
         self.records: list[dict[str, Any]] = []
         self.best: float | None = None
         self._last_saved_epoch: int | None = None
+        self._epoch_state: TrainState | None = None
         self._pending_best: tuple[int, TrainState, dict[str, Any]] | None = None
         self._managers: dict[str, ocp.CheckpointManager] = {}
         self._in_flight: dict[str, Path] = {}
@@ -215,6 +216,7 @@ class Checkpointer:
 
     def on_epoch_end(self, record: dict[str, Any], state: TrainState) -> None:
         self.records.append(record)
+        self._epoch_state = state  # compared by identity at the end, never read
         if record.get("diverged"):  # `fit` passes the kept state: it is the run's final word
             self._keep_best(record, state)
             self._save(record, state)
@@ -235,7 +237,12 @@ class Checkpointer:
             self._save(record, state)
 
     def on_train_end(self, state: TrainState) -> None:
-        if self.records and self._last_saved_epoch != self.records[-1]["epoch"]:
+        """Save the final state unless the last epoch's checkpoint holds it already: a
+        callback before this one that replaced the state at the end (SWA's average, early
+        stopping's best epoch when patience never ran out) had it written over that
+        checkpoint, so the newest checkpoint is the state the run reports."""
+        replaced = state is not self._epoch_state
+        if self.records and (replaced or self._last_saved_epoch != self.records[-1]["epoch"]):
             self._save(self.records[-1], state)
         self._flush_best()
         self.close()
