@@ -201,3 +201,17 @@ def test_digits_train_from_the_cli(tmp_path, capsys):
     assert main([*args, "--batch-size", "64", "--no-progress", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_accuracy"] > 0.85  # 8x8 digits are easy: an MLP passes 0.9 quickly
+
+
+@pytest.mark.parametrize("spec", ["standardize", "minmax(-1, 1)", "none"])
+@pytest.mark.parametrize("per_feature", [False, True])
+def test_a_scaler_goes_through_json_exactly(spec, per_feature):
+    """What a run folder records (`Scaler.to_json`) scales inputs to the same bits."""
+
+    from jtricks.data import Scaler
+
+    x = np.random.default_rng(3).normal(2.0, 3.0, size=(50, 4, 2)).astype(np.float32)
+    fitted = Scaler.fit(spec, x, per_feature=per_feature)
+    back = Scaler.from_json(json.loads(json.dumps(fitted.to_json())))
+    np.testing.assert_array_equal(back(x), fitted(x))
+    assert back.kind == fitted.kind and back.offset == fitted.offset

@@ -204,9 +204,11 @@ def test_python_api_resume_rejects_extra_settings(reference):
 
 
 def test_resume_refuses_data_that_changed_since_the_run_started(tmp_path, capsys):
-    """A run records the digest of its data; ``--resume`` after one training label changed
-    is refused in one line (it once went on training on the new data without a word),
-    and goes on once the data are restored (a copy of the file: content, not time)."""
+    """A run records the digest of its data; ``--resume`` after one training example
+    changed is refused in one line (it once went on training on the new data without a
+    word), and goes on once the data are restored (a copy of the file: content, not
+    time). ``load_run`` scales inputs with the scaler the run recorded, not one fitted
+    again on the changed data."""
     rng = np.random.default_rng(0)
     arrays = dict(
         x=rng.normal(size=(60, 4)).astype(np.float32), y=rng.integers(0, 3, 60),
@@ -220,12 +222,19 @@ def test_resume_refuses_data_that_changed_since_the_run_started(tmp_path, capsys
     jtricks.train(**config, out=run)
     recorded = json.loads((run / "config.json").read_text())["data_sha256"]
     (run / "summary.json").unlink()  # as if stopped after its last checkpoint
-    np.savez(
-        data, **{**arrays, "y": np.where(np.arange(60) == 7, (arrays["y"] + 1) % 3, arrays["y"])}
-    )
+    before = jtricks.load_run(run)
+    own = jtricks.run.data.load_run_data(before.config).scaler  # recorded exactly, as JSON
+    np.testing.assert_array_equal(own(arrays["x_test"]), before.inputs(arrays["x_test"]))
+    changed = arrays["x"].copy()
+    changed[:, 0] += 50.0  # every row: in the training rows whatever the split
+    np.savez(data, **{**arrays, "x": changed})
     assert main(["train", "--resume", str(run), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f"the data of dataset 'npz:{data}' differ from those it started with" in err
     assert f"SHA-256 {recorded[:12]}... then" in err and "Traceback" not in err
+    after = jtricks.load_run(run)
+    refit = jtricks.run.data.load_run_data(after.config).scaler
+    assert not np.array_equal(refit(arrays["x_test"]), before.inputs(arrays["x_test"]))
+    np.testing.assert_array_equal(after.inputs(arrays["x_test"]), before.inputs(arrays["x_test"]))
     shutil.copy(kept, data)
     assert jtricks.train(resume=run).history.records[-1]["epoch"] == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -93,6 +94,21 @@ class Scaler:
         sq = sum(float(np.sum((np.asarray(c, np.float64) - mean) ** 2)) for c in chunks())
         std = np.sqrt(sq / count)
         return cls("standardize", np.asarray(mean), np.asarray(1.0 / (std if std > 0 else 1.0)))
+
+    def to_json(self) -> dict[str, Any]:
+        """The fitted map as JSON (float64 statistics round-trip exactly), for a run folder."""
+        return {
+            "kind": self.kind,
+            "shift": np.asarray(self.shift, np.float64).tolist(),
+            "scale": np.asarray(self.scale, np.float64).tolist(),
+            "offset": float(self.offset),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Scaler:
+        """The map `to_json` wrote."""
+        as_array = lambda v: np.asarray(v, np.float64)  # noqa: E731
+        return cls(d["kind"], as_array(d["shift"]), as_array(d["scale"]), float(d["offset"]))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Apply the fitted map; keeps float32."""

@@ -63,6 +63,13 @@ class RunData:
     scaler: Scaler | None = None
     digest: str = ""
 
+    def recorded(self) -> dict[str, Any]:
+        """What a run folder's ``config.json`` records of its data: ``data_sha256`` (checked
+        by ``--resume``) and the fitted ``scaler`` (`load_run` scales inputs with it, not
+        with one fitted again on data that may have changed)."""
+        scaler = None if self.scaler is None else self.scaler.to_json()
+        return {"data_sha256": self.digest or None, "scaler": scaler}
+
     @property
     def on_disk(self) -> bool:
         return self.train is None

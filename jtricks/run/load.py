@@ -3,13 +3,14 @@ trained on, to evaluate it or predict on new inputs.
 
 New here: orbax restores arrays into a given structure, and `jtricks.training.transfer`
 copies matching layers into another model; this rebuilds the run's own model, optimizer
-and input scaling from its ``config.json`` (the dataset is loaded again and split with the
-run's seed, so the scaler's statistics are the training rows' own) and restores its last
-or best checkpoint, the run identity checked as ``--resume`` checks it.
+and input scaling from its ``config.json`` (the scaler fitted on the training rows, which
+the folder records; the dataset is loaded again for the model's shapes) and restores its
+last or best checkpoint, the run identity checked as ``--resume`` checks it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +83,9 @@ def load_run(run_dir: str | os.PathLike, *, best: bool = False) -> LoadedRun:
     if restored is None:
         raise ConfigError(f"cannot load {str(run_dir)!r}: no checkpoint in {folder}", param="run")
     state, meta = restored
+    saved = json.loads((run_dir / "config.json").read_text()).get("scaler")
+    scaler = Scaler.from_json(saved) if saved is not None else data.scaler  # older folders
     step = int(first_member(state).step)  # early stopping saves the kept state last
     kept = [r["epoch"] for r in meta.get("history", ()) if r.get("step") == step]
     epoch = kept[-1] if kept else int(meta["epoch"])  # mid-epoch (interrupted): no record
-    return LoadedRun(config, state, data.scaler, epoch, step)
+    return LoadedRun(config, state, scaler, epoch, step)

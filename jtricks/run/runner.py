@@ -264,7 +264,7 @@ def start(
             {
                 "config": settings,
                 "config_sha256": config_digest(json.loads(json.dumps(settings))),
-                "data_sha256": data.digest,
+                **data.recorded(),
                 "run": new_identity(settings),
                 "environment": environment(),
             },

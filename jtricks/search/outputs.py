@@ -107,9 +107,12 @@ def member_records(history_records: list[dict[str, Any]], i: int) -> list[dict[s
     return records
 
 
-def write_best_run(folder: Path, config: TrainConfig, state: TrainState, records: list) -> None:
-    """``folder`` as a run folder of ``config`` (config.json, metrics.jsonl, a checkpoint
-    of ``state`` at the last epoch), written beside and renamed over the old one."""
+def write_best_run(
+    folder: Path, config: TrainConfig, state: TrainState, records: list, recorded: dict
+) -> None:
+    """``folder`` as a run folder of ``config`` (config.json with what it ``recorded`` of
+    the data, `RunData.recorded`; metrics.jsonl; a checkpoint of ``state`` at the last
+    epoch), written beside and renamed over the old one."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -120,6 +123,7 @@ def write_best_run(folder: Path, config: TrainConfig, state: TrainState, records
         {
             "config": settings,
             "config_sha256": config_digest(settings),
+            **recorded,
             "run": identity,
             "environment": environment(),
         },

@@ -292,7 +292,8 @@ def _wave(config, wave, data, finished, sampler, metric, best, out, reporter, lo
             record = _trial_record(result, i, t, values[group[i]], metric, config.max_nonfinite)
             finished[t] = record
             if best.record is None or outputs.better(metric, record["score"], best.record["score"]):
-                _new_best(best, record, result, i, trial_config(config, record["values"]), out)
+                trial = trial_config(config, record["values"])
+                _new_best(best, record, result, i, trial, out, data.recorded())
             if out is not None:  # after best/: a kill in between trains this trial again
                 outputs.append_trial(out / "trials.jsonl", record)
         if log is not None:
@@ -345,13 +346,13 @@ def _trial_record(result: GroupResult, i: int, trial: int, values, metric: str, 
     return record
 
 
-def _new_best(best: _Best, record, result: GroupResult, i: int, config, out) -> None:
+def _new_best(best: _Best, record, result: GroupResult, i: int, config, out, recorded) -> None:
     state = plain_state(result.member(i), result.build)
     best.record, best.state, best.config = record, jax.device_get(state), config
     if out is None:
         return
     own = outputs.member_records(result.records(i), i)
-    outputs.write_best_run(out / "best", config, state, own)
+    outputs.write_best_run(out / "best", config, state, own, recorded)
     write_json(out / "best.json", {**record, "config": config.to_dict()})
 
 
