@@ -104,3 +104,28 @@ def test_step_records_become_step_scalars_at_their_steps(tmp_path):
     for name in ("loss", "grad_norm", "update_norm", "param_norm", "skipped"):
         got = {e.step: e.value for e in acc.Scalars(f"step/{name}")}
         assert got == pytest.approx({r["step"]: r[name] for r in hist.steps}, rel=1e-6), name
+
+
+def test_a_resumed_run_hides_the_events_it_logs_again(tmp_path):
+    """A run killed after its last checkpoint logged epochs it runs again on ``--resume``;
+    the new event file starts at the restored step (tensorboardX's ``purge_step``), so
+    TensorBoard draws each step once, with the resumed run's values, and the config once."""
+    import shutil
+
+    import jtricks
+
+    out = tmp_path / "run"
+    settings = dict(model="mlp(features=(8,))", epochs=4, checkpoint_every=2, batch_size=12)
+    settings.update(tensorboard=True, log_every_steps=4, progress=False)
+    jtricks.train(dataset=TINY[1], **settings, out=out)
+    (out / "summary.json").unlink()  # as if killed in epoch 4, with epoch 2 saved last
+    shutil.rmtree(out / "checkpoints" / "epoch-000004")
+    jtricks.train(resume=out, progress=False)
+    acc = _read(out / "tensorboard")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    got = [(e.step, e.value) for e in acc.Scalars("val_loss")]
+    assert got == [(r["step"], pytest.approx(r["val_loss"])) for r in records]
+    assert len(got) == 4 and len({e.step for e in acc.Scalars("step/loss")}) == len(
+        acc.Scalars("step/loss")
+    )
+    assert len(acc.Tensors("config/text_summary")) == 1

@@ -114,17 +114,19 @@ def read_steps(path: Path, until: int, every: int) -> list[dict[str, Any]]:
     return records
 
 
-def record_logs(run_dir: Path, config: Any, locks: Any) -> list[Any]:
+def record_logs(run_dir: Path, config: Any, locks: Any, resumed_at: int | None = None) -> list[Any]:
     """The callbacks that write every epoch's record into ``run_dir``: ``metrics.jsonl``,
     with ``config.log_every_steps`` the step records into ``steps.jsonl`` and, with
     ``config.tensorboard``, TensorBoard event files in ``tensorboard/`` (closed by
-    ``locks``, the run's exit stack, so their queued events reach the disk)."""
+    ``locks``, the run's exit stack, so their queued events reach the disk; a run resumed
+    at step ``resumed_at`` hides the events logged after that step before the stop)."""
     logs: list[Any] = [MetricsLog(run_dir / "metrics.jsonl")]
     if config.log_every_steps is not None:
         logs.append(StepsLog(run_dir / "steps.jsonl"))
     if config.tensorboard:
         check_writable(run_dir / "tensorboard", "tensorboard")
-        board = TensorBoard(run_dir / "tensorboard", config=config.to_dict())
+        purge = None if resumed_at is None else resumed_at + 1  # the first step run again
+        board = TensorBoard(run_dir / "tensorboard", config.to_dict(), purge_step=purge)
         locks.callback(board.close)
         logs.append(board)
     return logs

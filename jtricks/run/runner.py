@@ -269,7 +269,8 @@ def start(
                 "environment": environment(),
             },
         )
-    logs = record_logs(run_dir, config, locks)
+    resumed_at = int(first_member(state).step) if resume is not None else None
+    logs = record_logs(run_dir, config, locks, resumed_at)
     if jax.process_count() > 1:  # the folder is there: the other processes go on
         sync_global_devices("jtricks: run folder ready")
     ckpt = checkpointer(run_dir, config, b, records)

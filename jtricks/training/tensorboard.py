@@ -62,6 +62,10 @@ class TensorBoard:
     Args:
       logdir: the folder of the event files (created).
       config: the run's settings, written once as text (``config``), or ``None``.
+      purge_step: for a resumed run, the first step it runs again (the restored step
+        + 1): TensorBoard hides the events an earlier writer logged at that step or later
+        (tensorboardX writes a ``SessionLog.START`` there), so the steps run again are not
+        drawn twice. ``config`` is written by a new run only (``purge_step`` None).
 
     Raises:
       ConfigError: tensorboardX is not installed (when constructed).
@@ -73,9 +77,15 @@ class TensorBoard:
 
     needs_state = False  # it only reads records: the next epoch is dispatched meanwhile
 
-    def __init__(self, logdir: str | os.PathLike, config: dict[str, Any] | None = None) -> None:
-        self.writer = writer_class()(logdir=str(logdir))
-        if config is not None:
+    def __init__(
+        self,
+        logdir: str | os.PathLike,
+        config: dict[str, Any] | None = None,
+        *,
+        purge_step: int | None = None,
+    ) -> None:
+        self.writer = writer_class()(logdir=str(logdir), purge_step=purge_step)
+        if config is not None and purge_step is None:
             text = json.dumps(config, indent=1, default=str)
             self.writer.add_text("config", f"```\n{text}\n```", 0)
             self.writer.flush()
