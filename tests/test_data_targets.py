@@ -13,6 +13,7 @@ import pytest
 
 from jtricks.cli import main
 from jtricks.data import load_dataset, write_shards
+from jtricks.data.datasets import for_task
 from jtricks.data.shards import load_shards
 from jtricks.errors import ConfigError
 
@@ -91,8 +92,25 @@ def test_task_names_another_reading_of_the_targets(tmp_path, capsys):
     argv = ["train", "--dataset", f"npz:{tmp_path / 'f.npz'}", "--task", "segmentation"]
     assert main([*argv, "--out", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert "the segmentation task reads integer labels; got targets of dtype float32" in err
+    assert "the segmentation task reads labels per position of the inputs (8,)" in err
     assert not bad.exists()
+
+
+def test_labels_saved_as_whole_reals_are_labels_with_task_classification(tmp_path):
+    """Reals are a regression by their kind; ``--task classification`` reads whole-number
+    reals (``0.0, 1.0``, as pandas writes labels) as the integer labels they are (it was
+    refused, so such a file had to be written again), and refuses other reals."""
+    x, y, xt, yt = CASES["labels"][:4]
+    np.savez(tmp_path / "f.npz", x=x, y=y.astype(np.float64), x_test=xt, y_test=yt * 1.0)
+    loaded = load_dataset(f"npz:{tmp_path / 'f.npz'}")
+    assert loaded.task == "regression"
+    data = for_task(loaded, "classification")
+    assert (data.task, data.num_classes, data.y_train.dtype) == ("classification", 2, np.int32)
+    np.testing.assert_array_equal(data.y_train, y)
+    np.testing.assert_array_equal(data.y_test, yt)
+    np.savez(tmp_path / "h.npz", x=x, y=y + 0.5, x_test=xt, y_test=yt * 1.0)
+    with pytest.raises(ConfigError, match=r"reads integer labels \(or reals holding whole"):
+        for_task(load_dataset(f"npz:{tmp_path / 'h.npz'}"), "classification")
 
 
 @pytest.mark.parametrize(

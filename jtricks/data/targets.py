@@ -14,8 +14,10 @@ task                   targets                                     outputs (num_
 =====================  ==========================================  ====================
 
 `infer_task` reads the table top down (a 0/1 matrix of reals is a regression unless
-``--task multilabel`` says otherwise); `outputs_for` gives the width for the task a
-user names instead, and `cast_targets` the dtype that task reads.
+``--task multilabel`` says otherwise, and reals are a regression even when they are
+whole numbers); `outputs_for` gives the width for the task a user names instead, which
+reads labels saved as whole-number reals (``0.0, 1.0, 2.0``, as pandas often writes
+them) as labels, and `cast_targets` the dtype that task reads.
 """
 
 from __future__ import annotations
@@ -90,6 +92,16 @@ def _is_real(a: np.ndarray) -> bool:
     return np.issubdtype(a.dtype, np.floating)
 
 
+def _is_whole(a: np.ndarray) -> bool:
+    """Integers, or reals that are all finite whole numbers within int32."""
+    if _is_integer(a):
+        return True
+    if not _is_real(a):
+        return False
+    a = np.asarray(a)
+    return bool(np.all(np.isfinite(a)) and np.all(a == np.round(a)) and np.all(np.abs(a) < 2**31))
+
+
 def outputs_for(task: str, where: str, x: np.ndarray, y: np.ndarray, y_test: np.ndarray) -> int:
     """The model's output width for ``task`` (a spec name of the table) on these targets.
     ``x`` may be a stand-in of the inputs' shape and dtype (one zero row, for shards on
@@ -101,11 +113,19 @@ def outputs_for(task: str, where: str, x: np.ndarray, y: np.ndarray, y_test: np.
     """
     if task in ("classification", "segmentation", "lm"):
         arrays = (x, y, y_test) if task == "lm" else (y, y_test)
-        if not all(_is_integer(a) for a in arrays):
+        if not all(_is_whole(a) for a in arrays):
             raise ConfigError(
                 f"{where}: the {task} task reads integer "
-                f"{'tokens' if task == 'lm' else 'labels'}; got targets of dtype {y.dtype}"
-                + (f" and inputs of dtype {x.dtype}" if task == "lm" else ""),
+                f"{'tokens' if task == 'lm' else 'labels'} (or reals holding whole "
+                f"numbers); got targets of dtype {y.dtype}"
+                + (f" and inputs of dtype {x.dtype}" if task == "lm" else "")
+                + " with other values",
+                param="task",
+            )
+        if task == "segmentation" and not _per_position(x, y):
+            raise ConfigError(
+                f"{where}: the segmentation task reads labels per position of the inputs "
+                f"{x.shape[1:]}; got targets of shape {y.shape[1:]} per example",
                 param="task",
             )
         low, high = min(int(a.min()) for a in arrays), max(int(a.max()) for a in arrays)
