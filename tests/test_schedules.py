@@ -33,6 +33,10 @@ def _values(schedule):
             S.step_decay(0.1, [50, 150], 0.1),
             lambda t: 0.1 * 0.1 ** ((t >= 50).astype(int) + (t >= 150)),
         ),
+        (  # given out of order and twice: the formula counts every boundary passed
+            S.step_decay(0.1, [150, 50, 150], 0.5),
+            lambda t: 0.1 * 0.5 ** ((t >= 50).astype(int) + 2 * (t >= 150)),
+        ),
         (S.linear_warmup(0.1, 20), lambda t: np.where(t < 20, 0.1 * t / 20, 0.1)),
         (S.cosine(0.1, 200, 0.01), lambda t: 0.01 + 0.09 * (1 + np.cos(np.pi * t / 200)) / 2),
         (
@@ -46,6 +50,7 @@ def _values(schedule):
         "exponential_epochs",
         "exponential_steps",
         "step",
+        "step_repeated",
         "warmup",
         "cosine",
         "warmup_cosine",

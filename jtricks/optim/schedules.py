@@ -57,9 +57,10 @@ def exponential(value: float, rate: float, steps_per_epoch: int = 1) -> Schedule
 def step_decay(value: float, boundaries: Sequence[int], factor: float = 0.1) -> Schedule:
     """Drop by ``factor`` at each step in ``boundaries``: ``eta_t = eta_0 * factor ** #{b <= t}``.
     `optax.piecewise_constant_schedule`."""
-    bounds = sorted(check_int("boundary", b, low=1) for b in boundaries)
+    bounds = [check_int("boundary", b, low=1) for b in boundaries]
     check_range("factor", factor, low=0.0, low_inclusive=False)
-    return optax.piecewise_constant_schedule(value, {b: factor for b in bounds})
+    # a boundary given twice drops twice (optax's dict holds one scale per boundary)
+    return optax.piecewise_constant_schedule(value, {b: factor ** bounds.count(b) for b in bounds})
 
 
 def linear_warmup(value: float, warmup_steps: int, init_value: float = 0.0) -> Schedule:
