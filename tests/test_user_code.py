@@ -48,6 +48,19 @@ def raises(num_classes):
 
 def scaled(lr=1e-3):  # computes with its rate: the CLI's schedule must reach it as a number
     return optax.chain(optax.scale_by_adam(), optax.scale(-lr))
+
+
+def arrays(n=90):  # a dataset of the user's: plain arrays, as their own reader gives them
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(n + 30, 8)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(int) + (x[:, 1] > 0)
+    return {"x": x[:n], "y": y[:n], "x_test": x[n:], "y_test": y[n:]}
+
+
+def no_test_split():
+    return {key: value for key, value in arrays().items() if not key.endswith("_test")}
 """
 
 TINY = ["--dataset", "synthetic(num_train=120, num_test=40, shape=(8,), num_classes=3)"]
@@ -100,9 +113,36 @@ def test_an_nnx_users_model_trains_an_ensemble_and_a_search(user_dir, capsys):
     assert first != second and math.isfinite(first)
 
 
+def test_a_users_dataset_trains_as_the_same_arrays_in_an_npz_file(user_dir, capsys):
+    """``--dataset module:factory(args)``: the user's arrays train exactly as the same
+    arrays written to an ``npz:`` file (a second path), with the factory's arguments."""
+    import sys
+
+    import numpy as np
+
+    sys.path.insert(0, str(user_dir))
+    try:
+        import user_models
+    finally:
+        sys.path.remove(str(user_dir))
+    np.savez(user_dir / "same.npz", **user_models.arrays(n=60))
+    summaries = []
+    for spec in ("user_models:arrays(n=60)", f"npz:{user_dir / 'same.npz'}"):
+        out = user_dir / f"run{len(summaries)}"
+        argv = ["train", "--dataset", spec, "--model", "mlp(features=(8,))", "--epochs", "2"]
+        assert main([*argv, "--batch-size", "10", "--no-progress", "--out", str(out)]) == 0
+        summaries.append(json.loads((out / "summary.json").read_text()))
+    mine, npz = summaries
+    assert mine["test_loss"] == npz["test_loss"] and mine["steps"] == 2 * 54 // 10
+    capsys.readouterr()
+
+
 @pytest.mark.parametrize(
     ("flag", "spec", "message"),
     [
+        ("--dataset", "user_models:not_a_model(3)", "returned str; return a jtricks.data.Dataset"),
+        ("--dataset", "user_models:no_test_split", "a mapping without ['x_test', 'y_test']"),
+        ("--dataset", "user_models:arrays(m=3)", "unexpected keyword argument 'm'"),
         ("--model", "user_models:Missing", "user_models has no 'Missing'"),
         ("--model", "user_models:not_a_model", "returned str, not a Flax Linen or NNX module"),
         ("--model", "user_models:raises", "failed: RuntimeError: the factory broke"),

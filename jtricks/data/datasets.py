@@ -191,7 +191,18 @@ def npz(path: str) -> Dataset:
         if "pickle" in str(e):
             why = "it holds object arrays, which are refused (never unpickled)"
         raise ConfigError(f"cannot read dataset file {str(p)!r}: {why}", param="dataset") from None
-    where = f"dataset file {str(p)!r}"
+    return arrays_dataset(f"npz:{p}", f"dataset file {str(p)!r}", arrays)
+
+
+def arrays_dataset(name: str, where: str, arrays: dict[str, np.ndarray]) -> Dataset:
+    """The `Dataset` of ``x, y, x_test, y_test`` (and optional ``mask``, ``mask_test``)
+    arrays, as an ``npz:`` file holds them: numeric inputs, both splits non-empty, the
+    task their targets imply (`jtricks.data.targets.infer_task`). ``where`` names the
+    source in errors.
+
+    Raises:
+      ConfigError (``param="dataset"``).
+    """
     for k in ("x", "x_test"):
         dtype = arrays[k].dtype
         if not (np.issubdtype(dtype, np.number) or dtype == np.bool_) or np.issubdtype(
@@ -206,7 +217,7 @@ def npz(path: str) -> Dataset:
             f"{where}: empty dataset (no training or no test examples)", param="dataset"
         )
     task = infer_task(where, arrays["x"], arrays["y"], arrays["y_test"])
-    return npz_dataset(f"npz:{p}", arrays, task)
+    return npz_dataset(name, arrays, task)
 
 
 MASKS = ("mask", "mask_test")

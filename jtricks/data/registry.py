@@ -13,6 +13,7 @@ from collections.abc import Callable
 from jtricks.data import generated, image_folder, loaders, packaged
 from jtricks.data.dataset import Dataset
 from jtricks.data.datasets import DATASETS
+from jtricks.data.user import user_dataset
 from jtricks.errors import ConfigError
 from jtricks.spec import build_from_registry
 
@@ -32,14 +33,28 @@ FILES_AND_TASKS: dict[str, Callable[..., Dataset]] = {
 (`jtricks.data.generated`) and datasets shipped inside packages (`jtricks.data.packaged`)."""
 
 
+def is_user_dataset(spec: object, registry: dict | None = None) -> bool:
+    """Whether ``spec`` names a user's dataset factory (``module:factory(args)``): an import
+    path whose module part is no registered name (``npz:PATH`` is a file)."""
+    if not isinstance(spec, str) or ":" not in spec.split("(", 1)[0]:
+        return False
+    module = spec.split(":", 1)[0].strip()
+    names = registry if registry is not None else {**DATASETS, **FILES_AND_TASKS}
+    dotted = all(part.isidentifier() for part in module.split("."))
+    return dotted and module not in names and module != "shards"
+
+
 def load_dataset(spec: str) -> Dataset:
     """Load a registered dataset from a spec such as ``"mnist1d"``, ``"synthetic(shape=(8, 8, 3))"``
-    or ``"npz:PATH"`` (short for ``npz(path='PATH')``).
+    or ``"npz:PATH"`` (short for ``npz(path='PATH')``), or a user's own, ``"mydata:load(n=5)"``
+    (`jtricks.data.user`).
 
     Raises:
       ConfigError: for an unknown name (the message lists the valid ones) or a bad argument.
     """
     registry = {**DATASETS, **FILES_AND_TASKS}
+    if is_user_dataset(spec, registry):
+        return user_dataset(spec)
     if isinstance(spec, str) and ":" in spec and "(" not in spec:
         name, _, path = spec.partition(":")
         if name == "shards":

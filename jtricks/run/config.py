@@ -78,10 +78,11 @@ class TrainConfig:
         "mnist1d",
         "dataset spec: mnist1d, digits (scikit-learn's 8x8), synthetic(shape=(8, 8, 3), ...), "
         "regression, segmentation1d, "
-        "tokens, text:PATH, npz:PATH, shards:DIR (.npy shards on disk, streamed), ...",
+        "tokens, text:PATH, npz:PATH, shards:DIR (.npy shards on disk, streamed), ..., or "
+        "your own code, mydata:load(n=5)",
         spec_string(
-            "name a dataset or a file ('npz:PATH' holding x, y, x_test, y_test); "
-            "to train on arrays in memory, call fit"
+            "name a dataset, a file ('npz:PATH' holding x, y, x_test, y_test) or a "
+            "function of yours ('mydata:load'); to train on arrays in memory, call fit"
         ),
     )
     task: str | None = setting(
