@@ -52,10 +52,29 @@ INTERRUPTED = "interrupted"  # the state a stopped run reached (`Checkpointer.on
 __getattr__ = module_getattr(__name__)  # Checkpointer moved (jtricks.moved)
 
 
-def _arrays(state: TrainState) -> dict[str, Any]:
+def _arrays(state: TrainState, stored: bool = True) -> dict[str, Any]:
+    """The arrays a checkpoint holds of ``state``: keys as their data and (``stored``)
+    every zero-size leaf as a 0-d zero of its dtype, since orbax refuses to write arrays
+    of no size (GaLore keeps a ``(0, 0)`` projector for each 1-D parameter); they hold
+    no data, and `_sized` gives them back their shape from the target state."""
     names = ("step", "params", "batch_stats", "opt_state", "key", "ema_params")
-    arrays = {k: getattr(state, k) for k in names if getattr(state, k) is not None}
-    return key_data(arrays)
+    arrays = key_data({k: getattr(state, k) for k in names if getattr(state, k) is not None})
+    if not stored:
+        return arrays
+    return jax.tree.map(lambda a: np.zeros((), a.dtype) if np.size(a) == 0 else a, arrays)
+
+
+def _sized(restored: Any, target: Any) -> Any:
+    """``restored`` with each zero-size leaf of ``target`` (`_arrays`, not stored) back
+    in its shape, dtype and placement."""
+
+    def back(r: Any, t: Any) -> Any:
+        if np.size(t) != 0:
+            return r
+        empty = np.zeros(np.shape(t), t.dtype)
+        return jax.device_put(empty, t.sharding) if hasattr(t, "sharding") else empty
+
+    return jax.tree.map(back, restored, target)
 
 
 def items(state: TrainState, meta: dict[str, Any], arrays: Any = None) -> ocp.args.Composite:
@@ -310,7 +329,9 @@ def _load(
     callbacks' arrays into that of ``arrays_like``, when it and the checkpoint have them)."""
     with _orbax(path) as ckptr:
         abstract = jax.tree.map(_placed_like, _arrays(target))
-        arrays = ckptr.restore((path / "state").absolute(), abstract)
+        arrays = _sized(
+            ckptr.restore((path / "state").absolute(), abstract), _arrays(target, False)
+        )
         if arrays_like and (path / "arrays").is_dir():
             like = jax.tree.map(_placed_like, arrays_like)
             meta = {**meta, "arrays": ckptr.restore((path / "arrays").absolute(), like)}
