@@ -176,14 +176,22 @@ def test_freeze_trains_only_the_unfrozen_layers_of_an_nnx_model(tiny_data):
 def test_load_pretrained_copies_an_nnx_checkpoint_into_a_new_nnx_model(
     nnx_run, tiny_data, tmp_path
 ):
-    from jtricks.training.transfer import load_pretrained
+    from jtricks.training.transfer import describe_loaded, load_pretrained
+    from jtricks.trees import key_data, named_leaves
 
     trained = nnx_run[0]
     path = save(tmp_path, "epoch-000003", trained, {"epoch": 3, "step": 1})
     fresh = create_train_state(_net(), optax.adam(1e-2), tiny_data.x_train, jax.random.key(5))
     state, info = load_pretrained(fresh, path)
     names = {"hidden/kernel", "norm/scale", "norm/bias", "out/kernel", "out/bias"}
-    assert set(info["loaded"]) == names and {"norm/mean", "norm/var"} <= set(info["stats_loaded"])
+    assert set(info["loaded"]) == names and set(info["stats_loaded"]) == {"norm/mean", "norm/var"}
+    assert info["stats_kept"] == []  # Dropout's RNG stream is no layer: fresh, not reported
+    assert "drop" not in describe_loaded(info) and "no new layer" in describe_loaded(info)
+    fresh_stream = {
+        k: v for k, v in named_leaves(key_data(fresh.batch_stats)).items() if "drop" in k
+    }
+    for name, value in fresh_stream.items():  # the RNG stream as initialised
+        np.testing.assert_array_equal(named_leaves(key_data(state.batch_stats))[name], value)
     test = (tiny_data.x_test, tiny_data.y_test)
     assert evaluate(state, test) == evaluate(trained, test)  # statistics came with the layers
 

@@ -305,18 +305,23 @@ def _broadcast(state: TrainState, saved: Any, path: Path) -> bool:
 
 def _matching(saved: Any, target: Any, stacked: bool = False) -> tuple[Any, list[str], list[str]]:
     """``target`` (a Linen dict or an NNX state) with every leaf whose path and shape
-    ``saved`` shares replaced by the saved one (in the target's dtype; PRNG keys stay
-    fresh); the paths loaded and the paths kept. ``stacked``: the target's leaves have a
+    ``saved`` shares replaced by the saved one (in the target's dtype); the paths loaded
+    and the paths kept. An RNG stream's variables (an NNX module's PRNG key and the count
+    beside it) stay fresh and are neither. ``stacked``: the target's leaves have a
     leading member axis, and a saved leaf goes to every member."""
     if not target:
         return target, [], []
     saved_flat = _saved_names(saved)
     loaded, kept = [], []
+    named = jax.tree_util.tree_leaves_with_path(target)
+    is_key = lambda v: jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key)  # noqa: E731
+    streams = {"/".join(path_names(p)).rsplit("/", 1)[0] for p, v in named if is_key(v)}
 
     def pick(path, v):
-        name, src = "/".join(path_names(path)), None
-        if not jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key):
-            src = saved_flat.get(name)
+        name = "/".join(path_names(path))
+        if name.rsplit("/", 1)[0] in streams:
+            return v
+        src = saved_flat.get(name)
         if src is not None and np.shape(src) == (v.shape[1:] if stacked else v.shape):
             loaded.append(name)
             return jnp.broadcast_to(jnp.asarray(src, v.dtype), v.shape)
