@@ -66,6 +66,13 @@ def key_data(tree: Any) -> Any:
     return jax.tree.map(lambda a: jax.random.key_data(a) if _is_key(a) else a, tree)
 
 
+def rng_streams(tree: Any) -> set[tuple[str, ...]]:
+    """The paths (`path_names`) of a tree's RNG streams: the parents of its typed PRNG key
+    leaves (an NNX module keeps a stream's key and its draw count there)."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return {path_names(p)[:-1] for p, a in leaves if _is_key(a)}
+
+
 def wrap_keys(tree: Any, like: Any) -> Any:
     """Undo `key_data` where ``like`` (a tree of the same structure) holds a typed key,
     with that key's implementation."""

@@ -40,7 +40,7 @@ from jax.extend import core as jex_core
 from jtricks.errors import ConfigError
 from jtricks.training.model import NNXApply, apply_model
 from jtricks.training.state import TrainState, is_ensemble
-from jtricks.trees import named_leaves, path_names
+from jtricks.trees import named_leaves, path_names, rng_streams
 
 
 def param_paths(params: Any) -> list[str]:
@@ -313,13 +313,11 @@ def _matching(saved: Any, target: Any, stacked: bool = False) -> tuple[Any, list
         return target, [], []
     saved_flat = _saved_names(saved)
     loaded, kept = [], []
-    named = jax.tree_util.tree_leaves_with_path(target)
-    is_key = lambda v: jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key)  # noqa: E731
-    streams = {"/".join(path_names(p)).rsplit("/", 1)[0] for p, v in named if is_key(v)}
+    streams = rng_streams(target)
 
     def pick(path, v):
         name = "/".join(path_names(path))
-        if name.rsplit("/", 1)[0] in streams:
+        if path_names(path)[:-1] in streams:
             return v
         src = saved_flat.get(name)
         if src is not None and np.shape(src) == (v.shape[1:] if stacked else v.shape):
