@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +118,7 @@ class Checkpointer:
         self.records: list[dict[str, Any]] = []
         self.best: float | None = None
         self._last_saved_epoch: int | None = None
-        self._epoch_state: TrainState | None = None
+        self._epoch_state: weakref.ref | None = None  # no reference: its buffers go
         self._pending_best: tuple[int, TrainState, dict[str, Any]] | None = None
         self._managers: dict[str, ocp.CheckpointManager] = {}
         self._in_flight: dict[str, Path] = {}
@@ -216,7 +217,7 @@ class Checkpointer:
 
     def on_epoch_end(self, record: dict[str, Any], state: TrainState) -> None:
         self.records.append(record)
-        self._epoch_state = state  # compared by identity at the end, never read
+        self._epoch_state = weakref.ref(state)  # compared by identity at the end, never read
         if record.get("diverged"):  # `fit` passes the kept state: it is the run's final word
             self._keep_best(record, state)
             self._save(record, state)
@@ -241,7 +242,7 @@ class Checkpointer:
         callback before this one that replaced the state at the end (SWA's average, early
         stopping's best epoch when patience never ran out) had it written over that
         checkpoint, so the newest checkpoint is the state the run reports."""
-        replaced = state is not self._epoch_state
+        replaced = self._epoch_state is None or state is not self._epoch_state()
         if self.records and (replaced or self._last_saved_epoch != self.records[-1]["epoch"]):
             self._save(self.records[-1], state)
         self._flush_best()
