@@ -301,3 +301,25 @@ def test_fit_with_the_sampler_equals_a_hand_loop_and_resumes_exactly(problem):
     jax.tree.map(np.testing.assert_array_equal, resumed.params, state.params)
     with pytest.raises(ConfigError, match="sampler must be None or one of balanced"):
         fit(make(), (x, y), batch_size=16, epochs=1, sampler="uniform")
+
+
+@pytest.mark.parametrize("flag", [["--val-fraction", "0.3"], ["--no-stratify"]])
+def test_split_settings_for_data_with_their_own_validation_split_are_refused(
+    tmp_path, capsys, flag
+):
+    """A long-tailed dataset and a shard folder with ``val/`` bring their validation
+    split; ``--val-fraction`` and ``--no-stratify`` changed nothing without a word."""
+    from jtricks.data import write_shards
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 40), ("val", 10), ("test", 10)):
+        x, y = rng.normal(size=(n, 4)).astype(np.float32), rng.integers(0, 3, n)
+        write_shards(tmp_path / "shards" / split, {"x": x, "y": y}, shard_size=20)
+    name = "val_fraction" if "--val-fraction" in flag else "stratify"
+    for dataset, what in ((SPEC, f"dataset {SPEC!r}"), (f"shards:{tmp_path / 'shards'}", "val/")):
+        out = tmp_path / "run"
+        argv = ["train", "--dataset", dataset, "--model", "mlp", *flag, "--out", str(out)]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"argument {flag[0]}: {name}=" in err and what in err
+        assert "brings its own validation split" in err and not out.exists()

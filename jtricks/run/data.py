@@ -23,6 +23,7 @@ from jtricks.data.shards import ShardSplits, is_shards_spec, load_shards
 from jtricks.data.stream import BatchStream, EpochBatches, SequentialBatches, read_rows
 from jtricks.data.targets import cast_targets
 from jtricks.errors import ConfigError
+from jtricks.run.config import TrainConfig
 from jtricks.tasks import Classification, Task, build_task
 
 SCALER_ROWS = 8192
@@ -168,6 +169,7 @@ def _split_rows(config: Any, data: Any, classes: bool) -> tuple[np.ndarray, np.n
     for training when the dataset brings its own validation split (``val_rows`` None)."""
     every = np.arange(len(data.y_train))
     if data.val is not None:
+        refuse_split_settings(config, f"dataset {config.dataset!r}")
         return every, None
     rows, _, val_rows, _ = train_val_split(
         every,
@@ -187,7 +189,9 @@ def _shards_data(config: Any, splits: ShardSplits) -> RunData:
     labels = np.concatenate([np.asarray(a) for a in splits.train.arrays["y"]])
     rows = np.arange(len(labels))
     val_source, val_rows = splits.val, None
-    if splits.val is None:
+    if splits.val is not None:
+        refuse_split_settings(config, f"shard folder {config.dataset!r} (its val/)")
+    else:
         stratify = config.stratify and isinstance(task, Classification)
         rows, _, val_rows, _ = train_val_split(
             rows, labels, config.val_fraction, seed=config.seed, stratify=stratify
@@ -236,6 +240,26 @@ def _layout(splits: ShardSplits) -> np.ndarray:
         ]
     )
     return np.frombuffer(text.encode(), np.uint8)
+
+
+def refuse_split_settings(config: Any, what: str) -> None:
+    """Refuse ``val_fraction`` (other than its default) and ``stratify=False`` for data
+    that bring their own validation split (``what``), which they would not change.
+
+    Raises:
+      ConfigError (``param`` the setting).
+    """
+    default = TrainConfig.__dataclass_fields__["val_fraction"].default
+    for name, unused in (
+        ("val_fraction", config.val_fraction != default),
+        ("stratify", not config.stratify),
+    ):
+        if unused:
+            raise ConfigError(
+                f"{name}={getattr(config, name)!r} would not be used: {what} brings its own "
+                "validation split; drop the setting",
+                param=name,
+            )
 
 
 def check_finite_rows(source: Any, rows: np.ndarray, split: str) -> None:
