@@ -33,15 +33,14 @@ FILES_AND_TASKS: dict[str, Callable[..., Dataset]] = {
 (`jtricks.data.generated`) and datasets shipped inside packages (`jtricks.data.packaged`)."""
 
 
-def is_user_dataset(spec: object, registry: dict | None = None) -> bool:
+def is_user_dataset(spec: object, registry: dict) -> bool:
     """Whether ``spec`` names a user's dataset factory (``module:factory(args)``): an import
-    path whose module part is no registered name (``npz:PATH`` is a file)."""
+    path whose module part is no name of ``registry`` (``npz:PATH`` is a file)."""
     if not isinstance(spec, str) or ":" not in spec.split("(", 1)[0]:
         return False
     module = spec.split(":", 1)[0].strip()
-    names = registry if registry is not None else {**DATASETS, **FILES_AND_TASKS}
     dotted = all(part.isidentifier() for part in module.split("."))
-    return dotted and module not in names and module != "shards"
+    return dotted and module not in registry and module != "shards"
 
 
 def load_dataset(spec: str) -> Dataset:

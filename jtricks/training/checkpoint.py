@@ -52,21 +52,22 @@ INTERRUPTED = "interrupted"  # the state a stopped run reached (`Checkpointer.on
 __getattr__ = module_getattr(__name__)  # Checkpointer moved (jtricks.moved)
 
 
-def _arrays(state: TrainState, stored: bool = True) -> dict[str, Any]:
-    """The arrays a checkpoint holds of ``state``: keys as their data and (``stored``)
-    every zero-size leaf as a 0-d zero of its dtype, since orbax refuses to write arrays
-    of no size (GaLore keeps a ``(0, 0)`` projector for each 1-D parameter); they hold
-    no data, and `_sized` gives them back their shape from the target state."""
+def _arrays(state: TrainState) -> dict[str, Any]:
     names = ("step", "params", "batch_stats", "opt_state", "key", "ema_params")
-    arrays = key_data({k: getattr(state, k) for k in names if getattr(state, k) is not None})
-    if not stored:
-        return arrays
+    return key_data({k: getattr(state, k) for k in names if getattr(state, k) is not None})
+
+
+def _stored(arrays: Any) -> Any:
+    """``arrays`` as a checkpoint holds them: every zero-size leaf as a 0-d zero of its
+    dtype, since orbax refuses to write arrays of no size (GaLore keeps a ``(0, 0)``
+    projector for each 1-D parameter); they hold no data, and `_sized` gives them back
+    their shape from the target state."""
     return jax.tree.map(lambda a: np.zeros((), a.dtype) if np.size(a) == 0 else a, arrays)
 
 
 def _sized(restored: Any, target: Any) -> Any:
-    """``restored`` with each zero-size leaf of ``target`` (`_arrays`, not stored) back
-    in its shape, dtype and placement."""
+    """``restored`` with each zero-size leaf of ``target`` (`_arrays`) back in its shape,
+    dtype and placement."""
 
     def back(r: Any, t: Any) -> Any:
         if np.size(t) != 0:
@@ -80,7 +81,8 @@ def _sized(restored: Any, target: Any) -> Any:
 def items(state: TrainState, meta: dict[str, Any], arrays: Any = None) -> ocp.args.Composite:
     """The orbax items of one checkpoint: the state's arrays, the JSON metadata and, when
     given (a dict of named trees), the callbacks' ``arrays``."""
-    found = {"state": ocp.args.StandardSave(_arrays(state)), "meta": ocp.args.JsonSave(meta)}
+    stored = _stored(_arrays(state))
+    found = {"state": ocp.args.StandardSave(stored), "meta": ocp.args.JsonSave(meta)}
     if arrays:
         found["arrays"] = ocp.args.StandardSave(arrays)
     return ocp.args.Composite(**found)
@@ -318,7 +320,7 @@ def _check(
         saved_tree = getattr(saved_tree, "tree", saved_tree)
         if saved_tree is None:
             raise CheckpointError(f"checkpoint {path}: orbax finds no array metadata in state/")
-        _check_match(saved_tree, jax.tree.map(_placed_like, _arrays(target)), path)
+        _check_match(saved_tree, jax.tree.map(_placed_like, _stored(_arrays(target))), path)
     return meta
 
 
@@ -328,10 +330,9 @@ def _load(
     """Read a checked checkpoint's arrays into the structure of ``target`` (and the
     callbacks' arrays into that of ``arrays_like``, when it and the checkpoint have them)."""
     with _orbax(path) as ckptr:
-        abstract = jax.tree.map(_placed_like, _arrays(target))
-        arrays = _sized(
-            ckptr.restore((path / "state").absolute(), abstract), _arrays(target, False)
-        )
+        raw = _arrays(target)
+        abstract = jax.tree.map(_placed_like, _stored(raw))
+        arrays = _sized(ckptr.restore((path / "state").absolute(), abstract), raw)
         if arrays_like and (path / "arrays").is_dir():
             like = jax.tree.map(_placed_like, arrays_like)
             meta = {**meta, "arrays": ckptr.restore((path / "arrays").absolute(), like)}
