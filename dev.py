@@ -91,6 +91,7 @@ def test(workers: str, rest: list[str], python: str | Path = BIN / "python") -> 
         workers,
         "--dist",
         "loadfile",
+        "--no-loadscope-reorder",  # the slowest files first (tests/conftest.py)
         "--max-worker-restart",
         "0",
         "-o",
