@@ -71,6 +71,8 @@ def test_one_cycle_shape():
 
 def test_specs_convert_epochs_to_steps():
     spe, total = 10, 100
+    last = build_schedule("step(epochs=(9.9,))", 1.0, steps_per_epoch=spe, total_steps=total)
+    assert [float(last(t)) for t in (98, 99)] == [1.0, pytest.approx(0.1)]  # the last step drops
     np.testing.assert_allclose(
         _values(
             build_schedule(
@@ -106,6 +108,7 @@ def test_specs_convert_epochs_to_steps():
         ),
         ("per_epoch(factor=1.5)", "factor"),
         ("step", "needs epochs"),
+        ("step(epochs=(10, 20))", "first drop, after epoch 10, lies at or past the run's end"),
         ("cosine(end_factor=2)", "end_factor"),
         ("plateau(patience=-1)", "patience"),
         ("plateau(mode='up')", "mode"),

@@ -201,7 +201,16 @@ def _registry(value: float, steps_per_epoch: int, total_steps: int | None):
             epochs = (epochs,)
         if not epochs:
             raise ConfigError("step schedule needs epochs=(e1, e2, ...)", param="schedule")
-        return step_decay(value, [epochs_to_steps("epochs", e) for e in epochs], factor)
+        steps = [epochs_to_steps("epochs", e) for e in epochs]
+        schedule = step_decay(value, steps, factor)
+        if total_steps is not None and min(steps) >= total_steps:  # like swa past the end
+            raise ConfigError(
+                f"step schedule: its first drop, after epoch {min(epochs):g}, lies at or past "
+                f"the run's end (epoch {total_steps / spe:g}, step {total_steps:,}), so the "
+                "rate would never drop; give epochs within the run",
+                param="schedule",
+            )
+        return schedule
 
     def s_warmup(epochs: float = 1.0):
         return linear_warmup(value, max(1, epochs_to_steps("epochs", epochs)))
@@ -257,8 +266,9 @@ def build_schedule(
       A schedule ``step -> lr``, or a `Plateau` for reduce-on-plateau.
 
     Raises:
-      ConfigError: unknown name (listing the valid ones), bad argument, or a whole-run
-        schedule without ``total_steps``.
+      ConfigError: unknown name (listing the valid ones), bad argument, a whole-run
+        schedule without ``total_steps``, or a step schedule whose first drop lies at or
+        past ``total_steps`` (it would never drop).
     """
     check_range("learning_rate", value, low=0.0, low_inclusive=False)
     check_int("steps_per_epoch", steps_per_epoch, low=1)
