@@ -316,9 +316,10 @@ def _matching(saved: Any, target: Any, stacked: bool = False) -> tuple[Any, list
     streams = rng_streams(target)
 
     def pick(path, v):
-        name = "/".join(path_names(path))
-        if path_names(path)[:-1] in streams:
+        names = path_names(path)
+        if names[:-1] in streams:
             return v
+        name = "/".join(names)
         src = saved_flat.get(name)
         if src is not None and np.shape(src) == (v.shape[1:] if stacked else v.shape):
             loaded.append(name)
