@@ -172,6 +172,7 @@ BAD = [
     (["--schedule", "linear"], "--schedule", "valid schedules are: constant, cosine, exponential"),
     (["--schedule", "step(epochs=(1, 2), factor=-1)"], "--schedule", "factor"),
     (["--schedule", "step(epochs=(30, 60))"], "--schedule", "so the rate would never drop"),
+    (["--schedule", "warmup_cosine(warmup_epochs=1)"], "--schedule", "would never decay"),
     (["--schedule", "plateau(monitor='val_f1')"], "--schedule", "monitor"),
     (["--lr", "0"], "--lr", "learning_rate"),
     (["--lr", "-0.1"], "--lr", "learning_rate"),

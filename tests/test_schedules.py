@@ -73,6 +73,14 @@ def test_specs_convert_epochs_to_steps():
     spe, total = 10, 100
     last = build_schedule("step(epochs=(9.9,))", 1.0, steps_per_epoch=spe, total_steps=total)
     assert [float(last(t)) for t in (98, 99)] == [1.0, pytest.approx(0.1)]  # the last step drops
+    warm = build_schedule("warmup(epochs=9.9)", 1.0, steps_per_epoch=spe, total_steps=total)
+    assert [float(warm(t)) for t in (98, 99)] == [pytest.approx(98 / 99), 1.0]  # peak at the end
+    cos = build_schedule(
+        "warmup_cosine(warmup_epochs=9.9)", 1.0, steps_per_epoch=spe, total_steps=total
+    )
+    assert [float(cos(t)) for t in (99, 100)] == [1.0, 0.0]  # peak, then one step of decay
+    with pytest.raises(ConfigError, match="warmup_steps"):  # optax would divide by no decay
+        S.warmup_cosine(1.0, total, total)
     np.testing.assert_allclose(
         _values(
             build_schedule(
@@ -114,6 +122,8 @@ def test_specs_convert_epochs_to_steps():
         ("plateau(mode='up')", "mode"),
         ("one_cycle(pct_start=1.5)", "pct_start"),
         ("warmup(epochs=-1)", "epochs"),
+        ("warmup(epochs=10)", "warm-up's end, after epoch 10, lies at or past the run's end"),
+        ("warmup_cosine(warmup_epochs=12)", "so the rate would never decay"),
         ("exponential(speed=1)", "valid arguments are: rate"),
     ],
 )

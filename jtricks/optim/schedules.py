@@ -83,7 +83,7 @@ def warmup_cosine(
       https://arxiv.org/abs/1706.02677
     """
     check_int("total_steps", total_steps, low=1)
-    check_int("warmup_steps", warmup_steps, low=0, high=total_steps)
+    check_int("warmup_steps", warmup_steps, low=0, high=total_steps - 1)  # leaves a decay
     return optax.warmup_cosine_decay_schedule(0.0, value, warmup_steps, total_steps, end_value)
 
 
@@ -187,6 +187,17 @@ def _registry(value: float, steps_per_epoch: int, total_steps: int | None):
         check_range(name, epochs, low=0.0)
         return max(1, round(epochs * spe)) if epochs > 0 else 0
 
+    def within_run(what: str, epochs: float, steps: int, consequence: str) -> None:
+        # a drop or a warm-up's end past the run leaves the rate the user asked for unreached
+        # (like --swa past the last epoch); a library call without total_steps is not checked
+        if total_steps is not None and steps >= total_steps:
+            raise ConfigError(
+                f"{what}, after epoch {epochs:g}, lies at or past the run's end (epoch "
+                f"{total_steps / spe:g}, step {total_steps:,}), so the rate would {consequence}; "
+                "give epochs within the run",
+                param="schedule",
+            )
+
     def s_constant():
         return constant(value)
 
@@ -203,21 +214,19 @@ def _registry(value: float, steps_per_epoch: int, total_steps: int | None):
             raise ConfigError("step schedule needs epochs=(e1, e2, ...)", param="schedule")
         steps = [epochs_to_steps("epochs", e) for e in epochs]
         schedule = step_decay(value, steps, factor)
-        if total_steps is not None and min(steps) >= total_steps:  # like swa past the end
-            raise ConfigError(
-                f"step schedule: its first drop, after epoch {min(epochs):g}, lies at or past "
-                f"the run's end (epoch {total_steps / spe:g}, step {total_steps:,}), so the "
-                "rate would never drop; give epochs within the run",
-                param="schedule",
-            )
+        within_run("step schedule: its first drop", min(epochs), min(steps), "never drop")
         return schedule
 
     def s_warmup(epochs: float = 1.0):
-        return linear_warmup(value, max(1, epochs_to_steps("epochs", epochs)))
+        steps = max(1, epochs_to_steps("epochs", epochs))
+        within_run("warmup schedule: its warm-up's end", epochs, steps, f"never reach {value:g}")
+        return linear_warmup(value, steps)
 
     def s_warmup_cosine(warmup_epochs: float = 1.0, end_factor: float = 0.0):
-        warm = min(epochs_to_steps("warmup_epochs", warmup_epochs), total("warmup_cosine"))
-        return warmup_cosine(value, warm, total("warmup_cosine"), value * end_factor)
+        warm = epochs_to_steps("warmup_epochs", warmup_epochs)
+        end = total("warmup_cosine")
+        within_run("warmup_cosine schedule: its warm-up's end", warmup_epochs, warm, "never decay")
+        return warmup_cosine(value, warm, end, value * end_factor)
 
     def s_cosine(end_factor: float = 0.0):
         check_range("end_factor", end_factor, low=0.0, high=1.0)
@@ -267,8 +276,8 @@ def build_schedule(
 
     Raises:
       ConfigError: unknown name (listing the valid ones), bad argument, a whole-run
-        schedule without ``total_steps``, or a step schedule whose first drop lies at or
-        past ``total_steps`` (it would never drop).
+        schedule without ``total_steps``, or a step schedule's first drop or a warm-up's
+        end at or past ``total_steps`` (the rate would never drop, or never reach ``value``).
     """
     check_range("learning_rate", value, low=0.0, low_inclusive=False)
     check_int("steps_per_epoch", steps_per_epoch, low=1)
