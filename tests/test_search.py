@@ -224,6 +224,15 @@ def test_tpe_asks_optuna_and_gets_told_every_score(data):
             ["--space", "b1=uniform(0.8, 1.5)"],
             "space b1=1.5: in optimizer stage 'adam': b1 must satisfy",
         ),
+        (  # refused on the data before the first trial trains, not after it
+            ["--space", "batch_size=choice(50, 500)"],
+            "space batch_size=500: batch_size must satisfy 1 <= batch_size * accumulate <= 270",
+        ),
+        (  # one combination of two dimensions: 20 steps are under an epoch of batches of 10
+            ["--space", "batch_size=choice(10, 100), schedule=choice('constant', 'warmup')"]
+            + ["--steps", "20"],
+            "space batch_size=10, schedule='warmup': warmup schedule: its warm-up's end",
+        ),
     ],
 )
 def test_cli_refusals_are_one_line_and_write_nothing(tmp_path, capsys, extra, match):

@@ -219,7 +219,7 @@ def _registry(value: float, steps_per_epoch: int, total_steps: int | None):
 
     def s_warmup(epochs: float = 1.0):
         steps = max(1, epochs_to_steps("epochs", epochs))
-        within_run("warmup schedule: its warm-up's end", epochs, steps, f"never reach {value:g}")
+        within_run("warmup schedule: its warm-up's end", epochs, steps, "never reach its peak")
         return linear_warmup(value, steps)
 
     def s_warmup_cosine(warmup_epochs: float = 1.0, end_factor: float = 0.0):

@@ -88,12 +88,6 @@ def build(config: TrainConfig, data: RunData, reporter: Any, progress: bool) -> 
     """The run's task, model, optimizer (with its schedule), augmentation and callbacks."""
     task = imbalance_options(config, task_for(config, data.task_spec), data)
     model = build_model(config.model, data.num_classes, seed=config.seed)
-    if config.batch_size * config.accumulate > data.n_train:  # checked on the whole split
-        raise ConfigError(
-            f"batch_size must satisfy 1 <= batch_size * accumulate <= {data.n_train} (the "
-            f"training split); got {config.batch_size} * {config.accumulate}",
-            param="batch_size",
-        )
     steps_per_epoch, total_steps = run_length(config, data.n_train)
     tx, plateau = optimizer(config, steps_per_epoch, total_steps)
     key = jax.random.key(config.seed)
@@ -192,8 +186,15 @@ def _not_for(task: Task, name: str, value: Any) -> ConfigError:
 
 
 def run_length(config: TrainConfig, n_train: int) -> tuple[int, int]:
-    """``(steps_per_epoch, total_steps)``; with neither epochs nor steps, the paper's
-    `TrainConfig.DEFAULT_STEPS`. Refuses SWA that would start after the last epoch."""
+    """``(steps_per_epoch, total_steps)`` on a training split of ``n_train`` examples;
+    with neither epochs nor steps, the paper's `TrainConfig.DEFAULT_STEPS`. Refuses a
+    batch larger than the split and SWA that would start after the last epoch."""
+    if config.batch_size * config.accumulate > n_train:  # checked on the whole split
+        raise ConfigError(
+            f"batch_size must satisfy 1 <= batch_size * accumulate <= {n_train} (the "
+            f"training split); got {config.batch_size} * {config.accumulate}",
+            param="batch_size",
+        )
     steps = config.steps
     if config.epochs is None and steps is None:
         steps = TrainConfig.DEFAULT_STEPS

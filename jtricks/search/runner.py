@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -28,8 +29,8 @@ from typing import Any
 import jax
 
 from jtricks.errors import ConfigError, check_int
-from jtricks.optim import build_optimizer
-from jtricks.run.build import name_the_dataset
+from jtricks.optim import build_optimizer, build_schedule
+from jtricks.run.build import name_the_dataset, run_length
 from jtricks.run.config import TrainConfig
 from jtricks.run.data import RunData, load_run_data
 from jtricks.run.resume import check_same_data
@@ -142,6 +143,7 @@ def search(
         data = data if data is not None else load_run_data(config)
         if resume is not None:
             check_same_data(Path(resume) / "search.json", config.dataset, data.digest)
+        check_lengths(config, space, data.n_train)
         records = [] if out is None else outputs.read_trials(out / "trials.jsonl")
         if out is not None and resume is None:
             out = create_run_dir(out, locks)
@@ -223,8 +225,7 @@ def check_space(config: TrainConfig, space: dict[str, Any]) -> None:
       ConfigError: naming the dimension and the value.
     """
     for name, dim in space.items():
-        ends = dim.values if hasattr(dim, "values") else (dim.low, dim.high)
-        for value in ends:
+        for value in _ends(dim):
             try:
                 trial = trial_config(config, {name: value})
                 trial.validate()
@@ -235,6 +236,41 @@ def check_space(config: TrainConfig, space: dict[str, Any]) -> None:
                 if not said.startswith(f"space {name}"):
                     said = f"space {name}={value!r}: {said}"
                 raise ConfigError(said, param="space") from None
+
+
+LENGTH = ("batch_size", "accumulate", "epochs", "steps", "schedule", "swa")
+"""Fields that set a trial's length in steps and what its schedule and SWA make of it."""
+
+
+def check_lengths(config: TrainConfig, space: dict[str, Any], n_train: int) -> None:
+    """Every trial's length checked on the data before anything trains, as a run checks
+    its own (`jtricks.run.build.run_length`, the schedule built over that length): each
+    combination of the ends of the space's `LENGTH` dimensions, so a batch larger than
+    the training split or a warm-up past a trial's end is refused before the first trial,
+    not after it (a search folder that could never finish).
+
+    Raises:
+      ConfigError: naming the trial's values, or the base setting where none varies.
+    """
+    dims = {name: _ends(dim) for name, dim in space.items() if name in LENGTH}
+    for ends in itertools.product(*dims.values()):
+        values = dict(zip(dims, ends, strict=True))
+        trial = trial_config(config, values)
+        try:
+            steps_per_epoch, total_steps = run_length(trial, n_train)
+            build_schedule(
+                trial.schedule, 1.0, steps_per_epoch=steps_per_epoch, total_steps=total_steps
+            )
+        except ConfigError as e:
+            if not values:
+                raise
+            said = ", ".join(f"{k}={v!r}" for k, v in values.items())
+            raise ConfigError(f"space {said}: {e}", param="space") from None
+
+
+def _ends(dim: Any) -> tuple[Any, ...]:
+    """A dimension's ends: a choice's values, a range's bounds."""
+    return tuple(dim.values) if hasattr(dim, "values") else (dim.low, dim.high)
 
 
 def _run(config, settings, space, data, out, records, reporter, log) -> SearchResult:
