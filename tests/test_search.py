@@ -229,8 +229,12 @@ def test_tpe_asks_optuna_and_gets_told_every_score(data):
             "space batch_size=500: batch_size must satisfy 1 <= batch_size * accumulate <= 270",
         ),
         (  # one combination of two dimensions: 20 steps are under an epoch of batches of 10
-            ["--space", "batch_size=choice(10, 100), schedule=choice('constant', 'warmup')"]
-            + ["--steps", "20"],
+            [
+                "--steps",
+                "20",
+                "--space",
+                "batch_size=choice(10, 100), schedule=choice('constant', 'warmup')",
+            ],
             "space batch_size=10, schedule='warmup': warmup schedule: its warm-up's end",
         ),
     ],
