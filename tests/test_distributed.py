@@ -106,6 +106,38 @@ def test_accumulate_equals_the_larger_batch(tiny_data, adam):
     )
 
 
+def test_accumulate_with_batchnorm_normalises_each_micro_batch_in_turn(tiny_data):
+    """With BatchNorm an accumulated step is not the larger batch's: by hand, each
+    micro-batch is normalised by its own statistics, which carry to the next, and the
+    update is the optimizer's on the summed gradients (each micro-batch's loss over 40).
+    SGD, as Adam would blow the float noise of the bias before BatchNorm (gradient 0) up."""
+    model = build_model("mlp(features=(8,), norm='batch')", 4)
+    sgd = optax.sgd(0.5)
+    x, y = jnp.asarray(tiny_data.x_train[:40]), jnp.asarray(tiny_data.y_train[:40])
+    state = create_train_state(model, sgd, x, jax.random.key(0))
+
+    def loss(params, stats, xb, yb):
+        out, new = model.apply(
+            {"params": params, "batch_stats": stats}, xb, train=True, mutable=["batch_stats"]
+        )
+        return optax.softmax_cross_entropy_with_integer_labels(out, yb).sum() / 40, new
+
+    grads, stats = [], state.batch_stats
+    for i in range(2):
+        g, new = jax.grad(loss, has_aux=True)(
+            state.params, stats, x[20 * i :][:20], y[20 * i :][:20]
+        )
+        grads, stats = [*grads, g], new["batch_stats"]
+    updates, _ = sgd.update(jax.tree.map(jnp.add, *grads), state.opt_state, state.params)
+    want = optax.apply_updates(state.params, updates)
+    got, _ = jax.jit(make_train_step(accumulate=2))(state, (x, y))
+    whole, _ = jax.jit(make_train_step())(state, (x, y))
+    for a, b in ((got.params, want), (got.batch_stats, stats)):
+        jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7), a, b)
+    gap = jax.tree.map(lambda u, v: float(jnp.max(jnp.abs(u - v))), got.params, whole.params)
+    assert max(jax.tree.leaves(gap)) > 1e-4  # the larger batch normalises over all 40
+
+
 def test_bf16_trains_with_float32_master_parameters(tiny_data, adam):
     x, y = tiny_data.x_train, tiny_data.y_train
     model = build_model("cnn(channels=(4, 4, 4), norm='batch')", 4)

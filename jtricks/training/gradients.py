@@ -66,7 +66,9 @@ def gradients(forward_fn, task: Task, accumulate: int, state, batch, key):
     """``((loss, (outputs, batch_stats)), grads)`` of the batch. With ``accumulate > 1``
     the batch is cut into micro-batches run one after another in a `lax.scan` (one
     micro-batch's activations live at a time); each contributes ``sum_i w_i l_i / W``
-    with ``W`` the whole batch's weight, so the summed gradients equal the whole batch's."""
+    with ``W`` the whole batch's weight, so the summed gradients equal the whole batch's
+    (for a model without BatchNorm: each micro-batch normalises by its own statistics,
+    which carry from one micro-batch to the next)."""
     if accumulate == 1:
         grad_fn = jax.value_and_grad(lambda p: forward_fn(state, p, batch, key, None), has_aux=True)
         return grad_fn(state.params)

@@ -137,7 +137,10 @@ class FitOptions:
     accumulate: int = 1
     """Micro-batches of ``batch_size`` per optimizer update (gradient accumulation); an
     update equals one step on the ``batch_size * accumulate`` batch, and ``steps`` /
-    ``epochs`` count updates. A stream's batch is one update, cut into ``accumulate``."""
+    ``epochs`` count updates. A stream's batch is one update, cut into ``accumulate``.
+    Exact for models without BatchNorm (dropout masks differ, equal in distribution); with
+    BatchNorm each micro-batch is normalised by its own statistics and updates the running
+    averages in turn, as PyTorch's accumulation does."""
     precision: str = "float32"
     """``"float32"`` or ``"bf16"`` (compute in bfloat16; float32 master parameters and
     optimizer state; see `jtricks.training.steps.make_train_step`)."""
