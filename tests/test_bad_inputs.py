@@ -3,6 +3,7 @@ what is wrong (exit status 2 on the CLI, no traceback) and leaves nothing behind
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import jax
@@ -14,6 +15,8 @@ import jtricks
 from jtricks.cli import main
 from jtricks.errors import ConfigError
 from jtricks.nn import MLP
+from jtricks.run import TrainConfig
+from jtricks.run.build import within_run
 from jtricks.training import create_train_state, fit
 from jtricks.training.checkpoint import CheckpointError, restore_latest
 
@@ -78,6 +81,18 @@ CLI_CASES = [
     ("huge-label", {"y": np.r_[np.zeros(59, np.int64), 2**31 - 1]}, [], "outside 1..1,048,576"),
     ("huge-seed", {}, ["--seed", str(10**20)], "argument --seed: seed must satisfy"),
     ("swa-after-the-last-epoch", {}, ["--swa", "99"], "argument --swa: swa=99 starts averaging"),
+    (
+        "step-records-past-the-end",
+        {},
+        ["--steps", "5", "--log-every-steps", "6"],
+        "argument --log-every-steps: log_every_steps=6 records every 6th step and the run has 5",
+    ),
+    (
+        "profile-past-the-end",
+        {},
+        ["--steps", "5", "--profile", "6:8"],
+        "argument --profile: profile='6:8' starts after the run's last step (5)",
+    ),
     ("empty-pipeline-stage", {}, ["--optimizer", "adam | | l2(1e-4)"], "argument --optimizer"),
     ("model-that-does-not-parse", {}, ["--model", "resnet-18"], "did you mean: resnet18"),
     ("complex-features", {"x": np.zeros((60, 6), np.complex64)}, [], "got dtype complex64"),
@@ -119,6 +134,15 @@ def test_cli_bad_input(tmp_path, capsys, case, arrays, args, match):
     assert status == 2, err
     assert err.startswith("jtricks train: error: ") and match in err and "Traceback" not in err
     assert not out.exists()  # nothing that could be mistaken for a result
+
+
+def test_settings_at_the_runs_last_step_or_epoch_are_accepted():
+    """`within_run` refuses only what lies past the end: the last step, the last epoch."""
+    config = TrainConfig(log_every_steps=5, profile="5:9", swa=2)
+    within_run(config, 5, 2)
+    for change, param in (({"log_every_steps": 6}, "log_every"), ({"profile": "6"}, "profile")):
+        with pytest.raises(ConfigError, match=param):
+            within_run(dataclasses.replace(config, **change), 5, 2)
 
 
 def test_cli_missing_file(tmp_path, capsys):

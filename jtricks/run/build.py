@@ -25,7 +25,7 @@ from jtricks.optim import build_optimizer, build_schedule, fused
 from jtricks.optim.schedules import Plateau
 from jtricks.run.config import TrainConfig
 from jtricks.run.data import RunData
-from jtricks.run.settings import parse_class_weight, parse_loss
+from jtricks.run.settings import parse_class_weight, parse_loss, parse_steps
 from jtricks.tasks import Classification, MultiLabel, Task, build_task
 from jtricks.training import EarlyStopping, ReduceLROnPlateau, TrainState, create_train_state
 from jtricks.training.averaging import SWA
@@ -188,7 +188,7 @@ def _not_for(task: Task, name: str, value: Any) -> ConfigError:
 def run_length(config: TrainConfig, n_train: int) -> tuple[int, int]:
     """``(steps_per_epoch, total_steps)`` on a training split of ``n_train`` examples;
     with neither epochs nor steps, the paper's `TrainConfig.DEFAULT_STEPS`. Refuses a
-    batch larger than the split and SWA that would start after the last epoch."""
+    batch larger than the split and what would act past the run's end (`within_run`)."""
     if config.batch_size * config.accumulate > n_train:  # checked on the whole split
         raise ConfigError(
             f"batch_size must satisfy 1 <= batch_size * accumulate <= {n_train} (the "
@@ -207,14 +207,33 @@ def run_length(config: TrainConfig, n_train: int) -> tuple[int, int]:
             f"an int32, so a run has at most {MAX_STEP:,} (2**31 - 1)",
             param=name,
         )
-    last_epoch = -(-total_steps // steps_per_epoch)
+    within_run(config, total_steps, -(-total_steps // steps_per_epoch))
+    return steps_per_epoch, total_steps
+
+
+def within_run(config: TrainConfig, total_steps: int, last_epoch: int) -> None:
+    """Refuse a setting that acts at a step or an epoch past the run's end: it would do
+    nothing without a word (SWA that never averages, step records or a profile that never
+    starts)."""
     if config.swa is not None and config.swa > last_epoch:
         raise ConfigError(
             f"swa={config.swa} starts averaging after the last epoch ({last_epoch}), so no "
             f"average would ever be taken; give an epoch in 1..{last_epoch}",
             param="swa",
         )
-    return steps_per_epoch, total_steps
+    every = config.log_every_steps
+    if every is not None and every > total_steps:
+        raise ConfigError(
+            f"log_every_steps={every} records every {every:,}th step and the run has "
+            f"{total_steps:,}, so no step would be recorded; give N in 1..{total_steps}",
+            param="log_every_steps",
+        )
+    if config.profile is not None and parse_steps(config.profile)[0] > total_steps:
+        raise ConfigError(
+            f"profile={config.profile!r} starts after the run's last step ({total_steps:,}), "
+            f"so nothing would be traced; give steps in 1..{total_steps}",
+            param="profile",
+        )
 
 
 def optimizer(
