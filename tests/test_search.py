@@ -224,6 +224,10 @@ def test_tpe_asks_optuna_and_gets_told_every_score(data):
             ["--space", "b1=uniform(0.8, 1.5)"],
             "space b1=1.5: in optimizer stage 'adam': b1 must satisfy",
         ),
+        (  # an optimizer argument that takes integers: its range's middle is checked too
+            ["--optimizer", "adam | lookahead", "--space", "lookahead.sync_period=uniform(2, 10)"],
+            "space lookahead.sync_period=6.0: in optimizer stage 'lookahead': sync_period must",
+        ),
         (  # refused on the data before the first trial trains, not after it
             ["--space", "batch_size=choice(50, 500)"],
             "space batch_size=500: batch_size must satisfy 1 <= batch_size * accumulate <= 270",
@@ -265,6 +269,17 @@ def test_cli_prints_the_table_and_the_best_trial(tmp_path, capsys):
     assert printed.splitlines()[0].split() == head
     assert printed.splitlines()[1].split()[0] == str(best["trial"])
     assert f"best trial {best['trial']}" in printed
+
+
+def test_a_search_over_the_batch_size_trains_integer_batches(data):
+    """A range over an integer setting (it drew 39.79 and refused the trial)."""
+    config = dataclasses.replace(CONFIG, epochs=1)
+    settings = SearchSettings("batch_size=uniform(40, 60)", 2, "random", 2)
+    result = search(config, settings, data=data)
+    sizes = [r["values"]["batch_size"] for r in result.records]
+    assert all(type(b) is int and 40 <= b <= 60 for b in sizes) and len(set(sizes)) == 2
+    assert [r["status"] for r in result.records] == ["ok", "ok"]
+    assert result.best_config.batch_size == result.best["values"]["batch_size"]
 
 
 def test_settings_are_checked():

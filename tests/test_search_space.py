@@ -4,14 +4,16 @@ values against hand-computed points, and trial configs (optimizer arguments incl
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import math
 
 import numpy as np
 import pytest
 
 from jtricks import TrainConfig
-from jtricks.bench.search import unit_points
+from jtricks.bench.search import Range, unit_points
 from jtricks.errors import ConfigError
-from jtricks.search import Choice, make_sampler, parse_space, trial_config
+from jtricks.search import Choice, Integers, make_sampler, parse_space, trial_config
 
 SPEC = (
     "lr=loguniform(1e-4, 1e-1), weight_decay=loguniform(1e-6, 1e-2), batch_size=choice(32, 64, 128)"
@@ -77,6 +79,33 @@ def test_tpe_asks_inside_the_space_and_learns_from_what_it_is_told():
     assert ((rates >= 1e-4) & (rates <= 1e-1)).all()
     early, late = np.abs(np.log10(rates[:10]) + 2), np.abs(np.log10(rates[-10:]) + 2)
     assert late.mean() < early.mean()  # it moved towards the optimum
+
+
+def test_a_range_over_an_integer_setting_draws_integers_with_its_ends():
+    """``batch_size=loguniform(16, 256)`` drew 39.79 and the trial was refused: a range
+    over an integer train setting draws the nearest integers (a real setting, the lr,
+    stays real between integer bounds)."""
+    space = parse_space("batch_size=loguniform(16, 256), epochs=uniform(1, 2), lr=uniform(1, 2)")
+    assert space["batch_size"] == Integers(16, 256, "log")
+    assert type(space["learning_rate"]) is Range
+    got = list(make_sampler("random", space, 8, seed=0))
+    u = unit_points(8, 3, seed=0)
+    assert [p["batch_size"] for p in got] == [math.floor(16 * 16**x + 0.5) for x in u[:, 0]]
+    assert all(type(p["batch_size"]) is int and type(p["epochs"]) is int for p in got)
+    assert all(type(p["learning_rate"]) is float for p in got)
+    assert list(make_sampler("grid", parse_space("epochs=uniform(1, 2)"), 9)) == [
+        {"epochs": 1},
+        {"epochs": 2},  # 1.5 rounds to 2: the grid draws it once
+    ]
+    with pytest.raises(ConfigError, match=r"batch_size takes integers.*e\.g\. uniform\(16, 256\)"):
+        parse_space("batch_size=uniform(16.5, 256)")
+    if importlib.util.find_spec("optuna") is not None:  # TPE asks Optuna for integers
+        sampler = make_sampler("tpe", parse_space("batch_size=loguniform(16, 256)"), 4, seed=0)
+        drawn = []
+        for values in sampler:
+            drawn.append(values["batch_size"])
+            sampler.tell(values, 1.0)
+        assert all(type(b) is int and 16 <= b <= 256 for b in drawn)
 
 
 def test_trial_config_sets_fields_and_optimizer_arguments():

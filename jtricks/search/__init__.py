@@ -7,6 +7,7 @@ from jtricks.search.runner import SearchResult, SearchSettings, search
 from jtricks.search.space import (
     SAMPLERS,
     Choice,
+    Integers,
     Sampler,
     make_sampler,
     parse_space,
@@ -16,6 +17,7 @@ from jtricks.search.space import (
 __all__ = [
     "SAMPLERS",
     "Choice",
+    "Integers",
     "Sampler",
     "SearchResult",
     "SearchSettings",

@@ -218,14 +218,16 @@ def stacked(config: TrainConfig) -> None:
 
 
 def check_space(config: TrainConfig, space: dict[str, Any]) -> None:
-    """Each dimension's ends (a range's bounds, a choice's values) as trial configs, checked
-    as `TrainConfig` and by `stacked`, before anything trains.
+    """Each dimension's ends (a range's bounds and its middle, a choice's values) as trial
+    configs, checked as `TrainConfig` and by `stacked`, before anything trains (the middle:
+    a range over an optimizer argument that takes integers draws values between them).
 
     Raises:
       ConfigError: naming the dimension and the value.
     """
     for name, dim in space.items():
-        for value in _ends(dim):
+        middle = () if hasattr(dim, "values") else (dim.value(0.5),)
+        for value in dict.fromkeys((*_ends(dim), *middle)):
             try:
                 trial = trial_config(config, {name: value})
                 trial.validate()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -51,7 +52,22 @@ class Choice:
         return self.values[min(int(u * len(self.values)), len(self.values) - 1)]
 
 
+@dataclasses.dataclass(frozen=True)
+class Integers(Range):
+    """An integer train setting's range (``batch_size``, ``epochs``, ...): the range's
+    point rounded to the nearest integer, so both ends are drawn (Optuna's ``suggest_int``,
+    with ``log`` on a log scale)."""
+
+    def value(self, u: float) -> int:
+        """``floor(x + 1/2)`` of `Range.value`'s point ``x`` at ``u``."""
+        return math.floor(super().value(u) + 0.5)
+
+
 Dimension = Range | Choice
+INTEGER_FIELDS = frozenset(
+    f.name for f in dataclasses.fields(TrainConfig) if f.type in ("int", "int | None")
+)
+"""The train settings that take integers: a range over one draws integers (`Integers`)."""
 
 
 def _field_names() -> dict[str, str]:
@@ -156,7 +172,17 @@ def _dimension(field: str, text: str) -> Dimension:
         return Choice(tuple(args))
     if kind in ("loguniform", "uniform") and len(args) == 2 and not kwargs:
         scale = "log" if kind == "loguniform" else "linear"
-        return Range(*args, scale=scale).check(field)
+        bounds = Range(*args, scale=scale).check(field)
+        if field not in INTEGER_FIELDS:
+            return bounds
+        if not all(isinstance(a, int) for a in args):
+            raise ConfigError(
+                f"space entry {field}={text}: {field} takes integers, so a range over it "
+                f"draws integers between integer bounds, e.g. {kind}({round(bounds.low)}, "
+                f"{round(bounds.high)})",
+                param="space",
+            )
+        return Integers(*args, scale=scale)
     raise ConfigError(
         f"space entry {field}={text}: the distributions are loguniform(low, high), "
         "uniform(low, high) and choice(v1, v2, ...)",
@@ -185,8 +211,8 @@ def grid_points(space: dict[str, Dimension], points: int = 3) -> list[dict[str, 
     for dim in space.values():
         if isinstance(dim, Choice):
             axes.append(dim.values)
-        else:
-            axes.append(tuple(dim.value(u) for u in np.linspace(0.0, 1.0, points)))
+        else:  # an integer range's points may round to one value: each once
+            axes.append(tuple(dict.fromkeys(dim.value(u) for u in np.linspace(0.0, 1.0, points))))
     return [dict(zip(space, combo, strict=True)) for combo in itertools.product(*axes)]
 
 
@@ -221,6 +247,8 @@ class TPESampler(Sampler):
         d = self._optuna.distributions
         if isinstance(dim, Choice):
             return d.CategoricalDistribution(dim.values)
+        if isinstance(dim, Integers):
+            return d.IntDistribution(dim.low, dim.high, log=dim.scale == "log")
         return d.FloatDistribution(dim.low, dim.high, log=dim.scale == "log")
 
     def _ask(self, trials: int) -> Iterator[dict[str, Any]]:
