@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import numbers
 import re
 from collections.abc import Iterable
 
@@ -98,9 +99,11 @@ def check_range(
 
 
 def check_int(name: str, value: object, *, low: int | None = None, high: int | None = None) -> int:
-    """Return ``value`` as int after checking it is an integer within ``[low, high]``."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """Return ``value`` as an int after checking it is an integer within ``[low, high]``;
+    a NumPy integer (``np.int64`` from ``np.arange``) is one, a bool is not."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ConfigError(f"{name} must be an integer; got {value!r}", param=name)
+    value = int(value)
     check_range(name, value, low=low, high=high)
     return value
 

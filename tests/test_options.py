@@ -4,6 +4,7 @@ it, it checks every field when made, and a run's config maps to it in one place.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -48,6 +49,24 @@ def test_keywords_replace_the_fields_of_given_options():
     assert base.max_nonfinite == 3  # frozen: a new object
     with pytest.raises(dataclasses.FrozenInstanceError):
         base.batch_size = 3  # type: ignore[misc]
+
+
+def test_numpy_scalars_are_the_numbers_they_are(data):
+    """A grid from ``np.arange`` / ``np.logspace`` gives NumPy scalars: `fit` and the run's
+    config take them (they were refused: "steps must be an integer; got np.int64(10)",
+    "learning_rate must be a number; got np.float32(0.1)"); the config holds Python
+    numbers, so config.json is written as for values typed by hand."""
+    state, _ = fit(_state(data[0]), data, batch_size=np.int64(10), steps=np.int32(6))
+    assert int(state.step) == 6 and FitOptions(batch_size=np.uint8(10)).batch_size == 10
+    config = TrainConfig(learning_rate=np.float32(0.5), batch_size=np.int64(50))
+    config.validate()
+    assert type(config.batch_size) is int and type(config.learning_rate) is float
+    assert config.learning_rate == float(np.float32(0.5)) and config == TrainConfig(
+        learning_rate=0.5, batch_size=50
+    )
+    assert json.loads(json.dumps(config.to_dict())) == config.to_dict()
+    with pytest.raises(ConfigError, match=r"must be an integer; got np\.True_"):
+        FitOptions(batch_size=np.True_)
 
 
 def test_a_loss_becomes_the_task_and_a_new_loss_replaces_it():

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from jtricks.data.batching import SAMPLERS
 from jtricks.data.imbalance import one_balancing
 from jtricks.data.stream import LOADERS
@@ -342,6 +344,14 @@ class TrainConfig:
     )
 
     DEFAULT_STEPS = 6000
+
+    def __post_init__(self) -> None:
+        # NumPy scalars (a rate from np.logspace, a size from np.arange) become the Python
+        # numbers they are: checked, compared and written to config.json as typed by hand
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, np.generic):
+                object.__setattr__(self, field.name, value.item())
 
     def validate(self) -> None:
         """Run every field's check, then every rule of `RULES` (names are checked when built).
