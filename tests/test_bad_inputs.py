@@ -63,6 +63,13 @@ CLI_CASES = [
         "empty dataset",
     ),
     ("missing-array", {"y_test": None}, [], "lacks array(s) ['y_test']"),
+    ("both-spellings", {"y_train": np.zeros(60, np.int64)}, [], "holds both y and y_train"),
+    (
+        "class-names",
+        {"y": np.array(["cat", "dog", "emu"])[np.arange(60) % 3]},
+        [],
+        "got dtype <U3 (class names: save their indices, e.g. names, y = np.unique(",
+    ),
     ("nonfinite-lr", {}, ["--lr", "inf"], "learning_rate"),
     ("nan-lr", {}, ["--lr", "nan"], "learning_rate"),
     ("nonfinite-val-fraction", {}, ["--val-fraction", "nan"], "val_fraction"),

@@ -56,7 +56,7 @@ def arrays(n=90):  # a dataset of the user's: plain arrays, as their own reader 
     rng = np.random.default_rng(5)
     x = rng.normal(size=(n + 30, 8)).astype(np.float32)
     y = (x[:, 0] > 0).astype(int) + (x[:, 1] > 0)
-    return {"x": x[:n], "y": y[:n], "x_test": x[n:], "y_test": y[n:]}
+    return {"x_train": x[:n], "y_train": y[:n], "x_test": x[n:], "y_test": y[n:]}  # or x, y
 
 
 def no_test_split():
@@ -115,7 +115,8 @@ def test_an_nnx_users_model_trains_an_ensemble_and_a_search(user_dir, capsys):
 
 def test_a_users_dataset_trains_as_the_same_arrays_in_an_npz_file(user_dir, capsys):
     """``--dataset module:factory(args)``: the user's arrays train exactly as the same
-    arrays written to an ``npz:`` file (a second path), with the factory's arguments."""
+    arrays written to an ``npz:`` file (a second path), with the factory's arguments; both
+    read the training split under its ``x_train``, ``y_train`` names."""
     import sys
 
     import numpy as np
@@ -141,7 +142,7 @@ def test_a_users_dataset_trains_as_the_same_arrays_in_an_npz_file(user_dir, caps
     ("flag", "spec", "message"),
     [
         ("--dataset", "user_models:not_a_model(3)", "returned str; return a jtricks.data.Dataset"),
-        ("--dataset", "user_models:no_test_split", "a mapping without ['x_test', 'y_test']"),
+        ("--dataset", "user_models:no_test_split", "a mapping that lacks array(s) ['x_test', 'y_"),
         ("--dataset", "user_models:arrays(m=3)", "unexpected keyword argument 'm'"),
         ("--model", "user_models:Missing", "user_models has no 'Missing'"),
         ("--model", "user_models:not_a_model", "returned str, not a Flax Linen or NNX module"),

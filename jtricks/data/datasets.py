@@ -14,7 +14,7 @@ import os
 import random
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -150,9 +150,10 @@ def synthetic(
 
 
 def npz(path: str) -> Dataset:
-    """A dataset from a ``.npz`` file holding ``x``, ``y``, ``x_test`` and ``y_test`` arrays,
-    and optionally ``mask`` and ``mask_test`` (0/1, the targets' shape: which positions
-    count, for segmentation and language models).
+    """A dataset from a ``.npz`` file holding ``x``, ``y``, ``x_test`` and ``y_test`` arrays
+    (``x_train``, ``y_train`` also name the first two: `array_names`), and optionally
+    ``mask`` and ``mask_test`` (0/1, the targets' shape: which positions count, for
+    segmentation and language models).
 
     Read with ``allow_pickle=False``: object arrays are refused, never unpickled.
     The targets' kind and shape give the task and the model's output width (labels,
@@ -177,13 +178,8 @@ def npz(path: str) -> Dataset:
         )
     try:
         with np.load(p, allow_pickle=False) as f:
-            missing = [k for k in ("x", "y", "x_test", "y_test") if k not in f.files]
-            if missing:
-                raise ConfigError(
-                    f"dataset file {str(p)!r} lacks array(s) {missing}; it must hold x, y, x_test, y_test",
-                    param="dataset",
-                )
-            arrays = {k: f[k] for k in ("x", "y", "x_test", "y_test", *MASKS) if k in f.files}
+            names = array_names(f"dataset file {str(p)!r}", f.files)
+            arrays = {name: f[key] for name, key in names.items()}
     except ConfigError:
         raise
     except Exception as e:
@@ -222,6 +218,37 @@ def arrays_dataset(name: str, where: str, arrays: dict[str, np.ndarray]) -> Data
 
 MASKS = ("mask", "mask_test")
 """The optional arrays of an ``npz:`` file: 0/1 masks of ``y`` and ``y_test``'s shape."""
+ARRAYS = ("x", "y", "x_test", "y_test")
+"""The arrays an ``npz:`` file must hold (``x_train``, ``y_train`` also name the first two)."""
+TRAIN_NAMES = {"x_train": "x", "y_train": "y", "mask_train": "mask"}
+"""The ``*_train`` spelling (`Dataset`'s and Keras's) of an ``npz:`` file's arrays."""
+
+
+def array_names(where: str, keys: Iterable[str]) -> dict[str, str]:
+    """``{npz name: key}`` of the arrays among ``keys`` that an ``npz:`` file's reader
+    takes (`ARRAYS`, `MASKS`), ``x_train`` read as ``x`` (`TRAIN_NAMES`).
+
+    Raises:
+      ConfigError (``param="dataset"``): an array missing, or named both ways.
+    """
+    names: dict[str, str] = {}
+    for key in keys:
+        name = TRAIN_NAMES.get(key, key)
+        if name in names:
+            raise ConfigError(
+                f"{where} holds both {names[name]} and {key}: give the training split once",
+                param="dataset",
+            )
+        if name in (*ARRAYS, *MASKS):
+            names[name] = key
+    missing = [k for k in ARRAYS if k not in names]
+    if missing:
+        raise ConfigError(
+            f"{where} lacks array(s) {missing}; it must hold x (or x_train), y (or y_train), "
+            "x_test, y_test",
+            param="dataset",
+        )
+    return names
 
 
 def _masks(where: str, arrays: dict[str, np.ndarray], task: str) -> tuple:

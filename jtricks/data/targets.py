@@ -59,9 +59,15 @@ def infer_task(where: str, x: np.ndarray, y: np.ndarray, y_test: np.ndarray) -> 
     }
     if "other" in kinds:
         dtype = next(a.dtype for a in (y, y_test) if not (_is_integer(a) or _is_real(a)))
+        hint = ""
+        if dtype.kind in "USO":  # class names: the labels are their indices
+            hint = (
+                " (class names: save their indices, e.g. names, y = np.unique(y, "
+                "return_inverse=True), the same names for both splits)"
+            )
         raise ConfigError(
             f"{where}: targets must be integer class labels or real-valued regression "
-            f"targets; got dtype {dtype}",
+            f"targets; got dtype {dtype}{hint}",
             param="dataset",
         )
     if len(kinds) > 1:
