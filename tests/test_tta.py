@@ -3,6 +3,8 @@ one view equals plain evaluation, batch-size independence, config errors."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,6 +101,16 @@ def test_train_reports_tta_and_single_view(tmp_path):
     assert summary["tta_views"] == 5 and 0 <= summary["val_tta_accuracy"] <= 1
     plain = jtricks.train(dataset=SPEC, model="mlp(features=(8,))", epochs=2, augment="shift(2)")
     np.testing.assert_allclose(summary["test_single_view_accuracy"], plain.test["accuracy"])
+    # the folder's model predicts as the summary tested: its views (a second path), one view
+    run, data = jtricks.load_run(out), jtricks.load_dataset(SPEC)
+    logp, y = run.predict_tta(data.x_test), data.y_test
+    assert (logp.argmax(-1) == y).mean() == pytest.approx(summary["test_accuracy"], abs=1e-7)
+    nll = -logp[np.arange(len(y)), y].mean()
+    assert nll == pytest.approx(summary["test_loss"], rel=1e-6)  # another key: 5e-6 off
+    single = (run.predict(data.x_test).argmax(-1) == y).mean()
+    assert single == pytest.approx(summary["test_single_view_accuracy"], abs=1e-7)
+    with pytest.raises(ConfigError, match="predict_tta needs a classification run with --tta"):
+        dataclasses.replace(run, tta=None).predict_tta(data.x_test)
 
 
 @pytest.mark.parametrize(

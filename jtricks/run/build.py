@@ -68,6 +68,11 @@ class Build:
     """What `create_ensemble` takes for stacked members: the model, or for an NNX model
     (built initialised) a factory that builds it again from each member's key."""
 
+    @property
+    def tta_key(self) -> jax.Array:
+        """The key of the test-time augmentation's views (``--tta``), from the seed."""
+        return jax.random.fold_in(self.key, 3)
+
     def callback_states(self) -> dict[str, Any]:
         """The stateful callbacks' states, saved with each checkpoint."""
         states = {}

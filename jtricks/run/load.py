@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from jtricks.data import Scaler
@@ -24,9 +25,11 @@ from jtricks.run.build import build, initial_state
 from jtricks.run.config import TrainConfig
 from jtricks.run.data import load_run_data
 from jtricks.run.resume import foreign_checker, load_run_config, run_identity
+from jtricks.tasks import Classification
 from jtricks.training.checkpoint import CheckpointError, restore_latest
 from jtricks.training.predict import predict
 from jtricks.training.state import TrainState, first_member
+from jtricks.training.tta import tta_log_probs
 
 
 @dataclass
@@ -41,6 +44,8 @@ class LoadedRun:
     scaler: Scaler | None
     epoch: int
     step: int
+    tta: tuple[Any, jax.Array] | None = field(default=None, repr=False)
+    """With ``--tta V``: the views' augmentation and the key the run's summary used."""
 
     def inputs(self, x: Any) -> np.ndarray:
         """Raw inputs as the model read them in training: scaled with the training rows'
@@ -54,6 +59,34 @@ class LoadedRun:
         ``params`` says otherwise; keywords as `predict`'s."""
         kwargs.setdefault("params", self.config.eval_params)
         return predict(self.state, self.inputs(x), **kwargs)
+
+    def predict_tta(self, x: Any, *, batch_size: int = 1000) -> np.ndarray:
+        """``log p(y | x)``, ``(N, C)``, of a ``--tta V`` classification run's prediction
+        as its summary's test figures were computed: the mean softmax over the clean input
+        and V-1 views of the run's augmentation, keyed as the run keyed them
+        (`jtricks.training.tta.tta_log_probs`), on raw inputs and the parameters the run
+        evaluated. `predict` is the single view (``single_view_*`` in the summary).
+
+        Raises:
+          ConfigError (``param="tta"``): the run used no test-time augmentation, or its
+            task is not classification.
+        """
+        if self.tta is None:
+            raise ConfigError(
+                "predict_tta needs a classification run with --tta > 1 (its views' mean "
+                f"softmax); this run has tta={self.config.tta}: use predict",
+                param="tta",
+            )
+        augment, key = self.tta
+        return tta_log_probs(
+            self.state,
+            self.inputs(x),
+            augment,
+            views=self.config.tta,
+            key=key,
+            batch_size=batch_size,
+            params=self.config.eval_params,
+        )
 
 
 def load_run(run_dir: str | os.PathLike, *, best: bool = False) -> LoadedRun:
@@ -88,4 +121,7 @@ def load_run(run_dir: str | os.PathLike, *, best: bool = False) -> LoadedRun:
     step = int(first_member(state).step)  # early stopping saves the kept state last
     kept = [r["epoch"] for r in meta.get("history", ()) if r.get("step") == step]
     epoch = kept[-1] if kept else int(meta["epoch"])  # mid-epoch (interrupted): no record
-    return LoadedRun(config, state, scaler, epoch, step)
+    tta = None
+    if b.tta_augment is not None and isinstance(b.task, Classification):
+        tta = (b.tta_augment, b.tta_key)
+    return LoadedRun(config, state, scaler, epoch, step, tta)

@@ -471,7 +471,7 @@ def tta_metrics(
 
     kw = dict(
         views=config.tta,
-        key=jax.random.fold_in(b.key, 3),  # the views are keyed from the seed
+        key=b.tta_key,
         task=b.task,
         batch_size=config.eval_batch_size,
         params=config.eval_params,
