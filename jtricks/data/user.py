@@ -2,8 +2,9 @@
 
 The path names a function (or class) whose literal arguments the spec gives; it returns a
 `jtricks.data.Dataset`, or a mapping of NumPy-convertible arrays ``x``, ``y``, ``x_test``,
-``y_test`` (``x_train``, ``y_train`` for the first two; optionally ``mask``, ``mask_test``), read exactly as an ``npz:`` file's are:
-the targets' kind and shape give the task (`jtricks.data.targets`). New here: data in
+``y_test`` (``x_train``, ``y_train`` for the first two; optionally ``mask``,
+``mask_test``), read exactly as an ``npz:`` file's are: the targets' kind and shape give
+the task (`jtricks.data.targets`). New here: data in
 any format a researcher's own code reads (HDF5, Parquet, a database) reach every task
 and option without being written to a file first; failures are one line naming the
 spec (`jtricks.imports`).

@@ -67,9 +67,9 @@ def make_train_step(
     model's ``num_classes`` for its soft labels), ``accumulate`` (the batch cut into that
     many micro-batches in a `lax.scan`, each weighted ``sum_i w_i l_i / W`` so their
     summed gradients equal the whole batch's, for a model without BatchNorm: with it,
-    each micro-batch normalises by its own statistics and updates them in turn) and ``precision`` (``"bf16"``: forward and
-    backward on bfloat16 copies; loss, gradients, optimizer state, master parameters and
-    statistics float32).
+    each micro-batch normalises by its own statistics and updates them in turn) and
+    ``precision`` (``"bf16"``: forward and backward on bfloat16 copies; loss, gradients,
+    optimizer state, master parameters and statistics float32).
     """
     task = as_task(task, loss_fn)
     accumulate = check_int("accumulate", accumulate, low=1)
