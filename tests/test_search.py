@@ -228,6 +228,14 @@ def test_tpe_asks_optuna_and_gets_told_every_score(data):
             ["--optimizer", "adam | lookahead", "--space", "lookahead.sync_period=uniform(2, 10)"],
             "space lookahead.sync_period=6.0: in optimizer stage 'lookahead': sync_period must",
         ),
+        (  # built on the data before the first trial: an augmentation, a model
+            ["--space", "augment=choice('shift(2)', 'hflip')"],
+            "space augment='hflip': augment 'hflip' does not fit examples of shape (16,)",
+        ),
+        (
+            ["--space", "model=choice('mlp', 'transformer_lm')"],
+            "space model='transformer_lm': the model cannot be initialised on examples",
+        ),
         (  # refused on the data before the first trial trains, not after it
             ["--space", "batch_size=choice(50, 500)"],
             "space batch_size=500: batch_size must satisfy 1 <= batch_size * accumulate <= 270",

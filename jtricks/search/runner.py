@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 
 from jtricks.errors import ConfigError, check_int
-from jtricks.optim import build_optimizer, build_schedule
-from jtricks.run.build import name_the_dataset, run_length
+from jtricks.optim import build_optimizer
+from jtricks.run.build import build, name_the_dataset
 from jtricks.run.config import TrainConfig
 from jtricks.run.data import RunData, load_run_data
 from jtricks.run.resume import check_same_data
@@ -48,6 +49,7 @@ from jtricks.search.trials import (
 from jtricks.training import create_train_state
 from jtricks.training.checkpoint import restore_latest
 from jtricks.training.class_report import evaluate_with_report
+from jtricks.training.state import init_variables
 
 FIXED = ("dataset", "task", "preprocess", "stream", "stratify", "val_fraction", "seed")
 """Fields a search cannot vary: they choose the data and its split, the same for all."""
@@ -143,7 +145,7 @@ def search(
         data = data if data is not None else load_run_data(config)
         if resume is not None:
             check_same_data(Path(resume) / "search.json", config.dataset, data.digest)
-        check_lengths(config, space, data.n_train)
+        check_trials(config, space, data)
         records = [] if out is None else outputs.read_trials(out / "trials.jsonl")
         if out is not None and resume is None:
             out = create_run_dir(out, locks)
@@ -244,30 +246,40 @@ LENGTH = ("batch_size", "accumulate", "epochs", "steps", "schedule", "swa")
 """Fields that set a trial's length in steps and what its schedule and SWA make of it."""
 
 
-def check_lengths(config: TrainConfig, space: dict[str, Any], n_train: int) -> None:
-    """Every trial's length checked on the data before anything trains, as a run checks
-    its own (`jtricks.run.build.run_length`, the schedule built over that length): each
-    combination of the ends of the space's `LENGTH` dimensions, so a batch larger than
-    the training split or a warm-up past a trial's end is refused before the first trial,
-    not after it (a search folder that could never finish).
+def check_trials(config: TrainConfig, space: dict[str, Any], data: RunData) -> None:
+    """Every trial checked on the data before anything trains, as its run checks itself:
+    built (`jtricks.run.build.build`: its batch against the training split, its schedule
+    over its length, its augmentation on an example, ...) and its model initialised in
+    shapes only (`jax.eval_shape`). Probed: every combination of the ends of the `LENGTH`
+    dimensions, then each other dimension's ends. A trial refused on its turn would leave
+    the trials before it written, and a resume would meet the same refusal: a search
+    folder that could never finish.
 
     Raises:
       ConfigError: naming the trial's values, or the base setting where none varies.
     """
-    dims = {name: _ends(dim) for name, dim in space.items() if name in LENGTH}
-    for ends in itertools.product(*dims.values()):
-        values = dict(zip(dims, ends, strict=True))
+    for values in _probes(space):
         trial = trial_config(config, values)
         try:
-            steps_per_epoch, total_steps = run_length(trial, n_train)
-            build_schedule(
-                trial.schedule, 1.0, steps_per_epoch=steps_per_epoch, total_steps=total_steps
-            )
+            b = build(trial, data, None, False)
+            if "model" in values and isinstance(b.model, nn.Module):
+                jax.eval_shape(
+                    lambda key, b=b: init_variables(b.model, key, data.example), b.init_key
+                )
         except ConfigError as e:
             if not values:
                 raise
             said = ", ".join(f"{k}={v!r}" for k, v in values.items())
             raise ConfigError(f"space {said}: {e}", param="space") from None
+
+
+def _probes(space: dict[str, Any]) -> list[dict[str, Any]]:
+    """`check_trials`' trial values: the `LENGTH` dimensions' ends in every combination
+    (the base alone where none varies), then every other dimension's ends one at a time."""
+    dims = {name: _ends(dim) for name, dim in space.items() if name in LENGTH}
+    probes = [dict(zip(dims, ends, strict=True)) for ends in itertools.product(*dims.values())]
+    others = [name for name in space if name not in LENGTH]
+    return probes + [{name: value} for name in others for value in _ends(space[name])]
 
 
 def _ends(dim: Any) -> tuple[Any, ...]:
@@ -308,8 +320,6 @@ def _run(config, settings, space, data, out, records, reporter, log) -> SearchRe
 
 
 def _default_parallel(config: TrainConfig, data: RunData, trials: int) -> int:
-    from jtricks.run.build import build
-
     b = build(dataclasses.replace(config, ensemble=1), data, None, False)
     return default_parallel(b, data, config.batch_size, trials)
 
@@ -407,8 +417,6 @@ def _test_best(result: SearchResult, best: _Best, data: RunData, out) -> None:
                 param="resume",
             )
         state = _restore_best(config, data, out)
-    from jtricks.run.build import build
-
     b = build(config, data, None, False)
     test, _ = evaluate_with_report(
         state, data.test, b.task, config.eval_batch_size, config.eval_params
@@ -425,8 +433,6 @@ def _test_best(result: SearchResult, best: _Best, data: RunData, out) -> None:
 
 
 def _restore_best(config: TrainConfig, data: RunData, out: Path):
-    from jtricks.run.build import build
-
     b = build(config, data, None, False)
     template = create_train_state(b.model, b.tx, data.example, b.init_key, ema_decay=config.ema)
     restored = restore_latest(out / "best" / "checkpoints", template)
