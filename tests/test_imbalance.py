@@ -220,6 +220,7 @@ SPEC = "synthetic(num_train=300, num_test=80, shape=(6,), num_classes=4, imbalan
         ["--loss", "focal(gamma=2)"],
         ["--loss", "gce(q=0.7)"],
         ["--logit-adjust", "1"],
+        ["--logit-adjust", "1", "--class-weight", "{0: 2.0}"],  # weights of one's own: accepted
         ["--sampler", "balanced"],
     ],
 )
@@ -245,6 +246,11 @@ def test_cli_trains_with_each_tool(tmp_path, flags):
         (["--logit-adjust", "1", "--task", "regression"], "classification task only"),
         (["--sampler", "balanced", "--stream"], "draws from in-memory data"),
         (["--sampler", "balanced", "--class-weight", "balanced"], "weighs (n / (C n_c))^2"),
+        (
+            ["--logit-adjust", "1", "--class-weight", "balanced"],
+            "--logit-adjust: logit_adjust=1.0 and class_weight='balanced' both undo the class",
+        ),
+        (["--logit-adjust", "0.5", "--sampler", "balanced"], "0.5 and sampler='balanced' both"),
     ],
 )
 def test_cli_refuses_bad_tools_in_one_line(tmp_path, capsys, flags, message):

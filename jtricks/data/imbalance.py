@@ -189,14 +189,18 @@ def logit_adjustment(labels: np.ndarray, num_classes: int, tau: float = 1.0) -> 
     return (tau * np.log(counts / counts.sum())).astype(np.float32)
 
 
-def one_balancing(class_weight: Any, sampler: str | None) -> None:
-    """Refuse ``class_weight="balanced"`` with ``sampler="balanced"``: each undoes the
-    imbalance (the sampler draws every class equally often, the weights ``n / (C n_c)``
-    scale each class's loss by the inverse of its share), so together a rare class
-    counts ``(n / (C n_c))^2`` times as much as under either one.
+def one_balancing(class_weight: Any, sampler: str | None, logit_adjust: Any = None) -> None:
+    """Refuse two corrections of one imbalance. ``class_weight="balanced"`` with
+    ``sampler="balanced"``: the sampler draws every class equally often, the weights
+    ``n / (C n_c)`` scale each class's loss by the inverse of its share, so together a rare
+    class counts ``(n / (C n_c))^2`` times as much as under either one. A ``logit_adjust``
+    with either: the offsets ``tau log pi_c`` correct for the training labels' frequencies
+    ``pi_c``, which the weights or the sampler have already evened out, so the model's
+    argmax favours rare classes past balance (Menon et al. 2021 adjust plain
+    cross-entropy on the imbalanced data).
 
     Raises:
-      ConfigError: both given as ``"balanced"``.
+      ConfigError: two of them given as the balancing kind.
     """
     if class_weight == "balanced" and sampler == "balanced":
         raise ConfigError(
@@ -204,4 +208,14 @@ def one_balancing(class_weight: Any, sampler: str | None) -> None:
             "together a class of n_c examples weighs (n / (C n_c))^2; give one of them "
             "(or weights of your own with the sampler)",
             param="class_weight",
+        )
+    kinds = (("class_weight", class_weight), ("sampler", sampler))
+    balanced = [f"{name}='balanced'" for name, value in kinds if value == "balanced"]
+    if logit_adjust and balanced:
+        raise ConfigError(
+            f"logit_adjust={logit_adjust!r} and {balanced[0]} both undo the class imbalance: "
+            "the adjustment corrects for the training labels' frequencies, which "
+            f"{balanced[0]} has already evened out, so rare classes would be favoured past "
+            "balance; give one of them",
+            param="logit_adjust",
         )

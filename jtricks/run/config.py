@@ -411,7 +411,7 @@ def _one_mix(c: TrainConfig) -> None:
 
 
 def _one_balancing(c: TrainConfig) -> None:
-    one_balancing(c.class_weight, c.sampler)
+    one_balancing(c.class_weight, c.sampler, c.logit_adjust)
 
 
 def _tta_views(c: TrainConfig) -> None:
