@@ -77,6 +77,22 @@ def test_a_new_head_keeps_its_initialisation_and_is_named_new(pretrained):
     assert line.endswith("; new: head") and "batch_stats of 2 (Norm_0, Norm_1)" in line
 
 
+def test_a_layer_loads_whole_or_keeps_its_initialisation(pretrained):
+    """Another input width: the first layer's kernel has another shape and its bias the
+    same; the layer stays fresh as a whole (not a saved bias beside a random kernel), and
+    the layers after it load."""
+    src, folder, (x, _) = pretrained
+    wider = np.concatenate([x, x[:, :4]], axis=1)  # 20 features against the saved 16
+    fresh = create_train_state(build_model(BN_MLP, 4), optax.sgd(0.1), wider, jax.random.key(7))
+    new, info = load_pretrained(fresh, folder)
+    assert sorted(info["kept"]) == ["Dense_0/bias", "Dense_0/kernel"]
+    jax.tree.map(np.testing.assert_array_equal, new.params["Dense_0"], fresh.params["Dense_0"])
+    assert not np.array_equal(new.params["Dense_0"]["bias"], src.params["Dense_0"]["bias"])
+    for layer in ("Norm_0", "Dense_1", "head"):
+        jax.tree.map(np.testing.assert_array_equal, new.params[layer], src.params[layer])
+    assert describe_loaded(info).endswith("; new: Dense_0")
+
+
 def test_every_member_of_stacked_states_loads_and_the_ema_starts_from_the_loaded(pretrained):
     """Stacked states (an ensemble, a search's trials): the checkpoint goes to every member,
     each keeps its own new head; the optimizer state is each member's fresh one; an EMA
@@ -202,3 +218,24 @@ def test_cli_finetune_freezes_statistics_says_what_it_loaded_and_resumes_exactly
     assert (
         summary["test_accuracy"] == json.loads((full / "summary.json").read_text())["test_accuracy"]
     )
+
+
+def test_cli_refuses_a_finetune_that_freezes_a_layer_the_checkpoint_lacks(
+    pretrained, tmp_path, capsys
+):
+    """20 input features against the checkpoint's 16: ``--finetune head`` would freeze a
+    random first layer; refused in one line, no run folder; ``all`` trains it."""
+    _, folder, _ = pretrained
+    shutil.copytree(folder, tmp_path / "pre")
+    (tmp_path / "pre" / "config.json").write_text("{}")
+    data = "synthetic(num_train=200, num_test=60, shape=(20,), num_classes=4, noise=0.5)"
+    args = ["train", "--dataset", data, "--model", BN_MLP, "--batch-size", "20", "--epochs", "1"]
+    args += ["--no-progress", "--pretrained", str(tmp_path / "pre")]
+    for preset in ("head", "last:3"):
+        out = tmp_path / preset.replace(":", "")
+        assert main([*args, "--finetune", preset, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"finetune={preset!r} freezes Dense_0, which" in err and "Traceback" not in err
+        assert not out.exists()
+    assert main([*args, "--finetune", "all", "--out", str(tmp_path / "all")]) == 0
+    assert "; new: Dense_0" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -317,6 +318,7 @@ def with_pretrained(
     said = None
     if load and config.pretrained is not None:
         state, loaded = load_pretrained(state, config.pretrained)
+        frozen_fresh(config, b.trainable, loaded["kept"])
         said = describe_loaded(loaded)
         if config.ensemble > 1 and not loaded["kept"]:
             said += (
@@ -326,6 +328,24 @@ def with_pretrained(
     if b.trainable is not None and state.batch_stats:  # frozen layers keep their statistics
         state = freeze_batch_stats(state, trainable=b.trainable)
     return state, said
+
+
+def frozen_fresh(config: TrainConfig, trainable: list[str] | None, kept: list[str]) -> None:
+    """Refuse a ``--finetune`` preset that freezes a layer the checkpoint did not hold (of
+    another shape, or absent): it would stay at its random initialisation for the whole
+    run, a fixed random projection in front of the trained layers."""
+    if trainable is None:
+        return
+    fresh = [p for p in kept if not any(fnmatch.fnmatchcase(p, t) for t in trainable)]
+    layers = list(dict.fromkeys(p.rsplit("/", 1)[0] for p in fresh))
+    if layers:
+        raise ConfigError(
+            f"finetune={config.finetune!r} freezes {', '.join(layers)}, which "
+            f"{config.pretrained!r} does not hold (another shape or absent), so it would stay "
+            "at its random initialisation; train it too (finetune 'all', or 'last:K' "
+            "reaching it) or start from a checkpoint of the same architecture",
+            param="finetune",
+        )
 
 
 def add_callbacks(b: Build, config: TrainConfig, data: RunData, plateau: Plateau | None) -> None:

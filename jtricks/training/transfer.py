@@ -227,8 +227,10 @@ def _checkpoint_dir(source: str | os.PathLike) -> Path:
 def load_pretrained(
     state: TrainState, source: str | os.PathLike
 ) -> tuple[TrainState, dict[str, list[str]]]:
-    """Copy parameters and BatchNorm statistics from a checkpoint into ``state`` where path
-    and shape match.
+    """Copy parameters and BatchNorm statistics from a checkpoint into ``state``, layer by
+    layer: a layer loads when the checkpoint holds every one of its leaves at the same path
+    and shape, else it keeps its initialisation whole (a first layer of another input width
+    does not take the saved bias beside its random kernel).
 
     ``source`` is a checkpoint folder, or a run folder (its ``best`` checkpoint, else the
     newest). The checkpoint's integrity is verified first. The ``batch_stats`` of matched
@@ -304,28 +306,33 @@ def _broadcast(state: TrainState, saved: Any, path: Path) -> bool:
 
 
 def _matching(saved: Any, target: Any, stacked: bool = False) -> tuple[Any, list[str], list[str]]:
-    """``target`` (a Linen dict or an NNX state) with every leaf whose path and shape
-    ``saved`` shares replaced by the saved one (in the target's dtype); the paths loaded
-    and the paths kept. An RNG stream's variables (an NNX module's PRNG key and the count
-    beside it) stay fresh and are neither. ``stacked``: the target's leaves have a
-    leading member axis, and a saved leaf goes to every member."""
+    """``target`` (a Linen dict or an NNX state) with every layer whose leaves ``saved``
+    all holds at the same paths and shapes replaced by the saved ones (in the target's
+    dtype); the leaf paths loaded and kept. A layer loads whole or not at all: a first
+    layer with another input width keeps its fresh bias with its fresh kernel. An RNG
+    stream's variables (an NNX module's PRNG key and the count beside it) stay fresh and
+    are neither. ``stacked``: the target's leaves have a leading member axis, and a saved
+    leaf goes to every member."""
     if not target:
         return target, [], []
     saved_flat = _saved_names(saved)
-    loaded, kept = [], []
     streams = rng_streams(target)
+    leaves = {n: v for n, v in named_leaves(target).items() if n[:-1] not in streams}
+
+    def fits(names: tuple[str, ...], v: Any) -> bool:
+        src = saved_flat.get("/".join(names))
+        return src is not None and np.shape(src) == (v.shape[1:] if stacked else v.shape)
+
+    whole = {n[:-1] for n, v in leaves.items() if not fits(n, v)}
+    loaded = ["/".join(n) for n in leaves if n[:-1] not in whole]
+    kept = ["/".join(n) for n in leaves if n[:-1] in whole]
+    take = set(loaded)
 
     def pick(path, v):
-        names = path_names(path)
-        if names[:-1] in streams:
+        name = "/".join(path_names(path))
+        if name not in take:
             return v
-        name = "/".join(names)
-        src = saved_flat.get(name)
-        if src is not None and np.shape(src) == (v.shape[1:] if stacked else v.shape):
-            loaded.append(name)
-            return jnp.broadcast_to(jnp.asarray(src, v.dtype), v.shape)
-        kept.append(name)
-        return v
+        return jnp.broadcast_to(jnp.asarray(saved_flat[name], v.dtype), v.shape)
 
     return jax.tree_util.tree_map_with_path(pick, target), loaded, kept
 
