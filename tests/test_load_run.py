@@ -55,6 +55,28 @@ def test_predict_uses_the_parameters_the_run_evaluated(tmp_path):
     np.testing.assert_array_equal(run.predict(x, params="train"), train)
 
 
+def test_predict_combined_is_the_ensembles_prediction_the_summary_scored(trained, tmp_path):
+    """An ``--ensemble 2`` run: `predict` gives each member's logits, `predict_combined`
+    the log of their mean softmax (computed here by hand in float64), from which the
+    summary's test accuracy and loss follow; a single run's is `predict`'s."""
+    out = tmp_path / "run"
+    settings = dict(model="mlp(features=(8,))", epochs=2, batch_size=16, ensemble=2)
+    jtricks.train(dataset=SPEC, **settings, out=out)
+    run, data = jtricks.load_run(out), load_dataset(SPEC)
+    summary = json.loads((out / "summary.json").read_text())
+    members = np.asarray(run.predict(data.x_test), np.float64)
+    assert members.shape == (2, 60, 3)
+    p = np.exp(members - members.max(-1, keepdims=True))
+    log_mean = np.log((p / p.sum(-1, keepdims=True)).mean(0))
+    got = run.predict_combined(data.x_test)
+    np.testing.assert_allclose(got, log_mean, atol=1e-5)
+    assert (got.argmax(-1) == data.y_test).mean() == pytest.approx(summary["test_accuracy"])
+    loss = -log_mean[np.arange(60), data.y_test].mean()
+    np.testing.assert_allclose(loss, summary["test_loss"], rtol=1e-5)
+    single = jtricks.load_run(trained[0])
+    np.testing.assert_array_equal(single.predict_combined(data.x_test), single.predict(data.x_test))
+
+
 def test_best_reads_the_epoch_of_the_lowest_validation_loss(trained):
     out, _ = trained
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

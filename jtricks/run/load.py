@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jtricks.data import Scaler
@@ -25,10 +26,10 @@ from jtricks.run.build import build, initial_state
 from jtricks.run.config import TrainConfig
 from jtricks.run.data import load_run_data
 from jtricks.run.resume import foreign_checker, load_run_config, run_identity
-from jtricks.tasks import Classification
+from jtricks.tasks import Classification, Task
 from jtricks.training.checkpoint import CheckpointError, restore_latest
 from jtricks.training.predict import predict
-from jtricks.training.state import TrainState, first_member
+from jtricks.training.state import TrainState, first_member, is_ensemble
 from jtricks.training.tta import tta_log_probs
 
 
@@ -46,6 +47,8 @@ class LoadedRun:
     step: int
     tta: tuple[Any, jax.Array] | None = field(default=None, repr=False)
     """With ``--tta V``: the views' augmentation and the key the run's summary used."""
+    task: Task | None = field(default=None, repr=False)
+    """The run's task: how an ensemble's outputs combine into one prediction."""
 
     def inputs(self, x: Any) -> np.ndarray:
         """Raw inputs as the model read them in training: scaled with the training rows'
@@ -59,6 +62,17 @@ class LoadedRun:
         ``params`` says otherwise; keywords as `predict`'s."""
         kwargs.setdefault("params", self.config.eval_params)
         return predict(self.state, self.inputs(x), **kwargs)
+
+    def predict_combined(self, x: Any, **kwargs: Any) -> np.ndarray:
+        """An ``--ensemble N`` run's one prediction, as its summary's test figures scored
+        it: the task's `combine` of the members' `predict` outputs (classification: the
+        log of the mean softmax; multi-label: the logits of the mean sigmoid; regression:
+        the mean). A single model's run gives `predict`'s outputs. Keywords as `predict`'s.
+        """
+        out = self.predict(x, **kwargs)
+        if not is_ensemble(self.state):
+            return out
+        return np.asarray(self.task.combine(jnp.asarray(out)))
 
     def predict_tta(self, x: Any, *, batch_size: int = 1000) -> np.ndarray:
         """``log p(y | x)``, ``(N, C)``, of a ``--tta V`` classification run's prediction
@@ -124,4 +138,4 @@ def load_run(run_dir: str | os.PathLike, *, best: bool = False) -> LoadedRun:
     tta = None
     if b.tta_augment is not None and isinstance(b.task, Classification):
         tta = (b.tta_augment, b.tta_key)
-    return LoadedRun(config, state, scaler, epoch, step, tta)
+    return LoadedRun(config, state, scaler, epoch, step, tta, b.task)
