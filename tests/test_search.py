@@ -236,6 +236,11 @@ def test_tpe_asks_optuna_and_gets_told_every_score(data):
             ["--space", "model=choice('mlp', 'transformer_lm')"],
             "space model='transformer_lm': the model cannot be initialised on examples",
         ),
+        (  # a metric the task does not report: it raised KeyError after the first trials
+            ["--space", "lr=loguniform(1e-3, 1e-1)", "--metric", "f1"],
+            "argument --metric: metric='f1' is not a validation metric of the classification "
+            "task; it reports: accuracy, balanced_accuracy, loss, macro_f1",
+        ),
         (  # refused on the data before the first trial trains, not after it
             ["--space", "batch_size=choice(50, 500)"],
             "space batch_size=500: batch_size must satisfy 1 <= batch_size * accumulate <= 270",
@@ -288,6 +293,22 @@ def test_a_search_over_the_batch_size_trains_integer_batches(data):
     assert all(type(b) is int and 40 <= b <= 60 for b in sizes) and len(set(sizes)) == 2
     assert [r["status"] for r in result.records] == ["ok", "ok"]
     assert result.best_config.batch_size == result.best["values"]["batch_size"]
+
+
+def test_the_metric_is_one_the_task_reports_and_val_names_it_too(data):
+    """The names come from the evaluation step traced in shapes; ``val_loss`` (as the
+    records spell it) is read as ``loss``; a regression reports its own."""
+    check = search_runner.check_metric
+    assert check(CONFIG, SearchSettings(SPACE, metric="val_loss"), data).metric == "loss"
+    assert check(CONFIG, SearchSettings(SPACE, metric="macro_f1"), data).metric == "macro_f1"
+    assert check(CONFIG, SearchSettings(SPACE), data).metric is None
+    reg = dataclasses.replace(CONFIG, dataset="regression(num_train=100, num_test=20)")
+    names = sorted(
+        search_runner.validation_metrics(
+            build(reg, load_run_data(reg), None, False), load_run_data(reg)
+        )
+    )
+    assert names == ["loss", "mae", "mse", "r2"]
 
 
 def test_settings_are_checked():

@@ -343,6 +343,17 @@ def test_a_source_failing_mid_run_stops_with_one_line_and_resumes(
     _assert_same_run(shard_reference, out)
 
 
+def test_a_search_metric_is_checked_on_a_split_read_from_disk(shards, capsys):
+    """The validation split of shards is a stream of batches: the metric check traces the
+    evaluation on its first batch, before the first trial."""
+    base = ["search", "--dataset", f"shards:{shards}", "--model", "mlp(features=(8,))"]
+    base += ["--steps", "4", "--trials", "1", "--space", "lr=loguniform(1e-3, 1e-1)"]
+    assert main([*base, "--metric", "mse", "--no-progress"]) == 2
+    assert "it reports: accuracy, balanced_accuracy, loss, macro_f1" in capsys.readouterr().err
+    assert main([*base, "--metric", "val_macro_f1", "--no-progress"]) == 0
+    assert "val_macro_f1" in capsys.readouterr().out
+
+
 def test_bad_stream_options_exit_2(shards, capsys):
     base = ["train", "--dataset", f"shards:{shards}", "--steps", "2", "--no-progress"]
     for extra, match in (

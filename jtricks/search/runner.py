@@ -28,7 +28,9 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
+from jtricks.data.stream import SequentialBatches
 from jtricks.errors import ConfigError, check_int
 from jtricks.optim import build_optimizer
 from jtricks.run.build import build, name_the_dataset
@@ -50,6 +52,7 @@ from jtricks.training import create_train_state
 from jtricks.training.checkpoint import restore_latest
 from jtricks.training.class_report import evaluate_with_report
 from jtricks.training.state import init_variables
+from jtricks.training.steps import EvalStep
 
 FIXED = ("dataset", "task", "preprocess", "stream", "stratify", "val_fraction", "seed")
 """Fields a search cannot vary: they choose the data and its split, the same for all."""
@@ -146,6 +149,7 @@ def search(
         if resume is not None:
             check_same_data(Path(resume) / "search.json", config.dataset, data.digest)
         check_trials(config, space, data)
+        settings = check_metric(config, settings, data)
         records = [] if out is None else outputs.read_trials(out / "trials.jsonl")
         if out is not None and resume is None:
             out = create_run_dir(out, locks)
@@ -271,6 +275,46 @@ def check_trials(config: TrainConfig, space: dict[str, Any], data: RunData) -> N
                 raise
             said = ", ".join(f"{k}={v!r}" for k, v in values.items())
             raise ConfigError(f"space {said}: {e}", param="space") from None
+
+
+def check_metric(config: TrainConfig, settings: SearchSettings, data: RunData) -> SearchSettings:
+    """``settings`` with its ``metric`` checked against the validation metrics the task
+    reports (the evaluation step traced in shapes only, `jax.eval_shape`, on a state of
+    shapes and the validation split's first rows); ``val_loss`` is read as ``loss``.
+
+    Raises:
+      ConfigError (``param="metric"``): a metric the task does not report, naming those it
+        does (a search would have trained its first trials, then stopped on it).
+    """
+    if settings.metric is None:
+        return settings
+    b = build(dataclasses.replace(config, ensemble=1), data, None, False)
+    names = sorted(validation_metrics(b, data))
+    name = settings.metric
+    if name not in names and name.removeprefix("val_") in names:
+        name = name.removeprefix("val_")
+    if name not in names:
+        raise ConfigError(
+            f"metric={settings.metric!r} is not a validation metric of the {b.task.name} "
+            f"task; it reports: {', '.join(names)}",
+            param="metric",
+        )
+    return dataclasses.replace(settings, metric=name)
+
+
+def validation_metrics(b: Any, data: RunData) -> dict[str, Any]:
+    """The validation metrics of a run built as ``b``, in shapes: `EvalStep` and its
+    ``metrics`` traced on a state of shapes and the validation split's first rows."""
+    val = next(iter(data.val)) if isinstance(data.val, SequentialBatches) else data.val
+    rows = jax.tree.map(lambda a: a[:2], val)
+    n = len(jax.tree.leaves(rows)[0])
+    step = EvalStep(b.task)
+
+    def metrics(key):
+        state = create_train_state(b.model, b.tx, data.example, key)
+        return step.metrics(step(state, rows, jnp.ones((n,), jnp.float32)))
+
+    return jax.eval_shape(metrics, b.init_key)
 
 
 def _probes(space: dict[str, Any]) -> list[dict[str, Any]]:
