@@ -236,6 +236,13 @@ def test_tpe_asks_optuna_and_gets_told_every_score(data):
             ["--space", "model=choice('mlp', 'transformer_lm')"],
             "space model='transformer_lm': the model cannot be initialised on examples",
         ),
+        (  # a grid cut short: the last learning rate would never be tried
+            [
+                *("--space", "lr=loguniform(1e-3, 1e-1), batch_size=choice(32, 64)"),
+                *("--method", "grid", "--trials", "5"),
+            ],
+            "argument --trials: trials=5 would try the first 5 of the grid's 6 points",
+        ),
         (  # a metric the task does not report: it raised KeyError after the first trials
             ["--space", "lr=loguniform(1e-3, 1e-1)", "--metric", "f1"],
             "argument --metric: metric='f1' is not a validation metric of the classification "

@@ -14,6 +14,7 @@ from jtricks import TrainConfig
 from jtricks.bench.search import Range, unit_points
 from jtricks.errors import ConfigError
 from jtricks.search import Choice, Integers, make_sampler, parse_space, trial_config
+from jtricks.search.space import DEFAULT_TRIALS
 
 SPEC = (
     "lr=loguniform(1e-4, 1e-1), weight_decay=loguniform(1e-6, 1e-2), batch_size=choice(32, 64, 128)"
@@ -50,7 +51,11 @@ def test_grid_is_every_combination_with_the_ends():
     rates = sorted({p["learning_rate"] for p in points})
     np.testing.assert_allclose(rates, [1e-4, np.sqrt(1e-4 * 1e-1), 1e-1])
     assert {p["batch_size"] for p in points} == {32, 64, 128}
-    assert len(list(make_sampler("grid", parse_space(SPEC), 5))) == 5
+    whole = make_sampler("grid", parse_space(SPEC), None)
+    assert whole.size == 27 and list(whole) == points  # no trials: the whole grid
+    assert make_sampler("random", parse_space(SPEC), None).size == DEFAULT_TRIALS == 20
+    with pytest.raises(ConfigError, match="trials=26 would try the first 26 of the grid's 27"):
+        make_sampler("grid", parse_space(SPEC), 26)  # in order: lr=1e-1, bs=128 never tried
 
 
 def test_random_points_are_the_halton_points_mapped():

@@ -31,7 +31,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "label_smoothing=uniform(0, 0.2), weight_decay=loguniform(1e-6, 1e-2)' (train "
         "settings or optimizer arguments)",
     )
-    s.add_argument("--trials", type=int, default=20, help="number of trials (default 20)")
+    s.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        help="number of trials (default 20; --method grid: every point of the grid)",
+    )
     s.add_argument(
         "--method",
         default="random",

@@ -67,7 +67,8 @@ class SearchSettings:
     """What a search draws and how: saved as ``search.json`` and read back by ``resume``."""
 
     space: str
-    trials: int = 20
+    trials: int | None = None
+    """``None``: `jtricks.search.space.DEFAULT_TRIALS`, or the whole grid."""
     method: str = "random"
     parallel: int | None = None
     metric: str | None = None
@@ -75,7 +76,8 @@ class SearchSettings:
 
     def check(self) -> None:
         """Raises `ConfigError` naming the bad setting."""
-        check_int("trials", self.trials, low=1)
+        if self.trials is not None:
+            check_int("trials", self.trials, low=1)
         check_int("grid_points", self.grid_points, low=2)
         if self.parallel is not None:
             check_int("parallel", self.parallel, low=1)
@@ -337,7 +339,7 @@ def _run(config, settings, space, data, out, records, reporter, log) -> SearchRe
         settings.method, space, settings.trials, seed=seed, points=settings.grid_points
     )
     finished = {r["trial"]: r for r in records}
-    parallel = settings.parallel or _default_parallel(config, data, settings.trials)
+    parallel = settings.parallel or _default_parallel(config, data, sampler.size)
     metric = settings.metric
     best = _Best()
     for r in records:

@@ -194,8 +194,9 @@ class Sampler:
     """Trial values from a space: iterate for the next trial's ``{field: value}``; tell
     it the trial's validation metric (higher is better) with `tell`."""
 
-    def __init__(self, points: Iterator[dict[str, Any]]) -> None:
-        self._points = points
+    def __init__(self, points: Iterator[dict[str, Any]], size: int) -> None:
+        self._points, self.size = points, size
+        """How many trials it draws."""
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self._points
@@ -241,7 +242,8 @@ class TPESampler(Sampler):
         )
         self._space = {k: self._distribution(d) for k, d in space.items()}
         self._asked: list[tuple[dict[str, Any], Any]] = []
-        super().__init__(self._ask(check_int("trials", trials, low=1)))
+        trials = check_int("trials", trials, low=1)
+        super().__init__(self._ask(trials), trials)
 
     def _distribution(self, dim: Dimension) -> Any:
         d = self._optuna.distributions
@@ -269,19 +271,35 @@ class TPESampler(Sampler):
                 return
 
 
+DEFAULT_TRIALS = 20
+"""Trials of a random or TPE search when none are given."""
+
+
 def make_sampler(
-    name: str, space: dict[str, Dimension], trials: int, *, seed: int = 0, points: int = 3
+    name: str, space: dict[str, Dimension], trials: int | None, *, seed: int = 0, points: int = 3
 ) -> Sampler:
-    """The sampler ``name`` (`SAMPLERS`) over ``space``: ``trials`` trials (grid: all
-    its combinations, ``points`` per range; ``trials`` caps them).
+    """The sampler ``name`` (`SAMPLERS`) over ``space``: ``trials`` trials (``None``:
+    `DEFAULT_TRIALS`), or for the grid all its combinations, ``points`` per range.
 
     Raises:
-      ConfigError (``param="sampler"``): an unknown name.
+      ConfigError: an unknown name (``param="sampler"``); ``trials`` fewer than the
+        grid's points (``param="trials"``: the grid runs in order, so its last values
+        would never be tried).
     """
     if name == "grid":
-        return Sampler(iter(grid_points(space, points)[: check_int("trials", trials, low=1)]))
+        grid = grid_points(space, points)
+        if trials is not None and check_int("trials", trials, low=1) < len(grid):
+            raise ConfigError(
+                f"trials={trials} would try the first {trials} of the grid's {len(grid)} "
+                f"points in order, leaving the last values of {next(iter(space))!r} untried; "
+                f"give trials >= {len(grid)} (or none), fewer grid points, or method "
+                "'random'",
+                param="trials",
+            )
+        return Sampler(iter(grid), len(grid))
+    trials = DEFAULT_TRIALS if trials is None else trials
     if name == "random":
-        return Sampler(iter(random_points(space, trials, seed)))
+        return Sampler(iter(random_points(space, trials, seed)), trials)
     if name == "tpe":
         return TPESampler(space, trials, seed)
     raise ConfigError(
