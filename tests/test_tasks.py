@@ -320,7 +320,8 @@ def test_callbacks_monitor_any_metric(regression_data):
         ),
         (
             "outputs",
-            r"segmentation task, training data, targets \('y'\).*need model outputs of shape",
+            r"segmentation task, training data, targets \('y'\).*need model outputs of shape"
+            r".*\(one per example; --model fcn1d \(jtricks.nn.FCN1D\) gives one per position\)",
         ),
         ("one logit", r"labels must lie in \[0, 0\] because the model has 1 outputs"),
         ("ragged", r"every entry needs the same number of examples"),

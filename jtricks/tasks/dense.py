@@ -27,6 +27,9 @@ class _Dense(Task):
     """Shared by the dense tasks: integer targets ``(N, *S)``, logits ``(N, *S, C)``,
     an optional 0/1 mask ``(N, *S)`` of positions that count."""
 
+    model_hint: ClassVar[str] = ""
+    """A built-in model that gives this task's per-position outputs."""
+
     def valid(self, batch) -> jax.Array:
         y = self.targets(batch)
         mask = self.mask(batch)
@@ -46,11 +49,13 @@ class _Dense(Task):
         y = array_of(self.targets(batch))
         field = self.field_name(batch, "targets")
         if tuple(outputs.shape[1:-1]) != y.shape[1:]:
+            whole = len(outputs.shape) == 2  # one output vector per example, no positions
+            hint = f" (one per example; {self.model_hint} gives one per position)" * whole
             raise self.error(
                 where,
                 field,
                 f"targets of shape {y.shape[1:]} per example need model outputs of shape "
-                f"{(*y.shape[1:], 'C')}; the model gives {tuple(outputs.shape[1:])}",
+                f"{(*y.shape[1:], 'C')}; the model gives {tuple(outputs.shape[1:])}{hint}",
             )
         check_integer_labels(self, where, field, y, outputs.shape[-1], "the model's last axis has")
         self.check_mask(batch, y.shape, where)
@@ -80,6 +85,7 @@ class Segmentation(_Dense):
     dice_weight: float = 0.0
 
     name: ClassVar[str] = "segmentation"
+    model_hint: ClassVar[str] = "--model fcn1d (jtricks.nn.FCN1D)"
     train_metrics: ClassVar[tuple[str, ...]] = ("pixel_accuracy",)
     dense_targets: ClassVar[bool] = True
 
@@ -146,6 +152,7 @@ class LanguageModel(_Dense):
     pad_id: int | None = None
 
     name: ClassVar[str] = "language model"
+    model_hint: ClassVar[str] = "--model transformer_lm (jtricks.nn.TransformerLM)"
     train_metrics: ClassVar[tuple[str, ...]] = ("token_accuracy",)
 
     def valid(self, batch):
