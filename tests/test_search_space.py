@@ -14,7 +14,7 @@ from jtricks import TrainConfig
 from jtricks.bench.search import Range, unit_points
 from jtricks.errors import ConfigError
 from jtricks.search import Choice, Integers, make_sampler, parse_space, trial_config
-from jtricks.search.space import DEFAULT_TRIALS
+from jtricks.search.space import DEFAULT_TRIALS, check_grid
 
 SPEC = (
     "lr=loguniform(1e-4, 1e-1), weight_decay=loguniform(1e-6, 1e-2), batch_size=choice(32, 64, 128)"
@@ -55,7 +55,9 @@ def test_grid_is_every_combination_with_the_ends():
     assert whole.size == 27 and list(whole) == points  # no trials: the whole grid
     assert make_sampler("random", parse_space(SPEC), None).size == DEFAULT_TRIALS == 20
     with pytest.raises(ConfigError, match="trials=26 would try the first 26 of the grid's 27"):
-        make_sampler("grid", parse_space(SPEC), 26)  # in order: lr=1e-1, bs=128 never tried
+        check_grid(parse_space(SPEC), 26, 3)  # in order: lr=1e-1, bs=128 never tried
+    check_grid(parse_space(SPEC), 27, 3)
+    assert list(make_sampler("grid", parse_space(SPEC), 26)) == points[:26]  # an old search's
 
 
 def test_random_points_are_the_halton_points_mapped():

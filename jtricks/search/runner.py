@@ -40,7 +40,13 @@ from jtricks.run.resume import check_same_data
 from jtricks.run.runner import tta_metrics
 from jtricks.rundir import create_run_dir, environment, locked, refused_cleanly, write_json
 from jtricks.search import outputs
-from jtricks.search.space import SAMPLERS, make_sampler, parse_space, trial_config
+from jtricks.search.space import (
+    SAMPLERS,
+    check_grid,
+    make_sampler,
+    parse_space,
+    trial_config,
+)
 from jtricks.search.trials import (
     GroupResult,
     default_parallel,
@@ -86,6 +92,8 @@ class SearchSettings:
                 f"method must be one of {', '.join(SAMPLERS)}; got {self.method!r}",
                 param="method",
             )
+        if self.method == "grid":  # a new search's; one cut short before this was kept
+            check_grid(parse_space(self.space), self.trials, self.grid_points)
 
 
 @dataclass

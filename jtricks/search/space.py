@@ -271,6 +271,19 @@ class TPESampler(Sampler):
                 return
 
 
+def check_grid(space: dict[str, Dimension], trials: int | None, points: int) -> None:
+    """Refuse ``trials`` fewer than the grid's points: the grid runs in order, so the last
+    values of its first setting would never be tried."""
+    size = len(grid_points(space, points))
+    if trials is not None and check_int("trials", trials, low=1) < size:
+        raise ConfigError(
+            f"trials={trials} would try the first {trials} of the grid's {size} points in "
+            f"order, leaving the last values of {next(iter(space))!r} untried; give trials "
+            f">= {size} (or none), fewer grid points, or method 'random'",
+            param="trials",
+        )
+
+
 DEFAULT_TRIALS = 20
 """Trials of a random or TPE search when none are given."""
 
@@ -279,23 +292,16 @@ def make_sampler(
     name: str, space: dict[str, Dimension], trials: int | None, *, seed: int = 0, points: int = 3
 ) -> Sampler:
     """The sampler ``name`` (`SAMPLERS`) over ``space``: ``trials`` trials (``None``:
-    `DEFAULT_TRIALS`), or for the grid all its combinations, ``points`` per range.
+    `DEFAULT_TRIALS`), or for the grid all its combinations, ``points`` per range (the first
+    ``trials`` of them, in order, where given: `check_grid` refuses that for a new search).
 
     Raises:
-      ConfigError: an unknown name (``param="sampler"``); ``trials`` fewer than the
-        grid's points (``param="trials"``: the grid runs in order, so its last values
-        would never be tried).
+      ConfigError (``param="sampler"``): an unknown name.
     """
     if name == "grid":
         grid = grid_points(space, points)
-        if trials is not None and check_int("trials", trials, low=1) < len(grid):
-            raise ConfigError(
-                f"trials={trials} would try the first {trials} of the grid's {len(grid)} "
-                f"points in order, leaving the last values of {next(iter(space))!r} untried; "
-                f"give trials >= {len(grid)} (or none), fewer grid points, or method "
-                "'random'",
-                param="trials",
-            )
+        if trials is not None:
+            grid = grid[: check_int("trials", trials, low=1)]
         return Sampler(iter(grid), len(grid))
     trials = DEFAULT_TRIALS if trials is None else trials
     if name == "random":
