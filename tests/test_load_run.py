@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -10,6 +11,9 @@ import pytest
 
 import jtricks
 from jtricks import ConfigError, evaluate, load_dataset, predict
+from jtricks.cli import main
+from jtricks.optim import schedules
+from jtricks.run import build as build_module
 
 SPEC = "synthetic(num_train=160, num_test=60, shape=(8,), num_classes=3, noise=0.5)"
 
@@ -82,6 +86,29 @@ def test_best_reads_the_epoch_of_the_lowest_validation_loss(trained):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     best = min(records, key=lambda r: r["val_loss"])
     assert jtricks.load_run(out, best=True).epoch == best["epoch"]
+
+
+def test_a_folder_written_before_a_refusal_still_loads_and_resumes(tmp_path, monkeypatch):
+    """``log_every_steps`` above the run's steps and a warm-up past its end are refused
+    when a run starts; a folder written before those refusals existed (here: with them
+    switched off) is rebuilt without them, so `load_run` and ``--resume`` still read it."""
+    out = tmp_path / "run"
+    settings = dict(model="mlp(features=(8,))", epochs=2, batch_size=16, checkpoint_every=1)
+    settings.update(log_every_steps=1000, schedule="warmup(epochs=5)")
+    with pytest.raises(ConfigError, match=r"log_every_steps=1000|warm-up.s end"):
+        jtricks.train(dataset=SPEC, **settings)
+    registry = schedules._registry
+    with monkeypatch.context() as m:  # the checks of an older jtricks: none
+        m.setattr(build_module, "within_run", lambda *a: None)
+        m.setattr(schedules, "_registry", lambda v, s, t, ends: registry(v, s, t, False))
+        result = jtricks.train(dataset=SPEC, **settings, out=out)
+    run = jtricks.load_run(out)
+    jax.tree.map(np.testing.assert_array_equal, run.state.params, result.state.params)
+    (out / "summary.json").unlink()  # cut after epoch 1, resumed: the same end
+    shutil.rmtree(out / "checkpoints" / "epoch-000002")
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 0
+    resumed = jtricks.load_run(out)
+    jax.tree.map(np.testing.assert_array_equal, resumed.state.params, result.state.params)
 
 
 def test_what_is_not_a_run_is_one_line(tmp_path):

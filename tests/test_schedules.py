@@ -132,6 +132,16 @@ def test_bad_schedule_specs(spec, match):
         build_schedule(spec, 0.1, steps_per_epoch=10, total_steps=100)
 
 
+def test_a_rebuilt_run_builds_its_ends_as_they_were():
+    """``within_run=False`` (a run folder rebuilt to load or resume) builds what a new run
+    refuses, as the schedule it trained with: a warm-up still rising at the end."""
+    spec, length = "warmup(epochs=12)", dict(steps_per_epoch=10, total_steps=100)
+    with pytest.raises(ConfigError, match="warm-up's end, after epoch 12"):
+        build_schedule(spec, 0.1, **length)
+    schedule = build_schedule(spec, 0.1, **length, within_run=False)
+    np.testing.assert_allclose(float(schedule(99)), 0.1 * 99 / 120, rtol=1e-6)  # optax: t / T
+
+
 def _state(plateau=True):
     params = {"w": jnp.ones(2)}
     tx = build_optimizer("sgd", 0.4, plateau=plateau)

@@ -171,7 +171,7 @@ def _plateau_spec(**settings: Any) -> Plateau:
 _plateau_spec.__signature__ = inspect.signature(Plateau)  # its arguments are Plateau's
 
 
-def _registry(value: float, steps_per_epoch: int, total_steps: int | None):
+def _registry(value: float, steps_per_epoch: int, total_steps: int | None, ends: bool = True):
     spe = steps_per_epoch
 
     def total(name: str) -> int:
@@ -190,7 +190,7 @@ def _registry(value: float, steps_per_epoch: int, total_steps: int | None):
     def within_run(what: str, epochs: float, steps: int, consequence: str) -> None:
         # a drop or a warm-up's end past the run leaves the rate the user asked for unreached
         # (like --swa past the last epoch); a library call without total_steps is not checked
-        if total_steps is not None and steps >= total_steps:
+        if ends and total_steps is not None and steps >= total_steps:
             raise ConfigError(
                 f"{what}, after epoch {epochs:g}, lies at or past the run's end (epoch "
                 f"{total_steps / spe:g}, step {total_steps:,}), so the rate would {consequence}; "
@@ -254,13 +254,20 @@ SCHEDULE_NAMES = tuple(_registry(1.0, 1, 1))
 
 
 def build_schedule(
-    spec: str, value: float, *, steps_per_epoch: int = 1, total_steps: int | None = None
+    spec: str,
+    value: float,
+    *,
+    steps_per_epoch: int = 1,
+    total_steps: int | None = None,
+    within_run: bool = True,
 ) -> Schedule | Plateau:
     """Build a schedule from a spec whose durations are in epochs, for a run of ``total_steps``.
 
     ``steps_per_epoch`` (default 1: durations in steps) converts epochs to steps;
     ``total_steps`` is needed only by the schedules that span the whole run
     (``warmup_cosine``, ``cosine``, ``one_cycle``), which refuse to be built without it.
+    ``within_run=False`` builds a step drop or a warm-up's end past the run's end without
+    refusing it (a run folder written before that refusal, rebuilt to load or resume).
 
     Specs: ``constant``, ``per_epoch(factor=0.98)``, ``exponential(rate=0.05)`` (per epoch),
     ``step(epochs=(30, 60), factor=0.1)`` (multiply by factor after epochs 30 and 60, like
@@ -284,7 +291,7 @@ def build_schedule(
     if total_steps is not None:
         check_int("total_steps", total_steps, low=1)
     built = build_from_registry(
-        spec, _registry(value, steps_per_epoch, total_steps), what="schedule"
+        spec, _registry(value, steps_per_epoch, total_steps, within_run), what="schedule"
     )
     return built if isinstance(built, Plateau) else in_default_float(built)
 

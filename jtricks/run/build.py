@@ -90,12 +90,17 @@ class Build:
         return {} if self.swa is None else self.swa.arrays()
 
 
-def build(config: TrainConfig, data: RunData, reporter: Any, progress: bool) -> Build:
-    """The run's task, model, optimizer (with its schedule), augmentation and callbacks."""
+def build(
+    config: TrainConfig, data: RunData, reporter: Any, progress: bool, *, rebuild: bool = False
+) -> Build:
+    """The run's task, model, optimizer (with its schedule), augmentation and callbacks.
+    ``rebuild``: a run started before (`load_run`, ``--resume``), whose settings that
+    would act past its end are not refused again (`within_run`): a folder written before
+    such a refusal existed still loads and resumes."""
     task = imbalance_options(config, task_for(config, data.task_spec), data)
     model = build_model(config.model, data.num_classes, seed=config.seed)
-    steps_per_epoch, total_steps = run_length(config, data.n_train)
-    tx, plateau = optimizer(config, steps_per_epoch, total_steps)
+    steps_per_epoch, total_steps = run_length(config, data.n_train, rebuild)
+    tx, plateau = optimizer(config, steps_per_epoch, total_steps, rebuild)
     key = jax.random.key(config.seed)
     init_key, data_key = jax.random.split(key)
     b = Build(
@@ -191,7 +196,7 @@ def _not_for(task: Task, name: str, value: Any) -> ConfigError:
     )
 
 
-def run_length(config: TrainConfig, n_train: int) -> tuple[int, int]:
+def run_length(config: TrainConfig, n_train: int, rebuild: bool = False) -> tuple[int, int]:
     """``(steps_per_epoch, total_steps)`` on a training split of ``n_train`` examples;
     with neither epochs nor steps, the paper's `TrainConfig.DEFAULT_STEPS`. Refuses a
     batch larger than the split and what would act past the run's end (`within_run`)."""
@@ -213,7 +218,8 @@ def run_length(config: TrainConfig, n_train: int) -> tuple[int, int]:
             f"an int32, so a run has at most {MAX_STEP:,} (2**31 - 1)",
             param=name,
         )
-    within_run(config, total_steps, -(-total_steps // steps_per_epoch))
+    if not rebuild:
+        within_run(config, total_steps, -(-total_steps // steps_per_epoch))
     return steps_per_epoch, total_steps
 
 
@@ -243,11 +249,11 @@ def within_run(config: TrainConfig, total_steps: int, last_epoch: int) -> None:
 
 
 def optimizer(
-    config: TrainConfig, steps_per_epoch: int, total_steps: int
+    config: TrainConfig, steps_per_epoch: int, total_steps: int, rebuild: bool = False
 ) -> tuple[Any, Plateau | None]:
     """The run's optimizer with its schedule, and the reduce-on-plateau spec (or ``None``):
     a plateau schedule is a callback on a constant base rate."""
-    length = dict(steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    length = dict(steps_per_epoch=steps_per_epoch, total_steps=total_steps, within_run=not rebuild)
     plateau = build_schedule(config.schedule, 1.0, **length)  # validates the spec
     plateau = plateau if isinstance(plateau, Plateau) else None
 

@@ -119,7 +119,7 @@ def load_run(run_dir: str | os.PathLike, *, best: bool = False) -> LoadedRun:
     run_dir = Path(run_dir)
     config = load_run_config(run_dir, param="run")
     data = load_run_data(config)
-    b = build(config, data, None, False)
+    b = build(config, data, None, False, rebuild=True)
     state = initial_state(config, b, data.example)
     folder = run_dir / "checkpoints" / ("best" if best else "")
     foreign = foreign_checker(run_identity(run_dir), config.to_dict())

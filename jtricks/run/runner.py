@@ -122,7 +122,7 @@ def train(
             check_same_data(Path(resume) / "config.json", config.dataset, data.digest, hint)
         refuse_on_disk(config, data)
         out = share_processes(config, data, out, resume)
-        b = build(config, data, reporter, progress)
+        b = build(config, data, reporter, progress, rebuild=resume is not None)
         check_mesh(config)  # before any folder exists
         with refused_cleanly(out if resume is None else None):
             state, run = start(config, data, b, out, resume, locks)
