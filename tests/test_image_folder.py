@@ -50,6 +50,19 @@ def test_the_folders_become_the_pixels_and_labels_written(folder):
     np.testing.assert_array_equal(grey.x_train[0, ..., 0], np.asarray(expect))
 
 
+def test_what_tools_leave_beside_the_images_is_skipped(folder):
+    """A Jupyter ``.ipynb_checkpoints`` folder (in ``train/`` and in a class folder) and a
+    macOS resource fork ``._000.png`` (not an image) are neither classes nor images."""
+    root, written = folder
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    (root / "test" / ".ipynb_checkpoints").mkdir()
+    (root / "train" / "ant" / ".ipynb_checkpoints").mkdir()
+    (root / "train" / "bee" / "._000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    data = load_dataset(f"imagefolder:{root}")
+    assert data.num_classes == 3
+    np.testing.assert_array_equal(data.x_train, np.stack([p for p, _ in written["train"]]))
+
+
 def test_the_cache_is_read_until_a_file_changes(folder, monkeypatch):
     root, _ = folder
     first = load_dataset(f"imagefolder:{root}")

@@ -6,7 +6,8 @@ The layout is torchvision's ``ImageFolder`` one, with the split on top::
     PATH/train/dog/0002.jpg    PATH/test/dog/0101.png
 
 Class ``c`` is the ``c``-th folder name of ``train/`` in sorted order (``cat`` 0, ``dog``
-1); ``test/`` may lack a class but not bring a new one. Every ``.png``, ``.jpg``,
+1); ``test/`` may lack a class but not bring a new one. Names starting with a dot are
+skipped (a Jupyter ``.ipynb_checkpoints`` folder, macOS's ``._0001.png``). Every ``.png``, ``.jpg``,
 ``.jpeg``, ``.bmp``, ``.gif``, ``.tif``, ``.tiff`` and ``.webp`` file is decoded with
 Pillow, converted to RGB (``mode="L"``: one grey channel) and, with ``size=(H, W)``,
 resized (bilinear); without ``size`` every image must already have one size. Images come
@@ -88,7 +89,7 @@ def _class_names(train: Path) -> list[str]:
             "test/, each with one folder of images per class",
             param="dataset",
         )
-    classes = sorted(p.name for p in train.iterdir() if p.is_dir())
+    classes = sorted(p.name for p in train.iterdir() if p.is_dir() and not _hidden(p))
     if not classes:
         raise ConfigError(f"imagefolder: {str(train)!r} has no class folder", param="dataset")
     return classes
@@ -98,7 +99,9 @@ def _listing(split: Path, classes: list[str]) -> list[tuple[Path, int]]:
     """Every image file of ``split`` with its label, in class then file-name order."""
     if not split.is_dir():
         raise ConfigError(f"imagefolder: {str(split)!r} is not a folder", param="dataset")
-    extra = sorted(p.name for p in split.iterdir() if p.is_dir() and p.name not in classes)
+    extra = sorted(
+        p.name for p in split.iterdir() if p.is_dir() and not _hidden(p) and p.name not in classes
+    )
     if extra:
         raise ConfigError(
             f"imagefolder: {str(split)!r} has classes that train/ has not: {', '.join(extra)}",
@@ -107,13 +110,21 @@ def _listing(split: Path, classes: list[str]) -> list[tuple[Path, int]]:
     files = []
     for label, name in enumerate(classes):
         folder = split / name
-        images = sorted(f for f in folder.glob("*") if f.suffix.lower() in SUFFIXES)
+        images = sorted(
+            f for f in folder.iterdir() if f.suffix.lower() in SUFFIXES and not _hidden(f)
+        )
         if split.name == "train" and not images:
             raise ConfigError(f"imagefolder: {str(folder)!r} has no image", param="dataset")
         files += [(f, label) for f in images]
     if not files:
         raise ConfigError(f"imagefolder: {str(split)!r} has no image", param="dataset")
     return files
+
+
+def _hidden(path: Path) -> bool:
+    """A name starting with a dot: what tools leave beside the data (``.ipynb_checkpoints``
+    folders from Jupyter, macOS's ``._name.png`` resource forks), never a class or an image."""
+    return path.name.startswith(".")
 
 
 def _stamps(files: list[tuple[Path, int]]) -> list[tuple[str, int, int]]:
