@@ -225,3 +225,44 @@ def test_ensembles_and_searches_train_alike_in_memory_streamed_and_from_shards(t
     assert scores[1] == pytest.approx(scores[0], rel=1e-6) and len(scores[0]) == 2
     with pytest.raises(ConfigError, match="jtricks train and search stream"):
         load_dataset(shards)  # diagnose's reading: it needs a dataset in memory
+
+
+def test_an_npz_validation_split_is_the_one_validated_on(tmp_path, capsys):
+    """``x_val``, ``y_val`` in the file: training takes every row of ``x`` (none carved
+    off), validation is the file's split scaled with the training rows' statistics (by
+    hand: one mean and std over all features), and the run equals the same arrays as shards with a ``val/`` folder (the
+    second path). Half a pair, or a ``val_fraction`` it would not use, is one line."""
+    from jtricks.run.config import TrainConfig
+    from jtricks.run.data import load_run_data
+
+    x, y, xt, yt = CASES["labels"][:4]
+    xv, yv = xt[:20] + 0.5, yt[:20]
+    path = tmp_path / "v.npz"
+    np.savez(path, x_train=x, y_train=y, x_val=xv, y_val=yv, x_test=xt[20:], y_test=yt[20:])
+    data = load_run_data(TrainConfig(dataset=f"npz:{path}"))
+    assert data.n_train == len(x)
+    mean, std = x.astype(np.float64).mean(), x.astype(np.float64).std()  # one scalar each
+    np.testing.assert_allclose(data.val[0], (xv - mean) / std, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(data.val[1], yv)
+    summaries = []
+    for spec in (f"npz:{path}", f"shards:{tmp_path / 'shards'}"):
+        if spec.startswith("shards"):
+            for split, arrays in (
+                ("train", (x, y)),
+                ("val", (xv, yv)),
+                ("test", (xt[20:], yt[20:])),
+            ):
+                write_shards(
+                    tmp_path / "shards" / split, dict(zip("xy", arrays, strict=True)), shard_size=50
+                )
+        out = tmp_path / spec[:5]
+        argv = ["train", "--dataset", spec, "--model", "mlp(features=(8,))", "--epochs", "2"]
+        assert main([*argv, "--batch-size", "20", "--no-progress", "--out", str(out)]) == 0
+        summaries.append(json.loads((out / "summary.json").read_text()))
+    assert summaries[1]["val_loss"] == pytest.approx(summaries[0]["val_loss"], rel=1e-4)
+    assert summaries[1]["test_loss"] == pytest.approx(summaries[0]["test_loss"], rel=1e-4)
+    np.savez(tmp_path / "half.npz", x=x, y=y, x_val=xv, x_test=xt, y_test=yt)
+    with pytest.raises(ConfigError, match=r"lacks array\(s\) \['y_val'\]"):
+        load_dataset(f"npz:{tmp_path / 'half.npz'}")
+    assert main(["train", "--dataset", f"npz:{path}", "--val-fraction", "0.2"]) == 2
+    assert "brings its own validation split" in capsys.readouterr().err

@@ -152,8 +152,9 @@ def synthetic(
 def npz(path: str) -> Dataset:
     """A dataset from a ``.npz`` file holding ``x``, ``y``, ``x_test`` and ``y_test`` arrays
     (``x_train``, ``y_train`` also name the first two: `array_names`), and optionally
-    ``mask`` and ``mask_test`` (0/1, the targets' shape: which positions count, for
-    segmentation and language models).
+    ``x_val`` and ``y_val`` (the file's own validation split, used instead of carving
+    ``val_fraction`` out of ``x``), or ``mask`` and ``mask_test`` (0/1, the targets'
+    shape: which positions count, for segmentation and language models).
 
     Read with ``allow_pickle=False``: object arrays are refused, never unpickled.
     The targets' kind and shape give the task and the model's output width (labels,
@@ -199,7 +200,7 @@ def arrays_dataset(name: str, where: str, arrays: dict[str, np.ndarray]) -> Data
     Raises:
       ConfigError (``param="dataset"``).
     """
-    for k in ("x", "x_test"):
+    for k in ("x", "x_test", "x_val")[: 3 if "x_val" in arrays else 2]:
         dtype = arrays[k].dtype
         if not (np.issubdtype(dtype, np.number) or dtype == np.bool_) or np.issubdtype(
             dtype, np.complexfloating
@@ -208,18 +209,35 @@ def arrays_dataset(name: str, where: str, arrays: dict[str, np.ndarray]) -> Data
                 f"{where}: {k} must be numeric (integer or real); got dtype {dtype}",
                 param="dataset",
             )
-    if arrays["y"].size == 0 or arrays["y_test"].size == 0:
+    if any(arrays[k].size == 0 for k in ("y", "y_test", "y_val") if k in arrays):
         raise ConfigError(
-            f"{where}: empty dataset (no training or no test examples)", param="dataset"
+            f"{where}: empty dataset (no training, validation or test examples)",
+            param="dataset",
         )
-    task = infer_task(where, arrays["x"], arrays["y"], arrays["y_test"])
+    task = infer_task(where, arrays["x"], arrays["y"], _held_out(arrays))
     return npz_dataset(name, arrays, task)
+
+
+def _held_out(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """The test targets, and the validation ones where the file has them (of the same
+    shape per example: else the validation data's own check names them)."""
+    y_test, y_val = arrays["y_test"], arrays.get("y_val")
+    if (
+        y_val is None
+        or y_val.shape[1:] != y_test.shape[1:]
+        or y_val.dtype.kind != y_test.dtype.kind
+    ):
+        return y_test
+    return np.concatenate([y_test, y_val])
 
 
 MASKS = ("mask", "mask_test")
 """The optional arrays of an ``npz:`` file: 0/1 masks of ``y`` and ``y_test``'s shape."""
 ARRAYS = ("x", "y", "x_test", "y_test")
 """The arrays an ``npz:`` file must hold (``x_train``, ``y_train`` also name the first two)."""
+VAL_ARRAYS = ("x_val", "y_val")
+"""An ``npz:`` file's own validation split (both or neither), used instead of carving
+``val_fraction`` out of the training split."""
 TRAIN_NAMES = {"x_train": "x", "y_train": "y", "mask_train": "mask"}
 """The ``*_train`` spelling (`Dataset`'s and Keras's) of an ``npz:`` file's arrays."""
 
@@ -239,13 +257,15 @@ def array_names(where: str, keys: Iterable[str]) -> dict[str, str]:
                 f"{where} holds both {names[name]} and {key}: give the training split once",
                 param="dataset",
             )
-        if name in (*ARRAYS, *MASKS):
+        if name in (*ARRAYS, *MASKS, *VAL_ARRAYS):
             names[name] = key
     missing = [k for k in ARRAYS if k not in names]
+    if len([k for k in VAL_ARRAYS if k in names]) == 1:
+        missing = [k for k in VAL_ARRAYS if k not in names]
     if missing:
         raise ConfigError(
             f"{where} lacks array(s) {missing}; it must hold x (or x_train), y (or y_train), "
-            "x_test, y_test",
+            "x_test, y_test, and x_val with y_val or neither",
             param="dataset",
         )
     return names
@@ -280,10 +300,20 @@ def npz_dataset(name: str, arrays: dict[str, np.ndarray], task: str) -> Dataset:
     `jtricks.data.targets`): its output width, targets in the task's dtype, and inputs as
     float32 (int32 token ids for a language model)."""
     where = f"dataset {name!r}"
-    outputs = outputs_for(task, where, arrays["x"], arrays["y"], arrays["y_test"])
+    outputs = outputs_for(task, where, arrays["x"], arrays["y"], _held_out(arrays))
     mask_train, mask_test = _masks(where, arrays, task)
     x_dtype = np.int32 if task == "lm" else np.float32
+    val = None
+    if "x_val" in arrays:
+        if mask_train is not None:
+            raise ConfigError(
+                f"{where}: x_val, y_val with masks: a validation split's mask is not read; "
+                "leave x_val, y_val out (val_fraction carves one, masks included)",
+                param="dataset",
+            )
+        val = (arrays["x_val"].astype(x_dtype), cast_targets(task, arrays["y_val"]))
     return Dataset(
+        val=val,
         mask_train=mask_train,
         mask_test=mask_test,
         name=name,
@@ -311,6 +341,8 @@ def for_task(data: Dataset, task_name: str) -> Dataset:
     arrays = {"x": data.x_train, "y": data.y_train, "x_test": data.x_test, "y_test": data.y_test}
     if data.mask_train is not None:
         arrays.update(mask=data.mask_train, mask_test=data.mask_test)
+    if data.val is not None:
+        arrays.update(x_val=data.val[0], y_val=data.val[1])
     return dataclasses.replace(npz_dataset(data.name, arrays, task), loss_floor=None)
 
 
