@@ -9,6 +9,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -17,7 +18,7 @@ from jtricks.errors import check_int, check_range
 from jtricks.plotting import pyplot, save_figure
 from jtricks.tasks import LanguageModel, Task
 from jtricks.training.state import create_train_state
-from jtricks.training.steps import LossFn, make_train_step
+from jtricks.training.steps import EvalStep, LossFn, make_train_step
 
 
 @dataclass
@@ -30,6 +31,9 @@ class OverfitReport:
     passed: bool
     floor: float = 0.0
     """The lowest loss any model reaches on the batch (`memorisation_floor`)."""
+    eval_loss: float = math.nan
+    """The batch's loss in evaluation mode after the last step (no dropout, BatchNorm's
+    running statistics)."""
 
     @property
     def final_loss(self) -> float:
@@ -52,17 +56,20 @@ def overfit_one_batch(
     ``y=None``) for ``steps`` steps (one compiled `lax.scan`), on ``task``'s or
     ``loss_fn``'s loss as in `fit` (neither: classification).
 
-    Passes when the training loss falls below ``epsilon`` within ``steps`` steps: a correct
-    model with enough capacity memorises a small batch (Karpathy 2019). Failing points to
-    a bug such as labels that change from step to step, a layer cut off from the gradient,
-    or a learning rate far off. Turn dropout off for this check (its noise keeps the
-    training loss up).
+    Passes when the training loss falls below ``epsilon`` within ``steps`` steps, or the
+    batch's loss in evaluation mode does after them (``eval_loss``: dropout's noise keeps
+    the training loss of a model that has memorised the batch up): a correct model with
+    enough capacity memorises a small batch (Karpathy 2019). Failing points to a bug such
+    as labels that change from step to step, a layer cut off from the gradient, or a
+    learning rate far off.
     """
     check_int("steps", steps, low=1)
     check_range("epsilon", epsilon, low=0.0, low_inclusive=False)
     task, batch = diagnostic_batch(x, y, task, loss_fn)
     state = create_train_state(model, tx, task.inputs(batch), key)
     train_step = make_train_step(task=task, norms=False, skip_nonfinite=False)
+    eval_step = EvalStep(task)
+    weight = jnp.ones((len(jax.tree.leaves(batch)[0]),), jnp.float32)
 
     @jax.jit
     def run(state):
@@ -70,13 +77,15 @@ def overfit_one_batch(
             s, m = train_step(s, batch)
             return s, m["loss"]
 
-        return jax.lax.scan(body, state, None, length=steps)[1]
+        state, losses = jax.lax.scan(body, state, None, length=steps)
+        return losses, eval_step.metrics(eval_step(state, batch, weight))["loss"]
 
-    losses = np.asarray(run(state))
+    losses, eval_loss = jax.device_get(run(state))
     floor = memorisation_floor(task, batch)
     below = np.flatnonzero(losses < floor + epsilon)
     first = int(below[0]) + 1 if below.size else None
-    return OverfitReport(losses, epsilon, first, first is not None, floor)
+    passed = first is not None or bool(eval_loss < floor + epsilon)
+    return OverfitReport(np.asarray(losses), epsilon, first, passed, floor, float(eval_loss))
 
 
 def memorisation_floor(task: Task, batch: Any) -> float:

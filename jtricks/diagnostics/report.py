@@ -224,9 +224,16 @@ def _overfit_detail(over) -> str:
     goal = f"floor {over.floor:.3g} + epsilon {over.epsilon:g}" if over.floor else ""
     if over.passed:
         aim = f"{over.floor + over.epsilon:.3g} ({goal})" if goal else f"{over.epsilon:g}"
+        if over.steps_to_epsilon is None:  # dropout's noise kept the training loss up
+            return (
+                f"evaluation-mode loss {over.eval_loss:.3g} < {aim} after {len(over.losses)} steps"
+            )
         return f"loss < {aim} at step {over.steps_to_epsilon}"
     goal = goal or f"epsilon {over.epsilon:g}"
-    return f"final loss {over.final_loss:.3g} after {len(over.losses)} steps ({goal})"
+    return (
+        f"final loss {over.final_loss:.3g} (evaluation mode {over.eval_loss:.3g}) after "
+        f"{len(over.losses)} steps ({goal})"
+    )
 
 
 def _signal_check(rep) -> dict[str, Any]:
