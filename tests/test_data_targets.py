@@ -230,8 +230,9 @@ def test_ensembles_and_searches_train_alike_in_memory_streamed_and_from_shards(t
 def test_an_npz_validation_split_is_the_one_validated_on(tmp_path, capsys):
     """``x_val``, ``y_val`` in the file: training takes every row of ``x`` (none carved
     off), validation is the file's split scaled with the training rows' statistics (by
-    hand: one mean and std over all features), and the run equals the same arrays as shards with a ``val/`` folder (the
-    second path). Half a pair, or a ``val_fraction`` it would not use, is one line."""
+    hand: one mean and std over all features), and the run equals the same arrays as
+    shards with a ``val/`` folder (the second path). Half a pair, or a ``val_fraction``
+    it would not use, is one line."""
     from jtricks.run.config import TrainConfig
     from jtricks.run.data import load_run_data
 
