@@ -116,6 +116,34 @@ def test_regression_trains_and_metrics_match_numpy(regression_run, regression_da
         np.testing.assert_allclose(got[name], ref, rtol=1e-4, err_msg=name)
 
 
+class _FirstInput(nn.Module):
+    """Outputs its first input feature (plus a bias that starts at 0): given predictions."""
+
+    @nn.compact
+    def __call__(self, x):
+        return x[:, :1] + self.param("b", nn.initializers.zeros, (1,))
+
+
+def test_r2_keeps_its_precision_for_targets_far_from_zero():
+    """Targets 3000 +- 1: float32 sums of ``t^2`` lose their spread entirely (``r2`` was
+    -inf); taken around the targets' mean (`Regression.center`), `evaluate` and `fit`'s
+    validation give the float64 formula."""
+    rng = np.random.default_rng(0)
+    t = 3000 + rng.normal(size=(400, 1))
+    x, y = (t + 0.3 * rng.normal(size=(400, 1))).astype(np.float32), t.astype(np.float32)
+
+    def r2(n):
+        t64, p64 = y[:n].astype(np.float64), x[:n].astype(np.float64)
+        return 1 - ((t64 - p64) ** 2).sum() / ((t64 - t64.mean()) ** 2).sum()
+
+    state = create_train_state(_FirstInput(), optax.sgd(0.0), x, jax.random.key(0))
+    got = evaluate(state, (x, y), task="regression", batch_size=100)
+    np.testing.assert_allclose(got["r2"], r2(400), rtol=1e-4)
+    val = (x[:200], y[:200])
+    _, hist = fit(state, (x, y), task="regression", batch_size=100, epochs=1, val_data=val)
+    np.testing.assert_allclose(hist["val_r2"][-1], r2(200), rtol=1e-4)
+
+
 def test_dict_and_tuple_batches_are_bit_identical(regression_run, regression_data):
     x, y = regression_data
     state = create_train_state(Linear(3), TX, x, jax.random.key(0))

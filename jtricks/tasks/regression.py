@@ -22,11 +22,25 @@ class Regression(Task):
     * ``mae``: ``(1/(N D)) sum_i sum_d |p_id - t_id|``;
     * ``r2``: ``(1/D) sum_d (1 - SSE_d / SST_d)`` with ``SSE_d = sum_i (t_id - p_id)^2`` and
       ``SST_d = sum_i (t_id - mean_d)^2 = sum_i t_id^2 - (sum_i t_id)^2 / N`` (scikit-learn's
-      ``r2_score``, "uniform_average"). Accumulated as sums over the split in float32.
+      ``r2_score``, "uniform_average"). Accumulated as sums over the split in float32,
+      of ``t_id - c_d`` around a ``center`` ``c`` (`centered`).
     """
 
     name: ClassVar[str] = "regression"
     train_metrics: ClassVar[tuple[str, ...]] = ("mae",)
+    center: tuple[float, ...] | None = None
+    """Per-output values the ``r2`` sums are taken around (``None``: 0). ``SST_d`` is the
+    same around any center, but float32 sums of ``t^2`` keep it only to about
+    ``eps * sum_i t_id^2``: targets far from 0 against their spread (3000 +- 1) lost it
+    all (``r2`` of -inf). `jtricks.fit` and `jtricks.evaluate` center on the targets' mean."""
+
+    def centered(self, targets: np.ndarray) -> Regression:
+        """This task around the per-output mean of host ``targets`` ``(N, ...)`` (in
+        float64), unless it has a center already."""
+        if self.center is not None or len(targets) == 0:
+            return self
+        t = np.asarray(targets, np.float64).reshape(len(targets), -1)
+        return dataclasses.replace(self, center=tuple(float(m) for m in t.mean(0)))
 
     def _pair(self, outputs, batch):
         p = at_least_f32(outputs.reshape(outputs.shape[0], -1))
@@ -46,11 +60,12 @@ class Regression(Task):
 
     def stats(self, outputs, batch):
         p, t = self._pair(outputs, batch)
+        c = t if self.center is None else t - jnp.asarray(self.center, t.dtype)
         return {
             "sq_err": jnp.square(p - t),
             "abs_err": jnp.mean(jnp.abs(p - t), axis=-1),
-            "t": t,
-            "t2": jnp.square(t),
+            "t": c,
+            "t2": jnp.square(c),
         }
 
     def finalize(self, sums):

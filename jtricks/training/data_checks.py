@@ -19,7 +19,7 @@ import numpy as np
 
 from jtricks.caches import cached, jitted
 from jtricks.errors import ConfigError
-from jtricks.tasks import Classification, LossTask, Task
+from jtricks.tasks import Classification, LossTask, Regression, Task
 from jtricks.tasks.base import array_of, nonfinite
 from jtricks.training.model import apply_model
 
@@ -202,3 +202,13 @@ def check_options(task: Task, data: Any, augment: Any, mix: Any) -> None:
             "structure of arrays",
             param="augment",
         )
+
+
+def centered(task: Task, data: Any) -> Task:
+    """A `Regression` ``task`` around the mean of ``data``'s targets (a batch pytree in
+    memory; another task as it is), so that its ``r2`` sums keep their precision in
+    float32 (`jtricks.tasks.Regression.center`). A stream's task is not centered, nor one
+    of several processes (each holds its own rows: its programs would differ)."""
+    if not isinstance(task, Regression) or task.center is not None or jax.process_count() > 1:
+        return task
+    return task.centered(np.asarray(task.targets(data)))

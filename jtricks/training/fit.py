@@ -13,10 +13,10 @@ from jtricks.data.imbalance import class_weights, one_balancing
 from jtricks.data.stream import is_batch_sequence, is_stream, training_batches
 from jtricks.errors import ConfigError, check_int
 from jtricks.optim.fused import is_fused
-from jtricks.tasks import Classification, Task, as_task
+from jtricks.tasks import Classification, Regression, Task, as_task
 from jtricks.training import compiled as programs
 from jtricks.training.compiled import StepOptions, compiled_steps
-from jtricks.training.data_checks import check_data, model_outputs, pad_batches
+from jtricks.training.data_checks import centered, check_data, model_outputs, pad_batches
 from jtricks.training.distributed import as_mesh, is_sharded_mesh, like_state, place_state
 from jtricks.training.history import Callback, History
 from jtricks.training.loop import LoopHooks, record_value, run_loop
@@ -95,7 +95,7 @@ def fit(
     options = FitOptions.build(options, settings)
     member = first_member(state)
     check_eval_source(options.eval_params, member)
-    options = _weigh_classes(options, train_data, member)
+    options = _centered(_weigh_classes(options, train_data, member), train_data)
     mesh = _mesh(options.mesh, state)
     if stop is not None and jax.process_count() > 1:  # every process stops at one point
         stop = AgreedStop(stop)
@@ -155,6 +155,16 @@ def _weigh_classes(options: FitOptions, train_data: Any, member: TrainState) -> 
     weights = tuple(float(w) for w in class_weights(spec, labels, num_classes))
     task = dataclasses.replace(task, class_weight=weights)
     return dataclasses.replace(options, task=task, class_weight=None)
+
+
+def _centered(options: FitOptions, train_data: Any) -> FitOptions:
+    """``options`` with a regression task centered on in-memory training targets
+    (`jtricks.training.data_checks.centered`), the same for every split it scores."""
+    regression = isinstance(options.task, Regression)
+    if not regression or is_stream(train_data) or is_batch_sequence(train_data):
+        return options
+    task = centered(options.task, train_data)
+    return options if task is options.task else dataclasses.replace(options, task=task)
 
 
 def _stream_only(**settings: Any) -> None:
@@ -227,6 +237,7 @@ def split_metrics(
     if is_stream(data):
         return evaluate_stream(compiled_steps(StepOptions(task=task))[1], state, data, params)
     data = check_data(first_member(state), task, data, "evaluation data")
+    task = centered(task, data)
     batch_size = check_int("batch_size", batch_size, low=1)
     _, evaluate_fn = programs.compiled_functions(StepOptions(task=task))
     batches = like_state(pad_batches(data, batch_size), state.params)

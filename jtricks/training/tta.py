@@ -34,7 +34,7 @@ import numpy as np
 from jtricks.caches import cached
 from jtricks.errors import ConfigError, check_int
 from jtricks.tasks import Classification, LanguageModel, Task, as_task, batch_sums, finalize
-from jtricks.training.data_checks import check_data
+from jtricks.training.data_checks import centered, check_data
 from jtricks.training.distributed import like_state
 from jtricks.training.loop import record_value
 from jtricks.training.model import apply_model
@@ -105,6 +105,7 @@ def _run(state, data, augment, views, key, task, batch_size, params="auto"):
     stacked = is_ensemble(state)
     state = evaluation_states(state, source)
     data = check_data(first_member(state), task, data, "evaluation data")
+    task = centered(task, data)
     views = check_int("views", views, low=1)
     batch_size = check_int("batch_size", batch_size, low=1)
     (batches, wb), key = like_state((pad_batches(data, batch_size), key), state.params)
