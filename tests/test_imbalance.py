@@ -329,3 +329,29 @@ def test_split_settings_for_data_with_their_own_validation_split_are_refused(
         err = capsys.readouterr().err
         assert f"argument {flag[0]}: {name}=" in err and what in err
         assert "brings its own validation split" in err and not out.exists()
+
+
+def test_several_processes_weigh_classes_by_the_whole_split(monkeypatch):
+    """With several processes each keeps its rows of the training split
+    (`share_processes`); the balanced weights and the logit offsets still count the whole
+    split's labels (scikit-learn's weights and log frequencies here), so every process
+    builds the same task (they counted each process's own rows, a program apiece)."""
+    from jtricks.run.build import imbalance_options, task_for
+    from jtricks.run.config import TrainConfig
+    from jtricks.run.data import load_run_data
+    from jtricks.run.runner import share_processes
+
+    spec = "synthetic(num_train=300, num_test=30, shape=(4,), num_classes=3, imbalance=5)"
+    data = load_run_data(TrainConfig(dataset=spec))
+    labels = data.train[1].copy()
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    share_processes(TrainConfig(dataset=spec), data, None, None)
+    assert len(data.train[1]) < len(labels)  # this process's rows only
+    weighted = TrainConfig(dataset=spec, class_weight="balanced")
+    task = imbalance_options(weighted, task_for(weighted, data.task_spec), data)
+    expected = compute_class_weight("balanced", classes=np.arange(3), y=labels)
+    np.testing.assert_allclose(task.class_weight, expected, rtol=1e-6)
+    adjusted = TrainConfig(dataset=spec, logit_adjust=1.0)
+    task = imbalance_options(adjusted, task_for(adjusted, data.task_spec), data)
+    np.testing.assert_allclose(task.logit_adjust, np.log(np.bincount(labels) / len(labels)))

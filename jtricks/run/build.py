@@ -177,7 +177,8 @@ def imbalance_options(config: TrainConfig, task: Task, data: RunData) -> Task:
             "not hold in memory; give the class weights as {class: weight, ...}",
             param=next(iter(wanted)),
         )
-    labels, classes = data.train[1], data.num_classes
+    labels = data.train[1] if data.labels is None else data.labels  # the whole split's
+    classes = data.num_classes
     if config.class_weight is not None:
         spec = parse_class_weight(config.class_weight)
         weights = class_weights(spec, labels if spec == "balanced" else None, classes)

@@ -48,6 +48,9 @@ class RunData:
         ids, which are never rescaled).
       digest: `data_digest` of the dataset as loaded, recorded in a run's ``config.json``
         so that ``--resume`` refuses data that changed since the run started.
+      labels: the whole training split's targets where ``train`` holds this process's rows
+        only (`jtricks.run.runner.share_processes`): class weights and logit offsets count
+        them, the same in every process.
     """
 
     task_spec: str
@@ -63,6 +66,7 @@ class RunData:
     transform: Any = None
     scaler: Scaler | None = None
     digest: str = ""
+    labels: np.ndarray | None = None
 
     def recorded(self) -> dict[str, Any]:
         """What a run folder's ``config.json`` records of its data: ``data_sha256`` (checked

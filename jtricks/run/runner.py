@@ -197,6 +197,7 @@ def share_processes(config: TrainConfig, data: RunData, out: Any, resume: Any) -
         return out
     n_each = len(data.train[1]) // nproc
     n_each -= n_each % len(jax.local_devices())  # equal shards, even over local devices
+    data.labels = data.train[1]  # class weights count the whole split's, in every process
     data.train = tuple(a[pid::nproc][:n_each] for a in data.train)
     data.n_train = n_each * nproc
     return out
