@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from jtricks.cli import main
 from jtricks.data import (
     DATASETS,
     Scaler,
@@ -78,6 +79,30 @@ def test_standardize_per_feature_and_constant_feature():
     out = s(x)
     np.testing.assert_allclose(out[:, 0], (x[:, 0] - 4.5) / x[:, 0].std(), rtol=1e-6)
     np.testing.assert_array_equal(out[:, 1], 0.0)  # std 0 is treated as 1
+
+
+def test_the_spec_can_scale_each_feature_and_blocks_give_the_same(capsys):
+    """Tabular features of other units (ages, incomes): ``standardize(per_feature=True)``
+    and ``minmax(-1, 1, per_feature=True)`` give each column the formula written out
+    (one scalar left the ages nearly constant); `fit_chunks` over row blocks, as shards
+    are read, equals `fit` on the whole; the CLI takes the spec."""
+    rng = np.random.default_rng(0)
+    x = np.c_[rng.normal(50, 10, 300), rng.normal(5e4, 1e4, 300)]
+    s = Scaler.fit("standardize(per_feature=True)", x)
+    np.testing.assert_allclose(s(x), (x - x.mean(0)) / x.std(0), rtol=1e-5, atol=1e-5)
+    m = Scaler.fit("minmax(-1, 1, per_feature=True)", x)
+    lo, hi = x.min(0), x.max(0)
+    np.testing.assert_allclose(m(x), -1 + 2 * (x - lo) / (hi - lo), rtol=1e-5, atol=1e-5)
+    for spec, whole in (
+        ("standardize(per_feature=True)", s),
+        ("minmax(-1, 1, per_feature=True)", m),
+    ):
+        blocks = Scaler.fit_chunks(spec, lambda: (x[i : i + 70] for i in range(0, 300, 70)))
+        np.testing.assert_allclose(blocks(x), whole(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="per_feature must be True or False; got 'yes'"):
+        Scaler.fit("standardize(per_feature='yes')", x)
+    assert main(["train", "--preprocess", "standardize(per_feature=1)", "--steps", "1"]) == 2
+    assert "per_feature must be True or False" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,9 @@ class Scaler:
     * ``none``: identity.
 
     With ``per_feature=False`` (default) one scalar statistic covers all features;
-    with ``per_feature=True`` each feature (all axes but the first) gets its own.
+    with ``per_feature=True`` each feature (all axes but the first) gets its own, as
+    scikit-learn's ``StandardScaler`` and ``MinMaxScaler`` do (tabular features of
+    different units); the spec may say so: ``"standardize(per_feature=True)"``.
 
     Example:
       >>> s = Scaler.fit("standardize", x_train)
@@ -47,6 +49,7 @@ class Scaler:
         name, args, kwargs = parse_spec(spec, what="preprocess")
         if name not in cls.KINDS:
             raise unknown_name("preprocessing", name, cls.KINDS, param="preprocess")
+        per_feature = _per_feature(kwargs, per_feature)
         x = np.asarray(x_train, dtype=np.float64)
         axis = 0 if per_feature else None
         if name == "none":
@@ -74,26 +77,28 @@ class Scaler:
 
     @classmethod
     def fit_chunks(cls, spec: str, chunks: Callable[[], Iterable[np.ndarray]]) -> Scaler:
-        """`fit` (one scalar statistic) over training data too large for memory, given as
+        """`fit` (one scalar statistic, or one per feature where the spec says
+        ``per_feature=True``) over training data too large for memory, given as
         ``chunks()``, an iterable of row blocks (called twice for ``standardize``: the
         mean, then the variance ``sum (x - mean)^2 / N`` around it, both in float64)."""
-        name = parse_spec(spec, what="preprocess")[0]
+        name, _, kwargs = parse_spec(spec, what="preprocess")
+        axis = 0 if _per_feature(dict(kwargs), False) else None
+        first = next(iter(chunks()))
+        base = cls.fit(spec, first[:1])  # checks the spec; "none" needs no data
+        if name == "none":
+            return base
         if name != "standardize":
-            first = next(iter(chunks()))
-            base = cls.fit(spec, first[:1])  # checks the spec; "none" needs no data
-            if name == "none":
-                return base
-            lo = min(float(np.min(c)) for c in chunks())
-            hi = max(float(np.max(c)) for c in chunks())
-            return cls.fit(spec, np.asarray([lo, hi]))
-        cls.fit(spec, np.zeros(1))  # checks the spec's arguments
+            lo = np.min([np.min(c, axis=axis) for c in chunks()], axis=0)
+            hi = np.max([np.max(c, axis=axis) for c in chunks()], axis=0)
+            return cls.fit(spec, np.stack([lo, hi]))
         total, count = 0.0, 0
         for c in chunks():
-            total, count = total + float(np.sum(c, dtype=np.float64)), count + np.size(c)
+            total, count = total + np.sum(c, axis=axis, dtype=np.float64), count + np.size(c)
+        count = count // first[0].size if axis == 0 else count  # rows, or every value
         mean = total / count
-        sq = sum(float(np.sum((np.asarray(c, np.float64) - mean) ** 2)) for c in chunks())
+        sq = sum(np.sum((np.asarray(c, np.float64) - mean) ** 2, axis=axis) for c in chunks())
         std = np.sqrt(sq / count)
-        return cls("standardize", np.asarray(mean), np.asarray(1.0 / (std if std > 0 else 1.0)))
+        return cls("standardize", np.asarray(mean), 1.0 / np.where(std > 0, std, 1.0))
 
     def to_json(self) -> dict[str, Any]:
         """The fitted map as JSON (float64 statistics round-trip exactly), for a run folder."""
@@ -114,6 +119,16 @@ class Scaler:
         """Apply the fitted map; keeps float32."""
         out = (np.asarray(x, np.float64) - self.shift) * self.scale + self.offset
         return out.astype(np.float32)
+
+
+def _per_feature(kwargs: dict[str, Any], default: bool) -> bool:
+    """A spec's ``per_feature=True`` (taken out of ``kwargs``), else ``default``."""
+    value = kwargs.pop("per_feature", default)
+    if not isinstance(value, bool):
+        raise ConfigError(
+            f"preprocess per_feature must be True or False; got {value!r}", param="preprocess"
+        )
+    return value
 
 
 def _minmax_args(low: float = 0.0, high: float = 1.0) -> tuple[float, float]:

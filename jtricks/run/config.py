@@ -135,7 +135,12 @@ class TrainConfig:
     stratify: bool = setting(
         True, "plain random validation split", boolean, parse=bool, flag="--no-stratify"
     )
-    preprocess: str = setting("standardize", "standardize, minmax, minmax(-1, 1) or none", string)
+    preprocess: str = setting(
+        "standardize",
+        "standardize, minmax, minmax(-1, 1) or none; each feature its own statistics with "
+        "per_feature=True, e.g. standardize(per_feature=True)",
+        string,
+    )
     seed: int = setting(0, "the run's seed", at_least(0, 2**63 - 1), parse=int)
     eval_batch_size: int = setting(1000, "examples per evaluation batch", at_least(1), parse=int)
     early_stopping: int | None = setting(
