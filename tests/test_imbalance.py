@@ -200,6 +200,10 @@ def test_fit_class_weight_balanced_equals_the_explicit_task(problem):
         fit(state, (x, targets), **kw)
     with pytest.raises(ConfigError, match="both undo the class imbalance"):
         fit(state, (x, y), batch_size=16, class_weight="balanced", sampler="balanced")
+    adjusted = Classification(logit_adjust=tuple(map(float, logit_adjustment(y, C, 1.0))))
+    for balancing in ({"class_weight": "balanced"}, {"sampler": "balanced"}):  # in Python too
+        with pytest.raises(ConfigError, match="the task's logit_adjust offsets and"):
+            fit(state, (x, y), batch_size=16, epochs=1, task=adjusted, **balancing)
 
 
 def test_a_weight_vector_of_the_wrong_length_is_one_line(problem):

@@ -199,6 +199,8 @@ def one_balancing(class_weight: Any, sampler: str | None, logit_adjust: Any = No
     argmax favours rare classes past balance (Menon et al. 2021 adjust plain
     cross-entropy on the imbalanced data).
 
+    ``logit_adjust``: the temperature ``tau``, or a task's offsets (one per class).
+
     Raises:
       ConfigError: two of them given as the balancing kind.
     """
@@ -212,8 +214,11 @@ def one_balancing(class_weight: Any, sampler: str | None, logit_adjust: Any = No
     kinds = (("class_weight", class_weight), ("sampler", sampler))
     balanced = [f"{name}='balanced'" for name, value in kinds if value == "balanced"]
     if logit_adjust and balanced:
+        given = f"logit_adjust={logit_adjust!r}"
+        if isinstance(logit_adjust, tuple | list):  # a task's offsets, one per class
+            given = "the task's logit_adjust offsets"
         raise ConfigError(
-            f"logit_adjust={logit_adjust!r} and {balanced[0]} both undo the class imbalance: "
+            f"{given} and {balanced[0]} both undo the class imbalance: "
             "the adjustment corrects for the training labels' frequencies, which "
             f"{balanced[0]} has already evened out, so rare classes would be favoured past "
             "balance; give one of them",

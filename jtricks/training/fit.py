@@ -133,9 +133,10 @@ def _weigh_classes(options: FitOptions, train_data: Any, member: TrainState) -> 
     classes from the model's outputs, ``"balanced"`` from the training labels) and folded
     into its classification task."""
     spec, task = options.class_weight, options.task
+    if spec is not None or options.sampler is not None:  # a task's offsets besides?
+        one_balancing(spec, options.sampler, getattr(task, "logit_adjust", None))
     if spec is None:
         return options
-    one_balancing(spec, options.sampler)
     if not isinstance(task, Classification):
         raise ConfigError(
             f"class_weight works with the classification task; this task is {task.name!r}",
