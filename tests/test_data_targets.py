@@ -267,3 +267,34 @@ def test_an_npz_validation_split_is_the_one_validated_on(tmp_path, capsys):
         load_dataset(f"npz:{tmp_path / 'half.npz'}")
     assert main(["train", "--dataset", f"npz:{path}", "--val-fraction", "0.2"]) == 2
     assert "brings its own validation split" in capsys.readouterr().err
+
+
+def test_a_run_of_targets_far_from_zero_reports_their_r2(tmp_path, monkeypatch):
+    """Targets 3000 +- 1 (their float32 squares hold no spread): the run's task is centered
+    on the training split's targets (every process's on the whole split's), and the
+    summary's test ``r2`` is the float64 formula on the loaded run's predictions."""
+    import jtricks
+    from jtricks.run.build import build
+    from jtricks.run.config import TrainConfig
+    from jtricks.run.data import load_run_data
+    from jtricks.run.runner import share_processes
+
+    x, xt = X, XT
+    y, yt = 3000 + (x @ W[:, :1]), 3000 + (xt @ W[:, :1])
+    path = tmp_path / "far.npz"
+    np.savez(path, x=x, y=y.astype(np.float32), x_test=xt, y_test=yt.astype(np.float32))
+    config = TrainConfig(dataset=f"npz:{path}", model="mlp(features=(8,))", epochs=1)
+    data = load_run_data(config)
+    whole = data.train[1].astype(np.float64).mean(0)
+    assert build(config, data, None, False).task.center == pytest.approx(tuple(whole))
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    share_processes(config, data, None, None)
+    assert build(config, data, None, False).task.center == pytest.approx(tuple(whole))
+    monkeypatch.undo()
+    out = tmp_path / "run"
+    jtricks.train(config, out=out, batch_size=20)
+    p = jtricks.load_run(out).predict(xt).astype(np.float64)
+    t = yt.astype(np.float32).astype(np.float64)
+    r2 = 1 - ((t - p) ** 2).sum() / ((t - t.mean()) ** 2).sum()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_r2"] == pytest.approx(r2, rel=1e-4)  # far off: the model is poor

@@ -27,7 +27,7 @@ from jtricks.optim.schedules import Plateau
 from jtricks.run.config import TrainConfig
 from jtricks.run.data import RunData
 from jtricks.run.settings import parse_class_weight, parse_loss, parse_steps
-from jtricks.tasks import Classification, MultiLabel, Task, build_task
+from jtricks.tasks import Classification, MultiLabel, Regression, Task, build_task
 from jtricks.training import EarlyStopping, ReduceLROnPlateau, TrainState, create_train_state
 from jtricks.training.averaging import SWA
 from jtricks.training.ensemble import create_ensemble
@@ -98,6 +98,8 @@ def build(
     would act past its end are not refused again (`within_run`): a folder written before
     such a refusal existed still loads and resumes."""
     task = imbalance_options(config, task_for(config, data.task_spec), data)
+    if isinstance(task, Regression) and data.train is not None:  # r2's sums around the mean
+        task = task.centered(data.train[1] if data.labels is None else data.labels)
     model = build_model(config.model, data.num_classes, seed=config.seed)
     steps_per_epoch, total_steps = run_length(config, data.n_train, rebuild)
     tx, plateau = optimizer(config, steps_per_epoch, total_steps, rebuild)
