@@ -45,6 +45,19 @@ def test_a_finished_run_loads_as_it_ended(trained):
     assert not np.allclose(scaled, data.x_test)
 
 
+def test_the_result_of_train_predicts_on_raw_inputs_as_the_loaded_run(trained):
+    """`jtricks.train`'s result scales raw inputs as the run did (it had no scaler, so
+    ``predict(result.state, raw_x)`` was the only way, on unscaled inputs): its predictions
+    are the loaded run's and give the summary's test accuracy."""
+    out, result = trained
+    data = load_dataset(SPEC)
+    got = result.predict(data.x_test)
+    np.testing.assert_array_equal(got, jtricks.load_run(out).predict(data.x_test))
+    assert (got.argmax(-1) == data.y_test).mean() == pytest.approx(result.test["accuracy"])
+    assert not np.allclose(got, predict(result.state, data.x_test))  # unscaled inputs
+    np.testing.assert_array_equal(result.predict_combined(data.x_test), got)
+
+
 def test_predict_uses_the_parameters_the_run_evaluated(tmp_path):
     """A run with ``eval_params="ema"`` reported its EMA's figures: ``run.predict`` gives the
     EMA's outputs (it gave the training parameters'), ``params=`` still chooses."""

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jtricks.data import Scaler
@@ -25,16 +24,16 @@ from jtricks.errors import ConfigError
 from jtricks.run.build import build, initial_state
 from jtricks.run.config import TrainConfig
 from jtricks.run.data import load_run_data
+from jtricks.run.outputs import RawModel
 from jtricks.run.resume import foreign_checker, load_run_config, run_identity
 from jtricks.tasks import Classification, Task
 from jtricks.training.checkpoint import CheckpointError, restore_latest
-from jtricks.training.predict import predict
-from jtricks.training.state import TrainState, first_member, is_ensemble
+from jtricks.training.state import TrainState, first_member
 from jtricks.training.tta import tta_log_probs
 
 
 @dataclass
-class LoadedRun:
+class LoadedRun(RawModel):
     """A trained run: its ``config``, the restored ``state`` (a stacked one for
     ``--ensemble``), the ``scaler`` its inputs went through (``None``: token ids, as they
     are) and the ``epoch`` and ``step`` of the state read (a run stopped early saves the
@@ -49,30 +48,6 @@ class LoadedRun:
     """With ``--tta V``: the views' augmentation and the key the run's summary used."""
     task: Task | None = field(default=None, repr=False)
     """The run's task: how an ensemble's outputs combine into one prediction."""
-
-    def inputs(self, x: Any) -> np.ndarray:
-        """Raw inputs as the model read them in training: scaled with the training rows'
-        statistics (``--preprocess``), or token ids as int32."""
-        x = np.asarray(x)
-        return np.asarray(x, np.int32) if self.scaler is None else self.scaler(x)
-
-    def predict(self, x: Any, **kwargs: Any) -> np.ndarray:
-        """`jtricks.predict` on raw inputs (``inputs(x)``) with the parameters the run
-        evaluated (its ``eval_params``: the EMA's for ``--eval-params ema``) unless
-        ``params`` says otherwise; keywords as `predict`'s."""
-        kwargs.setdefault("params", self.config.eval_params)
-        return predict(self.state, self.inputs(x), **kwargs)
-
-    def predict_combined(self, x: Any, **kwargs: Any) -> np.ndarray:
-        """An ``--ensemble N`` run's one prediction, as its summary's test figures scored
-        it: the task's `combine` of the members' `predict` outputs (classification: the
-        log of the mean softmax; multi-label: the logits of the mean sigmoid; regression:
-        the mean). A single model's run gives `predict`'s outputs. Keywords as `predict`'s.
-        """
-        out = self.predict(x, **kwargs)
-        if not is_ensemble(self.state):
-            return out
-        return np.asarray(self.task.combine(jnp.asarray(out)))
 
     def predict_tta(self, x: Any, *, batch_size: int = 1000) -> np.ndarray:
         """``log p(y | x)``, ``(N, C)``, of a ``--tta V`` classification run's prediction

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jtricks.errors import ConfigError, WriteError
@@ -19,15 +20,53 @@ from jtricks.run.config import TrainConfig
 from jtricks.rundir import check_writable, write_json
 from jtricks.training import History, TrainState
 from jtricks.training.class_report import ClassReport, plot_confusion
+from jtricks.training.predict import predict
+from jtricks.training.state import is_ensemble
 from jtricks.training.tensorboard import TensorBoard
 
 VARIANTS = ("ema_", "single_view_", "member_", "tta_", "val_ema_", "val_member_")
 """Prefixes of metrics reported under their own names beside the split's own."""
 
 
+class RawModel:
+    """Prediction on raw inputs for a trained run (its ``config``, ``state``, ``scaler``:
+    the preprocessing fitted on its training rows, ``None`` for token ids, and ``task``),
+    shared by `RunResult` and `jtricks.run.load.LoadedRun`."""
+
+    config: TrainConfig
+    state: TrainState
+    scaler: Any
+    task: Any
+
+    def inputs(self, x: Any) -> np.ndarray:
+        """Raw inputs as the model read them in training: scaled with the training rows'
+        statistics (``--preprocess``), or token ids as int32."""
+        x = np.asarray(x)
+        return np.asarray(x, np.int32) if self.scaler is None else self.scaler(x)
+
+    def predict(self, x: Any, **kwargs: Any) -> np.ndarray:
+        """`jtricks.predict` on raw inputs (``inputs(x)``) with the parameters the run
+        evaluated (its ``eval_params``: the EMA's for ``--eval-params ema``) unless
+        ``params`` says otherwise; keywords as `predict`'s."""
+        kwargs.setdefault("params", self.config.eval_params)
+        return predict(self.state, self.inputs(x), **kwargs)
+
+    def predict_combined(self, x: Any, **kwargs: Any) -> np.ndarray:
+        """An ``--ensemble N`` run's one prediction, as its summary's test figures scored
+        it: the task's `combine` of the members' `predict` outputs (classification: the
+        log of the mean softmax; multi-label: the logits of the mean sigmoid; regression:
+        the mean). A single model's run gives `predict`'s outputs. Keywords as `predict`'s.
+        """
+        out = self.predict(x, **kwargs)
+        if not is_ensemble(self.state):
+            return out
+        return np.asarray(self.task.combine(jnp.asarray(out)))
+
+
 @dataclass
-class RunResult:
-    """What `train` returns: the final state, the per-epoch history, test metrics, and the run folder."""
+class RunResult(RawModel):
+    """What `train` returns: the final state, the per-epoch history, test metrics, and the
+    run folder; `predict` takes raw inputs (the run's scaling applied), as a loaded run's."""
 
     config: TrainConfig
     state: TrainState
@@ -39,6 +78,10 @@ class RunResult:
     """The dataset's lowest reachable expected test loss, where known (`Dataset.loss_floor`)."""
     warning: str | None = None
     """Set when the run ended with a finite loss far above the untrained model's."""
+    scaler: Any = field(default=None, repr=False)
+    """The inputs' preprocessing, fitted on the training rows (``None``: token ids)."""
+    task: Any = field(default=None, repr=False)
+    """The run's task: how an ensemble's outputs combine into one prediction."""
 
 
 class MetricsLog:

@@ -133,7 +133,18 @@ def train(
         warning = extra.get("warning")
         if run.dir is not None:
             write_summary(run.dir, history, test, state.params, wall, **extra)
-        return RunResult(config, state, history, test, run.dir, wall, data.loss_floor, warning)
+        return RunResult(
+            config,
+            state,
+            history,
+            test,
+            run.dir,
+            wall,
+            data.loss_floor,
+            warning,
+            data.scaler,
+            b.task,
+        )
 
 
 def resolve_config(
