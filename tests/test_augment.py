@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jtricks.data import augment as A
@@ -240,6 +241,31 @@ def test_cli_augment_and_mixup(tmp_path, capsys):
         assert main([*base, *extra, "--out", str(tmp_path / "b")]) == 2
         assert match in capsys.readouterr().err
         assert not (tmp_path / "b").exists()
+
+
+def test_token_inputs_are_not_augmented(tmp_path, capsys):
+    """A language model's inputs are token ids: noise on them died in the traced step with
+    a traceback and a half-written folder, a shift trained on tokens moved away from their
+    next-token targets. Both are one line, no folder; in Python `fit` refuses too."""
+    from jtricks.cli import main
+    from jtricks.nn import build_model
+    from jtricks.tasks import LanguageModel
+
+    model = "transformer_lm(d_model=8, heads=2, layers=1)"
+    base = ["train", "--dataset", "tokens(num_train=64, num_test=16)", "--model", model]
+    base += ["--steps", "2", "--batch-size", "8", "--no-progress", "--out", str(tmp_path / "b")]
+    for spec, match in [
+        ("noise(0.1)", "does not fit examples of shape (32,) and dtype int32"),
+        ("shift(1)", "the language model task's inputs are token ids"),
+    ]:
+        assert main([*base, "--augment", spec]) == 2
+        err = capsys.readouterr().err
+        assert match in err and "Traceback" not in err and not (tmp_path / "b").exists()
+    tokens = np.random.default_rng(0).integers(0, 16, (8, 33)).astype(np.int32)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    state = create_train_state(build_model(model, 16), optax.sgd(0.1), x, jax.random.key(0))
+    with pytest.raises(ConfigError, match="inputs are token ids"):
+        fit(state, (x, y), task=LanguageModel(), augment="shift(1)", batch_size=4, epochs=1)
 
 
 def test_apply_batch_is_deprecated_and_equals_the_vmap():

@@ -294,15 +294,19 @@ def augmentations(config: TrainConfig, example: Any) -> tuple[Any, Any]:
 
 
 def fitted_augment(name: str, spec: str | None, example: Any) -> Any:
-    """Build pipeline ``spec`` and try it on one example."""
+    """Build pipeline ``spec`` and try it on one example (its shape and dtype)."""
     if spec is None:
         return None
     fn = build_augment(spec)
     try:
-        jax.eval_shape(fn, jax.random.key(0), jax.ShapeDtypeStruct(example.shape[1:], jnp.float32))
-    except ValueError as e:
+        jax.eval_shape(
+            fn, jax.random.key(0), jax.ShapeDtypeStruct(example.shape[1:], example.dtype)
+        )
+    except (ValueError, TypeError) as e:
         raise ConfigError(
-            f"{name} {spec!r} does not fit examples of shape {example.shape[1:]}: {e}", param=name
+            f"{name} {spec!r} does not fit examples of shape {example.shape[1:]} and dtype "
+            f"{example.dtype}: {e}",
+            param=name,
         ) from None
     return fn
 

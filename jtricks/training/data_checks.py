@@ -19,7 +19,7 @@ import numpy as np
 
 from jtricks.caches import cached, jitted
 from jtricks.errors import ConfigError
-from jtricks.tasks import Classification, LossTask, Regression, Task
+from jtricks.tasks import Classification, LanguageModel, LossTask, Regression, Task
 from jtricks.tasks.base import array_of, nonfinite
 from jtricks.training.model import apply_model
 
@@ -195,6 +195,13 @@ def check_options(task: Task, data: Any, augment: Any, mix: Any) -> None:
     if mix is not None and not isinstance(task, Classification | LossTask):
         raise ConfigError(
             f"mixup/cutmix mixes class labels; the {task.name} task has none", param="mix"
+        )
+    if augment is not None and isinstance(task, LanguageModel):
+        raise ConfigError(
+            "augment transforms signals and images (noise, shifts, crops, ...); the language "
+            "model task's inputs are token ids, and its targets the next tokens, which would "
+            "stay where they were",
+            param="augment",
         )
     if augment is not None and not hasattr(task.inputs(data), "shape"):
         raise ConfigError(
