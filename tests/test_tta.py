@@ -109,8 +109,28 @@ def test_train_reports_tta_and_single_view(tmp_path):
     assert nll == pytest.approx(summary["test_loss"], rel=1e-6)  # another key: 5e-6 off
     single = (run.predict(data.x_test).argmax(-1) == y).mean()
     assert single == pytest.approx(summary["test_single_view_accuracy"], abs=1e-7)
-    with pytest.raises(ConfigError, match="predict_tta needs a classification run with --tta"):
+    with pytest.raises(ConfigError, match="predict_tta needs a run with --tta > 1"):
         dataclasses.replace(run, tta=None).predict_tta(data.x_test)
+
+
+def test_a_regression_runs_views_predict_as_its_summary_scored(tmp_path):
+    """A regression run with ``--tta 3``: `predict_tta` is the mean output over the run's
+    views (it was refused for any task but classification), from which the summary's test
+    mse follows; the single view's is `predict`'s."""
+    import json
+
+    spec = "regression(num_train=120, num_test=40)"
+    out = tmp_path / "run"
+    args = ["--dataset", spec, "--model", "mlp(features=(8,))", "--epochs", "2"]
+    assert main(["train", *args, "--augment", "noise(0.3)", "--tta", "3", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    run, data = jtricks.load_run(out), jtricks.load_dataset(spec)
+    y = data.y_test.reshape(len(data.y_test), -1).astype(np.float64)
+    views = run.predict_tta(data.x_test).reshape(len(y), -1)
+    assert np.mean((views - y) ** 2) == pytest.approx(summary["test_mse"], rel=1e-5)
+    single = run.predict(data.x_test).reshape(len(y), -1)
+    assert np.mean((single - y) ** 2) == pytest.approx(summary["test_single_view_mse"], rel=1e-5)
+    assert summary["test_mse"] != summary["test_single_view_mse"]
 
 
 @pytest.mark.parametrize(

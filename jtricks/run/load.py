@@ -26,10 +26,10 @@ from jtricks.run.config import TrainConfig
 from jtricks.run.data import load_run_data
 from jtricks.run.outputs import RawModel
 from jtricks.run.resume import foreign_checker, load_run_config, run_identity
-from jtricks.tasks import Classification, Task
+from jtricks.tasks import Task
 from jtricks.training.checkpoint import CheckpointError, restore_latest
 from jtricks.training.state import TrainState, first_member
-from jtricks.training.tta import tta_log_probs
+from jtricks.training.tta import tta_predict
 
 
 @dataclass
@@ -50,29 +50,30 @@ class LoadedRun(RawModel):
     """The run's task: how an ensemble's outputs combine into one prediction."""
 
     def predict_tta(self, x: Any, *, batch_size: int = 1000) -> np.ndarray:
-        """``log p(y | x)``, ``(N, C)``, of a ``--tta V`` classification run's prediction
-        as its summary's test figures were computed: the mean softmax over the clean input
-        and V-1 views of the run's augmentation, keyed as the run keyed them
-        (`jtricks.training.tta.tta_log_probs`), on raw inputs and the parameters the run
-        evaluated. `predict` is the single view (``single_view_*`` in the summary).
+        """A ``--tta V`` run's prediction as its summary's test figures were computed: the
+        task's combination of the clean input and V-1 views of the run's augmentation,
+        keyed as the run keyed them (`jtricks.training.tta.tta_predict`; classification:
+        ``log p(y | x)``, ``(N, C)``, of the mean softmax; regression: the mean output), on
+        raw inputs and the parameters the run evaluated. `predict` is the single view
+        (``single_view_*`` in the summary).
 
         Raises:
-          ConfigError (``param="tta"``): the run used no test-time augmentation, or its
-            task is not classification.
+          ConfigError (``param="tta"``): the run used no test-time augmentation.
         """
         if self.tta is None:
             raise ConfigError(
-                "predict_tta needs a classification run with --tta > 1 (its views' mean "
-                f"softmax); this run has tta={self.config.tta}: use predict",
+                "predict_tta needs a run with --tta > 1 (its views' combined prediction); "
+                f"this run has tta={self.config.tta}: use predict",
                 param="tta",
             )
         augment, key = self.tta
-        return tta_log_probs(
+        return tta_predict(
             self.state,
             self.inputs(x),
             augment,
             views=self.config.tta,
             key=key,
+            task=self.task,
             batch_size=batch_size,
             params=self.config.eval_params,
         )
@@ -110,7 +111,5 @@ def load_run(run_dir: str | os.PathLike, *, best: bool = False) -> LoadedRun:
     step = int(first_member(state).step)  # early stopping saves the kept state last
     kept = [r["epoch"] for r in meta.get("history", ()) if r.get("step") == step]
     epoch = kept[-1] if kept else int(meta["epoch"])  # mid-epoch (interrupted): no record
-    tta = None
-    if b.tta_augment is not None and isinstance(b.task, Classification):
-        tta = (b.tta_augment, b.tta_key)
+    tta = None if b.tta_augment is None else (b.tta_augment, b.tta_key)
     return LoadedRun(config, state, scaler, epoch, step, tta, b.task)

@@ -16,7 +16,7 @@ from jtricks.training.options import FitOptions
 from jtricks.training.predict import predict
 from jtricks.training.state import TrainState, create_train_state
 from jtricks.training.steps import make_eval_step, make_evaluate_fn, make_train_step
-from jtricks.training.tta import evaluate_tta, tta_log_probs
+from jtricks.training.tta import evaluate_tta, tta_log_probs, tta_predict
 
 __all__ = [
     "Callback",
@@ -42,4 +42,5 @@ __all__ = [
     "nnx_module",
     "predict",
     "tta_log_probs",
+    "tta_predict",
 ]

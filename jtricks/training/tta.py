@@ -34,7 +34,7 @@ import numpy as np
 from jtricks.caches import cached
 from jtricks.errors import ConfigError, check_int
 from jtricks.tasks import Classification, LanguageModel, Task, as_task, batch_sums, finalize
-from jtricks.training.data_checks import centered, check_data
+from jtricks.training.data_checks import centered, check_data, input_outputs
 from jtricks.training.distributed import like_state
 from jtricks.training.loop import record_value
 from jtricks.training.model import apply_model
@@ -161,7 +161,30 @@ def tta_log_probs(
 ) -> np.ndarray:
     """``log p(y | x)`` of the classification TTA prediction, shape ``(N, C)``, on the
     parameters ``state.evaluation_state(params)``."""
-    x = np.asarray(x)
-    data = (x, np.zeros(len(x), np.int32))
-    _, logp = _run(state, data, augment, views, key, Classification(), batch_size, params)
-    return np.asarray(logp)[: len(x)]
+    kwargs = dict(views=views, key=key, batch_size=batch_size, params=params)
+    return tta_predict(state, x, augment, task=Classification(), **kwargs)
+
+
+def tta_predict(
+    state: TrainState,
+    x: Any,
+    augment: Callable[[jax.Array, jax.Array], jax.Array],
+    *,
+    views: int,
+    key: jax.Array,
+    task: Task | str | None = None,
+    batch_size: int = 1000,
+    params: str = "auto",
+) -> np.ndarray:
+    """The TTA prediction `evaluate_tta` scores, ``(N, ...)``: ``task.combine`` of the
+    outputs on the clean input and ``views - 1`` augmented ones (classification, the
+    default: the log of the mean softmax; multi-label: the logits of the mean sigmoid;
+    regression: the mean output), on the parameters ``state.evaluation_state(params)``."""
+    x, task = np.asarray(x), as_task(task)
+    if isinstance(task, Classification):
+        targets = np.zeros(len(x), np.int32)
+    else:  # stand-in targets of the outputs' shape: the metrics are not read
+        shape = input_outputs(first_member(state), x, "tta inputs").shape[1:]
+        targets = np.zeros((len(x), *shape), np.float32)
+    _, out = _run(state, (x, targets), augment, views, key, task, batch_size, params)
+    return np.asarray(out)[: len(x)]
