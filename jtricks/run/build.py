@@ -37,6 +37,7 @@ from jtricks.training.transfer import (
     forward_layers,
     freeze,
     freeze_batch_stats,
+    layer_names,
     load_pretrained,
     preset_patterns,
 )
@@ -350,7 +351,7 @@ def frozen_fresh(config: TrainConfig, trainable: list[str] | None, kept: list[st
     if trainable is None:
         return
     fresh = [p for p in kept if not any(fnmatch.fnmatchcase(p, t) for t in trainable)]
-    layers = list(dict.fromkeys(p.rsplit("/", 1)[0] for p in fresh))
+    layers = layer_names(fresh)
     if layers:
         raise ConfigError(
             f"finetune={config.finetune!r} freezes {', '.join(layers)}, which "

@@ -346,12 +346,16 @@ def _saved_names(saved: Any) -> dict[str, Any]:
     return flat
 
 
+def layer_names(paths: Sequence[str]) -> list[str]:
+    """The layers of ``"layer/leaf"`` paths (each path less its leaf), in order, once each."""
+    return list(dict.fromkeys(p.rsplit("/", 1)[0] for p in paths))
+
+
 def describe_loaded(info: dict[str, list[str]]) -> str:
     """One line for `load_pretrained`'s report: which layers' parameters and BatchNorm
     statistics were loaded, which layers are new (kept at their initialisation)."""
 
-    def layers(paths: list[str]) -> list[str]:
-        return list(dict.fromkeys(p.rsplit("/", 1)[0] for p in paths))
+    layers = layer_names
 
     def show(names: list[str]) -> str:
         return ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
