@@ -12,7 +12,7 @@ import pytest
 
 from jtricks.errors import ConfigError
 from jtricks.nn import build_model
-from jtricks.training import create_train_state, fit, make_train_step
+from jtricks.training import create_train_state, fit, make_train_step, predict
 from jtricks.training.averaging import SWA, recompute_batch_stats
 from jtricks.training.checkpoint import restore, save
 from jtricks.training.ensemble import (
@@ -76,6 +76,47 @@ def test_ema_is_validated_and_checkpointed(data, adam, tmp_path):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ConfigError, match="ema_decay"):
         create_train_state(build_model(MLP, 4), adam, x, jax.random.key(0), ema_decay=1.0)
+
+
+def test_ema_averages_batchnorm_statistics_and_evaluates_with_them(data, adam, tmp_path):
+    """The EMA of the running statistics follows ``d avg + (1 - d) stats`` step by step
+    (float64 by hand from a run without an EMA); the EMA is evaluated with them, not the
+    live ones; they survive a checkpoint, and one written before they were kept restarts
+    them from the restored statistics."""
+    x, y = data
+    model = build_model("mlp(features=(16,), norm='batch')", 4)
+    state = create_train_state(model, adam, x, jax.random.key(0), ema_decay=0.7)
+    plain = create_train_state(model, adam, x, jax.random.key(0))
+    step = jax.jit(make_train_step())
+    hand = [np.asarray(a, np.float64) for a in jax.tree.leaves(plain.batch_stats)]
+    for i in range(5):
+        batch = (jnp.asarray(x[20 * i : 20 * i + 20]), jnp.asarray(y[20 * i : 20 * i + 20]))
+        state, _ = step(state, batch)
+        plain, _ = step(plain, batch)
+        hand = [
+            0.7 * h + 0.3 * np.asarray(b)
+            for h, b in zip(hand, jax.tree.leaves(plain.batch_stats), strict=True)
+        ]
+    for a, b in zip(_leaves(state.ema_batch_stats), hand, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(_leaves(state.ema_batch_stats)[1], _leaves(state.batch_stats)[1])
+    ema = state.evaluation_state("ema")
+    assert ema.params is state.ema_params and ema.batch_stats is state.ema_batch_stats
+    logits = state.apply_fn(
+        {"params": state.ema_params, "batch_stats": state.ema_batch_stats}, x[:8], train=False
+    )
+    np.testing.assert_allclose(predict(state, x[:8], params="ema"), logits, rtol=1e-5)
+    save(tmp_path, "epoch-000001", state, {"epoch": 1})
+    target = create_train_state(model, adam, x, jax.random.key(1), ema_decay=0.7)
+    back, _ = restore(tmp_path / "epoch-000001", target)
+    for a, b in zip(_leaves(back.ema_batch_stats), _leaves(state.ema_batch_stats), strict=True):
+        np.testing.assert_array_equal(a, b)
+    save(tmp_path, "epoch-000002", state.replace(ema_batch_stats=None), {"epoch": 2})
+    older, _ = restore(tmp_path / "epoch-000002", target)
+    for a, b in zip(_leaves(older.ema_batch_stats), _leaves(state.batch_stats), strict=True):
+        np.testing.assert_array_equal(a, b)
+    no_stats = create_train_state(build_model(MLP, 4), adam, x, jax.random.key(0), ema_decay=0.7)
+    assert no_stats.ema_batch_stats is None  # nothing to average, nothing kept
 
 
 @pytest.mark.parametrize("spec", ["adam | lookahead", "contrib.schedule_free_adamw"])

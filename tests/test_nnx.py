@@ -250,3 +250,35 @@ def test_swa_recomputes_an_nnx_models_batchnorm_statistics(tiny_data):
     for path in others:
         before = named_leaves(state.batch_stats)[path]
         np.testing.assert_array_equal(raw(got[path]), raw(before))
+
+
+def test_an_nnx_models_ema_averages_its_batchnorm_statistics_only(tiny_data):
+    """With an EMA, an NNX model's BatchNorm mean and variance follow ``d avg + (1 - d)
+    stats`` (float64 by hand from a run without an EMA); its dropout stream's key and count
+    follow the live ones (an average of RNG state would be no RNG state)."""
+    from jtricks.training import make_train_step
+    from jtricks.trees import named_leaves
+
+    x, y = jnp.asarray(tiny_data.x_train), jnp.asarray(tiny_data.y_train)
+    state = create_train_state(_net(), optax.adam(1e-2), x, jax.random.key(0), ema_decay=0.9)
+    plain = create_train_state(_net(), optax.adam(1e-2), x, jax.random.key(0))
+    norm = [p for p in named_leaves(plain.batch_stats) if p[0] == "norm"]
+    hand = {p: np.asarray(named_leaves(plain.batch_stats)[p], np.float64) for p in norm}
+    step = jax.jit(make_train_step())
+    for i in range(4):
+        state, _ = step(state, (x[20 * i : 20 * i + 20], y[20 * i : 20 * i + 20]))
+        plain, _ = step(plain, (x[20 * i : 20 * i + 20], y[20 * i : 20 * i + 20]))
+        live = named_leaves(plain.batch_stats)
+        hand = {p: 0.9 * h + 0.1 * np.asarray(live[p]) for p, h in hand.items()}
+    ema, live = named_leaves(state.ema_batch_stats), named_leaves(state.batch_stats)
+    assert set(norm) == {("norm", "mean"), ("norm", "var")}
+    for path in norm:
+        np.testing.assert_allclose(ema[path], hand[path], rtol=1e-5, atol=1e-7)
+
+    def raw(a):
+        return jax.random.key_data(a) if jnp.issubdtype(a.dtype, jax.dtypes.prng_key) else a
+
+    assert set(live) - set(norm)  # the dropout stream's key and count
+    for path in set(live) - set(norm):
+        np.testing.assert_array_equal(raw(ema[path]), raw(live[path]))
+    assert state.with_ema_params().batch_stats is state.ema_batch_stats

@@ -114,9 +114,11 @@ def test_every_member_of_stacked_states_loads_and_the_ema_starts_from_the_loaded
             member.batch_stats["Norm_0"]["mean"], src.batch_stats["Norm_0"]["mean"]
         )
         jax.tree.map(np.testing.assert_array_equal, member.ema_params, member.params)
+        jax.tree.map(np.testing.assert_array_equal, member.ema_batch_stats, src.batch_stats)
         jax.tree.map(np.testing.assert_array_equal, member.opt_state, tx.init(member.params))
     single, _ = load_pretrained(create_train_state(model, tx, x, keys[0], ema_decay=0.9), folder)
     jax.tree.map(np.testing.assert_array_equal, single.ema_params, single.params)
+    jax.tree.map(np.testing.assert_array_equal, single.ema_batch_stats, src.batch_stats)
 
 
 def test_an_ensembles_checkpoint_loads_member_by_member_or_is_refused(pretrained, tmp_path):

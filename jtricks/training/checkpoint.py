@@ -42,7 +42,7 @@ from jtricks.errors import WriteError
 from jtricks.moved import module_getattr
 from jtricks.training.manifest import CheckpointError, verify, write_manifest
 from jtricks.training.processes import all_agree
-from jtricks.training.state import TrainState
+from jtricks.training.state import TrainState, stats_average_start
 from jtricks.trees import key_data, leaf_path, wrap_keys
 
 PREFIX = "epoch-"
@@ -53,7 +53,7 @@ __getattr__ = module_getattr(__name__)  # Checkpointer moved (jtricks.moved)
 
 
 def _arrays(state: TrainState) -> dict[str, Any]:
-    names = ("step", "params", "batch_stats", "opt_state", "key", "ema_params")
+    names = ("step", "params", "batch_stats", "opt_state", "key", "ema_params", "ema_batch_stats")
     return key_data({k: getattr(state, k) for k in names if getattr(state, k) is not None})
 
 
@@ -302,14 +302,27 @@ def restore(
     path = Path(path).absolute()
     inside = [] if (path / "manifest.json").exists() else list_checkpoints(path)
     path = inside[-1] if inside else path  # a folder of checkpoints: its newest
-    return _load(path, target, _check(path, target, required, foreign), arrays_like)
+    return _read(path, target, _check(path, target, required, foreign), arrays_like)
+
+
+def _read(
+    path: Path, target: TrainState, checked: tuple[dict, TrainState], arrays_like: Any
+) -> tuple[TrainState, dict]:
+    """`_load` of a checkpoint `_check` passed, into ``target``."""
+    meta, held = checked
+    state, meta = _load(path, held, meta, arrays_like)
+    if target.ema_batch_stats is not None and state.ema_batch_stats is None:
+        state = state.replace(ema_batch_stats=stats_average_start(state.batch_stats))
+    return state, meta
 
 
 def _check(
     path: Path, target: TrainState, required: tuple[str, ...], foreign: Callable | None
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], TrainState]:
     """The checkpoint's metadata once its files, its run and its array layout are checked
-    (`restore`'s errors), before anything is read into memory."""
+    (`restore`'s errors), before anything is read into memory, and ``target`` as the
+    checkpoint holds it: without ``ema_batch_stats`` for one written before the EMA
+    averaged statistics (that average then restarts from the restored statistics)."""
     verify(path)
     meta = read_meta(path, required)
     if foreign is not None and (why := foreign(meta)):
@@ -320,8 +333,10 @@ def _check(
         saved_tree = getattr(saved_tree, "tree", saved_tree)
         if saved_tree is None:
             raise CheckpointError(f"checkpoint {path}: orbax finds no array metadata in state/")
+        if "ema_batch_stats" not in saved_tree:
+            target = target.replace(ema_batch_stats=None)
         _check_match(saved_tree, jax.tree.map(_placed_like, _stored(_arrays(target))), path)
-    return meta
+    return meta, target
 
 
 def _load(
@@ -344,6 +359,7 @@ def _load(
         opt_state=arrays["opt_state"],
         key=wrap_keys(arrays["key"], target.key),
         ema_params=arrays.get("ema_params"),
+        ema_batch_stats=wrap_keys(arrays.get("ema_batch_stats"), target.ema_batch_stats),
     )
     return state, meta
 
@@ -441,16 +457,16 @@ def restore_latest(
     errors = []
     for path in reversed(newest_last(directory)):
         try:
-            meta, problem = _check(path, target, required, foreign), None
+            checked, problem = _check(path, target, required, foreign), None
         except CheckpointError as e:
             if "does not match" in str(e):
                 raise
-            meta, problem = None, str(e)
+            checked, problem = None, str(e)
         if not all_agree(problem is None):  # every process restores the same checkpoint
             errors.append(problem or f"{path.name} is damaged in another process's view")
             continue
         try:
-            restored = _load(path, target, meta, arrays_like)
+            restored = _read(path, target, checked, arrays_like)
         except CheckpointError as e:
             errors.append(str(e))
             continue

@@ -104,7 +104,7 @@ def input_outputs(state: Any, inputs: Any, where: str) -> Any:
     input pytree), traced once per model and input shape; a model that cannot take them
     is a `ConfigError` naming the per-example shapes."""
     first = jax.tree.map(lambda a: jax.ShapeDtypeStruct((1, *a.shape[1:]), a.dtype), inputs)
-    model_only = state.replace(tx=None, opt_state=None, ema_params=None)
+    model_only = state.replace(tx=None, opt_state=None, ema_params=None, ema_batch_stats=None)
     try:
         return _traced_outputs(_signature(model_only), _signature(first))
     except Exception as e:  # a shape mismatch deep inside the user's model

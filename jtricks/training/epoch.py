@@ -356,11 +356,11 @@ def compact_rows(rows: dict[str, jax.Array], size: int) -> dict[str, jax.Array]:
 
 def keep_active(active: jax.Array, new: TrainState, old: TrainState) -> TrainState:
     """``new`` where ``active``, else ``old``: the fields a step changes (step, parameters,
-    optimizer state, BatchNorm statistics, EMA), selected element-wise (`select_tree`).
+    optimizer state, BatchNorm statistics, EMAs), selected element-wise (`select_tree`).
     For a step without ``takes_active`` only: this second select over the state cost
     about 5% of a small CNN's step on a CPU, which jtricks' own steps avoid by masking
     inside their non-finite guard."""
-    fields = ("step", "params", "opt_state", "batch_stats", "ema_params")
+    fields = ("step", "params", "opt_state", "batch_stats", "ema_params", "ema_batch_stats")
     picked = select_tree(
         active, [getattr(new, f) for f in fields], [getattr(old, f) for f in fields]
     )

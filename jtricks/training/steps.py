@@ -21,7 +21,13 @@ from jtricks.training.data_checks import num_examples
 from jtricks.training.data_checks import pad_batches as pad_batches  # its old home
 from jtricks.training.gradients import Batch, cast_floats
 from jtricks.training.model import apply_model
-from jtricks.training.state import TrainState, evaluation_states, is_ensemble, keep_frozen_stats
+from jtricks.training.state import (
+    TrainState,
+    average_stats,
+    evaluation_states,
+    is_ensemble,
+    keep_frozen_stats,
+)
 from jtricks.trees import tree_norm
 
 PRECISIONS = {"float32": None, "bf16": jnp.bfloat16}
@@ -136,7 +142,8 @@ def _guard(skip_nonfinite: bool, active: Any, loss, grads, metrics, new, old):
 
 def _advance(state: TrainState, active: Any, params, opt_state, batch_stats) -> TrainState:
     """The state after a step (the count advances only when ``active``), with its Polyak
-    average (EMA) updated when it keeps one (kept as it was for a masked step)."""
+    average (EMA) of the parameters and statistics updated when it keeps one (kept as it
+    was for a masked step)."""
     new_state = state.replace(
         step=state.step + jnp.asarray(active, jnp.int32),
         params=params,
@@ -146,6 +153,11 @@ def _advance(state: TrainState, active: Any, params, opt_state, batch_stats) -> 
     if state.ema_params is not None:
         ema = optax.incremental_update(params, state.ema_params, 1.0 - state.ema_decay)
         new_state = new_state.replace(ema_params=select_tree(active, ema, state.ema_params))
+    if state.ema_batch_stats is not None:
+        ema = average_stats(batch_stats, state.ema_batch_stats, state.ema_decay)
+        new_state = new_state.replace(
+            ema_batch_stats=select_tree(active, ema, state.ema_batch_stats)
+        )
     return new_state
 
 

@@ -39,7 +39,7 @@ from jax.extend import core as jex_core
 
 from jtricks.errors import ConfigError
 from jtricks.training.model import NNXApply, apply_model
-from jtricks.training.state import TrainState, is_ensemble
+from jtricks.training.state import TrainState, is_ensemble, stats_average_start
 from jtricks.trees import named_leaves, path_names, rng_streams
 
 
@@ -237,7 +237,7 @@ def load_pretrained(
     layers come with their parameters, so a same-architecture reload evaluates exactly as
     the saved model does (a BatchNorm network with fresh statistics, mean 0 and variance 1,
     does not). The optimizer state is re-initialised for the new parameters, and an EMA
-    of the parameters (``ema_params``) starts from them. Stacked states (an ensemble, a
+    of the parameters (``ema_params``, ``ema_batch_stats``) starts from them. Stacked states (an ensemble, a
     search's trials: `is_ensemble`) load the one checkpoint into every member; the
     members keep their own fresh layers (a new head). An ensemble's checkpoint loads
     member by member into as many members.
@@ -278,7 +278,9 @@ def load_pretrained(
     init = jax.vmap(state.tx.init) if is_ensemble(state) else state.tx.init
     state = state.replace(params=params, opt_state=init(params), batch_stats=stats)
     if state.ema_params is not None:  # the average starts from the initial parameters
-        state = state.replace(ema_params=jax.tree.map(jnp.copy, params))
+        state = state.replace(
+            ema_params=jax.tree.map(jnp.copy, params), ema_batch_stats=stats_average_start(stats)
+        )
     return state, {
         "loaded": loaded,
         "kept": kept,
