@@ -26,6 +26,7 @@ from jtricks.training.epoch import ChunkFeed, program_length
 from jtricks.training.steps import pad_batches
 
 MODEL = build_model("mlp(features=(8,))", 3)
+BN_MODEL = build_model("mlp(features=(8,), norm='batch')", 3)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def _check_static(text: str, steps: str) -> None:
     assert steps in [n for _, n in loops], f"no loop of {steps} steps in {loops}"
 
 
-@pytest.mark.parametrize("kind", ["plain", "ensemble", "accumulate", "fused", "mixup"])
+@pytest.mark.parametrize("kind", ["plain", "ensemble", "accumulate", "fused", "mixup", "ema_bn"])
 def test_the_epoch_loop_has_a_static_trip_count(data, kind):
     x, _ = data
     tx = fused(optax.adam(1e-2)) if kind == "fused" else optax.adam(1e-2)
@@ -72,6 +73,8 @@ def test_the_epoch_loop_has_a_static_trip_count(data, kind):
         options = StepOptions(mix=("mixup", 0.2), num_classes=3)
     if kind == "ensemble":
         state = create_ensemble(MODEL, tx, x, jax.random.split(jax.random.key(0), 2))
+    elif kind == "ema_bn":  # BatchNorm statistics averaged beside the parameters
+        state = create_train_state(BN_MODEL, tx, x, jax.random.key(0), ema_decay=0.9)
     else:
         state = create_train_state(MODEL, tx, x, jax.random.key(0))
     _check_static(_epoch_hlo(state, data, options), "6")
@@ -103,15 +106,18 @@ def test_program_length_reuses_the_epoch_program_for_long_partial_epochs():
     assert program_length(4, 36, whole=True) == 36  # a call that runs whole epochs too
 
 
-def test_masked_steps_change_nothing(data):
+@pytest.mark.parametrize("ema", [False, True])
+def test_masked_steps_change_nothing(data, ema):
     """A partial epoch run masked inside the full epoch's program equals the same steps
-    run by a program of exactly their length: parameters, step and metrics."""
+    run by a program of exactly their length: parameters, step and metrics (and a
+    BatchNorm model's averaged parameters and statistics)."""
     x, y = data
     tx = optax.adam(1e-2)
     run_epoch, _ = compiled_functions(StepOptions())
     outs = []
     for length in (4, 6):  # 4 steps of an epoch of 6: exact, then masked
-        state = create_train_state(MODEL, tx, x, jax.random.key(0))
+        model, decay = (BN_MODEL, 0.9) if ema else (MODEL, None)
+        state = create_train_state(model, tx, x, jax.random.key(0), ema_decay=decay)
         out = run_epoch(
             state, (jnp.asarray(x), jnp.asarray(y)), jax.random.key(1), np.int32(0),
             np.int32(1), None, np.int32(0), np.int32(20), num_steps=np.int32(4),
@@ -121,6 +127,8 @@ def test_masked_steps_change_nothing(data):
     (a, ma), (b, mb) = outs
     assert int(a.step) == int(b.step) == 4
     jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+    for name in ("ema_params", "ema_batch_stats", "batch_stats"):
+        jax.tree.map(np.testing.assert_array_equal, getattr(a, name), getattr(b, name))
     assert int(ma["steps_done"]) == int(mb["steps_done"]) == 4
     for k in ("loss", "accuracy", "grad_norm", "first_loss"):
         np.testing.assert_allclose(ma[k], mb[k], rtol=1e-6)
