@@ -124,6 +124,11 @@ def test_a_python_callable_is_a_spec():
         ("no_such_module:make", "cannot import module 'no_such_module'"),
         ("json:dumps", "returned str, not an optax GradientTransformation"),
         ("adamm", "did you mean: adam"),
+        # callables of optax that take no rate: it would land in their first parameter
+        ("optax.scale_by_adam", "not an optimizer that takes a learning rate .its parameters: b1"),
+        ("optax.scale", "not an optimizer that takes a learning rate .its parameters: step_size"),
+        ("contrib.reduce_on_plateau", "parameters: factor, .*use --schedule plateau"),
+        ("contrib.sam", "parameters: optimizer, adv_optimizer.*module:factory"),
     ],
 )
 def test_bad_optimizer_names_and_arguments(spec, match):

@@ -77,7 +77,34 @@ def resolve(name: str) -> Callable[..., Any]:
             + _close(attr, _factories(module)),
             param="optimizer",
         )
+    if ":" not in name:
+        _check_takes_rate(factory, name)
     return factory
+
+
+RATE_FIRST = ("learning_rate", "max_learning_rate")
+"""First parameters of optax factories that take the rate (`optax.polyak_sgd`'s cap)."""
+
+
+def _check_takes_rate(factory: Callable[..., Any], name: str) -> None:
+    """A `ConfigError` for an optax or optax.contrib callable that takes no learning rate
+    (a transform, a schedule, a loss: ``optax.scale_by_adam`` would get the rate as its
+    ``b1``, ``contrib.reduce_on_plateau`` as its ``factor``, and ``optax.scale`` would
+    climb the gradient)."""
+    try:
+        params = list(inspect.signature(factory).parameters)
+    except (TypeError, ValueError):
+        return  # no signature to read: the call decides
+    if "learning_rate" in params or params[:1] in ([r] for r in RATE_FIRST):
+        return
+    hint = "; for a rate cut on a plateau use --schedule plateau(...) (fit: ReduceLROnPlateau)"
+    raise ConfigError(
+        f"{name!r} is not an optimizer that takes a learning rate (its parameters: "
+        f"{', '.join(params) or 'none'}); a transform or a wrapper goes into a factory of "
+        "your own, module:factory(learning_rate, ...) returning the chain"
+        + (hint if name.endswith("reduce_on_plateau") else ""),
+        param="optimizer",
+    )
 
 
 def takes_learning_rate_keyword(factory: Callable[..., Any]) -> bool:
