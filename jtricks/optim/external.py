@@ -95,7 +95,7 @@ def _check_takes_rate(factory: Callable[..., Any], name: str) -> None:
         params = list(inspect.signature(factory).parameters)
     except (TypeError, ValueError):
         return  # no signature to read: the call decides
-    if "learning_rate" in params or params[:1] in ([r] for r in RATE_FIRST):
+    if "learning_rate" in params or (params[0] if params else None) in RATE_FIRST:
         return
     hint = "; for a rate cut on a plateau use --schedule plateau(...) (fit: ReduceLROnPlateau)"
     raise ConfigError(
