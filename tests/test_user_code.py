@@ -13,6 +13,7 @@ from jtricks.cli import main
 
 USER_CODE = """
 import flax.linen as nn
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -25,6 +26,27 @@ class Net(nn.Module):
     def __call__(self, x, train: bool = False):
         x = nn.relu(nn.Dense(self.width)(x))
         x = nn.Dropout(0.1, deterministic=not train)(x)
+        return nn.Dense(self.num_classes)(x)
+
+
+class SowNet(nn.Module):  # sow's 'intermediates' are filled by init, not carried
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.Dense(8)(x))
+        self.sow("intermediates", "hidden", x)
+        return nn.Dense(self.num_classes)(x)
+
+
+class Counter(nn.Module):  # running state outside 'batch_stats'
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        seen = self.variable("counters", "seen", lambda: jnp.zeros((), jnp.int32))
+        if train:
+            seen.value += x.shape[0]
         return nn.Dense(self.num_classes)(x)
 
 
@@ -81,10 +103,11 @@ def user_dir(tmp_path, monkeypatch):
     [
         # 8 features -> 8 -> 3 classes: 8*8 + 8 + 8*3 + 3
         ("user_models:Net(width=8)", "adam", 99, 1e-2),
+        ("user_models:SowNet", "adam", 99, 1e-2),
         # 8 -> 16 (+ BatchNorm scale and bias) -> 3: 8*16 + 16 + 2*16 + 16*3 + 3
         ("user_models:NNXNet", "user_models:scaled(lr=3e-3)", 227, 3e-3),
     ],
-    ids=["linen", "nnx-and-own-optimizer"],
+    ids=["linen", "linen-sow", "nnx-and-own-optimizer"],
 )
 def test_a_users_model_trains_from_the_cli(user_dir, model, optimizer, num_params, lr):
     out = user_dir / "run"
@@ -149,6 +172,7 @@ def test_a_users_dataset_trains_as_the_same_arrays_in_an_npz_file(user_dir, caps
         ("--model", "user_models:raises", "failed: RuntimeError: the factory broke"),
         ("--model", "user_models:Net(depth=3)", "unexpected keyword argument 'depth'"),
         ("--model", "nowhere:Net", "cannot import module 'nowhere'"),
+        ("--model", "user_models:Counter", "collection(s) 'counters', which a TrainState does"),
         ("--model", "raising_module:Net", "RuntimeError: broken at import"),
         ("--optimizer", "raising_module:make", "RuntimeError: broken at import"),
         ("--optimizer", "syntax_module:make", "SyntaxError"),

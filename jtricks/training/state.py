@@ -186,6 +186,25 @@ def _compiled_init(apply_fn: Any) -> Any:
     return jax.jit(apply_fn.init)
 
 
+TRANSIENT = ("intermediates", "perturbations")
+"""Linen collections that ``init`` fills and training does without (``sow``, ``perturb``)."""
+
+
+def check_collections(variables: Any) -> None:
+    """A `ConfigError` naming a Linen model's variable collections that a `TrainState`
+    would drop (it carries ``params`` and ``batch_stats``), which the model's first
+    training step would then fail to find."""
+    extra = sorted(set(variables) - {"params", "batch_stats", *TRANSIENT})
+    if extra:
+        raise ConfigError(
+            f"the model keeps variables in collection(s) {', '.join(map(repr, extra))}, "
+            "which a TrainState does not carry: it keeps 'params' (trained) and "
+            "'batch_stats' (updated in training mode, checkpointed); keep such state in "
+            "'batch_stats', or write the model in NNX (every variable is kept)",
+            param="model",
+        )
+
+
 def init_variables(apply_fn: Any, key: jax.Array, sample: Any) -> Any:
     """A Linen model's variables from ``apply_fn.init(key, sample)``, compiled
     (`_compiled_init`); op by op for a model that cannot be (an attribute that is not
@@ -360,6 +379,7 @@ def create_train_state(
         apply_fn = linen_apply(model, train_arg)
         sample = jax.tree.map(lambda a: jnp.asarray(a)[:1], sample_x)
         variables = init_variables(apply_fn, init_key, sample)
+        check_collections(variables)
         params = variables["params"]
         batch_stats = variables.get("batch_stats", {})
     if ema_decay is not None:
