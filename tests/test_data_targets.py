@@ -298,3 +298,52 @@ def test_a_run_of_targets_far_from_zero_reports_their_r2(tmp_path, monkeypatch):
     r2 = 1 - ((t - p) ** 2).sum() / ((t - t.mean()) ** 2).sum()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_r2"] == pytest.approx(r2, rel=1e-4)  # far off: the model is poor
+
+
+def test_standardized_targets_fit_far_from_zero_and_predict_in_their_units(tmp_path, capsys):
+    """Targets 3000 +- 2 on one output, -40 +- 10 on another: with ``--target-scale
+    standardize`` the run learns them (test ``r2`` near 1; unscaled, an Adam step cannot
+    reach 3000 and ``r2`` is far below 0); ``config.json`` records the training rows' mean
+    and std (float64 by hand); `load_run`'s and ``train``'s predictions are in the targets'
+    units and score the summary's test ``mse`` and ``r2`` (float64, scikit-learn). A task
+    other than regression, or targets on disk, is one line and exit 2."""
+    from sklearn.metrics import r2_score
+
+    import jtricks
+    from jtricks.run.config import TrainConfig
+    from jtricks.run.data import load_run_data
+
+    offset, spread = np.array([3000.0, -40.0]), np.array([2.0, 10.0])
+    y, yt = (offset + spread * (X @ W[:, :2]) / 3), (offset + spread * (XT @ W[:, :2]) / 3)
+    path = tmp_path / "far.npz"
+    np.savez(path, x=X, y=y.astype(np.float32), x_test=XT, y_test=yt.astype(np.float32))
+    r2s = {}
+    for scale in ("none", "standardize"):
+        config = TrainConfig(dataset=f"npz:{path}", model="mlp(features=(16,))", epochs=40)
+        r2s[scale] = jtricks.train(config, out=tmp_path / scale, batch_size=20, target_scale=scale)
+    assert r2s["none"].test["r2"] < 0 < 0.9 < r2s["standardize"].test["r2"]
+    out = tmp_path / "standardize"
+    rows = load_run_data(TrainConfig(dataset=f"npz:{path}")).train[1].astype(np.float64)
+    mean, std = json.loads((out / "config.json").read_text())["target_scale"]
+    np.testing.assert_allclose(mean, rows.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(std, rows.std(0), rtol=1e-12)
+    p = jtricks.load_run(out).predict(XT).astype(np.float64)
+    t = yt.astype(np.float32).astype(np.float64)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_mse"] == pytest.approx(((p - t) ** 2).mean(), rel=1e-4)
+    assert summary["test_r2"] == pytest.approx(r2_score(t, p), rel=1e-4)
+    np.testing.assert_allclose(r2s["standardize"].predict(XT), p, rtol=1e-6)
+    np.savez(path, x=X, y=2 * y.astype(np.float32), x_test=XT, y_test=yt.astype(np.float32))
+    again = jtricks.load_run(out).predict(XT)  # the recorded scale, not one of the new file
+    np.testing.assert_allclose(again, p, rtol=1e-6)
+    write_shards(tmp_path / "shards" / "train", {"x": X, "y": y.astype(np.float32)})
+    write_shards(tmp_path / "shards" / "test", {"x": XT, "y": yt.astype(np.float32)})
+    for dataset, needle in (
+        ("mnist1d(num_samples=200)", "standardizes regression targets; this run's task is cl"),
+        (f"shards:{tmp_path / 'shards'}", "needs the training targets in memory"),
+    ):
+        bad = tmp_path / "bad"
+        argv = ["train", "--dataset", dataset, "--target-scale", "standardize"]
+        assert main([*argv, "--out", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1 and not bad.exists()

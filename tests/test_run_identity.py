@@ -106,3 +106,19 @@ def test_a_checkpoint_without_an_id_is_judged_by_its_settings():
     assert why({"config": {"seed": 0, "lr": 0.1}}) is None  # an older jtricks wrote it
     assert why({"config": {"seed": 1, "lr": 0.1}}) == "its settings differ: seed: 1 there, 0 here"
     assert "written by run 2" in why({"run": {"id": "2"}, "config": {"seed": 0, "lr": 0.1}})
+
+
+def test_a_setting_added_since_the_run_started_differs_only_away_from_its_default():
+    """A checkpoint written before ``target_scale`` existed: its config lacks the key.
+    At the default here it is the same run (an older folder loads and resumes); set
+    otherwise it is not."""
+    from jtricks.run.config import TrainConfig
+
+    before = TrainConfig().to_dict()
+    del before["target_scale"]
+    same = foreign_checker(None, TrainConfig().to_dict())
+    assert same({"config": before}) is None
+    other = foreign_checker(None, TrainConfig(target_scale="standardize").to_dict())
+    assert other({"config": before}) == (
+        "its settings differ: target_scale: 'none' there, 'standardize' here"
+    )

@@ -144,6 +144,44 @@ def test_r2_keeps_its_precision_for_targets_far_from_zero():
     np.testing.assert_allclose(hist["val_r2"][-1], r2(200), rtol=1e-4)
 
 
+def test_standardized_targets_loss_and_metrics_match_numpy():
+    """A regression learning standardized targets (two outputs of different sizes, far
+    from 0): the loss is the mse of ``(t - m) / s`` against the outputs, and ``mse``,
+    ``mae`` and ``r2`` are those of ``o s + m`` against ``t`` in float64 (scikit-learn's
+    ``r2_score``); `values` maps outputs of any leading axes back."""
+    from sklearn.metrics import r2_score
+
+    rng = np.random.default_rng(1)
+    y = (np.array([3000.0, -40.0]) + rng.normal(size=(300, 2)) * [1.0, 5.0]).astype(np.float32)
+    x = rng.normal(size=(300, 2)).astype(np.float32)  # the outputs: the first two features
+    task = Regression().standardized(y[:200])
+    t64 = y[:200].astype(np.float64)
+    m, s = np.asarray(task.scale[0]), np.asarray(task.scale[1])
+    np.testing.assert_allclose(m, t64.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(s, t64.std(0), rtol=1e-12)
+    state = create_train_state(_Identity(), optax.sgd(0.0), x, jax.random.key(0))
+    got = evaluate(state, (x, y), task=task, batch_size=100)
+    o, t = x.astype(np.float64), y.astype(np.float64)
+    p = o * s + m
+    np.testing.assert_allclose(got["loss"], ((o - (t - m) / s) ** 2).mean(), rtol=1e-5)
+    np.testing.assert_allclose(got["mse"], ((p - t) ** 2).mean(), rtol=1e-4)
+    np.testing.assert_allclose(got["mae"], np.abs(p - t).mean(), rtol=1e-4)
+    np.testing.assert_allclose(got["r2"], r2_score(t, p), rtol=1e-4)
+    np.testing.assert_allclose(task.values(x), p, rtol=1e-6)
+    assert task.values(np.zeros((3, 5, 2))).shape == (3, 5, 2)  # an ensemble's outputs
+    one = Regression().standardized(y[:, :1])
+    np.testing.assert_allclose(one.values(np.zeros((4,))), np.full(4, y[:, 0].mean()), rtol=1e-6)
+    assert Regression().standardized(np.ones((5, 1))).scale == ((1.0,), (1.0,))  # constant
+
+
+class _Identity(nn.Module):
+    """Its inputs as outputs, plus a zero bias (a parameter to create a state with)."""
+
+    @nn.compact
+    def __call__(self, x):
+        return x + self.param("b", nn.initializers.zeros, (x.shape[-1],))
+
+
 def test_dict_and_tuple_batches_are_bit_identical(regression_run, regression_data):
     x, y = regression_data
     state = create_train_state(Linear(3), TX, x, jax.random.key(0))

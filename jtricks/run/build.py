@@ -101,6 +101,9 @@ def build(
     task = imbalance_options(config, task_for(config, data.task_spec), data)
     if isinstance(task, Regression) and data.train is not None:  # r2's sums around the mean
         task = task.centered(data.train[1] if data.labels is None else data.labels)
+    if data.target_scale is not None:  # a regression learning standardized targets
+        mean, std = data.target_scale
+        task = dataclasses.replace(task, scale=(tuple(mean), tuple(std)))
     model = build_model(config.model, data.num_classes, seed=config.seed)
     steps_per_epoch, total_steps = run_length(config, data.n_train, rebuild)
     tx, plateau = optimizer(config, steps_per_epoch, total_steps, rebuild)

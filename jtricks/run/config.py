@@ -56,6 +56,8 @@ _SCHEDULES = (
     "factor=0.1), warmup(epochs=1), warmup_cosine(warmup_epochs=1), cosine, one_cycle, "
     "plateau(factor=0.5, patience=5)"
 )
+TARGET_SCALES = ("none", "standardize")
+"""``target_scale`` values (`jtricks.tasks.Regression.standardized`)."""
 _AUGMENTS = (
     'e.g. "shift(3) | noise(0.05)" or "random_crop(4) | hflip"; names: hflip, translate, '
     "random_crop, rotate, cutout, brightness, contrast, noise, scale, shift, time_stretch, trend"
@@ -140,6 +142,12 @@ class TrainConfig:
         "standardize, minmax, minmax(-1, 1) or none; each feature its own statistics with "
         "per_feature=True, e.g. standardize(per_feature=True)",
         string,
+    )
+    target_scale: str = setting(
+        "none",
+        "regression targets as the model learns them: none, or standardize (per output, "
+        "with the training rows' mean and std; metrics and predictions in the targets' units)",
+        one_of(TARGET_SCALES),
     )
     seed: int = setting(0, "the run's seed", at_least(0, 2**63 - 1), parse=int)
     eval_batch_size: int = setting(1000, "examples per evaluation batch", at_least(1), parse=int)

@@ -24,7 +24,7 @@ from jtricks.data.stream import BatchStream, EpochBatches, SequentialBatches, re
 from jtricks.data.targets import cast_targets
 from jtricks.errors import ConfigError
 from jtricks.run.config import TrainConfig
-from jtricks.tasks import Classification, Task, build_task
+from jtricks.tasks import Classification, Regression, Task, build_task
 
 SCALER_ROWS = 8192
 """Rows per block when preprocessing statistics are fitted over shards on disk."""
@@ -51,6 +51,8 @@ class RunData:
       labels: the whole training split's targets where ``train`` holds this process's rows
         only (`jtricks.run.runner.share_processes`): class weights and logit offsets count
         them, the same in every process.
+      target_scale: ``target_scale='standardize'``: the per-output ``(mean, std)`` of the
+        training rows' regression targets (`jtricks.tasks.Regression.standardized`).
     """
 
     task_spec: str
@@ -67,13 +69,17 @@ class RunData:
     scaler: Scaler | None = None
     digest: str = ""
     labels: np.ndarray | None = None
+    target_scale: tuple | None = None
 
     def recorded(self) -> dict[str, Any]:
         """What a run folder's ``config.json`` records of its data: ``data_sha256`` (checked
-        by ``--resume``) and the fitted ``scaler`` (`load_run` scales inputs with it, not
-        with one fitted again on data that may have changed)."""
+        by ``--resume``), the fitted ``scaler`` and ``target_scale`` (`load_run` scales
+        with them, not with ones fitted again on data that may have changed)."""
         scaler = None if self.scaler is None else self.scaler.to_json()
-        return {"data_sha256": self.digest or None, "scaler": scaler}
+        record = {"data_sha256": self.digest or None, "scaler": scaler}
+        return (
+            record if self.target_scale is None else {**record, "target_scale": self.target_scale}
+        )
 
     @property
     def on_disk(self) -> bool:
@@ -113,6 +119,7 @@ class RunData:
 def load_run_data(config: Any) -> RunData:
     """The dataset of ``config`` split and preprocessed (statistics from training rows only)."""
     if is_shards_spec(config.dataset):
+        _target_scale(config, None, None)
         return _shards_data(config, load_shards(config.dataset))
     data = load_dataset(config.dataset)
     task = build_task(config.task or data.task)
@@ -139,6 +146,7 @@ def load_run_data(config: Any) -> RunData:
         len(rows),
         data.loss_floor,
         scaler=scaler,
+        target_scale=_target_scale(config, task, data.y_train[rows]),
         digest=data_digest(
             data.x_train,
             data.y_train,
@@ -149,6 +157,27 @@ def load_run_data(config: Any) -> RunData:
             *(data.val or ()),
         ),
     )
+
+
+def _target_scale(config: Any, task: Task | None, targets: Any) -> tuple | None:
+    """The ``(mean, std)`` of ``target_scale='standardize'`` (``None`` for ``'none'``);
+    a `ConfigError` for a task other than regression, or targets on disk (``task``
+    ``None``: a shard folder, never loaded whole)."""
+    if config.target_scale == "none":
+        return None
+    if task is None:
+        raise ConfigError(
+            f"target_scale={config.target_scale!r} needs the training targets in memory; "
+            f"the dataset {config.dataset!r} is streamed from disk",
+            param="target_scale",
+        )
+    if not isinstance(task, Regression):
+        raise ConfigError(
+            f"target_scale={config.target_scale!r} standardizes regression targets; this "
+            f"run's task is {task.name}",
+            param="target_scale",
+        )
+    return task.standardized(targets).scale
 
 
 def data_digest(*arrays: Any) -> str:

@@ -67,15 +67,17 @@ class LoadedRun(RawModel):
                 param="tta",
             )
         augment, key = self.tta
-        return tta_predict(
-            self.state,
-            self.inputs(x),
-            augment,
-            views=self.config.tta,
-            key=key,
-            task=self.task,
-            batch_size=batch_size,
-            params=self.config.eval_params,
+        return self.task.values(
+            tta_predict(
+                self.state,
+                self.inputs(x),
+                augment,
+                views=self.config.tta,
+                key=key,
+                task=self.task,
+                batch_size=batch_size,
+                params=self.config.eval_params,
+            )
         )
 
 
@@ -95,6 +97,9 @@ def load_run(run_dir: str | os.PathLike, *, best: bool = False) -> LoadedRun:
     run_dir = Path(run_dir)
     config = load_run_config(run_dir, param="run")
     data = load_run_data(config)
+    recorded = json.loads((run_dir / "config.json").read_text())
+    if recorded.get("target_scale") is not None:  # as fitted when the run started
+        data.target_scale = recorded["target_scale"]
     b = build(config, data, None, False, rebuild=True)
     state = initial_state(config, b, data.example)
     folder = run_dir / "checkpoints" / ("best" if best else "")
@@ -106,7 +111,7 @@ def load_run(run_dir: str | os.PathLike, *, best: bool = False) -> LoadedRun:
     if restored is None:
         raise ConfigError(f"cannot load {str(run_dir)!r}: no checkpoint in {folder}", param="run")
     state, meta = restored
-    saved = json.loads((run_dir / "config.json").read_text()).get("scaler")
+    saved = recorded.get("scaler")
     scaler = Scaler.from_json(saved) if saved is not None else data.scaler  # older folders
     step = int(first_member(state).step)  # early stopping saves the kept state last
     kept = [r["epoch"] for r in meta.get("history", ()) if r.get("step") == step]

@@ -47,9 +47,11 @@ class RawModel:
     def predict(self, x: Any, **kwargs: Any) -> np.ndarray:
         """`jtricks.predict` on raw inputs (``inputs(x)``) with the parameters the run
         evaluated (its ``eval_params``: the EMA's for ``--eval-params ema``) unless
-        ``params`` says otherwise; keywords as `predict`'s."""
+        ``params`` says otherwise, in the targets' units (`Task.values`: a regression
+        learning standardized targets, ``--target-scale``, maps its outputs back); keywords
+        as `predict`'s."""
         kwargs.setdefault("params", self.config.eval_params)
-        return predict(self.state, self.inputs(x), **kwargs)
+        return self.task.values(predict(self.state, self.inputs(x), **kwargs))
 
     def predict_combined(self, x: Any, **kwargs: Any) -> np.ndarray:
         """An ``--ensemble N`` run's one prediction, as its summary's test figures scored

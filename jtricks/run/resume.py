@@ -136,15 +136,20 @@ def foreign_checker(
     identity: dict[str, str] | None, settings: dict[str, Any]
 ) -> Callable[[dict], str | None]:
     """``why(meta)``: why a checkpoint's metadata shows another run's checkpoint (another
-    run id, or a copy of the config that differs from this run's), else ``None``."""
+    run id, or a copy of the config that differs from this run's), else ``None``. A
+    setting the copy lacks (added to jtricks after the run started) differs only when
+    this run's is not its default."""
     plain = _plain(settings)
+    defaults = _plain(TrainConfig().to_dict())
 
     def why(meta: dict) -> str | None:
         run = meta.get("run")
         if identity is not None and isinstance(run, dict) and run.get("id") != identity["id"]:
             return f"written by run {run.get('id')}; this run is {identity['id']}"
         started = meta.get("config")
-        if isinstance(started, dict) and _plain(started) != plain:
+        if isinstance(started, dict):
+            started = {**{k: v for k, v in defaults.items() if k in plain}, **_plain(started)}
+        if isinstance(started, dict) and started != plain:
             changed = [
                 k for k in sorted(set(started) | set(plain)) if started.get(k) != plain.get(k)
             ]

@@ -190,6 +190,11 @@ class Task:
         `stats`; a task whose evaluation sums more (per-class counts) returns fewer."""
         return self.stats(outputs, batch)
 
+    def values(self, outputs: Any) -> Any:
+        """The model's ``outputs`` as predictions in the targets' units: the outputs
+        themselves here (a regression learning standardized targets maps them back)."""
+        return outputs
+
     def combine(self, outputs: jax.Array) -> jax.Array:
         """One prediction from an ensemble's stacked outputs ``(M, N, ...)``, scored like a
         single model's: here their mean (softmax and sigmoid tasks average probabilities)."""
