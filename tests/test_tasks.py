@@ -445,6 +445,11 @@ def test_task_specs_and_losses_map_to_tasks():
     ("dataset", "model", "metric"),
     [
         ("regression(num_train=200, num_test=50)", "mlp(features=(16,))", "r2"),
+        (  # the loss floor is in the targets' units: the gap is the mse's
+            "regression(num_train=200, num_test=50) --target-scale standardize",
+            "mlp(features=(16,))",
+            "r2",
+        ),
         (
             "segmentation1d(num_train=60, num_test=20)",
             "fcn1d(channels=(8, 8), dilations=(1, 2))",
@@ -465,7 +470,7 @@ def test_cli_trains_each_task(tmp_path, dataset, model, metric):
         [
             "train",
             "--dataset",
-            dataset,
+            *_spec_and_flags(dataset),
             "--model",
             model,
             "--epochs",
@@ -483,9 +488,14 @@ def test_cli_trains_each_task(tmp_path, dataset, model, metric):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and f"val_{metric}" in records[-1]
     if "loss_floor" in summary:
-        assert summary["test_loss_gap"] == pytest.approx(
-            summary["test_loss"] - summary["loss_floor"]
-        )
+        loss = summary["test_mse" if "--target-scale" in dataset else "test_loss"]
+        assert summary["test_loss_gap"] == pytest.approx(loss - summary["loss_floor"])
+
+
+def _spec_and_flags(text: str) -> list[str]:
+    """``"spec --flag value"`` as argv: the spec whole (it has spaces), then the flags."""
+    spec, sep, flags = text.partition(" --")
+    return [spec, *(f"--{flags}".split() if sep else [])]
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from jtricks.cli.common import refuse_beside_resume
 from jtricks.errors import ConfigError
 from jtricks.run import TrainConfig, recipe
 from jtricks.run.config import flag_of
+from jtricks.run.outputs import floor_entries
 from jtricks.rundir import default_out
 
 
@@ -195,7 +196,8 @@ def report(result: Any) -> None:
         )
     line = metrics_line(test)
     if result.loss_floor is not None:
-        line += f"  loss_floor {result.loss_floor:.4f}  gap {test['loss'] - result.loss_floor:.4f}"
+        gap = floor_entries(result.loss_floor, result.task, test)["test_loss_gap"]
+        line += f"  loss_floor {result.loss_floor:.4f}  gap {gap:.4f}"
     print(f"{line}  wall {result.wall_s:.1f}s  run folder {result.out}")
 
 

@@ -297,8 +297,11 @@ def huge_loss_warning(history: History, final_loss: float) -> str | None:
     )
 
 
-def floor_entries(floor: float | None, test_loss: float) -> dict[str, float]:
-    """The dataset's loss floor and the test loss's gap to it, where the floor is known."""
+def floor_entries(floor: float | None, task: Any, test: dict[str, float]) -> dict[str, float]:
+    """The dataset's loss floor and the test loss's gap to it, where the floor is known:
+    the gap of the ``mse`` for a regression learning standardized targets (its loss is
+    theirs, the floor is in the targets' units)."""
     if floor is None:
         return {}
-    return {"loss_floor": floor, "test_loss_gap": test_loss - floor}
+    loss = test["mse"] if getattr(task, "scale", None) is not None else test["loss"]
+    return {"loss_floor": floor, "test_loss_gap": loss - floor}

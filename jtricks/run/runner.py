@@ -471,7 +471,7 @@ def final_metrics(
     warning = huge_loss_warning(history, test["loss"])
     if warning:
         extra["warning"] = warning
-    return test, {**extra, **floor_entries(data.loss_floor, test["loss"])}
+    return test, {**extra, **floor_entries(data.loss_floor, b.task, test)}
 
 
 def tta_metrics(
