@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from jtricks.data import generated, image_folder, loaders, packaged
+from jtricks.data import generated, image_folder, loaders, packaged, tables
 from jtricks.data.dataset import Dataset
 from jtricks.data.datasets import DATASETS
 from jtricks.data.user import user_dataset
@@ -23,6 +23,7 @@ FILES_AND_TASKS: dict[str, Callable[..., Dataset]] = {
     "cifar10": loaders.cifar10,
     "cifar100": loaders.cifar100,
     "imagefolder": image_folder.imagefolder,
+    "csv": tables.csv,
     "regression": generated.regression,
     "segmentation1d": generated.segmentation1d,
     "tokens": generated.tokens,
