@@ -255,7 +255,7 @@ def _find_lr(net, make_tx, data, key, task, settings: CheckSettings):
     finder_args.update(steps=settings.lr_steps, batch_size=settings.batch_size)
     if method == "range":
         finder = lr_range_test(net, make_tx, data, **finder_args)
-        lowest = "smoothed loss lowest"
+        why = f"smoothed loss lowest at {finder.best:.2e}"
         report = {
             "method": "range",
             "lrs": finder.lrs.tolist(),
@@ -265,13 +265,13 @@ def _find_lr(net, make_tx, data, key, task, settings: CheckSettings):
         }
     else:
         finder = lr_finder(net, make_tx, data, num=num, **finder_args)
-        lowest = "lowest loss"
+        why = f"the lowest final loss of {num} rates"
         report = {"method": "sweep", "lrs": finder.lrs.tolist(), "final": _listed(finder.final)}
     report.update(suggestion=finder.suggestion, best=finder.best)
     check = {
         "check": "LR finder" if method == "sweep" else "LR range test",
         "passed": True,
-        "detail": f"suggested {finder.suggestion:.2e} ({lowest} at {finder.best:.2e}",
+        "detail": f"suggested {finder.suggestion:.2e} ({why}",
     }
     return finder, check, report
 
