@@ -174,6 +174,30 @@ def test_standardized_targets_loss_and_metrics_match_numpy():
     assert Regression().standardized(np.ones((5, 1))).scale == ((1.0,), (1.0,))  # constant
 
 
+def test_huber_trains_on_its_formula_and_evaluation_reports_the_mse():
+    """``Regression(huber_delta=d)``: the per-example training loss is the Huber loss of
+    the residual (by hand, on standardized targets with a scale); one SGD step from a
+    zero bias moves it by ``-lr mean_i clip(r_i, -d, d) / D`` (the Huber gradient), not
+    by the mse's; evaluation's ``loss`` stays the mse."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(40, 2)).astype(np.float32)
+    y = (x + rng.normal(size=(40, 2)) * [0.5, 4.0]).astype(np.float32)
+    y[:4] += 30.0  # outliers
+    task = Regression(huber_delta=0.5).standardized(y)
+    m, s = np.asarray(task.scale[0]), np.asarray(task.scale[1])
+    r = x.astype(np.float64) - (y - m) / s
+    huber = np.where(np.abs(r) <= 0.5, r**2 / 2, 0.5 * (np.abs(r) - 0.25))
+    got = task.train_loss(jnp.asarray(x), (jnp.asarray(x), jnp.asarray(y)))
+    np.testing.assert_allclose(got, huber.mean(1), rtol=1e-5)
+    state = create_train_state(_Identity(), optax.sgd(0.1), x, jax.random.key(0))
+    state, _ = fit(state, (x, y), task=task, batch_size=40, steps=1)
+    want = -0.1 * np.clip(r, -0.5, 0.5).mean(0) / 2
+    np.testing.assert_allclose(state.params["b"], want, rtol=1e-4, atol=1e-7)
+    got = evaluate(state, (x, y), task=task)
+    out = x + np.asarray(state.params["b"])
+    np.testing.assert_allclose(got["loss"], ((out - (y - m) / s) ** 2).mean(), rtol=1e-5)
+
+
 class _Identity(nn.Module):
     """Its inputs as outputs, plus a zero bias (a parameter to create a state with)."""
 

@@ -163,9 +163,9 @@ def imbalance_options(config: TrainConfig, task: Task, data: RunData) -> Task:
     """``task`` with the run's ``loss`` (focal, gce), ``class_weight`` and ``logit_adjust``
     (weights and offsets from the training labels: `jtricks.data.imbalance`)."""
     fields = parse_loss(config.loss)  # focal: classification or multilabel; gce: classification
-    takes = Classification if "gce_q" in fields else Classification | MultiLabel
+    takes, works = LOSS_TASKS[next(iter(fields), "focal_gamma")]
     if fields and not isinstance(task, takes):
-        raise _not_for(task, "loss", config.loss)
+        raise _not_for(task, "loss", config.loss, works)
     task = dataclasses.replace(task, **fields)
     wanted = {
         name: getattr(config, name)
@@ -195,10 +195,19 @@ def imbalance_options(config: TrainConfig, task: Task, data: RunData) -> Task:
     return task
 
 
-def _not_for(task: Task, name: str, value: Any) -> ConfigError:
+LOSS_TASKS = {
+    "focal_gamma": (Classification | MultiLabel, "the classification and multilabel tasks"),
+    "gce_q": (Classification, "the classification task"),
+    "huber_delta": (Regression, "the regression task"),
+}
+"""The tasks each ``--loss`` field (`parse_loss`) trains, and how a refusal names them."""
+
+
+def _not_for(
+    task: Task, name: str, value: Any, works: str = "the classification task"
+) -> ConfigError:
     return ConfigError(
-        f"{name}={value!r} works with the classification task only; this run's task is "
-        f"{task.name!r}",
+        f"{name}={value!r} works with {works} only; this run's task is {task.name!r}",
         param=name,
     )
 

@@ -212,9 +212,9 @@ class TrainConfig:
     )
     loss: str = setting(
         "cross_entropy",
-        "training loss of classification: cross_entropy, focal(gamma=2.0) (the softmax "
-        "focal loss; for multilabel optax's sigmoid one) or gce(q=0.7) (generalized "
-        "cross-entropy, robust to noisy labels); evaluation reports the plain loss",
+        "training loss: cross_entropy, focal(gamma=2.0) (softmax focal; multilabel: sigmoid), "
+        "gce(q=0.7) (generalized cross-entropy, robust to noisy labels), huber(delta=1.0) "
+        "(regression, robust to outlying targets); evaluation reports the plain loss",
         loss_spec,
         metavar="SPEC",
     )

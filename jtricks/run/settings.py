@@ -171,20 +171,21 @@ LOSSES = {
     "cross_entropy": None,
     "focal": ("gamma", 2.0, "focal_gamma", (0.0, None, True)),
     "gce": ("q", 0.7, "gce_q", (0.0, 1.0, False)),
+    "huber": ("delta", 1.0, "huber_delta", (0.0, None, False)),
 }
 """Each training loss: ``(its argument, default, the task field it sets, (low, high,
 low included))``; ``None`` for the plain cross-entropy."""
 
 
 def loss_spec(name: str, value: Any) -> None:
-    """``cross_entropy``, ``focal(gamma=G)`` with ``G >= 0`` or ``gce(q=Q)`` with
-    ``0 < Q <= 1`` (`parse_loss`)."""
+    """``cross_entropy``, ``focal(gamma=G)`` with ``G >= 0``, ``gce(q=Q)`` with
+    ``0 < Q <= 1`` or ``huber(delta=D)`` with ``D > 0`` (`parse_loss`)."""
     parse_loss(value, name)
 
 
 def parse_loss(value: Any, name: str = "loss") -> dict[str, float]:
-    """The classification task's fields a loss spec sets: ``{}`` for ``cross_entropy``,
-    ``{"focal_gamma": G}`` or ``{"gce_q": Q}``.
+    """The task's fields a loss spec sets: ``{}`` for ``cross_entropy``,
+    ``{"focal_gamma": G}``, ``{"gce_q": Q}`` or a regression's ``{"huber_delta": D}``.
 
     Raises:
       ConfigError: another name or argument, or one out of its range.
@@ -193,7 +194,8 @@ def parse_loss(value: Any, name: str = "loss") -> dict[str, float]:
     loss, args, kwargs = parse_spec(value, what=name)
     if loss not in LOSSES or (loss == "cross_entropy" and (args or kwargs)):
         raise ConfigError(
-            f"{name} must be cross_entropy, focal(gamma=2.0) or gce(q=0.7); got {value!r}",
+            f"{name} must be cross_entropy, focal(gamma=2.0), gce(q=0.7) or "
+            f"huber(delta=1.0); got {value!r}",
             param=name,
         )
     if LOSSES[loss] is None:

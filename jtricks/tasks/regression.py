@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jtricks.tasks.base import Task, array_of, at_least_f32, check_finite
 
@@ -66,6 +67,22 @@ class Regression(Task):
         mean, std = (np.asarray(v, np.float32) for v in self.scale)
         shape = outputs.shape[_per_example_axes(outputs.shape, mean.size) :]
         return outputs * std.reshape(shape) + mean.reshape(shape)
+
+    huber_delta: float | None = None
+    """Train on the Huber loss of the residual ``r = o - t`` (of the standardized targets
+    with a ``scale``), ``(1/D) sum_d h(r_d)`` with ``h(r) = r^2 / 2`` for ``|r| <= delta``,
+    else ``delta (|r| - delta / 2)`` (`optax.huber_loss`): quadratic near the target,
+    linear beyond, so outlying targets pull with a bounded gradient. Evaluation reports
+    the mse as ``loss``. ``None``: the mse.
+
+    References:
+      Huber, "Robust estimation of a location parameter" (1964)."""
+
+    def train_loss(self, outputs, batch):
+        if self.huber_delta is None:
+            return self.loss(outputs, batch)
+        p, t = self._pair(outputs, batch)
+        return jnp.mean(optax.huber_loss(p, self._standard(t)[0], delta=self.huber_delta), axis=-1)
 
     def _standard(self, t):
         """Targets ``t`` ``(N, D)`` in the model's units, with ``s`` (or ``None``)."""
