@@ -42,21 +42,26 @@ def _leaves(tree):
     return [np.asarray(a) for a in jax.tree.leaves(tree)]
 
 
-def test_ema_equals_a_hand_computed_average(data, adam):
+def _hand_ema(model, tx, data, decay: float, steps: int, field: str):
+    """``(state, plain, hand)``: ``steps`` steps of batch 20 with an EMA of ``decay``,
+    the same without one, and the average of ``plain``'s ``field`` (``params`` or
+    ``batch_stats``) computed by hand in float64, ``d avg + (1 - d) value``."""
     x, y = data
-    model = build_model(MLP, 4)
-    state = create_train_state(model, adam, x, jax.random.key(0), ema_decay=0.8)
-    plain = create_train_state(model, adam, x, jax.random.key(0))
-    step_ema, step = jax.jit(make_train_step()), jax.jit(make_train_step())
-    hand = [np.asarray(a, np.float64) for a in jax.tree.leaves(plain.params)]
-    for i in range(6):
+    state = create_train_state(model, tx, x, jax.random.key(0), ema_decay=decay)
+    plain = create_train_state(model, tx, x, jax.random.key(0))
+    step = jax.jit(make_train_step())
+    hand = [np.asarray(a, np.float64) for a in jax.tree.leaves(getattr(plain, field))]
+    for i in range(steps):
         batch = (jnp.asarray(x[20 * i : 20 * i + 20]), jnp.asarray(y[20 * i : 20 * i + 20]))
-        state, _ = step_ema(state, batch)
+        state, _ = step(state, batch)
         plain, _ = step(plain, batch)
-        hand = [
-            0.8 * h + 0.2 * np.asarray(p)
-            for h, p in zip(hand, jax.tree.leaves(plain.params), strict=True)
-        ]
+        new = jax.tree.leaves(getattr(plain, field))
+        hand = [decay * h + (1 - decay) * np.asarray(v) for h, v in zip(hand, new, strict=True)]
+    return state, plain, hand
+
+
+def test_ema_equals_a_hand_computed_average(data, adam):
+    state, plain, hand = _hand_ema(build_model(MLP, 4), adam, data, 0.8, 6, "params")
     for a, b in zip(_leaves(state.ema_params), hand, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     for a, b in zip(_leaves(state.params), _leaves(plain.params), strict=True):
@@ -83,20 +88,9 @@ def test_ema_averages_batchnorm_statistics_and_evaluates_with_them(data, adam, t
     (float64 by hand from a run without an EMA); the EMA is evaluated with them, not the
     live ones; they survive a checkpoint, and one written before they were kept restarts
     them from the restored statistics."""
-    x, y = data
+    x, _ = data
     model = build_model("mlp(features=(16,), norm='batch')", 4)
-    state = create_train_state(model, adam, x, jax.random.key(0), ema_decay=0.7)
-    plain = create_train_state(model, adam, x, jax.random.key(0))
-    step = jax.jit(make_train_step())
-    hand = [np.asarray(a, np.float64) for a in jax.tree.leaves(plain.batch_stats)]
-    for i in range(5):
-        batch = (jnp.asarray(x[20 * i : 20 * i + 20]), jnp.asarray(y[20 * i : 20 * i + 20]))
-        state, _ = step(state, batch)
-        plain, _ = step(plain, batch)
-        hand = [
-            0.7 * h + 0.3 * np.asarray(b)
-            for h, b in zip(hand, jax.tree.leaves(plain.batch_stats), strict=True)
-        ]
+    state, _, hand = _hand_ema(model, adam, data, 0.7, 5, "batch_stats")
     for a, b in zip(_leaves(state.ema_batch_stats), hand, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     assert not np.allclose(_leaves(state.ema_batch_stats)[1], _leaves(state.batch_stats)[1])

@@ -237,7 +237,7 @@ def load_pretrained(
     layers come with their parameters, so a same-architecture reload evaluates exactly as
     the saved model does (a BatchNorm network with fresh statistics, mean 0 and variance 1,
     does not). The optimizer state is re-initialised for the new parameters, and an EMA
-    of the parameters (``ema_params``, ``ema_batch_stats``) starts from them. Stacked states (an ensemble, a
+    (``ema_params``, ``ema_batch_stats``) starts from them. Stacked states (an ensemble, a
     search's trials: `is_ensemble`) load the one checkpoint into every member; the
     members keep their own fresh layers (a new head). An ensemble's checkpoint loads
     member by member into as many members.
