@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from jtricks import TrainConfig
+from jtricks import TrainConfig, load_dataset, load_run
 from jtricks.cli import main
 from jtricks.errors import ConfigError
 from jtricks.run import train
@@ -92,7 +92,6 @@ def _separate_fit(base, record, data, callbacks=()):
 def test_trials_stop_early_each_on_its_own_like_separate_runs(tmp_path, data):
     """``early_stopping``: every trial stops and keeps its best epoch as its own run would
     (curves up to its stop, scored on the kept epoch); best/ is that finished run."""
-    from jtricks.run import load_run
     from jtricks.training import EarlyStopping
 
     config = dataclasses.replace(CONFIG, epochs=6, early_stopping=1)
@@ -123,7 +122,6 @@ def test_trials_take_what_a_single_run_takes_like_separate_fits(tmp_path, data):
     only the head trains: the other layers bit-identical in best/) equal separate fits of
     their configs; the best trial's test metrics are test-time augmented as its own
     run's are."""
-    from jtricks.run import load_run
 
     trained = train(dataclasses.replace(CONFIG, epochs=1), out=tmp_path / "pre")
     config = dataclasses.replace(CONFIG, mixup=0.4, accumulate=2, precision="bf16", epochs=1)
@@ -151,6 +149,19 @@ def test_the_best_folder_is_a_run_that_resumes_and_tests_the_same(searched):
     assert resumed.config == result.best_config
     for name, value in result.test.items():
         assert resumed.test[name] == pytest.approx(value, rel=1e-5), name
+
+
+def test_the_result_predicts_with_the_best_trials_model(searched, data):
+    """`SearchResult.predict` on raw inputs gives the best trial's predictions: the same
+    as its run folder's `load_run` (a second path, from disk), and scoring the test
+    accuracy the search reported (by hand). No folder needed, no second training."""
+    result, out = searched
+    raw = load_dataset(DATASET).x_test
+    logits = result.predict(raw)
+    np.testing.assert_allclose(logits, load_run(out / "best").predict(raw), rtol=1e-5, atol=1e-6)
+    accuracy = (logits.argmax(-1) == np.asarray(data.test[1])).mean()
+    assert accuracy == pytest.approx(result.test["accuracy"], abs=1e-6)
+    assert result.config is result.best_config and result.scaler is not None
 
 
 def test_selection_never_reads_the_test_split(searched, data):

@@ -8,15 +8,41 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from jtricks.plotting import pyplot, save_figure
 from jtricks.run.config import TrainConfig
+from jtricks.run.outputs import RawModel
 from jtricks.run.resume import config_digest, new_identity
 from jtricks.rundir import environment, write_json, write_jsonl
 from jtricks.training import TrainState
 from jtricks.training.checkpointer import Checkpointer
+
+
+@dataclass
+class SearchResult(RawModel):
+    """A finished search: every trial's record, the best one, its test metrics, and the
+    best trial's model: ``state`` (the parameters it was tested with), ``scaler`` and
+    ``task``, so that ``predict(raw_x)``, ``inputs`` and ``predict_combined`` work as a
+    run's (`jtricks.run.outputs.RawModel`) with no folder and no second training."""
+
+    records: list[dict[str, Any]]
+    metric: str
+    best: dict[str, Any] | None
+    test: dict[str, Any] = field(default_factory=dict)
+    out: Path | None = None
+    best_config: TrainConfig | None = None
+    state: Any = field(default=None, repr=False)
+    scaler: Any = field(default=None, repr=False)
+    task: Any = field(default=None, repr=False)
+
+    @property
+    def config(self) -> TrainConfig | None:
+        """The best trial's config (what `RawModel` reads its ``eval_params`` from)."""
+        return self.best_config
+
 
 LOWER_IS_BETTER = ("loss", "mse", "mae", "rmse", "perplexity")
 """Metrics a search minimises; it maximises every other one."""

@@ -22,7 +22,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from jtricks.run.resume import check_same_data
 from jtricks.run.runner import tta_metrics
 from jtricks.rundir import create_run_dir, environment, locked, refused_cleanly, write_json
 from jtricks.search import outputs
+from jtricks.search.outputs import SearchResult
 from jtricks.search.space import (
     SAMPLERS,
     check_grid,
@@ -94,18 +95,6 @@ class SearchSettings:
             )
         if self.method == "grid":  # a new search's; one cut short before this was kept
             check_grid(parse_space(self.space), self.trials, self.grid_points)
-
-
-@dataclass
-class SearchResult:
-    """A finished search: every trial's record, the best one, its test metrics."""
-
-    records: list[dict[str, Any]]
-    metric: str
-    best: dict[str, Any] | None
-    test: dict[str, Any] = field(default_factory=dict)
-    out: Path | None = None
-    best_config: TrainConfig | None = None
 
 
 @dataclass
@@ -472,6 +461,7 @@ def _test_best(result: SearchResult, best: _Best, data: RunData, out) -> None:
             )
         state = _restore_best(config, data, out)
     b = build(config, data, None, False)
+    result.state, result.scaler, result.task = state, data.scaler, b.task  # its model
     test, _ = evaluate_with_report(
         state, data.test, b.task, config.eval_batch_size, config.eval_params
     )
