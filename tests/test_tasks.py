@@ -25,7 +25,7 @@ from jtricks.tasks import (
     as_task,
     build_task,
 )
-from jtricks.training import EarlyStopping, create_train_state, evaluate, fit
+from jtricks.training import EarlyStopping, create_train_state, evaluate, fit, predict
 from jtricks.training.model import detect_train_arg
 
 TX = optax.adam(3e-2)
@@ -168,6 +168,7 @@ def test_standardized_targets_loss_and_metrics_match_numpy():
     np.testing.assert_allclose(got["mae"], np.abs(p - t).mean(), rtol=1e-4)
     np.testing.assert_allclose(got["r2"], r2_score(t, p), rtol=1e-4)
     np.testing.assert_allclose(task.values(x), p, rtol=1e-6)
+    np.testing.assert_allclose(predict(state, x, task=task), p, rtol=1e-6)  # in t's units
     assert task.values(np.zeros((3, 5, 2))).shape == (3, 5, 2)  # an ensemble's outputs
     one = Regression().standardized(y[:, :1])
     np.testing.assert_allclose(one.values(np.zeros((4,))), np.full(4, y[:, 0].mean()), rtol=1e-6)

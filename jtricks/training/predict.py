@@ -20,6 +20,7 @@ import numpy as np
 
 from jtricks.caches import jitted
 from jtricks.errors import ConfigError, check_int
+from jtricks.tasks import Task, as_task
 from jtricks.training.data_checks import as_arrays, input_outputs, num_examples, pad_batches
 from jtricks.training.distributed import like_state
 from jtricks.training.model import apply_model
@@ -27,7 +28,12 @@ from jtricks.training.state import TrainState, check_eval_source, first_member, 
 
 
 def predict(
-    state: TrainState, inputs: Any, *, batch_size: int = 1000, params: str = "auto"
+    state: TrainState,
+    inputs: Any,
+    *,
+    batch_size: int = 1000,
+    params: str = "auto",
+    task: Task | str | None = None,
 ) -> np.ndarray | Any:
     """The model's evaluation-mode outputs on ``inputs`` (what the model reads: an array or
     a pytree of arrays with a common leading axis N), as NumPy: ``(N, ...)`` (a
@@ -35,7 +41,9 @@ def predict(
     them for a model that returns one. A stacked ensemble (`create_ensemble`) gives every
     member's, ``(M, N, ...)`` (`jtricks.training.ensemble.predict_proba` averages their
     probabilities). Run on ``state.evaluation_state(params)`` (``"auto"``, ``"train"`` or
-    ``"ema"``, as `evaluate`) in batches of ``batch_size``.
+    ``"ema"``, as `evaluate`) in batches of ``batch_size``. With a ``task``, its
+    `Task.values` of the outputs: a regression learning standardized targets
+    (`jtricks.tasks.Regression.standardized`) predicts in the targets' units.
 
     Raises:
       ConfigError: inputs the model cannot take (naming their per-example shapes), a
@@ -57,7 +65,8 @@ def predict(
     n = num_examples(inputs)
     batches, _ = like_state(pad_batches(inputs, batch_size), state.params)
     out = _outputs(state, batches, source, is_ensemble(state))
-    return jax.tree.map(lambda a: _examples(np.asarray(a), n, is_ensemble(state)), out)
+    out = jax.tree.map(lambda a: _examples(np.asarray(a), n, is_ensemble(state)), out)
+    return out if task is None else as_task(task).values(out)
 
 
 def _takes_one(state: TrainState, inputs: Any) -> bool:
