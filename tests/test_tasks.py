@@ -173,6 +173,8 @@ def test_standardized_targets_loss_and_metrics_match_numpy():
     one = Regression().standardized(y[:, :1])
     np.testing.assert_allclose(one.values(np.zeros((4,))), np.full(4, y[:, 0].mean()), rtol=1e-6)
     assert Regression().standardized(np.ones((5, 1))).scale == ((1.0,), (1.0,))  # constant
+    with pytest.raises(ConfigError, match="scale holds 1 means and stds; the model gives 2"):
+        evaluate(state, (x, y), task=one)
 
 
 def test_huber_trains_on_its_formula_and_evaluation_reports_the_mse():

@@ -151,6 +151,14 @@ class Regression(Task):
         if not np.issubdtype(t.dtype, np.number) or np.issubdtype(t.dtype, np.complexfloating):
             raise self.error(where, field, f"targets must be real numbers; got dtype {t.dtype}")
         check_finite(self, where, field, t)
+        size = int(np.prod(per_example))
+        if self.scale is not None and len(self.scale[0]) != size:
+            raise self.error(
+                where,
+                field,
+                f"the task's scale holds {len(self.scale[0])} means and stds; the model "
+                f"gives {size} outputs per example (standardized() on targets of this shape)",
+            )
 
 
 def _per_example_axes(shape: tuple[int, ...], size: int) -> int:
