@@ -556,6 +556,7 @@ def test_cli_diagnose_with_the_range_test(tmp_path, capsys):
         ("--lr-num", "1", "--lr-num"),
         ("--lr-max", "1e-09", "--lr-max"),
         ("--overfit-steps", "0", "--overfit-steps"),
+        ("--target-scale", "standardize", "--target-scale"),  # a classification dataset
     ],
 )
 def test_cli_diagnose_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, flag, value, needle):
@@ -761,3 +762,24 @@ def test_gradient_check_and_signal_on_an_nnx_model(tiny_data):
     assert rep.passed
     head_only = {"hidden": False, "norm": False, "head": True}  # --finetune head
     assert finetune_labels("head", forward_layers(state, x)) == head_only
+
+
+def test_diagnose_points_far_targets_to_target_scale_and_checks_them_standardized(tmp_path):
+    """Regression targets 3000 +- 2: the overfit check fails on them as they are, and its
+    detail says why and what to use; with ``target_scale="standardize"`` the initial loss
+    is that of standardized targets (about 1, against 1 for zero outputs, by hand) and
+    the batch is overfit."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 4)).astype(np.float32)
+    y = (3000 + 2 * np.tanh(x[:, :1])).astype(np.float32)
+    np.savez(tmp_path / "far.npz", x=x, y=y, x_test=x[:20], y_test=y[:20])
+    settings = dict(dataset=f"npz:{tmp_path / 'far.npz'}", model="mlp(features=(16,))")
+    settings.update(batch_size=20, overfit_steps=100, signal_steps=(0, 5), lr_num=4, lr_steps=5)
+    plain = D.diagnose(**settings, out=tmp_path / "plain")
+    over = {c["check"]: c for c in plain["checks"]}["overfit one batch"]
+    assert not over["passed"] and over["detail"].endswith(": --target-scale standardize")
+    scaled = D.diagnose(**settings, target_scale="standardize", out=tmp_path / "scaled")
+    checks = {c["check"]: c for c in scaled["checks"]}
+    assert checks["overfit one batch"]["passed"]
+    zero = scaled["reports"]["initial_loss"]["expected"]
+    assert zero == pytest.approx(1.0, rel=1e-5)  # the mean square of standardized targets

@@ -25,6 +25,7 @@ SETTINGS = (
     "learning_rate",
     "batch_size",
     "preprocess",
+    "target_scale",
     "seed",
     "overfit_steps",
     "lr_min",
@@ -44,6 +45,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     d.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float, default=1e-2)
     d.add_argument("--batch-size", type=int, default=100)
     d.add_argument("--preprocess", default="standardize")
+    d.add_argument(
+        "--target-scale",
+        default="none",
+        help="none, or standardize: a regression learns its targets standardized (as train)",
+    )
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--overfit-steps", type=int, default=300)
     d.add_argument(

@@ -71,18 +71,20 @@ def diagnose(
     optimizer: str = "adam",
     learning_rate: float = 1e-2,
     preprocess: str = "standardize",
+    target_scale: str = "none",
     seed: int = 0,
     out: Any = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """`check_model` on a model, optimizer and dataset given by name: what ``jtricks
     diagnose`` runs. The data is the dataset's training split, standardised on itself
-    (token ids as they are; the test split is not touched), the loss its task's.
-    ``settings`` are `CheckSettings`' fields."""
+    (token ids as they are; the test split is not touched), the loss its task's (with
+    ``target_scale="standardize"``, a regression's on standardized targets, as
+    ``jtricks train --target-scale`` trains). ``settings`` are `CheckSettings`' fields."""
     from jtricks.optim import build_optimizer
 
     checked = CheckSettings(**settings)  # before anything is loaded or written
-    task, net, x, y = _problem(dataset, model, preprocess)
+    task, net, x, y = _problem(dataset, model, preprocess, target_scale)
     names = dict(dataset=dataset, model=model, optimizer=optimizer)
     return check_model(
         net,
@@ -169,18 +171,32 @@ def _run_checks(model, make_tx, data, key, state, task, settings):
     return result, (finder, signals, over)
 
 
-def _problem(dataset: str, model: str, preprocess: str):
-    """``(task, model, x, y)``: the dataset's task, the model built for it, and its
-    training split (inputs standardised on themselves; token ids as they are)."""
+def _problem(dataset: str, model: str, preprocess: str, target_scale: str):
+    """``(task, model, x, y)``: the dataset's task (learning standardized targets for
+    ``target_scale="standardize"``), the model built for it, and its training split
+    (inputs standardised on themselves; token ids as they are)."""
     from jtricks.data import Scaler, load_dataset
     from jtricks.nn import build_model
-    from jtricks.tasks import build_task
+    from jtricks.tasks import Regression, build_task
 
+    if target_scale not in ("none", "standardize"):
+        raise ConfigError(
+            f"target_scale must be none or standardize; got {target_scale!r}",
+            param="target_scale",
+        )
     data = load_dataset(dataset)
-    x, y = data.x_train, data.y_train
+    x, y, task = data.x_train, data.y_train, build_task(data.task)
     if not np.issubdtype(x.dtype, np.integer):
         x = Scaler.fit(preprocess, x)(x)
-    return build_task(data.task), build_model(model, data.num_classes), x, y
+    if target_scale == "standardize":
+        if not isinstance(task, Regression):
+            raise ConfigError(
+                f"target_scale='standardize' standardizes regression targets; the "
+                f"dataset's task is {task.name}",
+                param="target_scale",
+            )
+        task = task.standardized(y)
+    return task, build_model(model, data.num_classes), x, y
 
 
 def _check_finder(lr_min, lr_max, lr_num, lr_steps, lr_method) -> None:
@@ -213,9 +229,8 @@ def _overfit_check(net, tx, batch, key, task, settings, checks: list, reports: d
     """Overfit one batch, appended to ``checks`` and ``reports``; returns its report."""
     steps, epsilon = settings.overfit_steps, settings.overfit_epsilon
     over = overfit_one_batch(net, tx, batch, key=key, steps=steps, epsilon=epsilon, task=task)
-    checks.append(
-        {"check": "overfit one batch", "passed": over.passed, "detail": _overfit_detail(over)}
-    )
+    detail = _overfit_detail(over) + ("" if over.passed else _scale_hint(task, batch))
+    checks.append({"check": "overfit one batch", "passed": over.passed, "detail": detail})
     reports["overfit"] = {**dataclasses.asdict(over), "losses": over.losses.tolist()}
     return over
 
@@ -233,6 +248,24 @@ def _overfit_detail(over) -> str:
     return (
         f"final loss {over.final_loss:.3g} (evaluation mode {over.eval_loss:.3g}) after "
         f"{len(over.losses)} steps ({goal})"
+    )
+
+
+def _scale_hint(task: Task, batch: Any) -> str:
+    """For a regression whose targets lie far from the model's start at 0 (a mean or a
+    spread above 10, unstandardized), what `jtricks.tasks.Regression.standardized` is
+    for; else ``""``."""
+    from jtricks.tasks import Regression
+
+    if not isinstance(task, Regression) or task.scale is not None:
+        return ""
+    t = np.asarray(task.targets(batch), np.float64).reshape(len(task.targets(batch)), -1)
+    mean, std = np.abs(t.mean(0)).max(), t.std(0).max()
+    if max(mean, std) <= 10:
+        return ""
+    return (
+        f"; targets of mean up to {mean:.3g} and std up to {std:.3g}, far from the "
+        "model's start at 0: --target-scale standardize"
     )
 
 
