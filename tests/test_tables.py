@@ -60,6 +60,9 @@ def test_a_test_file_matches_columns_by_name_and_targets_give_the_task(tmp_path)
     counts = _write(tmp_path / "n.csv", ["a", "b", "c", "n"], [*X.T, (X[:, 0] > 0).astype(int)])
     labels = load_dataset(f"csv:{counts}")
     assert labels.task == "classification" and labels.num_classes == 2
+    price = (250000 + 30000 * X[:, 0]).astype(int)  # whole numbers, but no class labels
+    prices = load_dataset(f"csv:{_write(tmp_path / 'p.csv', ['a', 'b', 'c', 'p'], [*X.T, price])}")
+    assert prices.task == "regression" and prices.y_train.dtype == np.float32
 
 
 @pytest.mark.parametrize(

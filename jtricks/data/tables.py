@@ -4,10 +4,10 @@ A header row names the columns; one of them is the target (``target=``, default 
 last), every other one a numeric feature. The test split is a second file with the same
 columns (``test=``) or ``test_fraction`` of the rows, drawn with ``seed`` (per class for
 class labels). The targets' kind gives the task, as for an ``npz:`` file
-(`jtricks.data.targets`): whole numbers are class labels, other numbers regression
-targets, and text is class names, numbered in sorted order (``--task`` may name another
-task that reads them, e.g. ``regression`` for whole-number targets). The delimiter is
-found among comma, semicolon and tab.
+(`jtricks.data.targets`): whole numbers from 0 to 1023 are class labels, other numbers
+(a price, a year, a decimal) regression targets, and text is class names, numbered in
+sorted order (``--task`` may name another task that reads them, e.g. ``regression`` for
+small whole-number counts). The delimiter is found among comma, semicolon and tab.
 
 New here: pandas and scikit-learn read tables, but a run needs them as checked arrays
 with a split and a task; a cell that is not a number, or is empty, is refused naming its
@@ -27,6 +27,9 @@ from jtricks.data.preprocess import train_val_split
 from jtricks.errors import ConfigError, check_range
 
 DELIMITERS = ",;\t"
+MAX_LABEL = 1024
+"""Whole-number targets below it (and not negative) are class labels; any other is a
+regression target: 250,000 as a label would ask for a head of 250,001 classes."""
 
 
 def csv(
@@ -119,8 +122,9 @@ def _numbers(path: str, header: list[str], rows: list[list[str]], names: list[st
 
 
 def _targets(path: str, train: list[str], test: list[str], test_path: str = "") -> tuple:
-    """Both splits' target cells as arrays: int64 labels for whole numbers or class names
-    (numbered in sorted order of the training split's names), else float32."""
+    """Both splits' target cells as arrays: int64 labels for whole numbers in
+    ``[0, MAX_LABEL)`` or class names (numbered in sorted order of the training split's
+    names), else float32."""
     cells = train + test
     try:
         values = np.asarray([float(c) for c in cells])
@@ -133,5 +137,6 @@ def _targets(path: str, train: list[str], test: list[str], test_path: str = "") 
         labels = np.asarray([number[c] for c in cells], np.int64)
         return labels[: len(train)], labels[len(train) :]
     whole = all(c.lstrip("+-").isdigit() for c in cells)
-    values = values.astype(np.int64) if whole else values.astype(np.float32)
+    labels = whole and 0 <= values.min() and values.max() < MAX_LABEL
+    values = values.astype(np.int64) if labels else values.astype(np.float32)
     return values[: len(train)], values[len(train) :]
