@@ -76,6 +76,7 @@ def test_a_test_file_matches_columns_by_name_and_targets_give_the_task(tmp_path)
         ("y\n1\n2\n", "", r"has no feature column beside the target 'y'"),
         ("a,b,y\n", "", r"needs a header row and at least one data row"),
         ("a,b,y\n1,2,3\n", ", test_fraction=1.5", r"test_fraction"),
+        ("a,y\n1,0\n2,1\n3,2\n", "", r"cannot hold out test_fraction=0.2: val_fraction="),
     ],
 )
 def test_a_malformed_table_is_refused_naming_where(tmp_path, text, spec_extra, match):

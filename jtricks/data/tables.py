@@ -58,7 +58,10 @@ def csv(
         check_range("test_fraction", test_fraction, low=0.0, high=1.0, low_inclusive=False)
         y, y_test = _targets(path, y, [])
         labels = y.dtype.kind == "i"
-        x, y, x_test, y_test = train_val_split(x, y, test_fraction, seed=seed, stratify=labels)
+        try:
+            x, y, x_test, y_test = train_val_split(x, y, test_fraction, seed=seed, stratify=labels)
+        except ConfigError as e:  # its words are val_fraction's
+            raise _error(path, f"cannot hold out test_fraction={test_fraction}: {e}") from None
     else:
         test_header, test_rows = _read(test)
         if sorted(test_header) != sorted(header):
