@@ -40,10 +40,10 @@ class TrainState(train_state.TrainState):
         step from the same start; the state's other variables (an NNX module's RNG
         counts) follow the live ones. The averaged parameters are evaluated with it: the
         live statistics describe the live parameters' activations, not the average's
-        (a BatchNorm CNN on MNIST-1D, ``d = 0.99``: 93.7% test accuracy with the live
-        statistics, 96.2% with these, 96.3% with statistics re-estimated on the
-        training set). timm's ``ModelEmaV2`` averages a model's buffers alike.
-        ``None`` otherwise.
+        (``jtricks train --model "cnn(norm='batch')" --ema 0.99 --epochs 15``, seeds
+        0/1/2: the EMA's test accuracy 91.8/93.2/93.0% with the live statistics,
+        94.7/93.4/95.5% with these). timm's ``ModelEmaV2`` averages a model's buffers
+        alike. ``None`` otherwise.
       ema_decay: ``d`` (static), or ``None``.
       hparams: values of the task's hyper-parameters that override its fields inside the
         train and evaluation steps (``{"label_smoothing": 0.1}``: `jtricks.tasks.Task.using`),
