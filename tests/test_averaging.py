@@ -113,6 +113,31 @@ def test_ema_averages_batchnorm_statistics_and_evaluates_with_them(data, adam, t
     assert no_stats.ema_batch_stats is None  # nothing to average, nothing kept
 
 
+def test_a_debiased_ema_averages_the_steps_only(data, adam):
+    """``ema_debias``: after ``k`` steps the EMA reads ``sum_i (1 - d) d^(k-i) v_i /
+    (1 - d^k)`` of the steps' parameters and BatchNorm statistics ``v_i`` (float64 by
+    hand from a run without an EMA; no share of the initial ones), and the live values
+    before the first step."""
+    x, y = data
+    model = build_model("mlp(features=(16,), norm='batch')", 4)
+    state = create_train_state(model, adam, x, jax.random.key(0), ema_decay=0.9, ema_debias=True)
+    jax.tree.map(np.testing.assert_array_equal, state.with_ema_params().params, state.params)
+    plain = create_train_state(model, adam, x, jax.random.key(0))
+    step = jax.jit(make_train_step())
+    seen = []
+    for i in range(4):
+        batch = (jnp.asarray(x[20 * i : 20 * i + 20]), jnp.asarray(y[20 * i : 20 * i + 20]))
+        state, _ = step(state, batch)
+        plain, _ = step(plain, batch)
+        seen.append([_leaves(plain.params), _leaves(plain.batch_stats)])
+    ema = state.with_ema_params()
+    weights = np.array([0.1 * 0.9 ** (3 - i) for i in range(4)]) / (1 - 0.9**4)
+    for part, got in enumerate((_leaves(ema.params), _leaves(ema.batch_stats))):
+        for j, leaf in enumerate(got):
+            hand = sum(w * seen[i][part][j].astype(np.float64) for i, w in enumerate(weights))
+            np.testing.assert_allclose(leaf, hand, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("spec", ["adam | lookahead", "contrib.schedule_free_adamw"])
 def test_swa_refuses_an_optimizer_that_evaluates_on_its_own(data, spec, tmp_path, capsys):
     """Evaluation would read the optimizer's own parameters (the slow weights, schedule-free's
@@ -351,6 +376,7 @@ def test_cli_ensemble_ema_swa_and_finetune(tmp_path, capsys):
     [
         (["--ensemble", "0"], "--ensemble"),
         (["--ema", "1.5"], "--ema"),
+        (["--ema-debias"], "ema_debias corrects an EMA: give ema (a decay)"),
         (["--swa", "0"], "--swa"),
         (["--swa", "2", "--early-stopping", "2"], "keeps its best epoch's state: give one"),
         (["--swa", "2", "--ema", "0.9", "--eval-params", "ema"], "would never be evaluated"),

@@ -330,8 +330,13 @@ def initial_state(config: TrainConfig, b: Build, example: Any) -> TrainState:
     i)`` (as `fit_ensemble` numbers them)."""
     if config.ensemble > 1:
         keys = jax.vmap(lambda i: jax.random.fold_in(b.init_key, i))(jnp.arange(config.ensemble))
-        return create_ensemble(b.members, b.tx, example, keys, ema_decay=config.ema)
-    return create_train_state(b.model, b.tx, example, b.init_key, ema_decay=config.ema)
+        return create_ensemble(b.members, b.tx, example, keys, **ema_settings(config))
+    return create_train_state(b.model, b.tx, example, b.init_key, **ema_settings(config))
+
+
+def ema_settings(config: TrainConfig) -> dict[str, Any]:
+    """The EMA keywords of `create_train_state` / `create_ensemble` a config asks for."""
+    return {"ema_decay": config.ema, "ema_debias": config.ema_debias}
 
 
 def with_pretrained(

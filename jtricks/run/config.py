@@ -247,6 +247,13 @@ class TrainConfig:
         parse=float,
         metavar="DECAY",
     )
+    ema_debias: bool = setting(
+        False,
+        "start the EMA from zero and read it divided by 1 - decay^step (Adam's bias "
+        "correction): an average of the steps' parameters only, for a decay slow for the run",
+        boolean,
+        parse=bool,
+    )
     eval_params: str = setting(
         "auto",
         "the parameters validation, test, early stopping, the best checkpoint and TTA use: "

@@ -37,6 +37,8 @@ def _tta_views(c: Any) -> None:
 
 
 def _ema_source(c: Any) -> None:
+    if c.ema_debias and c.ema is None:
+        raise ConfigError("ema_debias corrects an EMA: give ema (a decay)", param="ema_debias")
     if c.eval_params == "ema" and c.ema is None:
         raise ConfigError(
             "eval_params='ema' evaluates on the EMA of the parameters: give ema (a decay)",

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jtricks.data.stream import SequentialBatches
 from jtricks.errors import ConfigError, check_int
 from jtricks.optim import build_optimizer
-from jtricks.run.build import build, name_the_dataset
+from jtricks.run.build import build, ema_settings, name_the_dataset
 from jtricks.run.config import TrainConfig
 from jtricks.run.data import RunData, load_run_data
 from jtricks.run.resume import check_same_data
@@ -478,7 +478,7 @@ def _test_best(result: SearchResult, best: _Best, data: RunData, out) -> None:
 
 def _restore_best(config: TrainConfig, data: RunData, out: Path):
     b = build(config, data, None, False)
-    template = create_train_state(b.model, b.tx, data.example, b.init_key, ema_decay=config.ema)
+    template = create_train_state(b.model, b.tx, data.example, b.init_key, **ema_settings(config))
     restored = restore_latest(out / "best" / "checkpoints", template)
     if restored is None:
         raise ConfigError(f"{out / 'best'} has no checkpoint to test", param="resume")

@@ -48,7 +48,7 @@ from jtricks.caches import jitted
 from jtricks.errors import ConfigError
 from jtricks.optim import build_optimizer, build_schedule
 from jtricks.optim.sweep import Keyed, freeze, is_injected
-from jtricks.run.build import Build, build, run_length, with_pretrained
+from jtricks.run.build import Build, build, ema_settings, run_length, with_pretrained
 from jtricks.run.config import TrainConfig
 from jtricks.run.data import RunData
 from jtricks.run.options import fit_options
@@ -247,7 +247,7 @@ def train_group(
     length = run_length(config, data.n_train)
     tx = scaled_optimizer(config, length, side, b.trainable)
     keys = jax.vmap(lambda t: jax.random.fold_in(b.init_key, t))(jnp.asarray(trials))
-    states = create_ensemble(b.members, tx, data.example, keys, ema_decay=config.ema)
+    states = create_ensemble(b.members, tx, data.example, keys, **ema_settings(config))
     states, loaded = with_pretrained(config, b, states)
     states = with_values(states, {k: [split_values(v)[1][k] for v in values] for k in side})
     options = dataclasses.replace(fit_options(config, b, None), mesh=None, max_nonfinite=NEVER_STOP)

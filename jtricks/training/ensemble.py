@@ -45,9 +45,10 @@ def create_ensemble(
     keys: jax.Array,
     *,
     ema_decay: float | None = None,
+    ema_debias: bool = False,
 ) -> TrainState:
     """``len(keys)`` states stacked on a leading axis: member ``i`` is
-    ``create_train_state(model, tx, sample_x, keys[i])``.
+    ``create_train_state(model, tx, sample_x, keys[i])`` (with the EMA settings given).
 
     An NNX module comes initialised, so one module would give N identical members: pass a
     factory ``lambda key: Net(rngs=nnx.Rngs(key))`` (member ``i`` is ``model(keys[i])``)
@@ -65,7 +66,7 @@ def create_ensemble(
     sample = jax.tree.map(lambda a: jnp.asarray(a)[:1], sample_x)
     models = _member_models(model, keys)
     members = [
-        create_train_state(m, tx, sample, k, ema_decay=ema_decay)
+        create_train_state(m, tx, sample, k, ema_decay=ema_decay, ema_debias=ema_debias)
         for m, k in zip(models, keys, strict=True)
     ]
     return _stack(members)

@@ -45,6 +45,11 @@ class TrainState(train_state.TrainState):
         94.7/93.4/95.5% with these). timm's ``ModelEmaV2`` averages a model's buffers
         alike. ``None`` otherwise.
       ema_decay: ``d`` (static), or ``None``.
+      ema_debias: (static) the averages start from zero and are read divided by
+        ``1 - d^t`` after ``t`` steps, Adam's bias correction (optax's ``ema(debias=True)``):
+        ``sum_i (1 - d) d^(t-i) p_i / (1 - d^t)``, the steps' parameters only, where the
+        plain average keeps ``d^t`` of the initial ones (58% after 540 steps at
+        ``d = 0.999``). Before the first step the EMA reads as the live values.
       hparams: values of the task's hyper-parameters that override its fields inside the
         train and evaluation steps (``{"label_smoothing": 0.1}``: `jtricks.tasks.Task.using`),
         or ``None``. Arrays in the state, so stacked states (a search's trials) each train
@@ -67,6 +72,7 @@ class TrainState(train_state.TrainState):
     ema_batch_stats: Any = None
     hparams: Any = None
     ema_decay: float | None = struct.field(pytree_node=False, default=None)
+    ema_debias: bool = struct.field(pytree_node=False, default=False)
     frozen_stats: tuple[str, ...] = struct.field(pytree_node=False, default=())
 
     def with_ema_params(self) -> TrainState:
@@ -74,8 +80,26 @@ class TrainState(train_state.TrainState):
         (``ema_batch_stats``), replaced by their EMA (for evaluation)."""
         if self.ema_params is None:
             raise ValueError("this state keeps no EMA; create it with ema_decay=...")
-        stats = self.batch_stats if self.ema_batch_stats is None else self.ema_batch_stats
-        return self.replace(params=self.ema_params, batch_stats=stats)
+        params, stats = self.ema_params, self.ema_batch_stats
+        if self.ema_debias:
+            params = self._debiased(params, self.params)
+            stats = self._debiased(stats, self.batch_stats)
+        return self.replace(params=params, batch_stats=self.batch_stats if stats is None else stats)
+
+    def _debiased(self, average: Any, live: Any) -> Any:
+        """A zero-started ``average`` divided by ``1 - d^step`` (its floating leaves; the
+        ``live`` values before the first step, and for other leaves)."""
+        if average is None:
+            return None
+        t = self.step.astype(jnp.float32)
+        scale = 1.0 - jnp.asarray(self.ema_decay, jnp.float32) ** t
+
+        def one(avg: Any, now: Any) -> Any:
+            if not _averaged(avg):
+                return now
+            return jnp.where(t > 0, avg / jnp.maximum(scale, 1e-30).astype(avg.dtype), now)
+
+        return jax.tree.map(one, average, live)
 
     def evaluation_state(self, source: str = "auto") -> TrainState:
         """This state with the parameters that evaluation should use: one hook for every
@@ -121,12 +145,21 @@ def keep_frozen_stats(patterns: tuple[str, ...], new: Any, old: Any) -> Any:
     return jax.tree.unflatten(treedef, kept)
 
 
-def stats_average_start(batch_stats: Any) -> Any:
-    """The start of an EMA of ``batch_stats`` (a copy), or ``None`` when it holds no
-    floating-point leaf to average (no BatchNorm: nothing to keep)."""
+def stats_average_start(batch_stats: Any, debias: bool = False) -> Any:
+    """The start of an EMA of ``batch_stats`` (a copy; zeros for its floating leaves when
+    ``debias``), or ``None`` when it holds no floating-point leaf to average (no BatchNorm:
+    nothing to keep)."""
     if not any(_averaged(a) for a in jax.tree.leaves(batch_stats)):
         return None
-    return jax.tree.map(jnp.copy, batch_stats)
+    return average_start(batch_stats, debias)
+
+
+def average_start(tree: Any, debias: bool) -> Any:
+    """Where an EMA of ``tree`` starts: a copy, or (``debias``) zeros on its floating
+    leaves (`TrainState.ema_debias`)."""
+    return jax.tree.map(
+        lambda a: jnp.zeros_like(a) if debias and _averaged(a) else jnp.copy(a), tree
+    )
 
 
 def average_stats(batch_stats: Any, average: Any, decay: float) -> Any:
@@ -349,6 +382,7 @@ def create_train_state(
     key: jax.Array,
     *,
     ema_decay: float | None = None,
+    ema_debias: bool = False,
     train_arg: str | None = "auto",
 ) -> TrainState:
     """Initialise a model and optimizer into a `TrainState`.
@@ -364,6 +398,7 @@ def create_train_state(
         a model reads; only shapes and dtypes matter, and only the first example is used.
       key: PRNG key, split as ``init_key, dropout_key = jax.random.split(key)``.
       ema_decay: keep an EMA of the parameters with this decay in ``[0, 1)`` (off if ``None``).
+      ema_debias: start it from zero with Adam's bias correction (`TrainState.ema_debias`).
       train_arg: the keyword of ``model.__call__`` that switches training mode:
         ``"auto"`` finds ``train``, ``training``, ``is_training`` or ``deterministic``
         (passed negated) in its signature; ``None`` for a model without one
@@ -387,9 +422,12 @@ def create_train_state(
 
         check_range("ema_decay", ema_decay, low=0.0, high=1.0, high_inclusive=False)
     state = TrainState(
-        ema_params=jax.tree.map(jnp.copy, params) if ema_decay is not None else None,
-        ema_batch_stats=stats_average_start(batch_stats) if ema_decay is not None else None,
+        ema_params=average_start(params, ema_debias) if ema_decay is not None else None,
+        ema_batch_stats=(
+            stats_average_start(batch_stats, ema_debias) if ema_decay is not None else None
+        ),
         ema_decay=None if ema_decay is None else float(ema_decay),
+        ema_debias=bool(ema_debias) and ema_decay is not None,
         step=jnp.zeros((), jnp.int32),
         apply_fn=apply_fn,
         params=params,

@@ -39,7 +39,7 @@ from jax.extend import core as jex_core
 
 from jtricks.errors import ConfigError
 from jtricks.training.model import NNXApply, apply_model
-from jtricks.training.state import TrainState, is_ensemble, stats_average_start
+from jtricks.training.state import TrainState, average_start, is_ensemble, stats_average_start
 from jtricks.trees import named_leaves, path_names, rng_streams
 
 
@@ -279,7 +279,8 @@ def load_pretrained(
     state = state.replace(params=params, opt_state=init(params), batch_stats=stats)
     if state.ema_params is not None:  # the average starts from the initial parameters
         state = state.replace(
-            ema_params=jax.tree.map(jnp.copy, params), ema_batch_stats=stats_average_start(stats)
+            ema_params=average_start(params, state.ema_debias),
+            ema_batch_stats=stats_average_start(stats, state.ema_debias),
         )
     return state, {
         "loaded": loaded,
