@@ -51,7 +51,8 @@ class RawModel:
         learning standardized targets, ``--target-scale``, maps its outputs back); keywords
         as `predict`'s."""
         kwargs.setdefault("params", self.config.eval_params)
-        return self.task.values(predict(self.state, self.inputs(x), **kwargs))
+        kwargs.setdefault("task", self.task)
+        return predict(self.state, self.inputs(x), **kwargs)
 
     def predict_combined(self, x: Any, **kwargs: Any) -> np.ndarray:
         """An ``--ensemble N`` run's one prediction, as its summary's test figures scored
