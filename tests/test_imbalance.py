@@ -249,6 +249,8 @@ def test_cli_trains_with_each_tool(tmp_path, flags):
         (["--loss", "hinge"], "loss must be cross_entropy, focal(gamma=2.0), gce(q=0.7) or h"),
         (["--loss", "huber"], "loss='huber' works with the regression task only; this run's"),
         (["--loss", "huber(delta=0)"], "--loss: loss 'huber(delta=0)': delta must satisfy"),
+        (["--loss", "focal(1, gamma=2)"], "focal takes one argument, gamma, e.g. focal(2.0) or"),
+        (["--loss", "gce(p=0.5)"], "gce takes one argument, q, e.g. gce(0.7) or gce(q=0.7);"),
         (["--logit-adjust", "1", "--task", "regression"], "classification task only"),
         (["--sampler", "balanced", "--stream"], "draws from in-memory data"),
         (["--sampler", "balanced", "--class-weight", "balanced"], "weighs (n / (C n_c))^2"),
@@ -265,6 +267,22 @@ def test_cli_refuses_bad_tools_in_one_line(tmp_path, capsys, flags, message):
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("by_position", "by_name", "field"),
+    [
+        ("focal(3)", "focal(gamma=3)", "focal_gamma"),
+        ("gce(0.5)", "gce(q=0.5)", "gce_q"),
+        ("huber(0.25)", "huber(delta=0.25)", "huber_delta"),
+        ("focal", "focal()", "focal_gamma"),
+    ],
+)
+def test_a_loss_takes_its_argument_by_position_or_name(by_position, by_name, field):
+    from jtricks.run.settings import parse_loss
+
+    value = float(by_name.split("=")[1].rstrip(")")) if "=" in by_name else 2.0
+    assert parse_loss(by_position) == parse_loss(by_name) == {field: value}
 
 
 def test_a_run_validates_on_the_datasets_own_split():

@@ -179,7 +179,8 @@ low included))``; ``None`` for the plain cross-entropy."""
 
 def loss_spec(name: str, value: Any) -> None:
     """``cross_entropy``, ``focal(gamma=G)`` with ``G >= 0``, ``gce(q=Q)`` with
-    ``0 < Q <= 1`` or ``huber(delta=D)`` with ``D > 0`` (`parse_loss`)."""
+    ``0 < Q <= 1`` or ``huber(delta=D)`` with ``D > 0``, the argument also by position
+    (``huber(0.5)``; `parse_loss`)."""
     parse_loss(value, name)
 
 
@@ -201,12 +202,13 @@ def parse_loss(value: Any, name: str = "loss") -> dict[str, float]:
     if LOSSES[loss] is None:
         return {}
     arg, default, field, (low, high, low_in) = LOSSES[loss]
-    if args or set(kwargs) - {arg}:
+    if len(args) + len(kwargs) > 1 or set(kwargs) - {arg}:
         raise ConfigError(
-            f"{name}: {loss} takes {arg} only, e.g. {loss}({arg}={default}); got {value!r}",
+            f"{name}: {loss} takes one argument, {arg}, e.g. {loss}({default}) or "
+            f"{loss}({arg}={default}); got {value!r}",
             param=name,
         )
-    given = kwargs.get(arg, default)
+    given = args[0] if args else kwargs.get(arg, default)
     try:
         number(low, high, closed=(low_in, True))(arg, given)
     except ConfigError as e:

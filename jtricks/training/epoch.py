@@ -326,7 +326,9 @@ def run_steps(
         if flag is not None:
             streak = jnp.where(jnp.any(flag > 0), acc["streak"] + 1, 0)
             acc["streak"] = jnp.where(active, streak, acc["streak"])
-            acc["nonfinite"] = acc["nonfinite"] + jnp.where(active, jnp.sum(flag), 0)
+            acc["nonfinite"] = acc["nonfinite"] + jnp.where(
+                active, jnp.sum(flag, dtype=jnp.int32), 0
+            )
         acc["done"] = acc["done"] + active.astype(jnp.int32)
         return (state, acc), row
 

@@ -26,6 +26,20 @@ def cast_floats(tree: Any, dtype: Any) -> Any:
     )
 
 
+def widen_floats(tree: Any) -> Any:
+    """Floating leaves of ``tree`` in float32 at least: bfloat16 and float16 widened, a
+    float64 model's outputs under `jax.enable_x64` kept (its loss and gradients stay in
+    float64)."""
+    return jax.tree.map(
+        lambda a: (
+            a.astype(jnp.promote_types(a.dtype, jnp.float32))
+            if jnp.issubdtype(a.dtype, jnp.floating)
+            else a
+        ),
+        tree,
+    )
+
+
 def objective(task: Task, outputs: Any, batch: Batch, total: jax.Array | None) -> jax.Array:
     """``sum_i w_i l_i / W``: the task's weighted mean training loss (`Task.train_loss`). ``W`` is ``total`` when given (the
     whole batch's weight, so that micro-batch objectives add up to the batch's), else this
@@ -50,15 +64,15 @@ def micro_batches(batch: Batch, accumulate: int) -> Batch:
 def forward(task: Task, compute_dtype: Any, state, params, batch, key, total):
     """Objective, outputs and new BatchNorm statistics of one (micro-)batch; with
     ``compute_dtype`` the parameters and inputs are cast to it, the outputs back to
-    float32, and the statistics keep their own dtype."""
+    float32 (float64 ones kept: `widen_floats`), and the statistics keep their own dtype
+    (Flax's BatchNorm keeps float32 statistics, which float64 inputs would widen)."""
     task = task.using(state.hparams)
     inputs = task.inputs(batch)
     if compute_dtype is not None:
         params, inputs = cast_floats(params, compute_dtype), cast_floats(inputs, compute_dtype)
     outputs, batch_stats = apply_model(state, params, inputs, train=True, key=key)
-    outputs = cast_floats(outputs, jnp.float32)
-    if compute_dtype is not None:
-        batch_stats = jax.tree.map(lambda n, o: n.astype(o.dtype), batch_stats, state.batch_stats)
+    outputs = widen_floats(outputs)
+    batch_stats = jax.tree.map(lambda n, o: n.astype(o.dtype), batch_stats, state.batch_stats)
     return objective(task, outputs, batch, total), (outputs, batch_stats)
 
 
@@ -82,7 +96,11 @@ def gradients(forward_fn, task: Task, accumulate: int, state, batch, key):
             lambda p: forward_fn(state.replace(batch_stats=stats), p, mb, k, total),
             has_aux=True,
         )(state.params)
-        return (jax.tree.map(jnp.add, grads_sum, g), loss_sum + loss, stats), outputs
+        return (
+            jax.tree.map(jnp.add, grads_sum, g),
+            loss_sum + loss.astype(jnp.float32),
+            stats,
+        ), outputs
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     keys = jax.random.split(key, accumulate)

@@ -19,7 +19,7 @@ from jtricks.tasks import Task, as_task, batch_sums, finalize, train_metrics
 from jtricks.training import gradients as grad_lib
 from jtricks.training.data_checks import num_examples
 from jtricks.training.data_checks import pad_batches as pad_batches  # its old home
-from jtricks.training.gradients import Batch, cast_floats
+from jtricks.training.gradients import Batch, widen_floats
 from jtricks.training.model import apply_model
 from jtricks.training.state import (
     TrainState,
@@ -228,7 +228,7 @@ class EvalStep:
             state, state.params, self.task.inputs(batch), train=False, key=None
         )
         task = self.task.using(state.hparams)
-        return batch_sums(task, cast_floats(outputs, jnp.float32), batch, weight)
+        return batch_sums(task, widen_floats(outputs), batch, weight)
 
     def metrics(self, sums: Metrics) -> Metrics:
         return finalize(self.task, sums)
@@ -247,9 +247,7 @@ class EnsembleEvalStep:
         inputs = self.task.inputs(batch)
 
         def outputs(s):
-            return cast_floats(
-                apply_model(s, s.params, inputs, train=False, key=None)[0], jnp.float32
-            )
+            return widen_floats(apply_model(s, s.params, inputs, train=False, key=None)[0])
 
         return ensemble_sums(self.task, jax.vmap(outputs)(states), states.hparams, batch, weight)
 
@@ -303,7 +301,9 @@ def evaluate_batches(
 
     first = jax.tree.map(lambda a: a[0], (batches, wb))
     shapes = jax.eval_shape(eval_step, state, *first)
-    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+    zero = jax.tree.map(
+        lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)), shapes
+    )
     sums, _ = jax.lax.scan(body, zero, (batches, wb))
     return eval_step.metrics(sums)
 
