@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from jtricks.data import generated, image_folder, loaders, packaged, tables
+from jtricks.data import generated, image_folder, loaders, memory, packaged, tables
 from jtricks.data.dataset import Dataset
 from jtricks.data.datasets import DATASETS
 from jtricks.data.user import user_dataset
@@ -29,9 +29,11 @@ FILES_AND_TASKS: dict[str, Callable[..., Dataset]] = {
     "tokens": generated.tokens,
     "text": generated.text,
     "digits": packaged.digits,
+    "memory": memory.memory,
 }
 """Loaders for files on disk (`jtricks.data.loaders`), the other tasks' generators
-(`jtricks.data.generated`) and datasets shipped inside packages (`jtricks.data.packaged`)."""
+(`jtricks.data.generated`), datasets shipped inside packages (`jtricks.data.packaged`) and
+arrays held in memory (`jtricks.data.memory`)."""
 
 
 def is_user_dataset(spec: object, registry: dict) -> bool:

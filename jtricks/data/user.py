@@ -41,15 +41,25 @@ def user_dataset(spec: str) -> Dataset:
             "or a dict of arrays x, y, x_test, y_test (optionally mask, mask_test)",
             param="dataset",
         )
+    return arrays_dataset(spec, f"dataset {name!r}", mapping_arrays(f"dataset {name!r}", found))
+
+
+def mapping_arrays(where: str, found: Mapping, given: str = "returned") -> dict[str, np.ndarray]:
+    """The arrays of a mapping as an ``npz:`` file's reader takes them (`array_names`),
+    as NumPy arrays; ``where`` names the source in errors ("``where`` ``given`` a mapping
+    that lacks ...").
+
+    Raises:
+      ConfigError (``param="dataset"``): an array missing or not of numbers.
+    """
     arrays: dict[str, Any] = {}
-    for k, key in array_names(f"dataset {name!r} returned a mapping that", found).items():
+    for k, key in array_names(f"{where} {given} a mapping that", found).items():
         arrays[k] = np.asarray(found[key])
         if arrays[k].dtype == object:
             raise ConfigError(
-                f"dataset {name!r}: {key} is not an array of numbers (dtype object)",
-                param="dataset",
+                f"{where}: {key} is not an array of numbers (dtype object)", param="dataset"
             )
-    return arrays_dataset(spec, f"dataset {name!r}", arrays)
+    return arrays
 
 
-__all__ = ["user_dataset"]
+__all__ = ["mapping_arrays", "user_dataset"]

@@ -85,7 +85,8 @@ class TrainConfig:
         "your own code, mydata:load(n=5)",
         spec_string(
             "name a dataset, a file ('npz:PATH' holding x, y, x_test, y_test) or a "
-            "function of yours ('mydata:load'); to train on arrays in memory, call fit"
+            "function of yours ('mydata:load'); arrays in memory are named by "
+            "jtricks.data.in_memory(arrays) (jtricks.train(dataset=arrays) calls it)"
         ),
     )
     task: str | None = setting(

@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 
+from jtricks.data.memory import in_memory
 from jtricks.errors import ConfigError, Interrupted, StreamError
 from jtricks.run.build import Build, build, name_the_dataset
 from jtricks.run.config import TrainConfig, check_keys, check_recordable
@@ -56,7 +57,9 @@ def train(
     """Run one training job end to end: data, split, preprocessing, model, optimizer, `fit`, test.
 
     Args:
-      config: a `TrainConfig`; fields may also be overridden by keyword.
+      config: a `TrainConfig`; fields may also be overridden by keyword, ``dataset`` also
+        by arrays in memory (a dict, a tuple ``(x, y, x_test, y_test)`` or a `Dataset`,
+        named by their contents: `jtricks.data.in_memory`).
       out: run folder to create (must not exist or be empty). It receives
         ``config.json`` (config + environment, written first), ``metrics.jsonl``
         (one line per epoch, as training goes), ``curves.png`` and
@@ -136,6 +139,8 @@ def resolve_config(
             locks.enter_context(locked(resume, param="resume"))
         config, out = load_run_config(resume), Path(resume)
     check_keys(overrides)
+    if not isinstance(overrides.get("dataset", ""), str):  # arrays: named by their contents
+        overrides = {**overrides, "dataset": in_memory(overrides["dataset"])}
     config = dataclasses.replace(config or TrainConfig(), **overrides)
     config.validate()
     if out is not None:
