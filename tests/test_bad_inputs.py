@@ -230,7 +230,11 @@ API_CASES = [
     ),
     ("train-nonfinite-lr", lambda s: jtricks.train(learning_rate=float("nan")), "learning_rate"),
     ("train-bool-lr", lambda s: jtricks.train(learning_rate=True), "learning_rate"),
-    ("train-unknown-key", lambda s: jtricks.train(lr=0.1), "unknown config key"),
+    (
+        "train-unknown-key",
+        lambda s: jtricks.train(lr=0.1),
+        r"unknown config key\(s\) \['lr'\]; lr is the flag --lr: give learning_rate=\.\.\.; valid",
+    ),
     ("train-string-seed", lambda s: jtricks.train(seed="0"), "seed"),
     (
         "train-module-object",
@@ -240,7 +244,8 @@ API_CASES = [
     (
         "train-arrays-as-dataset",
         lambda s: jtricks.train(dataset=np.zeros((3000, 4))),
-        "dataset must be a spec string; got an object of type ndarray: .*call fit",
+        r"dataset must be a spec string, a jtricks.data.Dataset, a dict of arrays x, y, x_test, "
+        r"y_test or a tuple \(x, y, x_test, y_test\); got an object of type ndarray",
     ),
     (
         "optimizer-built-transform",

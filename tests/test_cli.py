@@ -266,8 +266,12 @@ def test_console_script_exit_status_and_no_traceback(tmp_path):
 
 
 def test_python_api_errors():
-    with pytest.raises(ConfigError, match="unknown config key"):
+    with pytest.raises(ConfigError, match="learning_rat: did you mean learning_rate"):
         jtricks.train(learning_rat=0.1)
+    with pytest.raises(ConfigError, match=r"no_stratify is the flag --no-stratify: give strat"):
+        jtricks.train(no_stratify=True)
+    with pytest.raises(ConfigError, match=r"a recipe is a config: jtricks.train\(jtricks.run.rec"):
+        jtricks.train(recipe="tricks")
     with pytest.raises(ConfigError, match="epochs or steps, not both"):
         jtricks.train(epochs=1, steps=1)
     with pytest.raises(ConfigError, match="unknown config key"):

@@ -130,7 +130,7 @@ def test_the_last_held_datasets_are_kept(arrays, new_process):
     [
         (5, "dataset must be a spec string, a jtricks.data.Dataset, a dict of arrays x, y, "),
         ((1, 2, 3), "or a tuple (x, y, x_test, y_test); got a tuple of 3"),
-        (lambda: None, "got a function"),
+        (lambda: None, "got an object of type function"),
         ({"x": np.zeros((4, 2))}, "dataset in memory is a mapping that lacks array(s) ['y', 'x"),
         (
             {"x": np.zeros((4, 2)), "y": [0, 1, 0, 1], "x_test": np.zeros((2, 2)), "y_test": []},

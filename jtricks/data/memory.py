@@ -91,9 +91,9 @@ def _as_dataset(data: Any) -> Dataset:
     if isinstance(data, tuple | list) and len(data) == len(ARRAYS):
         data = dict(zip(ARRAYS, data, strict=True))
     if not isinstance(data, Mapping):
-        shown = f"a {type(data).__name__}" + (
-            f" of {len(data)}" if isinstance(data, tuple | list) else ""
-        )
+        shown = f"an object of type {type(data).__name__}"
+        if isinstance(data, tuple | list):
+            shown = f"a {type(data).__name__} of {len(data)}"
         raise ConfigError(
             "dataset must be a spec string, a jtricks.data.Dataset, a dict of arrays x, y, "
             f"x_test, y_test or a tuple (x, y, x_test, y_test); got {shown}",

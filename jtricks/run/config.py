@@ -9,6 +9,7 @@ own check, then the rules that tie fields together (`RULES`), once each.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -398,13 +399,37 @@ class TrainConfig:
 
 
 def check_keys(settings: dict[str, Any]) -> None:
-    """Raise `ConfigError` for a key that is not a `TrainConfig` field, listing the valid ones."""
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = set(settings) - fields
+    """Raise `ConfigError` for a key that is not a `TrainConfig` field, listing the valid
+    ones, with a hint for each unknown key that is a flag's name (``lr``: the key is
+    ``learning_rate``), a recipe, or close to a key."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(settings) - set(fields))
     if unknown:
+        hints = "".join(f"; {h}" for k in unknown if (h := _key_hint(k, fields)))
         raise ConfigError(
-            f"unknown config key(s) {sorted(unknown)}; valid keys are: {', '.join(sorted(fields))}"
+            f"unknown config key(s) {unknown}{hints}; valid keys are: {', '.join(sorted(fields))}"
         )
+
+
+KEY_HINTS = {
+    "recipe": "a recipe is a config: jtricks.train(jtricks.run.recipe('tricks', epochs=5))",
+    "weight_decay": "weight decay belongs to the optimizer: optimizer='adamw(weight_decay=1e-4)' "
+    "or the stage '... | weight_decay(1e-4)'",
+}
+"""Hints for keys that name no setting but something else that does the job."""
+
+
+def _key_hint(key: str, fields: dict[str, dataclasses.Field]) -> str | None:
+    """What an unknown config ``key`` may have meant, or ``None``."""
+    if key in KEY_HINTS:
+        return KEY_HINTS[key]
+    for name, f in fields.items():
+        flags = (flag_of(f), *f.metadata.get("aliases", ()))
+        if any(flag.lstrip("-").replace("-", "_") == key for flag in flags):
+            value = "False" if flag_of(f).startswith("--no-") else "..."
+            return f"{key} is the flag {flag_of(f)}: give {name}={value}"
+    close = difflib.get_close_matches(key, fields, n=1)
+    return f"{key}: did you mean {close[0]}?" if close else None
 
 
 def check_recordable(settings: dict[str, Any]) -> None:
