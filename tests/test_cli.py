@@ -266,7 +266,7 @@ def test_console_script_exit_status_and_no_traceback(tmp_path):
 
 
 def test_python_api_errors():
-    with pytest.raises(ConfigError, match="learning_rat: did you mean learning_rate"):
+    with pytest.raises(ConfigError, match="learning_rat: did you mean: learning_rate"):
         jtricks.train(learning_rat=0.1)
     with pytest.raises(ConfigError, match=r"no_stratify is the flag --no-stratify: give strat"):
         jtricks.train(no_stratify=True)

@@ -9,7 +9,6 @@ own check, then the rules that tie fields together (`RULES`), once each.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +17,7 @@ import numpy as np
 
 from jtricks.data.batching import SAMPLERS
 from jtricks.data.stream import LOADERS
-from jtricks.errors import ConfigError
+from jtricks.errors import ConfigError, did_you_mean
 from jtricks.run.rules import RULES
 from jtricks.run.settings import (
     INT_LIMIT,
@@ -405,7 +404,7 @@ def check_keys(settings: dict[str, Any]) -> None:
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(settings) - set(fields))
     if unknown:
-        hints = "".join(f"; {h}" for k in unknown if (h := _key_hint(k, fields)))
+        hints = "".join(_key_hint(k, fields) for k in unknown)
         raise ConfigError(
             f"unknown config key(s) {unknown}{hints}; valid keys are: {', '.join(sorted(fields))}"
         )
@@ -419,17 +418,17 @@ KEY_HINTS = {
 """Hints for keys that name no setting but something else that does the job."""
 
 
-def _key_hint(key: str, fields: dict[str, dataclasses.Field]) -> str | None:
-    """What an unknown config ``key`` may have meant, or ``None``."""
+def _key_hint(key: str, fields: dict[str, dataclasses.Field]) -> str:
+    """``"; "`` and what an unknown config ``key`` may have meant, or ``""``."""
     if key in KEY_HINTS:
-        return KEY_HINTS[key]
+        return f"; {KEY_HINTS[key]}"
     for name, f in fields.items():
         flags = (flag_of(f), *f.metadata.get("aliases", ()))
         if any(flag.lstrip("-").replace("-", "_") == key for flag in flags):
             value = "False" if flag_of(f).startswith("--no-") else "..."
-            return f"{key} is the flag {flag_of(f)}: give {name}={value}"
-    close = difflib.get_close_matches(key, fields, n=1)
-    return f"{key}: did you mean {close[0]}?" if close else None
+            return f"; {key} is the flag {flag_of(f)}: give {name}={value}"
+    close = did_you_mean(key, fields)
+    return f"; {key}: {close[2:]}" if close else ""
 
 
 def check_recordable(settings: dict[str, Any]) -> None:
