@@ -96,6 +96,11 @@ def test_an_augmentation_spec_trains_as_the_pipeline_it_names(data):
     ("settings", "param", "words"),
     [
         ({"batch_sise": 10}, "batch_sise", "did you mean: batch_size"),
+        (
+            {"progress": True},
+            "progress",
+            r"fit draws progress through a reporter: fit\(\.\.\., rep",
+        ),
         ({"batch_size": 0}, "batch_size", "batch_size"),
         ({"max_nonfinite": 2.5}, "max_nonfinite", "integer"),
         ({"precision": "fp8"}, "precision", "float32, bf16"),

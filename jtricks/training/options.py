@@ -208,9 +208,10 @@ class FitOptions:
         names = [f.name for f in dataclasses.fields(cls)]
         for name in overrides:
             if name not in names:
+                hint = PROGRESS_HINT if name in ("progress", "verbose") else ""
                 raise ConfigError(
-                    f"fit() has no option {name!r}{did_you_mean(name, names)}; its options "
-                    f"are FitOptions' fields: {', '.join(names)}",
+                    f"fit() has no option {name!r}{hint or did_you_mean(name, names)}; its "
+                    f"options are FitOptions' fields: {', '.join(names)}",
                     param=name,
                 )
         if options is None:
@@ -241,6 +242,12 @@ class FitOptions:
 
 _augment_of = cached(build_augment)
 """One pipeline per spec string: the same object, so the same compiled programs."""
+
+
+PROGRESS_HINT = (
+    "; fit draws progress through a reporter: "
+    "fit(..., reporter=jtricks.training.progress.RichReporter())"
+)
 
 
 def _mix(mix: Any) -> tuple[str, float]:
