@@ -177,3 +177,46 @@ def test_the_newest_checkpoint_is_the_state_the_run_tested(tmp_path, extra):
         np.testing.assert_array_equal(a, b)
     got = evaluate(run.state, (run.inputs(data.x_test), data.y_test))
     assert got["accuracy"] == summary["test_accuracy"]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"logit_adjust": 1.0, "tta": 3, "tta_augment": "noise(0.1)"},
+        {"class_weight": "balanced", "ensemble": 2},
+        {"task": "regression", "target_scale": "standardize", "ensemble": 2},
+        {"task": "regression"},
+    ],
+)
+def test_a_run_loads_from_its_folder_alone_after_its_data_moved(tmp_path, settings):
+    """``config.json`` records the data's shapes (input shape and dtype, output width, class
+    counts, a regression's center): a folder whose ``npz`` file is gone loads with the task
+    the run built (its class weights, logit offsets, center and scale) and predicts as it
+    did; a folder without that record (written before it) reads the dataset again."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 5)).astype(np.float32)
+    y = (x[:, 0] > 0.6).astype(np.int64) + (x[:, 1] > 1.0)  # 3 classes of unequal sizes
+    if settings.get("task") == "regression":
+        y = (100.0 + x[:, :1] + 0.1 * rng.normal(size=(200, 1))).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x[:160], y=y[:160], x_test=x[160:], y_test=y[160:])
+    result = jtricks.train(
+        dataset=f"npz:{tmp_path / 'd.npz'}",
+        model="mlp(features=(8,))",
+        epochs=2,
+        out=tmp_path / "run",
+        **settings,
+    )
+    (tmp_path / "d.npz").rename(tmp_path / "moved.npz")
+    run = jtricks.load_run(tmp_path / "run")
+    assert run.task == result.task
+    np.testing.assert_array_equal(run.predict(x[160:]), result.predict(x[160:]))
+    if "tta" in settings:
+        hits = run.predict_tta(x[160:]).argmax(-1) == y[160:]  # as the summary's test figure
+        assert hits.mean() == pytest.approx(result.test["accuracy"])
+    record = json.loads((tmp_path / "run" / "config.json").read_text())
+    del record["shapes"]  # as a folder written before
+    (tmp_path / "run" / "config.json").write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match=r"d\.npz"):
+        jtricks.load_run(tmp_path / "run")
+    (tmp_path / "moved.npz").rename(tmp_path / "d.npz")
+    assert jtricks.load_run(tmp_path / "run").task == result.task

@@ -5,9 +5,10 @@ A run's config is JSON and names what it builds (``mnist1d``, ``npz:PATH``,
 Python session holds have no such name: `in_memory` gives them one from their contents,
 ``memory:`` and the first 16 hex digits of their SHA-256 (`Dataset.digest`), and holds
 them in this process under it, where `load_dataset` finds them (the ``memory:`` loader).
-The same arrays get the same name in any process, so a run folder trained on them loads
-and resumes in a new session once `in_memory` has been given them again; other arrays
-get another name, so a run never resumes on data it did not start with. The last `HELD`
+The same arrays get the same name in any process, so a run folder trained on them resumes
+in a new session once `in_memory` has been given them again (`jtricks.load_run` needs
+only the folder); other arrays get another name, so a run never resumes on data it did
+not start with. The last `HELD`
 datasets are held: a notebook that trains on many keeps its memory bounded.
 
 New here: `jtricks.train`, `jtricks.search` and run folders take a researcher's arrays
@@ -52,7 +53,7 @@ def in_memory(data: Any) -> str:
     Example:
       >>> spec = in_memory({"x": x, "y": y, "x_test": x_test, "y_test": y_test})
       >>> jtricks.train(dataset=spec, model="mlp", out="runs/mine")
-      >>> jtricks.load_run("runs/mine")  # in a new session: in_memory(the same arrays) first
+      >>> jtricks.train(resume="runs/mine")  # in a new session: in_memory(the same arrays) first
     """
     dataset = _as_dataset(data)
     spec = f"memory:{dataset.digest()[:16]}"

@@ -76,11 +76,55 @@ class RunData:
     def recorded(self) -> dict[str, Any]:
         """What a run folder's ``config.json`` records of its data: ``data_sha256`` (checked
         by ``--resume``), the fitted ``scaler`` and ``target_scale`` (`load_run` scales
-        with them, not with ones fitted again on data that may have changed)."""
+        with them, not with ones fitted again on data that may have changed) and the
+        ``shapes`` `load_run` rebuilds the model from without the data (`shapes`)."""
         scaler = None if self.scaler is None else self.scaler.to_json()
-        record = {"data_sha256": self.digest or None, "scaler": scaler}
+        record = {"data_sha256": self.digest or None, "scaler": scaler, "shapes": self.shapes()}
         return (
             record if self.target_scale is None else {**record, "target_scale": self.target_scale}
+        )
+
+    def shapes(self) -> dict[str, Any]:
+        """What the run's model and task are built from, so that `from_shapes` rebuilds them
+        without the dataset (moved, deleted, or arrays held in memory by another process):
+        the task spec, output width, training examples, an input's shape and dtype, the
+        training labels' class counts (class weights and logit offsets count them) and a
+        regression's center (`jtricks.tasks.Regression.centered`)."""
+        targets = None if self.on_disk else self.train[1] if self.labels is None else self.labels
+        counts = center = None
+        task = build_task(self.task_spec)
+        if targets is not None and isinstance(task, Classification):
+            counts = np.bincount(np.ravel(targets), minlength=self.num_classes).tolist()
+        if targets is not None and isinstance(task, Regression):
+            center = task.centered(np.asarray(targets)).center
+        x = self.example
+        return {
+            "task": self.task_spec,
+            "num_classes": self.num_classes,
+            "n_train": self.n_train,
+            "input": {"shape": list(x.shape[1:]), "dtype": str(x.dtype)},
+            "label_counts": counts,
+            "center": center,
+            "on_disk": self.on_disk,
+        }
+
+    @classmethod
+    def from_shapes(cls, shapes: dict[str, Any]) -> RunData:
+        """A stand-in for the data `shapes` recorded: zeros of the input's shape, and
+        training targets with the recorded class counts or regression center (the same
+        class weights, logit offsets and center when the task is built from them)."""
+        example = np.zeros((1, *shapes["input"]["shape"]), shapes["input"]["dtype"])
+        counts, center = shapes["label_counts"], shapes["center"]
+        train = None  # on disk
+        if not shapes["on_disk"]:
+            y = np.zeros(1)
+            if counts is not None:
+                y = np.repeat(np.arange(len(counts)), counts)
+            elif center is not None:
+                y = np.asarray([center], np.float64)
+            train = (example, y)
+        return cls(
+            shapes["task"], shapes["num_classes"], train, None, None, example, shapes["n_train"]
         )
 
     @property

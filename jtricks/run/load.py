@@ -3,9 +3,10 @@ trained on, to evaluate it or predict on new inputs.
 
 New here: orbax restores arrays into a given structure, and `jtricks.training.transfer`
 copies matching layers into another model; this rebuilds the run's own model, optimizer
-and input scaling from its ``config.json`` (the scaler fitted on the training rows, which
-the folder records; the dataset is loaded again for the model's shapes) and restores its
-last or best checkpoint, the run identity checked as ``--resume`` checks it.
+and input scaling from its ``config.json`` (the scaler fitted on the training rows and the
+data's shapes, which the folder records: the dataset is not read again, so a folder whose
+data moved still loads; an older folder's is read) and restores its last or best
+checkpoint, the run identity checked as ``--resume`` checks it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from jtricks.data import Scaler
 from jtricks.errors import ConfigError
 from jtricks.run.build import build, initial_state
 from jtricks.run.config import TrainConfig
-from jtricks.run.data import load_run_data
+from jtricks.run.data import RunData, load_run_data
 from jtricks.run.outputs import RawModel
 from jtricks.run.resume import foreign_checker, load_run_config, run_identity
 from jtricks.tasks import Task
@@ -96,8 +97,9 @@ def load_run(run_dir: str | os.PathLike, *, best: bool = False) -> LoadedRun:
     """
     run_dir = Path(run_dir)
     config = load_run_config(run_dir, param="run")
-    data = load_run_data(config)
     recorded = json.loads((run_dir / "config.json").read_text())
+    shapes = recorded.get("shapes")  # older folders: the dataset is read again
+    data = RunData.from_shapes(shapes) if shapes is not None else load_run_data(config)
     if recorded.get("target_scale") is not None:  # as fitted when the run started
         data.target_scale = recorded["target_scale"]
     b = build(config, data, None, False, rebuild=True)
