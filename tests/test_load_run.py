@@ -211,7 +211,9 @@ def test_a_run_loads_from_its_folder_alone_after_its_data_moved(tmp_path, settin
     assert run.task == result.task
     np.testing.assert_array_equal(run.predict(x[160:]), result.predict(x[160:]))
     if "tta" in settings:
-        hits = run.predict_tta(x[160:]).argmax(-1) == y[160:]  # as the summary's test figure
+        got = result.predict_tta(x[160:])  # train's result predicts as the loaded run
+        np.testing.assert_array_equal(run.predict_tta(x[160:]), got)
+        hits = got.argmax(-1) == y[160:]  # as the summary's test figure
         assert hits.mean() == pytest.approx(result.test["accuracy"])
     record = json.loads((tmp_path / "run" / "config.json").read_text())
     del record["shapes"]  # as a folder written before

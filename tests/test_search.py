@@ -139,6 +139,8 @@ def test_trials_take_what_a_single_run_takes_like_separate_fits(tmp_path, data):
     resumed = train(resume=tmp_path / "s" / "best").test
     assert set(result.test) == {k for k in resumed if k != "tta_views"}
     assert result.test["loss"] != result.test["single_view_loss"]
+    raw, best = load_dataset(DATASET).x_test, load_run(tmp_path / "s" / "best")
+    np.testing.assert_allclose(result.predict_tta(raw), best.predict_tta(raw), atol=1e-5)
     for name, value in result.test.items():
         assert resumed[name] == pytest.approx(value, rel=1e-5), name
 

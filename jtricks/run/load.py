@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 
 from jtricks.data import Scaler
 from jtricks.errors import ConfigError
@@ -30,7 +29,6 @@ from jtricks.run.resume import foreign_checker, load_run_config, run_identity
 from jtricks.tasks import Task
 from jtricks.training.checkpoint import CheckpointError, restore_latest
 from jtricks.training.state import TrainState, first_member
-from jtricks.training.tta import tta_predict
 
 
 @dataclass
@@ -49,37 +47,6 @@ class LoadedRun(RawModel):
     """With ``--tta V``: the views' augmentation and the key the run's summary used."""
     task: Task | None = field(default=None, repr=False)
     """The run's task: how an ensemble's outputs combine into one prediction."""
-
-    def predict_tta(self, x: Any, *, batch_size: int = 1000) -> np.ndarray:
-        """A ``--tta V`` run's prediction as its summary's test figures were computed: the
-        task's combination of the clean input and V-1 views of the run's augmentation,
-        keyed as the run keyed them (`jtricks.training.tta.tta_predict`; classification:
-        ``log p(y | x)``, ``(N, C)``, of the mean softmax; regression: the mean output), on
-        raw inputs and the parameters the run evaluated. `predict` is the single view
-        (``single_view_*`` in the summary).
-
-        Raises:
-          ConfigError (``param="tta"``): the run used no test-time augmentation.
-        """
-        if self.tta is None:
-            raise ConfigError(
-                "predict_tta needs a run with --tta > 1 (its views' combined prediction); "
-                f"this run has tta={self.config.tta}: use predict",
-                param="tta",
-            )
-        augment, key = self.tta
-        return self.task.values(
-            tta_predict(
-                self.state,
-                self.inputs(x),
-                augment,
-                views=self.config.tta,
-                key=key,
-                task=self.task,
-                batch_size=batch_size,
-                params=self.config.eval_params,
-            )
-        )
 
 
 def load_run(run_dir: str | os.PathLike, *, best: bool = False) -> LoadedRun:

@@ -23,6 +23,7 @@ from jtricks.training.class_report import ClassReport, plot_confusion
 from jtricks.training.predict import predict
 from jtricks.training.state import is_ensemble
 from jtricks.training.tensorboard import TensorBoard
+from jtricks.training.tta import tta_predict
 
 VARIANTS = ("ema_", "single_view_", "member_", "tta_", "val_ema_", "val_member_")
 """Prefixes of metrics reported under their own names beside the split's own."""
@@ -37,6 +38,8 @@ class RawModel:
     state: TrainState
     scaler: Any
     task: Any
+    tta: tuple[Any, jax.Array] | None = None
+    """With ``--tta V``: the views' augmentation and the key the run's summary used."""
 
     def inputs(self, x: Any) -> np.ndarray:
         """Raw inputs as the model read them in training: scaled with the training rows'
@@ -65,6 +68,37 @@ class RawModel:
             return out
         return np.asarray(self.task.combine(jnp.asarray(out)))
 
+    def predict_tta(self, x: Any, *, batch_size: int = 1000) -> np.ndarray:
+        """A ``--tta V`` run's prediction as its summary's test figures were computed: the
+        task's combination of the clean input and V-1 views of the run's augmentation,
+        keyed as the run keyed them (`jtricks.training.tta.tta_predict`; classification:
+        ``log p(y | x)``, ``(N, C)``, of the mean softmax; regression: the mean output), on
+        raw inputs and the parameters the run evaluated. `predict` is the single view
+        (``single_view_*`` in the summary).
+
+        Raises:
+          ConfigError (``param="tta"``): the run used no test-time augmentation.
+        """
+        if self.tta is None:
+            raise ConfigError(
+                "predict_tta needs a run with --tta > 1 (its views' combined prediction); "
+                f"this run has tta={self.config.tta}: use predict",
+                param="tta",
+            )
+        augment, key = self.tta
+        return self.task.values(
+            tta_predict(
+                self.state,
+                self.inputs(x),
+                augment,
+                views=self.config.tta,
+                key=key,
+                task=self.task,
+                batch_size=batch_size,
+                params=self.config.eval_params,
+            )
+        )
+
 
 @dataclass
 class RunResult(RawModel):
@@ -85,6 +119,8 @@ class RunResult(RawModel):
     """The inputs' preprocessing, fitted on the training rows (``None``: token ids)."""
     task: Any = field(default=None, repr=False)
     """The run's task: how an ensemble's outputs combine into one prediction."""
+    tta: tuple[Any, jax.Array] | None = field(default=None, repr=False)
+    """With ``--tta V``: the views' augmentation and the key the run's summary used."""
 
 
 class MetricsLog:

@@ -118,6 +118,7 @@ def train(
             warning,
             data.scaler,
             b.task,
+            None if b.tta_augment is None else (b.tta_augment, b.tta_key),
         )
 
 

@@ -37,6 +37,7 @@ class SearchResult(RawModel):
     state: Any = field(default=None, repr=False)
     scaler: Any = field(default=None, repr=False)
     task: Any = field(default=None, repr=False)
+    tta: Any = field(default=None, repr=False)
 
     @property
     def config(self) -> TrainConfig | None:
