@@ -145,3 +145,10 @@ def test_the_cli_names_what_a_memory_dataset_needs(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "names arrays held in memory" in err and "numpy.savez" in err
     assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def test_bad_arrays_are_named_as_the_dataset_in_memory(arrays):
+    x = arrays["x"].copy()
+    x[3, 1] = np.nan
+    with pytest.raises(ConfigError, match=r"^dataset in memory train split: features contain 1 "):
+        in_memory(dict(arrays, x=x))

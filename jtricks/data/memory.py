@@ -101,7 +101,7 @@ def _as_dataset(data: Any) -> Dataset:
             param="dataset",
         )
     where = "dataset in memory"
-    return arrays_dataset("memory", where, mapping_arrays(where, data, given="is"))
+    return arrays_dataset(where, where, mapping_arrays(where, data, given="is"))
 
 
 __all__ = ["HELD", "in_memory", "memory"]
