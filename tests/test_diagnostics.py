@@ -783,3 +783,25 @@ def test_diagnose_points_far_targets_to_target_scale_and_checks_them_standardize
     assert checks["overfit one batch"]["passed"]
     zero = scaled["reports"]["initial_loss"]["expected"]
     assert zero == pytest.approx(1.0, rel=1e-5)  # the mean square of standardized targets
+
+
+def test_cli_diagnose_reads_the_targets_for_the_task_given(tmp_path, capsys):
+    """``--task regression`` on whole-number targets (read as 4 classes by default): the
+    initial loss is checked against the zero output's mse, ``mean(y^2)`` by hand, not
+    ``log 4``, and ``diagnose.json`` names the task."""
+    import json
+
+    from jtricks.cli import main
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 6)).astype(np.float32)
+    y = np.clip(np.round(1.5 + x[:, 0]), 0, 3).astype(np.int64)
+    np.savez(tmp_path / "counts.npz", x=x, y=y, x_test=x[:20], y_test=y[:20])
+    args = [*TINY[2:], "--dataset", f"npz:{tmp_path / 'counts.npz'}", "--out"]
+    main(["diagnose", *args, str(tmp_path / "a")])
+    main(["diagnose", *args, str(tmp_path / "b"), "--task", "regression"])
+    capsys.readouterr()
+    a, b = (json.loads((tmp_path / d / "diagnose.json").read_text()) for d in "ab")
+    assert a["reports"]["initial_loss"]["expected"] == pytest.approx(np.log(4), rel=1e-6)
+    assert b["reports"]["initial_loss"]["expected"] == pytest.approx(np.mean(y**2.0), rel=1e-5)
+    assert (a["settings"]["task"], b["settings"]["task"]) == ("classification", "regression")

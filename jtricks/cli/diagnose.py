@@ -20,6 +20,7 @@ DESCRIPTION = (
 )
 SETTINGS = (
     "dataset",
+    "task",
     "model",
     "optimizer",
     "learning_rate",
@@ -40,6 +41,9 @@ SETTINGS = (
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     d = sub.add_parser("diagnose", help=HELP, description=DESCRIPTION)
     d.add_argument("--dataset", default="mnist1d", help="dataset spec (training split only)")
+    d.add_argument(
+        "--task", default=None, help="task spec (default: the dataset's own), as jtricks train"
+    )
     d.add_argument("--model", default="cnn", help="model spec")
     d.add_argument("--optimizer", default="adam", help="optimizer spec")
     d.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float, default=1e-2)

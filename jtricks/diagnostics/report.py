@@ -74,18 +74,20 @@ def diagnose(
     target_scale: str = "none",
     seed: int = 0,
     out: Any = None,
+    task: str | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """`check_model` on a model, optimizer and dataset given by name: what ``jtricks
     diagnose`` runs. The data is the dataset's training split, standardised on itself
     (token ids as they are; the test split is not touched), the loss its task's (with
     ``target_scale="standardize"``, a regression's on standardized targets, as
-    ``jtricks train --target-scale`` trains). ``settings`` are `CheckSettings`' fields."""
+    ``jtricks train --target-scale`` trains; ``task`` reads the targets for another task,
+    as ``jtricks train --task`` does). ``settings`` are `CheckSettings`' fields."""
     from jtricks.optim import build_optimizer
 
     checked = CheckSettings(**settings)  # before anything is loaded or written
-    task, net, x, y = _problem(dataset, model, preprocess, target_scale)
-    names = dict(dataset=dataset, model=model, optimizer=optimizer)
+    task, net, x, y = _problem(dataset, model, preprocess, target_scale, task)
+    names = dict(dataset=dataset, task=task.name, model=model, optimizer=optimizer)
     return check_model(
         net,
         lambda lr: build_optimizer(optimizer, lr),
@@ -171,11 +173,12 @@ def _run_checks(model, make_tx, data, key, state, task, settings):
     return result, (finder, signals, over)
 
 
-def _problem(dataset: str, model: str, preprocess: str, target_scale: str):
-    """``(task, model, x, y)``: the dataset's task (learning standardized targets for
-    ``target_scale="standardize"``), the model built for it, and its training split
-    (inputs standardised on themselves; token ids as they are)."""
+def _problem(dataset: str, model: str, preprocess: str, target_scale: str, task_spec: Any):
+    """``(task, model, x, y)``: the dataset's task or ``task_spec`` (learning standardized
+    targets for ``target_scale="standardize"``), the model built for it, and its training
+    split (inputs standardised on themselves; token ids as they are)."""
     from jtricks.data import Scaler, load_dataset
+    from jtricks.data.datasets import for_task
     from jtricks.nn import build_model
     from jtricks.tasks import Regression, build_task
 
@@ -185,7 +188,9 @@ def _problem(dataset: str, model: str, preprocess: str, target_scale: str):
             param="target_scale",
         )
     data = load_dataset(dataset)
-    x, y, task = data.x_train, data.y_train, build_task(data.task)
+    task = build_task(task_spec or data.task)
+    data = for_task(data, task.name)  # e.g. whole-number counts as a regression's targets
+    x, y = data.x_train, data.y_train
     if not np.issubdtype(x.dtype, np.integer):
         x = Scaler.fit(preprocess, x)(x)
     if target_scale == "standardize":
