@@ -180,7 +180,7 @@ def test_save_and_restore_roundtrip(tmp_path, key, optimizer):
     [
         (None, ["--resume", "{tmp}/nothing"], "not a jtricks run folder"),
         ("file", ["--resume", "{tmp}/a-file"], "it is a file, not a run folder"),
-        ("finished", ["--resume", "{run}"], "already finished"),
+        ("finished", ["--resume", "{run}"], "already finished (summary.json exists); to train"),
         ("badjson", ["--resume", "{run}"], "not a valid run config"),
         ("partial", ["--resume", "{run}", "--model", "mlp"], "do not also give --model"),
     ],

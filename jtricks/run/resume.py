@@ -52,7 +52,10 @@ def load_run_config(run_dir: str | os.PathLike, *, param: str = "resume") -> Tra
     elif not path.is_file():
         why = f"{path} does not exist (not a jtricks run folder)"
     elif param == "resume" and (Path(run_dir) / "summary.json").exists():
-        why = "the run already finished (summary.json exists)"
+        why = (
+            "the run already finished (summary.json exists); to train on from its final "
+            f"weights, start a new run from them: --pretrained {run_dir}"
+        )
     if why is not None:
         raise ConfigError(f"cannot {verb} {str(run_dir)!r}: {why}", param=param)
     try:
