@@ -68,7 +68,7 @@ CLI_CASES = [
         "class-names",
         {"y": np.array(["cat", "dog", "emu"])[np.arange(60) % 3]},
         [],
-        "got dtype <U3 (class names: save their indices, e.g. names, y = np.unique(",
+        "got dtype <U3 (class names are read as labels when y and y_test (and y_val) all ho",
     ),
     ("nonfinite-lr", {}, ["--lr", "inf"], "learning_rate"),
     ("nan-lr", {}, ["--lr", "nan"], "learning_rate"),

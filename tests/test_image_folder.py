@@ -40,7 +40,7 @@ def test_the_folders_become_the_pixels_and_labels_written(folder):
     root, written = folder
     data = load_dataset(f"imagefolder:{root}")
     assert data.num_classes == 3 and data.x_train.shape == (12, 6, 5, 3)
-    assert data.x_train.dtype == np.float32
+    assert data.x_train.dtype == np.float32 and data.classes == ("ant", "bee", "cat")
     for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
         np.testing.assert_array_equal(x, np.stack([p for p, _ in written[split]]))
         np.testing.assert_array_equal(y, [label for _, label in written[split]])
@@ -69,7 +69,9 @@ def test_the_cache_is_read_until_a_file_changes(folder, monkeypatch):
     import jtricks.data.image_folder as image_folder
 
     monkeypatch.setattr(image_folder, "_decode", lambda *a: pytest.fail("decoded again"))
-    np.testing.assert_array_equal(load_dataset(f"imagefolder:{root}").x_train, first.x_train)
+    cached = load_dataset(f"imagefolder:{root}")
+    np.testing.assert_array_equal(cached.x_train, first.x_train)
+    assert cached.classes == ("ant", "bee", "cat")
     monkeypatch.undo()
     _write(root, "train", "ant", np.zeros((6, 5, 3), np.uint8))
     assert load_dataset(f"imagefolder:{root}").x_train.shape[0] == 13

@@ -38,6 +38,7 @@ def test_a_table_of_class_names_splits_by_class_and_matches_numpys_reader(tmp_pa
     for a, expected in zip(got, want, strict=True):
         np.testing.assert_array_equal(a, expected)
     assert data.task == "classification" and data.num_classes == 3
+    assert data.classes == ("cat", "eel", "owl")
     for delimiter, name in ((";", "s.csv"), ("\t", "t.tsv")):
         other = _write(tmp_path / name, ["a", "b", "c", "kind"], [*X.T, NAMES], delimiter)
         again = load_dataset(f"csv(path='{other}', test_fraction=0.25, seed=4)")

@@ -35,6 +35,9 @@ class Dataset:
       val: ``(x_val, y_val)``, a validation split the dataset brings (a long-tailed or
         noisy dataset's clean, balanced one: `jtricks.data.imbalance`), used instead
         of carving ``val_fraction`` out of the training split; ``None`` otherwise.
+      classes: a classifier's class names, label ``i`` being ``classes[i]`` (an image
+        folder's folder names, a table's or an array's text labels, in sorted order), or
+        ``None``; a run records them, and its model's ``classes`` gives them back.
     """
 
     name: str
@@ -48,8 +51,14 @@ class Dataset:
     mask_train: np.ndarray | None = None
     mask_test: np.ndarray | None = None
     val: tuple[np.ndarray, np.ndarray] | None = None
+    classes: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.classes is not None and len(self.classes) != self.num_classes:
+            raise ConfigError(
+                f"{self.name}: {len(self.classes)} class names for {self.num_classes} classes",
+                param="dataset",
+            )
         if not 1 <= self.num_classes <= MAX_OUTPUTS:
             raise ConfigError(
                 f"{self.name}: {self.num_classes} outputs (classes, targets or vocabulary; for "

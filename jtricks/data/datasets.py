@@ -16,12 +16,13 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from jtricks.data.dataset import Dataset
 from jtricks.data.imbalance import degrade
-from jtricks.data.targets import TASK_NAMES, cast_targets, infer_task, outputs_for
+from jtricks.data.targets import TASK_NAMES, cast_targets, infer_task, label_names, outputs_for
 from jtricks.errors import ConfigError, check_int, check_range
 
 
@@ -191,15 +192,19 @@ def npz(path: str) -> Dataset:
     return arrays_dataset(f"npz:{p}", f"dataset file {str(p)!r}", arrays)
 
 
-def arrays_dataset(name: str, where: str, arrays: dict[str, np.ndarray]) -> Dataset:
+def arrays_dataset(
+    name: str, where: str, arrays: dict[str, np.ndarray], classes: Any = None
+) -> Dataset:
     """The `Dataset` of ``x, y, x_test, y_test`` (and optional ``mask``, ``mask_test``)
     arrays, as an ``npz:`` file holds them: numeric inputs, both splits non-empty, the
-    task their targets imply (`jtricks.data.targets.infer_task`). ``where`` names the
-    source in errors.
+    task their targets imply (`jtricks.data.targets.infer_task`); text labels are class
+    names, numbered in sorted order (`named_labels`), or ``classes`` names the labels.
+    ``where`` names the source in errors.
 
     Raises:
       ConfigError (``param="dataset"``).
     """
+    arrays, named = named_labels(where, arrays)
     for k in ("x", "x_test", "x_val")[: 3 if "x_val" in arrays else 2]:
         dtype = arrays[k].dtype
         if not (np.issubdtype(dtype, np.number) or dtype == np.bool_) or np.issubdtype(
@@ -215,7 +220,31 @@ def arrays_dataset(name: str, where: str, arrays: dict[str, np.ndarray]) -> Data
             param="dataset",
         )
     task = infer_task(where, arrays["x"], arrays["y"], _held_out(arrays))
-    return npz_dataset(name, arrays, task)
+    return npz_dataset(name, arrays, task, named or classes)
+
+
+def named_labels(where: str, arrays: dict[str, np.ndarray]) -> tuple[dict, tuple | None]:
+    """``arrays`` with text labels ``y`` (and ``y_test``, ``y_val``) as the indices of
+    their names in sorted order, and the names; as they are, and ``None``, otherwise.
+
+    Raises:
+      ConfigError (``param="dataset"``): a held-out name that ``y`` lacks.
+    """
+    held = [k for k in ("y_test", "y_val") if k in arrays]
+    texts = [arrays[k].dtype.kind in "US" and arrays[k].ndim == 1 for k in ("y", *held)]
+    if not all(texts):  # numbers, or a mix the task inference refuses in one line
+        return arrays, None
+    names, labels, unseen = label_names(arrays["y"], np.concatenate([arrays[k] for k in held]))
+    if unseen:
+        raise ConfigError(
+            f"{where}: {' and '.join(held)} {'holds' if len(held) == 1 else 'hold'} class "
+            f"name(s) {unseen[:5]} that y lacks",
+            param="dataset",
+        )
+    arrays, start = dict(arrays), 0
+    for k in ("y", *held):
+        arrays[k], start = labels[start : start + len(arrays[k])], start + len(arrays[k])
+    return arrays, names
 
 
 def _held_out(arrays: dict[str, np.ndarray]) -> np.ndarray:
@@ -295,7 +324,9 @@ def _masks(where: str, arrays: dict[str, np.ndarray], task: str) -> tuple:
     return arrays["mask"].astype(np.float32), arrays["mask_test"].astype(np.float32)
 
 
-def npz_dataset(name: str, arrays: dict[str, np.ndarray], task: str) -> Dataset:
+def npz_dataset(
+    name: str, arrays: dict[str, np.ndarray], task: str, classes: Any = None
+) -> Dataset:
     """The `Dataset` of ``x, y, x_test, y_test`` arrays read for ``task`` (a spec name of
     `jtricks.data.targets`): its output width, targets in the task's dtype, and inputs as
     float32 (int32 token ids for a language model)."""
@@ -323,6 +354,7 @@ def npz_dataset(name: str, arrays: dict[str, np.ndarray], task: str) -> Dataset:
         y_test=cast_targets(task, arrays["y_test"]),
         num_classes=outputs,
         task=task,
+        classes=tuple(classes) if classes is not None and task == "classification" else None,
     )
 
 

@@ -79,6 +79,7 @@ def imagefolder(path: str, size: tuple[int, int] | None = None, mode: str = "RGB
         x_test=arrays["x_test"].astype(np.float32),
         y_test=arrays["y_test"],
         num_classes=len(classes),
+        classes=tuple(classes),
     )
 
 

@@ -3,7 +3,8 @@
 A run's config is JSON and names what it builds (``mnist1d``, ``npz:PATH``,
 ``mydata:load``), so that its folder loads (`jtricks.load_run`) and resumes. Arrays a
 Python session holds have no such name: `in_memory` gives them one from their contents,
-``memory:`` and the first 16 hex digits of their SHA-256 (`Dataset.digest`), and holds
+``memory:`` and the first 16 hex digits of their SHA-256 (`Dataset.digest`, with the class
+names where given), and holds
 them in this process under it, where `load_dataset` finds them (the ``memory:`` loader).
 The same arrays get the same name in any process, so a run folder trained on them resumes
 in a new session once `in_memory` has been given them again (`jtricks.load_run` needs
@@ -19,6 +20,7 @@ run's split, preprocessing, test metrics and folder.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -56,7 +58,10 @@ def in_memory(data: Any) -> str:
       >>> jtricks.train(resume="runs/mine")  # in a new session: in_memory(the same arrays) first
     """
     dataset = _as_dataset(data)
-    spec = f"memory:{dataset.digest()[:16]}"
+    digest = dataset.digest()
+    if dataset.classes is not None:  # the same labels under other names: other data
+        digest = hashlib.sha256("\n".join([digest, *dataset.classes]).encode()).hexdigest()
+    spec = f"memory:{digest[:16]}"
     if spec not in _held:
         _held[spec] = dataset if dataset.name == spec else dataclasses.replace(dataset, name=spec)
     _held.move_to_end(spec)

@@ -24,6 +24,7 @@ import numpy as np
 from jtricks.data.dataset import Dataset
 from jtricks.data.datasets import arrays_dataset
 from jtricks.data.preprocess import train_val_split
+from jtricks.data.targets import label_names
 from jtricks.errors import ConfigError, check_range
 
 DELIMITERS = ",;\t"
@@ -56,7 +57,7 @@ def csv(
     x, y = _numbers(path, header, rows, features), _column(path, rows, header.index(name))
     if test is None:
         check_range("test_fraction", test_fraction, low=0.0, high=1.0, low_inclusive=False)
-        y, y_test = _targets(path, y, [])
+        y, y_test, names = _targets(path, y, [])
         labels = y.dtype.kind == "i"
         try:
             x, y, x_test, y_test = train_val_split(x, y, test_fraction, seed=seed, stratify=labels)
@@ -68,9 +69,9 @@ def csv(
             raise _error(test, f"has columns {test_header}; {path!r} has {header}")
         x_test = _numbers(test, test_header, test_rows, features)
         y_test = _column(test, test_rows, test_header.index(name))
-        y, y_test = _targets(path, y, y_test, test)
+        y, y_test, names = _targets(path, y, y_test, test)
     arrays = {"x": x, "y": y, "x_test": x_test, "y_test": y_test}
-    return arrays_dataset(f"csv:{path}", f"dataset file {path!r}", arrays)
+    return arrays_dataset(f"csv:{path}", f"dataset file {path!r}", arrays, classes=names)
 
 
 def _error(path: str, what: str) -> ConfigError:
@@ -125,21 +126,18 @@ def _numbers(path: str, header: list[str], rows: list[list[str]], names: list[st
 
 
 def _targets(path: str, train: list[str], test: list[str], test_path: str = "") -> tuple:
-    """Both splits' target cells as arrays: int64 labels for whole numbers in
-    ``[0, MAX_LABEL)`` or class names (numbered in sorted order of the training split's
-    names), else float32."""
+    """Both splits' target cells as arrays and the class names: int64 labels for whole
+    numbers in ``[0, MAX_LABEL)`` or class names (numbered in sorted order of the training
+    split's names: `jtricks.data.targets.label_names`), else float32."""
     cells = train + test
     try:
         values = np.asarray([float(c) for c in cells])
     except ValueError:
-        names = sorted(set(train))
-        unseen = sorted(set(test) - set(names))
+        names, labels, unseen = label_names(train, test)
         if unseen:
             raise _error(test_path, f"has class(es) {unseen[:5]} the training rows lack") from None
-        number = {n: i for i, n in enumerate(names)}
-        labels = np.asarray([number[c] for c in cells], np.int64)
-        return labels[: len(train)], labels[len(train) :]
+        return labels[: len(train)], labels[len(train) :], names
     whole = all(c.lstrip("+-").isdigit() for c in cells)
     labels = whole and 0 <= values.min() and values.max() < MAX_LABEL
     values = values.astype(np.int64) if labels else values.astype(np.float32)
-    return values[: len(train)], values[len(train) :]
+    return values[: len(train)], values[len(train) :], None

@@ -22,6 +22,8 @@ them) as labels, and `cast_targets` the dtype that task reads.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from jtricks.errors import ConfigError
@@ -33,6 +35,17 @@ TASK_NAMES = {  # `Task.name` -> the spec name used above
     "segmentation": "segmentation",
     "language model": "lm",
 }
+
+
+def label_names(train: Any, held_out: Any) -> tuple[tuple[str, ...], np.ndarray, list[str]]:
+    """``(names, labels, unseen)`` of text class labels: the training split's names in
+    sorted order, every label of ``train`` then ``held_out`` as its name's index (int64;
+    ``-1`` for a name the training split lacks), and those unseen held-out names."""
+    names = tuple(sorted({str(c) for c in train}))
+    number = {n: i for i, n in enumerate(names)}
+    everything = [str(c) for c in train] + [str(c) for c in held_out]
+    labels = np.asarray([number.get(c, -1) for c in everything], np.int64)
+    return names, labels, sorted({c for c in everything if c not in number})
 
 
 def _is_integer(a: np.ndarray) -> bool:
@@ -62,8 +75,9 @@ def infer_task(where: str, x: np.ndarray, y: np.ndarray, y_test: np.ndarray) -> 
         hint = ""
         if dtype.kind in "USO":  # class names: the labels are their indices
             hint = (
-                " (class names: save their indices, e.g. names, y = np.unique(y, "
-                "return_inverse=True), the same names for both splits)"
+                " (class names are read as labels when y and y_test (and y_val) all hold "
+                "names, one per example; or save their indices: names, y = np.unique(y, "
+                "return_inverse=True))"
             )
         raise ConfigError(
             f"{where}: targets must be integer class labels or real-valued regression "
@@ -155,4 +169,4 @@ def cast_targets(task: str, y: np.ndarray) -> np.ndarray:
     return y.astype(np.int32 if task in ("classification", "segmentation", "lm") else np.float32)
 
 
-__all__ = ["TASK_NAMES", "cast_targets", "infer_task", "outputs_for"]
+__all__ = ["TASK_NAMES", "cast_targets", "infer_task", "label_names", "outputs_for"]

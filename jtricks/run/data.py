@@ -55,6 +55,7 @@ class RunData:
         them, the same in every process.
       target_scale: ``target_scale='standardize'``: the per-output ``(mean, std)`` of the
         training rows' regression targets (`jtricks.tasks.Regression.standardized`).
+      classes: the class names (`Dataset.classes`), or ``None``.
     """
 
     task_spec: str
@@ -72,6 +73,7 @@ class RunData:
     digest: str = ""
     labels: np.ndarray | None = None
     target_scale: tuple | None = None
+    classes: tuple[str, ...] | None = None
 
     def recorded(self) -> dict[str, Any]:
         """What a run folder's ``config.json`` records of its data: ``data_sha256`` (checked
@@ -106,6 +108,7 @@ class RunData:
             "label_counts": counts,
             "center": center,
             "on_disk": self.on_disk,
+            "classes": None if self.classes is None else list(self.classes),
         }
 
     @classmethod
@@ -123,8 +126,16 @@ class RunData:
             elif center is not None:
                 y = np.asarray([center], np.float64)
             train = (example, y)
+        names = shapes.get("classes")
         return cls(
-            shapes["task"], shapes["num_classes"], train, None, None, example, shapes["n_train"]
+            shapes["task"],
+            shapes["num_classes"],
+            train,
+            None,
+            None,
+            example,
+            shapes["n_train"],
+            classes=None if names is None else tuple(names),
         )
 
     @property
@@ -193,6 +204,7 @@ def load_run_data(config: Any) -> RunData:
         data.loss_floor,
         scaler=scaler,
         target_scale=_target_scale(config, task, data.y_train[rows]),
+        classes=data.classes,
         digest=data.digest(),
     )
 

@@ -47,6 +47,8 @@ class LoadedRun(RawModel):
     """With ``--tta V``: the views' augmentation and the key the run's summary used."""
     task: Task | None = field(default=None, repr=False)
     """The run's task: how an ensemble's outputs combine into one prediction."""
+    classes: tuple[str, ...] | None = None
+    """The class names, where the data named them (see `RawModel`)."""
 
 
 def load_run(run_dir: str | os.PathLike, *, best: bool = False) -> LoadedRun:
@@ -86,4 +88,4 @@ def load_run(run_dir: str | os.PathLike, *, best: bool = False) -> LoadedRun:
     kept = [r["epoch"] for r in meta.get("history", ()) if r.get("step") == step]
     epoch = kept[-1] if kept else int(meta["epoch"])  # mid-epoch (interrupted): no record
     tta = None if b.tta_augment is None else (b.tta_augment, b.tta_key)
-    return LoadedRun(config, state, scaler, epoch, step, tta, b.task)
+    return LoadedRun(config, state, scaler, epoch, step, tta, b.task, data.classes)

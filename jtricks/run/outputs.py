@@ -40,6 +40,10 @@ class RawModel:
     task: Any
     tta: tuple[Any, jax.Array] | None = None
     """With ``--tta V``: the views' augmentation and the key the run's summary used."""
+    classes: tuple[str, ...] | None = None
+    """The class names of a classifier whose data named them (an image folder's folders, text
+    labels; `jtricks.data.Dataset.classes`): ``classes[i]`` is label ``i``, so
+    ``np.asarray(run.classes)[run.predict(x).argmax(-1)]`` names the predictions."""
 
     def inputs(self, x: Any) -> np.ndarray:
         """Raw inputs as the model read them in training: scaled with the training rows'
@@ -121,6 +125,8 @@ class RunResult(RawModel):
     """The run's task: how an ensemble's outputs combine into one prediction."""
     tta: tuple[Any, jax.Array] | None = field(default=None, repr=False)
     """With ``--tta V``: the views' augmentation and the key the run's summary used."""
+    classes: tuple[str, ...] | None = None
+    """The class names, where the data named them (see `RawModel`)."""
 
 
 class MetricsLog:
@@ -260,15 +266,19 @@ def plot_steps(history: History, ax_lr: Any, ax_grad: Any) -> None:
         ax.set(xlabel="step", ylabel=key, title=f"{title} (per step)")
 
 
-def class_entries(report: ClassReport | None, run_dir: Path | None) -> dict[str, Any]:
+def class_entries(
+    report: ClassReport | None, run_dir: Path | None, classes: Any = None
+) -> dict[str, Any]:
     """The summary's ``per_class`` entry of a classification run's test split (support,
-    recall, precision, F1 per class, and the confusion matrix), with its picture
-    ``confusion.png`` in the run folder; nothing for other tasks."""
+    recall, precision, F1 per class, the confusion matrix, and the ``classes``' names
+    where the data named them), with its picture ``confusion.png`` in the run folder;
+    nothing for other tasks."""
     if report is None:
         return {}
     if run_dir is not None:
-        plot_confusion(report, run_dir / "confusion.png")
-    return {"per_class": {**report.to_dict(), "confusion": report.confusion.tolist()}}
+        plot_confusion(report, run_dir / "confusion.png", classes=classes)
+    named = {} if classes is None else {"classes": list(classes)}
+    return {"per_class": {**named, **report.to_dict(), "confusion": report.confusion.tolist()}}
 
 
 def write_summary(

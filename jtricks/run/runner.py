@@ -119,6 +119,7 @@ def train(
             data.scaler,
             b.task,
             None if b.tta_augment is None else (b.tta_augment, b.tta_key),
+            data.classes,
         )
 
 
@@ -272,7 +273,7 @@ def final_metrics(
     test, report = evaluate_with_report(
         state, data.test, b.task, config.eval_batch_size, config.eval_params
     )
-    extra.update(class_entries(report, run_dir))
+    extra.update(class_entries(report, run_dir, data.classes))
     if state.ema_params is not None and config.eval_params != "ema":
         ema = evaluate(state, data.test, params="ema", **kw)
         test.update({f"ema_{k}": v for k, v in ema.items()})

@@ -38,6 +38,7 @@ class SearchResult(RawModel):
     scaler: Any = field(default=None, repr=False)
     task: Any = field(default=None, repr=False)
     tta: Any = field(default=None, repr=False)
+    classes: tuple[str, ...] | None = None
 
     @property
     def config(self) -> TrainConfig | None:

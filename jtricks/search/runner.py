@@ -463,6 +463,7 @@ def _test_best(result: SearchResult, best: _Best, data: RunData, out) -> None:
     b = build(config, data, None, False)
     result.state, result.scaler, result.task = state, data.scaler, b.task  # its model
     result.tta = None if b.tta_augment is None else (b.tta_augment, b.tta_key)
+    result.classes = data.classes
     test, _ = evaluate_with_report(
         state, data.test, b.task, config.eval_batch_size, config.eval_params
     )

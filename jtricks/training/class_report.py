@@ -115,9 +115,12 @@ def evaluate_with_report(
     return {"loss": loss, **{k: record_value(k, v) for k, v in metrics.items()}}, report
 
 
-def plot_confusion(report: ClassReport, path: Path, *, title: str = "test split") -> None:
+def plot_confusion(
+    report: ClassReport, path: Path, *, title: str = "test split", classes: Any = None
+) -> None:
     """Save the confusion matrix, each row normalised by its support (so a row's
-    diagonal cell is the class's recall), as a PNG, atomically; counts in the cells."""
+    diagonal cell is the class's recall), as a PNG, atomically; counts in the cells, and
+    the ``classes``' names on the axes where given."""
     from jtricks.plotting import pyplot, save_figure
 
     cm = report.confusion
@@ -128,6 +131,9 @@ def plot_confusion(report: ClassReport, path: Path, *, title: str = "test split"
     fig.colorbar(image, ax=ax, label="fraction of the true class")
     if k <= 20:
         ax.set(xticks=range(k), yticks=range(k))
+        if classes is not None:
+            ax.set_xticklabels(classes, rotation=90)
+            ax.set_yticklabels(classes)
         for i, j in np.ndindex(cm.shape):
             colour = "white" if rows[i, j] > 0.5 else "black"
             ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7, color=colour)
