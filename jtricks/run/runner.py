@@ -3,8 +3,9 @@
 ``train`` reads as the run does: resolve the config, load the data
 (`jtricks.run.data`), build the task, model, optimizer, augmentation and callbacks
 (`build`), create or restore the state and the run folder (`jtricks.run.folder.start`),
-`fit`, evaluate (`final_metrics`), and write the summary. An ensemble (``ensemble`` N) takes the same
-path with its N members stacked in one state. The CLI's ``jtricks train`` calls `train`.
+`fit`, evaluate (`final_metrics`), and write the summary. An ensemble (``ensemble`` N)
+takes the same path with its N members stacked in one state. The CLI's ``jtricks train``
+calls `train`.
 """
 
 from __future__ import annotations
