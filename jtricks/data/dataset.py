@@ -91,11 +91,13 @@ class Dataset:
 
     def digest(self) -> str:
         """`data_digest` of every array: both splits, the masks and the own validation
-        split (a run records it in ``config.json``; ``--resume`` checks it)."""
-        masks = (self.mask_train, self.mask_test)
-        return data_digest(
-            self.x_train, self.y_train, self.x_test, self.y_test, *masks, *(self.val or ())
-        )
+        split (a run records it in ``config.json``; ``--resume`` checks it). Computed once
+        per dataset, which is frozen (`jtricks.data.in_memory` names arrays by it too)."""
+        if "_digest" not in self.__dict__:
+            masks = (self.mask_train, self.mask_test)
+            arrays = (self.x_train, self.y_train, self.x_test, self.y_test, *masks)
+            object.__setattr__(self, "_digest", data_digest(*arrays, *(self.val or ())))
+        return self.__dict__["_digest"]
 
 
 def data_digest(*arrays: Any) -> str:

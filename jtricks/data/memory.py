@@ -19,7 +19,6 @@ run's split, preprocessing, test metrics and folder.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -39,7 +38,9 @@ _held: OrderedDict[str, Dataset] = OrderedDict()
 def in_memory(data: Any) -> str:
     """Hold ``data`` in this process and return its dataset spec, ``memory:<digest>``,
     for `jtricks.train`, `jtricks.search` (``TrainConfig(dataset=...)``) and
-    `load_dataset`. ``jtricks.train(dataset=data)`` calls it for you.
+    `load_dataset`. ``jtricks.train(dataset=data)`` calls it for you. The arrays are held
+    as given, not copied: changed in place afterwards, their name no longer says what
+    they hold.
 
     Args:
       data: a `Dataset`; a mapping of arrays ``x``, ``y``, ``x_test``, ``y_test`` (or
@@ -63,7 +64,7 @@ def in_memory(data: Any) -> str:
         digest = hashlib.sha256("\n".join([digest, *dataset.classes]).encode()).hexdigest()
     spec = f"memory:{digest[:16]}"
     if spec not in _held:
-        _held[spec] = dataset if dataset.name == spec else dataclasses.replace(dataset, name=spec)
+        _held[spec] = dataset  # the run reads its digest again: computed once
     _held.move_to_end(spec)
     while len(_held) > HELD:
         _held.popitem(last=False)
