@@ -3,14 +3,13 @@
 A run's config is JSON and names what it builds (``mnist1d``, ``npz:PATH``,
 ``mydata:load``), so that its folder loads (`jtricks.load_run`) and resumes. Arrays a
 Python session holds have no such name: `in_memory` gives them one from their contents,
-``memory:`` and the first 16 hex digits of their SHA-256 (`Dataset.digest`, with the class
-names where given), and holds
-them in this process under it, where `load_dataset` finds them (the ``memory:`` loader).
-The same arrays get the same name in any process, so a run folder trained on them resumes
-in a new session once `in_memory` has been given them again (`jtricks.load_run` needs
-only the folder); other arrays get another name, so a run never resumes on data it did
-not start with. The last `HELD`
-datasets are held: a notebook that trains on many keeps its memory bounded.
+``memory:`` and the first 16 hex digits of their SHA-256 (`Dataset.digest`, with the
+class names where given), and holds them in this process under it, where `load_dataset`
+finds them (the ``memory:`` loader). The same arrays get the same name in any process,
+so a run folder trained on them resumes in a new session once `in_memory` has been given
+them again (`jtricks.load_run` needs only the folder); other arrays get another name, so
+a run never resumes on data it did not start with. The last `HELD` datasets are held: a
+notebook that trains on many keeps its memory bounded.
 
 New here: `jtricks.train`, `jtricks.search` and run folders take a researcher's arrays
 without a file or a module of their own first; `fit` took them already, without the
