@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jtricks.tasks import Task
-from jtricks.tasks.base import per_example
+from jtricks.tasks.base import at_least_f32, per_example
 from jtricks.training.data_checks import num_examples
 from jtricks.training.model import apply_model
 
@@ -31,12 +31,7 @@ def widen_floats(tree: Any) -> Any:
     float64 model's outputs under `jax.enable_x64` kept (its loss and gradients stay in
     float64)."""
     return jax.tree.map(
-        lambda a: (
-            a.astype(jnp.promote_types(a.dtype, jnp.float32))
-            if jnp.issubdtype(a.dtype, jnp.floating)
-            else a
-        ),
-        tree,
+        lambda a: at_least_f32(a) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree
     )
 
 
