@@ -2,32 +2,54 @@
 reused.
 
 The tests compile hundreds of tiny programs and run each for milliseconds, so XLA's CPU
-backend compiles them without LLVM's optimisations (``--xla_backend_optimization_level=0``,
-inherited by the subprocesses the tests start): the same programs, and the whole suite
-in 790 s instead of 900 s at level 1 on the 2-core machine. The rounding moves a little
-(the fused optimizer's parameters 1.6e-6 from optax's, relative, after three steps;
-`tests/test_fused.py` allows 4e-6). An ``--xla_backend_optimization_level`` of your own
-in ``XLA_FLAGS`` wins; benchmarks and users keep XLA's default. What level 0 costs: code
-XLA writes itself runs unoptimised, so a dilated convolution (``fcn1d``; Eigen's
-convolutions are precompiled and unaffected) trains about 6x slower (the guide's
-segmentation example, 2000 examples for 5 epochs: 42 s against 6.9 s at level 1):
-keep such tests small.
+backend compiles them cheaply (`TEST_XLA_FLAGS`, inherited by the subprocesses the tests
+start): without LLVM's optimisations (``--xla_backend_optimization_level=0``: the whole
+suite in 790 s instead of 900 s at level 1 on the 2-core machine) and with the older
+loop emitters in place of the MLIR fusion emitters (``--xla_cpu_use_fusion_emitters=false``:
+five representative `jtricks.train` runs compile their 87 programs in 4.2 s instead of
+10.0 s at level 0). The same programs; the rounding moves a little (the fused
+optimizer's parameters 1.6e-6 from optax's, relative, after three steps;
+`tests/test_fused.py` allows 4e-6). A flag of your own in ``XLA_FLAGS`` wins, and a flag
+this jaxlib does not know is left out (XLA aborts on one); benchmarks and users keep
+XLA's default. What level 0 costs: code XLA writes itself runs unoptimised, so a dilated
+convolution (``fcn1d``; Eigen's convolutions are precompiled and unaffected) trains
+about 6x slower (the guide's segmentation example, 2000 examples for 5 epochs: 42 s
+against 6.9 s at level 1): keep such tests small.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
-if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):  # yours wins
-    os.environ["XLA_FLAGS"] = " ".join(
-        [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]
-    ).strip()
+TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
 
-import jax  # after XLA_FLAGS: the backend reads them when it starts
-import optax
-import pytest
 
-from jtricks.data import synthetic
+def _xla_knows(flag: str) -> bool:
+    """Whether this jaxlib's XLA accepts ``flag`` (tried in a subprocess: XLA aborts the
+    process on an unknown flag)."""
+    probe = [sys.executable, "-c", "import jax; jax.devices()"]
+    env = {**os.environ, "XLA_FLAGS": flag, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(probe, env=env, capture_output=True, timeout=300).returncode == 0
+
+
+def _with_test_xla_flags(flags: str) -> str:
+    """``flags`` and `TEST_XLA_FLAGS`, but for those named there already (yours win; the
+    pytest-xdist workers inherit the controller's) and those this XLA does not know."""
+    missing = [f for f in TEST_XLA_FLAGS if f.split("=")[0] not in flags]
+    added = [f for f in missing if f == TEST_XLA_FLAGS[0] or _xla_knows(f)]
+    return " ".join([flags, *added]).strip()
+
+
+os.environ["XLA_FLAGS"] = _with_test_xla_flags(os.environ.get("XLA_FLAGS", ""))
+
+# after XLA_FLAGS: the backend reads them when it starts
+import jax  # noqa: E402
+import optax  # noqa: E402
+import pytest  # noqa: E402
+
+from jtricks.data import synthetic  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")
