@@ -90,15 +90,15 @@ def _shared_xla_cache(mp: pytest.MonkeyPatch, tmp_path_factory) -> None:
 
 SLOWEST_FILES = (
     "test_distributed.py",
+    "test_guide.py",
     "test_examples.py",
     "test_cli_families.py",
     "test_diagnostics.py",
     "test_gpu_suite.py",
     "test_cli.py",
-    "test_guide.py",
 )
-"""The test files that take longest (seconds of one worker on the 2-core machine: 273,
-152, 88, 82, 76, 75, 67 of the suite's 1771), slowest first."""
+"""The test files that take longest (seconds of one worker on the 2-core machine: 172,
+111, 92, 67, 66, 47, 42 of the suite's 1221), slowest first."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

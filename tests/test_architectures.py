@@ -126,7 +126,9 @@ def test_remat_changes_memory_not_numbers():
         jax.tree.leaves(jax.jit(jax.grad(lambda p: loss(remat, p)))(v["params"])),
         strict=True,
     ):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        # float32 round-off of sums through ten layers, as XLA's fusion orders them (up to
+        # 1.1e-6 on gradients near 1); a layer left out of the recomputation is off by far more
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_inception_block_concatenates_its_four_branches():

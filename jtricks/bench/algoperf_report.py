@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from jtricks.plotting import pyplot, save_figure
+from jtricks.plotting import save_figure, subplots
 
 
 def _t(v: float | None) -> str:
@@ -64,10 +64,9 @@ def markdown(results: dict[str, Any]) -> str:
 
 def plot(results: dict[str, Any], out: Path) -> None:
     """``profile.png``, ``speedup.png`` (when the baseline ran) and ``lr_sensitivity.png``."""
-    plt = pyplot()
     algs, scores = results["algorithms"], results["scores"]
     prof = scores["profile"]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(6, 4))
     for a in algs:
         ax.step(prof["taus"], prof[a], where="post", label=f"{a} ({scores['score'][a]:.2f})")
     ax.set(xlabel="tau (time / fastest)", ylabel="fraction of workloads", ylim=(0, 1.05))
@@ -75,22 +74,22 @@ def plot(results: dict[str, Any], out: Path) -> None:
     save_figure(fig, out / "profile.png", axes=(ax,))
     speed = scores.get("speedup_vs_baseline")
     if speed:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        fig, ax = subplots(figsize=(6, 3.5))
         values = [speed[a]["speedup"] for a in algs]
         ax.bar(algs, [v if math.isfinite(v) else 0.0 for v in values], color="C0")
         ax.axhline(1.0, color="k", lw=1, ls=":")
         ax.set(ylabel=f"speedup over {results['protocol']['baseline']}")
         ax.tick_params(axis="x", labelrotation=30)
         save_figure(fig, out / "speedup.png", axes=(ax,))
-    _lr_sensitivity(plt, results, out)
+    _lr_sensitivity(results, out)
 
 
-def _lr_sensitivity(plt: Any, results: dict[str, Any], out: Path) -> None:
+def _lr_sensitivity(results: dict[str, Any], out: Path) -> None:
     """Per workload, each trial's best validation metric against its learning rate."""
     workloads = results["workloads"]
     cols = min(3, len(workloads))
     rows = -(-len(workloads) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.5 * rows), squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(4.5 * cols, 3.5 * rows), squeeze=False)
     for ax, w in zip(axes.flat, workloads, strict=False):
         for i, a in enumerate(results["algorithms"]):
             pts = [

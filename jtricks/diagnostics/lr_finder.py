@@ -16,7 +16,7 @@ import optax
 
 from jtricks.errors import ConfigError, check_int, check_range
 from jtricks.optim.pipeline import set_learning_rate
-from jtricks.plotting import pyplot, save_figure
+from jtricks.plotting import save_figure, subplots
 from jtricks.tasks import Task, as_task
 from jtricks.training.data_checks import as_arrays, check_data, num_examples
 from jtricks.training.epoch import ArrayFeed, make_part_program
@@ -42,9 +42,7 @@ class LRFinderResult:
 
     def plot(self, path: Any) -> None:
         """Final loss against learning rate (log axis), with the suggestion marked."""
-        plt = pyplot()
-
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = subplots(figsize=(6, 4))
         ax.plot(self.lrs, self.final, marker=".")
         ax.axvline(self.suggestion, color="C3", ls="--", label=f"suggestion {self.suggestion:.2e}")
         ax.set(
@@ -156,10 +154,8 @@ class LRRangeTestResult:
 
     def plot(self, path: Any) -> None:
         """Batch loss (faint) and smoothed loss against the rising rate, suggestion marked."""
-        plt = pyplot()
-
         end = len(self.lrs) if self.diverged_at is None else self.diverged_at
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = subplots(figsize=(6, 4))
         ax.plot(self.lrs[:end], self.losses[:end], color="C0", alpha=0.3, label="batch loss")
         ax.plot(self.lrs, self.smoothed, color="C0", label="smoothed")
         ax.axvline(self.suggestion, color="C3", ls="--", label=f"suggestion {self.suggestion:.2e}")

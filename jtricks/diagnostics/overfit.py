@@ -15,7 +15,7 @@ import optax
 
 from jtricks.diagnostics.common import diagnostic_batch
 from jtricks.errors import check_int, check_range
-from jtricks.plotting import pyplot, save_figure
+from jtricks.plotting import save_figure, subplots
 from jtricks.tasks import LanguageModel, Task
 from jtricks.training.state import create_train_state
 from jtricks.training.steps import EvalStep, LossFn, make_train_step
@@ -112,9 +112,8 @@ def memorisation_floor(task: Task, batch: Any) -> float:
 
 
 def plot_overfit(rep: OverfitReport, path: Any) -> None:
-    plt = pyplot()
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(6, 4))
     ax.plot(np.arange(1, len(rep.losses) + 1), rep.losses)
     label = f"epsilon {rep.epsilon:g}" + (f" above the floor {rep.floor:.3g}" if rep.floor else "")
     ax.axhline(rep.floor + rep.epsilon, color="C3", ls="--", label=label)

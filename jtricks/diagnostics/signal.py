@@ -14,7 +14,7 @@ from flax import traverse_util
 
 from jtricks.diagnostics.common import diagnostic_batch, group_by_layer, text_table
 from jtricks.errors import check_int, check_range
-from jtricks.plotting import pyplot, save_figure
+from jtricks.plotting import save_figure, subplots
 from jtricks.tasks import Task
 from jtricks.training.gradients import objective
 from jtricks.training.model import NNXApply
@@ -212,9 +212,8 @@ def track_signal(
 
 
 def plot_signal(reports: list[SignalReport], path: Any) -> None:
-    plt = pyplot()
 
-    fig, (ax_a, ax_g) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_a, ax_g) = subplots(1, 2, figsize=(11, 4))
     for rep in reports:
         layers = [r["layer"] for r in rep.rows]
         ax_a.plot(

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jtricks.errors import ConfigError, WriteError
-from jtricks.plotting import pyplot, save_figure
+from jtricks.plotting import save_figure, subplots
 from jtricks.run.config import TrainConfig
 from jtricks.rundir import check_writable, write_json
 from jtricks.training import History, TrainState
@@ -244,7 +244,7 @@ def plot_curves(history: History, path: Path) -> None:
     first = history.records[0] if history.records else {}
     metric = main_metric(first)
     rows = 2 if history.steps else 1
-    fig, axes = pyplot().subplots(rows, 2, figsize=(10, 4 * rows), squeeze=False)
+    fig, axes = subplots(rows, 2, figsize=(10, 4 * rows), squeeze=False)
     (ax_loss, ax_metric) = axes[0]
     for prefix, label in (("train_", "train"), ("val_", "validation")):
         if f"{prefix}loss" in first:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jtricks.plotting import pyplot, save_figure
+from jtricks.plotting import save_figure, subplots
 from jtricks.run.config import TrainConfig
 from jtricks.run.outputs import RawModel
 from jtricks.run.resume import config_digest, new_identity
@@ -111,7 +111,7 @@ def plot_search(records: list[dict[str, Any]], space: dict[str, Any], metric: st
     """``search.png``: the validation metric against each hyper-parameter (log axis for a
     log-scaled range), one point per finished trial."""
     done = [r for r in records if r["score"] is not None and math.isfinite(r["score"])]
-    fig, axes = pyplot().subplots(1, len(space), figsize=(4 * len(space), 3.5), squeeze=False)
+    fig, axes = subplots(1, len(space), figsize=(4 * len(space), 3.5), squeeze=False)
     for ax, (name, dim) in zip(axes[0], space.items(), strict=True):
         xs = [r["values"][name] for r in done]
         if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in xs):

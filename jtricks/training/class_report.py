@@ -121,12 +121,12 @@ def plot_confusion(
     """Save the confusion matrix, each row normalised by its support (so a row's
     diagonal cell is the class's recall), as a PNG, atomically; counts in the cells, and
     the ``classes``' names on the axes where given."""
-    from jtricks.plotting import pyplot, save_figure
+    from jtricks.plotting import save_figure, subplots
 
     cm = report.confusion
     rows = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     k = len(cm)
-    fig, ax = pyplot().subplots(figsize=(1.2 + 0.45 * k, 1 + 0.4 * k))
+    fig, ax = subplots(figsize=(1.2 + 0.45 * k, 1 + 0.4 * k))
     image = ax.imshow(rows, vmin=0.0, vmax=1.0, cmap="Blues")
     fig.colorbar(image, ax=ax, label="fraction of the true class")
     if k <= 20:
