@@ -42,4 +42,5 @@ def save_figure(fig: Any, path: str | os.PathLike, *, axes: Any = (), dpi: int =
             ax.legend(fontsize=7 if labelled > 6 else None)
     fig.set_dpi(dpi)
     fig.tight_layout()
+    fig.set_layout_engine(None)  # laid out: else savefig lays it out once more
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))

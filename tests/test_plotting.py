@@ -55,3 +55,24 @@ def test_figures_leave_the_researchers_backend_and_figures_alone(tmp_path):
     with Image.open(tmp_path / "confusion.png") as png:
         assert png.format == "PNG" and png.size[0] > 100
     assert sorted(p.name for p in tmp_path.iterdir()) == ["confusion.png", "curves.png"]
+
+
+def test_a_confusion_matrix_makes_room_for_long_class_names(tmp_path):
+    """Long names on the axes: no clipped layout (matplotlib warns when it cannot fit
+    them; the figure kept its size for 4 classes whatever their names), cut at 24."""
+    import warnings
+
+    import numpy as np
+
+    from jtricks.training.class_report import ClassReport, _shortened, plot_confusion
+
+    names = ["airplane", "automobile with a long name", "bird", "x" * 40]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Tight layout not applied" was the clipping
+        plot_confusion(
+            ClassReport(np.eye(4, dtype=np.int64) * 5), tmp_path / "c.png", classes=names
+        )
+        plot_confusion(ClassReport(np.eye(4, dtype=np.int64) * 5), tmp_path / "s.png")
+    with Image.open(tmp_path / "c.png") as named, Image.open(tmp_path / "s.png") as plain:
+        assert named.size[0] > plain.size[0] + 100 and named.size[1] > plain.size[1] + 100
+    assert _shortened("x" * 40) == "x" * 23 + "\u2026" and _shortened("bird") == "bird"

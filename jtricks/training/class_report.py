@@ -120,22 +120,30 @@ def plot_confusion(
 ) -> None:
     """Save the confusion matrix, each row normalised by its support (so a row's
     diagonal cell is the class's recall), as a PNG, atomically; counts in the cells, and
-    the ``classes``' names on the axes where given."""
+    the ``classes``' names on the axes where given (past 24 characters cut, the figure
+    grown by their length so that none is clipped)."""
     from jtricks.plotting import save_figure, subplots
 
     cm = report.confusion
     rows = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     k = len(cm)
-    fig, ax = subplots(figsize=(1.2 + 0.45 * k, 1 + 0.4 * k))
+    names = None if classes is None or k > 20 else [_shortened(str(c)) for c in classes]
+    margin = 0.0 if names is None else 0.085 * max(map(len, names))  # 10-point characters
+    fig, ax = subplots(figsize=(1.2 + 0.45 * k + margin, 1 + 0.4 * k + margin))
     image = ax.imshow(rows, vmin=0.0, vmax=1.0, cmap="Blues")
     fig.colorbar(image, ax=ax, label="fraction of the true class")
     if k <= 20:
         ax.set(xticks=range(k), yticks=range(k))
-        if classes is not None:
-            ax.set_xticklabels(classes, rotation=90)
-            ax.set_yticklabels(classes)
+        if names is not None:
+            ax.set_xticklabels(names, rotation=90)
+            ax.set_yticklabels(names)
         for i, j in np.ndindex(cm.shape):
             colour = "white" if rows[i, j] > 0.5 else "black"
             ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7, color=colour)
     ax.set(xlabel="predicted class", ylabel="true class", title=f"confusion ({title})")
     save_figure(fig, path)
+
+
+def _shortened(name: str, width: int = 24) -> str:
+    """``name`` cut to ``width`` characters, the cut marked (the summary keeps it whole)."""
+    return name if len(name) <= width else name[: width - 1] + "\u2026"
