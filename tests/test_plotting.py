@@ -76,3 +76,23 @@ def test_a_confusion_matrix_makes_room_for_long_class_names(tmp_path):
     with Image.open(tmp_path / "c.png") as named, Image.open(tmp_path / "s.png") as plain:
         assert named.size[0] > plain.size[0] + 100 and named.size[1] > plain.size[1] + 100
     assert _shortened("x" * 40) == "x" * 23 + "\u2026" and _shortened("bird") == "bird"
+
+
+def test_preload_imports_matplotlib_in_the_background_and_nothing_global():
+    """`preload` (called as a run with a folder starts) imports the figure modules on a
+    thread of its own; pyplot stays unimported."""
+    code = (
+        "import sys, jtricks.plotting as p\n"
+        "before = 'matplotlib.figure' in sys.modules\n"
+        "p.preload().join(timeout=120)\n"
+        "print(before, 'matplotlib.figure' in sys.modules, 'matplotlib.pyplot' in sys.modules)\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["False", "True", "False"]

@@ -21,6 +21,7 @@ import jax
 
 from jtricks.data.memory import in_memory
 from jtricks.errors import ConfigError, Interrupted, StreamError
+from jtricks.plotting import preload
 from jtricks.run.build import Build, build, name_the_dataset
 from jtricks.run.config import TrainConfig, check_keys, check_recordable
 from jtricks.run.data import RunData, load_run_data, refuse_on_disk
@@ -90,6 +91,8 @@ def train(
     t0 = time.perf_counter()
     with contextlib.ExitStack() as locks:  # the run folder's lock, held for the whole run
         config, out = resolve_config(config, out, resume, locks, overrides)
+        if out is not None:
+            preload()  # matplotlib, for the plots at the end
         locks.enter_context(name_the_dataset(config))  # a model refused names its dataset
         data = load_run_data(config)
         if resume is not None:
