@@ -120,7 +120,9 @@ def test_labels_saved_as_whole_reals_are_labels_with_task_classification(tmp_pat
         (
             np.arange(10) - 3,
             np.arange(4),
-            r"labels must lie in \[0, C-1\] for C classes; got values in \[-3, 6\]",
+            r"labels must lie in \[0, C-1\] for C classes; got values in \[-3, 6\] "
+            r"\(number them from 0, as np.unique\(y, return_inverse=True\) does, or give "
+            r"them as class names",
         ),
         (np.zeros(10, np.complex64), np.zeros(4, np.complex64), "got dtype complex64"),
         (np.zeros(10, np.int32), np.zeros(4, np.float32), "must be of one kind"),

@@ -152,7 +152,9 @@ def outputs_for(task: str, where: str, x: np.ndarray, y: np.ndarray, y_test: np.
         if low < 0:
             raise ConfigError(
                 f"{where}: {task} labels must lie in [0, C-1] for C classes; got values in "
-                f"[{low}, {high}]",
+                f"[{low}, {high}] (number them from 0, as np.unique(y, return_inverse=True) "
+                "does, or give them as class names, text such as neg and pos, which are "
+                "numbered in sorted order)",
                 param="dataset",
             )
         return high + 1
