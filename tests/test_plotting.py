@@ -13,6 +13,15 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
+def _env() -> dict[str, str]:
+    """This process's environment with the repository on ``PYTHONPATH``."""
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+
+
 SESSION = """
 import json, sys
 from pathlib import Path
@@ -35,16 +44,12 @@ print(json.dumps({**state, "current_is_mine": plt.gcf() is mine}))
 
 
 def test_figures_leave_the_researchers_backend_and_figures_alone(tmp_path):
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
     proc = subprocess.run(
         [sys.executable, "-c", SESSION, str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=300,
-        env=env,
+        env=_env(),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -87,12 +92,8 @@ def test_preload_imports_matplotlib_in_the_background_and_nothing_global():
         "p.preload().join(timeout=120)\n"
         "print(before, 'matplotlib.figure' in sys.modules, 'matplotlib.pyplot' in sys.modules)\n"
     )
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
     proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=_env()
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["False", "True", "False"]
