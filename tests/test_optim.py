@@ -132,12 +132,14 @@ def ref_rmsprop(beta, eps, in_sqrt, centered=False, mom=None):
     return step
 
 
-def ref_adam(b1, b2, eps, wd=0.0):
+def ref_adam(b1, b2, eps, wd=0.0, nesterov=False):
     def step(k, w, g, s, t, G):
         m, v = s
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g**2
         mh, vh = m / (1 - b1**t), v / (1 - b2**t)
+        if nesterov:  # NAdam (Dozat 2016): the momentum one step ahead
+            mh = b1 * m / (1 - b1 ** (t + 1)) + (1 - b1) * g / (1 - b1**t)
         decay = wd * w if k == "w" else 0.0  # default mask: kernels only
         return w - ETA * (mh / (np.sqrt(vh) + eps) + decay), (m, v)
 
@@ -202,6 +204,20 @@ def _z(v):
 
 CASES = [
     Case("sgd", lambda: sgd(ETA), "sgd(lr=0.1)", ref_sgd),
+    Case(
+        "sgd_momentum",
+        lambda: sgd(ETA, momentum=GAMMA),
+        "sgd(lr=0.1, momentum=0.9)",
+        ref_torch(False),
+        _z,
+    ),
+    Case(
+        "sgd_momentum_nesterov",
+        lambda: sgd(ETA, GAMMA, nesterov=True),
+        "sgd(lr=0.1, momentum=0.9, nesterov=True)",
+        ref_torch(True),
+        _z,
+    ),
     Case(
         "momentum_classic",
         lambda: momentum(ETA, GAMMA),
@@ -302,6 +318,20 @@ CASES = [
         lambda: adamw(ETA, weight_decay=0.1),
         "adamw(lr=0.1, weight_decay=0.1)",
         ref_adam(0.9, 0.999, 1e-8, wd=0.1),
+        lambda v: (_z(v), _z(v)),
+    ),
+    Case(
+        "nadam",
+        lambda: adam(ETA, nesterov=True),
+        "adam(lr=0.1, nesterov=True)",
+        ref_adam(0.9, 0.999, 1e-8, nesterov=True),
+        lambda v: (_z(v), _z(v)),
+    ),
+    Case(
+        "nadamw",
+        lambda: adamw(ETA, weight_decay=0.1, nesterov=True),
+        "adamw(lr=0.1, weight_decay=0.1, nesterov=True)",
+        ref_adam(0.9, 0.999, 1e-8, wd=0.1, nesterov=True),
         lambda v: (_z(v), _z(v)),
     ),
     Case(
@@ -460,11 +490,35 @@ def test_proximal_l1_gives_exact_zeros_and_subgradient_does_not():
         np.testing.assert_array_equal(p["b"], params["b"])  # biases are masked out by default
 
 
-def test_adamw_equals_optax_adamw():
-    mask = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)  # noqa: E731
+_DECAY = optax.linear_schedule(ETA, ETA / 10, STEPS)
+
+
+def _kernels(p):
+    return jax.tree.map(lambda x: x.ndim >= 2, p)
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [
+        (
+            lambda: adamw(ETA, weight_decay=0.1),
+            lambda: optax.adamw(ETA, weight_decay=0.1, mask=_kernels),
+        ),
+        # a decaying rate: PyTorch's form (rate outside the velocity) and the texts' part ways
+        (lambda: sgd(_DECAY, 0.9), lambda: optax.sgd(_DECAY, 0.9)),
+        (lambda: sgd(_DECAY, 0.9, nesterov=True), lambda: optax.sgd(_DECAY, 0.9, nesterov=True)),
+        (lambda: adam(ETA, nesterov=True), lambda: optax.nadam(ETA)),
+        (
+            lambda: adamw(ETA, weight_decay=0.1, nesterov=True),
+            lambda: optax.nadamw(ETA, weight_decay=0.1, mask=_kernels),
+        ),
+    ],
+    ids=["adamw", "sgd_momentum", "sgd_nesterov", "nadam", "nadamw"],
+)
+def test_named_optimizers_equal_optax_s_with_the_same_arguments(ours, theirs):
     with jax.enable_x64(True):
-        a = _run_tx(adamw(ETA, weight_decay=0.1))
-        b = _run_tx(optax.adamw(ETA, weight_decay=0.1, mask=mask))
+        a = _run_tx(ours())
+        b = _run_tx(theirs())
     for x, y in zip(a, b, strict=True):
         for k in x:
             np.testing.assert_allclose(x[k], y[k], rtol=1e-12, atol=1e-12)
@@ -589,7 +643,9 @@ def _check_jit_and_bf16(tx, params, grads, name):
             "valid optimizers are: adadelta, adagrad, adam, adamw, momentum, normalized_sgd, rmsprop, sgd",
         ),
         ("adam | clip_norm(1)", "valid transforms are: clip_by_value, clip_global_norm"),
-        ("adam(beta=0.9)", "valid arguments are: learning_rate, b1, b2, eps, eps_root"),
+        ("adam(beta=0.9)", "valid arguments are: learning_rate, b1, b2, eps, eps_root, nesterov"),
+        ("sgd(nesterov=True)", "nesterov=True looks ahead along the momentum; give momentum"),
+        ("sgd(momentum=1.0)", "momentum"),
         ("adam(b1=1.5)", "b1"),
         ("adam | sgd", "exactly one optimizer"),
         ("l2(1e-4)", "no optimizer"),

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import optax
 
-from jtricks.errors import check_range
+from jtricks.errors import ConfigError, check_range
 from jtricks.optim.sweep import sweepable
 from jtricks.optim.transforms import (
     MaskSpec,
@@ -51,10 +51,27 @@ def rate_in_state(
 
 
 @rate_in_state
-def sgd(learning_rate: ScalarOrSchedule) -> optax.GradientTransformation:
-    """Mini-batch SGD: ``w <- w - eta g``."""
+def sgd(
+    learning_rate: ScalarOrSchedule, momentum: float | None = None, nesterov: bool = False
+) -> optax.GradientTransformation:
+    """Mini-batch SGD: ``w <- w - eta g``; `optax.sgd`'s arguments.
+
+    With ``momentum=mu``: ``v <- mu v + g ; w <- w - eta v`` (``nesterov=True``:
+    ``w <- w - eta (g + mu v)``), the learning rate outside the velocity as in
+    `optax.sgd` and PyTorch's ``SGD(momentum=mu)`` (`momentum` with ``form="torch"``;
+    its other forms put the rate inside).
+    """
     check_lr(learning_rate)
-    return optax.chain(optax.scale_by_learning_rate(learning_rate))
+    if momentum is None:
+        if nesterov:
+            raise ConfigError(
+                "nesterov=True looks ahead along the momentum; give momentum too "
+                "(e.g. sgd(lr, momentum=0.9, nesterov=True))",
+                param="nesterov",
+            )
+        return optax.chain(optax.scale_by_learning_rate(learning_rate))
+    check_range("momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
+    return momentum_chain(learning_rate, momentum, form="torch", nesterov=nesterov)
 
 
 @rate_in_state
@@ -146,22 +163,28 @@ def adam(
     eps: float = 1e-8,
     *,
     eps_root: float = 0.0,
+    nesterov: bool = False,
 ) -> optax.GradientTransformation:
     """Adam: ``m <- b1 m + (1-b1) g ; v <- b2 v + (1-b2) g^2 ;
     w <- w - eta m_hat / (sqrt(v_hat) + eps)`` with ``m_hat = m / (1 - b1^t)``, ``v_hat = v / (1 - b2^t)``.
+
+    ``nesterov=True`` is NAdam (`optax.nadam`): ``m_hat = b1 m / (1 - b1^(t+1)) +
+    (1 - b1) g / (1 - b1^t)``, the momentum looked up one step ahead.
 
     Exactly `optax.scale_by_adam` followed by the learning-rate scale (eps outside
     the root, as in the paper and PyTorch).
 
     References:
-      Kingma & Ba, "Adam: A Method for Stochastic Optimization" (2015), https://arxiv.org/abs/1412.6980
+      Kingma & Ba, "Adam: A Method for Stochastic Optimization" (2015), https://arxiv.org/abs/1412.6980;
+      Dozat, "Incorporating Nesterov Momentum into Adam" (2016)
     """
     check_lr(learning_rate)
     for name, b in (("b1", b1), ("b2", b2)):
         check_range(name, b, low=0.0, high=1.0, high_inclusive=False)
     check_range("eps", eps, low=0.0)
     return optax.chain(
-        optax.scale_by_adam(b1, b2, eps, eps_root), optax.scale_by_learning_rate(learning_rate)
+        optax.scale_by_adam(b1, b2, eps, eps_root, nesterov=nesterov),
+        optax.scale_by_learning_rate(learning_rate),
     )
 
 
@@ -173,13 +196,16 @@ def adamw(
     eps: float = 1e-8,
     weight_decay: float = 1e-4,
     *,
+    eps_root: float = 0.0,
+    nesterov: bool = False,
     mask: MaskSpec = None,
 ) -> optax.GradientTransformation:
     """AdamW: Adam plus decoupled weight decay,
     ``w <- w - eta (m_hat / (sqrt(v_hat) + eps) + lam w)``; equal to `optax.adamw`
-    with the same mask. Default mask: kernels only."""
+    with the same mask (``nesterov=True``: NAdamW, `optax.nadamw`). Default mask:
+    kernels only."""
     return optax.chain(
-        adam(learning_rate, b1, b2, eps),
+        adam(learning_rate, b1, b2, eps, eps_root=eps_root, nesterov=nesterov),
         decoupled_weight_decay(weight_decay, learning_rate, mask=mask),
     )
 
