@@ -8,7 +8,8 @@ every epoch (``--no-val``: neither does; the hand loop in one forward pass,
 values, logs the per-step norms, and returns its history: that is the overhead measured
 here. ``validation_flop_share`` in the JSON is validation's FLOPs over an epoch's
 training FLOPs (XLA's cost analysis of both programs). Compilation is excluded
-(one warm-up call each); each repeat times ``--epochs`` epochs; medians over
+(one warm-up call each), and so is making a repeat's starting state (both clocks start
+once it is on the device); each repeat times ``--epochs`` epochs; medians over
 ``--repeats``. Runs alternate between the two, and which goes first alternates too
 (fit, hand, hand, fit, ...), so drift and any after-effect of the other loop hit both
 alike; besides the ratio of the medians, the median of the paired ratios (each fit
@@ -145,7 +146,7 @@ def main() -> None:
     steps = args.epochs * steps_per_epoch
 
     def time_fit() -> float:
-        s = create_train_state(model, tx, x_tr, key)
+        s = jax.block_until_ready(create_train_state(model, tx, x_tr, key))
         t = time.perf_counter()
         s, _ = fit(
             s,
@@ -166,8 +167,9 @@ def main() -> None:
 
     def time_hand() -> float:
         params = jax.tree.map(jnp.copy, state.params)
+        opt_state = jax.block_until_ready(tx.init(params))
         t = time.perf_counter()
-        run_hand(params, tx.init(params), 0, args.epochs)
+        run_hand(params, opt_state, 0, args.epochs)
         return time.perf_counter() - t
 
     time_fit(), time_hand()  # compile both
