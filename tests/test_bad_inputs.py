@@ -189,6 +189,8 @@ def state():
     )
 
 
+_DATA = (np.zeros((10, 6)), np.zeros(10, np.int32))
+
 API_CASES = [
     (
         "fit-wrong-rank",
@@ -227,6 +229,60 @@ API_CASES = [
         "fit-batch-too-big",
         lambda s: fit(s, (np.zeros((10, 6)), np.zeros(10, np.int32)), batch_size=11, epochs=1),
         "batch_size",
+    ),
+    (
+        "fit-int-data-key",
+        lambda s: fit(s, _DATA, batch_size=2, epochs=1, data_key=3),
+        r"data_key must be one PRNG key, e\.g\. jax\.random\.key\(0\) .*; got int 3",
+    ),
+    (
+        "fit-float-data-key",
+        lambda s: fit(s, _DATA, batch_size=2, epochs=1, data_key=np.zeros(2, np.float32)),
+        r"data_key must be one PRNG key.*got an array of shape \(2,\) and dtype float32",
+    ),
+    (
+        "fit-one-callback-not-in-a-list",
+        lambda s: fit(s, _DATA, batch_size=2, epochs=1, callbacks=lambda r, s: None),
+        r"callbacks must be a list of callbacks; got function \(one callback: callbacks=\[cb\]\)",
+    ),
+    (
+        "fit-callback-without-on-epoch-end",
+        lambda s: fit(s, _DATA, batch_size=2, epochs=1, callbacks=[print]),
+        r"callbacks\[0\] must have an on_epoch_end\(record, state\) method",
+    ),
+    (
+        "fit-reporter-flag",
+        lambda s: fit(s, _DATA, batch_size=2, epochs=1, reporter=True),
+        "reporter must be a progress reporter .*got bool True, without start, epoch_end, close",
+    ),
+    (
+        "fit-stop-string",
+        lambda s: fit(s, _DATA, batch_size=2, epochs=1, stop="now"),
+        r"stop must be None, a flag with is_set\(\) .*; got str 'now'",
+    ),
+    (
+        "state-int-key",
+        lambda s: create_train_state(MLP(num_classes=3), optax.sgd(0.1), np.zeros((1, 6)), 0),
+        r"key must be one PRNG key.*; got int 0",
+    ),
+    (
+        "state-no-optimizer",
+        lambda s: create_train_state(MLP(num_classes=3), None, np.zeros((1, 6)), jax.random.key(0)),
+        r"tx must be an optax GradientTransformation .* or an optimizer spec .*; got NoneType",
+    ),
+    (
+        "state-function-model",
+        lambda s: create_train_state(
+            lambda x: x, optax.sgd(0.1), np.zeros((1, 6)), jax.random.key(0)
+        ),
+        "model must be a Flax Linen module .* or an initialised Flax NNX module; got function",
+    ),
+    (
+        "state-list-of-examples",
+        lambda s: create_train_state(
+            MLP(num_classes=3), optax.sgd(0.1), [[0.0] * 6], jax.random.key(0)
+        ),
+        r"sample_x must be an array .*; got list .*\(a list of examples: give one array",
     ),
     ("train-nonfinite-lr", lambda s: jtricks.train(learning_rate=float("nan")), "learning_rate"),
     ("train-bool-lr", lambda s: jtricks.train(learning_rate=True), "learning_rate"),
@@ -274,6 +330,7 @@ API_CASES = [
 def test_api_bad_input(state, case, call, match):
     with pytest.raises(ConfigError, match=match):
         call(state)
+    jtricks.training.state.check_live(state)  # refused before anything was donated
 
 
 def test_a_function_optimizer_is_refused_with_a_folder_before_the_folder_exists(tmp_path):

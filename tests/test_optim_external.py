@@ -331,3 +331,23 @@ def test_a_bare_optax_name_suggests_the_prefixed_one(name, meant):
     ):
         build_optimizer(name)
     assert isinstance(build_optimizer(meant, 1e-3), optax.GradientTransformation)
+
+
+def test_create_train_state_takes_an_optimizer_spec():
+    from jtricks.nn import MLP
+    from jtricks.training import create_train_state, fit
+
+    spec = "adamw(lr=1e-2, weight_decay=0.01) | clip_global_norm(1.0)"
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(16, 6)).astype(np.float32), rng.integers(0, 3, 16)
+    model, key = MLP(num_classes=3, features=(4,)), jax.random.key(0)
+    by_name = create_train_state(model, spec, x, key)
+    built = create_train_state(model, build_optimizer(spec), x, key)
+    assert by_name.tx == built.tx
+    trained = [fit(s, (x, y), batch_size=4, epochs=1)[0].params for s in (by_name, built)]
+    for a, b in zip(*(jax.tree.leaves(p) for p in trained), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(
+        ConfigError, match=r"unknown optimizer or transform 'adamx'.*did you mean: adam"
+    ):
+        create_train_state(model, "adamx(lr=1e-2)", x, key)

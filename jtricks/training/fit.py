@@ -15,6 +15,7 @@ from jtricks.errors import ConfigError, check_int
 from jtricks.optim.fused import is_fused
 from jtricks.tasks import Classification, Regression, Task, as_task
 from jtricks.training import compiled as programs
+from jtricks.training.arguments import check_key
 from jtricks.training.compiled import StepOptions, compiled_steps
 from jtricks.training.data_checks import centered, check_data, model_outputs, pad_batches
 from jtricks.training.distributed import as_mesh, is_sharded_mesh, like_state, place_state
@@ -22,7 +23,6 @@ from jtricks.training.history import Callback, History
 from jtricks.training.loop import LoopHooks, record_value, run_loop
 from jtricks.training.options import FitOptions
 from jtricks.training.partial import check as check_partial
-from jtricks.training.preemption import AgreedStop
 from jtricks.training.runs import Length, Run, array_run, prepare_validation, stream_run
 from jtricks.training.state import (
     TrainState,
@@ -92,15 +92,13 @@ def fit(
       StreamError: the stream failed mid-run; its ``state`` is the state reached.
     """
     check_live(state)
+    hooks = LoopHooks.of(callbacks, reporter, stop)
     options = FitOptions.build(options, settings)
     member = first_member(state)
     check_eval_source(options.eval_params, member)
     options = _centered(_weigh_classes(options, train_data, member), train_data)
     mesh = _mesh(options.mesh, state)
-    if stop is not None and jax.process_count() > 1:  # every process stops at one point
-        stop = AgreedStop(stop)
-    if data_key is None:  # an ensemble's: from member 0's key, the batches every member sees
-        data_key = jax.random.fold_in(member.key, 1)
+    data_key = _data_key(data_key, member)
     length = Length(epochs, steps)
     run = _run(train_data, options, member, mesh, length, data_key, data_state)
     try:
@@ -110,12 +108,20 @@ def fit(
             state = place_state(state, mesh)
         if partial_epoch is not None:
             partial_epoch = check_partial(partial_epoch, int(member.step), run.steps_per_epoch)
-        hooks = LoopHooks(tuple(callbacks), reporter, stop, partial_epoch)
+        hooks = dataclasses.replace(hooks, partial=partial_epoch)
         return run_loop(state, run, val_data, options, hooks)
     finally:
         run.close()
         if options.profile is not None:
             options.profile.close()
+
+
+def _data_key(data_key: Any, member: TrainState) -> jax.Array:
+    """The key of the data order: ``data_key`` checked, or by default ``fold_in(key, 1)``
+    of ``member`` (an ensemble's member 0: the batches every member sees)."""
+    if data_key is None:
+        return jax.random.fold_in(member.key, 1)
+    return check_key("data_key", data_key)
 
 
 def _run(train_data, options, member, mesh, length, data_key, data_state) -> Run:

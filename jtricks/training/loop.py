@@ -18,10 +18,12 @@ import numpy as np
 
 from jtricks.errors import StreamError
 from jtricks.training import endings
+from jtricks.training.arguments import checked_hooks
 from jtricks.training.callbacks import StopTraining
 from jtricks.training.history import History
 from jtricks.training.options import FitOptions
 from jtricks.training.partial import merge
+from jtricks.training.preemption import AgreedStop
 from jtricks.training.preemption import stop_requested as _stop_requested
 from jtricks.training.profile import Profile
 from jtricks.training.runs import Run
@@ -39,6 +41,16 @@ class LoopHooks:
     reporter: Any = None
     stop: Any = None
     partial: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, callbacks: Any, reporter: Any, stop: Any) -> LoopHooks:
+        """`fit`'s arguments checked (`jtricks.training.arguments`); in several processes
+        the stop flag is the one they agree on (`AgreedStop`: all stop at one point)."""
+        if callbacks or reporter is not None or stop is not None:  # defaults need none
+            callbacks = checked_hooks(callbacks, reporter, stop)
+        if stop is not None and jax.process_count() > 1:
+            stop = AgreedStop(stop)
+        return cls(tuple(callbacks), reporter, stop)
 
 
 def stop_requested(stop: Any) -> bool:

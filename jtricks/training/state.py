@@ -17,6 +17,7 @@ from jtricks.caches import cached, jitted
 from jtricks.errors import ConfigError
 from jtricks.optim.eval_params import optimizer_eval_params
 from jtricks.optim.lookahead import refuse_optax_lookahead
+from jtricks.training.arguments import check_key, check_model, check_sample, optimizer_of
 from jtricks.training.model import linen_apply, nnx_state
 
 EVAL_SOURCES = ("auto", "train", "ema")
@@ -377,7 +378,7 @@ def first_member(state: TrainState) -> TrainState:
 
 def create_train_state(
     model: nn.Module | nnx.Module,
-    tx: optax.GradientTransformation,
+    tx: optax.GradientTransformation | str,
     sample_x: Any,
     key: jax.Array,
     *,
@@ -393,7 +394,8 @@ def create_train_state(
         statistics and RNG streams included, ``batch_stats``; see
         `jtricks.training.model.NNXApply`; ``sample_x`` and the init half of ``key`` are
         then unused, and dropout draws from the module's own ``rngs``).
-      tx: any optax transformation.
+      tx: any optax transformation, or an optimizer spec string
+        (`jtricks.optim.build_optimizer`: ``"adamw(lr=1e-3, weight_decay=0.01)"``).
       sample_x: an example of the model's input: an array, or the pytree (e.g. a dict batch)
         a model reads; only shapes and dtypes matter, and only the first example is used.
       key: PRNG key, split as ``init_key, dropout_key = jax.random.split(key)``.
@@ -407,11 +409,14 @@ def create_train_state(
     Example:
       >>> state = create_train_state(MLP(10), optax.adam(1e-3), x[:1], jax.random.key(0))
     """
-    init_key, dropout_key = jax.random.split(key)
+    check_model(model)
+    tx = optimizer_of(tx)
+    init_key, dropout_key = jax.random.split(check_key("key", key))
     if isinstance(model, nnx.Module):  # already initialised: its own keys made its state
         apply_fn, params, batch_stats = nnx_state(model)
     else:
         apply_fn = linen_apply(model, train_arg)
+        check_sample(sample_x)
         sample = jax.tree.map(lambda a: jnp.asarray(a)[:1], sample_x)
         variables = init_variables(apply_fn, init_key, sample)
         check_collections(variables)
