@@ -60,7 +60,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "--resume",
         default=None,
         metavar="RUN_DIR",
-        help="continue the run in RUN_DIR from its newest intact checkpoint, with its own config",
+        help="continue the run in RUN_DIR from its newest intact checkpoint, with its own "
+        "config; with --epochs N or --steps N, train it on to that length, finished or not",
     )
     t.add_argument(
         "--coordinator",
@@ -115,9 +116,12 @@ def run(args: argparse.Namespace, flags: dict[str, str]) -> int:
         raise ConfigError(f"--log-every must be >= 1; got {args.log_every}", param="log_every")
     reporter = RichReporter(every=args.log_every) if args.progress else None
     if args.resume is not None:
+        length = {k: given.pop(k) for k in ("epochs", "steps") if k in given}  # train it on
         extra = [flags[name] for name in given] + (["--out"] if args.out else [])
-        refuse_beside_resume("run's own config.json", extra + ["--recipe"] * bool(args.recipe))
-        result = jtricks.run.train(resume=args.resume, reporter=reporter, stop=stop_signals())
+        own = "run's own config.json (--epochs or --steps alone train it on to that length)"
+        refuse_beside_resume(own, extra + ["--recipe"] * bool(args.recipe))
+        stop = stop_signals()
+        result = jtricks.run.train(resume=args.resume, reporter=reporter, stop=stop, **length)
     else:
         config = recipe(args.recipe, **given) if args.recipe else TrainConfig(**given)
         out = args.out if args.out is not None else default_out("train")

@@ -36,10 +36,13 @@ def config_digest(config: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def load_run_config(run_dir: str | os.PathLike, *, param: str = "resume") -> TrainConfig:
+def load_run_config(
+    run_dir: str | os.PathLike, *, param: str = "resume", finished: bool = False
+) -> TrainConfig:
     """The config saved in a run folder, checked against the digest recorded when the run
-    started: an unfinished run's for ``--resume`` (``param="resume"``), any run's for
-    `jtricks.run.load_run` (``param="run"``).
+    started: an unfinished run's for ``--resume`` (``param="resume"``; a finished one's
+    too with ``finished``, to train it on), any run's for `jtricks.run.load_run`
+    (``param="run"``).
 
     Raises:
       ConfigError (``param``): not a run folder, a finished run (to resume), a config
@@ -51,10 +54,11 @@ def load_run_config(run_dir: str | os.PathLike, *, param: str = "resume") -> Tra
         why = "it is a file, not a run folder"
     elif not path.is_file():
         why = f"{path} does not exist (not a jtricks run folder)"
-    elif param == "resume" and (Path(run_dir) / "summary.json").exists():
+    elif param == "resume" and not finished and (Path(run_dir) / "summary.json").exists():
         why = (
-            "the run already finished (summary.json exists); to train on from its final "
-            f"weights, start a new run from them: --pretrained {run_dir}"
+            "the run already finished (summary.json exists); to train it on, give the "
+            f"longer length too (--epochs N or --steps N), or start a new run from its "
+            f"final weights: --pretrained {run_dir}"
         )
     if why is not None:
         raise ConfigError(f"cannot {verb} {str(run_dir)!r}: {why}", param=param)
@@ -135,14 +139,19 @@ def run_identity(run_dir: str | os.PathLike) -> dict[str, str] | None:
     return run if isinstance(run, dict) and isinstance(run.get("id"), str) else None
 
 
+LENGTHS = ("epochs", "steps")
+"""The settings a run changes when it is trained on past its end (`jtricks.run.extend`):
+its earlier checkpoints, with the shorter length, are still its own."""
+
+
 def foreign_checker(
     identity: dict[str, str] | None, settings: dict[str, Any]
 ) -> Callable[[dict], str | None]:
     """``why(meta)``: why a checkpoint's metadata shows another run's checkpoint (another
-    run id, or a copy of the config that differs from this run's), else ``None``. A
-    setting the copy lacks (added to jtricks after the run started) differs only when
-    this run's is not its default."""
-    plain = _plain(settings)
+    run id, or a copy of the config that differs from this run's, but in its length:
+    `LENGTHS`), else ``None``. A setting the copy lacks (added to jtricks after the run
+    started) differs only when this run's is not its default."""
+    plain = {k: v for k, v in _plain(settings).items() if k not in LENGTHS}
     defaults = _plain(TrainConfig().to_dict())
 
     def why(meta: dict) -> str | None:
@@ -152,6 +161,7 @@ def foreign_checker(
         started = meta.get("config")
         if isinstance(started, dict):
             started = {**{k: v for k, v in defaults.items() if k in plain}, **_plain(started)}
+            started = {k: v for k, v in started.items() if k not in LENGTHS}
         if isinstance(started, dict) and started != plain:
             changed = [
                 k for k in sorted(set(started) | set(plain)) if started.get(k) != plain.get(k)
@@ -170,6 +180,7 @@ def _plain(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 __all__ = [
+    "LENGTHS",
     "check_same_data",
     "config_digest",
     "foreign_checker",

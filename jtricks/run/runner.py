@@ -25,6 +25,7 @@ from jtricks.plotting import preload
 from jtricks.run.build import Build, build, name_the_dataset
 from jtricks.run.config import TrainConfig, check_keys, check_recordable
 from jtricks.run.data import RunData, load_run_data, refuse_on_disk
+from jtricks.run.extend import extended
 from jtricks.run.folder import Run, start
 from jtricks.run.options import fit_options
 from jtricks.run.outputs import (
@@ -36,7 +37,7 @@ from jtricks.run.outputs import (
     restored_entries,
     write_summary,
 )
-from jtricks.run.resume import check_same_data, load_run_config
+from jtricks.run.resume import LENGTHS, check_same_data, load_run_config
 from jtricks.rundir import locked, refused_cleanly
 from jtricks.training import History, TrainState, evaluate, fit
 from jtricks.training.class_report import evaluate_with_report
@@ -69,7 +70,8 @@ def train(
       progress: show a rich progress bar and a line per epoch on stdout.
       reporter: a custom progress reporter (overrides ``progress``).
       resume: a run folder to continue from its newest intact checkpoint, with its own
-        ``config.json`` (``config`` and overrides are then not allowed). The final
+        ``config.json`` (``config`` and overrides are then not allowed, but ``epochs`` or
+        ``steps``, which train it on to that length: `jtricks.run.extend`). The final
         parameters are bit-identical to an uninterrupted run's.
       stop: a flag `fit` reads between compiled programs
         (`jtricks.training.preemption.StopSignals`, as ``jtricks train`` passes; a
@@ -137,13 +139,18 @@ def resolve_config(
     """The run's checked config and folder: the saved ones of ``resume`` (locked before
     anything in it is read), else ``config`` with ``overrides``."""
     if resume is not None:
-        if config is not None or overrides or out is not None:
+        length = {k: v for k, v in overrides.items() if k in LENGTHS}
+        if config is not None or len(overrides) > len(length) or out is not None:
             raise ConfigError(
-                "resume takes the run's own config.json; give no other settings", param="resume"
+                "resume takes the run's own config.json; give no other settings (but epochs "
+                "or steps, to train it on to that length)",
+                param="resume",
             )
         if Path(resume).is_dir() and jax.process_index() == 0:  # one writer: process 0
             locks.enter_context(locked(resume, param="resume"))
-        config, out = load_run_config(resume), Path(resume)
+        config, out = load_run_config(resume, finished=bool(length)), Path(resume)
+        if length:  # recorded in its config.json once its checkpoint is restored (`start`)
+            config, overrides = extended(config, out, length), {}
     check_keys(overrides)
     if not isinstance(overrides.get("dataset", ""), str):  # arrays: named by their contents
         overrides = {**overrides, "dataset": in_memory(overrides["dataset"])}
