@@ -156,3 +156,14 @@ def test_the_python_api_trains_a_run_on(runs, tmp_path):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(jtricks.ConfigError, match="but epochs or steps"):
         jtricks.train(resume=run, steps=20, seed=3)
+
+
+def test_a_stream_run_trained_on_reads_on_from_where_it_ended(runs, tmp_path):
+    short, longer = tmp_path / "short", tmp_path / "longer"
+    assert main([*BASE, "--stream", "--steps", "8", "--out", str(short)]) == 0
+    assert main(["train", "--resume", str(short), "--steps", "15", "--no-progress"]) == 0
+    assert main([*BASE, "--stream", "--steps", "15", "--out", str(longer)]) == 0
+    for a, b in zip(_params(short), _params(longer), strict=True):
+        np.testing.assert_array_equal(a, b)
+    got, want = _lines(short / "metrics.jsonl"), _lines(longer / "metrics.jsonl")
+    assert [r["data_state"] for r in got] == [r["data_state"] for r in want]

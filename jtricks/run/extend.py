@@ -158,7 +158,10 @@ def whole_last_epoch(
     }
     partial = {"epoch": last["epoch"], "step": step, "steps": steps, "sums": sums}
     partial["nonfinite"] = int(last.get("train_nonfinite", 0))
-    return records[:-1], {**cut, "partial_epoch": partial}
+    cut = {**cut, "partial_epoch": partial}
+    if last.get("data_state") is not None:  # a stream goes on from where the old end left it
+        cut["data_state"] = last["data_state"]
+    return records[:-1], cut
 
 
 __all__ = ["extended", "record_extension", "whole_last_epoch"]
