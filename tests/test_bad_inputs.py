@@ -246,6 +246,11 @@ API_CASES = [
         r"callbacks must be a list of callbacks; got function \(one callback: callbacks=\[cb\]\)",
     ),
     (
+        "fit-one-callback-object",
+        lambda s: fit(s, _DATA, batch_size=2, epochs=1, callbacks=jtricks.training.EarlyStopping()),
+        r"callbacks must be a list of callbacks; got EarlyStopping \(one callback",
+    ),
+    (
         "fit-callback-without-on-epoch-end",
         lambda s: fit(s, _DATA, batch_size=2, epochs=1, callbacks=[print]),
         r"callbacks\[0\] must have an on_epoch_end\(record, state\) method",

@@ -9,7 +9,7 @@ only after the first epoch had trained.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -91,13 +91,16 @@ def checked_hooks(callbacks: Any, reporter: Any, stop: Any) -> tuple[Any, ...]:
 
 
 def checked_callbacks(callbacks: Any) -> tuple[Any, ...]:
-    """``callbacks`` as a tuple, each with a callable ``on_epoch_end`` (`Callback`)."""
-    if not isinstance(callbacks, Sequence) or isinstance(callbacks, str):
+    """``callbacks`` (any iterable of them) as a tuple, each with a callable
+    ``on_epoch_end`` (`Callback`)."""
+    alone = hasattr(callbacks, "on_epoch_end") or isinstance(callbacks, str | bytes | Mapping)
+    if alone or not isinstance(callbacks, Iterable):
         raise ConfigError(
             f"callbacks must be a list of callbacks; got {described(callbacks)} (one "
             "callback: callbacks=[cb])",
             param="callbacks",
         )
+    callbacks = tuple(callbacks)
     for i, cb in enumerate(callbacks):
         if not callable(getattr(cb, "on_epoch_end", None)):
             raise ConfigError(
@@ -105,7 +108,7 @@ def checked_callbacks(callbacks: Any) -> tuple[Any, ...]:
                 f"(jtricks.training.Callback); got {described(cb)}",
                 param="callbacks",
             )
-    return tuple(callbacks)
+    return callbacks
 
 
 def check_reporter(reporter: Any) -> None:
