@@ -9,7 +9,8 @@ values, logs the per-step norms, and returns its history: that is the overhead m
 here. ``validation_flop_share`` in the JSON is validation's FLOPs over an epoch's
 training FLOPs (XLA's cost analysis of both programs). Compilation is excluded
 (one warm-up call each), and so is making a repeat's starting state (both clocks start
-once it is on the device); each repeat times ``--epochs`` epochs; medians over
+once it is on the device); each repeat times ``--epochs`` epochs (``--min-time S``:
+doubled until a hand-written repeat lasts S seconds); medians over
 ``--repeats``. Runs alternate between the two, and which goes first alternates too
 (fit, hand, hand, fit, ...), so drift and any after-effect of the other loop hit both
 alike; besides the ratio of the medians, the median of the paired ratios (each fit
@@ -96,6 +97,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=10, help="epochs per timed repeat")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument(
+        "--min-time",
+        type=float,
+        default=0.0,
+        help="double the epochs per repeat until a hand-written repeat lasts this many "
+        "seconds (0: --epochs as given)",
+    )
+    p.add_argument(
         "--no-val",
         dest="val",
         action="store_false",
@@ -143,9 +151,8 @@ def main() -> None:
     run_hand, steps_per_epoch = hand_written(
         model, tx, jnp.asarray(x_tr), jnp.asarray(y_tr), args.batch_size, data_key, val
     )
-    steps = args.epochs * steps_per_epoch
 
-    def time_fit() -> float:
+    def time_fit(epochs: int) -> float:
         s = jax.block_until_ready(create_train_state(model, tx, x_tr, key))
         t = time.perf_counter()
         s, _ = fit(
@@ -153,7 +160,7 @@ def main() -> None:
             (x_tr, y_tr),
             val_data=(x_val, y_val) if args.val else None,
             batch_size=args.batch_size,
-            epochs=args.epochs,
+            epochs=epochs,
             data_key=data_key,
             norms=args.norms,
             update_norm=args.update_norm,
@@ -165,22 +172,19 @@ def main() -> None:
 
     share = validation_share(model, state.params, tx, x_tr, y_tr, x_val, args.batch_size)
 
-    def time_hand() -> float:
+    def time_hand(epochs: int) -> float:
         params = jax.tree.map(jnp.copy, state.params)
         opt_state = jax.block_until_ready(tx.init(params))
         t = time.perf_counter()
-        run_hand(params, opt_state, 0, args.epochs)
+        run_hand(params, opt_state, 0, epochs)
         return time.perf_counter() - t
 
-    time_fit(), time_hand()  # compile both
-    fit_times, hand_times = [], []
-    for i in range(args.repeats):
-        if i % 2:
-            hand_times.append(time_hand())
-            fit_times.append(time_fit())
-        else:
-            fit_times.append(time_fit())
-            hand_times.append(time_hand())
+    time_fit(1), time_hand(1)  # compile both
+    epochs = lasting(time_hand, args.epochs, args.min_time)
+    steps = epochs * steps_per_epoch
+    fit_times, hand_times = alternate(
+        partial(time_fit, epochs), partial(time_hand, epochs), args.repeats
+    )
     paired = [h / f for f, h in zip(fit_times, hand_times, strict=True)]
     fit_sps = steps / statistics.median(fit_times)
     hand_sps = steps / statistics.median(hand_times)
@@ -194,6 +198,8 @@ def main() -> None:
         "fit_norms": args.norms,
         "fit_update_norm": args.update_norm,
         "fit_unroll": args.unroll,
+        "epochs_per_repeat": epochs,
+        "min_time_s": args.min_time,
         "steps_per_repeat": steps,
         "repeats": args.repeats,
         "fit_steps_per_s_median": fit_sps,
@@ -208,6 +214,29 @@ def main() -> None:
     report(result, args.json_out)
 
 
+def lasting(time_hand, epochs: int, min_time: float) -> int:
+    """``epochs``, doubled until one hand-written repeat lasts ``min_time`` seconds (a
+    GPU runs a small model's 10 epochs in milliseconds, where dispatch jitter and the
+    loops' fixed per-call costs would be what is measured)."""
+    while min_time > 0 and time_hand(epochs) < min_time and epochs < 2**16:
+        epochs *= 2
+    return epochs
+
+
+def alternate(time_fit, time_hand, repeats: int) -> tuple[list[float], list[float]]:
+    """``repeats`` timings of each, in turn, which goes first alternating too (fit, hand,
+    hand, fit, ...)."""
+    fit_times, hand_times = [], []
+    for i in range(repeats):
+        if i % 2:
+            hand_times.append(time_hand())
+            fit_times.append(time_fit())
+        else:
+            fit_times.append(time_fit())
+            hand_times.append(time_hand())
+    return fit_times, hand_times
+
+
 def report(result: dict, json_out: str | None) -> None:
     """The JSON line, the short table, and the JSON file when asked."""
     fit_sps, hand_sps = result["fit_steps_per_s_median"], result["hand_scan_steps_per_s_median"]
@@ -215,6 +244,7 @@ def report(result: dict, json_out: str | None) -> None:
     print(f"\n{'loop':<22}{'steps/s (median)':>18}")
     print(f"{'hand-written scan':<22}{hand_sps:>18,.0f}")
     print(f"{'jtricks.fit':<22}{fit_sps:>18,.0f}")
+    print(f"{result['epochs_per_repeat']} epochs ({result['steps_per_repeat']:,} steps) per repeat")
     if result["fit_validation"]:
         share = result["validation_flop_share"]
         print(f"validation adds {share:.1%} to an epoch's FLOPs (both loops validate)")

@@ -8,7 +8,8 @@ the last, the bench's own results file with the suite's record of the run under
 from a remote machine in one go (a new part must keep to that). Parts, in the order they
 run (the headline figures first):
 
-1. ``fit``: `bench_fit.py`, `fit` against the hand-written scan loop (MLP, paper CNN);
+1. ``fit``: `bench_fit.py`, `fit` against the hand-written scan loop (MLP, paper CNN;
+   repeats of at least 0.5 s, ``--min-time``: 10 epochs last milliseconds on a GPU);
 2. ``train_step``: `bench_train_step.py` on a CIFAR-shaped ResNet-18, bf16, batch 512 (the
    hand-written Flax + optax step of `baselines/flax_step.py` in a scan, `fit` and `fit
    --fused`, images/s and MFU), then `baselines/torch_resnet18.py` (PyTorch eager and
@@ -113,12 +114,12 @@ PARTS = (  # the headline figures first; bench last, with whatever the budget ha
         "fit",
         0.12,
         (
-            Run("mlp", "bench_fit.py", "--model mlp --repeats 5", ""),
+            Run("mlp", "bench_fit.py", "--model mlp --repeats 5 --min-time 0.5", ""),
             Run(
                 "cnn",
                 "bench_fit.py",
-                "--model cnn --repeats 5",
-                f"{_MLP} --epochs 1 --repeats 1 {_TINY_DATA}",
+                "--model cnn --repeats 5 --min-time 0.5",
+                f"{_MLP} --epochs 1 --repeats 1 --min-time 0.02 {_TINY_DATA}",
             ),
         ),
     ),

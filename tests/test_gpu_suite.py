@@ -97,6 +97,7 @@ def test_tiny_suite_figures_are_consistent(suite_run):
     assert ens["ratio"] == pytest.approx(ens["ensemble_s_median"] / ens["one_model_s_median"])
     fit = _result(parts, "fit")
     steps = fit["steps_per_repeat"]
+    assert fit["min_time_s"] == 0.02 and steps % fit["epochs_per_repeat"] == 0
     assert fit["fit_steps_per_s_median"] == pytest.approx(
         steps / statistics.median(fit["fit_times_s"])
     )
@@ -125,6 +126,14 @@ def test_tiny_suite_figures_are_consistent(suite_run):
     assert demo["cold_wall_s"] == demo["runs"][0]["process_wall_s"]
     for r in demo["runs"]:  # the run's own wall time lies inside the process's
         assert 0 < r["train_s"] <= r["cli_wall_s"] < r["process_wall_s"] and r["steps"] == 20
+
+
+def test_bench_fit_lengthens_its_repeats_to_the_minimum_time(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    lasting = _load(ROOT / "benchmarks" / "bench_fit.py").lasting
+    seconds = lambda epochs: 0.01 * epochs  # noqa: E731
+    assert lasting(seconds, 1, 0.05) == 8  # 1, 2 and 4 epochs last under 0.05 s
+    assert lasting(seconds, 10, 0.05) == 10 and lasting(seconds, 3, 0.0) == 3
 
 
 def test_tiny_suite_bench_results_compare_with_the_cpu_results(suite_run):
