@@ -167,3 +167,33 @@ def test_a_stream_run_trained_on_reads_on_from_where_it_ended(runs, tmp_path):
         np.testing.assert_array_equal(a, b)
     got, want = _lines(short / "metrics.jsonl"), _lines(longer / "metrics.jsonl")
     assert [r["data_state"] for r in got] == [r["data_state"] for r in want]
+
+
+class _StopAfter:
+    """A stop flag set at its ``n``-th look (`fit` looks between programs)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.looks = n, 0
+
+    def is_set(self) -> bool:
+        self.looks += 1
+        return self.looks >= self.n
+
+
+def test_an_interrupted_run_trained_on_ends_as_one_started_that_long(tmp_path):
+    settings = dict(
+        dataset="synthetic(num_train=120, num_test=30, shape=(8,), num_classes=3)",
+        model="mlp(features=(8,))",
+        batch_size=16,
+        chunk=2,  # epochs of 6 steps in programs of 2: the stop falls mid-epoch
+    )
+    run = tmp_path / "run"
+    with pytest.raises(jtricks.errors.Interrupted):
+        jtricks.train(steps=12, out=run, stop=_StopAfter(4), **settings)
+    assert not (run / "summary.json").exists()
+    jtricks.train(resume=run, steps=15)
+    jtricks.train(steps=15, out=tmp_path / "longer", **settings)
+    for a, b in zip(_params(run), _params(tmp_path / "longer"), strict=True):
+        np.testing.assert_array_equal(a, b)
+    got, want = (_lines(r / "metrics.jsonl") for r in (run, tmp_path / "longer"))
+    assert [(r["epoch"], r["step"]) for r in got] == [(r["epoch"], r["step"]) for r in want]
