@@ -287,7 +287,7 @@ API_CASES = [
         lambda s: create_train_state(
             MLP(num_classes=3), optax.sgd(0.1), [[0.0] * 6], jax.random.key(0)
         ),
-        r"sample_x must be an array .*; got list .*\(a list of examples: give one array",
+        r"sample_x: features must have shape \(N, \.\.\.\) .* \(a list of examples is a pytree",
     ),
     ("train-nonfinite-lr", lambda s: jtricks.train(learning_rate=float("nan")), "learning_rate"),
     ("train-bool-lr", lambda s: jtricks.train(learning_rate=True), "learning_rate"),

@@ -1,5 +1,6 @@
 """Checks of the arguments that are not data at the public entry points (`fit`,
-`create_train_state`): the model, the optimizer, PRNG keys and `fit`'s hooks.
+`create_train_state`): the model, the optimizer, PRNG keys and `fit`'s hooks (data are
+`jtricks.training.data_checks`').
 
 Each failure is a `ConfigError` that names the argument, what it got and what is
 allowed, raised before anything is initialised or trained: without them a plain
@@ -69,18 +70,6 @@ def optimizer_of(tx: Any) -> optax.GradientTransformation:
         f"spec such as 'adam(lr=1e-3)'; got {described(tx)}",
         param="tx",
     )
-
-
-def check_sample(sample_x: Any) -> None:
-    """``sample_x`` holds arrays with an example axis (not a nested list of numbers)."""
-    leaves = jax.tree.leaves(sample_x)
-    if not leaves or any(np.ndim(a) == 0 for a in leaves):
-        hint = " (a list of examples: give one array, np.asarray(...))" if leaves else ""
-        raise ConfigError(
-            "sample_x must be an array (or a pytree of arrays) of shape (N, ...) with at "
-            f"least one example; got {described(sample_x)}{hint}",
-            param="sample_x",
-        )
 
 
 def checked_hooks(callbacks: Any, reporter: Any, stop: Any) -> tuple[Any, ...]:

@@ -17,7 +17,8 @@ from jtricks.caches import cached, jitted
 from jtricks.errors import ConfigError
 from jtricks.optim.eval_params import optimizer_eval_params
 from jtricks.optim.lookahead import refuse_optax_lookahead
-from jtricks.training.arguments import check_key, check_model, check_sample, optimizer_of
+from jtricks.training.arguments import check_key, check_model, optimizer_of
+from jtricks.training.data_checks import as_arrays
 from jtricks.training.model import linen_apply, nnx_state
 
 EVAL_SOURCES = ("auto", "train", "ema")
@@ -416,8 +417,7 @@ def create_train_state(
         apply_fn, params, batch_stats = nnx_state(model)
     else:
         apply_fn = linen_apply(model, train_arg)
-        check_sample(sample_x)
-        sample = jax.tree.map(lambda a: jnp.asarray(a)[:1], sample_x)
+        sample = jax.tree.map(lambda a: jnp.asarray(a)[:1], as_arrays(sample_x, "sample_x"))
         variables = init_variables(apply_fn, init_key, sample)
         check_collections(variables)
         params = variables["params"]
