@@ -113,16 +113,36 @@ def test_labels_saved_as_whole_reals_are_labels_with_task_classification(tmp_pat
         for_task(load_dataset(f"npz:{tmp_path / 'h.npz'}"), "classification")
 
 
+def test_negative_whole_number_labels_are_classes_named_by_their_values(tmp_path):
+    """-1/+1 labels (LIBSVM's two classes) are numbered in the order of their values, as
+    scikit-learn's LabelEncoder numbers them, their values the class names: in an npz file
+    by their kind, in a CSV table (a regression by default) with --task classification."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 3)).astype(np.float32)
+    y = np.where(x[:, 0] > 0, 1, -1)
+    np.savez(tmp_path / "f.npz", x=x[:20], y=y[:20], x_test=x[20:], y_test=y[20:])
+    data = load_dataset(f"npz:{tmp_path / 'f.npz'}")
+    assert (data.task, data.num_classes, data.classes) == ("classification", 2, ("-1", "1"))
+    np.testing.assert_array_equal(data.y_train, (y[:20] + 1) // 2)
+    np.testing.assert_array_equal(data.y_test, (y[20:] + 1) // 2)
+    rows = "".join(f"{a},{b},{c},{t}\n" for (a, b, c), t in zip(x, y * 5, strict=True))
+    (tmp_path / "t.csv").write_text("a,b,c,label\n" + rows)
+    table = load_dataset(f"csv:{tmp_path / 't.csv'}")
+    assert table.task == "regression"
+    named = for_task(table, "classification")
+    assert (named.num_classes, named.classes) == (2, ("-5", "5"))
+    labels = np.concatenate([named.y_train, named.y_test])
+    assert sorted(np.unique(labels).tolist()) == [0, 1] and labels.dtype == np.int32
+
+
 @pytest.mark.parametrize(
     ("y", "yt", "message"),
     [
         (np.zeros((10, 2, 2), np.int32), np.zeros((4, 2, 2), np.int32), "none of: labels"),
         (
             np.arange(10) - 3,
-            np.arange(4),
-            r"labels must lie in \[0, C-1\] for C classes; got values in \[-3, 6\] "
-            r"\(number them from 0, as np.unique\(y, return_inverse=True\) does, or give "
-            r"them as class names",
+            np.arange(4) + 7,
+            r"y_test holds label\(s\) \[7, 8, 9, 10\] that the training labels \(-3, -2, .*\) lack",
         ),
         (np.zeros(10, np.complex64), np.zeros(4, np.complex64), "got dtype complex64"),
         (np.zeros(10, np.int32), np.zeros(4, np.float32), "must be of one kind"),

@@ -22,7 +22,14 @@ import numpy as np
 
 from jtricks.data.dataset import Dataset
 from jtricks.data.imbalance import degrade
-from jtricks.data.targets import TASK_NAMES, cast_targets, infer_task, label_names, outputs_for
+from jtricks.data.targets import (
+    TASK_NAMES,
+    cast_targets,
+    infer_task,
+    is_whole,
+    label_names,
+    outputs_for,
+)
 from jtricks.errors import ConfigError, check_int, check_range
 
 
@@ -324,6 +331,34 @@ def _masks(where: str, arrays: dict[str, np.ndarray], task: str) -> tuple:
     return arrays["mask"].astype(np.float32), arrays["mask_test"].astype(np.float32)
 
 
+def numbered_labels(where: str, arrays: dict[str, np.ndarray]) -> tuple[dict, tuple | None]:
+    """``arrays`` with whole-number class labels below 0 among them (-1 and +1, as LIBSVM
+    files and SVM code write two classes) numbered in the order of their values, with
+    the values as the class names (``"-1"``, ``"1"``), as scikit-learn's ``LabelEncoder``
+    numbers them; as they are, and ``None``, for labels from 0 (or other targets).
+
+    Raises:
+      ConfigError (``param="dataset"``): a held-out label the training labels lack.
+    """
+    keys = [k for k in ("y", "y_test", "y_val") if k in arrays]
+    ys = [np.asarray(arrays[k]) for k in keys]
+    if any(y.ndim != 1 or not is_whole(y) for y in ys) or min(y.min() for y in ys) >= 0:
+        return arrays, None
+    values = np.unique(ys[0])
+    unseen = sorted({int(v) for y in ys[1:] for v in np.unique(y)} - {int(v) for v in values})
+    if unseen:
+        raise ConfigError(
+            f"{where}: {' and '.join(keys[1:])} {'hold' if len(keys) > 2 else 'holds'} "
+            f"label(s) {unseen} that the training "
+            f"labels ({', '.join(str(int(v)) for v in values)}) lack",
+            param="dataset",
+        )
+    numbered = {
+        k: np.searchsorted(values, y).astype(np.int64) for k, y in zip(keys, ys, strict=True)
+    }
+    return {**arrays, **numbered}, tuple(str(int(v)) for v in values)
+
+
 def npz_dataset(
     name: str, arrays: dict[str, np.ndarray], task: str, classes: Any = None
 ) -> Dataset:
@@ -331,6 +366,8 @@ def npz_dataset(
     `jtricks.data.targets`): its output width, targets in the task's dtype, and inputs as
     float32 (int32 token ids for a language model)."""
     where = f"dataset {name!r}"
+    if task == "classification" and classes is None:
+        arrays, classes = numbered_labels(where, arrays)
     outputs = outputs_for(task, where, arrays["x"], arrays["y"], _held_out(arrays))
     mask_train, mask_test = _masks(where, arrays, task)
     x_dtype = np.int32 if task == "lm" else np.float32

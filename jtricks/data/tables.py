@@ -7,7 +7,9 @@ class labels). The targets' kind gives the task, as for an ``npz:`` file
 (`jtricks.data.targets`): whole numbers from 0 to 1023 are class labels, other numbers
 (a price, a year, a decimal) regression targets, and text is class names, numbered in
 sorted order (``--task`` may name another task that reads them, e.g. ``regression`` for
-small whole-number counts). The delimiter is found among comma, semicolon and tab.
+small whole-number counts, or ``classification`` for -1/+1 labels, which then are
+classes named by their values: `jtricks.data.datasets.numbered_labels`). The delimiter
+is found among comma, semicolon and tab.
 
 New here: pandas and scikit-learn read tables, but a run needs them as checked arrays
 with a split and a task; a cell that is not a number, or is empty, is refused naming its

@@ -17,7 +17,9 @@ task                   targets                                     outputs (num_
 ``--task multilabel`` says otherwise, and reals are a regression even when they are
 whole numbers); `outputs_for` gives the width for the task a user names instead, which
 reads labels saved as whole-number reals (``0.0, 1.0, 2.0``, as pandas often writes
-them) as labels, and `cast_targets` the dtype that task reads.
+them) as labels, and `cast_targets` the dtype that task reads. Class labels below 0
+(-1/+1) are numbered by their values before they get here
+(`jtricks.data.datasets.numbered_labels`).
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ def _is_real(a: np.ndarray) -> bool:
     return np.issubdtype(a.dtype, np.floating)
 
 
-def _is_whole(a: np.ndarray) -> bool:
+def is_whole(a: np.ndarray) -> bool:
     """Integers, or reals that are all finite whole numbers within int32."""
     if _is_integer(a):
         return True
@@ -133,7 +135,7 @@ def outputs_for(task: str, where: str, x: np.ndarray, y: np.ndarray, y_test: np.
     """
     if task in ("classification", "segmentation", "lm"):
         arrays = (x, y, y_test) if task == "lm" else (y, y_test)
-        if not all(_is_whole(a) for a in arrays):
+        if not all(is_whole(a) for a in arrays):
             raise ConfigError(
                 f"{where}: the {task} task reads integer "
                 f"{'tokens' if task == 'lm' else 'labels'} (or reals holding whole "
@@ -171,4 +173,4 @@ def cast_targets(task: str, y: np.ndarray) -> np.ndarray:
     return y.astype(np.int32 if task in ("classification", "segmentation", "lm") else np.float32)
 
 
-__all__ = ["TASK_NAMES", "cast_targets", "infer_task", "label_names", "outputs_for"]
+__all__ = ["TASK_NAMES", "cast_targets", "infer_task", "is_whole", "label_names", "outputs_for"]
