@@ -51,7 +51,12 @@ def _inf_x():
 CLI_CASES = [
     ("nan-in-data", {"x": _nan_x()}, [], "non-finite values"),
     ("inf-in-data", {"x": _inf_x()}, [], "non-finite values"),
-    ("labels-out-of-range", {"y": np.arange(60) % 3 - 1}, [], "labels must lie in"),
+    (
+        "test-label-the-training-lacks",  # labels -1, 0, 1 are named classes; 2 is none
+        {"y": np.arange(60) % 3 - 1},
+        [],
+        "y_test holds label(s) [2] that the training labels (-1, 0, 1) lack",
+    ),
     ("float-labels", {"y": np.zeros(60, np.float32)}, [], "integer labels"),
     ("string-features", {"x": np.array(["a"] * 60)}, [], "must be numeric"),
     ("shape-mismatch", {"x_test": np.zeros((20, 7), np.float32)}, [], "differ in shape"),
