@@ -230,24 +230,36 @@ def arrays_dataset(
     return npz_dataset(name, arrays, task, named or classes)
 
 
-def named_labels(where: str, arrays: dict[str, np.ndarray]) -> tuple[dict, tuple | None]:
+def named_labels(
+    where: str, arrays: dict[str, np.ndarray], numbers: bool = False
+) -> tuple[dict, tuple | None]:
     """``arrays`` with text labels ``y`` (and ``y_test``, ``y_val``) as the indices of
     their names in sorted order, and the names; as they are, and ``None``, otherwise.
+    With ``numbers``: whole-number class labels below 0 among them (-1 and +1, as LIBSVM
+    files and SVM code write two classes) are names too, in the order of their values
+    (``"-1"``, ``"1"``), as scikit-learn's ``LabelEncoder`` numbers them.
 
     Raises:
-      ConfigError (``param="dataset"``): a held-out name that ``y`` lacks.
+      ConfigError (``param="dataset"``): a held-out name or label that ``y`` lacks.
     """
     held = [k for k in ("y_test", "y_val") if k in arrays]
-    texts = [arrays[k].dtype.kind in "US" and arrays[k].ndim == 1 for k in ("y", *held)]
-    if not all(texts):  # numbers, or a mix the task inference refuses in one line
-        return arrays, None
-    names, labels, unseen = label_names(arrays["y"], np.concatenate([arrays[k] for k in held]))
+    ys = [np.asarray(arrays[k]) for k in ("y", *held)]
+    if numbers:
+        if any(y.ndim != 1 or not is_whole(y) for y in ys) or min(y.min() for y in ys) >= 0:
+            return arrays, None
+        ys = [y.astype(np.int64) for y in ys]
+    elif not all(y.dtype.kind in "US" and y.ndim == 1 for y in ys):
+        return arrays, None  # numbers, or a mix the task inference refuses in one line
+    key = int if numbers else None
+    names, labels, unseen = label_names(ys[0], np.concatenate(ys[1:]), key)
     if unseen:
-        raise ConfigError(
-            f"{where}: {' and '.join(held)} {'holds' if len(held) == 1 else 'hold'} class "
-            f"name(s) {unseen[:5]} that y lacks",
-            param="dataset",
+        which = f"{' and '.join(held)} {'holds' if len(held) == 1 else 'hold'}"
+        what = (
+            f"label(s) {[int(u) for u in unseen]} that the training labels ({', '.join(names)}) lack"
+            if numbers
+            else f"class name(s) {unseen[:5]} that y lacks"
         )
+        raise ConfigError(f"{where}: {which} {what}", param="dataset")
     arrays, start = dict(arrays), 0
     for k in ("y", *held):
         arrays[k], start = labels[start : start + len(arrays[k])], start + len(arrays[k])
@@ -331,34 +343,6 @@ def _masks(where: str, arrays: dict[str, np.ndarray], task: str) -> tuple:
     return arrays["mask"].astype(np.float32), arrays["mask_test"].astype(np.float32)
 
 
-def numbered_labels(where: str, arrays: dict[str, np.ndarray]) -> tuple[dict, tuple | None]:
-    """``arrays`` with whole-number class labels below 0 among them (-1 and +1, as LIBSVM
-    files and SVM code write two classes) numbered in the order of their values, with
-    the values as the class names (``"-1"``, ``"1"``), as scikit-learn's ``LabelEncoder``
-    numbers them; as they are, and ``None``, for labels from 0 (or other targets).
-
-    Raises:
-      ConfigError (``param="dataset"``): a held-out label the training labels lack.
-    """
-    keys = [k for k in ("y", "y_test", "y_val") if k in arrays]
-    ys = [np.asarray(arrays[k]) for k in keys]
-    if any(y.ndim != 1 or not is_whole(y) for y in ys) or min(y.min() for y in ys) >= 0:
-        return arrays, None
-    values = np.unique(ys[0])
-    unseen = sorted({int(v) for y in ys[1:] for v in np.unique(y)} - {int(v) for v in values})
-    if unseen:
-        raise ConfigError(
-            f"{where}: {' and '.join(keys[1:])} {'hold' if len(keys) > 2 else 'holds'} "
-            f"label(s) {unseen} that the training "
-            f"labels ({', '.join(str(int(v)) for v in values)}) lack",
-            param="dataset",
-        )
-    numbered = {
-        k: np.searchsorted(values, y).astype(np.int64) for k, y in zip(keys, ys, strict=True)
-    }
-    return {**arrays, **numbered}, tuple(str(int(v)) for v in values)
-
-
 def npz_dataset(
     name: str, arrays: dict[str, np.ndarray], task: str, classes: Any = None
 ) -> Dataset:
@@ -367,7 +351,7 @@ def npz_dataset(
     float32 (int32 token ids for a language model)."""
     where = f"dataset {name!r}"
     if task == "classification" and classes is None:
-        arrays, classes = numbered_labels(where, arrays)
+        arrays, classes = named_labels(where, arrays, numbers=True)
     outputs = outputs_for(task, where, arrays["x"], arrays["y"], _held_out(arrays))
     mask_train, mask_test = _masks(where, arrays, task)
     x_dtype = np.int32 if task == "lm" else np.float32

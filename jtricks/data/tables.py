@@ -8,7 +8,7 @@ class labels). The targets' kind gives the task, as for an ``npz:`` file
 (a price, a year, a decimal) regression targets, and text is class names, numbered in
 sorted order (``--task`` may name another task that reads them, e.g. ``regression`` for
 small whole-number counts, or ``classification`` for -1/+1 labels, which then are
-classes named by their values: `jtricks.data.datasets.numbered_labels`). The delimiter
+classes named by their values: `jtricks.data.datasets.named_labels`). The delimiter
 is found among comma, semicolon and tab.
 
 New here: pandas and scikit-learn read tables, but a run needs them as checked arrays

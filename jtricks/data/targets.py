@@ -19,7 +19,7 @@ whole numbers); `outputs_for` gives the width for the task a user names instead,
 reads labels saved as whole-number reals (``0.0, 1.0, 2.0``, as pandas often writes
 them) as labels, and `cast_targets` the dtype that task reads. Class labels below 0
 (-1/+1) are numbered by their values before they get here
-(`jtricks.data.datasets.numbered_labels`).
+(`jtricks.data.datasets.named_labels`).
 """
 
 from __future__ import annotations
@@ -39,15 +39,18 @@ TASK_NAMES = {  # `Task.name` -> the spec name used above
 }
 
 
-def label_names(train: Any, held_out: Any) -> tuple[tuple[str, ...], np.ndarray, list[str]]:
+def label_names(
+    train: Any, held_out: Any, key: Any = None
+) -> tuple[tuple[str, ...], np.ndarray, list[str]]:
     """``(names, labels, unseen)`` of text class labels: the training split's names in
-    sorted order, every label of ``train`` then ``held_out`` as its name's index (int64;
-    ``-1`` for a name the training split lacks), and those unseen held-out names."""
-    names = tuple(sorted({str(c) for c in train}))
+    sorted order (by ``key`` of a name: ``int`` for whole-number labels), every label of
+    ``train`` then ``held_out`` as its name's index (int64; ``-1`` for a name the
+    training split lacks), and those unseen held-out names."""
+    names = tuple(sorted({str(c) for c in train}, key=key))
     number = {n: i for i, n in enumerate(names)}
     everything = [str(c) for c in train] + [str(c) for c in held_out]
     labels = np.asarray([number.get(c, -1) for c in everything], np.int64)
-    return names, labels, sorted({c for c in everything if c not in number})
+    return names, labels, sorted({c for c in everything if c not in number}, key=key)
 
 
 def _is_integer(a: np.ndarray) -> bool:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from jtricks.errors import ConfigError, check_int, check_range
-from jtricks.spec import build_from_registry
+from jtricks.spec import build_from_registry, parse_spec
 
 Schedule = optax.Schedule
 PATIENCE_MODES = ("keras", "pytorch")
@@ -251,6 +251,15 @@ def _registry(value: float, steps_per_epoch: int, total_steps: int | None, ends:
 
 
 SCHEDULE_NAMES = tuple(_registry(1.0, 1, 1))
+
+WHOLE_RUN = ("warmup_cosine", "cosine", "one_cycle")
+"""The schedules laid over the whole run, from its total steps (`build_schedule` refuses
+them without): a longer run has another rate at every step."""
+
+
+def spans_the_run(spec: str) -> bool:
+    """Whether the schedule ``spec`` is one of `WHOLE_RUN`."""
+    return parse_spec(spec, what="schedule")[0] in WHOLE_RUN
 
 
 def build_schedule(

@@ -66,6 +66,8 @@ class Build:
     trainable: list[str] | None = None
     """With ``finetune``: the patterns of the layers that train (the others are frozen,
     their BatchNorm statistics too)."""
+    steps_per_epoch: int | None = None
+    """Optimizer steps per epoch (`run_length`)."""
     members: Any = None
     """What `create_ensemble` takes for stacked members: the model, or for an NNX model
     (built initialised) a factory that builds it again from each member's key."""
@@ -120,6 +122,7 @@ def build(
         data_key,
         mix=mixing(config, data.example),
         reporter=reporter,
+        steps_per_epoch=steps_per_epoch,
     )
     b.augment, b.tta_augment = augmentations(config, data.example)
     b.members = model

@@ -34,7 +34,7 @@ from typing import Any
 import jax
 
 from jtricks.errors import ConfigError, check_int
-from jtricks.optim import build_schedule
+from jtricks.optim.schedules import spans_the_run
 from jtricks.run.config import TrainConfig
 from jtricks.run.resume import LENGTHS, config_digest
 from jtricks.rundir import write_json
@@ -88,7 +88,7 @@ def _why_not(config: TrainConfig, run_dir: Path) -> str | None:
         return "it stops early (--early-stopping), and its end holds the best epoch's state"
     if config.swa is not None:
         return "its end holds SWA's average (--swa), not the state training reached"
-    if _spans_the_run(config.schedule):
+    if spans_the_run(config.schedule):
         return (
             f"its schedule {config.schedule!r} is laid over the whole run, so a longer run "
             "has another learning rate at every step"
@@ -104,16 +104,6 @@ def _why_not(config: TrainConfig, run_dir: Path) -> str | None:
     if summary.get("stopped"):
         return f"it stopped before its end ({summary['stopped']})"
     return None
-
-
-def _spans_the_run(schedule: str) -> bool:
-    """Whether the schedule needs the run's total steps (`build_schedule` refuses it
-    without them, saying it runs over the whole run)."""
-    try:
-        build_schedule(schedule, 1.0, total_steps=None, within_run=False)
-    except ConfigError as e:
-        return "runs over the whole run" in str(e)
-    return False
 
 
 def record_extension(run_dir: Path, settings: dict[str, Any]) -> bool:

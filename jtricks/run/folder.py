@@ -19,7 +19,7 @@ import jax
 from jax.experimental.multihost_utils import sync_global_devices
 
 from jtricks.errors import ConfigError
-from jtricks.run.build import Build, initial_state, run_length, with_pretrained
+from jtricks.run.build import Build, initial_state, with_pretrained
 from jtricks.run.config import TrainConfig
 from jtricks.run.data import RunData
 from jtricks.run.extend import record_extension, whole_last_epoch
@@ -92,8 +92,8 @@ def start(
     if resume is not None:
         state, records, cut = restore_run(run_dir / "checkpoints", state, b, settings)
         if record_extension(run_dir, settings):  # trained on past its end
-            at, per_epoch = int(first_member(state).step), run_length(config, data.n_train, True)[0]
-            records, cut = whole_last_epoch(records, cut, at, per_epoch)
+            at = int(first_member(state).step)
+            records, cut = whole_last_epoch(records, cut, at, b.steps_per_epoch)
         write_jsonl(run_dir / "metrics.jsonl", records)  # drop epochs after the checkpoint
         if config.log_every_steps is not None:  # and the steps after it: they run again
             done = int(first_member(state).step)
