@@ -158,3 +158,110 @@ def test_nonfinite_streak_stops_and_keeps_last_good_state(tiny_data, adam, key):
     assert "consecutive steps had a non-finite loss or gradient" in hist.stopped
     assert len(hist) == 2  # 10 steps per epoch: the streak reaches 15 in epoch 2
     assert _same(state.params, params0)  # nothing was ever applied
+
+
+class _Edit:
+    """Halves the parameters after epoch ``at`` (a new state to go on from) and stops after
+    epoch ``stop``; notes each epoch's step and how many epoch programs `fit` had
+    dispatched when it was called (``dispatched``, counted by the test)."""
+
+    def __init__(self, at, stop, dispatched):
+        self.at, self.stop, self.dispatched, self.seen = at, stop, dispatched, []
+
+    def on_epoch_end(self, record, state):
+        self.seen.append((record["epoch"], int(state.step), self.dispatched[0]))
+        if record["epoch"] == self.stop:
+            return True
+        if record["epoch"] == self.at:
+            return state.replace(params=jax.tree.map(lambda p: p * 0.5, state.params))
+        return None
+
+
+class _EditCopy(_Edit):
+    takes_copy = True
+
+
+def test_callbacks_taking_a_copy_run_one_epoch_behind_with_the_same_results(
+    tiny_data, adam, key, monkeypatch
+):
+    """A ``takes_copy`` callback is called once the next epoch is in flight; the epoch in
+    flight when it returns a state or stops is discarded, so the run ends exactly as with
+    a callback that gets the live state before each dispatch."""
+    from jtricks.training import loop
+
+    d, dispatched, original = tiny_data, [0], loop.run_epoch
+
+    def counting(*args, **kwargs):
+        dispatched[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "run_epoch", counting)
+    runs = {}
+    for cls in (_Edit, _EditCopy):
+        dispatched[0] = 0
+        cb = cls(at=2, stop=4, dispatched=dispatched)
+        state, hist = fit(
+            create_train_state(MODEL, adam, d.x_train, key),
+            (d.x_train, d.y_train),
+            val_data=(d.x_test, d.y_test),
+            batch_size=20,
+            epochs=6,
+            callbacks=[cb],
+        )
+        runs[cls] = (state, hist, cb.seen, dispatched[0])
+    live, ahead = runs[_Edit], runs[_EditCopy]
+    assert _same(live[0].params, ahead[0].params)
+    assert int(live[0].step) == int(ahead[0].step) == 40  # stopped after epoch 4
+    assert [r["val_loss"] for r in live[1]] == [r["val_loss"] for r in ahead[1]]
+    assert (
+        [s[:2] for s in live[2]] == [s[:2] for s in ahead[2]] == [(e, 10 * e) for e in (1, 2, 3, 4)]
+    )
+    assert [s[2] for s in live[2]] == [1, 2, 3, 4] and live[3] == 4  # before each dispatch
+    # ahead by one; epoch 3 run again after epoch 2's new state, epoch 5 dropped at the stop
+    assert [s[2] for s in ahead[2]] == [2, 3, 5, 6] and ahead[3] == 6
+
+
+def test_observers_get_no_state_beside_a_copy_taker(tiny_data, adam, key):
+    d = tiny_data
+
+    class Observe:
+        needs_state = False
+
+        def __init__(self):
+            self.states = []
+
+        def on_epoch_end(self, record, state):
+            self.states.append(state)
+
+    observe, early = Observe(), EarlyStopping(patience=5)
+    fit(
+        create_train_state(MODEL, adam, d.x_train, key),
+        (d.x_train, d.y_train),
+        val_data=(d.x_test, d.y_test),
+        batch_size=20,
+        epochs=3,
+        callbacks=[observe, early],
+    )
+    assert observe.states == [None, None, None] and early.best_epoch is not None
+
+
+@pytest.mark.parametrize(
+    "flags", [["--early-stopping", "2", "--schedule", "plateau"], ["--swa", "2"]]
+)
+def test_the_cli_run_dispatches_each_epoch_before_its_callbacks(tmp_path, monkeypatch, flags):
+    """Every callback a `jtricks train` run attaches (checkpoints, early stopping, the
+    plateau schedule, SWA, the metrics files) lets the loop run ahead."""
+    from jtricks.cli import main
+    from jtricks.training import loop
+
+    seen, original = [], loop.Ahead.of
+
+    def of(run, callbacks):
+        seen.append(original(run, callbacks))
+        return seen[-1]
+
+    monkeypatch.setattr(loop.Ahead, "of", of)
+    args = ["train", "--dataset", "synthetic(num_train=120, num_test=40, shape=(6,))"]
+    args += ["--model", "mlp(features=(8,))", "--epochs", "3", "--no-progress"]
+    assert main([*args, *flags, "--out", str(tmp_path / "run")]) == 0
+    assert seen and all(a.dispatch and a.copies for a in seen)

@@ -140,10 +140,17 @@ class _Watch:
     needs_state = True
 
     def __init__(self):
-        self.records = []
+        self.records, self.states = [], []
 
     def on_epoch_end(self, record, state):
         self.records.append(record)
+        self.states.append(state)
+
+
+class _WatchCopy(_Watch):
+    """A callback that takes a copy of the state: `fit` dispatches epochs ahead of it."""
+
+    takes_copy = True
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +160,8 @@ def blowup_data():
     return synthetic(num_train=120, num_test=40, shape=(8,), num_classes=3, noise=0.3, seed=0)
 
 
-@pytest.mark.parametrize("pipelined", [True, False])
-def test_divergence_stops_inside_the_epoch_and_keeps_a_finite_state(blowup_data, pipelined):
+@pytest.mark.parametrize("callback", [None, _Watch, _WatchCopy])
+def test_divergence_stops_inside_the_epoch_and_keeps_a_finite_state(blowup_data, callback):
     """SGD at lr 1e6: the parameters explode (|w| ~ 1e19 before any NaN). Training stops
     after 3 bad steps inside the epoch; the returned state is finite, its step is
     ``history.kept_step``; every epoch that ran is in the history."""
@@ -169,7 +176,7 @@ def test_divergence_stops_inside_the_epoch_and_keeps_a_finite_state(blowup_data,
         d.x_train,
         jax.random.key(0),
     )
-    watch = _Watch()
+    watch = callback() if callback is not None else None
     state, history = fit(
         state,
         (d.x_train, d.y_train),
@@ -177,7 +184,7 @@ def test_divergence_stops_inside_the_epoch_and_keeps_a_finite_state(blowup_data,
         epochs=5,
         val_data=(d.x_test, d.y_test),
         max_nonfinite=3,
-        callbacks=[] if pipelined else [watch],
+        callbacks=[] if watch is None else [watch],
     )
     last = history.records[-1]
     assert history.diverged and last["diverged"] and "3 consecutive steps" in history.stopped
@@ -186,8 +193,9 @@ def test_divergence_stops_inside_the_epoch_and_keeps_a_finite_state(blowup_data,
     assert np.isfinite(float(optax.tree.norm(state.params)))
     kept = evaluate(state, (d.x_test, d.y_test))
     assert np.isfinite(kept["loss"]) and kept["loss"] < 10 * history.records[0]["initial_loss"]
-    if not pipelined:
+    if watch is not None:
         assert watch.records == history.records  # callbacks saw the stopping epoch too
+        assert watch.states[-1] is state  # with the state fit returns
 
 
 def test_cli_divergence_summary_metrics_and_continuation(tmp_path, capsys):

@@ -117,7 +117,7 @@ class SWA:
     ``AveragedModel``, whose average a resume must save and load by hand.
     """
 
-    needs_state = True
+    takes_copy = True  # reads the state: fit runs the next epoch meanwhile (`Callback`)
 
     def __init__(self, start_epoch: int, train_x: Any = None, *, batch_size: int = 500) -> None:
         self.start_epoch = check_int("start_epoch", start_epoch, low=1)

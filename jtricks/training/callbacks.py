@@ -64,6 +64,8 @@ class ReduceLROnPlateau:
     default relative threshold and cooldown are not offered).
     """
 
+    takes_copy = True  # reads the state: fit runs the next epoch meanwhile (`Callback`)
+
     def __init__(
         self,
         factor: float = 0.5,
@@ -135,6 +137,8 @@ class EarlyStopping:
     Attributes after training: ``best``, ``best_epoch``, ``stopped_epoch`` (None if it never fired).
     """
 
+    takes_copy = True  # reads the state: fit runs the next epoch meanwhile (`Callback`)
+
     def __init__(
         self,
         patience: int = 5,
@@ -200,6 +204,8 @@ class MemberEarlyStopping:
     Attributes after training: ``best_epoch`` and ``stopped_epoch`` (``None``: it never
     stopped), one entry per member.
     """
+
+    takes_copy = True  # reads the state: fit runs the next epoch meanwhile (`Callback`)
 
     def __init__(
         self,

@@ -94,6 +94,8 @@ class Checkpointer:
     checkpoint and as ``best``, so ``--pretrained RUN`` continues from it.
     """
 
+    takes_copy = True  # reads the state: fit runs the next epoch meanwhile (`Callback`)
+
     def __init__(
         self,
         directory: str | os.PathLike,

@@ -14,13 +14,15 @@ from jtricks.training.partial import summarize
 from jtricks.training.state import TrainState, first_member
 
 
-def end_diverged(record, state, upcoming, callbacks, pipelined: bool) -> None:
+def end_diverged(record, state, upcoming, callbacks, records_only: bool) -> None:
     """A diverged run's last epoch: the epoch already in flight is discarded, and the
-    callbacks see the stopping record with the kept state."""
+    callbacks see the stopping record with the kept state (``None`` for those that only
+    observe records)."""
     if upcoming is not None:
         jax.block_until_ready(upcoming.result.metrics)
     for cb in callbacks:
-        cb.on_epoch_end(record, None if pipelined else state)
+        observes = records_only or getattr(cb, "needs_state", True) is False
+        cb.on_epoch_end(record, None if observes else state)
 
 
 def interrupt(history, callbacks, state, cut, stop, steps_per_epoch: int, partial=None) -> None:

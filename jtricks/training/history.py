@@ -15,14 +15,25 @@ class Callback(Protocol):
     """Called on the Python side after every epoch's metrics are known.
 
     ``on_epoch_end`` receives the epoch's record (see `History`) and the current
-    state. A callback that sets ``needs_state = False`` only observes records: it
-    is passed ``None`` for the state, must not stop training, and lets `fit`
-    dispatch the next epoch before reading this one's metrics. It returns ``None``/``False`` to go on, ``True`` to stop after this
-    epoch, a `StopTraining` (stop, optionally continuing from its state), or a
-    new `TrainState` to continue from (e.g. with a lowered learning rate). An
-    optional ``on_train_end(state)`` runs after the last epoch and may return a
-    replacement state (e.g. the best one). Callbacks run in order; each sees the state the previous
-    one returned.
+    state. It returns ``None``/``False`` to go on, ``True`` to stop after this epoch, a
+    `StopTraining` (stop, optionally continuing from its state), or a new `TrainState` to
+    continue from (e.g. with a lowered learning rate). An optional
+    ``on_train_end(state)`` runs after the last epoch and may return a replacement state
+    (e.g. the best one). Callbacks run in order; each sees the state the previous one
+    returned.
+
+    Two attributes let `fit` dispatch the next epoch before calling the callbacks, so the
+    device never waits for them (`jtricks.training.loop.Ahead`):
+
+    * ``needs_state = False``: it only observes records; it is passed ``None`` for the
+      state and must not stop training.
+    * ``takes_copy = True``: it reads the state (saves it, keeps a copy, averages it)
+      but rarely stops training or returns a state. It is passed a copy of the epoch's
+      end state, made by the next epoch's program; when it stops or returns a state,
+      that next epoch is discarded and training goes on as if it had never run ahead.
+      Every callback of jtricks that reads the state sets it.
+
+    By default a callback gets the live state before the next epoch is dispatched.
     """
 
     def on_epoch_end(

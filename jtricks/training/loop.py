@@ -27,7 +27,7 @@ from jtricks.training.preemption import AgreedStop
 from jtricks.training.preemption import stop_requested as _stop_requested
 from jtricks.training.profile import Profile
 from jtricks.training.runs import Run
-from jtricks.training.state import TrainState, first_member
+from jtricks.training.state import TrainState, device_copy, first_member
 from jtricks.training.streaming import evaluate_stream
 
 
@@ -183,9 +183,9 @@ def part_done(pending, on_part, max_streak) -> bool:
 def run_loop(
     state: TrainState, run: Run, val: Any, options: FitOptions, hooks: LoopHooks
 ) -> tuple[TrainState, History]:
-    """`fit`'s epoch loop: dispatch, record, callbacks, divergence (``options``'
-    ``max_nonfinite`` and ``keep_finite``), and a stop asked by ``hooks.stop`` between
-    programs (`_interrupt`)."""
+    """`fit`'s epoch loop: dispatch (ahead of the callbacks where they allow, `Ahead`),
+    record, callbacks, divergence (``options``' ``max_nonfinite`` and ``keep_finite``),
+    and a stop asked by ``hooks.stop`` between programs (`_interrupt`)."""
     callbacks, reporter = hooks.callbacks, hooks.reporter
     interrupt, partial = hooks.stop, hooks.partial
     history = History()
@@ -194,9 +194,9 @@ def run_loop(
     t0 = time.perf_counter()
     if reporter is not None:
         reporter.start(total_steps=total_steps, done=0)
-    pipelined = _pipelined(run, callbacks)
+    ahead = Ahead.of(run, callbacks)
     # the last state known to evaluate finite, kept on device; divergence ends with it
-    keeper = _FiniteKeeper(enabled=options.keep_finite, always_copy=pipelined)
+    keeper = _FiniteKeeper(options.keep_finite, ahead)
 
     def dispatch(state, done, streak):
         step = start_step + done
@@ -214,8 +214,8 @@ def run_loop(
         t_last = time.perf_counter()
         state, pending = dispatch(state, 0, np.int32(0))
         while pending is not None:
-            upcoming = None
-            if pipelined and pending.done_after < total_steps and not stop_requested(interrupt):
+            upcoming, more = None, pending.done_after < total_steps
+            if ahead.dispatch and more and not stop_requested(interrupt):
                 state, upcoming = dispatch(state, pending.done_after, pending.result.streak)
             keeper.started(pending.result.start)
             deliver_steps(pending.result.rows, history, callbacks)
@@ -231,16 +231,18 @@ def run_loop(
                 reporter.epoch_end(record, done=done)
             if "train_nonfinite" in record and streak >= options.max_nonfinite:
                 state = endings.diverged(history, record, keeper, state, streak, record["step"])
-                endings.end_diverged(record, state, upcoming, callbacks, pipelined)
+                endings.end_diverged(record, state, upcoming, callbacks, ahead.records_only)
                 break
             keeper.epoch_end(record, upcoming.result.start if upcoming is not None else None)
-            state, stop = _run_callbacks(callbacks, record, state, history, pipelined)
+            seen = ahead.handed(upcoming, state)
+            new, stop = _run_callbacks(callbacks, record, seen, history, ahead.records_only)
             if ended and not stop:
                 history.stopped = record["stopped"] = endings.ran_out(record["step"])
                 stop = True
+            state, upcoming = ahead.settle(state, upcoming, seen, new, stop)
             if stop:
                 break
-            if pipelined:
+            if upcoming is not None:
                 pending = upcoming
             elif done < total_steps and not stop_requested(interrupt):
                 state, pending = dispatch(state, done, np.int32(streak))
@@ -250,7 +252,7 @@ def run_loop(
         if stop_requested(interrupt) and history.stopped is None and not complete:
             endings.interrupt(history, callbacks, state, cut, interrupt, steps_per_epoch, partial)
         else:
-            state = _train_end(callbacks, state, pipelined)
+            state = _train_end(callbacks, state, ahead.records_only)
     except BaseException:
         endings.settle(callbacks)
         raise
@@ -260,11 +262,44 @@ def run_loop(
     return state, history
 
 
-def _pipelined(run: Run, callbacks: Any) -> bool:
-    """Whether the next epoch is dispatched before this one's metrics are read: when every
-    callback only observes (``needs_state = False``), so the device never waits for
-    Python. An epoch run in parts already overlaps each part with the host's work."""
-    return not run.split and all(getattr(cb, "needs_state", True) is False for cb in callbacks)
+@dataclass(frozen=True)
+class Ahead:
+    """How far the host loop runs ahead of the callbacks (their kinds: `Callback`).
+
+    ``dispatch``: epoch k+1 is dispatched before epoch k's record is read, since every
+    callback only observes records or takes a copy of the state (``copies``: the copy
+    epoch k+1's program makes of the state it starts from). An epoch in flight when a
+    callback stops training or returns a state is discarded (`settle`). Epochs run in
+    parts already overlap the host's work."""
+
+    dispatch: bool
+    copies: bool
+
+    @classmethod
+    def of(cls, run: Run, callbacks: Any) -> Ahead:
+        observe = [getattr(cb, "needs_state", True) is False for cb in callbacks]
+        copy = [getattr(cb, "takes_copy", False) is True for cb in callbacks]
+        if run.split or not all(o or c for o, c in zip(observe, copy, strict=True)):
+            return cls(dispatch=False, copies=False)
+        return cls(dispatch=True, copies=not all(observe))
+
+    @property
+    def records_only(self) -> bool:  # every callback gets None for the state
+        return self.dispatch and not self.copies
+
+    def handed(self, upcoming: Dispatched | None, state: TrainState) -> TrainState:
+        """The state the callbacks get: the copy the epoch in flight made, or ``state``."""
+        return upcoming.result.start if self.copies and upcoming is not None else state
+
+    def settle(self, state, upcoming, seen, new, stop: bool):
+        """``(state, upcoming)`` after the callbacks returned ``new`` (``seen`` when they
+        changed nothing) and ``stop``: the epoch in flight goes on, or it is discarded and
+        the loop goes on from ``new`` (a copy, since the kept state shares its buffers)."""
+        if upcoming is None:
+            return new, None
+        if not self.copies or (new is seen and not stop):
+            return state, upcoming
+        return (new if stop else device_copy(new)), None
 
 
 def _timed(record: dict[str, Any], start_step: int, t_last: float, t0: float) -> float:
@@ -275,12 +310,12 @@ def _timed(record: dict[str, Any], start_step: int, t_last: float, t0: float) ->
     return now
 
 
-def _train_end(callbacks: Any, state: TrainState, pipelined: bool) -> TrainState:
-    """Every callback's ``on_train_end(state)`` (not when pipelined: those only observe);
-    the state a callback returns replaces it (e.g. the best one)."""
+def _train_end(callbacks: Any, state: TrainState, records_only: bool) -> TrainState:
+    """Every callback's ``on_train_end(state)`` (not when they only observe records); the
+    state a callback returns replaces it (e.g. the best one)."""
     for cb in callbacks:
         end = getattr(cb, "on_train_end", None)
-        out = end(state) if end is not None and not pipelined else None
+        out = end(state) if end is not None and not records_only else None
         if isinstance(out, TrainState):
             state = out
     return state
@@ -387,12 +422,13 @@ def _record(pending: Dispatched):
     return record, streak, pending.done + steps_done, ended
 
 
-def _run_callbacks(callbacks, record, state, history, pipelined):
+def _run_callbacks(callbacks, record, state, history, records_only):
     """Run the callbacks on an epoch's record; returns the state to continue from and
     whether to stop."""
     stop = False
     for cb in callbacks:
-        out = cb.on_epoch_end(record, None if pipelined else state)
+        observes = records_only or getattr(cb, "needs_state", True) is False
+        out = cb.on_epoch_end(record, None if observes else state)
         if isinstance(out, TrainState):
             state = out
         elif isinstance(out, StopTraining):
@@ -401,7 +437,7 @@ def _run_callbacks(callbacks, record, state, history, pipelined):
             stop = True
         elif out:
             stop = True
-    if stop and pipelined:
+    if stop and records_only:
         raise RuntimeError("a callback with needs_state=False must not stop training")
     return state, stop
 
@@ -410,26 +446,29 @@ class _FiniteKeeper:
     """Keeps on device the newest state that evaluated finite: the initial one, then the
     end of every epoch whose record is finite and sane (`_finite_record`). The epoch that
     would donate a state copies it first, inside its own program (`run_epoch`'s
-    ``keep``), only when it may be needed (always when epochs are pipelined, since the
+    ``keep``), only when it may be needed (always when epochs are dispatched ahead, since the
     next one is dispatched before this one's record is read)."""
 
-    def __init__(self, *, enabled: bool, always_copy: bool) -> None:
-        self.enabled, self.always_copy = enabled, always_copy
+    def __init__(self, enabled: bool, ahead: Ahead) -> None:
+        self.enabled, self.ahead = enabled, ahead
         self.good: TrainState | None = None
         self.initial_loss: float | None = None
         self._promote_next = False
 
     def wanted(self) -> bool:
-        """Whether the next epoch should keep a copy of the state it starts from."""
-        return self.enabled and (self.always_copy or self._promote_next or self.good is None)
+        """Whether the next epoch should keep a copy of the state it starts from (always
+        when the callbacks take copies)."""
+        if self.ahead.copies:
+            return True
+        return self.enabled and (self.ahead.dispatch or self._promote_next or self.good is None)
 
     def started(self, start: TrainState | None) -> None:
-        if start is not None and (self.good is None or self._promote_next):
+        if self.enabled and start is not None and (self.good is None or self._promote_next):
             self.good, self._promote_next = start, False
 
     def epoch_end(self, record: dict[str, Any], upcoming_start: TrainState | None) -> None:
         self.initial_loss = record.get("initial_loss", self.initial_loss)
-        if not _finite_record(record, self.initial_loss):
+        if not self.enabled or not _finite_record(record, self.initial_loss):
             return
         if upcoming_start is not None:
             self.good = upcoming_start
