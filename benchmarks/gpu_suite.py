@@ -27,7 +27,9 @@ run (the headline figures first):
    `bench_search.py`, 8 search trials side by side against `jtricks.train` one after
    another and against ``--parallel 1``;
 8. ``step_records``: `bench_step_records.py`, what ``fit(log_every_steps=N)`` (N = 100
-   and 1) and epochs run in four parts cost against plain `fit` (paper CNN);
+   and 1) and epochs run in four parts cost against plain `fit` (paper CNN); then
+   `bench_callbacks_ahead.py`, a run's checkpoints and early stopping with `fit` waiting
+   for them against `fit` running the next epoch meanwhile;
 9. ``bench``: ``jtricks bench --suite quick`` with the rest of the budget, its
    ``results.json`` copied as ``bench_quick.json`` so that ``jtricks bench compare`` can
    set it beside the CPU's.
@@ -212,13 +214,19 @@ PARTS = (  # the headline figures first; bench last, with whatever the budget ha
     ),
     Part(
         "step_records",
-        0.04,
+        0.07,
         (
             Run(
                 "cnn",
                 "bench_step_records.py",
                 "--model cnn --repeats 5",
                 f"{_MLP} --epochs 1 --repeats 1 {_TINY_DATA}",
+            ),
+            Run(
+                "callbacks",
+                "bench_callbacks_ahead.py",
+                "--model cnn --repeats 3",
+                f"{_MLP} --epochs 2 --every 1 --repeats 1 {_TINY_DATA}",
             ),
         ),
     ),

@@ -246,10 +246,11 @@ def _simple(records: dict) -> list[str]:
             f"| {r['train_s']:.1f} | {r['test_accuracy']} |"
         ),
     )
+    runs = _results(records.get("step_records"))
     steps = _table(
         "step_records: what per-step records and epochs in parts cost `fit`",
         "| model | every 100 steps | every step | 4 parts an epoch | ms per part boundary |",
-        _results(records.get("step_records")),
+        [(label, r) for label, r in runs if label != "callbacks"],
         lambda r: (
             f"| {r['model']} | {r['arms']['steps_every_100']['ratio_time_vs_none']:.3f} "
             f"| {r['arms']['steps_every_1']['ratio_time_vs_none']:.3f} "
@@ -257,7 +258,17 @@ def _simple(records: dict) -> list[str]:
             f"| {r['parts_overhead_ms_per_boundary']:.2f} |"
         ),
     )
-    return fit + train + ens + lrf + _sweeps(records) + steps
+    ahead = _table(
+        "callbacks: checkpoints and early stopping, `fit` waiting for them or running ahead",
+        "| model | epochs | none s | waits s | ahead s | ahead over waits |",
+        [(label, r) for label, r in runs if label == "callbacks"],
+        lambda r: (
+            f"| {r['model']} | {r['epochs']} | {r['arms']['none']['median_s']:.3f} "
+            f"| {r['arms']['waits']['median_s']:.3f} | {r['arms']['ahead']['median_s']:.3f} "
+            f"| {r['arms']['ahead']['speed_vs_waits']:.3f}x |"
+        ),
+    )
+    return fit + train + ens + lrf + _sweeps(records) + steps + ahead
 
 
 def _bench(records: dict) -> list[str]:

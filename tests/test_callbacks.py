@@ -166,10 +166,11 @@ class _Edit:
     dispatched when it was called (``dispatched``, counted by the test)."""
 
     def __init__(self, at, stop, dispatched):
-        self.at, self.stop, self.dispatched, self.seen = at, stop, dispatched, []
+        self.at, self.stop, self.dispatched, self.seen, self.states = at, stop, dispatched, [], []
 
     def on_epoch_end(self, record, state):
         self.seen.append((record["epoch"], int(state.step), self.dispatched[0]))
+        self.states.append(state)
         if record["epoch"] == self.stop:
             return True
         if record["epoch"] == self.at:
@@ -208,7 +209,7 @@ def test_callbacks_taking_a_copy_run_one_epoch_behind_with_the_same_results(
             epochs=6,
             callbacks=[cb],
         )
-        runs[cls] = (state, hist, cb.seen, dispatched[0])
+        runs[cls] = (state, hist, cb.seen, dispatched[0], cb.states)
     live, ahead = runs[_Edit], runs[_EditCopy]
     assert _same(live[0].params, ahead[0].params)
     assert int(live[0].step) == int(ahead[0].step) == 40  # stopped after epoch 4
@@ -219,6 +220,10 @@ def test_callbacks_taking_a_copy_run_one_epoch_behind_with_the_same_results(
     assert [s[2] for s in live[2]] == [1, 2, 3, 4] and live[3] == 4  # before each dispatch
     # ahead by one; epoch 3 run again after epoch 2's new state, epoch 5 dropped at the stop
     assert [s[2] for s in ahead[2]] == [2, 3, 5, 6] and ahead[3] == 6
+    # fit never donates the copies it hands out (the state kept for divergence is one of
+    # them): epoch 2's new state shares its optimizer state with its copy, and fit
+    # copies it before going on
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(ahead[4]))
 
 
 def test_observers_get_no_state_beside_a_copy_taker(tiny_data, adam, key):

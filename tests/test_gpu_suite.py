@@ -84,6 +84,11 @@ def test_tiny_suite_figures_are_consistent(suite_run):
     for arm in steps["arms"].values():
         assert arm["ratio_time_vs_none"] == pytest.approx(statistics.median(arm["times_s"]) / base)
     assert steps["arms"]["steps_every_1"]["step_records"] == steps["steps_per_repeat"]
+    ahead = _result(parts, "step_records", "callbacks")
+    waits = statistics.median(ahead["arms"]["waits"]["times_s"])
+    for arm in ahead["arms"].values():  # the same training, whoever waits for whom
+        assert arm["speed_vs_waits"] == pytest.approx(waits / statistics.median(arm["times_s"]))
+        assert arm["max_param_diff"] == 0.0
     sweep = _result(parts, "sweep")
     fresh, build = sweep["arms"]["fresh"], sweep["arms"]["build"]
     assert build["ratio_vs_fresh"] == pytest.approx(build["median_s"] / fresh["median_s"])

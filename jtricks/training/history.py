@@ -31,7 +31,8 @@ class Callback(Protocol):
       but rarely stops training or returns a state. It is passed a copy of the epoch's
       end state, made by the next epoch's program; when it stops or returns a state,
       that next epoch is discarded and training goes on as if it had never run ahead.
-      Every callback of jtricks that reads the state sets it.
+      Every callback of jtricks that reads the state sets it. What it keeps, it copies
+      (beside a callback that needs the live state it is handed that one).
 
     By default a callback gets the live state before the next epoch is dispatched.
     """
