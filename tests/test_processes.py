@@ -85,6 +85,38 @@ def test_lost_peers_are_told_from_other_errors(monkeypatch):
     assert not processes.lost_process(RuntimeError("RESOURCE_EXHAUSTED: out of memory"))
 
 
+@pytest.mark.parametrize("kind", ["collective", "checkpoint"])
+def test_a_lost_peer_ends_the_command_with_one_line(monkeypatch, kind):
+    """A peer gone away mid-collective, in the training program or in a checkpoint write's
+    collective (a `WriteError` around gloo's error): one line and status 1, at once."""
+    from jtricks import cli
+    from jtricks.cli import train
+    from jtricks.errors import WriteError
+
+    gloo = "UNKNOWN: Gloo AllGather failed: ... Connection closed by peer [127.0.0.1]:724"
+    error = jax.errors.JaxRuntimeError(gloo)
+    if kind == "checkpoint":
+        error = WriteError("checkpoint run/checkpoints/best/epoch-000004", error)
+
+    def run(args, flags):
+        raise error
+
+    left = []
+
+    def leave(line, status=1):
+        left.append((line, status))
+        raise SystemExit(status)
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(train, "run", run)
+    monkeypatch.setattr(processes, "leave", leave)
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--no-progress"])
+    ((line, status),) = left
+    assert status == 1 and "another process of this run stopped" in line
+    assert "--resume RUN_DIR" in line and "\n" not in line
+
+
 def test_one_process_agrees_with_itself_and_is_not_watched():
     assert processes.all_agree(True) and not processes.all_agree(False)
     assert processes.watch_peers(1.0) is None

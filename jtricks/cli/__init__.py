@@ -86,6 +86,7 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"jtricks {args.command}: error: {prefix}{e}", file=sys.stderr)
         return 2
     except (WriteError, StreamError) as e:  # the run stops; what was saved stays
+        lost_peer(args.command, e)  # a checkpoint's collective met a peer gone away
         print(f"jtricks {args.command}: error: {e}", file=sys.stderr)
         return 1
     except jax.errors.JaxRuntimeError as e:

@@ -27,7 +27,7 @@ import numpy as np
 from jtricks.caches import jitted
 from jtricks.errors import ConfigError, check_int
 from jtricks.optim.eval_params import declaring_nodes
-from jtricks.training.state import TrainState, first_member, is_ensemble
+from jtricks.training.state import TrainState, device_copy, first_member, is_ensemble
 
 
 def recompute_batch_stats(
@@ -131,7 +131,7 @@ class SWA:
             return None
         if self.average is None:
             self.check(state)
-            self.average = jax.tree.map(jnp.copy, state.params)  # the state is donated next
+            self.average = device_copy(state.params)  # the state may be donated next
         else:
             self.average = _running_mean(self.average, state.params, jnp.float32(self.count))
         self.count += 1

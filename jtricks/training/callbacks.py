@@ -12,7 +12,7 @@ import optax
 from jtricks.caches import jitted
 from jtricks.errors import ConfigError, check_int, check_range
 from jtricks.optim.schedules import Plateau
-from jtricks.training.state import TrainState
+from jtricks.training.state import TrainState, device_copy
 
 
 class _Monitor:
@@ -173,7 +173,7 @@ class EarlyStopping:
         if self._monitor.improved(value):
             self._monitor.best, self.best_epoch, self.wait = value, record["epoch"], 0
             if self.restore_best:
-                self.best_state = jax.tree.map(jnp.copy, state)
+                self.best_state = device_copy(state)  # one program, not one per array
             return None
         self.wait += 1
         if self.wait >= max(self.patience, 1):
