@@ -10,6 +10,7 @@ import contextlib
 import jax
 import numpy as np
 
+from jtricks.training.history import handed_state
 from jtricks.training.partial import summarize
 from jtricks.training.state import TrainState, first_member
 
@@ -21,8 +22,7 @@ def end_diverged(record, state, upcoming, callbacks, records_only: bool) -> None
     if upcoming is not None:
         jax.block_until_ready(upcoming.result.metrics)
     for cb in callbacks:
-        observes = records_only or getattr(cb, "needs_state", True) is False
-        cb.on_epoch_end(record, None if observes else state)
+        cb.on_epoch_end(record, handed_state(cb, state, records_only))
 
 
 def interrupt(history, callbacks, state, cut, stop, steps_per_epoch: int, partial=None) -> None:

@@ -42,6 +42,12 @@ class Callback(Protocol):
     ) -> bool | TrainState | None: ...
 
 
+def handed_state(callback: Any, state: Any, records_only: bool) -> Any:
+    """The state ``callback.on_epoch_end`` gets: ``None`` when it only observes records
+    (``needs_state = False``) or when every callback does (``records_only``)."""
+    return None if records_only or getattr(callback, "needs_state", True) is False else state
+
+
 @dataclass
 class History:
     """Per-epoch records of a `fit` call.

@@ -20,7 +20,7 @@ from jtricks.errors import StreamError
 from jtricks.training import endings
 from jtricks.training.arguments import checked_hooks
 from jtricks.training.callbacks import StopTraining
-from jtricks.training.history import History
+from jtricks.training.history import History, handed_state
 from jtricks.training.options import FitOptions
 from jtricks.training.partial import merge
 from jtricks.training.preemption import AgreedStop
@@ -427,8 +427,7 @@ def _run_callbacks(callbacks, record, state, history, records_only):
     whether to stop."""
     stop = False
     for cb in callbacks:
-        observes = records_only or getattr(cb, "needs_state", True) is False
-        out = cb.on_epoch_end(record, None if observes else state)
+        out = cb.on_epoch_end(record, handed_state(cb, state, records_only))
         if isinstance(out, TrainState):
             state = out
         elif isinstance(out, StopTraining):
