@@ -10,11 +10,16 @@ one synthetic set of ``--examples`` x ``--features`` float32 inputs:
 * ``hand-written``: one jitted `lax.scan` of the same K steps on the device data
   (`baselines.flax_step`), its loss read back as `fit` reads its records.
 
+With ``--val N`` every call also evaluates N held-out examples (`fit`'s ``val_data``,
+given as the arm's kind of array; the hand-written arm's pass is
+`baselines.flax_step.make_eval`, in the same program as its steps).
+
 Each repeat times one call of each arm, in turn (`timing.time_arms`); medians and the
 ratios to the hand-written arm are printed as JSON, then a short table.
 
     python benchmarks/bench_fit_calls.py                      # 50,000 x 784, 5 steps
     python benchmarks/bench_fit_calls.py --examples 4000 --features 40 --steps 36
+    python benchmarks/bench_fit_calls.py --examples 2000 --features 40 --val 500
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--features", type=int, default=784)
     p.add_argument("--steps", type=int, default=5, help="steps per call")
     p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--val", type=int, default=0, help="validation examples per call")
     p.add_argument("--repeats", type=int, default=11)
     p.add_argument("--json-out", default=None)
     return p.parse_args()
@@ -55,21 +61,29 @@ def arms(args: argparse.Namespace) -> dict:
     x = rng.normal(size=(args.examples, args.features)).astype(np.float32)
     y = rng.integers(0, 10, args.examples).astype(np.int32)
     xd, yd = jax.device_put(x), jax.device_put(y)
+    val = (x[: args.val], y[: args.val]) if args.val else None
+    val_d = jax.device_put(val)
     model, tx, key = MLP(features=(32,), num_classes=10), optax.sgd(1e-2), jax.random.key(1)
     holder = {"s": create_train_state(model, tx, x, jax.random.key(0))}
 
-    def fit_call(data) -> float:
+    def fit_call(data, val_data) -> float:
         t = time.perf_counter()
-        holder["s"], _ = fit(holder["s"], data, steps=args.steps, batch_size=args.batch_size)
+        holder["s"], _ = fit(
+            holder["s"], data, steps=args.steps, batch_size=args.batch_size, val_data=val_data
+        )
         jax.block_until_ready(holder["s"])
         return time.perf_counter() - t
 
     step = flax_step.make_step(model, tx, xd, yd)
+    evaluate = flax_step.make_eval(model, *val_d) if val else None
 
     @partial(jax.jit, donate_argnums=0)
     def hand(carry, k):
         idx = epoch_indices(k, args.examples, args.batch_size, args.steps)
-        return jax.lax.scan(step, carry, idx)
+        carry, losses = jax.lax.scan(step, carry, idx)
+        if evaluate is not None:
+            losses = (losses, evaluate(carry[0], carry[1]))
+        return carry, losses
 
     params = jax.tree.map(jnp.copy, holder["s"].params)
     carry = {"c": (params, {}, tx.init(params))}
@@ -77,12 +91,12 @@ def arms(args: argparse.Namespace) -> dict:
     def hand_call() -> float:
         t = time.perf_counter()
         carry["c"], losses = hand(carry["c"], key)
-        np.asarray(losses)  # read back, as fit reads its records
+        jax.device_get(losses)  # read back, as fit reads its records
         return time.perf_counter() - t
 
     return {
-        "fit, NumPy data": lambda: fit_call((x, y)),
-        "fit, device data": lambda: fit_call((xd, yd)),
+        "fit, NumPy data": lambda: fit_call((x, y), val),
+        "fit, device data": lambda: fit_call((xd, yd), val_d),
         "hand-written": hand_call,
     }
 
@@ -97,6 +111,7 @@ def main() -> None:
         "examples": args.examples,
         "features": args.features,
         "steps_per_call": args.steps,
+        "val_examples": args.val,
         "repeats": args.repeats,
         "median_ms": {name: 1e3 * m for name, m in medians.items()},
         "ratio_to_hand_written": {name: m / base for name, m in medians.items()},

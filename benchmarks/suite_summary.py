@@ -91,7 +91,7 @@ def _row(what: str, shown: str, ok: bool) -> str:
 def _speed_targets(records: dict) -> list[str]:
     """fit against the hand-written scan, and the demo's wall time."""
     rows = []
-    for label, res in _results(records.get("fit")):
+    for label, res in _fit_runs(records):
         x = res["ratio_fit_over_hand"]
         rows.append(
             _row(
@@ -209,6 +209,29 @@ def _sweeps(records: dict) -> list[str]:
     return sweep + search
 
 
+def _fit_runs(records: dict) -> list[tuple[str, dict]]:
+    """The fit part's whole-run figures (its ``calls`` run is `_fit_calls`')."""
+    return [(label, r) for label, r in _results(records.get("fit")) if label != "calls"]
+
+
+def _fit_calls(records: dict) -> list[str]:
+    return _table(
+        "fit calls: one short `fit` call at a time, against a hand-written scan",
+        "| examples | steps per call | validation | arm | ms per call | x hand-written |",
+        [
+            (label, (r, arm))
+            for label, r in _results(records.get("fit"))
+            if label == "calls"
+            for arm in r["median_ms"]
+        ],
+        lambda ra: (
+            f"| {ra[0]['examples']} | {ra[0]['steps_per_call']} | {ra[0]['val_examples']} "
+            f"| {ra[1]} | {ra[0]['median_ms'][ra[1]]:.2f} "
+            f"| {ra[0]['ratio_to_hand_written'][ra[1]]:.2f} |"
+        ),
+    )
+
+
 def _simple(records: dict) -> list[str]:
     ens = _table(
         "ensemble",
@@ -231,7 +254,7 @@ def _simple(records: dict) -> list[str]:
     fit = _table(
         "fit",
         "| model | fit steps/s | hand scan steps/s | ratio |",
-        _results(records.get("fit")),
+        _fit_runs(records),
         lambda r: (
             f"| {r['model']} | {r['fit_steps_per_s_median']:,.0f} "
             f"| {r['hand_scan_steps_per_s_median']:,.0f} | {r['ratio_fit_over_hand']:.3f} |"
@@ -268,7 +291,7 @@ def _simple(records: dict) -> list[str]:
             f"| {r['arms']['ahead']['speed_vs_waits']:.3f}x |"
         ),
     )
-    return fit + train + ens + lrf + _sweeps(records) + steps + ahead
+    return fit + _fit_calls(records) + train + ens + lrf + _sweeps(records) + steps + ahead
 
 
 def _bench(records: dict) -> list[str]:

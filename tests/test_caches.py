@@ -9,11 +9,14 @@ import pkgutil
 import jax
 import numpy as np
 import optax
+import pytest
 
 import jtricks
 from jtricks.caches import registered
 from jtricks.data.stream import SequentialBatches
+from jtricks.errors import ConfigError
 from jtricks.nn import build_model
+from jtricks.tasks import as_task
 from jtricks.training import create_train_state, evaluate, fit
 from jtricks.training.state import device_copy
 
@@ -91,10 +94,6 @@ def test_the_models_output_shape_is_traced_once_per_model_and_shapes():
     """`model_outputs` keys its trace on the state's and the inputs' shapes: a new state
     of the same model, or more examples, trace nothing; other feature shapes are refused
     with the shapes named (the cache never hides the check)."""
-    import pytest
-
-    from jtricks.errors import ConfigError
-    from jtricks.tasks import as_task
     from jtricks.training.data_checks import _traced_outputs, model_outputs
 
     task, model = as_task("classification"), build_model("mlp(features=(8,))", 3)
@@ -110,10 +109,10 @@ def test_the_models_output_shape_is_traced_once_per_model_and_shapes():
         model_outputs(states[1], task, (np.ones((6, 7), np.float32), np.zeros(6, int)), "data")
 
 
-def test_a_jax_array_found_finite_is_not_scanned_again(monkeypatch):
+def test_a_jax_array_is_scanned_once(monkeypatch):
     """A dataset passed to `fit` call after call as JAX arrays is scanned for NaN and inf
-    once (a JAX array is immutable; the scan of a 157 MB set took 80 ms per call); NumPy
-    arrays, which can change in place, and arrays with NaN are scanned every time; the
+    once (a JAX array is immutable; the scan of a 157 MB set took 80 ms per call), found
+    bad or not; NumPy arrays, which can change in place, are scanned every time; the
     entry goes with its array and with `clear_caches`."""
     import gc
 
@@ -126,15 +125,47 @@ def test_a_jax_array_found_finite_is_not_scanned_again(monkeypatch):
     monkeypatch.setattr(base.jnp, "isfinite", lambda a: scans.append(a.shape) or real(a))
     ok, bad = jnp.ones((4, 3)), jnp.ones((4, 3)).at[1, 2].set(jnp.nan)
     assert base.nonfinite(ok) is None and base.nonfinite(ok) is None and len(scans) == 1
-    assert base.nonfinite(bad) == (1, (1, 2)) == base.nonfinite(bad) and len(scans) == 3
+    assert base.nonfinite(bad) == (1, (1, 2)) == base.nonfinite(bad) and len(scans) == 2
     host = np.ones((4, 3), np.float32)
     assert base.nonfinite(host) is None
     host[0, 0] = np.inf  # changed in place: found
     assert base.nonfinite(host) == (1, (0, 0))
     jtricks.clear_caches()
-    assert base.nonfinite(ok) is None and len(scans) == 4
+    assert base.nonfinite(ok) is None and len(scans) == 3
     key = id(ok)
-    assert key in base._FINITE
+    assert key in base._SCANNED._entries
     del ok
     gc.collect()
-    assert key not in base._FINITE  # the entry went with its array
+    assert key not in base._SCANNED._entries  # the entry went with its array
+
+
+def test_device_labels_are_range_checked_once_per_array(monkeypatch):
+    """The labels' range of a JAX array is read by one program once per array (a warm
+    `fit` call on device data made two reductions and two host round trips for it);
+    an out-of-range label is still refused, every time, and host labels are read anew."""
+    import jax.numpy as jnp
+
+    from jtricks.tasks import base
+
+    task, calls = as_task("classification"), []
+    real = base._min_max
+    monkeypatch.setattr(base, "_min_max", lambda a: calls.append(a.shape) or real(a))
+
+    def check(labels):
+        base.check_integer_labels(task, "training data", "labels", labels, 3, "the model gives")
+
+    good, bad = jnp.asarray([0, 2, 1, 2]), jnp.asarray([0, 3, -1, 2])
+    check(good), check(good)
+    assert calls == [(4,)]
+    for _ in range(2):
+        with pytest.raises(
+            ConfigError, match=r"labels must lie in \[0, 2\].*got values in \[-1, 3\]"
+        ):
+            check(bad)
+    assert calls == [(4,), (4,)]
+    host = np.array([0, 1, 2])
+    check(host)
+    host[1] = 5  # changed in place: found
+    with pytest.raises(ConfigError, match=r"got values in \[0, 5\]"):
+        check(host)
+    assert len(calls) == 2

@@ -65,7 +65,7 @@ def test_tiny_suite_writes_every_part_and_a_summary(suite_run):
     for heading in ("## Targets", "## optimizer_update", "## train_step", "## ensemble"):
         assert heading in md
     assert "## lr_finder" in md and "## fit" in md and "## jtricks bench" in md
-    assert "## sweep" in md and "## step_records" in md
+    assert "## sweep" in md and "## step_records" in md and "## fit calls" in md
     for name, rec in parts.items():
         assert rec["part"] == name and rec["tiny"] is True
         assert rec["suite_environment"]["versions"]["jax"]
@@ -89,6 +89,13 @@ def test_tiny_suite_figures_are_consistent(suite_run):
     for arm in ahead["arms"].values():  # the same training, whoever waits for whom
         assert arm["speed_vs_waits"] == pytest.approx(waits / statistics.median(arm["times_s"]))
         assert arm["max_param_diff"] == 0.0
+    calls = _result(parts, "fit", "calls")
+    hand = statistics.median(calls["times_s"]["hand-written"])
+    for arm, times in calls["times_s"].items():
+        ratio = calls["ratio_to_hand_written"][arm]
+        assert ratio == pytest.approx(statistics.median(times) / hand)
+        assert calls["median_ms"][arm] == pytest.approx(1e3 * statistics.median(times))
+    assert calls["val_examples"] == 50
     sweep = _result(parts, "sweep")
     fresh, build = sweep["arms"]["fresh"], sweep["arms"]["build"]
     assert build["ratio_vs_fresh"] == pytest.approx(build["median_s"] / fresh["median_s"])

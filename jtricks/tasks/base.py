@@ -26,6 +26,7 @@ metrics and input checks to any batch layout the way `fit` needs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
@@ -34,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jtricks.caches import register
+from jtricks.caches import jitted, register
 from jtricks.errors import ConfigError
 
 Batch = Any
@@ -245,27 +246,53 @@ def at_least_f32(a: jax.Array) -> jax.Array:
     return a.astype(jnp.promote_types(a.dtype, jnp.float32))
 
 
-_FINITE: weakref.WeakValueDictionary[int, jax.Array] = weakref.WeakValueDictionary()
-"""The JAX arrays `nonfinite` found finite, by ``id`` (a JAX array is immutable, so a
-dataset passed to `fit` call after call is scanned once; an entry goes with its array)."""
-register(_FINITE.clear)
+class _PerArray:
+    """Facts about JAX arrays computed once per array: a JAX array is immutable, so data
+    passed to `fit` call after call are reduced on the device and read back once, not at
+    every call (`functools` caches need hashable keys, which a JAX array is not). Entries
+    are keyed by ``id`` and go with their array (a weak reference) or `clear_caches`."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, Any]] = {}
+        register(self._entries.clear)
+
+    def __call__(self, array: jax.Array, compute: Callable[[jax.Array], Any]) -> Any:
+        """``compute(array)``, or what it returned for this very array before."""
+        key = id(array)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0]() is array:
+            return entry[1]
+        value = compute(array)
+        self._entries[key] = (weakref.ref(array, functools.partial(self._forget, key)), value)
+        return value
+
+    def _forget(self, key: int, ref: weakref.ref) -> None:
+        if self._entries.get(key, (None,))[0] is ref:
+            del self._entries[key]
+
+
+_SCANNED = _PerArray()
+"""What `nonfinite` found in each JAX array."""
+
+_RANGES = _PerArray()
+"""The ``(min, max)`` of each JAX array of labels `check_integer_labels` read."""
 
 
 def nonfinite(values: Any) -> tuple[int, tuple[int, ...]] | None:
     """``(count, index of the first)`` of the NaN and inf entries of a float array (NumPy,
-    or JAX reduced on its device: only the two numbers reach the host; a JAX array found
-    finite once is not scanned again); ``None`` when there are none or the array is not
-    floating."""
+    or JAX reduced on its device: only the two numbers reach the host, once per array);
+    ``None`` when there are none or the array is not floating."""
     if not jnp.issubdtype(values.dtype, jnp.floating):
         return None
-    device = isinstance(values, jax.Array)
-    if device and _FINITE.get(id(values)) is values:
-        return None
-    bad = ~(jnp if device else np).isfinite(values)
+    if isinstance(values, jax.Array):
+        return _SCANNED(values, _nonfinite)
+    return _nonfinite(values)
+
+
+def _nonfinite(values: Any) -> tuple[int, tuple[int, ...]] | None:
+    bad = ~(jnp if isinstance(values, jax.Array) else np).isfinite(values)
     count = int(bad.sum())
     if not count:
-        if device:
-            _FINITE[id(values)] = values
         return None
     flat = int(bad.reshape(-1).argmax())
     return count, tuple(int(i) for i in np.unravel_index(flat, values.shape))
@@ -312,7 +339,10 @@ def check_integer_labels(
             f"class labels must be integers; got dtype {labels.dtype} "
             "(for real-valued targets use the regression task, e.g. loss_fn=mse)",
         )
-    lo, hi = int(labels.min()), int(labels.max())
+    if isinstance(labels, jax.Array):  # one program, read back once per array
+        lo, hi = _RANGES(labels, lambda a: tuple(int(v) for v in jax.device_get(_min_max(a))))
+    else:
+        lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= num_classes:
         raise task.error(
             where,
@@ -320,6 +350,11 @@ def check_integer_labels(
             f"labels must lie in [0, {num_classes - 1}] because {outputs_what} "
             f"{num_classes} outputs; got values in [{lo}, {hi}]",
         )
+
+
+@jitted
+def _min_max(labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return labels.min(), labels.max()
 
 
 @dataclasses.dataclass(frozen=True)

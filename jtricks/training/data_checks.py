@@ -174,20 +174,34 @@ def pad_batches(data: Any, batch_size: int) -> tuple[Any, jax.Array]:
     """Cut a data pytree (leading axis N) into ``ceil(N / batch_size)`` batches, zero-padding
     the last; also return the 0/1 weights that mark real examples. Leaves get shape
     ``(B, batch_size, ...)``, weights ``(B, batch_size)``. Host data are padded on the host
-    (no small programs compiled); JAX arrays on their device (never copied to the host)."""
+    (no small programs compiled); JAX arrays on their device, never copied to the host, by
+    one compiled program (`_pad_on_device`: eager operations would cost a dispatch each,
+    0.2 ms of host time per array and call)."""
     data = jax.tree.map(array_of, data)
     n = num_examples(data)
     bs = min(batch_size, n)
     nb = -(-n // bs)
-    pad = nb * bs - n
+    leaves, treedef = jax.tree.flatten(data)
+    on_device = [a for a in leaves if isinstance(a, jax.Array)]
+    if on_device:
+        padded, w = _pad_on_device(on_device, nb, bs)
+    else:
+        padded, w = [], jnp.asarray(_pad(np.ones(n, np.float32), nb, bs, np))
+    padded = iter(padded)
+    cut = [next(padded) if isinstance(a, jax.Array) else _pad(a, nb, bs, np) for a in leaves]
+    return jax.tree.unflatten(treedef, [jnp.asarray(a) for a in cut]), w
 
-    def cut(a: Any) -> jax.Array:
-        xp = jnp if isinstance(a, jax.Array) else np
-        a = xp.concatenate([a, xp.zeros((pad, *a.shape[1:]), a.dtype)])
-        return jnp.asarray(a.reshape(nb, bs, *a.shape[1:]))
 
-    w = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
-    return jax.tree.map(cut, data), jnp.asarray(w.reshape(nb, bs))
+def _pad(a: Any, nb: int, bs: int, xp: Any) -> Any:
+    """``a`` ``(N, ...)`` zero-padded to ``nb * bs`` examples, as ``(nb, bs, ...)``."""
+    a = xp.concatenate([a, xp.zeros((nb * bs - a.shape[0], *a.shape[1:]), a.dtype)])
+    return a.reshape(nb, bs, *a.shape[1:])
+
+
+@jitted(static_argnums=(1, 2))
+def _pad_on_device(arrays: list[jax.Array], nb: int, bs: int) -> tuple[list, jax.Array]:
+    weights = _pad(jnp.ones(arrays[0].shape[0], jnp.float32), nb, bs, jnp)
+    return [_pad(a, nb, bs, jnp) for a in arrays], weights
 
 
 def check_options(task: Task, data: Any, augment: Any, mix: Any) -> None:
