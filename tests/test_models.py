@@ -11,6 +11,7 @@ from jtricks.errors import ConfigError
 from jtricks.losses import binary_cross_entropy, cross_entropy, dice_loss, mse
 from jtricks.nn import CNN1D, INITIALIZERS, MLP, MODELS, Conv1D, build_model
 from jtricks.nn.initializers import VARIANCE, get_initializer
+from jtricks.training.state import QUICK_INIT, init_compiler_options
 
 SEQ = jnp.asarray(np.random.default_rng(0).normal(size=(4, 40)), jnp.float32)
 IMG = jnp.asarray(np.random.default_rng(1).normal(size=(2, 16, 16, 3)), jnp.float32)
@@ -54,6 +55,26 @@ def test_shapes_counts_and_eval_determinism(name, variables):
     a, b = apply(v, SEQ), apply(v, SEQ)
     assert a.shape == (4, 10) and bool(jnp.all(jnp.isfinite(a)))
     np.testing.assert_array_equal(a, b)  # evaluation has no randomness
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "lstm"])
+def test_the_quick_init_level_gives_the_default_levels_parameters(name):
+    """`create_train_state` compiles ``init`` at XLA level 1 for a quick start (a cold
+    run compiled it in 0.8 s instead of 2.1 s): the parameters are those of the default
+    level 2, bit for bit (lecun and orthogonal initialisers, biases: Threefry hashing,
+    inverse erf, QR). Both levels are named, as the tests' own XLA_FLAGS set level 0."""
+    model, key = build_model(name, 10), jax.random.key(0)
+    quick = jax.jit(model.init, compiler_options=QUICK_INIT)(key, SEQ)
+    default = jax.jit(model.init, compiler_options={"xla_backend_optimization_level": 2})
+    for a, b in zip(jax.tree.leaves(quick), jax.tree.leaves(default(key, SEQ)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_level_in_xla_flags_wins_over_the_quick_init(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_thunk_runtime=true")
+    assert init_compiler_options() == QUICK_INIT
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=3")
+    assert init_compiler_options() == {}
 
 
 def test_lstm_count_by_formula(variables):
