@@ -169,3 +169,35 @@ def test_device_labels_are_range_checked_once_per_array(monkeypatch):
     with pytest.raises(ConfigError, match=r"got values in \[0, 5\]"):
         check(host)
     assert len(calls) == 2
+
+
+def test_device_targets_are_copied_to_the_host_once_per_array(monkeypatch):
+    """A regression's center, the balanced class weights and the balanced sampler read
+    the training targets at every `fit` call: device-resident ones are copied to the host
+    once per array (the guide: repeated calls on device data cost no transfers); the
+    center is the float64 mean by hand; host targets changed in place are read anew."""
+    import jax.numpy as jnp
+
+    from jtricks.tasks import Regression
+    from jtricks.training import data_checks
+
+    copies = []
+    real = data_checks._to_host
+    monkeypatch.setattr(data_checks, "_to_host", lambda a: copies.append(a.shape) or real(a))
+    rng = np.random.default_rng(0)
+    x, t = rng.normal(size=(50, 3)).astype(np.float32), 3000 + rng.normal(size=(50, 2))
+    y = jnp.asarray(t, jnp.float32)
+    a, b = (data_checks.centered(Regression(), (x, y)) for _ in range(2))
+    expect = np.asarray(y, np.float64).mean(0)
+    assert a == b and np.allclose(a.center, expect, rtol=0, atol=1e-9) and copies == [(50, 2)]
+    host = np.asarray(y).copy()
+    assert data_checks.centered(Regression(), (x, host)).center == a.center
+    host += 1.0  # changed in place: read anew
+    assert np.allclose(data_checks.centered(Regression(), (x, host)).center, expect + 1.0)
+    labels = jnp.asarray(rng.integers(0, 3, 60))
+    model = build_model("mlp(features=(4,))", 3)
+    state = create_train_state(model, optax.sgd(0.1), x, jax.random.key(0))
+    xs = jnp.asarray(rng.normal(size=(60, 3)).astype(np.float32))
+    for options in ({"class_weight": "balanced"}, {"sampler": "balanced"}) * 2:
+        state = fit(state, (xs, labels), batch_size=20, steps=1, **options)[0]
+    assert copies == [(50, 2), (60,)]

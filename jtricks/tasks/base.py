@@ -246,7 +246,7 @@ def at_least_f32(a: jax.Array) -> jax.Array:
     return a.astype(jnp.promote_types(a.dtype, jnp.float32))
 
 
-class _PerArray:
+class PerArray:
     """Facts about JAX arrays computed once per array: a JAX array is immutable, so data
     passed to `fit` call after call are reduced on the device and read back once, not at
     every call (`functools` caches need hashable keys, which a JAX array is not). Entries
@@ -271,10 +271,10 @@ class _PerArray:
             del self._entries[key]
 
 
-_SCANNED = _PerArray()
+_SCANNED = PerArray()
 """What `nonfinite` found in each JAX array."""
 
-_RANGES = _PerArray()
+_RANGES = PerArray()
 """The ``(min, max)`` of each JAX array of labels `check_integer_labels` read."""
 
 

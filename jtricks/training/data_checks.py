@@ -20,7 +20,7 @@ import numpy as np
 from jtricks.caches import cached, jitted
 from jtricks.errors import ConfigError
 from jtricks.tasks import Classification, LanguageModel, LossTask, Regression, Task
-from jtricks.tasks.base import array_of, nonfinite
+from jtricks.tasks.base import PerArray, array_of, nonfinite
 from jtricks.training.model import apply_model
 
 
@@ -232,4 +232,22 @@ def centered(task: Task, data: Any) -> Task:
     of several processes (each holds its own rows: its programs would differ)."""
     if not isinstance(task, Regression) or task.center is not None or jax.process_count() > 1:
         return task
-    return task.centered(np.asarray(task.targets(data)))
+    return task.centered(host_targets(task.targets(data)))
+
+
+_HOST_TARGETS = PerArray()
+"""Host copies of device labels and regression targets (see `host_targets`)."""
+
+
+def host_targets(targets: Any) -> np.ndarray:
+    """``targets`` as a NumPy array; a JAX array's copy is read back once per array (it
+    cannot change), so the class weights, the class-balanced sampler and a regression's
+    center, which read the training targets at every `fit` call, copy device-resident
+    ones to the host once."""
+    if isinstance(targets, jax.Array):
+        return _HOST_TARGETS(targets, _to_host)
+    return np.asarray(targets)
+
+
+def _to_host(a: jax.Array) -> np.ndarray:
+    return np.asarray(a)

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import numpy as np
 
 from jtricks.caches import jitted
 from jtricks.data.imbalance import class_weights, one_balancing
@@ -18,7 +17,13 @@ from jtricks.tasks import Classification, Regression, Task, as_task
 from jtricks.training import compiled as programs
 from jtricks.training.arguments import check_key
 from jtricks.training.compiled import StepOptions, compiled_steps
-from jtricks.training.data_checks import centered, check_data, model_outputs, pad_batches
+from jtricks.training.data_checks import (
+    centered,
+    check_data,
+    host_targets,
+    model_outputs,
+    pad_batches,
+)
 from jtricks.training.distributed import as_mesh, is_sharded_mesh, like_state, place_state
 from jtricks.training.history import Callback, History
 from jtricks.training.loop import LoopHooks, record_value, run_loop
@@ -165,7 +170,7 @@ def _weigh_classes(options: FitOptions, train_data: Any, member: TrainState) -> 
             )
         labels, num_classes = None, len(spec)
     else:
-        labels = np.asarray(task.targets(train_data))
+        labels = host_targets(task.targets(train_data))
         num_classes = model_outputs(member, task, train_data, "training data").shape[-1]
     weights = tuple(float(w) for w in class_weights(spec, labels, num_classes))
     task = dataclasses.replace(task, class_weight=weights)

@@ -27,6 +27,7 @@ from jtricks.training.data_checks import (
     check_data,
     check_like,
     check_options,
+    host_targets,
     model_outputs,
     num_examples,
     pad_batches,
@@ -146,7 +147,7 @@ def _sampling(options: FitOptions, data: Any, mesh: Any) -> jax.Array | None:
             "processes each holds a shard: use class_weight='balanced' instead",
             param="sampler",
         )
-    probabilities = class_balanced(options.task.targets(data))
+    probabilities = class_balanced(host_targets(options.task.targets(data)))
     return replicate(probabilities, mesh) if mesh is not None else jnp.asarray(probabilities)
 
 
