@@ -243,7 +243,7 @@ def host_targets(targets: Any) -> np.ndarray:
     """``targets`` as a NumPy array; a JAX array's copy is read back once per array (it
     cannot change), so the class weights, the class-balanced sampler and a regression's
     center, which read the training targets at every `fit` call, copy device-resident
-    ones to the host once."""
+    ones to the host once (the copy is kept while the array lives)."""
     if isinstance(targets, jax.Array):
         return _HOST_TARGETS(targets, _to_host)
     return np.asarray(targets)
