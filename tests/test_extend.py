@@ -14,6 +14,7 @@ import pytest
 
 import jtricks
 from jtricks.cli import main
+from jtricks.run.extend import record_extension
 
 # 108 training examples (120 less the validation tenth) in batches of 16: 6 steps an epoch
 BASE = [
@@ -167,6 +168,22 @@ def test_a_stream_run_trained_on_reads_on_from_where_it_ended(runs, tmp_path):
         np.testing.assert_array_equal(a, b)
     got, want = _lines(short / "metrics.jsonl"), _lines(longer / "metrics.jsonl")
     assert [r["data_state"] for r in got] == [r["data_state"] for r in want]
+
+
+def test_an_extension_cut_before_its_first_checkpoint_resumes_as_the_longer_run(runs, tmp_path):
+    """The new length was written (config.json), then the process died before a
+    checkpoint: ``--resume`` alone goes on from the old end's checkpoint as the longer run,
+    its cut epoch recorded once, whole (the checkpoint's own length says it was shorter)."""
+    run = tmp_path / "run"
+    shutil.copytree(runs[2], run)
+    saved = json.loads((run / "config.json").read_text())["config"]
+    assert record_extension(run, {**saved, "steps": 15})  # what the extension wrote first
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    got, want = _lines(run / "metrics.jsonl"), _lines(runs[1] / "metrics.jsonl")
+    assert [(r["epoch"], r["step"]) for r in got] == [(1, 6), (2, 12), (3, 15)]
+    np.testing.assert_allclose([r["train_loss"] for r in got], [r["train_loss"] for r in want])
+    for a, b in zip(_params(run), _params(runs[1]), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 class _StopAfter:

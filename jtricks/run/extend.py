@@ -16,8 +16,13 @@ Refused before anything is read or written, naming why, where the run's end was 
 than its length: a schedule laid over the whole run (``cosine``, ``warmup_cosine``,
 ``one_cycle``: a longer run has another rate at every step), early stopping or SWA (the
 final checkpoint holds their chosen or averaged state, not the one training reached), a
-run that diverged or was stopped; also a length that is not longer, the length field the
-run does not count, and several processes.
+run that diverged or was stopped; also a length that is not longer and the length field the
+run does not count.
+
+In several processes every process reads and checks the config (`extended`), restores
+the same checkpoint and takes its records as the longer run's (`lengthened`, in
+`jtricks.run.folder.restore_run`); process 0 alone writes the new length, after the
+processes have met once the checkpoint is chosen.
 
 New here: orbax restores a state and optax builds schedules, but neither knows a run's
 length; this keeps one run's records, config and checkpoints consistent across it.
@@ -30,8 +35,6 @@ import json
 import time
 from pathlib import Path
 from typing import Any
-
-import jax
 
 from jtricks.errors import ConfigError, check_int
 from jtricks.optim.schedules import spans_the_run
@@ -82,8 +85,6 @@ def extended(config: TrainConfig, run_dir: Path, length: dict[str, Any]) -> Trai
 
 def _why_not(config: TrainConfig, run_dir: Path) -> str | None:
     """Why the run's end was more than its length, or ``None``."""
-    if jax.process_count() > 1:
-        return "extend a run from one process (its checkpoints restore onto any devices)"
     if config.early_stopping is not None:
         return "it stops early (--early-stopping), and its end holds the best epoch's state"
     if config.swa is not None:
@@ -125,6 +126,18 @@ def record_extension(run_dir: Path, settings: dict[str, Any]) -> bool:
     return True
 
 
+def lengthened(saved: Any, settings: dict[str, Any]) -> bool:
+    """Whether ``settings`` give the run another length than ``saved``, the config a
+    checkpoint was written with (``False`` for a checkpoint that holds none): the run is
+    being trained on past the end that checkpoint was saved for, so its records are taken
+    as the longer run's (`whole_last_epoch`). Read from the checkpoint rather than from
+    ``config.json``, so that an extension cut before its first checkpoint goes on alike
+    when the run is resumed."""
+    if not isinstance(saved, dict):
+        return False
+    return any(saved.get(k) != settings.get(k) for k in LENGTHS)
+
+
 def whole_last_epoch(
     records: list[dict[str, Any]], cut: dict[str, Any], step: int, steps_per_epoch: int
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -154,4 +167,4 @@ def whole_last_epoch(
     return records[:-1], cut
 
 
-__all__ = ["extended", "record_extension", "whole_last_epoch"]
+__all__ = ["extended", "lengthened", "record_extension", "whole_last_epoch"]

@@ -22,7 +22,7 @@ from jtricks.errors import ConfigError
 from jtricks.run.build import Build, initial_state, with_pretrained
 from jtricks.run.config import TrainConfig
 from jtricks.run.data import RunData
-from jtricks.run.extend import record_extension, whole_last_epoch
+from jtricks.run.extend import lengthened, record_extension, whole_last_epoch
 from jtricks.run.outputs import read_steps, record_logs
 from jtricks.run.resume import config_digest, foreign_checker, new_identity, run_identity
 from jtricks.rundir import create_run_dir, environment, write_json, write_jsonl
@@ -91,9 +91,7 @@ def start(
     settings = config.to_dict()
     if resume is not None:
         state, records, cut = restore_run(run_dir / "checkpoints", state, b, settings)
-        if record_extension(run_dir, settings):  # trained on past its end
-            at = int(first_member(state).step)
-            records, cut = whole_last_epoch(records, cut, at, b.steps_per_epoch)
+        record_extension(run_dir, settings)  # the new length, when trained on past its end
         write_jsonl(run_dir / "metrics.jsonl", records)  # drop epochs after the checkpoint
         if config.log_every_steps is not None:  # and the steps after it: they run again
             done = int(first_member(state).step)
@@ -189,6 +187,9 @@ def restore_run(
     if b.swa is not None and "swa" in saved:
         b.swa.load_state_dict(saved["swa"], meta.get("arrays"))
     cut = {k: meta[k] for k in ("data_state", "partial_epoch") if meta.get(k) is not None}
+    if lengthened(meta.get("config"), settings):  # trained on past the end it was saved for
+        at = int(first_member(state).step)
+        return state, *whole_last_epoch(meta["history"], cut, at, b.steps_per_epoch)
     return state, meta["history"], cut
 
 
