@@ -21,8 +21,8 @@ run does not count.
 
 In several processes every process reads and checks the config (`extended`), restores
 the same checkpoint and takes its records as the longer run's (`lengthened`, in
-`jtricks.run.folder.restore_run`); process 0 alone writes the new length, after the
-processes have met once the checkpoint is chosen.
+`jtricks.run.folder.restore_run`); process 0 alone writes the new length, once every
+process has read the old one (they meet before restoring).
 
 New here: orbax restores a state and optax builds schedules, but neither knows a run's
 length; this keeps one run's records, config and checkpoints consistent across it.
