@@ -35,7 +35,7 @@ _TINY_RESNET = "--shape 8,8,3 --batch-size 4 --steps-per-epoch 2 --epochs 1 --re
 PARTS = (  # the headline figures first; bench last, with whatever the budget has left
     Part(
         "fit",
-        0.16,  # 40 s for its first two runs on the H200 (2026-12-04), then fit calls
+        0.16,  # 40 s for its first two runs on the H200 (2026-12-04), then calls, guard
         (
             Run("mlp", "bench_fit.py", "--model mlp --repeats 5 --min-time 0.5", ""),
             Run(
@@ -49,6 +49,12 @@ PARTS = (  # the headline figures first; bench last, with whatever the budget ha
                 "bench_fit_calls.py",
                 "--examples 2000 --features 40 --steps 5 --val 500 --repeats 21",
                 "--examples 200 --features 8 --steps 2 --val 50 --repeats 2",
+            ),
+            Run(  # last: the part's budget cuts it before the headline figures
+                "guard",
+                "bench_guard.py",
+                "--model mlp --repeats 21",
+                f"{_MLP} --shape 4 --num-classes 3 --batch-size 8 --steps 3 --repeats 1",
             ),
         ),
     ),

@@ -11,6 +11,7 @@ TARGET_ENSEMBLE_RATIO = 2.5  # 8 vmapped members / 1
 TARGET_FIT_RATIO = 0.95  # fit / the hand-written scan (MLP, CNN, ResNet-18 bf16)
 TARGET_FUSED_FIT_RATIO = 1.0  # fit --fused / the hand-written scan (ResNet-18 bf16)
 TARGET_TRAIN_WALL_S = 12.0  # `jtricks train` defaults, cold, the run's own wall time
+EXTRA_FIT = ("calls", "guard")  # fit part runs with tables of their own (not fit / hand)
 
 
 def _results(record: dict | None) -> list[tuple[str, dict]]:
@@ -210,8 +211,8 @@ def _sweeps(records: dict) -> list[str]:
 
 
 def _fit_runs(records: dict) -> list[tuple[str, dict]]:
-    """The fit part's whole-run figures (its ``calls`` run is `_fit_calls`')."""
-    return [(label, r) for label, r in _results(records.get("fit")) if label != "calls"]
+    """The fit part's whole-run figures (its `EXTRA_FIT` runs have tables of their own)."""
+    return [(label, r) for label, r in _results(records.get("fit")) if label not in EXTRA_FIT]
 
 
 def _fit_calls(records: dict) -> list[str]:
@@ -228,6 +229,24 @@ def _fit_calls(records: dict) -> list[str]:
             f"| {ra[0]['examples']} | {ra[0]['steps_per_call']} | {ra[0]['val_examples']} "
             f"| {ra[1]} | {ra[0]['median_ms'][ra[1]]:.2f} "
             f"| {ra[0]['ratio_to_hand_written'][ra[1]]:.2f} |"
+        ),
+    )
+
+
+def _fit_guard(records: dict) -> list[str]:
+    return _table(
+        "fit guard: what the non-finite guard and the gradient norm cost a step",
+        "| model | arm | ms per epoch | x hand-written | kernels per step |",
+        [
+            (label, (r, arm))
+            for label, r in _results(records.get("fit"))
+            if label == "guard"
+            for arm in r["arms"]
+        ],
+        lambda ra: (
+            f"| {ra[0]['model']} | {ra[1]} | {ra[0]['arms'][ra[1]]['median_ms']:.3f} "
+            f"| {ra[0]['arms'][ra[1]]['ratio_to_hand']:.3f} "
+            f"| {ra[0]['arms'][ra[1]]['kernels_per_step']} |"
         ),
     )
 
@@ -291,7 +310,17 @@ def _simple(records: dict) -> list[str]:
             f"| {r['arms']['ahead']['speed_vs_waits']:.3f}x |"
         ),
     )
-    return fit + _fit_calls(records) + train + ens + lrf + _sweeps(records) + steps + ahead
+    return (
+        fit
+        + _fit_calls(records)
+        + _fit_guard(records)
+        + train
+        + ens
+        + lrf
+        + _sweeps(records)
+        + steps
+        + ahead
+    )
 
 
 def _bench(records: dict) -> list[str]:

@@ -105,6 +105,33 @@ def test_small_benchmarks_print_json(tmp_path, script, args, keys):
     assert json.loads(out.read_text()) == first
 
 
+def test_bench_guard_arms_do_the_hand_steps_work_and_count_the_guards_kernels(tmp_path):
+    """`benchmarks/bench_guard.py`, tiny: every arm (jtricks' step with and without the
+    guard and the norms) ends the epoch with the hand-written step's parameters (a second
+    code path for the same work), and the kernels it counts grow as the step grows."""
+    out = tmp_path / "guard.json"
+    args = ["--model", "mlp(features=(8,))", "--shape", "4", "--num-classes", "3"]
+    args += ["--batch-size", "8", "--steps", "3", "--repeats", "1", "--json-out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_guard.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    arms = json.loads(out.read_text())["arms"]
+    assert list(arms) == ["hand", "plain", "norms", "guard", "default"]
+    for name, arm in arms.items():
+        assert arm["max_param_diff_vs_hand"] < 1e-6, name
+        assert np.isfinite(arm["median_ms"]) and np.isfinite(arm["ratio_to_hand"]), name
+    kernels = {name: arm["kernels_per_step"] for name, arm in arms.items()}
+    # the guard selects each of the 4 parameter leaves and Adam's two moments of each
+    assert kernels["guard"] - kernels["plain"] >= 3 * 4, kernels
+    assert kernels["plain"] < kernels["norms"] <= kernels["default"], kernels
+    assert kernels["guard"] <= kernels["default"], kernels
+
+
 def pd_values(v):
     """Numbers inside a benchmark field (a number, or a list of {name: number})."""
     if isinstance(v, dict):

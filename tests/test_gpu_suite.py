@@ -66,6 +66,7 @@ def test_tiny_suite_writes_every_part_and_a_summary(suite_run):
         assert heading in md
     assert "## lr_finder" in md and "## fit" in md and "## jtricks bench" in md
     assert "## sweep" in md and "## step_records" in md and "## fit calls" in md
+    assert "## fit guard" in md
     for name, rec in parts.items():
         assert rec["part"] == name and rec["tiny"] is True
         assert rec["suite_environment"]["versions"]["jax"]
@@ -96,6 +97,11 @@ def test_tiny_suite_figures_are_consistent(suite_run):
         assert ratio == pytest.approx(statistics.median(times) / hand)
         assert calls["median_ms"][arm] == pytest.approx(1e3 * statistics.median(times))
     assert calls["val_examples"] == 50
+    guard = _result(parts, "fit", "guard")
+    hand = statistics.median(guard["arms"]["hand"]["times_s"])
+    for name, arm in guard["arms"].items():
+        assert arm["ratio_to_hand"] == pytest.approx(hand / statistics.median(arm["times_s"]))
+        assert arm["max_param_diff_vs_hand"] < 1e-6, name
     sweep = _result(parts, "sweep")
     fresh, build = sweep["arms"]["fresh"], sweep["arms"]["build"]
     assert build["ratio_vs_fresh"] == pytest.approx(build["median_s"] / fresh["median_s"])
