@@ -60,6 +60,33 @@ def test_mnist1d_small_generation_is_cached_and_deterministic(tmp_path, monkeypa
     np.testing.assert_array_equal(a.x_train, c.x_train)
 
 
+def test_mnist1d_is_the_packages_own_data_bit_for_bit():
+    """jtricks generates MNIST-1D with the package's generator, its interpolation done by
+    `np.interp` directly (`_generate_mnist1d`): the same float64 arrays as the package's
+    ``make_dataset`` alone, and the package's own function is back afterwards."""
+    import importlib
+
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    from jtricks.data.datasets import _generate_mnist1d
+
+    transform = importlib.import_module("mnist1d.transform")
+    own = transform.interpolate
+    got = _generate_mnist1d(300, 0.7, 5)
+    assert transform.interpolate is own
+    args = get_dataset_args()
+    args.num_samples, args.train_split, args.seed = 300, 0.7, 5
+    state = np.random.get_state()  # noqa: NPY002 - make_dataset seeds the global generator
+    try:
+        raw = make_dataset(args)
+    finally:
+        np.random.set_state(state)  # noqa: NPY002
+    for key in ("x", "y", "x_test", "y_test"):
+        want = np.asarray(raw[key])
+        assert got[key].dtype == want.dtype and got[key].shape == want.shape, key
+        np.testing.assert_array_equal(got[key], want, err_msg=key)
+
+
 def test_standardize_uses_training_statistics_only(tiny_data):
     x_tr, x_te = tiny_data.x_train.astype(np.float64), tiny_data.x_test
     s = Scaler.fit("standardize", x_tr)
