@@ -102,7 +102,7 @@ def fit(
     options = FitOptions.build(options, settings)
     member = first_member(state)
     check_eval_source(options.eval_params, member)
-    options = _centered(_weigh_classes(options, train_data, member), train_data)
+    options = _centered(_weigh_classes(options, train_data, member), train_data, val_data)
     mesh = _mesh(options.mesh, state)
     data_key = _data_key(data_key, member)
     length = Length(epochs, steps)
@@ -177,13 +177,21 @@ def _weigh_classes(options: FitOptions, train_data: Any, member: TrainState) -> 
     return dataclasses.replace(options, task=task, class_weight=None)
 
 
-def _centered(options: FitOptions, train_data: Any) -> FitOptions:
-    """``options`` with a regression task centered on in-memory training targets
-    (`jtricks.training.data_checks.centered`), the same for every split it scores."""
-    regression = isinstance(options.task, Regression)
-    if not regression or is_stream(train_data) or is_batch_sequence(train_data):
+def _centered(options: FitOptions, train_data: Any, val_data: Any) -> FitOptions:
+    """``options`` with a regression task centered on in-memory training targets, or, for
+    a stream, on the validation data's (`jtricks.training.data_checks.centered`), the
+    same for every split it scores."""
+    if not isinstance(options.task, Regression):
         return options
-    task = centered(options.task, train_data)
+    if not is_stream(train_data):
+        task = centered(options.task, train_data)
+    elif val_data is None:
+        return options
+    else:
+        try:
+            task = centered(options.task, val_data)
+        except ConfigError:  # refused with the validation data's own words, after
+            return options
     return options if task is options.task else dataclasses.replace(options, task=task)
 
 
@@ -255,6 +263,7 @@ def split_metrics(
     check_live(state)
     check_eval_source(params, first_member(state))
     if is_stream(data):
+        task = centered(task, data)  # on the first batch's targets
         return evaluate_stream(compiled_steps(StepOptions(task=task))[1], state, data, params)
     data = check_data(first_member(state), task, data, "evaluation data")
     task = centered(task, data)
