@@ -294,6 +294,21 @@ API_CASES = [
         ),
         r"sample_x: features must have shape \(N, \.\.\.\) .* \(a list of examples is a pytree",
     ),
+    (
+        "fit-text-data",
+        lambda s: fit(s, "mnist1d", epochs=1),
+        r"training data is a str \('mnist1d'\)",
+    ),
+    (
+        "fit-text-val-data",
+        lambda s: fit(s, [_DATA, _DATA], val_data="val.npz", epochs=1),
+        r"validation data is a str \('val.npz'\): give arrays",
+    ),
+    (
+        "evaluate-bytes",
+        lambda s: jtricks.evaluate(s, b"x"),
+        r"evaluation data is a bytes \(b'x'\)",
+    ),
     ("train-nonfinite-lr", lambda s: jtricks.train(learning_rate=float("nan")), "learning_rate"),
     ("train-bool-lr", lambda s: jtricks.train(learning_rate=True), "learning_rate"),
     (

@@ -47,10 +47,11 @@ UNKNOWN_LENGTH = 2**40
 def is_stream(data: Any) -> bool:
     """Whether ``data`` is a stream (an iterable of batches) rather than arrays: a list or
     tuple of batches (`is_batch_sequence`), or anything iterable that is not a tuple,
-    list, dict or array (those are array pytrees)."""
+    list, dict or array (those are array pytrees) and not text (a string is not batches:
+    it is refused as data where arrays are checked)."""
     if is_batch_sequence(data):
         return True
-    arrays = (tuple, list, Mapping, np.ndarray)
+    arrays = (tuple, list, Mapping, np.ndarray, str, bytes)
     return hasattr(data, "__iter__") and not isinstance(data, arrays) and not hasattr(data, "shape")
 
 

@@ -29,6 +29,11 @@ from jtricks.training.model import apply_model
 def as_arrays(data: Any, where: str) -> Any:
     """``data`` with every leaf an array (a JAX array as it is, on its device; anything else
     as a NumPy array), checked to share a leading example axis N >= 1."""
+    if isinstance(data, str | bytes):
+        raise ConfigError(
+            f"{where} is a {type(data).__name__} ({data[:40]!r}): give arrays (x, y), a dict "
+            "of arrays or a stream of batches (a dataset name goes to jtricks.train(dataset=))"
+        )
     try:
         data = jax.tree.map(array_of, data)
     except (TypeError, ValueError) as e:
