@@ -215,16 +215,17 @@ def _fit_runs(records: dict) -> list[tuple[str, dict]]:
     return [(label, r) for label, r in _results(records.get("fit")) if label not in EXTRA_FIT]
 
 
+def _fit_arms(records: dict, label: str, arms: str) -> list[tuple[str, tuple[dict, str]]]:
+    """One row per arm of the fit part's ``label`` run: ``(label, (result, arm))``, the
+    arms being the keys of ``result[arms]``."""
+    return [(k, (r, arm)) for k, r in _results(records.get("fit")) if k == label for arm in r[arms]]
+
+
 def _fit_calls(records: dict) -> list[str]:
     return _table(
         "fit calls: one short `fit` call at a time, against a hand-written scan",
         "| examples | steps per call | validation | arm | ms per call | x hand-written |",
-        [
-            (label, (r, arm))
-            for label, r in _results(records.get("fit"))
-            if label == "calls"
-            for arm in r["median_ms"]
-        ],
+        _fit_arms(records, "calls", "median_ms"),
         lambda ra: (
             f"| {ra[0]['examples']} | {ra[0]['steps_per_call']} | {ra[0]['val_examples']} "
             f"| {ra[1]} | {ra[0]['median_ms'][ra[1]]:.2f} "
@@ -237,12 +238,7 @@ def _fit_guard(records: dict) -> list[str]:
     return _table(
         "fit guard: what the non-finite guard and the gradient norm cost a step",
         "| model | arm | ms per epoch | x hand-written | kernels per step |",
-        [
-            (label, (r, arm))
-            for label, r in _results(records.get("fit"))
-            if label == "guard"
-            for arm in r["arms"]
-        ],
+        _fit_arms(records, "guard", "arms"),
         lambda ra: (
             f"| {ra[0]['model']} | {ra[1]} | {ra[0]['arms'][ra[1]]['median_ms']:.3f} "
             f"| {ra[0]['arms'][ra[1]]['ratio_to_hand']:.3f} "

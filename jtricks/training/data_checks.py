@@ -243,12 +243,22 @@ def centered(task: Task, data: Any) -> Task:
     if not isinstance(task, Regression) or task.center is not None or jax.process_count() > 1:
         return task
     if is_stream(data):
-        if isinstance(data, Iterator):
-            return task
-        data = next(iter(data), None)
+        data = _first_batch(data)
         if data is None:
             return task
     return task.centered(host_targets(task.targets(data)))
+
+
+def _first_batch(stream: Any) -> Any:
+    """The first batch of a re-iterable ``stream``, or ``None``: for a one-shot iterator
+    (reading it would lose the batch), an empty stream, or one that fails (its reader
+    reports that in its own words, `jtricks.training.streaming.evaluate_stream`)."""
+    if isinstance(stream, Iterator):
+        return None
+    try:
+        return next(iter(stream), None)
+    except Exception:
+        return None
 
 
 _HOST_TARGETS = PerArray()
