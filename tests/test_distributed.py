@@ -406,28 +406,6 @@ def test_two_processes_stop_together_on_sigterm_and_resume_bit_identically(tmp_p
         np.testing.assert_allclose(*[[r[name] for r in rs] for rs in rows], rtol=1e-5)
 
 
-def test_two_processes_train_a_run_on_as_one_started_that_long(tmp_path, mp_reference):
-    """``--resume RUN --steps N`` in two processes: a run of 50 steps (its 6th epoch cut
-    at 5 of 9) trained on to 54 ends as the reference's 6 epochs, bit for bit, with the
-    reference's records: epoch 6 once, whole."""
-    short = [*MP_ARGS[: MP_ARGS.index("--epochs")], "--steps", "50", *MP_ARGS[-5:]]
-    assert short.count("--steps") == 1 and "--epochs" not in short
-    out = tmp_path / "run"
-    for code, _, stderr, _ in _two_processes(tmp_path, out, base=short, extra=CHUNK):
-        assert code == 0, stderr[-3000:]
-    for code, _, stderr, _ in _two_processes(tmp_path, out, resume=True, extra=("--steps", "54")):
-        assert code == 0, stderr[-3000:]
-    saved = json.loads((out / "config.json").read_text())
-    assert saved["config"]["steps"] == 54 and len(saved["extended"]) == 1
-    rows = [[json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
-            for run in (mp_reference, out)]  # fmt: skip
-    assert [(r["epoch"], r["step"]) for r in rows[1]] == [(e, 9 * e) for e in range(1, 7)]
-    for name in ("train_loss", "train_accuracy", "val_loss"):
-        np.testing.assert_allclose(*[[r[name] for r in rs] for rs in rows], rtol=1e-5)
-    for a, b in zip(_final_arrays(mp_reference), _final_arrays(out), strict=True):
-        np.testing.assert_array_equal(a, b)
-
-
 @functools.cache
 def _template():
     """A state of the two-process runs' shape, on this process's one device."""

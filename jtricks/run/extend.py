@@ -16,13 +16,14 @@ Refused before anything is read or written, naming why, where the run's end was 
 than its length: a schedule laid over the whole run (``cosine``, ``warmup_cosine``,
 ``one_cycle``: a longer run has another rate at every step), early stopping or SWA (the
 final checkpoint holds their chosen or averaged state, not the one training reached), a
-run that diverged or was stopped; also a length that is not longer and the length field the
-run does not count.
+run that diverged or was stopped; also a length that is not longer, the length field the
+run does not count, and several processes (one process trains the run on: its
+checkpoints restore onto any devices; a two-process extension hung once in four tries,
+2026-12-08, and is refused until that is understood).
 
-In several processes every process reads and checks the config (`extended`), restores
-the same checkpoint and takes its records as the longer run's (`lengthened`, in
-`jtricks.run.folder.restore_run`); process 0 alone writes the new length, once every
-process has read the old one (they meet before restoring).
+Whether a restored checkpoint's last epoch was cut by an old end is read from the
+checkpoint's own config (`lengthened`, in `jtricks.run.folder.restore_run`), so an
+extension stopped before its first checkpoint goes on alike with a plain resume.
 
 New here: orbax restores a state and optax builds schedules, but neither knows a run's
 length; this keeps one run's records, config and checkpoints consistent across it.
@@ -35,6 +36,8 @@ import json
 import time
 from pathlib import Path
 from typing import Any
+
+import jax
 
 from jtricks.errors import ConfigError, check_int
 from jtricks.optim.schedules import spans_the_run
@@ -85,6 +88,8 @@ def extended(config: TrainConfig, run_dir: Path, length: dict[str, Any]) -> Trai
 
 def _why_not(config: TrainConfig, run_dir: Path) -> str | None:
     """Why the run's end was more than its length, or ``None``."""
+    if jax.process_count() > 1:
+        return "extend a run from one process (its checkpoints restore onto any devices)"
     if config.early_stopping is not None:
         return "it stops early (--early-stopping), and its end holds the best epoch's state"
     if config.swa is not None:
